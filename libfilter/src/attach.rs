@@ -429,14 +429,16 @@ impl Attachment {
     /// opens, which filterd's open gate does not hold, should wait. False
     /// while filterd is gone (an open fails then as it would).
     pub fn resync_pending(&self) -> bool {
+        self.resync_pending_on(&self.client())
+    }
+
+    /// [`Attachment::resync_pending`] for connection `client`, read from
+    /// `current` before this call: the supervisor bumps the generation
+    /// before it stores a new connection, so a new `client` is never
+    /// judged by the generation of the one before it.
+    fn resync_pending_on(&self, client: &FilterClient) -> bool {
         let g = self.shared.generation.load(Ordering::Acquire);
-        if self.shared.synced.load(Ordering::Acquire) == g {
-            return false;
-        }
-        match self.shared.current.read() {
-            Ok(c) => !c.peer_gone(),
-            Err(_) => false,
-        }
+        self.shared.synced.load(Ordering::Acquire) != g && !client.peer_gone()
     }
 
     /// The frontend has applied the `Reattached` of `generation` (marked
@@ -645,6 +647,32 @@ impl Attachment {
         if let Ok(mut m) = self.shared.handles.lock() {
             m.remove(&key);
         }
+    }
+
+    /// An open of the frontend's own, made by `open` on the current
+    /// connection and remembered for `client`, unless that connection is
+    /// to a restarted filterd whose reattach the frontend has not applied
+    /// yet ([`Attachment::resync_pending`]): then nothing is asked and the
+    /// answer is `Busy`. The check and the open use the one connection:
+    /// checked by `resync_pending` and then opened through
+    /// [`Attachment::open`], which reads the current connection again, a
+    /// reattach stored between the two sent the open to the restarted
+    /// filterd with its resync still pending (re-review rr39e F7).
+    pub fn open_when_synced(
+        &self,
+        client: &ClientId,
+        open: impl FnOnce(&FilterClient) -> Result<OpenedHandle, ClientError>,
+    ) -> Result<OpenedHandle, ClientError> {
+        let c = self.client();
+        if self.resync_pending_on(&c) {
+            return Err(ClientError::Refused(crate::proto::WireError::new(
+                crate::proto::ErrorCode::Busy,
+                "the breaks of leases filterd forgot are not written yet",
+            )));
+        }
+        #[cfg(test)]
+        tests::AFTER_RESYNC_CHECK.with(|h| h.take().map(|f| f()));
+        self.remembering(client, open(&c))
     }
 
     /// Opens and remembers the handle.
@@ -1305,9 +1333,16 @@ fn attached_here(shared: &Shared, client: &FilterClient, key: ResumeKey) -> Here
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::client::tests::{fake_daemon_granting, pushing_daemon};
+
+    thread_local! {
+        /// Run once by [`Attachment::open_when_synced`] between its check
+        /// and its open (a reattach stored just then).
+        pub(crate) static AFTER_RESYNC_CHECK: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+            std::cell::Cell::new(None);
+    }
 
     /// A fake filterd granting write notices that reads nothing until
     /// `held` says so (or its sender goes), then records, in order, the
@@ -1428,6 +1463,86 @@ mod tests {
         assert_eq!(seen, vec!["wrote", "close"], "first close: {first:?}");
         drop(a);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An open of the frontend's own is held (`Busy`, nothing asked) while
+    /// the connection it would go to is to a restarted filterd whose
+    /// reattach is not applied yet, and goes to the very connection that
+    /// check was made on: a reattach stored between the two no longer
+    /// sends it to the restarted filterd unchecked (re-review rr39e F7).
+    #[test]
+    fn an_open_goes_to_the_connection_its_resync_check_saw() {
+        use crate::sys::{self, Packet};
+        use std::os::fd::AsFd;
+        // A live filterd: reads until its client goes.
+        let (live_dir, live_path, live) = fake_daemon_granting(0, |c, buf, _| {
+            while let Ok(Packet::Data { len, .. }) = sys::recv_packet(c.as_fd(), buf) {
+                if len == 0 {
+                    break;
+                }
+            }
+        });
+        // A filterd that goes as soon as it said hello.
+        let (gone_dir, gone_path, gone) = fake_daemon_granting(0, |_, _, _| {});
+        let a = attach_t(&live_path);
+        let id = ClientId::new("c").expect("client id");
+        let refused = |r: Result<OpenedHandle, ClientError>| {
+            matches!(r, Err(ClientError::Refused(ref e)) if e.code == ErrorCode::Busy)
+        };
+        let no_open = || Err(ClientError::Disconnected);
+
+        // Attached and synced: the open goes.
+        let mut asked = false;
+        let r = a.open_when_synced(&id, |_| {
+            asked = true;
+            no_open()
+        });
+        assert!(asked && !refused(r));
+        // A reattach not applied yet, on a live connection: held.
+        let g = a.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let r = a.open_when_synced(&id, |_| panic!("asked filterd"));
+        assert!(refused(r));
+
+        // The current connection is the dead one (the reattach not yet
+        // stored): the check lets the open go, and the reattach stores the
+        // live connection before the open is sent. It goes to the dead
+        // one (and fails as it would), not to the restarted filterd.
+        let dead = FilterClient::connect_frontend_within(
+            &gone_path,
+            Protocol::new("t").expect("protocol"),
+            InstanceName::new("t").expect("instance"),
+            0,
+            None,
+        )
+        .expect("connect");
+        gone.join().expect("gone daemon");
+        let t0 = Instant::now();
+        while !dead.peer_gone() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never gone");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let live_client =
+            std::mem::replace(&mut *a.shared.current.write().expect("current"), dead);
+        let shared = Arc::clone(&a.shared);
+        AFTER_RESYNC_CHECK.with(|h| {
+            h.set(Some(Box::new(move || {
+                *shared.current.write().expect("current") = live_client;
+            })))
+        });
+        let mut went_to_dead = None;
+        let _ = a.open_when_synced(&id, |c| {
+            went_to_dead = Some(c.peer_gone());
+            no_open()
+        });
+        assert!(a.resync_pending(), "the reattach was stored");
+        assert_eq!(went_to_dead, Some(true), "the open went to another connection");
+        // The reattach applied: opens go again.
+        a.resynced(g);
+        assert!(!refused(a.open_when_synced(&id, |_| no_open())));
+        drop(a);
+        let _ = live.join();
+        let _ = std::fs::remove_dir_all(&live_dir);
+        let _ = std::fs::remove_dir_all(&gone_dir);
     }
 
     /// Issue 13 #2: the supervisor used try_send into bounded(1024) and
