@@ -10,15 +10,23 @@ SMB2_FLAGS_REPLAY_OPERATION: it is answered (9 bytes) and the file holds
 one "APPEND-1\\n" (before, two). The same replay again, on the same
 connection, changes nothing either. A replay with other bytes is
 appended; so is a replay of an append after another WRITE came through
-the open, and an identical append sent without the flag. Prints PASS;
-exits non-zero on any failure.
+the open, and an identical append sent without the flag.
+
+Then the same for opens without read right (re-review rr39e F1: their
+descriptor is write-only, reading the bytes back failed, and every replay
+was appended again): a persistent GENERIC_WRITE open of wolog.txt and a
+FILE_APPEND_DATA open of aolog.txt each append a line, lose their
+connection, reconnect and replay it: not appended again; after another
+open appended to the file, a replay is still answered (the bytes are read
+back through a read-only reopen). Prints PASS; exits non-zero on any
+failure.
 """
 
 import uuid
 
-from smbprotocol.open import CreateDisposition
+from smbprotocol.open import CreateDisposition, FilePipePrinterAccessMask, ShareAccess
 
-from smbtest import args, check, connect, open_rw, persistent_context, reconnect_v2, sent_as_replay
+from smbtest import args, check, connect, create_file, open_rw, persistent_context, reconnect_v2, sent_as_replay
 
 SERVER = args()
 NAME = "log.txt"
@@ -62,4 +70,48 @@ check(
 )
 f.close()
 conn.disconnect()
+
+SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE
+
+
+def reader_sees(tree, name):
+    """What file `name` holds, read through an open of its own."""
+    r, _ = create_file(tree, name, FilePipePrinterAccessMask.GENERIC_READ, SHARE_ALL)
+    data = contents(r)
+    r.close()
+    return data
+
+
+for name, access in [
+    ("wolog.txt", FilePipePrinterAccessMask.GENERIC_WRITE),
+    ("aolog.txt", FilePipePrinterAccessMask.FILE_APPEND_DATA | FilePipePrinterAccessMask.SYNCHRONIZE),
+]:
+    client_guid, create_guid = uuid.uuid4(), uuid.uuid4()
+    conn, tree = connect(*SERVER, client_guid=client_guid)
+    w, _ = create_file(tree, name, FilePipePrinterAccessMask.GENERIC_WRITE, SHARE_ALL, CreateDisposition.FILE_OVERWRITE_IF)
+    w.write(b"HEADER\n", 0)
+    w.close()
+    f, _ = create_file(tree, name, access, SHARE_ALL, contexts=[persistent_context(create_guid)])
+    f.write(b"LINE-1\n", EOF_OFFSET)
+    n = sent_as_replay(lambda: f.write(b"LINE-1\n", EOF_OFFSET))
+    check(n == 7, f"{name}: the replayed append is answered as written ({n})")
+    check(reader_sees(tree, name) == b"HEADER\nLINE-1\n", f"{name}: a replay on the same connection is not appended")
+    fid = f.file_id
+    conn.disconnect(close=False)
+
+    conn, tree = connect(*SERVER, client_guid=client_guid)
+    f, st = reconnect_v2(tree, name, fid, create_guid)
+    check(st == 0, f"{name}: the DH2C ({st:#x})")
+    sent_as_replay(lambda: f.write(b"LINE-1\n", EOF_OFFSET))
+    check(reader_sees(tree, name) == b"HEADER\nLINE-1\n", f"{name}: the replay after the DH2C is not appended again")
+    o, _ = create_file(tree, name, FilePipePrinterAccessMask.GENERIC_WRITE, SHARE_ALL)
+    o.write(b"OTHER\n", EOF_OFFSET)
+    o.close()
+    sent_as_replay(lambda: f.write(b"LINE-1\n", EOF_OFFSET))
+    check(
+        reader_sees(tree, name) == b"HEADER\nLINE-1\nOTHER\n",
+        f"{name}: another open appended since: the bytes are still in place, the replay is not appended",
+    )
+    f.close()
+    conn.disconnect()
 print("PASS", flush=True)

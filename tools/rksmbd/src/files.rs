@@ -19,7 +19,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use libfilter::attach::IoPass;
@@ -686,11 +686,24 @@ pub struct Open {
 /// reached rksmbd is answered so too (docs/smb3.md). A durable open's is
 /// kept across its reconnect by this rksmbd process only
 /// ([`crate::sessions::Registry::keep_append`]).
+///
+/// Whether the bytes are still there is known without reading them while
+/// the file's change time and size are as they were right after the
+/// append (`stamp`): nothing wrote to it since. Only when they changed
+/// are the bytes read back, through a read-only reopen of the open's
+/// file: an open without read right (GENERIC_WRITE or FILE_APPEND_DATA
+/// alone, the usual append-only log writer) has a write-only descriptor,
+/// and reading through it failed (EBADF), so every replay of its appends
+/// was appended again (re-review rr39e F1).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct LastAppend {
     at: u64,
     len: u32,
     digest: [u8; 32],
+    /// The file's (change time in ns, size) right after the append, when
+    /// the append is known to have landed at `at` (the size grew by just
+    /// its length: no other writer moved the end meanwhile).
+    stamp: Option<(i128, u64)>,
 }
 
 impl LastAppend {
@@ -699,15 +712,48 @@ impl LastAppend {
         sha2::Sha256::digest(data).into()
     }
 
+    /// The append of `data` that began at end of file `before` and left
+    /// `file` as it is now (`None`: nowhere known).
+    fn landed(file: &std::fs::File, before: u64, data: &[u8]) -> Option<Self> {
+        let len = u32::try_from(data.len()).ok()?;
+        let m = file.metadata().ok()?;
+        let at = m.len().checked_sub(len.into())?;
+        Some(LastAppend {
+            at,
+            len,
+            digest: Self::digest(data),
+            // Another writer's append (or truncate) between the size read
+            // and this one: where these bytes are is checked by reading.
+            stamp: (at == before).then(|| (change_ns(&m), m.len())),
+        })
+    }
+
     /// Whether `data`, written at the end of `file` again, is this append
     /// resent: the same bytes, still where this one put them.
     fn resent(&self, file: &std::fs::File, data: &[u8]) -> bool {
         if usize::try_from(self.len).ok() != Some(data.len()) || Self::digest(data) != self.digest {
             return false;
         }
+        if self.stamp.is_some()
+            && file.metadata().ok().map(|m| (change_ns(&m), m.len())) == self.stamp
+        {
+            return true;
+        }
         let mut there = vec![0; data.len()];
-        file.read_exact_at(&mut there, self.at).is_ok() && Self::digest(&there) == self.digest
+        let mut read = |f: &std::fs::File| f.read_exact_at(&mut there, self.at).is_ok();
+        // Through a read-only reopen when the open's descriptor is
+        // write-only.
+        let ok = read(file)
+            || std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+                .is_ok_and(|f| read(&f));
+        ok && Self::digest(&there) == self.digest
     }
+}
+
+/// A file's change time (ctime), in nanoseconds since the epoch.
+fn change_ns(m: &std::fs::Metadata) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec())
 }
 
 /// The lease key of the oplock of the open an OPLOCK_BREAK
@@ -1428,15 +1474,7 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
         // Where it landed: the end now, less its length, unless another
         // writer appended meanwhile — then a replay finds other bytes
         // there and is appended again.
-        let at = file
-            .metadata()
-            .map_or(0, |m| m.len())
-            .checked_sub(len.into());
-        o.last_append.set(at.map(|at| LastAppend {
-            at,
-            len,
-            digest: LastAppend::digest(data),
-        }));
+        o.last_append.set(LastAppend::landed(file, offset, data));
     }
     Ok(written_reply(len))
 }
