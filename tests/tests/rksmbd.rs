@@ -1241,6 +1241,9 @@ fn a_replay_elsewhere_under_another_lease_key_is_refused() {
 /// of the file at once while the holder, told nothing yet, still cached.
 /// rksmbd now holds its own fresh CREATEs until it has resynced. The
 /// breaks are held 1.5 s here (`RKSMBD_TEST_FORGOTTEN_BREAKS_DELAY_MS`).
+/// A second restart checks the same for a replayed CREATE (a DH2Q whose
+/// create GUID filterd does not know, opened anew), which went past the
+/// hold (re-review rr39e F6).
 #[test]
 fn a_fresh_create_after_a_filterd_restart_waits_for_the_forgotten_breaks() {
     let s = Scratch::new("rksmbd-restart-fresh-create");
@@ -1250,21 +1253,23 @@ fn a_fresh_create_after_a_filterd_restart_waits_for_the_forgotten_breaks() {
     let mut script = rkfilter_tests::smb3::Dialogue::start(
         &srv,
         "restart_fresh_create.py",
-        std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(90),
     );
-    script.expect("ready");
-    d.kill9();
-    let d = Filterd::start(&s, &[], &[]);
-    rkfilter_tests::wait_for(
-        "rksmbd to reattach and hold the breaks of forgotten leases",
-        std::time::Duration::from_secs(30),
-        || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|t| t.contains("the breaks of forgotten leases are held"))
-        },
-    );
-    script.say("go");
+    for restart in 1..=2 {
+        script.expect("ready");
+        d.kill9();
+        d = Filterd::start(&s, &[], &[]);
+        rkfilter_tests::wait_for(
+            "rksmbd to reattach and hold the breaks of forgotten leases",
+            std::time::Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(&log).ok().filter(|t| {
+                    t.matches("the breaks of forgotten leases are held").count() >= restart
+                })
+            },
+        );
+        script.say("go");
+    }
     script.finish();
     drop(d);
 }
