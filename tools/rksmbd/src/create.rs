@@ -97,7 +97,7 @@ fn held_wait(holder: OpenHolder) -> Duration {
 /// instant reservation of any size would let it fill the disk at once).
 const MAX_RESERVE: u64 = 64 << 20;
 /// Longest durable timeout granted (MS-SMB2 3.3.5.9.10: at most 300 s).
-const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
+pub(crate) const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
 
 /// CREATE (MS-SMB2 2.2.13, 3.3.5.9).
 pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {

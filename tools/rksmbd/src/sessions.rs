@@ -27,6 +27,64 @@ const MAX_APP_INSTANCES: usize = 65_536;
 /// Most durable v2 opens whose create GUID a DHnC can find by FileId.
 const MAX_V2_BY_FILE_ID: usize = 262_144;
 
+/// How long after its detach what a durable open left for its reconnect
+/// (its position, its last end-of-file WRITE) is kept: the longest
+/// durable timeout rksmbd grants, after which filterd has let the handle
+/// go and no reconnect can come.
+const KEPT_FOR: std::time::Duration =
+    std::time::Duration::from_millis(crate::create::MAX_DURABLE_TIMEOUT_MS as u64);
+
+/// What durable opens left for their reconnects, by create GUID, each
+/// for at least [`KEPT_FOR`] after it was left: an entry is taken out
+/// when its open is closed for good or left with nothing, and, once it
+/// has expired, by the next sweep as another is put in (a sweep at most
+/// once per `KEPT_FOR`, unless the map is full: an entry goes within
+/// twice that) — before, an open filterd let expire
+/// without a reconnect left its entry for good, and after
+/// [`MAX_V2_BY_FILE_ID`] such ones nothing more was kept for anyone
+/// (re-review rr39e F3).
+#[derive(Debug)]
+struct KeptForReconnect<V> {
+    kept: HashMap<uuid::Uuid, (V, std::time::Instant)>,
+    /// When expired entries are looked for again (when full, at once).
+    next_prune: std::time::Instant,
+}
+
+impl<V> Default for KeptForReconnect<V> {
+    fn default() -> Self {
+        KeptForReconnect {
+            kept: HashMap::new(),
+            next_prune: std::time::Instant::now(),
+        }
+    }
+}
+
+impl<V: Copy> KeptForReconnect<V> {
+    /// Keeps `v` for `create_guid`'s reconnect, left at `now`, unless
+    /// [`MAX_V2_BY_FILE_ID`] others are kept.
+    fn keep(&mut self, create_guid: uuid::Uuid, v: V, now: std::time::Instant) {
+        let full = self.kept.len() >= MAX_V2_BY_FILE_ID;
+        if full || now >= self.next_prune {
+            self.kept
+                .retain(|_, (_, left)| now.saturating_duration_since(*left) < KEPT_FOR);
+            // Once per KEPT_FOR at most while not full: a sweep costs
+            // one pass over the map.
+            self.next_prune = now + KEPT_FOR;
+        }
+        if self.kept.len() < MAX_V2_BY_FILE_ID || self.kept.contains_key(&create_guid) {
+            self.kept.insert(create_guid, (v, now));
+        }
+    }
+
+    fn forget(&mut self, create_guid: uuid::Uuid) {
+        self.kept.remove(&create_guid);
+    }
+
+    fn get(&self, create_guid: uuid::Uuid) -> Option<V> {
+        self.kept.get(&create_guid).map(|(v, _)| *v)
+    }
+}
+
 /// A session's filterd handles, as far as other connections need them.
 pub struct Link {
     /// The logged-on user: only the same user may end the session.
@@ -329,10 +387,10 @@ pub struct Registry {
     held: Mutex<HashMap<uuid::Uuid, u64>>,
     /// The file position (FilePositionInformation) of a durable open
     /// that set one, by create GUID, for its reconnect.
-    positions: Mutex<HashMap<uuid::Uuid, u64>>,
+    positions: Mutex<KeptForReconnect<u64>>,
     /// The last end-of-file WRITE of a durable open, by create GUID, for
     /// its reconnect: a replay of it is not appended again.
-    appends: Mutex<HashMap<uuid::Uuid, crate::files::LastAppend>>,
+    appends: Mutex<KeptForReconnect<crate::files::LastAppend>>,
     /// Locks filterd may hold for a durable handle whose client went
     /// away before it learnt the outcome, by resume key: settled when the
     /// handle is reconnected ([`crate::lock::settle_reconnected`]).
@@ -669,13 +727,13 @@ impl Registry {
 
     /// A durable open's file position is now `pos` (0 also when it is
     /// closed for good). Up to [`MAX_V2_BY_FILE_ID`] non-zero positions
-    /// are remembered, by this rksmbd process only.
+    /// are remembered, each for [`KEPT_FOR`], by this rksmbd process only.
     pub fn keep_position(&self, create_guid: uuid::Uuid, pos: u64) {
         let mut m = lock(&self.positions);
         if pos == 0 {
-            m.remove(&create_guid);
-        } else if m.len() < MAX_V2_BY_FILE_ID {
-            m.insert(create_guid, pos);
+            m.forget(create_guid);
+        } else {
+            m.keep(create_guid, pos, std::time::Instant::now());
         }
     }
 
@@ -688,23 +746,18 @@ impl Registry {
 
     /// A durable open's last end-of-file WRITE, as it is detached (none:
     /// another WRITE came after it). Up to [`MAX_V2_BY_FILE_ID`] are
-    /// remembered, by this rksmbd process only.
+    /// remembered, each for [`KEPT_FOR`], by this rksmbd process only.
     pub fn keep_append(&self, create_guid: uuid::Uuid, last: Option<crate::files::LastAppend>) {
         let mut m = lock(&self.appends);
         match last {
-            None => {
-                m.remove(&create_guid);
-            }
-            Some(l) if m.len() < MAX_V2_BY_FILE_ID || m.contains_key(&create_guid) => {
-                m.insert(create_guid, l);
-            }
-            Some(_) => {}
+            None => m.forget(create_guid),
+            Some(l) => m.keep(create_guid, l, std::time::Instant::now()),
         }
     }
 
     /// The last end-of-file WRITE a reconnected durable open resumes with.
     pub fn last_append(&self, create_guid: uuid::Uuid) -> Option<crate::files::LastAppend> {
-        lock(&self.appends).get(&create_guid).copied()
+        lock(&self.appends).get(create_guid)
     }
 
     /// Lock `u` of handle `key` is unlearnt: its client went away first.
@@ -725,10 +778,7 @@ impl Registry {
     /// The position a reconnected durable open resumes at (0 when none
     /// was kept).
     pub fn position(&self, create_guid: uuid::Uuid) -> u64 {
-        lock(&self.positions)
-            .get(&create_guid)
-            .copied()
-            .unwrap_or(0)
+        lock(&self.positions).get(create_guid).unwrap_or(0)
     }
 
     /// Does a connection other than `conn` hold it?
@@ -792,6 +842,38 @@ mod tests {
             state: Mutex::default(),
             unanswered: Mutex::default(),
         }
+    }
+
+    /// What a durable open left for its reconnect goes [`KEPT_FOR`] after
+    /// it was left, when another is kept: before, an open filterd let
+    /// expire without a reconnect kept its entry for good, and once
+    /// [`MAX_V2_BY_FILE_ID`] were kept nothing more was (re-review rr39e
+    /// F3).
+    #[test]
+    fn what_an_expired_durable_open_left_is_pruned() {
+        let t0 = std::time::Instant::now();
+        let mut m = KeptForReconnect::<u64>::default();
+        let old = uuid::Uuid::new_v4();
+        m.keep(old, 7, t0);
+        // Within the timeout: kept.
+        m.keep(uuid::Uuid::new_v4(), 1, t0 + KEPT_FOR / 2);
+        assert_eq!(m.get(old), Some(7));
+        // Past it: gone as another is kept.
+        // (Looked for once per KEPT_FOR: an entry goes within twice it.)
+        let later = t0 + 2 * KEPT_FOR + std::time::Duration::from_secs(1);
+        m.keep(uuid::Uuid::new_v4(), 1, later);
+        assert_eq!(m.get(old), None);
+        // Full of expired entries: a new one is still kept.
+        let mut m = KeptForReconnect::<u64>::default();
+        for _ in 0..MAX_V2_BY_FILE_ID {
+            m.keep(uuid::Uuid::new_v4(), 1, t0);
+        }
+        let new = uuid::Uuid::new_v4();
+        m.keep(new, 9, t0 + std::time::Duration::from_secs(1));
+        assert_eq!(m.get(new), None, "full of live entries: refused");
+        m.keep(new, 9, later);
+        assert_eq!(m.get(new), Some(9));
+        assert_eq!(m.kept.len(), 1);
     }
 
     /// A session another connection ended tracks no handle made after
