@@ -20,7 +20,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use libfilter::attach::IoPass;
 use libfilter::client::{ClientError, DeleteOnCloseOutcome};
@@ -742,9 +742,16 @@ impl LastAppend {
         let mut there = vec![0; data.len()];
         let mut read = |f: &std::fs::File| f.read_exact_at(&mut there, self.at).is_ok();
         // Through a read-only reopen when the open's descriptor is
-        // write-only.
+        // write-only: by its magic link, so on the mount filterd opened it
+        // through (whose opens raise no fanotify event), and non-blocking,
+        // as filterd's own opens are: under a local process's kernel
+        // lease it fails at once (and the replay is appended again)
+        // rather than hold this connection for the lease break.
         let ok = read(file)
-            || std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            || std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(OFlag::O_NONBLOCK.bits())
+                .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
                 .is_ok_and(|f| read(&f));
         ok && Self::digest(&there) == self.digest
     }
