@@ -1486,9 +1486,7 @@ pub(crate) mod tests {
         let (gone_dir, gone_path, gone) = fake_daemon_granting(0, |_, _, _| {});
         let a = attach_t(&live_path);
         let id = ClientId::new("c").expect("client id");
-        let refused = |r: Result<OpenedHandle, ClientError>| {
-            matches!(r, Err(ClientError::Refused(ref e)) if e.code == ErrorCode::Busy)
-        };
+        let refused = |r: Result<OpenedHandle, ClientError>| matches!(r, Err(ClientError::Refused(ref e)) if e.code == ErrorCode::Busy);
         let no_open = || Err(ClientError::Disconnected);
 
         // Attached and synced: the open goes.
@@ -1521,8 +1519,7 @@ pub(crate) mod tests {
             assert!(t0.elapsed() < Duration::from_secs(30), "never gone");
             std::thread::sleep(Duration::from_millis(5));
         }
-        let live_client =
-            std::mem::replace(&mut *a.shared.current.write().expect("current"), dead);
+        let live_client = std::mem::replace(&mut *a.shared.current.write().expect("current"), dead);
         let shared = Arc::clone(&a.shared);
         AFTER_RESYNC_CHECK.with(|h| {
             h.set(Some(Box::new(move || {
@@ -1535,7 +1532,11 @@ pub(crate) mod tests {
             no_open()
         });
         assert!(a.resync_pending(), "the reattach was stored");
-        assert_eq!(went_to_dead, Some(true), "the open went to another connection");
+        assert_eq!(
+            went_to_dead,
+            Some(true),
+            "the open went to another connection"
+        );
         // The reattach applied: opens go again.
         a.resynced(g);
         assert!(!refused(a.open_when_synced(&id, |_| no_open())));
