@@ -1535,9 +1535,11 @@ pub struct Stats {
     /// made — one that waits for a commit (a persistent holder's epoch
     /// bump) is taken back if that commit fails (it is sent, and counted,
     /// anew), and stays counted if the holder's connection goes before it
-    /// is delivered. Not counted: breaks of disconnected holders (nothing
-    /// is sent; their lease is lowered) and the notice of a lowering after
-    /// a break timed out.
+    /// is delivered, and a break in progress sent again to an SMB 2/3
+    /// holder that resumes its lease mid-break counts once more. Not
+    /// counted: breaks of disconnected holders (nothing is sent: their
+    /// lease is lowered, or an SMB 2/3 holder's break waits for it to
+    /// resume) and the notice of a lowering after a break timed out.
     pub breaks: u64,
     /// Lock requests granted.
     pub locks_granted: u64,

@@ -230,7 +230,13 @@ impl Engine {
                 .filter_map(|k| self.handles.get(k))
                 .filter_map(|h| h.conn)
                 .collect();
-            let ack = lease::ack_required(state) && !attached.is_empty();
+            // A lease whose holders are all away but one of them will
+            // resume it (MS-SMB2 3.3.4.7: a persistent open, or a durable
+            // one keeping H) is not lowered now: the break waits, as for
+            // an attached holder, for the ack of a holder that resumes
+            // (told then: `resend_break_on_resume`) or for its deadline.
+            let resumes = attached.is_empty() && self.holder_resumes_break(&keys, lk, to);
+            let ack = lease::ack_required(state) && (!attached.is_empty() || resumes);
             // The epoch goes up when the break is sent (MS-SMB2 3.3.4.7),
             // also while the holder keeps its state until it acknowledges:
             // an open under its key meanwhile sees the new epoch.
@@ -1021,10 +1027,87 @@ impl Engine {
         true
     }
 
+    /// Whether a disconnected holder among `keys` (under `lk`) of
+    /// [`lease::MSFSA_PROTOCOL`] keeps its open through a break of its
+    /// lease to `to`, and may resume it to acknowledge: MS-SMB2 3.3.4.7
+    /// closes an open without a connection only when it is neither
+    /// durable nor persistent, or durable (not persistent) and `to` lacks
+    /// H; any other waits for its client (the lease break acknowledgment
+    /// timer, 3.3.2.5) — connection loss keeps durable and persistent
+    /// opens (3.3.7.1). Before (review rvfailover), every disconnected
+    /// holder's lease was lowered at once: a failing-over client's cached
+    /// writes then overwrote another client's acknowledged write. The
+    /// smb-like and nfs-like specs lower a disconnected holder at once:
+    /// their holders never wait here.
+    fn holder_resumes_break(&self, keys: &[ResumeKey], lk: LeaseKey, to: LeaseState) -> bool {
+        self.lease_holders_among(keys, lk).any(|h| {
+            h.conn.is_none()
+                && h.rec.protocol.as_str() == lease::MSFSA_PROTOCOL
+                && matches!(h.rec.conn, ConnState::Disconnected { .. })
+                && (h.rec.durability.is_persistent()
+                    || (matches!(h.rec.durability, Durability::Durable { .. })
+                        && to.contains(LeaseState::H)))
+        })
+    }
+
+    /// Handle `key` was just attached to `conn` (a resume, or a new open
+    /// under its lease key) while a break of its lease is in progress
+    /// that no other attached holder was told of (all were away: the
+    /// break was not sent, or its holder's connection went before it
+    /// acknowledged): the break goes to `conn` now, behind the reply that
+    /// attached it, so its client can acknowledge there (MS-SMB2 3.3.4.7
+    /// sends a break on any connection of the lease's opens). Only for
+    /// [`lease::MSFSA_PROTOCOL`] holders: no other break stays in
+    /// progress with no holder attached ([`Self::holder_resumes_break`]).
+    pub(super) fn resend_break_on_attach(&mut self, conn: ConnId, key: ResumeKey) {
+        let Some(h) = self.handles.get(&key) else {
+            return;
+        };
+        let (Some(l), Some(c)) = (h.rec.lease, h.conn) else {
+            return;
+        };
+        if c != conn || h.rec.protocol.as_str() != lease::MSFSA_PROTOCOL {
+            return;
+        }
+        let file = h.rec.file;
+        let Some(to) = self.breaking.get(&(file, l.key)).map(|b| b.to) else {
+            return;
+        };
+        let told_elsewhere = self
+            .lease_holders(file, l.key)
+            .any(|o| o.rec.key != key && o.conn.is_some());
+        if told_elsewhere {
+            return;
+        }
+        let Some(writer) = self.conns.get(&conn).map(|c| c.writer.clone()) else {
+            return;
+        };
+        let holders = self.lease_holder_keys(file, l.key);
+        let dep = self
+            .break_dependency_among(&holders, l.key)
+            .max(self.request_dependency());
+        info!(lease_key = %l.key, from = %l.state, to = %to, "lease break in progress sent again to a holder that resumed");
+        let ev = Event::LeaseBreak {
+            lease_key: l.key,
+            current_state: l.state,
+            new_state: to,
+            epoch: l.epoch,
+            ack_required: true,
+            file: Some(file),
+        };
+        self.break_event_after(dep, writer, ev);
+    }
+
     /// A break in progress whose lease no attached open holds any more can
-    /// never be acknowledged: lower the lease now instead of at the timeout.
+    /// never be acknowledged: lower the lease now instead of at the timeout
+    /// — unless a disconnected holder may resume to acknowledge it
+    /// ([`Self::holder_resumes_break`]): it stays in progress then.
     pub(super) fn settle_unackable_break(&mut self, file: FileId, lk: LeaseKey) {
-        if !self.breaking.contains_key(&(file, lk)) {
+        let Some(to) = self.breaking.get(&(file, lk)).map(|b| b.to) else {
+            return;
+        };
+        let holders = self.lease_holder_keys(file, lk);
+        if self.holder_resumes_break(&holders, lk, to) {
             return;
         }
         let attached = self
@@ -1046,18 +1129,22 @@ impl Engine {
 }
 
 /// Whether lowering a disconnected non-persistent durable handle's lease
-/// from `from` to `to` closes the handle. MS-SMB2 3.3.4.6 and 3.3.4.7 close
-/// an open without a connection that any break reaches (its client could
-/// not learn of the break; smbtorture's durable-open oplock, lease and
-/// open2-oplock tests check it): so for [`lease::MSFSA_PROTOCOL`]. The
-/// smb-like spec closes one only when its H is broken — a lower R or W
-/// shows at its RECONNECT instead — and nfs-like holders follow it.
+/// from `from` to `to` closes the handle. MS-SMB2 3.3.4.7 closes a
+/// durable open without a connection when a break leaves its lease
+/// without H (smbtorture's durable-open oplock, lease and open2-oplock
+/// tests check it): so for [`lease::MSFSA_PROTOCOL`], any lowering to a
+/// state without H. One that keeps H (RWH to RH) keeps the open: its
+/// break waits for the client to resume ([`Engine::holder_resumes_break`];
+/// before, review rvfailover, it was closed too). The smb-like spec closes
+/// one only when its H is broken — a lower R or W shows at its RECONNECT
+/// instead — and nfs-like holders follow it.
 fn purged_by_lowering(protocol: &str, from: LeaseState, to: LeaseState) -> bool {
     let lost = |s: LeaseState| from.contains(s) && !to.contains(s);
     if protocol == lease::MSFSA_PROTOCOL {
-        [LeaseState::R, LeaseState::W, LeaseState::H]
+        let lowered = [LeaseState::R, LeaseState::W, LeaseState::H]
             .into_iter()
-            .any(lost)
+            .any(lost);
+        lowered && !to.contains(LeaseState::H)
     } else {
         lost(LeaseState::H)
     }

@@ -1022,6 +1022,10 @@ impl Engine {
         id: u64,
         outcome: Result<Option<(Reply, Option<ResumeKey>)>, WireError>,
     ) {
+        let attached = match &outcome {
+            Ok(Some((Reply::Opened(o), _))) => Some(o.key),
+            _ => None,
+        };
         let (result, fd_of) = match outcome {
             Ok(Some((mut reply, fd_of))) => {
                 if let Reply::Opened(o) = &mut reply {
@@ -1080,6 +1084,10 @@ impl Engine {
                     writer.send_frame(&unencodable(id, &e), None);
                 }
             }
+        }
+        // A holder resumed mid-break learns of the break behind its reply.
+        if let Some(key) = attached {
+            self.resend_break_on_attach(conn, key);
         }
     }
 

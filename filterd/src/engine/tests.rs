@@ -4500,8 +4500,9 @@ fn a_break_whose_commit_failed_is_counted_once() {
 }
 
 /// Review rvobs: a disconnected persistent holder's break (no connection:
-/// nothing sent, the lease lowered at once) was counted as sent. It is
-/// not counted.
+/// nothing sent) was counted as sent. It is not counted — neither while
+/// it waits for the holder to resume (review rvfailover) nor when its
+/// deadline lowers the lease.
 #[test]
 fn a_disconnected_holders_break_is_not_counted() {
     let (mut h, holder) = a_persistent_rwh_holder_of_a();
@@ -4511,6 +4512,12 @@ fn a_disconnected_holders_break_is_not_counted() {
     });
     h.commit(true);
     let bob = h.run(bobs("a", Rights::READ, Disposition::Open));
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
+    assert!(h.reply(bob).is_none(), "bob's open waits for the holder");
+    h.engine.expire_due(mono_ms() + 5_000);
     h.commit(true);
     h.engine.process_retries();
     h.commit(true);
@@ -4556,6 +4563,299 @@ fn a_break_whose_last_attached_holder_closes_is_over_at_once() {
     h.commit(true);
     h.drain_replies();
     assert!(h.reply(bob).is_some(), "bob's open still waits for an ack");
+}
+
+/// The lease breaks (lease key, from, to, ack required) the frontend was
+/// sent, in order.
+fn lease_breaks(h: &Harness) -> Vec<(libfilter::lease::LeaseKey, String, String, bool)> {
+    h.events
+        .iter()
+        .filter_map(|e| match e {
+            libfilter::proto::Event::LeaseBreak {
+                lease_key,
+                current_state,
+                new_state,
+                ack_required,
+                ..
+            } => Some((
+                *lease_key,
+                current_state.to_string(),
+                new_state.to_string(),
+                *ack_required,
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Alice's open of `a` under an RWH lease `k` (MS-FSA's rule) with
+/// `durability`, detached: the harness, the key and the handle.
+fn a_detached_rwh_holder_as(
+    durability: Durability,
+    protocol: &str,
+) -> (Harness, libfilter::lease::LeaseKey, ResumeKey) {
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on_as(fs, protocol);
+    let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let Request::Open(mut o) = with_rwh_lease(open("a", Rights::ALL), k) else {
+        unreachable!("an open")
+    };
+    o.durability = durability;
+    let holder = h.run(Request::Open(o));
+    h.commit(true);
+    let holder = h.opened(holder);
+    h.run(Request::Detach {
+        key: holder,
+        delete_on_close: None,
+    });
+    h.commit(true);
+    (h, k, holder)
+}
+
+/// Resumes alice's handle `key`; the request's id.
+fn resume_alices(h: &mut Harness, key: ResumeKey) -> u64 {
+    let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("alice").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key },
+        owner: None,
+    }));
+    h.commit(true);
+    h.drain_replies();
+    r
+}
+
+/// Acknowledges lease `k`'s break to `state`, and runs what waited.
+fn acknowledge(h: &mut Harness, k: libfilter::lease::LeaseKey, state: &str) -> u64 {
+    let ack = h.run(Request::LeaseBreakAck {
+        lease_key: k,
+        state: libfilter::lease::LeaseState::parse(state).unwrap(),
+        client: None,
+    });
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
+    ack
+}
+
+/// Review rvfailover: an SMB 2/3 lease whose holders are all disconnected
+/// was lowered at once when another client's open broke it, with nothing
+/// sent — a persistent (or durable, keeping H) holder's client, failing
+/// over with cached writes, then overwrote the other client's
+/// acknowledged write. MS-SMB2 3.3.4.7 keeps such an open and its break
+/// in progress: the conflicting open waits; the holder that resumes is
+/// sent the break behind its resume's reply, and its ack lets the open
+/// in. The holder keeps its handle and the lease its H.
+#[test]
+fn a_resumable_holders_break_waits_for_its_resume_and_ack() {
+    for d in [
+        Durability::Persistent { timeout_ms: 60_000 },
+        Durability::Durable { timeout_ms: 60_000 },
+    ] {
+        let (mut h, k, holder) = a_detached_rwh_holder_as(d, libfilter::lease::MSFSA_PROTOCOL);
+        let bob = h.run(bobs(
+            "a",
+            Rights::READ.union(Rights::WRITE),
+            Disposition::Open,
+        ));
+        h.commit(true);
+        h.engine.process_retries();
+        h.commit(true);
+        h.drain_replies();
+        assert!(
+            h.reply(bob).is_none(),
+            "{d:?}: bob's open waits for the holder"
+        );
+        assert!(lease_breaks(&h).is_empty(), "{d:?}: nothing sent yet");
+        assert_eq!(h.engine.stats.breaks, 0, "{d:?}");
+        assert!(h.engine.handles.contains_key(&holder), "{d:?}: kept");
+        let r = resume_alices(&mut h, holder);
+        assert_eq!(h.opened(r), holder);
+        assert_eq!(
+            lease_breaks(&h),
+            vec![(k, "RWH".into(), "RH".into(), true)],
+            "{d:?}: the resumed holder is told of the break"
+        );
+        assert!(
+            matches!(h.arrived.last(), Some(Arrived::Event(_))),
+            "{d:?}: the break follows the resume's reply"
+        );
+        assert!(h.reply(bob).is_none(), "{d:?}: still waiting for the ack");
+        acknowledge(&mut h, k, "RH");
+        assert!(
+            matches!(h.reply(bob), Some(Ok(_))),
+            "{d:?}: {:?}",
+            h.reply(bob)
+        );
+        let l = h.engine.handles[&holder].rec.lease.unwrap();
+        assert_eq!(l.state.to_string(), "RH", "{d:?}");
+    }
+}
+
+/// Review rvfailover: a break sent to an SMB 2/3 holder whose connection
+/// then went before it acknowledged was settled at once (the lease
+/// lowered, the conflicting open let in): it stays in progress, is sent
+/// again when the holder resumes (and again after it drops and resumes
+/// once more), at the break's epoch, and its ack there ends it.
+#[test]
+fn a_sent_break_stays_in_progress_across_its_holders_reconnects() {
+    for d in [
+        Durability::Persistent { timeout_ms: 60_000 },
+        Durability::Durable { timeout_ms: 60_000 },
+    ] {
+        let fs = MemFs::new();
+        fs.put("a", 10);
+        let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
+        let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+        let Request::Open(mut o) = with_rwh_lease(open("a", Rights::ALL), k) else {
+            unreachable!("an open")
+        };
+        o.durability = d;
+        let holder = h.run(Request::Open(o));
+        h.commit(true);
+        let holder = h.opened(holder);
+        let bob = h.run(bobs(
+            "a",
+            Rights::READ.union(Rights::WRITE),
+            Disposition::Open,
+        ));
+        h.commit(true);
+        h.drain_replies();
+        assert_eq!(lease_breaks(&h).len(), 1, "{d:?}: the break is sent");
+        let epoch = h.break_epochs()[0];
+        for _ in 0..2 {
+            h.run(Request::Detach {
+                key: holder,
+                delete_on_close: None,
+            });
+            h.commit(true);
+            h.engine.process_retries();
+            h.commit(true);
+            h.drain_replies();
+            assert!(h.reply(bob).is_none(), "{d:?}: bob's open still waits");
+            assert!(h.engine.handles.contains_key(&holder), "{d:?}: kept");
+            resume_alices(&mut h, holder);
+        }
+        assert_eq!(
+            lease_breaks(&h),
+            vec![(k, "RWH".into(), "RH".into(), true); 3],
+            "{d:?}"
+        );
+        assert_eq!(h.break_epochs(), vec![epoch; 3], "{d:?}: the break's epoch");
+        assert_eq!(h.engine.stats.breaks, 3, "{d:?}: each sent counts");
+        acknowledge(&mut h, k, "RH");
+        assert!(matches!(h.reply(bob), Some(Ok(_))), "{d:?}");
+    }
+}
+
+/// A resumable holder that never comes back: at the break's deadline the
+/// lease goes to none (Windows' rule, MS-SMB2 3.3.2.5) and the waiting
+/// open is let in; a persistent holder keeps its handle (its lowered
+/// lease stored), a durable one, left without H, is closed (3.3.4.7).
+#[test]
+fn a_resumable_holders_break_lowers_at_its_deadline() {
+    for (d, kept) in [
+        (Durability::Persistent { timeout_ms: 60_000 }, true),
+        (Durability::Durable { timeout_ms: 60_000 }, false),
+    ] {
+        let (mut h, _k, holder) = a_detached_rwh_holder_as(d, libfilter::lease::MSFSA_PROTOCOL);
+        let bob = h.run(bobs(
+            "a",
+            Rights::READ.union(Rights::WRITE),
+            Disposition::Open,
+        ));
+        h.commit(true);
+        h.drain_replies();
+        assert!(h.reply(bob).is_none(), "{d:?}");
+        // Past the break's deadline, long before the handle's.
+        h.engine.expire_due(mono_ms() + 5_000);
+        h.commit(true);
+        h.engine.process_retries();
+        h.commit(true);
+        h.drain_replies();
+        assert!(matches!(h.reply(bob), Some(Ok(_))), "{d:?}");
+        assert_eq!(h.engine.handles.contains_key(&holder), kept, "{d:?}");
+        if kept {
+            let stored = h.store.inner.lock().unwrap().handles[&holder].clone();
+            assert_eq!(
+                stored.lease.unwrap().state,
+                libfilter::lease::LeaseState::NONE,
+                "{d:?}"
+            );
+        }
+        assert!(lease_breaks(&h).is_empty(), "{d:?}: nothing sent");
+    }
+}
+
+/// The smb-like spec's rule stays for smbshim's holders (and a durable
+/// SMB 2/3 holder whose break takes H: MS-SMB2 3.3.4.7 closes it): a
+/// disconnected holder is lowered at once, the conflicting open not held.
+#[test]
+fn a_disconnected_holder_of_the_smb_like_spec_is_lowered_at_once() {
+    for (d, protocol, share) in [
+        (
+            Durability::Persistent { timeout_ms: 60_000 },
+            "smb",
+            Rights::ALL,
+        ),
+        (
+            Durability::Durable { timeout_ms: 60_000 },
+            "smb",
+            Rights::ALL,
+        ),
+        (
+            Durability::Durable { timeout_ms: 60_000 },
+            libfilter::lease::MSFSA_PROTOCOL,
+            Rights::NONE,
+        ),
+    ] {
+        let (mut h, _k, _holder) = a_detached_rwh_holder_as(d, protocol);
+        let Request::Open(mut o) = bobs("a", Rights::READ.union(Rights::WRITE), Disposition::Open)
+        else {
+            unreachable!("an open")
+        };
+        o.share = share;
+        let bob = h.run(Request::Open(o));
+        h.commit(true);
+        h.engine.process_retries();
+        h.commit(true);
+        h.drain_replies();
+        assert!(h.reply(bob).is_some(), "{d:?} {protocol}: answered at once");
+    }
+}
+
+/// Review rvfailover (its finding 3): a durable SMB 2/3 handle H1 under
+/// lease key K, disconnected, was closed when K's break — sent to, and
+/// acknowledged through, the same client's handle H2 under K on another
+/// connection — lowered K while keeping H. MS-SMB2 3.3.4.7 closes a
+/// disconnected durable open only when the lease loses H: H1 stays.
+#[test]
+fn a_disconnected_durable_holder_survives_a_break_acked_elsewhere_keeping_h() {
+    let (mut h, k, h1) = a_detached_rwh_holder_as(
+        Durability::Durable { timeout_ms: 60_000 },
+        libfilter::lease::MSFSA_PROTOCOL,
+    );
+    let Request::Open(mut o) = with_rwh_lease(open("a", Rights::ALL), k) else {
+        unreachable!("an open")
+    };
+    o.durability = Durability::Durable { timeout_ms: 60_000 };
+    o.disposition = Disposition::Open;
+    let h2 = h.run(Request::Open(o));
+    h.commit(true);
+    let h2 = h.opened(h2);
+    let bob = h.run(bobs(
+        "a",
+        Rights::READ.union(Rights::WRITE),
+        Disposition::Open,
+    ));
+    h.commit(true);
+    h.drain_replies();
+    assert_eq!(lease_breaks(&h).len(), 1, "sent through H2's connection");
+    acknowledge(&mut h, k, "RH");
+    assert!(matches!(h.reply(bob), Some(Ok(_))));
+    assert!(h.engine.handles.contains_key(&h1), "H1 was closed");
+    assert!(h.engine.handles.contains_key(&h2));
 }
 
 /// Runs `open`, detaches the handle it opens, both committed: its key.
