@@ -64,7 +64,31 @@ pub struct Notifier {
     /// The lease of each filterd handle that holds one (to find the
     /// leases of handles a restarted filterd forgot).
     handles: Mutex<HashMap<ResumeKey, LeaseKey>>,
+    /// Breaks awaiting an acknowledgment that came for a lease no
+    /// connection holds yet: filterd sends a break in progress again to a
+    /// holder that resumes (DH2C) behind the reply that resumes it, and
+    /// the reconnect's thread may not have told [`Notifier::granted`]
+    /// yet. The grant sends it ([`Notifier::route_or_park`]).
+    undelivered: Mutex<HashMap<LeaseKey, Undelivered>>,
 }
+
+/// A break waiting for its lease's grant ([`Notifier::undelivered`]).
+#[derive(Debug, Clone, Copy)]
+struct Undelivered {
+    at: std::time::Instant,
+    from: LeaseState,
+    to: LeaseState,
+    epoch: u16,
+}
+
+/// How long a break waits for its lease's grant
+/// ([`Notifier::undelivered`]): a reconnect grants it within moments; one
+/// that never comes (the DH2C failed) is dropped, and filterd lowers the
+/// lease at its break timeout.
+const UNDELIVERED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Most breaks waiting for their lease's grant (a memory bound).
+const MAX_UNDELIVERED: usize = 4096;
 
 /// A lease or oplock some open of this rksmbd holds.
 #[derive(Debug, Clone, Copy)]
@@ -302,7 +326,23 @@ impl Notifier {
             e.holder = holder;
         }
         e.opens += 1;
-        e.holder
+        let known = e.holder;
+        // A break filterd sent again for this lease before this grant
+        // (a holder resumed mid-break) goes to its client now.
+        let parked = self
+            .undelivered
+            .lock()
+            .ok()
+            .and_then(|mut u| u.remove(&lease.key))
+            .filter(|p| p.at.elapsed() < UNDELIVERED_FOR);
+        if let Some(p) = parked {
+            let held = *e;
+            if let Some(w) = self.writer_of(&held) {
+                tracing::info!(lease_key = %lease.key.0, "lease break in progress sent to the client that resumed its lease");
+                send(w, notification(known, p.from, p.to, p.epoch, true));
+            }
+        }
+        known
     }
 
     /// An open holding lease `key` was closed. Returns whether it was the
@@ -395,12 +435,59 @@ impl Notifier {
     /// connection of its client GUID, else the one it was granted on.
     fn route(&self, key: &LeaseKey) -> Option<(ConnWriter, Holder)> {
         let h = self.holders.lock().ok()?.get(key).copied()?;
+        Some((self.writer_of(&h)?, h.holder))
+    }
+
+    /// The writer of the connection where a break of `h` goes.
+    fn writer_of(&self, h: &Held) -> Option<ConnWriter> {
         let conn = match h.holder {
             Holder::Lease { .. } => self.oldest_of(h.guid, h.user).unwrap_or(h.conn),
             Holder::Oplock { .. } => h.conn,
         };
-        let w = self.writers.lock().ok()?.get(&conn).cloned()?;
-        Some((w, h.holder))
+        self.writers.lock().ok()?.get(&conn).cloned()
+    }
+
+    /// [`Self::route`] for a break awaiting an acknowledgment (from
+    /// `from` to `to` at `epoch`): with no connection holding the lease
+    /// it waits for the lease's grant ([`Self::undelivered`]; under the
+    /// holders' lock, so a grant meanwhile either routes it here or finds
+    /// it waiting).
+    fn route_or_park(
+        &self,
+        key: &LeaseKey,
+        (from, to, epoch): (LeaseState, LeaseState, u16),
+    ) -> Option<(ConnWriter, Holder)> {
+        let m = self.holders.lock().ok()?;
+        if let Some(h) = m.get(key).copied() {
+            if let Some(w) = self.writer_of(&h) {
+                return Some((w, h.holder));
+            }
+        }
+        if let Ok(mut u) = self.undelivered.lock() {
+            u.retain(|_, p| p.at.elapsed() < UNDELIVERED_FOR);
+            if u.len() < MAX_UNDELIVERED || u.contains_key(key) {
+                let at = std::time::Instant::now();
+                u.insert(
+                    *key,
+                    Undelivered {
+                        at,
+                        from,
+                        to,
+                        epoch,
+                    },
+                );
+            }
+        }
+        drop(m);
+        None
+    }
+
+    /// A break of `key` without an acknowledgment (filterd lowered the
+    /// lease): one waiting for its grant is void.
+    fn unpark(&self, key: &LeaseKey) {
+        if let Ok(mut u) = self.undelivered.lock() {
+            u.remove(key);
+        }
     }
 }
 
@@ -499,6 +586,9 @@ pub fn forward(sh: Arc<Shared>) {
         };
         sh.breaking.noticed(lease_key, ack_required);
         sh.notifier.broken(&lease_key, new_state, epoch);
+        if !ack_required {
+            sh.notifier.unpark(&lease_key);
+        }
         if !ack_required && libfilter::lease::ack_required(current_state) {
             // A break from W or H always wants an acknowledgment, so this
             // is filterd lowering a lease at its break timeout. MS-SMB2
@@ -509,8 +599,14 @@ pub fn forward(sh: Arc<Shared>) {
             tracing::debug!(lease_key = %lease_key.0, "lease lowered at the break timeout");
             continue;
         }
-        let Some((w, holder)) = sh.notifier.route(&lease_key) else {
-            tracing::debug!(lease_key = %lease_key.0, "break for a lease no connection holds");
+        let route = match ack_required {
+            true => sh
+                .notifier
+                .route_or_park(&lease_key, (current_state, new_state, epoch)),
+            false => sh.notifier.route(&lease_key),
+        };
+        let Some((w, holder)) = route else {
+            tracing::debug!(lease_key = %lease_key.0, "break for a lease no connection holds (yet)");
             continue;
         };
         let frame = notification(holder, current_state, new_state, epoch, ack_required);
