@@ -690,12 +690,15 @@ enum Outage {
 
 /// smbprotocol opens a persistent handle with an RWH lease, writes, drops
 /// TCP; after the outage a conflicting open is refused and a DH2C
-/// reconnect finds the handle and its data.
+/// reconnect finds the handle and its data. (The conflicting open first
+/// waits for the break of the disconnected holder's H, MS-SMB2 3.3.4.7,
+/// until filterd's break timeout, short here.)
 fn persistent_handle_survives(outage: Outage) {
     use std::io::{BufRead, BufReader};
     let python = smbprotocol_python();
     let s = Scratch::new(&format!("rksmbd-durable-{outage:?}"));
-    let mut d = Filterd::start(&s, &[], &[]);
+    let flags = ["--break-timeout-ms", "2000"];
+    let mut d = Filterd::start(&s, &flags, &[]);
     let mut srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let script = rkfilter_tests::smb3::script("durable_reconnect.py");
     let mut child = Command::new("timeout")
@@ -733,7 +736,7 @@ fn persistent_handle_survives(outage: Outage) {
         Outage::BothKilled => {
             d.kill9();
             srv.shim.kill9_in_place();
-            d = Filterd::start(&s, &[], &[]);
+            d = Filterd::start(&s, &flags, &[]);
             srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
         }
     }
@@ -1287,6 +1290,120 @@ fn a_lease_key_is_its_own_clients() {
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     smbprotocol_script_passes(&srv, "lease_key_other_client.py");
     no_handles_left(&d);
+}
+
+/// Runs `tests/smb3/lease_failover.py MODE` against rksmbd on a filterd
+/// whose lease break timeout is `break_ms`: A's lease break waits for A
+/// (its durable or persistent handle disconnected) to reconnect and
+/// acknowledge, or for the timeout. With `restart`, filterd and rksmbd are
+/// SIGKILLed and restarted while A is away. The file ends with B's data.
+fn lease_failover(mode: &str, break_ms: &str, restart: bool) {
+    use std::io::{BufRead, BufReader};
+    let s = Scratch::new(&format!("rksmbd-failover-{mode}"));
+    let flags = ["--break-timeout-ms", break_ms];
+    let mut d = Filterd::start(&s, &flags, &[]);
+    let mut srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let script = rkfilter_tests::smb3::script("lease_failover.py");
+    let mut child = Command::new("timeout")
+        .arg("120")
+        .arg(smbprotocol_python())
+        .arg(&script)
+        .args(["127.0.0.1", &srv.port(), "data", "alice", "pw", mode])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the smbprotocol script");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut log = String::new();
+    if restart {
+        loop {
+            let mut line = String::new();
+            if out.read_line(&mut line).unwrap_or(0) == 0 {
+                let o = child.wait_with_output().expect("script exit");
+                panic!("script ended early:\n{log}{}", text(&o));
+            }
+            log.push_str(&line);
+            if line.starts_with("dropped") {
+                break;
+            }
+        }
+        d.kill9();
+        srv.shim.kill9_in_place();
+        d = Filterd::start(&s, &flags, &[]);
+        srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    }
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", srv.port()).expect("send the port");
+    drop(stdin);
+    std::io::Read::read_to_string(&mut out, &mut log).expect("script output");
+    let o = child.wait_with_output().expect("script exit");
+    assert!(
+        o.status.success() && log.contains("PASS"),
+        "{log}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if !mode.starts_with("deadline") && mode != "other-holder" {
+        assert_eq!(
+            std::fs::read(s.root().join("failover.txt")).unwrap(),
+            b"B-WROTE!"
+        );
+    }
+    no_handles_left(&d);
+}
+
+/// Review rvfailover (t3): a persistent RWH holder's client drops TCP;
+/// another client's open for writing was granted at once, A's lease
+/// lowered with nothing sent (its DH2C showed lease 0). MS-SMB2 3.3.4.7
+/// keeps the break in progress: the open waits until A reconnects, is
+/// sent the break on its new connection, writes back and acknowledges.
+#[test]
+fn a_disconnected_persistent_holders_break_waits_for_its_reconnect() {
+    lease_failover("unsent", "20000", false);
+}
+
+/// Review rvfailover (t4): the break was sent, A dropped before
+/// acknowledging, and 20 ms later B was granted and wrote; A reconnected,
+/// was sent nothing, wrote back its cached data over B's acknowledged
+/// write, and its ack was refused. The break now stays in progress across
+/// the drop and is sent again when A reconnects.
+#[test]
+fn a_sent_break_outlives_its_holders_drop() {
+    lease_failover("sent", "20000", false);
+}
+
+/// Review rvfailover (t4d): the same with a durable (not persistent)
+/// handle, which was also closed at the drop (its DH2C then
+/// OBJECT_NAME_NOT_FOUND): a durable open keeping H through the break
+/// stays (MS-SMB2 3.3.4.7).
+#[test]
+fn a_sent_break_outlives_its_durable_holders_drop() {
+    lease_failover("sent-durable", "20000", false);
+}
+
+/// With filterd (and rksmbd) killed and restarted while A is away, B's
+/// open breaks A's recovered lease anew: it waits for A there too.
+#[test]
+fn a_disconnected_holders_break_waits_after_a_filterd_restart() {
+    lease_failover("restart", "20000", true);
+}
+
+/// A disconnected holder that never comes back: at the break timeout B
+/// is let in; A's persistent handle stays with its lease lowered to none,
+/// a durable one (left without H) is closed.
+#[test]
+fn a_disconnected_holders_break_ends_at_its_timeout() {
+    lease_failover("deadline", "1500", false);
+    lease_failover("deadline-durable", "1500", false);
+}
+
+/// Review rvfailover (t9): A's durable H1 under lease key K disconnected;
+/// A's H2 under K on a new connection acknowledged K's break keeping H,
+/// and H1 was closed anyway. MS-SMB2 3.3.4.7 closes a disconnected
+/// durable open only when the lease loses H: H1 reconnects.
+#[test]
+fn a_disconnected_durable_holder_outlives_a_break_acknowledged_elsewhere() {
+    lease_failover("other-holder", "20000", false);
 }
 
 /// Review B-2: every lease break to a connection got a thread of its own

@@ -178,6 +178,10 @@ impl Story {
             .arg("--state")
             .arg(&self.state)
             .args((!self.fanotify).then_some("--no-fanotify"))
+            // The SMB 3 act's conflicting open waits for the break of the
+            // disconnected persistent holder's lease (MS-SMB2 3.3.4.7)
+            // until the break timeout: 5 s, not the default 35 s.
+            .args(["--break-timeout-ms", "5000"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
