@@ -934,6 +934,59 @@ mod tests {
         }
     }
 
+    /// A break that needs an acknowledgment and finds no connection
+    /// holding its lease (filterd sent it again behind a DH2C's resume,
+    /// before the reconnect granted the lease here) is written to the
+    /// client when the lease is granted; one filterd lowered meanwhile is
+    /// not (review rvfailover: it was dropped, and the client never heard
+    /// of the break its reconnect was to acknowledge).
+    #[test]
+    fn a_break_before_its_reconnects_grant_is_sent_by_the_grant() {
+        use std::io::Read as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut client, _) = listener.accept().unwrap();
+        let n = Notifier::default();
+        n.connected(1, Arc::new(Mutex::new(stream)));
+        let guid = uuid::Uuid::from_bytes([5; 16]);
+        n.negotiated(1, guid);
+        n.logged_on(1, "alice");
+        let holder = Holder::Lease {
+            v2: true,
+            key: [3; 16],
+        };
+        let grant = |key: LeaseKey, handle: u8| {
+            let lease = HeldLease {
+                key,
+                state: lease_state(7),
+                epoch: 2,
+            };
+            let h = ResumeKey(uuid::Uuid::from_bytes([handle; 16]));
+            n.granted(lease, h, (1, guid, "alice"), holder);
+        };
+        let (rwh, rh) = (lease_state(7), lease_state(3));
+        let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
+        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_none());
+        let lowered = LeaseKey(uuid::Uuid::from_bytes([4; 16]));
+        assert!(n.route_or_park(&lowered, (rwh, rh, 2)).is_none());
+        n.unpark(&lowered);
+        grant(lowered, 2);
+        grant(key, 1);
+        let want = notification(holder, rwh, rh, 2, true);
+        let mut got = vec![0u8; want.len()];
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, want, "the break of the key granted, alone");
+        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some(), "routed now");
+        client
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut more = [0u8; 1];
+        assert!(client.read(&mut more).is_err(), "nothing else was sent");
+    }
+
     /// A lease goes with the last of its handles filterd forgot, once,
     /// and not while a handle it resumed (persistent) still holds it.
     #[test]
