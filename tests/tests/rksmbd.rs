@@ -2564,7 +2564,9 @@ const DURABLE_V2_OPEN_PASSING: &[&str] = &[
 
 /// The smb2.durable-open (v1) tests: rksmbd passes all 23. reopen4 needs
 /// LOGOFF to detach durable opens; delete_on_close1, oplock, lease and
-/// open2-oplock a break to a disconnected durable open to close it;
+/// open2-oplock a break to a disconnected durable open to close it
+/// (lease at the break timeout, 35 s: its RWH → RH keeps H, and MS-SMB2
+/// 3.3.4.7 keeps such an open for its client, review rvfailover);
 /// file-position FilePositionInformation kept across a reconnect;
 /// alloc-size an AlSi reservation; read-only DOS attributes kept.
 const DURABLE_OPEN_PASSING: &[&str] = &[
