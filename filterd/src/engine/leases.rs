@@ -39,8 +39,9 @@ impl Engine {
 
     /// Breaks the leases of other keys that an open with `mode` conflicts
     /// with (`truncates`: it overwrites or supersedes the file). Holders
-    /// that are disconnected (or need no ack) are lowered at once; attached
-    /// ones get a LEASE_BREAK event. Returns whether the open must wait for
+    /// that are disconnected (or need no ack) are lowered at once — but an
+    /// SMB 2/3 holder that may resume waits ([`Self::holder_resumes_break`]);
+    /// attached ones get a LEASE_BREAK event. Returns whether the open must wait for
     /// acknowledgements. Leases held through a frontend of
     /// [`lease::MSFSA_PROTOCOL`] break by Windows' rules
     /// ([`lease::break_to_on_open`]), others by [`lease::break_to`].
@@ -143,7 +144,9 @@ impl Engine {
     /// [`lease::break_for_write`]), another protocol's lease loses what a
     /// writer breaks ([`lease::break_to`]). Holders that are disconnected
     /// (a durable handle whose client will reconnect) are lowered at once,
-    /// so a reconnect finds the lease broken; attached ones are told. The
+    /// so a reconnect finds the lease broken — but a persistent SMB 2/3
+    /// holder's break waits for it to resume ([`Self::holder_resumes_break`]);
+    /// attached ones are told. The
     /// change does not wait for acknowledgements. The writer's own lease
     /// stays, and so does one held only by handles of its share group (an
     /// nfsl/1 open-owner's delegation, written through a lock-owner's
