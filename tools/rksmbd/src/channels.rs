@@ -307,6 +307,8 @@ impl Outbox {
         let b = bytes.min(q.reserved);
         q.reserved -= b;
         OUTBOXES.fetch_sub(b, Ordering::Relaxed);
+        drop(q);
+        self.drained.notify_all();
     }
 
     /// Whether the channel may forward another PDU, waiting at most
@@ -324,16 +326,22 @@ impl Outbox {
             if q.ended {
                 return Room::Ended;
             }
-            let held = q.bytes.saturating_add(q.reserved);
-            let full = held >= MAX_OUTBOX
-                || (held > 0
+            // Its own reservations count against its own bound only:
+            // against the bound of all outboxes they would make a channel
+            // whose outbox is empty wait for answers of its own that are
+            // only released once this wait is over (re-review rr39j 1).
+            let full = q.bytes.saturating_add(q.reserved) >= MAX_OUTBOX
+                || (q.bytes > 0
                     && OUTBOXES.load(Ordering::Relaxed) >= OUTBOXES_BOUND.load(Ordering::Relaxed));
             if !full {
                 return Room::Free;
             }
             let now = Instant::now();
             let stalled = q.progress.unwrap_or(now) + OUTBOX_STALL;
-            if now >= stalled {
+            // Only a writer with something to write can be stalled: an
+            // outbox that is full of reservations alone waits for its
+            // answers, not for its client.
+            if q.bytes > 0 && now >= stalled {
                 drop(q);
                 tracing::info!("channel's client does not read its answers; ending the channel");
                 self.end();
@@ -342,11 +350,11 @@ impl Outbox {
             if now >= until {
                 return Room::Full;
             }
-            let seen = q.written;
+            let seen = (q.written, q.reserved);
             q = self
                 .drained
-                .wait_timeout_while(q, stalled.min(until) - now, |q| {
-                    !q.ended && q.written == seen
+                .wait_timeout_while(q, stalled.max(now).min(until) - now, |q| {
+                    !q.ended && (q.written, q.reserved) == seen
                 })
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
@@ -488,15 +496,22 @@ impl Home {
 mod tests {
     use super::*;
 
+    /// The outbox of channel `conn`, over a loopback socket (its other end
+    /// given back to be kept open).
+    fn outbox(conn: u64) -> (Arc<Outbox>, TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let ours = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (theirs, _) = listener.accept().expect("accept");
+        let o = Outbox::start(conn, Arc::new(Mutex::new(ours))).expect("outbox");
+        (o, theirs)
+    }
+
     /// A PDU forwarded and not yet answered holds its outbox's room as
     /// its queued answers would: a channel reading its socket while the
     /// home answers (`await_home`) cannot forward past its bound.
     #[test]
     fn answers_on_their_way_count_against_the_outbox() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
-        let ours = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let (_theirs, _) = listener.accept().expect("accept");
-        let outbox = Outbox::start(1, Arc::new(Mutex::new(ours))).expect("outbox");
+        let (outbox, _theirs) = outbox(1);
         assert_eq!(outbox.room(Duration::ZERO), Room::Free);
         outbox.reserve(MAX_OUTBOX / 2);
         assert_eq!(outbox.room(Duration::ZERO), Room::Free);
@@ -506,6 +521,28 @@ mod tests {
         assert_eq!(outbox.room(Duration::ZERO), Room::Free);
         outbox.release(MAX_OUTBOX);
         assert_eq!(lock(&outbox.state).reserved, 0);
+        outbox.end();
+    }
+
+    /// An outbox holding nothing but its reservations waits for its
+    /// answers: it is neither full against the bound of all outboxes nor
+    /// stalled, however long its writer has had nothing to write (before,
+    /// a healthy channel idle for 5 s was ended as one whose client does
+    /// not read, re-review rr39j 1).
+    #[test]
+    fn reservations_alone_neither_fill_nor_stall_an_outbox() {
+        let (outbox, _theirs) = outbox(2);
+        // Its writer last finished something long ago.
+        lock(&outbox.state).progress = Some(Instant::now() - 2 * OUTBOX_STALL);
+        // All outboxes together at their bound (the others'), and this
+        // one's answers on their way.
+        let bound = OUTBOXES_BOUND.load(Ordering::Relaxed);
+        OUTBOXES.fetch_add(bound, Ordering::Relaxed);
+        outbox.reserve(MAX_OUTBOX / 2);
+        let room = outbox.room(Duration::ZERO);
+        outbox.release(MAX_OUTBOX / 2);
+        OUTBOXES.fetch_sub(bound, Ordering::Relaxed);
+        assert_eq!(room, Room::Free);
         outbox.end();
     }
 }
