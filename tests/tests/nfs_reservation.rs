@@ -1094,3 +1094,43 @@ fn a_read_after_a_granted_conflicting_open_is_expired_however_late_the_revocatio
     // (The revocation's event was still held then.)
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 }
+
+/// Re-review rr39i 1: before its own RENAME, nfsshim acknowledged R for
+/// every delegation on the name, so a write delegation's lease lost W as
+/// well as H while nfsshim still took it for a write delegation: another
+/// client's read OPEN of the new name was granted at once with no
+/// CB_RECALL (the holder's cached writes unseen), a write OPEN revoked it
+/// unrecalled. A namespace change breaks only H: the write delegation
+/// keeps R and W, and another client's OPEN recalls it.
+#[test]
+fn a_write_delegation_renamed_by_its_client_is_still_recalled() {
+    let s = Scratch::new("nfs-deleg-wrename");
+    std::fs::write(s.root().join("f"), b"").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dwr");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "both",
+        "none",
+        json!({"want_delegation": "write"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "RENAME", "from": "f", "to": "f2"})));
+    let r = b.open("ob", "f2", "read", "none", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    assert_eq!(cb["stateid"]["other"], deleg["other"], "{cb}");
+    ok(a.call(json!({"op": "WRITE", "stateid": deleg, "offset": 0, "data": b64("cached")})));
+    ok(a.call(json!({"op": "COMMIT", "stateid": deleg})));
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
+    let again = json!({"op": "OPEN", "owner": "ob", "path": "f2", "access": "read",
+                       "deny": "none"});
+    let r = ok(b.resend_patiently(&again, Duration::from_secs(10)));
+    let r = ok(b.call(json!({"op": "READ", "stateid": r["stateid"], "offset": 0, "count": 6})));
+    assert_eq!(r["data"], b64("cached"), "{r}");
+}

@@ -4791,9 +4791,9 @@ fn remove(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
 
 /// RFC 8881 §10.2: an operation by a delegation's own client does not wait
 /// for a recall of that delegation. Before this client removes or renames
-/// `paths`, its delegations on them keep only R of their filter lease: H is
-/// what a namespace change breaks, and W what the short-lived handle a
-/// RENAME opens breaks. The delegations themselves stay the client's (a
+/// `paths`, its delegations on them give up H of their filter lease (what
+/// a namespace change breaks): a read delegation keeps R, a write one R
+/// and W. The delegations themselves stay the client's (a
 /// later conflicting open by someone else then revokes rather than recalls
 /// them, as for any lease without H). Without this the recall would need
 /// this client's lock, which the caller holds, and the request would wait
@@ -4820,9 +4820,18 @@ fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&RelPath]) {
         if !on_it {
             continue;
         }
+        // A namespace change breaks only H: a write delegation keeps W
+        // with R (acking R alone would give W up too, and a later reader
+        // would get in with no recall while this client's cached writes
+        // are unwritten).
+        let keep = if d.write {
+            LeaseState::R.with(LeaseState::W)
+        } else {
+            LeaseState::R
+        };
         if let Err(e) = ctx.sh.filter.client().call(Request::LeaseBreakAck {
             lease_key: LeaseKey(d.lease_key),
-            state: LeaseState::R,
+            state: keep,
             // nfsshim's lease keys are its own, one per OPEN
             // (`filter_name`): the key alone names the lease.
             client: None,
