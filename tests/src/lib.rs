@@ -787,9 +787,20 @@ impl Shim {
         instance: &str,
         env: &[(&str, &str)],
     ) -> Shim {
+        Shim::start_with_env_args(bin_name, socket, instance, &[], env)
+    }
+
+    /// As [`Shim::start_with_env`], with extra flags too.
+    pub fn start_with_env_args(
+        bin_name: &str,
+        socket: &Path,
+        instance: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Shim {
         let mut cmd = Command::new(bin(bin_name));
         cmd.envs(env.iter().copied());
-        Shim::spawn(cmd, socket, instance, &[])
+        Shim::spawn(cmd, socket, instance, extra)
     }
 
     /// As [`Shim::start_with_env`], its standard error written to `log`

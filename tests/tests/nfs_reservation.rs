@@ -1134,3 +1134,104 @@ fn a_write_delegation_renamed_by_its_client_is_still_recalled() {
     let r = ok(b.call(json!({"op": "READ", "stateid": r["stateid"], "offset": 0, "count": 6})));
     assert_eq!(r["data"], b64("cached"), "{r}");
 }
+
+/// Re-review rr39i 2: a kept read delegation's lease (RH) that another
+/// client's deny-read OPEN recalls is broken to R only; at the break
+/// timeout filterd lowers it to R, which still has R, so until the events
+/// thread handled the revocation's event nfsshim took the delegation for
+/// kept, and the OPEN re-sent, refused by the kept handle, was
+/// NFS4ERR_SHARE_DENIED. Below the state its break began from, with no
+/// break in progress, the lease counts as lowered: the OPEN revokes the
+/// delegation itself (`open_refused`'s Lowered branch), is DELAY until the
+/// handle is closed, then granted — before the held event is handled.
+#[test]
+fn a_deny_read_open_after_a_timed_out_h_break_is_granted_not_share_denied() {
+    let s = Scratch::new("nfs-deleg-hdeny");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+    let nfs = Shim::start_with_env(
+        "nfsshim",
+        &s.socket(),
+        "nfs-dhd",
+        &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "3000")],
+    );
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let r = b.open("ob", "f", "read", "read", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "read",
+                       "deny": "read"});
+    let t0 = Instant::now();
+    ok(b.resend_patiently(&again, Duration::from_secs(10)));
+    // (The revocation's event was still held then.)
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+}
+
+/// Re-review rr39i 5: a recall was forgotten a lease period (`--lease-ms`)
+/// after its CB_RECALL; with filterd's break timeout longer than that,
+/// another client's OPEN that the recalled delegation's handle refused
+/// after that was NFS4ERR_SHARE_DENIED. The recall is kept while the
+/// delegation is: the OPEN is DELAY until the timeout lowers the lease,
+/// then revokes the delegation itself (however late the revocation's
+/// event) and is granted.
+#[test]
+fn a_recall_outlasting_the_nfs_lease_still_delays_a_refused_open() {
+    let s = Scratch::new("nfs-deleg-longbreak");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "2500"], &[]);
+    let nfs = Shim::start_with_env_args(
+        "nfsshim",
+        &s.socket(),
+        "nfs-dlb",
+        &["--lease-ms", "800"],
+        &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "4000")],
+    );
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let r = b.open("ob", "f", "read", "read", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "read",
+                       "deny": "read"});
+    let t0 = Instant::now();
+    let r = rkfilter_tests::wait_for(
+        "an answer other than DELAY",
+        Duration::from_secs(10),
+        || {
+            // Both clients keep their NFS leases; `a` never returns it.
+            let _ = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+            let r = b.send(again.clone());
+            (r["status"] != "NFS4ERR_DELAY").then_some(r)
+        },
+    );
+    ok(r);
+    // Revoked by the OPEN (the revocation's event was still held then).
+    let took = t0.elapsed();
+    assert!(
+        took > Duration::from_millis(800) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+}

@@ -489,17 +489,17 @@ struct Global {
     /// finds its revocation settled by the time it is answered, and is
     /// DELAY too ([`open_refused`]), not SHARE_DENIED.
     settled: Vec<(Instant, Option<FileId>)>,
-    /// Delegation lease keys CB_RECALL was sent for, when, and the file:
+    /// Delegation lease keys CB_RECALL was sent for, and what of:
     /// until the delegation ends (its key leaves `lease_client`), filterd
     /// may end the break at its timeout and refuse another open by the
     /// handle, or grant one, before nfsshim hears of the revocation
     /// ([`open_refused`], [`settle_recalls`]).
-    recalled: HashMap<uuid::Uuid, (Instant, Option<FileId>)>,
+    recalled: HashMap<uuid::Uuid, Recalled>,
     /// Lease keys of OPENs in flight that ask for a delegation (not yet in
     /// `lease_client`), with a break filterd sent meanwhile (whether it
     /// needs an answer, and its file): handled once the OPEN is done
     /// ([`Opening`]).
-    opening: HashMap<uuid::Uuid, Option<(bool, Option<FileId>)>>,
+    opening: HashMap<uuid::Uuid, Option<(bool, Option<FileId>, Option<LeaseState>)>>,
     /// Lease keys with a give-back queued ([`Chore::GiveBack`]) and not yet
     /// done: a lease nfsshim knew no delegation of — the lease of an OPEN
     /// try whose answer was lost, which a re-send of that OPEN (the same
@@ -3119,6 +3119,12 @@ fn recarry_kept_delegations(
                 reattaches: reattaches_now(sh),
             },
         );
+        // The new handle carries the lease (one per key and file) whatever
+        // the commit does, and is the one to ask about it before `old` is
+        // closed: a recall asked of `old` closed, its holder not yet moved
+        // (`apply_swap`), took the delegation for lowered and revoked it
+        // (re-review rr39i 3).
+        point_holder(sh, d.lease_key, h.info.key);
         let committed = match sh.filter.close_recording(old, put.clone(), Vec::new()) {
             Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => {
                 sh.filter.client().write_records(put, Vec::new())
@@ -3128,6 +3134,7 @@ fn recarry_kept_delegations(
         if let Err(e) = committed {
             if e.code().is_some() {
                 // Refused: nothing changed but the new handle.
+                point_holder(sh, d.lease_key, old);
                 st.swaps.remove(&old);
                 let _ = sh.filter.close(h.info.key);
             } else {
@@ -3142,6 +3149,15 @@ fn recarry_kept_delegations(
         }
     }
     Ok(())
+}
+
+/// The handle to ask about delegation lease `lease` becomes `handle`.
+fn point_holder(sh: &Shared, lease: uuid::Uuid, handle: ResumeKey) {
+    if let Ok(mut g) = sh.global() {
+        if let Some(h) = g.lease_client.get_mut(&lease) {
+            h.handle = handle;
+        }
+    }
 }
 
 /// An OPEN's modes as the client gave them.
@@ -4609,6 +4625,7 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
         // Acknowledge a recall (or give the lease up): nothing cached.
         // Unless filterd could not be reached, nothing changes here (the
         // client re-sends; the lease may already be down: fine).
+        mark_own_ack(sh, d.lease_key, LeaseState::NONE);
         if let Err(e) = sh.filter.client().call(Request::LeaseBreakAck {
             lease_key: LeaseKey(d.lease_key),
             state: LeaseState::NONE,
@@ -4829,6 +4846,7 @@ fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&RelPath]) {
         } else {
             LeaseState::R
         };
+        mark_own_ack(ctx.sh, d.lease_key, keep);
         if let Err(e) = ctx.sh.filter.client().call(Request::LeaseBreakAck {
             lease_key: LeaseKey(d.lease_key),
             state: keep,
@@ -5096,6 +5114,7 @@ fn events(sh: Arc<Shared>) {
         match ev {
             AttachEvent::Daemon(Event::LeaseBreak {
                 lease_key,
+                current_state,
                 ack_required,
                 file,
                 ..
@@ -5103,7 +5122,7 @@ fn events(sh: Arc<Shared>) {
                 if !ack_required {
                     test_delay_revocation(lease_key);
                 }
-                recall(&sh, lease_key, ack_required, file)
+                recall(&sh, lease_key, ack_required, file, Some(current_state))
             }
             AttachEvent::Daemon(Event::LocksPresent { file }) => {
                 // Acknowledged once no unchecked WRITE is in flight.
@@ -5370,9 +5389,9 @@ impl Drop for Opening<'_> {
         let Ok(mut g) = self.sh.global() else {
             return;
         };
-        if let Some(Some((ack_required, file))) = g.opening.remove(&self.key.0) {
+        if let Some(Some((ack_required, file, from))) = g.opening.remove(&self.key.0) {
             drop(g);
-            recall(self.sh, self.key, ack_required, file);
+            recall(self.sh, self.key, ack_required, file, from);
         }
     }
 }
@@ -5383,15 +5402,24 @@ impl Drop for Opening<'_> {
 /// A lease of no delegation nfsshim knows is given back at once, unless
 /// its OPEN is still in flight ([`Opening`]). Never waits for a client's
 /// lock, so the event thread is never held up by a client's request in
-/// progress; the give-back, a commit, goes to the chores thread.
-fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool, file: Option<FileId>) {
+/// progress; the give-back, a commit, goes to the chores thread. `from`:
+/// the lease's state when the break began (the event's `current_state`;
+/// None when nfsshim revokes on its own finding).
+fn recall(
+    sh: &Shared,
+    lease_key: LeaseKey,
+    ack_required: bool,
+    file: Option<FileId>,
+    from: Option<LeaseState>,
+) {
     let Ok(mut g) = sh.global() else {
         return;
     };
     let Some(LeaseHolder { cid, other, .. }) = g.lease_client.get(&lease_key.0).cloned() else {
         if let Some(early) = g.opening.get_mut(&lease_key.0) {
-            let was = early.is_some_and(|(a, _)| a);
-            *early = Some((was || ack_required, file));
+            let was = early.is_some_and(|(a, _, _)| a);
+            let from = early.and_then(|(_, _, f)| f).or(from);
+            *early = Some((was || ack_required, file, from));
             return;
         }
         g.giving_back.insert(lease_key.0, None);
@@ -5410,7 +5438,7 @@ fn recall(sh: &Shared, lease_key: LeaseKey, ack_required: bool, file: Option<Fil
         return;
     }
     let writer = g.client_conn.get(&cid).and_then(|c| sh.writers.get(*c));
-    g.recalled.insert(lease_key.0, (Instant::now(), file));
+    g.recalled.insert(lease_key.0, Recalled { file, from });
     drop(g);
     if let Some(w) = writer {
         shimline::send(
@@ -5511,6 +5539,31 @@ impl LeaseHolder {
     }
 }
 
+/// A recall sent ([`Global::recalled`]).
+#[derive(Clone, Copy)]
+struct Recalled {
+    /// The file (None from a daemon older than the event's `file`: any).
+    file: Option<FileId>,
+    /// The lease's state when its break began, lowered by nfsshim's own
+    /// acknowledgements since ([`mark_own_ack`]): with no break in
+    /// progress, a lease below it was lowered by filterd at the break
+    /// timeout, not acknowledged (None: not told; the delegation's own
+    /// promise is the measure then).
+    from: Option<LeaseState>,
+}
+
+/// nfsshim acknowledges `state` of delegation lease `lease` itself (its
+/// DELEGRETURN, its client's own namespace change): an outstanding
+/// recall's [`Recalled::from`] comes down with it, so that the lowering
+/// is not taken for filterd's at the break timeout ([`recall_now`]).
+fn mark_own_ack(sh: &Shared, lease: uuid::Uuid, state: LeaseState) {
+    if let Ok(mut g) = sh.global() {
+        if let Some(r) = g.recalled.get_mut(&lease) {
+            r.from = r.from.map(|f| f.and(state));
+        }
+    }
+}
+
 /// What became of a recalled delegation's lease, as filterd tells now.
 #[derive(Debug, PartialEq, Eq)]
 enum RecallNow {
@@ -5524,8 +5577,20 @@ enum RecallNow {
 }
 
 /// Asks filterd (one Handle call) about recalled lease `lease` held by
-/// `held`; None when filterd could not tell.
-fn recall_now(sh: &Shared, lease: uuid::Uuid, held: &LeaseHolder) -> Option<RecallNow> {
+/// `held`, recalled from state `from` ([`Recalled::from`]); None when
+/// filterd could not tell. With no break in progress, a lease below
+/// `from` is lowered: nfsshim acknowledges a recall only by DELEGRETURN
+/// (marked, [`mark_own_ack`]), so it was filterd's lowering at the break
+/// timeout, whose revocation event may not have been handled yet
+/// (re-review rr39i 2: a read delegation's RH break to R timed out to R,
+/// which still has R, and counted as kept: another client's OPEN that
+/// the handle refused was NFS4ERR_SHARE_DENIED).
+fn recall_now(
+    sh: &Shared,
+    lease: uuid::Uuid,
+    held: &LeaseHolder,
+    from: Option<LeaseState>,
+) -> Option<RecallNow> {
     match sh.filter.client().call(Request::Handle {
         key: held.handle,
         learning: false,
@@ -5538,6 +5603,7 @@ fn recall_now(sh: &Shared, lease: uuid::Uuid, held: &LeaseHolder) -> Option<Reca
                 l.key.0 == lease
                     && l.state.contains(LeaseState::R)
                     && (!held.write || l.state.contains(LeaseState::W))
+                    && from.is_none_or(|f| l.state.contains(f))
             });
             Some(if keeps {
                 RecallNow::Kept
@@ -5552,12 +5618,15 @@ fn recall_now(sh: &Shared, lease: uuid::Uuid, held: &LeaseHolder) -> Option<Reca
 
 /// The recalls outstanding for a delegation of `file` (an entry of an
 /// unknown file, from a daemon older than the event's `file`, is of any):
-/// lease key and holder.
-fn recalls_of(g: &Global, file: Option<FileId>) -> Vec<(uuid::Uuid, LeaseHolder)> {
+/// lease key, holder and the state recalled from.
+fn recalls_of(
+    g: &Global,
+    file: Option<FileId>,
+) -> Vec<(uuid::Uuid, LeaseHolder, Option<LeaseState>)> {
     g.recalled
         .iter()
-        .filter(|(_, (_, f))| f.is_none() || file.is_none() || *f == file)
-        .filter_map(|(l, _)| Some((*l, g.lease_client.get(l)?.clone())))
+        .filter(|(_, r)| r.file.is_none() || file.is_none() || r.file == file)
+        .filter_map(|(l, r)| Some((*l, g.lease_client.get(l)?.clone(), r.from)))
         .collect()
 }
 
@@ -5578,9 +5647,9 @@ fn settle_recalls(sh: &Shared, file: FileId) {
         Ok(g) if !g.recalled.is_empty() => recalls_of(&g, Some(file)),
         _ => return,
     };
-    for (lease, held) in recalls {
-        if recall_now(sh, lease, &held) == Some(RecallNow::Lowered) {
-            recall(sh, LeaseKey(lease), false, Some(file));
+    for (lease, held, from) in recalls {
+        if recall_now(sh, lease, &held, from) == Some(RecallNow::Lowered) {
+            recall(sh, LeaseKey(lease), false, Some(file), None);
         }
     }
 }
@@ -5634,11 +5703,11 @@ fn open_refused(ctx: &Ctx<'_>, path: &RelPath, e: ClientError) -> Fail {
         Err(_) => return filter_fail(e),
     };
     let mut settling = revoked;
-    for (lease, held) in recalls {
-        match recall_now(sh, lease, &held) {
+    for (lease, held, from) in recalls {
+        match recall_now(sh, lease, &held, from) {
             Some(RecallNow::Kept) => {}
             Some(RecallNow::Lowered) => {
-                recall(sh, LeaseKey(lease), false, file);
+                recall(sh, LeaseKey(lease), false, file, None);
                 settling = true;
             }
             Some(RecallNow::Breaking) | None => settling = true,
@@ -5722,9 +5791,12 @@ fn reaper(sh: Arc<Shared>) {
             g.giving_back
                 .retain(|_, failed| failed.is_none_or(|t| t.elapsed() < keep));
             let g = &mut *g;
-            let (held, lease) = (&g.lease_client, sh.lease);
-            g.recalled
-                .retain(|l, (at, _)| held.contains_key(l) && at.elapsed() < lease);
+            // Kept while the delegation is: filterd's break timeout may be
+            // longer than the NFS lease, and until it fires the masking
+            // and the inline revocation need the entry (re-review rr39i
+            // 5: it went a lease after the recall).
+            let held = &g.lease_client;
+            g.recalled.retain(|l, _| held.contains_key(l));
             g.settled.retain(|(at, _)| at.elapsed() < SETTLED_GRACE);
         }
         let Ok(clients) = sh.global().map(|g| {
