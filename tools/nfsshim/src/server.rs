@@ -499,7 +499,7 @@ struct Global {
     /// `lease_client`), with a break filterd sent meanwhile (whether it
     /// needs an answer, and its file): handled once the OPEN is done
     /// ([`Opening`]).
-    opening: HashMap<uuid::Uuid, Option<(bool, Option<FileId>, Option<LeaseState>)>>,
+    opening: HashMap<uuid::Uuid, Option<EarlyBreak>>,
     /// Lease keys with a give-back queued ([`Chore::GiveBack`]) and not yet
     /// done: a lease nfsshim knew no delegation of — the lease of an OPEN
     /// try whose answer was lost, which a re-send of that OPEN (the same
@@ -5389,7 +5389,7 @@ impl Drop for Opening<'_> {
         let Ok(mut g) = self.sh.global() else {
             return;
         };
-        if let Some(Some((ack_required, file, from))) = g.opening.remove(&self.key.0) {
+        if let Some(Some(EarlyBreak(ack_required, file, from))) = g.opening.remove(&self.key.0) {
             drop(g);
             recall(self.sh, self.key, ack_required, file, from);
         }
@@ -5417,9 +5417,9 @@ fn recall(
     };
     let Some(LeaseHolder { cid, other, .. }) = g.lease_client.get(&lease_key.0).cloned() else {
         if let Some(early) = g.opening.get_mut(&lease_key.0) {
-            let was = early.is_some_and(|(a, _, _)| a);
-            let from = early.and_then(|(_, _, f)| f).or(from);
-            *early = Some((was || ack_required, file, from));
+            let was = early.is_some_and(|EarlyBreak(a, _, _)| a);
+            let from = early.and_then(|EarlyBreak(_, _, f)| f).or(from);
+            *early = Some(EarlyBreak(was || ack_required, file, from));
             return;
         }
         g.giving_back.insert(lease_key.0, None);
@@ -5538,6 +5538,12 @@ impl LeaseHolder {
         ))
     }
 }
+
+/// A break filterd sent for the lease of an OPEN still in flight
+/// ([`Global::opening`]): whether one needed an answer, the file, and the
+/// state the first began from ([`recall`]'s arguments).
+#[derive(Clone, Copy)]
+struct EarlyBreak(bool, Option<FileId>, Option<LeaseState>);
 
 /// A recall sent ([`Global::recalled`]).
 #[derive(Clone, Copy)]
