@@ -1235,3 +1235,71 @@ fn a_recall_outlasting_the_nfs_lease_still_delays_a_refused_open() {
         "{took:?}"
     );
 }
+
+/// Re-review rr39i 3: when an OPEN under another owner moved a kept
+/// delegation to a new handle, the commit closed the old one before the
+/// lease's holder was pointed at the new one; another client's OPEN of
+/// the file granted (or refused) in between asked filterd about the
+/// recalled lease by the old handle, found it gone, took the delegation
+/// for lowered and revoked it while its client still held it. Held there (the test hook), the holder
+/// still reads under it afterwards.
+#[test]
+fn a_recall_asked_while_a_kept_delegation_moves_handle_keeps_it() {
+    let s = Scratch::new("nfs-deleg-swapask");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let log = s.dir.join("nfsshim.log");
+    let nfs = Shim::start_logged(
+        "nfsshim",
+        &s.socket(),
+        "nfs-dsa",
+        &[("NFSSHIM_TEST_SWAP_DELAY_MS", "3000")],
+        &log,
+    );
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    // Recalled; the holder's own RENAME gives up H, which ends the break
+    // (the recall stays noted while the delegation is held).
+    let r = b.open("ob", "f", "read", "read", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
+    let (a, r) = std::thread::scope(|sc| {
+        let t = sc.spawn(move || {
+            let r = a.open("o2", "g", "read", "write", json!({}));
+            (a, r)
+        });
+        wait_for_log(&log, "the move from handle");
+        // Granted (it conflicts with nothing), with a recall of the file
+        // noted: nfsshim asks filterd about the recalled lease. (Its slot
+        // still at the DELAY's seqid.)
+        ok(b.send(
+            json!({"op": "OPEN", "owner": "ob", "path": "g", "access": "read",
+                         "deny": "none"}),
+        ));
+        t.join().unwrap()
+    });
+    let mut a = a;
+    ok(r);
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4_OK", "still held: {r}");
+}
+
+fn wait_for_log(log: &std::path::Path, what: &str) {
+    rkfilter_tests::wait_for(what, Duration::from_secs(10), || {
+        std::fs::read_to_string(log)
+            .ok()
+            .filter(|l| l.contains(what))
+            .map(|_| ())
+    });
+}

@@ -3144,11 +3144,33 @@ fn recarry_kept_delegations(
             }
             return Err(filter_fail(e));
         }
+        test_delay_swap(old);
         if let Some(sw) = st.swaps.remove(&old) {
             apply_swap(sh, st, old, sw);
         }
     }
     Ok(())
+}
+
+/// Tests only (debug builds): `$NFSSHIM_TEST_SWAP_DELAY_MS` holds a kept
+/// delegation's move to a new handle between the commit that closed the
+/// old one and the state's switch to the new one
+/// (`nfs_reservation.rs::a_recall_asked_while_a_kept_delegation_moves_handle_keeps_it`).
+fn test_delay_swap(old: ResumeKey) {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let ms = *DELAY.get_or_init(|| {
+        std::env::var("NFSSHIM_TEST_SWAP_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        eprintln!("nfsshim: test hook: the move from handle {old} waits {ms} ms");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
 }
 
 /// The handle to ask about delegation lease `lease` becomes `handle`.
