@@ -1303,3 +1303,40 @@ fn wait_for_log(log: &std::path::Path, what: &str) {
             .map(|_| ())
     });
 }
+
+/// Re-review rr39i 2, nfsshim's own acknowledgement: a recalled kept
+/// delegation's holder RENAMEs the file, which gives up H (ending the
+/// break) without waiting for the recall. Its lease is then below the
+/// state the break began from, but by nfsshim's own doing: another
+/// client's OPEN granted after does not take it for lowered at the break
+/// timeout, and the delegation stays its holder's.
+#[test]
+fn a_recalled_delegation_whose_holder_renamed_the_file_is_not_taken_for_lowered() {
+    let s = Scratch::new("nfs-deleg-ownack");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-doa");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let r = b.open("ob", "f", "read", "read", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
+    // (Its slot still at the DELAY's seqid.)
+    ok(b.send(
+        json!({"op": "OPEN", "owner": "ob", "path": "g", "access": "read",
+                     "deny": "none"}),
+    ));
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4_OK", "still held: {r}");
+}
