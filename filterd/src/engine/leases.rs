@@ -237,7 +237,7 @@ impl Engine {
             // resume it (MS-SMB2 3.3.4.7: a persistent open, or a durable
             // one keeping H) is not lowered now: the break waits, as for
             // an attached holder, for the ack of a holder that resumes
-            // (told then: `resend_break_on_resume`) or for its deadline.
+            // (told then: `resend_break_on_attach`) or for its deadline.
             let resumes = attached.is_empty() && self.holder_resumes_break(&keys, lk, to);
             let ack = lease::ack_required(state) && (!attached.is_empty() || resumes);
             // The epoch goes up when the break is sent (MS-SMB2 3.3.4.7),
@@ -1062,6 +1062,10 @@ impl Engine {
     /// sends a break on any connection of the lease's opens). Only for
     /// [`lease::MSFSA_PROTOCOL`] holders: no other break stays in
     /// progress with no holder attached ([`Self::holder_resumes_break`]).
+    /// The holder gets at least [`Self::resume_grace_ms`] from now to
+    /// write back and acknowledge: the deadline set when the break was
+    /// decided may be about to pass (re-review rr39h F3: a holder that
+    /// resumed 0.2 s before it had 0.2 s).
     pub(super) fn resend_break_on_attach(&mut self, conn: ConnId, key: ResumeKey) {
         let Some(h) = self.handles.get(&key) else {
             return;
@@ -1085,6 +1089,10 @@ impl Engine {
         let Some(writer) = self.conns.get(&conn).map(|c| c.writer.clone()) else {
             return;
         };
+        let grace = self.resume_grace_ms();
+        if let Some(b) = self.breaking.get_mut(&(file, l.key)) {
+            b.deadline_ms = b.deadline_ms.max(mono_ms().saturating_add(grace));
+        }
         let holders = self.lease_holder_keys(file, l.key);
         let dep = self
             .break_dependency_among(&holders, l.key)
@@ -1099,6 +1107,13 @@ impl Engine {
             file: Some(file),
         };
         self.break_event_after(dep, writer, ev);
+    }
+
+    /// The least time a holder told of a break in progress when it
+    /// resumes has to acknowledge it: the break timeout, at most 5 s (a
+    /// client writes its cached data back within moments once told).
+    fn resume_grace_ms(&self) -> u64 {
+        self.cfg.break_timeout_ms.min(5_000)
     }
 
     /// A break in progress whose lease no attached open holds any more can

@@ -778,13 +778,23 @@ impl Engine {
             .conn
             .and_then(|c| self.conns.get(&c))
             .map(|c| c.writer.clone());
+        let conn = h.conn;
         match (held, writer) {
             (Some(ev), Some(w)) => self.break_event_after(dep, w, ev),
             // Detached while it waited (its frontend's connection went):
             // the lease's other holders are told instead (review, session
             // 29: dropped here, the break stayed in progress).
             (Some(ev), None) => self.pass_held_break(file, ev),
-            (None, _) => {}
+            // A holder that attached here (an overwrite under a lease key
+            // whose break is in progress, its holders away) learns of the
+            // break behind its reply, as one answered at once does
+            // (`answer`; re-review rr39h F4: it was never told, and the
+            // lease went to none at the deadline).
+            (None, _) => {
+                if let Some(c) = conn {
+                    self.resend_break_on_attach(c, p.key);
+                }
+            }
         }
     }
 

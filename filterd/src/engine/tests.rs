@@ -4749,6 +4749,79 @@ fn a_sent_break_stays_in_progress_across_its_holders_reconnects() {
     }
 }
 
+/// Re-review rr39h F3: a holder that resumes just before the break's
+/// deadline gets time to write back and acknowledge (the break timeout,
+/// at most 5 s, from its resume): the lease is not lowered under it at
+/// the deadline the break was given when decided.
+#[test]
+fn a_holder_resuming_at_the_deadline_gets_time_to_acknowledge() {
+    let (mut h, k, holder) = a_detached_rwh_holder_as(
+        Durability::Persistent { timeout_ms: 60_000 },
+        libfilter::lease::MSFSA_PROTOCOL,
+    );
+    let bob = h.run(bobs(
+        "a",
+        Rights::READ.union(Rights::WRITE),
+        Disposition::Open,
+    ));
+    h.commit(true);
+    h.drain_replies();
+    assert!(h.reply(bob).is_none());
+    // Almost at its deadline when the holder resumes.
+    for b in h.engine.breaking.values_mut() {
+        b.deadline_ms = mono_ms() + 1;
+    }
+    resume_alices(&mut h, holder);
+    assert_eq!(lease_breaks(&h).len(), 1, "told on its resume");
+    h.engine.expire_due(mono_ms() + 500);
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
+    assert!(h.reply(bob).is_none(), "the holder still has time to ack");
+    let l = h.engine.handles[&holder].rec.lease.unwrap();
+    assert_eq!(l.state.to_string(), "RWH", "not lowered");
+    acknowledge(&mut h, k, "RH");
+    assert!(matches!(h.reply(bob), Some(Ok(_))), "{:?}", h.reply(bob));
+}
+
+/// Re-review rr39h F4: a holder that comes back with an overwrite under
+/// its lease key while the break is in progress (its first holder away)
+/// waits for the overwrite's intent; attached when it finishes, it is
+/// told of the break behind its reply, as an open answered at once is.
+#[test]
+fn an_overwrite_attached_under_a_breaking_lease_is_told_of_the_break() {
+    let (mut h, k, _holder) = a_detached_rwh_holder_as(
+        Durability::Persistent { timeout_ms: 60_000 },
+        libfilter::lease::MSFSA_PROTOCOL,
+    );
+    let bob = h.run(bobs(
+        "a",
+        Rights::READ.union(Rights::WRITE),
+        Disposition::Open,
+    ));
+    h.commit(true);
+    h.drain_replies();
+    assert!(h.reply(bob).is_none());
+    assert!(lease_breaks(&h).is_empty(), "nothing sent yet");
+    let again = h.run(with_rwh_lease(
+        with_disposition(open("a", Rights::ALL), Disposition::Overwrite),
+        k,
+    ));
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
+    assert!(h.reply(again).is_some(), "the overwrite is answered");
+    h.opened(again);
+    assert_eq!(h.fs.file("a").map(|f| f.size), Some(0), "truncated");
+    assert_eq!(
+        lease_breaks(&h),
+        vec![(k, "RWH".into(), "RH".into(), true)],
+        "the holder attached by the overwrite is told of the break"
+    );
+}
+
 /// A resumable holder that never comes back: at the break's deadline the
 /// lease goes to none (Windows' rule, MS-SMB2 3.3.2.5) and the waiting
 /// open is let in; a persistent holder keeps its handle (its lowered
