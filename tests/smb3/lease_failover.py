@@ -20,6 +20,13 @@ lease to RH (MS-SMB2 3.3.4.7). MODE says when A's connection goes:
                     none (persistent: the handle stays).
   deadline-durable  as deadline, with a durable handle: gone then, left
                     without H (its DH2C fails).
+  half-open         as sent, but A's old connection stays open (half
+                    open, as after a network blip rksmbd has not noticed):
+                    A reconnects on a new connection whose SESSION_SETUP
+                    names the old session as PreviousSessionId, ending
+                    it. The break is sent again on the new connection
+                    (re-review rr39h F1: it went to the old one, whose
+                    session had ended, and was never acknowledged).
   other-holder      A's durable handle H1 drops; A opens H2 under the
                     same lease key on a new connection, which is sent the
                     break and acknowledges it keeping H: H1 stays, and its
@@ -55,6 +62,7 @@ from smbtest import (
     create_rw,
     lease_context,
 )
+from previous_session_replay import with_previous_session
 
 HOST, PORT, SHARE, USER, PASSWORD = args()
 MODE = sys.argv[6]
@@ -178,10 +186,15 @@ if MODE == "other-holder":
     print("PASS", flush=True)
     sys.exit(0)
 
-if MODE.startswith("sent"):
+previous = None
+if MODE.startswith("sent") or MODE == "half-open":
     b = B()
     next_break(breaks, "A is sent the break")
-    conn.disconnect(close=False)
+    if MODE == "half-open":
+        # The old connection stays open, and says nothing more.
+        previous, old_conn = tree.session.session_id, conn
+    else:
+        conn.disconnect(close=False)
     check(b.pending(1.0), "B's open still pending after A dropped without acknowledging")
 else:
     conn.disconnect(close=False)
@@ -205,7 +218,10 @@ else:
         sys.exit(0)
     check(b.pending(1.0), "B's open pending while A is away")
 
-conn, tree, breaks = a_connection(a_guid)
+if previous is None:
+    conn, tree, breaks = a_connection(a_guid)
+else:
+    conn, tree, breaks = with_previous_session(previous, lambda: a_connection(a_guid))
 f2, lease = reconnect(tree, file_id, create_guid, key)
 check(f2 is not None, f"A reconnects ({lease})")
 check(lease["lease_state"].get_value() == 0x7, "A's lease is still RWH")

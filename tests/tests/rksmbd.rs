@@ -1381,6 +1381,18 @@ fn a_sent_break_outlives_its_durable_holders_drop() {
     lease_failover("sent-durable", "20000", false);
 }
 
+/// Re-review rr39h F1: A's old connection stays open (half open) and A
+/// reconnects on a new one whose SESSION_SETUP ends the old session
+/// (PreviousSessionId). The break, sent again on A's DH2C, went to the
+/// old connection (the oldest of A's client GUID that A's user had logged
+/// on over), was never acknowledged, and at the timeout B was let in with
+/// A still caching. A connection whose session of the lease's user ended
+/// carries no more of its breaks: the break goes to the new connection.
+#[test]
+fn a_break_resent_after_previous_session_goes_to_the_new_connection() {
+    lease_failover("half-open", "20000", false);
+}
+
 /// With filterd (and rksmbd) killed and restarted while A is away, B's
 /// open breaks A's recovered lease anew: it waits for A there too.
 #[test]

@@ -52,11 +52,15 @@ pub enum Holder {
 #[derive(Default)]
 pub struct Notifier {
     writers: Mutex<HashMap<u64, ConnWriter>>,
-    /// The client GUID each connection negotiated, and the users logged
-    /// on over it (as [`Notifier::user_tag`]s): a lease's breaks go only
-    /// to a connection its user logged on over, never one that merely
-    /// names the client GUID (it goes in clear) or has not logged on.
-    guids: Mutex<HashMap<u64, (uuid::Uuid, Vec<u64>)>>,
+    /// The client GUID each connection negotiated, and the sessions
+    /// logged on over it with their users (as [`Notifier::user_tag`]s): a
+    /// lease's breaks go only to a connection with a live session of its
+    /// user, never one that merely names the client GUID (it goes in
+    /// clear), has not logged on, or whose session of that user ended (a
+    /// PreviousSessionId from a reconnect on another connection, a
+    /// LOGOFF): a half-open old connection could neither receive nor
+    /// acknowledge the break (re-review rr39h F1).
+    guids: Mutex<HashMap<u64, (uuid::Uuid, Vec<(u64, u64)>)>>,
     /// Keys for [`Notifier::user_tag`] (this process's own).
     tags: std::collections::hash_map::RandomState,
     /// Per lease key: who holds it and where its breaks go.
@@ -85,7 +89,7 @@ struct Undelivered {
 /// ([`Notifier::undelivered`]): a reconnect grants it within moments; one
 /// that never comes (the DH2C failed) is dropped, and filterd lowers the
 /// lease at its break timeout.
-const UNDELIVERED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+const UNDELIVERED_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Most breaks waiting for their lease's grant (a memory bound).
 const MAX_UNDELIVERED: usize = 4096;
@@ -195,9 +199,9 @@ impl Notifier {
         }
     }
 
-    /// `user` logged on over connection `conn` (a session set up or a
-    /// channel bound).
-    pub fn logged_on(&self, conn: u64, user: &str) {
+    /// `user` logged on over connection `conn` in session `session` (a
+    /// session set up or a channel bound).
+    pub fn logged_on(&self, conn: u64, session: u64, user: &str) {
         let tag = self.user_tag(user);
         if let Some((_, users)) = self
             .guids
@@ -206,9 +210,20 @@ impl Notifier {
             .as_mut()
             .and_then(|m| m.get_mut(&conn))
         {
-            // A handful at most: one per user a client logs on as.
-            if !users.contains(&tag) && users.len() < 64 {
-                users.push(tag);
+            // A handful at most: a client's sessions on one connection.
+            if !users.contains(&(session, tag)) && users.len() < 64 {
+                users.push((session, tag));
+            }
+        }
+    }
+
+    /// Session `session` ended (LOGOFF, or PreviousSessionId from another
+    /// connection): the connections it was on no longer carry its user's
+    /// breaks unless another session of that user lives there.
+    pub fn session_ended(&self, session: u64) {
+        if let Ok(mut m) = self.guids.lock() {
+            for (_, users) in m.values_mut() {
+                users.retain(|(s, _)| *s != session);
             }
         }
     }
@@ -230,11 +245,15 @@ impl Notifier {
             // Not one of this rksmbd's: filterd says what it knows.
             return true;
         };
-        self.guids
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&conn).map(|(_, users)| users.contains(&user)))
-            .unwrap_or(false)
+        self.carries(conn, user)
+    }
+
+    /// Whether connection `conn` has a live session of user tag `user`.
+    fn carries(&self, conn: u64, user: u64) -> bool {
+        self.guids.lock().is_ok_and(|m| {
+            m.get(&conn)
+                .is_some_and(|(_, users)| users.iter().any(|(_, t)| *t == user))
+        })
     }
 
     /// A connection ends: its leases are no longer reachable through it,
@@ -280,7 +299,7 @@ impl Notifier {
         guids
             .iter()
             .filter(|(c, (g, users))| {
-                *g == guid && users.contains(&user) && writers.contains_key(c)
+                *g == guid && users.iter().any(|(_, t)| *t == user) && writers.contains_key(c)
             })
             .map(|(c, _)| *c)
             .min()
@@ -334,7 +353,11 @@ impl Notifier {
             .lock()
             .ok()
             .and_then(|mut u| u.remove(&lease.key))
-            .filter(|p| p.at.elapsed() < UNDELIVERED_FOR);
+            .filter(|p| p.at.elapsed() < UNDELIVERED_FOR)
+            // Only a break of the lease as granted now: one of an earlier
+            // grant of the key (lowered or released since) is stale
+            // (re-review rr39h F2).
+            .filter(|p| p.from == lease.state && p.epoch == lease.epoch);
         if let Some(p) = parked {
             let held = *e;
             if let Some(w) = self.writer_of(&held) {
@@ -441,7 +464,12 @@ impl Notifier {
     /// The writer of the connection where a break of `h` goes.
     fn writer_of(&self, h: &Held) -> Option<ConnWriter> {
         let conn = match h.holder {
-            Holder::Lease { .. } => self.oldest_of(h.guid, h.user).unwrap_or(h.conn),
+            // Never a connection without a live session of its user
+            // (one whose session a reconnect ended may be half open): the
+            // break waits for the reconnect's grant instead.
+            Holder::Lease { .. } => self
+                .oldest_of(h.guid, h.user)
+                .or_else(|| self.carries(h.conn, h.user).then_some(h.conn))?,
             Holder::Oplock { .. } => h.conn,
         };
         self.writers.lock().ok()?.get(&conn).cloned()
@@ -476,6 +504,8 @@ impl Notifier {
                         epoch,
                     },
                 );
+            } else {
+                tracing::warn!(lease_key = %key.0, "too many lease breaks waiting for their grant: this one is dropped (filterd lowers its lease at the break timeout)");
             }
         }
         drop(m);
@@ -937,8 +967,8 @@ mod tests {
     /// A break that needs an acknowledgment and finds no connection
     /// holding its lease (filterd sent it again behind a DH2C's resume,
     /// before the reconnect granted the lease here) is written to the
-    /// client when the lease is granted; one filterd lowered meanwhile is
-    /// not (review rvfailover: it was dropped, and the client never heard
+    /// client when the lease is granted; one filterd lowered meanwhile, or
+    /// one of an earlier grant of the key, is not (review rvfailover: it was dropped, and the client never heard
     /// of the break its reconnect was to acknowledge).
     #[test]
     fn a_break_before_its_reconnects_grant_is_sent_by_the_grant() {
@@ -950,7 +980,7 @@ mod tests {
         n.connected(1, Arc::new(Mutex::new(stream)));
         let guid = uuid::Uuid::from_bytes([5; 16]);
         n.negotiated(1, guid);
-        n.logged_on(1, "alice");
+        n.logged_on(1, 1, "alice");
         let holder = Holder::Lease {
             v2: true,
             key: [3; 16],
@@ -971,6 +1001,11 @@ mod tests {
         assert!(n.route_or_park(&lowered, (rwh, rh, 2)).is_none());
         n.unpark(&lowered);
         grant(lowered, 2);
+        // A break of an earlier grant of its key (epoch 1, the lease is
+        // granted at 2 now) is stale: not sent (re-review rr39h F2).
+        let stale = LeaseKey(uuid::Uuid::from_bytes([6; 16]));
+        assert!(n.route_or_park(&stale, (rwh, rh, 1)).is_none());
+        grant(stale, 3);
         grant(key, 1);
         let want = notification(holder, rwh, rh, 2, true);
         let mut got = vec![0u8; want.len()];
@@ -997,7 +1032,7 @@ mod tests {
         n.connected(1, Arc::new(Mutex::new(stream)));
         let guid = uuid::Uuid::from_bytes([5; 16]);
         n.negotiated(1, guid);
-        n.logged_on(1, "alice");
+        n.logged_on(1, 1, "alice");
         let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
         let (a, b) = (
             ResumeKey(uuid::Uuid::from_bytes([1; 16])),
@@ -1051,8 +1086,8 @@ mod tests {
             writers.push(w);
         }
         // 1 never logs on; 2 is mallory's; 3 is alice's.
-        n.logged_on(2, "mallory");
-        n.logged_on(3, "alice");
+        n.logged_on(2, 2, "mallory");
+        n.logged_on(3, 3, "alice");
         let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
         let lease = HeldLease {
             key,
@@ -1071,9 +1106,72 @@ mod tests {
         assert!(n.may_acknowledge(&key, 3));
         // Alice's older connection, once she logs on over it, is where
         // Windows would send them (smb2.lease.v2_complex1).
-        n.logged_on(1, "alice");
+        n.logged_on(1, 1, "alice");
         let (w, _) = n.route(&key).unwrap();
         assert!(Arc::ptr_eq(&w, &writers[0]), "the oldest of alice's");
+    }
+
+    /// A reconnect on a new connection whose SESSION_SETUP ends the old
+    /// session (PreviousSessionId) takes the user's lease breaks off the
+    /// old connection, which may be half open: a break goes to the new
+    /// connection (or, with none of the user's, waits for the DH2C's
+    /// grant) (re-review rr39h
+    /// F1: it went to the older, dead one, was never acknowledged, and
+    /// the client later wrote back over another client's data).
+    #[test]
+    fn a_previous_sessions_connection_gets_no_more_breaks() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let n = Notifier::default();
+        let guid = uuid::Uuid::from_bytes([5; 16]);
+        let mut writers = Vec::new();
+        for conn in 1..=2 {
+            let w: ConnWriter = Arc::new(Mutex::new(
+                TcpStream::connect(listener.local_addr().unwrap()).unwrap(),
+            ));
+            n.connected(conn, w.clone());
+            n.negotiated(conn, guid);
+            writers.push(w);
+        }
+        let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
+        let lease = HeldLease {
+            key,
+            state: lease_state(7),
+            epoch: 1,
+        };
+        let holder = Holder::Lease {
+            v2: true,
+            key: [3; 16],
+        };
+        n.logged_on(1, 10, "alice");
+        n.granted(
+            lease,
+            ResumeKey(uuid::Uuid::from_bytes([1; 16])),
+            (1, guid, "alice"),
+            holder,
+        );
+        // The reconnect: session 20 on connection 2 ends session 10.
+        n.logged_on(2, 20, "alice");
+        n.session_ended(10);
+        let (rwh, rh) = (lease_state(7), lease_state(3));
+        let (w, _) = n.route_or_park(&key, (rwh, rh, 2)).unwrap();
+        assert!(Arc::ptr_eq(&w, &writers[1]), "the client's live connection");
+        assert!(!n.may_acknowledge(&key, 1));
+        // Neither to the old connection with the new one not logged on.
+        n.session_ended(20);
+        assert!(
+            n.route_or_park(&key, (rwh, rh, 2)).is_none(),
+            "parked for the grant"
+        );
+        n.logged_on(2, 20, "alice");
+        n.granted(
+            lease,
+            ResumeKey(uuid::Uuid::from_bytes([2; 16])),
+            (2, guid, "alice"),
+            holder,
+        );
+        let (w, _) = n.route(&key).unwrap();
+        assert!(Arc::ptr_eq(&w, &writers[1]), "the reconnect's connection");
+        assert!(n.may_acknowledge(&key, 2));
     }
 
     #[test]

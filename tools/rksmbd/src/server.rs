@@ -566,7 +566,7 @@ impl HarnessConnection {
         s.user = Some(user.to_owned());
         s.trees.push(tree);
         s.link = Some(c.sh.registry.logged_on(id, user));
-        c.sh.notifier.logged_on(c.id, user);
+        c.sh.notifier.logged_on(c.id, id, user);
         c.sessions.insert(id, s);
         (id, tree)
     }
@@ -2823,7 +2823,7 @@ impl Connection {
         if let (Ok(reply), Some(s)) = (&out, self.sessions.get_mut(&id)) {
             if let (status::SUCCESS, Some(user)) = (reply.status, &s.user) {
                 // Lease breaks of this user's opens may come here.
-                self.sh.notifier.logged_on(self.id, user);
+                self.sh.notifier.logged_on(self.id, id, user);
             }
             if let (status::SUCCESS, Some(user), None, None) =
                 (reply.status, &s.user, &s.link, &s.bound)
@@ -2850,6 +2850,9 @@ impl Connection {
                 if previous != 0 && previous != id {
                     let user = user.clone();
                     if self.sh.registry.end_previous(&self.sh, previous, &user) {
+                        // Its connection, maybe half open, carries no
+                        // more of this user's lease breaks (rr39h F1).
+                        self.sh.notifier.session_ended(previous);
                         tracing::info!(
                             conn = self.id,
                             session = id,
@@ -3089,6 +3092,7 @@ impl Connection {
         // again (or drop the connection, which closes it as any open).
         self.release_opens(ids, Ending::Logoff)?;
         let link = self.sessions.remove(&id).and_then(|s| s.link);
+        self.sh.notifier.session_ended(id);
         // Its DH2Q CREATEs answered STATUS_SERVER_UNAVAILABLE and never
         // replayed: their opens are closed, not left to their durable
         // timeout (their client may never replay; the acknowledged
