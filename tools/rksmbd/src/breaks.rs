@@ -60,7 +60,7 @@ pub struct Notifier {
     /// PreviousSessionId from a reconnect on another connection, a
     /// LOGOFF): a half-open old connection could neither receive nor
     /// acknowledge the break (re-review rr39h F1).
-    guids: Mutex<HashMap<u64, (uuid::Uuid, Vec<(u64, u64)>)>>,
+    guids: Mutex<HashMap<u64, (uuid::Uuid, Vec<SessionOf>)>>,
     /// Keys for [`Notifier::user_tag`] (this process's own).
     tags: std::collections::hash_map::RandomState,
     /// Per lease key: who holds it and where its breaks go.
@@ -75,6 +75,10 @@ pub struct Notifier {
     /// yet. The grant sends it ([`Notifier::route_or_park`]).
     undelivered: Mutex<HashMap<LeaseKey, Undelivered>>,
 }
+
+/// A session on a connection and its user's [`Notifier::user_tag`]
+/// ([`Notifier::guids`]).
+type SessionOf = (u64, u64);
 
 /// A break waiting for its lease's grant ([`Notifier::undelivered`]).
 #[derive(Debug, Clone, Copy)]
