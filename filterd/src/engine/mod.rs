@@ -268,6 +268,10 @@ pub struct Engine {
     open_reruns: u64,
     /// The id of the last break begun (`Breaking::id`).
     last_break_id: u64,
+    /// A handle a replayed open found attached to its own connection
+    /// already (`replay_existing`): not attached anew, so its answer sends
+    /// no break in progress again (re-review rr39h F7).
+    replayed_attached: Option<ResumeKey>,
     /// Byte-range locks by file.
     locks: BTreeMap<FileId, LockTable<ResumeKey>>,
     /// Handles per (protocol, client) and per frontend instance (limits).
@@ -601,6 +605,7 @@ impl Engine {
             break_over_files: Default::default(),
             open_reruns: 0,
             last_break_id: 0,
+            replayed_attached: None,
             lock_hints: HashMap::new(),
             per_client: HashMap::new(),
             per_frontend: HashMap::new(),
@@ -1085,8 +1090,10 @@ impl Engine {
                 }
             }
         }
-        // A holder resumed mid-break learns of the break behind its reply.
-        if let Some(key) = attached {
+        // A holder resumed mid-break learns of the break behind its reply
+        // (not a replay's, attached and told already).
+        let replayed = self.replayed_attached.take();
+        if let Some(key) = attached.filter(|k| replayed != Some(*k)) {
             self.resend_break_on_attach(conn, key);
         }
     }
