@@ -1027,6 +1027,8 @@ impl Engine {
         id: u64,
         outcome: Result<Option<(Reply, Option<ResumeKey>)>, WireError>,
     ) {
+        // Taken whatever the outcome, so that it never outlives its reply.
+        let replayed = self.replayed_attached.take();
         let attached = match &outcome {
             Ok(Some((Reply::Opened(o), _))) => Some(o.key),
             _ => None,
@@ -1092,7 +1094,6 @@ impl Engine {
         }
         // A holder resumed mid-break learns of the break behind its reply
         // (not a replay's, attached and told already).
-        let replayed = self.replayed_attached.take();
         if let Some(key) = attached.filter(|k| replayed != Some(*k)) {
             self.resend_break_on_attach(conn, key);
         }
