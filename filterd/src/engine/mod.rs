@@ -268,10 +268,6 @@ pub struct Engine {
     open_reruns: u64,
     /// The id of the last break begun (`Breaking::id`).
     last_break_id: u64,
-    /// A handle a replayed open found attached to its own connection
-    /// already (`replay_existing`): not attached anew, so its answer sends
-    /// no break in progress again (re-review rr39h F7).
-    replayed_attached: Option<ResumeKey>,
     /// Byte-range locks by file.
     locks: BTreeMap<FileId, LockTable<ResumeKey>>,
     /// Handles per (protocol, client) and per frontend instance (limits).
@@ -605,7 +601,6 @@ impl Engine {
             break_over_files: Default::default(),
             open_reruns: 0,
             last_break_id: 0,
-            replayed_attached: None,
             lock_hints: HashMap::new(),
             per_client: HashMap::new(),
             per_frontend: HashMap::new(),
@@ -1027,8 +1022,6 @@ impl Engine {
         id: u64,
         outcome: Result<Option<(Reply, Option<ResumeKey>)>, WireError>,
     ) {
-        // Taken whatever the outcome, so that it never outlives its reply.
-        let replayed = self.replayed_attached.take();
         let attached = match &outcome {
             Ok(Some((Reply::Opened(o), _))) => Some(o.key),
             _ => None,
@@ -1092,9 +1085,8 @@ impl Engine {
                 }
             }
         }
-        // A holder resumed mid-break learns of the break behind its reply
-        // (not a replay's, attached and told already).
-        if let Some(key) = attached.filter(|k| replayed != Some(*k)) {
+        // A holder resumed mid-break learns of the break behind its reply.
+        if let Some(key) = attached {
             self.resend_break_on_attach(conn, key);
         }
     }

@@ -845,7 +845,6 @@ impl Engine {
         }
         let reply = match (h.conn, h.rec.conn) {
             (Some(c), _) if c == conn => {
-                self.replayed_attached = Some(key);
                 let size =
                     h.fd.as_ref()
                         .and_then(|f| self.fs.stat(f.as_fd()).ok())

@@ -4749,47 +4749,6 @@ fn a_sent_break_stays_in_progress_across_its_holders_reconnects() {
     }
 }
 
-/// Re-review rr39h F7: a replayed open of a holder still attached (and
-/// told of the break) does not send the break in progress again; a
-/// resume after its drop does.
-#[test]
-fn a_replayed_open_of_an_attached_holder_is_not_sent_the_break_again() {
-    let fs = MemFs::new();
-    fs.put("a", 10);
-    let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
-    let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
-    let req = with_rwh_lease(open("a", Rights::ALL), k);
-    let holder = h.run(req.clone());
-    h.commit(true);
-    let holder = h.opened(holder);
-    let bob = h.run(bobs(
-        "a",
-        Rights::READ.union(Rights::WRITE),
-        Disposition::Open,
-    ));
-    h.commit(true);
-    h.drain_replies();
-    assert_eq!(lease_breaks(&h).len(), 1, "the break is sent");
-    let Request::Open(o) = req else {
-        unreachable!("an open")
-    };
-    let again = h.run(Request::ReplayOpen(o));
-    h.commit(true);
-    h.drain_replies();
-    assert_eq!(h.opened(again), holder, "the replay gets the original");
-    assert_eq!(lease_breaks(&h).len(), 1, "not sent again");
-    h.run(Request::Detach {
-        key: holder,
-        delete_on_close: None,
-    });
-    h.commit(true);
-    h.drain_replies();
-    resume_alices(&mut h, holder);
-    assert_eq!(lease_breaks(&h).len(), 2, "sent again on the resume");
-    acknowledge(&mut h, k, "RH");
-    assert!(matches!(h.reply(bob), Some(Ok(_))), "{:?}", h.reply(bob));
-}
-
 /// Re-review rr39h F3: a holder that resumes just before the break's
 /// deadline gets time to write back and acknowledge (the break timeout,
 /// at most 5 s, from its resume): the lease is not lowered under it at
