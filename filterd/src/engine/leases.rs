@@ -256,6 +256,7 @@ impl Engine {
                 required: to,
                 waiters: must_wait,
                 deadline_ms: 0,
+                extended: false,
                 id: self.last_break_id,
             };
             self.send_break(
@@ -672,6 +673,7 @@ impl Engine {
             required: chain.required,
             waiters: chain.waiters,
             deadline_ms: 0,
+            extended: chain.extended,
             id: chain.id,
         };
         self.send_break(Some(conn), (file, lk), &holders, state, epoch, ack, step);
@@ -1090,8 +1092,16 @@ impl Engine {
             return;
         };
         let grace = self.resume_grace_ms();
-        if let Some(b) = self.breaking.get_mut(&(file, l.key)) {
-            b.deadline_ms = b.deadline_ms.max(mono_ms().saturating_add(grace));
+        if let Some(b) = self
+            .breaking
+            .get_mut(&(file, l.key))
+            .filter(|b| !b.extended)
+        {
+            let later = mono_ms().saturating_add(grace);
+            if later > b.deadline_ms {
+                b.deadline_ms = later;
+                b.extended = true;
+            }
         }
         let holders = self.lease_holder_keys(file, l.key);
         let dep = self

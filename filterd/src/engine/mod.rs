@@ -432,6 +432,11 @@ struct Breaking {
     /// need nothing of the lease queue behind it (smb2.lease.breaking3).
     waiters: bool,
     deadline_ms: u64,
+    /// Whether its deadline was pushed back once already for a holder
+    /// that resumed ([`Engine::resend_break_on_attach`]): only once, or a
+    /// holder resuming and dropping again in a loop kept the breaking open
+    /// waiting for ever (re-review rr39k A3).
+    extended: bool,
     /// Which break this is: a chain's steps keep the id of its first;
     /// a break begun anew, after the last ended, gets another
     /// (`WaitingOpen::breaks`).

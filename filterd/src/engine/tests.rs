@@ -4749,12 +4749,11 @@ fn a_sent_break_stays_in_progress_across_its_holders_reconnects() {
     }
 }
 
-/// Re-review rr39h F3: a holder that resumes just before the break's
-/// deadline gets time to write back and acknowledge (the break timeout,
-/// at most 5 s, from its resume): the lease is not lowered under it at
-/// the deadline the break was given when decided.
-#[test]
-fn a_holder_resuming_at_the_deadline_gets_time_to_acknowledge() {
+/// An SMB 2/3 persistent RWH holder of "a" away (detached), and bob's
+/// open waiting for its break: the harness, the lease key, the holder,
+/// bob's request.
+fn bob_waits_for_a_persistent_holder_away() -> (Harness, libfilter::lease::LeaseKey, ResumeKey, u64)
+{
     let (mut h, k, holder) = a_detached_rwh_holder_as(
         Durability::Persistent { timeout_ms: 60_000 },
         libfilter::lease::MSFSA_PROTOCOL,
@@ -4766,6 +4765,16 @@ fn a_holder_resuming_at_the_deadline_gets_time_to_acknowledge() {
     ));
     h.commit(true);
     h.drain_replies();
+    (h, k, holder, bob)
+}
+
+/// Re-review rr39h F3: a holder that resumes just before the break's
+/// deadline gets time to write back and acknowledge (the break timeout,
+/// at most 5 s, from its resume): the lease is not lowered under it at
+/// the deadline the break was given when decided.
+#[test]
+fn a_holder_resuming_at_the_deadline_gets_time_to_acknowledge() {
+    let (mut h, k, holder, bob) = bob_waits_for_a_persistent_holder_away();
     assert!(h.reply(bob).is_none());
     // Almost at its deadline when the holder resumes.
     for b in h.engine.breaking.values_mut() {
@@ -4782,6 +4791,37 @@ fn a_holder_resuming_at_the_deadline_gets_time_to_acknowledge() {
     let l = h.engine.handles[&holder].rec.lease.unwrap();
     assert_eq!(l.state.to_string(), "RWH", "not lowered");
     acknowledge(&mut h, k, "RH");
+    assert!(matches!(h.reply(bob), Some(Ok(_))), "{:?}", h.reply(bob));
+}
+
+/// Re-review rr39k A3: the deadline is pushed back once, not at every
+/// resume: a holder resuming and dropping again in a loop kept the
+/// breaking open waiting for ever.
+#[test]
+fn a_break_deadline_is_pushed_back_once_only() {
+    let (mut h, _k, holder, bob) = bob_waits_for_a_persistent_holder_away();
+    for _ in 0..3 {
+        for b in h.engine.breaking.values_mut() {
+            b.deadline_ms = b.deadline_ms.min(mono_ms() + 1);
+        }
+        resume_alices(&mut h, holder);
+        h.run(Request::Detach {
+            key: holder,
+            delete_on_close: None,
+        });
+        h.commit(true);
+        h.drain_replies();
+    }
+    let latest = h.engine.breaking.values().map(|b| b.deadline_ms).max();
+    assert!(
+        latest.is_some_and(|d| d <= mono_ms() + 1),
+        "pushed back again: {latest:?}"
+    );
+    h.engine.expire_due(mono_ms() + 10);
+    h.commit(true);
+    h.engine.process_retries();
+    h.commit(true);
+    h.drain_replies();
     assert!(matches!(h.reply(bob), Some(Ok(_))), "{:?}", h.reply(bob));
 }
 
