@@ -1340,3 +1340,64 @@ fn a_recalled_delegation_whose_holder_renamed_the_file_is_not_taken_for_lowered(
     let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
     assert_eq!(r["status"], "NFS4_OK", "still held: {r}");
 }
+
+/// Re-review rr39k B1: another client's RENAME breaks H of a read
+/// delegation's lease (RH to R); its holder RENAMEs the file too,
+/// acknowledging the break itself (to R) before the events thread handles
+/// the break's event (held here, `NFSSHIM_TEST_RECALL_DELAY_MS`). The
+/// recall then recorded began from RH; the own ack, made while no recall
+/// was recorded, still counts: another client's OPEN granted after does
+/// not take the R lease for lowered at the break timeout and revoke the
+/// delegation (a write delegation's holder would lose its cached writes).
+#[test]
+fn a_delegation_renamed_by_its_client_before_the_break_event_is_kept() {
+    let s = Scratch::new("nfs-deleg-lateack");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let log = s.dir.join("nfsshim.log");
+    let nfs = Shim::start_logged(
+        "nfsshim",
+        &s.socket(),
+        "nfs-dla",
+        &[("NFSSHIM_TEST_RECALL_DELAY_MS", "3000")],
+        &log,
+    );
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    // Another client's RENAME breaks H, waiting for it; its event is held.
+    b.seqid += 1;
+    let seq = |c: &Nfs| json!({"sessionid": c.sessionid, "slot": 0, "seqid": c.seqid});
+    let req = json!({"op": "RENAME", "from": "f", "to": "x", "seq": seq(&b)});
+    let b_id = b.c.send_only("xid", req);
+    wait_for_log(&log, "the recall of lease");
+    // The holder's own RENAME acknowledges the break (whichever of the two
+    // renames goes first); the held event's recall comes before or after
+    // its answer.
+    a.seqid += 1;
+    let req = json!({"op": "RENAME", "from": "f", "to": "g", "seq": seq(&a)});
+    let id = a.c.send_only("xid", req);
+    let (_, mut seen) = a.c.reply_to("xid", id).expect("A's RENAME answered");
+    if seen.is_empty() {
+        seen.push(a.c.next_line().expect("CB_RECALL"));
+    }
+    assert_eq!(seen[0]["op"], "CB_RECALL", "{seen:?}");
+    let (r, _) = b.c.reply_to("xid", b_id).expect("B's RENAME answered");
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let now = if s.root().join("g").exists() {
+        "g"
+    } else {
+        "x"
+    };
+    ok(b.call(json!({"op": "OPEN", "owner": "ob", "path": now, "access": "read", "deny": "none"})));
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4_OK", "still held: {r}");
+}

@@ -495,6 +495,12 @@ struct Global {
     /// handle, or grant one, before nfsshim hears of the revocation
     /// ([`open_refused`], [`settle_recalls`]).
     recalled: HashMap<uuid::Uuid, Recalled>,
+    /// What of each delegation's lease nfsshim acknowledged itself
+    /// ([`mark_own_ack`]), kept apart from `recalled`: an own ack may
+    /// complete a break before the events thread records its recall, whose
+    /// `from` must not then count the acked bits as filterd's lowering
+    /// (re-review rr39k B1). Kept while the delegation is.
+    own_acked: HashMap<uuid::Uuid, LeaseState>,
     /// Lease keys of OPENs in flight that ask for a delegation (not yet in
     /// `lease_client`), with a break filterd sent meanwhile (whether it
     /// needs an answer, and its file): handled once the OPEN is done
@@ -5141,9 +5147,7 @@ fn events(sh: Arc<Shared>) {
                 file,
                 ..
             }) => {
-                if !ack_required {
-                    test_delay_revocation(lease_key);
-                }
+                test_delay_break(lease_key, ack_required);
                 recall(&sh, lease_key, ack_required, file, Some(current_state))
             }
             AttachEvent::Daemon(Event::LocksPresent { file }) => {
@@ -5388,20 +5392,34 @@ fn test_delay_give_back(key: LeaseKey) {
 /// the events thread before it handles a break without an ack (a
 /// revocation), as a busy machine may, so that an OPEN filterd granted
 /// meanwhile is answered first
-/// (`nfs_reservation.rs::a_read_after_a_granted_conflicting_open_is_expired_however_late_the_revocation_event`).
-fn test_delay_revocation(key: LeaseKey) {
-    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+/// (`nfs_reservation.rs::a_read_after_a_granted_conflicting_open_is_expired_however_late_the_revocation_event`);
+/// `$NFSSHIM_TEST_RECALL_DELAY_MS` one that needs an ack (a recall), so
+/// that nfsshim's own ack completes it first
+/// (`nfs_reservation.rs::a_delegation_renamed_by_its_client_before_the_break_event_is_kept`).
+fn test_delay_break(key: LeaseKey, ack_required: bool) {
+    static DELAYS: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
     if !cfg!(debug_assertions) {
         return;
     }
-    let ms = *DELAY.get_or_init(|| {
-        std::env::var("NFSSHIM_TEST_REVOCATION_DELAY_MS")
+    let ms = |var| {
+        std::env::var(var)
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
+    };
+    let [revocation, recall] = *DELAYS.get_or_init(|| {
+        [
+            ms("NFSSHIM_TEST_REVOCATION_DELAY_MS"),
+            ms("NFSSHIM_TEST_RECALL_DELAY_MS"),
+        ]
     });
+    let (what, ms) = if ack_required {
+        ("recall", recall)
+    } else {
+        ("revocation", revocation)
+    };
     if ms > 0 {
-        eprintln!("nfsshim: test hook: the revocation of lease {key} waits {ms} ms");
+        eprintln!("nfsshim: test hook: the {what} of lease {key} waits {ms} ms");
         std::thread::sleep(Duration::from_millis(ms));
     }
 }
@@ -5460,6 +5478,8 @@ fn recall(
         return;
     }
     let writer = g.client_conn.get(&cid).and_then(|c| sh.writers.get(*c));
+    let acked = g.own_acked.get(&lease_key.0).copied();
+    let from = from.map(|f| acked.map_or(f, |a| f.and(a)));
     g.recalled.insert(lease_key.0, Recalled { file, from });
     drop(g);
     if let Some(w) = writer {
@@ -5589,6 +5609,10 @@ fn mark_own_ack(sh: &Shared, lease: uuid::Uuid, state: LeaseState) {
         if let Some(r) = g.recalled.get_mut(&lease) {
             r.from = r.from.map(|f| f.and(state));
         }
+        // Also when no recall is recorded yet: its break event may still
+        // be on its way to [`recall`].
+        let acked = g.own_acked.entry(lease).or_insert(state);
+        *acked = acked.and(state);
     }
 }
 
@@ -5825,6 +5849,7 @@ fn reaper(sh: Arc<Shared>) {
             // 5: it went a lease after the recall).
             let held = &g.lease_client;
             g.recalled.retain(|l, _| held.contains_key(l));
+            g.own_acked.retain(|l, _| held.contains_key(l));
             g.settled.retain(|(at, _)| at.elapsed() < SETTLED_GRACE);
         }
         let Ok(clients) = sh.global().map(|g| {
