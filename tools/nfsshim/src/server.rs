@@ -3145,7 +3145,13 @@ fn recarry_kept_delegations(
                 let _ = sh.filter.close(h.info.key);
             } else {
                 // Unknown: the re-send finds the new handle again, and a
-                // reattach that finds `old` closed switches to it.
+                // reattach that finds `old` closed switches to it. Until
+                // then `old` may still carry the lease.
+                if let Ok(mut g) = sh.global() {
+                    if let Some(h) = g.lease_client.get_mut(&d.lease_key) {
+                        h.was = Some(old);
+                    }
+                }
                 st.may_hold_strays = true;
             }
             return Err(filter_fail(e));
@@ -3184,6 +3190,7 @@ fn point_holder(sh: &Shared, lease: uuid::Uuid, handle: ResumeKey) {
     if let Ok(mut g) = sh.global() {
         if let Some(h) = g.lease_client.get_mut(&lease) {
             h.handle = handle;
+            h.was = None;
         }
     }
 }
@@ -5563,6 +5570,12 @@ struct LeaseHolder {
     handle: ResumeKey,
     /// A write delegation (its lease must keep W too).
     write: bool,
+    /// The handle that carried the lease before a move to `handle` whose
+    /// commit's outcome is unknown ([`recarry_kept_delegations`]): asked
+    /// when `handle` is gone (the commit did not apply and the new handle
+    /// was cleaned up), so that `handle`'s absence is not taken for the
+    /// lease's (re-review rr39k B2). None once the move is settled.
+    was: Option<ResumeKey>,
 }
 
 impl LeaseHolder {
@@ -5576,6 +5589,7 @@ impl LeaseHolder {
                 other: d.other.clone(),
                 handle: d.carrier.unwrap_or(rec.key),
                 write: d.write,
+                was: None,
             },
         ))
     }
@@ -5663,7 +5677,19 @@ fn recall_now(
                 RecallNow::Lowered
             })
         }
-        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => Some(RecallNow::Lowered),
+        Err(e) if e.code() == Some(ErrorCode::NoSuchHandle) => match held.was {
+            // A move's handle gone, its commit's outcome unknown: the
+            // lease may still be the one before's.
+            Some(was) => {
+                let before = LeaseHolder {
+                    handle: was,
+                    was: None,
+                    ..held.clone()
+                };
+                recall_now(sh, lease, &before, from)
+            }
+            None => Some(RecallNow::Lowered),
+        },
         _ => None,
     }
 }
