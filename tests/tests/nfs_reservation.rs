@@ -1401,3 +1401,53 @@ fn a_delegation_renamed_by_its_client_before_the_break_event_is_kept() {
     let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
     assert_eq!(r["status"], "NFS4_OK", "still held: {r}");
 }
+
+/// Re-review rr39l: a read delegation's holder RENAMEs its file (its own
+/// ack lowers the lease to R, marked as acknowledged), CLOSEs (the
+/// delegation kept), and OPENs it again under another owner with a deny:
+/// the kept handle is reopened under the same lease key, and filterd
+/// raises the lease back to RH. Another client's RENAME then breaks H,
+/// unanswered; at the timeout filterd lowers the lease to R. The old mark
+/// made that recall begin from R, so until the events thread handled the
+/// revocation's event (held here) the R lease looked kept and a deny-read
+/// OPEN refused by the kept handle was NFS4ERR_SHARE_DENIED. The mark goes
+/// once the lease is raised again: the OPEN is DELAY, then granted.
+#[test]
+fn a_deny_read_open_after_a_raised_then_timed_out_lease_is_granted() {
+    let s = Scratch::new("nfs-deleg-raised");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+    let nfs = Shim::start_with_env(
+        "nfsshim",
+        &s.socket(),
+        "nfs-drs",
+        &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "3000")],
+    );
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let o2 = ok(a.open("o2", "g", "read", "write", json!({})));
+    ok(a.call(json!({"op": "CLOSE", "stateid": o2["stateid"]})));
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let r = b.call_patiently(json!({"op": "RENAME", "from": "g", "to": "h"}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let t0 = Instant::now();
+    let r = b.call_patiently(json!({"op": "OPEN", "owner": "ob", "path": "h",
+                                    "access": "read", "deny": "read"}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    // (The revocation's event was still held then.)
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+}

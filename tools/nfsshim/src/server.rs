@@ -3102,6 +3102,17 @@ fn recarry_kept_delegations(
             let _ = sh.filter.close(h.info.key);
             continue;
         }
+        // filterd may have raised the lease back (no break in progress)
+        // above what nfsshim acknowledged of it: that own ack no longer
+        // bounds a later recall's `from` (re-review rr39l).
+        if let (Some(l), Ok(mut g)) = (h.info.lease, sh.global()) {
+            if g.own_acked
+                .get(&d.lease_key)
+                .is_some_and(|a| !a.contains(l.state))
+            {
+                g.own_acked.remove(&d.lease_key);
+            }
+        }
         let (old, num) = (o.rec.key, o.num);
         let mut rec = o.rec.clone();
         rec.key = h.info.key;
@@ -4660,7 +4671,7 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
         // Acknowledge a recall (or give the lease up): nothing cached.
         // Unless filterd could not be reached, nothing changes here (the
         // client re-sends; the lease may already be down: fine).
-        mark_own_ack(sh, d.lease_key, LeaseState::NONE);
+        let mark = mark_own_ack(sh, d.lease_key, LeaseState::NONE);
         if let Err(e) = sh.filter.client().call(Request::LeaseBreakAck {
             lease_key: LeaseKey(d.lease_key),
             state: LeaseState::NONE,
@@ -4668,6 +4679,7 @@ fn delegreturn(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outco
             // (`filter_name`): the key alone names the lease.
             client: None,
         }) {
+            mark.undo_if_refused(sh, &e);
             if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) {
                 return Err(filter_fail(e));
             }
@@ -4881,7 +4893,7 @@ fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&RelPath]) {
         } else {
             LeaseState::R
         };
-        mark_own_ack(ctx.sh, d.lease_key, keep);
+        let mark = mark_own_ack(ctx.sh, d.lease_key, keep);
         if let Err(e) = ctx.sh.filter.client().call(Request::LeaseBreakAck {
             lease_key: LeaseKey(d.lease_key),
             state: keep,
@@ -4889,6 +4901,7 @@ fn lower_own_delegations(ctx: &Ctx<'_>, st: &State, paths: &[&RelPath]) {
             // (`filter_name`): the key alone names the lease.
             client: None,
         }) {
+            mark.undo_if_refused(ctx.sh, &e);
             eprintln!(
                 "nfsshim: lowering delegation {} before a namespace change: {e}",
                 d.other
@@ -5618,15 +5631,67 @@ struct Recalled {
 /// DELEGRETURN, its client's own namespace change): an outstanding
 /// recall's [`Recalled::from`] comes down with it, so that the lowering
 /// is not taken for filterd's at the break timeout ([`recall_now`]).
-fn mark_own_ack(sh: &Shared, lease: uuid::Uuid, state: LeaseState) {
+///
+/// Marked before the ack is sent (its break event may reach [`recall`]
+/// first); what it returns undoes the mark ([`OwnAckMark::undo`]) when
+/// filterd refuses the ack outright (re-review rr39l).
+fn mark_own_ack(sh: &Shared, lease: uuid::Uuid, state: LeaseState) -> OwnAckMark {
+    let mut mark = OwnAckMark {
+        lease,
+        acked: None,
+        from: None,
+    };
     if let Ok(mut g) = sh.global() {
         if let Some(r) = g.recalled.get_mut(&lease) {
-            r.from = r.from.map(|f| f.and(state));
+            let now = r.from.map(|f| f.and(state));
+            mark.from = Some((r.from, now));
+            r.from = now;
         }
         // Also when no recall is recorded yet: its break event may still
         // be on its way to [`recall`].
-        let acked = g.own_acked.entry(lease).or_insert(state);
-        *acked = acked.and(state);
+        let before = g.own_acked.get(&lease).copied();
+        let now = before.map_or(state, |a| a.and(state));
+        g.own_acked.insert(lease, now);
+        mark.acked = Some((before, now));
+    }
+    mark
+}
+
+/// What [`mark_own_ack`] changed: each (before, after).
+struct OwnAckMark {
+    lease: uuid::Uuid,
+    acked: Option<(Option<LeaseState>, LeaseState)>,
+    from: Option<(Option<LeaseState>, Option<LeaseState>)>,
+}
+
+impl OwnAckMark {
+    /// The ack this mark announced did not happen: filterd refused it
+    /// with a definite code other than "no longer held" (a lease gone
+    /// keeps the mark, harmlessly). Left marked, every later recall of
+    /// the lease would take the unacked bits for acknowledged and never
+    /// for filterd's lowering at the break timeout (re-review rr39l). A
+    /// value changed since (another ack) is left as it is.
+    fn undo_if_refused(self, sh: &Shared, e: &ClientError) {
+        match e.code() {
+            None | Some(ErrorCode::NoSuchHandle) => return,
+            Some(_) => {}
+        }
+        let Ok(mut g) = sh.global() else { return };
+        if let Some((before, after)) = self.acked {
+            if g.own_acked.get(&self.lease) == Some(&after) {
+                match before {
+                    Some(b) => g.own_acked.insert(self.lease, b),
+                    None => g.own_acked.remove(&self.lease),
+                };
+            }
+        }
+        if let Some((before, after)) = self.from {
+            if let Some(r) = g.recalled.get_mut(&self.lease) {
+                if r.from == after {
+                    r.from = before;
+                }
+            }
+        }
     }
 }
 
