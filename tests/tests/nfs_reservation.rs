@@ -1052,22 +1052,25 @@ fn an_open_refused_by_a_revoked_handle_whose_close_failed_is_delay() {
 
 /// Re-review rr39d (the flake of
 /// `a_delegation_kept_past_close_is_restored_and_revoked_at_the_recall_timeout`):
-/// filterd grants a conflicting OPEN once the recall timeout lowered the
-/// delegation's lease, but nfsshim heard of the revocation on its events
-/// thread, maybe after answering that OPEN, and meanwhile served the
-/// holder's READ under the revoked delegation NFS4_OK. The events thread
-/// held here (`NFSSHIM_TEST_REVOCATION_DELAY_MS`), the READ after the
-/// OPEN's answer is NFS4ERR_EXPIRED all the same: nfsshim asks filterd
-/// about the recalled lease before it answers the OPEN.
-#[test]
-fn a_read_after_a_granted_conflicting_open_is_expired_however_late_the_revocation_event() {
-    let s = Scratch::new("nfs-deleg-late-event");
+/// A read delegation of `f` (its OPEN `o`) for client `a`, with filterd's
+/// break timeout at 1 s and nfsshim holding each revocation's event 3 s
+/// (`NFSSHIM_TEST_REVOCATION_DELAY_MS`).
+struct Held {
+    _s: Scratch,
+    _d: Filterd,
+    nfs: Shim,
+    a: Nfs,
+    o: Value,
+}
+
+fn read_delegation_held(name: &str, instance: &str) -> Held {
+    let s = Scratch::new(name);
     std::fs::write(s.root().join("f"), b"f").unwrap();
     let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
     let nfs = Shim::start_with_env(
         "nfsshim",
         &s.socket(),
-        "nfs-dle",
+        instance,
         &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "3000")],
     );
     let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
@@ -1078,6 +1081,31 @@ fn a_read_after_a_granted_conflicting_open_is_expired_however_late_the_revocatio
         "none",
         json!({"want_delegation": "read"}),
     ));
+    Held {
+        _s: s,
+        _d,
+        nfs,
+        a,
+        o,
+    }
+}
+
+/// filterd grants a conflicting OPEN once the recall timeout lowered the
+/// delegation's lease, but nfsshim heard of the revocation on its events
+/// thread, maybe after answering that OPEN, and meanwhile served the
+/// holder's READ under the revoked delegation NFS4_OK. The events thread
+/// held here (`NFSSHIM_TEST_REVOCATION_DELAY_MS`), the READ after the
+/// OPEN's answer is NFS4ERR_EXPIRED all the same: nfsshim asks filterd
+/// about the recalled lease before it answers the OPEN.
+#[test]
+fn a_read_after_a_granted_conflicting_open_is_expired_however_late_the_revocation_event() {
+    let Held {
+        _s,
+        _d,
+        nfs,
+        mut a,
+        o,
+    } = read_delegation_held("nfs-deleg-late-event", "nfs-dle");
     let deleg = o["delegation"]["stateid"].clone();
     ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
     let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
@@ -1146,23 +1174,13 @@ fn a_write_delegation_renamed_by_its_client_is_still_recalled() {
 /// handle is closed, then granted — before the held event is handled.
 #[test]
 fn a_deny_read_open_after_a_timed_out_h_break_is_granted_not_share_denied() {
-    let s = Scratch::new("nfs-deleg-hdeny");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
-    let nfs = Shim::start_with_env(
-        "nfsshim",
-        &s.socket(),
-        "nfs-dhd",
-        &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "3000")],
-    );
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
+    let Held {
+        _s,
+        _d,
+        nfs,
+        mut a,
+        o,
+    } = read_delegation_held("nfs-deleg-hdeny", "nfs-dhd");
     let deleg = o["delegation"]["stateid"].clone();
     ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
     let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
@@ -1414,23 +1432,13 @@ fn a_delegation_renamed_by_its_client_before_the_break_event_is_kept() {
 /// once the lease is raised again: the OPEN is DELAY, then granted.
 #[test]
 fn a_deny_read_open_after_a_raised_then_timed_out_lease_is_granted() {
-    let s = Scratch::new("nfs-deleg-raised");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
-    let nfs = Shim::start_with_env(
-        "nfsshim",
-        &s.socket(),
-        "nfs-drs",
-        &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "3000")],
-    );
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
+    let Held {
+        _s,
+        _d,
+        nfs,
+        mut a,
+        o,
+    } = read_delegation_held("nfs-deleg-raised", "nfs-drs");
     assert_eq!(o["delegation"]["type"], "read", "{o}");
     let deleg = o["delegation"]["stateid"].clone();
     ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
