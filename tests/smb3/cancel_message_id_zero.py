@@ -89,6 +89,12 @@ def main():
     notify(c, w3)
     notify(c, w2)
     cancel_message_id_zero(c)
+    # Both wait before D makes its change: D's connection is served by
+    # another thread, and a change made before a request placed its watch
+    # is not told.
+    for _ in range(2):
+        st, _ = c.recv()
+        check(st == PENDING, f"both CHANGE_NOTIFYs wait (got {st:#010x})")
     signed_made(d.raw, d.sid, d.key, d.tid, "w2\\made")
     st = final(c, "CANCEL after two pipelined requests")
     check(st == SUCCESS, f"a CANCEL with MessageId 0 after two waiting requests names neither: the second is told of its change (got {st:#010x})")
