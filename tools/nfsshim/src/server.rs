@@ -3181,17 +3181,31 @@ fn recarry_kept_delegations(
 /// (`nfs_reservation.rs::a_recall_asked_while_a_kept_delegation_moves_handle_keeps_it`).
 fn test_delay_swap(old: ResumeKey) {
     static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    test_delay(
+        test_delay_ms(&DELAY, "NFSSHIM_TEST_SWAP_DELAY_MS"),
+        format_args!("the move from handle {old}"),
+    );
+}
+
+/// Tests only (debug builds): the milliseconds environment variable
+/// `var` names, read once into `cell`; 0 in release builds.
+fn test_delay_ms(cell: &std::sync::OnceLock<u64>, var: &str) -> u64 {
     if !cfg!(debug_assertions) {
-        return;
+        return 0;
     }
-    let ms = *DELAY.get_or_init(|| {
-        std::env::var("NFSSHIM_TEST_SWAP_DELAY_MS")
+    *cell.get_or_init(|| {
+        std::env::var(var)
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
-    });
+    })
+}
+
+/// Tests only: sleeps `ms` milliseconds, first logging that `what` waits
+/// (tests wait for the line).
+fn test_delay(ms: u64, what: std::fmt::Arguments) {
     if ms > 0 {
-        eprintln!("nfsshim: test hook: the move from handle {old} waits {ms} ms");
+        eprintln!("nfsshim: test hook: {what} waits {ms} ms");
         std::thread::sleep(Duration::from_millis(ms));
     }
 }
@@ -5393,19 +5407,10 @@ fn give_back_refused(sh: &Shared, refused: Option<LeaseKey>, opened: &libfilter:
 /// (`nfs_state.rs::a_resent_open_takes_no_delegation_whose_lease_is_being_given_back`).
 fn test_delay_give_back(key: LeaseKey) {
     static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    if !cfg!(debug_assertions) {
-        return;
-    }
-    let ms = *DELAY.get_or_init(|| {
-        std::env::var("NFSSHIM_TEST_GIVE_BACK_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    });
-    if ms > 0 {
-        eprintln!("nfsshim: test hook: the give-back of lease {key} waits {ms} ms");
-        std::thread::sleep(Duration::from_millis(ms));
-    }
+    test_delay(
+        test_delay_ms(&DELAY, "NFSSHIM_TEST_GIVE_BACK_DELAY_MS"),
+        format_args!("the give-back of lease {key}"),
+    );
 }
 
 /// Tests only (debug builds): `$NFSSHIM_TEST_REVOCATION_DELAY_MS` holds
@@ -5417,31 +5422,20 @@ fn test_delay_give_back(key: LeaseKey) {
 /// that nfsshim's own ack completes it first
 /// (`nfs_reservation.rs::a_delegation_renamed_by_its_client_before_the_break_event_is_kept`).
 fn test_delay_break(key: LeaseKey, ack_required: bool) {
-    static DELAYS: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
-    if !cfg!(debug_assertions) {
-        return;
-    }
-    let ms = |var| {
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let [revocation, recall] = *DELAYS.get_or_init(|| {
-        [
-            ms("NFSSHIM_TEST_REVOCATION_DELAY_MS"),
-            ms("NFSSHIM_TEST_RECALL_DELAY_MS"),
-        ]
-    });
+    static RECALL: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static REVOCATION: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let (what, ms) = if ack_required {
-        ("recall", recall)
+        (
+            "recall",
+            test_delay_ms(&RECALL, "NFSSHIM_TEST_RECALL_DELAY_MS"),
+        )
     } else {
-        ("revocation", revocation)
+        (
+            "revocation",
+            test_delay_ms(&REVOCATION, "NFSSHIM_TEST_REVOCATION_DELAY_MS"),
+        )
     };
-    if ms > 0 {
-        eprintln!("nfsshim: test hook: the {what} of lease {key} waits {ms} ms");
-        std::thread::sleep(Duration::from_millis(ms));
-    }
+    test_delay(ms, format_args!("the {what} of lease {key}"));
 }
 
 impl Drop for Opening<'_> {
