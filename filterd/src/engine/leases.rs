@@ -1067,8 +1067,13 @@ impl Engine {
     /// The holder gets at least [`Self::resume_grace_ms`] from now to
     /// write back and acknowledge: the deadline set when the break was
     /// decided may be about to pass (re-review rr39h F3: a holder that
-    /// resumed 0.2 s before it had 0.2 s).
-    pub(super) fn resend_break_on_attach(&mut self, conn: ConnId, key: ResumeKey) {
+    /// resumed 0.2 s before it had 0.2 s). With `replay` (the request
+    /// replayed `key` while it stayed attached on `conn`), other holders
+    /// attached on `conn` do not count as told: the replay says its client
+    /// lost what `conn` carried (a channel of rksmbd's one filterd
+    /// connection that died; re-review rr40a R1: a client with a second
+    /// open under the key was never sent the break again).
+    pub(super) fn resend_break_on_attach(&mut self, conn: ConnId, key: ResumeKey, replay: bool) {
         let Some(h) = self.handles.get(&key) else {
             return;
         };
@@ -1084,7 +1089,7 @@ impl Engine {
         };
         let told_elsewhere = self
             .lease_holders(file, l.key)
-            .any(|o| o.rec.key != key && o.conn.is_some());
+            .any(|o| o.rec.key != key && o.conn.is_some_and(|c| !replay || c != conn));
         if told_elsewhere {
             return;
         }

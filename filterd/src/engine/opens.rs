@@ -792,7 +792,7 @@ impl Engine {
             // lease went to none at the deadline).
             (None, _) => {
                 if let Some(c) = conn {
-                    self.resend_break_on_attach(c, p.key);
+                    self.resend_break_on_attach(c, p.key, false);
                 }
             }
         }
@@ -845,6 +845,7 @@ impl Engine {
         }
         let reply = match (h.conn, h.rec.conn) {
             (Some(c), _) if c == conn => {
+                self.batch.replayed_attached = Some(key);
                 let size =
                     h.fd.as_ref()
                         .and_then(|f| self.fs.stat(f.as_fd()).ok())

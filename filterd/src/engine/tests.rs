@@ -4567,7 +4567,11 @@ fn a_break_whose_last_attached_holder_closes_is_over_at_once() {
 
 /// The lease breaks (lease key, from, to, ack required) the frontend was
 /// sent, in order.
-fn lease_breaks(h: &Harness) -> Vec<(libfilter::lease::LeaseKey, String, String, bool)> {
+/// A lease break sent: the key, from, to, whether it wants an
+/// acknowledgement.
+type BreakSent = (libfilter::lease::LeaseKey, String, String, bool);
+
+fn lease_breaks(h: &Harness) -> Vec<BreakSent> {
     h.events
         .iter()
         .filter_map(|e| match e {
@@ -4747,6 +4751,64 @@ fn a_sent_break_stays_in_progress_across_its_holders_reconnects() {
         acknowledge(&mut h, k, "RH");
         assert!(matches!(h.reply(bob), Some(Ok(_))), "{d:?}");
     }
+}
+
+/// A replayed open of a holder still attached on the same filterd
+/// connection (rksmbd's one connection, a multichannel client replaying
+/// on another channel) is sent the break in progress again.
+#[test]
+fn a_replayed_open_of_an_attached_holder_is_sent_the_break_again() {
+    let (mut h, k, bob, breaks) = replay_mid_break(false);
+    assert_eq!(breaks[1], breaks[0], "the same break: {breaks:?}");
+    acknowledge(&mut h, k, "RH");
+    assert!(matches!(h.reply(bob), Some(Ok(_))), "{:?}", h.reply(bob));
+}
+
+/// As above with a second open under the lease key attached on the same
+/// connection (rksmbd: every client's opens on one connection): it does
+/// not count as told (re-review rr40a R1).
+#[test]
+fn a_replayed_open_of_one_of_two_attached_holders_on_one_connection_is_sent_the_break_again() {
+    replay_mid_break(true);
+}
+
+/// An SMB 2/3 RWH holder of "a" (and a `second` open under its key),
+/// bob's open waiting for its break, then the holder's open replayed:
+/// the harness, the lease key, bob's request and the breaks sent (two:
+/// checked).
+fn replay_mid_break(second: bool) -> (Harness, libfilter::lease::LeaseKey, u64, Vec<BreakSent>) {
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
+    let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let req = with_rwh_lease(open("a", Rights::ALL), k);
+    let holder = h.run(req.clone());
+    h.commit(true);
+    let holder = h.opened(holder);
+    if second {
+        let other = h.run(with_rwh_lease(open("a", Rights::ALL), k));
+        h.commit(true);
+        assert_ne!(h.opened(other), holder);
+    }
+    let bob = h.run(bobs(
+        "a",
+        Rights::READ.union(Rights::WRITE),
+        Disposition::Open,
+    ));
+    h.commit(true);
+    h.drain_replies();
+    assert_eq!(lease_breaks(&h).len(), 1, "the break is sent");
+    let Request::Open(o) = req else {
+        unreachable!("an open")
+    };
+    let again = h.run(Request::ReplayOpen(o));
+    h.commit(true);
+    h.drain_replies();
+    assert_eq!(h.opened(again), holder, "the replay gets the original");
+    let breaks = lease_breaks(&h);
+    assert_eq!(breaks.len(), 2, "sent again behind the replay: {breaks:?}");
+    assert!(h.reply(bob).is_none(), "bob still waits");
+    (h, k, bob, breaks)
 }
 
 /// An SMB 2/3 persistent RWH holder of "a" away (detached), and bob's
