@@ -1061,17 +1061,26 @@ struct Held {
     nfs: Shim,
     a: Nfs,
     o: Value,
+    /// nfsshim's standard error.
+    log: std::path::PathBuf,
 }
 
 fn read_delegation_held(name: &str, instance: &str) -> Held {
+    read_delegation_held_with(name, instance, &[])
+}
+
+/// As [`read_delegation_held`], filterd run with environment `env`.
+fn read_delegation_held_with(name: &str, instance: &str, env: &[(&str, &str)]) -> Held {
     let s = Scratch::new(name);
     std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
-    let nfs = Shim::start_with_env(
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], env);
+    let log = s.dir.join("nfsshim.log");
+    let nfs = Shim::start_logged(
         "nfsshim",
         &s.socket(),
         instance,
         &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "3000")],
+        &log,
     );
     let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
     let o = ok(a.open(
@@ -1087,6 +1096,7 @@ fn read_delegation_held(name: &str, instance: &str) -> Held {
         nfs,
         a,
         o,
+        log,
     }
 }
 
@@ -1105,6 +1115,7 @@ fn a_read_after_a_granted_conflicting_open_is_expired_however_late_the_revocatio
         nfs,
         mut a,
         o,
+        ..
     } = read_delegation_held("nfs-deleg-late-event", "nfs-dle");
     let deleg = o["delegation"]["stateid"].clone();
     ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
@@ -1180,6 +1191,7 @@ fn a_deny_read_open_after_a_timed_out_h_break_is_granted_not_share_denied() {
         nfs,
         mut a,
         o,
+        ..
     } = read_delegation_held("nfs-deleg-hdeny", "nfs-dhd");
     let deleg = o["delegation"]["stateid"].clone();
     ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
@@ -1438,6 +1450,7 @@ fn a_deny_read_open_after_a_raised_then_timed_out_lease_is_granted() {
         nfs,
         mut a,
         o,
+        ..
     } = read_delegation_held("nfs-deleg-raised", "nfs-drs");
     assert_eq!(o["delegation"]["type"], "read", "{o}");
     let deleg = o["delegation"]["stateid"].clone();
@@ -1456,6 +1469,59 @@ fn a_deny_read_open_after_a_raised_then_timed_out_lease_is_granted() {
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     // (The revocation's event was still held then.)
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+}
+
+/// The holder's own RENAME acknowledges H of its kept read
+/// delegation's lease (to R) itself, but that acknowledgement's commit
+/// fails (`commit.before:5:fail`: 1-2 the client and session, 3 the OPEN,
+/// 4 the CLOSE, 5 the ack): filterd refuses it and the lease stays RH. The
+/// RENAME then breaks H itself, unanswered; at the timeout filterd lowers
+/// the lease to R. With the refused ack's mark left, the recall began from
+/// R and the R lease looked kept: a deny-read OPEN refused by the kept
+/// handle before the revocation's event was NFS4ERR_SHARE_DENIED.
+#[test]
+fn a_refused_own_ack_leaves_no_mark() {
+    let Held {
+        _s,
+        _d,
+        nfs,
+        mut a,
+        o,
+        log,
+    } = read_delegation_held_with(
+        "nfs-deleg-refused-ack",
+        "nfs-rra",
+        &[("RKFILTER_FAILPOINTS", "commit.before:5:fail")],
+    );
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    a.seqid += 1;
+    let seq = |c: &Nfs| json!({"sessionid": c.sessionid, "slot": 0, "seqid": c.seqid});
+    let req = json!({"op": "RENAME", "from": "f", "to": "g", "seq": seq(&a)});
+    let r = loop {
+        let id = a.c.send_only("xid", req.clone());
+        let (r, seen) = a.c.reply_to("xid", id).expect("A's RENAME answered");
+        eprintln!("A's RENAME {r}, seen {seen:?}");
+        if r["status"] != "NFS4ERR_DELAY" {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("before a namespace change"),
+        "the own ack was refused: {text}"
+    );
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let t0 = Instant::now();
+    let r = b.call_patiently(json!({"op": "OPEN", "owner": "ob", "path": "g",
+                                    "access": "read", "deny": "read"}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    eprintln!("B's OPEN after {:?}", t0.elapsed());
     let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
     assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
 }
