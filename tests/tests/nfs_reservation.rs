@@ -1473,6 +1473,133 @@ fn a_deny_read_open_after_a_raised_then_timed_out_lease_is_granted() {
     assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
 }
 
+/// Re-review rr40a E1 (a): a recall kept the state its break began from
+/// lowered by the own-acknowledgement mark as it was when the events
+/// thread handled the break, and the mark's later removal never reached
+/// it. A read delegation's holder RENAMEs its file (its own ack lowers the
+/// lease to R, marked), CLOSEs (the delegation kept) and OPENs it again
+/// under another owner with a deny: filterd raises the lease back to RH,
+/// and the reopen is held there (`NFSSHIM_TEST_RAISE_DELAY_MS`), before
+/// the mark goes. Another client's deny-read OPEN breaks H meanwhile; its
+/// recall is recorded with the mark still there, and at the timeout
+/// filterd lowers the lease to R (the revocation's event held). Taken as
+/// begun from R, the R lease looked kept and the OPEN re-sent after the
+/// reopen, refused by the kept handle, was NFS4ERR_SHARE_DENIED; worked
+/// out when read, the mark gone, it began from RH: DELAY, then granted.
+#[test]
+fn a_recall_recorded_while_a_raised_lease_is_unmarked_is_lowered() {
+    let s = Scratch::new("nfs-deleg-raise-race");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+    let log = s.dir.join("nfsshim.log");
+    let nfs = Shim::start_logged(
+        "nfsshim",
+        &s.socket(),
+        "nfs-drr",
+        &[
+            ("NFSSHIM_TEST_RAISE_DELAY_MS", "2000"),
+            // Only to log when the recall is handled.
+            ("NFSSHIM_TEST_RECALL_DELAY_MS", "1"),
+            ("NFSSHIM_TEST_REVOCATION_DELAY_MS", "5000"),
+        ],
+        &log,
+    );
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    a.seqid += 1;
+    let seq = |c: &Nfs| json!({"sessionid": c.sessionid, "slot": 0, "seqid": c.seqid});
+    let req = json!({"op": "OPEN", "owner": "o2", "path": "g", "access": "read",
+                     "deny": "write", "seq": seq(&a)});
+    let id = a.c.send_only("xid", req);
+    wait_for_log(&log, "the raise of lease");
+    let open_b = json!({"op": "OPEN", "owner": "ob", "path": "g", "access": "read",
+                        "deny": "read"});
+    let r = b.call(open_b.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    wait_for_log(&log, "the recall of lease");
+    let (o2, mut seen) = a.c.reply_to("xid", id).expect("A's OPEN answered");
+    let o2 = ok(o2);
+    // The break timed out (its event held).
+    wait_for_log(&log, "the revocation of lease");
+    if seen.is_empty() {
+        seen.push(a.c.next_line().expect("CB_RECALL"));
+    }
+    assert_eq!(seen[0]["op"], "CB_RECALL", "{seen:?}");
+    ok(a.call(json!({"op": "CLOSE", "stateid": o2["stateid"]})));
+    let t0 = Instant::now();
+    let r = b.resend_patiently(&open_b, Duration::from_secs(10));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    // (The revocation's event was still held then.)
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+}
+
+/// Re-review rr40a E1 (stale): a recall recorded while the
+/// own-acknowledgement mark was there kept the mark's state after the
+/// mark went. A deny-read OPEN recalls a kept read delegation; its holder
+/// RENAMEs the file, acknowledging H itself (marked) before the recall is
+/// handled (held, `NFSSHIM_TEST_RECALL_DELAY_MS`), so the recall counts
+/// as begun from R. The holder's OPEN under another owner with a deny
+/// raises the lease back to RH, and the mark goes. The OPEN again breaks
+/// H, unanswered; at the timeout filterd lowers the lease to R, while the
+/// events thread still holds the new recall. The old recall's R made the
+/// R lease look kept and the OPEN re-sent, refused by the kept handle,
+/// NFS4ERR_SHARE_DENIED; now it is DELAY, then granted.
+#[test]
+fn a_recall_recorded_before_the_mark_went_counts_from_the_raised_lease() {
+    let s = Scratch::new("nfs-deleg-stale-recall");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "2000"], &[]);
+    let nfs = Shim::start_logged(
+        "nfsshim",
+        &s.socket(),
+        "nfs-dsr",
+        &[("NFSSHIM_TEST_RECALL_DELAY_MS", "5000")],
+        &s.dir.join("nfsshim.log"),
+    );
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let o = ok(a.open(
+        "oo",
+        "f",
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let r = b.open("ob", "f", "read", "read", json!({}));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let o2 = ok(a.open("o2", "g", "read", "write", json!({})));
+    ok(a.call(json!({"op": "CLOSE", "stateid": o2["stateid"]})));
+    let open_b = json!({"op": "OPEN", "owner": "ob", "path": "g", "access": "read",
+                        "deny": "read"});
+    let t0 = Instant::now();
+    // (Its slot still at the DELAY's seqid.)
+    let r = b.resend_patiently(&open_b, Duration::from_secs(10));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    // (The new recall's event was still held then.)
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+}
+
 /// The holder's own RENAME acknowledges H of its kept read
 /// delegation's lease (to R) itself, but that acknowledgement's commit
 /// fails (`commit.before:5:fail`: 1-2 the client and session, 3 the OPEN,

@@ -496,10 +496,13 @@ struct Global {
     /// ([`open_refused`], [`settle_recalls`]).
     recalled: HashMap<uuid::Uuid, Recalled>,
     /// What of each delegation's lease nfsshim acknowledged itself
-    /// ([`mark_own_ack`]), kept apart from `recalled`: an own ack may
-    /// complete a break before the events thread records its recall, whose
-    /// `from` must not then count the acked bits as filterd's lowering
-    /// (re-review rr39k B1). Kept while the delegation is.
+    /// ([`mark_own_ack`]), kept apart from `recalled` and taken off a
+    /// recall's starting state only when it is read ([`recalled_from`]):
+    /// an own ack may complete a break before the events thread records
+    /// its recall, which must not then count the acked bits as filterd's
+    /// lowering (re-review rr39k B1), and the mark's removal or undo must
+    /// reach a recall already recorded (re-review rr40a E1). Kept while
+    /// the delegation is.
     own_acked: HashMap<uuid::Uuid, LeaseState>,
     /// Lease keys of OPENs in flight that ask for a delegation (not yet in
     /// `lease_client`), with a break filterd sent meanwhile (whether it
@@ -3104,7 +3107,9 @@ fn recarry_kept_delegations(
         }
         // filterd may have raised the lease back (no break in progress)
         // above what nfsshim acknowledged of it: that own ack no longer
-        // bounds a later recall's `from` (re-review rr39l).
+        // bounds the state a recall began from (re-review rr39l), also
+        // that of one recorded since filterd answered ([`recalled_from`]).
+        test_delay_raise(d.lease_key);
         if let (Some(l), Ok(mut g)) = (h.info.lease, sh.global()) {
             if g.own_acked
                 .get(&d.lease_key)
@@ -3184,6 +3189,18 @@ fn test_delay_swap(old: ResumeKey) {
     test_delay(
         test_delay_ms(&DELAY, "NFSSHIM_TEST_SWAP_DELAY_MS"),
         format_args!("the move from handle {old}"),
+    );
+}
+
+/// Tests only (debug builds): `$NFSSHIM_TEST_RAISE_DELAY_MS` holds a kept
+/// delegation's reopen in another share group between filterd's answer
+/// (the lease raised again) and the own-acknowledgement mark's removal
+/// (`nfs_reservation.rs::a_recall_recorded_while_a_raised_lease_is_unmarked_is_lowered`).
+fn test_delay_raise(lease: uuid::Uuid) {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    test_delay(
+        test_delay_ms(&DELAY, "NFSSHIM_TEST_RAISE_DELAY_MS"),
+        format_args!("the raise of lease {lease}"),
     );
 }
 
@@ -5492,9 +5509,8 @@ fn recall(
         return;
     }
     let writer = g.client_conn.get(&cid).and_then(|c| sh.writers.get(*c));
-    let acked = g.own_acked.get(&lease_key.0).copied();
-    let from = from.map(|f| acked.map_or(f, |a| f.and(a)));
-    g.recalled.insert(lease_key.0, Recalled { file, from });
+    g.recalled
+        .insert(lease_key.0, Recalled { file, began: from });
     drop(g);
     if let Some(w) = writer {
         shimline::send(
@@ -5613,34 +5629,44 @@ struct EarlyBreak(bool, Option<FileId>, Option<LeaseState>);
 struct Recalled {
     /// The file (None from a daemon older than the event's `file`: any).
     file: Option<FileId>,
-    /// The lease's state when its break began, lowered by nfsshim's own
-    /// acknowledgements since ([`mark_own_ack`]): with no break in
-    /// progress, a lease below it was lowered by filterd at the break
-    /// timeout, not acknowledged (None: not told; the delegation's own
-    /// promise is the measure then).
-    from: Option<LeaseState>,
+    /// The lease's state when its break began (the event's
+    /// `current_state`), as filterd told it: what nfsshim acknowledged
+    /// itself is taken off when the recall is read ([`recalled_from`]),
+    /// not here (None: not told).
+    began: Option<LeaseState>,
+}
+
+/// The state recall `r` of lease `lease` counts as begun from: its
+/// break's ([`Recalled::began`]) lowered by what nfsshim acknowledged of
+/// the lease itself ([`Global::own_acked`]) as that mark is now. With no
+/// break in progress, a lease below it was lowered by filterd at the break
+/// timeout, not acknowledged (None: not told; the delegation's own promise
+/// is the measure then). Worked out when read, so that the mark's removal
+/// (the lease raised again, [`recarry_kept_delegations`]) and its undo
+/// ([`OwnAckMark::undo_if_refused`]) reach a recall recorded before them:
+/// re-review rr40a E1, the recall kept the mark's state, and an H break
+/// handled between filterd's raise of the lease and the mark's removal, or
+/// before a refused ack's undo, began from R; its timeout's R lease looked
+/// kept and a deny-read OPEN refused by the kept handle was
+/// NFS4ERR_SHARE_DENIED.
+fn recalled_from(g: &Global, lease: uuid::Uuid, r: &Recalled) -> Option<LeaseState> {
+    let acked = g.own_acked.get(&lease).copied();
+    r.began.map(|f| acked.map_or(f, |a| f.and(a)))
 }
 
 /// nfsshim acknowledges `state` of delegation lease `lease` itself (its
-/// DELEGRETURN, its client's own namespace change): an outstanding
-/// recall's [`Recalled::from`] comes down with it, so that the lowering
-/// is not taken for filterd's at the break timeout ([`recall_now`]).
+/// DELEGRETURN, its client's own namespace change): the state a recall of
+/// it counts as begun from comes down with it ([`recalled_from`]), so
+/// that the lowering is not taken for filterd's at the break timeout
+/// ([`recall_now`]).
 ///
 /// Marked before the ack is sent (its break event may reach [`recall`]
-/// first); what it returns undoes the mark ([`OwnAckMark::undo`]) when
-/// filterd refuses the ack outright (re-review rr39l).
+/// first); what it returns undoes the mark
+/// ([`OwnAckMark::undo_if_refused`]) when filterd refuses the ack outright
+/// (re-review rr39l).
 fn mark_own_ack(sh: &Shared, lease: uuid::Uuid, state: LeaseState) -> OwnAckMark {
-    let mut mark = OwnAckMark {
-        lease,
-        acked: None,
-        from: None,
-    };
+    let mut mark = OwnAckMark { lease, acked: None };
     if let Ok(mut g) = sh.global() {
-        if let Some(r) = g.recalled.get_mut(&lease) {
-            let now = r.from.map(|f| f.and(state));
-            mark.from = Some((r.from, now));
-            r.from = now;
-        }
         // Also when no recall is recorded yet: its break event may still
         // be on its way to [`recall`].
         let before = g.own_acked.get(&lease).copied();
@@ -5651,11 +5677,10 @@ fn mark_own_ack(sh: &Shared, lease: uuid::Uuid, state: LeaseState) -> OwnAckMark
     mark
 }
 
-/// What [`mark_own_ack`] changed: each (before, after).
+/// What [`mark_own_ack`] changed: (before, after).
 struct OwnAckMark {
     lease: uuid::Uuid,
     acked: Option<(Option<LeaseState>, LeaseState)>,
-    from: Option<(Option<LeaseState>, Option<LeaseState>)>,
 }
 
 impl OwnAckMark {
@@ -5679,13 +5704,6 @@ impl OwnAckMark {
                 };
             }
         }
-        if let Some((before, after)) = self.from {
-            if let Some(r) = g.recalled.get_mut(&self.lease) {
-                if r.from == after {
-                    r.from = before;
-                }
-            }
-        }
     }
 }
 
@@ -5702,7 +5720,7 @@ enum RecallNow {
 }
 
 /// Asks filterd (one Handle call) about recalled lease `lease` held by
-/// `held`, recalled from state `from` ([`Recalled::from`]); None when
+/// `held`, recalled from state `from` ([`recalled_from`]); None when
 /// filterd could not tell. With no break in progress, a lease below
 /// `from` is lowered: nfsshim acknowledges a recall only by DELEGRETURN
 /// (marked, [`mark_own_ack`]), so it was filterd's lowering at the break
@@ -5763,7 +5781,10 @@ fn recalls_of(
     g.recalled
         .iter()
         .filter(|(_, r)| r.file.is_none() || file.is_none() || r.file == file)
-        .filter_map(|(l, r)| Some((*l, g.lease_client.get(l)?.clone(), r.from)))
+        .filter_map(|(l, r)| {
+            let held = g.lease_client.get(l)?.clone();
+            Some((*l, held, recalled_from(g, *l, r)))
+        })
         .collect()
 }
 
