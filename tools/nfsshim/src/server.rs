@@ -5509,8 +5509,7 @@ fn recall(
         return;
     }
     let writer = g.client_conn.get(&cid).and_then(|c| sh.writers.get(*c));
-    g.recalled
-        .insert(lease_key.0, Recalled { file, began: from });
+    note_recall(&mut g, lease_key.0, file, from);
     drop(g);
     if let Some(w) = writer {
         shimline::send(
@@ -5636,6 +5635,13 @@ struct Recalled {
     began: Option<LeaseState>,
 }
 
+/// Notes a recall of `lease` sent ([`Global::recalled`]), its break begun
+/// from `began` as filterd told it: nfsshim's own acks are taken off when
+/// it is read ([`recalled_from`]), not here.
+fn note_recall(g: &mut Global, lease: uuid::Uuid, file: Option<FileId>, began: Option<LeaseState>) {
+    g.recalled.insert(lease, Recalled { file, began });
+}
+
 /// The state recall `r` of lease `lease` counts as begun from: its
 /// break's ([`Recalled::began`]) lowered by what nfsshim acknowledged of
 /// the lease itself ([`Global::own_acked`]) as that mark is now. With no
@@ -5665,16 +5671,10 @@ fn recalled_from(g: &Global, lease: uuid::Uuid, r: &Recalled) -> Option<LeaseSta
 /// ([`OwnAckMark::undo_if_refused`]) when filterd refuses the ack outright
 /// (re-review rr39l).
 fn mark_own_ack(sh: &Shared, lease: uuid::Uuid, state: LeaseState) -> OwnAckMark {
-    let mut mark = OwnAckMark { lease, acked: None };
-    if let Ok(mut g) = sh.global() {
-        // Also when no recall is recorded yet: its break event may still
-        // be on its way to [`recall`].
-        let before = g.own_acked.get(&lease).copied();
-        let now = before.map_or(state, |a| a.and(state));
-        g.own_acked.insert(lease, now);
-        mark.acked = Some((before, now));
+    match sh.global() {
+        Ok(mut g) => OwnAckMark::new(&mut g, lease, state),
+        Err(_) => OwnAckMark { lease, acked: None },
     }
-    mark
 }
 
 /// What [`mark_own_ack`] changed: (before, after).
@@ -5684,6 +5684,19 @@ struct OwnAckMark {
 }
 
 impl OwnAckMark {
+    /// Marks `state` of `lease` acknowledged in `g` ([`mark_own_ack`]).
+    fn new(g: &mut Global, lease: uuid::Uuid, state: LeaseState) -> OwnAckMark {
+        // Also when no recall is recorded yet: its break event may still
+        // be on its way to [`recall`].
+        let before = g.own_acked.get(&lease).copied();
+        let now = before.map_or(state, |a| a.and(state));
+        g.own_acked.insert(lease, now);
+        OwnAckMark {
+            lease,
+            acked: Some((before, now)),
+        }
+    }
+
     /// The ack this mark announced did not happen: filterd refused it
     /// with a definite code other than "no longer held" (a lease gone
     /// keeps the mark, harmlessly). Left marked, every later recall of
@@ -5695,7 +5708,13 @@ impl OwnAckMark {
             None | Some(ErrorCode::NoSuchHandle) => return,
             Some(_) => {}
         }
-        let Ok(mut g) = sh.global() else { return };
+        if let Ok(mut g) = sh.global() {
+            self.undo(&mut g);
+        }
+    }
+
+    /// Takes the mark back in `g`, unless another ack changed it since.
+    fn undo(self, g: &mut Global) {
         if let Some((before, after)) = self.acked {
             if g.own_acked.get(&self.lease) == Some(&after) {
                 match before {
@@ -6131,5 +6150,48 @@ mod swap_tests {
         assert!(st.swaps.is_empty());
         // Their descriptors went with them: the two states' only.
         assert_eq!(fds.held(), 2);
+    }
+}
+
+#[cfg(test)]
+mod recall_tests {
+    use super::*;
+
+    /// The state each recall of `file` counts as begun from.
+    fn froms(g: &Global, file: FileId) -> Vec<Option<LeaseState>> {
+        recalls_of(g, Some(file)).into_iter().map(|r| r.2).collect()
+    }
+
+    /// Re-review rr40a E1: a recall took the own-acknowledgement mark as
+    /// it was when recorded, and the mark's later undo (its ack refused)
+    /// or removal (the lease raised again) never reached it. (b): the ack
+    /// marked before the break's recall is recorded, then undone: the
+    /// recall counts from the state its break began (RH), not the undone
+    /// ack's R; and a mark removed after a recall was recorded.
+    #[test]
+    fn a_recalls_start_follows_the_own_ack_mark_after_it_was_recorded() {
+        let rh = LeaseState::R.with(LeaseState::H);
+        let (lease, file) = (uuid::Uuid::new_v4(), FileId { dev: 1, ino: 2 });
+        let mut g = Global::default();
+        g.lease_client.insert(
+            lease,
+            LeaseHolder {
+                cid: "c".to_owned(),
+                other: "d".to_owned(),
+                handle: ResumeKey::new_random(),
+                write: false,
+                was: None,
+            },
+        );
+        let mark = OwnAckMark::new(&mut g, lease, LeaseState::R);
+        note_recall(&mut g, lease, Some(file), Some(rh));
+        assert_eq!(froms(&g, file), vec![Some(LeaseState::R)], "acked");
+        mark.undo(&mut g);
+        assert_eq!(froms(&g, file), vec![Some(rh)], "the ack undone");
+        // Marked again, then removed (`recarry_kept_delegations`).
+        let _ = OwnAckMark::new(&mut g, lease, LeaseState::R);
+        assert_eq!(froms(&g, file), vec![Some(LeaseState::R)], "acked");
+        g.own_acked.remove(&lease);
+        assert_eq!(froms(&g, file), vec![Some(rh)], "the mark gone");
     }
 }
