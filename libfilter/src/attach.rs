@@ -749,7 +749,22 @@ impl Attachment {
         guid: CreateGuid,
         owner: Option<String>,
     ) -> Result<OpenedHandle, ClientError> {
-        let h = self.client().resume_by_guid_of(client.clone(), guid, owner);
+        self.resume_by_guid_matching(client, guid, owner, None)
+    }
+
+    /// Resumes by create GUID a handle that must also belong to `owner`
+    /// and match `matching` ([`FilterClient::resume_by_guid_matching`])
+    /// and remembers it.
+    pub fn resume_by_guid_matching(
+        &self,
+        client: ClientId,
+        guid: CreateGuid,
+        owner: Option<String>,
+        matching: Option<crate::proto::ResumeMatch>,
+    ) -> Result<OpenedHandle, ClientError> {
+        let h = self
+            .client()
+            .resume_by_guid_matching(client.clone(), guid, owner, matching);
         self.remembering(&client, h)
     }
 

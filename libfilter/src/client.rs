@@ -1628,6 +1628,7 @@ impl FilterClient {
             client,
             target: ResumeTarget::Key { key },
             owner: None,
+            matching: None,
         });
         match self.call_keeping_cut(id, req)? {
             (Reply::Opened(info), _, _) => Ok(info),
@@ -1669,6 +1670,7 @@ impl FilterClient {
             client,
             target: ResumeTarget::Key { key },
             owner: None,
+            matching: None,
         }))?)
     }
 
@@ -1691,10 +1693,26 @@ impl FilterClient {
         create_guid: CreateGuid,
         owner: Option<String>,
     ) -> Result<OpenedHandle, ClientError> {
+        self.resume_by_guid_matching(client, create_guid, owner, None)
+    }
+
+    /// [`FilterClient::resume_by_guid_of`] of a handle that must also
+    /// match `matching` (`NoSuchHandle` if not, with nothing changed). A
+    /// daemon without [`proto::FEATURE_RESUME_MATCH`] checks none of it
+    /// ([`FilterClient::checks_resume_match`] says which): the caller then
+    /// checks the resumed handle itself.
+    pub fn resume_by_guid_matching(
+        &self,
+        client: ClientId,
+        create_guid: CreateGuid,
+        owner: Option<String>,
+        matching: Option<proto::ResumeMatch>,
+    ) -> Result<OpenedHandle, ClientError> {
         Self::expect_opened(self.call(Request::Resume(ResumeRequest {
             client,
             target: ResumeTarget::CreateGuid { create_guid },
             owner: owner.filter(|_| self.checks_resume_owner()),
+            matching: matching.filter(|_| self.checks_resume_match()),
         }))?)
     }
 
@@ -1717,6 +1735,7 @@ impl FilterClient {
             client,
             target: ResumeTarget::CreateGuid { create_guid },
             owner: owner.filter(|_| self.checks_resume_owner()),
+            matching: None,
         });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let r = self.call_undoing(id, req, None, Some(late::LateUndo::Close))?;
@@ -1733,6 +1752,12 @@ impl FilterClient {
     /// ([`proto::FEATURE_RESUME_OWNER`]).
     pub fn checks_resume_owner(&self) -> bool {
         self.hello.features & proto::FEATURE_RESUME_OWNER != 0
+    }
+
+    /// Whether the daemon checks a resume's match
+    /// ([`proto::FEATURE_RESUME_MATCH`]).
+    pub fn checks_resume_match(&self) -> bool {
+        self.hello.features & proto::FEATURE_RESUME_MATCH != 0
     }
 
     /// Closes a handle for good.
@@ -2988,6 +3013,7 @@ pub(crate) mod tests {
             client: ClientId::new("c").expect("client"),
             target: ResumeTarget::Key { key },
             owner: None,
+            matching: None,
         }));
         assert!(matches!(r, Ok((Reply::Opened(_), _))), "{r:?}");
         undone(&c, 1);

@@ -48,6 +48,23 @@ pub enum ModelError {
 pub struct ResumeKey(pub Uuid);
 
 impl ResumeKey {
+    /// The 64 bits of the key that tell handles apart, for a protocol that
+    /// names a handle by 64 bits (rksmbd's persistent FileId, 2.2.14.1;
+    /// [`crate::proto::ResumeMatch::short_id`]). Of a time-ordered key
+    /// (UUID v7) the low half: its high half is the millisecond and a
+    /// counter's top bits, the same for every key minted in one
+    /// millisecond, while its low half holds the rest of the counter and
+    /// 32 random bits. Of any other key (v4, minted before filterd named
+    /// handles in time order) the high half, as rksmbd took it then.
+    pub fn short_id(self) -> u64 {
+        let (high, low) = self.0.as_u64_pair();
+        if self.0.get_version_num() == 7 {
+            low
+        } else {
+            high
+        }
+    }
+
     /// A fresh random key (UUID version 4).
     pub fn new_random() -> Self {
         ResumeKey(Uuid::new_v4())

@@ -49,7 +49,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_ORDERED_DELETE_QUERY
     | FEATURE_CLOSE_DELETE_ON_CLOSE
     | FEATURE_PAGED_WITHIN_FILE
-    | FEATURE_WAIT_FOR_HINTS;
+    | FEATURE_WAIT_FOR_HINTS
+    | FEATURE_RESUME_MATCH;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -238,6 +239,15 @@ pub const FEATURE_PAGED_WITHIN_FILE: u64 = 32768;
 /// without the flag: a `no_wait` truncating open is then refused `Busy`
 /// while the size-change hint waits, as before the bit.
 pub const FEATURE_WAIT_FOR_HINTS: u64 = 65536;
+/// Feature: the daemon checks [`ResumeRequest::matching`] before it
+/// reattaches anything (re-review rr39e F4). rksmbd asks for it: a DH2C /
+/// DHnC whose FileId, lease key or persistence does not match the open's
+/// is refused with nothing written, counted or restarted — checked after
+/// the resume, as without the bit, the detach that follows a mismatch
+/// starts the handle's durable timeout afresh. An older daemon ignores
+/// the field, so [`crate::client::FilterClient`] sends it only once
+/// granted.
+pub const FEATURE_RESUME_MATCH: u64 = 131072;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
 /// tell sends it in several notices ([`crate::client::ReplayCounter`]).
@@ -894,6 +904,48 @@ pub struct ResumeRequest {
     /// [`FEATURE_RESUME_OWNER`] (an older daemon ignores it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// What the handle must also match, else `NoSuchHandle` and nothing
+    /// changes (nothing attached, written or counted; its expiry stays
+    /// where it was). Needs [`FEATURE_RESUME_MATCH`] (an older daemon
+    /// ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matching: Option<ResumeMatch>,
+}
+
+/// What a resumed handle must match ([`ResumeRequest::matching`]):
+/// rksmbd's DH2C / DHnC (MS-SMB2 3.3.5.9.12, 3.3.5.9.7) names the open's
+/// FileId, its lease key and whether it is persistent, and a reconnect
+/// that gets any of them wrong must leave the disconnected open as it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeMatch {
+    /// The handle's resume key's short id ([`ResumeKey::short_id`]) must
+    /// be this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_id: Option<u64>,
+    /// A persistent handle is refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refuse_persistent: bool,
+    /// A handle holding a lease must hold it under this key (none: a
+    /// handle holding a lease is refused). A handle without a lease, or
+    /// holding an oplock ([`crate::lease::is_oplock_key`]: any reconnect
+    /// of the open takes it), passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_key: Option<LeaseKey>,
+}
+
+impl ResumeMatch {
+    /// Whether a handle with `key`, `durability` and lease key `lease`
+    /// matches.
+    pub fn matches(&self, key: ResumeKey, durability: Durability, lease: Option<LeaseKey>) -> bool {
+        let id_ok = self.short_id.is_none_or(|id| id == key.short_id());
+        let persistence_ok = !(self.refuse_persistent && durability.is_persistent());
+        let lease_ok = match lease {
+            None => true,
+            Some(l) if crate::lease::is_oplock_key(&l) => true,
+            Some(l) => self.lease_key == Some(l),
+        };
+        id_ok && persistence_ok && lease_ok
+    }
 }
 
 /// Why a request failed. Typed on the wire; frontends map these onto their
@@ -2924,6 +2976,56 @@ mod tests {
             assert_eq!(decode_server(&encode_server(enc, &f).unwrap()).unwrap(), f);
         }
     }
+
+    /// Re-review rr39e F4: what a resume must match. A request without
+    /// `matching` (an older frontend's) decodes as asking nothing, and one
+    /// with it round-trips in every encoding.
+    #[test]
+    fn a_resume_match_checks_id_persistence_and_lease() {
+        let key = ResumeKey::new_time_ordered();
+        let lease = LeaseKey(uuid::Uuid::from_bytes([7; 16]));
+        let mut oplock = [0u8; 16];
+        oplock[..8].copy_from_slice(crate::lease::OPLOCK_KEY_TAG);
+        let oplock = LeaseKey(uuid::Uuid::from_bytes(oplock));
+        let persistent = Durability::Persistent { timeout_ms: 1 };
+        let durable = Durability::Durable { timeout_ms: 1 };
+        let m = ResumeMatch {
+            short_id: Some(key.short_id()),
+            refuse_persistent: true,
+            lease_key: Some(lease),
+        };
+        assert!(m.matches(key, durable, Some(lease)));
+        assert!(m.matches(key, durable, None), "no lease to match");
+        assert!(m.matches(key, durable, Some(oplock)), "an oplock passes");
+        assert!(!m.matches(key, persistent, Some(lease)));
+        assert!(!m.matches(ResumeKey::new_time_ordered(), durable, Some(lease)));
+        assert!(!m.matches(key, durable, Some(LeaseKey(uuid::Uuid::nil()))));
+        let no_lease = ResumeMatch {
+            lease_key: None,
+            ..m.clone()
+        };
+        assert!(!no_lease.matches(key, durable, Some(lease)));
+        assert!(no_lease.matches(key, durable, Some(oplock)));
+
+        let old = br#"{"id":1,"op":"resume","client":"c","by":"key","key":"00000000-0000-0000-0000-000000000001"}"#;
+        match decode_request(old).unwrap().req {
+            Request::Resume(r) => assert_eq!(r.matching, None),
+            other => panic!("{other:?}"),
+        }
+        let frame = RequestFrame {
+            id: 2,
+            req: Request::Resume(ResumeRequest {
+                client: ClientId::new("c").unwrap(),
+                target: ResumeTarget::Key { key },
+                owner: None,
+                matching: Some(m),
+            }),
+        };
+        for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
+            let bytes = encode_request(enc, &frame).unwrap();
+            assert_eq!(decode_request(&bytes).unwrap(), frame);
+        }
+    }
 }
 
 /// Issue 16: binary frames. Every message type goes through the binary
@@ -3044,6 +3146,7 @@ mod binary_tests {
                         None => ResumeTarget::Key { key },
                     },
                     owner: None,
+                    matching: None,
                 })
             }),
             (

@@ -820,6 +820,7 @@ fn run(mode: &Mode, export: &Path) -> Run {
         client: ClientId::new("c1").expect("client"),
         target: ResumeTarget::Key { key: k1 },
         owner: None,
+        matching: None,
     }));
     assert!(matches!(resumed, Ok(Reply::Opened(_))), "{resumed:?}");
     for (_, reply) in &g.wire {

@@ -1223,6 +1223,98 @@ fn a_persistent_open_is_reconnected_only_as_persistent() {
     no_handles_left(&d);
 }
 
+/// In front of a filterd without `FEATURE_RESUME_MATCH` (an older daemon,
+/// which ignores `ResumeRequest::matching`), rksmbd still checks a DH2C
+/// itself after the resume: a persistent open's DH2C without the flag is
+/// refused and the open stays for one with it.
+#[test]
+fn a_reconnect_is_still_checked_in_front_of_a_filterd_without_resume_match() {
+    let s = Scratch::new("rksmbd-reconnect-flag-old-filterd");
+    let bit = libfilter::proto::FEATURE_RESUME_MATCH.to_string();
+    let d = Filterd::start(&s, &[], &[("RKFILTER_WITHHOLD_FEATURES", bit.as_str())]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "reconnect_persistent_flag.py");
+    no_handles_left(&d);
+}
+
+/// Re-review rr39e F4: filterd resumed a disconnected open before rksmbd
+/// checked the DH2C against it, and the detach that followed a mismatch
+/// (persistent flag, FileId, lease key) started the open's durable
+/// timeout afresh and wrote its record again — one bad DH2C per timeout
+/// kept it alive for good. filterd now checks them before it resumes
+/// (`ResumeRequest::matching`): halfway through a 6 s timeout, four bad
+/// DH2Cs leave the handle's record (its disconnect time and expiry) as it
+/// was, count no resume, and the open expires at its original time.
+#[test]
+fn a_refused_reconnect_leaves_the_open_and_its_expiry_as_they_were() {
+    use libfilter::model::ConnState;
+    let s = Scratch::new("rksmbd-reconnect-mismatch-expiry");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "reconnect_mismatch_keeps_expiry.py",
+        std::time::Duration::from_secs(90),
+    );
+    let handle = || {
+        d.control()
+            .handles()
+            .expect("handles")
+            .into_iter()
+            .find(|h| h.record.path.as_str() == "kx.txt")
+            .map(|h| h.record)
+    };
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    };
+    script.expect("disconnected");
+    let before = rkfilter_tests::wait_for(
+        "filterd to see the open disconnected",
+        std::time::Duration::from_secs(30),
+        || handle().filter(|r| matches!(r.conn, ConnState::Disconnected { .. })),
+    );
+    let ConnState::Disconnected {
+        since_ms,
+        expires_ms,
+    } = before.conn
+    else {
+        unreachable!("filtered above")
+    };
+    assert_eq!(expires_ms - since_ms, 6000, "{before:?}");
+    // Halfway: a restarted timeout would end 3 s after the original.
+    rkfilter_tests::wait_for(
+        "half the open's timeout",
+        std::time::Duration::from_secs(30),
+        || (now_ms() >= since_ms + 3000).then_some(()),
+    );
+    let resumes = d.control().stats().expect("stats").resumes;
+    script.say("go");
+    script.expect("refused");
+    let after = handle().expect("the open is still disconnected");
+    assert_eq!(
+        format!("{after:?}"),
+        format!("{before:?}"),
+        "the bad DH2Cs changed the handle's record"
+    );
+    let stats = d.control().stats().expect("stats");
+    assert_eq!(stats.resumes, resumes, "a refused DH2C counts no resume");
+    rkfilter_tests::wait_for(
+        "the open to expire",
+        std::time::Duration::from_secs(30),
+        || handle().is_none().then_some(()),
+    );
+    let late = now_ms().saturating_sub(expires_ms);
+    assert!(
+        late < 2500,
+        "the open expired {late} ms after its original expiry"
+    );
+    script.say("expired");
+    script.finish();
+    no_handles_left(&d);
+}
+
 /// Review rvfailover: a CREATE replayed on another connection (same
 /// create GUID) under another lease key was answered success under the
 /// key asked while filterd's lease stayed the original's; the same replay

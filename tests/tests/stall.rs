@@ -161,6 +161,7 @@ fn a_resume_sent_in_time_while_filterd_is_stopped_resumes() {
         client: ClientId::new("carol").unwrap(),
         target: ResumeTarget::Key { key },
         owner: None,
+        matching: None,
     }));
     let_pass(detached, Duration::from_millis(3_000));
     d.signal(Signal::SIGCONT);

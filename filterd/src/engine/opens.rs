@@ -966,6 +966,21 @@ impl Engine {
             }
             ConnState::Disconnected { .. } => {}
         }
+        // What the frontend's reconnect names must be the handle's (rksmbd:
+        // a DH2C's FileId, lease key and persistence), checked before
+        // anything is attached: a mismatch found after the resume was
+        // detached again, which restarted the handle's durable timeout
+        // and wrote a persistent handle's record again, so one bad DH2C
+        // per timeout kept the handle alive for good (re-review rr39e F4).
+        if r.matching
+            .as_ref()
+            .is_some_and(|m| !m.matches(key, h.rec.durability, h.rec.lease.map(|l| l.key)))
+        {
+            return Err(err(
+                ErrorCode::NoSuchHandle,
+                format!("handle {key} does not match the reconnect"),
+            ));
+        }
         // Its open still waits for its intent (an overwrite whose
         // frontend went meanwhile): resumed now, its reply would go out
         // before the truncate it reports, and its record reach the store

@@ -764,6 +764,7 @@ impl Harness {
                     client: ClientId::new("alice").unwrap(),
                     target: libfilter::proto::ResumeTarget::Key { key },
                     owner: None,
+                    matching: None,
                 })
             }
             Op::EndOfFile(h, size) => {
@@ -4143,6 +4144,7 @@ fn a_detach_withdraws_its_parked_delete_on_close() {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
+        matching: None,
     }));
     h.commit(true);
     assert_eq!(h.opened(r), key);
@@ -4623,6 +4625,7 @@ fn resume_alices(h: &mut Harness, key: ResumeKey) -> u64 {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
+        matching: None,
     }));
     h.commit(true);
     h.drain_replies();
@@ -5787,6 +5790,7 @@ fn a_resume_whose_commit_fails_is_undone_and_a_detach_is_not() {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
+        matching: None,
     });
     let was = h.engine.handles[&key].rec.conn;
     assert!(matches!(was, ConnState::Disconnected { .. }), "{was:?}");
@@ -6105,6 +6109,7 @@ fn a_waiting_overwrite_is_not_resumed_until_its_open_is_done() {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
+        matching: None,
     });
     let r = h.run(resume.clone());
     // The intent commits (the refusal, which waited for it, goes out);
@@ -6238,6 +6243,7 @@ fn resume_carol_behind_a_pending_lock(
         client: ClientId::new("carol").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key: d },
         owner: None,
+        matching: None,
     }));
     assert!(h.reply(r).is_none(), "waits for the lock's commit");
     (d, was, r)
@@ -6258,6 +6264,7 @@ fn a_break_held_for_a_detached_waiting_open_goes_to_the_leases_other_holder() {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key: first },
         owner: None,
+        matching: None,
     }));
     let intents = h.commit_holding_intents(true);
     assert_eq!(h.opened(r), first);
@@ -7306,6 +7313,7 @@ fn a_resume_that_cannot_reopen_for_lack_of_descriptors_keeps_the_handle() {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
+        matching: None,
     });
     let mut bob = o.clone();
     bob.client = ClientId::new("bob").unwrap();
@@ -7366,6 +7374,7 @@ fn a_resume_whose_file_is_gone_loses_the_handle() {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
+        matching: None,
     }));
     h.commit(true);
     assert_eq!(h.refused(r), ErrorCode::NoSuchHandle);
@@ -7401,6 +7410,7 @@ fn recovery_keeps_a_handle_whose_file_could_not_be_looked_at() {
             client: ClientId::new("alice").unwrap(),
             target: libfilter::proto::ResumeTarget::Key { key },
             owner: None,
+            matching: None,
         }));
         h.commit(true);
         assert_eq!(h.opened(r), key, "errno {errno}");
@@ -7537,11 +7547,70 @@ fn disconnected_by_a_restart() -> (Harness, ResumeKey, Request) {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
+        matching: None,
     });
     (h, key, resume)
 }
 
 const TWO_HOURS_MS: i64 = 2 * 3600 * 1000;
+
+/// Re-review rr39e F4: a resume whose `matching` the handle does not meet
+/// (rksmbd's DH2C without the persistent flag, under another FileId or
+/// lease key) is refused before anything is attached: the handle stays
+/// disconnected with its deadlines, nothing is written, no resume is
+/// counted. A matching resume then gets it. Before, rksmbd found the
+/// mismatch after the resume and detached the handle again, which
+/// restarted its durable timeout and wrote its record again.
+#[test]
+fn a_resume_not_matching_changes_nothing() {
+    let (mut h, key, resume) = disconnected_by_a_restart();
+    let Request::Resume(r) = resume else {
+        unreachable!("a resume")
+    };
+    let with = |m: libfilter::proto::ResumeMatch| {
+        Request::Resume(libfilter::proto::ResumeRequest {
+            matching: Some(m),
+            ..r.clone()
+        })
+    };
+    let right = libfilter::proto::ResumeMatch {
+        short_id: Some(key.short_id()),
+        refuse_persistent: false,
+        lease_key: None,
+    };
+    let was = (
+        h.engine.handles[&key].rec.conn,
+        h.engine.handles[&key].expires_mono,
+        h.engine.stats.resumes,
+    );
+    let before = h_stored(&h, key);
+    for wrong in [
+        libfilter::proto::ResumeMatch {
+            refuse_persistent: true,
+            ..right.clone()
+        },
+        libfilter::proto::ResumeMatch {
+            short_id: Some(key.short_id() ^ 1),
+            ..right.clone()
+        },
+    ] {
+        let id = h.run(with(wrong));
+        h.commit(true);
+        assert_eq!(h.refused(id), ErrorCode::NoSuchHandle);
+    }
+    let hd = &h.engine.handles[&key];
+    assert_eq!((hd.rec.conn, hd.expires_mono, h.engine.stats.resumes), was);
+    assert_eq!(h_stored(&h, key), before, "the store holds it as it was");
+    let id = h.run(with(right));
+    h.commit(true);
+    assert_eq!(h.opened(id), key);
+    assert_eq!(h.engine.stats.resumes, was.2 + 1);
+}
+
+/// The record the store holds for handle `key`.
+fn h_stored(h: &Harness, key: ResumeKey) -> Option<HandleRecord> {
+    h.store.inner.lock().unwrap().handles.get(&key).cloned()
+}
 
 /// Review rvclock: the wall clock steps forward while a persistent
 /// handle is disconnected with 60 s to go; its client's resume fails to
@@ -7870,6 +7939,7 @@ fn a_resumed_then_closed_handle_put_back_is_not_shown_at_an_abandoned_commit() {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key: a },
         owner: None,
+        matching: None,
     }));
     let resumed_at = h.engine.handles.get(&a).map(|x| x.shown_at);
     assert!(

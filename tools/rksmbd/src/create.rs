@@ -558,21 +558,14 @@ fn client_of(c: &Connection, user: &str, leased: bool) -> Result<ClientId, u32> 
 
 /// The persistent half of an SMB2 FileId for a filterd handle: the same
 /// on every connection and after a reconnect (2.2.14.1), and distinct for
-/// distinct handles (the DHnC lookup by FileId keys on it). Of a
-/// time-ordered key (UUID v7, what filterd mints) the low half: its high
-/// half is the millisecond and a counter's top bits, the same for every
-/// handle opened in one millisecond, while its low half holds the rest of
-/// the counter and 32 random bits. Of a random key (v4, minted before
-/// filterd named handles in time order) the high half, as then, so that
-/// durable opens made before an upgrade reconnect with the FileId their
-/// clients hold.
+/// distinct handles (the DHnC lookup by FileId keys on it): the key's
+/// [`ResumeKey::short_id`], which filterd checks a DH2C's FileId against
+/// (`ResumeMatch::short_id`). Of a random key (v4, minted before filterd
+/// named handles in time order) the high half, as before, so that durable
+/// opens made before an upgrade reconnect with the FileId their clients
+/// hold.
 pub fn persistent_id(key: ResumeKey) -> u64 {
-    let (high, low) = key.0.as_u64_pair();
-    if key.0.get_version_num() == 7 {
-        low
-    } else {
-        high
-    }
+    key.short_id()
 }
 
 /// The granted lease as a response context value.
@@ -1766,6 +1759,23 @@ impl Reconnect {
     }
 }
 
+/// What filterd must find in the open a reconnect `rc` names before it
+/// resumes it (`ResumeMatch`): the FileId of a DH2C of a v2 open (a DHnC
+/// or v1 open's is its create GUID already), no persistent open unless a
+/// DH2C says so (3.3.5.9.12), and a lease (not an oplock) held under the
+/// key of the reconnect's lease context `lease` of client `guid`.
+fn reconnect_match(
+    rc: Reconnect,
+    lease: Option<[u8; 16]>,
+    guid: uuid::Uuid,
+) -> libfilter::proto::ResumeMatch {
+    libfilter::proto::ResumeMatch {
+        short_id: (!rc.v1).then_some(rc.persistent_file_id),
+        refuse_persistent: !(rc.dhnc || rc.persistent),
+        lease_key: lease.map(|k| breaks::scoped_key(guid, k)),
+    }
+}
+
 /// DH2C / DHnC (MS-SMB2 3.3.5.9.12, 3.3.5.9.7): resumes a disconnected
 /// durable or persistent filterd handle by its create GUID, for the same
 /// client; the FileId and the lease key (of a lease, not an oplock) must
@@ -1794,14 +1804,26 @@ fn reconnect(
     // the client GUID goes in clear; another user is refused
     // `ACCESS_DENIED`), which filterd checks before it attaches anything.
     let owner = Some(user.clone());
+    // And what the reconnect names must be the open's, which filterd
+    // checks before it attaches anything (re-review rr39e F4): the checks
+    // below, made after the resume, detach a mismatch again, which
+    // started the open's durable timeout afresh.
+    let matching = Some(reconnect_match(
+        rc,
+        lease.as_ref().map(|l| l.key),
+        c.client_guid,
+    ));
     let resume = |guid: CreateGuid| {
         sh.filter
-            .resume_by_guid_of(by_client.clone(), guid, owner.clone())
+            .resume_by_guid_matching(by_client.clone(), guid, owner.clone(), matching.clone())
             .or_else(|e| match e.code() {
                 Some(ErrorCode::AccessDenied) => Err(e),
-                _ => sh
-                    .filter
-                    .resume_by_guid_of(by_user.clone(), guid, owner.clone()),
+                _ => sh.filter.resume_by_guid_matching(
+                    by_user.clone(),
+                    guid,
+                    owner.clone(),
+                    matching.clone(),
+                ),
             })
     };
     let try_both = || resume(guid).or_else(|e| v2_guid.map_or(Err(e), resume));
@@ -1858,8 +1880,9 @@ fn reconnect(
     // before, the flag was parsed and dropped — review rvfailover). A DHnC
     // has no flag, and a durable open's DH2C with the flag is not refused:
     // MS-SMB2 uses the flag then only to look the open up by create GUID.
-    // Known only once filterd has resumed the handle: detached again, as
-    // for every other mismatch here, for a DH2C that says so.
+    // filterd refuses a mismatch before it resumes (`reconnect_match`);
+    // one without that check (`FEATURE_RESUME_MATCH`) resumed the handle:
+    // detached again, as for every other mismatch here.
     let view = view.filter(|v| {
         rc.dhnc || rc.persistent || !matches!(v.record.durability, Durability::Persistent { .. })
     });

@@ -381,9 +381,12 @@ fn opens_allowed() -> usize {
 /// handles' records of how they were made ([`crate::made`]), no replays:
 /// the bit keeps those lookups from being counted as replays, and its
 /// create-GUID and durable lock-sequence replays go through filterd and
-/// are counted there.
+/// are counted there. And reconnects that filterd checks against the
+/// open's FileId, lease key and persistence before it resumes anything
+/// (`create::reconnect_match`, re-review rr39e F4).
 const FEATURES: u64 = libfilter::proto::FEATURE_RENAME_DIRECTORY
     | libfilter::proto::FEATURE_RESUME_OWNER
+    | libfilter::proto::FEATURE_RESUME_MATCH
     | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
     | libfilter::proto::FEATURE_REPLAY_REPORTS
     | libfilter::proto::FEATURE_WRITE_NOTICES;
