@@ -26,6 +26,7 @@
 //!     lease: None,
 //!     no_wait: false,
 //!     wait_for_hints: false,
+//!     replay_same_lease: false,
 //!     share_group: None,
 //!     stat: false,
 //!     share_exempt: false,
@@ -1100,13 +1101,17 @@ impl FilterClient {
     /// the hello did not grant [`proto::FEATURE_SHARE_EXEMPT`], without
     /// `wait_for_hints` when it did not grant
     /// [`proto::FEATURE_WAIT_FOR_HINTS`] (an older daemon refuses either
-    /// compact flag).
+    /// compact flag), without `replay_same_lease` when it did not grant
+    /// [`proto::FEATURE_RESUME_MATCH`] (the caller checks the lease).
     fn understood(&self, mut req: OpenRequest) -> OpenRequest {
         if self.hello.features & proto::FEATURE_SHARE_EXEMPT == 0 {
             req.share_exempt = false;
         }
         if self.hello.features & proto::FEATURE_WAIT_FOR_HINTS == 0 {
             req.wait_for_hints = false;
+        }
+        if !self.checks_resume_match() {
+            req.replay_same_lease = false;
         }
         req
     }
@@ -2688,6 +2693,7 @@ pub(crate) mod tests {
             let req = OpenRequest {
                 share_exempt: true,
                 wait_for_hints: true,
+                replay_same_lease: false,
                 ..OpenRequest::new(
                     ClientId::new("c").expect("client"),
                     RelPath::new("f").expect("path"),

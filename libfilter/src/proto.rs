@@ -244,9 +244,10 @@ pub const FEATURE_WAIT_FOR_HINTS: u64 = 65536;
 /// DHnC whose FileId, lease key or persistence does not match the open's
 /// is refused with nothing written, counted or restarted — checked after
 /// the resume, as without the bit, the detach that follows a mismatch
-/// starts the handle's durable timeout afresh. An older daemon ignores
-/// the field, so [`crate::client::FilterClient`] sends it only once
-/// granted.
+/// starts the handle's durable timeout afresh. Likewise a replayed
+/// CREATE under another lease key ([`OpenRequest::replay_same_lease`]).
+/// An older daemon ignores both fields, so [`crate::client::FilterClient`]
+/// sends them only once granted.
 pub const FEATURE_RESUME_MATCH: u64 = 131072;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
@@ -790,6 +791,17 @@ pub struct OpenRequest {
     /// to a daemon that granted [`FEATURE_WAIT_FOR_HINTS`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub wait_for_hints: bool,
+    /// A replay ([`Request::ReplayOpen`]) that finds the original open
+    /// holding a lease under another key than [`Self::lease`]'s is refused
+    /// `AccessDenied`, before anything is attached, written or counted
+    /// (rksmbd's replayed CREATE under another lease key, MS-SMB2
+    /// 3.3.5.9.10; re-review rr39e F4: refused after the replay had
+    /// reattached the open, the detach that followed restarted its
+    /// durable timeout). Without [`Self::lease`] nothing is checked; a
+    /// fresh open ignores it. Sent only to a daemon that granted
+    /// [`FEATURE_RESUME_MATCH`]; an open with it set has no compact form.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay_same_lease: bool,
     /// One share reservation across several handles: this client's handles
     /// with the same group, opened through the same frontend instance (so
     /// no other peer can join them), never conflict with each
@@ -865,6 +877,7 @@ impl OpenRequest {
             lease: None,
             no_wait: false,
             wait_for_hints: false,
+            replay_same_lease: false,
             share_group: None,
             share_exempt: false,
             stat: false,
@@ -2275,7 +2288,9 @@ mod compact {
     pub fn encode_request(frame: &RequestFrame, with_records: bool) -> Option<Vec<u8>> {
         let mut out;
         match &frame.req {
-            Request::Open(o) | Request::ReplayOpen(o) if o.put.is_empty() || with_records => {
+            Request::Open(o) | Request::ReplayOpen(o)
+                if (o.put.is_empty() || with_records) && !o.replay_same_lease =>
+            {
                 let open_kind = matches!(frame.req, Request::Open(_));
                 let kind = match (open_kind, o.put.is_empty()) {
                     (true, true) => OPEN,
@@ -2510,6 +2525,7 @@ mod compact {
                 lease,
                 no_wait: flags & F_NO_WAIT != 0,
                 wait_for_hints: flags & F_WAIT_FOR_HINTS != 0,
+                replay_same_lease: false,
                 share_group,
                 stat: flags & F_STAT != 0,
                 share_exempt: flags & F_SHARE_EXEMPT != 0,
@@ -3025,6 +3041,32 @@ mod tests {
             let bytes = encode_request(enc, &frame).unwrap();
             assert_eq!(decode_request(&bytes).unwrap(), frame);
         }
+        // A replay that names its lease key has no compact form: written
+        // as a binary frame, it keeps the flag.
+        let replay = RequestFrame {
+            id: 3,
+            req: Request::ReplayOpen(OpenRequest {
+                lease: Some(crate::model::LeaseRequest {
+                    key: lease,
+                    state: LeaseState::R,
+                    epoch: 0,
+                }),
+                replay_same_lease: true,
+                ..OpenRequest::new(
+                    ClientId::new("c").unwrap(),
+                    RelPath::new("f").unwrap(),
+                    crate::model::Access::new(crate::model::Rights::READ).unwrap(),
+                    crate::model::Rights::READ,
+                    Disposition::Open,
+                    durable,
+                )
+            }),
+        };
+        for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
+            let bytes = encode_request(enc, &replay).unwrap();
+            assert_ne!(bytes.first(), Some(&0xc1), "{enc:?}");
+            assert_eq!(decode_request(&bytes).unwrap(), replay);
+        }
     }
 }
 
@@ -3080,6 +3122,7 @@ mod binary_tests {
                 any::<bool>(),
                 any::<bool>(),
                 any::<bool>(),
+                any::<bool>(),
             ),
             proptest::collection::vec(record_spec(), 0..2),
         )
@@ -3095,6 +3138,7 @@ mod binary_tests {
                         stat,
                         share_exempt,
                         wait_for_hints,
+                        replay_same_lease,
                     ),
                     put,
                 )| OpenRequest {
@@ -3116,6 +3160,7 @@ mod binary_tests {
                     lease: lease.map(|(key, state, epoch)| LeaseRequest { key, state, epoch }),
                     no_wait,
                     wait_for_hints,
+                    replay_same_lease,
                     share_group,
                     stat,
                     share_exempt,
@@ -3899,15 +3944,15 @@ mod binary_tests {
     /// Whether `f` is an open, replay open or close, compact with
     /// [`FEATURE_COMPACT_RECORDS`] whatever records it carries.
     fn hot_request(f: &RequestFrame) -> bool {
-        matches!(
-            f.req,
-            Request::Open(_)
-                | Request::ReplayOpen(_)
-                | Request::Close {
-                    delete_on_close: None,
-                    ..
-                }
-        )
+        match &f.req {
+            // A replay naming its lease key has no compact form.
+            Request::Open(o) | Request::ReplayOpen(o) => !o.replay_same_lease,
+            Request::Close {
+                delete_on_close: None,
+                ..
+            } => true,
+            _ => false,
+        }
     }
 
     /// The compact kinds with records ([`FEATURE_COMPACT_RECORDS`]): one
@@ -3985,7 +4030,7 @@ mod binary_tests {
 
     fn compact_request(f: &RequestFrame) -> bool {
         match &f.req {
-            Request::Open(o) | Request::ReplayOpen(o) => o.put.is_empty(),
+            Request::Open(o) | Request::ReplayOpen(o) => o.put.is_empty() && !o.replay_same_lease,
             Request::Close {
                 put,
                 delete,

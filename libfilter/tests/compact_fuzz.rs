@@ -31,6 +31,7 @@ fn reqs() -> Vec<RequestFrame> {
         }),
         no_wait: true,
         wait_for_hints: true,
+        replay_same_lease: false,
         share_group: Some("g".into()),
         stat: true,
         share_exempt: true,

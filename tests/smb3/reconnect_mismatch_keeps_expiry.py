@@ -9,8 +9,9 @@ A persistent, leased open of kx.txt with a 6 s timeout; the client drops
 its TCP connection and prints "disconnected". On the driver's line it
 sends DH2Cs of the open that do not match it — without
 SMB2_DHANDLE_FLAG_PERSISTENT, under another FileId, under another lease
-key, with no lease — each refused STATUS_OBJECT_NAME_NOT_FOUND, and
-prints "refused" (the driver checks filterd's handle: its record and
+key, with no lease — each refused STATUS_OBJECT_NAME_NOT_FOUND, and the
+CREATE replayed (replay flag, same create GUID) under another lease key,
+refused STATUS_ACCESS_DENIED (MS-SMB2 3.3.5.9.10), and prints "refused" (the driver checks filterd's handle: its record and
 expiry unchanged, no resume counted, gone at its original expiry). On
 the driver's next line a matching DH2C is refused too: the open expired.
 Prints PASS; exits non-zero on any failure.
@@ -18,12 +19,25 @@ Prints PASS; exits non-zero on any failure.
 
 import uuid
 
+from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import CreateDisposition
 
-from smbtest import args, check, connect, lease_context, open_rw, pause, persistent_context, reconnect_v2
+from smbtest import (
+    args,
+    check,
+    connect,
+    create_rw,
+    lease_context,
+    open_rw,
+    pause,
+    persistent_context,
+    reconnect_v2,
+    sent_as_replay,
+)
 
 SERVER = args()
 OBJECT_NAME_NOT_FOUND = 0xC0000034
+ACCESS_DENIED = 0xC0000022
 LEASE = 0xFF
 NAME = "kx.txt"
 
@@ -46,6 +60,13 @@ for what, (file_id, contexts, persistent) in {
 }.items():
     g, st = reconnect_v2(tree, NAME, file_id, create_guid, contexts, LEASE, persistent)
     check(st == OBJECT_NAME_NOT_FOUND, f"a DH2C {what} is refused ({st:#x})")
+try:
+    sent_as_replay(lambda: create_rw(tree, NAME, CreateDisposition.FILE_OVERWRITE_IF, [
+        lease_context(uuid.uuid4().bytes), persistent_context(create_guid, 6000)], LEASE))
+    st = 0
+except SMBResponseException as e:
+    st = e.status
+check(st == ACCESS_DENIED, f"the CREATE replayed under another lease key is refused ({st:#x})")
 pause("refused")
 
 g, st = reconnect_v2(tree, NAME, fid, create_guid, lease, LEASE)

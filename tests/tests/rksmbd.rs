@@ -1239,12 +1239,14 @@ fn a_reconnect_is_still_checked_in_front_of_a_filterd_without_resume_match() {
 
 /// Re-review rr39e F4: filterd resumed a disconnected open before rksmbd
 /// checked the DH2C against it, and the detach that followed a mismatch
-/// (persistent flag, FileId, lease key) started the open's durable
-/// timeout afresh and wrote its record again — one bad DH2C per timeout
-/// kept it alive for good. filterd now checks them before it resumes
-/// (`ResumeRequest::matching`): halfway through a 6 s timeout, four bad
-/// DH2Cs leave the handle's record (its disconnect time and expiry) as it
-/// was, count no resume, and the open expires at its original time.
+/// (persistent flag, FileId, lease key; a replayed CREATE's lease key)
+/// started the open's durable timeout afresh and wrote its record again —
+/// one bad DH2C per timeout kept it alive for good. filterd now checks
+/// them before it reattaches (`ResumeRequest::matching`,
+/// `OpenRequest::replay_same_lease`): halfway through a 6 s timeout, four
+/// bad DH2Cs and a replay under another lease key leave the handle's
+/// record (its disconnect time and expiry) as it was, count no resume,
+/// and the open expires at its original time.
 #[test]
 fn a_refused_reconnect_leaves_the_open_and_its_expiry_as_they_were() {
     use libfilter::model::ConnState;

@@ -106,8 +106,16 @@ impl Engine {
                         format!("client already has open {k} with create GUID {g}"),
                     ));
                 }
-                let replayed =
-                    self.replay_existing(conn, &protocol, instance, k, o.owner.as_deref())?;
+                // rksmbd's replayed CREATE names its lease key, which the
+                // open's must be (`replay_same_lease`).
+                let same_lease = o.lease.filter(|_| o.replay_same_lease).map(|l| l.key);
+                let replayed = self.replay_existing(
+                    conn,
+                    &protocol,
+                    instance,
+                    k,
+                    (o.owner.as_deref(), same_lease),
+                )?;
                 if let (Reply::Opened(opened), false) = (&replayed.0, put.is_empty()) {
                     // The original's records again, completed with what
                     // the replay returns (the same values the first time
@@ -800,13 +808,15 @@ impl Engine {
 
     /// A re-sent open whose create GUID names an existing handle: return it
     /// as it is, reattaching it if it is disconnected. Nothing is executed.
+    /// `(owner, lease)`: the open's owner and lease key, if the replay must
+    /// name them ([`OpenRequest::owner`], `replay_same_lease`).
     pub(super) fn replay_existing(
         &mut self,
         conn: ConnId,
         protocol: &Protocol,
         instance: InstanceName,
         key: ResumeKey,
-        owner: Option<&str>,
+        (owner, lease): (Option<&str>, Option<LeaseKey>),
     ) -> Result<(Reply, Option<ResumeKey>), WireError> {
         tracing::Span::current().record("resume_key", tracing::field::display(key));
         let file = self
@@ -835,6 +845,16 @@ impl Engine {
             return Err(err(
                 ErrorCode::AccessDenied,
                 format!("open {key} with this create GUID belongs to another owner"),
+            ));
+        }
+        // A replay under another lease key than the open's is refused
+        // before anything is attached: refused after, as rksmbd did, the
+        // detach that followed restarted a disconnected open's durable
+        // timeout (re-review rr39e F4).
+        if lease.is_some_and(|asked| h.rec.lease.is_some_and(|l| l.key != asked)) {
+            return Err(err(
+                ErrorCode::AccessDenied,
+                format!("open {key} with this create GUID holds another lease key"),
             ));
         }
         if h.parked {

@@ -5074,6 +5074,53 @@ fn a_replayed_open_whose_commit_fails_is_not_counted() {
     assert_eq!(h.engine.stats.replays_detected, 1, "answered: counted");
 }
 
+/// Re-review rr39e F4: a replayed open that asks its handle to hold the
+/// lease key it names (`replay_same_lease`, rksmbd's replayed CREATE) and
+/// finds it under another is refused `AccessDenied` before anything is
+/// reattached — the handle stays disconnected with its deadline, no
+/// replay is counted — and one under the handle's key gets it. Without
+/// the flag the key is not checked (every other frontend's replay).
+#[test]
+fn a_replay_under_another_lease_key_changes_nothing() {
+    let mut h = Harness::new();
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    let key1 = LeaseKey(uuid::Uuid::from_u128(1));
+    let key2 = LeaseKey(uuid::Uuid::from_u128(2));
+    o.lease = Some(LeaseRequest {
+        key: key1,
+        state: LeaseState::R,
+        epoch: 0,
+    });
+    let key = opened_and_detached(&mut h, Request::Open(o.clone()));
+    let was = (
+        h.engine.handles[&key].rec.conn,
+        h.engine.handles[&key].expires_mono,
+        h.engine.stats.replays_detected,
+    );
+    let stored = h_stored(&h, key);
+    o.replay_same_lease = true;
+    let mut other = o.clone();
+    other.lease = other.lease.map(|l| LeaseRequest { key: key2, ..l });
+    let id = h.run(Request::ReplayOpen(other));
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::AccessDenied);
+    let hd = &h.engine.handles[&key];
+    assert_eq!(
+        (
+            hd.rec.conn,
+            hd.expires_mono,
+            h.engine.stats.replays_detected
+        ),
+        was
+    );
+    assert_eq!(h_stored(&h, key), stored, "the store holds it as it was");
+    let id = h.run(Request::ReplayOpen(o));
+    h.commit(true);
+    assert_eq!(h.opened(id), key, "under its own key");
+}
+
 /// A plain (non-durable) open of `path` by alice, read and write, sharing
 /// nothing.
 fn plain_exclusive_open(path: &str, disposition: Disposition) -> Request {

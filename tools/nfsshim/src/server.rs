@@ -2610,6 +2610,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         // event threads send it) rather than be DELAY first (review
         // rvspec n2/n7).
         wait_for_hints: true,
+        replay_same_lease: false,
         share_group: Some(owner.clone()),
         stat: false,
         share_exempt: false,
@@ -3081,6 +3082,7 @@ fn recarry_kept_delegations(
             }),
             no_wait: true,
             wait_for_hints: true,
+            replay_same_lease: false,
             share_group: Some(owner.to_owned()),
             stat: false,
             share_exempt: false,
@@ -4005,6 +4007,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     lease: None,
                     no_wait: true,
                     wait_for_hints: true,
+                    replay_same_lease: false,
                     share_group: Some(o.rec.owner.clone()),
                     stat: false,
                     share_exempt: false,

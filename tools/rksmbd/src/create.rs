@@ -700,6 +700,7 @@ fn open_file(
         // lease-break acknowledgments unread behind the CREATE (Busy,
         // retried as a lease break's open is).
         wait_for_hints: false,
+        replay_same_lease: false,
         share_group: None,
         stat: is_oplock_stat_open(f.access),
         // For extended attributes, WRITE_DAC, WRITE_OWNER: exempt from
@@ -810,6 +811,21 @@ pub struct Prepared {
     end: SessionEnd,
 }
 
+impl Prepared {
+    /// Its request as a replay: one with a lease context must find the
+    /// open under that lease key, which filterd checks before it
+    /// reattaches anything (`OpenRequest::replay_same_lease`; re-review
+    /// rr39e F4: [`keep_open`] refusing it after, the detach restarted a
+    /// disconnected open's durable timeout). An oplock's key is rksmbd's
+    /// own, drawn afresh: it names nothing.
+    fn replay_request(&self) -> OpenRequest {
+        OpenRequest {
+            replay_same_lease: self.lease.is_some(),
+            ..self.req.clone()
+        }
+    }
+}
+
 /// One filterd open of `p`, never waiting for lease breaks (filterd
 /// answers Busy then). A fresh DH2Q open goes through
 /// `open_replayed_by_guid`: answered after the call gave up, its handle
@@ -838,7 +854,7 @@ pub struct Prepared {
 fn try_open(sh: &Shared, p: &Prepared) -> Result<libfilter::client::OpenedHandle, ClientError> {
     sh.filter.open_when_synced(&p.req.client, |c| {
         if p.replay {
-            c.replay_open_for(p.req.clone(), &p.end)
+            c.replay_open_for(p.replay_request(), &p.end)
         } else if p.by_guid {
             // Until the session's LOGOFF, which closes what its CREATEs
             // answered STATUS_SERVER_UNAVAILABLE left (`unanswered`).
@@ -1547,7 +1563,7 @@ fn claim(
     // No open of this connection holds the GUID but the one being made:
     // what goes wrong now lets it go.
     let alone = !c.opens.values().any(|o| o.create_guid == Some(guid));
-    match c.sh.filter.replay_open_for(p.req.clone(), &p.end) {
+    match c.sh.filter.replay_open_for(p.replay_request(), &p.end) {
         Ok(h) => {
             // No longer durable (its lease lowered meanwhile): kept as a
             // plain open, which holds no claim.
