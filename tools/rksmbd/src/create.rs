@@ -1254,6 +1254,10 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
     // again, for a replay or DH2C under its own key. Before, it was
     // answered success under the key asked while filterd's lease stayed
     // the original's (review rvfailover). A fresh open holds the key asked.
+    // A filterd with `FEATURE_RESUME_MATCH` refuses such a replay itself
+    // before it reattaches the open ([`Prepared::replay_request`]): only
+    // an older one gets here, where the detach restarts the open's
+    // durable timeout (re-review rr39e F4).
     if let (true, Some(_), Some(l), Some(asked)) = (replay, durable, held, &lease) {
         if l.key != breaks::scoped_key(c.client_guid, asked.key) {
             tracing::debug!(resume_key = %key, "replayed create asks for another lease key");
