@@ -342,12 +342,13 @@ pub(super) struct Batch {
     /// replayed or resumed one): only that one is dropped if the commit
     /// its reply waits for fails (`Undo::Drop`).
     pub(super) inserted: Option<ResumeKey>,
-    /// The handle the current request replayed while it is still attached
-    /// on the same connection: the break in progress is sent again behind
-    /// the reply even when other holders of its lease key are attached
-    /// there (rksmbd's one connection carries every channel; re-review
-    /// rr40a R1).
-    pub(super) replayed_attached: Option<ResumeKey>,
+    /// The handle the current request attached again — replayed while
+    /// still attached on the same connection, or resumed or replayed while
+    /// disconnected: the break in progress is sent again behind the reply
+    /// even when other holders of its lease key are attached there
+    /// (rksmbd's one connection carries every channel and connection of a
+    /// client; re-review rr40a R1, rr40b F2).
+    pub(super) rebound: Option<ResumeKey>,
 }
 
 impl Default for Batch {
@@ -371,7 +372,7 @@ impl Default for Batch {
             pending: BTreeMap::new(),
             reply_point: None,
             inserted: None,
-            replayed_attached: None,
+            rebound: None,
         }
     }
 }
@@ -558,7 +559,7 @@ impl Engine {
         self.batch.committed = self.pipe.committed();
         self.batch.reply_point = None;
         self.batch.inserted = None;
-        self.batch.replayed_attached = None;
+        self.batch.rebound = None;
     }
 
     /// The commit the request being run waits for, while it is pending.

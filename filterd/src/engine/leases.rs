@@ -1067,13 +1067,15 @@ impl Engine {
     /// The holder gets at least [`Self::resume_grace_ms`] from now to
     /// write back and acknowledge: the deadline set when the break was
     /// decided may be about to pass (re-review rr39h F3: a holder that
-    /// resumed 0.2 s before it had 0.2 s). With `replay` (the request
-    /// replayed `key` while it stayed attached on `conn`), other holders
-    /// attached on `conn` do not count as told: the replay says its client
-    /// lost what `conn` carried (a channel of rksmbd's one filterd
-    /// connection that died; re-review rr40a R1: a client with a second
-    /// open under the key was never sent the break again).
-    pub(super) fn resend_break_on_attach(&mut self, conn: ConnId, key: ResumeKey, replay: bool) {
+    /// resumed 0.2 s before it had 0.2 s). With `rebound` (the request
+    /// replayed `key` while it stayed attached on `conn`, or resumed or
+    /// replayed it while disconnected), other holders attached on `conn`
+    /// do not count as told: the client may have lost what `conn` carried
+    /// to it (a channel or connection of rksmbd's, which reaches filterd
+    /// over one connection, that died; re-review rr40a R1, rr40b F2: a
+    /// client with a second open under the key was never sent the break
+    /// again). A second copy of a break the client did see is harmless.
+    pub(super) fn resend_break_on_attach(&mut self, conn: ConnId, key: ResumeKey, rebound: bool) {
         let Some(h) = self.handles.get(&key) else {
             return;
         };
@@ -1089,7 +1091,7 @@ impl Engine {
         };
         let told_elsewhere = self
             .lease_holders(file, l.key)
-            .any(|o| o.rec.key != key && o.conn.is_some_and(|c| !replay || c != conn));
+            .any(|o| o.rec.key != key && o.conn.is_some_and(|c| !rebound || c != conn));
         if told_elsewhere {
             return;
         }

@@ -1092,7 +1092,7 @@ impl Engine {
         }
         // A holder resumed mid-break learns of the break behind its reply.
         if let Some(key) = attached {
-            self.resend_break_on_attach(conn, key, self.batch.replayed_attached == Some(key));
+            self.resend_break_on_attach(conn, key, self.batch.rebound == Some(key));
         }
     }
 

@@ -865,7 +865,7 @@ impl Engine {
         }
         let reply = match (h.conn, h.rec.conn) {
             (Some(c), _) if c == conn => {
-                self.batch.replayed_attached = Some(key);
+                self.batch.rebound = Some(key);
                 let size =
                     h.fd.as_ref()
                         .and_then(|f| self.fs.stat(f.as_fd()).ok())
@@ -1178,6 +1178,7 @@ impl Engine {
         instance: InstanceName,
         key: ResumeKey,
     ) -> Result<Opened, WireError> {
+        self.batch.rebound = Some(key);
         let h = self
             .handles
             .get_mut(&key)

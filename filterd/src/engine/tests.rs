@@ -4775,17 +4775,66 @@ fn a_replayed_open_of_one_of_two_attached_holders_on_one_connection_is_sent_the_
     replay_mid_break(true);
 }
 
+/// Re-review rr40b F2: a durable holder whose connection died mid-break
+/// and that resumes on the same filterd connection as a second open
+/// under its lease key (rksmbd: every client connection on one) is sent
+/// the break again: the other open counted as told, though the break had
+/// gone to the dead connection.
+#[test]
+fn a_resumed_holder_beside_another_attached_holder_is_sent_the_break_again() {
+    let durable = Durability::Persistent { timeout_ms: 60_000 };
+    let (mut h, _k, holder, _o, bob) = holders_mid_break(true, durable);
+    h.run(Request::Detach {
+        key: holder,
+        delete_on_close: None,
+    });
+    h.commit(true);
+    resume_alices(&mut h, holder);
+    let breaks = lease_breaks(&h);
+    assert_eq!(breaks.len(), 2, "sent again behind the resume: {breaks:?}");
+    assert!(h.reply(bob).is_none(), "bob still waits");
+}
+
 /// An SMB 2/3 RWH holder of "a" (and a `second` open under its key),
 /// bob's open waiting for its break, then the holder's open replayed:
 /// the harness, the lease key, bob's request and the breaks sent (two:
 /// checked).
 fn replay_mid_break(second: bool) -> (Harness, libfilter::lease::LeaseKey, u64, Vec<BreakSent>) {
+    let durable = Durability::Persistent { timeout_ms: 60_000 };
+    let (mut h, k, holder, o, bob) = holders_mid_break(second, durable);
+    let again = h.run(Request::ReplayOpen(o));
+    h.commit(true);
+    h.drain_replies();
+    assert_eq!(h.opened(again), holder, "the replay gets the original");
+    let breaks = lease_breaks(&h);
+    assert_eq!(breaks.len(), 2, "sent again behind the replay: {breaks:?}");
+    assert!(h.reply(bob).is_none(), "bob still waits");
+    (h, k, bob, breaks)
+}
+
+/// An SMB 2/3 RWH holder of "a" opened with `durability` (and a `second`
+/// open under its key, attached on the same connection), and bob's open
+/// waiting for the break sent: the harness, the lease key, the holder,
+/// its open request, bob's request.
+fn holders_mid_break(
+    second: bool,
+    durability: Durability,
+) -> (
+    Harness,
+    libfilter::lease::LeaseKey,
+    ResumeKey,
+    OpenRequest,
+    u64,
+) {
     let fs = MemFs::new();
     fs.put("a", 10);
     let mut h = Harness::on_as(fs, libfilter::lease::MSFSA_PROTOCOL);
     let k = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
-    let req = with_rwh_lease(open("a", Rights::ALL), k);
-    let holder = h.run(req.clone());
+    let Request::Open(mut o) = with_rwh_lease(open("a", Rights::ALL), k) else {
+        unreachable!("an open")
+    };
+    o.durability = durability;
+    let holder = h.run(Request::Open(o.clone()));
     h.commit(true);
     let holder = h.opened(holder);
     if second {
@@ -4801,17 +4850,7 @@ fn replay_mid_break(second: bool) -> (Harness, libfilter::lease::LeaseKey, u64, 
     h.commit(true);
     h.drain_replies();
     assert_eq!(lease_breaks(&h).len(), 1, "the break is sent");
-    let Request::Open(o) = req else {
-        unreachable!("an open")
-    };
-    let again = h.run(Request::ReplayOpen(o));
-    h.commit(true);
-    h.drain_replies();
-    assert_eq!(h.opened(again), holder, "the replay gets the original");
-    let breaks = lease_breaks(&h);
-    assert_eq!(breaks.len(), 2, "sent again behind the replay: {breaks:?}");
-    assert!(h.reply(bob).is_none(), "bob still waits");
-    (h, k, bob, breaks)
+    (h, k, holder, o, bob)
 }
 
 /// An SMB 2/3 persistent RWH holder of "a" away (detached), and bob's
