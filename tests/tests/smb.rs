@@ -2304,6 +2304,8 @@ struct HeldReplies {
     shim: Shim,
     log: std::path::PathBuf,
     hold: std::path::PathBuf,
+    /// Its removal holds answered CREATEs before their store.
+    release: std::path::PathBuf,
 }
 
 impl HeldReplies {
@@ -2328,14 +2330,32 @@ impl HeldReplies {
             shim,
             log,
             hold,
+            release,
         }
     }
 
     /// The first line of smbshim's log holding `needle` (waited for).
     fn logged(&self, needle: &str) -> String {
+        self.logged_nth(needle, 1)
+    }
+
+    /// Alice's connection (reads time out after 20 s), her session and a
+    /// fresh lease key of hers.
+    fn alice(&self) -> (LineClient, u64, String) {
+        let (a, sa) = new_client(&self.shim.addr, "alice");
+        a.set_read_timeout(Duration::from_secs(20));
+        (a, sa, uuid::Uuid::new_v4().to_string())
+    }
+
+    /// The `nth` line (from 1) of smbshim's log holding `needle` (waited
+    /// for).
+    fn logged_nth(&self, needle: &str, nth: usize) -> String {
         wait_for(needle, Duration::from_secs(20), || {
             let text = std::fs::read_to_string(&self.log).ok()?;
-            text.lines().find(|l| l.contains(needle)).map(str::to_owned)
+            text.lines()
+                .filter(|l| l.contains(needle))
+                .nth(nth - 1)
+                .map(str::to_owned)
         })
     }
 }
@@ -2362,6 +2382,26 @@ fn acked_break_lets_bob_in(
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }
 
+/// Bob's CREATE of `f` for writing, which breaks alice's lease on it, in
+/// flight.
+fn bobs_breaking_create(addr: &str) -> rkfilter_tests::InFlight {
+    let (b, sb) = new_client(addr, "bob");
+    rkfilter_tests::InFlight::send(
+        b,
+        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["write"],
+               "share": ["read", "write", "delete"], "disposition": "open"}),
+    )
+}
+
+/// The reply to alice's CREATE `mid` on `c`: granted RWH, with nothing
+/// ahead of it (the break of `fate`).
+fn granted_rwh_ahead_of_the_break(c: &mut LineClient, mid: u64, fate: &str) {
+    let (r, before) = c.reply_to("mid", mid).expect("alice's CREATE");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    assert!(before.is_empty(), "ahead of the reply ({fate}): {before:?}");
+}
+
 /// A break held behind the reply of a CREATE that named its session on
 /// another connection goes to the session's connection when the reply's
 /// connection is gone (any connection may name a session): before, it was
@@ -2372,9 +2412,7 @@ fn acked_break_lets_bob_in(
 fn a_break_held_behind_a_reply_whose_connection_died_goes_to_the_session() {
     let h = HeldReplies::start("smb-break-held-conn-died");
     let (shim, hold) = (&h.shim, &h.hold);
-    let (mut a, sa) = new_client(&shim.addr, "alice");
-    a.set_read_timeout(Duration::from_secs(20));
-    let lk = uuid::Uuid::new_v4().to_string();
+    let (mut a, sa, lk) = h.alice();
     let create = |access: &[&str]| {
         json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": access,
                "share": ["read", "write", "delete"], "disposition": "open_if",
@@ -2391,12 +2429,7 @@ fn a_break_held_behind_a_reply_whose_connection_died_goes_to_the_session() {
     let mut a2 = LineClient::over(stream);
     a2.send_only("mid", create(&["read"]));
     h.logged("a stored CREATE's reply waits");
-    let (b, sb) = new_client(&shim.addr, "bob");
-    let bobs = rkfilter_tests::InFlight::send(
-        b,
-        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["write"],
-               "share": ["read", "write", "delete"], "disposition": "open"}),
-    );
+    let bobs = bobs_breaking_create(&shim.addr);
     let fate = h.logged(&format!("the break of lease {lk}"));
     assert!(fate.contains("held behind its reply"), "{fate}");
     // The second connection dies (reset: nothing more can be written to it).
@@ -2423,10 +2456,7 @@ fn a_break_after_its_open_is_stored_waits_for_its_reply() {
     let h = HeldReplies::start("smb-break-before-reply");
     let (shim, hold) = (&h.shim, &h.hold);
     std::fs::write(hold, b"").expect("hold CREATE replies");
-    let (mut a, sa) = new_client(&shim.addr, "alice");
-    a.set_read_timeout(Duration::from_secs(20));
-    let (b, sb) = new_client(&shim.addr, "bob");
-    let lk = uuid::Uuid::new_v4().to_string();
+    let (mut a, sa, lk) = h.alice();
     let mid = a.send_only(
         "mid",
         json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
@@ -2434,17 +2464,59 @@ fn a_break_after_its_open_is_stored_waits_for_its_reply() {
                "lease": {"key": lk, "state": "RWH"}}),
     );
     h.logged("a stored CREATE's reply waits");
-    let bobs = rkfilter_tests::InFlight::send(
-        b,
-        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["write"],
-               "share": ["read", "write", "delete"], "disposition": "open"}),
-    );
+    let bobs = bobs_breaking_create(&shim.addr);
     let fate = h.logged(&format!("the break of lease {lk}"));
     std::fs::remove_file(hold).expect("let the reply go");
-    let (r, before) = a.reply_to("mid", mid).expect("alice's CREATE");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    assert_eq!(r["lease"]["state"], "RWH", "{r}");
-    assert!(before.is_empty(), "ahead of the reply ({fate}): {before:?}");
+    granted_rwh_ahead_of_the_break(&mut a, mid, &fate);
     let n = a.next_line().expect("alice's LEASE_BREAK");
     acked_break_lets_bob_in(&mut a, sa, &lk, &n, bobs);
+}
+
+/// A break of a lease two of a client's opens hold, each CREATE's reply
+/// still to come when filterd sent it, goes once both replies are queued
+/// — behind the last — not behind the first one's (re-review rr39f 2:
+/// it was held behind one reply only, and the client could see the break
+/// before the other CREATE's reply, whose lease state it then took over
+/// the one broken to). Alice's first CREATE is stored and its reply held;
+/// her second, on another connection naming her session, is answered by
+/// filterd and held before its store; bob's conflicting CREATE has
+/// filterd send the break; the first reply then goes (nothing behind it
+/// before an ECHO's), then the second (the break behind it).
+#[test]
+fn a_break_waits_for_every_pending_reply_under_its_lease() {
+    let h = HeldReplies::start("smb-break-two-replies");
+    let (shim, hold) = (&h.shim, &h.hold);
+    std::fs::write(hold, b"").expect("hold CREATE replies");
+    let (mut a, sa, lk) = h.alice();
+    let create = |access: &[&str]| {
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": access,
+               "share": ["read", "write", "delete"], "disposition": "open_if",
+               "lease": {"key": lk, "state": "RWH"}})
+    };
+    let first = a.send_only("mid", create(&["read", "write"]));
+    h.logged("a stored CREATE's reply waits");
+    // Later CREATEs wait before their store.
+    std::fs::remove_file(&h.release).expect("hold CREATEs before the store");
+    let mut a2 = LineClient::connect(&shim.addr);
+    a2.set_read_timeout(Duration::from_secs(20));
+    let second = a2.send_only("mid", create(&["read"]));
+    h.logged_nth("a CREATE filterd answered waits", 2);
+    let bobs = bobs_breaking_create(&shim.addr);
+    let fate = h.logged(&format!("the break of lease {lk}"));
+    std::fs::remove_file(hold).expect("let the first reply go");
+    granted_rwh_ahead_of_the_break(&mut a, first, &fate);
+    // Anything sent behind the first reply comes before the ECHO's.
+    let echo = a.send_only("mid", json!({"cmd": "ECHO"}));
+    let (r, before) = a.reply_to("mid", echo).expect("the ECHO");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        before.is_empty(),
+        "the break went before the second CREATE's reply ({fate}): {before:?}"
+    );
+    std::fs::write(&h.release, b"").expect("let the second CREATE be stored");
+    granted_rwh_ahead_of_the_break(&mut a2, second, &fate);
+    let n = a2
+        .next_line()
+        .expect("alice's LEASE_BREAK behind the last reply");
+    acked_break_lets_bob_in(&mut a2, sa, &lk, &n, bobs);
 }

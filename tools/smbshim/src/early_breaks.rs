@@ -1,5 +1,7 @@
-//! Lease breaks that reach smbshim before the open holding their lease is
-//! stored in its open table.
+//! Lease breaks that must wait before they go to the client: for the
+//! open holding their lease to be stored in smbshim's open table, and for
+//! the replies of the calls that stored (or are making) opens under their
+//! lease to be queued.
 //!
 //! filterd sends a break only after the reply that granted the lease, on
 //! the same connection — but the reply goes to the thread whose CREATE (or
@@ -7,33 +9,46 @@
 //! (`forward_breaks`), which may look for the lease's open before that
 //! thread has stored it. Such a break found no open and was dropped: the
 //! breaking request waited the whole break timeout, and the client kept
-//! a lease it no longer held (re-review rr38h). Now a break that finds no
-//! open is parked here while a call that makes an open is in flight on
-//! the member ([`EarlyBreaks::begin`]), taken by the first open stored
-//! under its lease key on its file by one of the calls in flight when it
-//! came ([`EarlyBreaks::take`]: only such a call can have been granted the
-//! lease — a later one, say the same client opening the file again under
-//! the key after the break ended, holds a lease filterd granted anew, and
-//! took a stale break before: re-review rr39b 1), and dropped
-//! once every call that was in flight when it came has ended without
-//! storing one — that open was refused, or let go or closed (filterd ends
-//! the break of a lease no attached open holds any more at once: its
+//! a lease it no longer held (re-review rr38h). A client that sees the
+//! break before the reply of an open under the lease takes the reply's
+//! lease state over the one broken to, so a break waits ([`PendingBreak`])
+//! for every call in flight when it came that may make an open under its
+//! lease key ([`EarlyBreaks::park`], by [`Interest`]: a CREATE naming the
+//! key, a RECONNECT of an open holding it, a replayed CREATE, which need
+//! not name the lease its original holds), and for the reply of every
+//! call that stored an open under it and is not yet answered (the
+//! server's `HeldNotes`). Before (re-review rr39f 2), it waited behind one
+//! such reply only, or was taken by the first open stored under the key:
+//! with two CREATEs of one client under one key, the client could see the
+//! break before the other's reply, and that open kept the state from
+//! before the break.
+//!
+//! A call that stores an open under the lease key on the break's file
+//! takes the break ([`EarlyBreaks::take`]): applies it to its open and
+//! holds it behind its own reply. Only a call in flight when the break
+//! came can have been granted the lease before it — a later one, say the
+//! same client opening the file again under the key after the break
+//! ended, holds a lease filterd granted anew, and took a stale break
+//! before (re-review rr39b 1). A break whose calls all ended without
+//! storing such an open, and that no stored open held, goes nowhere — that
+//! open was refused, or let go or closed (filterd ends the break of a
+//! lease no attached open holds any more at once: its
 //! `settle_unackable_break` and `lease_key_released`), so nothing waits
-//! for an ack of it. As nfsshim's `Opening` does for its OPENs; smbshim
-//! parks by call rather than by key, since a replayed CREATE need not
-//! name the lease its original holds.
+//! for an ack of it. As nfsshim's `Opening` does for its OPENs.
 //!
 //! Bounded: a call in flight holds an open slot (`open_slot`), and the
-//! parked breaks are at most [`PARKED_MAX`] — past that the oldest goes
-//! (as before the fix, it waits out the break timeout in filterd).
+//! breaks waiting for calls are at most [`PARKED_MAX`] — past that the
+//! oldest stops waiting for its calls (it goes if it has somewhere to go,
+//! else, as before the fix, it waits out the break timeout in filterd).
 
-use std::collections::{BTreeSet, VecDeque};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::model::FileId;
+use serde_json::Value;
 
-/// Most breaks parked per member at once.
+/// Most breaks waiting for calls per member at once.
 pub(crate) const PARKED_MAX: usize = 1024;
 
 /// A lease break as filterd sent it (`Event::LeaseBreak`).
@@ -47,39 +62,172 @@ pub(crate) struct Break {
     pub file: Option<FileId>,
 }
 
+/// Which breaks a call that makes an open may have to take: those of the
+/// leases the open may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Interest {
+    /// It asks for no lease and can be granted none.
+    None,
+    /// It can hold lease `LeaseKey` only (a CREATE asking for it, a
+    /// RECONNECT of an open holding it).
+    Key(LeaseKey),
+    /// Any lease (a replayed CREATE: its original's).
+    Any,
+}
+
+impl Interest {
+    fn covers(self, key: LeaseKey) -> bool {
+        match self {
+            Interest::None => false,
+            Interest::Key(k) => k == key,
+            Interest::Any => true,
+        }
+    }
+}
+
 /// What [`EarlyBreaks::park`] did with a break.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Parked {
-    /// Not parked: no call is in flight.
+    /// Not parked: no call in flight may make an open under its lease.
     Not,
     Yes,
-    /// Parked, and the oldest parked break, of this lease, dropped for it
-    /// ([`PARKED_MAX`]).
+    /// Parked, and the oldest parked break, of this lease, stopped
+    /// waiting for its calls for it ([`PARKED_MAX`]).
     Dropping(LeaseKey),
 }
 
-/// One member's parked breaks and its calls in flight that make opens.
+/// A LEASE_BREAK notification and what it waits for before it goes: its
+/// gates, each passed once — the arrival (`forward_breaks` until it has
+/// looked for opens and calls), the calls in flight when it came that may
+/// make an open under its lease (one gate for all of them while parked,
+/// [`EarlyBreaks`]), and each reply, not yet queued, of a call that stored
+/// an open under it (the server's `HeldNotes`). The last gate passed sends
+/// it: on the connection of the last reply queued, else on the one of the
+/// session of an open under the lease ([`PendingBreak::fall_back_to`]);
+/// with neither, it goes nowhere.
+pub(crate) struct PendingBreak {
+    note: Value,
+    gates: Mutex<Gates>,
+}
+
+#[derive(Default)]
+struct Gates {
+    /// Gates not yet passed.
+    open: usize,
+    /// The connection of the last reply queued that it waited for.
+    via: Option<shimline::Writer>,
+    /// The connection of the session of an open under its lease.
+    to: Option<shimline::Writer>,
+    /// Every gate passed with no connection known: it goes to `to` once
+    /// known.
+    unsent: bool,
+}
+
+impl Gates {
+    /// Sends `note` on `via`, else on `to`; false if neither took it.
+    fn send(&self, note: &Value) -> bool {
+        [self.via.as_ref(), self.to.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|w| shimline::send(w, note))
+    }
+}
+
+impl PendingBreak {
+    /// The break `note`, with its arrival gate only.
+    pub(crate) fn new(note: Value) -> Arc<PendingBreak> {
+        Arc::new(PendingBreak {
+            note,
+            gates: Mutex::new(Gates {
+                open: 1,
+                ..Gates::default()
+            }),
+        })
+    }
+
+    /// One more gate to pass before it goes.
+    pub(crate) fn gate(&self) {
+        if let Ok(mut g) = self.gates.lock() {
+            g.open = g.open.saturating_add(1);
+        }
+    }
+
+    /// One gate passed — a reply queued on `w`, or without a connection (a
+    /// call that ended, a reply that did not go, the arrival). The last
+    /// sends it. Never blocks: `shimline::send` queues.
+    pub(crate) fn pass(&self, w: Option<&shimline::Writer>) {
+        let Ok(mut g) = self.gates.lock() else {
+            return;
+        };
+        if let Some(w) = w {
+            g.via = Some(w.clone());
+        }
+        g.open = g.open.saturating_sub(1);
+        if g.open == 0 {
+            g.unsent = !g.send(&self.note);
+        }
+    }
+
+    /// The connection of the session of an open under its lease, where it
+    /// goes when no reply's connection takes it: a client whose CREATE
+    /// named its session on another connection that then died still holds
+    /// the lease there, and would keep it while the breaker waits the
+    /// whole break timeout (re-review rr39f). Sent now if it waited for
+    /// this.
+    pub(crate) fn fall_back_to(&self, to: shimline::Writer) {
+        let Ok(mut g) = self.gates.lock() else {
+            return;
+        };
+        g.to = Some(to);
+        if g.unsent {
+            g.unsent = !g.send(&self.note);
+        }
+    }
+
+    /// Whether every gate was passed: it went, or goes once a connection
+    /// is known (tests).
+    #[cfg(test)]
+    fn due(&self) -> bool {
+        self.gates.lock().is_ok_and(|g| g.open == 0)
+    }
+}
+
+/// One member's calls in flight that make opens, and the breaks waiting
+/// for them.
 #[derive(Default)]
 pub(crate) struct EarlyBreaks(Mutex<Inner>);
+
+/// A break waiting for calls.
+struct Parking {
+    b: Break,
+    pending: Arc<PendingBreak>,
+    /// The calls in flight when it came that may make an open under its
+    /// lease and have not ended: it holds one gate of `pending` while any
+    /// is left.
+    calls: BTreeSet<u64>,
+}
 
 #[derive(Default)]
 struct Inner {
     /// The number the next call gets.
     next: u64,
-    /// The calls in flight, by number.
-    in_flight: BTreeSet<u64>,
-    /// Oldest first, each with `next` as it came: only calls numbered
-    /// below it can have been granted its lease.
-    parked: VecDeque<(u64, Break)>,
+    /// The calls in flight, by number, each with its client's GUID.
+    in_flight: BTreeMap<u64, (Interest, uuid::Uuid)>,
+    /// Oldest first.
+    parked: VecDeque<Parking>,
 }
 
 impl Inner {
-    /// Drops the parked breaks no call in flight can claim any more.
-    fn drop_unclaimable(&mut self) {
-        let oldest = self.in_flight.first().copied().unwrap_or(u64::MAX);
-        while self.parked.front().is_some_and(|(seen, _)| *seen <= oldest) {
-            self.parked.pop_front();
-        }
+    /// Call `n` is no longer waited for by the parked breaks (it ended, or
+    /// took them); those it was the last call of pass their gate.
+    fn let_go_of(&mut self, n: u64, only: impl Fn(&Break) -> bool) {
+        self.parked.retain_mut(|p| {
+            if only(&p.b) && p.calls.remove(&n) && p.calls.is_empty() {
+                p.pending.pass(None);
+                return false;
+            }
+            true
+        });
     }
 }
 
@@ -91,8 +239,8 @@ pub(crate) struct Making<'a> {
 }
 
 impl Making<'_> {
-    /// The call's number: it may take the breaks parked while it was in
-    /// flight ([`EarlyBreaks::take`]).
+    /// The call's number: it may take the breaks parked for it
+    /// ([`EarlyBreaks::take`]).
     pub(crate) fn number(&self) -> u64 {
         self.n
     }
@@ -102,66 +250,107 @@ impl Drop for Making<'_> {
     fn drop(&mut self) {
         if let Ok(mut i) = self.early.0.lock() {
             i.in_flight.remove(&self.n);
-            i.drop_unclaimable();
+            i.let_go_of(self.n, |_| true);
         }
     }
 }
 
 impl EarlyBreaks {
-    /// A call that may make an open starts (before its request is sent).
-    pub(crate) fn begin(&self) -> Making<'_> {
+    /// A call of client `client` that may make an open under the leases
+    /// of `interest` starts (before its request is sent).
+    pub(crate) fn begin(&self, interest: Interest, client: uuid::Uuid) -> Making<'_> {
         let n = self.0.lock().map_or(u64::MAX, |mut i| {
             let n = i.next;
             i.next = i.next.wrapping_add(1);
-            i.in_flight.insert(n);
+            i.in_flight.insert(n, (interest, client));
             n
         });
         Making { early: self, n }
     }
 
-    /// Parks `b`, which found no open, for a call in flight. Called under
-    /// the open table's lock, as [`EarlyBreaks::take`] is; the caller logs
-    /// a break dropped for room once out of it.
-    pub(crate) fn park(&self, b: Break) -> Parked {
+    /// Break `b` (`pending`) waits for the calls in flight that may make
+    /// an open under its lease, if any — of client `client`, when an open
+    /// under the lease says whose it is: they may have been granted it
+    /// before it and not have stored their opens, or not queued their
+    /// replies. (Another client's replayed CREATE, which may be waiting
+    /// for this very break's ack, is not waited for.) Called under the
+    /// open table's lock, as [`EarlyBreaks::take`] is; the caller logs a
+    /// break dropped for room once out of it.
+    pub(crate) fn park(
+        &self,
+        b: Break,
+        pending: &Arc<PendingBreak>,
+        client: Option<uuid::Uuid>,
+    ) -> Parked {
         let Ok(mut i) = self.0.lock() else {
             return Parked::Not;
         };
-        if i.in_flight.is_empty() {
+        let calls: BTreeSet<u64> = i
+            .in_flight
+            .iter()
+            .filter(|(_, (interest, c))| {
+                interest.covers(b.lease_key) && client.is_none_or(|client| client == *c)
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        if calls.is_empty() {
             return Parked::Not;
         }
         let dropped = match i.parked.len() >= PARKED_MAX {
-            true => i.parked.pop_front().map(|(_, old)| old.lease_key),
+            true => i.parked.pop_front().map(|old| {
+                old.pending.pass(None);
+                old.b.lease_key
+            }),
             false => None,
         };
-        let seen = i.next;
-        i.parked.push_back((seen, b));
+        pending.gate();
+        i.parked.push_back(Parking {
+            b,
+            pending: pending.clone(),
+            calls,
+        });
         match dropped {
             Some(k) => Parked::Dropping(k),
             None => Parked::Yes,
         }
     }
 
-    /// The parked breaks of lease `key` on `file` that call `call` (its
-    /// [`Making::number`]) may have been granted the lease of — those that
-    /// came while it was in flight — oldest first; an open under the key
-    /// was just stored by it. They are no longer parked.
-    pub(crate) fn take(&self, key: LeaseKey, file: FileId, call: u64) -> Vec<Break> {
+    /// The parked breaks of lease `key` on `file` that wait for call
+    /// `call` (its [`Making::number`]), which just stored an open under
+    /// the key — those that came while it was in flight — oldest first,
+    /// each with a gate more for the caller to hold behind the call's
+    /// reply. They no longer wait for the call, nor for other clients'
+    /// calls: the lease is its client's.
+    pub(crate) fn take(
+        &self,
+        key: LeaseKey,
+        file: FileId,
+        call: u64,
+    ) -> Vec<(Break, Arc<PendingBreak>)> {
         let Ok(mut i) = self.0.lock() else {
             return Vec::new();
         };
+        let mine = |b: &Break| b.lease_key == key && b.file.is_none_or(|f| f == file);
+        let client = i.in_flight.get(&call).map(|(_, c)| *c);
+        let Inner {
+            in_flight, parked, ..
+        } = &mut *i;
         let mut taken = Vec::new();
-        i.parked.retain(|(seen, b)| {
-            let mine = *seen > call && b.lease_key == key && b.file.is_none_or(|f| f == file);
-            if mine {
-                taken.push(*b);
-            }
-            !mine
-        });
+        for p in parked
+            .iter_mut()
+            .filter(|p| mine(&p.b) && p.calls.contains(&call))
+        {
+            p.pending.gate();
+            taken.push((p.b, p.pending.clone()));
+            p.calls
+                .retain(|n| *n == call || in_flight.get(n).map(|(_, c)| *c) == client);
+        }
+        i.let_go_of(call, mine);
         taken
     }
 
     /// Forgets every parked break: filterd restarted, and no break of
-    /// before is in progress there.
+    /// before is in progress there. They never go.
     pub(crate) fn clear(&self) {
         if let Ok(mut i) = self.0.lock() {
             i.parked.clear();
@@ -194,22 +383,38 @@ mod tests {
         LeaseKey(uuid::Uuid::new_v4())
     }
 
-    /// Nothing is parked with no call in flight, and a break goes once
-    /// every call in flight when it came has ended — not with a later
-    /// call still in flight, which cannot have been granted its lease.
+    /// Two clients.
+    const A: uuid::Uuid = uuid::Uuid::from_u128(1);
+    const B: uuid::Uuid = uuid::Uuid::from_u128(2);
+
+    /// Parks `b` as `forward_breaks` does, its arrival gate passed.
+    fn park(e: &EarlyBreaks, b: Break) -> (Parked, Arc<PendingBreak>) {
+        let p = PendingBreak::new(Value::Null);
+        let parked = e.park(b, &p, None);
+        p.pass(None);
+        (parked, p)
+    }
+
+    /// Nothing is parked with no call in flight that may make an open
+    /// under the lease, and a break goes once every call in flight when it
+    /// came has ended — not with a later call still in flight, which
+    /// cannot have been granted its lease.
     #[test]
     fn a_break_is_parked_only_for_the_calls_in_flight_when_it_came() {
         let e = EarlyBreaks::default();
-        assert_eq!(e.park(brk(key(), None)), Parked::Not);
-        let first = e.begin();
-        assert_eq!(e.park(brk(key(), None)), Parked::Yes);
-        let later = e.begin();
+        let k = key();
+        assert_eq!(park(&e, brk(k, None)).0, Parked::Not);
+        let first = e.begin(Interest::Key(k), A);
+        let _other = e.begin(Interest::Key(key()), A);
+        let _none = e.begin(Interest::None, A);
+        assert_eq!(park(&e, brk(k, None)).0, Parked::Yes);
+        let later = e.begin(Interest::Any, A);
         assert_eq!(e.parked(), 1);
         drop(first);
         assert_eq!(e.parked(), 0, "the call it waited for failed");
         // One parked for both calls stays while either is in flight.
-        let again = e.begin();
-        assert_eq!(e.park(brk(key(), None)), Parked::Yes);
+        let again = e.begin(Interest::Key(k), A);
+        assert_eq!(park(&e, brk(k, None)).0, Parked::Yes);
         drop(later);
         assert_eq!(e.parked(), 1);
         drop(again);
@@ -221,7 +426,7 @@ mod tests {
     #[test]
     fn an_open_takes_the_breaks_of_its_lease_on_its_file() {
         let e = EarlyBreaks::default();
-        let m = e.begin();
+        let m = e.begin(Interest::Any, A);
         let (k, other) = (key(), key());
         let (f, g) = (FileId { dev: 1, ino: 2 }, FileId { dev: 1, ino: 3 });
         for b in [
@@ -230,10 +435,11 @@ mod tests {
             brk(other, Some(f)),
             brk(k, None),
         ] {
-            assert_eq!(e.park(b), Parked::Yes);
+            assert_eq!(park(&e, b).0, Parked::Yes);
         }
         let n = m.number();
-        assert_eq!(e.take(k, f, n), vec![brk(k, Some(f)), brk(k, None)]);
+        let taken: Vec<Break> = e.take(k, f, n).into_iter().map(|(b, _)| b).collect();
+        assert_eq!(taken, vec![brk(k, Some(f)), brk(k, None)]);
         assert!(e.take(k, f, n).is_empty(), "taken once");
         assert_eq!(e.parked(), 2);
         e.clear();
@@ -245,13 +451,13 @@ mod tests {
     #[test]
     fn the_parked_breaks_are_bounded() {
         let e = EarlyBreaks::default();
-        let m = e.begin();
+        let m = e.begin(Interest::Any, A);
         let (first, last) = (key(), key());
-        assert_eq!(e.park(brk(first, None)), Parked::Yes);
+        assert_eq!(park(&e, brk(first, None)).0, Parked::Yes);
         for _ in 1..PARKED_MAX {
-            assert_eq!(e.park(brk(key(), None)), Parked::Yes);
+            assert_eq!(park(&e, brk(key(), None)).0, Parked::Yes);
         }
-        assert_eq!(e.park(brk(last, None)), Parked::Dropping(first));
+        assert_eq!(park(&e, brk(last, None)).0, Parked::Dropping(first));
         assert_eq!(e.parked(), PARKED_MAX);
         let f = FileId { dev: 0, ino: 0 };
         assert_eq!(e.take(last, f, m.number()).len(), 1);
@@ -267,11 +473,65 @@ mod tests {
     fn a_break_goes_only_to_a_call_in_flight_when_it_came() {
         let e = EarlyBreaks::default();
         let (k, f) = (key(), FileId { dev: 1, ino: 2 });
-        let long = e.begin();
-        assert_eq!(e.park(brk(k, Some(f))), Parked::Yes);
-        let again = e.begin();
+        let long = e.begin(Interest::Key(k), A);
+        assert_eq!(park(&e, brk(k, Some(f))).0, Parked::Yes);
+        let again = e.begin(Interest::Key(k), A);
         assert!(e.take(k, f, again.number()).is_empty());
         assert_eq!(e.parked(), 1);
-        assert_eq!(e.take(k, f, long.number()), vec![brk(k, Some(f))]);
+        assert_eq!(e.take(k, f, long.number()).len(), 1);
+    }
+
+    /// A break waiting for two calls under its lease is taken by both
+    /// (each open under the lease holds what it was broken to) and goes
+    /// once the last gate passes — both calls ended and both replies
+    /// queued — not when the first open is stored and its reply queued
+    /// (re-review rr39f 2: it went behind the first reply only).
+    #[test]
+    fn a_break_waits_for_every_call_under_its_lease() {
+        let e = EarlyBreaks::default();
+        let (k, f) = (key(), FileId { dev: 1, ino: 2 });
+        let (one, two) = (e.begin(Interest::Key(k), A), e.begin(Interest::Key(k), A));
+        let (parked, p) = park(&e, brk(k, Some(f)));
+        assert_eq!(parked, Parked::Yes);
+        let first = e.take(k, f, one.number());
+        assert_eq!(first.len(), 1);
+        drop(one);
+        // The first reply is queued (its connection gone here).
+        first.iter().for_each(|(_, p)| p.pass(None));
+        assert!(!p.due());
+        assert_eq!(e.parked(), 1, "still waiting for the second call");
+        let second = e.take(k, f, two.number());
+        assert_eq!(second.len(), 1);
+        assert_eq!(e.parked(), 0);
+        drop(two);
+        assert!(!p.due(), "the second reply is not queued");
+        second.iter().for_each(|(_, p)| p.pass(None));
+        assert!(p.due());
+    }
+
+    /// A break waits for its client's calls only: the lease is its
+    /// client's, and another client's replayed CREATE (which may hold any
+    /// lease) may be waiting for this very break's ack — waiting for it
+    /// would hold both until the break timeout.
+    #[test]
+    fn a_break_waits_for_its_clients_calls_only() {
+        let e = EarlyBreaks::default();
+        let (k, f) = (key(), FileId { dev: 1, ino: 2 });
+        let other = e.begin(Interest::Any, B);
+        let p = PendingBreak::new(Value::Null);
+        assert_eq!(e.park(brk(k, Some(f)), &p, Some(A)), Parked::Not);
+        p.pass(None);
+        assert!(p.due());
+        // Parked for both while whose it is is not known; the first open
+        // stored under it says.
+        let mine = e.begin(Interest::Key(k), A);
+        let (parked, p) = park(&e, brk(k, Some(f)));
+        assert_eq!(parked, Parked::Yes);
+        let taken = e.take(k, f, mine.number());
+        assert_eq!(taken.len(), 1);
+        assert_eq!(e.parked(), 0, "not waiting for the other client's call");
+        taken.iter().for_each(|(_, p)| p.pass(None));
+        assert!(p.due());
+        drop(other);
     }
 }

@@ -20,7 +20,7 @@ use libfilter::settle::{may_hold, Unsettled};
 use serde_json::{json, Map, Value};
 use shimline::datasync::IoFailure;
 
-use crate::early_breaks::{Break, EarlyBreaks, Parked};
+use crate::early_breaks::{Break, EarlyBreaks, Interest, Parked, PendingBreak};
 use crate::handover::{Handovers, Ident, LettingGo};
 use crate::unanswered::{Closer, ToClose, Unanswered};
 
@@ -764,42 +764,44 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
 /// for after it was stored (re-review rr39b 2: those went out at once,
 /// ahead of the reply). filterd sent them behind its own reply: a client
 /// that saw a break first would take the reply's lease state over the one
-/// broken to.
+/// broken to. Each is a gate of the break ([`PendingBreak`]): a break of a
+/// lease several opens hold goes once every such reply is queued.
 struct HeldNotes {
-    /// The call's number ([`crate::early_breaks::Making::number`]): a
-    /// break of a lease several opens hold goes behind the latest reply.
-    call: u64,
-    /// The notifications; None once the reply (and they) are queued.
-    q: Mutex<Option<Vec<Value>>>,
-    /// Where they go when the reply's connection cannot take them: any
-    /// connection may name a session (smb-like.md), and the reply's may
-    /// be gone while the session's lives on ([`HeldNotes::fall_back_to`]).
-    fallback: Mutex<Fallback>,
-}
-
-/// Where [`HeldNotes`] go when the reply's connection cannot take them.
-#[derive(Default)]
-struct Fallback {
-    /// The connection of the session the break was for.
-    to: Option<shimline::Writer>,
-    /// Notes the reply's connection could not take before `to` was known.
-    waiting: Vec<Value>,
+    /// The breaks; None once the reply is queued.
+    q: Mutex<Option<Vec<Arc<PendingBreak>>>>,
 }
 
 impl HeldNotes {
-    /// Holds `note` behind the reply; gives it back once the reply has
-    /// been queued (it goes at once then).
-    fn hold(&self, note: Value) -> Result<(), Value> {
+    /// Holds break `b` behind the reply (a gate more); false once the
+    /// reply has been queued.
+    fn hold(&self, b: &Arc<PendingBreak>) -> bool {
         match self.q.lock() {
             Ok(mut q) => match q.as_mut() {
                 Some(held) => {
-                    held.push(note);
-                    Ok(())
+                    b.gate();
+                    held.push(b.clone());
+                    true
                 }
-                None => Err(note),
+                None => false,
             },
-            Err(_) => Err(note),
+            Err(_) => false,
         }
+    }
+
+    /// Holds break `b`, whose gate for this reply is already counted
+    /// ([`EarlyBreaks::take`]), behind the reply.
+    fn hold_counted(&self, b: Arc<PendingBreak>) {
+        let b = match self.q.lock() {
+            Ok(mut q) => match q.as_mut() {
+                Some(held) => {
+                    held.push(b);
+                    return;
+                }
+                None => b,
+            },
+            Err(_) => b,
+        };
+        b.pass(None);
     }
 
     /// Whether the reply is not yet queued.
@@ -807,51 +809,18 @@ impl HeldNotes {
         self.q.lock().is_ok_and(|q| q.is_some())
     }
 
-    /// The reply is queued: what waits goes behind it on `w`, queued
-    /// under the lock so that a break [`forward_breaks`] sends itself from
-    /// now on comes after. Without `w` (the reply did not go: its
-    /// connection is gone), or where `w` takes a note no more, the note
-    /// goes to the session's connection instead: a client whose CREATE
-    /// named its session on another connection that then died still holds
-    /// the lease there, and would keep it while the breaker waits the
-    /// whole break timeout (re-review rr39f). Never blocks:
+    /// The reply is queued on `w` (or did not go, without `w`: its
+    /// connection is gone): the breaks held behind it pass this gate,
+    /// under the lock, so that a break [`forward_breaks`] sends itself
+    /// from now on comes after those that go now. Never blocks:
     /// `shimline::send` queues.
     fn release(&self, w: Option<&shimline::Writer>) {
         let Ok(mut q) = self.q.lock() else {
             return;
         };
-        let Some(notes) = q.take() else {
-            return;
-        };
-        let left: Vec<Value> = notes
-            .into_iter()
-            .filter(|note| !w.is_some_and(|w| shimline::send(w, note)))
-            .collect();
-        if left.is_empty() {
-            return;
+        for b in q.take().unwrap_or_default() {
+            b.pass(w);
         }
-        let Ok(mut f) = self.fallback.lock() else {
-            return;
-        };
-        match f.to.clone() {
-            Some(to) => left.iter().for_each(|note| {
-                shimline::send(&to, note);
-            }),
-            None => f.waiting.extend(left),
-        }
-    }
-
-    /// The session's connection, where notes the reply's connection
-    /// cannot take go ([`HeldNotes::release`]); those already waiting go
-    /// now.
-    fn fall_back_to(&self, to: shimline::Writer) {
-        let Ok(mut f) = self.fallback.lock() else {
-            return;
-        };
-        for note in std::mem::take(&mut f.waiting) {
-            shimline::send(&to, &note);
-        }
-        f.to = Some(to);
     }
 }
 
@@ -861,14 +830,12 @@ impl HeldNotes {
 struct AfterReply(Option<Arc<HeldNotes>>);
 
 impl AfterReply {
-    /// The notes of call `call`'s reply, held until it is queued.
-    fn held(&mut self, call: u64) -> Arc<HeldNotes> {
+    /// The notes of the reply, held until it is queued.
+    fn held(&mut self) -> Arc<HeldNotes> {
         self.0
             .get_or_insert_with(|| {
                 Arc::new(HeldNotes {
-                    call,
                     q: Mutex::new(Some(Vec::new())),
-                    fallback: Mutex::default(),
                 })
             })
             .clone()
@@ -1449,8 +1416,14 @@ fn create_with(
     // the session's LOGOFF closes what filterd may make of it.
     let in_flight = create_guid.map(|g| InFlight::note(sh, session, client_guid, g));
     // Until the open is stored (or the CREATE failed), a break of its
-    // lease waits for it ([`crate::early_breaks`]).
-    let making = m.early.begin();
+    // lease waits for it ([`crate::early_breaks`]); a replay naming no
+    // lease may find an original that holds one.
+    let interest = match lease_req {
+        Some(l) => Interest::Key(l.key),
+        None if replay => Interest::Any,
+        None => Interest::None,
+    };
+    let making = m.early.begin(interest, client_guid);
     let opened = if replay {
         m.filter.replay_open_for(req, &end)
     } else {
@@ -1606,7 +1579,7 @@ fn create_with(
             },
         );
     }
-    deliver_early_breaks(sh, m, &mut opens, &file_id, making.number(), after);
+    let early = deliver_early_breaks(sh, m, &mut opens, &file_id, making.number(), after);
     if let Some(g) = create_guid.filter(|_| replay) {
         held_by_a_session(sh, client_guid, g);
     }
@@ -1625,6 +1598,7 @@ fn create_with(
         file_id,
     };
     drop(opens);
+    early_breaks_fall_back(sh, session, early);
     if after.0.is_some() {
         test_hold_reply();
     }
@@ -1927,7 +1901,11 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>, after: &mut Afte
     let counted = peer_slot(sh, session)?;
     let _slot = open_slot(sh)?;
     // As for a CREATE: a break of its lease waits for the open's store.
-    let making = m.early.begin();
+    let interest = match view.record.lease {
+        Some(l) => Interest::Key(l.key),
+        None => Interest::None,
+    };
+    let making = m.early.begin(interest, client_guid);
     let h = m
         .filter
         .resume(client_id(client_guid)?, key)
@@ -1991,8 +1969,9 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>, after: &mut Afte
             held: None,
         },
     );
-    deliver_early_breaks(sh, m, &mut opens, &file_id, making.number(), after);
+    let early = deliver_early_breaks(sh, m, &mut opens, &file_id, making.number(), after);
     drop(opens);
+    early_breaks_fall_back(sh, session, early);
     let mut m = Map::new();
     m.insert("file_id".into(), json!(file_id));
     m.insert("size".into(), json!(h.info.size));
@@ -3277,13 +3256,11 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
         // one key, each on its own file, and the break is of the lease on
         // `file` only (review: it went to whichever client's open came
         // first, and set that client's lease state too).
+        let pending = PendingBreak::new(break_json(&b));
         let mut parked = Parked::Not;
-        let mut held: Option<(u64, Arc<HeldNotes>)> = None;
+        let mut behind_replies = false;
         let session = sh.opens.lock().ok().and_then(|mut o| {
             let mut session = None;
-            // The latest reply, not yet queued, of a call that stored an
-            // open under the lease: the break goes behind it.
-            let mut behind: Option<Arc<HeldNotes>> = None;
             for x in o.values_mut() {
                 if file.is_some_and(|f| f != x.file_key) {
                     continue;
@@ -3294,53 +3271,43 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                     if x.held.as_ref().is_some_and(|h| !h.waiting()) {
                         x.held = None;
                     }
+                    // Behind every reply, not yet queued, of a call that
+                    // stored an open under the lease (before re-review
+                    // rr39f 2, behind the latest only).
                     if let Some(h) = x.held.as_ref() {
-                        if behind.as_ref().is_none_or(|b| b.call < h.call) {
-                            behind = Some(h.clone());
-                        }
+                        behind_replies |= h.hold(&pending);
                     }
                 }
             }
-            match session {
-                // Before the client can see it (its ack finds it), and
-                // under the opens lock (an open that goes meanwhile ends
-                // it).
-                Some((s, g)) => {
-                    note_break(sh.as_ref(), g, &b);
-                    held = behind
-                        .filter(|h| h.hold(break_json(&b)).is_ok())
-                        .map(|h| (s, h));
-                    held.is_none().then_some(s)
-                }
-                // Its open may be made and not stored yet: it waits for
-                // that, under the opens lock too (rr38h).
-                None => {
-                    parked = m.early.park(b);
-                    None
-                }
+            // Before the client can see it (its ack finds it), and under
+            // the opens lock (an open that goes meanwhile ends it).
+            if let Some((_, g)) = session {
+                note_break(sh.as_ref(), g, &b);
             }
+            // And behind the calls in flight that may be making an open
+            // under it, not stored yet — its only open, or one more
+            // (rr38h; rr39f 2) — under the opens lock too.
+            parked = m.early.park(b, &pending, session.map(|(_, g)| g));
+            session.map(|(s, _)| s)
         });
         if let Parked::Dropping(k) = parked {
             eprintln!(
-                "smbshim: over {} lease breaks wait for opens: the break of lease {k} dropped",
+                "smbshim: over {} lease breaks wait for opens: the break of lease {k} stopped waiting",
                 crate::early_breaks::PARKED_MAX
             );
         }
-        let fate = match (session.is_some(), held.is_some(), parked) {
-            (true, _, _) => "sent",
-            (_, true, _) => "held behind its reply",
-            (_, _, Parked::Not) => "dropped",
-            _ => "parked",
+        let fate = match (behind_replies, parked, session.is_some()) {
+            (true, _, _) => "held behind its reply",
+            (_, Parked::Yes | Parked::Dropping(_), _) => "parked",
+            (_, _, true) => "sent",
+            _ => "dropped",
         };
         test_note_break(&b, fate);
         if let Some(w) = session.and_then(|s| writer_of(&sh, s)) {
-            shimline::send(&w, &break_json(&b));
+            pending.fall_back_to(w);
         }
-        if let Some((s, h)) = held {
-            if let Some(w) = writer_of(&sh, s) {
-                h.fall_back_to(w);
-            }
-        }
+        // Its arrival: it goes now unless it waits for replies or calls.
+        pending.pass(None);
     }
 }
 
@@ -3365,9 +3332,11 @@ fn break_json(b: &Break) -> Value {
 /// Open `file_id`, just stored in `opens` (locked) by call `call` of
 /// member `m`: the LEASE_BREAKs of its lease are held behind the call's
 /// reply until that is queued ([`HeldNotes`]), first those filterd sent
-/// before it was stored that found no open ([`crate::early_breaks`]),
-/// applied to the open as [`forward_breaks`] applies a break. Before,
-/// those were dropped (re-review rr38h).
+/// before it was stored that waited for the call
+/// ([`crate::early_breaks`]), applied to the open as [`forward_breaks`]
+/// applies a break. Before, those were dropped (re-review rr38h), or
+/// applied to the first open stored under the lease only (rr39f 2).
+/// Returns those breaks, for [`early_breaks_fall_back`].
 fn deliver_early_breaks(
     sh: &Shared,
     m: &Member,
@@ -3375,21 +3344,38 @@ fn deliver_early_breaks(
     file_id: &str,
     call: u64,
     after: &mut AfterReply,
-) {
+) -> Vec<Arc<PendingBreak>> {
     let Some(o) = opens.get_mut(file_id) else {
-        return;
+        return Vec::new();
     };
     let (client, file) = (o.client, o.file_key);
     let Some(l) = o.lease.as_mut() else {
-        return;
+        return Vec::new();
     };
-    let held = after.held(call);
-    for b in m.early.take(l.key, file, call) {
+    let held = after.held();
+    let mut taken = Vec::new();
+    for (b, pending) in m.early.take(l.key, file, call) {
         (l.state, l.epoch) = (b.new_state, b.epoch);
         note_break(sh, client, &b);
-        let _ = held.hold(break_json(&b));
+        held.hold_counted(pending.clone());
+        taken.push(pending);
     }
     o.held = Some(held);
+    taken
+}
+
+/// Breaks `taken` by an open of session `session` ([`deliver_early_breaks`])
+/// go to the session's connection if the reply's cannot take them. Out
+/// of the opens lock, as in [`forward_breaks`].
+fn early_breaks_fall_back(sh: &Shared, session: u64, taken: Vec<Arc<PendingBreak>>) {
+    if taken.is_empty() {
+        return;
+    }
+    if let Some(w) = writer_of(sh, session) {
+        for b in taken {
+            b.fall_back_to(w.clone());
+        }
+    }
 }
 
 /// The test hook (debug builds): `$SMBSHIM_TEST_HOLD_STORE`, a path — a
