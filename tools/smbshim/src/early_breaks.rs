@@ -159,10 +159,14 @@ impl PendingBreak {
         let Ok(mut g) = self.gates.lock() else {
             return;
         };
+        // Every gate passed already: it went (or waits for `to`) once.
+        if g.open == 0 {
+            return;
+        }
         if let Some(w) = w {
             g.via = Some(w.clone());
         }
-        g.open = g.open.saturating_sub(1);
+        g.open -= 1;
         if g.open == 0 {
             g.unsent = !g.send(&self.note);
         }
