@@ -14,9 +14,10 @@
 //! lease state over the one broken to, so a break waits ([`PendingBreak`])
 //! for every call in flight when it came that may make an open under its
 //! lease key ([`EarlyBreaks::park`], by [`Interest`]: a CREATE naming the
-//! key, a RECONNECT of an open holding it, a replayed CREATE, which need
-//! not name the lease its original holds), and for the reply of every
-//! call that stored an open under it and is not yet answered (the
+//! key, a RECONNECT of an open holding it — of the lease's client, once an
+//! open says whose it is — and, until then, a replayed CREATE naming no
+//! lease, whose original may hold one), and for the reply of every call
+//! that stored an open under it and is not yet answered (the
 //! server's `HeldNotes`). Before (re-review rr39f 2), it waited behind one
 //! such reply only, or was taken by the first open stored under the key:
 //! with two CREATEs of one client under one key, the client could see the
@@ -76,11 +77,18 @@ pub(crate) enum Interest {
 }
 
 impl Interest {
-    fn covers(self, key: LeaseKey) -> bool {
-        match self {
-            Interest::None => false,
-            Interest::Key(k) => k == key,
-            Interest::Any => true,
+    /// Whether a call of `client` with this interest may make an open
+    /// under lease `key` of `owner`'s (None: not known yet). Once the
+    /// lease's client is known, only its calls naming the key: another
+    /// client's calls, and a replay naming no lease (which, if it breaks
+    /// a lease of its own client under another key, waits for this very
+    /// break's ack), are not waited for.
+    fn covers(self, key: LeaseKey, client: uuid::Uuid, owner: Option<uuid::Uuid>) -> bool {
+        match (self, owner) {
+            (Interest::Key(k), _) if k != key => false,
+            (Interest::Key(_), owner) => owner.is_none_or(|o| o == client),
+            (Interest::Any, None) => true,
+            (Interest::Any, Some(_)) | (Interest::None, _) => false,
         }
     }
 }
@@ -273,11 +281,10 @@ impl EarlyBreaks {
     }
 
     /// Break `b` (`pending`) waits for the calls in flight that may make
-    /// an open under its lease, if any — of client `client`, when an open
-    /// under the lease says whose it is: they may have been granted it
-    /// before it and not have stored their opens, or not queued their
-    /// replies. (Another client's replayed CREATE, which may be waiting
-    /// for this very break's ack, is not waited for.) Called under the
+    /// an open under its lease, if any ([`Interest::covers`]; `client`,
+    /// when an open under the lease says whose it is): they may have been
+    /// granted it before it and not have stored their opens, or not
+    /// queued their replies. Called under the
     /// open table's lock, as [`EarlyBreaks::take`] is; the caller logs a
     /// break dropped for room once out of it.
     pub(crate) fn park(
@@ -292,9 +299,7 @@ impl EarlyBreaks {
         let calls: BTreeSet<u64> = i
             .in_flight
             .iter()
-            .filter(|(_, (interest, c))| {
-                interest.covers(b.lease_key) && client.is_none_or(|client| client == *c)
-            })
+            .filter(|(_, (interest, c))| interest.covers(b.lease_key, *c, client))
             .map(|(n, _)| *n)
             .collect();
         if calls.is_empty() {
@@ -323,8 +328,9 @@ impl EarlyBreaks {
     /// `call` (its [`Making::number`]), which just stored an open under
     /// the key — those that came while it was in flight — oldest first,
     /// each with a gate more for the caller to hold behind the call's
-    /// reply. They no longer wait for the call, nor for other clients'
-    /// calls: the lease is its client's.
+    /// reply. They no longer wait for the call, nor for calls the call's
+    /// client, now known as the lease's, makes those of no longer
+    /// ([`Interest::covers`]).
     pub(crate) fn take(
         &self,
         key: LeaseKey,
@@ -346,8 +352,12 @@ impl EarlyBreaks {
         {
             p.pending.gate();
             taken.push((p.b, p.pending.clone()));
-            p.calls
-                .retain(|n| *n == call || in_flight.get(n).map(|(_, c)| *c) == client);
+            p.calls.retain(|n| {
+                *n == call
+                    || in_flight
+                        .get(n)
+                        .is_some_and(|(i, c)| i.covers(key, *c, client))
+            });
         }
         i.let_go_of(call, mine);
         taken
@@ -513,29 +523,38 @@ mod tests {
         assert!(p.due());
     }
 
-    /// A break waits for its client's calls only: the lease is its
-    /// client's, and another client's replayed CREATE (which may hold any
-    /// lease) may be waiting for this very break's ack — waiting for it
-    /// would hold both until the break timeout.
+    /// Once an open says whose the lease is, a break waits for that
+    /// client's calls naming its key only: another client's calls, and a
+    /// replay naming no lease (which may hold any lease — and may be
+    /// waiting for this very break's ack, when it breaks a lease of its
+    /// own client under another key: waiting for it would hold both until
+    /// the break timeout), are waited for only while no open says.
     #[test]
     fn a_break_waits_for_its_clients_calls_only() {
         let e = EarlyBreaks::default();
         let (k, f) = (key(), FileId { dev: 1, ino: 2 });
-        let other = e.begin(Interest::Any, B);
+        let (other, replay) = (e.begin(Interest::Any, B), e.begin(Interest::Any, A));
+        let others_key = e.begin(Interest::Key(k), B);
         let p = PendingBreak::new(Value::Null);
         assert_eq!(e.park(brk(k, Some(f)), &p, Some(A)), Parked::Not);
         p.pass(None);
         assert!(p.due());
-        // Parked for both while whose it is is not known; the first open
+        // Parked for all while whose it is is not known; the first open
         // stored under it says.
-        let mine = e.begin(Interest::Key(k), A);
+        let (mine, again) = (e.begin(Interest::Key(k), A), e.begin(Interest::Key(k), A));
         let (parked, p) = park(&e, brk(k, Some(f)));
         assert_eq!(parked, Parked::Yes);
         let taken = e.take(k, f, mine.number());
         assert_eq!(taken.len(), 1);
-        assert_eq!(e.parked(), 0, "not waiting for the other client's call");
         taken.iter().for_each(|(_, p)| p.pass(None));
+        assert_eq!(
+            e.parked(),
+            1,
+            "waiting for alice's other call under the key"
+        );
+        drop(again);
+        assert_eq!(e.parked(), 0, "not for the others");
         assert!(p.due());
-        drop(other);
+        drop((other, replay, others_key));
     }
 }
