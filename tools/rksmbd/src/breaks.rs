@@ -24,7 +24,7 @@ use libfilter::model::{ClientId, HeldLease, ResumeKey};
 use libfilter::proto::{ErrorCode, Event, Reply as FilterReply, Request as FilterRequest};
 
 use crate::files::status_of;
-use crate::server::{Connection, Outcome, Reply, Request, Shared};
+use crate::server::{Connection, Outcome, Reply, Request, Shared, MAX_SESSIONS_PER_CONNECTION};
 use crate::wire::{self, status, Header, Reader, Writer};
 
 /// A connection's socket, shared by its thread and lease-break writers.
@@ -204,9 +204,64 @@ impl Notifier {
     }
 
     /// `user` logged on over connection `conn` in session `session` (a
-    /// session set up or a channel bound).
-    pub fn logged_on(&self, conn: u64, session: u64, user: &str) {
+    /// session set up or a channel bound); `live` says which of the
+    /// connection's sessions still live (in its table, logged on, not
+    /// ended). The connection's entries are those of its live sessions
+    /// (those that went without a word here go now), so they are at most
+    /// [`MAX_SESSIONS_PER_CONNECTION`], the sessions a connection may
+    /// have, its own and channels bound to it alike. Before (review rr39k
+    /// A4), a session that left the connection's table unsaid — a channel
+    /// whose home went — kept its entry, 64 such filled the list, and a
+    /// session logged on after them was not written down: its user's
+    /// breaks no longer went to the connection, nor were its
+    /// acknowledgments taken there. Returns whether it is written down
+    /// (not on a connection that never negotiated, nor past the bound,
+    /// which cannot be).
+    pub fn logged_on(
+        &self,
+        conn: u64,
+        (session, user): (u64, &str),
+        live: impl Fn(u64) -> bool,
+    ) -> bool {
         let tag = self.user_tag(user);
+        let Ok(mut m) = self.guids.lock() else {
+            return false;
+        };
+        let Some((_, users)) = m.get_mut(&conn) else {
+            return false;
+        };
+        if users.contains(&(session, tag)) {
+            return true;
+        }
+        users.retain(|(s, _)| live(*s));
+        if users.len() >= MAX_SESSIONS_PER_CONNECTION {
+            // Cannot be: the connection's table holds no more sessions.
+            tracing::error!(
+                conn,
+                session,
+                "more live sessions on a connection than it may have: its user's lease breaks do not come here"
+            );
+            return false;
+        }
+        users.push((session, tag));
+        true
+    }
+
+    /// Session `session` ended (LOGOFF, PreviousSessionId from another
+    /// connection, its home connection gone): the connections it was on
+    /// no longer carry its user's breaks unless another session of that
+    /// user lives there.
+    pub fn session_ended(&self, session: u64) {
+        if let Ok(mut m) = self.guids.lock() {
+            for (_, users) in m.values_mut() {
+                users.retain(|(s, _)| *s != session);
+            }
+        }
+    }
+
+    /// Session `session` left connection `conn` (a channel unbound, or a
+    /// session the connection forgot), wherever else it lives on.
+    pub fn session_left(&self, conn: u64, session: u64) {
         if let Some((_, users)) = self
             .guids
             .lock()
@@ -214,21 +269,7 @@ impl Notifier {
             .as_mut()
             .and_then(|m| m.get_mut(&conn))
         {
-            // A handful at most: a client's sessions on one connection.
-            if !users.contains(&(session, tag)) && users.len() < 64 {
-                users.push((session, tag));
-            }
-        }
-    }
-
-    /// Session `session` ended (LOGOFF, or PreviousSessionId from another
-    /// connection): the connections it was on no longer carry its user's
-    /// breaks unless another session of that user lives there.
-    pub fn session_ended(&self, session: u64) {
-        if let Ok(mut m) = self.guids.lock() {
-            for (_, users) in m.values_mut() {
-                users.retain(|(s, _)| *s != session);
-            }
+            users.retain(|(s, _)| *s != session);
         }
     }
 
@@ -984,7 +1025,7 @@ mod tests {
         n.connected(1, Arc::new(Mutex::new(stream)));
         let guid = uuid::Uuid::from_bytes([5; 16]);
         n.negotiated(1, guid);
-        n.logged_on(1, 1, "alice");
+        n.logged_on(1, (1, "alice"), |_| true);
         let holder = Holder::Lease {
             v2: true,
             key: [3; 16],
@@ -1036,7 +1077,7 @@ mod tests {
         n.connected(1, Arc::new(Mutex::new(stream)));
         let guid = uuid::Uuid::from_bytes([5; 16]);
         n.negotiated(1, guid);
-        n.logged_on(1, 1, "alice");
+        n.logged_on(1, (1, "alice"), |_| true);
         let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
         let (a, b) = (
             ResumeKey(uuid::Uuid::from_bytes([1; 16])),
@@ -1080,37 +1121,18 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let n = Notifier::default();
         let guid = uuid::Uuid::from_bytes([5; 16]);
-        let mut writers = Vec::new();
-        for conn in 1..=3 {
-            let w: ConnWriter = Arc::new(Mutex::new(
-                TcpStream::connect(listener.local_addr().unwrap()).unwrap(),
-            ));
-            n.connected(conn, w.clone());
-            n.negotiated(conn, guid);
-            writers.push(w);
-        }
+        let writers = connections(&n, &listener, guid, 3);
         // 1 never logs on; 2 is mallory's; 3 is alice's.
-        n.logged_on(2, 2, "mallory");
-        n.logged_on(3, 3, "alice");
-        let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
-        let lease = HeldLease {
-            key,
-            state: lease_state(7),
-            epoch: 1,
-        };
-        let holder = Holder::Lease {
-            v2: true,
-            key: [3; 16],
-        };
-        let handle = ResumeKey(uuid::Uuid::from_bytes([1; 16]));
-        n.granted(lease, handle, (3, guid, "alice"), holder);
+        n.logged_on(2, (2, "mallory"), |_| true);
+        n.logged_on(3, (3, "alice"), |_| true);
+        let (key, _) = lease_on(&n, (3, guid, "alice"));
         let (w, _) = n.route(&key).unwrap();
         assert!(Arc::ptr_eq(&w, &writers[2]), "alice's connection");
         assert!(!n.may_acknowledge(&key, 1) && !n.may_acknowledge(&key, 2));
         assert!(n.may_acknowledge(&key, 3));
         // Alice's older connection, once she logs on over it, is where
         // Windows would send them (smb2.lease.v2_complex1).
-        n.logged_on(1, 1, "alice");
+        n.logged_on(1, (1, "alice"), |_| true);
         let (w, _) = n.route(&key).unwrap();
         assert!(Arc::ptr_eq(&w, &writers[0]), "the oldest of alice's");
     }
@@ -1127,15 +1149,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let n = Notifier::default();
         let guid = uuid::Uuid::from_bytes([5; 16]);
-        let mut writers = Vec::new();
-        for conn in 1..=2 {
-            let w: ConnWriter = Arc::new(Mutex::new(
-                TcpStream::connect(listener.local_addr().unwrap()).unwrap(),
-            ));
-            n.connected(conn, w.clone());
-            n.negotiated(conn, guid);
-            writers.push(w);
-        }
+        let writers = connections(&n, &listener, guid, 2);
         let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
         let lease = HeldLease {
             key,
@@ -1146,7 +1160,7 @@ mod tests {
             v2: true,
             key: [3; 16],
         };
-        n.logged_on(1, 10, "alice");
+        n.logged_on(1, (10, "alice"), |_| true);
         n.granted(
             lease,
             ResumeKey(uuid::Uuid::from_bytes([1; 16])),
@@ -1154,7 +1168,7 @@ mod tests {
             holder,
         );
         // The reconnect: session 20 on connection 2 ends session 10.
-        n.logged_on(2, 20, "alice");
+        n.logged_on(2, (20, "alice"), |_| true);
         n.session_ended(10);
         let (rwh, rh) = (lease_state(7), lease_state(3));
         let (w, _) = n.route_or_park(&key, (rwh, rh, 2)).unwrap();
@@ -1166,7 +1180,7 @@ mod tests {
             n.route_or_park(&key, (rwh, rh, 2)).is_none(),
             "parked for the grant"
         );
-        n.logged_on(2, 20, "alice");
+        n.logged_on(2, (20, "alice"), |_| true);
         n.granted(
             lease,
             ResumeKey(uuid::Uuid::from_bytes([2; 16])),
@@ -1176,6 +1190,86 @@ mod tests {
         let (w, _) = n.route(&key).unwrap();
         assert!(Arc::ptr_eq(&w, &writers[1]), "the reconnect's connection");
         assert!(n.may_acknowledge(&key, 2));
+    }
+
+    /// Connections 1..=`count` of client `guid`, connected and negotiated
+    /// (not logged on), over sockets to `listener`: their writers.
+    fn connections(
+        n: &Notifier,
+        listener: &std::net::TcpListener,
+        guid: uuid::Uuid,
+        count: u64,
+    ) -> Vec<ConnWriter> {
+        (1..=count)
+            .map(|conn| {
+                let w: ConnWriter = Arc::new(Mutex::new(
+                    TcpStream::connect(listener.local_addr().unwrap()).unwrap(),
+                ));
+                n.connected(conn, w.clone());
+                n.negotiated(conn, guid);
+                w
+            })
+            .collect()
+    }
+
+    /// A lease of `user`'s granted on connection `conn`: its key, and
+    /// how its client knows it.
+    fn lease_on(n: &Notifier, (conn, guid, user): (u64, uuid::Uuid, &str)) -> (LeaseKey, Holder) {
+        let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
+        let lease = HeldLease {
+            key,
+            state: lease_state(7),
+            epoch: 1,
+        };
+        let holder = Holder::Lease {
+            v2: true,
+            key: [3; 16],
+        };
+        let handle = ResumeKey(uuid::Uuid::from_bytes([1; 16]));
+        n.granted(lease, handle, (conn, guid, user), holder);
+        (key, holder)
+    }
+
+    /// A connection's sessions that went without a word to the notifier
+    /// (channels whose home went: rksmbd unbinds them) hold no entries
+    /// once another session logs on there: however many came and went,
+    /// a session logged on over the connection carries its user's breaks
+    /// and acknowledgments, and the connection holds no more entries than
+    /// it may have sessions (review rr39k A4: 64 such filled the list,
+    /// and alice's session after them was not written down — her breaks
+    /// went nowhere and her acknowledgments there were refused).
+    #[test]
+    fn sessions_gone_unsaid_leave_room_for_a_live_ones_user() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let n = Notifier::default();
+        let guid = uuid::Uuid::from_bytes([5; 16]);
+        let writers = connections(&n, &listener, guid, 1);
+        // The connection's table: sessions in it, as `session_lives`.
+        let table = Mutex::new(std::collections::HashSet::new());
+        let live = |s| table.lock().unwrap().contains(&s);
+        let max = u64::try_from(MAX_SESSIONS_PER_CONNECTION).unwrap();
+        for session in 100..100 + 2 * max {
+            table.lock().unwrap().insert(session);
+            assert!(n.logged_on(1, (session, "bob"), live));
+            // Gone from the table, unsaid.
+            table.lock().unwrap().remove(&session);
+        }
+        // A full table of live sessions fits.
+        for session in 1..max {
+            table.lock().unwrap().insert(session);
+            assert!(n.logged_on(1, (session, "bob"), live));
+        }
+        table.lock().unwrap().insert(max);
+        assert!(n.logged_on(1, (max, "alice"), live), "written down");
+        let (key, _) = lease_on(&n, (1, guid, "alice"));
+        let (w, _) = n.route(&key).expect("alice's breaks come here");
+        assert!(Arc::ptr_eq(&w, &writers[0]));
+        assert!(n.may_acknowledge(&key, 1));
+        let entries = n.guids.lock().unwrap().get(&1).map(|(_, u)| u.len());
+        assert_eq!(entries, Some(MAX_SESSIONS_PER_CONNECTION));
+        // A channel unbound says so: its entry goes, the others stay.
+        n.session_left(1, max);
+        assert!(n.route(&key).is_none() && !n.may_acknowledge(&key, 1));
     }
 
     #[test]

@@ -78,7 +78,7 @@ const LAST_REQUESTS: usize = 64;
 /// rksmbd; file opens are also limited per client by filterd).
 pub const MAX_OPENS_PER_CONNECTION: usize = 16_384;
 /// Sessions one connection may hold.
-const MAX_SESSIONS_PER_CONNECTION: usize = 64;
+pub const MAX_SESSIONS_PER_CONNECTION: usize = 64;
 /// Sessions one connection may have half made (a SESSION_SETUP answered
 /// STATUS_MORE_PROCESSING_REQUIRED, or a binding under way): a client
 /// logs on one session at a time, binding a channel one more. Each holds
@@ -569,8 +569,9 @@ impl HarnessConnection {
         s.user = Some(user.to_owned());
         s.trees.push(tree);
         s.link = Some(c.sh.registry.logged_on(id, user));
-        c.sh.notifier.logged_on(c.id, id, user);
         c.sessions.insert(id, s);
+        c.sh.notifier
+            .logged_on(c.id, (id, user), |s| c.session_lives(s));
         (id, tree)
     }
 }
@@ -1400,6 +1401,19 @@ impl Connection {
         half < MAX_HALF_SESSIONS_PER_CONNECTION && self.sessions.len() < MAX_SESSIONS_PER_CONNECTION
     }
 
+    /// Whether session `id` lives on this connection: logged on here, and
+    /// neither ended by another connection (PreviousSessionId) nor, for a
+    /// channel, at its home ([`crate::breaks::Notifier::logged_on`]).
+    fn session_lives(&self, id: u64) -> bool {
+        let Some(s) = self.sessions.get(&id).filter(|s| s.user.is_some()) else {
+            return false;
+        };
+        match &s.bound {
+            Some(home) => !home.is_ended() && self.sh.registry.link(id).is_some(),
+            None => s.link.as_ref().is_none_or(|l| !l.revoked()),
+        }
+    }
+
     /// Whether a session of this connection still has channels.
     fn has_channels(&self) -> bool {
         self.sessions.values().any(|s| {
@@ -1883,6 +1897,9 @@ impl Connection {
 
     /// This channel leaves session `id` (LOGOFF through it, its home gone).
     fn unbind(&mut self, id: u64) {
+        // Its user's breaks no longer come here for it (review rr39k A4:
+        // the entry stayed, and such entries filled the connection's).
+        self.sh.notifier.session_left(self.id, id);
         if let Some(s) = self.sessions.remove(&id) {
             // Only a finished binding counted itself at the home.
             if let (Some(home), Some(_)) = (s.bound, s.user) {
@@ -1982,6 +1999,9 @@ impl Connection {
                         home.end();
                     }
                     self.sh.registry.ended(id);
+                    // A channel bound since the last was counted (a
+                    // binding racing this end) carries its breaks no more.
+                    self.sh.notifier.session_ended(id);
                 }
             }
         }
@@ -2119,6 +2139,7 @@ impl Connection {
                     .map(|(k, _)| *k),
             );
             self.sessions.remove(&id);
+            self.sh.notifier.session_left(self.id, id);
         }
         for k in gone {
             // Its waiting CHANGE_NOTIFYs end with STATUS_NOTIFY_CLEANUP.
@@ -2823,11 +2844,23 @@ impl Connection {
                 out = Err(st);
             }
         }
-        if let (Ok(reply), Some(s)) = (&out, self.sessions.get_mut(&id)) {
-            if let (status::SUCCESS, Some(user)) = (reply.status, &s.user) {
-                // Lease breaks of this user's opens may come here.
-                self.sh.notifier.logged_on(self.id, id, user);
+        let logged_on = match (&out, self.sessions.get(&id)) {
+            (Ok(reply), Some(s)) if reply.status == status::SUCCESS => s.user.clone(),
+            _ => None,
+        };
+        if let Some(user) = logged_on {
+            // Lease breaks of this user's opens may come here.
+            self.sh
+                .notifier
+                .logged_on(self.id, (id, &user), |s| self.session_lives(s));
+            // A binding whose session ended meanwhile at its home (LOGOFF,
+            // PreviousSessionId, the home gone: each ends it before
+            // `Notifier::session_ended`) carries no breaks here.
+            if binding && !self.session_lives(id) {
+                self.sh.notifier.session_left(self.id, id);
             }
+        }
+        if let (Ok(reply), Some(s)) = (&out, self.sessions.get_mut(&id)) {
             if let (status::SUCCESS, Some(user), None, None) =
                 (reply.status, &s.user, &s.link, &s.bound)
             {
@@ -3095,7 +3128,6 @@ impl Connection {
         // again (or drop the connection, which closes it as any open).
         self.release_opens(ids, Ending::Logoff)?;
         let link = self.sessions.remove(&id).and_then(|s| s.link);
-        self.sh.notifier.session_ended(id);
         // Its DH2Q CREATEs answered STATUS_SERVER_UNAVAILABLE and never
         // replayed: their opens are closed, not left to their durable
         // timeout (their client may never replay; the acknowledged
@@ -3109,6 +3141,10 @@ impl Connection {
             home.end();
         }
         self.sh.registry.ended(id);
+        // Once it is ended where a binding looks (its home, the registry):
+        // a binding finishing meanwhile either sees it ended or is written
+        // down before this takes it off every connection.
+        self.sh.notifier.session_ended(id);
         // After the reply, by the closer thread: each close may wait a
         // call timeout while filterd is stalled, and this connection's
         // other requests must not wait behind them (re-review unavail3 2).
