@@ -1118,14 +1118,11 @@ mod tests {
     /// went on caching past the break timeout).
     #[test]
     fn breaks_go_only_where_the_leases_user_logged_on() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let n = Notifier::default();
-        let guid = uuid::Uuid::from_bytes([5; 16]);
-        let writers = connections(&n, &listener, guid, 3);
+        let (n, guid, writers, _listener) = connections(3);
         // 1 never logs on; 2 is mallory's; 3 is alice's.
         n.logged_on(2, (2, "mallory"), |_| true);
         n.logged_on(3, (3, "alice"), |_| true);
-        let (key, _) = lease_on(&n, (3, guid, "alice"));
+        let key = lease_on(&n, (3, guid, "alice"));
         let (w, _) = n.route(&key).unwrap();
         assert!(Arc::ptr_eq(&w, &writers[2]), "alice's connection");
         assert!(!n.may_acknowledge(&key, 1) && !n.may_acknowledge(&key, 2));
@@ -1146,27 +1143,10 @@ mod tests {
     /// the client later wrote back over another client's data).
     #[test]
     fn a_previous_sessions_connection_gets_no_more_breaks() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let n = Notifier::default();
-        let guid = uuid::Uuid::from_bytes([5; 16]);
-        let writers = connections(&n, &listener, guid, 2);
-        let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
-        let lease = HeldLease {
-            key,
-            state: lease_state(7),
-            epoch: 1,
-        };
-        let holder = Holder::Lease {
-            v2: true,
-            key: [3; 16],
-        };
+        let (n, guid, writers, _listener) = connections(2);
+        let (lease, holder) = lease_rwh();
         n.logged_on(1, (10, "alice"), |_| true);
-        n.granted(
-            lease,
-            ResumeKey(uuid::Uuid::from_bytes([1; 16])),
-            (1, guid, "alice"),
-            holder,
-        );
+        let key = lease_on(&n, (1, guid, "alice"));
         // The reconnect: session 20 on connection 2 ends session 10.
         n.logged_on(2, (20, "alice"), |_| true);
         n.session_ended(10);
@@ -1192,15 +1172,14 @@ mod tests {
         assert!(n.may_acknowledge(&key, 2));
     }
 
-    /// Connections 1..=`count` of client `guid`, connected and negotiated
-    /// (not logged on), over sockets to `listener`: their writers.
-    fn connections(
-        n: &Notifier,
-        listener: &std::net::TcpListener,
-        guid: uuid::Uuid,
-        count: u64,
-    ) -> Vec<ConnWriter> {
-        (1..=count)
+    /// A notifier with connections 1..=`count` of one client GUID,
+    /// connected and negotiated (not logged on): the GUID, their writers,
+    /// and the listener their sockets reach (to keep while they are used).
+    fn connections(count: u64) -> (Notifier, uuid::Uuid, Vec<ConnWriter>, std::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let n = Notifier::default();
+        let guid = uuid::Uuid::from_bytes([5; 16]);
+        let writers = (1..=count)
             .map(|conn| {
                 let w: ConnWriter = Arc::new(Mutex::new(
                     TcpStream::connect(listener.local_addr().unwrap()).unwrap(),
@@ -1209,15 +1188,14 @@ mod tests {
                 n.negotiated(conn, guid);
                 w
             })
-            .collect()
+            .collect();
+        (n, guid, writers, listener)
     }
 
-    /// A lease of `user`'s granted on connection `conn`: its key, and
-    /// how its client knows it.
-    fn lease_on(n: &Notifier, (conn, guid, user): (u64, uuid::Uuid, &str)) -> (LeaseKey, Holder) {
-        let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
+    /// A v2 lease RWH at epoch 1, and how its client knows it.
+    fn lease_rwh() -> (HeldLease, Holder) {
         let lease = HeldLease {
-            key,
+            key: LeaseKey(uuid::Uuid::from_bytes([3; 16])),
             state: lease_state(7),
             epoch: 1,
         };
@@ -1225,9 +1203,15 @@ mod tests {
             v2: true,
             key: [3; 16],
         };
+        (lease, holder)
+    }
+
+    /// [`lease_rwh`] granted to `user` on connection `conn`: its key.
+    fn lease_on(n: &Notifier, (conn, guid, user): (u64, uuid::Uuid, &str)) -> LeaseKey {
+        let (lease, holder) = lease_rwh();
         let handle = ResumeKey(uuid::Uuid::from_bytes([1; 16]));
         n.granted(lease, handle, (conn, guid, user), holder);
-        (key, holder)
+        lease.key
     }
 
     /// A connection's sessions that went without a word to the notifier
@@ -1240,10 +1224,7 @@ mod tests {
     /// went nowhere and her acknowledgments there were refused).
     #[test]
     fn sessions_gone_unsaid_leave_room_for_a_live_ones_user() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let n = Notifier::default();
-        let guid = uuid::Uuid::from_bytes([5; 16]);
-        let writers = connections(&n, &listener, guid, 1);
+        let (n, guid, writers, _listener) = connections(1);
         // The connection's table: sessions in it, as `session_lives`.
         let table = Mutex::new(std::collections::HashSet::new());
         let live = |s| table.lock().unwrap().contains(&s);
@@ -1261,7 +1242,7 @@ mod tests {
         }
         table.lock().unwrap().insert(max);
         assert!(n.logged_on(1, (max, "alice"), live), "written down");
-        let (key, _) = lease_on(&n, (1, guid, "alice"));
+        let key = lease_on(&n, (1, guid, "alice"));
         let (w, _) = n.route(&key).expect("alice's breaks come here");
         assert!(Arc::ptr_eq(&w, &writers[0]));
         assert!(n.may_acknowledge(&key, 1));
