@@ -39,25 +39,12 @@ from raw_channel import (  # noqa: E402
     connect_share,
     create_body,
     final,
-    lease_ctx,
+    leased_create,
     signed_close,
 )
 
 SET_INFO, OPLOCK_BREAK = 0x11, 0x12
 BREAK_ID = 2**64 - 1
-
-
-def leased_create(r, sid, key, tid, name, lkey, state):
-    """A CREATE (OVERWRITE_IF, read and write, sharing all) asking for a
-    lease `lkey` of `state`."""
-    n = name.encode("utf-16-le")
-    end = 64 + 56 + len(n)
-    pad = -end % 8
-    ctx = lease_ctx(lkey, state)
-    body = struct.pack(
-        "<HBBIQQIIIIIHHII", 57, 0, 0xFF, 2, 0, 0, 0xC0000000, 0x80, 7, 5, 0x40, 64 + 56, len(n), end + pad, len(ctx)
-    )
-    return cmac_sign(key, r.header(CREATE, sid, tid=tid) + body + n + b"\0" * pad + ctx)
 
 
 def rename(r, sid, key, tid, fid, to):

@@ -473,6 +473,18 @@ def lease_ctx(key, state=7):
     return struct.pack("<IHHHHI", 0, 16, 4, 0, 24, len(data)) + b"RqLs" + b"\0" * 4 + data
 
 
+def leased_create(r, sid, key, tid, name, lkey, state, disposition=5):
+    """A signed CREATE (by default OVERWRITE_IF; read and write, sharing
+    all) asking for a lease `lkey` of `state`."""
+    n = name.encode("utf-16-le")
+    end = 64 + 56 + len(n)
+    pad = -end % 8
+    ctx = lease_ctx(lkey, state)
+    fixed = (57, 0, 0xFF, 2, 0, 0, 0xC0000000, 0x80, 7, disposition, 0x40, 64 + 56, len(n), end + pad, len(ctx))
+    body = struct.pack("<HBBIQQIIIIIHHII", *fixed)
+    return cmac_sign(key, r.header(CREATE, sid, tid=tid) + body + n + b"\0" * pad + ctx)
+
+
 def create_with(name, access=0xC0000000, disposition=5, oplock=0, ctxs=b""):
     """A CREATE of `name` sharing all, with an oplock level and create
     contexts (`ctxs`, already laid out)."""

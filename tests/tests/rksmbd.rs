@@ -1719,6 +1719,26 @@ fn a_bound_channel_acts_only_on_its_own_session_and_requests() {
     no_handles_left(&d);
 }
 
+/// A channel bound while its session logs off at the home carries no
+/// lease breaks of the session's user (review rr39k A4): the binding is
+/// held after its success (`RKSMBD_TEST_BINDING_DELAY_MS`) while the
+/// session logs off, and a break of the user's lease held on a newer
+/// connection of the client then goes there. Before, the binding wrote
+/// its channel down after the LOGOFF had taken the session off every
+/// connection: the channel, older, took the break of a user with no live
+/// session on it, and the lease's own connection never heard of it
+/// (tests/smb3/binding_ended_meanwhile.py). Such entries also filled a
+/// connection's list, capped at 64 (`breaks::tests::sessions_gone_unsaid_leave_room_for_a_live_ones_user`).
+#[test]
+fn a_channel_bound_while_its_session_logs_off_gets_no_breaks() {
+    let s = Scratch::new("rksmbd-binding-ended-meanwhile");
+    let d = Filterd::start(&s, &["--break-timeout-ms", "10000"], &[]);
+    let env = [("RKSMBD_TEST_BINDING_DELAY_MS", "6000")];
+    let srv = RkSmbd::start_with_env(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    smbprotocol_script_passes(&srv, "binding_ended_meanwhile.py");
+    no_handles_left(&d);
+}
+
 /// A bound channel reads and answers its socket while it waits for its
 /// session's home (review rvpanic): a rename and a compound CREATE sent on
 /// the channel wait at the home for a lease break the client acknowledges

@@ -582,6 +582,18 @@ impl Drop for HarnessConnection {
     }
 }
 
+/// Tests only (debug builds): `$RKSMBD_TEST_BINDING_DELAY_MS` holds a
+/// binding between its success and [`crate::breaks::Notifier::logged_on`],
+/// so that its session can end meanwhile (tests/smb3/binding_ended_meanwhile.py).
+fn test_delay_before_a_binding_is_written_down() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    crate::create::test_delay(
+        &DELAY,
+        "RKSMBD_TEST_BINDING_DELAY_MS",
+        "a binding is held before it is written down",
+    );
+}
+
 /// Fills `buf` from `stream` by `deadline`; None when the peer closed,
 /// failed or was too slow. The socket's read timeout is FRAME_TIMEOUT;
 /// only after a short read is it cut to what is left (and put back).
@@ -2842,6 +2854,8 @@ impl Connection {
         if binding && matches!(&out, Ok(r) if r.status == status::SUCCESS) {
             if let Err(st) = self.finish_binding(id) {
                 out = Err(st);
+            } else {
+                test_delay_before_a_binding_is_written_down();
             }
         }
         let logged_on = match (&out, self.sessions.get(&id)) {
