@@ -224,6 +224,19 @@ impl Notifier {
         live: impl Fn(u64) -> bool,
     ) -> bool {
         let tag = self.user_tag(user);
+        // Asked outside the lock: `live` may wait for a session's own
+        // lock, which an ending elsewhere holds while it releases the
+        // session's handles in filterd, and the events thread must not
+        // wait behind it. Only this connection's thread adds its entries.
+        let known: Vec<u64> = self.guids.lock().map_or_else(
+            |_| Vec::new(),
+            |m| {
+                m.get(&conn)
+                    .map(|(_, users)| users.iter().map(|(s, _)| *s).collect())
+                    .unwrap_or_default()
+            },
+        );
+        let gone: Vec<u64> = known.into_iter().filter(|s| !live(*s)).collect();
         let Ok(mut m) = self.guids.lock() else {
             return false;
         };
@@ -233,7 +246,7 @@ impl Notifier {
         if users.contains(&(session, tag)) {
             return true;
         }
-        users.retain(|(s, _)| live(*s));
+        users.retain(|(s, _)| !gone.contains(s));
         if users.len() >= MAX_SESSIONS_PER_CONNECTION {
             // Cannot be: the connection's table holds no more sessions.
             tracing::error!(
