@@ -211,7 +211,8 @@ impl Notifier {
     /// [`MAX_SESSIONS_PER_CONNECTION`], the sessions a connection may
     /// have, its own and channels bound to it alike. Before (review rr39k
     /// A4), a session that left the connection's table unsaid — a channel
-    /// whose home went — kept its entry, 64 such filled the list, and a
+    /// bound while its session ended at its home, then unbound — kept its
+    /// entry, 64 such filled the list (capped there), and a
     /// session logged on after them was not written down: its user's
     /// breaks no longer went to the connection, nor were its
     /// acknowledgments taken there. Returns whether it is written down
