@@ -944,6 +944,27 @@ pub struct ResumeMatch {
     /// of the open takes it), passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_key: Option<LeaseKey>,
+    /// The name the reconnect gives, which a handle holding a lease (not
+    /// an oplock, as for `lease_key`) must have been opened under, else
+    /// [`ErrorCode::NameMismatch`] and nothing changes (rksmbd: a DH2C of
+    /// a leased open under another name is STATUS_INVALID_PARAMETER,
+    /// re-review rr40b F1). Compared exactly with the handle's path
+    /// ([`HandleRecord::path`](crate::model::HandleRecord)), so the
+    /// frontend sends it in the form filterd stores. None: not checked
+    /// (an older frontend's match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<ResumeName>,
+}
+
+/// The name a reconnect gives ([`ResumeMatch::name`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeName {
+    /// A path, in the form the handle's record holds it.
+    Path(RelPath),
+    /// A name that is no path (empty, or one the frontend cannot parse,
+    /// such as rksmbd's `a/b` or `a:b`): no leased handle matches it.
+    NoPath,
 }
 
 impl ResumeMatch {
@@ -958,6 +979,18 @@ impl ResumeMatch {
             Some(l) => self.lease_key == Some(l),
         };
         id_ok && persistence_ok && lease_ok
+    }
+
+    /// Whether a handle opened as `path` with lease key `lease` matches
+    /// [`ResumeMatch::name`]: always, without a name to check or without a
+    /// lease (an oplock is none here).
+    pub fn names(&self, path: &RelPath, lease: Option<LeaseKey>) -> bool {
+        match (&self.name, lease) {
+            (None, _) | (_, None) => true,
+            (Some(_), Some(l)) if crate::lease::is_oplock_key(&l) => true,
+            (Some(ResumeName::Path(p)), Some(_)) => p == path,
+            (Some(ResumeName::NoPath), Some(_)) => false,
+        }
     }
 }
 
@@ -1023,6 +1056,12 @@ pub enum ErrorCode {
     /// connection granted [`FEATURE_RETRY_CODE`]; `FileNotAvailable`
     /// on any other ([`ErrorCode::granted`]).
     Retry,
+    /// A resume's handle was opened under another name than its
+    /// [`ResumeMatch::name`] (nothing changed). Sent only on a connection
+    /// granted [`FEATURE_RESUME_MATCH`]; `NoSuchHandle` on any other
+    /// ([`ErrorCode::granted`]), though only such a connection sends the
+    /// name.
+    NameMismatch,
     /// A fault in the daemon; the message says which.
     Internal,
 }
@@ -1034,6 +1073,9 @@ impl ErrorCode {
     pub fn granted(self, features: u64) -> ErrorCode {
         match self {
             ErrorCode::Retry if features & FEATURE_RETRY_CODE == 0 => ErrorCode::FileNotAvailable,
+            ErrorCode::NameMismatch if features & FEATURE_RESUME_MATCH == 0 => {
+                ErrorCode::NoSuchHandle
+            }
             code => code,
         }
     }
@@ -3009,6 +3051,7 @@ mod tests {
             short_id: Some(key.short_id()),
             refuse_persistent: true,
             lease_key: Some(lease),
+            name: Some(ResumeName::Path(RelPath::new("d/f").unwrap())),
         };
         assert!(m.matches(key, durable, Some(lease)));
         assert!(m.matches(key, durable, None), "no lease to match");
@@ -3022,6 +3065,50 @@ mod tests {
         };
         assert!(!no_lease.matches(key, durable, Some(lease)));
         assert!(no_lease.matches(key, durable, Some(oplock)));
+
+        // Re-review rr40b F1: a leased handle's name, exactly as stored;
+        // an oplock's or an unleased handle's is not checked, nor any
+        // without a name to check.
+        let p = |s: &str| RelPath::new(s).unwrap();
+        assert!(m.names(&p("d/f"), Some(lease)));
+        for other in ["d/F", "f", "d/f/g", "e/f"] {
+            assert!(!m.names(&p(other), Some(lease)), "{other}");
+            assert!(m.names(&p(other), Some(oplock)), "{other}");
+            assert!(m.names(&p(other), None), "{other}");
+        }
+        let no_path = ResumeMatch {
+            name: Some(ResumeName::NoPath),
+            ..m.clone()
+        };
+        assert!(!no_path.names(&p("d/f"), Some(lease)));
+        assert!(no_path.names(&p("d/f"), Some(oplock)));
+        let unnamed = ResumeMatch {
+            name: None,
+            ..m.clone()
+        };
+        assert!(unnamed.names(&p("e"), Some(lease)));
+        assert_eq!(
+            ErrorCode::NameMismatch.granted(FEATURES & !FEATURE_RESUME_MATCH),
+            ErrorCode::NoSuchHandle,
+            "an older frontend is told the code it knows"
+        );
+        assert_eq!(
+            ErrorCode::NameMismatch.granted(FEATURE_RESUME_MATCH),
+            ErrorCode::NameMismatch
+        );
+        let before_names = br#"{"id":3,"op":"resume","client":"c","by":"key","key":"00000000-0000-0000-0000-000000000001","matching":{"short_id":5}}"#;
+        match decode_request(before_names).unwrap().req {
+            Request::Resume(r) => assert_eq!(
+                r.matching,
+                Some(ResumeMatch {
+                    short_id: Some(5),
+                    refuse_persistent: false,
+                    lease_key: None,
+                    name: None,
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
 
         let old = br#"{"id":1,"op":"resume","client":"c","by":"key","key":"00000000-0000-0000-0000-000000000001"}"#;
         match decode_request(old).unwrap().req {
@@ -3040,6 +3127,14 @@ mod tests {
         for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
             let bytes = encode_request(enc, &frame).unwrap();
             assert_eq!(decode_request(&bytes).unwrap(), frame);
+        }
+        let mut no_path_frame = frame.clone();
+        if let Request::Resume(r) = &mut no_path_frame.req {
+            r.matching = Some(no_path);
+        }
+        for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
+            let bytes = encode_request(enc, &no_path_frame).unwrap();
+            assert_eq!(decode_request(&bytes).unwrap(), no_path_frame);
         }
         // A replay that names its lease key has no compact form: written
         // as a binary frame, it keeps the flag.
@@ -3089,6 +3184,26 @@ mod binary_tests {
 
     fn lease_key() -> impl Strategy<Value = LeaseKey> {
         uuid().prop_map(LeaseKey)
+    }
+
+    fn resume_match() -> impl Strategy<Value = ResumeMatch> {
+        (
+            proptest::option::of(any::<u64>()),
+            any::<bool>(),
+            proptest::option::of(lease_key()),
+            proptest::option::of(prop_oneof![
+                path().prop_map(ResumeName::Path),
+                Just(ResumeName::NoPath),
+            ]),
+        )
+            .prop_map(
+                |(short_id, refuse_persistent, lease_key, name)| ResumeMatch {
+                    short_id,
+                    refuse_persistent,
+                    lease_key,
+                    name,
+                },
+            )
     }
 
     fn range() -> impl Strategy<Value = LockRange> {
@@ -3181,19 +3296,25 @@ mod binary_tests {
         prop_oneof![
             open_request().prop_map(Request::Open),
             open_request().prop_map(Request::ReplayOpen),
-            ("[^\u{0}]{1,30}", key(), proptest::option::of(uuid())).prop_map(|(c, key, g)| {
-                Request::Resume(ResumeRequest {
-                    client: ClientId::new(c).expect("valid identity"),
-                    target: match g {
-                        Some(g) => ResumeTarget::CreateGuid {
-                            create_guid: CreateGuid(g),
+            (
+                "[^\u{0}]{1,30}",
+                key(),
+                proptest::option::of(uuid()),
+                proptest::option::of(resume_match()),
+            )
+                .prop_map(|(c, key, g, matching)| {
+                    Request::Resume(ResumeRequest {
+                        client: ClientId::new(c).expect("valid identity"),
+                        target: match g {
+                            Some(g) => ResumeTarget::CreateGuid {
+                                create_guid: CreateGuid(g),
+                            },
+                            None => ResumeTarget::Key { key },
                         },
-                        None => ResumeTarget::Key { key },
-                    },
-                    owner: None,
-                    matching: None,
-                })
-            }),
+                        owner: None,
+                        matching,
+                    })
+                }),
             (
                 key(),
                 proptest::collection::vec(record_spec(), 0..2),

@@ -1001,6 +1001,20 @@ impl Engine {
                 format!("handle {key} does not match the reconnect"),
             ));
         }
+        // And a leased handle's name (rksmbd: a DH2C of a leased open
+        // under another name is STATUS_INVALID_PARAMETER, which it could
+        // tell only after the resume, and the detach that followed
+        // restarted the durable timeout: re-review rr40b F1). Its own
+        // code, so the frontend can tell it from a handle not found.
+        if r.matching
+            .as_ref()
+            .is_some_and(|m| !m.names(&h.rec.path, h.rec.lease.map(|l| l.key)))
+        {
+            return Err(err(
+                ErrorCode::NameMismatch,
+                format!("handle {key} was opened under another name"),
+            ));
+        }
         // Its open still waits for its intent (an overwrite whose
         // frontend went meanwhile): resumed now, its reply would go out
         // before the truncate it reports, and its record reach the store

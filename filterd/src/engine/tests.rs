@@ -7663,6 +7663,7 @@ fn a_resume_not_matching_changes_nothing() {
         short_id: Some(key.short_id()),
         refuse_persistent: false,
         lease_key: None,
+        name: None,
     };
     let was = (
         h.engine.handles[&key].rec.conn,
@@ -7688,6 +7689,77 @@ fn a_resume_not_matching_changes_nothing() {
     assert_eq!((hd.rec.conn, hd.expires_mono, h.engine.stats.resumes), was);
     assert_eq!(h_stored(&h, key), before, "the store holds it as it was");
     let id = h.run(with(right));
+    h.commit(true);
+    assert_eq!(h.opened(id), key);
+    assert_eq!(h.engine.stats.resumes, was.2 + 1);
+}
+
+/// Re-review rr40b F1: a leased handle's resume under another name (a
+/// DH2C of a leased open naming another file, or a name rksmbd cannot
+/// parse) is refused `NameMismatch` before anything is attached: the
+/// handle stays disconnected with its deadlines, nothing is written, no
+/// resume is counted. Under its own name it is resumed. Before, rksmbd
+/// found the other name after the resume and detached the handle again,
+/// which restarted its durable timeout.
+#[test]
+fn a_leased_resume_under_another_name_changes_nothing() {
+    use libfilter::proto::{ResumeMatch, ResumeName};
+    let mut h = Harness::new();
+    let lease = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+    let Request::Open(mut o) = open("d/a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.lease = Some(LeaseRequest {
+        key: lease,
+        state: libfilter::lease::LeaseState::parse("RH").unwrap(),
+        epoch: 1,
+    });
+    h.fs.mkdir("d");
+    let id = h.run(Request::Open(o));
+    h.commit(true);
+    let key = h.opened(id);
+    let mut h = h.restarted();
+    assert!(h.engine.handles[&key].rec.lease.is_some(), "still leased");
+    h.writer
+        .set_features(libfilter::proto::FEATURE_RESUME_MATCH);
+    let resume = |name: ResumeName| {
+        Request::Resume(libfilter::proto::ResumeRequest {
+            client: ClientId::new("alice").unwrap(),
+            target: libfilter::proto::ResumeTarget::Key { key },
+            owner: None,
+            matching: Some(ResumeMatch {
+                short_id: Some(key.short_id()),
+                refuse_persistent: false,
+                lease_key: Some(lease),
+                name: Some(name),
+            }),
+        })
+    };
+    let was = (
+        h.engine.handles[&key].rec.conn,
+        h.engine.handles[&key].expires_mono,
+        h.engine.stats.resumes,
+    );
+    let before = h_stored(&h, key);
+    for wrong in ["a", "D/a", "d/b"]
+        .map(|p| ResumeName::Path(RelPath::new(p).unwrap()))
+        .into_iter()
+        .chain([ResumeName::NoPath])
+    {
+        let id = h.run(resume(wrong.clone()));
+        h.commit(true);
+        assert_eq!(h.refused(id), ErrorCode::NameMismatch, "{wrong:?}");
+    }
+    // A connection without the bit is told the older code (it never
+    // sends a name).
+    h.writer.set_features(0);
+    let id = h.run(resume(ResumeName::NoPath));
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::NoSuchHandle);
+    let hd = &h.engine.handles[&key];
+    assert_eq!((hd.rec.conn, hd.expires_mono, h.engine.stats.resumes), was);
+    assert_eq!(h_stored(&h, key), before, "the store holds it as it was");
+    let id = h.run(resume(ResumeName::Path(RelPath::new("d/a").unwrap())));
     h.commit(true);
     assert_eq!(h.opened(id), key);
     assert_eq!(h.engine.stats.resumes, was.2 + 1);

@@ -13,7 +13,7 @@ use libfilter::model::{
     Access, ClientId, CreateAction, CreateGuid, Disposition, Durability, HeldLease, LeaseRequest,
     RelPath, ResumeKey, Rights, DEFAULT_DURABLE_TIMEOUT_MS,
 };
-use libfilter::proto::{ErrorCode, OpenRequest};
+use libfilter::proto::{ErrorCode, OpenRequest, ResumeName};
 use nix::sys::stat::Mode;
 
 use crate::breaks::{self, lease_bits, lease_state, Holder};
@@ -1783,16 +1783,25 @@ impl Reconnect {
 /// resumes it (`ResumeMatch`): the FileId of a DH2C of a v2 open (a DHnC
 /// or v1 open's is its create GUID already), no persistent open unless a
 /// DH2C says so (3.3.5.9.12), and a lease (not an oplock) held under the
-/// key of the reconnect's lease context `lease` of client `guid`.
+/// key of the reconnect's lease context `lease` of client `guid`, whose
+/// handle was opened under the reconnect's `name` (re-review rr40b F1):
+/// parsed as every CREATE's name is ([`parse_name`]), the form filterd
+/// stores; one that does not parse, or names the share's root, matches
+/// no leased open (as the check after the resume has it).
 fn reconnect_match(
     rc: Reconnect,
     lease: Option<[u8; 16]>,
     guid: uuid::Uuid,
+    name: &str,
 ) -> libfilter::proto::ResumeMatch {
     libfilter::proto::ResumeMatch {
         short_id: (!rc.v1).then_some(rc.persistent_file_id),
         refuse_persistent: !(rc.dhnc || rc.persistent),
         lease_key: lease.map(|k| breaks::scoped_key(guid, k)),
+        name: Some(match parse_name(name) {
+            Ok(Some(p)) => ResumeName::Path(p),
+            Ok(None) | Err(_) => ResumeName::NoPath,
+        }),
     }
 }
 
@@ -1832,12 +1841,21 @@ fn reconnect(
         rc,
         lease.as_ref().map(|l| l.key),
         c.client_guid,
+        name,
     ));
+    // Found but not matching (another user's, another name's): no other
+    // lookup is tried.
+    let found = |e: &ClientError| {
+        matches!(
+            e.code(),
+            Some(ErrorCode::AccessDenied | ErrorCode::NameMismatch)
+        )
+    };
     let resume = |guid: CreateGuid| {
         sh.filter
             .resume_by_guid_matching(by_client.clone(), guid, owner.clone(), matching.clone())
             .or_else(|e| match e.code() {
-                Some(ErrorCode::AccessDenied) => Err(e),
+                _ if found(&e) => Err(e),
                 _ => sh.filter.resume_by_guid_matching(
                     by_user.clone(),
                     guid,
@@ -1846,7 +1864,12 @@ fn reconnect(
                 ),
             })
     };
-    let try_both = || resume(guid).or_else(|e| v2_guid.map_or(Err(e), resume));
+    let try_both = || {
+        resume(guid).or_else(|e| match v2_guid {
+            Some(g) if !found(&e) => resume(g),
+            _ => Err(e),
+        })
+    };
     // A client that reconnects at once after dropping TCP may beat the
     // thread of its old connection to noticing the drop: while another
     // connection of this rksmbd still holds the open, wait briefly for it
@@ -1875,6 +1898,9 @@ fn reconnect(
         Some(ErrorCode::NoSuchHandle | ErrorCode::NotFound | ErrorCode::NotOwner) => {
             status::OBJECT_NAME_NOT_FOUND
         }
+        // A leased open reconnected under another name (re-review rr40b
+        // F1): left as it was, as Samba answers it.
+        Some(ErrorCode::NameMismatch) => status::INVALID_PARAMETER,
         _ => status_of(&e),
     })?;
     let key = h.info.key;
@@ -1937,6 +1963,8 @@ fn reconnect(
     let unlearnt = sh.registry.take_unlearnt(key);
     crate::lock::settle_reconnected(&sh.filter.client(), key, &rec.locks, &unlearnt);
     // With a lease the name must be the open's (an oplock's is ignored).
+    // filterd refuses a mismatch before it resumes (`reconnect_match`,
+    // `ErrorCode::NameMismatch`); one without that check resumed it.
     if oplock.is_none()
         && held.is_some()
         && parse_name(name).ok().flatten().as_ref() != Some(&rec.path)

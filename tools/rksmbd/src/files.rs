@@ -84,7 +84,9 @@ pub fn status_of(e: &ClientError) -> u32 {
         Some(ErrorCode::LockNotGranted) => status::LOCK_NOT_GRANTED,
         Some(ErrorCode::RangeNotLocked) => status::RANGE_NOT_LOCKED,
         Some(ErrorCode::LockConflict) => status::FILE_LOCK_CONFLICT,
-        Some(ErrorCode::BadFrame) | Some(ErrorCode::LeaseKeyInUse) => status::INVALID_PARAMETER,
+        Some(ErrorCode::BadFrame | ErrorCode::LeaseKeyInUse | ErrorCode::NameMismatch) => {
+            status::INVALID_PARAMETER
+        }
         Some(ErrorCode::Unsupported) => status::NOT_SUPPORTED,
         Some(ErrorCode::LimitReached) => status::INSUFFICIENT_RESOURCES,
         None if matches!(e, ClientError::Disconnected | ClientError::Timeout(_)) => {
