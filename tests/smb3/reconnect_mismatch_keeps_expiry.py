@@ -9,9 +9,14 @@ A persistent, leased open of kx.txt with a 6 s timeout; the client drops
 its TCP connection and prints "disconnected". On the driver's line it
 sends DH2Cs of the open that do not match it — without
 SMB2_DHANDLE_FLAG_PERSISTENT, under another FileId, under another lease
-key, with no lease — each refused STATUS_OBJECT_NAME_NOT_FOUND, and the
-CREATE replayed (replay flag, same create GUID) under another lease key,
-refused STATUS_ACCESS_DENIED (MS-SMB2 3.3.5.9.10), and prints "refused" (the driver checks filterd's handle: its record and
+key, with no lease — each refused STATUS_OBJECT_NAME_NOT_FOUND —, DH2Cs
+of the open (matching it otherwise) under another name and under a name
+rksmbd cannot parse, each refused STATUS_INVALID_PARAMETER (a leased
+open's name must be its own; re-review rr40b F1: filterd resumed the
+open before rksmbd compared the names), and the CREATE replayed (replay
+flag, same create GUID) under another lease key, refused
+STATUS_ACCESS_DENIED (MS-SMB2 3.3.5.9.10), and prints "refused" (the
+driver checks filterd's handle: its record and
 expiry unchanged, no resume counted, gone at its original expiry). On
 the driver's next line a matching DH2C is refused too: the open expired.
 Prints PASS; exits non-zero on any failure.
@@ -38,6 +43,7 @@ from smbtest import (
 SERVER = args()
 OBJECT_NAME_NOT_FOUND = 0xC0000034
 ACCESS_DENIED = 0xC0000022
+INVALID_PARAMETER = 0xC000000D
 LEASE = 0xFF
 NAME = "kx.txt"
 
@@ -60,6 +66,9 @@ for what, (file_id, contexts, persistent) in {
 }.items():
     g, st = reconnect_v2(tree, NAME, file_id, create_guid, contexts, LEASE, persistent)
     check(st == OBJECT_NAME_NOT_FOUND, f"a DH2C {what} is refused ({st:#x})")
+for what, name in {"under another name": "ky.txt", "under a name that does not parse": "k:x.txt"}.items():
+    g, st = reconnect_v2(tree, name, fid, create_guid, lease, LEASE)
+    check(st == INVALID_PARAMETER, f"a DH2C {what} is refused ({st:#x})")
 try:
     sent_as_replay(lambda: create_rw(tree, NAME, CreateDisposition.FILE_OVERWRITE_IF, [
         lease_context(uuid.uuid4().bytes), persistent_context(create_guid, 6000)], LEASE))

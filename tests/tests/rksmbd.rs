@@ -1244,9 +1244,11 @@ fn a_reconnect_is_still_checked_in_front_of_a_filterd_without_resume_match() {
 /// one bad DH2C per timeout kept it alive for good. filterd now checks
 /// them before it reattaches (`ResumeRequest::matching`,
 /// `OpenRequest::replay_same_lease`): halfway through a 6 s timeout, four
-/// bad DH2Cs and a replay under another lease key leave the handle's
-/// record (its disconnect time and expiry) as it was, count no resume,
-/// and the open expires at its original time.
+/// bad DH2Cs, two DH2Cs of the leased open under another name or one
+/// that does not parse (STATUS_INVALID_PARAMETER, `ResumeMatch::name`,
+/// re-review rr40b F1) and a replay under another lease key leave the
+/// handle's record (its disconnect time and expiry) as it was, count no
+/// resume, and the open expires at its original time.
 #[test]
 fn a_refused_reconnect_leaves_the_open_and_its_expiry_as_they_were() {
     use libfilter::model::ConnState;
