@@ -28,6 +28,16 @@
 //! `Reattached`, so a lock granted after a resume reply reaches the frontend
 //! after the flags that reply set, never before.
 //!
+//! No I/O goes unchecked on a connection whose hello did not grant lock
+//! hints: a daemon on a store shared between machines (etcd) withholds
+//! them from a frontend that asks for [`crate::proto::FEATURE_FENCED_IO`]
+//! (this attachment asks whenever it asks for hints), because a daemon
+//! stopped past its lease keeps its socket open — `io_ready` stays true —
+//! while another machine takes over, and unchecked writes through the
+//! descriptors it passed would land over the new owner's work (review
+//! rvnode 1). Checked, they wait for the stopped daemon, which answers
+//! none of them.
+//!
 //! Unchecked I/O is gated per file (issue 13): a frontend makes the
 //! decision "this file has no locks, no CheckIo" with
 //! [`Attachment::decide_io`], checking in this order under the gate:
@@ -354,7 +364,11 @@ impl Attachment {
         features: u64,
         hello_within: Option<Duration>,
     ) -> Result<Self, ClientError> {
-        let features = features | crate::proto::FEATURE_RESYNCED;
+        let mut features = features | crate::proto::FEATURE_RESYNCED;
+        // Hinted, it checks every I/O when a daemon withholds the hints.
+        if features & crate::proto::FEATURE_LOCK_HINTS != 0 {
+            features |= crate::proto::FEATURE_FENCED_IO;
+        }
         let client = FilterClient::connect_frontend_within(
             socket,
             protocol.clone(),
@@ -412,13 +426,25 @@ impl Attachment {
     /// socket itself ([`FilterClient::peer_gone`]), so it turns false the
     /// moment the daemon is gone, before the supervisor notices.
     pub fn io_ready(&self) -> bool {
+        self.io_ready_hinted().is_some()
+    }
+
+    /// [`Attachment::io_ready`], and if so whether its connection was
+    /// granted [`crate::proto::FEATURE_LOCK_HINTS`] (read from the same
+    /// connection): without them, no file's I/O may go unchecked — a
+    /// daemon on a store shared between machines withholds them
+    /// ([`crate::proto::FEATURE_FENCED_IO`]), as one that does not know
+    /// them would.
+    fn io_ready_hinted(&self) -> Option<bool> {
         let g = self.shared.generation.load(Ordering::Acquire);
         if self.shared.synced.load(Ordering::Acquire) != g {
-            return false;
+            return None;
         }
         match self.shared.current.read() {
-            Ok(c) => !c.peer_gone(),
-            Err(_) => false,
+            Ok(c) if !c.peer_gone() => {
+                Some(c.hello().features & crate::proto::FEATURE_LOCK_HINTS != 0)
+            }
+            _ => None,
         }
     }
 
@@ -464,7 +490,9 @@ impl Attachment {
 
     /// Decides one read or write of `file`, in this order under the gate:
     /// [`Attachment::io_ready`], `live` (the frontend's handle of it is not
-    /// lost or forgotten), the file's flag in `checked`. An
+    /// lost or forgotten), the file's flag in `checked` — every file counts
+    /// as flagged on a connection not granted lock hints (a daemon on a
+    /// store shared between machines: [`crate::proto::FEATURE_FENCED_IO`]). An
     /// [`IoDecision::Unchecked`] counts as in flight on `file` until its
     /// guard is dropped: do the pread/pwrite, then drop it.
     pub fn decide_io(
@@ -478,14 +506,15 @@ impl Attachment {
         while g.closed {
             g = gate.wait(g);
         }
-        if !self.io_ready() {
+        let Some(hinted) = self.io_ready_hinted() else {
             return IoDecision::NotReady;
-        }
+        };
         if !live() {
             return IoDecision::Gone;
         }
-        // Poisoned: treat the file as locked.
-        if checked.lock().map(|l| l.contains(&file)).unwrap_or(true) {
+        // Poisoned: treat the file as locked. Not hinted: every file may
+        // be (review rvnode 1).
+        if !hinted || checked.lock().map(|l| l.contains(&file)).unwrap_or(true) {
             return IoDecision::Check;
         }
         let ticket = g.next_ticket;

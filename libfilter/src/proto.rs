@@ -50,7 +50,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_CLOSE_DELETE_ON_CLOSE
     | FEATURE_PAGED_WITHIN_FILE
     | FEATURE_WAIT_FOR_HINTS
-    | FEATURE_RESUME_MATCH;
+    | FEATURE_RESUME_MATCH
+    | FEATURE_FENCED_IO;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -249,6 +250,23 @@ pub const FEATURE_WAIT_FOR_HINTS: u64 = 65536;
 /// An older daemon ignores both fields, so [`crate::client::FilterClient`]
 /// sends them only once granted.
 pub const FEATURE_RESUME_MATCH: u64 = 131072;
+/// Feature: fenced I/O (review rvnode 1). A frontend asks for it with
+/// [`FEATURE_LOCK_HINTS`] to say that it checks every read and write with
+/// [`Request::CheckIo`] when the hello grants it but not the hints
+/// (`crate::attach` does: [`crate::attach::Attachment::decide_io`]). A
+/// daemon whose store is shared between machines (etcd) grants it and
+/// then withholds `FEATURE_LOCK_HINTS`: there, a daemon stopped past its
+/// lease (SIGSTOP, a paused VM) keeps its sockets open while another
+/// machine takes the table over, so a frontend that trusted the hints
+/// would go on reading and writing files without locks through the
+/// descriptors it holds — over data, and inside locks, that the new
+/// owner acknowledged. Checked, each read and write waits for the
+/// stopped daemon, which never answers it (it steps down when it runs
+/// again: every step checks its lease first). A daemon on a one-machine
+/// store (LMDB: a stopped daemon keeps its lock, nobody takes over)
+/// does not grant it, and hints work as before. A frontend that asks for hints without this bit is given
+/// them as before the bit, on any store (its I/O is then not fenced).
+pub const FEATURE_FENCED_IO: u64 = 262144;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
 /// tell sends it in several notices ([`crate::client::ReplayCounter`]).

@@ -859,9 +859,10 @@ impl Engine {
             ));
         }
         let granted = match hello.role {
-            Role::Frontend { .. } => {
-                hello.features & proto::FEATURES & !crate::failpoint::withheld_features()
-            }
+            Role::Frontend { .. } => fenced_io(
+                hello.features & proto::FEATURES & !crate::failpoint::withheld_features(),
+                self.store.shared(),
+            ),
             Role::Control => {
                 hello.features & (proto::FEATURE_BINARY_FRAMES | proto::FEATURE_PAGED_WITHIN_FILE)
             }
@@ -2030,4 +2031,19 @@ fn step_down(e: &StoreError) -> ! {
     panic!("stepped down: {e}");
     #[cfg(not(test))]
     std::process::exit(75);
+}
+
+/// The features granted to a frontend that asked for `asked` (less what
+/// this daemon does not know): on a store shared between machines
+/// (`shared`), one that asked for [`proto::FEATURE_FENCED_IO`] is granted
+/// it and refused [`proto::FEATURE_LOCK_HINTS`], so it checks every read
+/// and write with this daemon — which answers none once its lease may
+/// have run out, while the descriptors the frontend holds would still
+/// write (review rvnode 1). Elsewhere the bit is not granted.
+fn fenced_io(asked: u64, shared: bool) -> u64 {
+    if shared && asked & proto::FEATURE_FENCED_IO != 0 {
+        asked & !proto::FEATURE_LOCK_HINTS
+    } else {
+        asked & !proto::FEATURE_FENCED_IO
+    }
 }

@@ -8168,3 +8168,20 @@ fn a_no_wait_truncating_open_waits_for_the_hint_only_when_it_asks_to() {
         );
     }
 }
+
+/// Review rvnode 1: on a store shared between machines a frontend that
+/// asks for fenced I/O is refused lock hints (it then checks every read
+/// and write, and a daemon stopped past its lease answers none); on LMDB
+/// hints are granted as before, and a frontend that does not ask for the
+/// bit keeps its hints on any store.
+#[test]
+fn a_shared_store_withholds_lock_hints_from_a_frontend_that_checks_without_them() {
+    use libfilter::proto::{FEATURES, FEATURE_FENCED_IO, FEATURE_LOCK_HINTS};
+    let shared = fenced_io(FEATURES, true);
+    assert_eq!(shared, FEATURES & !FEATURE_LOCK_HINTS);
+    let local = fenced_io(FEATURES, false);
+    assert_eq!(local, FEATURES & !FEATURE_FENCED_IO);
+    let older = FEATURES & !FEATURE_FENCED_IO;
+    assert_eq!(fenced_io(older, true), older);
+    assert_eq!(fenced_io(older, false), older);
+}
