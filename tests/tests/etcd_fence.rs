@@ -38,12 +38,19 @@ fn b64(s: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-fn start_node(s: &Scratch, url: &str, standby: bool, env: &[(&str, &str)]) -> Filterd {
+fn start_node(
+    s: &Scratch,
+    url: &str,
+    standby: bool,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Filterd {
     let ttl = TTL.to_string();
     let mut flags = vec!["--store", url, "--lease-ttl-secs", &ttl];
     if standby {
         flags.push("--standby");
     }
+    flags.extend_from_slice(extra);
     Filterd::spawn(s, &flags, env)
 }
 
@@ -84,6 +91,11 @@ impl TwoNodes {
     /// one, A talks to member 0 only and B to the others (so stalling
     /// member 0 cuts A off while the cluster keeps its quorum).
     fn start_on(name: &str, failpoints: &str, members: usize) -> TwoNodes {
+        TwoNodes::start_with(name, failpoints, members, &[])
+    }
+
+    /// [`TwoNodes::start_on`], B started with the extra flags `b_flags`.
+    fn start_with(name: &str, failpoints: &str, members: usize, b_flags: &[&str]) -> TwoNodes {
         let shared = Scratch::new(&format!("{name}-export"));
         let export = shared.root();
         let cluster = Cluster::start(&shared, members);
@@ -100,9 +112,15 @@ impl TwoNodes {
         };
         let sa = node(&format!("{name}-a"), &export);
         let sb = node(&format!("{name}-b"), &export);
-        let a = start_node(&sa, &a_url, false, &[("RKFILTER_FAILPOINTS", failpoints)]);
+        let a = start_node(
+            &sa,
+            &a_url,
+            false,
+            &[],
+            &[("RKFILTER_FAILPOINTS", failpoints)],
+        );
         a.wait_ready();
-        let b = start_node(&sb, &b_url, true, &[]);
+        let b = start_node(&sb, &b_url, true, b_flags, &[]);
         b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
         let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
         TwoNodes {
@@ -497,4 +515,116 @@ fn a_rename_frozen_in_flight_is_not_made_after_a_takeover() {
 #[test]
 fn a_truncating_open_frozen_in_flight_is_not_made_after_a_takeover() {
     at_every_point("fence-trunc", truncating_open_in_flight);
+}
+
+/// Review rvnode 1: node A's filterd is frozen past its lease while its
+/// smbshim and nfsshim run on, each with a handle opened before the
+/// freeze (alice: `f` through smbshim, `g` through nfsshim). B takes
+/// over; bob opens both through B's smbshim, locks `f` exclusively and
+/// writes both. Then alice writes each through A's frontends. Neither
+/// write may land, nor be answered success: on an etcd store filterd
+/// withholds lock hints ([`libfilter::proto::FEATURE_FENCED_IO`]), so the
+/// frontends check each read and write with the frozen daemon, which
+/// never answers and, continued, steps down without acting. (Before, a
+/// file with no lock hint was written unchecked through the descriptor
+/// filterd had passed: smbshim answered STATUS_SUCCESS with alice's
+/// bytes inside bob's lock, over his acknowledged data.)
+#[test]
+fn a_frozen_owners_frontends_write_nothing_after_a_takeover() {
+    if !etcd_available("fence-io") {
+        return;
+    }
+    // B holds opens for A's frontends (alive, never attached to B) only
+    // this long: alice writes soon after the takeover.
+    let mut n = TwoNodes::start_with("fence-io", "", 1, &["--break-timeout-ms", "2000"]);
+    let a_nfs = Shim::start("nfsshim", n.a.socket(), "nfs-1");
+    std::fs::write(n.export.join("g"), b"nfs-1-nfs-1-nfs-").expect("write g");
+    let mut c = LineClient::connect(&n.a_smb.addr);
+    let sid = session(&mut c, &uuid::Uuid::new_v4().to_string());
+    let r = c.call(persistent_open(
+        sid,
+        "f",
+        "create",
+        &uuid::Uuid::new_v4().to_string(),
+    ));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let write = |data: &[u8]| json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": b64(data)});
+    let r = c.call(write(b"alice-1-alice-1-"));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let mut nfs = rkfilter_tests::Nfs::connect(&a_nfs.addr, "host-a", "00000000000000aa");
+    let r = nfs.open("o1", "g", "both", "none", json!({}));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    let stateid = r["stateid"].clone();
+    let nfs_write =
+        |data: &[u8]| json!({"op": "WRITE", "stateid": stateid, "offset": 0, "data": b64(data)});
+    let r = nfs.call(nfs_write(b"alice-nfs-alice-"));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+
+    n.a.stop();
+    let t0 = Instant::now();
+    n.b.wait_ready();
+    eprintln!("B serves at {:?}", t0.elapsed());
+    let b_smb = Shim::start("smbshim", n.b.socket(), "smb-2");
+    let mut bob = LineClient::connect(&b_smb.addr);
+    let bsid = session(&mut bob, &uuid::Uuid::new_v4().to_string());
+    let mut bob_writes = |path: &str, data: &[u8], lock: bool| {
+        let r = bob.call(json!({"cmd": "CREATE", "session_id": bsid, "path": path,
+                                "access": ["read", "write"], "share": ["read", "write", "delete"],
+                                "disposition": "open"}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "bob's open of {path}: {r}");
+        let bfid = r["file_id"].clone();
+        if lock {
+            let r = bob.call(json!({"cmd": "LOCK", "session_id": bsid, "file_id": bfid,
+                                    "locks": [{"offset": 0, "length": 100, "exclusive": true, "unlock": false}]}));
+            assert_eq!(r["status"], "STATUS_SUCCESS", "bob's lock: {r}");
+        }
+        let r = bob.call(json!({"cmd": "WRITE", "session_id": bsid, "file_id": bfid,
+                                "offset": 0, "data": b64(data)}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "bob's write of {path}: {r}");
+    };
+    bob_writes("f", b"BOB-LOCKED-DATA!", true);
+    bob_writes("g", b"BOB-WROTE-NFS-G!", false);
+    eprintln!("bob wrote at {:?}", t0.elapsed());
+
+    // alice writes through A's frontends; A is still frozen.
+    let mid = c.send_only("mid", write(b"STALE-SMBSHIM-A!"));
+    nfs.seqid += 1;
+    let mut req = nfs_write(b"STALE-NFSSHIM-A!");
+    req["seq"] = json!({"sessionid": nfs.sessionid, "slot": 0, "seqid": nfs.seqid});
+    let xid = nfs.c.send_only("xid", req);
+    // Nor is a read served (it would show data B may be changing).
+    let read_mid = c.send_only(
+        "mid",
+        json!({"cmd": "READ", "session_id": sid, "file_id": fid, "offset": 0, "length": 16}),
+    );
+    n.a.signal(Signal::SIGCONT);
+    let st = n.a.wait_exit(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(75), "{}", n.a.log_text());
+    // A is gone: both frontends answer now (if not before), never
+    // success, and neither wrote.
+    c.set_read_timeout(Duration::from_secs(30));
+    let (smb, _) = c.reply_to("mid", mid).expect("smbshim answers");
+    let (smb_read, _) = c
+        .reply_to("mid", read_mid)
+        .expect("smbshim answers the read");
+    nfs.c.set_read_timeout(Duration::from_secs(30));
+    let (nfs_r, _) = nfs.c.reply_to("xid", xid).expect("nfsshim answers");
+    eprintln!(
+        "A's smbshim answered {smb} and {smb_read}, its nfsshim {nfs_r} ({:?})",
+        t0.elapsed()
+    );
+    let read =
+        |p: &str| String::from_utf8_lossy(&std::fs::read(n.export.join(p)).expect(p)).into_owned();
+    let (f, g) = (read("f"), read("g"));
+    assert!(
+        smb["status"] != "STATUS_SUCCESS"
+            && smb_read["status"] != "STATUS_SUCCESS"
+            && nfs_r["status"] != "NFS4_OK"
+            && f == "BOB-LOCKED-DATA!"
+            && g == "BOB-WROTE-NFS-G!",
+        "the stale node's frontends acknowledged or wrote after the takeover: \
+         smbshim {smb}, read {smb_read}, f {f:?} (bob's lock holds [0, 100)); \
+         nfsshim {nfs_r}, g {g:?}"
+    );
 }
