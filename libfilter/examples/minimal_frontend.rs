@@ -84,7 +84,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     //    (`IoDecision::Check`) `check_io` returns a guard to hold, through
     //    `checked`, across the pread/pwrite: filterd grants no conflicting
     //    lock until it is dropped. The attachment waits for those guards
-    //    before it says hello to a restarted filterd.
+    //    before it says hello to a restarted filterd. With the table in
+    //    etcd filterd grants no lock hints (`FEATURE_FENCED_IO`) and
+    //    `decide_io` answers `Check` for every file: a filterd stopped
+    //    past its lease must not leave its frontends writing unchecked.
     if let Ok(AttachEvent::Reattached {
         generation,
         resumed,
