@@ -51,7 +51,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_PAGED_WITHIN_FILE
     | FEATURE_WAIT_FOR_HINTS
     | FEATURE_RESUME_MATCH
-    | FEATURE_FENCED_IO;
+    | FEATURE_FENCED_IO
+    | FEATURE_STEP_DOWN;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -267,6 +268,16 @@ pub const FEATURE_RESUME_MATCH: u64 = 131072;
 /// does not grant it, and hints work as before. A frontend that asks for hints without this bit is given
 /// them as before the bit, on any store (its I/O is then not fenced).
 pub const FEATURE_FENCED_IO: u64 = 262144;
+/// The daemon sends [`Event::SteppingDown`] before it exits because it
+/// lost the ownership of its table (fenced, or its etcd lease ran out):
+/// another daemon owns the state now, this one will not serve it again
+/// until it wins it back. A frontend that asked for the bit lets go of its
+/// clients then (rksmbd closes their connections, so they reconnect — to
+/// the new owner's node where the address moved) instead of answering
+/// them "not available" for as long as its daemon is gone. Without the
+/// bit the daemon sends nothing (an older frontend would log the unknown
+/// event as undecodable and carry on).
+pub const FEATURE_STEP_DOWN: u64 = 524288;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
 /// tell sends it in several notices ([`crate::client::ReplayCounter`]).
@@ -1333,6 +1344,9 @@ pub enum Event {
     },
     /// Client-side only: the connection to the daemon was lost.
     ConnectionLost,
+    /// The daemon lost the ownership of its table and exits now
+    /// ([`FEATURE_STEP_DOWN`]): the connection ends right after it.
+    SteppingDown,
 }
 
 /// A handle as filterctl shows it.
@@ -3750,6 +3764,7 @@ mod binary_tests {
             file().prop_map(|file| Event::LocksPresent { file }),
             file().prop_map(|file| Event::LocksGone { file }),
             Just(Event::ConnectionLost),
+            Just(Event::SteppingDown),
         ]
     }
 
