@@ -955,6 +955,7 @@ fn fenced(e: &StoreError) {
         }
         _ => return,
     }
+    crate::outbox::tell_stepping_down();
     std::process::exit(75);
 }
 

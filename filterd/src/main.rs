@@ -302,6 +302,7 @@ fn open_store(
         .spawn(move || loop {
             if let Err(e) = watch.owner_check() {
                 error!(error = %e, "no longer the owner of the etcd table: stepping down");
+                outbox::tell_stepping_down();
                 std::process::exit(75);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));

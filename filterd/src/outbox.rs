@@ -205,6 +205,39 @@ fn run(me: Weak<Flusher>) {
     }
 }
 
+/// Every connection's writer, for [`tell_stepping_down`].
+static WRITERS: Mutex<Vec<std::sync::Weak<ConnWriter>>> = Mutex::new(Vec::new());
+
+/// Tells every frontend that asked for [`proto::FEATURE_STEP_DOWN`] that
+/// this daemon lost the ownership of its table and exits now, so that it
+/// lets go of its clients (review rvnode, finding 3): without a word a
+/// frontend cannot tell this from a crash on a node that still owns the
+/// table, and answers its clients "not available" while it waits for a
+/// daemon that will not come back. Best effort and never blocking: the
+/// event goes on the peer's queue when its socket is full, and the exit
+/// that follows may lose it (the frontend then rides the loss out as
+/// before). It acknowledges nothing: no reply goes with it.
+pub fn tell_stepping_down() {
+    let all: Vec<_> = WRITERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    let mut told = 0usize;
+    for w in all {
+        if w.features.load(Ordering::Acquire) & proto::FEATURE_STEP_DOWN != 0
+            && w.send_frame(&ServerFrame::Event(proto::Event::SteppingDown), None)
+        {
+            told += 1;
+        }
+    }
+    tracing::warn!(
+        frontends = told,
+        "told the frontends this daemon steps down"
+    );
+}
+
 /// The writing half of a connection, shared by the engine and the committer.
 /// Never blocks: what the peer's socket does not take now waits in its
 /// queue ([`crate::outbox`]); a peer that lets it grow past its limit is
@@ -256,7 +289,7 @@ impl Drop for ConnWriter {
 impl ConnWriter {
     /// A writer for `sock`, whose queue `flusher` drains.
     pub(crate) fn new(sock: Arc<OwnedFd>, flusher: Option<Arc<Flusher>>) -> Arc<ConnWriter> {
-        Arc::new_cyclic(|me| ConnWriter {
+        let w = Arc::new_cyclic(|me| ConnWriter {
             sock,
             dead: AtomicBool::new(false),
             encoding: AtomicU8::new(0),
@@ -268,7 +301,12 @@ impl ConnWriter {
             }),
             me: me.clone(),
             parked: Mutex::new((0, 0)),
-        })
+        });
+        let mut all = WRITERS.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&w));
+        drop(all);
+        w
     }
 
     /// Counts a frame of `len` bytes waiting for a commit. False (and the

@@ -2030,6 +2030,8 @@ fn step_down(e: &StoreError) -> ! {
     #[cfg(test)]
     panic!("stepped down: {e}");
     #[cfg(not(test))]
+    crate::outbox::tell_stepping_down();
+    #[cfg(not(test))]
     std::process::exit(75);
 }
 
