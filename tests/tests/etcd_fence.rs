@@ -626,5 +626,67 @@ fn a_frozen_owners_frontends_write_nothing_after_a_takeover() {
         "the stale node's frontends acknowledged or wrote after the takeover: \
          smbshim {smb}, read {smb_read}, f {f:?} (bob's lock holds [0, 100)); \
          nfsshim {nfs_r}, g {g:?}"
+
+/// Review rvnode, finding 3: rksmbd on node A kept its clients'
+/// connections after A's filterd lost the ownership of the table (frozen
+/// past its lease while B took over, then continued: exit 75) and
+/// answered them STATUS_FILE_NOT_AVAILABLE for ever, which an SMB 3
+/// client replays on the same connection — it never reached B. Now
+/// filterd tells its frontends it steps down (`Event::SteppingDown`), and
+/// rksmbd closes its client connections (saying so at warn level) and
+/// closes new ones at once until its filterd serves again.
+#[test]
+fn rksmbd_lets_go_of_its_clients_when_its_filterd_steps_down() {
+    use std::io::Read;
+    if !etcd_available("fence-down") {
+        return;
+    }
+    let shared = Scratch::new("fence-down-export");
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url("rk/fence-down");
+    let sa = node("fence-down-a", &export);
+    let sb = node("fence-down-b", &export);
+    let mut a = start_node(&sa, &url, false, &[]);
+    a.wait_ready();
+    let b = start_node(&sb, &url, true, &[]);
+    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    let (smb, log) = rkfilter_tests::RkSmbd::start_logged(
+        &sa,
+        "smb-1",
+        "data",
+        &[("alice", "pw")],
+        &[("RUST_LOG", "warn")],
+    );
+    let mut client = std::net::TcpStream::connect(&smb.shim.addr).expect("connect to rksmbd A");
+    a.stop();
+    b.wait_ready();
+    a.signal(Signal::SIGCONT);
+    let st = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(75), "A steps down; log:\n{}", a.log_text());
+    // Closed by rksmbd, not left open: EOF (or a reset) within seconds.
+    let closed = |c: &mut std::net::TcpStream| {
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    assert!(
+        closed(&mut client),
+        "rksmbd A kept its client's connection after its filterd stepped down"
+    );
+    let mut late = std::net::TcpStream::connect(&smb.shim.addr).expect("connect to rksmbd A");
+    assert!(
+        closed(&mut late),
+        "rksmbd A served a new client while its filterd is gone for good"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("WARN") && text.contains("filterd stepped down"),
+        "rksmbd said nothing at warn level:\n{text}"
     );
 }

@@ -1057,12 +1057,13 @@ fn real_nfsshim_stores_the_same_under_every_frame_encoding() {
     // ordered delete-on-close queries (8192, every frontend asks), the
     // told delete on close a close or detach carries (16384, every
     // frontend asks), no-wait opens that wait for size-change hints
-    // (65536, every frontend asks), and the frames each value asks for.
+    // (65536, every frontend asks), the step-down notice (524288), and
+    // the frames each value asks for.
     let runs: Vec<(&str, Vec<String>)> = [
-        ("", 97983),
-        ("compact", 97975),
-        ("binary", 97971),
-        ("json", 97969),
+        ("", 622271),
+        ("compact", 622263),
+        ("binary", 622259),
+        ("json", 622257),
     ]
     .into_iter()
     .map(|(frames, granted)| (frames, nfs_run(frames, granted, &export.root())))

@@ -209,7 +209,8 @@ const FEATURES: u64 = libfilter::proto::FEATURE_LOCK_HINTS
     | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
     | libfilter::proto::FEATURE_OPEN_KERNEL_HANDLE
     | libfilter::proto::FEATURE_REPLAY_REPORTS
-    | libfilter::proto::FEATURE_WRITE_NOTICES;
+    | libfilter::proto::FEATURE_WRITE_NOTICES
+    | libfilter::proto::FEATURE_STEP_DOWN;
 
 /// NFS4ERR_DELAY because filterd cannot be reached: the slot does not
 /// advance (the client re-sends with the same seqid).
@@ -535,6 +536,8 @@ struct Global {
 
 struct Shared {
     filter: Attachment,
+    /// The client connections, let go of when filterd steps down.
+    clients: Arc<shimline::ClientGate>,
     st: Mutex<Global>,
     next_num: AtomicU64,
     writers: shimline::Writers,
@@ -655,7 +658,8 @@ pub fn run(
         max_connections: limits.max_connections,
         max_connections_per_peer: limits.max_connections_per_peer,
     };
-    shimline::accept_forever(listener, cfg, move |conn, stream| {
+    let gate = shared.clients.clone();
+    shimline::accept_forever_gated(listener, cfg, gate, move |conn, stream| {
         serve(shared.clone(), conn, stream)
     });
     Ok(())
@@ -672,6 +676,7 @@ fn start(
     let shared = Arc::new(Shared {
         chores,
         filter: attach,
+        clients: Arc::default(),
         st: Mutex::new(Global::default()),
         next_num: AtomicU64::new(1),
         writers: shimline::Writers::default(),
@@ -5234,6 +5239,12 @@ fn events(sh: Arc<Shared>) {
                 // unchecked again.
                 sh.filter
                     .relearn_locks(&sh.locked_files, locked, generation);
+                if sh.clients.open() {
+                    eprintln!("nfsshim: filterd serves again: accepting clients again");
+                }
+            }
+            AttachEvent::Daemon(Event::SteppingDown) => {
+                shimline::stepped_down(&sh.clients, "nfsshim");
             }
             _ => {}
         }

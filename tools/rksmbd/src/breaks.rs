@@ -658,6 +658,23 @@ pub fn forward(sh: Arc<Shared>) {
             test_delay_before_the_forgotten_breaks();
             leases_forgotten(&sh, &lost);
             sh.filter.resynced(generation);
+            if sh.clients.open() {
+                tracing::warn!("filterd serves again: accepting clients again");
+            }
+            continue;
+        }
+        if ev == AttachEvent::Daemon(Event::SteppingDown) {
+            // Another node's filterd owns the table now: this one will not
+            // serve it again until it wins it back, and every request of
+            // our clients would be answered FILE_NOT_AVAILABLE meanwhile,
+            // which an SMB 3 client replays on the same connection for
+            // ever. Closed, they reconnect — to the new owner where the
+            // address moved (review rvnode, finding 3).
+            let n = sh.clients.let_go();
+            tracing::warn!(
+                connections = n,
+                "filterd stepped down (another node owns the table): closed the client connections; refusing new ones until filterd serves again"
+            );
             continue;
         }
         let AttachEvent::Daemon(Event::LeaseBreak {

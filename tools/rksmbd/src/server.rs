@@ -161,6 +161,8 @@ pub struct Shared {
     pub config: Config,
     /// This server's GUID.
     pub server_guid: [u8; 16],
+    /// The client connections, let go of when filterd steps down.
+    pub clients: Arc<shimline::ClientGate>,
     /// Lease holders and connection writers, for lease breaks.
     pub notifier: crate::breaks::Notifier,
     /// Leases with a break in progress.
@@ -389,7 +391,8 @@ const FEATURES: u64 = libfilter::proto::FEATURE_RENAME_DIRECTORY
     | libfilter::proto::FEATURE_RESUME_MATCH
     | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
     | libfilter::proto::FEATURE_REPLAY_REPORTS
-    | libfilter::proto::FEATURE_WRITE_NOTICES;
+    | libfilter::proto::FEATURE_WRITE_NOTICES
+    | libfilter::proto::FEATURE_STEP_DOWN;
 
 /// How often the replays rksmbd answered itself are told to filterd.
 const REPLAY_REPORT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -422,7 +425,8 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         max_connections: MAX_CONNECTIONS,
         max_connections_per_peer: MAX_CONNECTIONS_PER_PEER,
     };
-    shimline::accept_forever(listener, cfg, move |conn, stream| {
+    let gate = shared.clients.clone();
+    shimline::accept_forever_gated(listener, cfg, gate, move |conn, stream| {
         let mut c = Connection::new(shared.clone(), conn);
         c.serve(stream);
         c.lost();
@@ -442,6 +446,7 @@ fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
         root,
         config,
         server_guid: ntlm::random_bytes(),
+        clients: Arc::default(),
         notifier: crate::breaks::Notifier::default(),
         breaking: crate::breaking::BreaksInProgress::default(),
         registry: crate::sessions::Registry::default(),

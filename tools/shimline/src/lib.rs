@@ -784,6 +784,18 @@ pub fn accept_forever(
     cfg: Listen,
     serve: impl Fn(u64, TcpStream) + Send + Sync + 'static,
 ) {
+    accept_forever_gated(listener, cfg, Arc::default(), serve)
+}
+
+/// [`accept_forever`], with a [`ClientGate`] through which the frontend
+/// lets go of every client connection at once and refuses new ones until
+/// it opens the gate again (its filterd stepped down, review rvnode).
+pub fn accept_forever_gated(
+    listener: TcpListener,
+    cfg: Listen,
+    gate: Arc<ClientGate>,
+    serve: impl Fn(u64, TcpStream) + Send + Sync + 'static,
+) {
     let serve = Arc::new(serve);
     let live = Arc::new(Mutex::new(Live::default()));
     let mut next = 0u64;
@@ -814,7 +826,16 @@ pub fn accept_forever(
             refuse(stream, &cfg, &why);
             continue;
         }
-        let (conn, serve) = (next, serve.clone());
+        let conn = next;
+        // Shut: closed at once, unanswered, so the client tries again
+        // (elsewhere, where its address moved).
+        let Some(entered) = gate.enter(conn, &stream) else {
+            let _ = stream.shutdown(Shutdown::Both);
+            drop(stream);
+            release(&live, peer);
+            continue;
+        };
+        let serve = serve.clone();
         // Released when the thread is not spawned, too (the closure goes).
         let admitted = Arc::new(Admitted {
             live: live.clone(),
@@ -825,6 +846,7 @@ pub fn accept_forever(
             .spawn(move || {
                 ADMITTED.with(|a| *a.borrow_mut() = Some(admitted.clone()));
                 serve(conn, stream);
+                drop(entered);
                 ADMITTED.with(|a| a.borrow_mut().take());
                 drop(admitted);
             });
@@ -832,6 +854,96 @@ pub fn accept_forever(
             eprintln!("connection {next}: dropped, no thread to serve it: {e}");
         }
     }
+}
+
+/// The client connections a frontend serves, so that it can let go of all
+/// of them at once ([`ClientGate::let_go`]) and refuse new ones until it
+/// opens the gate again ([`ClientGate::open`]). A frontend whose filterd
+/// stepped down (lost the ownership of its table to another node's) lets
+/// go: its clients reconnect, and reach the new owner's node where their
+/// server's address moved, instead of being answered "not available" here
+/// for as long as the old daemon is gone (review rvnode, finding 3).
+#[derive(Default)]
+pub struct ClientGate {
+    inner: Mutex<GateInner>,
+}
+
+#[derive(Default)]
+struct GateInner {
+    shut: bool,
+    live: HashMap<u64, TcpStream>,
+}
+
+/// A connection counted in its [`ClientGate`] until dropped.
+struct Entered {
+    gate: Arc<ClientGate>,
+    conn: u64,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.gate.inner.lock() {
+            g.live.remove(&self.conn);
+        }
+    }
+}
+
+impl ClientGate {
+    /// Counts connection `conn` in, unless the gate is shut (None).
+    fn enter(self: &Arc<Self>, conn: u64, stream: &TcpStream) -> Option<Entered> {
+        let mut g = self.inner.lock().ok()?;
+        if g.shut {
+            return None;
+        }
+        // A connection whose socket cannot be shared is served all the
+        // same; only a later `let_go` misses it.
+        if let Ok(s) = stream.try_clone() {
+            g.live.insert(conn, s);
+        }
+        Some(Entered {
+            gate: self.clone(),
+            conn,
+        })
+    }
+
+    /// Shuts the gate: every client connection served now is shut down
+    /// (its reader sees the end and lets its opens go as for a lost
+    /// client), and new ones are closed as soon as accepted. Returns how
+    /// many were shut down.
+    pub fn let_go(&self) -> usize {
+        let Ok(mut g) = self.inner.lock() else {
+            return 0;
+        };
+        g.shut = true;
+        for s in g.live.values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        g.live.len()
+    }
+
+    /// Opens the gate again; whether it was shut.
+    pub fn open(&self) -> bool {
+        self.inner
+            .lock()
+            .map(|mut g| std::mem::replace(&mut g.shut, false))
+            .unwrap_or(false)
+    }
+
+    /// Whether the gate is shut.
+    pub fn is_shut(&self) -> bool {
+        self.inner.lock().map(|g| g.shut).unwrap_or(false)
+    }
+}
+
+/// What a frontend does when its filterd steps down
+/// ([`libfilter`]'s `Event::SteppingDown`): lets go of its clients
+/// through `gate`, and says so on standard error (as the shims say what
+/// they do).
+pub fn stepped_down(gate: &ClientGate, program: &str) {
+    let n = gate.let_go();
+    eprintln!(
+        "{program}: filterd stepped down (another node owns the table): closed {n} client connection(s); refusing new ones until filterd serves again"
+    );
 }
 
 /// A connection counted under the caps of [`accept_forever`] until every

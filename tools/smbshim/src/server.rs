@@ -378,6 +378,8 @@ struct Shared {
     /// The filterd connections; a client's opens go through
     /// `members[member_of(client_guid)]`.
     members: Vec<Member>,
+    /// The client connections, let go of when filterd steps down.
+    clients: Arc<shimline::ClientGate>,
     sessions: Mutex<HashMap<u64, Session>>,
     /// The create GUIDs of CREATEs in flight or unanswered, each owned by
     /// one session, for its LOGOFF to close. Locked alone or inside the
@@ -458,7 +460,8 @@ pub fn run(
         max_connections: limits.max_connections,
         max_connections_per_peer: limits.max_connections_per_peer,
     };
-    shimline::accept_forever(listener, cfg, move |conn, stream| {
+    let gate = shared.clients.clone();
+    shimline::accept_forever_gated(listener, cfg, gate, move |conn, stream| {
         serve(shared.clone(), conn, stream)
     });
     Ok(())
@@ -491,7 +494,8 @@ fn attach_members(
                 // way (a WRITE never waits for filterd).
                 libfilter::proto::FEATURE_LOCK_HINTS
                     | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
-                    | libfilter::proto::FEATURE_WRITE_NOTICES,
+                    | libfilter::proto::FEATURE_WRITE_NOTICES
+                    | libfilter::proto::FEATURE_STEP_DOWN,
                 shimline::cli::FILTERD_START_WAIT,
                 &mut shimline::cli::say_waiting_for_filterd(
                     "smbshim",
@@ -508,6 +512,7 @@ fn attach_members(
 /// for each.
 fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>> {
     let shared = Arc::new(Shared {
+        clients: Arc::default(),
         members: attach
             .into_iter()
             .map(|filter| Member {
@@ -3227,6 +3232,13 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 // unchecked again; none meanwhile.
                 let _quiet = m.filter.exclusive_io();
                 m.filter.relearn_locks(&m.locked_files, locked, generation);
+                if sh.clients.open() {
+                    eprintln!("smbshim: filterd serves again: accepting clients again");
+                }
+                continue;
+            }
+            AttachEvent::Daemon(Event::SteppingDown) => {
+                shimline::stepped_down(&sh.clients, "smbshim");
                 continue;
             }
             _ => continue,
