@@ -820,6 +820,10 @@ pub fn accept_forever_gated(
         // LEASE_BREAK then a reply): Nagle must not hold the second back
         // until the peer's (delayed) acknowledgement of the first.
         let _ = stream.set_nodelay(true);
+        // A client that vanished without a word (its host died, or it
+        // moved to another node) is noticed within a minute or so, and
+        // its handles detached for it to reconnect elsewhere.
+        let _ = keep_alive(&stream);
         next += 1;
         let peer = stream.peer_addr().map(|a| peer_key(a.ip())).ok();
         if let Err(why) = admit(&live, peer, &cfg) {
@@ -854,6 +858,29 @@ pub fn accept_forever_gated(
             eprintln!("connection {next}: dropped, no thread to serve it: {e}");
         }
     }
+}
+
+/// Idle time before the first TCP keepalive probe on a client socket.
+pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Time between unanswered keepalive probes.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Unanswered probes after which the kernel ends the connection.
+pub const KEEPALIVE_COUNT: u32 = 3;
+
+/// Turns TCP keepalive on for a client socket: a peer silent for
+/// [`KEEPALIVE_IDLE`] is probed every [`KEEPALIVE_INTERVAL`], and after
+/// [`KEEPALIVE_COUNT`] unanswered probes (about a minute in all) the
+/// connection fails like any lost one — its opens are let go (durable
+/// ones detached, for the client to reconnect, here or on another node).
+/// Without it a client that vanished without a FIN or RST kept its
+/// handles attached here for hours (the kernel's default, 2 h idle).
+pub fn keep_alive(stream: &TcpStream) -> nix::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let secs = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    setsockopt(stream, sockopt::KeepAlive, &true)?;
+    setsockopt(stream, sockopt::TcpKeepIdle, &secs(KEEPALIVE_IDLE))?;
+    setsockopt(stream, sockopt::TcpKeepInterval, &secs(KEEPALIVE_INTERVAL))?;
+    setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_COUNT)
 }
 
 /// The client connections a frontend serves, so that it can let go of all
@@ -1570,5 +1597,82 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("served");
         assert_eq!(got, Some(true));
+    }
+
+    /// Review rvnode, finding 4: a client that vanished without a FIN or
+    /// RST (moved to another node) kept its handles attached for the
+    /// kernel's 2 h default. Accepted sockets now have TCP keepalive with
+    /// the short timers of [`keep_alive`].
+    #[test]
+    fn accepted_client_sockets_have_short_tcp_keepalive() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let cfg = Listen {
+            prefix: "test",
+            id_field: "mid",
+            busy_status: "BUSY",
+            max_connections: 4,
+            max_connections_per_peer: 4,
+        };
+        std::thread::spawn(move || {
+            accept_forever(l, cfg, move |_, s: TcpStream| {
+                let _ = tx.send((
+                    getsockopt(&s, sockopt::KeepAlive).ok(),
+                    getsockopt(&s, sockopt::TcpKeepIdle).ok(),
+                    getsockopt(&s, sockopt::TcpKeepInterval).ok(),
+                    getsockopt(&s, sockopt::TcpKeepCount).ok(),
+                ));
+            })
+        });
+        let _c = TcpStream::connect(addr).expect("connect");
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("served");
+        assert_eq!(got, (Some(true), Some(30), Some(10), Some(3)));
+    }
+
+    /// A shut [`ClientGate`] ends the connections it serves and closes new
+    /// ones unanswered; opened again, new ones are served.
+    #[test]
+    fn a_shut_gate_lets_go_of_its_clients_until_opened() {
+        use std::io::Read;
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let gate = Arc::new(ClientGate::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let cfg = Listen {
+            prefix: "test",
+            id_field: "mid",
+            busy_status: "BUSY",
+            max_connections: 4,
+            max_connections_per_peer: 4,
+        };
+        let g = gate.clone();
+        std::thread::spawn(move || {
+            accept_forever_gated(l, cfg, g, move |conn, mut s: TcpStream| {
+                let _ = tx.send(conn);
+                let mut buf = [0u8; 16];
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            })
+        });
+        let wait = std::time::Duration::from_secs(10);
+        let mut first = TcpStream::connect(addr).expect("connect");
+        assert_eq!(rx.recv_timeout(wait), Ok(1), "served");
+        assert_eq!(gate.let_go(), 1);
+        let ended = |c: &mut TcpStream| {
+            c.set_read_timeout(Some(wait)).expect("timeout");
+            match c.read(&mut [0u8; 16]) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        };
+        assert!(ended(&mut first), "a served connection was kept");
+        let mut late = TcpStream::connect(addr).expect("connect");
+        assert!(ended(&mut late), "a new connection was served");
+        assert!(gate.open());
+        let _again = TcpStream::connect(addr).expect("connect");
+        assert_eq!(rx.recv_timeout(wait), Ok(3), "served once opened");
     }
 }
