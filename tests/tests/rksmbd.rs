@@ -651,6 +651,31 @@ fn credits_granted_never_exceed_the_window() {
     }
 }
 
+/// Review rvnode, finding 3: the ServerGuid was random per process, so
+/// after a failover to node B (or an rksmbd restart) clients saw a new
+/// server. It is derived from `--instance` now: the same across
+/// processes of one instance, another for another instance.
+#[test]
+fn the_server_guid_is_the_instances() {
+    let s = Scratch::new("rksmbd-server-guid");
+    let _d = Filterd::start(&s, &[], &[]);
+    let guid_of = |instance: &str| {
+        let srv = RkSmbd::start(&s, instance, "data", &[("alice", "pw")]);
+        let (_, r) = raw::negotiated(&srv.shim.addr);
+        assert_eq!(raw::status(&r), 0);
+        let guid = r[72..88].to_vec();
+        srv.shim.kill9();
+        guid
+    };
+    let first = guid_of("rksmbd");
+    assert_eq!(
+        guid_of("rksmbd"),
+        first,
+        "a restarted rksmbd is another server"
+    );
+    assert_ne!(guid_of("other"), first, "two instances are one server");
+}
+
 /// Message ids (MS-SMB2 3.3.1.1, 3.3.5.2.3): any order within the
 /// credits granted is served; a CANCEL uses none; an id used already ends
 /// the connection (it was run again, both answers carrying that id).

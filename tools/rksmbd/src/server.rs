@@ -150,6 +150,28 @@ pub struct Config {
     pub logon_queue: Duration,
 }
 
+/// The ServerGuid of the rksmbd serving frontend instance `instance`:
+/// a name-based UUID (RFC 9562 version 8, SHA-256 of a fixed label and
+/// the name, as RFC 9562 B.2 shows), so that every rksmbd of one
+/// instance — restarted, or on another node after a failover — is the
+/// same server to its clients, and two instances are not. It is also the
+/// BirthVolumeId of FSCTL_GET_OBJECT_ID and part of copy-chunk resume
+/// keys. Before (review rvnode, finding 3) it was drawn at random per
+/// process: after a failover to node B (or a restart) clients saw a
+/// new server.
+pub fn server_guid_of(instance: &str) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"rksmbd ServerGuid\0")
+        .chain_update(instance.as_bytes())
+        .finalize();
+    let mut g = [0u8; 16];
+    g.copy_from_slice(&digest[..16]);
+    g[6] = (g[6] & 0x0F) | 0x80; // version 8
+    g[8] = (g[8] & 0x3F) | 0x80; // the RFC variant
+    g
+}
+
 /// What every connection shares: the filterd attachment, the export root
 /// (for directories, see [`crate::files`]) and the configuration.
 pub struct Shared {
@@ -413,7 +435,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         ),
     )
     .context("attaching to filterd")?;
-    let shared = start(attach, config)?;
+    let shared = start(attach, instance, config)?;
     let listener = shimline::announce(listen).with_context(|| format!("listening on {listen}"))?;
     // Connection caps as the shims have them. The refusal shimline writes
     // is a JSON line, which an SMB client reads as a broken reply and
@@ -436,7 +458,7 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
 
 /// What the connections of an attachment share, with the threads that
 /// forward filterd's events and settle unanswered closes running.
-fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
+fn start(attach: Attachment, instance: &str, config: Config) -> anyhow::Result<Arc<Shared>> {
     use anyhow::Context;
     let logon_failures = crate::logons::Failures::new(config.logon_queue);
     let root = crate::files::open_root(&attach).context("opening the export root")?;
@@ -445,7 +467,7 @@ fn start(attach: Attachment, config: Config) -> anyhow::Result<Arc<Shared>> {
         filter: attach,
         root,
         config,
-        server_guid: ntlm::random_bytes(),
+        server_guid: server_guid_of(instance),
         clients: Arc::default(),
         notifier: crate::breaks::Notifier::default(),
         breaking: crate::breaking::BreaksInProgress::default(),
@@ -508,7 +530,7 @@ impl Harness {
             InstanceName::new(instance)?,
             FEATURES,
         )?;
-        Ok(Harness(start(attach, config)?, AtomicU64::new(1)))
+        Ok(Harness(start(attach, instance, config)?, AtomicU64::new(1)))
     }
 
     /// A fresh connection; dropping it is losing it (its opens go).
