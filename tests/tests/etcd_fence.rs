@@ -690,3 +690,58 @@ fn rksmbd_lets_go_of_its_clients_when_its_filterd_steps_down() {
         "rksmbd said nothing at warn level:\n{text}"
     );
 }
+
+/// Review rvnode, finding 5: a frontend started beside a `filterd
+/// --standby` gave up after 30 s (exit 1), since the standby serves only
+/// once it owns the table. With `--filterd-wait 0` it waits without
+/// limit (saying so), and serves once the standby has taken over.
+#[test]
+fn a_frontend_beside_a_standby_waits_for_it_to_take_over() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    if !etcd_available("fence-wait") {
+        return;
+    }
+    let shared = Scratch::new("fence-wait-export");
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url("rk/fence-wait");
+    let sa = node("fence-wait-a", &export);
+    let sb = node("fence-wait-b", &export);
+    let mut a = start_node(&sa, &url, false, &[]);
+    a.wait_ready();
+    let b = start_node(&sb, &url, true, &[]);
+    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    let err = sb.dir.join("smbshim-b.err");
+    let mut shim = Command::new(rkfilter_tests::bin("smbshim"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--instance",
+            "smb-1",
+            "--filterd-wait",
+            "0",
+        ])
+        .arg("--filter")
+        .arg(sb.socket())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .spawn()
+        .expect("smbshim B");
+    wait_for("smbshim B to say it waits", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&err).ok()?;
+        text.contains("waiting without limit").then_some(())
+    });
+    a.kill9();
+    b.wait_ready();
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(shim.stdout.take().expect("stdout"));
+    let _ = out.read_line(&mut line);
+    let _ = shim.kill();
+    let _ = shim.wait();
+    assert!(
+        line.starts_with("listening on "),
+        "smbshim B did not serve once B took over: {line:?}; stderr:\n{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+}

@@ -94,6 +94,8 @@ struct Args {
     max_opens_per_client: u32,
     #[command(flatten)]
     lines: shimline::LineArgs,
+    #[command(flatten)]
+    filterd_wait: shimline::cli::FilterdWaitArg,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -128,6 +130,7 @@ fn run() -> anyhow::Result<()> {
         }
         (None, Some(filter), Some(listen)) => {
             args.lines.apply();
+            args.filterd_wait.apply();
             server::run(
                 &filter,
                 &listen,

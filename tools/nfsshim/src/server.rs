@@ -631,11 +631,11 @@ pub fn run(
         protocol,
         instance,
         FEATURES,
-        shimline::cli::FILTERD_START_WAIT,
+        shimline::cli::filterd_start_wait(),
         &mut shimline::cli::say_waiting_for_filterd(
             "nfsshim",
             filter,
-            shimline::cli::FILTERD_START_WAIT,
+            shimline::cli::filterd_start_wait(),
         ),
     )
     .context("attaching to filterd")?;
@@ -742,11 +742,11 @@ impl Harness {
             Protocol::new("nfs")?,
             instance,
             FEATURES,
-            shimline::cli::FILTERD_START_WAIT,
+            shimline::cli::filterd_start_wait(),
             &mut shimline::cli::say_waiting_for_filterd(
                 "nfsshim",
                 filter,
-                shimline::cli::FILTERD_START_WAIT,
+                shimline::cli::filterd_start_wait(),
             ),
         )?;
         Ok(Harness(start(attach, tables, 90_000, Limits::default())?))

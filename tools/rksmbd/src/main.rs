@@ -59,6 +59,8 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     logon_queue: u64,
+    #[command(flatten)]
+    filterd_wait: shimline::cli::FilterdWaitArg,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -137,6 +139,7 @@ fn run() -> anyhow::Result<()> {
         e => anyhow::Error::new(e).context(users.display().to_string()),
     })?;
     rksmbd::channels::set_memory(args.channel_memory as usize * (1 << 20));
+    args.filterd_wait.apply();
     let config = rksmbd::server::Config {
         share,
         users,

@@ -427,11 +427,11 @@ pub fn run(filter: &Path, listen: &str, instance: &str, config: Config) -> anyho
         Protocol::new(libfilter::lease::MSFSA_PROTOCOL)?,
         InstanceName::new(instance)?,
         FEATURES,
-        shimline::cli::FILTERD_START_WAIT,
+        shimline::cli::filterd_start_wait(),
         &mut shimline::cli::say_waiting_for_filterd(
             "rksmbd",
             filter,
-            shimline::cli::FILTERD_START_WAIT,
+            shimline::cli::filterd_start_wait(),
         ),
     )
     .context("attaching to filterd")?;

@@ -130,6 +130,45 @@ pub fn listen_arg(s: &str) -> Result<String, String> {
 /// recovering) before it gives up.
 pub const FILTERD_START_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long this frontend waits at start for filterd: `--filterd-wait
+/// SECS` ([`set_filterd_start_wait`]), [`FILTERD_START_WAIT`] unless
+/// set; `Duration::MAX` is without limit.
+pub fn filterd_start_wait() -> std::time::Duration {
+    START_WAIT.get().copied().unwrap_or(FILTERD_START_WAIT)
+}
+
+static START_WAIT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+
+/// Sets [`filterd_start_wait`] from `--filterd-wait SECS` (once, in
+/// `main`): 0 waits without limit — for a frontend started beside a
+/// `filterd --standby`, which listens only once it owns the table
+/// (review rvnode, finding 5: the frontends gave up after 30 s, exit 1).
+pub fn set_filterd_start_wait(secs: u64) {
+    let wait = match secs {
+        0 => std::time::Duration::MAX,
+        s => std::time::Duration::from_secs(s),
+    };
+    let _ = START_WAIT.set(wait);
+}
+
+/// `--filterd-wait SECS`, the same in every frontend (`#[command(flatten)]`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct FilterdWaitArg {
+    /// Seconds to wait at start for filterd to serve (it may be starting
+    /// or recovering); 0 waits without limit — for a frontend started
+    /// beside a `filterd --standby`, which serves only once it has taken
+    /// over. Nothing is listened on meanwhile.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub filterd_wait: u64,
+}
+
+impl FilterdWaitArg {
+    /// Makes it the process's [`filterd_start_wait`].
+    pub fn apply(&self) {
+        set_filterd_start_wait(self.filterd_wait);
+    }
+}
+
 /// What a frontend says, once, while it waits at start for filterd at
 /// `socket` (`libfilter::attach::Attachment::connect_patiently`): one line
 /// on stderr, `PROGRAM: filterd at SOCKET is not answering yet (why);
@@ -140,10 +179,11 @@ pub fn say_waiting_for_filterd<E: std::fmt::Display>(
     within: std::time::Duration,
 ) -> impl FnMut(&E) {
     let socket = socket.display().to_string();
+    let limit = match within {
+        std::time::Duration::MAX => "without limit".to_owned(),
+        w => format!("up to {} s", w.as_secs()),
+    };
     move |e| {
-        eprintln!(
-            "{program}: filterd at {socket} is not answering yet ({e}); waiting up to {} s",
-            within.as_secs()
-        );
+        eprintln!("{program}: filterd at {socket} is not answering yet ({e}); waiting {limit}");
     }
 }

@@ -91,6 +91,8 @@ struct Args {
     max_opens_per_peer: Option<u32>,
     #[command(flatten)]
     lines: shimline::LineArgs,
+    #[command(flatten)]
+    filterd_wait: shimline::cli::FilterdWaitArg,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -139,6 +141,7 @@ fn run() -> anyhow::Result<()> {
                 ),
             };
             args.lines.apply();
+            args.filterd_wait.apply();
             server::run(
                 &filter,
                 &listen,

@@ -496,11 +496,11 @@ fn attach_members(
                     | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
                     | libfilter::proto::FEATURE_WRITE_NOTICES
                     | libfilter::proto::FEATURE_STEP_DOWN,
-                shimline::cli::FILTERD_START_WAIT,
+                shimline::cli::filterd_start_wait(),
                 &mut shimline::cli::say_waiting_for_filterd(
                     "smbshim",
                     filter,
-                    shimline::cli::FILTERD_START_WAIT,
+                    shimline::cli::filterd_start_wait(),
                 ),
             )
             .with_context(|| format!("attaching to filterd as {name}"))
