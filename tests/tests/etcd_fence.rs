@@ -659,6 +659,13 @@ fn rksmbd_lets_go_of_its_clients_when_its_filterd_steps_down() {
         &[("RUST_LOG", "warn")],
     );
     let mut client = std::net::TcpStream::connect(&smb.shim.addr).expect("connect to rksmbd A");
+    // The shims let go of theirs too.
+    let smbshim = Shim::start("smbshim", a.socket(), "smb-2");
+    let nfsshim = Shim::start("nfsshim", a.socket(), "nfs-1");
+    let mut shim_clients: Vec<_> = [&smbshim, &nfsshim]
+        .iter()
+        .map(|s| std::net::TcpStream::connect(&s.addr).expect("connect to a shim on A"))
+        .collect();
     a.stop();
     b.wait_ready();
     a.signal(Signal::SIGCONT);
@@ -679,6 +686,12 @@ fn rksmbd_lets_go_of_its_clients_when_its_filterd_steps_down() {
         closed(&mut client),
         "rksmbd A kept its client's connection after its filterd stepped down"
     );
+    for (c, which) in shim_clients.iter_mut().zip(["smbshim", "nfsshim"]) {
+        assert!(
+            closed(c),
+            "{which} on A kept its client's connection after its filterd stepped down"
+        );
+    }
     let mut late = std::net::TcpStream::connect(&smb.shim.addr).expect("connect to rksmbd A");
     assert!(
         closed(&mut late),
