@@ -8,7 +8,12 @@
 //! frontend keeps its clients' connections meanwhile: calls made during the
 //! outage fail with [`ClientError::Disconnected`] (map them to a "retry" status
 //! such as `NFS4ERR_DELAY`), and descriptors it already holds stay valid —
-//! they refer to the open file, not to the daemon.
+//! they refer to the open file, not to the daemon. Except when the daemon
+//! stepped down (lost the ownership of a shared table to another node's:
+//! [`crate::proto::Event::SteppingDown`], forwarded as
+//! `AttachEvent::Daemon` just before `Lost`): the frontend then lets go
+//! of its clients, which reconnect to the new owner's node, and the
+//! attachment reconnects as for any loss.
 //!
 //! Events are never dropped: the queue to the frontend holds
 //! [`EVENT_QUEUE_LIMIT`] events and the supervisor waits while it is full;
