@@ -601,15 +601,15 @@ fn a_frozen_owners_frontends_write_nothing_after_a_takeover() {
     n.a.signal(Signal::SIGCONT);
     let st = n.a.wait_exit(Duration::from_secs(10));
     assert_eq!(st.code(), Some(75), "{}", n.a.log_text());
-    // A is gone: both frontends answer now (if not before), never
-    // success, and neither wrote.
+    // A is gone: both frontends answer now (if not before) or, told
+    // that filterd stepped down, close their clients' connections
+    // (`Event::SteppingDown`) — never success, and neither wrote.
+    let closed = || json!({"status": "connection closed"});
     c.set_read_timeout(Duration::from_secs(30));
-    let (smb, _) = c.reply_to("mid", mid).expect("smbshim answers");
-    let (smb_read, _) = c
-        .reply_to("mid", read_mid)
-        .expect("smbshim answers the read");
+    let smb = c.reply_to("mid", mid).map_or_else(closed, |(r, _)| r);
+    let smb_read = c.reply_to("mid", read_mid).map_or_else(closed, |(r, _)| r);
     nfs.c.set_read_timeout(Duration::from_secs(30));
-    let (nfs_r, _) = nfs.c.reply_to("xid", xid).expect("nfsshim answers");
+    let nfs_r = nfs.c.reply_to("xid", xid).map_or_else(closed, |(r, _)| r);
     eprintln!(
         "A's smbshim answered {smb} and {smb_read}, its nfsshim {nfs_r} ({:?})",
         t0.elapsed()
@@ -626,6 +626,8 @@ fn a_frozen_owners_frontends_write_nothing_after_a_takeover() {
         "the stale node's frontends acknowledged or wrote after the takeover: \
          smbshim {smb}, read {smb_read}, f {f:?} (bob's lock holds [0, 100)); \
          nfsshim {nfs_r}, g {g:?}"
+    );
+}
 
 /// Review rvnode, finding 3: rksmbd on node A kept its clients'
 /// connections after A's filterd lost the ownership of the table (frozen
@@ -647,9 +649,9 @@ fn rksmbd_lets_go_of_its_clients_when_its_filterd_steps_down() {
     let url = cluster.url("rk/fence-down");
     let sa = node("fence-down-a", &export);
     let sb = node("fence-down-b", &export);
-    let mut a = start_node(&sa, &url, false, &[]);
+    let mut a = start_node(&sa, &url, false, &[], &[]);
     a.wait_ready();
-    let b = start_node(&sb, &url, true, &[]);
+    let b = start_node(&sb, &url, true, &[], &[]);
     b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
     let (smb, log) = rkfilter_tests::RkSmbd::start_logged(
         &sa,
@@ -721,9 +723,9 @@ fn a_frontend_beside_a_standby_waits_for_it_to_take_over() {
     let url = cluster.url("rk/fence-wait");
     let sa = node("fence-wait-a", &export);
     let sb = node("fence-wait-b", &export);
-    let mut a = start_node(&sa, &url, false, &[]);
+    let mut a = start_node(&sa, &url, false, &[], &[]);
     a.wait_ready();
-    let b = start_node(&sb, &url, true, &[]);
+    let b = start_node(&sb, &url, true, &[], &[]);
     b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
     let err = sb.dir.join("smbshim-b.err");
     let mut shim = Command::new(rkfilter_tests::bin("smbshim"))
