@@ -52,6 +52,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use std::os::fd::AsRawFd;
 
+use crate::lease::LeaseKey;
 use crate::model::{
     ClientId, CreateGuid, InstanceName, Protocol, ReplayRecord, ReplayScope, ResumeKey,
 };
@@ -206,6 +207,54 @@ struct ReplySlot {
     /// The call may attach a handle again (`ReplayOpen`, `Resume`): a late
     /// answer's detach waits for it ([`FilterClient::take_back_late`]).
     reattach: bool,
+    /// Marked when the reply is put here ([`marking_answers`]).
+    mark: Option<Arc<AnswerMark>>,
+}
+
+/// Whether filterd has answered a call made under it
+/// ([`marking_answers`]), and which lease its answer names. The
+/// connection's reader marks it when it puts the reply in the caller's
+/// slot, before it reads the next frame: an event read after the mark
+/// was sent by filterd after that reply. smbshim holds a lease break
+/// behind the calls filterd answered before it, granting an open under
+/// the lease — and only those: a call not yet answered may be waiting in
+/// filterd for another break's ack (re-review rr40c F1).
+#[derive(Debug, Default)]
+pub struct AnswerMark(Mutex<Option<Option<LeaseKey>>>);
+
+impl AnswerMark {
+    /// None while the last request made under it is unanswered; else the
+    /// lease key of the open its answer granted (None: no open, or one
+    /// without a lease).
+    pub fn answered(&self) -> Option<Option<LeaseKey>> {
+        self.0.lock().ok().and_then(|m| *m)
+    }
+
+    /// Marks it answered, granting an open under `lease`, as the reader
+    /// does (callers' tests).
+    pub fn mark_answered(&self, lease: Option<LeaseKey>) {
+        self.set(Some(lease));
+    }
+
+    fn set(&self, v: Option<Option<LeaseKey>>) {
+        if let Ok(mut m) = self.0.lock() {
+            *m = v;
+        }
+    }
+}
+
+thread_local! {
+    static MARK: std::cell::RefCell<Option<Arc<AnswerMark>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with every call this thread makes in it marking `mark`: unset
+/// when a request is sent, set when its reply is delivered.
+pub fn marking_answers<T>(mark: &Arc<AnswerMark>, f: impl FnOnce() -> T) -> T {
+    let before = MARK.with(|m| m.replace(Some(mark.clone())));
+    let out = f();
+    MARK.with(|m| m.replace(before));
+    out
 }
 
 #[derive(Default)]
@@ -675,8 +724,13 @@ impl FilterClient {
     ) -> Result<(Reply, Vec<OwnedFd>, bool), ClientError> {
         let reattach = matches!(req, Request::ReplayOpen(_) | Request::Resume(_));
         let bytes = proto::encode_request(self.inner.encoding, &RequestFrame { id, req })?;
+        let mark = MARK.with(|m| m.borrow().clone());
+        if let Some(m) = &mark {
+            m.set(None);
+        }
         let slot = Arc::new(ReplySlot {
             reattach,
+            mark,
             ..ReplySlot::default()
         });
         let order = match order {
@@ -2095,7 +2149,15 @@ fn deliver(inner: &Inner, buf: &[u8], got: std::io::Result<Packet>, cut: bool) -
                 slot
             });
             match slot {
-                Some(slot) => slot.put(|st| st.reply = Some((result, fds, cut))),
+                Some(slot) => {
+                    if let Some(m) = &slot.mark {
+                        m.set(Some(match &result {
+                            Ok(Reply::Opened(info)) => info.lease.map(|l| l.key),
+                            _ => None,
+                        }));
+                    }
+                    slot.put(|st| st.reply = Some((result, fds, cut)))
+                }
                 // Its call gave up: undo what the answer reports (its
                 // descriptors are closed as they drop).
                 None => late_answer(inner, id, &result),

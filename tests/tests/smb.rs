@@ -2520,3 +2520,141 @@ fn a_break_waits_for_every_pending_reply_under_its_lease() {
         .expect("alice's LEASE_BREAK behind the last reply");
     acked_break_lets_bob_in(&mut a2, sa, &lk, &n, bobs);
 }
+
+/// A break of a lease whose open is stored waits for no call of its
+/// client's that filterd has not answered: Alice's second CREATE under
+/// the key waits in filterd for Bob's break ack (he never acks), and
+/// Carol's break of Alice's lease was held behind it, until Bob's break
+/// timeout (re-review rr40c F1). Alice is told at once; Carol is answered
+/// once Alice acks.
+#[test]
+fn a_break_waits_for_no_call_itself_waiting_for_another_break() {
+    let s = Scratch::new("break-not-behind-waiting-call");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "8000"], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let (mut a, sa) = new_client(&shim.addr, "alice");
+    let (mut b, sb) = new_client(&shim.addr, "bob");
+    let (mut c, sc) = new_client(&shim.addr, "carol");
+    let (k, k2) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    // Bob: RH under k2 (he never acks a break).
+    let r = b.call(
+        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["read"],
+        "share": ["read", "write", "delete"], "disposition": "open_if",
+        "lease": {"key": k2, "state": "RH"}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // Alice: RH under k, sharing no delete.
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read"],
+        "share": ["read", "write"], "disposition": "open",
+        "lease": {"key": k, "state": "RH"}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    // Alice's second CREATE under k, for writing: breaks Bob's k2 (RH->H)
+    // and waits for his ack in filterd.
+    let second = a.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f",
+        "access": ["read", "write"], "share": ["read", "write", "delete"], "disposition": "open",
+        "lease": {"key": k, "state": "RH"}}),
+    );
+    let n = b.next_line().expect("bob's LEASE_BREAK");
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    // Carol: delete access conflicts with Alice's share only: breaks k.
+    let t = Instant::now();
+    let cm = c.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": sc, "path": "f",
+        "access": ["read", "delete"], "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    a.set_read_timeout(Duration::from_secs(3));
+    let n = a.next_line().expect("alice told of the break within 3 s");
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    assert_eq!(n["lease_key"], k, "{n}");
+    let told = t.elapsed();
+    assert!(told < Duration::from_secs(2), "alice told after {told:?}");
+    let ack = a.send_only(
+        "mid",
+        json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa,
+        "lease_key": n["lease_key"], "state": n["new_state"]}),
+    );
+    a.set_read_timeout(Duration::from_secs(30));
+    let (r, _) = a.reply_to("mid", ack).expect("alice's ack answered");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    c.set_read_timeout(Duration::from_secs(30));
+    // Answered once the H is gone: Alice's open still shares no delete.
+    let (r, _) = c.reply_to("mid", cm).expect("carol's CREATE");
+    assert_eq!(r["status"], "STATUS_SHARING_VIOLATION", "{r}");
+    let answered = t.elapsed();
+    assert!(
+        answered < Duration::from_secs(5),
+        "carol answered after {answered:?}"
+    );
+    let _ = second;
+}
+
+/// A replayed CREATE naming no lease (smbl/1 allows it) whose filterd
+/// answer reattaches an open under a lease holds that lease's break
+/// behind its reply, as a CREATE naming the key does: the break came
+/// ahead of the reply, which showed the state from before it, once an
+/// open under the lease said whose it was (re-review rr40c F2).
+#[test]
+fn a_replay_naming_no_lease_holds_the_break_behind_its_reply() {
+    let h = HeldReplies::start("replay-no-lease-break");
+    let alice = uuid::Uuid::new_v4().to_string();
+    let mut a = LineClient::connect(&h.shim.addr);
+    a.set_read_timeout(Duration::from_secs(20));
+    let sa = session(&mut a, &alice, "alice");
+    let lk = uuid::Uuid::new_v4().to_string();
+    let g = uuid::Uuid::new_v4().to_string();
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read"],
+        "share": ["read", "write", "delete"], "disposition": "open_if",
+        "lease": {"key": lk, "state": "RWH"}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let durable = json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read"],
+        "share": ["read", "write", "delete"], "disposition": "open_if",
+        "lease": {"key": lk, "state": "RWH"},
+        "durable": {"create_guid": g, "persistent": false, "timeout_ms": 60000}});
+    // The durable one on a second session of alice's, whose connection
+    // dies.
+    {
+        let mut a2 = LineClient::connect(&h.shim.addr);
+        let sa2 = session(&mut a2, &alice, "alice");
+        let mut d = durable.clone();
+        d["session_id"] = json!(sa2);
+        let r = a2.call(d);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+    let ctl = h._d.control();
+    wait_for("the durable open detached", Duration::from_secs(20), || {
+        let hs = ctl.handles().ok()?;
+        hs.iter()
+            .any(|x| x.record.conn != libfilter::model::ConnState::Connected)
+            .then_some(())
+    });
+    std::fs::remove_file(&h.release).expect("hold CREATEs before the store");
+    let mut replay = durable.clone();
+    if let Some(o) = replay.as_object_mut() {
+        o.remove("lease");
+    }
+    replay["replay"] = json!(true);
+    let mid = a.send_only("mid", replay);
+    h.logged("a CREATE filterd answered waits");
+    let _bobs = bobs_breaking_create(&h.shim.addr);
+    let fate = h.logged(&format!("the break of lease {lk}"));
+    assert!(fate.contains("parked"), "{fate}");
+    std::fs::write(&h.release, b"").expect("let it be stored");
+    let (r, before) = a.reply_to("mid", mid).expect("the replay");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        before.is_empty(),
+        "the break came ahead of the replay's reply: {before:?}"
+    );
+    let n = a.next_line().expect("the break behind it");
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+}

@@ -12,17 +12,30 @@
 //! a lease it no longer held (re-review rr38h). A client that sees the
 //! break before the reply of an open under the lease takes the reply's
 //! lease state over the one broken to, so a break waits ([`PendingBreak`])
-//! for every call in flight when it came that may make an open under its
-//! lease key ([`EarlyBreaks::park`], by [`Interest`]: a CREATE naming the
-//! key, a RECONNECT of an open holding it — of the lease's client, once an
-//! open says whose it is — and, until then, a replayed CREATE naming no
-//! lease, whose original may hold one), and for the reply of every call
-//! that stored an open under it and is not yet answered (the
-//! server's `HeldNotes`). Before (re-review rr39f 2), it waited behind one
-//! such reply only, or was taken by the first open stored under the key:
-//! with two CREATEs of one client under one key, the client could see the
+//! for every call in flight that filterd answered before it, granting an
+//! open under its lease ([`EarlyBreaks::park`]; of the lease's client,
+//! once an open says whose it is), and for the reply of every call that
+//! stored an open under it and is not yet answered (the server's
+//! `HeldNotes`). Before (re-review rr39f 2), it waited behind one such
+//! reply only, or was taken by the first open stored under the key: with
+//! two CREATEs of one client under one key, the client could see the
 //! break before the other's reply, and that open kept the state from
 //! before the break.
+//!
+//! filterd sends a break of a lease only after every reply granting an
+//! open under it (its `break_dependency`; replies waiting for a commit
+//! are sent before what the engine sends next), on the same connection,
+//! and libfilter's reader marks a call answered
+//! (`libfilter::client::AnswerMark`, with the lease key its answer names)
+//! before it reads the next frame: the calls marked when the break is
+//! read are those it must wait for. A call not yet answered is not
+//! waited for: it was granted nothing before the break — and it may be
+//! waiting in filterd for another break's ack (re-review rr40c F1: a
+//! CREATE of the holder's under the key that broke another client's
+//! lease held the holder's break until that other break timed out). The
+//! answer's key, not the request's, says which lease it holds (rr40c F2:
+//! a replay naming no lease that reattached an open under the lease was
+//! not waited for once the lease's client was known).
 //!
 //! A call that stores an open under the lease key on the break's file
 //! takes the break ([`EarlyBreaks::take`]): applies it to its open and
@@ -45,6 +58,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use libfilter::client::AnswerMark;
 use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::model::FileId;
 use serde_json::Value;
@@ -63,34 +77,17 @@ pub(crate) struct Break {
     pub file: Option<FileId>,
 }
 
-/// Which breaks a call that makes an open may have to take: those of the
-/// leases the open may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Interest {
-    /// It asks for no lease and can be granted none.
-    None,
-    /// It can hold lease `LeaseKey` only (a CREATE asking for it, a
-    /// RECONNECT of an open holding it).
-    Key(LeaseKey),
-    /// Any lease (a replayed CREATE: its original's).
-    Any,
-}
-
-impl Interest {
-    /// Whether a call of `client` with this interest may make an open
-    /// under lease `key` of `owner`'s (None: not known yet). Once the
-    /// lease's client is known, only its calls naming the key: another
-    /// client's calls, and a replay naming no lease (which, if it breaks
-    /// a lease of its own client under another key, waits for this very
-    /// break's ack), are not waited for.
-    fn covers(self, key: LeaseKey, client: uuid::Uuid, owner: Option<uuid::Uuid>) -> bool {
-        match (self, owner) {
-            (Interest::Key(k), _) if k != key => false,
-            (Interest::Key(_), owner) => owner.is_none_or(|o| o == client),
-            (Interest::Any, None) => true,
-            (Interest::Any, Some(_)) | (Interest::None, _) => false,
-        }
-    }
+/// Whether a call of `client` whose filterd answer is marked in `mark`
+/// made an open under lease `key` of `owner`'s (None: not known yet): it
+/// was answered, granting an open under the key — to the lease's client,
+/// once an open under the lease says whose it is.
+fn answered_under(
+    mark: &AnswerMark,
+    client: uuid::Uuid,
+    key: LeaseKey,
+    owner: Option<uuid::Uuid>,
+) -> bool {
+    mark.answered() == Some(Some(key)) && owner.is_none_or(|o| o == client)
 }
 
 /// What [`EarlyBreaks::park`] did with a break.
@@ -223,8 +220,9 @@ struct Parking {
 struct Inner {
     /// The number the next call gets.
     next: u64,
-    /// The calls in flight, by number, each with its client's GUID.
-    in_flight: BTreeMap<u64, (Interest, uuid::Uuid)>,
+    /// The calls in flight, by number, each with its filterd answer's
+    /// mark and its client's GUID.
+    in_flight: BTreeMap<u64, (Arc<AnswerMark>, uuid::Uuid)>,
     /// Oldest first.
     parked: VecDeque<Parking>,
 }
@@ -248,9 +246,16 @@ impl Inner {
 pub(crate) struct Making<'a> {
     early: &'a EarlyBreaks,
     n: u64,
+    mark: Arc<AnswerMark>,
 }
 
 impl Making<'_> {
+    /// Where filterd's answer to the call is marked: its request is made
+    /// under it (`libfilter::client::marking_answers`).
+    pub(crate) fn mark(&self) -> &Arc<AnswerMark> {
+        &self.mark
+    }
+
     /// The call's number: it may take the breaks parked for it
     /// ([`EarlyBreaks::take`]).
     pub(crate) fn number(&self) -> u64 {
@@ -268,23 +273,28 @@ impl Drop for Making<'_> {
 }
 
 impl EarlyBreaks {
-    /// A call of client `client` that may make an open under the leases
-    /// of `interest` starts (before its request is sent).
-    pub(crate) fn begin(&self, interest: Interest, client: uuid::Uuid) -> Making<'_> {
+    /// A call of client `client` that may make an open starts (before
+    /// its request is sent, under [`Making::mark`]).
+    pub(crate) fn begin(&self, client: uuid::Uuid) -> Making<'_> {
+        let mark = Arc::new(AnswerMark::default());
         let n = self.0.lock().map_or(u64::MAX, |mut i| {
             let n = i.next;
             i.next = i.next.wrapping_add(1);
-            i.in_flight.insert(n, (interest, client));
+            i.in_flight.insert(n, (mark.clone(), client));
             n
         });
-        Making { early: self, n }
+        Making {
+            early: self,
+            n,
+            mark,
+        }
     }
 
-    /// Break `b` (`pending`) waits for the calls in flight that may make
-    /// an open under its lease, if any ([`Interest::covers`]; `client`,
-    /// when an open under the lease says whose it is): they may have been
-    /// granted it before it and not have stored their opens, or not
-    /// queued their replies. Called under the
+    /// Break `b` (`pending`) waits for the calls in flight that filterd
+    /// answered, granting an open under its lease, if any
+    /// ([`answered_under`]; of `client`, when an open under the lease
+    /// says whose it is): they were granted it before it and may not have
+    /// stored their opens, or not queued their replies. Called under the
     /// open table's lock, as [`EarlyBreaks::take`] is; the caller logs a
     /// break dropped for room once out of it.
     pub(crate) fn park(
@@ -299,7 +309,7 @@ impl EarlyBreaks {
         let calls: BTreeSet<u64> = i
             .in_flight
             .iter()
-            .filter(|(_, (interest, c))| interest.covers(b.lease_key, *c, client))
+            .filter(|(_, (mark, c))| answered_under(mark, *c, b.lease_key, client))
             .map(|(n, _)| *n)
             .collect();
         if calls.is_empty() {
@@ -330,7 +340,7 @@ impl EarlyBreaks {
     /// each with a gate more for the caller to hold behind the call's
     /// reply. They no longer wait for the call, nor for calls the call's
     /// client, now known as the lease's, makes those of no longer
-    /// ([`Interest::covers`]).
+    /// ([`answered_under`]).
     pub(crate) fn take(
         &self,
         key: LeaseKey,
@@ -356,7 +366,7 @@ impl EarlyBreaks {
                 *n == call
                     || in_flight
                         .get(n)
-                        .is_some_and(|(i, c)| i.covers(key, *c, client))
+                        .is_some_and(|(mark, c)| answered_under(mark, *c, key, client))
             });
         }
         i.let_go_of(call, mine);
@@ -401,6 +411,14 @@ mod tests {
     const A: uuid::Uuid = uuid::Uuid::from_u128(1);
     const B: uuid::Uuid = uuid::Uuid::from_u128(2);
 
+    /// A call of `client` filterd answered, granting an open under
+    /// `lease` (None: without a lease).
+    fn answered(e: &EarlyBreaks, lease: Option<LeaseKey>, client: uuid::Uuid) -> Making<'_> {
+        let m = e.begin(client);
+        m.mark().mark_answered(lease);
+        m
+    }
+
     /// Parks `b` as `forward_breaks` does, its arrival gate passed.
     fn park(e: &EarlyBreaks, b: Break) -> (Parked, Arc<PendingBreak>) {
         let p = PendingBreak::new(Value::Null);
@@ -409,25 +427,25 @@ mod tests {
         (parked, p)
     }
 
-    /// Nothing is parked with no call in flight that may make an open
-    /// under the lease, and a break goes once every call in flight when it
-    /// came has ended — not with a later call still in flight, which
-    /// cannot have been granted its lease.
+    /// Nothing is parked with no call in flight that filterd answered
+    /// with an open under the lease, and a break goes once every such call
+    /// has ended — not with a later call still in flight, which cannot
+    /// have been granted its lease.
     #[test]
     fn a_break_is_parked_only_for_the_calls_in_flight_when_it_came() {
         let e = EarlyBreaks::default();
         let k = key();
         assert_eq!(park(&e, brk(k, None)).0, Parked::Not);
-        let first = e.begin(Interest::Key(k), A);
-        let _other = e.begin(Interest::Key(key()), A);
-        let _none = e.begin(Interest::None, A);
+        let first = answered(&e, Some(k), A);
+        let _other = answered(&e, Some(key()), A);
+        let _none = answered(&e, None, A);
         assert_eq!(park(&e, brk(k, None)).0, Parked::Yes);
-        let later = e.begin(Interest::Any, A);
+        let later = answered(&e, Some(k), A);
         assert_eq!(e.parked(), 1);
         drop(first);
         assert_eq!(e.parked(), 0, "the call it waited for failed");
         // One parked for both calls stays while either is in flight.
-        let again = e.begin(Interest::Key(k), A);
+        let again = answered(&e, Some(k), A);
         assert_eq!(park(&e, brk(k, None)).0, Parked::Yes);
         drop(later);
         assert_eq!(e.parked(), 1);
@@ -435,13 +453,32 @@ mod tests {
         assert_eq!(e.parked(), 0);
     }
 
+    /// A break waits for no call filterd has not answered: such a call
+    /// may itself wait in filterd for another break's ack, and the break
+    /// waited with it until the break timeout (re-review rr40c F1). Once
+    /// answered, a call whose answer names the lease is waited for,
+    /// whatever its request named (rr40c F2: a replay naming no lease).
+    #[test]
+    fn a_break_waits_for_no_unanswered_call() {
+        let e = EarlyBreaks::default();
+        let (k, f) = (key(), FileId { dev: 1, ino: 2 });
+        let waiting = e.begin(A);
+        assert_eq!(park(&e, brk(k, Some(f))).0, Parked::Not);
+        let replay = e.begin(A);
+        replay.mark().mark_answered(Some(k));
+        assert_eq!(park(&e, brk(k, Some(f))).0, Parked::Yes);
+        assert_eq!(e.take(k, f, replay.number()).len(), 1);
+        drop((waiting, replay));
+    }
+
     /// A stored open takes the breaks of its lease key on its file (or
     /// of no file named), once; others stay parked.
     #[test]
     fn an_open_takes_the_breaks_of_its_lease_on_its_file() {
         let e = EarlyBreaks::default();
-        let m = e.begin(Interest::Any, A);
         let (k, other) = (key(), key());
+        let m = answered(&e, Some(k), A);
+        let o = answered(&e, Some(other), A);
         let (f, g) = (FileId { dev: 1, ino: 2 }, FileId { dev: 1, ino: 3 });
         for b in [
             brk(k, Some(f)),
@@ -455,9 +492,11 @@ mod tests {
         let taken: Vec<Break> = e.take(k, f, n).into_iter().map(|(b, _)| b).collect();
         assert_eq!(taken, vec![brk(k, Some(f)), brk(k, None)]);
         assert!(e.take(k, f, n).is_empty(), "taken once");
+        assert!(e.take(other, f, n).is_empty(), "not its lease");
         assert_eq!(e.parked(), 2);
         e.clear();
         assert_eq!(e.parked(), 0);
+        drop(o);
     }
 
     /// However many breaks come while a call is in flight, at most
@@ -465,31 +504,38 @@ mod tests {
     #[test]
     fn the_parked_breaks_are_bounded() {
         let e = EarlyBreaks::default();
-        let m = e.begin(Interest::Any, A);
-        let (first, last) = (key(), key());
-        assert_eq!(park(&e, brk(first, None)).0, Parked::Yes);
+        let k = key();
+        let m = answered(&e, Some(k), A);
+        assert_eq!(
+            park(&e, brk(k, Some(FileId { dev: 0, ino: 1 }))).0,
+            Parked::Yes
+        );
         for _ in 1..PARKED_MAX {
-            assert_eq!(park(&e, brk(key(), None)).0, Parked::Yes);
+            assert_eq!(
+                park(&e, brk(k, Some(FileId { dev: 0, ino: 2 }))).0,
+                Parked::Yes
+            );
         }
-        assert_eq!(park(&e, brk(last, None)).0, Parked::Dropping(first));
+        assert_eq!(park(&e, brk(k, None)).0, Parked::Dropping(k));
         assert_eq!(e.parked(), PARKED_MAX);
         let f = FileId { dev: 0, ino: 0 };
-        assert_eq!(e.take(last, f, m.number()).len(), 1);
-        assert!(e.take(first, f, m.number()).is_empty(), "dropped for room");
+        assert_eq!(e.take(k, f, m.number()).len(), 1, "the latest only");
+        let first = FileId { dev: 0, ino: 1 };
+        assert!(e.take(k, first, m.number()).is_empty(), "dropped for room");
     }
 
     /// A break parked before a call began is not that call's: the call
     /// was granted its lease after the break (re-review rr39b 1: a client
     /// that opened a file again under the key took a stale break, of a
-    /// lease it no longer held as the break said). Calls in flight when it
+    /// lease it no longer held as the break said). Calls answered when it
     /// came still may take it.
     #[test]
     fn a_break_goes_only_to_a_call_in_flight_when_it_came() {
         let e = EarlyBreaks::default();
         let (k, f) = (key(), FileId { dev: 1, ino: 2 });
-        let long = e.begin(Interest::Key(k), A);
+        let long = answered(&e, Some(k), A);
         assert_eq!(park(&e, brk(k, Some(f))).0, Parked::Yes);
-        let again = e.begin(Interest::Key(k), A);
+        let again = answered(&e, Some(k), A);
         assert!(e.take(k, f, again.number()).is_empty());
         assert_eq!(e.parked(), 1);
         assert_eq!(e.take(k, f, long.number()).len(), 1);
@@ -504,7 +550,7 @@ mod tests {
     fn a_break_waits_for_every_call_under_its_lease() {
         let e = EarlyBreaks::default();
         let (k, f) = (key(), FileId { dev: 1, ino: 2 });
-        let (one, two) = (e.begin(Interest::Key(k), A), e.begin(Interest::Key(k), A));
+        let (one, two) = (answered(&e, Some(k), A), answered(&e, Some(k), A));
         let (parked, p) = park(&e, brk(k, Some(f)));
         assert_eq!(parked, Parked::Yes);
         let first = e.take(k, f, one.number());
@@ -524,24 +570,20 @@ mod tests {
     }
 
     /// Once an open says whose the lease is, a break waits for that
-    /// client's calls naming its key only: another client's calls, and a
-    /// replay naming no lease (which may hold any lease — and may be
-    /// waiting for this very break's ack, when it breaks a lease of its
-    /// own client under another key: waiting for it would hold both until
-    /// the break timeout), are waited for only while no open says.
+    /// client's calls only: another client's answered under the same key
+    /// (it holds another lease) is waited for only while no open says.
     #[test]
     fn a_break_waits_for_its_clients_calls_only() {
         let e = EarlyBreaks::default();
         let (k, f) = (key(), FileId { dev: 1, ino: 2 });
-        let (other, replay) = (e.begin(Interest::Any, B), e.begin(Interest::Any, A));
-        let others_key = e.begin(Interest::Key(k), B);
+        let others_key = answered(&e, Some(k), B);
         let p = PendingBreak::new(Value::Null);
         assert_eq!(e.park(brk(k, Some(f)), &p, Some(A)), Parked::Not);
         p.pass(None);
         assert!(p.due());
         // Parked for all while whose it is is not known; the first open
         // stored under it says.
-        let (mine, again) = (e.begin(Interest::Key(k), A), e.begin(Interest::Key(k), A));
+        let (mine, again) = (answered(&e, Some(k), A), answered(&e, Some(k), A));
         let (parked, p) = park(&e, brk(k, Some(f)));
         assert_eq!(parked, Parked::Yes);
         let taken = e.take(k, f, mine.number());
@@ -555,6 +597,6 @@ mod tests {
         drop(again);
         assert_eq!(e.parked(), 0, "not for the others");
         assert!(p.due());
-        drop((other, replay, others_key));
+        drop(others_key);
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine as _;
 use libfilter::attach::{Attachment, IoDecision, IoPass};
-use libfilter::client::{ClientError, SessionEnd};
+use libfilter::client::{marking_answers, ClientError, SessionEnd};
 use libfilter::closer::Tried;
 use libfilter::model::*;
 use libfilter::proto::{ErrorCode, OpenRequest};
@@ -20,7 +20,7 @@ use libfilter::settle::{may_hold, Unsettled};
 use serde_json::{json, Map, Value};
 use shimline::datasync::IoFailure;
 
-use crate::early_breaks::{Break, EarlyBreaks, Interest, Parked, PendingBreak};
+use crate::early_breaks::{Break, EarlyBreaks, Parked, PendingBreak};
 use crate::handover::{Handovers, Ident, LettingGo};
 use crate::unanswered::{Closer, ToClose, Unanswered};
 
@@ -1420,23 +1420,20 @@ fn create_with(
     // Remembered while the call is in flight, kept if it goes unanswered:
     // the session's LOGOFF closes what filterd may make of it.
     let in_flight = create_guid.map(|g| InFlight::note(sh, session, client_guid, g));
-    // Until the open is stored (or the CREATE failed), a break of its
-    // lease waits for it ([`crate::early_breaks`]); a replay naming no
-    // lease may find an original that holds one.
-    let interest = match lease_req {
-        Some(l) => Interest::Key(l.key),
-        None if replay => Interest::Any,
-        None => Interest::None,
-    };
-    let making = m.early.begin(interest, client_guid);
-    let opened = if replay {
-        m.filter.replay_open_for(req, &end)
-    } else {
-        // Its client, told STATUS_FILE_NOT_AVAILABLE should filterd answer
-        // too late, replays the create GUID: a late durable open waits
-        // for that replay (until the session's LOGOFF).
-        m.filter.open_replayed_by_guid(req, &end)
-    };
+    // Once filterd has answered it, granting an open under a lease, and
+    // until the open is stored (or the CREATE failed), a break of that
+    // lease waits for it ([`crate::early_breaks`]).
+    let making = m.early.begin(client_guid);
+    let opened = marking_answers(making.mark(), || {
+        if replay {
+            m.filter.replay_open_for(req, &end)
+        } else {
+            // Its client, told STATUS_FILE_NOT_AVAILABLE should filterd
+            // answer too late, replays the create GUID: a late durable
+            // open waits for that replay (until the session's LOGOFF).
+            m.filter.open_replayed_by_guid(req, &end)
+        }
+    });
     // A fresh CREATE filterd refused made nothing: forgotten. Anything
     // else keeps the GUID until the open is stored below: no answer (the
     // open may be made late), a replay refused (its original may be there,
@@ -1906,26 +1903,21 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>, after: &mut Afte
     let counted = peer_slot(sh, session)?;
     let _slot = open_slot(sh)?;
     // As for a CREATE: a break of its lease waits for the open's store.
-    let interest = match view.record.lease {
-        Some(l) => Interest::Key(l.key),
-        None => Interest::None,
-    };
-    let making = m.early.begin(interest, client_guid);
-    let h = m
-        .filter
-        .resume(client_id(client_guid)?, key)
-        .map_err(|e| match e.code() {
-            Some(ErrorCode::NoSuchHandle) => not_found(),
-            // Held by another frontend instance (another smbshim, or a pool
-            // member this client is no longer pinned to after a restart with
-            // another --filter-connections): smbl/1 says not found, so the
-            // client opens anew instead of giving up.
-            Some(ErrorCode::NotOwner) => Fail(
-                "STATUS_OBJECT_NAME_NOT_FOUND",
-                format!("the open is held through another frontend instance ({e})"),
-            ),
-            _ => filter_fail(e),
-        })?;
+    let making = m.early.begin(client_guid);
+    let client = client_id(client_guid)?;
+    let resumed = marking_answers(making.mark(), || m.filter.resume(client, key));
+    let h = resumed.map_err(|e| match e.code() {
+        Some(ErrorCode::NoSuchHandle) => not_found(),
+        // Held by another frontend instance (another smbshim, or a pool
+        // member this client is no longer pinned to after a restart with
+        // another --filter-connections): smbl/1 says not found, so the
+        // client opens anew instead of giving up.
+        Some(ErrorCode::NotOwner) => Fail(
+            "STATUS_OBJECT_NAME_NOT_FOUND",
+            format!("the open is held through another frontend instance ({e})"),
+        ),
+        _ => filter_fail(e),
+    })?;
     note_locked(m, &h.info);
     let durable = Grant {
         create_guid: guid,
@@ -3296,9 +3288,11 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
             if let Some((_, g)) = session {
                 note_break(sh.as_ref(), g, &b);
             }
-            // And behind the calls in flight that may be making an open
-            // under it, not stored yet — its only open, or one more
-            // (rr38h; rr39f 2) — under the opens lock too.
+            // And behind the calls in flight that filterd answered before
+            // it, granting an open under it, not stored yet — its only
+            // open, or one more (rr38h; rr39f 2) — under the opens lock
+            // too. Not behind one unanswered: it may wait in filterd for
+            // another break's ack (re-review rr40c F1).
             parked = m.early.park(b, &pending, session.map(|(_, g)| g));
             session.map(|(s, _)| s)
         });
