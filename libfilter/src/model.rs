@@ -687,10 +687,34 @@ pub struct HandleRecord {
     /// (until then it reads false). Shown by filterctl when set.
     #[serde(default, skip_serializing_if = "is_false")]
     pub through_link: bool,
+    /// The frontend process that attached it last (its hello's
+    /// [`crate::proto::Role::Frontend`] `incarnation`; filterd draws one
+    /// for a hello without): an open, a resume or a replayed open that
+    /// reattaches it writes it. A frontend's automatic reattach after its
+    /// filterd connection came back (`crate::attach`) is refused when
+    /// another process attached the handle since
+    /// ([`crate::proto::ResumeRequest::if_last_held`]): on a fail-back
+    /// between nodes the frontend of the node that owns the table again
+    /// must not take back a handle the other node's frontend reconnected
+    /// since. 0: not known (a record of a build from before; such a
+    /// record is reattached by anyone, as before). Stored (record
+    /// version 5), shown by filterctl.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attached_by: u64,
 }
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A frontend process's `incarnation` ([`crate::proto::Role::Frontend`]):
+/// random, never 0 (0 is "not known" in [`HandleRecord::attached_by`]).
+pub fn new_incarnation() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0.max(1)
 }
 
 /// A lease as granted and held.

@@ -4,7 +4,8 @@
 //!
 //! | first byte | body |
 //! |---|---|
-//! | `4` | postcard of the `…V2` mirror, then postcard of the fields added since, version 4's layout ([`StoredRecord::Ext`]) |
+//! | `5` | postcard of the `…V2` mirror, then postcard of the fields added since, version 5's layout ([`StoredRecord::Ext`]) |
+//! | `4` | postcard of the `…V2` mirror, then postcard of the fields added in versions 3 and 4 ([`StoredRecord::V4Ext`]) |
 //! | `3` | postcard of the `…V2` mirror, then postcard of the fields added in version 3 ([`StoredRecord::V3Ext`]) |
 //! | `2` | postcard of the record's `…V2` mirror type |
 //! | `1` | JSON of the public model type (written by schema-1 builds) |
@@ -33,6 +34,12 @@
 //! Version 4 added [`HandleRecord::share_exempt`] after it, the same way: a
 //! record is written as version 4 only when that field is set, else as
 //! version 3 or 2, so older builds refuse just those records.
+//! Version 5 added [`HandleRecord::attached_by`] after those, the same
+//! way: written only when it is known (not 0). filterd stamps every
+//! handle a frontend attaches, so a build from before version 5 reads a
+//! persistent handle attached since as of an unknown version (it reports
+//! it and serves the others); records written before still read here,
+//! `attached_by` 0.
 //!
 //! A [`ReplayRecord`]'s version 3 added [`ReplayRecord::seq`], its place
 //! in its scope's recording order (eviction goes by it, not by op id:
@@ -67,6 +74,9 @@ pub const RECORD_V3_POSTCARD: u8 = 3;
 /// The version byte of a postcard record with the fields added since
 /// version 2 in version 4's layout after its version-2 mirror.
 pub const RECORD_V4_POSTCARD: u8 = 4;
+/// The version byte of a postcard record with the fields added since
+/// version 2 in version 5's layout after its version-2 mirror.
+pub const RECORD_V5_POSTCARD: u8 = 5;
 /// Longest kernel handle a record may carry (`MAX_HANDLE_SZ`).
 const MAX_KERNEL_HANDLE_BYTES: usize = 128;
 
@@ -77,7 +87,7 @@ pub enum RecordError {
     #[error("empty record")]
     Empty,
     /// The first byte names no encoding this build reads.
-    #[error("unknown record version {0} (this build reads 1, 2, 3, 4 and unversioned JSON)")]
+    #[error("unknown record version {0} (this build reads 1, 2, 3, 4, 5 and unversioned JSON)")]
     UnknownVersion(u8),
     /// A JSON record (version 1 or unversioned) that does not parse.
     #[error("JSON record: {0}")]
@@ -127,17 +137,23 @@ pub trait StoredRecord: Serialize + DeserializeOwned {
     fn to_v2(&self) -> Self::V2<'_>;
     /// The record a mirror describes, checked as the model checks a peer's.
     fn from_v2(v: Self::V2<'_>) -> Result<Self, RecordError>;
-    /// The fields added since version 2, in version 4's layout, stored
+    /// The fields added since version 2, in version 5's layout, stored
     /// after the version-2 mirror.
     type Ext: Serialize + DeserializeOwned;
     /// The fields added in version 3 (a prefix of [`Self::Ext`]'s layout).
     type V3Ext: Serialize + DeserializeOwned + Into<Self::Ext>;
+    /// The fields added in versions 3 and 4 (a prefix of [`Self::Ext`]'s
+    /// layout).
+    type V4Ext: Serialize + DeserializeOwned + Into<Self::Ext>;
     /// Those fields, when one is not at its default (the record is then
-    /// written as version 3 or 4; else as version 2).
+    /// written as version 3, 4 or 5; else as version 2).
     fn ext(&self) -> Option<Self::Ext>;
-    /// Their version-3 form, when the fields added in version 4 are at
-    /// their defaults (the record is then written as version 3).
+    /// Their version-3 form, when the fields added in versions 4 and 5
+    /// are at their defaults (the record is then written as version 3).
     fn ext_as_v3(ext: &Self::Ext) -> Option<Self::V3Ext>;
+    /// Their version-4 form, when the fields added in version 5 are at
+    /// their defaults (the record is then written as version 4).
+    fn ext_as_v4(ext: &Self::Ext) -> Option<Self::V4Ext>;
     /// The record with the fields added since version 2 set.
     fn with_ext(self, ext: Self::Ext) -> Self;
 }
@@ -170,23 +186,53 @@ impl From<HandleRecordV3Ext> for HandleRecordV4Ext {
     }
 }
 
+/// [`HandleRecord`]'s fields added since version 2, version 5's layout:
+/// version 4's, then those added in 5. Field order is the layout: frozen.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandleRecordV5Ext {
+    stat: bool,
+    share_exempt: bool,
+    attached_by: u64,
+}
+
+impl From<HandleRecordV4Ext> for HandleRecordV5Ext {
+    fn from(v: HandleRecordV4Ext) -> Self {
+        HandleRecordV5Ext {
+            stat: v.stat,
+            share_exempt: v.share_exempt,
+            attached_by: 0,
+        }
+    }
+}
+
+impl From<HandleRecordV3Ext> for HandleRecordV5Ext {
+    fn from(v: HandleRecordV3Ext) -> Self {
+        HandleRecordV4Ext::from(v).into()
+    }
+}
+
 /// Encodes a record as every backend stores it: version 2, postcard — or
-/// version 3 or 4 when a field added since is not at its default.
+/// version 3, 4 or 5 when a field added since is not at its default (the
+/// oldest version that holds every such field).
 pub fn encode_record<T: StoredRecord>(item: &T) -> Result<Vec<u8>, RecordError> {
     let mut out = Vec::with_capacity(128);
-    let ext = item.ext();
-    let v3 = ext.as_ref().and_then(T::ext_as_v3);
-    out.push(match (&ext, &v3) {
-        (None, _) => RECORD_V2_POSTCARD,
-        (Some(_), Some(_)) => RECORD_V3_POSTCARD,
-        (Some(_), None) => RECORD_V4_POSTCARD,
-    });
-    let out = postcard::to_extend(&item.to_v2(), out).map_err(RecordError::Encode)?;
-    match (ext, v3) {
-        (Some(_), Some(v3)) => postcard::to_extend(&v3, out).map_err(RecordError::Encode),
-        (Some(e), None) => postcard::to_extend(&e, out).map_err(RecordError::Encode),
-        (None, _) => Ok(out),
+    let Some(ext) = item.ext() else {
+        out.push(RECORD_V2_POSTCARD);
+        return postcard::to_extend(&item.to_v2(), out).map_err(RecordError::Encode);
+    };
+    if let Some(v3) = T::ext_as_v3(&ext) {
+        out.push(RECORD_V3_POSTCARD);
+        let out = postcard::to_extend(&item.to_v2(), out).map_err(RecordError::Encode)?;
+        return postcard::to_extend(&v3, out).map_err(RecordError::Encode);
     }
+    if let Some(v4) = T::ext_as_v4(&ext) {
+        out.push(RECORD_V4_POSTCARD);
+        let out = postcard::to_extend(&item.to_v2(), out).map_err(RecordError::Encode)?;
+        return postcard::to_extend(&v4, out).map_err(RecordError::Encode);
+    }
+    out.push(RECORD_V5_POSTCARD);
+    let out = postcard::to_extend(&item.to_v2(), out).map_err(RecordError::Encode)?;
+    postcard::to_extend(&ext, out).map_err(RecordError::Encode)
 }
 
 /// Encodes a record in the schema-1 form (version 1, JSON): what older
@@ -198,8 +244,8 @@ pub fn encode_record_v1_json<T: StoredRecord>(item: &T) -> Result<Vec<u8>, Recor
     Ok(v)
 }
 
-/// A version-3 or -4 body: the version-2 mirror, then the added fields in
-/// that version's layout `E`, then nothing.
+/// A version-3, -4 or -5 body: the version-2 mirror, then the added
+/// fields in that version's layout `E`, then nothing.
 fn decode_extended<T: StoredRecord, E: DeserializeOwned + Into<T::Ext>>(
     body: &[u8],
 ) -> Result<T, RecordError> {
@@ -224,7 +270,8 @@ pub fn decode_record<T: StoredRecord>(bytes: &[u8]) -> Result<T, RecordError> {
             T::from_v2(v2)
         }
         Some((&RECORD_V3_POSTCARD, body)) => decode_extended::<T, T::V3Ext>(body),
-        Some((&RECORD_V4_POSTCARD, body)) => decode_extended::<T, T::Ext>(body),
+        Some((&RECORD_V4_POSTCARD, body)) => decode_extended::<T, T::V4Ext>(body),
+        Some((&RECORD_V5_POSTCARD, body)) => decode_extended::<T, T::Ext>(body),
         Some((&RECORD_V1_JSON, body)) => serde_json::from_slice(body).map_err(RecordError::Json),
         Some((b'{', _)) => serde_json::from_slice(bytes).map_err(RecordError::Json),
         Some((&v, _)) => Err(RecordError::UnknownVersion(v)),
@@ -344,24 +391,34 @@ fn rights(field: &'static str, bits: u8) -> Result<Rights, RecordError> {
 
 impl StoredRecord for HandleRecord {
     type V2<'a> = HandleRecordV2<'a>;
-    type Ext = HandleRecordV4Ext;
+    type Ext = HandleRecordV5Ext;
     type V3Ext = HandleRecordV3Ext;
+    type V4Ext = HandleRecordV4Ext;
 
-    fn ext(&self) -> Option<HandleRecordV4Ext> {
-        (self.stat || self.share_exempt).then_some(HandleRecordV4Ext {
+    fn ext(&self) -> Option<HandleRecordV5Ext> {
+        (self.stat || self.share_exempt || self.attached_by != 0).then_some(HandleRecordV5Ext {
             stat: self.stat,
             share_exempt: self.share_exempt,
+            attached_by: self.attached_by,
         })
     }
 
-    fn ext_as_v3(ext: &HandleRecordV4Ext) -> Option<HandleRecordV3Ext> {
-        (!ext.share_exempt).then_some(HandleRecordV3Ext { stat: ext.stat })
+    fn ext_as_v3(ext: &HandleRecordV5Ext) -> Option<HandleRecordV3Ext> {
+        (!ext.share_exempt && ext.attached_by == 0).then_some(HandleRecordV3Ext { stat: ext.stat })
     }
 
-    fn with_ext(self, ext: HandleRecordV4Ext) -> HandleRecord {
+    fn ext_as_v4(ext: &HandleRecordV5Ext) -> Option<HandleRecordV4Ext> {
+        (ext.attached_by == 0).then_some(HandleRecordV4Ext {
+            stat: ext.stat,
+            share_exempt: ext.share_exempt,
+        })
+    }
+
+    fn with_ext(self, ext: HandleRecordV5Ext) -> HandleRecord {
         HandleRecord {
             stat: ext.stat,
             share_exempt: ext.share_exempt,
+            attached_by: ext.attached_by,
             ..self
         }
     }
@@ -475,28 +532,32 @@ pub fn decode_handle_record(
             handle_from_v2(v2, Some(names))
         }
         Some((&RECORD_V3_POSTCARD, body)) => {
-            let (v2, rest) = postcard::take_from_bytes::<HandleRecordV2<'_>>(body)
-                .map_err(RecordError::Binary)?;
-            let (ext, rest) = postcard::take_from_bytes::<HandleRecordV3Ext>(rest)
-                .map_err(RecordError::Binary)?;
-            if !rest.is_empty() {
-                return Err(RecordError::Trailing(rest.len()));
-            }
-            handle_from_v2(v2, Some(names)).map(|r| r.with_ext(ext.into()))
+            extended_handle_record::<HandleRecordV3Ext>(body, names)
         }
         Some((&RECORD_V4_POSTCARD, body)) => {
-            let (v2, rest) = postcard::take_from_bytes::<HandleRecordV2<'_>>(body)
-                .map_err(RecordError::Binary)?;
-            let (ext, rest) = postcard::take_from_bytes::<HandleRecordV4Ext>(rest)
-                .map_err(RecordError::Binary)?;
-            if !rest.is_empty() {
-                return Err(RecordError::Trailing(rest.len()));
-            }
-            handle_from_v2(v2, Some(names)).map(|r| r.with_ext(ext))
+            extended_handle_record::<HandleRecordV4Ext>(body, names)
+        }
+        Some((&RECORD_V5_POSTCARD, body)) => {
+            extended_handle_record::<HandleRecordV5Ext>(body, names)
         }
         // JSON (schema 1) and unknown versions: as any record.
         _ => decode_record(bytes),
     }
+}
+
+/// A version-3, -4 or -5 handle record's body (its added fields in
+/// layout `E`), its names shared through `names`.
+fn extended_handle_record<E: DeserializeOwned + Into<HandleRecordV5Ext>>(
+    body: &[u8],
+    names: &mut SharedNames,
+) -> Result<HandleRecord, RecordError> {
+    let (v2, rest) =
+        postcard::take_from_bytes::<HandleRecordV2<'_>>(body).map_err(RecordError::Binary)?;
+    let (ext, rest) = postcard::take_from_bytes::<E>(rest).map_err(RecordError::Binary)?;
+    if !rest.is_empty() {
+        return Err(RecordError::Trailing(rest.len()));
+    }
+    handle_from_v2(v2, Some(names)).map(|r| r.with_ext(ext.into()))
 }
 
 /// [`StoredRecord::from_v2`] of a handle record, its names from `names`
@@ -587,9 +648,10 @@ fn handle_from_v2(
         delete_on_close: v.delete_on_close,
         share_group: v.share_group.map(str::to_owned),
         lock_owner: v.lock_owner.map(str::to_owned),
-        // Added in versions 3 and 4 (`with_ext`).
+        // Added in versions 3, 4 and 5 (`with_ext`).
         stat: false,
         share_exempt: false,
+        attached_by: 0,
         // Not stored: found again after a restart (`Engine::learn_links_step`).
         through_link: false,
     })
@@ -613,12 +675,17 @@ impl StoredRecord for ReplayRecord {
     type V2<'a> = ReplayRecordV2<'a>;
     type Ext = ReplayRecordV3Ext;
     type V3Ext = ReplayRecordV3Ext;
+    type V4Ext = ReplayRecordV3Ext;
 
     fn ext(&self) -> Option<ReplayRecordV3Ext> {
         self.seq.map(|seq| ReplayRecordV3Ext { seq })
     }
 
     fn ext_as_v3(ext: &ReplayRecordV3Ext) -> Option<ReplayRecordV3Ext> {
+        Some(ReplayRecordV3Ext { seq: ext.seq })
+    }
+
+    fn ext_as_v4(ext: &ReplayRecordV3Ext) -> Option<ReplayRecordV3Ext> {
         Some(ReplayRecordV3Ext { seq: ext.seq })
     }
 
@@ -771,24 +838,30 @@ impl StoredRecord for Intent {
     type V2<'a> = IntentV2<'a>;
     /// A truncating open's handle record's added fields (a stat open never
     /// truncates, but a record decodes as it was written).
-    type Ext = HandleRecordV4Ext;
+    type Ext = HandleRecordV5Ext;
     type V3Ext = HandleRecordV3Ext;
+    type V4Ext = HandleRecordV4Ext;
 
-    fn ext(&self) -> Option<HandleRecordV4Ext> {
+    fn ext(&self) -> Option<HandleRecordV5Ext> {
         match &self.change {
             IntentChange::TruncatingOpen { record, .. } => record.ext(),
             _ => None,
         }
     }
 
-    fn ext_as_v3(ext: &HandleRecordV4Ext) -> Option<HandleRecordV3Ext> {
+    fn ext_as_v3(ext: &HandleRecordV5Ext) -> Option<HandleRecordV3Ext> {
         HandleRecord::ext_as_v3(ext)
     }
 
-    fn with_ext(mut self, ext: HandleRecordV4Ext) -> Intent {
+    fn ext_as_v4(ext: &HandleRecordV5Ext) -> Option<HandleRecordV4Ext> {
+        HandleRecord::ext_as_v4(ext)
+    }
+
+    fn with_ext(mut self, ext: HandleRecordV5Ext) -> Intent {
         if let IntentChange::TruncatingOpen { record, .. } = &mut self.change {
             record.stat = ext.stat;
             record.share_exempt = ext.share_exempt;
+            record.attached_by = ext.attached_by;
         }
         self
     }
@@ -1021,6 +1094,7 @@ pub(crate) mod tests {
             lock_owner in proptest::option::of(text()),
             stat in any::<bool>(),
             share_exempt in any::<bool>(),
+            attached_by in prop_oneof![Just(0u64), any::<u64>()],
         ) -> HandleRecord {
             HandleRecord {
                 key: ResumeKey(key),
@@ -1052,6 +1126,7 @@ pub(crate) mod tests {
                 share_exempt,
                 // Not stored (found again after a restart).
                 through_link: false,
+                attached_by,
             }
         }
     }
@@ -1168,7 +1243,8 @@ pub(crate) mod tests {
         let version = match r.ext() {
             None => RECORD_V2_POSTCARD,
             Some(e) if T::ext_as_v3(&e).is_some() => RECORD_V3_POSTCARD,
-            Some(_) => RECORD_V4_POSTCARD,
+            Some(e) if T::ext_as_v4(&e).is_some() => RECORD_V4_POSTCARD,
+            Some(_) => RECORD_V5_POSTCARD,
         };
         assert_eq!(v2.first(), Some(&version));
         assert_eq!(&decode_record::<T>(&v2).expect("v2 decodes"), r);
@@ -1280,6 +1356,7 @@ pub(crate) mod tests {
             stat: false,
             share_exempt: false,
             through_link: false,
+            attached_by: 0,
         };
         assert_eq!(encode_record(&rec).expect("encodes"), golden);
         // `through_link` is a hint filterd finds again, never stored: a
@@ -1313,7 +1390,7 @@ pub(crate) mod tests {
         assert_eq!(v4, golden_v4);
         let exempt = HandleRecord {
             share_exempt: true,
-            ..rec
+            ..rec.clone()
         };
         assert_eq!(encode_record(&exempt).expect("encodes"), v4);
         assert_eq!(decode_record::<HandleRecord>(&v4).expect("decodes"), exempt);
@@ -1321,6 +1398,27 @@ pub(crate) mod tests {
         assert_eq!(
             decode_handle_record(&v4, &mut names).expect("decodes"),
             exempt
+        );
+        // Version 5: the same bytes after its own version byte, then
+        // version 4's fields (one byte each) and `attached_by` (a varint:
+        // 300 is ac 02).
+        let mut v5 = vec![RECORD_V5_POSTCARD];
+        v5.extend_from_slice(golden.get(1..).expect("a version byte"));
+        v5.extend_from_slice(&[0, 0, 0xac, 0x02]);
+        let golden_v5 = include_bytes!("../../fuzz/corpus/store_records/handle-v5");
+        assert_eq!(v5, golden_v5);
+        let stamped = HandleRecord {
+            attached_by: 300,
+            ..rec
+        };
+        assert_eq!(encode_record(&stamped).expect("encodes"), v5);
+        assert_eq!(
+            decode_record::<HandleRecord>(&v5).expect("decodes"),
+            stamped
+        );
+        assert_eq!(
+            decode_handle_record(&v5, &mut names).expect("decodes"),
+            stamped
         );
         let replay = include_bytes!("../../fuzz/corpus/store_records/replay-v2");
         let r = decode_record::<ReplayRecord>(replay).expect("decodes");
@@ -1340,7 +1438,7 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_versions_and_invalid_values_are_errors() {
-        for v in [0u8, 5, 9, 255] {
+        for v in [0u8, 6, 9, 255] {
             assert!(matches!(
                 decode_record::<ReplayRecord>(&[v, 0, 0]),
                 Err(RecordError::UnknownVersion(x)) if x == v

@@ -34,6 +34,7 @@ pub fn persistent_record(path: &str) -> HandleRecord {
         stat: false,
         share_exempt: false,
         through_link: false,
+        attached_by: 0,
     }
 }
 

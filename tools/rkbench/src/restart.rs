@@ -141,6 +141,7 @@ fn files_and_records(
             stat: false,
             share_exempt: false,
             through_link: false,
+            attached_by: 0,
         })));
     }
     Ok((handles, batch))
