@@ -142,6 +142,11 @@ struct Shared {
     events: Sender<AttachEvent>,
     stop: AtomicBool,
     features: u64,
+    /// Which frontend process this is (said in every hello, see
+    /// [`crate::proto::Role::Frontend`]): filterd stamps the handles this
+    /// attachment attaches with it, and refuses a reattach of one that
+    /// another process attached since ([`resume_known`]).
+    incarnation: u64,
     /// Bumped when the daemon is found gone (before `Lost`).
     generation: AtomicU64,
     /// The generation whose `Reattached` the frontend has applied.
@@ -374,10 +379,12 @@ impl Attachment {
         if features & crate::proto::FEATURE_LOCK_HINTS != 0 {
             features |= crate::proto::FEATURE_FENCED_IO;
         }
-        let client = FilterClient::connect_frontend_within(
+        let incarnation = crate::model::new_incarnation();
+        let client = FilterClient::connect_frontend_as(
             socket,
             protocol.clone(),
             instance.clone(),
+            Some(incarnation),
             features,
             hello_within,
         )?;
@@ -394,6 +401,7 @@ impl Attachment {
             events: tx,
             stop: AtomicBool::new(false),
             features,
+            incarnation,
             generation: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             gate: IoGate::default(),
@@ -1189,11 +1197,13 @@ fn reconnect(shared: &Shared) -> Option<FilterClient> {
         if shared.stop.load(Ordering::Acquire) {
             return None;
         }
-        match FilterClient::connect_frontend_with(
+        match FilterClient::connect_frontend_as(
             &shared.socket,
             shared.protocol.clone(),
             shared.instance.clone(),
+            Some(shared.incarnation),
             shared.features,
+            None,
         ) {
             Ok(c) => return Some(c),
             Err(_) => {
@@ -1214,7 +1224,9 @@ struct Resumed {
 
 /// Whether a refused resume says the handle is not (or no longer) this
 /// frontend's to resume: gone, expired, lost its file, another client's,
-/// owner's or instance's. Any other failure (busy, a commit that failed,
+/// owner's or instance's, or attached by another frontend process since
+/// this one held it (a reattach names `if_last_held`: the other node's
+/// frontend of the same instance took it over meanwhile). Any other failure (busy, a commit that failed,
 /// no answer in time) may pass.
 pub fn resume_refused_for_good(e: &ClientError) -> bool {
     matches!(
@@ -1358,12 +1370,16 @@ enum Here {
 
 /// Where filterd holds handle `key`: attached to this attachment's
 /// instance (whose only live connection is `client`), disconnected, or
-/// not here.
+/// not here. One another frontend process attached last (its
+/// `attached_by` neither this attachment's incarnation nor 0, unknown) is
+/// not here, attached or not: its reattach is refused for good.
 fn attached_here(shared: &Shared, client: &FilterClient, key: ResumeKey) -> Here {
+    let ours = |by: u64| by == 0 || by == shared.incarnation;
     match client.call(crate::proto::Request::Handle {
         key,
         learning: false,
     }) {
+        Ok((crate::proto::Reply::Handle(v), _)) if !ours(v.record.attached_by) => Here::Not,
         Ok((crate::proto::Reply::Handle(v), _))
             if v.record.conn == crate::model::ConnState::Connected
                 && v.record.frontend == shared.instance =>

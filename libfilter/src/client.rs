@@ -427,7 +427,14 @@ impl FilterClient {
         protocol: Protocol,
         instance: InstanceName,
     ) -> Result<Self, ClientError> {
-        Self::connect(path, Role::Frontend { protocol, instance })
+        Self::connect(
+            path,
+            Role::Frontend {
+                protocol,
+                instance,
+                incarnation: None,
+            },
+        )
     }
 
     /// Attaches as a frontend asking for `features` (e.g.
@@ -452,6 +459,20 @@ impl FilterClient {
         features: u64,
         hello_within: Option<Duration>,
     ) -> Result<Self, ClientError> {
+        Self::connect_frontend_as(path, protocol, instance, None, features, hello_within)
+    }
+
+    /// [`FilterClient::connect_frontend_within`] saying which frontend
+    /// process this is (`incarnation`, see [`proto::Role::Frontend`]; the
+    /// same at every reattach of one process).
+    pub fn connect_frontend_as(
+        path: &Path,
+        protocol: Protocol,
+        instance: InstanceName,
+        incarnation: Option<u64>,
+        features: u64,
+        hello_within: Option<Duration>,
+    ) -> Result<Self, ClientError> {
         // Always asked for: they only tell `open` what it may send and
         // `set_delete_on_close_learnt` what a query's flag means.
         let features = features
@@ -463,7 +484,11 @@ impl FilterClient {
         let hello_within = hello_within.map_or(timeout, |w| w.min(timeout));
         Self::connect_within(
             path,
-            Role::Frontend { protocol, instance },
+            Role::Frontend {
+                protocol,
+                instance,
+                incarnation,
+            },
             features,
             timeout,
             hello_within,
@@ -1683,11 +1708,15 @@ impl FilterClient {
         key: ResumeKey,
     ) -> Result<Opened, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // Only if no other frontend process attached it since this one
+        // held it (`if_last_held`): a reattach takes back what this
+        // process remembers, not what another node's frontend holds now.
         let req = Request::Resume(ResumeRequest {
             client,
             target: ResumeTarget::Key { key },
             owner: None,
             matching: None,
+            if_last_held: true,
         });
         match self.call_keeping_cut(id, req)? {
             (Reply::Opened(info), _, _) => Ok(info),
@@ -1730,6 +1759,7 @@ impl FilterClient {
             target: ResumeTarget::Key { key },
             owner: None,
             matching: None,
+            if_last_held: false,
         }))?)
     }
 
@@ -1772,6 +1802,7 @@ impl FilterClient {
             target: ResumeTarget::CreateGuid { create_guid },
             owner: owner.filter(|_| self.checks_resume_owner()),
             matching: matching.filter(|_| self.checks_resume_match()),
+            if_last_held: false,
         }))?)
     }
 
@@ -1795,6 +1826,7 @@ impl FilterClient {
             target: ResumeTarget::CreateGuid { create_guid },
             owner: owner.filter(|_| self.checks_resume_owner()),
             matching: None,
+            if_last_held: false,
         });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let r = self.call_undoing(id, req, None, Some(late::LateUndo::Close))?;
@@ -3082,6 +3114,7 @@ pub(crate) mod tests {
             target: ResumeTarget::Key { key },
             owner: None,
             matching: None,
+            if_last_held: false,
         }));
         assert!(matches!(r, Ok((Reply::Opened(_), _))), "{r:?}");
         undone(&c, 1);

@@ -313,6 +313,17 @@ pub enum Role {
         protocol: Protocol,
         /// Its instance name.
         instance: InstanceName,
+        /// Which frontend process this is: drawn once per process (per
+        /// [`crate::attach::Attachment`]) and said again at every
+        /// reattach, never 0. filterd stamps every handle this connection
+        /// attaches with it ([`crate::model::HandleRecord::attached_by`]),
+        /// so that a reattach that names [`ResumeRequest::if_last_held`]
+        /// finds whether another process of the same instance name (on
+        /// another node, over the shared table) attached the handle since.
+        /// Absent (an older frontend, a plain [`crate::client::FilterClient`]):
+        /// filterd draws one for the connection. An older daemon ignores it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incarnation: Option<u64>,
     },
     /// An operator tool (filterctl): may inspect and expire, not open.
     Control,
@@ -952,6 +963,14 @@ pub struct ResumeRequest {
     /// ignores it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matching: Option<ResumeMatch>,
+    /// A frontend's automatic reattach of a handle it held (after its
+    /// filterd connection came back): refused `NoSuchHandle` — lost, and
+    /// nothing changes — when another frontend process attached the
+    /// handle since (its [`crate::model::HandleRecord::attached_by`] is
+    /// neither this connection's `incarnation` nor 0, unknown). An older
+    /// daemon ignores it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub if_last_held: bool,
 }
 
 /// What a resumed handle must match ([`ResumeRequest::matching`]):
@@ -3144,7 +3163,7 @@ mod tests {
 
         let old = br#"{"id":1,"op":"resume","client":"c","by":"key","key":"00000000-0000-0000-0000-000000000001"}"#;
         match decode_request(old).unwrap().req {
-            Request::Resume(r) => assert_eq!(r.matching, None),
+            Request::Resume(r) => assert_eq!((r.matching, r.if_last_held), (None, false)),
             other => panic!("{other:?}"),
         }
         let frame = RequestFrame {
@@ -3154,6 +3173,7 @@ mod tests {
                 target: ResumeTarget::Key { key },
                 owner: None,
                 matching: Some(m),
+                if_last_held: true,
             }),
         };
         for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
@@ -3333,8 +3353,9 @@ mod binary_tests {
                 key(),
                 proptest::option::of(uuid()),
                 proptest::option::of(resume_match()),
+                any::<bool>(),
             )
-                .prop_map(|(c, key, g, matching)| {
+                .prop_map(|(c, key, g, matching, held)| {
                     Request::Resume(ResumeRequest {
                         client: ClientId::new(c).expect("valid identity"),
                         target: match g {
@@ -3345,6 +3366,7 @@ mod binary_tests {
                         },
                         owner: None,
                         matching,
+                        if_last_held: held,
                     })
                 }),
             (

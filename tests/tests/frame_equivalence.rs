@@ -822,6 +822,7 @@ fn run(mode: &Mode, export: &Path) -> Run {
         target: ResumeTarget::Key { key: k1 },
         owner: None,
         matching: None,
+        if_last_held: false,
     }));
     assert!(matches!(resumed, Ok(Reply::Opened(_))), "{resumed:?}");
     for (_, reply) in &g.wire {

@@ -57,6 +57,7 @@ impl RawFront {
             role: Role::Frontend {
                 protocol: Protocol::new(protocol).unwrap(),
                 instance: InstanceName::new(instance).unwrap(),
+                incarnation: None,
             },
         })
         .unwrap();
@@ -162,6 +163,7 @@ fn a_resume_sent_in_time_while_filterd_is_stopped_resumes() {
         target: ResumeTarget::Key { key },
         owner: None,
         matching: None,
+        if_last_held: false,
     }));
     let_pass(detached, Duration::from_millis(3_000));
     d.signal(Signal::SIGCONT);

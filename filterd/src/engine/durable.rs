@@ -247,6 +247,8 @@ pub(super) struct Attachment {
     pub(super) conn: Option<super::ConnId>,
     /// The frontend instance it belonged to.
     pub(super) frontend: libfilter::model::InstanceName,
+    /// The frontend process that attached it last (`attached_by`).
+    pub(super) attached_by: u64,
 }
 
 /// What [`Engine::lose`] took from a handle besides its record's
@@ -1320,6 +1322,7 @@ impl Engine {
         }
         h.conn = conn;
         h.rec.conn = a.state;
+        h.rec.attached_by = a.attached_by;
         h.gen += 1;
         let gen = h.gen;
         if h.rec.frontend != a.frontend {

@@ -99,6 +99,10 @@ struct Conn {
     peer: Peer,
     attached_ms: u64,
     handles: HashSet<ResumeKey>,
+    /// The frontend process (its hello's `incarnation`, else one drawn
+    /// here for the connection): every handle it attaches is stamped with
+    /// it (`HandleRecord::attached_by`). 0 for a control connection.
+    incarnation: u64,
 }
 
 struct Handle {
@@ -867,7 +871,10 @@ impl Engine {
                 hello.features & (proto::FEATURE_BINARY_FRAMES | proto::FEATURE_PAGED_WITHIN_FILE)
             }
         };
-        if let Role::Frontend { protocol, instance } = &hello.role {
+        if let Role::Frontend {
+            protocol, instance, ..
+        } = &hello.role
+        {
             // A replacement may say hello before the dead instance's EOF has
             // been read: if its peer is gone, retire it first.
             if let Some(&old) = self.instances.get(instance) {
@@ -895,9 +902,18 @@ impl Engine {
                 .count();
             info!(%protocol, %instance, pid = peer.pid, uid = peer.uid, features = granted, disconnected_handles = orphans, "frontend attached");
         }
+        let incarnation = match &hello.role {
+            Role::Frontend {
+                incarnation: Some(n),
+                ..
+            } if *n != 0 => *n,
+            Role::Frontend { .. } => libfilter::model::new_incarnation(),
+            Role::Control => 0,
+        };
         self.conns.insert(
             conn,
             Conn {
+                incarnation,
                 role: Arc::new(hello.role),
                 features: granted,
                 writer,
@@ -912,6 +928,12 @@ impl Engine {
             epoch: self.epoch,
             pid: std::process::id(),
         })
+    }
+
+    /// The frontend process behind `conn` (`Conn::incarnation`; 0 when
+    /// it is gone).
+    fn incarnation_of(&self, conn: ConnId) -> u64 {
+        self.conns.get(&conn).map_or(0, |c| c.incarnation)
     }
 
     fn on_closed(&mut self, conn: ConnId) {
@@ -1232,7 +1254,9 @@ impl Engine {
         req: Request,
     ) -> Result<Option<(Reply, Option<ResumeKey>)>, WireError> {
         let frontend = match role {
-            Role::Frontend { protocol, instance } => Some((protocol.clone(), instance.clone())),
+            Role::Frontend {
+                protocol, instance, ..
+            } => Some((protocol.clone(), instance.clone())),
             Role::Control => None,
         };
         let need_frontend = || {
@@ -1870,7 +1894,9 @@ impl Engine {
             .conns
             .values()
             .filter_map(|c| match &*c.role {
-                Role::Frontend { protocol, instance } => Some(FrontendView {
+                Role::Frontend {
+                    protocol, instance, ..
+                } => Some(FrontendView {
                     protocol: protocol.clone(),
                     instance: instance.clone(),
                     pid: c.peer.pid,

@@ -507,6 +507,7 @@ impl Engine {
             stat,
             share_exempt: share_exempt && !stat,
             through_link: of.through_link,
+            attached_by: self.incarnation_of(conn),
         };
         let size = if truncation.is_some() { 0 } else { of.size };
         let opened = Opened {
@@ -971,6 +972,26 @@ impl Engine {
                 ),
             ));
         }
+        // A frontend's reattach of a handle it held before its filterd
+        // connection went: another process of its instance (the other
+        // node's, over the shared table) attached it since — its client
+        // reconnected there — so what this frontend remembers of it is
+        // stale (rvnode finding 3: a LOCK pending on the old connection
+        // was granted through it after a fail-back). Lost, nothing
+        // changes. Checked before the connection state, so that an
+        // attached one is refused so too; 0 is a record from before the
+        // stamp (anyone, as before).
+        if r.if_last_held
+            && h.rec.attached_by != 0
+            && h.rec.attached_by != self.incarnation_of(conn)
+        {
+            return Err(err(
+                ErrorCode::NoSuchHandle,
+                format!(
+                    "handle {key} was attached by another frontend process since this one held it"
+                ),
+            ));
+        }
         match h.rec.conn {
             ConnState::Connected => {
                 return Err(err(
@@ -1193,6 +1214,7 @@ impl Engine {
         key: ResumeKey,
     ) -> Result<Opened, WireError> {
         self.batch.rebound = Some(key);
+        let incarnation = self.incarnation_of(conn);
         let h = self
             .handles
             .get_mut(&key)
@@ -1261,8 +1283,13 @@ impl Engine {
             expires_mono: h.expires_mono,
             conn: h.conn,
             frontend: h.rec.frontend.clone(),
+            attached_by: h.rec.attached_by,
         };
         h.rec.conn = ConnState::Connected;
+        // Stamped with the frontend process attaching it, so that a
+        // reattach by another process that held it before is refused
+        // (`if_last_held`, in `resume`).
+        h.rec.attached_by = incarnation;
         if h.rec.frontend != instance {
             // Taken over by another instance: it counts there now.
             if let Some(n) = self.per_frontend.get_mut(&h.rec.frontend) {

@@ -211,6 +211,16 @@ enum Arrived {
 /// A frontend (instance `smb-t`) says hello on a new connection `conn`:
 /// its writer, and the frontend's end of the socket.
 fn hello(engine: &mut Engine, conn: ConnId, protocol: &str) -> (Arc<ConnWriter>, OwnedFd) {
+    hello_as(engine, conn, protocol, None)
+}
+
+/// [`hello`] of frontend process `incarnation` (None: filterd draws one).
+fn hello_as(
+    engine: &mut Engine,
+    conn: ConnId,
+    protocol: &str,
+    incarnation: Option<u64>,
+) -> (Arc<ConnWriter>, OwnedFd) {
     let (writer, peer) = ConnWriter::pair_for_test();
     engine
         .on_hello(
@@ -221,6 +231,7 @@ fn hello(engine: &mut Engine, conn: ConnId, protocol: &str) -> (Arc<ConnWriter>,
                 role: Role::Frontend {
                     protocol: Protocol::new(protocol).unwrap(),
                     instance: InstanceName::new("smb-t").unwrap(),
+                    incarnation,
                 },
             },
             Peer {
@@ -314,6 +325,12 @@ impl Harness {
     /// The frontend attaches again (as after losing its connection) on a
     /// new connection, as the same instance.
     fn reattach(&mut self) {
+        self.reattach_as(None);
+    }
+
+    /// [`Harness::reattach`] as frontend process `incarnation` (None:
+    /// filterd draws one).
+    fn reattach_as(&mut self, incarnation: Option<u64>) {
         let conn = ConnId(self.conn.0 + 1);
         let protocol = match &*self.engine.conns[&self.conn].role {
             Role::Frontend { protocol, .. } => protocol.as_str().to_owned(),
@@ -321,7 +338,7 @@ impl Harness {
         };
         self.engine.begin_request();
         self.engine.on_closed(self.conn);
-        let (writer, peer) = hello(&mut self.engine, conn, &protocol);
+        let (writer, peer) = hello_as(&mut self.engine, conn, &protocol, incarnation);
         (self.conn, self.writer, self.peer) = (conn, writer, peer);
     }
 
@@ -765,6 +782,7 @@ impl Harness {
                     target: libfilter::proto::ResumeTarget::Key { key },
                     owner: None,
                     matching: None,
+                    if_last_held: false,
                 })
             }
             Op::EndOfFile(h, size) => {
@@ -4145,6 +4163,7 @@ fn a_detach_withdraws_its_parked_delete_on_close() {
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
         matching: None,
+        if_last_held: false,
     }));
     h.commit(true);
     assert_eq!(h.opened(r), key);
@@ -4626,6 +4645,7 @@ fn resume_alices(h: &mut Harness, key: ResumeKey) -> u64 {
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
         matching: None,
+        if_last_held: false,
     }));
     h.commit(true);
     h.drain_replies();
@@ -5877,6 +5897,7 @@ fn a_resume_whose_commit_fails_is_undone_and_a_detach_is_not() {
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
         matching: None,
+        if_last_held: false,
     });
     let was = h.engine.handles[&key].rec.conn;
     assert!(matches!(was, ConnState::Disconnected { .. }), "{was:?}");
@@ -6196,6 +6217,7 @@ fn a_waiting_overwrite_is_not_resumed_until_its_open_is_done() {
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
         matching: None,
+        if_last_held: false,
     });
     let r = h.run(resume.clone());
     // The intent commits (the refusal, which waited for it, goes out);
@@ -6330,6 +6352,7 @@ fn resume_carol_behind_a_pending_lock(
         target: libfilter::proto::ResumeTarget::Key { key: d },
         owner: None,
         matching: None,
+        if_last_held: false,
     }));
     assert!(h.reply(r).is_none(), "waits for the lock's commit");
     (d, was, r)
@@ -6351,6 +6374,7 @@ fn a_break_held_for_a_detached_waiting_open_goes_to_the_leases_other_holder() {
         target: libfilter::proto::ResumeTarget::Key { key: first },
         owner: None,
         matching: None,
+        if_last_held: false,
     }));
     let intents = h.commit_holding_intents(true);
     assert_eq!(h.opened(r), first);
@@ -7400,6 +7424,7 @@ fn a_resume_that_cannot_reopen_for_lack_of_descriptors_keeps_the_handle() {
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
         matching: None,
+        if_last_held: false,
     });
     let mut bob = o.clone();
     bob.client = ClientId::new("bob").unwrap();
@@ -7461,6 +7486,7 @@ fn a_resume_whose_file_is_gone_loses_the_handle() {
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
         matching: None,
+        if_last_held: false,
     }));
     h.commit(true);
     assert_eq!(h.refused(r), ErrorCode::NoSuchHandle);
@@ -7497,6 +7523,7 @@ fn recovery_keeps_a_handle_whose_file_could_not_be_looked_at() {
             target: libfilter::proto::ResumeTarget::Key { key },
             owner: None,
             matching: None,
+            if_last_held: false,
         }));
         h.commit(true);
         assert_eq!(h.opened(r), key, "errno {errno}");
@@ -7634,6 +7661,7 @@ fn disconnected_by_a_restart() -> (Harness, ResumeKey, Request) {
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
         matching: None,
+        if_last_held: false,
     });
     (h, key, resume)
 }
@@ -7656,6 +7684,7 @@ fn a_resume_not_matching_changes_nothing() {
     let with = |m: libfilter::proto::ResumeMatch| {
         Request::Resume(libfilter::proto::ResumeRequest {
             matching: Some(m),
+            if_last_held: false,
             ..r.clone()
         })
     };
@@ -7733,6 +7762,7 @@ fn a_leased_resume_under_another_name_changes_nothing() {
                 lease_key: Some(lease),
                 name: Some(name),
             }),
+            if_last_held: false,
         })
     };
     let was = (
@@ -8098,6 +8128,7 @@ fn a_resumed_then_closed_handle_put_back_is_not_shown_at_an_abandoned_commit() {
         target: libfilter::proto::ResumeTarget::Key { key: a },
         owner: None,
         matching: None,
+        if_last_held: false,
     }));
     let resumed_at = h.engine.handles.get(&a).map(|x| x.shown_at);
     assert!(
@@ -8184,4 +8215,100 @@ fn a_shared_store_withholds_lock_hints_from_a_frontend_that_checks_without_them(
     let older = FEATURES & !FEATURE_FENCED_IO;
     assert_eq!(fenced_io(older, true), older);
     assert_eq!(fenced_io(older, false), older);
+}
+
+/// Resumes alice's handle `key` as a frontend's reattach does
+/// (`if_last_held`); the request's id.
+fn reattach_alices(h: &mut Harness, key: ResumeKey) -> u64 {
+    let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new("alice").unwrap(),
+        target: libfilter::proto::ResumeTarget::Key { key },
+        owner: None,
+        matching: None,
+        if_last_held: true,
+    }));
+    h.commit(true);
+    r
+}
+
+/// rvnode finding 3 (fail-back between nodes): frontend process A held a
+/// persistent handle; while A was away from filterd, process B of the
+/// same instance name (the other node's) resumed it for its client, and
+/// went. A's automatic reattach (`if_last_held`) is refused — lost, the
+/// handle left disconnected for its client's reconnect, its record as it
+/// was — while a client's own resume still takes it, and B's reattach
+/// too. The stamp is stored: after a restart A is still refused.
+#[test]
+fn a_reattach_is_refused_a_handle_another_frontend_process_attached_since() {
+    const A: u64 = 0xa;
+    const B: u64 = 0xb;
+    let mut h = Harness::new();
+    h.reattach_as(Some(A));
+    let key = {
+        let o = h.run(open("a", Rights::ALL));
+        h.commit(true);
+        h.opened(o)
+    };
+    assert_eq!(h.engine.handles[&key].rec.attached_by, A);
+    // B resumes it for its client.
+    h.reattach_as(Some(B));
+    let r = resume_alices(&mut h, key);
+    assert_eq!(h.opened(r), key);
+    assert_eq!(h.engine.handles[&key].rec.attached_by, B);
+    assert_eq!(
+        h.store.handle(key).unwrap().map(|r| r.attached_by),
+        Some(B),
+        "the stamp is stored with the resume"
+    );
+    // A is back (B gone): its reattach is refused, nothing changes.
+    h.reattach_as(Some(A));
+    let r = reattach_alices(&mut h, key);
+    assert_eq!(h.refused(r), ErrorCode::NoSuchHandle);
+    for rec in [
+        h.engine.handles[&key].rec.clone(),
+        h.store.handle(key).unwrap().unwrap(),
+    ] {
+        assert!(matches!(rec.conn, ConnState::Disconnected { .. }));
+        assert_eq!(rec.attached_by, B);
+    }
+    // And so after a restart (the fail-back: the stamp came from the store).
+    let mut h = h.restarted();
+    h.reattach_as(Some(A));
+    let r = reattach_alices(&mut h, key);
+    assert_eq!(h.refused(r), ErrorCode::NoSuchHandle);
+    // The process that attached it last reattaches it.
+    h.reattach_as(Some(B));
+    let r = reattach_alices(&mut h, key);
+    assert_eq!(h.opened(r), key);
+    // A client's own resume (a reconnect through A) takes it, and A's
+    // reattach after that is its own again.
+    h.reattach_as(Some(A));
+    let r = resume_alices(&mut h, key);
+    assert_eq!(h.opened(r), key);
+    h.reattach_as(Some(A));
+    let r = reattach_alices(&mut h, key);
+    assert_eq!(h.opened(r), key);
+}
+
+/// A record from before the stamp (`attached_by` 0) is reattached by any
+/// frontend process, as before; a plain restart with nobody else
+/// attaching meanwhile keeps every reattach.
+#[test]
+fn a_reattach_of_an_unstamped_or_own_handle_is_granted() {
+    let mut h = Harness::new();
+    h.reattach_as(Some(7));
+    let o = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(o);
+    let mut h = h.restarted();
+    h.reattach_as(Some(7));
+    let r = reattach_alices(&mut h, key);
+    assert_eq!(h.opened(r), key);
+    if let Some(x) = h.engine.handles.get_mut(&key) {
+        x.rec.attached_by = 0;
+    }
+    h.reattach_as(Some(8));
+    let r = reattach_alices(&mut h, key);
+    assert_eq!(h.opened(r), key);
+    assert_eq!(h.engine.handles[&key].rec.attached_by, 8);
 }
