@@ -657,6 +657,10 @@ pub fn forward(sh: Arc<Shared>) {
             // them is granted before a holder was sent its break.
             test_delay_before_the_forgotten_breaks();
             leases_forgotten(&sh, &lost);
+            // Handles another rksmbd process reconnected since: their
+            // opens here are stale (before `resynced`, which lets waiting
+            // locks be tried again).
+            sh.registry.forget_lost(&sh, &lost);
             sh.filter.resynced(generation);
             if sh.clients.open() {
                 tracing::warn!("filterd serves again: accepting clients again");

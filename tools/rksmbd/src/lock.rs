@@ -704,11 +704,28 @@ pub fn retry_due(c: &mut Connection) {
     attempt(c, false);
 }
 
+/// How long waiting locks wait for a reattach to be applied before they
+/// look again ([`attempt`]).
+const RESYNC_WAIT: Duration = Duration::from_millis(20);
+
 /// [`retry`] of every waiting lock (`all`) or of those due.
 fn attempt(c: &mut Connection, all: bool) {
     if c.waiting.is_empty() {
         return;
     }
+    // Back on filterd, a reattach not applied yet may still make opens
+    // lost (another rksmbd process reconnected their handles meanwhile):
+    // nothing is tried until it is, and the lost ones are forgotten first
+    // (their waiting locks end STATUS_FILE_CLOSED below), never granted
+    // through a handle that is another connection's now (rvnode finding 3).
+    if c.sh.filter.resync_pending() {
+        let later = Instant::now() + RESYNC_WAIT;
+        for w in c.waiting.list.iter_mut() {
+            w.due = w.due.max(later);
+        }
+        return;
+    }
+    c.forget_closed_elsewhere();
     let now = Instant::now();
     // A lock whose request's connection is gone (the home's own socket
     // while channels keep the session, or a channel) has nobody to answer:

@@ -2180,6 +2180,15 @@ impl Connection {
             self.sessions.remove(&id);
             self.sh.notifier.session_left(self.id, id);
         }
+        self.forget_opens(gone);
+        match revoked {
+            true => Err(status::USER_SESSION_DELETED),
+            false => Ok(()),
+        }
+    }
+
+    /// Forgets opens `gone`, released elsewhere (or lost to a reattach).
+    fn forget_opens(&mut self, gone: Vec<u64>) {
         for k in gone {
             // Its waiting CHANGE_NOTIFYs end with STATUS_NOTIFY_CLEANUP.
             crate::notify::open_closing(self, k);
@@ -2187,9 +2196,22 @@ impl Connection {
                 self.let_go(&open);
             }
         }
-        match revoked {
-            true => Err(status::USER_SESSION_DELETED),
-            false => Ok(()),
+    }
+
+    /// Forgets the opens of every session that another connection closed
+    /// or a reattach to filterd lost ([`crate::sessions::Registry::forget_lost`]):
+    /// run before waiting locks are tried again, so that a LOCK pending on
+    /// an open whose handle another rksmbd process reconnected since ends
+    /// (STATUS_FILE_CLOSED) instead of being granted through it.
+    pub fn forget_closed_elsewhere(&mut self) {
+        let links: Vec<_> = self
+            .sessions
+            .values()
+            .filter_map(|s| s.link.clone())
+            .collect();
+        for link in links {
+            let gone = link.take_closed_elsewhere();
+            self.forget_opens(gone);
         }
     }
 

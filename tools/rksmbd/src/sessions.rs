@@ -278,6 +278,33 @@ impl Link {
     fn is_live(&self, id: u64) -> bool {
         lock(&self.state).live.contains_key(&id)
     }
+
+    /// Forgets the durable opens of handles in `lost`, which a reattach
+    /// to filterd could not take back (another rksmbd process, the other
+    /// node's, reconnected them since): nothing is released in filterd —
+    /// the handle is not this process's any more — its claim and count go
+    /// at once, and the owning connection forgets the open at its next
+    /// look ([`Link::take_closed_elsewhere`]).
+    fn forget_lost(&self, sh: &Shared, lost: &std::collections::HashSet<ResumeKey>) {
+        let mut st = lock(&self.state);
+        let ids: Vec<u64> = st
+            .live
+            .iter()
+            .filter(|(_, t)| t.durable && lost.contains(&t.key))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(t) = st.live.remove(&id) else {
+                continue;
+            };
+            let Tracked { held, user, .. } = t;
+            drop(user);
+            if let Some((g, conn)) = held {
+                sh.registry.let_go(g, conn);
+            }
+            st.closed_elsewhere.push(id);
+        }
+    }
 }
 
 /// Releases every handle a session tracks, as its ending does: durable
@@ -714,6 +741,22 @@ impl Registry {
             OpenHolder::LettingGo
         } else {
             OpenHolder::Live
+        }
+    }
+
+    /// A reattach to filterd could not take back the durable handles in
+    /// `lost`: every session forgets their opens ([`Link::forget_lost`]),
+    /// so that no stale connection reads, writes or locks through a
+    /// handle another rksmbd process reconnected meanwhile (rvnode
+    /// finding 3), and a DH2C finds the open held by no connection here.
+    pub fn forget_lost(&self, sh: &Shared, lost: &[ResumeKey]) {
+        if lost.is_empty() {
+            return;
+        }
+        let lost: std::collections::HashSet<ResumeKey> = lost.iter().copied().collect();
+        let links: Vec<Arc<Link>> = lock(&self.sessions).values().cloned().collect();
+        for l in links {
+            l.forget_lost(sh, &lost);
         }
     }
 
