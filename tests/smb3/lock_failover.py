@@ -20,6 +20,9 @@ Reads commands from stdin, one a line, and answers each with one line:
                           none) -> "lock STATUS"
   unlock OFF LEN I N      an unlock, the same way -> "unlock STATUS"
   write OFF TEXT          WRITE -> "write STATUS"
+  firstwrite OFF TEXT     WRITE through the handle `open` made, on its own
+                          connection (kept open by a reconnect)
+                          -> "firstwrite STATUS"
   eof SIZE                SET_INFO FileEndOfFileInformation -> "eof STATUS"
   rename NAME             SET_INFO FileRenameInformation to NAME, not
                           replacing -> "rename STATUS"
@@ -37,8 +40,9 @@ Reads commands from stdin, one a line, and answers each with one line:
   blocking OFF LEN I N    an exclusive LOCK without FAIL_IMMEDIATELY: the
                           interim response -> "blocking STATUS" (0x103:
                           pending; else the final one)
-  final                   the pending LOCK's final response -> "final
-                          STATUS"
+  final                   the pending LOCK's final response (read from the
+                          connection it was sent on, kept open by a
+                          reconnect) -> "final STATUS"
   cancel                  send a CANCEL of the pending LOCK -> "cancel sent"
   break SECONDS           the next lease break notification rksmbd sent
                           since the open (waiting up to SECONDS) -> "break
@@ -154,12 +158,12 @@ def status_of(call):
         return e.status
 
 
-conn = f = None
+conn = f = first_f = None
 name = None
 renamable = deleting = False
 opened_with = []
 durable = False
-pending = None
+pending = pending_conn = None
 breaks = queue.Queue()
 for line in sys.stdin:
     words = line.split()
@@ -186,6 +190,7 @@ for line in sys.stdin:
         except SMBResponseException as e:
             print(f"refused {e.status:#x}", flush=True)
             continue
+        first_f = f
         dh2q = granted(resp, "timeout")
         persistent = dh2q is not None and dh2q["flags"].has_flag(DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT)
         if durable:
@@ -223,6 +228,7 @@ for line in sys.stdin:
     elif cmd == "blocking":
         off, length, index, number = (int(w) for w in rest[:4])
         pending = lock_in_sequence(f, off, length, LockFlags.SMB2_LOCKFLAG_EXCLUSIVE_LOCK, index, number, wait=False)
+        pending_conn = f.connection
         # (Read the interim response in place: receive(wait=False) would
         # forget the request, and the final response with it.)
         if not pending.response_event.wait(timeout=30):
@@ -234,7 +240,7 @@ for line in sys.stdin:
         pending.cancel()
         print("cancel sent", flush=True)
     elif cmd == "final":
-        st = status_of(lambda: f.connection.receive(pending, wait=True, timeout=30))
+        st = status_of(lambda: pending_conn.receive(pending, wait=True, timeout=30))
         print(f"final {st:#x}", flush=True)
     elif cmd == "break":
         try:
@@ -254,6 +260,9 @@ for line in sys.stdin:
     elif cmd == "write":
         st = status_of(lambda: f.write(rest[1].encode(), int(rest[0])))
         print(f"write {st:#x}", flush=True)
+    elif cmd == "firstwrite":
+        st = status_of(lambda: first_f.write(rest[1].encode(), int(rest[0])))
+        print(f"firstwrite {st:#x}", flush=True)
     elif cmd == "eof":
         info = FileEndOfFileInformation()
         info["end_of_file"] = int(rest[0])
