@@ -318,6 +318,8 @@ fn handle_text_shows_its_locks_and_lease() {
             "{view}: {t}"
         );
         assert!(line("locks").ends_with(" 1"), "{view}: {t}");
+        // The frontend process that attached it (stored: offline too).
+        assert!(line("attached by").contains("process "), "{view}: {t}");
         assert!(
             line("lock").ends_with("exclusive, offset 0, length 5"),
             "{view}: {t}"

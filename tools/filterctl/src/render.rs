@@ -186,6 +186,15 @@ pub fn handle(v: &HandleView, now: u64) -> String {
         ),
         ("protocol", r.protocol.to_string()),
         ("frontend", r.frontend.to_string()),
+        // The frontend process that attached it last (a reattach by
+        // another one is refused): unknown in a record from before.
+        (
+            "attached by",
+            match r.attached_by {
+                0 => "unknown".into(),
+                n => format!("process {n:016x}"),
+            },
+        ),
         ("client", r.client.to_string()),
         (
             "create guid",
