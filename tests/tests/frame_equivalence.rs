@@ -691,7 +691,9 @@ const CLOCK_FIELDS: [&str; 6] = [
     "uptime_ms",
 ];
 
-/// JSON text with every clock time ([`CLOCK_FIELDS`]) zeroed and every
+/// JSON text with every clock time ([`CLOCK_FIELDS`]) zeroed, every
+/// `attached_by` (random per frontend process) reduced to whether it is
+/// known, and every
 /// array of objects sorted (orders by resume key differ per run),
 /// pretty-printed.
 fn canonical(text: &str) -> String {
@@ -701,6 +703,12 @@ fn canonical(text: &str) -> String {
                 for (k, x) in m.iter_mut() {
                     if CLOCK_FIELDS.contains(&k.as_str()) && x.is_u64() {
                         *x = json!(0);
+                    }
+                    // The frontend process that attached a handle: drawn
+                    // at random per process; whether it is known is what
+                    // compares.
+                    if k == "attached_by" && x.is_u64() {
+                        *x = json!(x.as_u64() != Some(0));
                     }
                     walk(x);
                 }

@@ -150,7 +150,7 @@ fn a_state_dir_with_json_records_opens_and_its_handles_resume() {
     assert!(fe.lookup_reply(scope.clone(), 7).unwrap().is_none());
     let rec = fe.lookup_reply(scope, 3).unwrap().expect("the new reply");
     assert_eq!(rec.reply, "three");
-    // A record written now is version 2.
+    // A record written now is version 5 (stamped, below).
     let c = fe
         .open(OpenRequest {
             disposition: Disposition::OpenIf,
@@ -174,7 +174,9 @@ fn a_state_dir_with_json_records_opens_and_its_handles_resume() {
             .find(|(key, _)| key.as_slice() == k.as_bytes())
             .and_then(|(_, v)| v.first().copied())
     };
-    assert_eq!(first_byte(&c), Some(2), "new records are version 2");
+    // Version 5: stamped with the frontend process that opened it
+    // (`attached_by`).
+    assert_eq!(first_byte(&c), Some(5), "new records are version 5");
     assert!(store.handles().unwrap().iter().all(Result::is_ok));
     drop(store);
     // filterctl prints them all as the same JSON, whatever their version.
