@@ -9,10 +9,18 @@
 //! persistent record for as long as the frontend ran. [`Unsettled::run`],
 //! on a named thread of the frontend, asks filterd to close each such
 //! handle again until filterd answers for it: closed, or not (or no
-//! longer) this frontend's. rksmbd and smbshim use it.
+//! longer) this frontend's. rksmbd and smbshim use it, and kick it
+//! ([`Unsettled::kick`]) when they reattach, so the closes go as soon as
+//! filterd is back.
+//!
+//! The settler lives in the frontend's memory: a frontend that dies
+//! before filterd answers takes it along. So a frontend does not tell
+//! its client such a close is done while it settles (a retried CLOSE is
+//! told to retry again): the client keeps the open, and can RECONNECT it
+//! through a replacement frontend and CLOSE it there.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::client::ClientError;
 use crate::model::ResumeKey;
@@ -35,13 +43,19 @@ pub fn may_hold(e: &ClientError) -> bool {
 /// frontend may hold (each open's handle is added at most once).
 #[derive(Default)]
 pub struct Unsettled {
-    /// Each with the delete on close its client was last told, carried by
-    /// every try of its close (`Attachment::close_told`).
-    keys: Mutex<Vec<(ResumeKey, Option<bool>)>>,
+    keys: Mutex<Keys>,
+    /// A key added, or a kick ([`Unsettled::kick`]).
     added: Condvar,
 }
 
-type Keys = Vec<(ResumeKey, Option<bool>)>;
+#[derive(Default)]
+struct Keys {
+    /// Each with the delete on close its client was last told, carried by
+    /// every try of its close (`Attachment::close_told`).
+    keys: Vec<(ResumeKey, Option<bool>)>,
+    /// Try again at once, with the backoff restarted.
+    kicked: bool,
+}
 
 fn lock(m: &Mutex<Keys>) -> MutexGuard<'_, Keys> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -61,7 +75,16 @@ impl Unsettled {
     /// client was never told.
     pub fn add_told(&self, key: ResumeKey, told: Option<bool>) {
         tracing::warn!(resume_key = %key, "close outcome unknown: closing it again until filterd answers");
-        lock(&self.keys).push((key, told));
+        lock(&self.keys).keys.push((key, told));
+        self.added.notify_one();
+    }
+
+    /// filterd is back (the frontend reattached): every handle still
+    /// unsettled is tried at once, not after the backoff of the outage's
+    /// failed tries (up to [`MAX_BACKOFF`]) — a frontend that dies in
+    /// that pause takes the close with it (rvchaos 1).
+    pub fn kick(&self) {
+        lock(&self.keys).kicked = true;
         self.added.notify_one();
     }
 
@@ -69,12 +92,12 @@ impl Unsettled {
     /// hand it to a client again (a replayed create finding it), as the
     /// close the client asked for first is still being made.
     pub fn contains(&self, key: ResumeKey) -> bool {
-        lock(&self.keys).iter().any(|(k, _)| *k == key)
+        lock(&self.keys).keys.iter().any(|(k, _)| *k == key)
     }
 
     /// Handles waiting to be closed again.
     pub fn len(&self) -> usize {
-        lock(&self.keys).len()
+        lock(&self.keys).keys.len()
     }
 
     /// Whether no handle waits to be closed again.
@@ -94,15 +117,17 @@ impl Unsettled {
         loop {
             let keys = {
                 let mut keys = lock(&self.keys);
-                while keys.is_empty() {
+                while keys.keys.is_empty() {
                     backoff = Duration::from_millis(10);
+                    keys.kicked = false;
                     keys = self
                         .added
                         .wait_timeout(keys, Duration::from_secs(60))
                         .map(|(g, _)| g)
                         .unwrap_or_else(|p| p.into_inner().0);
                 }
-                keys.clone()
+                keys.kicked = false;
+                keys.keys.clone()
             };
             let mut settled = Vec::new();
             for (key, told) in keys {
@@ -121,14 +146,27 @@ impl Unsettled {
                     }
                 }
             }
-            let left = {
-                let mut keys = lock(&self.keys);
-                keys.retain(|(k, _)| !settled.contains(k));
-                keys.len()
-            };
-            if left > 0 {
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+            let mut keys = lock(&self.keys);
+            keys.keys.retain(|(k, _)| !settled.contains(k));
+            if !keys.keys.is_empty() {
+                // Until the backoff passes, or a kick.
+                let until = Instant::now() + backoff;
+                while !keys.kicked {
+                    let now = Instant::now();
+                    if now >= until {
+                        break;
+                    }
+                    keys = self
+                        .added
+                        .wait_timeout(keys, until - now)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                backoff = if keys.kicked {
+                    Duration::from_millis(10)
+                } else {
+                    (backoff * 2).min(MAX_BACKOFF)
+                };
             }
         }
     }
@@ -162,5 +200,35 @@ mod tests {
             .collect();
         tried.sort_by_key(|(k, _)| *k == plain_key);
         assert_eq!(tried, vec![(told_key, Some(false)), (plain_key, None)]);
+    }
+
+    /// A kick (filterd is back) tries every unsettled handle at once, not
+    /// after the backoff the outage's failed tries built up (rvchaos 1: a
+    /// frontend that died within that pause took the close with it).
+    #[test]
+    fn a_kick_tries_again_at_once() {
+        let u = std::sync::Arc::new(Unsettled::default());
+        u.add(ResumeKey::new_random());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runner = u.clone();
+        std::thread::spawn(move || {
+            runner.run(|_, _| {
+                let _ = tx.send(Instant::now());
+                Err(ClientError::Disconnected)
+            })
+        });
+        // Tries until the backoff reaches its longest (10 ms doubling to
+        // 1 s: the eighth pause).
+        for _ in 0..8 {
+            rx.recv_timeout(Duration::from_secs(10)).expect("tried");
+        }
+        let kicked = Instant::now();
+        u.kick();
+        let next = rx.recv_timeout(Duration::from_secs(10)).expect("tried");
+        assert!(
+            next.duration_since(kicked) < MAX_BACKOFF / 2,
+            "tried {:?} after the kick",
+            next.duration_since(kicked)
+        );
     }
 }

@@ -662,6 +662,9 @@ pub fn forward(sh: Arc<Shared>) {
             // locks be tried again).
             sh.registry.forget_lost(&sh, &lost);
             sh.filter.resynced(generation);
+            // filterd is back: the closes it never answered go now, not
+            // after the outage's backoff (rvchaos 1).
+            sh.unsettled.kick();
             if sh.clients.open() {
                 tracing::warn!("filterd serves again: accepting clients again");
             }
