@@ -185,6 +185,138 @@ fn smbshim_hands_out_no_open_whose_close_is_being_made_again() {
     assert_ne!(r["file_id"], fid, "the open whose CLOSE came first: {r}");
 }
 
+/// What becomes of a close filterd never answered, after the client is
+/// told it is not done ([`smbshim_tells_no_close_done_before_it_settles`]).
+enum Then {
+    /// filterd comes back: the retried teardown is answered done.
+    FilterdBack,
+    /// smbshim dies before filterd is back; the client RECONNECTs the open
+    /// through a replacement and CLOSEs it there.
+    FrontendDies,
+}
+
+/// smbshim: a persistent open of `f` holding a byte-range lock; filterd
+/// is killed as `teardown` (a CLOSE or a LOGOFF) asks for its close.
+/// `teardown` is answered STATUS_FILE_NOT_AVAILABLE, and so is it again
+/// while filterd is down: before the fix the retry was answered done
+/// (FILE_CLOSED, SUCCESS), the client forgot the open, and a smbshim
+/// that died before filterd came back took its settler along — the
+/// restarted filterd held the handle, its share mode and lock, for its
+/// whole durable timeout (rvchaos 1). Then, per `then`, the handle goes
+/// (well before its 60 s timeout).
+fn smbshim_tells_no_close_done_before_it_settles(
+    name: &str,
+    teardown: impl Fn(&Value, &Value) -> Value,
+    then: Then,
+) {
+    let s = Scratch::new(name);
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "request.close:1:kill")]);
+    let smb = Shim::start("smbshim", d.socket(), name);
+    let client_guid = uuid::Uuid::new_v4().to_string();
+    let create_guid = uuid::Uuid::new_v4().to_string();
+    let mut c = LineClient::connect(&smb.addr);
+    let setup = json!({"cmd": "SESSION_SETUP", "client_guid": client_guid, "user": "m"});
+    let r = c.call(setup.clone());
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let sid = r["session_id"].clone();
+    let r = c.call(json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": ["read"], "disposition": "create",
+        "durable": {"create_guid": create_guid, "persistent": true, "timeout_ms": 60000}}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let r = c.call(json!({"cmd": "LOCK", "session_id": sid, "file_id": fid,
+        "locks": [{"offset": 0, "length": 10, "exclusive": true, "unlock": false}]}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+
+    let r = c.call(teardown(&sid, &fid));
+    assert_eq!(
+        r["status"], "STATUS_FILE_NOT_AVAILABLE",
+        "filterd died: {r}"
+    );
+    d.wait_killed_at("request.close:1:kill", Duration::from_secs(10));
+    let r = c.call(teardown(&sid, &fid));
+    assert_eq!(
+        r["status"], "STATUS_FILE_NOT_AVAILABLE",
+        "retried while filterd is down: still not done: {r}"
+    );
+
+    match then {
+        Then::FilterdBack => {
+            let d = Filterd::start(&s, &[], &[]);
+            let r = wait_for("the retried close", Duration::from_secs(20), || {
+                let r = c.call(teardown(&sid, &fid));
+                (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
+            });
+            assert_eq!(r["status"], "STATUS_SUCCESS", "the close is made: {r}");
+            assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+        }
+        Then::FrontendDies => {
+            drop(c);
+            smb.kill9();
+            let started = std::time::Instant::now();
+            let d = Filterd::start(&s, &[], &[]);
+            let smb = Shim::start("smbshim", d.socket(), name);
+            let mut c = LineClient::connect(&smb.addr);
+            let r = c.call(setup);
+            assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+            let sid = r["session_id"].clone();
+            let r = wait_for("RECONNECT", Duration::from_secs(20), || {
+                let r = c.call(json!({"cmd": "RECONNECT", "session_id": sid,
+                    "file_id": fid, "create_guid": create_guid}));
+                (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
+            });
+            assert_eq!(
+                r["status"], "STATUS_SUCCESS",
+                "the client kept its open: {r}"
+            );
+            let fid = r["file_id"].clone();
+            let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+            assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+            assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "gone well before its 60 s timeout"
+            );
+        }
+    }
+}
+
+#[test]
+fn smbshim_retried_close_waits_for_filterd() {
+    smbshim_tells_no_close_done_before_it_settles(
+        "settle-close-back",
+        |sid, fid| json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+        Then::FilterdBack,
+    );
+}
+
+#[test]
+fn smbshim_close_not_done_survives_the_frontend() {
+    smbshim_tells_no_close_done_before_it_settles(
+        "settle-close-dies",
+        |sid, fid| json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+        Then::FrontendDies,
+    );
+}
+
+#[test]
+fn smbshim_retried_logoff_waits_for_filterd() {
+    smbshim_tells_no_close_done_before_it_settles(
+        "settle-logoff-back",
+        |sid, _| json!({"cmd": "LOGOFF", "session_id": sid}),
+        Then::FilterdBack,
+    );
+}
+
+#[test]
+fn smbshim_logoff_not_done_survives_the_frontend() {
+    smbshim_tells_no_close_done_before_it_settles(
+        "settle-logoff-dies",
+        |sid, _| json!({"cmd": "LOGOFF", "session_id": sid}),
+        Then::FrontendDies,
+    );
+}
+
 /// rksmbd and a real SMB 3 client (smbprotocol, `tests/smb3/SCRIPT`): the
 /// script's first close of persistent open `file` (a CLOSE, a
 /// TREE_DISCONNECT), whose commit fails, is refused ("refused": filterd

@@ -278,6 +278,17 @@ struct Session {
     /// CREATEs are closed from then on, not kept detached for a replay
     /// ([`SessionEnd`]).
     end: SessionEnd,
+    /// Opens of the session whose CLOSE (or LOGOFF) filterd never
+    /// answered: their handles, each with its member, settling there
+    /// ([`libfilter::settle`]). Until the settler has filterd's answer a
+    /// retried CLOSE of one, and a retried LOGOFF, is told
+    /// STATUS_FILE_NOT_AVAILABLE again (rvchaos 1: told closed, the client
+    /// forgot the open, and a smbshim that died before filterd came back
+    /// took the settler with it — the handle held its share mode and
+    /// locks, named by nobody, for its whole durable timeout). The client
+    /// keeps its open, so it can RECONNECT it on a replacement smbshim and
+    /// CLOSE it there.
+    settling: Vec<(ResumeKey, usize)>,
 }
 
 /// Most filterd connections one smbshim keeps (`--filter-connections`).
@@ -992,9 +1003,7 @@ fn answer_typed(sh: &Shared, line: &[u8], after: &mut AfterReply) -> Option<Opti
         ("ECHO", _) => Ok(Map::new()),
         ("CLOSE", Some(sid)) => {
             let file_id = l.file_id?;
-            session_by_id(sh, sid)
-                .and_then(|_| open_in(sh, sid, file_id))
-                .and_then(|o| close_open(sh, o))
+            session_by_id(sh, sid).and_then(|_| close_in(sh, sid, file_id))
         }
         ("CREATE", Some(sid)) => {
             let f = CreateFields {
@@ -1223,6 +1232,7 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
                 peer,
                 alive: true,
                 end: SessionEnd::default(),
+                settling: Vec::new(),
             },
         );
         id
@@ -2574,7 +2584,76 @@ fn sync_fail(e: &std::io::Error) -> Fail {
 }
 
 fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
-    close_open(sh, open_of(sh, obj)?)
+    let (session, _, _) = session_of(sh, obj)?;
+    close_in(sh, session, str_field(obj, "file_id")?)
+}
+
+/// CLOSE of open `file_id` of live session `session`; one whose close is
+/// still settling is told so ([`settling_close`]).
+fn close_in(sh: &Shared, session: u64, file_id: &str) -> Outcome {
+    match open_in(sh, session, file_id) {
+        Ok(o) => close_open(sh, o),
+        Err(f) => settling_close(sh, session, file_id).unwrap_or(Err(f)),
+    }
+}
+
+/// A retried CLOSE of open `file_id` of `session`, whose close filterd
+/// never answered ([`Session::settling`]): STATUS_FILE_NOT_AVAILABLE
+/// while its member's settler still closes it again, then success, once
+/// (the close the client asked for is made). `None` when no such close
+/// is noted.
+fn settling_close(sh: &Shared, session: u64, file_id: &str) -> Option<Outcome> {
+    let mut sessions = sh.sessions.lock().ok()?;
+    let s = sessions.get_mut(&session)?;
+    let at = s
+        .settling
+        .iter()
+        .position(|(k, _)| k.to_string() == file_id)?;
+    let (key, member) = *s.settling.get(at)?;
+    if sh
+        .members
+        .get(member)
+        .is_some_and(|m| m.unsettled.contains(key))
+    {
+        return Some(Err(close_unsettled()));
+    }
+    s.settling.swap_remove(at);
+    Some(Ok(Map::new()))
+}
+
+/// What a CLOSE or LOGOFF is told while a close of it is still settling.
+fn close_unsettled() -> Fail {
+    Fail(
+        "STATUS_FILE_NOT_AVAILABLE",
+        "the close is still being made; retry".into(),
+    )
+}
+
+/// Notes open `key` (of member `member`) of `session`, whose close
+/// filterd never answered ([`Session::settling`]).
+fn note_settling(sh: &Shared, session: u64, key: ResumeKey, member: usize) {
+    if let Ok(mut sessions) = sh.sessions.lock() {
+        if let Some(s) = sessions.get_mut(&session) {
+            s.settling.push((key, member));
+        }
+    }
+}
+
+/// Whether some close of `session`'s opens is still settling
+/// ([`Session::settling`]); those settled are forgotten.
+fn session_settling(sh: &Shared, session: u64) -> bool {
+    let Ok(mut sessions) = sh.sessions.lock() else {
+        return false;
+    };
+    let Some(s) = sessions.get_mut(&session) else {
+        return false;
+    };
+    s.settling.retain(|(k, member)| {
+        sh.members
+            .get(*member)
+            .is_some_and(|m| m.unsettled.contains(*k))
+    });
+    !s.settling.is_empty()
 }
 
 /// Closes open `o` (found for a CLOSE). Only the request that takes the
@@ -2589,7 +2668,9 @@ fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 /// closed — and the handle to the member's settler, which closes it again
 /// until filterd answers ([`libfilter::settle`]): a restarted filterd
 /// gets back a close that never committed, and the attachment resumes it,
-/// named by no open, holding its share mode and locks for good.
+/// named by no open, holding its share mode and locks for good. The
+/// client is told STATUS_FILE_NOT_AVAILABLE, and so is its retried CLOSE
+/// until the settler has filterd's answer ([`settling_close`]).
 fn close_open(sh: &Shared, o: OpenRef) -> Outcome {
     close_taken(sh, o).map(|()| Map::new()).map_err(|f| f.fail)
 }
@@ -2636,7 +2717,10 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
         if e.close_undone() {
             keep_open(sh, o.file_id, taken);
         } else if unknown {
+            // Settling first: a retried CLOSE that finds the note finds
+            // the handle settling, until the settler has its answer.
             m.unsettled.add_told(key, told);
+            note_settling(sh, taken.session, key, o.member);
         }
         end_break();
         return Err(CloseFailed {
@@ -2696,8 +2780,11 @@ fn keep_open(sh: &Shared, file_id: String, open: Open) {
 /// the LOGOFF then fails (the client may CLOSE it, log off again or drop
 /// the connection). A close filterd never answered fails the LOGOFF too,
 /// with the session kept (its open is gone, its handle settling): it was
-/// not made, and a success would say it was. Only then does the session
-/// end.
+/// not made, and a success would say it was — and so does a LOGOFF
+/// again while that close is still settling ([`Session::settling`]), so
+/// the client keeps the session's opens to RECONNECT and CLOSE through a
+/// replacement smbshim should this one die first. Only then does the
+/// session end.
 fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let (session, _, _) = session_of(sh, obj)?;
     let mine: Vec<String> = sh
@@ -2727,6 +2814,10 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     }
     if let Some(e) = unknown {
         return Err(e);
+    }
+    // A retried LOGOFF whose closes are still settling: not made yet.
+    if session_settling(sh, session) {
+        return Err(close_unsettled());
     }
     if let Some(e) = failed {
         let kept = sh
@@ -3224,6 +3315,9 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 // unchecked again; none meanwhile.
                 let _quiet = m.filter.exclusive_io();
                 m.filter.relearn_locks(&m.locked_files, locked, generation);
+                // filterd is back: the closes it never answered go now,
+                // not after the outage's backoff (rvchaos 1).
+                m.unsettled.kick();
                 if sh.clients.open() {
                     eprintln!("smbshim: filterd serves again: accepting clients again");
                 }
