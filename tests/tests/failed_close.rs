@@ -430,6 +430,29 @@ fn rksmbd_keeps_the_channel_of_a_logoff_whose_close_fails() {
     );
 }
 
+/// A CLOSE whose answer from filterd never came (filterd killed under its
+/// commit) is answered STATUS_FILE_NOT_AVAILABLE, and so is the FileId's
+/// retried CLOSE while filterd is down: before, the retry got
+/// STATUS_FILE_CLOSED, the client forgot the open, and an rksmbd that died
+/// before filterd came back took the handle's settler with it — the
+/// handle stayed for its durable timeout (rvchaos 1). Once filterd is
+/// back the retried CLOSE succeeds and nothing is held.
+#[test]
+fn rksmbd_retried_close_waits_for_filterd() {
+    let s = Scratch::new("rksmbd-settling-close");
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = Dialogue::start(&srv, "settling_close.py", Duration::from_secs(60));
+    script.expect("refused");
+    d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
+    script.say("go");
+    script.expect("still");
+    let d = Filterd::start(&s, &[], &[]);
+    script.say("go");
+    script.finish();
+    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+}
+
 /// rksmbd and `script`, its filterd killed under its second commit
 /// (commit 1 records the persistent create) once `until_killed` went
 /// through the script, then restarted: (scratch, rksmbd, the restarted

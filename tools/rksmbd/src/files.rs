@@ -1121,6 +1121,25 @@ pub(crate) fn disposition(d: u32) -> Result<Disposition, u32> {
     })
 }
 
+/// The FileId at `at` in `req`'s body: the volatile id, or `related`'s
+/// for the all-ones FileId of a related request, and the persistent id
+/// named (none for a related request's).
+fn file_id_at(
+    req: &Request<'_>,
+    at: usize,
+    related: Option<u64>,
+) -> Result<(u64, Option<u64>), u32> {
+    let mut r = Reader::new(req.body);
+    r.skip(at, "to file id")?;
+    let persistent = r.u64("file id")?;
+    let volatile = r.u64("file id")?;
+    if persistent == u64::MAX && volatile == u64::MAX {
+        Ok((related.ok_or(status::FILE_CLOSED)?, None))
+    } else {
+        Ok((volatile, Some(persistent)))
+    }
+}
+
 /// The open a request names (its FileId, or the related chain's), which
 /// must belong to the request's session and tree.
 pub(crate) fn open_id(
@@ -1129,15 +1148,7 @@ pub(crate) fn open_id(
     at: usize,
     related: Option<u64>,
 ) -> Result<u64, u32> {
-    let mut r = Reader::new(req.body);
-    r.skip(at, "to file id")?;
-    let persistent = r.u64("file id")?;
-    let volatile = r.u64("file id")?;
-    let (id, named) = if persistent == u64::MAX && volatile == u64::MAX {
-        (related.ok_or(status::FILE_CLOSED)?, None)
-    } else {
-        (volatile, Some(persistent))
-    };
+    let (id, named) = file_id_at(req, at, related)?;
     match c.opens.get(&id) {
         Some(o)
             if o.session == req.hdr.session_id
@@ -1259,7 +1270,11 @@ fn close(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
         return Err(status::INVALID_PARAMETER);
     }
     let flags = r.u16("flags")?;
-    let id = open_id(c, req, 8, related)?;
+    let id = match open_id(c, req, 8, related) {
+        Ok(id) => id,
+        Err(status::FILE_CLOSED) => return settling_close(c, req, related, flags),
+        Err(e) => return Err(e),
+    };
     let meta = if flags & 1 != 0 {
         get(c, id)?.meta().ok()
     } else {
@@ -1280,6 +1295,29 @@ fn close(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
             w.bytes(&[0; 52]);
         }
     }
+    Ok(Reply::ok(w.0))
+}
+
+/// A CLOSE of a FileId whose close filterd never answered
+/// ([`Connection::settling`]): STATUS_FILE_NOT_AVAILABLE while its handle
+/// settles, then success, once. Any other FileId: STATUS_FILE_CLOSED.
+fn settling_close(
+    c: &mut Connection,
+    req: &Request<'_>,
+    related: Option<u64>,
+    flags: u16,
+) -> Outcome {
+    let (id, named) = file_id_at(req, 8, related)?;
+    let n = c
+        .settling
+        .get(&id)
+        .filter(|n| n.named_by(req.hdr.session_id, req.hdr.tree_id, named))
+        .copied()
+        .ok_or(status::FILE_CLOSED)?;
+    crate::settle::retried_close(&c.sh, &n)?;
+    c.settling.remove(&id);
+    let mut w = Writer::new();
+    w.u16(60).u16(flags & 1).u32(0).bytes(&[0; 52]);
     Ok(Reply::ok(w.0))
 }
 

@@ -867,6 +867,13 @@ pub struct Connection {
     pub sessions: HashMap<u64, Session>,
     /// Opens by volatile file id.
     pub opens: HashMap<u64, Open>,
+    /// Opens whose CLOSE filterd never answered, by volatile file id: a
+    /// retried CLOSE is answered STATUS_FILE_NOT_AVAILABLE again while
+    /// the handle settles ([`crate::settle`]), so the client keeps its
+    /// open — to reconnect and close it through a replacement rksmbd,
+    /// should this one die first (rvchaos 1: it was FILE_CLOSED, the
+    /// client forgot the open, and the handle stayed for its timeout).
+    pub settling: HashMap<u64, crate::settle::Settling>,
     next_file: u64,
     next_tree: u32,
     /// The client's GUID (from NEGOTIATE), the filterd client identity.
@@ -1075,6 +1082,7 @@ impl Connection {
             security_mode: SIGNING_ENABLED,
             sessions: HashMap::new(),
             opens: HashMap::new(),
+            settling: HashMap::new(),
             next_file: 1,
             next_tree: 1,
             client_guid: uuid::Uuid::nil(),
@@ -2247,8 +2255,20 @@ impl Connection {
     /// The client's CLOSE of open `id`. `Err` when filterd did not close
     /// it: with `kept` the open stays, usable and closable again (filterd
     /// still holds the handle); without, it is forgotten all the same.
+    /// A close whose outcome filterd never told leaves its FileId noted
+    /// while the handle settles ([`Connection::settling`]).
     pub fn close_by_client(&mut self, id: u64) -> Result<(), NotClosed> {
-        self.release_open(id, Ending::Close)
+        let note = self.opens.get(&id).and_then(crate::settle::Settling::of);
+        let closed = self.release_open(id, Ending::Close);
+        if let (Err(e), Some(n)) = (&closed, note) {
+            if !e.kept && self.sh.unsettled.contains(n.key) {
+                // Those settled go (bounded by the handles settling).
+                let sh = &self.sh;
+                self.settling.retain(|_, n| sh.unsettled.contains(n.key));
+                self.settling.insert(id, n);
+            }
+        }
+        closed
     }
 
     /// A new volatile file id.
