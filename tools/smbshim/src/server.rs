@@ -2610,11 +2610,7 @@ fn settling_close(sh: &Shared, session: u64, file_id: &str) -> Option<Outcome> {
         .iter()
         .position(|(k, _)| k.to_string() == file_id)?;
     let (key, member) = *s.settling.get(at)?;
-    if sh
-        .members
-        .get(member)
-        .is_some_and(|m| m.unsettled.contains(key))
-    {
+    if still_settling(sh, key, member) {
         return Some(Err(close_unsettled()));
     }
     s.settling.swap_remove(at);
@@ -2630,13 +2626,23 @@ fn close_unsettled() -> Fail {
 }
 
 /// Notes open `key` (of member `member`) of `session`, whose close
-/// filterd never answered ([`Session::settling`]).
+/// filterd never answered ([`Session::settling`]). Notes of closes made
+/// since go (a retry of one is then `STATUS_FILE_CLOSED`, also closed):
+/// the session keeps no more than its closes still settling.
 fn note_settling(sh: &Shared, session: u64, key: ResumeKey, member: usize) {
     if let Ok(mut sessions) = sh.sessions.lock() {
         if let Some(s) = sessions.get_mut(&session) {
+            s.settling.retain(|(k, m)| still_settling(sh, *k, *m));
             s.settling.push((key, member));
         }
     }
+}
+
+/// Whether member `member`'s settler still closes handle `key`.
+fn still_settling(sh: &Shared, key: ResumeKey, member: usize) -> bool {
+    sh.members
+        .get(member)
+        .is_some_and(|m| m.unsettled.contains(key))
 }
 
 /// Whether some close of `session`'s opens is still settling
@@ -2648,11 +2654,7 @@ fn session_settling(sh: &Shared, session: u64) -> bool {
     let Some(s) = sessions.get_mut(&session) else {
         return false;
     };
-    s.settling.retain(|(k, member)| {
-        sh.members
-            .get(*member)
-            .is_some_and(|m| m.unsettled.contains(*k))
-    });
+    s.settling.retain(|(k, m)| still_settling(sh, *k, *m));
     !s.settling.is_empty()
 }
 
