@@ -1384,7 +1384,14 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             resilient_ms: None,
             lock_sequences: Vec::new(),
             frozen: Default::default(),
-            last_append: Cell::new(None),
+            // A replayed CREATE that found the durable open (detached by an
+            // rksmbd now gone, or by this one) resumes its last append as
+            // filterd keeps it, for the WRITEs replayed after it.
+            last_append: Cell::new(
+                durable
+                    .filter(|_| replay)
+                    .and_then(|_| crate::files::kept_append(&sh, key)),
+            ),
             counted: None,
         },
     );
@@ -2036,7 +2043,14 @@ fn reconnect(
             lock_sequences: Vec::new(),
             frozen: Default::default(),
             counted: None,
-            last_append: Cell::new(sh.registry.last_append(rc.create_guid)),
+            // This process's (kept as the open was detached), else the
+            // one filterd's handle scope holds: the open was detached by
+            // an rksmbd now gone.
+            last_append: Cell::new(
+                sh.registry
+                    .last_append(rc.create_guid)
+                    .or_else(|| crate::files::kept_append(&sh, key)),
+            ),
         },
     );
     if added.is_err() {

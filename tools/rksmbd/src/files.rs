@@ -686,8 +686,12 @@ pub struct Open {
 /// land again, after the first: review rvfailover t7). SMB2 carries no
 /// operation id, so a replay of a second, identical append that never
 /// reached rksmbd is answered so too (docs/smb3.md). A durable open's is
-/// kept across its reconnect by this rksmbd process only
-/// ([`crate::sessions::Registry::keep_append`]).
+/// kept across its reconnect by this rksmbd process
+/// ([`crate::sessions::Registry::keep_append`]) and, for another rksmbd
+/// process (this one killed and restarted, or another node's after a
+/// failover), with its handle in filterd ([`kept_append`]), recorded
+/// before the bytes are written: before, a replay through the next
+/// rksmbd was appended again (review rvnode finding 2).
 ///
 /// Whether the bytes are still there is known without reading them while
 /// the file's change time and size are as they were right after the
@@ -727,6 +731,51 @@ impl LastAppend {
             // Another writer's append (or truncate) between the size read
             // and this one: where these bytes are is checked by reading.
             stamp: (at == before).then(|| (change_ns(&m), m.len())),
+        })
+    }
+
+    /// The append of `data` about to be written at end of file `at`: its
+    /// identity as kept in filterd before the write ([`keep_append`]).
+    fn intended(at: u64, data: &[u8]) -> Option<Self> {
+        Some(LastAppend {
+            at,
+            len: u32::try_from(data.len()).ok()?,
+            digest: Self::digest(data),
+            stamp: None,
+        })
+    }
+
+    /// The text of its record in the handle's filterd scope (without the
+    /// stamp: after a restart the bytes are always read back).
+    fn encode(&self) -> String {
+        let digest: String = self.digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "{APPEND_TAG} at={} len={} sha256={digest}",
+            self.at, self.len
+        )
+    }
+
+    /// A record read back; None for anything else (no panic on any text).
+    fn decode(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ');
+        if parts.next()? != APPEND_TAG {
+            return None;
+        }
+        let at = parts.next()?.strip_prefix("at=")?.parse().ok()?;
+        let len = parts.next()?.strip_prefix("len=")?.parse().ok()?;
+        let hex = parts.next()?.strip_prefix("sha256=")?;
+        if parts.next().is_some() || hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut digest = [0u8; 32];
+        for (d, pair) in digest.iter_mut().zip(hex.as_bytes().chunks(2)) {
+            *d = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(LastAppend {
+            at,
+            len,
+            digest,
+            stamp: None,
         })
     }
 
@@ -1500,6 +1549,19 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
         let pass = check_io(&c.sh, *key, *fid, offset, u64::from(len), true)?;
         (offset, pass)
     };
+    // A durable open's append: its identity goes to filterd before the
+    // bytes go to the file, so that a replay after this rksmbd is gone
+    // (killed at any point, the client reconnected to another) finds it
+    // and reads whether the bytes landed (docs/smb3.md). Not kept, the
+    // append is not made.
+    let intent = (at_end && len > 0 && o.durable)
+        .then(|| LastAppend::intended(offset, data))
+        .flatten();
+    if let Some(i) = &intent {
+        if let Err(e) = keep_append(&c.sh, *key, i) {
+            return Err(status_of(&e));
+        }
+    }
     let wrote = o.frozen.kept_around(file.as_fd(), || {
         if at_end {
             append_all(file, data)
@@ -1521,9 +1583,65 @@ fn write(c: &mut Connection, req: &Request<'_>, related: Option<u64>) -> Outcome
         // Where it landed: the end now, less its length, unless another
         // writer appended meanwhile — then a replay finds other bytes
         // there and is appended again.
-        o.last_append.set(LastAppend::landed(file, offset, data));
+        let landed = LastAppend::landed(file, offset, data);
+        let last = match (intent, landed) {
+            // Another writer appended too, before or after this one: the
+            // bytes are read where each says. Moved before, the record is
+            // corrected (a second step: killed before it, a replay is
+            // appended again).
+            (Some(i), Some(l)) if l.at != i.at => {
+                if i.resent(file, data) {
+                    Some(i)
+                } else {
+                    if let Err(e) = keep_append(&c.sh, *key, &l) {
+                        tracing::warn!(resume_key = %key, error = %e, "the last append's record is not corrected");
+                    }
+                    Some(l)
+                }
+            }
+            _ => landed,
+        };
+        o.last_append.set(last);
     }
     Ok(written_reply(len))
+}
+
+/// What an append record's text starts with (a version: a later format
+/// gets another tag, and this rksmbd reads it as no record).
+const APPEND_TAG: &str = "rksmbd-append/1";
+
+/// Keeps `last`, the identity of an end-of-file WRITE through durable
+/// handle `key`, in the handle's filterd scope ([`crate::made::APPEND_OP_ID`]):
+/// durable with a persistent handle before this returns, in filterd's
+/// memory with a durable one, gone with the handle however it goes. Only
+/// the newest is kept: it replaces the one before.
+fn keep_append(sh: &Shared, key: ResumeKey, last: &LastAppend) -> Result<(), ClientError> {
+    sh.filter.client().record_reply(
+        libfilter::model::ReplayScope::Handle(key),
+        crate::made::APPEND_OP_ID,
+        last.encode(),
+        crate::made::KEEP,
+    )
+}
+
+/// The last end-of-file WRITE through handle `key` (attached to this
+/// rksmbd) that its filterd scope holds: what a durable open reconnected
+/// by another rksmbd process (one restarted, or another node's) resumes
+/// with. None when there is none, it does not read, or filterd does not
+/// answer (a replay is then appended again, as before the record).
+pub(crate) fn kept_append(sh: &Shared, key: ResumeKey) -> Option<LastAppend> {
+    let scope = libfilter::model::ReplayScope::Handle(key);
+    match sh
+        .filter
+        .client()
+        .lookup_reply(scope, crate::made::APPEND_OP_ID)
+    {
+        Ok(r) => r.and_then(|r| LastAppend::decode(&r.reply)),
+        Err(e) => {
+            tracing::warn!(resume_key = %key, error = %e, "the last append's record is not read");
+            None
+        }
+    }
 }
 
 /// A WRITE's success response (2.2.22) for `len` bytes written.
@@ -2755,6 +2873,44 @@ impl Page {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An append's record (kept in filterd before its bytes are written)
+    /// reads back as it was, and nothing else reads; a replay of it is
+    /// answered only once its bytes are in the file where it said:
+    /// killed between the record and the write, the replay is appended.
+    #[test]
+    fn an_append_record_reads_back_and_says_whether_it_landed() {
+        let data = b"APPEND";
+        let rec = LastAppend::intended(10, data).expect("small");
+        assert_eq!(LastAppend::decode(&rec.encode()), Some(rec));
+        let text = rec.encode();
+        for bad in [
+            String::new(),
+            APPEND_TAG.to_string(),
+            text.replace("rksmbd-append/1", "rksmbd-append/2"),
+            text.replace("at=10", "at=-1"),
+            text.replace("len=6", "len=4294967296"),
+            format!("{text} more"),
+            text.get(..text.len() - 1).unwrap_or_default().to_string(),
+            text.replace("sha256=", "sha256=é"),
+        ] {
+            assert_eq!(LastAppend::decode(&bad), None, "{bad:?}");
+        }
+        let dir = std::env::temp_dir().join(format!("rksmbd-append-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert!(!rec.resent(&file, data), "not written yet: appended");
+        append_all(&file, data).unwrap();
+        assert!(rec.resent(&file, data), "written: answered");
+        assert!(!rec.resent(&file, b"OTHER!"), "other bytes: appended");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A pass whose drop is counted.
     struct Pass<'a>(&'a Cell<usize>);

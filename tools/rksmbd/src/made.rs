@@ -31,6 +31,16 @@ use crate::files::DELETE;
 /// last to go should others ever share the scope (oldest op ids go first).
 pub const MADE_OP_ID: u64 = u64::MAX;
 
+/// The op id of the other record a durable handle's scope may hold: the
+/// identity of its last end-of-file WRITE (`crate::files::kept_append`),
+/// replaced by each. Older than the [`MADE_OP_ID`] record, never evicted by
+/// it: both are kept with [`KEEP`].
+pub const APPEND_OP_ID: u64 = u64::MAX - 1;
+
+/// How many records a handle's scope keeps: [`MADE_OP_ID`]'s and
+/// [`APPEND_OP_ID`]'s (with 1, each would evict the other).
+pub const KEEP: u32 = 2;
+
 /// What the record's text starts with (a version: a later format gets
 /// another tag, and this rksmbd reads it as no record).
 const TAG: &str = "rksmbd-made/1";
@@ -141,7 +151,7 @@ pub fn mask_of_rights(r: Rights) -> u32 {
 /// Keeps `made` with handle `key` (attached to this rksmbd): durable with
 /// a persistent handle before this returns.
 pub fn keep(client: &FilterClient, key: ResumeKey, made: Made) -> Result<(), ClientError> {
-    client.record_reply(ReplayScope::Handle(key), MADE_OP_ID, made.encode(), 1)
+    client.record_reply(ReplayScope::Handle(key), MADE_OP_ID, made.encode(), KEEP)
 }
 
 /// How handle `key` (attached to this rksmbd) was made, if its scope
