@@ -31,7 +31,6 @@ from smbprotocol.create_contexts import (
     CreateContextName,
     SMB2CreateDurableHandleReconnect,
     SMB2CreateDurableHandleRequest,
-    SMB2CreateDurableHandleRequestV2,
 )
 from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import CreateDisposition, CreateOptions, FilePipePrinterAccessMask, RequestedOplockLevel
@@ -44,6 +43,7 @@ from smbtest import (
     context,
     create_file,
     create_rw,
+    durable_v2,
     lease_context,
     persistent_context,
     reconnect_v2,
@@ -55,14 +55,6 @@ from smbtest import (
 APPEND = FilePipePrinterAccessMask.FILE_APPEND_DATA | FilePipePrinterAccessMask.FILE_READ_ATTRIBUTES
 LEASE = RequestedOplockLevel.SMB2_OPLOCK_LEVEL_LEASE
 BATCH = RequestedOplockLevel.SMB2_OPLOCK_LEVEL_BATCH
-
-
-def durable_v2(create_guid):
-    """A DH2Q create context asking for a durable (not persistent) open."""
-    dh2q = SMB2CreateDurableHandleRequestV2()
-    dh2q["timeout"] = 60000
-    dh2q["create_guid"] = create_guid
-    return context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q)
 
 
 def still_append_only(tree, f, name):

@@ -118,6 +118,14 @@ def persistent_context(create_guid, timeout_ms=60000):
     return context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q)
 
 
+def durable_v2(create_guid):
+    """A DH2Q create context asking for a durable (not persistent) open."""
+    dh2q = SMB2CreateDurableHandleRequestV2()
+    dh2q["timeout"] = 60000
+    dh2q["create_guid"] = create_guid
+    return context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q)
+
+
 def reconnect_v2(tree, name, file_id, create_guid, contexts=(), oplock_level=0, persistent=True):
     """A DH2C (persistent, unless `persistent` is False: no
     SMB2_DHANDLE_FLAG_PERSISTENT) of open `file_id` (create GUID

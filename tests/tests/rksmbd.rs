@@ -1234,6 +1234,89 @@ fn a_replayed_append_is_not_appended_twice() {
     no_handles_left(&d);
 }
 
+/// SIGKILLs rksmbd (with [`Outage::BothKilled`], filterd too) and starts
+/// the replacements, for the restart scripts: says the mode they read
+/// ("rksmbd", or "both").
+fn kill_and_restart(
+    s: &Scratch,
+    outage: Outage,
+    d: &mut Filterd,
+    srv: &mut RkSmbd,
+) -> &'static str {
+    srv.shim.kill9_in_place();
+    let mode = match outage {
+        Outage::BothKilled => {
+            d.kill9();
+            *d = Filterd::start(s, &[], &[]);
+            "both"
+        }
+        _ => "rksmbd",
+    };
+    *srv = RkSmbd::start(s, "rksmbd", "data", &[("alice", "pw")]);
+    mode
+}
+
+/// Review rvnode finding 2: the last append of an open (`files::LastAppend`)
+/// was kept in rksmbd's memory only, and a failover always means a new
+/// rksmbd: an end-of-file WRITE whose answer was lost as rksmbd was
+/// SIGKILLed, replayed with SMB2_FLAGS_REPLAY_OPERATION after the DH2C to
+/// its replacement, was appended a second time. A durable open's append
+/// is now kept with its handle in filterd before it is written
+/// (`made::APPEND_OP_ID`): persistent (read-write and append-only) and
+/// durable v2 opens' replays are answered, not appended again, after a
+/// DH2C or (cr.txt) a replay of the CREATE (restart_append.py); with
+/// filterd SIGKILLed too, the persistent ones'.
+fn append_replayed_across(outage: Outage) {
+    let s = Scratch::new(&format!("rksmbd-restart-append-{outage:?}"));
+    let mut d = Filterd::start(&s, &[], &[]);
+    let mut srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "restart_append.py",
+        std::time::Duration::from_secs(90),
+    );
+    script.expect("sent");
+    let names = ["ca.txt", "ao.txt", "du.txt", "cr.txt"];
+    let landed = || {
+        names.iter().all(|n| {
+            std::fs::read(s.root().join(n)).is_ok_and(|b| b.as_slice() == b"0123456789APPEND")
+        })
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !landed() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the appends did not land"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mode = kill_and_restart(&s, outage, &mut d, &mut srv);
+    script.say(&format!("{} {mode}", srv.port()));
+    script.finish();
+    let replayed: &[&str] = match outage {
+        Outage::BothKilled => &["ca.txt", "ao.txt", "cr.txt"],
+        _ => &names,
+    };
+    for name in replayed {
+        assert_eq!(
+            std::fs::read(s.root().join(name)).unwrap(),
+            b"0123456789APPENDMORE",
+            "{name}: appended once"
+        );
+    }
+    no_handles_left(&d);
+}
+
+#[test]
+fn an_append_replayed_after_an_rksmbd_restart_is_not_appended_twice() {
+    append_replayed_across(Outage::RksmbdKilled);
+}
+
+#[test]
+fn an_append_replayed_after_a_filterd_and_rksmbd_restart_is_not_appended_twice() {
+    append_replayed_across(Outage::BothKilled);
+}
+
 /// Review rvfailover: a DH2C's SMB2_DHANDLE_FLAG_PERSISTENT was parsed
 /// and dropped, so a persistent open was reconnected without it. MS-SMB2
 /// 3.3.5.9.12 refuses that STATUS_OBJECT_NAME_NOT_FOUND; the handle stays
@@ -2551,16 +2634,7 @@ fn access_kept_across(outage: Outage) {
         std::time::Duration::from_secs(90),
     );
     script.expect("dropped");
-    srv.shim.kill9_in_place();
-    let mode = match outage {
-        Outage::BothKilled => {
-            d.kill9();
-            d = Filterd::start(&s, &[], &[]);
-            "both"
-        }
-        _ => "rksmbd",
-    };
-    srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mode = kill_and_restart(&s, outage, &mut d, &mut srv);
     let trace = s.dir.join("strace");
     let _strace = trace_writes(&srv, &trace);
     script.say(&format!("{} {mode}", srv.port()));
