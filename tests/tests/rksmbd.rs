@@ -1331,6 +1331,22 @@ fn a_persistent_open_is_reconnected_only_as_persistent() {
     no_handles_left(&d);
 }
 
+/// Review rvnode, finding 7: a replayed DH2Q CREATE after a DH2C of its
+/// open on the same connection went to filterd, which gave the attached
+/// handle a second volatile FileId; closing that one closed the handle
+/// under the DH2C's FileId. Now the replay answers the DH2C's FileId and
+/// changes nothing (MS-SMB2 3.3.5.9.10), for a persistent leased open and
+/// a durable one under a batch oplock; one CLOSE closes the open and
+/// filterd holds nothing.
+#[test]
+fn a_replay_after_a_reconnect_returns_the_reconnected_open() {
+    let s = Scratch::new("rksmbd-replay-after-reconnect");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "replay_after_reconnect.py");
+    no_handles_left(&d);
+}
+
 /// In front of a filterd without `FEATURE_RESUME_MATCH` (an older daemon,
 /// which ignores `ResumeRequest::matching`), rksmbd still checks a DH2C
 /// itself after the resume: a persistent open's DH2C without the flag is

@@ -419,7 +419,9 @@ struct FileCreate {
 /// connection returns that open — its FileId, create action, times and
 /// sizes as the original response gave them — and changes nothing: not
 /// its share access, oplock, lease or durability. Kept from the CREATE
-/// that made the open until another request uses it ([`Self::live`]).
+/// that made the open, or the DH2C that attached it to this connection
+/// (whose response it then repeats), until another request uses it
+/// ([`Self::live`]).
 pub(crate) struct CreateReplay {
     create_guid: uuid::Uuid,
     action: CreateAction,
@@ -2020,6 +2022,24 @@ fn reconnect(
     }
     let write_through =
         made.write_through || matches!(rec.durability, Durability::Persistent { .. });
+    // A DH2Q replay of its create GUID on this connection returns this
+    // open, as one of an open made here does ([`replayed`]); before, it
+    // went to filterd, which gave the attached handle a second FileId
+    // whose CLOSE closed this one too (review rvnode, finding 7).
+    let replay = (!rc.v1).then(|| CreateReplay {
+        create_guid: rc.create_guid,
+        action: CreateAction::Opened,
+        meta,
+        persistent_id: pid,
+        lease,
+        held,
+        durable: match rec.durability {
+            Durability::Persistent { timeout_ms } => Some((timeout_ms, true)),
+            Durability::Durable { timeout_ms } => Some((timeout_ms, false)),
+            Durability::None => None,
+        },
+        live: Cell::new(true),
+    });
     let added = c.add_open(
         id,
         Open {
@@ -2038,7 +2058,7 @@ fn reconnect(
             create_guid: Some(rc.create_guid),
             position: sh.registry.position(rc.create_guid),
             channel_sequence: Cell::new(channel_sequence_of(req)),
-            replay: None,
+            replay,
             resilient_ms: None,
             lock_sequences: Vec::new(),
             frozen: Default::default(),
