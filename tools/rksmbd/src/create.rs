@@ -1456,14 +1456,17 @@ fn made_kept(
 /// The durability an open stands with: (timeout, persistent). A durable
 /// (not persistent) open stands only with H granted.
 fn durable_of(info: &libfilter::proto::Opened) -> Option<(u32, bool)> {
-    match info.durability {
+    timeout_and_persistence(info.durability).filter(|(_, persistent)| {
+        *persistent || info.lease.is_some_and(|l| l.state.contains(LeaseState::H))
+    })
+}
+
+/// (timeout, persistent) of a durable or persistent handle's `durability`.
+fn timeout_and_persistence(durability: Durability) -> Option<(u32, bool)> {
+    match durability {
         Durability::Persistent { timeout_ms } => Some((timeout_ms, true)),
-        Durability::Durable { timeout_ms }
-            if info.lease.is_some_and(|l| l.state.contains(LeaseState::H)) =>
-        {
-            Some((timeout_ms, false))
-        }
-        _ => None,
+        Durability::Durable { timeout_ms } => Some((timeout_ms, false)),
+        Durability::None => None,
     }
 }
 
@@ -2033,11 +2036,7 @@ fn reconnect(
         persistent_id: pid,
         lease,
         held,
-        durable: match rec.durability {
-            Durability::Persistent { timeout_ms } => Some((timeout_ms, true)),
-            Durability::Durable { timeout_ms } => Some((timeout_ms, false)),
-            Durability::None => None,
-        },
+        durable: timeout_and_persistence(rec.durability),
         live: Cell::new(true),
     });
     let added = c.add_open(
