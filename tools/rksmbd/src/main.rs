@@ -32,7 +32,8 @@ struct Args {
           value_parser = shimline::cli::listen_arg)]
     listen: Option<String>,
     /// Frontend instance name [default: rksmbd]; a new rksmbd with the
-    /// same name takes over the handles of a dead one.
+    /// same name takes over the handles of a dead one, and the server's
+    /// GUID is derived from it: give each deployment its own.
     #[arg(long, value_name = "NAME")]
     instance: Option<String>,
     /// The share's name (the export root of filterd).
