@@ -2062,14 +2062,10 @@ fn reconnect(
             lock_sequences: Vec::new(),
             frozen: Default::default(),
             counted: None,
-            // This process's (kept as the open was detached), else the
-            // one filterd's handle scope holds: the open was detached by
-            // an rksmbd now gone.
-            last_append: Cell::new(
-                sh.registry
-                    .last_append(rc.create_guid)
-                    .or_else(|| crate::files::kept_append(&sh, key)),
-            ),
+            last_append: Cell::new(crate::files::reconnected_append(
+                sh.registry.last_append(rc.create_guid),
+                crate::files::kept_append(&sh, key),
+            )),
         },
     );
     if added.is_err() {

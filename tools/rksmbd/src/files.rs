@@ -1629,6 +1629,26 @@ fn keep_append(sh: &Shared, key: ResumeKey, last: &LastAppend) -> Result<(), Cli
 /// by another rksmbd process (one restarted, or another node's) resumes
 /// with. None when there is none, it does not read, or filterd does not
 /// answer (a replay is then appended again, as before the record).
+/// The last append of a durable open reconnected: filterd's record
+/// (`kept`), which every durable append writes before its bytes, so it is
+/// never older than this process's own (`mine`, kept as the open was
+/// detached) — which is taken only when it names the same append (it may
+/// know where it landed: its stamp) or filterd has none. Before (re-review
+/// rr40f 3) this process's came first: after a fail-back to an rksmbd
+/// still running, its entry from before the failover hid the append made
+/// through the other node's rksmbd, and that append's replay was
+/// appended again.
+pub(crate) fn reconnected_append(
+    mine: Option<LastAppend>,
+    kept: Option<LastAppend>,
+) -> Option<LastAppend> {
+    match (mine, kept) {
+        (Some(m), Some(k)) if m.at == k.at && m.len == k.len && m.digest == k.digest => Some(m),
+        (_, Some(k)) => Some(k),
+        (m, None) => m,
+    }
+}
+
 pub(crate) fn kept_append(sh: &Shared, key: ResumeKey) -> Option<LastAppend> {
     let scope = libfilter::model::ReplayScope::Handle(key);
     match sh
@@ -2878,6 +2898,28 @@ mod tests {
     /// reads back as it was, and nothing else reads; a replay of it is
     /// answered only once its bytes are in the file where it said:
     /// killed between the record and the write, the replay is appended.
+    /// Re-review rr40f 3: a reconnect takes filterd's record of the last
+    /// append over this process's older one (a fail-back to an rksmbd
+    /// still running, after an append through the other node's), this
+    /// process's only for the same append or when filterd has none.
+    #[test]
+    fn a_reconnect_takes_filterds_last_append_over_an_older_own() {
+        let before = LastAppend::intended(10, b"D1").expect("small");
+        let since = LastAppend::intended(12, b"D3").expect("small");
+        let stamped = LastAppend {
+            stamp: Some((1, 12)),
+            ..before
+        };
+        assert_eq!(reconnected_append(Some(before), Some(since)), Some(since));
+        assert_eq!(
+            reconnected_append(Some(stamped), Some(before)),
+            Some(stamped)
+        );
+        assert_eq!(reconnected_append(Some(before), None), Some(before));
+        assert_eq!(reconnected_append(None, Some(since)), Some(since));
+        assert_eq!(reconnected_append(None, None), None);
+    }
+
     #[test]
     fn an_append_record_reads_back_and_says_whether_it_landed() {
         let data = b"APPEND";
