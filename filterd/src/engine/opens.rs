@@ -507,7 +507,10 @@ impl Engine {
             stat,
             share_exempt: share_exempt && !stat,
             through_link: of.through_link,
-            attached_by: self.incarnation_of(conn),
+            // Unstamped: the process that opened it (an older build reads
+            // the record; re-review rr40f 1). Stamped when another attach
+            // moves it (`reattach`).
+            attached_by: 0,
         };
         let size = if truncation.is_some() { 0 } else { of.size };
         let opened = Opened {
@@ -905,7 +908,7 @@ impl Engine {
                     ),
                 ))
             }
-            (None, _) => self.reattach(conn, instance, key)?,
+            (None, _) => self.reattach(conn, instance, key, true)?,
         };
         self.stats.replays_detected += 1;
         debug!(resume_key = %key, "replayed open returns the original");
@@ -1047,7 +1050,7 @@ impl Engine {
                 format!("handle {key}: its open is still in progress; retry"),
             ));
         }
-        let opened = self.reattach(conn, instance, key)?;
+        let opened = self.reattach(conn, instance, key, !r.if_last_held)?;
         self.stats.resumes += 1;
         debug!(resume_key = %key, "resumed");
         Ok((Reply::Opened(opened), Some(key)))
@@ -1206,12 +1209,15 @@ impl Engine {
         }
     }
 
-    /// Attaches a disconnected handle to `conn`.
+    /// Attaches a disconnected handle to `conn`; `stamp`: for a client
+    /// (its resume or replay), recording the frontend process attaching
+    /// it (`HandleRecord::attached_by`).
     pub(super) fn reattach(
         &mut self,
         conn: ConnId,
         instance: InstanceName,
         key: ResumeKey,
+        stamp: bool,
     ) -> Result<Opened, WireError> {
         self.batch.rebound = Some(key);
         let incarnation = self.incarnation_of(conn);
@@ -1286,10 +1292,17 @@ impl Engine {
             attached_by: h.rec.attached_by,
         };
         h.rec.conn = ConnState::Connected;
-        // Stamped with the frontend process attaching it, so that a
-        // reattach by another process that held it before is refused
-        // (`if_last_held`, in `resume`).
-        h.rec.attached_by = incarnation;
+        // Stamped with the frontend process attaching it for a client (a
+        // client's resume or replay), so that a reattach by another
+        // process that held it before is refused (`if_last_held`, in
+        // `resume`). A frontend's own reattach leaves the stamp as it is:
+        // 0 (the opener, or a record from before the stamp) or its own —
+        // so a record is written in the newer format only once a client
+        // moved its handle (re-review rr40f 1: every handle's record was,
+        // and an older build, after a downgrade, lost them all).
+        if stamp {
+            h.rec.attached_by = incarnation;
+        }
         if h.rec.frontend != instance {
             // Taken over by another instance: it counts there now.
             if let Some(n) = self.per_frontend.get_mut(&h.rec.frontend) {

@@ -8249,7 +8249,10 @@ fn a_reattach_is_refused_a_handle_another_frontend_process_attached_since() {
         h.commit(true);
         h.opened(o)
     };
-    assert_eq!(h.engine.handles[&key].rec.attached_by, A);
+    assert_eq!(
+        h.engine.handles[&key].rec.attached_by, 0,
+        "unstamped: the opener's"
+    );
     // B resumes it for its client.
     h.reattach_as(Some(B));
     let r = resume_alices(&mut h, key);
@@ -8310,5 +8313,8 @@ fn a_reattach_of_an_unstamped_or_own_handle_is_granted() {
     h.reattach_as(Some(8));
     let r = reattach_alices(&mut h, key);
     assert_eq!(h.opened(r), key);
-    assert_eq!(h.engine.handles[&key].rec.attached_by, 8);
+    assert_eq!(
+        h.engine.handles[&key].rec.attached_by, 0,
+        "a frontend's own reattach stamps nothing"
+    );
 }
