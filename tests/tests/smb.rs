@@ -2521,6 +2521,75 @@ fn a_break_waits_for_every_pending_reply_under_its_lease() {
     acked_break_lets_bob_in(&mut a2, sa, &lk, &n, bobs);
 }
 
+/// Alice's second CREATE under her lease k waiting in filterd for Bob's
+/// ack of his lease's break ([`second_create_waiting_for_bob`]).
+struct WaitingForBob {
+    _s: Scratch,
+    _d: Filterd,
+    _shim: Shim,
+    a: LineClient,
+    sa: u64,
+    b: LineClient,
+    sb: u64,
+    c: LineClient,
+    sc: u64,
+    k: String,
+    /// Alice's second CREATE's mid.
+    second: u64,
+    /// Bob's LEASE_BREAK.
+    bobs: Value,
+}
+
+/// Bob holds RH under k2 and Alice RH under k, sharing no delete; Alice's
+/// second CREATE under k, for writing, breaks Bob's k2 (RH->H) and waits
+/// for his ack in filterd.
+fn second_create_waiting_for_bob(name: &str) -> WaitingForBob {
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &["--break-timeout-ms", "8000"], &[]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let (mut a, sa) = new_client(&shim.addr, "alice");
+    let (mut b, sb) = new_client(&shim.addr, "bob");
+    let (c, sc) = new_client(&shim.addr, "carol");
+    let (k, k2) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    let r = b.call(
+        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["read"],
+        "share": ["read", "write", "delete"], "disposition": "open_if",
+        "lease": {"key": k2, "state": "RH"}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read"],
+        "share": ["read", "write"], "disposition": "open",
+        "lease": {"key": k, "state": "RH"}}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let second = a.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f",
+        "access": ["read", "write"], "share": ["read", "write", "delete"], "disposition": "open",
+        "lease": {"key": k, "state": "RH"}}),
+    );
+    let bobs = b.next_line().expect("bob's LEASE_BREAK");
+    assert_eq!(bobs["cmd"], "LEASE_BREAK", "{bobs}");
+    WaitingForBob {
+        _s: s,
+        _d: d,
+        _shim: shim,
+        a,
+        sa,
+        b,
+        sb,
+        c,
+        sc,
+        k,
+        second,
+        bobs,
+    }
+}
+
 /// A break of a lease whose open is stored waits for no call of its
 /// client's that filterd has not answered: Alice's second CREATE under
 /// the key waits in filterd for Bob's break ack (he never acks), and
@@ -2529,40 +2598,18 @@ fn a_break_waits_for_every_pending_reply_under_its_lease() {
 /// once Alice acks.
 #[test]
 fn a_break_waits_for_no_call_itself_waiting_for_another_break() {
-    let s = Scratch::new("break-not-behind-waiting-call");
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "8000"], &[]);
-    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
-    let (mut a, sa) = new_client(&shim.addr, "alice");
-    let (mut b, sb) = new_client(&shim.addr, "bob");
-    let (mut c, sc) = new_client(&shim.addr, "carol");
-    let (k, k2) = (
-        uuid::Uuid::new_v4().to_string(),
-        uuid::Uuid::new_v4().to_string(),
-    );
-    // Bob: RH under k2 (he never acks a break).
-    let r = b.call(
-        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["read"],
-        "share": ["read", "write", "delete"], "disposition": "open_if",
-        "lease": {"key": k2, "state": "RH"}}),
-    );
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    // Alice: RH under k, sharing no delete.
-    let r = a.call(
-        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read"],
-        "share": ["read", "write"], "disposition": "open",
-        "lease": {"key": k, "state": "RH"}}),
-    );
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    // Alice's second CREATE under k, for writing: breaks Bob's k2 (RH->H)
-    // and waits for his ack in filterd.
-    let second = a.send_only(
-        "mid",
-        json!({"cmd": "CREATE", "session_id": sa, "path": "f",
-        "access": ["read", "write"], "share": ["read", "write", "delete"], "disposition": "open",
-        "lease": {"key": k, "state": "RH"}}),
-    );
-    let n = b.next_line().expect("bob's LEASE_BREAK");
-    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    // Bob never acks his break.
+    // Its scratch, filterd and smbshim live on in `w`.
+    let w = second_create_waiting_for_bob("break-not-behind-waiting-call");
+    let WaitingForBob {
+        mut a,
+        sa,
+        mut c,
+        sc,
+        k,
+        second,
+        ..
+    } = w;
     // Carol: delete access conflicts with Alice's share only: breaks k.
     let t = Instant::now();
     let cm = c.send_only(
@@ -2665,4 +2712,64 @@ fn a_replay_naming_no_lease_holds_the_break_behind_its_reply() {
     );
     let n = a.next_line().expect("the break behind it");
     assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+}
+
+/// A CREATE filterd answers while a break of its lease that smbshim
+/// already sent is in progress has the break sent again behind its
+/// reply. Alice's second CREATE under k (for writing) waits in filterd
+/// for Bob's ack; Carol breaks k meanwhile (RH → R), and the break goes
+/// to Alice at once (the CREATE was not answered: smbshim holds no break
+/// behind it). Bob acks; the CREATE is answered with RH, the state from
+/// before the break, which is still in progress (MS-SMB2 3.3.5.9.8).
+/// Before (re-review rr40e A), nothing came after that reply: a client
+/// taking the reply's state over the break's it saw first kept RH while
+/// its ack lowered the lease to R.
+#[test]
+fn a_reply_during_a_break_already_sent_is_followed_by_the_break() {
+    // Its scratch, filterd and smbshim live on in `w`.
+    let w = second_create_waiting_for_bob("reply-during-sent-break");
+    let WaitingForBob {
+        mut a,
+        sa,
+        mut b,
+        sb,
+        mut c,
+        sc,
+        k,
+        second,
+        bobs: bn,
+        ..
+    } = w;
+    // Carol's open with delete breaks alice's H, which does not share it.
+    let _carol = c.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": sc, "path": "f",
+        "access": ["read", "delete"], "share": ["read", "write", "delete"], "disposition": "open"}),
+    );
+    a.set_read_timeout(Duration::from_secs(20));
+    let first = a
+        .next_line()
+        .expect("alice's LEASE_BREAK, ahead of her reply");
+    assert_eq!(first["cmd"], "LEASE_BREAK", "{first}");
+    assert_eq!(first["lease_key"], json!(k), "{first}");
+    assert_eq!(first["ack_required"], true, "{first}");
+    // Bob acks now, and alice's second CREATE is answered.
+    let r = b.call(
+        json!({"cmd": "LEASE_BREAK_ACK", "session_id": sb, "lease_key": bn["lease_key"],
+        "state": bn["new_state"]}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let (r, before) = a.reply_to("mid", second).expect("the second CREATE");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(before.is_empty(), "{before:?}");
+    // The state from before the break, still in progress: the break again.
+    assert_eq!(r["lease"]["state"], first["current_state"], "{r}");
+    let again = a.next_line().expect("the break again, behind the reply");
+    assert_eq!(again, first, "the break again, behind the reply");
+    let ack = a.call(
+        json!({"cmd": "LEASE_BREAK_ACK", "session_id": sa, "lease_key": k,
+        "state": first["new_state"]}),
+    );
+    assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
+    assert_eq!(ack["lease"]["state"], first["new_state"], "{ack}");
 }

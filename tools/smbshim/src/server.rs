@@ -422,8 +422,10 @@ struct Shared {
     /// instead of acknowledged, its session ended, forgotten) or whose
     /// member reattached (filterd restarted) is over. Before, those stayed
     /// for good: the set grew without bound, and let a later unasked ack
-    /// through (rr38e 1).
-    breaking: Mutex<std::collections::HashSet<Breaking>>,
+    /// through (rr38e 1). Each with the break that started it, which a
+    /// CREATE or RECONNECT answered during it sends again behind its reply
+    /// ([`resend_break_in_progress`]).
+    breaking: Mutex<HashMap<Breaking, Break>>,
 }
 
 /// A lease with a break in progress: its client's GUID and its key.
@@ -446,7 +448,7 @@ fn end_breaks(
         return;
     };
     for g in gone {
-        if b.contains(&g) && !opens.values().any(|v| breaking_of(v) == Some(g)) {
+        if b.contains_key(&g) && !opens.values().any(|v| breaking_of(v) == Some(g)) {
             b.remove(&g);
         }
     }
@@ -1591,7 +1593,8 @@ fn create_with(
             },
         );
     }
-    let early = deliver_early_breaks(sh, m, &mut opens, &file_id, making.number(), after);
+    let stored = (file_id.as_str(), h.info.lease);
+    let early = deliver_early_breaks(sh, m, &mut opens, stored, making.number(), after);
     if let Some(g) = create_guid.filter(|_| replay) {
         held_by_a_session(sh, client_guid, g);
     }
@@ -1976,7 +1979,8 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>, after: &mut Afte
             held: None,
         },
     );
-    let early = deliver_early_breaks(sh, m, &mut opens, &file_id, making.number(), after);
+    let stored = (file_id.as_str(), h.info.lease);
+    let early = deliver_early_breaks(sh, m, &mut opens, stored, making.number(), after);
     drop(opens);
     early_breaks_fall_back(sh, session, early);
     let mut m = Map::new();
@@ -3130,12 +3134,12 @@ fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         .lock()
         .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?
         .remove(&(client_guid, key));
-    if !in_progress {
+    let Some(in_progress) = in_progress else {
         return Err(Fail(
             "STATUS_UNSUCCESSFUL",
             format!("no break of lease {key} is in progress"),
         ));
-    }
+    };
     let reply = m
         .filter
         .client()
@@ -3159,7 +3163,7 @@ fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
                         .values()
                         .any(|v| breaking_of(v) == Some((client_guid, key)));
                     if let (true, Ok(mut b)) = (held, sh.breaking.lock()) {
-                        b.insert((client_guid, key));
+                        b.entry((client_guid, key)).or_insert(in_progress);
                     }
                 }
             }
@@ -3299,7 +3303,7 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 // member's clients' acks are refused until the next one,
                 // and no break parked for an open goes.
                 if let Ok(mut b) = sh.breaking.lock() {
-                    b.retain(|(g, _)| member_of(*g, sh.members.len()) != k);
+                    b.retain(|(g, _), _| member_of(*g, sh.members.len()) != k);
                 }
                 m.early.clear();
                 // Durable (in-memory) opens do not survive a filterd
@@ -3419,7 +3423,7 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
 fn note_break(sh: &Shared, client: uuid::Uuid, b: &Break) {
     if let Ok(mut set) = sh.breaking.lock() {
         match b.ack_required {
-            true => set.insert((client, b.lease_key)),
+            true => set.insert((client, b.lease_key), *b),
             false => set.remove(&(client, b.lease_key)),
         };
     }
@@ -3438,12 +3442,15 @@ fn break_json(b: &Break) -> Value {
 /// ([`crate::early_breaks`]), applied to the open as [`forward_breaks`]
 /// applies a break. Before, those were dropped (re-review rr38h), or
 /// applied to the first open stored under the lease only (rr39f 2).
-/// Returns those breaks, for [`early_breaks_fall_back`].
+/// Then the lease's break in progress, if the reply shows a state above
+/// what it breaks to ([`resend_break_in_progress`]); `shown` is the lease
+/// filterd's answer gave, which the reply shows. Returns those breaks,
+/// for [`early_breaks_fall_back`].
 fn deliver_early_breaks(
     sh: &Shared,
     m: &Member,
     opens: &mut HashMap<String, Open>,
-    file_id: &str,
+    (file_id, shown): (&str, Option<HeldLease>),
     call: u64,
     after: &mut AfterReply,
 ) -> Vec<Arc<PendingBreak>> {
@@ -3456,14 +3463,61 @@ fn deliver_early_breaks(
     };
     let held = after.held();
     let mut taken = Vec::new();
+    let mut early = Vec::new();
     for (b, pending) in m.early.take(l.key, file, call) {
         (l.state, l.epoch) = (b.new_state, b.epoch);
         note_break(sh, client, &b);
         held.hold_counted(pending.clone());
         taken.push(pending);
+        early.push(b);
+    }
+    // A reply showing no lease of filterd's shows the open's, lowered.
+    if let Some(shown) = shown {
+        taken.extend(resend_break_in_progress(
+            sh,
+            (client, file),
+            l,
+            (shown.state, &early),
+            &held,
+        ));
     }
     o.held = Some(held);
     taken
+}
+
+/// The break in progress of lease `l` of `client` on `file`, sent before
+/// the reply of a call that stored an open under it (a CREATE filterd
+/// answered after that break, a RECONNECT) while that reply shows `shown`,
+/// a state above the one the break lowers to: a copy of it is held
+/// behind the reply (`held`), and the open holds the state broken to, as
+/// [`forward_breaks`] sets. filterd answers a call during a break with
+/// the state from before it (MS-SMB2 3.3.5.9.8: the break is still in
+/// progress), so a client that took the reply's state over the break's
+/// it saw first kept caching what it was told to give up, while its ack
+/// lowered the lease (re-review rr40e A). Not a break `early` holds
+/// behind the reply already. A second copy of a break is harmless, as
+/// filterd's `resend_break_on_attach` says: an ack of a break already
+/// acknowledged is refused and changes nothing. Called under the opens
+/// lock.
+fn resend_break_in_progress(
+    sh: &Shared,
+    (client, file): (uuid::Uuid, FileId),
+    l: &mut HeldLease,
+    (shown, early): (libfilter::lease::LeaseState, &[Break]),
+    held: &Arc<HeldNotes>,
+) -> Option<Arc<PendingBreak>> {
+    let b = *sh.breaking.lock().ok()?.get(&(client, l.key))?;
+    let stale = shown.without(b.new_state) != libfilter::lease::LeaseState::NONE;
+    if !stale || b.file.is_some_and(|f| f != file) || early.contains(&b) {
+        return None;
+    }
+    (l.state, l.epoch) = (b.new_state, b.epoch);
+    let pending = PendingBreak::new(break_json(&b));
+    held.hold(&pending);
+    test_note_break(&b, "sent again behind a reply");
+    // Its arrival: it waits for the reply only.
+    pending.pass(None);
+    Some(pending)
 }
 
 /// Breaks `taken` by an open of session `session` ([`deliver_early_breaks`])
