@@ -1624,11 +1624,6 @@ fn keep_append(sh: &Shared, key: ResumeKey, last: &LastAppend) -> Result<(), Cli
     )
 }
 
-/// The last end-of-file WRITE through handle `key` (attached to this
-/// rksmbd) that its filterd scope holds: what a durable open reconnected
-/// by another rksmbd process (one restarted, or another node's) resumes
-/// with. None when there is none, it does not read, or filterd does not
-/// answer (a replay is then appended again, as before the record).
 /// The last append of a durable open reconnected: filterd's record
 /// (`kept`), which every durable append writes before its bytes, so it is
 /// never older than this process's own (`mine`, kept as the open was
@@ -1649,6 +1644,11 @@ pub(crate) fn reconnected_append(
     }
 }
 
+/// The last end-of-file WRITE through handle `key` (attached to this
+/// rksmbd) that its filterd scope holds: what a durable open reconnected
+/// by another rksmbd process (one restarted, or another node's) resumes
+/// with. None when there is none, it does not read, or filterd does not
+/// answer (a replay is then appended again, as before the record).
 pub(crate) fn kept_append(sh: &Shared, key: ResumeKey) -> Option<LastAppend> {
     let scope = libfilter::model::ReplayScope::Handle(key);
     match sh
@@ -2894,10 +2894,6 @@ impl Page {
 mod tests {
     use super::*;
 
-    /// An append's record (kept in filterd before its bytes are written)
-    /// reads back as it was, and nothing else reads; a replay of it is
-    /// answered only once its bytes are in the file where it said:
-    /// killed between the record and the write, the replay is appended.
     /// Re-review rr40f 3: a reconnect takes filterd's record of the last
     /// append over this process's older one (a fail-back to an rksmbd
     /// still running, after an append through the other node's), this
@@ -2920,6 +2916,10 @@ mod tests {
         assert_eq!(reconnected_append(None, None), None);
     }
 
+    /// An append's record (kept in filterd before its bytes are written)
+    /// reads back as it was, and nothing else reads; a replay of it is
+    /// answered only once its bytes are in the file where it said:
+    /// killed between the record and the write, the replay is appended.
     #[test]
     fn an_append_record_reads_back_and_says_whether_it_landed() {
         let data = b"APPEND";

@@ -3129,11 +3129,20 @@ fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     // lowered at the break timeout): refused, nothing changed. Before,
     // filterd took it as a lowering of the client's own accord and the
     // epoch grew (rvspec 7).
-    let in_progress = sh
-        .breaking
-        .lock()
-        .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?
-        .remove(&(client_guid, key));
+    // An ack of more than the break leaves lets the entry be: filterd
+    // refuses it, and a stale ack (of a copy of an earlier break, sent
+    // again behind a reply) must not take a newer break's entry, which
+    // the client's real ack then found gone (re-review rr40g 4).
+    let in_progress = {
+        let mut breaking = sh
+            .breaking
+            .lock()
+            .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
+        match breaking.get(&(client_guid, key)) {
+            Some(b) if state.without(b.new_state) != libfilter::lease::LeaseState::NONE => Some(*b),
+            _ => breaking.remove(&(client_guid, key)),
+        }
+    };
     let Some(in_progress) = in_progress else {
         return Err(Fail(
             "STATUS_UNSUCCESSFUL",
@@ -3477,7 +3486,7 @@ fn deliver_early_breaks(
             sh,
             (client, file),
             l,
-            (shown.state, &early),
+            (shown, &early),
             &held,
         ));
     }
@@ -3487,8 +3496,8 @@ fn deliver_early_breaks(
 
 /// The break in progress of lease `l` of `client` on `file`, sent before
 /// the reply of a call that stored an open under it (a CREATE filterd
-/// answered after that break, a RECONNECT) while that reply shows `shown`,
-/// a state above the one the break lowers to: a copy of it is held
+/// answered during that break, a RECONNECT) while that reply shows
+/// `shown`, the state from before the break at its epoch: a copy of it is held
 /// behind the reply (`held`), and the open holds the state broken to, as
 /// [`forward_breaks`] sets. filterd answers a call during a break with
 /// the state from before it (MS-SMB2 3.3.5.9.8: the break is still in
@@ -3503,11 +3512,16 @@ fn resend_break_in_progress(
     sh: &Shared,
     (client, file): (uuid::Uuid, FileId),
     l: &mut HeldLease,
-    (shown, early): (libfilter::lease::LeaseState, &[Break]),
+    (shown, early): (HeldLease, &[Break]),
     held: &Arc<HeldNotes>,
 ) -> Option<Arc<PendingBreak>> {
     let b = *sh.breaking.lock().ok()?.get(&(client, l.key))?;
-    let stale = shown.without(b.new_state) != libfilter::lease::LeaseState::NONE;
+    // Answered during this very break: filterd shows the state from
+    // before it at its epoch (leases.rs: a break bumps the epoch). Not a
+    // reply after it (an upgrade since shows a later epoch; an entry
+    // left behind by an ack whose answer was lost would otherwise send
+    // an old break over a newer grant: re-review rr40g 5).
+    let stale = shown.state == b.current_state && shown.epoch == b.epoch;
     if !stale || b.file.is_some_and(|f| f != file) || early.contains(&b) {
         return None;
     }
