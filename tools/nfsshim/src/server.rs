@@ -1173,7 +1173,7 @@ fn note_locked(sh: &Shared, info: &libfilter::proto::Opened) {
     }
 }
 
-fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
+fn serve(sh: Arc<Shared>, conn: u64, stream: Arc<TcpStream>) {
     if let (Ok(peer), Ok(mut g)) = (stream.peer_addr(), sh.global()) {
         g.conn_peer.insert(conn, shimline::peer_key(peer.ip()));
     }

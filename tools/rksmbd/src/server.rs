@@ -624,7 +624,7 @@ fn test_delay_before_a_binding_is_written_down() {
 /// Fills `buf` from `stream` by `deadline`; None when the peer closed,
 /// failed or was too slow. The socket's read timeout is FRAME_TIMEOUT;
 /// only after a short read is it cut to what is left (and put back).
-fn read_within(stream: &mut TcpStream, buf: &mut [u8], deadline: std::time::Instant) -> Option<()> {
+fn read_within(mut stream: &TcpStream, buf: &mut [u8], deadline: std::time::Instant) -> Option<()> {
     let mut got = 0;
     let mut cut = false;
     while got < buf.len() {
@@ -882,7 +882,7 @@ pub struct Connection {
     terminate: bool,
     /// The socket (reader, and the writer shared with lease breaks) while
     /// the connection is served.
-    io: Option<(TcpStream, crate::breaks::ConnWriter)>,
+    io: Option<(Arc<TcpStream>, crate::breaks::ConnWriter)>,
     /// How deep [`Connection::pump`] calls are nested.
     pump_depth: u8,
     /// The message ids the client may use, and so its credits.
@@ -1209,7 +1209,7 @@ impl Connection {
     }
 
     /// Reads frames and answers them until the client goes away.
-    pub fn serve(&mut self, stream: TcpStream) {
+    pub fn serve(&mut self, stream: Arc<TcpStream>) {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         let _ = stream.set_read_timeout(Some(FRAME_TIMEOUT));
@@ -1730,7 +1730,7 @@ impl Connection {
     /// keep-alive, or none when the connection is over (closed, broken,
     /// or a frame that is not SMB2 — then it is closed).
     fn read_frame(&mut self) -> Option<Received> {
-        let (stream, _) = self.io.as_mut()?;
+        let (stream, _) = self.io.as_ref()?;
         // The whole frame within FRAME_TIMEOUT of its first read, not
         // 30 s of silence at a time (second adversarial review: a
         // NEGOTIATE trickled a few bytes every 12 s was answered 60 s

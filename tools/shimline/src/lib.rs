@@ -782,7 +782,7 @@ pub fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
 pub fn accept_forever(
     listener: TcpListener,
     cfg: Listen,
-    serve: impl Fn(u64, TcpStream) + Send + Sync + 'static,
+    serve: impl Fn(u64, Arc<TcpStream>) + Send + Sync + 'static,
 ) {
     accept_forever_gated(listener, cfg, Arc::default(), serve)
 }
@@ -794,7 +794,7 @@ pub fn accept_forever_gated(
     listener: TcpListener,
     cfg: Listen,
     gate: Arc<ClientGate>,
-    serve: impl Fn(u64, TcpStream) + Send + Sync + 'static,
+    serve: impl Fn(u64, Arc<TcpStream>) + Send + Sync + 'static,
 ) {
     let serve = Arc::new(serve);
     let live = Arc::new(Mutex::new(Live::default()));
@@ -831,6 +831,11 @@ pub fn accept_forever_gated(
             continue;
         }
         let conn = next;
+        // One descriptor, shared: the gate holds it weakly to shut it on
+        // let-go (before review rr40e it held a `try_clone`, one descriptor
+        // more per connection than the frontends' budgets count, and a
+        // connection whose clone failed was served beyond `let_go`).
+        let stream = Arc::new(stream);
         // Shut: closed at once, unanswered, so the client tries again
         // (elsewhere, where its address moved).
         let Some(entered) = gate.enter(conn, &stream) else {
@@ -866,6 +871,10 @@ pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(3
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Unanswered probes after which the kernel ends the connection.
 pub const KEEPALIVE_COUNT: u32 = 3;
+/// How long data sent on a client socket may stay unacknowledged before
+/// the kernel ends the connection (`TCP_USER_TIMEOUT`): the keepalive's
+/// minute, [`KEEPALIVE_IDLE`] + [`KEEPALIVE_INTERVAL`] × [`KEEPALIVE_COUNT`].
+pub const UNACKED_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Turns TCP keepalive on for a client socket: a peer silent for
 /// [`KEEPALIVE_IDLE`] is probed every [`KEEPALIVE_INTERVAL`], and after
@@ -874,13 +883,20 @@ pub const KEEPALIVE_COUNT: u32 = 3;
 /// ones detached, for the client to reconnect, here or on another node).
 /// Without it a client that vanished without a FIN or RST kept its
 /// handles attached here for hours (the kernel's default, 2 h idle).
+/// Keepalive probes are not sent while sent data waits unacknowledged (a
+/// LEASE_BREAK or reply in the socket's buffer): then `TCP_USER_TIMEOUT`
+/// ([`UNACKED_LIMIT`]) ends the connection within the same minute, where
+/// before review rr40e the retransmissions went on for ~15 min
+/// (`tcp_retries2`) with the client's handles attached.
 pub fn keep_alive(stream: &TcpStream) -> nix::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt};
     let secs = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    let millis = |d: std::time::Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
     setsockopt(stream, sockopt::KeepAlive, &true)?;
     setsockopt(stream, sockopt::TcpKeepIdle, &secs(KEEPALIVE_IDLE))?;
     setsockopt(stream, sockopt::TcpKeepInterval, &secs(KEEPALIVE_INTERVAL))?;
-    setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_COUNT)
+    setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_COUNT)?;
+    setsockopt(stream, sockopt::TcpUserTimeout, &millis(UNACKED_LIMIT))
 }
 
 /// The client connections a frontend serves, so that it can let go of all
@@ -898,7 +914,10 @@ pub struct ClientGate {
 #[derive(Default)]
 struct GateInner {
     shut: bool,
-    live: HashMap<u64, TcpStream>,
+    /// Weak: the connection's socket closes when its last user lets go,
+    /// not when the gate does; a socket closed meanwhile is not upgraded,
+    /// so its descriptor number, perhaps reused, is never shut.
+    live: HashMap<u64, std::sync::Weak<TcpStream>>,
 }
 
 /// A connection counted in its [`ClientGate`] until dropped.
@@ -917,16 +936,12 @@ impl Drop for Entered {
 
 impl ClientGate {
     /// Counts connection `conn` in, unless the gate is shut (None).
-    fn enter(self: &Arc<Self>, conn: u64, stream: &TcpStream) -> Option<Entered> {
+    fn enter(self: &Arc<Self>, conn: u64, stream: &Arc<TcpStream>) -> Option<Entered> {
         let mut g = self.inner.lock().ok()?;
         if g.shut {
             return None;
         }
-        // A connection whose socket cannot be shared is served all the
-        // same; only a later `let_go` misses it.
-        if let Ok(s) = stream.try_clone() {
-            g.live.insert(conn, s);
-        }
+        g.live.insert(conn, Arc::downgrade(stream));
         Some(Entered {
             gate: self.clone(),
             conn,
@@ -942,7 +957,7 @@ impl ClientGate {
             return 0;
         };
         g.shut = true;
-        for s in g.live.values() {
+        for s in g.live.values().filter_map(std::sync::Weak::upgrade) {
             let _ = s.shutdown(Shutdown::Both);
         }
         g.live.len()
@@ -1070,7 +1085,7 @@ impl Writers {
     pub fn serve<R: serde::Serialize>(
         &self,
         conn: u64,
-        stream: TcpStream,
+        stream: Arc<TcpStream>,
         id_field: &str,
         status: &str,
         handle: impl FnMut(&[u8], &Writer) -> Option<R>,
@@ -1079,7 +1094,6 @@ impl Writers {
             .name()
             .map(str::to_owned)
             .unwrap_or_else(|| format!("conn-{conn}"));
-        let stream = Arc::new(stream);
         let writer = match Outbound::start(conn, &name, stream.clone()) {
             Ok(writer) => writer,
             Err(e) => {
@@ -1522,7 +1536,7 @@ mod tests {
         };
         std::thread::spawn(move || {
             let writers = Writers::default();
-            accept_forever(l, cfg, move |conn, s: TcpStream| {
+            accept_forever(l, cfg, move |conn, s: Arc<TcpStream>| {
                 writers.serve(conn, s, "mid", "BAD", |line, _| {
                     // More than the sockets' buffers hold.
                     Some(match line {
@@ -1588,7 +1602,7 @@ mod tests {
             max_connections_per_peer: 4,
         };
         std::thread::spawn(move || {
-            accept_forever(l, cfg, move |_, s: TcpStream| {
+            accept_forever(l, cfg, move |_, s: Arc<TcpStream>| {
                 let _ = tx.send(s.nodelay().ok());
             })
         });
@@ -1602,7 +1616,9 @@ mod tests {
     /// Review rvnode, finding 4: a client that vanished without a FIN or
     /// RST (moved to another node) kept its handles attached for the
     /// kernel's 2 h default. Accepted sockets now have TCP keepalive with
-    /// the short timers of [`keep_alive`].
+    /// the short timers of [`keep_alive`]; review rr40e: and a
+    /// `TCP_USER_TIMEOUT` of a minute, for keepalive does not probe while
+    /// sent data waits unacknowledged.
     #[test]
     fn accepted_client_sockets_have_short_tcp_keepalive() {
         use nix::sys::socket::{getsockopt, sockopt};
@@ -1617,12 +1633,13 @@ mod tests {
             max_connections_per_peer: 4,
         };
         std::thread::spawn(move || {
-            accept_forever(l, cfg, move |_, s: TcpStream| {
+            accept_forever(l, cfg, move |_, s: Arc<TcpStream>| {
                 let _ = tx.send((
                     getsockopt(&s, sockopt::KeepAlive).ok(),
                     getsockopt(&s, sockopt::TcpKeepIdle).ok(),
                     getsockopt(&s, sockopt::TcpKeepInterval).ok(),
                     getsockopt(&s, sockopt::TcpKeepCount).ok(),
+                    getsockopt(&s, sockopt::TcpUserTimeout).ok(),
                 ));
             })
         });
@@ -1630,7 +1647,66 @@ mod tests {
         let got = rx
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("served");
-        assert_eq!(got, (Some(true), Some(30), Some(10), Some(3)));
+        assert_eq!(got, (Some(true), Some(30), Some(10), Some(3), Some(60_000)));
+    }
+
+    /// Review rr40e, finding B: the gate kept a `try_clone` of every
+    /// client socket, one descriptor more per connection than the
+    /// frontends' descriptor budgets count (and a connection whose clone
+    /// failed was served beyond `let_go`). Each served socket is now open
+    /// once (counted by its inode in `/proc/self/fd`, which other tests
+    /// running meanwhile do not disturb), and `let_go` still ends them.
+    #[test]
+    fn the_gate_holds_no_descriptor_of_its_own_and_still_lets_go() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let opened = |s: &TcpStream| -> usize {
+            let Ok(name) = std::fs::read_link(format!("/proc/self/fd/{}", s.as_raw_fd())) else {
+                return 0;
+            };
+            std::fs::read_dir("/proc/self/fd")
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == name))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let gate = Arc::new(ClientGate::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let cfg = Listen {
+            prefix: "test",
+            id_field: "mid",
+            busy_status: "BUSY",
+            max_connections: 8,
+            max_connections_per_peer: 8,
+        };
+        let g = gate.clone();
+        std::thread::spawn(move || {
+            accept_forever_gated(l, cfg, g, move |_, s: Arc<TcpStream>| {
+                let _ = tx.send(opened(&s));
+                let mut buf = [0u8; 16];
+                while matches!((&*s).read(&mut buf), Ok(n) if n > 0) {}
+            })
+        });
+        let wait = std::time::Duration::from_secs(10);
+        let mut clients: Vec<TcpStream> = (0..4)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        for _ in &clients {
+            assert_eq!(rx.recv_timeout(wait), Ok(1), "descriptors per socket");
+        }
+        assert_eq!(gate.let_go(), 4);
+        for c in &mut clients {
+            c.set_read_timeout(Some(wait)).expect("timeout");
+            let ended = match c.read(&mut [0u8; 16]) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            };
+            assert!(ended, "a served connection was kept");
+        }
     }
 
     /// A shut [`ClientGate`] ends the connections it serves and closes new
@@ -1651,10 +1727,10 @@ mod tests {
         };
         let g = gate.clone();
         std::thread::spawn(move || {
-            accept_forever_gated(l, cfg, g, move |conn, mut s: TcpStream| {
+            accept_forever_gated(l, cfg, g, move |conn, s: Arc<TcpStream>| {
                 let _ = tx.send(conn);
                 let mut buf = [0u8; 16];
-                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                while matches!((&*s).read(&mut buf), Ok(n) if n > 0) {}
             })
         });
         let wait = std::time::Duration::from_secs(10);

@@ -697,7 +697,7 @@ impl Pipeline {
 /// acknowledgement ([`answer_inline`]): no thread hop for the common case.
 /// Requests waiting there are charged to the request budget: a connection
 /// that would pass it is dropped and its waiting requests discarded.
-fn serve(sh: Arc<Shared>, conn: u64, stream: TcpStream) {
+fn serve(sh: Arc<Shared>, conn: u64, stream: Arc<TcpStream>) {
     if let (Ok(a), Ok(mut p)) = (stream.peer_addr(), sh.peers.lock()) {
         p.insert(conn, shimline::peer_key(a.ip()));
     }
