@@ -563,15 +563,20 @@ fn attached_paths(d: &Filterd) -> Vec<String> {
 }
 
 /// smbshim: a CLOSE (from another connection of the session) whose
-/// commit fails while the session ends meanwhile (`end` ends it: a LOGOFF
-/// or the loss of its connection, with no other open, done at once):
-/// smbshim cannot put the open back into an ended session, and must not
-/// leave filterd holding its handle. It did: the handle stayed attached
-/// to smbshim, its share mode refusing every other open of the file, for
-/// as long as smbshim ran — while a LOGOFF had answered success. filterd
-/// is stopped (SIGSTOP) while the CLOSE waits in it, so the session surely
-/// ends first.
-fn a_close_undone_after_the_session_ends(name: &str, end: impl FnOnce(&str, LineClient, u64)) {
+/// commit fails while `end` tries to end the session meanwhile (the loss
+/// of its connection, with no other open, done at once; or a LOGOFF,
+/// which now waits: it is `STATUS_FILE_NOT_AVAILABLE` while the CLOSE is
+/// in flight, and `end` returns the connection to LOGOFF again once the
+/// CLOSE is answered). smbshim cannot put the open back into an ended
+/// session, and must not leave filterd holding its handle. It did: the
+/// handle stayed attached to smbshim, its share mode refusing every other
+/// open of the file, for as long as smbshim ran — while a LOGOFF had
+/// answered success. filterd is stopped (SIGSTOP) while the CLOSE waits
+/// in it, so `end` surely comes first.
+fn a_close_undone_after_the_session_ends(
+    name: &str,
+    end: impl FnOnce(&str, LineClient, u64) -> Option<LineClient>,
+) {
     use nix::sys::signal::Signal;
     let (_s, d, smb, mut a, sid, fid) = persistent_open_failing_its_close(name);
 
@@ -588,10 +593,15 @@ fn a_close_undone_after_the_session_ends(name: &str, end: impl FnOnce(&str, Line
         let r = a.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
         (r["status"] != "STATUS_SUCCESS").then_some(())
     });
-    end(&smb.addr, a, sid);
+    let kept = end(&smb.addr, a, sid);
     d.signal(Signal::SIGCONT);
     let (r, _) = b.reply_to("mid", close).expect("the CLOSE's reply");
     assert_ne!(r["status"], "STATUS_SUCCESS", "its commit failed: {r}");
+    if let Some(mut a) = kept {
+        // The open is back; the LOGOFF again closes it and ends the session.
+        let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "the second LOGOFF: {r}");
+    }
 
     // The session is gone and the open with it: filterd holds nothing of
     // it, and another client opens the file exclusively.
@@ -606,11 +616,18 @@ fn a_close_undone_after_the_session_ends(name: &str, end: impl FnOnce(&str, Line
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }
 
+/// The LOGOFF waits for the CLOSE in flight (it answered success, the
+/// session ended, and the undone close's open was closed by `keep_open`;
+/// now it is `STATUS_FILE_NOT_AVAILABLE`, rr40f 2), then closes the open.
 #[test]
-fn a_close_undone_after_its_session_logged_off_does_not_leave_the_handle() {
+fn a_logoff_while_a_close_is_undone_waits_and_leaves_no_handle() {
     a_close_undone_after_the_session_ends("failed-close-logoff", |_, mut a, sid| {
         let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
-        assert_eq!(r["status"], "STATUS_SUCCESS", "no open left to close: {r}");
+        assert_eq!(
+            r["status"], "STATUS_FILE_NOT_AVAILABLE",
+            "a CLOSE of its open waits for filterd: {r}"
+        );
+        Some(a)
     });
 }
 
@@ -624,6 +641,7 @@ fn a_close_undone_after_its_connection_went_does_not_leave_the_handle() {
             let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": "x"}));
             (r["status"] == "STATUS_USER_SESSION_DELETED").then_some(())
         });
+        None
     });
 }
 
@@ -815,4 +833,61 @@ fn a_replay_whose_handle_query_and_let_go_fail_leaves_the_original_waiting() {
     let rd = c.call(json!({"cmd": "READ", "session_id": sid, "file_id": fid,
         "offset": 0, "length": 10}));
     assert_eq!(rd["data"], data, "not truncated again: {rd}");
+}
+
+/// smbshim: a persistent open of `f`; its CLOSE on one connection waits
+/// for filterd (stalled at it), and `retry` (a CLOSE or a LOGOFF of the
+/// same session, named by id) comes on another connection meanwhile. It
+/// must be told STATUS_FILE_NOT_AVAILABLE: before the fix the open was
+/// gone and the note of its close written only after filterd's answer,
+/// so a retried CLOSE was told FILE_CLOSED and a LOGOFF SUCCESS (ending
+/// the session) — the client forgot an open whose close might never be
+/// made (re-review rr40f 2). Once filterd answers, the first CLOSE is
+/// done and the handle gone.
+fn smbshim_tells_a_retry_on_another_connection_the_close_is_in_flight(
+    name: &str,
+    retry: impl Fn(&Value, &Value) -> Value,
+) {
+    const STALL: &str = "request.close:1:sleep8000";
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", STALL)]);
+    let smb = Shim::start("smbshim", d.socket(), name);
+    let (mut c, sid) = smb_session(&smb.addr);
+    let r = smb_persistent_create(&mut c, sid, "f");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    let sid = json!(sid);
+
+    let first = rkfilter_tests::InFlight::send(
+        c,
+        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+    );
+    d.wait_stalled_at(STALL, Duration::from_secs(10));
+    let mut other = LineClient::connect(&smb.addr);
+    let r = other.call(retry(&sid, &fid));
+    assert_eq!(
+        r["status"], "STATUS_FILE_NOT_AVAILABLE",
+        "the first CLOSE still waits for filterd: {r}"
+    );
+    let r = first
+        .outcome("the first CLOSE", Duration::from_secs(60))
+        .expect("an answer");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+}
+
+#[test]
+fn smbshim_close_retried_on_another_connection_waits_for_the_first() {
+    smbshim_tells_a_retry_on_another_connection_the_close_is_in_flight(
+        "close-in-flight-close",
+        |sid, fid| json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+    );
+}
+
+#[test]
+fn smbshim_logoff_on_another_connection_waits_for_a_close_in_flight() {
+    smbshim_tells_a_retry_on_another_connection_the_close_is_in_flight(
+        "close-in-flight-logoff",
+        |sid, _| json!({"cmd": "LOGOFF", "session_id": sid}),
+    );
 }

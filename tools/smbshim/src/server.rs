@@ -289,6 +289,17 @@ struct Session {
     /// keeps its open, so it can RECONNECT it on a replacement smbshim and
     /// CLOSE it there.
     settling: Vec<(ResumeKey, usize)>,
+    /// Opens of the session whose close is in flight to filterd: noted as
+    /// the open is taken out of the table, before filterd is asked, and
+    /// dropped once it answers (or moved to [`Session::settling`] if it
+    /// never does). Sessions are named by id from any connection, so a
+    /// CLOSE or LOGOFF retried on another connection while the first
+    /// close still waits for filterd finds the note and is told
+    /// STATUS_FILE_NOT_AVAILABLE — before, it found neither the open nor a
+    /// note and was told FILE_CLOSED (or SUCCESS, ending the session and
+    /// dropping the settling note to come): the client forgot an open
+    /// whose close might never be made (re-review rr40f 2).
+    closing: Vec<ResumeKey>,
 }
 
 /// Most filterd connections one smbshim keeps (`--filter-connections`).
@@ -1235,6 +1246,7 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
                 alive: true,
                 end: SessionEnd::default(),
                 settling: Vec::new(),
+                closing: Vec::new(),
             },
         );
         id
@@ -2597,7 +2609,14 @@ fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
 fn close_in(sh: &Shared, session: u64, file_id: &str) -> Outcome {
     match open_in(sh, session, file_id) {
         Ok(o) => close_open(sh, o),
-        Err(f) => settling_close(sh, session, file_id).unwrap_or(Err(f)),
+        Err(f) => settling_close(sh, session, file_id).unwrap_or_else(|| {
+            // A close undone puts the open back before it drops its note:
+            // with no note, the open is back or closed.
+            match open_in(sh, session, file_id) {
+                Ok(o) => close_open(sh, o),
+                Err(_) => Err(f),
+            }
+        }),
     }
 }
 
@@ -2605,10 +2624,14 @@ fn close_in(sh: &Shared, session: u64, file_id: &str) -> Outcome {
 /// never answered ([`Session::settling`]): STATUS_FILE_NOT_AVAILABLE
 /// while its member's settler still closes it again, then success, once
 /// (the close the client asked for is made). `None` when no such close
-/// is noted.
+/// is noted. One whose close is still in flight to filterd
+/// ([`Session::closing`]) is told STATUS_FILE_NOT_AVAILABLE too.
 fn settling_close(sh: &Shared, session: u64, file_id: &str) -> Option<Outcome> {
     let mut sessions = sh.sessions.lock().ok()?;
     let s = sessions.get_mut(&session)?;
+    if s.closing.iter().any(|k| k.to_string() == file_id) {
+        return Some(Err(close_unsettled()));
+    }
     let at = s
         .settling
         .iter()
@@ -2632,14 +2655,39 @@ fn close_unsettled() -> Fail {
 /// Notes open `key` (of member `member`) of `session`, whose close
 /// filterd never answered ([`Session::settling`]). Notes of closes made
 /// since go (a retry of one is then `STATUS_FILE_CLOSED`, also closed):
-/// the session keeps no more than its closes still settling.
+/// the session keeps no more than its closes still settling. Its close's
+/// in-flight note ([`Session::closing`]) becomes this one.
 fn note_settling(sh: &Shared, session: u64, key: ResumeKey, member: usize) {
     if let Ok(mut sessions) = sh.sessions.lock() {
         if let Some(s) = sessions.get_mut(&session) {
+            s.closing.retain(|k| *k != key);
             s.settling.retain(|(k, m)| still_settling(sh, *k, *m));
             s.settling.push((key, member));
         }
     }
+}
+
+/// Drops the in-flight note of open `key`'s close ([`Session::closing`]):
+/// filterd answered it.
+fn closed_answered(sh: &Shared, session: u64, key: ResumeKey) {
+    if let Ok(mut sessions) = sh.sessions.lock() {
+        if let Some(s) = sessions.get_mut(&session) {
+            s.closing.retain(|k| *k != key);
+        }
+    }
+}
+
+/// Whether a close of open `key` is in flight to filterd or settling
+/// ([`Session::closing`], [`Session::settling`]) in some session.
+fn close_pending_any(sh: &Shared, key: ResumeKey) -> bool {
+    sh.sessions.lock().is_ok_and(|sessions| {
+        sessions.values().any(|s| {
+            s.closing.contains(&key)
+                || s.settling
+                    .iter()
+                    .any(|(k, m)| *k == key && still_settling(sh, *k, *m))
+        })
+    })
 }
 
 /// Whether member `member`'s settler still closes handle `key`.
@@ -2659,13 +2707,16 @@ fn session_settling(sh: &Shared, session: u64) -> bool {
         return false;
     };
     s.settling.retain(|(k, m)| still_settling(sh, *k, *m));
-    !s.settling.is_empty()
+    !s.settling.is_empty() || !s.closing.is_empty()
 }
 
 /// Closes open `o` (found for a CLOSE). Only the request that takes the
-/// open out of the table asks filterd: another CLOSE of it at the same
-/// time (or a teardown that took it) is answered `STATUS_FILE_CLOSED`, as
-/// if it came just after. (Both asked once: when the taker's close was
+/// open out of the table asks filterd, noting the close in flight
+/// ([`Session::closing`]) as it takes it: another CLOSE of it at the same
+/// time is answered `STATUS_FILE_NOT_AVAILABLE` (retry) until filterd
+/// answers the taker — then `STATUS_FILE_CLOSED` if the close was made, as
+/// if it came just after (a teardown that took it: `STATUS_FILE_CLOSED`
+/// at once). (Both asked once: when the taker's close was
 /// undone, the other's could close the handle in filterd before the taker
 /// put the open back — an open served with no handle behind it.)
 ///
@@ -2696,14 +2747,31 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
     };
     let key = o.key;
     let m = sh.member(o.member).map_err(known)?;
-    let Some(taken) = sh
-        .opens
-        .lock()
-        .ok()
-        .and_then(|mut opens| opens.remove(&o.file_id))
-    else {
+    // Noted in flight under the opens lock as the open is taken: a CLOSE
+    // or LOGOFF of it from any connection finds the open or the note.
+    let taken = sh.opens.lock().ok().and_then(|mut opens| {
+        let taken = opens.remove(&o.file_id)?;
+        if let Ok(mut sessions) = sh.sessions.lock() {
+            if let Some(s) = sessions.get_mut(&taken.session) {
+                s.closing.push(key);
+            }
+        }
+        Some(taken)
+    });
+    let Some(taken) = taken else {
+        // Put back meanwhile (its close undone), or its close still in
+        // flight or settling: retry.
+        let back = sh
+            .opens
+            .lock()
+            .is_ok_and(|opens| opens.contains_key(&o.file_id));
+        let status = if back || close_pending_any(sh, key) {
+            "STATUS_FILE_NOT_AVAILABLE"
+        } else {
+            "STATUS_FILE_CLOSED"
+        };
         return Err(known(Fail(
-            "STATUS_FILE_CLOSED",
+            status,
             format!("open {} is being closed", o.file_id),
         )));
     };
@@ -2718,15 +2786,20 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
             end_breaks(sh, &opens, lease);
         }
     };
+    let session = taken.session;
     if let Err(e) = m.filter.close_told(key, told) {
         let unknown = !e.close_undone() && may_hold(&e);
         if e.close_undone() {
+            // Put back before the note goes: a retry finds one of them.
             keep_open(sh, o.file_id, taken);
+            closed_answered(sh, session, key);
         } else if unknown {
             // Settling first: a retried CLOSE that finds the note finds
             // the handle settling, until the settler has its answer.
             m.unsettled.add_told(key, told);
-            note_settling(sh, taken.session, key, o.member);
+            note_settling(sh, session, key, o.member);
+        } else {
+            closed_answered(sh, session, key);
         }
         end_break();
         return Err(CloseFailed {
@@ -2734,14 +2807,15 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
             unknown,
         });
     }
+    closed_answered(sh, session, key);
     end_break();
     Ok(())
 }
 
 /// Puts back an open whose CLOSE filterd did not make: the client was told
 /// it failed and may use it or close it again. Not if its session ended
-/// meanwhile (a LOGOFF or the connection's loss, whose teardown did not
-/// see the open): nobody can name it any more, so it is closed in filterd
+/// meanwhile (its connection's loss, whose teardown did not see the open;
+/// a LOGOFF waits for the close, [`Session::closing`]): nobody can name it any more, so it is closed in filterd
 /// again as the client asked (detached if that fails too, as a lost
 /// connection's durable open is) — left as it was, filterd would hold the
 /// handle and its share mode for as long as smbshim stays attached.
