@@ -3525,8 +3525,8 @@ fn break_json(b: &Break) -> Value {
 /// ([`crate::early_breaks`]), applied to the open as [`forward_breaks`]
 /// applies a break. Before, those were dropped (re-review rr38h), or
 /// applied to the first open stored under the lease only (rr39f 2).
-/// Then the lease's break in progress, if the reply shows a state above
-/// what it breaks to ([`resend_break_in_progress`]); `shown` is the lease
+/// Then the lease's break in progress, if the reply shows the state from
+/// before it at its epoch ([`resend_break_in_progress`]); `shown` is the lease
 /// filterd's answer gave, which the reply shows. Returns those breaks,
 /// for [`early_breaks_fall_back`].
 fn deliver_early_breaks(
