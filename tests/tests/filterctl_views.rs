@@ -318,8 +318,9 @@ fn handle_text_shows_its_locks_and_lease() {
             "{view}: {t}"
         );
         assert!(line("locks").ends_with(" 1"), "{view}: {t}");
-        // The frontend process that attached it (stored: offline too).
-        assert!(line("attached by").contains("process "), "{view}: {t}");
+        // Opened, never moved by a client's resume: the opener's (the
+        // stamp is 0 until a resume moves it; stored: offline too).
+        assert!(line("attached by").ends_with("the opener"), "{view}: {t}");
         assert!(
             line("lock").ends_with("exclusive, offset 0, length 5"),
             "{view}: {t}"

@@ -186,12 +186,14 @@ pub fn handle(v: &HandleView, now: u64) -> String {
         ),
         ("protocol", r.protocol.to_string()),
         ("frontend", r.frontend.to_string()),
-        // The frontend process that attached it last (a reattach by
-        // another one is refused): unknown in a record from before.
+        // The frontend process a client's resume or replay attached it
+        // through last (a reattach by another one is refused): 0 until a
+        // client moves it, the process that opened it (or a record from
+        // before the stamp).
         (
             "attached by",
             match r.attached_by {
-                0 => "unknown".into(),
+                0 => "the opener".into(),
                 n => format!("process {n:016x}"),
             },
         ),
