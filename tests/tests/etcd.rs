@@ -336,7 +336,18 @@ fn etcd_members_die_under_load() {
     // acknowledged; filterd stops once its lease may have run out.
     cluster.kill(1);
     let t0 = Instant::now();
-    let r = smb_persistent_create(&mut c, sid, "nq");
+    // Answered not acknowledged — or, should filterd step down first and
+    // tell smbshim (`Event::SteppingDown`), the connection is closed.
+    let mid = c.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": sid, "path": "nq", "access": ["read", "write"],
+               "share": ["read"], "disposition": "create",
+               "durable": {"create_guid": uuid::Uuid::new_v4().to_string(),
+                           "persistent": true, "timeout_ms": 60000}}),
+    );
+    let r = c
+        .reply_to("mid", mid)
+        .map_or_else(|| json!({"status": "connection closed"}), |(r, _)| r);
     assert_ne!(
         r["status"], "STATUS_SUCCESS",
         "acknowledged without quorum: {r}"
