@@ -4640,15 +4640,22 @@ fn a_detached_rwh_holder_as(
 
 /// Resumes alice's handle `key`; the request's id.
 fn resume_alices(h: &mut Harness, key: ResumeKey) -> u64 {
+    let r = resume_alices_as(h, key, false);
+    h.drain_replies();
+    r
+}
+
+/// Resumes alice's handle `key`, as a frontend's own reattach when
+/// `if_last_held`; the request's id.
+fn resume_alices_as(h: &mut Harness, key: ResumeKey, if_last_held: bool) -> u64 {
     let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
         matching: None,
-        if_last_held: false,
+        if_last_held,
     }));
     h.commit(true);
-    h.drain_replies();
     r
 }
 
@@ -8220,15 +8227,7 @@ fn a_shared_store_withholds_lock_hints_from_a_frontend_that_checks_without_them(
 /// Resumes alice's handle `key` as a frontend's reattach does
 /// (`if_last_held`); the request's id.
 fn reattach_alices(h: &mut Harness, key: ResumeKey) -> u64 {
-    let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
-        client: ClientId::new("alice").unwrap(),
-        target: libfilter::proto::ResumeTarget::Key { key },
-        owner: None,
-        matching: None,
-        if_last_held: true,
-    }));
-    h.commit(true);
-    r
+    resume_alices_as(h, key, true)
 }
 
 /// rvnode finding 3 (fail-back between nodes): frontend process A held a

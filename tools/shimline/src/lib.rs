@@ -1672,17 +1672,8 @@ mod tests {
                 })
                 .unwrap_or(0)
         };
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let gate = Arc::new(ClientGate::default());
+        let (l, addr, gate, cfg) = gated_listener(8);
         let (tx, rx) = crossbeam_channel::unbounded();
-        let cfg = Listen {
-            prefix: "test",
-            id_field: "mid",
-            busy_status: "BUSY",
-            max_connections: 8,
-            max_connections_per_peer: 8,
-        };
         let g = gate.clone();
         std::thread::spawn(move || {
             accept_forever_gated(l, cfg, g, move |_, s: Arc<TcpStream>| {
@@ -1709,22 +1700,28 @@ mod tests {
         }
     }
 
+    /// A listener on a free loopback port, a gate, and a configuration
+    /// allowing `max` connections (per peer too).
+    fn gated_listener(max: usize) -> (TcpListener, std::net::SocketAddr, Arc<ClientGate>, Listen) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let cfg = Listen {
+            prefix: "test",
+            id_field: "mid",
+            busy_status: "BUSY",
+            max_connections: max,
+            max_connections_per_peer: max,
+        };
+        (l, addr, Arc::new(ClientGate::default()), cfg)
+    }
+
     /// A shut [`ClientGate`] ends the connections it serves and closes new
     /// ones unanswered; opened again, new ones are served.
     #[test]
     fn a_shut_gate_lets_go_of_its_clients_until_opened() {
         use std::io::Read;
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let gate = Arc::new(ClientGate::default());
+        let (l, addr, gate, cfg) = gated_listener(4);
         let (tx, rx) = crossbeam_channel::unbounded();
-        let cfg = Listen {
-            prefix: "test",
-            id_field: "mid",
-            busy_status: "BUSY",
-            max_connections: 4,
-            max_connections_per_peer: 4,
-        };
         let g = gate.clone();
         std::thread::spawn(move || {
             accept_forever_gated(l, cfg, g, move |conn, s: Arc<TcpStream>| {
