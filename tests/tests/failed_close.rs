@@ -23,6 +23,11 @@ use rkfilter_tests::{
 };
 use serde_json::{json, Value};
 
+/// Where [`persistent_open_failing_its_close`] logs smbshim's stderr.
+fn smbshim_log(s: &Scratch) -> std::path::PathBuf {
+    s.dir.join("smbshim.log")
+}
+
 /// smbshim in front of a filterd whose second commit (the first close's:
 /// commit 1 records the create) fails, and a persistent open of `f` in a
 /// session: (scratch, filterd, smbshim, client, session id, file id).
@@ -31,7 +36,8 @@ fn persistent_open_failing_its_close(
 ) -> (Scratch, Filterd, Shim, LineClient, u64, serde_json::Value) {
     let s = Scratch::new(name);
     let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
-    let smb = Shim::start("smbshim", d.socket(), name);
+    // Its log: what smbshim waits for ([`wait_logged`]).
+    let smb = Shim::start_logged("smbshim", d.socket(), name, &[], &smbshim_log(&s));
     let (mut c, sid) = smb_session(&smb.addr);
     let r = smb_persistent_create(&mut c, sid, "f");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
@@ -183,6 +189,81 @@ fn smbshim_hands_out_no_open_whose_close_is_being_made_again() {
     });
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     assert_ne!(r["file_id"], fid, "the open whose CLOSE came first: {r}");
+}
+
+/// Polls smbshim's log `log` for `needle`.
+fn wait_logged(log: &std::path::Path, needle: &str) {
+    wait_for(needle, Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(log).ok()?;
+        text.contains(needle).then_some(())
+    });
+}
+
+/// The CLOSE came first while it is still in flight too: a replayed
+/// CREATE of the open (on another connection) that filterd answered with
+/// the original handle before the CLOSE took the open — held there by
+/// the test hook (`SMBSHIM_TEST_HOLD_STORE`, `.hold-replay`) — must not
+/// get that open back while filterd makes the close (stalled at it): it
+/// got it, and the close then took the handle from under it (re-review
+/// after rr40h). It is told to retry, as a retried CLOSE is; once the
+/// close is made, the GUID names no open and the replay opens anew.
+#[test]
+fn smbshim_hands_out_no_open_whose_close_is_in_flight() {
+    const STALL: &str = "request.close:1:sleep8000";
+    let name = "smbshim-close-in-flight-replay";
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", STALL)]);
+    let log = s.dir.join("smbshim.log");
+    let release = s.dir.join("release-store");
+    std::fs::write(&release, b"").expect("let CREATEs be stored");
+    let hold = s.dir.join("release-store.hold-replay");
+    let smb = Shim::start_logged(
+        "smbshim",
+        d.socket(),
+        name,
+        &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
+        &log,
+    );
+    let (mut c, sid) = smb_session(&smb.addr);
+    let guid = uuid::Uuid::new_v4().to_string();
+    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
+    let r = c.call(create.clone());
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+
+    std::fs::write(&hold, b"").expect("hold replays before their store");
+    let mut replay = create;
+    replay["replay"] = json!(true);
+    let replayed = rkfilter_tests::InFlight::send(LineClient::connect(&smb.addr), replay.clone());
+    wait_logged(&log, "test hook: a replayed CREATE waits before its store");
+    // The CLOSE (on a third connection: the session's stays) takes the
+    // open from the table and waits in filterd.
+    let close = rkfilter_tests::InFlight::send(
+        LineClient::connect(&smb.addr),
+        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+    );
+    d.wait_stalled_at(STALL, Duration::from_secs(10));
+    std::fs::remove_file(&hold).expect("release the replay");
+    let r = replayed
+        .outcome("the replay", Duration::from_secs(30))
+        .expect("an answer");
+    assert_eq!(
+        r["status"], "STATUS_FILE_NOT_AVAILABLE",
+        "the CLOSE came first and is in flight: {r}"
+    );
+    let r = close
+        .outcome("the CLOSE", Duration::from_secs(60))
+        .expect("an answer");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+
+    let r = c.call(replay);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "the GUID names no open: {r}");
+    assert_ne!(r["file_id"], fid, "a new open: {r}");
+    assert_eq!(r["create_action"], "opened", "{r}");
+    assert_eq!(handle_paths(d.socket()), ["f"], "the new open's handle");
 }
 
 /// What becomes of a close filterd never answered, after the client is
@@ -562,23 +643,32 @@ fn attached_paths(d: &Filterd) -> Vec<String> {
     rkfilter_tests::listed_paths(&Value::Array(attached))
 }
 
+/// What `end` left of the session in [`a_close_undone_after_the_session_ends`].
+enum Ended {
+    /// Its connection went, and the session with it.
+    Gone,
+    /// A LOGOFF waited its bound and was refused: LOGOFF again.
+    Refused(LineClient),
+    /// A LOGOFF waits for the CLOSE's answer.
+    Waiting(rkfilter_tests::InFlight),
+}
+
 /// smbshim: a CLOSE (from another connection of the session) whose
 /// commit fails while `end` tries to end the session meanwhile (the loss
 /// of its connection, with no other open, done at once; or a LOGOFF,
-/// which now waits: it is `STATUS_FILE_NOT_AVAILABLE` while the CLOSE is
-/// in flight, and `end` returns the connection to LOGOFF again once the
-/// CLOSE is answered). smbshim cannot put the open back into an ended
-/// session, and must not leave filterd holding its handle. It did: the
-/// handle stayed attached to smbshim, its share mode refusing every other
-/// open of the file, for as long as smbshim ran — while a LOGOFF had
-/// answered success. filterd is stopped (SIGSTOP) while the CLOSE waits
-/// in it, so `end` surely comes first.
+/// which waits for the CLOSE's answer, at most its bound). smbshim
+/// cannot put the open back into an ended session, and must not leave
+/// filterd holding its handle. It did: the handle stayed attached to
+/// smbshim, its share mode refusing every other open of the file, for
+/// as long as smbshim ran — while a LOGOFF had answered success.
+/// filterd is stopped (SIGSTOP) while the CLOSE waits in it, so `end`
+/// surely comes first.
 fn a_close_undone_after_the_session_ends(
     name: &str,
-    end: impl FnOnce(&str, LineClient, u64) -> Option<LineClient>,
+    end: impl FnOnce(&str, &std::path::Path, LineClient, u64) -> Ended,
 ) {
     use nix::sys::signal::Signal;
-    let (_s, d, smb, mut a, sid, fid) = persistent_open_failing_its_close(name);
+    let (s, d, smb, mut a, sid, fid) = persistent_open_failing_its_close(name);
 
     // Stopped, every thread of it (the signal lands asynchronously).
     d.stop();
@@ -593,14 +683,25 @@ fn a_close_undone_after_the_session_ends(
         let r = a.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
         (r["status"] != "STATUS_SUCCESS").then_some(())
     });
-    let kept = end(&smb.addr, a, sid);
+    let ended = end(&smb.addr, &smbshim_log(&s), a, sid);
     d.signal(Signal::SIGCONT);
     let (r, _) = b.reply_to("mid", close).expect("the CLOSE's reply");
     assert_ne!(r["status"], "STATUS_SUCCESS", "its commit failed: {r}");
-    if let Some(mut a) = kept {
-        // The open is back; the LOGOFF again closes it and ends the session.
-        let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
-        assert_eq!(r["status"], "STATUS_SUCCESS", "the second LOGOFF: {r}");
+    match ended {
+        Ended::Gone => {}
+        Ended::Refused(mut a) => {
+            // The open is back; the LOGOFF again closes it and ends the
+            // session.
+            let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+            assert_eq!(r["status"], "STATUS_SUCCESS", "the second LOGOFF: {r}");
+        }
+        Ended::Waiting(logoff) => {
+            // The open is back, and the LOGOFF that waited closes it.
+            let r = logoff
+                .outcome("the LOGOFF", Duration::from_secs(60))
+                .expect("an answer");
+            assert_eq!(r["status"], "STATUS_SUCCESS", "the waiting LOGOFF: {r}");
+        }
     }
 
     // The session is gone and the open with it: filterd holds nothing of
@@ -614,26 +715,50 @@ fn a_close_undone_after_the_session_ends(
     let r = c.call(json!({"cmd": "CREATE", "session_id": sid2, "path": "f",
                           "access": ["read", "write"], "share": [], "disposition": "open"}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_USER_SESSION_DELETED", "ended: {r}");
 }
 
-/// The LOGOFF waits for the CLOSE in flight (it answered success, the
-/// session ended, and the undone close's open was closed by `keep_open`;
-/// now it is `STATUS_FILE_NOT_AVAILABLE`, rr40f 2), then closes the open.
+/// The LOGOFF waits for the CLOSE in flight, and once filterd undid it
+/// closes the open put back and ends the session. Before, it was
+/// `STATUS_FILE_NOT_AVAILABLE` at once (rr40h; before that, rr40f 2, it
+/// answered success and the undone close's open was closed by
+/// `keep_open`); a client that dropped its connection then left the
+/// open disconnected for its durable timeout.
 #[test]
 fn a_logoff_while_a_close_is_undone_waits_and_leaves_no_handle() {
-    a_close_undone_after_the_session_ends("failed-close-logoff", |_, mut a, sid| {
+    a_close_undone_after_the_session_ends("failed-close-logoff", |_, log, a, sid| {
+        let logoff = rkfilter_tests::InFlight::send(a, json!({"cmd": "LOGOFF", "session_id": sid}));
+        wait_logged(log, &format!("LOGOFF of session {sid} waits"));
+        Ended::Waiting(logoff)
+    });
+}
+
+/// The LOGOFF's wait is bounded (smbshim's `LETTING_GO_WAIT`, 20 s): with
+/// filterd stopped for longer it is `STATUS_FILE_NOT_AVAILABLE`, the
+/// session kept, and LOGOFF again once the CLOSE is answered (undone)
+/// closes the open put back.
+#[test]
+fn a_logoff_waits_for_a_close_in_flight_no_longer_than_its_bound() {
+    a_close_undone_after_the_session_ends("failed-close-logoff-bound", |_, _, mut a, sid| {
+        let started = std::time::Instant::now();
         let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
         assert_eq!(
             r["status"], "STATUS_FILE_NOT_AVAILABLE",
-            "a CLOSE of its open waits for filterd: {r}"
+            "a CLOSE of its open waits in a stopped filterd: {r}"
         );
-        Some(a)
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(19) && waited < Duration::from_secs(40),
+            "waited its bound: {waited:?}"
+        );
+        Ended::Refused(a)
     });
 }
 
 #[test]
 fn a_close_undone_after_its_connection_went_does_not_leave_the_handle() {
-    a_close_undone_after_the_session_ends("failed-close-lost", |addr, a, sid| {
+    a_close_undone_after_the_session_ends("failed-close-lost", |addr, _, a, sid| {
         drop(a);
         // Its session ends with it (asked from a third connection).
         let mut c = LineClient::connect(addr);
@@ -641,7 +766,7 @@ fn a_close_undone_after_its_connection_went_does_not_leave_the_handle() {
             let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": "x"}));
             (r["status"] == "STATUS_USER_SESSION_DELETED").then_some(())
         });
-        None
+        Ended::Gone
     });
 }
 
@@ -836,8 +961,9 @@ fn a_replay_whose_handle_query_and_let_go_fail_leaves_the_original_waiting() {
 }
 
 /// smbshim: a persistent open of `f`; its CLOSE on one connection waits
-/// for filterd (stalled at it), and `retry` (a CLOSE or a LOGOFF of the
-/// same session, named by id) comes on another connection meanwhile. It
+/// for filterd (stalled at it), and `retry` (a CLOSE of the same
+/// session, named by id; a LOGOFF now waits instead, below) comes on
+/// another connection meanwhile. It
 /// must be told STATUS_FILE_NOT_AVAILABLE: before the fix the open was
 /// gone and the note of its close written only after filterd's answer,
 /// so a retried CLOSE was told FILE_CLOSED and a LOGOFF SUCCESS (ending
@@ -884,10 +1010,69 @@ fn smbshim_close_retried_on_another_connection_waits_for_the_first() {
     );
 }
 
+/// smbshim: a persistent open of `f`; its CLOSE on one connection waits
+/// for filterd (the close's commit stalled), and a LOGOFF of the session
+/// comes on another connection meanwhile. The LOGOFF waits for the
+/// CLOSE, while another client on a third connection is served (a
+/// session, a CREATE, WRITE, READ and CLOSE of another file), and then
+/// ends the session: success, the handle gone from filterd. Before
+/// (re-review rr40h) it was refused at once, `STATUS_FILE_NOT_AVAILABLE`.
 #[test]
 fn smbshim_logoff_on_another_connection_waits_for_a_close_in_flight() {
-    smbshim_tells_a_retry_on_another_connection_the_close_is_in_flight(
-        "close-in-flight-logoff",
-        |sid, _| json!({"cmd": "LOGOFF", "session_id": sid}),
+    const STALL: &str = "commit.before:2:sleep8000";
+    let name = "close-in-flight-logoff";
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", STALL)]);
+    let log = smbshim_log(&s);
+    let smb = Shim::start_logged("smbshim", d.socket(), name, &[], &log);
+    let (mut c, sid) = smb_session(&smb.addr);
+    let r = smb_persistent_create(&mut c, sid, "f");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+
+    let first = rkfilter_tests::InFlight::send(
+        c,
+        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
     );
+    d.wait_stalled_at(STALL, Duration::from_secs(10));
+    let mut logoff = rkfilter_tests::InFlight::send(
+        LineClient::connect(&smb.addr),
+        json!({"cmd": "LOGOFF", "session_id": sid}),
+    );
+    wait_logged(&log, &format!("LOGOFF of session {sid} waits"));
+
+    // Another client is served meanwhile.
+    let (mut other, osid) = smb_session(&smb.addr);
+    let r = other.call(json!({"cmd": "CREATE", "session_id": osid, "path": "g",
+        "access": ["read", "write"], "share": [], "disposition": "open_if"}));
+    assert_eq!(
+        r["status"], "STATUS_SUCCESS",
+        "another client's CREATE: {r}"
+    );
+    let gid = r["file_id"].clone();
+    let data = base64::engine::general_purpose::STANDARD.encode("data");
+    let r = other.call(json!({"cmd": "WRITE", "session_id": osid, "file_id": gid,
+        "offset": 0, "data": data}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = other.call(json!({"cmd": "READ", "session_id": osid, "file_id": gid,
+        "offset": 0, "length": 10}));
+    assert_eq!(r["data"], data, "{r}");
+    let r = other.call(json!({"cmd": "CLOSE", "session_id": osid, "file_id": gid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(
+        !logoff.early(Duration::ZERO),
+        "the LOGOFF still waits for the CLOSE"
+    );
+
+    let r = first
+        .outcome("the first CLOSE", Duration::from_secs(60))
+        .expect("an answer");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = logoff
+        .outcome("the LOGOFF", Duration::from_secs(60))
+        .expect("an answer");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "once the close is made: {r}");
+    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+    let r = other.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_USER_SESSION_DELETED", "ended: {r}");
 }

@@ -6,8 +6,8 @@ use std::net::{IpAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine as _;
@@ -403,6 +403,10 @@ struct Shared {
     /// The client connections, let go of when filterd steps down.
     clients: Arc<shimline::ClientGate>,
     sessions: Mutex<HashMap<u64, Session>>,
+    /// Told (with `sessions`) when a close in flight is answered
+    /// ([`Session::closing`] loses a key): a LOGOFF waits on it for the
+    /// session's closes in flight ([`wait_closes_in_flight`]).
+    closes_answered: Condvar,
     /// The create GUIDs of CREATEs in flight or unanswered, each owned by
     /// one session, for its LOGOFF to close. Locked alone or inside the
     /// sessions lock, never the other way.
@@ -548,6 +552,7 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
             })
             .collect(),
         sessions: Mutex::new(HashMap::new()),
+        closes_answered: Condvar::new(),
         unanswered: Mutex::new(Unanswered::default()),
         opens: Mutex::new(HashMap::new()),
         writers: shimline::Writers::default(),
@@ -1483,14 +1488,8 @@ fn create_with(
         _ => filter_fail(e),
     })?;
     test_hold_store();
-    // A replay that found the handle of an open whose CLOSE filterd never
-    // answered: that CLOSE came first and is being made again (`settle`),
-    // so the open is not handed out again, to be closed under the client.
-    if replay && m.unsettled.contains(h.info.key) {
-        return Err(Fail(
-            "STATUS_FILE_NOT_AVAILABLE",
-            "the open's CLOSE is still being made".into(),
-        ));
+    if replay {
+        closing_first(sh, m, h.info.key)?;
     }
     note_locked(m, &h.info);
     let file_id = h.info.key.to_string();
@@ -1521,6 +1520,9 @@ fn create_with(
     } else {
         access.rights()
     };
+    if replay {
+        test_hold_replay();
+    }
     // Whether the session lives is checked under the opens lock, and the
     // open stored before it goes: a session that ended while filterd made
     // the open (a LOGOFF, or a SESSION_SETUP naming it as
@@ -1583,6 +1585,13 @@ fn create_with(
         // Counted under its new session's peer from now on.
         existing.counted = counted;
     } else {
+        if replay {
+            // Checked again under the opens lock, under which a CLOSE
+            // takes the open out of the table and notes its close in
+            // flight: one that took it since the check above (while
+            // filterd answered the handle query) is seen here.
+            closing_first(sh, m, h.info.key)?;
+        }
         opens.insert(
             file_id.clone(),
             Open {
@@ -2665,6 +2674,7 @@ fn note_settling(sh: &Shared, session: u64, key: ResumeKey, member: usize) {
             s.settling.push((key, member));
         }
     }
+    sh.closes_answered.notify_all();
 }
 
 /// Drops the in-flight note of open `key`'s close ([`Session::closing`]):
@@ -2675,6 +2685,43 @@ fn closed_answered(sh: &Shared, session: u64, key: ResumeKey) {
             s.closing.retain(|k| *k != key);
         }
     }
+    sh.closes_answered.notify_all();
+}
+
+/// Waits until no close of `session`'s opens is in flight to filterd
+/// ([`Session::closing`]: CLOSEs from other connections of the session),
+/// or the session is gone, or `until` has come. Only the waiting
+/// request's connection waits: the close itself is bounded by filterd's
+/// call timeout (then it is settling, [`Session::settling`]), and other
+/// clients are served meanwhile.
+fn wait_closes_in_flight(sh: &Shared, session: u64, until: Instant) {
+    if !closes_in_flight(sh, session) {
+        return;
+    }
+    // Not under the lock: a write to a full stderr pipe may block.
+    eprintln!("smbshim: LOGOFF of session {session} waits for its closes in flight");
+    let Ok(mut sessions) = sh.sessions.lock() else {
+        return;
+    };
+    while sessions
+        .get(&session)
+        .is_some_and(|s| !s.closing.is_empty())
+    {
+        let Some(left) = until.checked_duration_since(Instant::now()) else {
+            return;
+        };
+        sessions = match sh.closes_answered.wait_timeout(sessions, left) {
+            Ok((s, _)) => s,
+            Err(_) => return,
+        };
+    }
+}
+
+/// Whether a close of `session`'s opens is in flight ([`Session::closing`]).
+fn closes_in_flight(sh: &Shared, session: u64) -> bool {
+    sh.sessions
+        .lock()
+        .is_ok_and(|s| s.get(&session).is_some_and(|s| !s.closing.is_empty()))
 }
 
 /// Whether a close of open `key` is in flight to filterd or settling
@@ -2688,6 +2735,25 @@ fn close_pending_any(sh: &Shared, key: ResumeKey) -> bool {
                     .any(|(k, m)| *k == key && still_settling(sh, *k, *m))
         })
     })
+}
+
+/// A replayed CREATE that found handle `key` (of member `m`) must not
+/// get it back while a CLOSE of its open is in flight to filterd or
+/// being made again ([`close_pending_any`], [`Unsettled::contains`]):
+/// that CLOSE came first, and the open handed out would be closed under
+/// the client. Told to retry, as a retried CLOSE of it is
+/// ([`close_unsettled`]); once the close is made the GUID names no open
+/// and the replay runs the CREATE anew (spec, "Create replay"). Before
+/// (re-review), only a close being made again was seen: a replay while
+/// the close was still in flight got the open back.
+fn closing_first(sh: &Shared, m: &Member, key: ResumeKey) -> Result<(), Fail> {
+    if m.unsettled.contains(key) || close_pending_any(sh, key) {
+        return Err(Fail(
+            "STATUS_FILE_NOT_AVAILABLE",
+            "the open's CLOSE is still being made; retry".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether member `member`'s settler still closes handle `key`.
@@ -2865,37 +2931,56 @@ fn keep_open(sh: &Shared, file_id: String, open: Open) {
 /// the client keeps the session's opens to RECONNECT and CLOSE through a
 /// replacement smbshim should this one die first. Only then does the
 /// session end.
+///
+/// A CLOSE of one of the session's opens in flight to filterd (sent on
+/// another connection of the session, [`Session::closing`]) is waited
+/// for, up to [`LETTING_GO_WAIT`] in all, as a replayed CREATE waits for
+/// a session's end: made, its open is gone; undone, its open is back
+/// and closed here with the others. Past the bound the LOGOFF is
+/// `STATUS_FILE_NOT_AVAILABLE`, the session kept. Before (re-review
+/// rr40h), it was refused at once, and a client that then dropped its
+/// connection without a LOGOFF again left an open whose close was undone
+/// disconnected, for its durable timeout.
 fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let (session, _, _) = session_of(sh, obj)?;
-    let mine: Vec<String> = sh
-        .opens
-        .lock()
-        .map(|o| {
-            o.iter()
-                .filter(|(_, v)| v.session == session)
-                .map(|(k, _)| k.clone())
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut failed = None;
-    let mut unknown = None;
-    for file_id in mine {
-        let closed = open_in(sh, session, &file_id)
-            .map_err(|fail| CloseFailed {
-                fail,
-                unknown: false,
+    let until = Instant::now() + LETTING_GO_WAIT;
+    let (mut failed, mut unknown) = (None, None);
+    loop {
+        wait_closes_in_flight(sh, session, until);
+        let mine: Vec<String> = sh
+            .opens
+            .lock()
+            .map(|o| {
+                o.iter()
+                    .filter(|(_, v)| v.session == session)
+                    .map(|(k, _)| k.clone())
+                    .collect()
             })
-            .and_then(|o| close_taken(sh, o));
-        match closed {
-            Ok(()) => {}
-            Err(f) if f.unknown => unknown = Some(f.fail),
-            Err(f) => failed = Some(f.fail),
+            .unwrap_or_default();
+        for file_id in mine {
+            // Gone since it was listed: closed, or its close in flight
+            // from another connection (waited for below).
+            let Ok(o) = open_in(sh, session, &file_id) else {
+                continue;
+            };
+            match close_taken(sh, o) {
+                Ok(()) => {}
+                Err(f) if f.unknown => unknown = Some(f.fail),
+                Err(f) => failed = Some(f.fail),
+            }
+        }
+        // A CLOSE from another connection that took an open meanwhile:
+        // waited for too (undone, its open is back, to close).
+        let done = unknown.is_some() || failed.is_some() || !closes_in_flight(sh, session);
+        if done || Instant::now() >= until {
+            break;
         }
     }
     if let Some(e) = unknown {
         return Err(e);
     }
-    // A retried LOGOFF whose closes are still settling: not made yet.
+    // A retried LOGOFF whose closes are still settling (or past the
+    // bound, still in flight): not made yet.
     if session_settling(sh, session) {
         return Err(close_unsettled());
     }
@@ -3323,7 +3408,7 @@ const FORGOTTEN_BREAKS_WAIT: Duration = Duration::from_secs(1);
 /// Returns once every break was written to its socket, or after
 /// [`FORGOTTEN_BREAKS_WAIT`] (a client that does not read).
 fn break_forgotten_leases(sh: &Shared, gone: Vec<(HeldLease, u64)>) {
-    let until = std::time::Instant::now() + FORGOTTEN_BREAKS_WAIT;
+    let until = Instant::now() + FORGOTTEN_BREAKS_WAIT;
     let mut sent = Vec::new();
     for (l, session) in gone {
         let Some(w) = writer_of(sh, session) else {
@@ -3645,8 +3730,8 @@ fn test_hold_store() {
         "smbshim: test hook: a CREATE filterd answered waits for {}",
         path.display()
     );
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while !path.exists() && std::time::Instant::now() < until {
+    let until = Instant::now() + Duration::from_secs(60);
+    while !path.exists() && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -3655,18 +3740,33 @@ fn test_hold_store() {
 /// CREATE that stored an open with a lease waits before its reply is
 /// queued (`smb.rs::a_break_after_its_open_is_stored_waits_for_its_reply`).
 fn test_hold_reply() {
+    test_hold_while("hold-reply", "a stored CREATE's reply waits");
+}
+
+/// [`test_hold_path`]: while `<path>.hold-replay` exists (60 s at most), a
+/// replayed CREATE filterd answered, its handle query made, waits before
+/// it is stored, so that a CLOSE of the open can take it meanwhile
+/// (`failed_close.rs::smbshim_hands_out_no_open_whose_close_is_in_flight`).
+fn test_hold_replay() {
+    test_hold_while("hold-replay", "a replayed CREATE waits before its store");
+}
+
+/// While `<`[`test_hold_path`]`>.<suffix>` exists (60 s at most), waits,
+/// logging `what` first.
+fn test_hold_while(suffix: &str, what: &str) {
     let Some(path) = test_hold_path() else {
         return;
     };
     let mut hold = path.as_os_str().to_owned();
-    hold.push(".hold-reply");
+    hold.push(".");
+    hold.push(suffix);
     let hold = std::path::PathBuf::from(hold);
     if !hold.exists() {
         return;
     }
-    eprintln!("smbshim: test hook: a stored CREATE's reply waits");
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while hold.exists() && std::time::Instant::now() < until {
+    eprintln!("smbshim: test hook: {what}");
+    let until = Instant::now() + Duration::from_secs(60);
+    while hold.exists() && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
