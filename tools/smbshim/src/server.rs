@@ -293,9 +293,11 @@ struct Session {
     /// the open is taken out of the table, before filterd is asked, and
     /// dropped once it answers (or moved to [`Session::settling`] if it
     /// never does). Sessions are named by id from any connection, so a
-    /// CLOSE or LOGOFF retried on another connection while the first
-    /// close still waits for filterd finds the note and is told
-    /// STATUS_FILE_NOT_AVAILABLE — before, it found neither the open nor a
+    /// CLOSE retried on another connection while the first close still
+    /// waits for filterd finds the note and is told
+    /// STATUS_FILE_NOT_AVAILABLE, a LOGOFF waits for the answer
+    /// ([`wait_closes_in_flight`]), and a replayed CREATE that finds the
+    /// handle is refused ([`closing_first`]) — before, it found neither the open nor a
     /// note and was told FILE_CLOSED (or SUCCESS, ending the session and
     /// dropping the settling note to come): the client forgot an open
     /// whose close might never be made (re-review rr40f 2).
