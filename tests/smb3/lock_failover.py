@@ -91,6 +91,7 @@ from smbtest import (
     persistent_context,
     sent_as_replay,
     set_info_status,
+    status_of,
 )
 
 HOST, PORT, SHARE, USER, PASSWORD = args()
@@ -148,14 +149,6 @@ def granted(resp, field):
 def lease_of(resp):
     lease = granted(resp, "lease_state")
     return lease["lease_state"].get_value() if lease else 0
-
-
-def status_of(call):
-    try:
-        call()
-        return 0
-    except SMBResponseException as e:
-        return e.status
 
 
 conn = f = first_f = None

@@ -126,21 +126,27 @@ def durable_v2(create_guid):
     return context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_REQUEST_V2, dh2q)
 
 
+def reconnect_context(file_id, create_guid, persistent=True):
+    """A DH2C create context of open `file_id` (create GUID `create_guid`),
+    persistent unless `persistent` is False."""
+    dh2c = SMB2CreateDurableHandleReconnectV2()
+    dh2c["file_id"] = file_id
+    dh2c["create_guid"] = create_guid
+    dh2c["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT if persistent else 0
+    return context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_RECONNECT_V2, dh2c)
+
+
 def reconnect_v2(tree, name, file_id, create_guid, contexts=(), oplock_level=0, persistent=True):
     """A DH2C (persistent, unless `persistent` is False: no
     SMB2_DHANDLE_FLAG_PERSISTENT) of open `file_id` (create GUID
     `create_guid`) of file `name` on `tree`, with `contexts` besides: (the
     Open, 0), or (None, the status it failed with)."""
-    dh2c = SMB2CreateDurableHandleReconnectV2()
-    dh2c["file_id"] = file_id
-    dh2c["create_guid"] = create_guid
-    dh2c["flags"] = DurableHandleFlags.SMB2_DHANDLE_FLAG_PERSISTENT if persistent else 0
     try:
         f, _ = create_rw(
             tree,
             name,
             CreateDisposition.FILE_OPEN,
-            [context(CreateContextName.SMB2_CREATE_DURABLE_HANDLE_RECONNECT_V2, dh2c), *contexts],
+            [reconnect_context(file_id, create_guid, persistent), *contexts],
             oplock_level,
         )
     except SMBResponseException as e:
@@ -153,11 +159,12 @@ def open_rw(tree, name, disposition, contexts=(), oplock_level=0):
     return create_rw(tree, name, disposition, contexts, oplock_level)[0]
 
 
-def create_file(tree, name, access, share, disposition=CreateDisposition.FILE_OPEN, options=0, contexts=(), oplock_level=0):
+def create_file(tree, name, access, share, disposition=CreateDisposition.FILE_OPEN, options=0, contexts=(), oplock_level=0, send=True):
     """An open of file `name` with `access`, sharing `share`, with the
     create options `options` besides FILE_NON_DIRECTORY_FILE and the
     create contexts `contexts`: the Open and the create contexts of the
-    response."""
+    response (`send` False: the Open and the request sent, its answer
+    not waited for)."""
     f = Open(tree, name)
     resp = f.create(
         ImpersonationLevel.Impersonation,
@@ -168,7 +175,10 @@ def create_file(tree, name, access, share, disposition=CreateDisposition.FILE_OP
         CreateOptions.FILE_NON_DIRECTORY_FILE | options,
         create_contexts=list(contexts),
         oplock_level=oplock_level,
+        send=send,
     )
+    if not send:
+        return f, tree.session.connection.send(resp[0], tree.session.session_id, tree.tree_connect_id)
     return f, resp or []
 
 
@@ -188,6 +198,15 @@ def open_exclusive(server, name, data):
     check(exclusive.read(0, len(data)) == data, "another client opens the file sharing nothing, the data written")
     exclusive.close()
     other.disconnect()
+
+
+def status_of(call):
+    """The NTSTATUS `call` failed with, or 0."""
+    try:
+        call()
+        return 0
+    except SMBResponseException as e:
+        return e.status
 
 
 def lock_in_sequence(f, offset, length, flags, index, number, wait=True):

@@ -34,6 +34,43 @@ pub fn node(name: &str, export: &std::path::Path) -> Scratch {
     s
 }
 
+/// filterd on node scratch `s` with the table in etcd at `url`, lease TTL
+/// `ttl` seconds, `--standby` when `standby`, and `flags` besides; not
+/// waited for.
+pub fn node_filterd(
+    s: &Scratch,
+    url: &str,
+    ttl: &str,
+    standby: bool,
+    flags: &[&str],
+) -> crate::Filterd {
+    let mut all = vec!["--store", url, "--lease-ttl-secs", ttl];
+    all.extend_from_slice(flags);
+    if standby {
+        all.push("--standby");
+    }
+    crate::Filterd::spawn(s, &all, &[])
+}
+
+/// Two nodes `NAME-a` and `NAME-b` on `export` and the table at `url`
+/// ([`node_filterd`] with `ttl` and `flags`): A owning it (ready), B
+/// `--standby` (waiting for the owner). (A's scratch, A, B's, B).
+pub fn owner_and_standby(
+    name: &str,
+    export: &std::path::Path,
+    url: &str,
+    ttl: &str,
+    flags: &[&str],
+) -> (Scratch, crate::Filterd, Scratch, crate::Filterd) {
+    let sa = node(&format!("{name}-a"), export);
+    let sb = node(&format!("{name}-b"), export);
+    let a = node_filterd(&sa, url, ttl, false, flags);
+    a.wait_ready();
+    let b = node_filterd(&sb, url, ttl, true, flags);
+    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    (sa, a, sb, b)
+}
+
 struct Member {
     name: String,
     client: u16,

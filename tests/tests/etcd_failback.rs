@@ -22,21 +22,13 @@
 
 use std::time::Duration;
 
-use rkfilter_tests::etcd::{etcd_available, node, Cluster};
+use rkfilter_tests::etcd::{etcd_available, node_filterd, owner_and_standby, Cluster};
 use rkfilter_tests::smb3::Dialogue;
-use rkfilter_tests::{Filterd, RkSmbd, Scratch};
+use rkfilter_tests::{RkSmbd, Scratch};
 
 const TTL: &str = "2";
 const USERS: &[(&str, &str)] = &[("alice", "pw")];
 const FILE_CLOSED: &str = "0xc0000128";
-
-fn start_node(s: &Scratch, url: &str, standby: bool) -> Filterd {
-    let mut flags = vec!["--store", url, "--lease-ttl-secs", TTL];
-    if standby {
-        flags.push("--standby");
-    }
-    Filterd::spawn(s, &flags, &[])
-}
 
 /// `lock_failover.py` against `srv` with `f` open on a persistent handle
 /// (its own client GUID).
@@ -78,12 +70,7 @@ fn fail_back(name: &str, pending_lock: bool) {
     std::fs::write(export.join("f"), vec![b'.'; 100]).unwrap();
     let cluster = Cluster::start(&shared, 1);
     let url = cluster.url(&format!("rk/{name}"));
-    let sa = node(&format!("{name}-a"), &export);
-    let sb = node(&format!("{name}-b"), &export);
-    let mut a = start_node(&sa, &url, false);
-    a.wait_ready();
-    let mut b = start_node(&sb, &url, true);
-    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    let (sa, mut a, sb, mut b) = owner_and_standby(name, &export, &url, TTL, &[]);
     let rksmbd_a = RkSmbd::start(&sa, "rksmbd", "data", USERS);
 
     // Bob locks [0,10); alice's blocking LOCK of it waits on rksmbd A.
@@ -122,7 +109,7 @@ fn fail_back(name: &str, pending_lock: bool) {
     // as standby; B dies; A owns again, and rksmbd A (alive all along)
     // reattaches.
     a.kill9();
-    let a2 = start_node(&sa, &url, true);
+    let a2 = node_filterd(&sa, &url, TTL, true, &[]);
     a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
     rksmbd_b.shim.kill9();
     b.kill9();
