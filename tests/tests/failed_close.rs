@@ -534,6 +534,29 @@ fn rksmbd_retried_close_waits_for_filterd() {
     assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
 }
 
+/// The same through a second channel of the session (multichannel): the
+/// FileId's retried CLOSE sent there, while the close settles, is
+/// STATUS_FILE_NOT_AVAILABLE as on the first, and a TREE_DISCONNECT of the
+/// open's tree is STATUS_FILE_NOT_AVAILABLE too, the tree staying. Before,
+/// the settling note was kept by the connection the CLOSE came on, so a
+/// retry elsewhere got STATUS_FILE_CLOSED, and the TREE_DISCONNECT
+/// succeeded (the tree, the client's only way to name the open, went).
+#[test]
+fn rksmbd_retried_close_waits_for_filterd_on_every_channel() {
+    let s = Scratch::new("rksmbd-settling-close-channel");
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = Dialogue::start(&srv, "settling_close_channel.py", Duration::from_secs(60));
+    script.expect("refused");
+    d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
+    script.say("go");
+    script.expect("still");
+    let d = Filterd::start(&s, &[], &[]);
+    script.say("go");
+    script.finish();
+    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+}
+
 /// rksmbd and `script`, its filterd killed under its second commit
 /// (commit 1 records the persistent create) once `until_killed` went
 /// through the script, then restarted: (scratch, rksmbd, the restarted

@@ -3206,10 +3206,15 @@ impl Connection {
             .collect();
         // Oldest first, as in close_opens_where (lock.cancel-logoff).
         ids.sort_unstable();
+        // A close of one of its opens still settling: as for its retried
+        // CLOSE, the client is told to retry, nothing done (the session
+        // stays, so that it may still name the open).
+        crate::settle::still_settling(&self.sh, self.settling.values(), id, None)?;
         // A close filterd did not make keeps its open, and the session
         // with it: the LOGOFF fails, the client may CLOSE it or log off
         // again (or drop the connection, which closes it as any open).
         self.release_opens(ids, Ending::Logoff)?;
+        self.settling.retain(|_, n| !n.of_session(id));
         let link = self.sessions.remove(&id).and_then(|s| s.link);
         // Its DH2Q CREATEs answered STATUS_SERVER_UNAVAILABLE and never
         // replayed: their opens are closed, not left to their durable
@@ -3282,7 +3287,16 @@ impl Connection {
     fn tree_disconnect(&mut self, req: &Request<'_>) -> Outcome {
         let (sid, tid) = (req.hdr.session_id, req.hdr.tree_id);
         // As for LOGOFF: the tree stays with the opens filterd kept.
+        // A close of an open of the tree still settling: as for its
+        // retried CLOSE, STATUS_FILE_NOT_AVAILABLE, nothing done, the tree
+        // staying (it was a success, and the client, left no tree to name
+        // the open by, forgot an open whose close was not made). MS-SMB2
+        // 3.3.5.8 has a TREE_DISCONNECT close the tree's opens; this
+        // one's close is not made yet, so the tree is not ended either.
+        crate::settle::still_settling(&self.sh, self.settling.values(), sid, Some(tid))?;
         self.close_opens_where(|o| o.session == sid && o.tree == tid)?;
+        self.settling
+            .retain(|_, n| !(n.of_session(sid) && n.tree == tid));
         if let Some(s) = self.sessions.get_mut(&sid) {
             s.trees.retain(|t| *t != tid);
         }

@@ -19,7 +19,8 @@ use crate::wire::status;
 #[derive(Clone, Copy, Debug)]
 pub struct Settling {
     session: u64,
-    tree: u32,
+    /// The tree it was opened on.
+    pub tree: u32,
     persistent_id: u64,
     /// Its handle, settling.
     pub key: ResumeKey,
@@ -39,12 +40,37 @@ impl Settling {
         }
     }
 
+    /// Whether it is an open of `session`.
+    pub fn of_session(&self, session: u64) -> bool {
+        self.session == session
+    }
+
     /// Whether a request of `session` and `tree` naming persistent id
     /// `persistent` (none: a related request's) names this open.
     pub fn named_by(&self, session: u64, tree: u32, persistent: Option<u64>) -> bool {
         self.session == session
             && self.tree == tree
             && persistent.is_none_or(|p| p == self.persistent_id)
+    }
+}
+
+/// Whether a close of an open of `session` (of its `tree` only, if
+/// given) among `notes` still settles: its TREE_DISCONNECT (or LOGOFF) is
+/// then STATUS_FILE_NOT_AVAILABLE, the tree (the session) staying, as the
+/// retried CLOSE is — ending it would leave the client no way to name the
+/// open, so it would forget an open whose close is not made.
+pub fn still_settling<'a>(
+    sh: &Shared,
+    mut notes: impl Iterator<Item = &'a Settling>,
+    session: u64,
+    tree: Option<u32>,
+) -> Result<(), u32> {
+    if notes.any(|n| {
+        n.session == session && tree.is_none_or(|t| t == n.tree) && sh.unsettled.contains(n.key)
+    }) {
+        Err(status::FILE_NOT_AVAILABLE)
+    } else {
+        Ok(())
     }
 }
 
