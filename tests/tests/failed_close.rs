@@ -557,6 +557,34 @@ fn rksmbd_retried_close_waits_for_filterd_on_every_channel() {
     assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
 }
 
+/// A reconnect (DH2C, from a new connection) of an open whose CLOSE
+/// settles, filterd serving again but the settling close not yet made
+/// (held here, `RKSMBD_TEST_SETTLE_DELAY_MS`), is told to retry. It was
+/// STATUS_OBJECT_NAME_NOT_FOUND (filterd refused the resume, the handle
+/// attached to rksmbd): the client forgot an open whose close only
+/// rksmbd's memory would make — an rksmbd dying then left the handle to
+/// its durable timeout.
+#[test]
+fn rksmbd_reconnect_waits_for_a_settling_close() {
+    let s = Scratch::new("rksmbd-settling-reconnect");
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
+    let env = [("RKSMBD_TEST_SETTLE_DELAY_MS", "60000")];
+    let (srv, _log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let mut script = Dialogue::start(&srv, "settling_reconnect.py", Duration::from_secs(60));
+    script.expect("refused");
+    d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
+    let d = Filterd::start(&s, &[], &[]);
+    script.say("go");
+    script.expect("retry");
+    assert_eq!(
+        handle_paths(d.socket()),
+        ["settling.txt"],
+        "the close still settles"
+    );
+    script.say("go");
+    script.finish();
+}
+
 /// rksmbd and `script`, its filterd killed under its second commit
 /// (commit 1 records the persistent create) once `until_killed` went
 /// through the script, then restarted: (scratch, rksmbd, the restarted

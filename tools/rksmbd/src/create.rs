@@ -1831,6 +1831,16 @@ fn reconnect(
 ) -> Outcome {
     let sh = c.sh.clone();
     let user = c.logged_on(req)?.user.clone().unwrap_or_default();
+    // An open whose CLOSE filterd never answered, its handle settling:
+    // not reconnected (filterd refuses it, attached to rksmbd, and that
+    // was STATUS_OBJECT_NAME_NOT_FOUND), nor told gone before its close is
+    // made — the client is told to retry (`crate::settle::SettlingFileIds`).
+    if sh
+        .settling_ids
+        .settles(&sh.unsettled, rc.persistent_file_id)
+    {
+        return Err(status::FILE_NOT_AVAILABLE);
+    }
     // A leased open belongs to the client GUID, any other to the user.
     let guid = CreateGuid(rc.create_guid);
     let (by_client, by_user) = (client_of(c, &user, true)?, client_of(c, &user, false)?);

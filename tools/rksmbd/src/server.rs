@@ -202,6 +202,9 @@ pub struct Shared {
     pub fds: Arc<shimline::descriptors::Descriptors>,
     /// Handles of forgotten opens whose close filterd never answered.
     pub unsettled: crate::settle::Unsettled,
+    /// The persistent FileIds of those handles' opens, for a reconnect
+    /// naming one on any connection ([`crate::settle::SettlingFileIds`]).
+    pub settling_ids: crate::settle::SettlingFileIds,
     /// The `unanswered-closer` thread's queue: the opens of unanswered
     /// CREATEs a LOGOFF or a takeover closes ([`crate::unanswered`]).
     pub closer: crate::unanswered::Closer,
@@ -476,6 +479,7 @@ fn start(attach: Attachment, instance: &str, config: Config) -> anyhow::Result<A
         dir_shares: Arc::default(),
         fds: shimline::descriptors::Descriptors::new(opens_allowed()),
         unsettled: crate::settle::Unsettled::default(),
+        settling_ids: crate::settle::SettlingFileIds::default(),
         closer,
         replays: libfilter::client::ReplayCounter::default(),
         not_logged_on: NotLoggedOn::default(),
@@ -2266,6 +2270,7 @@ impl Connection {
                 let sh = &self.sh;
                 self.settling.retain(|_, n| sh.unsettled.contains(n.key));
                 self.settling.insert(id, n);
+                sh.settling_ids.note(&sh.unsettled, &n);
             }
         }
         closed

@@ -22,6 +22,8 @@ pub struct Settling {
     /// The tree it was opened on.
     pub tree: u32,
     persistent_id: u64,
+    /// Whether it is durable (or persistent): one a reconnect may name.
+    durable: bool,
     /// Its handle, settling.
     pub key: ResumeKey,
 }
@@ -34,6 +36,7 @@ impl Settling {
                 session: o.session,
                 tree: o.tree,
                 persistent_id: o.persistent_id,
+                durable: o.durable,
                 key: *key,
             }),
             Kind::Dir { .. } => None,
@@ -74,6 +77,50 @@ pub fn still_settling<'a>(
     }
 }
 
+/// The persistent FileIds of the opens whose close settles, with their
+/// handles, across connections: a DH2C or DHnC naming one is answered
+/// STATUS_FILE_NOT_AVAILABLE while it settles ([`SettlingFileIds::settles`]).
+/// The client's connection may be gone by then, and its notes
+/// ([`crate::server::Connection::settling`]) with it; filterd, which
+/// holds the handle attached to rksmbd, refuses the resume
+/// (`NoSuchHandle`), which was STATUS_OBJECT_NAME_NOT_FOUND: the client
+/// forgot an open whose close was not made, as a retried CLOSE answered
+/// STATUS_FILE_CLOSED had it forget one (rvchaos 1). Bounded by the
+/// handles settling: those settled go whenever one is noted.
+#[derive(Default)]
+pub struct SettlingFileIds(std::sync::Mutex<std::collections::HashMap<u64, ResumeKey>>);
+
+impl SettlingFileIds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, ResumeKey>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `n`'s close settles (its handle is in `unsettled`). Only a
+    /// durable open's is kept: another's persistent FileId is its
+    /// volatile one, which no reconnect names.
+    pub fn note(&self, unsettled: &Unsettled, n: &Settling) {
+        if !n.durable {
+            return;
+        }
+        let mut ids = self.lock();
+        ids.retain(|_, k| unsettled.contains(*k));
+        ids.insert(n.persistent_id, n.key);
+    }
+
+    /// Whether the open of persistent FileId `persistent` still settles.
+    pub fn settles(&self, unsettled: &Unsettled, persistent: u64) -> bool {
+        let mut ids = self.lock();
+        match ids.get(&persistent) {
+            Some(k) if unsettled.contains(*k) => true,
+            Some(_) => {
+                ids.remove(&persistent);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
 /// What a retried CLOSE of `n` is answered: STATUS_FILE_NOT_AVAILABLE
 /// (retry) while its handle settles, else `Ok` — the close is made.
 pub fn retried_close(sh: &Shared, n: &Settling) -> Result<(), u32> {
@@ -86,6 +133,21 @@ pub fn retried_close(sh: &Shared, n: &Settling) -> Result<(), u32> {
 
 /// The settling thread: runs for the life of rksmbd.
 pub fn run(sh: Arc<Shared>) {
-    sh.unsettled
-        .run(|key, told| sh.filter.close_told(key, told));
+    sh.unsettled.run(|key, told| {
+        test_delay_before_a_try();
+        sh.filter.close_told(key, told)
+    });
+}
+
+/// Tests only (debug builds): `$RKSMBD_TEST_SETTLE_DELAY_MS` holds each
+/// try of a settling close, so that a test can reach rksmbd while the
+/// close settles with filterd serving
+/// (`rksmbd_reconnect_waits_for_a_settling_close`).
+fn test_delay_before_a_try() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    crate::create::test_delay(
+        &DELAY,
+        "RKSMBD_TEST_SETTLE_DELAY_MS",
+        "a settling close is held before its try",
+    );
 }
