@@ -878,6 +878,20 @@ fn smbprotocol_script_passes(srv: &RkSmbd, script: &str) {
     smbprotocol_script_passes_with(srv, script, &[]);
 }
 
+/// A connection rksmbd ends while a CREATE of it waits for a lease break
+/// acknowledgment (serving the connection meanwhile, `Connection::pump`)
+/// ends at once: before, only the reader's share of the socket went — the
+/// one the frontend's client gate knows — and the writer's copies held the
+/// socket open, where a let-go (filterd stepping down) could no longer
+/// shut it, until the wait was over (tests/smb3/pump_ended.py).
+#[test]
+fn a_connection_ended_while_a_request_waits_ends_at_once() {
+    let s = Scratch::new("rksmbd-pump-ended");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "15000"], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes(&srv, "pump_ended.py");
+}
+
 /// Review wB: rksmbd's opens had no cap below its descriptor limit. Under
 /// a limit of 128 one client's opens filled the table (117), its next
 /// CREATEs failed STATUS_INTERNAL_ERROR, and every other client's

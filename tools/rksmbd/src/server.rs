@@ -1260,7 +1260,7 @@ impl Connection {
         // Before the socket closes: a client that sees it closed finds the
         // turns given back.
         self.drop_deferred_logons();
-        self.io = None;
+        self.end_io();
         if let Some(o) = self.outbox.take() {
             o.end();
         }
@@ -1959,6 +1959,19 @@ impl Connection {
         }
     }
 
+    /// The connection's socket is done with: shut down, then let go. Not
+    /// only let go: the writer's copies of it (lease breaks, the outbox of
+    /// a channel) would hold it open, while the frontend's client gate
+    /// knows only this one ([`shimline::ClientGate`], weakly) — a let-go
+    /// (filterd stepping down) could not shut it, and the client saw no
+    /// end, until the request that was pumping ended (up to a break
+    /// timeout; `a_connection_ended_while_a_request_waits_ends_at_once`).
+    fn end_io(&mut self) {
+        if let Some((s, _)) = self.io.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// While a request waits for something only the client can give — an
     /// open waiting for the client to acknowledge a lease break — serves
     /// the client's next PDU, if one arrives within `wait`. Nested at most
@@ -1975,11 +1988,11 @@ impl Connection {
             Ready::Socket => match self.read_frame() {
                 Some(Received::Pdu(pdu)) => {
                     if !self.answer_own(&pdu) {
-                        self.io = None;
+                        self.end_io();
                     }
                 }
                 Some(Received::KeepAlive) => {}
-                None => self.io = None,
+                None => self.end_io(),
             },
             Ready::Inbox => self.serve_inbox(),
             Ready::Notify => crate::notify::deliver(self),

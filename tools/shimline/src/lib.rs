@@ -927,9 +927,20 @@ struct Entered {
 }
 
 impl Drop for Entered {
+    /// The thread serving the connection is done, but another copy of its
+    /// socket (a writer thread's, draining replies) may hold it open:
+    /// counted in until that lets go too (pruned then, by the next
+    /// [`ClientGate::enter`]), so that a let-go meanwhile still shuts it.
+    /// Before, the entry went with the serving thread, and a let-go missed
+    /// a connection its writer kept open.
     fn drop(&mut self) {
         if let Ok(mut g) = self.gate.inner.lock() {
-            g.live.remove(&self.conn);
+            if g.live
+                .get(&self.conn)
+                .is_some_and(|w| w.strong_count() == 0)
+            {
+                g.live.remove(&self.conn);
+            }
         }
     }
 }
@@ -941,6 +952,9 @@ impl ClientGate {
         if g.shut {
             return None;
         }
+        // Those whose every copy has let go (bounded by the connections
+        // held open).
+        g.live.retain(|_, w| w.strong_count() > 0);
         g.live.insert(conn, Arc::downgrade(stream));
         Some(Entered {
             gate: self.clone(),
@@ -957,10 +971,12 @@ impl ClientGate {
             return 0;
         };
         g.shut = true;
+        let mut n = 0;
         for s in g.live.values().filter_map(std::sync::Weak::upgrade) {
             let _ = s.shutdown(Shutdown::Both);
+            n += 1;
         }
-        g.live.len()
+        n
     }
 
     /// Opens the gate again; whether it was shut.
@@ -1698,6 +1714,49 @@ mod tests {
             };
             assert!(ended, "a served connection was kept");
         }
+    }
+
+    /// A connection whose serving thread is done while a writer still
+    /// holds its socket (draining replies) is shut by a let-go: before,
+    /// the gate forgot it with the serving thread, and the writer kept it
+    /// open past the let-go. (The connection cap of one tells when the
+    /// first serving thread is done: a second connection is served.)
+    #[test]
+    fn a_let_go_shuts_a_connection_its_writer_still_holds() {
+        use std::io::Read;
+        let (l, addr, gate, cfg) = gated_listener(1);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let g = gate.clone();
+        std::thread::spawn(move || {
+            accept_forever_gated(l, cfg, g, move |conn, s: Arc<TcpStream>| {
+                // The writer's copy outlives the serving thread.
+                let _ = tx.send((conn, s));
+            })
+        });
+        let wait = std::time::Duration::from_secs(10);
+        let mut first = TcpStream::connect(addr).expect("connect");
+        let (_, writer) = rx.recv_timeout(wait).expect("served");
+        let deadline = std::time::Instant::now() + wait;
+        let second = loop {
+            let c = TcpStream::connect(addr).expect("connect");
+            if let Ok((_, s)) = rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                break (c, s);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "second connection served"
+            );
+        };
+        assert_eq!(gate.let_go(), 2, "both held open");
+        first
+            .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .expect("timeout");
+        let ended = match first.read(&mut [0u8; 16]) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(ended, "the connection its writer holds was kept");
+        drop((writer, second));
     }
 
     /// A listener on a free loopback port, a gate, and a configuration
