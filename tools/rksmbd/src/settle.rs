@@ -2,7 +2,10 @@
 //! and hands its handle to [`libfilter::settle::Unsettled`], which a
 //! `close-settler` thread closes again until filterd answers for it (see
 //! that module for why). Until then the client's retried CLOSE of it is
-//! answered STATUS_FILE_NOT_AVAILABLE ([`Settling`]).
+//! answered STATUS_FILE_NOT_AVAILABLE ([`Settling`]), and so are a
+//! TREE_DISCONNECT of its tree and a LOGOFF of its session
+//! ([`still_settling`]) and, from any connection, a reconnect of it
+//! ([`SettlingFileIds`]).
 
 use std::sync::Arc;
 
