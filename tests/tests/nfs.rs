@@ -534,6 +534,64 @@ fn a_clients_own_write_open_does_not_recall_its_delegation() {
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": o["delegation"]["stateid"]})));
 }
 
+/// Review rvnfsnode 2: a CB_RECALL issued while the holder had no
+/// connection (its connection dropped, or none yet since a restore) was
+/// sent nowhere and never again: the holder came back and renewed, heard
+/// of no recall, and its write delegation was revoked at the break
+/// timeout, its writes under it refused (NFS4ERR_EXPIRED). The recall
+/// goes again when the holder's requests come on a new connection: it
+/// writes back, returns the delegation, and the conflicting open is
+/// granted long before the break timeout, the holder's data kept.
+#[test]
+fn a_recall_issued_while_the_holder_is_away_reaches_it_on_its_new_connection() {
+    let s = Scratch::new("nfs-recall-reconnect");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-rr");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "0000000000000e21");
+    let o = ok(a.open("p", "f", "both", "none", {
+        let mut c = create();
+        c["want_delegation"] = json!("write");
+        c
+    }));
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let dsid = o["delegation"]["stateid"].clone();
+    ok(a.call(json!({"op": "WRITE", "stateid": dsid, "offset": 0, "data": b64("cached")})));
+    // Alice's connection drops; Bob's open recalls her delegation.
+    a.c = LineClient::connect(&nfs.addr);
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "0000000000000e22");
+    let bo = json!({"op": "OPEN", "owner": "q", "path": "f", "access": "read", "deny": "none"});
+    let began = std::time::Instant::now();
+    let r = b.call(bo.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    // Alice is back (on the new connection) and writes under the
+    // delegation: the recall comes before the reply.
+    a.seqid += 1;
+    let mut w = json!({"op": "WRITE", "stateid": dsid, "offset": 6, "data": b64(" data")});
+    w["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
+    let id = a.c.send_only("xid", w);
+    let (r, mut seen) = a.c.reply_to("xid", id).expect("the WRITE's reply");
+    ok(r);
+    if seen.is_empty() {
+        a.c.set_read_timeout(Duration::from_secs(5));
+        seen.extend(a.c.next_line());
+    }
+    assert_eq!(
+        (seen.len(), &seen.first().map(|v| v["op"].clone())),
+        (1, &Some(json!("CB_RECALL"))),
+        "the recall, once, on the new connection: {seen:?}"
+    );
+    assert_eq!(seen[0]["stateid"]["other"], dsid["other"], "{seen:?}");
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
+    let r = ok(b.resend_patiently(&bo, Duration::from_secs(10)));
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "granted after {:?}, not at the break timeout",
+        began.elapsed()
+    );
+    let r = ok(b.call(json!({"op": "READ", "stateid": r["stateid"], "offset": 0, "count": 100})));
+    assert_eq!(r["data"], b64("cached data"), "alice's writes kept: {r}");
+}
+
 #[test]
 fn time_down_does_not_count_against_a_lease() {
     let s = Scratch::new("nfs-downtime");

@@ -617,6 +617,53 @@ fn another_clients_deny_read_open_recalls_a_kept_delegation() {
     ok(b.resend_patiently(&again, Duration::from_secs(10)));
 }
 
+/// filterd and nfsshim (instance `instance`, one open per client, lease
+/// `lease_ms`) in a new scratch dir `name` holding files f, g and h (each
+/// its name), and client host-a's session.
+fn at_one_open(name: &str, instance: &str, lease_ms: &str) -> (Scratch, Filterd, Shim, Nfs) {
+    let s = Scratch::new(name);
+    for f in ["f", "g", "h"] {
+        std::fs::write(s.root().join(f), f).unwrap();
+    }
+    let d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start_with(
+        "nfsshim",
+        &s.socket(),
+        instance,
+        &["--max-opens-per-client", "1", "--lease-ms", lease_ms],
+    );
+    let a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    (s, d, nfs, a)
+}
+
+/// A read delegation of `path` kept past its open's CLOSE: its stateid.
+fn keep_delegation(a: &mut Nfs, path: &str) -> Value {
+    let o = ok(a.open(
+        "oo",
+        path,
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ));
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    o["delegation"]["stateid"].clone()
+}
+
+/// `req` sent on `a`'s slot 0 at its current seqid: the answer, and the
+/// lines (callbacks) sent on the same connection before it.
+fn answer_and_callbacks(a: &mut Nfs, req: &Value) -> (Value, Vec<Value>) {
+    let mut req = req.clone();
+    req["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
+    let id = a.c.send_only("xid", req);
+    a.c.reply_to("xid", id).expect("the answer")
+}
+
+/// Whether `seen` holds a CB_RECALL of delegation `deleg`.
+fn recalls(seen: &[Value], deleg: &Value) -> bool {
+    seen.iter()
+        .any(|cb| cb["op"] == "CB_RECALL" && cb["stateid"]["other"] == deleg["other"])
+}
+
 /// Re-review D2: delegations kept past their opens' CLOSE counted against
 /// the client's open limit (`--max-opens-per-client`) with nothing
 /// reclaiming them, so every later OPEN of the client was
@@ -626,46 +673,17 @@ fn another_clients_deny_read_open_recalls_a_kept_delegation() {
 /// (NFS4ERR_EXPIRED, its handle closed) and the OPEN re-sent is granted.
 #[test]
 fn kept_delegations_are_recalled_to_make_room_at_the_open_limit() {
-    let s = Scratch::new("nfs-deleg-close-limit");
-    for f in ["f", "g", "h"] {
-        std::fs::write(s.root().join(f), f).unwrap();
-    }
-    let _d = Filterd::start(&s, &[], &[]);
-    let nfs = Shim::start_with(
-        "nfsshim",
-        &s.socket(),
-        "nfs-dcm",
-        &["--max-opens-per-client", "1", "--lease-ms", "2000"],
-    );
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let keep = |a: &mut Nfs, path: &str| {
-        let o = ok(a.open(
-            "oo",
-            path,
-            "read",
-            "none",
-            json!({"want_delegation": "read"}),
-        ));
-        ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-        o["delegation"]["stateid"].clone()
-    };
+    let (s, _d, _nfs, mut a) = at_one_open("nfs-deleg-close-limit", "nfs-dcm", "2000");
     // The OPEN's answer, and the CB_RECALL sent on the same connection
     // before it.
     let recalling = |a: &mut Nfs, req: &Value, deleg: &Value| {
         a.seqid += 1;
-        let mut req = req.clone();
-        req["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
-        let id = a.c.send_only("xid", req);
-        let (r, seen) = a.c.reply_to("xid", id).expect("the OPEN's answer");
+        let (r, seen) = answer_and_callbacks(a, req);
         assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-        assert!(
-            seen.iter()
-                .any(|cb| cb["op"] == "CB_RECALL" && cb["stateid"]["other"] == deleg["other"]),
-            "{seen:?}"
-        );
+        assert!(recalls(&seen, deleg), "{seen:?}");
     };
     // Returned when recalled.
-    let deleg = keep(&mut a, "f");
+    let deleg = keep_delegation(&mut a, "f");
     let open_g = json!({"op": "OPEN", "owner": "oo", "path": "g", "access": "read",
                         "deny": "none"});
     recalling(&mut a, &open_g, &deleg);
@@ -676,7 +694,7 @@ fn kept_delegations_are_recalled_to_make_room_at_the_open_limit() {
     let g = ok(a.call_patiently(open_g));
     ok(a.call(json!({"op": "CLOSE", "stateid": g["stateid"]})));
     // Never returned: revoked a lease period later.
-    let deleg = keep(&mut a, "f");
+    let deleg = keep_delegation(&mut a, "f");
     let open_h = json!({"op": "OPEN", "owner": "oo", "path": "h", "access": "read",
                         "deny": "none"});
     recalling(&mut a, &open_h, &deleg);
@@ -684,6 +702,38 @@ fn kept_delegations_are_recalled_to_make_room_at_the_open_limit() {
     let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
     assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
     assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
+}
+
+/// Review rvnfsnode 2, the recall of a kept delegation to make room at
+/// the open limit: sent on the connection the OPEN came on, and never
+/// again, so a client whose connection dropped before the line reached it
+/// heard of no recall, its OPEN re-sent on a new connection DELAY for a
+/// lease period until the delegation was revoked. The recall goes again
+/// on the new connection: returned, the OPEN re-sent is granted at once.
+#[test]
+fn a_recall_for_room_goes_again_on_the_clients_new_connection() {
+    let (_s, _d, nfs, mut a) = at_one_open("nfs-deleg-room-reconnect", "nfs-drr", "60000");
+    let deleg = keep_delegation(&mut a, "f");
+    let open_g = json!({"op": "OPEN", "owner": "oo", "path": "g", "access": "read",
+                        "deny": "none"});
+    a.seqid += 1;
+    let (r, seen) = answer_and_callbacks(&mut a, &open_g);
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    assert!(recalls(&seen, &deleg), "{seen:?}");
+    // The connection drops (the recall lost with it); the OPEN is re-sent
+    // on a new one, the recall with its answer.
+    a.c = LineClient::connect(&nfs.addr);
+    let (r, seen) = answer_and_callbacks(&mut a, &open_g);
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    assert!(
+        recalls(&seen, &deleg),
+        "the recall again on the new connection: {seen:?}"
+    );
+    // Only once per connection.
+    let (_, seen) = answer_and_callbacks(&mut a, &open_g);
+    assert!(seen.is_empty(), "{seen:?}");
+    ok(a.send(json!({"op": "DELEGRETURN", "stateid": deleg})));
+    ok(a.call_patiently(open_g));
 }
 
 /// Re-review D3: the handle kept to carry a delegation past its open's

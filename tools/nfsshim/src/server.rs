@@ -477,7 +477,9 @@ struct Global {
     /// handle holding the lease and whether the delegation is a write one
     /// (what filterd is asked about an outstanding recall: [`recall_now`]).
     lease_client: HashMap<uuid::Uuid, LeaseHolder>,
-    /// Client → the connection its last request came on (callbacks).
+    /// Client → the connection its last request came on (callbacks; a
+    /// request on another one sends the outstanding recalls again:
+    /// [`resend_recalls`]).
     client_conn: HashMap<String, u64>,
     /// Delegations filterd lowered without a recall (nothing to ack), per
     /// client: revoked under its lock, at its next request or the reaper's
@@ -1837,13 +1839,23 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
     if let Some(c) = st.client.as_mut() {
         c.deadline = Instant::now() + sh.lease;
     }
-    let (forgotten, reattaches) = match sh.global() {
+    let (forgotten, reattaches, recalls) = match sh.global() {
         Ok(mut g) => {
-            g.client_conn.insert(cid.clone(), conn);
-            (g.forgotten.remove(&cid).unwrap_or_default(), g.reattaches)
+            // A new connection (or the first since a restore): a recall
+            // sent to none, or to one since dropped, goes again.
+            let moved = g.client_conn.insert(cid.clone(), conn) != Some(conn);
+            let recalls = moved.then(|| outstanding_recalls(&g, &cid));
+            (
+                g.forgotten.remove(&cid).unwrap_or_default(),
+                g.reattaches,
+                recalls,
+            )
         }
         Err(f) => return finish(Err(f)).into(),
     };
+    if let Some(recalls) = recalls {
+        resend_recalls(sh, &st, conn, recalls);
+    }
     settle_revocations(sh, &mut st, &cid);
     for key in forgotten {
         let chores = forget_handle(sh, &mut st, key);
@@ -5529,6 +5541,54 @@ fn recall(
         shimline::send(
             &w,
             &json!({"op": "CB_RECALL", "stateid": stateid_json(&other, 1)}),
+        );
+    }
+}
+
+/// The stateid `other`s of client `cid`'s delegations recalled
+/// ([`Global::recalled`]) and not yet returned or revoked.
+fn outstanding_recalls(g: &Global, cid: &str) -> Vec<String> {
+    g.recalled
+        .keys()
+        .filter_map(|l| g.lease_client.get(l))
+        .filter(|h| h.cid == cid)
+        .map(|h| h.other.clone())
+        .collect()
+}
+
+/// CB_RECALL again, on connection `conn`, for each of `others` and for a
+/// delegation of client state `st` recalled to make room
+/// ([`room_for_an_open`]) and still held: its client's requests came on
+/// another connection before, so that the recall went to a connection
+/// since dropped, or to none at all (one dropped before the recall, or
+/// none yet since a restore) — the holder would not hear of it and lose
+/// its delegation, its cached writes with it, at the break timeout while
+/// it was back and renewing (review rvnfsnode 2). The client may get a
+/// recall twice (the first went out and so does this); it answers each
+/// with the same DELEGRETURN, the second one finding it gone. Never
+/// blocks: the line is queued on the client's own connection.
+fn resend_recalls(sh: &Shared, st: &State, conn: u64, mut others: Vec<String>) {
+    let room = st.room_recall.as_ref().and_then(|(other, _)| {
+        st.opens
+            .get(other)
+            .filter(|o| o.rec.closed)
+            .and_then(|o| o.rec.deleg.as_ref())
+    });
+    if let Some(d) = room {
+        if !others.contains(&d.other) {
+            others.push(d.other.clone());
+        }
+    }
+    if others.is_empty() {
+        return;
+    }
+    let Some(w) = sh.writers.get(conn) else {
+        return;
+    };
+    for other in &others {
+        shimline::send(
+            &w,
+            &json!({"op": "CB_RECALL", "stateid": stateid_json(other, 1)}),
         );
     }
 }
