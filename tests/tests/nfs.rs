@@ -1196,6 +1196,71 @@ fn a_lock_refused_by_a_local_fcntl_lock_carries_denied() {
     assert_denied(&r, 5, 20, "write", "local process");
 }
 
+/// Review rvping 3: a frozen old owner's OFD locks outlive its lease, so
+/// after a takeover the new owner's recovered locks are not mirrored
+/// where they meet them. A LOCKU of the middle of such a range re-locks
+/// the two pieces left; that mirror met the kernel lock and the LOCKU was
+/// answered NFS4ERR_DENIED (owner "local process") — a LOCKU is never
+/// DENIED — and the client's CLOSE then NFS4ERR_LOCKS_HELD. Here the
+/// kernel lock is a local process's, taken while filterd was down: the
+/// recovered lock is not mirrored, as after a takeover. The LOCKU splits
+/// the lock in the table and the handle stays unmirrored for the retry.
+#[test]
+fn a_locku_splitting_a_range_whose_mirror_conflicts_is_ok() {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use std::os::fd::AsFd;
+    let (s, mut d, _shim, mut a) = host_a("nfs-locku-unmirrored");
+    let o = ok(a.open("p", "f", "both", "none", create()));
+    let l = ok(
+        a.call(json!({"op": "LOCK", "stateid": o["stateid"], "owner": "lo",
+                             "type": "write", "offset": 0, "length": 100})),
+    );
+    // filterd dies (its OFD locks with it); a local process locks bytes
+    // 70..80 before it is back.
+    d.kill9();
+    let local = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(s.root().join("f"))
+        .unwrap();
+    let fl = libc::flock {
+        l_type: i16::try_from(libc::F_WRLCK).unwrap(),
+        l_whence: i16::try_from(libc::SEEK_SET).unwrap(),
+        l_start: 70,
+        l_len: 10,
+        l_pid: 0,
+    };
+    fcntl(local.as_fd(), FcntlArg::F_OFD_SETLK(&fl)).unwrap();
+    let _d2 = Filterd::start(&s, &[], &[]);
+    let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+    let locks = |ctl: &libfilter::client::FilterClient| -> Vec<(u64, u64, bool)> {
+        let mut v: Vec<_> = ctl
+            .locks()
+            .unwrap()
+            .iter()
+            .map(|l| (l.range.offset, l.range.length, l.unmirrored))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(locks(&ctl), [(0, 100, true)], "recovered, not mirrored");
+    let u = a.call_patiently(json!({"op": "LOCKU", "lock_stateid": l["lock_stateid"],
+                                    "offset": 40, "length": 20}));
+    assert_eq!(u["status"], "NFS4_OK", "a LOCKU is never DENIED: {u}");
+    assert_eq!(
+        locks(&ctl),
+        [(0, 40, true), (60, 40, true)],
+        "split in the table, still not mirrored"
+    );
+    let u = ok(
+        a.call(json!({"op": "LOCKU", "lock_stateid": u["lock_stateid"],
+                             "offset": 0, "length": 100})),
+    );
+    assert_eq!(locks(&ctl), [], "{u}");
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    drop(local);
+}
+
 /// A READ or WRITE past the largest file offset is the client's mistake
 /// (review r4 #2): NFS4ERR_INVAL, never NFS4ERR_SERVERFAULT, and nothing
 /// is written; I/O the open's access does not allow is NFS4ERR_ACCESS.

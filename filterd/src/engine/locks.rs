@@ -499,6 +499,11 @@ impl Engine {
                 kind: l.kind,
             })
             .collect();
+        // What the table change asks of the kernel, not the ops' flags: an
+        // NFS LOCKU of the middle of a range is sent as the range's unlock
+        // and the re-lock of the two pieces left, yet it takes nothing the
+        // handle did not hold.
+        let releases_only = adding == 0 || only_releases(&before, &key, &held);
         let result = match outcome {
             Err(BatchError::Conflict(l)) => {
                 let mut e = err(
@@ -521,13 +526,18 @@ impl Engine {
                 self.mirror(key, &held)
             } {
                 Ok(()) => Ok(()),
-                Err(e) if adding == 0 => {
+                Err(e) if releases_only => {
                     // Only unlocks: nothing asked for can conflict. A kept
                     // range a local process took while the handle was not
                     // mirrored failed again (the mirror made every other
                     // step): the unlock stands, the handle stays on
                     // `unmirrored` for the retry. Refused, an unlock failed
-                    // for as long as that local lock lasted (review).
+                    // for as long as that local lock lasted (review) — and
+                    // an NFS LOCKU splitting a range (its pieces' re-lock
+                    // met the kernel lock) was answered NFS4ERR_DENIED,
+                    // which LOCKU never is, its CLOSE then LOCKS_HELD: a
+                    // frozen old owner's OFD locks after a takeover
+                    // (review rvping 3).
                     warn!(resume_key = %key, error = %e.message, "unlocked; the handle's other locks are not all mirrored yet: retrying");
                     self.unmirrored.insert(key);
                     Ok(())
@@ -695,6 +705,18 @@ impl Engine {
                 }
             })
     }
+}
+
+/// Whether `after`, what `owner` holds once a batch is applied, lies
+/// within what it held in `before` with the same kind: the batch released
+/// ranges (or split one) and took nothing new, so its mirror can fail only
+/// on a range the handle kept, never on one it asked for.
+fn only_releases(before: &LockTable<ResumeKey>, owner: &ResumeKey, after: &[HeldLock]) -> bool {
+    after.iter().all(|a| {
+        before.of_owner(owner).any(|b| {
+            b.kind == a.kind && b.range.offset <= a.range.offset && a.range.end() <= b.range.end()
+        })
+    })
 }
 
 /// Releases the OFD locks of `h`'s lock descriptor, keeping the descriptor

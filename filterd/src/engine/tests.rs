@@ -1093,6 +1093,72 @@ fn an_unlock_is_granted_while_another_lock_of_the_handle_is_unmirrored() {
     one_lock_unmirrored_until_retried(&mut h, key);
 }
 
+/// Review rvping 3: an NFS LOCKU of the middle of a held range comes as
+/// the range's unlock and the re-lock of the two pieces left. When the
+/// mirror of those pieces met a kernel lock (a frozen old owner's after a
+/// takeover, a local process's while the handle was not mirrored) the
+/// batch was refused LockNotGranted — NFS4ERR_DENIED, which a LOCKU never
+/// is. It takes nothing the handle did not hold: the split stands and the
+/// handle stays unmirrored until retried. A batch that takes a byte the
+/// handle did not hold is still refused.
+#[test]
+fn a_split_of_a_held_range_is_granted_when_its_mirror_fails() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.keys()[0];
+    let op = |offset, length, unlock| LockOp {
+        range: LockRange { offset, length },
+        exclusive: true,
+        unlock,
+    };
+    let batch = |locks| Request::Lock {
+        key,
+        locks,
+        lock_sequence: None,
+        lock_owner: None,
+    };
+    h.run(batch(vec![op(0, 100, false)]));
+    h.commit(true);
+    h.fs.fail_next("mirror", libc::EAGAIN);
+    let id = h.run(batch(vec![
+        op(0, 100, true),
+        op(0, 40, false),
+        op(60, 40, false),
+    ]));
+    h.commit(true);
+    assert!(
+        matches!(h.reply(id), Some(Ok(_))),
+        "the split is granted: {:?}",
+        h.reply(id)
+    );
+    let ranges = |h: &Harness| -> Vec<(u64, u64)> {
+        h.engine.handles[&key]
+            .rec
+            .locks
+            .iter()
+            .map(|l| (l.range.offset, l.range.length))
+            .collect()
+    };
+    assert_eq!(ranges(&h), [(0, 40), (60, 40)]);
+    assert!(
+        h.engine.unmirrored.contains(&key),
+        "left unmirrored silently"
+    );
+    h.engine.expire_due(0);
+    assert!(!h.engine.unmirrored.contains(&key), "not taken when free");
+    // Growing a piece takes bytes 40..50: refused when its mirror fails.
+    h.fs.fail_next("mirror", libc::EAGAIN);
+    let id = h.run(batch(vec![op(0, 40, true), op(0, 50, false)]));
+    h.commit(true);
+    assert!(
+        matches!(h.reply(id), Some(Err(e)) if e.code == ErrorCode::LockNotGranted),
+        "{:?}",
+        h.reply(id)
+    );
+    assert_eq!(ranges(&h), [(0, 40), (60, 40)]);
+}
+
 /// Review: `filterctl stats` counted an open or a lock granted when the
 /// engine decided it, and a failed commit, which refuses its reply, took
 /// nothing back: after a disk-full burst it showed grants its clients
