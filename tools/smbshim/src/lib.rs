@@ -3,6 +3,7 @@
 //! ([`server::Harness`]).
 #![forbid(unsafe_code)]
 
+mod closes_made;
 mod early_breaks;
 mod handover;
 pub mod server;

@@ -20,6 +20,7 @@ use libfilter::settle::{may_hold, Unsettled};
 use serde_json::{json, Map, Value};
 use shimline::datasync::IoFailure;
 
+use crate::closes_made::{ClosesMade, ReplayWatch};
 use crate::early_breaks::{Break, EarlyBreaks, Parked, PendingBreak};
 use crate::handover::{Handovers, Ident, LettingGo};
 use crate::unanswered::{Closer, ToClose, Unanswered};
@@ -302,6 +303,10 @@ struct Session {
     /// dropping the settling note to come): the client forgot an open
     /// whose close might never be made (re-review rr40f 2).
     closing: Vec<ResumeKey>,
+    /// LOGOFFs of the session in progress ([`LoggingOff`]): its end for
+    /// another cause meanwhile closes its opens as they asked, rather than
+    /// detaching the durable ones ([`end_session`]).
+    logging_off: usize,
 }
 
 /// Most filterd connections one smbshim keeps (`--filter-connections`).
@@ -422,6 +427,9 @@ struct Shared {
     /// over, and a takeover of an open being let go waits for it — while
     /// other clients' takeovers do not ([`crate::handover`]).
     handovers: Handovers,
+    /// The closes filterd made while a replayed CREATE was in flight,
+    /// which must not hand their handles out ([`closing_first`]).
+    closes_made: ClosesMade,
     limits: Limits,
     /// Opens being made ([`open_slot`]).
     opening: AtomicUsize,
@@ -559,6 +567,7 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
         opens: Mutex::new(HashMap::new()),
         writers: shimline::Writers::default(),
         handovers: Handovers::default(),
+        closes_made: ClosesMade::default(),
         limits,
         opening: AtomicUsize::new(0),
         peers: Mutex::new(HashMap::new()),
@@ -579,8 +588,16 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
                     // stalled filterd would hold replays up): a key
                     // leaves `unsettled` only once its close is answered,
                     // so a replay that finds the handle before then is
-                    // refused (`create`), and after it finds none.
-                    m.unsettled.run(|key, told| m.filter.close_told(key, told));
+                    // refused (`create`), and after it finds none; one
+                    // in flight as it is answered is refused by the
+                    // close noted made first ([`ClosesMade`]).
+                    m.unsettled.run(|key, told| {
+                        let closed = m.filter.close_told(key, told);
+                        if closed.as_ref().map_or_else(|e| !may_hold(e), |()| true) {
+                            sh.closes_made.made(key);
+                        }
+                        closed
+                    });
                 }
             })?;
         let sh = shared.clone();
@@ -1254,6 +1271,7 @@ fn session_setup(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
                 end: SessionEnd::default(),
                 settling: Vec::new(),
                 closing: Vec::new(),
+                logging_off: 0,
             },
         );
         id
@@ -1455,6 +1473,9 @@ fn create_with(
     // until the open is stored (or the CREATE failed), a break of that
     // lease waits for it ([`crate::early_breaks`]).
     let making = m.early.begin(client_guid);
+    // From before filterd is asked: a close of the handle it hands back
+    // made since then refuses the replay ([`closing_first`]).
+    let watch = replay.then(|| sh.closes_made.replay());
     let opened = marking_answers(making.mark(), || {
         if replay {
             m.filter.replay_open_for(req, &end)
@@ -1490,9 +1511,21 @@ fn create_with(
         _ => filter_fail(e),
     })?;
     test_hold_store();
-    if replay {
-        closing_first(sh, m, h.info.key)?;
-    }
+    // Refused (like the two refusals below) with the GUID forgotten: the
+    // open it names is the original's, whose CLOSE came first; kept, the
+    // replaying session's LOGOFF would close it by GUID — after the close
+    // was undone, even one waiting detached for its client's RECONNECT
+    // (re-review rr41a 3).
+    let refused = |fail: Fail, in_flight: Option<InFlight<'_>>| {
+        if let Some(f) = in_flight {
+            f.answered();
+        }
+        fail
+    };
+    let in_flight = match closing_first(sh, m, h.info.key, watch.as_ref()) {
+        Ok(()) => in_flight,
+        Err(fail) => return Err(refused(fail, in_flight)),
+    };
     note_locked(m, &h.info);
     let file_id = h.info.key.to_string();
     let granted = create_guid.and_then(|g| grant_of(&h.info, g));
@@ -1511,11 +1544,15 @@ fn create_with(
                 // Taken over for nothing: let go of it unless the open
                 // is stored (the claim keeps other takeovers out).
                 let stored = sh.opens.lock().map_or(true, |o| o.contains_key(&file_id));
-                if !stored {
-                    let key = h.info.key;
-                    drop(h);
-                    let_go(m, key, granted.is_some());
+                if stored {
+                    // Its session holds it (and closes it by the table).
+                    return Err(refused(e, in_flight));
                 }
+                // Made by this replay, maybe, and detached now for the
+                // next one: the GUID stays, for a LOGOFF to close.
+                let key = h.info.key;
+                drop(h);
+                let_go(m, key, granted.is_some());
                 return Err(e);
             }
         }
@@ -1587,12 +1624,12 @@ fn create_with(
         // Counted under its new session's peer from now on.
         existing.counted = counted;
     } else {
-        if replay {
-            // Checked again under the opens lock, under which a CLOSE
-            // takes the open out of the table and notes its close in
-            // flight: one that took it since the check above (while
-            // filterd answered the handle query) is seen here.
-            closing_first(sh, m, h.info.key)?;
+        // Checked again under the opens lock, under which a CLOSE takes
+        // the open out of the table and notes its close in flight: one
+        // that took it since the check above (while filterd answered the
+        // handle query) is seen here, in flight or made.
+        if let Err(fail) = closing_first(sh, m, h.info.key, watch.as_ref()) {
+            return Err(refused(fail, in_flight));
         }
         opens.insert(
             file_id.clone(),
@@ -2739,20 +2776,41 @@ fn close_pending_any(sh: &Shared, key: ResumeKey) -> bool {
     })
 }
 
-/// A replayed CREATE that found handle `key` (of member `m`) must not
-/// get it back while a CLOSE of its open is in flight to filterd or
-/// being made again ([`close_pending_any`], [`Unsettled::contains`]):
-/// that CLOSE came first, and the open handed out would be closed under
-/// the client. Told to retry, as a retried CLOSE of it is
-/// ([`close_unsettled`]); once the close is made the GUID names no open
-/// and the replay runs the CREATE anew (spec, "Create replay"). Before
-/// (re-review), only a close being made again was seen: a replay while
-/// the close was still in flight got the open back.
-fn closing_first(sh: &Shared, m: &Member, key: ResumeKey) -> Result<(), Fail> {
+/// A replayed CREATE (watching the closes made since it asked filterd,
+/// `watch`; `None` for a fresh CREATE, never refused here) that found
+/// handle `key` (of member `m`) must not get it back while a CLOSE of its
+/// open is in flight to filterd or being made again
+/// ([`close_pending_any`], [`Unsettled::contains`]): that CLOSE came
+/// first, and the open handed out would be closed under the client. Nor
+/// once such a close was made since filterd handed the handle over
+/// ([`ReplayWatch::closed_since`]): the open would be served with no
+/// handle behind it (no share mode held, its CLOSE `NoSuchHandle`).
+/// Told to retry, as a retried CLOSE of it is ([`close_unsettled`]);
+/// once the close is made the GUID names no open and the replay runs the
+/// CREATE anew (spec, "Create replay"). Before (re-review rr40h), only a
+/// close being made again was seen: a replay while the close was still
+/// in flight got the open back; and before rr41a 1, so did one whose
+/// close was made, its in-flight note gone, while the replay was between
+/// filterd's answer and its store.
+fn closing_first(
+    sh: &Shared,
+    m: &Member,
+    key: ResumeKey,
+    watch: Option<&ReplayWatch<'_>>,
+) -> Result<(), Fail> {
+    let Some(watch) = watch else {
+        return Ok(());
+    };
     if m.unsettled.contains(key) || close_pending_any(sh, key) {
         return Err(Fail(
             "STATUS_FILE_NOT_AVAILABLE",
             "the open's CLOSE is still being made; retry".into(),
+        ));
+    }
+    if watch.closed_since(key) {
+        return Err(Fail(
+            "STATUS_FILE_NOT_AVAILABLE",
+            "the open's CLOSE was made as the replay found it; retry (it opens anew)".into(),
         ));
     }
     Ok(())
@@ -2805,6 +2863,10 @@ struct CloseFailed {
     fail: Fail,
     /// Filterd never answered: the open is forgotten, its handle settling.
     unknown: bool,
+    /// Not taken: another request took the open out of the table first
+    /// (its close in flight, made, or undone and the open back). Nothing
+    /// was asked of filterd.
+    not_taken: bool,
 }
 
 /// [`close_open`], telling apart a close whose outcome is unknown.
@@ -2812,6 +2874,7 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
     let known = |fail| CloseFailed {
         fail,
         unknown: false,
+        not_taken: false,
     };
     let key = o.key;
     let m = sh.member(o.member).map_err(known)?;
@@ -2838,10 +2901,10 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
         } else {
             "STATUS_FILE_CLOSED"
         };
-        return Err(known(Fail(
-            status,
-            format!("open {} is being closed", o.file_id),
-        )));
+        return Err(CloseFailed {
+            not_taken: true,
+            ..known(Fail(status, format!("open {} is being closed", o.file_id)))
+        });
     };
     // A WRITE of this open (from another connection of the session) may
     // be in its pwrite: it lands before filterd forgets the handle.
@@ -2867,14 +2930,19 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
             m.unsettled.add_told(key, told);
             note_settling(sh, session, key, o.member);
         } else {
+            // Not this member's handle (any more): nothing to hand out.
+            sh.closes_made.made(key);
             closed_answered(sh, session, key);
         }
         end_break();
         return Err(CloseFailed {
-            fail: filter_fail(e),
             unknown,
+            ..known(filter_fail(e))
         });
     }
+    // Noted made before the in-flight note goes: a replay that found the
+    // handle sees one or the other ([`closing_first`]).
+    sh.closes_made.made(key);
     closed_answered(sh, session, key);
     end_break();
     Ok(())
@@ -2942,9 +3010,16 @@ fn keep_open(sh: &Shared, file_id: String, open: Open) {
 /// `STATUS_FILE_NOT_AVAILABLE`, the session kept. Before (re-review
 /// rr40h), it was refused at once, and a client that then dropped its
 /// connection without a LOGOFF again left an open whose close was undone
-/// disconnected, for its durable timeout.
+/// disconnected, for its durable timeout. So is a close that takes an
+/// open between the LOGOFF's look and its take (another LOGOFF's, a
+/// CLOSE's): refused at once before (rr41a 4).
+///
+/// The session is marked as logging off meanwhile ([`LoggingOff`]): ended
+/// under the LOGOFF for another cause, its opens are closed as it asked,
+/// and the LOGOFF is `STATUS_USER_SESSION_DELETED`, as one just after.
 fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let (session, _, _) = session_of(sh, obj)?;
+    let _marked = LoggingOff::mark(sh, session);
     let until = Instant::now() + LETTING_GO_WAIT;
     let (mut failed, mut unknown) = (None, None);
     loop {
@@ -2965,8 +3040,13 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             let Ok(o) = open_in(sh, session, &file_id) else {
                 continue;
             };
+            test_hold_logoff();
             match close_taken(sh, o) {
                 Ok(()) => {}
+                // Taken between the two by a CLOSE or another LOGOFF:
+                // its close is waited for as any other in flight (before,
+                // re-review rr41a 4, this LOGOFF was refused at once).
+                Err(f) if f.not_taken => {}
                 Err(f) if f.unknown => unknown = Some(f.fail),
                 Err(f) => failed = Some(f.fail),
             }
@@ -2995,21 +3075,53 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
             return Err(e);
         }
     }
-    if let Some((ended, guids)) = end_session(sh, session, true) {
-        if !guids.is_empty() {
-            // Closed after the reply, by the member's closer thread.
-            if let Ok((_, m)) = sh.member_for(ended.client_guid) {
-                let each = guids.into_iter().map(|guid| ToClose {
-                    session,
-                    client: ended.client_guid,
-                    user: ended.user.clone(),
-                    guid,
-                });
-                m.closer.push(each.collect(), None);
+    if end_session(sh, session, true).is_none() {
+        // Ended while this LOGOFF waited: by another LOGOFF, its
+        // connection's loss or a SESSION_SETUP naming it as previous
+        // (which closed its opens, as this LOGOFF asked: [`LoggingOff`]).
+        // Told as a LOGOFF just after would be; before (re-review rr41a
+        // 2), it was told SUCCESS with the durable opens left detached.
+        return Err(Fail(
+            "STATUS_USER_SESSION_DELETED",
+            format!("session {session} ended while its LOGOFF waited"),
+        ));
+    }
+    Ok(Map::new())
+}
+
+/// A LOGOFF of a session in progress ([`Session::logging_off`]), from
+/// its start until it answers. A LOGOFF received means the client wants
+/// the session's opens closed: should the session end for another cause
+/// while the LOGOFF waits for a close in flight (its connection lost, a
+/// SESSION_SETUP naming it as `previous_session_id`), its opens are
+/// closed as the LOGOFF would have closed them, not left detached holding
+/// their share modes for their durable timeout (re-review rr41a 2). A
+/// LOGOFF that fails leaves the session as it was: a later loss of its
+/// connection detaches its durable opens, for the client to RECONNECT.
+struct LoggingOff<'a> {
+    sh: &'a Shared,
+    session: u64,
+}
+
+impl<'a> LoggingOff<'a> {
+    fn mark(sh: &'a Shared, session: u64) -> LoggingOff<'a> {
+        if let Ok(mut sessions) = sh.sessions.lock() {
+            if let Some(s) = sessions.get_mut(&session) {
+                s.logging_off += 1;
+            }
+        }
+        LoggingOff { sh, session }
+    }
+}
+
+impl Drop for LoggingOff<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut sessions) = self.sh.sessions.lock() {
+            if let Some(s) = sessions.get_mut(&self.session) {
+                s.logging_off = s.logging_off.saturating_sub(1);
             }
         }
     }
-    Ok(Map::new())
 }
 
 /// Closes the open filterd may have made for a CREATE of a logged-off
@@ -3143,7 +3255,9 @@ fn close_for_good(m: &Member, key: ResumeKey, told: Option<bool>) {
 }
 
 /// Ends a session: on LOGOFF every open closes; on a lost connection durable
-/// opens are detached (kept for their timeout) and the others close.
+/// opens are detached (kept for their timeout) and the others close —
+/// unless a LOGOFF of the session is in progress ([`LoggingOff`]): then
+/// it ends as that LOGOFF asked, every open closed.
 ///
 /// The opens leave the table, claimed as being let go, at once; their
 /// filterd calls (a commit each) follow with no lock held, one by one.
@@ -3151,15 +3265,18 @@ fn close_for_good(m: &Member, key: ResumeKey, told: Option<bool>) {
 /// lock held across them all held every replay and RECONNECT of every
 /// client for their sum, review).
 ///
-/// Returns the session ended, with the create GUIDs it owns for its
-/// LOGOFF to close (none unless `logoff`). A LOGOFF ends its
-/// [`SessionEnd`] as the session leaves the table (under the sessions
-/// lock, so a CREATE's [`InFlight`] GUID either is among those returned
-/// or was never noted and its late answer is closed). A session ended
-/// otherwise owns none any more: its client replays them.
-fn end_session(sh: &Shared, session: u64, logoff: bool) -> Option<(Session, Vec<uuid::Uuid>)> {
+/// Returns the session ended. Ended as a LOGOFF, its [`SessionEnd`] ends
+/// as the session leaves the table (under the sessions lock, so a
+/// CREATE's [`InFlight`] GUID either is among those it owns or was never
+/// noted and its late answer is closed), and the create GUIDs it owns go
+/// to its member's closer thread ([`close_unanswered`]). A session ended
+/// otherwise owns none any more: its client replays them. A LOGOFF
+/// waiting for the session's closes in flight is told
+/// ([`Shared::closes_answered`]).
+fn end_session(sh: &Shared, session: u64, logoff: bool) -> Option<Session> {
     let ended = sh.sessions.lock().ok().and_then(|mut s| {
         let ended = s.remove(&session)?;
+        let logoff = logoff || ended.logging_off > 0;
         if logoff {
             ended.end.end();
         }
@@ -3171,8 +3288,10 @@ fn end_session(sh: &Shared, session: u64, logoff: bool) -> Option<(Session, Vec<
             }
             Err(_) => Vec::new(),
         };
-        Some((ended, guids))
+        Some((ended, logoff, guids))
     });
+    sh.closes_answered.notify_all();
+    let logoff = ended.as_ref().map_or(logoff, |(_, l, _)| *l);
     let mine: Vec<(Going, bool)> = sh
         .opens
         .lock()
@@ -3204,7 +3323,20 @@ fn end_session(sh: &Shared, session: u64, logoff: bool) -> Option<(Session, Vec<
             }
         });
     }
-    ended
+    let (ended, _, guids) = ended?;
+    if !guids.is_empty() {
+        // Closed by the member's closer thread, not in this request.
+        if let Ok((_, m)) = sh.member_for(ended.client_guid) {
+            let each = guids.into_iter().map(|guid| ToClose {
+                session,
+                client: ended.client_guid,
+                user: ended.user.clone(),
+                guid,
+            });
+            m.closer.push(each.collect(), None);
+        }
+    }
+    Some(ended)
 }
 
 /// An open taken out of the table to be let go in filterd, claimed so
@@ -3751,6 +3883,14 @@ fn test_hold_reply() {
 /// (`failed_close.rs::smbshim_hands_out_no_open_whose_close_is_in_flight`).
 fn test_hold_replay() {
     test_hold_while("hold-replay", "a replayed CREATE waits before its store");
+}
+
+/// [`test_hold_path`]: while `<path>.hold-logoff` exists (60 s at most), a
+/// LOGOFF that found one of its session's opens waits before it takes it,
+/// so that a CLOSE can take it first
+/// (`failed_close.rs::smbshim_logoff_waits_for_a_close_that_took_its_open_first`).
+fn test_hold_logoff() {
+    test_hold_while("hold-logoff", "a LOGOFF found an open, waits");
 }
 
 /// While `<`[`test_hold_path`]`>.<suffix>` exists (60 s at most), waits,
