@@ -1397,7 +1397,7 @@ fn smbshim_logoff_waits_for_a_close_that_took_its_open_first() {
 /// as for any other in flight. One ends the session; the other is told
 /// SUCCESS or, the session ended under it, STATUS_USER_SESSION_DELETED.
 /// (The race is narrow: run as is, with the fix reverted, this failed in
-/// none of 12 runs here; `smbshim_logoff_waits_for_a_close_that_took_its_open_first`
+/// none of 20 runs here; `smbshim_logoff_waits_for_a_close_that_took_its_open_first`
 /// pins it with a test hook.)
 #[test]
 fn smbshim_two_logoffs_of_a_session_both_wait_for_its_closes() {
