@@ -1436,6 +1436,15 @@ impl Nfs {
         })
     }
 
+    /// Sends `req` on slot 0 with the current seqid: its answer, and the
+    /// lines (callbacks) sent on the same connection before it.
+    pub fn send_seeing(&mut self, req: &Value) -> (Value, Vec<Value>) {
+        let mut req = req.clone();
+        req["seq"] = json!({"sessionid": self.sessionid, "slot": 0, "seqid": self.seqid});
+        let id = self.c.send_only("xid", req);
+        self.c.reply_to("xid", id).expect("the answer")
+    }
+
     /// Sends `req` on slot 0 with the current seqid (a re-send).
     pub fn send(&mut self, mut req: Value) -> Value {
         req["seq"] = json!({"sessionid": self.sessionid, "slot": 0, "seqid": self.seqid});

@@ -592,6 +592,146 @@ fn a_recall_issued_while_the_holder_is_away_reaches_it_on_its_new_connection() {
     assert_eq!(r["data"], b64("cached data"), "alice's writes kept: {r}");
 }
 
+/// Re-review rr41c F1: a holder back on a new connection first re-sends
+/// the request whose reply it lost with the old one (the usual reconnect)
+/// — a replay, answered from the slot cache before the client's
+/// connection was updated, so the recall outstanding was not sent again:
+/// the holder idled past the break timeout and its next WRITE was
+/// NFS4ERR_EXPIRED. The replay too brings the recall.
+#[test]
+fn a_recall_reaches_a_holder_whose_first_request_back_is_a_replay() {
+    let s = Scratch::new("nfs-recall-replay");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-rp");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "0000000000000e31");
+    let o = ok(a.open("p", "f", "both", "none", {
+        let mut c = create();
+        c["want_delegation"] = json!("write");
+        c
+    }));
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let dsid = o["delegation"]["stateid"].clone();
+    // Alice writes; the reply goes with her connection.
+    let w = json!({"op": "WRITE", "stateid": dsid, "offset": 0, "data": b64("cached data")});
+    ok(a.call(w.clone()));
+    a.c = LineClient::connect(&nfs.addr);
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "0000000000000e32");
+    let bo = json!({"op": "OPEN", "owner": "q", "path": "f", "access": "read", "deny": "none"});
+    let began = std::time::Instant::now();
+    let r = b.call(bo.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    // Back, she first re-sends the WRITE whose reply she lost: its
+    // cached reply, and the recall with it.
+    let mut w = w;
+    w["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
+    let id = a.c.send_only("xid", w);
+    let (r, mut seen) = a.c.reply_to("xid", id).expect("the WRITE's reply");
+    ok(r);
+    if seen.is_empty() {
+        a.c.set_read_timeout(Duration::from_secs(5));
+        seen.extend(a.c.next_line());
+    }
+    assert_eq!(
+        (seen.len(), &seen.first().map(|v| v["op"].clone())),
+        (1, &Some(json!("CB_RECALL"))),
+        "the recall, once, on the new connection: {seen:?}"
+    );
+    assert_eq!(seen[0]["stateid"]["other"], dsid["other"], "{seen:?}");
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
+    let r = ok(b.resend_patiently(&bo, Duration::from_secs(10)));
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "granted after {:?}, not at the break timeout",
+        began.elapsed()
+    );
+    let r = ok(b.call(json!({"op": "READ", "stateid": r["stateid"], "offset": 0, "count": 100})));
+    assert_eq!(r["data"], b64("cached data"), "alice's writes kept: {r}");
+}
+
+/// Re-review rr41c F2, F3: any switch of connection sent every
+/// outstanding recall again, also between two connections the client uses
+/// at once (allowed); and a DELEGRETURN on a new connection got the recall
+/// of what it returns before its answer. Now a recall goes on each
+/// connection once, and not before its own DELEGRETURN's answer.
+#[test]
+fn a_recall_goes_once_per_connection_and_not_before_its_own_delegreturn() {
+    let s = Scratch::new("nfs-recall-conns");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-rc");
+    let mut a = Nfs::connect(&nfs.addr, "host-a", "0000000000000e34");
+    let o = ok(a.open("p", "f", "both", "none", {
+        let mut c = create();
+        c["want_delegation"] = json!("write");
+        c
+    }));
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let dsid = o["delegation"]["stateid"].clone();
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "0000000000000e35");
+    let bo = json!({"op": "OPEN", "owner": "q", "path": "f", "access": "read", "deny": "none"});
+    let r = b.call(bo.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    a.c.set_read_timeout(Duration::from_secs(5));
+    let cb = a.c.next_line().expect("the recall");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let w = json!({"op": "WRITE", "stateid": dsid, "offset": 0, "data": b64("x")});
+    let recalls = |seen: &[Value]| seen.iter().filter(|v| v["op"] == "CB_RECALL").count();
+    // A second connection: the recall there, once.
+    let mut first = std::mem::replace(&mut a.c, LineClient::connect(&nfs.addr));
+    a.seqid += 1;
+    let (r, seen) = a.send_seeing(&w);
+    ok(r);
+    assert_eq!(recalls(&seen), 1, "on the second connection: {seen:?}");
+    a.seqid += 1;
+    let (_, seen) = a.send_seeing(&w);
+    assert!(seen.is_empty(), "{seen:?}");
+    // Back on the first, which it reached: not again; nor on the second.
+    for _ in 0..2 {
+        std::mem::swap(&mut a.c, &mut first);
+        for _ in 0..2 {
+            a.seqid += 1;
+            let (r, seen) = a.send_seeing(&w);
+            ok(r);
+            assert!(seen.is_empty(), "not again: {seen:?}");
+        }
+    }
+    // The DELEGRETURN first on a third connection: no recall before its
+    // answer (nor after).
+    a.c = LineClient::connect(&nfs.addr);
+    a.seqid += 1;
+    let (r, seen) = a.send_seeing(&json!({"op": "DELEGRETURN", "stateid": dsid}));
+    ok(r);
+    assert!(seen.is_empty(), "no recall of what is returned: {seen:?}");
+    ok(b.resend_patiently(&bo, Duration::from_secs(10)));
+    a.seqid += 1;
+    let (_, seen) =
+        a.send_seeing(&json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 1}));
+    assert!(seen.is_empty(), "{seen:?}");
+}
+
+/// Re-review rr41c F1 (the spec: a lease "is renewed by every request
+/// with a valid `seq`"): a replay, answered from the slot cache, renewed
+/// nothing — a client re-sending a request whose reply it keeps losing
+/// lost its state at the lease.
+#[test]
+fn a_replay_renews_the_lease() {
+    let s = Scratch::new("nfs-replay-renews");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with("nfsshim", &s.socket(), "nfs-rr", &["--lease-ms", "1500"]);
+    let mut a = Nfs::connect(&shim.addr, "host-a", "0000000000000e33");
+    let o = ok(a.open("p", "f", "both", "none", create()));
+    let w = json!({"op": "WRITE", "stateid": o["stateid"], "offset": 0, "data": b64("x")});
+    ok(a.call(w.clone()));
+    // Only the replay, for twice the lease.
+    let until = std::time::Instant::now() + Duration::from_millis(3000);
+    while std::time::Instant::now() < until {
+        ok(a.send(w.clone()));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 10}));
+    assert_eq!(r["status"], "NFS4_OK", "the state kept: {r}");
+    assert_eq!(r["data"], b64("x"), "{r}");
+}
+
 #[test]
 fn time_down_does_not_count_against_a_lease() {
     let s = Scratch::new("nfs-downtime");

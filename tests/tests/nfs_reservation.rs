@@ -652,10 +652,7 @@ fn keep_delegation(a: &mut Nfs, path: &str) -> Value {
 /// `req` sent on `a`'s slot 0 at its current seqid: the answer, and the
 /// lines (callbacks) sent on the same connection before it.
 fn answer_and_callbacks(a: &mut Nfs, req: &Value) -> (Value, Vec<Value>) {
-    let mut req = req.clone();
-    req["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
-    let id = a.c.send_only("xid", req);
-    a.c.reply_to("xid", id).expect("the answer")
+    a.send_seeing(req)
 }
 
 /// Whether `seen` holds a CB_RECALL of delegation `deleg`.
@@ -733,6 +730,65 @@ fn a_recall_for_room_goes_again_on_the_clients_new_connection() {
     let (_, seen) = answer_and_callbacks(&mut a, &open_g);
     assert!(seen.is_empty(), "{seen:?}");
     ok(a.send(json!({"op": "DELEGRETURN", "stateid": deleg})));
+    ok(a.call_patiently(open_g));
+}
+
+/// Re-review rr41c F2, F3, F4, the recall to make room at the open
+/// limit: it went again at every switch of connection, also between two
+/// the client uses at once (allowed); it went before the answer of the
+/// DELEGRETURN returning it; and its lease ran from the first send, so a
+/// holder back late had what was left of it to write back. Now it goes on
+/// each connection once, not before its own DELEGRETURN's answer, and its
+/// first re-send gives it a lease from then (once).
+#[test]
+fn a_recall_for_room_goes_once_per_connection_and_its_lease_runs_from_the_resend() {
+    let (_s, _d, nfs, mut a) = at_one_open("nfs-deleg-room-conns", "nfs-drc", "4000");
+    let deleg = keep_delegation(&mut a, "f");
+    let open_g = json!({"op": "OPEN", "owner": "oo", "path": "g", "access": "read",
+                        "deny": "none"});
+    a.seqid += 1;
+    let (r, seen) = a.send_seeing(&open_g);
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    assert!(recalls(&seen, &deleg), "{seen:?}");
+    let sent = Instant::now();
+    // A second connection of the client: the recall there, once.
+    let mut first = std::mem::replace(&mut a.c, LineClient::connect(&nfs.addr));
+    let (r, seen) = a.send_seeing(&open_g);
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    assert!(recalls(&seen, &deleg), "on the second connection: {seen:?}");
+    let (_, seen) = a.send_seeing(&open_g);
+    assert!(seen.is_empty(), "{seen:?}");
+    // Back on the first, which it reached: not again; nor on the second.
+    std::mem::swap(&mut a.c, &mut first);
+    for _ in 0..2 {
+        let (_, seen) = a.send_seeing(&open_g);
+        assert!(seen.is_empty(), "not again on the first: {seen:?}");
+    }
+    std::mem::swap(&mut a.c, &mut first);
+    let (_, seen) = a.send_seeing(&open_g);
+    assert!(seen.is_empty(), "not again on the second: {seen:?}");
+    // Away until most of the lease went; back on a third connection, the
+    // recall there has a lease from now: past the first one's, the OPEN
+    // still waits for it, not revoking it.
+    drop(first);
+    let away = Duration::from_millis(2500).saturating_sub(sent.elapsed());
+    std::thread::sleep(away);
+    a.c = LineClient::connect(&nfs.addr);
+    let (r, seen) = a.send_seeing(&open_g);
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    assert!(recalls(&seen, &deleg), "on the third connection: {seen:?}");
+    std::thread::sleep(Duration::from_millis(4500).saturating_sub(sent.elapsed()));
+    let (r, _) = a.send_seeing(&open_g);
+    assert_eq!(
+        r["status"], "NFS4ERR_DELAY",
+        "a lease after the first send, still recalling: {r}"
+    );
+    // The DELEGRETURN first on a new connection: no recall before its
+    // answer.
+    a.c = LineClient::connect(&nfs.addr);
+    let (r, seen) = a.send_seeing(&json!({"op": "DELEGRETURN", "stateid": deleg}));
+    ok(r);
+    assert!(seen.is_empty(), "no recall of what is returned: {seen:?}");
     ok(a.call_patiently(open_g));
 }
 

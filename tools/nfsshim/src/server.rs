@@ -359,10 +359,9 @@ struct State {
     /// When [`retire_revoked`] last said a close failed (it says so once a
     /// minute while it keeps failing, not at every 100 ms retry).
     retire_failed_said: Option<Instant>,
-    /// The delegation (its open state's `other`) of a CLOSEd state this
-    /// client was sent CB_RECALL for to make room for an OPEN at its
-    /// limit, and when ([`room_for_an_open`]).
-    room_recall: Option<(String, Instant)>,
+    /// The delegation of a CLOSEd state this client was sent CB_RECALL
+    /// for to make room for an OPEN at its limit ([`room_for_an_open`]).
+    room_recall: Option<RoomRecall>,
     /// Commits in flight or of unknown outcome that close an open state's
     /// handle and record the state naming another one, by the handle they
     /// close ([`Swap`]).
@@ -372,6 +371,22 @@ struct State {
     /// the client, or the lease reaper) until it is done, and meanwhile
     /// the client's state serves nothing (see [`release_client`]).
     releasing: bool,
+}
+
+/// A recall to make room for an OPEN ([`State::room_recall`]).
+struct RoomRecall {
+    /// The open state's `other`.
+    other: String,
+    /// When it was first sent.
+    first: Instant,
+    /// When it was sent, or last sent again on a new connection of the
+    /// client ([`resend_recalls`]), but a lease after `first` at the
+    /// latest: the delegation is revoked a lease after (so at most two
+    /// leases after the first send — a client hopping connections does
+    /// not keep it for ever).
+    at: Instant,
+    /// The connections it went out on.
+    reached: Reached,
 }
 
 /// An open state as a commit that closes its handle `old` (the key of
@@ -1812,20 +1827,20 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         && slot.restored
         && slot.reply.is_some()
         && slot.digest.is_some_and(|d| d != digest_of(op, body));
-    if seq.seqid == slot.seqid && !replay_of_restored && !restored_other {
-        if let Some(cached) = slot.reply.as_ref().filter(|r| r.is_object()) {
-            // The cached reply, exactly, without executing: a replay
-            // filterd never sees, so it is told (`filterctl stats`) —
-            // later, by the reaper: not under this lock.
-            sh.replays.bump();
-            return Sequenced::Shared(Arc::clone(cached));
-        }
-    }
+    // The cached reply of a replay, returned exactly, without executing.
+    let cached = (seq.seqid == slot.seqid && !replay_of_restored && !restored_other)
+        .then(|| {
+            slot.reply
+                .as_ref()
+                .filter(|r| r.is_object())
+                .map(Arc::clone)
+        })
+        .flatten();
     let fresh = seq.seqid == slot.seqid.wrapping_add(1)
         || (slot.restored && seq.seqid > slot.seqid)
         || replay_of_restored
         || restored_other;
-    if !fresh {
+    if cached.is_none() && !fresh {
         return finish(Err(Fail(
             "NFS4ERR_SEQ_MISORDERED",
             format!("slot {} is at seqid {}", seq.slot, slot.seqid),
@@ -1836,17 +1851,35 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
     // going away (its changes may have committed), check what filterd
     // already holds before doing anything again.
     let restored = slot.restored || slot.retried == Some(seq.seqid);
+    // A replay too has a valid `seq`: it renews the lease and names the
+    // client's connection (the spec; re-review rr41c F1 — a client back
+    // on a new connection re-sends first the request whose reply it
+    // lost, and a recall outstanding has to reach it then).
     if let Some(c) = st.client.as_mut() {
         c.deadline = Instant::now() + sh.lease;
     }
+    // A DELEGRETURN's own delegation is not recalled again before its
+    // answer (re-review rr41c F3).
+    let returning = match body {
+        Body::Map(obj) if op == "DELEGRETURN" => obj
+            .get("stateid")
+            .and_then(|s| s.get("other"))
+            .and_then(Value::as_str),
+        _ => None,
+    };
     let (forgotten, reattaches, recalls) = match sh.global() {
         Ok(mut g) => {
             // A new connection (or the first since a restore): a recall
             // sent to none, or to one since dropped, goes again.
             let moved = g.client_conn.insert(cid.clone(), conn) != Some(conn);
-            let recalls = moved.then(|| outstanding_recalls(&g, &cid));
+            let recalls = moved.then(|| outstanding_recalls(&mut g, &cid, conn, returning));
             (
-                g.forgotten.remove(&cid).unwrap_or_default(),
+                // Left for the next request that runs.
+                if cached.is_some() {
+                    Vec::new()
+                } else {
+                    g.forgotten.remove(&cid).unwrap_or_default()
+                },
                 g.reattaches,
                 recalls,
             )
@@ -1854,7 +1887,13 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
         Err(f) => return finish(Err(f)).into(),
     };
     if let Some(recalls) = recalls {
-        resend_recalls(sh, &st, conn, recalls);
+        resend_recalls(sh, &mut st, conn, recalls, returning);
+    }
+    if let Some(cached) = cached {
+        // A replay filterd never sees, so it is told (`filterctl stats`)
+        // — later, by the reaper: not under this lock.
+        sh.replays.bump();
+        return Sequenced::Shared(cached);
     }
     settle_revocations(sh, &mut st, &cid);
     for key in forgotten {
@@ -2983,7 +3022,7 @@ fn room_for_an_open(sh: &Shared, st: &mut State) -> Result<(), Fail> {
     let outstanding = st
         .room_recall
         .as_ref()
-        .and_then(|(other, at)| Some((other.clone(), *at, kept(st, other)?)));
+        .and_then(|r| Some((r.other.clone(), r.at, kept(st, &r.other)?)));
     if let Some((other, at, (_, lease))) = outstanding {
         if at.elapsed() < sh.lease {
             return Err(Fail(
@@ -3021,15 +3060,22 @@ fn room_for_an_open(sh: &Shared, st: &mut State) -> Result<(), Fail> {
     let cid = st.opens.get(&other).map(|o| o.clientid.clone());
     let writer = cid.and_then(|cid| {
         let g = sh.global().ok()?;
-        g.client_conn.get(&cid).and_then(|c| sh.writers.get(*c))
+        let c = *g.client_conn.get(&cid)?;
+        Some((c, sh.writers.get(c)?))
     });
-    if let Some(w) = writer {
+    if let Some((_, w)) = &writer {
         shimline::send(
-            &w,
+            w,
             &json!({"op": "CB_RECALL", "stateid": stateid_json(&deleg, 1)}),
         );
     }
-    st.room_recall = Some((other.clone(), Instant::now()));
+    let now = Instant::now();
+    st.room_recall = Some(RoomRecall {
+        other: other.clone(),
+        first: now,
+        at: now,
+        reached: Reached::on(writer.map(|(c, _)| c)),
+    });
     Err(Fail(
         "NFS4ERR_DELAY",
         format!("recalling delegation of {other} to make room for this open"),
@@ -5534,8 +5580,10 @@ fn recall(
         let _ = sh.chores.send(Chore::GiveBack(lease_key));
         return;
     }
-    let writer = g.client_conn.get(&cid).and_then(|c| sh.writers.get(*c));
-    note_recall(&mut g, lease_key.0, file, from);
+    let conn = g.client_conn.get(&cid).copied();
+    let writer = conn.and_then(|c| sh.writers.get(c));
+    let sent_on = conn.filter(|_| writer.is_some());
+    note_recall(&mut g, lease_key.0, file, from, sent_on);
     drop(g);
     if let Some(w) = writer {
         shimline::send(
@@ -5546,37 +5594,64 @@ fn recall(
 }
 
 /// The stateid `other`s of client `cid`'s delegations recalled
-/// ([`Global::recalled`]) and not yet returned or revoked.
-fn outstanding_recalls(g: &Global, cid: &str) -> Vec<String> {
-    g.recalled
-        .keys()
-        .filter_map(|l| g.lease_client.get(l))
-        .filter(|h| h.cid == cid)
-        .map(|h| h.other.clone())
+/// ([`Global::recalled`]), not yet returned or revoked, whose CB_RECALL is
+/// still to go on connection `conn` ([`Reached`]; noted as gone there),
+/// but for `returning`, the one the request returns.
+fn outstanding_recalls(
+    g: &mut Global,
+    cid: &str,
+    conn: u64,
+    returning: Option<&str>,
+) -> Vec<String> {
+    let Global {
+        recalled,
+        lease_client,
+        ..
+    } = g;
+    recalled
+        .iter_mut()
+        .filter_map(|(l, r)| Some((lease_client.get(l)?, r)))
+        .filter(|(h, _)| h.cid == cid && returning != Some(h.other.as_str()))
+        .filter_map(|(h, r)| r.reached.reach(conn).then(|| h.other.clone()))
         .collect()
 }
 
 /// CB_RECALL again, on connection `conn`, for each of `others` and for a
 /// delegation of client state `st` recalled to make room
-/// ([`room_for_an_open`]) and still held: its client's requests came on
-/// another connection before, so that the recall went to a connection
+/// ([`room_for_an_open`]), still held and not sent on `conn` yet (nor
+/// `returning`, the one the request returns): its client's requests came
+/// on another connection before, so that the recall went to a connection
 /// since dropped, or to none at all (one dropped before the recall, or
 /// none yet since a restore) — the holder would not hear of it and lose
 /// its delegation, its cached writes with it, at the break timeout while
-/// it was back and renewing (review rvnfsnode 2). The client may get a
-/// recall twice (the first went out and so does this); it answers each
-/// with the same DELEGRETURN, the second one finding it gone. Never
-/// blocks: the line is queued on the client's own connection.
-fn resend_recalls(sh: &Shared, st: &State, conn: u64, mut others: Vec<String>) {
-    let room = st.room_recall.as_ref().and_then(|(other, _)| {
+/// it was back and renewing (review rvnfsnode 2). A recall to make room
+/// gets a lease from its re-send, up to a lease after its first send
+/// ([`RoomRecall::at`]): the holder back late had little of it left
+/// (re-review rr41c F4). The
+/// client may get a recall twice (the first went out and so does this);
+/// it answers each with the same DELEGRETURN, the second one finding it
+/// gone. Never blocks: the line is queued on the client's own connection.
+fn resend_recalls(
+    sh: &Shared,
+    st: &mut State,
+    conn: u64,
+    mut others: Vec<String>,
+    returning: Option<&str>,
+) {
+    let held = |st: &State, other: &str| {
         st.opens
             .get(other)
             .filter(|o| o.rec.closed)
             .and_then(|o| o.rec.deleg.as_ref())
-    });
-    if let Some(d) = room {
-        if !others.contains(&d.other) {
-            others.push(d.other.clone());
+            .map(|d| d.other.clone())
+    };
+    let room = st.room_recall.as_ref().and_then(|r| held(st, &r.other));
+    if let (Some(d), Some(r)) = (room, st.room_recall.as_mut()) {
+        if returning != Some(d.as_str()) && r.reached.reach(conn) {
+            r.at = Instant::now().min(r.first + sh.lease);
+            if !others.contains(&d) {
+                others.push(d);
+            }
         }
     }
     if others.is_empty() {
@@ -5707,13 +5782,69 @@ struct Recalled {
     /// itself is taken off when the recall is read ([`recalled_from`]),
     /// not here (None: not told).
     began: Option<LeaseState>,
+    /// The connections the CB_RECALL went out on ([`resend_recalls`]).
+    reached: Reached,
 }
 
-/// Notes a recall of `lease` sent ([`Global::recalled`]), its break begun
-/// from `began` as filterd told it: nfsshim's own acks are taken off when
-/// it is read ([`recalled_from`]), not here.
-fn note_recall(g: &mut Global, lease: uuid::Uuid, file: Option<FileId>, began: Option<LeaseState>) {
-    g.recalled.insert(lease, Recalled { file, began });
+/// How many connections a recall remembers it went out on ([`Reached`]).
+const REACHED_MAX: usize = 4;
+
+/// The connections (ids) a CB_RECALL went out on, the last
+/// [`REACHED_MAX`]: a request of its client on another one sends it there
+/// ([`resend_recalls`]), on one it reached already not again — a client
+/// using two connections at once (which the spec allows) is not sent
+/// every outstanding recall at each switch (re-review rr41c F2).
+#[derive(Clone, Copy, Default, Debug)]
+struct Reached {
+    conns: [Option<u64>; REACHED_MAX],
+    /// Where the next one goes (the oldest, once all are taken).
+    next: usize,
+}
+
+impl Reached {
+    /// Sent on `conn` (None: sent nowhere, the client had no connection).
+    fn on(conn: Option<u64>) -> Self {
+        let mut r = Self::default();
+        if let Some(c) = conn {
+            r.reach(c);
+        }
+        r
+    }
+
+    /// Whether the recall is still to go on `conn`; if so, noted as gone
+    /// there (the oldest connection forgotten past [`REACHED_MAX`]).
+    fn reach(&mut self, conn: u64) -> bool {
+        if self.conns.contains(&Some(conn)) {
+            return false;
+        }
+        if let Some(c) = self.conns.get_mut(self.next % REACHED_MAX) {
+            *c = Some(conn);
+        }
+        self.next = (self.next + 1) % REACHED_MAX;
+        true
+    }
+}
+
+/// Notes a recall of `lease` sent ([`Global::recalled`]) on connection
+/// `conn` (None: on none), its break begun from `began` as filterd told
+/// it: nfsshim's own acks are taken off when it is read
+/// ([`recalled_from`]), not here.
+fn note_recall(
+    g: &mut Global,
+    lease: uuid::Uuid,
+    file: Option<FileId>,
+    began: Option<LeaseState>,
+    conn: Option<u64>,
+) {
+    let reached = Reached::on(conn);
+    g.recalled.insert(
+        lease,
+        Recalled {
+            file,
+            began,
+            reached,
+        },
+    );
 }
 
 /// The state recall `r` of lease `lease` counts as begun from: its
@@ -6236,6 +6367,22 @@ mod recall_tests {
         recalls_of(g, Some(file)).into_iter().map(|r| r.2).collect()
     }
 
+    /// Re-review rr41c F2: a recall goes on each connection once, and
+    /// remembers only the last few ([`REACHED_MAX`]).
+    #[test]
+    fn a_recall_is_due_once_per_connection_of_the_last_few() {
+        let mut r = Reached::on(None);
+        assert!(r.reach(7), "sent nowhere: due on the first");
+        assert!(!r.reach(7), "not twice");
+        let mut r = Reached::on(Some(1));
+        assert!(!r.reach(1), "sent there");
+        assert!(r.reach(2) && !r.reach(2) && !r.reach(1));
+        assert_eq!(REACHED_MAX, 4);
+        assert!(r.reach(3) && r.reach(4) && r.reach(5));
+        assert!(!r.reach(2), "the last four kept");
+        assert!(r.reach(1), "the oldest forgotten");
+    }
+
     /// Re-review rr40a E1: a recall took the own-acknowledgement mark as
     /// it was when recorded, and the mark's later undo (its ack refused)
     /// or removal (the lease raised again) never reached it. (b): the ack
@@ -6258,7 +6405,7 @@ mod recall_tests {
             },
         );
         let mark = OwnAckMark::new(&mut g, lease, LeaseState::R);
-        note_recall(&mut g, lease, Some(file), Some(rh));
+        note_recall(&mut g, lease, Some(file), Some(rh), None);
         assert_eq!(froms(&g, file), vec![Some(LeaseState::R)], "acked");
         mark.undo(&mut g);
         assert_eq!(froms(&g, file), vec![Some(rh)], "the ack undone");
