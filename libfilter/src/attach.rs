@@ -123,6 +123,14 @@ pub enum AttachEvent {
         locked: Vec<FileId>,
         /// Handles that could not be resumed.
         lost: Vec<ResumeKey>,
+        /// Of `lost`, the handles another frontend process of this
+        /// instance attached since this one held them (the other node's,
+        /// over a shared table: its client reconnected there). Not gone:
+        /// that process's now, kept by filterd with what it recorded of
+        /// them. A frontend must not release them or delete what its
+        /// tables record of them, and what it remembers of their state is
+        /// stale (nfsshim reloads its tables: review rvnfsnode 1).
+        taken: Vec<ResumeKey>,
         /// Time from losing the daemon to being attached again.
         outage: Duration,
     },
@@ -1140,6 +1148,7 @@ fn supervise(shared: Arc<Shared>) {
                 resumed,
                 mut locked,
                 lost,
+                taken,
             },
         ) = loop {
             let Some(client) = reconnect(&shared) else {
@@ -1176,6 +1185,7 @@ fn supervise(shared: Arc<Shared>) {
                 resumed,
                 locked,
                 lost,
+                taken,
                 outage: lost_at.elapsed(),
             },
         ) {
@@ -1220,6 +1230,8 @@ struct Resumed {
     resumed: Vec<ResumeKey>,
     locked: Vec<FileId>,
     lost: Vec<ResumeKey>,
+    /// Of `lost`, those another frontend process attached since.
+    taken: Vec<ResumeKey>,
 }
 
 /// Whether a refused resume says the handle is not (or no longer) this
@@ -1305,10 +1317,24 @@ fn resume_known(shared: &Shared, client: &FilterClient) -> Option<Resumed> {
                         // handle would stay attached to this live
                         // connection with no open on it.
                         Here::Disconnected | Here::Unknown => again.push((key, cid)),
-                        Here::Not => out.lost.push(key),
+                        Here::Not => {
+                            if taken_elsewhere(shared, client, key) {
+                                out.taken.push(key);
+                            }
+                            out.lost.push(key);
+                        }
                     }
                 }
-                Err(e) if resume_refused_for_good(&e) => out.lost.push(key),
+                Err(e) if resume_refused_for_good(&e) => {
+                    // Taken by another process of this instance, or gone:
+                    // told apart by a look at the handle's stamp.
+                    if e.code() == Some(ErrorCode::NoSuchHandle)
+                        && taken_elsewhere(shared, client, key)
+                    {
+                        out.taken.push(key);
+                    }
+                    out.lost.push(key);
+                }
                 Err(_) if client.is_dead() => return None,
                 Err(e) => {
                     tracing::warn!(resume_key = %key, error = %e, "resume refused for now: trying again");
@@ -1353,6 +1379,23 @@ fn let_go_of_held(client: &FilterClient, held: &HashSet<ResumeKey>, lost: &[Resu
             tracing::debug!(resume_key = %key, error = %e, "lost handle not detached");
         }
     }
+}
+
+/// Whether filterd holds handle `key` as attached last by another
+/// frontend process (its `attached_by` neither this attachment's
+/// incarnation nor 0, unknown): the reason a reattach that names
+/// `if_last_held` refuses it (`NoSuchHandle`, as for a handle that is
+/// gone). Not learnt (the look unanswered): false — taken for gone, as
+/// before.
+fn taken_elsewhere(shared: &Shared, client: &FilterClient, key: ResumeKey) -> bool {
+    matches!(
+        client.call(crate::proto::Request::Handle {
+            key,
+            learning: false,
+        }),
+        Ok((crate::proto::Reply::Handle(v), _))
+            if v.record.attached_by != 0 && v.record.attached_by != shared.incarnation
+    )
 }
 
 /// Where a handle whose resume was refused "attached" is.
