@@ -573,6 +573,18 @@ struct Shared {
     replays: libfilter::client::ReplayCounter,
     /// The `excl` table's records and their ages ([`excl`]).
     excl: Mutex<excl::Ages>,
+    /// Held (read) by every request and reaper tick, (write) by a reload
+    /// of the tables ([`reload`]): a reload never swaps the state under
+    /// a request that runs on it.
+    serving: std::sync::RwLock<()>,
+    /// Another frontend process of this instance may have changed the
+    /// tables since they were read (filterd stepped down: another node
+    /// owned them; or a reattach found handles another process attached):
+    /// what is in memory is stale until [`reload`] has read them again.
+    /// Requests are `NFS4ERR_DELAY` meanwhile.
+    reload_due: std::sync::atomic::AtomicBool,
+    /// This process, as [`state::ServerRec`] names it.
+    process: u64,
 }
 
 /// A filterd call that forgetting a handle leaves to do. Each is a commit,
@@ -705,6 +717,9 @@ fn start(
         fds: Descriptors::new(limits.max_descriptors),
         replays: libfilter::client::ReplayCounter::default(),
         excl: Mutex::new(excl::Ages::default()),
+        serving: std::sync::RwLock::new(()),
+        reload_due: std::sync::atomic::AtomicBool::new(false),
+        process: libfilter::model::new_incarnation(),
     });
     let registered = shared
         .tables
@@ -728,7 +743,29 @@ fn start(
     }
     restore(&shared).context("restoring nfsl/1 state from filterd")?;
     restore_verifier_ages(&shared).context("reading the exclusive-create table")?;
+    claim_tables(&shared).context("recording this process as the tables' server")?;
     Ok(shared)
+}
+
+/// Records this process as the one serving the tables
+/// ([`state::ServerRec`]), durably, before it serves.
+fn claim_tables(sh: &Shared) -> Result<(), ClientError> {
+    let rec = state::ServerRec {
+        process: sh.process,
+    };
+    state::put(&sh.filter, &sh.tables.server(), state::SERVER_OP, &rec)
+}
+
+/// Whether another nfsshim process of this instance read (and so may
+/// have changed) the tables since this one did ([`state::ServerRec`]):
+/// the other node's, while it owned the shared table. Not learnt (the
+/// look failed): taken as yes — a reload needlessly done costs time, one
+/// left out serves stale state.
+fn served_elsewhere(sh: &Shared) -> bool {
+    !matches!(
+        state::get::<state::ServerRec>(&sh.filter, &sh.tables.server(), state::SERVER_OP),
+        Ok(Some(rec)) if rec.process == sh.process
+    )
 }
 
 /// Enters the `excl` table's records with their ages ([`excl`]); a record
@@ -1027,7 +1064,8 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                 .insert(rec.sessionid.clone(), Session { rec, num, slots });
         }
     }
-    sh.next_num.store(max + 1, Ordering::Relaxed);
+    // Never below a number handed out before (a reload: [`reload`]).
+    sh.next_num.fetch_max(max + 1, Ordering::Relaxed);
     for (cid, num, rec) in deleg_gone {
         let _ = state::put(f, &t.states(&cid), num, &rec);
     }
@@ -1266,6 +1304,15 @@ fn answer(s: Sequenced, xid: u64) -> Answer {
 }
 
 fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Answer {
+    let _serving = sh.serving.read().unwrap_or_else(|p| p.into_inner());
+    // Attached to filterd again, and the reattach not applied yet, or the
+    // tables to be read again (another node's nfsshim served them
+    // meanwhile): what is in memory may be stale, nothing runs on it
+    // (review rvnfsnode 1: a re-sent RENAME ran again). DELAY leaves the
+    // slot where it was.
+    if sh.reload_due.load(Ordering::Acquire) || sh.filter.resync_pending() {
+        return not_yet(line);
+    }
     if let Some((l, op)) = wire::Line::decode(line) {
         // OPEN and CLOSE without the `Value` map (issue #16; `wire`).
         let (name, body) = match op {
@@ -1288,6 +1335,21 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Answer {
         _ => return answer(sequenced(sh, conn, op, Body::Map(obj)), xid),
     };
     out.insert("xid".into(), json!(xid));
+    Answer::Whole(Value::Object(out))
+}
+
+/// `NFS4ERR_DELAY` to request `line` (its `xid` if it has one): nfsshim
+/// is catching up with a reattach to filterd.
+fn not_yet(line: &[u8]) -> Answer {
+    let xid = serde_json::from_slice::<Value>(line)
+        .ok()
+        .and_then(|v| v.get("xid").cloned())
+        .unwrap_or(Value::Null);
+    let mut out = finish(Err(Fail(
+        "NFS4ERR_DELAY",
+        "nfsshim is catching up with filterd; retry".into(),
+    )));
+    out.insert("xid".into(), xid);
     Answer::Whole(Value::Object(out))
 }
 
@@ -5282,13 +5344,45 @@ fn events(sh: Arc<Shared>) {
             AttachEvent::Reattached {
                 generation,
                 lost,
+                taken,
                 locked,
                 ..
             } => {
+                // No request or reaper tick runs on the state meanwhile
+                // (taken first: a request may wait for its I/O gate).
+                let _serving = sh.serving.write().unwrap_or_else(|p| p.into_inner());
                 // No unchecked I/O meanwhile, and none after on what this
                 // changes.
                 let _quiet = sh.filter.exclusive_io();
-                forget(&sh, &lost);
+                if !taken.is_empty() {
+                    eprintln!(
+                        "nfsshim: {} handle(s) were attached by another nfsshim process of this instance since (its clients moved there): reading the tables again",
+                        taken.len()
+                    );
+                    sh.reload_due.store(true, Ordering::Release);
+                }
+                if !sh.reload_due.load(Ordering::Acquire) && served_elsewhere(&sh) {
+                    eprintln!(
+                        "nfsshim: another nfsshim process of this instance served its tables meanwhile: reading them again"
+                    );
+                    sh.reload_due.store(true, Ordering::Release);
+                }
+                if sh.reload_due.load(Ordering::Acquire) {
+                    // What another process of this instance did to the
+                    // tables is not in memory: read them again, as at the
+                    // start, before any request runs (review rvnfsnode 1).
+                    // A handle it took is never forgotten as gone: its
+                    // state is that process's record, not to delete.
+                    if !reload_or_wait(&sh) {
+                        continue;
+                    }
+                } else {
+                    // Only handles that are gone: a taken one (none here,
+                    // or the tables were read again above) is not.
+                    let gone: Vec<ResumeKey> =
+                        lost.into_iter().filter(|k| !taken.contains(k)).collect();
+                    forget(&sh, &gone);
+                }
                 // After its lost handles are forgotten or listed.
                 if let Ok(mut g) = sh.global() {
                     g.reattaches += 1;
@@ -5302,11 +5396,106 @@ fn events(sh: Arc<Shared>) {
                 }
             }
             AttachEvent::Daemon(Event::SteppingDown) => {
+                // Another node owns the table: its nfsshim restores and
+                // serves these tables meanwhile. Read again at the next
+                // reattach, before the clients are let in.
+                sh.reload_due.store(true, Ordering::Release);
                 shimline::stepped_down(&sh.clients, "nfsshim");
             }
             _ => {}
         }
     }
+}
+
+/// Reads the tables again ([`reload`]) on a reattach that found them
+/// maybe changed by another process of this instance; true when done
+/// (`reload_due` cleared). Not done, the client connections are let go
+/// and new ones refused (nothing may run on a state half read), and the
+/// next reattach tries again — or, filterd still there, nfsshim exits
+/// (75): its restart reads the tables as this would have.
+fn reload_or_wait(sh: &Shared) -> bool {
+    match reload(sh) {
+        Ok(()) => {
+            sh.reload_due.store(false, Ordering::Release);
+            true
+        }
+        Err(e) => {
+            shimline::stepped_down(&sh.clients, "nfsshim");
+            if sh.filter.client().is_dead() {
+                eprintln!(
+                    "nfsshim: reading the tables again failed ({e}); filterd went away again: trying again at the next reattach"
+                );
+                return false;
+            }
+            eprintln!("nfsshim: reading the tables again failed ({e}); exiting to start afresh");
+            std::process::exit(75);
+        }
+    }
+}
+
+/// Drops everything in memory about clients, sessions, slots, open
+/// states and verifiers, and restores it from the tables as at the start
+/// ([`restore`]): another nfsshim process of this instance (the other
+/// node's, while it owned the shared table) served these clients
+/// meanwhile — made clients and sessions, answered slots, opened, closed,
+/// renamed — and attached their handles (review rvnfsnode 1: kept, the
+/// stale memory answered re-sends with what it had, and the reattach's
+/// refusal of every handle deleted every open state's record). The
+/// handles this attachment reattached are detached first, so that the
+/// restore's resumes — a client's resume, which filterd grants whoever
+/// attached the handle last — take them back with the rest. Called by
+/// the event thread under `serving` (write) and `exclusive_io`.
+fn reload(sh: &Shared) -> Result<(), ClientError> {
+    let f = &sh.filter;
+    let ours = |h: &libfilter::proto::HandleView| {
+        h.record.frontend.as_str() == sh.tables.instance()
+            && h.record.protocol.as_str() == "nfs"
+            && h.record.conn == ConnState::Connected
+    };
+    for h in f.client().handles()?.into_iter().filter(ours) {
+        // Disconnected, it still holds its modes and locks (and is
+        // resumed by the restore below, or closed as a stray). One
+        // refused otherwise is left to the restore as it is.
+        if let Err(e) = f.detach(h.record.key) {
+            if f.client().is_dead() {
+                return Err(e);
+            }
+            eprintln!(
+                "nfsshim: detaching handle {} to read the tables again: {e}",
+                h.record.key
+            );
+        }
+    }
+    {
+        let mut g = sh
+            .st
+            .lock()
+            .map_err(|_| ClientError::Unexpected("lock".into()))?;
+        // Kept: what is about connections, not clients; give-backs
+        // queued (a stale ack must not take a fresh delegation); the
+        // count of reattaches.
+        let fresh = Global {
+            conn_peer: std::mem::take(&mut g.conn_peer),
+            giving_back: std::mem::take(&mut g.giving_back),
+            clients_reserved: g.clients_reserved,
+            reattaches: g.reattaches,
+            ..Global::default()
+        };
+        let stale = std::mem::replace(&mut *g, fresh);
+        drop(g);
+        // Its open states' descriptors close here.
+        drop(stale);
+    }
+    *sh.excl
+        .lock()
+        .map_err(|_| ClientError::Unexpected("excl lock".into()))? = excl::Ages::default();
+    let registered = sh.tables.registered(f)?;
+    sh.registered.store(registered, Ordering::Release);
+    restore(sh)?;
+    restore_verifier_ages(sh)?;
+    claim_tables(sh)?;
+    eprintln!("nfsshim: tables read again");
+    Ok(())
 }
 
 /// Handles filterd dropped (expired, purged, lost in a restart): their
@@ -6165,6 +6354,11 @@ fn reaper(sh: Arc<Shared>) {
     let mut was_ready = true;
     loop {
         std::thread::sleep(Duration::from_millis(100));
+        // Never on a state a reload is replacing ([`reload`]).
+        let _serving = sh.serving.read().unwrap_or_else(|p| p.into_inner());
+        if sh.reload_due.load(Ordering::Acquire) {
+            continue;
+        }
         // First, and even while filterd is away: it never waits.
         sh.replays.flush(&sh.filter.client());
         if let Ok(mut g) = sh.global() {

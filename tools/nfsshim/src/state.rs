@@ -11,6 +11,7 @@
 //! | `<instance>/slots/<sessionid>` | slot | [`SlotRec`] (the cached reply of a mutating request) |
 //! | `<instance>/states/<clientid>` | state number | [`OpenRec`] |
 //! | `<instance>/excl` | hash of the path | exclusive-create verifier |
+//! | `<instance>/server` | 0 | [`ServerRec`]: the nfsshim process that read the tables last |
 //! | `instances` (shared) | hash of the instance name | the instance name (filterctl finds the tables by it) |
 //!
 //! filterd keeps at most [`KEEP`] records per scope and evicts the oldest
@@ -31,6 +32,21 @@ use serde_json::Value;
 
 /// Most records a scope keeps (filterd's cap).
 pub const KEEP: u32 = 4096;
+
+/// The nfsshim process that last read (restored) the instance's tables,
+/// written before it serves: a process that finds another's here at a
+/// reattach knows another process served the tables meanwhile (the other
+/// node's, while it owned the shared table) and reads them again
+/// (server.rs `reload`, review rvnfsnode 1). Absent in the tables of an
+/// nfsshim before it: read as another's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRec {
+    /// Drawn once per process, never 0.
+    pub process: u64,
+}
+
+/// [`ServerRec`]'s op id in its table.
+pub const SERVER_OP: u64 = 0;
 
 /// A client incarnation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -306,6 +322,10 @@ impl Tables {
     pub fn excl(&self) -> String {
         self.table("excl", "")
     }
+    /// The process that read the tables last ([`ServerRec`]).
+    pub fn server(&self) -> String {
+        self.table("server", "")
+    }
     /// Whether this instance is in the shared `instances` registry (which
     /// filterctl reads to find its tables). Refuses when another instance
     /// name holds the same record id.
@@ -445,6 +465,17 @@ impl Pending {
     }
 }
 
+/// One record of a scope: None when there is none or it does not decode.
+pub fn get<T: DeserializeOwned>(
+    f: &Attachment,
+    scope_name: &str,
+    op: u64,
+) -> Result<Option<T>, ClientError> {
+    Ok(f.client()
+        .lookup_reply(scope(scope_name)?, op)?
+        .and_then(|r| serde_json::from_str(&r.reply).ok()))
+}
+
 /// Deletes a record.
 pub fn delete(f: &Attachment, scope_name: &str, op: u64) -> Result<(), ClientError> {
     f.client().delete_record(scope(scope_name)?, op)
@@ -522,14 +553,16 @@ mod tests {
                 t.sessions("c"),
                 t.slots("s"),
                 t.states("c"),
-                t.excl()
+                t.excl(),
+                t.server()
             ],
             [
                 "i-1/clients",
                 "i-1/sessions/c",
                 "i-1/slots/s",
                 "i-1/states/c",
-                "i-1/excl"
+                "i-1/excl",
+                "i-1/server"
             ]
         );
     }
