@@ -17,14 +17,26 @@
 //! handle lost, rksmbd forgets the open and ends the LOCK
 //! STATUS_FILE_CLOSED, bob locks, and alice reconnects.
 //!
+//! The same fail-back with nfsshim (review rvnfsnode finding 1): nfsshim
+//! A stays up while filterd A is lost (killed, or stopped past its lease
+//! and stepping down when continued), nfsshim B serves alice — who
+//! writes, opens, renames, removes, closes on B — and carol, a client
+//! made on B; then A owns the table again. nfsshim A must read its tables
+//! again before it serves: before, it answered from stale memory (the
+//! re-sent RENAME and REMOVE `NFS4ERR_NOENT`, the guarded OPEN run
+//! again, B's stateids `NFS4ERR_BAD_STATEID`, carol unknown) and deleted
+//! every open state's record — of dave too, who never used B — leaving
+//! the handles disconnected with their share modes and locks.
+//!
 //! Skips (with a note) when the `etcd` binary is missing, except under
 //! `CI=true`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rkfilter_tests::etcd::{etcd_available, node_filterd, owner_and_standby, Cluster};
 use rkfilter_tests::smb3::Dialogue;
-use rkfilter_tests::{RkSmbd, Scratch};
+use rkfilter_tests::{LineClient, RkSmbd, Scratch, Shim};
+use serde_json::{json, Value};
 
 const TTL: &str = "2";
 const USERS: &[(&str, &str)] = &[("alice", "pw")];
@@ -174,4 +186,263 @@ fn a_fail_back_ends_a_lock_pending_on_a_handle_reconnected_elsewhere() {
 #[test]
 fn a_fail_back_does_not_give_rksmbd_a_handle_its_client_reconnected_elsewhere() {
     fail_back("failback-open", false);
+}
+
+/// An nfsl/1 client with a session and a client-side slot table, at
+/// nfsshim `addr`; it reconnects when a connection is closed (nfsshim
+/// let go of its clients).
+struct Nfs {
+    addr: String,
+    c: Option<LineClient>,
+    xid: u64,
+    sessionid: String,
+    /// Each slot's last seqid.
+    last: [u64; 4],
+}
+
+impl Nfs {
+    fn new(addr: &str, owner: &str, verifier: &str) -> Nfs {
+        let mut n = Nfs {
+            addr: addr.to_owned(),
+            c: None,
+            xid: 0,
+            sessionid: String::new(),
+            last: [0; 4],
+        };
+        let r = n.ask(json!({"op": "EXCHANGE_ID", "owner": owner, "verifier": verifier}));
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        let r = n.ask(json!({"op": "CREATE_SESSION", "clientid": r["clientid"]}));
+        assert_eq!(r["status"], "NFS4_OK", "{r}");
+        n.sessionid = r["sessionid"].as_str().unwrap().to_owned();
+        n
+    }
+
+    /// Talks to the nfsshim at `addr` from now on.
+    fn move_to(&mut self, addr: &str) {
+        addr.clone_into(&mut self.addr);
+        self.c = None;
+    }
+
+    /// One request's reply (None: the connection was closed).
+    fn once(&mut self, req: &Value) -> Option<Value> {
+        self.xid += 1;
+        let mut req = req.clone();
+        req["xid"] = json!(self.xid);
+        let c = self
+            .c
+            .get_or_insert_with(|| LineClient::connect(&self.addr));
+        let r = c.raw(format!("{req}\n").as_bytes());
+        if r.is_none() {
+            self.c = None;
+        }
+        r
+    }
+
+    /// The reply to `req`, asked again while it is `NFS4ERR_DELAY` or
+    /// the connection is closed (for up to 90 s), without its `xid`.
+    fn ask(&mut self, req: Value) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let r = self.once(&req);
+            match r {
+                Some(r) if r["status"] != "NFS4ERR_DELAY" => {
+                    let mut r = r;
+                    if let Some(m) = r.as_object_mut() {
+                        m.remove("xid");
+                    }
+                    return r;
+                }
+                _ => {}
+            }
+            assert!(t0.elapsed() < Duration::from_secs(90), "{req}: still {r:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `req` as the next request on `slot`, which must be `NFS4_OK`.
+    fn ok(&mut self, req: Value, slot: usize) -> Value {
+        self.last[slot] += 1;
+        let r = self.at(req.clone(), slot);
+        assert_eq!(r["status"], "NFS4_OK", "{req}: {r}");
+        r
+    }
+
+    /// `req` at `slot`'s last seqid (a re-send, after [`Nfs::ok`]).
+    fn at(&mut self, mut req: Value, slot: usize) -> Value {
+        req["seq"] = json!({"sessionid": self.sessionid, "slot": slot, "seqid": self.last[slot]});
+        self.ask(req)
+    }
+}
+
+fn open_req(owner: &str, path: &str, deny: &str, create: &str) -> Value {
+    json!({"op": "OPEN", "owner": owner, "path": path, "access": "both",
+           "deny": deny, "create": {"mode": create}})
+}
+
+fn write_req(stateid: &Value, data: &str) -> Value {
+    use base64::Engine as _;
+    let data = base64::engine::general_purpose::STANDARD.encode(data);
+    json!({"op": "WRITE", "stateid": stateid, "offset": 0, "data": data})
+}
+
+fn close_req(stateid: &Value) -> Value {
+    json!({"op": "CLOSE", "stateid": stateid})
+}
+
+/// How the fail-back goes.
+#[derive(Clone, Copy, PartialEq)]
+enum Loss {
+    /// filterd A SIGKILLed; alice keeps f open and locked, dave (never on
+    /// B) has dfile open: their handles are taken by nfsshim B's restore.
+    Kill,
+    /// As `Kill`, filterd A SIGSTOPped past its lease and continued: it
+    /// steps down (nfsshim A lets go of its clients) and exits 75.
+    Stop,
+    /// filterd A SIGKILLed; alice CLOSEs f on B: nfsshim A holds no
+    /// handle at the fail-back (none taken, f gone), only the tables tell.
+    KillNothingHeld,
+}
+
+/// The fail-back with nfsshim A alive throughout.
+fn nfs_fail_back(name: &str, loss: Loss) {
+    if !etcd_available(name) {
+        return;
+    }
+    let held = loss != Loss::KillNothingHeld;
+    let shared = Scratch::new(&format!("{name}-export"));
+    let export = shared.root();
+    for f in ["victim", "ren"] {
+        std::fs::write(export.join(f), f).unwrap();
+    }
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url(&format!("rk/{name}"));
+    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &[]);
+    let nfs_a = Shim::start("nfsshim", a.socket(), "nfs-1");
+
+    // On A: alice opens f (denying writes) and locks [0,10); dave, who
+    // never talks to B, opens dfile denying both.
+    let mut alice = Nfs::new(&nfs_a.addr, "alice@h1", "00000000000000aa");
+    let f_sid = alice.ok(open_req("ao", "f", "write", "unchecked"), 0)["stateid"].clone();
+    let mut lock_sid = Value::Null;
+    let mut dave = None;
+    if held {
+        let lock = json!({"op": "LOCK", "stateid": f_sid, "owner": "al", "type": "write",
+                          "offset": 0, "length": 10});
+        lock_sid = alice.ok(lock, 0)["lock_stateid"].clone();
+        let mut d = Nfs::new(&nfs_a.addr, "dave@h4", "00000000000000dd");
+        let od = d.ok(open_req("do", "dfile", "both", "unchecked"), 0);
+        dave = Some((d, od["stateid"].clone()));
+    }
+
+    // filterd A is lost, nfsshim A stays; B takes over, nfsshim B
+    // restores, alice works on B, carol is made there.
+    if loss == Loss::Stop {
+        a.stop();
+    } else {
+        a.kill9();
+    }
+    b.wait_ready();
+    if loss == Loss::Stop {
+        a.signal(nix::sys::signal::Signal::SIGCONT);
+        assert_eq!(a.wait_exit(Duration::from_secs(30)).code(), Some(75));
+    }
+    let nfs_b = Shim::start("nfsshim", b.socket(), "nfs-1");
+    alice.move_to(&nfs_b.addr);
+    alice.ok(write_req(&f_sid, "BBBB"), 0);
+    if !held {
+        alice.ok(close_req(&f_sid), 0);
+    }
+    let guarded = open_req("ao2", "g", "both", "guarded");
+    let g = alice.ok(guarded.clone(), 1);
+    let rename = json!({"op": "RENAME", "from": "ren", "to": "ren2"});
+    let rn = alice.ok(rename.clone(), 2);
+    let remove = json!({"op": "REMOVE", "path": "victim"});
+    let rm = alice.ok(remove.clone(), 3);
+    let mut carol = Nfs::new(&nfs_b.addr, "carol@h3", "00000000000000cc");
+    let k_sid = carol.ok(open_req("co", "k", "both", "unchecked"), 0)["stateid"].clone();
+
+    // Fail-back: A again (standby first), node B dies whole, A owns.
+    let a2 = node_filterd(&sa, &url, TTL, true, &[]);
+    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    nfs_b.kill9();
+    b.kill9();
+    a2.wait_ready();
+
+    // On A: alice's re-sends are answered from their records.
+    alice.move_to(&nfs_a.addr);
+    assert_eq!(
+        alice.at(guarded, 1),
+        g,
+        "the guarded OPEN re-sent\nfilterd A:\n{}",
+        a2.log_text()
+    );
+    assert_eq!(alice.at(rename, 2), rn, "the RENAME re-sent");
+    assert_eq!(alice.at(remove, 3), rm, "the REMOVE re-sent");
+    // Slot 0 goes on where B left it; B's stateid works on A.
+    if held {
+        alice.ok(write_req(&f_sid, "CCCC"), 0);
+    } else {
+        let r = alice.at(close_req(&f_sid), 0);
+        assert_eq!(r["status"], "NFS4_OK", "the CLOSE re-sent: {r}");
+    }
+    alice.ok(write_req(&g["stateid"], "gggg"), 1);
+    // Carol, made on B, is known; dave's open (never on B) kept.
+    carol.move_to(&nfs_a.addr);
+    carol.ok(write_req(&k_sid, "k"), 0);
+    if let Some((d, od)) = dave.as_mut() {
+        d.move_to(&nfs_a.addr);
+        d.ok(write_req(od, "dave"), 0);
+    }
+
+    // Every handle attached (none left disconnected holding its modes
+    // and locks), and each releasable by its client.
+    let handles = a2.control().handles().unwrap();
+    assert_eq!(handles.len(), if held { 4 } else { 2 }, "{handles:?}");
+    for h in &handles {
+        assert_eq!(
+            h.record.conn,
+            libfilter::model::ConnState::Connected,
+            "{} left {:?}",
+            h.record.path,
+            h.record.conn
+        );
+    }
+    if held {
+        let unlock = json!({"op": "LOCKU", "lock_stateid": lock_sid, "offset": 0, "length": 10});
+        alice.ok(unlock, 0);
+        alice.ok(close_req(&f_sid), 0);
+    }
+    alice.ok(close_req(&g["stateid"]), 1);
+    carol.ok(close_req(&k_sid), 0);
+    if let Some((d, od)) = dave.as_mut() {
+        d.ok(close_req(od), 0);
+    }
+    let mut bob = Nfs::new(&nfs_a.addr, "bob@h2", "00000000000000bb");
+    for path in ["f", "g", "k", "dfile"] {
+        bob.ok(open_req("bo", path, "both", "unchecked"), 0);
+    }
+    let data = std::fs::read_to_string(export.join("f")).unwrap();
+    assert_eq!(data, if held { "CCCC" } else { "BBBB" });
+    assert!(export.join("ren2").exists() && !export.join("victim").exists());
+    drop(cluster);
+}
+
+/// filterd A SIGKILLed: nfsshim A hears nothing until it reattaches.
+#[test]
+fn an_nfsshim_kept_across_a_fail_back_reads_its_tables_again() {
+    nfs_fail_back("failback-nfs-kill", Loss::Kill);
+}
+
+/// filterd A stopped past its lease: continued, it steps down (nfsshim A
+/// lets go of its clients) and exits.
+#[test]
+fn an_nfsshim_whose_filterd_stepped_down_reads_its_tables_again_at_the_fail_back() {
+    nfs_fail_back("failback-nfs-stop", Loss::Stop);
+}
+
+/// No handle of nfsshim A is taken (alice's only one was closed on B):
+/// its tables' record of the process that read them last tells.
+#[test]
+fn an_nfsshim_holding_no_handle_at_a_fail_back_reads_its_tables_again() {
+    nfs_fail_back("failback-nfs-none", Loss::KillNothingHeld);
 }
