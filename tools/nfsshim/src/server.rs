@@ -585,6 +585,10 @@ struct Shared {
     reload_due: std::sync::atomic::AtomicBool,
     /// This process, as [`state::ServerRec`] names it.
     process: u64,
+    /// Whether the tables' [`state::ServerRec`] names this process: written
+    /// at the start (or a reload) when the tables hold a client, else with
+    /// the first client record this process writes, in its commit.
+    claimed: std::sync::atomic::AtomicBool,
 }
 
 /// A filterd call that forgetting a handle leaves to do. Each is a commit,
@@ -720,6 +724,7 @@ fn start(
         serving: std::sync::RwLock::new(()),
         reload_due: std::sync::atomic::AtomicBool::new(false),
         process: libfilter::model::new_incarnation(),
+        claimed: std::sync::atomic::AtomicBool::new(false),
     });
     let registered = shared
         .tables
@@ -743,7 +748,15 @@ fn start(
     }
     restore(&shared).context("restoring nfsl/1 state from filterd")?;
     restore_verifier_ages(&shared).context("reading the exclusive-create table")?;
-    claim_tables(&shared).context("recording this process as the tables' server")?;
+    // Tables with no client yet: claimed with the first client's commit
+    // (no commit more at the start of an nfsshim on empty tables).
+    let any_client = !shared
+        .global()
+        .map(|g| g.clients.is_empty())
+        .unwrap_or(true);
+    if any_client {
+        claim_tables(&shared).context("recording this process as the tables' server")?;
+    }
     Ok(shared)
 }
 
@@ -753,19 +766,24 @@ fn claim_tables(sh: &Shared) -> Result<(), ClientError> {
     let rec = state::ServerRec {
         process: sh.process,
     };
-    state::put(&sh.filter, &sh.tables.server(), state::SERVER_OP, &rec)
+    state::put(&sh.filter, &sh.tables.server(), state::SERVER_OP, &rec)?;
+    sh.claimed.store(true, Ordering::Release);
+    Ok(())
 }
 
 /// Whether another nfsshim process of this instance read (and so may
 /// have changed) the tables since this one did ([`state::ServerRec`]):
-/// the other node's, while it owned the shared table. Not learnt (the
-/// look failed): taken as yes — a reload needlessly done costs time, one
-/// left out serves stale state.
+/// the other node's, while it owned the shared table. None there: no
+/// process wrote a client record since the tables were empty (each
+/// claims them with its first, in its commit), so nobody changed them.
+/// Not learnt (the look failed): taken as yes — a reload needlessly done
+/// costs time, one left out serves stale state.
 fn served_elsewhere(sh: &Shared) -> bool {
-    !matches!(
-        state::get::<state::ServerRec>(&sh.filter, &sh.tables.server(), state::SERVER_OP),
-        Ok(Some(rec)) if rec.process == sh.process
-    )
+    match state::get::<state::ServerRec>(&sh.filter, &sh.tables.server(), state::SERVER_OP) {
+        Ok(Some(rec)) => rec.process != sh.process,
+        Ok(None) => false,
+        Err(_) => true,
+    }
 }
 
 /// Enters the `excl` table's records with their ages ([`excl`]); a record
@@ -1566,17 +1584,26 @@ fn exchange_id(sh: &Shared, conn: u64, obj: &Map<String, Value>) -> Outcome {
         verifier,
     };
     let num = sh.num();
-    // The first client also registers the instance, in the same commit.
+    // The first client also registers the instance, and claims the
+    // tables for this process ([`claim_tables`]), in the same commit.
     let mut p = state::Pending::default();
+    let claim = state::ServerRec {
+        process: sh.process,
+    };
     let written = p
         .put(&sh.tables.clients(), num, &rec)
         .and_then(|()| match sh.registered.load(Ordering::Acquire) {
             true => Ok(()),
             false => sh.tables.register(&mut p),
         })
+        .and_then(|()| match sh.claimed.load(Ordering::Acquire) {
+            true => Ok(()),
+            false => p.put(&sh.tables.server(), state::SERVER_OP, &claim),
+        })
         .and_then(|()| p.flush(&sh.filter));
     if written.is_ok() {
         sh.registered.store(true, Ordering::Release);
+        sh.claimed.store(true, Ordering::Release);
     }
     {
         let mut g = sh.global()?;

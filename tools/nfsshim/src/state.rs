@@ -33,12 +33,14 @@ use serde_json::Value;
 /// Most records a scope keeps (filterd's cap).
 pub const KEEP: u32 = 4096;
 
-/// The nfsshim process that last read (restored) the instance's tables,
-/// written before it serves: a process that finds another's here at a
-/// reattach knows another process served the tables meanwhile (the other
-/// node's, while it owned the shared table) and reads them again
-/// (server.rs `reload`, review rvnfsnode 1). Absent in the tables of an
-/// nfsshim before it: read as another's.
+/// The nfsshim process that last read (restored) the instance's tables:
+/// written before it serves when they hold a client, else in the commit
+/// of the first client record it writes. A process that finds another's
+/// here at a reattach knows another process served the tables meanwhile
+/// (the other node's, while it owned the shared table) and reads them
+/// again (server.rs `reload`, review rvnfsnode 1). Absent: nobody wrote a
+/// client since the tables were empty (or only an nfsshim before it did,
+/// which this cannot tell).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerRec {
     /// Drawn once per process, never 0.
