@@ -562,6 +562,30 @@ fn rksmbd_retried_close_waits_for_filterd_on_every_channel() {
     assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
 }
 
+/// A TREE_DISCONNECT whose close of a persistent open filterd never
+/// answered (filterd killed under its commit) is STATUS_FILE_NOT_AVAILABLE
+/// and keeps the tree, as a CLOSE is; retried, or the open reconnected,
+/// while filterd is down: the same. Once filterd is back the open's CLOSE
+/// through the kept tree succeeds, then the TREE_DISCONNECT, and nothing
+/// is held. Before, the TREE_DISCONNECT succeeded: the client forgot the
+/// tree and the open, whose close only this rksmbd's settler would make
+/// (re-review rr41b B).
+#[test]
+fn rksmbd_tree_disconnect_waits_for_a_settling_close() {
+    let s = Scratch::new("rksmbd-settling-tdis");
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let mut script = Dialogue::start(&srv, "settling_tree_disconnect.py", Duration::from_secs(60));
+    script.expect("refused");
+    d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
+    script.say("go");
+    script.expect("still");
+    let d = Filterd::start(&s, &[], &[]);
+    script.say("go");
+    script.finish();
+    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+}
+
 /// A reconnect (DH2C, from a new connection) of an open whose CLOSE
 /// settles, filterd serving again but the settling close not yet made
 /// (held here, `RKSMBD_TEST_SETTLE_DELAY_MS`), is told to retry. It was

@@ -892,6 +892,23 @@ fn a_connection_ended_while_a_request_waits_ends_at_once() {
     smbprotocol_script_passes(&srv, "pump_ended.py");
 }
 
+/// A client whose connection ends (it closes its socket; it sends a bad
+/// frame) while a CREATE of it waits for the acknowledgment of its own
+/// lease's break reconnects its persistent open at once from a new
+/// connection (tests/smb3/pump_gone_reconnect.py). Before, the CREATE
+/// waited until filterd's break timeout, the old connection counted as
+/// holding the open live, and the DH2C waited 1 s and was
+/// STATUS_OBJECT_NAME_NOT_FOUND — final for the client (re-review rr41b A).
+#[test]
+fn a_client_gone_while_its_create_waits_for_a_break_reconnects_at_once() {
+    let s = Scratch::new("rksmbd-pump-gone");
+    let d = Filterd::start(&s, &["--break-timeout-ms", "30000"], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    smbprotocol_script_passes_with(&srv, "pump_gone_reconnect.py", &["eof"]);
+    smbprotocol_script_passes_with(&srv, "pump_gone_reconnect.py", &["bad"]);
+    no_handles_left(&d);
+}
+
 /// Review wB: rksmbd's opens had no cap below its descriptor limit. Under
 /// a limit of 128 one client's opens filled the table (117), its next
 /// CREATEs failed STATUS_INTERNAL_ERROR, and every other client's

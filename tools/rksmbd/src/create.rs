@@ -1502,6 +1502,33 @@ fn retry_while_held_elsewhere<T, E>(
     }
 }
 
+/// Tries `attempt` again, 10 ms apart, while it fails with what
+/// `transient` calls a moment's refusal, for up to `wait` in all.
+fn retry_transient<T, E>(
+    wait: Duration,
+    transient: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let start = Instant::now();
+    loop {
+        match attempt() {
+            Err(e) if transient(&e) && start.elapsed() < wait => {}
+            r => return r,
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether filterd refused a resume for a moment only: the handle's open
+/// or lazy reopen is still in progress (`Retry`, which rksmbd, not asking
+/// for the code, is sent as `FileNotAvailable`; `Busy`).
+fn is_transient_refusal(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::Busy | ErrorCode::FileNotAvailable | ErrorCode::Retry)
+    )
+}
+
 /// Makes this connection the one that holds a durable open filterd
 /// granted. rksmbd's connections share one filterd connection, so filterd
 /// returns an open still attached to it to a replay from any of them: a
@@ -1726,7 +1753,13 @@ fn file_id_bytes(persistent: u64, volatile: u64) -> [u8; 16] {
 /// Opens through filterd; while lease holders must first acknowledge a
 /// break (filterd answers Busy and sends the breaks), keeps serving this
 /// connection's requests — the acknowledgment may be among them — and
-/// retries, for up to [`BREAK_WAIT`].
+/// retries, for up to [`BREAK_WAIT`], and only while the client is there
+/// to answer: once the pump found it gone ([`Connection::client_gone`]),
+/// the last refusal is the answer, which nobody reads. Before, the CREATE
+/// waited until filterd's break timeout (35 s and more) for an
+/// acknowledgment that could no longer come, and the connection's
+/// durable opens, not let go until then, were refused to their client's
+/// reconnect (re-review rr41b A).
 fn open_waiting_for_breaks(
     c: &mut Connection,
     p: &Prepared,
@@ -1735,7 +1768,11 @@ fn open_waiting_for_breaks(
     let deadline = std::time::Instant::now() + BREAK_WAIT;
     loop {
         match try_open(&sh, p) {
-            Err(e) if e.code() == Some(ErrorCode::Busy) && std::time::Instant::now() < deadline => {
+            Err(e)
+                if e.code() == Some(ErrorCode::Busy)
+                    && std::time::Instant::now() < deadline
+                    && !c.client_gone() =>
+            {
                 c.pump(std::time::Duration::from_millis(20));
             }
             other => return other,
@@ -1835,9 +1872,14 @@ fn reconnect(
     // not reconnected (filterd refuses it, attached to rksmbd, and that
     // was STATUS_OBJECT_NAME_NOT_FOUND), nor told gone before its close is
     // made — the client is told to retry (`crate::settle::SettlingFileIds`).
+    // Its own client only: another is answered what it was before.
+    let asker = crate::settle::OpenClient {
+        user: user.clone(),
+        client_guid: c.client_guid,
+    };
     if sh
         .settling_ids
-        .settles(&sh.unsettled, rc.persistent_file_id)
+        .settles(&sh.unsettled, rc.persistent_file_id, &asker)
     {
         return Err(status::FILE_NOT_AVAILABLE);
     }
@@ -1908,7 +1950,16 @@ fn reconnect(
     if rejoins && over_user_share(c, req.hdr.session_id, None) {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
-    let r = retry_while_held_elsewhere(held_wait, held_elsewhere, try_both);
+    // A refusal of the moment (filterd: the handle's open or reopen still
+    // in progress, `Retry`/`Busy`) is tried again within the wait for a
+    // connection letting go: answered at once, it was
+    // STATUS_FILE_NOT_AVAILABLE, which a client that does not retry took
+    // as final (re-review rr41b, a slow-disk reconnect under load).
+    let r = retry_transient(
+        LETTING_GO_WAIT,
+        |(e, _): &(ClientError, Option<OpenHolder>)| is_transient_refusal(e),
+        || retry_while_held_elsewhere(held_wait, &held_elsewhere, &try_both),
+    );
     let h = r.map_err(|(e, held)| match e.code() {
         // Still being let go by a connection whose client has gone: not
         // gone, and the client may try again. (One that serves its
@@ -2286,6 +2337,49 @@ mod tests {
         );
         let spent = t0.elapsed();
         assert!(spent >= Duration::from_millis(100), "{spent:?}");
+    }
+
+    /// A refusal of the moment is tried again within the bound; another
+    /// is answered at once, and a moment's that lasts past the bound too.
+    #[test]
+    fn a_reconnect_tries_a_moments_refusal_again() {
+        let mut tries = 0;
+        let r: Result<u32, &str> = retry_transient(
+            Duration::from_secs(5),
+            |e| *e == "busy",
+            || {
+                tries += 1;
+                if tries < 3 {
+                    Err("busy")
+                } else {
+                    Ok(tries)
+                }
+            },
+        );
+        assert_eq!(r, Ok(3));
+        let mut tries = 0;
+        let r: Result<(), &str> = retry_transient(
+            Duration::from_secs(5),
+            |e| *e == "busy",
+            || {
+                tries += 1;
+                Err("gone")
+            },
+        );
+        assert_eq!((r, tries), (Err("gone"), 1));
+        let r: Result<(), &str> =
+            retry_transient(Duration::from_millis(50), |e| *e == "busy", || Err("busy"));
+        assert_eq!(r, Err("busy"));
+        assert!(is_transient_refusal(&ClientError::Refused(
+            libfilter::proto::WireError {
+                code: ErrorCode::FileNotAvailable,
+                message: String::new(),
+                conflict: None,
+            }
+        )));
+        assert!(!is_transient_refusal(&ClientError::Timeout(
+            Duration::from_secs(1)
+        )));
     }
 
     /// A connection letting its opens go (its client gone) is waited for

@@ -863,7 +863,8 @@ pub enum Ending {
     /// undid keeps the open and fails the LOGOFF.
     Logoff,
     /// Its tree was disconnected: closed in filterd; a close filterd
-    /// refused or undid keeps the open and fails the TREE_DISCONNECT.
+    /// refused or undid keeps the open and fails the TREE_DISCONNECT, and
+    /// one whose outcome is unknown fails it too, the handle settling.
     TreeDisconnect,
     /// The client's CLOSE: what filterd answered is the client's answer.
     Close,
@@ -888,7 +889,8 @@ pub const CLOSE_NOT_MADE: u32 = status::INSUFFICIENT_RESOURCES;
 /// filterd; a directory marked delete-on-close is removed. Unless the
 /// connection was lost, a close filterd refused or undid is returned
 /// (`kept`) and nothing else is done — the open is still the client's.
-/// For a CLOSE, a close whose outcome is unknown is returned too.
+/// For a CLOSE or a TREE_DISCONNECT, a close whose outcome is unknown is
+/// returned too (not `kept`: the open is forgotten, its handle settles).
 pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed> {
     // filterd first: until it has closed the handle, the open holds its
     // lease, share mode and delete on close.
@@ -924,12 +926,24 @@ pub fn release(sh: &Shared, open: &Open, ending: Ending) -> Result<(), NotClosed
             if crate::settle::may_hold(&e) {
                 sh.unsettled.add_told(*key, told);
             }
-            // A CLOSE whose outcome is unknown is not a success either.
-            if ending == Ending::Close && e.code().is_none() {
-                answer = Err(NotClosed {
-                    status: status_of(&e),
-                    kept: false,
-                });
+            // A CLOSE whose outcome is unknown is not a success either,
+            // nor a TREE_DISCONNECT: answered SUCCESS, the client forgot
+            // the tree and the open with it, whose close only this
+            // rksmbd's settler would make — one dying before filterd came
+            // back left the handle to its durable timeout (re-review
+            // rr41b B). It is STATUS_FILE_NOT_AVAILABLE, the tree staying
+            // while the handle settles, as for a retried CLOSE.
+            match ending {
+                Ending::Close | Ending::TreeDisconnect if e.code().is_none() => {
+                    answer = Err(NotClosed {
+                        status: match ending {
+                            Ending::Close => status_of(&e),
+                            _ => status::FILE_NOT_AVAILABLE,
+                        },
+                        kept: false,
+                    });
+                }
+                _ => {}
             }
         }
     }

@@ -889,6 +889,9 @@ pub struct Connection {
     io: Option<(Arc<TcpStream>, crate::breaks::ConnWriter)>,
     /// How deep [`Connection::pump`] calls are nested.
     pump_depth: u8,
+    /// A pump found the client gone and told the registry so
+    /// ([`crate::sessions::Registry::client_gone`]).
+    gone_noted: bool,
     /// The message ids the client may use, and so its credits.
     credits: Credits,
     /// Blocking locks answered STATUS_PENDING, still waiting.
@@ -1093,6 +1096,7 @@ impl Connection {
             terminate: false,
             io: None,
             pump_depth: 0,
+            gone_noted: false,
             credits: Credits::default(),
             waiting: crate::lock::WaitingLocks::default(),
             pending_creates: crate::create::PendingCreates::default(),
@@ -1999,6 +2003,24 @@ impl Connection {
             Ready::Nothing => {}
         }
         self.pump_depth -= 1;
+        if self.client_gone() && !self.gone_noted {
+            // Its opens are let go once the requests still running here
+            // end ([`Connection::lost`]): a reconnect of one waits for
+            // that, and at worst is told to retry — counted live, it
+            // waited 1 s and was STATUS_OBJECT_NAME_NOT_FOUND, final for
+            // the client (re-review rr41b A). The mark goes with the
+            // guard `lost` takes.
+            self.gone_noted = true;
+            self.sh.registry.client_gone(self.id);
+        }
+    }
+
+    /// Whether nobody is left to answer: this connection's socket ended
+    /// (a request waiting here read its end) and no channel of its
+    /// sessions is bound elsewhere. A request waiting for the client (a
+    /// CREATE for a break acknowledgment) stops waiting then.
+    pub fn client_gone(&self) -> bool {
+        self.io.is_none() && !self.has_channels()
     }
 
     /// Answers a PDU of this connection's own socket, also while a
@@ -2159,6 +2181,14 @@ impl Connection {
         if released.is_err_and(|e| e.kept) {
             return released;
         }
+        // A close whose outcome filterd never told (a CLOSE's, a
+        // TREE_DISCONNECT's): noted while its handle settles — before the
+        // create GUID is let go below, so that a reconnect that finds the
+        // open let go finds it settling (re-review rr41b D: noted after,
+        // a DH2C in between was STATUS_OBJECT_NAME_NOT_FOUND).
+        if released.is_err() {
+            self.note_settling(id);
+        }
         crate::lock::open_closing(self, id);
         crate::notify::open_closing(self, id);
         // Only now, with the handle detached, may a reconnect stop
@@ -2174,6 +2204,37 @@ impl Connection {
         crate::lock::retry(self);
         self.pending_creates.nudge();
         released
+    }
+
+    /// Notes open `id`, whose close filterd never told, while its handle
+    /// settles: for its FileId's retried CLOSE, its tree's
+    /// TREE_DISCONNECT, its session's LOGOFF ([`Connection::settling`])
+    /// and, from any connection, its client's reconnect
+    /// ([`crate::settle::SettlingFileIds`]).
+    fn note_settling(&mut self, id: u64) {
+        let sh = self.sh.clone();
+        let Some((n, open)) = self
+            .opens
+            .get(&id)
+            .and_then(|o| Some((crate::settle::Settling::of(o)?, o)))
+        else {
+            return;
+        };
+        if !sh.unsettled.contains(n.key) {
+            return;
+        }
+        let client = crate::settle::OpenClient {
+            user: self
+                .sessions
+                .get(&open.session)
+                .and_then(|s| s.user.clone())
+                .unwrap_or_default(),
+            client_guid: self.client_guid,
+        };
+        // Those settled go (bounded by the handles settling).
+        self.settling.retain(|_, n| sh.unsettled.contains(n.key));
+        self.settling.insert(id, n);
+        sh.settling_ids.note(&sh.unsettled, &n, client);
     }
 
     fn let_go(&self, open: &Open) {
@@ -2275,18 +2336,7 @@ impl Connection {
     /// A close whose outcome filterd never told leaves its FileId noted
     /// while the handle settles ([`Connection::settling`]).
     pub fn close_by_client(&mut self, id: u64) -> Result<(), NotClosed> {
-        let note = self.opens.get(&id).and_then(crate::settle::Settling::of);
-        let closed = self.release_open(id, Ending::Close);
-        if let (Err(e), Some(n)) = (&closed, note) {
-            if !e.kept && self.sh.unsettled.contains(n.key) {
-                // Those settled go (bounded by the handles settling).
-                let sh = &self.sh;
-                self.settling.retain(|_, n| sh.unsettled.contains(n.key));
-                self.settling.insert(id, n);
-                sh.settling_ids.note(&sh.unsettled, &n);
-            }
-        }
-        closed
+        self.release_open(id, Ending::Close)
     }
 
     /// A new volatile file id.

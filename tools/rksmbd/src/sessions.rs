@@ -837,6 +837,15 @@ impl Registry {
         Some(self.kind_of(other))
     }
 
+    /// Connection `conn` has lost its client, found by a request still
+    /// running there (its pump read the end of the socket): it counts as
+    /// letting its opens go from now on, though it lets them go only once
+    /// that request ends, under the guard [`Registry::letting_go`] takes
+    /// (whose drop ends this mark too).
+    pub fn client_gone(&self, conn: u64) {
+        lock(&self.letting_go).insert(conn);
+    }
+
     /// Connection `conn` has lost its client and lets its opens go now;
     /// until the guard is dropped (also if the teardown panics), when
     /// whatever it still holds is let go.

@@ -90,31 +90,50 @@ pub fn still_settling<'a>(
 /// forgot an open whose close was not made, as a retried CLOSE answered
 /// STATUS_FILE_CLOSED had it forget one (rvchaos 1). Bounded by the
 /// handles settling: those settled go whenever one is noted.
+///
+/// Each FileId is kept with its open's client (user and client GUID): a
+/// reconnect from another client is answered what it was before — the
+/// FileId is a number anyone may send, and telling another user "retry"
+/// would both say the open exists and hide the refusal it is owed
+/// (re-review rr41b C).
 #[derive(Default)]
-pub struct SettlingFileIds(std::sync::Mutex<std::collections::HashMap<u64, ResumeKey>>);
+pub struct SettlingFileIds(
+    std::sync::Mutex<std::collections::HashMap<u64, (ResumeKey, OpenClient)>>,
+);
+
+/// Whose an open is, as a reconnect names it: the user its session logged
+/// on as and its connection's client GUID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenClient {
+    pub user: String,
+    pub client_guid: uuid::Uuid,
+}
 
 impl SettlingFileIds {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, ResumeKey>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, (ResumeKey, OpenClient)>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `n`'s close settles (its handle is in `unsettled`). Only a
-    /// durable open's is kept: another's persistent FileId is its
-    /// volatile one, which no reconnect names.
-    pub fn note(&self, unsettled: &Unsettled, n: &Settling) {
+    /// `n`'s close settles (its handle is in `unsettled`); the open is
+    /// `client`'s. Only a durable open's is kept: another's persistent
+    /// FileId is its volatile one, which no reconnect names.
+    pub fn note(&self, unsettled: &Unsettled, n: &Settling, client: OpenClient) {
         if !n.durable {
             return;
         }
         let mut ids = self.lock();
-        ids.retain(|_, k| unsettled.contains(*k));
-        ids.insert(n.persistent_id, n.key);
+        ids.retain(|_, (k, _)| unsettled.contains(*k));
+        ids.insert(n.persistent_id, (n.key, client));
     }
 
-    /// Whether the open of persistent FileId `persistent` still settles.
-    pub fn settles(&self, unsettled: &Unsettled, persistent: u64) -> bool {
+    /// Whether the open of persistent FileId `persistent`, if it is
+    /// `client`'s, still settles.
+    pub fn settles(&self, unsettled: &Unsettled, persistent: u64, client: &OpenClient) -> bool {
         let mut ids = self.lock();
         match ids.get(&persistent) {
-            Some(k) if unsettled.contains(*k) => true,
+            Some((k, c)) if unsettled.contains(*k) => c == client,
             Some(_) => {
                 ids.remove(&persistent);
                 false
