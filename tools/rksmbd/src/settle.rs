@@ -173,3 +173,43 @@ fn test_delay_before_a_try() {
         "a settling close is held before its try",
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A settling FileId is "retry" to its own client only (user and
+    /// client GUID): another is answered what it was before (re-review
+    /// rr41b C).
+    #[test]
+    fn a_settling_file_id_is_retry_to_its_own_client_only() {
+        let unsettled = Unsettled::default();
+        let ids = SettlingFileIds::default();
+        let key = ResumeKey(uuid::Uuid::new_v4());
+        let n = Settling {
+            session: 1,
+            tree: 1,
+            persistent_id: 7,
+            durable: true,
+            key,
+        };
+        let own = OpenClient {
+            user: "alice".into(),
+            client_guid: uuid::Uuid::new_v4(),
+        };
+        unsettled.add(key);
+        ids.note(&unsettled, &n, own.clone());
+        assert!(ids.settles(&unsettled, 7, &own));
+        let other_user = OpenClient {
+            user: "bob".into(),
+            ..own.clone()
+        };
+        assert!(!ids.settles(&unsettled, 7, &other_user));
+        let other_client = OpenClient {
+            client_guid: uuid::Uuid::new_v4(),
+            ..own.clone()
+        };
+        assert!(!ids.settles(&unsettled, 7, &other_client));
+        assert!(!ids.settles(&unsettled, 8, &own));
+    }
+}
