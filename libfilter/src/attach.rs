@@ -131,6 +131,15 @@ pub enum AttachEvent {
         /// tables record of them, and what it remembers of their state is
         /// stale (nfsshim reloads its tables: review rvnfsnode 1).
         taken: Vec<ResumeKey>,
+        /// The lease each resumed handle holds now, as the daemon says
+        /// (`None`: none). A lease lowered while this frontend was away
+        /// (broken at its timeout, or at once, while its holder was
+        /// disconnected: another node owned the table, or the daemon
+        /// restarted) is lower here than what the frontend last told its
+        /// client, and no break of it will come: tell the client (a break
+        /// without an acknowledgment) before calling
+        /// [`Attachment::resynced`] (review rvping 2).
+        leases: Vec<(ResumeKey, Option<crate::model::HeldLease>)>,
         /// Time from losing the daemon to being attached again.
         outage: Duration,
     },
@@ -1149,6 +1158,7 @@ fn supervise(shared: Arc<Shared>) {
                 mut locked,
                 lost,
                 taken,
+                leases,
             },
         ) = loop {
             let Some(client) = reconnect(&shared) else {
@@ -1186,6 +1196,7 @@ fn supervise(shared: Arc<Shared>) {
                 locked,
                 lost,
                 taken,
+                leases,
                 outage: lost_at.elapsed(),
             },
         ) {
@@ -1232,6 +1243,7 @@ struct Resumed {
     lost: Vec<ResumeKey>,
     /// Of `lost`, those another frontend process attached since.
     taken: Vec<ResumeKey>,
+    leases: Vec<(ResumeKey, Option<crate::model::HeldLease>)>,
 }
 
 /// Whether a refused resume says the handle is not (or no longer) this
@@ -1294,6 +1306,7 @@ fn resume_known(shared: &Shared, client: &FilterClient) -> Option<Resumed> {
                         out.locked.push(info.file);
                     }
                     out.resumed.push(key);
+                    out.leases.push((key, info.lease));
                 }
                 // A resume tried before may have attached the handle after
                 // all (its answer came too late; an older filterd also kept
@@ -1307,9 +1320,10 @@ fn resume_known(shared: &Shared, client: &FilterClient) -> Option<Resumed> {
                     client.keep_attached(key);
                     held.insert(key);
                     match attached_here(shared, client, key) {
-                        Here::Attached(file) => {
+                        Here::Attached(file, lease) => {
                             out.locked.push(file);
                             out.resumed.push(key);
+                            out.leases.push((key, lease));
                         }
                         // The late answer's detach came first: resumed
                         // again. Or the look went unanswered (timed out,
@@ -1400,8 +1414,8 @@ fn taken_elsewhere(shared: &Shared, client: &FilterClient, key: ResumeKey) -> bo
 
 /// Where a handle whose resume was refused "attached" is.
 enum Here {
-    /// Attached to this attachment's instance: its file.
-    Attached(FileId),
+    /// Attached to this attachment's instance: its file and its lease.
+    Attached(FileId, Option<crate::model::HeldLease>),
     /// Disconnected (a late answer's detach came first): to resume.
     Disconnected,
     /// Anywhere else, or gone.
@@ -1427,7 +1441,7 @@ fn attached_here(shared: &Shared, client: &FilterClient, key: ResumeKey) -> Here
             if v.record.conn == crate::model::ConnState::Connected
                 && v.record.frontend == shared.instance =>
         {
-            Here::Attached(v.record.file)
+            Here::Attached(v.record.file, v.record.lease)
         }
         Ok((crate::proto::Reply::Handle(v), _))
             if matches!(v.record.conn, crate::model::ConnState::Disconnected { .. }) =>

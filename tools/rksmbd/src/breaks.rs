@@ -116,13 +116,20 @@ struct Held {
     epoch: u16,
 }
 
-/// A lease whose every handle a restarted filterd forgot: it is gone, and
-/// its client is told so with a break to none ([`Notifier::forgotten`]).
-pub struct GoneLease {
+/// A lease filterd lowered without a word this rksmbd could pass on: its
+/// client is told with a break that wants no acknowledgment
+/// ([`send_unacked`]). Every handle of it a restarted filterd forgot
+/// ([`Notifier::forgotten`]: to none), or lowered while this rksmbd was
+/// detached ([`Notifier::lowered`]).
+pub struct UnsaidBreak {
     key: LeaseKey,
     writer: ConnWriter,
     holder: Holder,
-    state: LeaseState,
+    /// What the client holds.
+    from: LeaseState,
+    /// What filterd holds now.
+    to: LeaseState,
+    /// The notification's epoch.
     epoch: u16,
 }
 
@@ -471,7 +478,7 @@ impl Notifier {
     /// lease of a server-closed open's last open is freed) and hold
     /// nothing now. Returns those that held any caching, with where to
     /// tell their client.
-    pub fn forgotten(&self, lost: &[ResumeKey]) -> Vec<GoneLease> {
+    pub fn forgotten(&self, lost: &[ResumeKey]) -> Vec<UnsaidBreak> {
         let Ok(mut handles) = self.handles.lock() else {
             return Vec::new();
         };
@@ -493,17 +500,77 @@ impl Notifier {
             });
             if let (Some((writer, holder)), Some((state, epoch))) = (route, held) {
                 if state != LeaseState::NONE {
-                    gone.push(GoneLease {
+                    gone.push(UnsaidBreak {
                         key,
                         writer,
                         holder,
-                        state,
-                        epoch,
+                        from: state,
+                        to: LeaseState::NONE,
+                        epoch: epoch.wrapping_add(1),
                     });
                 }
             }
         }
         gone
+    }
+
+    /// A reattach resumed handles whose leases filterd holds now as
+    /// `leases` says (`None`: none). A lease lowered while this rksmbd was
+    /// detached — broken at its timeout, or at once, while its holder was
+    /// disconnected (another node owned the table; a restarted filterd
+    /// whose other frontends' clients opened first) — was never told to
+    /// its client, and filterd will not break it again: such leases are
+    /// lowered here and returned, with where to tell their client (review
+    /// rvping 2: after a fail-back the client held on to RW caching while
+    /// another client's writes went in). A lease held by several resumed
+    /// handles counts once, at the least any of them holds.
+    pub fn lowered(&self, leases: &[(ResumeKey, Option<HeldLease>)]) -> Vec<UnsaidBreak> {
+        let mut now: HashMap<LeaseKey, (LeaseState, Option<u16>)> = HashMap::new();
+        if let Ok(handles) = self.handles.lock() {
+            for (handle, held) in leases {
+                // The lease this rksmbd granted the handle; one the handle
+                // holds no more (or another's) holds nothing of it now.
+                let Some(key) = handles.get(handle).copied() else {
+                    continue;
+                };
+                let (state, epoch) = match held {
+                    Some(l) if l.key == key => (l.state, Some(l.epoch)),
+                    _ => (LeaseState::NONE, None),
+                };
+                let e = now.entry(key).or_insert((state, epoch));
+                e.0 = e.0.and(state);
+                e.1 = e.1.max(epoch);
+            }
+        }
+        let mut out = Vec::new();
+        for (key, (state, epoch)) in now {
+            let told = self.holders.lock().ok().and_then(|mut m| {
+                let h = m.get_mut(&key)?;
+                if h.state == state || !h.state.contains(state) {
+                    return None;
+                }
+                let was = (h.state, h.epoch);
+                // filterd's epoch grew at the change; one past the
+                // client's when it says none (the lease is gone).
+                h.epoch = epoch.unwrap_or_else(|| h.epoch.wrapping_add(1));
+                h.state = state;
+                Some((was.0, h.epoch))
+            });
+            let Some((from, epoch)) = told else {
+                continue;
+            };
+            if let Some((writer, holder)) = self.route(&key) {
+                out.push(UnsaidBreak {
+                    key,
+                    writer,
+                    holder,
+                    from,
+                    to: state,
+                    epoch,
+                });
+            }
+        }
+        out
     }
 
     /// Whether any open of this rksmbd holds a lease or an oplock (a
@@ -646,7 +713,10 @@ fn notification(
 pub fn forward(sh: Arc<Shared>) {
     while let Ok(ev) = sh.filter.events().recv() {
         if let AttachEvent::Reattached {
-            generation, lost, ..
+            generation,
+            lost,
+            leases,
+            ..
         } = ev
         {
             // Back on a restarted filterd, the I/O of before drained:
@@ -657,6 +727,14 @@ pub fn forward(sh: Arc<Shared>) {
             // them is granted before a holder was sent its break.
             test_delay_before_the_forgotten_breaks();
             leases_forgotten(&sh, &lost);
+            // And the leases filterd lowered while rksmbd was away: their
+            // clients are told before any of their I/O is served again
+            // (checked I/O waits for `resynced`).
+            send_unacked(
+                &sh,
+                sh.notifier.lowered(&leases),
+                "lease lowered while rksmbd was detached: break sent",
+            );
             // Handles another rksmbd process reconnected since: their
             // opens here are stale (before `resynced`, which lets waiting
             // locks be tried again).
@@ -858,18 +936,25 @@ const FORGOTTEN_BREAKS_WAIT: std::time::Duration = std::time::Duration::from_sec
 /// flushes — and its flush finds the open closed (STATUS_FILE_CLOSED).
 /// Returns once every break was written (or [`FORGOTTEN_BREAKS_WAIT`]).
 fn leases_forgotten(sh: &Shared, lost: &[ResumeKey]) {
+    send_unacked(
+        sh,
+        sh.notifier.forgotten(lost),
+        "lease of handles filterd forgot broken to none",
+    );
+}
+
+/// Sends each of `breaks` to its client, wanting no acknowledgment (no
+/// break is in progress in filterd: the lease is lowered already), and
+/// says `what` for each. Returns once every break was written (or
+/// [`FORGOTTEN_BREAKS_WAIT`]).
+fn send_unacked(sh: &Shared, breaks: Vec<UnsaidBreak>, what: &str) {
     let (done, written) = std::sync::mpsc::channel();
     let mut sent = 0;
-    for g in sh.notifier.forgotten(lost) {
+    for g in breaks {
         sh.breaking.noticed(g.key, false);
-        tracing::info!(lease_key = %g.key.0, "lease of handles filterd forgot broken to none");
-        let frame = notification(
-            g.holder,
-            g.state,
-            LeaseState::NONE,
-            g.epoch.wrapping_add(1),
-            false,
-        );
+        sh.notifier.unpark(&g.key);
+        tracing::info!(lease_key = %g.key.0, from = %g.from, to = %g.to, epoch = g.epoch, "{what}");
+        let frame = notification(g.holder, g.from, g.to, g.epoch, false);
         send_then(g.writer, frame, Some(done.clone()));
         sent += 1;
     }
@@ -1141,8 +1226,13 @@ mod tests {
         let gone = n.forgotten(&[b]);
         assert_eq!(gone.len(), 1);
         assert_eq!(
-            (gone[0].key, lease_bits(gone[0].state), gone[0].epoch),
-            (key, 7, 4)
+            (
+                gone[0].key,
+                lease_bits(gone[0].from),
+                lease_bits(gone[0].to),
+                gone[0].epoch
+            ),
+            (key, 7, 0, 5)
         );
         assert!(n.forgotten(&[a, b]).is_empty(), "told once");
         assert!(!n.released(key) && n.released(key), "the opens still count");

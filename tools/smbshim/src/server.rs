@@ -3542,14 +3542,71 @@ const FORGOTTEN_BREAKS_WAIT: Duration = Duration::from_secs(1);
 /// Returns once every break was written to its socket, or after
 /// [`FORGOTTEN_BREAKS_WAIT`] (a client that does not read).
 fn break_forgotten_leases(sh: &Shared, gone: Vec<(HeldLease, u64)>) {
+    let notes = gone.into_iter().map(|(l, session)| {
+        let note = json!({"cmd": "LEASE_BREAK", "lease_key": l.key, "current_state": l.state.to_string(),
+                          "new_state": "", "epoch": l.epoch.wrapping_add(1), "ack_required": false});
+        (note, session)
+    });
+    send_unacked_breaks(sh, notes.collect());
+}
+
+/// A reattach resumed handles whose leases filterd holds now as `leases`
+/// says (`None`: none). A lease lowered while this member was detached —
+/// at once, its holder disconnected (a restarted filterd whose other
+/// frontends' clients opened first; another node owning the table) — was
+/// never told to its client, and filterd will not break it again: the
+/// client would go on caching writes under RWH while another client's
+/// writes went in (review rvping 2). Such a lease is lowered on the opens
+/// here and its client sent a LEASE_BREAK from what it holds to what
+/// filterd holds, at filterd's epoch, `ack_required` false (no break is in
+/// progress to acknowledge).
+fn break_lowered_leases(sh: &Shared, leases: &[(ResumeKey, Option<HeldLease>)]) {
+    let now: HashMap<ResumeKey, Option<HeldLease>> = leases.iter().copied().collect();
+    let mut notes = Vec::new();
+    if let Ok(mut o) = sh.opens.lock() {
+        let ids: Vec<String> = o.keys().cloned().collect();
+        for id in ids {
+            let Some((told, file, session, filterd)) = o.get(&id).and_then(|x| {
+                Some((x.lease?, x.file_key, x.session, *now.get(&x.key)?))
+            }) else {
+                continue;
+            };
+            let (state, epoch) = match filterd {
+                Some(l) if l.key == told.key => (l.state, l.epoch),
+                _ => (libfilter::lease::LeaseState::NONE, told.epoch.wrapping_add(1)),
+            };
+            if told.state == state || !told.state.contains(state) {
+                continue;
+            }
+            // Every open here under the lease (on its file) holds what
+            // it was lowered to; the next one finds it told.
+            for x in o.values_mut() {
+                if let Some(l) = x.lease.as_mut().filter(|l| l.key == told.key && x.file_key == file) {
+                    (l.state, l.epoch) = (state, epoch);
+                }
+            }
+            let note = json!({"cmd": "LEASE_BREAK", "lease_key": told.key, "current_state": told.state.to_string(),
+                              "new_state": state.to_string(), "epoch": epoch, "ack_required": false});
+            eprintln!(
+                "smbshim: lease {} lowered while detached ({} -> {}): break sent",
+                told.key.0, told.state, state
+            );
+            notes.push((note, session));
+        }
+    }
+    send_unacked_breaks(sh, notes);
+}
+
+/// Sends each LEASE_BREAK of `notes` to the client of its session, then
+/// waits until every one was written to its socket, or for
+/// [`FORGOTTEN_BREAKS_WAIT`] (a client that does not read).
+fn send_unacked_breaks(sh: &Shared, notes: Vec<(Value, u64)>) {
     let until = Instant::now() + FORGOTTEN_BREAKS_WAIT;
     let mut sent = Vec::new();
-    for (l, session) in gone {
+    for (note, session) in notes {
         let Some(w) = writer_of(sh, session) else {
             continue;
         };
-        let note = json!({"cmd": "LEASE_BREAK", "lease_key": l.key, "current_state": l.state.to_string(),
-                          "new_state": "", "epoch": l.epoch.wrapping_add(1), "ack_required": false});
         if shimline::send(&w, &note) {
             sent.push(w);
         }
@@ -3599,6 +3656,7 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 generation,
                 lost,
                 locked,
+                leases,
                 ..
             } => {
                 // No break is in progress in a restarted filterd: this
@@ -3619,6 +3677,10 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 // `resynced` below tells filterd, which holds other
                 // frontends' opens until then.
                 break_forgotten_leases(&sh, gone);
+                // And the leases filterd lowered while this member was
+                // away, before any I/O goes again (checked I/O waits for
+                // the resync below).
+                break_lowered_leases(&sh, &leases);
                 // What the resumes said about locks, before any I/O goes
                 // unchecked again; none meanwhile.
                 let _quiet = m.filter.exclusive_io();
