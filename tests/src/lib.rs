@@ -60,6 +60,20 @@ fn task_state(stat: &Path) -> Option<char> {
     st.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
+/// Waits until every thread of process `pid` (`what`), sent SIGSTOP,
+/// has stopped (see [`Filterd::stop`]).
+fn wait_stopped(what: &str, pid: u32) {
+    let tasks = format!("/proc/{pid}/task");
+    wait_for(&format!("{what} to stop"), Duration::from_secs(10), || {
+        let all_stopped = std::fs::read_dir(&tasks).ok()?.all(|t| {
+            t.ok()
+                .and_then(|t| task_state(&t.path().join("stat")))
+                .is_none_or(|state| state == 'T' || state == 't')
+        });
+        all_stopped.then_some(())
+    });
+}
+
 /// A temporary directory with `root/` (the export) and `state/`; removed on drop.
 pub struct Scratch {
     /// The top directory.
@@ -366,15 +380,7 @@ impl Filterd {
     /// thread was still `R` after the signal).
     pub fn stop(&self) {
         self.signal(nix::sys::signal::Signal::SIGSTOP);
-        let tasks = format!("/proc/{}/task", self.pid());
-        wait_for("filterd to stop", Duration::from_secs(10), || {
-            let all_stopped = std::fs::read_dir(&tasks).ok()?.all(|t| {
-                t.ok()
-                    .and_then(|t| task_state(&t.path().join("stat")))
-                    .is_none_or(|state| state == 'T' || state == 't')
-            });
-            all_stopped.then_some(())
-        });
+        wait_stopped("filterd", self.pid());
     }
 
     /// Polls its log until it contains `needle` (panics with the log after
@@ -873,6 +879,13 @@ impl Shim {
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
         nix::sys::signal::kill(pid, sig).expect("signal shim");
+    }
+
+    /// SIGSTOPs it and waits until every thread of it has stopped (as
+    /// [`Filterd::stop`]); SIGCONT thaws it.
+    pub fn stop(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+        wait_stopped("the shim", self.child.id());
     }
 
     /// SIGKILLs it.

@@ -1660,6 +1660,62 @@ fn a_disconnected_holders_break_ends_at_its_timeout() {
     lease_failover("deadline-durable", "1500", false);
 }
 
+/// Review rvping 2: a lease filterd lowered while rksmbd was detached
+/// was never told to its client. Here on one node: rksmbd is stopped
+/// (SIGSTOP: alice's connection stays), filterd killed and started
+/// again; another frontend's client opens alice's file for writing — the
+/// open gate gives up on rksmbd at the break timeout, and alice's
+/// disconnected persistent holder, not back by the next, has its lease
+/// lowered to none — and writes. rksmbd goes on and reattaches, resuming
+/// alice's handle onto her untouched connection. Before, she was sent
+/// nothing and read the other client's data while holding RWH caching;
+/// now rksmbd compares the lease filterd holds with what it told her and
+/// sends a break (RWH to none, no acknowledgment) before it serves her
+/// I/O again (`tests/smb3/lowered_while_detached.py` checks it).
+#[test]
+fn a_lease_lowered_while_rksmbd_was_detached_is_told_at_its_reattach() {
+    use std::os::unix::fs::FileExt as _;
+    let s = Scratch::new("rksmbd-lowered-while-detached");
+    let flags = ["--break-timeout-ms", "1500"];
+    let mut d = Filterd::start(&s, &flags, &[]);
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &[]);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "lowered_while_detached.py",
+        std::time::Duration::from_secs(120),
+    );
+    script.expect("ready");
+    srv.shim.stop();
+    d.kill9();
+    d = Filterd::start(&s, &flags, &[]);
+    // Another frontend's client opens the file for writing and writes.
+    let bob = rkfilter_tests::attach(d.socket(), "other", "bob-front");
+    let h = bob
+        .open(rkfilter_tests::rw_open_if(
+            "lowered.txt",
+            libfilter::model::Rights::ALL,
+            None,
+        ))
+        .expect("bob's open, once alice's lease is lowered");
+    std::fs::File::from(h.fd)
+        .write_all_at(b"BOB-WROTE", 0)
+        .expect("bob's write");
+    bob.close(h.info.key).expect("bob's close");
+    srv.shim.signal(nix::sys::signal::Signal::SIGCONT);
+    rkfilter_tests::wait_for(
+        "rksmbd to reattach",
+        std::time::Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("reattached to filterd"))
+        },
+    );
+    script.say("go");
+    script.finish();
+    drop(d);
+}
+
 /// Review rvfailover (t9): A's durable H1 under lease key K disconnected;
 /// A's H2 under K on a new connection acknowledged K's break keeping H,
 /// and H1 was closed anyway. MS-SMB2 3.3.4.7 closes a disconnected

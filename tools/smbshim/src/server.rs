@@ -3566,14 +3566,18 @@ fn break_lowered_leases(sh: &Shared, leases: &[(ResumeKey, Option<HeldLease>)]) 
     if let Ok(mut o) = sh.opens.lock() {
         let ids: Vec<String> = o.keys().cloned().collect();
         for id in ids {
-            let Some((told, file, session, filterd)) = o.get(&id).and_then(|x| {
-                Some((x.lease?, x.file_key, x.session, *now.get(&x.key)?))
-            }) else {
+            let Some((told, file, session, filterd)) = o
+                .get(&id)
+                .and_then(|x| Some((x.lease?, x.file_key, x.session, *now.get(&x.key)?)))
+            else {
                 continue;
             };
             let (state, epoch) = match filterd {
                 Some(l) if l.key == told.key => (l.state, l.epoch),
-                _ => (libfilter::lease::LeaseState::NONE, told.epoch.wrapping_add(1)),
+                _ => (
+                    libfilter::lease::LeaseState::NONE,
+                    told.epoch.wrapping_add(1),
+                ),
             };
             if told.state == state || !told.state.contains(state) {
                 continue;
@@ -3581,7 +3585,11 @@ fn break_lowered_leases(sh: &Shared, leases: &[(ResumeKey, Option<HeldLease>)]) 
             // Every open here under the lease (on its file) holds what
             // it was lowered to; the next one finds it told.
             for x in o.values_mut() {
-                if let Some(l) = x.lease.as_mut().filter(|l| l.key == told.key && x.file_key == file) {
+                if let Some(l) = x
+                    .lease
+                    .as_mut()
+                    .filter(|l| l.key == told.key && x.file_key == file)
+                {
                     (l.state, l.epoch) = (state, epoch);
                 }
             }
