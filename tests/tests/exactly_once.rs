@@ -516,9 +516,16 @@ fn attachment_reattaches_and_resumes_after_filterd_restart() {
     );
     let _d2 = Filterd::start(&s, &[], &[]);
     match a.events().recv_timeout(Duration::from_secs(10)).unwrap() {
-        AttachEvent::Reattached { resumed, lost, .. } => {
+        AttachEvent::Reattached {
+            resumed,
+            lost,
+            leases,
+            ..
+        } => {
             assert_eq!(resumed, vec![p.info.key]);
             assert_eq!(lost, vec![n.info.key]);
+            // Each resumed handle's lease as filterd holds it (none here).
+            assert_eq!(leases, vec![(p.info.key, p.info.lease)]);
         }
         other => panic!("{other:?}"),
     }

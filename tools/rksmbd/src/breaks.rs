@@ -1238,6 +1238,69 @@ mod tests {
         assert!(!n.released(key) && n.released(key), "the opens still count");
     }
 
+    /// A reattach's leases: one filterd holds lower than its client was
+    /// told is lowered and returned once (review rvping 2), counted at
+    /// the least of its handles; one as told, or another key's, is not.
+    #[test]
+    fn a_lease_lowered_while_detached_is_told_once() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let n = Notifier::default();
+        n.connected(1, Arc::new(Mutex::new(stream)));
+        let guid = uuid::Uuid::from_bytes([5; 16]);
+        n.negotiated(1, guid);
+        n.logged_on(1, (1, "alice"), |_| true);
+        let (key, other) = (
+            LeaseKey(uuid::Uuid::from_bytes([3; 16])),
+            LeaseKey(uuid::Uuid::from_bytes([4; 16])),
+        );
+        let (a, b, c) = (
+            ResumeKey(uuid::Uuid::from_bytes([1; 16])),
+            ResumeKey(uuid::Uuid::from_bytes([2; 16])),
+            ResumeKey(uuid::Uuid::from_bytes([6; 16])),
+        );
+        let held = |key, bits, epoch| HeldLease {
+            key,
+            state: lease_state(bits),
+            epoch,
+        };
+        let holder = Holder::Lease {
+            v2: true,
+            key: [3; 16],
+        };
+        for h in [a, b] {
+            n.granted(held(key, 7, 1), h, (1, guid, "alice"), holder);
+        }
+        n.granted(held(other, 7, 1), c, (1, guid, "alice"), holder);
+        let now = [
+            (a, Some(held(key, 3, 2))),
+            (b, Some(held(key, 3, 2))),
+            (c, Some(held(other, 7, 1))),
+        ];
+        let told = n.lowered(&now);
+        assert_eq!(told.len(), 1, "only the lowered lease");
+        assert_eq!(
+            (
+                told[0].key,
+                lease_bits(told[0].from),
+                lease_bits(told[0].to),
+                told[0].epoch
+            ),
+            (key, 7, 3, 2)
+        );
+        assert!(n.lowered(&now).is_empty(), "told once");
+        // A handle filterd says holds no lease (or another key's): none.
+        let told = n.lowered(&[(a, None)]);
+        assert_eq!(
+            (
+                lease_bits(told[0].from),
+                lease_bits(told[0].to),
+                told[0].epoch
+            ),
+            (3, 0, 3)
+        );
+    }
+
     /// A lease's breaks go to the oldest connection of its client GUID
     /// that its user logged on over, and its acknowledgment is taken only
     /// there: not from an older connection that only names the GUID (it
