@@ -1273,6 +1273,104 @@ pub fn assert_answered_across_a_kill(what: &str, r: &Value) {
     );
 }
 
+/// Another frontend's client (an in-process frontend `bob-front` of
+/// protocol `other`) opens `path` for reading and writing, sharing all,
+/// writes `data` at offset 0 and closes it. Its open waits in filterd for
+/// whatever it waits for (an open gate, a lease break).
+pub fn write_as_another_frontend(socket: &Path, path: &str, data: &[u8]) {
+    use std::os::unix::fs::FileExt as _;
+    let bob = attach(socket, "other", "bob-front");
+    let h = bob
+        .open(rw_open_if(path, libfilter::model::Rights::ALL, None))
+        .expect("the other frontend's open");
+    std::fs::File::from(h.fd)
+        .write_all_at(data, 0)
+        .expect("the other frontend's write");
+    bob.close(h.info.key).expect("the other frontend's close");
+}
+
+/// An smbl/1 client's leased open (review rvping 2): a session on
+/// smbshim `addr`, `path` opened (open_if) for reading and writing,
+/// sharing all, persistent, with an RWH lease under a fresh key, and
+/// `A-WROTE!` written.
+pub struct LeasedOpen {
+    /// The connection.
+    pub client: LineClient,
+    /// Its session.
+    pub session: u64,
+    /// The open.
+    pub file_id: Value,
+    /// Its lease key.
+    pub lease_key: String,
+    /// The lease's epoch as granted.
+    pub epoch: u64,
+}
+
+impl LeasedOpen {
+    /// Opens it (see [`LeasedOpen`]).
+    pub fn start(addr: &str, path: &str) -> LeasedOpen {
+        use base64::Engine as _;
+        let (mut client, session) = smb_session(addr);
+        let lease_key = uuid::Uuid::new_v4().to_string();
+        let r = client.call(json!({"cmd": "CREATE", "session_id": session, "path": path,
+               "access": ["read", "write"], "share": ["read", "write", "delete"],
+               "disposition": "open_if", "lease": {"key": lease_key, "state": "RWH"},
+               "durable": {"create_guid": uuid::Uuid::new_v4().to_string(),
+                           "persistent": true, "timeout_ms": 60000}}));
+        assert_eq!(r["lease"]["state"], "RWH", "{r}");
+        let epoch = r["lease"]["epoch"].as_u64().expect("the lease's epoch");
+        let file_id = r["file_id"].clone();
+        let data = base64::engine::general_purpose::STANDARD.encode("A-WROTE!");
+        let w = client.call(
+            json!({"cmd": "WRITE", "session_id": session, "file_id": file_id,
+                                   "offset": 0, "data": data}),
+        );
+        assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+        LeasedOpen {
+            client,
+            session,
+            file_id,
+            lease_key,
+            epoch,
+        }
+    }
+
+    /// Once its smbshim reattached after the lease was lowered to `now`
+    /// (by another frontend's client writing `theirs`): READs (refused
+    /// with the retry status until smbshim has resynced) and checks that
+    /// it reads `theirs` and was sent, before, a LEASE_BREAK from RWH to
+    /// `now` with no acknowledgment asked, at an epoch past the grant's.
+    pub fn assert_told_before_its_read(&mut self, now: &str, theirs: &str) {
+        use base64::Engine as _;
+        let mut notes = Vec::new();
+        let reply = wait_for("the holder's READ", Duration::from_secs(30), || {
+            let mid = self.client.send_only(
+                "mid",
+                json!({"cmd": "READ", "session_id": self.session, "file_id": self.file_id,
+                       "offset": 0, "length": 64}),
+            );
+            let (r, n) = self.client.reply_to("mid", mid).expect("a READ reply");
+            notes.extend(n);
+            (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
+        });
+        assert_eq!(reply["status"], "STATUS_SUCCESS", "{reply}");
+        let theirs = base64::engine::general_purpose::STANDARD.encode(theirs);
+        assert_eq!(reply["data"], theirs, "{reply}");
+        let n = notes.first().unwrap_or_else(|| {
+            panic!("the holder of RWH read another client's write and was sent no LEASE_BREAK")
+        });
+        assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+        assert_eq!(n["lease_key"], self.lease_key.as_str(), "{n}");
+        assert_eq!(
+            (n["current_state"].as_str(), n["new_state"].as_str()),
+            (Some("RWH"), Some(now)),
+            "{n}"
+        );
+        assert_eq!(n["ack_required"], false, "{n}");
+        assert!(n["epoch"].as_u64().is_some_and(|e| e > self.epoch), "{n}");
+    }
+}
+
 /// Sends a smbl/1 request until the answer is not the retry status
 /// (smbshim reattaching to a restarted filterd, or re-learning its locks).
 pub fn smb_patiently(m: &mut LineClient, req: Value) -> Value {

@@ -446,3 +446,81 @@ fn an_nfsshim_whose_filterd_stepped_down_reads_its_tables_again_at_the_fail_back
 fn an_nfsshim_holding_no_handle_at_a_fail_back_reads_its_tables_again() {
     nfs_fail_back("failback-nfs-none", Loss::KillNothingHeld);
 }
+
+/// Review rvping 2: alice holds RWH on a persistent handle through
+/// rksmbd A; filterd A is killed (rksmbd A and alice's connection stay
+/// up, no step-down is said); B takes over, and another frontend's
+/// client on B opens and writes the file — alice's lease is broken and,
+/// nobody acknowledging, lowered to none at B's break timeout. A owns
+/// again and rksmbd A's reattach resumes her handle (nobody else attached
+/// it) onto her untouched connection. Before, she was sent no break and
+/// read bob's data still holding RW caching; now she is sent a break RWH
+/// to none, no acknowledgment asked, before her READ is answered
+/// (`tests/smb3/lowered_while_detached.py`).
+#[test]
+fn a_lease_lowered_on_the_other_node_is_told_after_the_fail_back() {
+    let name = "failback-lowered";
+    if !etcd_available(name) {
+        return;
+    }
+    let shared = Scratch::new(&format!("{name}-export"));
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url(&format!("rk/{name}"));
+    let flags = ["--break-timeout-ms", "1500"];
+    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &flags);
+    let (rksmbd_a, log) = RkSmbd::start_logged(&sa, "rksmbd", "data", USERS, &[]);
+    let mut alice = Dialogue::start(
+        &rksmbd_a,
+        "lowered_while_detached.py",
+        Duration::from_secs(120),
+    );
+    alice.expect("ready");
+    // A dies without a word; B takes over; bob opens and writes there.
+    a.kill9();
+    b.wait_ready();
+    rkfilter_tests::write_as_another_frontend(b.socket(), "lowered.txt", b"BOB-WROTE");
+    // A comes back as standby; B dies; A owns again and rksmbd A
+    // reattaches.
+    let a2 = node_filterd(&sa, &url, TTL, true, &flags);
+    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    b.kill9();
+    a2.wait_ready();
+    rkfilter_tests::wait_for("rksmbd A to reattach", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("reattached to filterd"))
+    });
+    alice.say("go");
+    alice.finish();
+    drop(cluster);
+}
+
+/// The same with smbshim (review rvping 2): alice's RWH lease is lowered
+/// to H at once on B (its holder disconnected), and after the fail-back
+/// smbshim A sends her a LEASE_BREAK RWH to H, no acknowledgment asked,
+/// before her READ is answered (before: nothing, and she read bob's data).
+#[test]
+fn an_smbshim_lease_lowered_on_the_other_node_is_told_after_the_fail_back() {
+    let name = "failback-lowered-smb";
+    if !etcd_available(name) {
+        return;
+    }
+    let shared = Scratch::new(&format!("{name}-export"));
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url(&format!("rk/{name}"));
+    let flags = ["--break-timeout-ms", "1500"];
+    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &flags);
+    let shim_a = Shim::start("smbshim", &sa.socket(), "smb-a");
+    let mut alice = rkfilter_tests::LeasedOpen::start(&shim_a.addr, "f");
+    a.kill9();
+    b.wait_ready();
+    rkfilter_tests::write_as_another_frontend(b.socket(), "f", b"BOB-WROTE");
+    let a2 = node_filterd(&sa, &url, TTL, true, &flags);
+    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    b.kill9();
+    a2.wait_ready();
+    alice.assert_told_before_its_read("H", "BOB-WROTE");
+    drop(cluster);
+}

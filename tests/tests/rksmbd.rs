@@ -1674,7 +1674,6 @@ fn a_disconnected_holders_break_ends_at_its_timeout() {
 /// I/O again (`tests/smb3/lowered_while_detached.py` checks it).
 #[test]
 fn a_lease_lowered_while_rksmbd_was_detached_is_told_at_its_reattach() {
-    use std::os::unix::fs::FileExt as _;
     let s = Scratch::new("rksmbd-lowered-while-detached");
     let flags = ["--break-timeout-ms", "1500"];
     let mut d = Filterd::start(&s, &flags, &[]);
@@ -1689,18 +1688,7 @@ fn a_lease_lowered_while_rksmbd_was_detached_is_told_at_its_reattach() {
     d.kill9();
     d = Filterd::start(&s, &flags, &[]);
     // Another frontend's client opens the file for writing and writes.
-    let bob = rkfilter_tests::attach(d.socket(), "other", "bob-front");
-    let h = bob
-        .open(rkfilter_tests::rw_open_if(
-            "lowered.txt",
-            libfilter::model::Rights::ALL,
-            None,
-        ))
-        .expect("bob's open, once alice's lease is lowered");
-    std::fs::File::from(h.fd)
-        .write_all_at(b"BOB-WROTE", 0)
-        .expect("bob's write");
-    bob.close(h.info.key).expect("bob's close");
+    rkfilter_tests::write_as_another_frontend(d.socket(), "lowered.txt", b"BOB-WROTE");
     srv.shim.signal(nix::sys::signal::Signal::SIGCONT);
     rkfilter_tests::wait_for(
         "rksmbd to reattach",

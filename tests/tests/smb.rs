@@ -912,67 +912,13 @@ fn a_lease_lowered_while_smbshim_was_detached_is_told_at_its_reattach() {
     let flags = ["--break-timeout-ms", "1500"];
     let mut d = Filterd::start(&s, &flags, &[]);
     let holder = Shim::start("smbshim", &s.socket(), "smb-a");
-    let other = Shim::start("smbshim", &s.socket(), "smb-b");
-    let (mut a, sa) = smb_session(&holder.addr);
-    let lease_key = uuid::Uuid::new_v4().to_string();
-    let r = a.call(
-        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
-               "share": ["read", "write", "delete"], "disposition": "open_if",
-               "lease": {"key": lease_key, "state": "RWH"},
-               "durable": {"create_guid": uuid::Uuid::new_v4().to_string(),
-                           "persistent": true, "timeout_ms": 60000}}),
-    );
-    assert_eq!(r["lease"]["state"], "RWH", "{r}");
-    let granted = r["lease"]["epoch"].as_u64().expect("the lease's epoch");
-    let file_id = r["file_id"].clone();
-    let w = a.call(
-        json!({"cmd": "WRITE", "session_id": sa, "file_id": file_id, "offset": 0, "data": b64("A-WROTE!")}),
-    );
-    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
+    let mut alice = rkfilter_tests::LeasedOpen::start(&holder.addr, "f");
     holder.stop();
     d.kill9();
     d = Filterd::start(&s, &flags, &[]);
-    let (mut b, sb) = smb_session(&other.addr);
-    let r = smb_patiently(
-        &mut b,
-        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["read", "write"],
-               "share": ["read", "write", "delete"], "disposition": "open"}),
-    );
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let bf = r["file_id"].clone();
-    let w = b.call(
-        json!({"cmd": "WRITE", "session_id": sb, "file_id": bf, "offset": 0, "data": b64("BOB-WROTE")}),
-    );
-    assert_eq!(w["status"], "STATUS_SUCCESS", "{w}");
-    let c = b.call(json!({"cmd": "CLOSE", "session_id": sb, "file_id": bf}));
-    assert_eq!(c["status"], "STATUS_SUCCESS", "{c}");
+    rkfilter_tests::write_as_another_frontend(&s.socket(), "f", b"BOB-WROTE");
     holder.signal(Signal::SIGCONT);
-    // Alice's READ, refused (the retry status) until smb-a has resynced;
-    // the break must come before the READ that is served.
-    let mut notes = Vec::new();
-    let reply = wait_for("alice's READ", Duration::from_secs(30), || {
-        let mid = a.send_only(
-            "mid",
-            json!({"cmd": "READ", "session_id": sa, "file_id": file_id, "offset": 0, "length": 64}),
-        );
-        let (r, n) = a.reply_to("mid", mid).expect("a READ reply");
-        notes.extend(n);
-        (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
-    });
-    assert_eq!(reply["status"], "STATUS_SUCCESS", "{reply}");
-    assert_eq!(reply["data"], b64("BOB-WROTE"), "{reply}");
-    let n = notes.first().unwrap_or_else(|| {
-        panic!("alice, holding RWH, read the other client's write and was sent no LEASE_BREAK")
-    });
-    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
-    assert_eq!(n["lease_key"], lease_key, "{n}");
-    assert_eq!(
-        (n["current_state"].as_str(), n["new_state"].as_str()),
-        (Some("RWH"), Some("H")),
-        "{n}"
-    );
-    assert_eq!(n["ack_required"], false, "{n}");
-    assert!(n["epoch"].as_u64().is_some_and(|e| e > granted), "{n}");
+    alice.assert_told_before_its_read("H", "BOB-WROTE");
     drop(d);
 }
 
