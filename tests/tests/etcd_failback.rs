@@ -28,6 +28,11 @@
 //! every open state's record — of dave too, who never used B — leaving
 //! the handles disconnected with their share modes and locks.
 //!
+//! And a lease lowered on B while alice's holder was disconnected there
+//! (rvping finding 2) is told to her at rksmbd A's (or smbshim A's)
+//! reattach, which resumes her handle onto her untouched connection: a
+//! break without an acknowledgment before her READ is answered.
+//!
 //! Skips (with a note) when the `etcd` binary is missing, except under
 //! `CI=true`.
 
