@@ -1350,10 +1350,70 @@ const OFD_END: u64 = 1 << 63;
 /// One `F_OFD_SETLK` of a mirror: `F_RDLCK`, `F_WRLCK` or `F_UNLCK` over
 /// the bytes `[start, end)`, `end` at most [`OFD_END`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct OfdStep {
+pub(crate) struct OfdStep {
     kind: i16,
     start: u64,
     end: u64,
+}
+
+impl OfdStep {
+    /// The lock this step takes (none for an unlock).
+    pub(crate) fn lock(&self) -> Option<libfilter::locks::LockKind> {
+        use libfilter::locks::LockKind;
+        match i32::from(self.kind) {
+            libc::F_WRLCK => Some(LockKind::Exclusive),
+            libc::F_RDLCK => Some(LockKind::Shared),
+            _ => None,
+        }
+    }
+
+    /// Whether the step's bytes overlap `[start, end)`.
+    pub(crate) fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.start < end && start < self.end
+    }
+}
+
+/// The mirrorable `[start, end)` spans of `locks` and their kinds.
+fn ofd_spans(locks: &[libfilter::model::HeldLock]) -> Vec<(u64, u64, libfilter::locks::LockKind)> {
+    locks
+        .iter()
+        .filter(|l| l.range.length != 0 && l.range.offset < OFD_END)
+        .map(|l| (l.range.offset, l.range.end().min(OFD_END), l.kind))
+        .collect()
+}
+
+/// Whether a failed [`OfdStep`] of a mirror from `before` ([`ofd_steps`])
+/// asked for something the handle did not hold before: a byte, or an
+/// exclusive lock where it held a shared one. A failed unlock counts as
+/// new (it is not a lock kept, and never fails for a conflict). Steps are
+/// cut at `before`'s edges, so what holds at a step's first byte holds
+/// for all of it.
+pub(crate) fn failure_takes_new(step: &OfdStep, before: &[libfilter::model::HeldLock]) -> bool {
+    let Some(kind) = step.lock() else {
+        return true;
+    };
+    !ofd_spans(before)
+        .iter()
+        .any(|&(s, e, k)| s <= step.start && step.start < e && k >= kind)
+}
+
+/// A mirror that failed: the first error, and whether a failed step asked
+/// for a byte or a kind the handle did not hold before
+/// ([`failure_takes_new`]).
+#[derive(Debug)]
+pub struct OfdFailure {
+    pub error: io::Error,
+    pub takes_new: bool,
+}
+
+impl OfdFailure {
+    /// A failure of the whole mirror: nothing is known kept.
+    pub fn all(error: io::Error) -> Self {
+        Self {
+            error,
+            takes_new: true,
+        }
+    }
 }
 
 /// The `F_OFD_SETLK`s that make a lock descriptor carry `locks`, in the
@@ -1369,15 +1429,22 @@ struct OfdStep {
 /// ranges up to 2^64; the kernel refuses an OFD lock ending past
 /// `i64::MAX` with `EOVERFLOW`, and the superset is beyond local I/O); one
 /// starting there is not mirrored.
-fn ofd_steps(locks: &[libfilter::model::HeldLock]) -> Vec<OfdStep> {
+///
+/// The steps are cut where a lock of `before` (what the handle held until
+/// this mirror) starts or ends too, so a step never covers both bytes the
+/// handle kept and bytes new to it ([`failure_takes_new`]): merged, a new
+/// range next to a kept one a local process took while the handle was not
+/// mirrored failed with it, and the LOCK was refused (review rr41d).
+pub(crate) fn ofd_steps(
+    locks: &[libfilter::model::HeldLock],
+    before: &[libfilter::model::HeldLock],
+) -> Vec<OfdStep> {
     use libfilter::locks::LockKind;
-    let spans: Vec<(u64, u64, LockKind)> = locks
-        .iter()
-        .filter(|l| l.range.length != 0 && l.range.offset < OFD_END)
-        .map(|l| (l.range.offset, l.range.end().min(OFD_END), l.kind))
-        .collect();
+    let spans = ofd_spans(locks);
+    let kept = ofd_spans(before);
     let mut cuts: Vec<u64> = spans
         .iter()
+        .chain(&kept)
         .flat_map(|&(start, end, _)| [start, end])
         .chain([0, OFD_END])
         .collect();
@@ -1397,8 +1464,9 @@ fn ofd_steps(locks: &[libfilter::model::HeldLock]) -> Vec<OfdStep> {
             Some(LockKind::Shared) => short(libc::F_RDLCK),
             None => short(libc::F_UNLCK),
         };
+        let kept_edge = kept.iter().any(|&(s, e, _)| s == start || e == start);
         match parts.last_mut() {
-            Some(last) if last.kind == kind => last.end = end,
+            Some(last) if last.kind == kind && !kept_edge => last.end = end,
             _ => parts.push(OfdStep { kind, start, end }),
         }
     }
@@ -1443,14 +1511,23 @@ fn ofd_step(fd: BorrowedFd<'_>, step: OfdStep) -> io::Result<()> {
 /// no longer held stayed locked: a new lock taken before the failure, and
 /// the restore of the locks before failed as well (a local process held
 /// one of them), so nothing ever let it go.
+///
+/// `before` is what the handle held until now: the failure says whether a
+/// failed step asked for more than that (review rr41d: a LOCK of a free
+/// range was refused because a kept range failed).
 pub fn mirror_ofd_locks(
     fd: BorrowedFd<'_>,
     locks: &[libfilter::model::HeldLock],
-) -> io::Result<()> {
-    let mut first = None;
-    for step in ofd_steps(locks) {
-        if let Err(e) = ofd_step(fd, step) {
-            first.get_or_insert(e);
+    before: &[libfilter::model::HeldLock],
+) -> Result<(), OfdFailure> {
+    let mut first: Option<OfdFailure> = None;
+    for step in ofd_steps(locks, before) {
+        if let Err(error) = ofd_step(fd, step) {
+            let takes_new = failure_takes_new(&step, before);
+            match first.as_mut() {
+                Some(f) => f.takes_new |= takes_new,
+                None => first = Some(OfdFailure { error, takes_new }),
+            }
         }
     }
     first.map_or(Ok(()), Err)
@@ -1836,7 +1913,7 @@ mod tests {
             held(1 << 62, (1 << 62) + 1, Shared),
         ] {
             let at = lock.range.offset;
-            mirror_ofd_locks(ours.as_fd(), &[lock]).unwrap();
+            mirror_ofd_locks(ours.as_fd(), &[lock], &[]).unwrap();
             assert!(byte_locked(theirs.as_fd(), at));
             assert!(byte_locked(theirs.as_fd(), i64::MAX as u64));
             assert!(!byte_locked(theirs.as_fd(), at - 1));
@@ -1876,8 +1953,8 @@ mod tests {
             ),
         ];
         for (after, sees) in cases {
-            mirror_ofd_locks(ours.as_fd(), &before).unwrap();
-            for step in ofd_steps(&after) {
+            mirror_ofd_locks(ours.as_fd(), &before, &[]).unwrap();
+            for step in ofd_steps(&after, &before) {
                 ofd_step(ours.as_fd(), step).unwrap();
                 assert_eq!(lock_on(theirs.as_fd(), 0), w, "{after:?}: {step:?}");
                 assert_eq!(lock_on(theirs.as_fd(), 99), w, "{after:?}: {step:?}");
@@ -1906,14 +1983,56 @@ mod tests {
         );
         local.unwrap();
         let unmirrored = [held(500, 100, Exclusive)];
-        assert!(mirror_ofd_locks(ours.as_fd(), &unmirrored).is_err());
+        assert!(mirror_ofd_locks(ours.as_fd(), &unmirrored, &[]).is_err());
         let asked = [held(500, 100, Exclusive), held(200, 100, Exclusive)];
-        assert!(mirror_ofd_locks(ours.as_fd(), &asked).is_err());
-        assert!(mirror_ofd_locks(ours.as_fd(), &unmirrored).is_err());
+        assert!(mirror_ofd_locks(ours.as_fd(), &asked, &unmirrored).is_err());
+        assert!(mirror_ofd_locks(ours.as_fd(), &unmirrored, &asked).is_err());
         assert_eq!(
             lock_on(theirs.as_fd(), 250),
             short(libc::F_UNLCK),
             "the refused lock's range is free again"
         );
+    }
+    /// Review rr41d: a handle holding 0..100, unmirrored (a local process
+    /// took 70..80 while filterd was down), asked for 100..200 too: the
+    /// mirror merged both into one step, which failed, and reported the
+    /// failure as a whole, so the LOCK of the free bytes was refused. The
+    /// new bytes get a step of their own, taken; the failure says only
+    /// kept bytes failed. A new byte the local process holds still fails
+    /// as new.
+    #[test]
+    fn a_failure_of_kept_bytes_only_is_told_apart_and_new_bytes_are_taken() {
+        use libfilter::locks::LockKind::{Exclusive, Shared};
+        let (ours, theirs) = two_descriptions();
+        let local = OfdStep {
+            kind: short(libc::F_WRLCK),
+            start: 70,
+            end: 80,
+        };
+        ofd_step(theirs.as_fd(), local).unwrap();
+        let before = [held(0, 100, Exclusive)];
+        for after in [
+            vec![held(0, 100, Exclusive), held(100, 100, Exclusive)],
+            vec![held(0, 200, Exclusive)],
+            vec![held(0, 100, Exclusive), held(200, 100, Exclusive)],
+            vec![held(0, 100, Shared), held(100, 100, Shared)],
+        ] {
+            let failed = mirror_ofd_locks(ours.as_fd(), &after, &before).unwrap_err();
+            assert!(!failed.takes_new, "{after:?}");
+            let new = after.last().map_or(0, |l| l.range.end() - 50);
+            assert_ne!(
+                lock_on(theirs.as_fd(), new),
+                short(libc::F_UNLCK),
+                "{after:?}"
+            );
+        }
+        for (after, before) in [
+            (vec![held(0, 100, Exclusive)], vec![]),
+            (vec![held(60, 40, Exclusive)], vec![held(0, 40, Exclusive)]),
+            (vec![held(0, 100, Exclusive)], vec![held(0, 100, Shared)]),
+        ] {
+            let failed = mirror_ofd_locks(ours.as_fd(), &after, &before).unwrap_err();
+            assert!(failed.takes_new, "{after:?} from {before:?}");
+        }
     }
 }

@@ -227,8 +227,14 @@ pub trait Fs: Send {
     /// Mirrors a handle's byte-range locks as OFD locks on its own lock
     /// descriptor, never freeing a range held before and held still.
     /// `EAGAIN`/`EACCES`: a local process holds a conflicting lock; a
-    /// failure leaves every range held before locked.
-    fn mirror_ofd_locks(&self, fd: BorrowedFd<'_>, locks: &[HeldLock]) -> io::Result<()>;
+    /// failure leaves every range held before locked, and says whether a
+    /// failed part asked for more than `before`, what the handle held.
+    fn mirror_ofd_locks(
+        &self,
+        fd: BorrowedFd<'_>,
+        locks: &[HeldLock],
+        before: &[HeldLock],
+    ) -> Result<(), fsops::OfdFailure>;
 
     /// Maps an errno from resolving `path` to a wire error.
     fn map_errno(&self, e: &io::Error, path: &RelPath) -> WireError;
@@ -443,8 +449,13 @@ impl Fs for HostFs {
         nix::unistd::fsync(fd).map_err(io::Error::from)
     }
 
-    fn mirror_ofd_locks(&self, fd: BorrowedFd<'_>, locks: &[HeldLock]) -> io::Result<()> {
-        fsops::mirror_ofd_locks(fd, locks)
+    fn mirror_ofd_locks(
+        &self,
+        fd: BorrowedFd<'_>,
+        locks: &[HeldLock],
+        before: &[HeldLock],
+    ) -> Result<(), fsops::OfdFailure> {
+        fsops::mirror_ofd_locks(fd, locks, before)
     }
 
     fn map_errno(&self, e: &io::Error, path: &RelPath) -> WireError {

@@ -457,6 +457,17 @@ impl Engine {
                     .count()
             })
         };
+        let adding = ops.iter().filter(|o| !o.unlock).count();
+        // What the file and the client hold once the batch is applied, if
+        // it may pass a cap: its unlocks count as well as its locks.
+        // Counting only the locks, a client holding 63 locks on a file was
+        // refused an NFS LOCKU of the middle of one (sent as its unlock and
+        // the re-lock of two pieces) although 64 were left (review rr41d).
+        let counted_after = (adding > 0
+            && (client_held + adding > MAX_LOCKS_PER_CLIENT_PER_FILE
+                || held + adding > MAX_LOCKS_PER_FILE))
+            .then(|| self.counts_after(key, file, ops))
+            .flatten();
         let Some(h) = self.handles.get_mut(&key) else {
             return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
         };
@@ -469,8 +480,8 @@ impl Engine {
                 return Ok(Reply::Done);
             }
         }
-        let adding = ops.iter().filter(|o| !o.unlock).count();
-        if adding > 0 && client_held + adding > MAX_LOCKS_PER_CLIENT_PER_FILE {
+        let (held_after, client_after) = counted_after.unwrap_or((held, client_held));
+        if client_after > MAX_LOCKS_PER_CLIENT_PER_FILE && client_after > client_held {
             // One client cannot take a file's whole lock capacity.
             self.stats.locks_refused += 1;
             return Err(err(
@@ -478,7 +489,7 @@ impl Engine {
                 format!("one client holds at most {MAX_LOCKS_PER_CLIENT_PER_FILE} byte-range locks on a file"),
             ));
         }
-        if adding > 0 && held + adding > MAX_LOCKS_PER_FILE {
+        if held_after > MAX_LOCKS_PER_FILE && held_after > held {
             self.stats.locks_refused += 1;
             return Err(err(
                 ErrorCode::LimitReached,
@@ -504,6 +515,13 @@ impl Engine {
         // and the re-lock of the two pieces left, yet it takes nothing the
         // handle did not hold.
         let releases_only = adding == 0 || only_releases(&before, &key, &held);
+        let held_before: Vec<HeldLock> = before
+            .of_owner(&key)
+            .map(|l| HeldLock {
+                range: l.range,
+                kind: l.kind,
+            })
+            .collect();
         let result = match outcome {
             Err(BatchError::Conflict(l)) => {
                 let mut e = err(
@@ -521,12 +539,12 @@ impl Engine {
                 ),
             )),
             Ok(()) => match if held.is_empty() {
-                self.release_mirror(key)
+                self.release_mirror(key).map_err(|e| (e, true))
             } else {
-                self.mirror(key, &held)
+                self.mirror_from(key, &held, &held_before)
             } {
                 Ok(()) => Ok(()),
-                Err(e) if releases_only => {
+                Err((e, takes_new)) if releases_only || !takes_new => {
                     // Only unlocks: nothing asked for can conflict. A kept
                     // range a local process took while the handle was not
                     // mirrored failed again (the mirror made every other
@@ -537,24 +555,22 @@ impl Engine {
                     // met the kernel lock) was answered NFS4ERR_DENIED,
                     // which LOCKU never is, its CLOSE then LOCKS_HELD: a
                     // frozen old owner's OFD locks after a takeover
-                    // (review rvping 3).
+                    // (review rvping 3). Likewise a LOCK whose new bytes
+                    // were all taken, only a kept range failing: refused,
+                    // every LOCK through a handle with an unmirrored range
+                    // was denied, the range asked for free (review rr41d).
+                    // A new byte whose OFD lock failed is never granted: a
+                    // local process holds it.
                     warn!(resume_key = %key, error = %e.message, "unlocked; the handle's other locks are not all mirrored yet: retrying");
                     self.unmirrored.insert(key);
                     Ok(())
                 }
-                Err(e) => {
+                Err((e, _)) => {
                     // A local process holds a conflicting fcntl lock: undo.
                     self.stats.local_lock_conflicts += 1;
                     if let Some(t) = self.locks.get_mut(&file) {
                         *t = before.clone();
                     }
-                    let held_before: Vec<HeldLock> = before
-                        .of_owner(&key)
-                        .map(|l| HeldLock {
-                            range: l.range,
-                            kind: l.kind,
-                        })
-                        .collect();
                     if let Err(restore) = self.mirror(key, &held_before) {
                         // The mirror never frees a range it keeps, but it
                         // may have changed one's type before failing (an
@@ -596,10 +612,11 @@ impl Engine {
             let dep = self.request_dependency();
             self.close_lock_fd_after(dep, key);
         }
-        if result.is_ok() && adding > 0 {
+        if result.is_ok() && !releases_only {
             // A lock breaks other keys' read caching as a write does
             // (MS-FSA 2.1.4.12, LOCK_CONTROL; smb2.lease.lock1), for every
-            // frontend's lock.
+            // frontend's lock — not a split of a held range (an NFS LOCKU
+            // of its middle), which locks nothing new (review rr41d).
             self.break_read_caching_of(key);
         }
         if self.locks.get(&file).is_some_and(|t| !t.is_empty()) {
@@ -613,6 +630,30 @@ impl Engine {
             self.locks_gone_after(dep, file);
         }
         result.map(|()| Reply::Done)
+    }
+
+    /// How many locks `file` holds, and how many of them the client of
+    /// `key` holds (all its handles), once `ops` are applied; `None` when
+    /// the batch is refused anyway (a conflict, a range not locked).
+    fn counts_after(&self, key: ResumeKey, file: FileId, ops: &[LockOp]) -> Option<(usize, usize)> {
+        let mut table = self
+            .locks
+            .get(&file)
+            .cloned()
+            .unwrap_or_else(LockTable::new);
+        table.apply_batch(&key, ops).ok()?;
+        let client = |k: &ResumeKey| {
+            self.handles
+                .get(k)
+                .map(|h| (&h.rec.protocol, &h.rec.client))
+        };
+        let me = client(&key);
+        let mine = table
+            .locks()
+            .iter()
+            .filter(|l| client(&l.owner) == me)
+            .count();
+        Some((table.locks().len(), mine))
     }
 
     /// The handle's last lock went: its OFD locks are released now; its
@@ -653,6 +694,18 @@ impl Engine {
     /// protocol clients only for now: the handle is counted `unmirrored`,
     /// which filterctl shows and `expire_due` retries.
     pub(super) fn mirror(&mut self, key: ResumeKey, held: &[HeldLock]) -> Result<(), WireError> {
+        self.mirror_from(key, held, &[]).map_err(|(e, _)| e)
+    }
+
+    /// [`Self::mirror`] of a handle that held `before` until now: a
+    /// failure says, too, whether a part that failed asked for a byte or
+    /// a kind not in `before` (`fsops::failure_takes_new`).
+    pub(super) fn mirror_from(
+        &mut self,
+        key: ResumeKey,
+        held: &[HeldLock],
+        before: &[HeldLock],
+    ) -> Result<(), (WireError, bool)> {
         let fs = &*self.fs;
         let Some(h) = self.handles.get_mut(&key) else {
             return Ok(());
@@ -671,7 +724,7 @@ impl Engine {
             let rw = libfilter::model::Access::new(
                 libfilter::model::Rights::READ.union(libfilter::model::Rights::WRITE),
             )
-            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+            .map_err(|e| (err(ErrorCode::Internal, e.to_string()), true))?;
             match h
                 .rec
                 .kernel_handle
@@ -690,19 +743,21 @@ impl Engine {
         let Some(fd) = h.lock_fd.as_ref() else {
             return Ok(());
         };
-        fs.mirror_ofd_locks(fd.as_fd(), held)
+        fs.mirror_ofd_locks(fd.as_fd(), held, before)
             .map(|()| {
                 self.unmirrored.remove(&key);
             })
-            .map_err(|e| {
-                if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+            .map_err(|f| {
+                let e = f.error;
+                let wire = if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
                     err(
                         ErrorCode::LockNotGranted,
                         "a local process holds a conflicting lock",
                     )
                 } else {
                     err(ErrorCode::Internal, format!("OFD lock: {e}"))
-                }
+                };
+                (wire, f.takes_new)
             })
     }
 }
@@ -725,7 +780,9 @@ pub(super) fn release_ofd_locks(fs: &dyn super::fs::Fs, h: &mut Handle) {
     let Some(fd) = h.lock_fd.as_ref() else {
         return;
     };
-    if let Err(e) = fs.mirror_ofd_locks(fd.as_fd(), &[]) {
+    if let Err(crate::fsops::OfdFailure { error: e, .. }) =
+        fs.mirror_ofd_locks(fd.as_fd(), &[], &[])
+    {
         // Closing our own open file description releases them.
         warn!(resume_key = %h.rec.key, error = %e, "cannot release OFD locks: closing their descriptor");
         h.lock_fd = None;

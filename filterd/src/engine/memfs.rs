@@ -16,11 +16,12 @@ use std::io;
 use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use libfilter::locks::LockRange;
 use libfilter::model::{Access, Disposition, FileId, HeldLock, KernelHandle, RelPath};
 use libfilter::proto::{ErrorCode, WireError};
 
 use super::fs::Fs;
-use crate::fsops::OpenedFile;
+use crate::fsops::{self, OpenedFile};
 
 /// One change the fake made, or a commit the test's committer made, in
 /// the order they happened.
@@ -88,6 +89,8 @@ struct State {
     /// Right before the next call of an operation, a local process
     /// replaces a name with a new file.
     replace: Vec<(&'static str, String)>,
+    /// Exclusive fcntl locks local processes hold, on every file.
+    local_locks: Vec<LockRange>,
     log: Vec<Logged>,
     /// The root's descriptor [`Fs::filesystem`] gives, made on first use.
     root: Option<Arc<OwnedFd>>,
@@ -175,6 +178,16 @@ impl MemFs {
     /// The next call of `op` fails with `errno`.
     pub(super) fn fail_next(&self, op: &'static str, errno: i32) {
         self.st().fail.push((op, errno));
+    }
+
+    /// A local process holds (`true`) or lets go of an exclusive fcntl
+    /// lock of `range` on every file: a mirror's step over it fails.
+    pub(super) fn local_lock(&self, range: LockRange, held: bool) {
+        let mut st = self.st();
+        st.local_locks.retain(|r| *r != range);
+        if held {
+            st.local_locks.push(range);
+        }
     }
 
     /// Right before the next call of `op`, a local process replaces
@@ -880,14 +893,42 @@ impl Fs for MemFs {
         Ok(())
     }
 
-    /// A failed mirror leaves the descriptor's locks as they were, as the
-    /// real one does when its first `fcntl` fails: it never frees a range
-    /// before taking the new ones (`fsops::mirror_ofd_locks`).
-    fn mirror_ofd_locks(&self, fd: BorrowedFd<'_>, locks: &[HeldLock]) -> io::Result<()> {
+    /// A failed mirror leaves the descriptor's locks as they were (the
+    /// real one keeps every range held before and held still, and takes
+    /// the parts that did not fail: `fsops::mirror_ofd_locks`). A step of
+    /// the real mirror that meets a [`MemFs::local_lock`] fails, and the
+    /// failure says whether it asked for more than `before`.
+    fn mirror_ofd_locks(
+        &self,
+        fd: BorrowedFd<'_>,
+        locks: &[HeldLock],
+        before: &[HeldLock],
+    ) -> Result<(), fsops::OfdFailure> {
         let mut st = self.st();
-        st.check("mirror")?;
-        let ino = desc_ino(fd)?;
-        let d = st.descs.get_mut(&ino).ok_or_else(|| errno(libc::EBADF))?;
+        st.check("mirror").map_err(fsops::OfdFailure::all)?;
+        let failed: Vec<fsops::OfdStep> = fsops::ofd_steps(locks, before)
+            .into_iter()
+            .filter(|step| {
+                step.lock().is_some()
+                    && st
+                        .local_locks
+                        .iter()
+                        .any(|r| step.overlaps(r.offset, r.end()))
+            })
+            .collect();
+        if !failed.is_empty() {
+            return Err(fsops::OfdFailure {
+                error: errno(libc::EAGAIN),
+                takes_new: failed
+                    .iter()
+                    .any(|step| fsops::failure_takes_new(step, before)),
+            });
+        }
+        let ino = desc_ino(fd).map_err(fsops::OfdFailure::all)?;
+        let d = st
+            .descs
+            .get_mut(&ino)
+            .ok_or_else(|| fsops::OfdFailure::all(errno(libc::EBADF)))?;
         d.locks = locks
             .iter()
             .filter(|l| l.range.length != 0)

@@ -1159,6 +1159,158 @@ fn a_split_of_a_held_range_is_granted_when_its_mirror_fails() {
     assert_eq!(ranges(&h), [(0, 40), (60, 40)]);
 }
 
+/// An exclusive lock op of `length` bytes at `offset`.
+fn x_op(offset: u64, length: u64, unlock: bool) -> LockOp {
+    LockOp {
+        range: LockRange { offset, length },
+        exclusive: true,
+        unlock,
+    }
+}
+
+/// A batch of lock ops of `key`.
+fn lock_batch(key: ResumeKey, locks: Vec<LockOp>) -> Request {
+    Request::Lock {
+        key,
+        locks,
+        lock_sequence: None,
+        lock_owner: None,
+    }
+}
+
+/// Review rr41d: a LOCK through a handle with a range not mirrored (a
+/// local process took 70..80 of its 0..100 while filterd was down) was
+/// refused whenever the mirror failed, a kept range's failure too: every
+/// LOCK of a free range was denied, "local process" the conflict. Only a
+/// new byte whose OFD lock fails is refused now — a local process holds
+/// it; the handle stays unmirrored, taken once the local lock goes.
+#[test]
+fn a_lock_of_free_bytes_is_granted_while_a_kept_range_is_unmirrored() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.keys()[0];
+    h.run(lock_batch(key, vec![x_op(0, 100, false)]));
+    h.commit(true);
+    let local = |h: &Harness, offset, held| h.fs.local_lock(LockRange { offset, length: 10 }, held);
+    local(&h, 70, true);
+    local(&h, 300, true);
+    // Next to the kept range (its own mirror step) and apart from it.
+    for (offset, length) in [(100, 100), (400, 10)] {
+        let id = h.run(lock_batch(key, vec![x_op(offset, length, false)]));
+        h.commit(true);
+        assert!(
+            matches!(h.reply(id), Some(Ok(_))),
+            "a free range is granted: {:?}",
+            h.reply(id)
+        );
+        assert!(
+            h.engine.unmirrored.contains(&key),
+            "left unmirrored silently"
+        );
+    }
+    // Bytes a local process holds: refused, nothing changed.
+    let id = h.run(lock_batch(key, vec![x_op(295, 10, false)]));
+    h.commit(true);
+    assert!(
+        matches!(h.reply(id), Some(Err(e)) if e.code == ErrorCode::LockNotGranted),
+        "{:?}",
+        h.reply(id)
+    );
+    assert_eq!(h.engine.handles[&key].rec.locks.len(), 3);
+    local(&h, 70, false);
+    h.engine.expire_due(0);
+    assert!(!h.engine.unmirrored.contains(&key), "not taken when free");
+}
+
+/// Review rr41d: the per-client cap counted a batch's locks but not its
+/// unlocks, so a client holding 63 locks on a file was refused an NFS
+/// LOCKU of the middle of one (its unlock and the re-lock of two pieces)
+/// although 64 were left. The count after the batch is checked; past the
+/// cap a split is still refused.
+#[test]
+fn the_lock_caps_count_a_batchs_unlocks() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.keys()[0];
+    let cap = u64::try_from(MAX_LOCKS_PER_CLIENT_PER_FILE).unwrap();
+    let ops = (0..cap - 1).map(|i| x_op(i * 100, 10, false)).collect();
+    h.run(lock_batch(key, ops));
+    h.commit(true);
+    let split = |at: u64| {
+        lock_batch(
+            key,
+            vec![
+                x_op(at, 10, true),
+                x_op(at, 4, false),
+                x_op(at + 6, 4, false),
+            ],
+        )
+    };
+    let id = h.run(split(0));
+    h.commit(true);
+    assert!(matches!(h.reply(id), Some(Ok(_))), "{:?}", h.reply(id));
+    assert_eq!(
+        h.engine.handles[&key].rec.locks.len(),
+        MAX_LOCKS_PER_CLIENT_PER_FILE
+    );
+    let id = h.run(split(100));
+    h.commit(true);
+    assert!(
+        matches!(h.reply(id), Some(Err(e)) if e.code == ErrorCode::LimitReached),
+        "{:?}",
+        h.reply(id)
+    );
+    assert_eq!(
+        h.engine.handles[&key].rec.locks.len(),
+        MAX_LOCKS_PER_CLIENT_PER_FILE
+    );
+}
+
+/// Review rr41d: a batch that locks nothing new (a split of a held
+/// range: an NFS LOCKU of its middle) broke other clients' read caching
+/// as a new lock does.
+#[test]
+fn a_split_of_a_held_range_breaks_no_read_caching() {
+    use libfilter::lease::{LeaseKey, LeaseState};
+    use libfilter::proto::Event;
+    let is_break = |e: &Event| matches!(e, Event::LeaseBreak { .. });
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.keys()[0];
+    h.run(lock_batch(key, vec![x_op(0, 100, false)]));
+    h.commit(true);
+    let Request::Open(mut o) = bobs("a", Rights::READ, Disposition::Open) else {
+        unreachable!("bobs() makes an open")
+    };
+    o.lease = Some(LeaseRequest {
+        key: LeaseKey(uuid::Uuid::new_v4()),
+        state: LeaseState::parse("R").unwrap(),
+        epoch: 0,
+    });
+    let id = h.run(Request::Open(o));
+    h.commit(true);
+    h.drain_replies();
+    h.opened(id);
+    let bob = h.keys().into_iter().find(|k| *k != key).unwrap();
+    assert!(
+        h.engine.handles[&bob].rec.lease.is_some(),
+        "bob holds a read lease"
+    );
+    h.run(lock_batch(
+        key,
+        vec![x_op(0, 100, true), x_op(0, 40, false), x_op(60, 40, false)],
+    ));
+    h.commit(true);
+    assert!(!h.events.iter().any(is_break), "{:?}", h.events);
+    // The control: a new lock breaks it.
+    h.run(lock_batch(key, vec![x_op(200, 10, false)]));
+    h.commit(true);
+    assert!(h.events.iter().any(is_break), "{:?}", h.events);
+}
+
 /// Review: `filterctl stats` counted an open or a lock granted when the
 /// engine decided it, and a failed commit, which refuses its reply, took
 /// nothing back: after a disk-full burst it showed grants its clients
