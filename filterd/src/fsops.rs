@@ -1367,7 +1367,9 @@ impl OfdStep {
         }
     }
 
-    /// Whether the step's bytes overlap `[start, end)`.
+    /// Whether the step's bytes overlap `[start, end)` (the engine's fake
+    /// filesystem).
+    #[cfg(test)]
     pub(crate) fn overlaps(&self, start: u64, end: u64) -> bool {
         self.start < end && start < self.end
     }
@@ -1407,7 +1409,9 @@ pub struct OfdFailure {
 }
 
 impl OfdFailure {
-    /// A failure of the whole mirror: nothing is known kept.
+    /// A failure of the whole mirror: nothing is known kept (the engine's
+    /// fake filesystem).
+    #[cfg(test)]
     pub fn all(error: io::Error) -> Self {
         Self {
             error,

@@ -1336,25 +1336,29 @@ fn a_lock_refused_by_a_local_fcntl_lock_carries_denied() {
     assert_denied(&r, 5, 20, "write", "local process");
 }
 
-/// Review rvping 3: a frozen old owner's OFD locks outlive its lease, so
-/// after a takeover the new owner's recovered locks are not mirrored
-/// where they meet them. A LOCKU of the middle of such a range re-locks
-/// the two pieces left; that mirror met the kernel lock and the LOCKU was
-/// answered NFS4ERR_DENIED (owner "local process") — a LOCKU is never
-/// DENIED — and the client's CLOSE then NFS4ERR_LOCKS_HELD. Here the
-/// kernel lock is a local process's, taken while filterd was down: the
-/// recovered lock is not mirrored, as after a takeover. The LOCKU splits
-/// the lock in the table and the handle stays unmirrored for the retry.
-#[test]
-fn a_locku_splitting_a_range_whose_mirror_conflicts_is_ok() {
-    use nix::fcntl::{fcntl, FcntlArg};
-    use std::os::fd::AsFd;
-    let (s, mut d, _shim, mut a) = host_a("nfs-locku-unmirrored");
-    let o = ok(a.open("p", "f", "both", "none", create()));
-    let l = ok(
-        a.call(json!({"op": "LOCK", "stateid": o["stateid"], "owner": "lo",
-                             "type": "write", "offset": 0, "length": 100})),
-    );
+/// A lock-owner's lock recovered not mirrored: host A's open of "f"
+/// (`open`) by lock-owner "lo" holds bytes 0..100 (`lock`); filterd was
+/// killed, a local process (`local`) locked bytes 70..80 before filterd
+/// was back, so the recovered lock is not mirrored — as after a takeover,
+/// where a frozen old owner's OFD locks are met.
+struct RecoveredUnmirrored {
+    s: Scratch,
+    _filterd: (Filterd, Filterd),
+    _shim: Shim,
+    a: Nfs,
+    open: Value,
+    lock: Value,
+    local: std::fs::File,
+    ctl: libfilter::client::FilterClient,
+}
+
+fn recovered_unmirrored(name: &str) -> RecoveredUnmirrored {
+    let (s, mut d, shim, mut a) = host_a(name);
+    let open = ok(a.open("p", "f", "both", "none", create()));
+    let lock = ok(a.call(
+        json!({"op": "LOCK", "stateid": open["stateid"], "owner": "lo",
+                             "type": "write", "offset": 0, "length": 100}),
+    ));
     // filterd dies (its OFD locks with it); a local process locks bytes
     // 70..80 before it is back.
     d.kill9();
@@ -1363,42 +1367,129 @@ fn a_locku_splitting_a_range_whose_mirror_conflicts_is_ok() {
         .write(true)
         .open(s.root().join("f"))
         .unwrap();
+    local_write_lock(&local, 70, 10);
+    let d2 = Filterd::start(&s, &[], &[]);
+    let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+    assert_eq!(
+        held_locks(&ctl),
+        [(0, 100, true)],
+        "recovered, not mirrored"
+    );
+    RecoveredUnmirrored {
+        s,
+        _filterd: (d, d2),
+        _shim: shim,
+        a,
+        open,
+        lock,
+        local,
+        ctl,
+    }
+}
+
+/// A local process's exclusive OFD lock of `length` bytes at `start`.
+fn local_write_lock(local: &std::fs::File, start: i64, length: i64) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use std::os::fd::AsFd;
     let fl = libc::flock {
         l_type: i16::try_from(libc::F_WRLCK).unwrap(),
         l_whence: i16::try_from(libc::SEEK_SET).unwrap(),
-        l_start: 70,
-        l_len: 10,
+        l_start: start,
+        l_len: length,
         l_pid: 0,
     };
     fcntl(local.as_fd(), FcntlArg::F_OFD_SETLK(&fl)).unwrap();
-    let _d2 = Filterd::start(&s, &[], &[]);
-    let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
-    let locks = |ctl: &libfilter::client::FilterClient| -> Vec<(u64, u64, bool)> {
-        let mut v: Vec<_> = ctl
-            .locks()
-            .unwrap()
-            .iter()
-            .map(|l| (l.range.offset, l.range.length, l.unmirrored))
-            .collect();
-        v.sort_unstable();
-        v
-    };
-    assert_eq!(locks(&ctl), [(0, 100, true)], "recovered, not mirrored");
-    let u = a.call_patiently(json!({"op": "LOCKU", "lock_stateid": l["lock_stateid"],
-                                    "offset": 40, "length": 20}));
+}
+
+/// filterd's locks (`filterctl locks`): offset, length, not mirrored.
+fn held_locks(ctl: &libfilter::client::FilterClient) -> Vec<(u64, u64, bool)> {
+    let mut v: Vec<_> = ctl
+        .locks()
+        .unwrap()
+        .iter()
+        .map(|l| (l.range.offset, l.range.length, l.unmirrored))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Review rvping 3: a frozen old owner's OFD locks outlive its lease, so
+/// after a takeover the new owner's recovered locks are not mirrored
+/// where they meet them. A LOCKU of the middle of such a range re-locks
+/// the two pieces left; that mirror met the kernel lock and the LOCKU was
+/// answered NFS4ERR_DENIED (owner "local process") — a LOCKU is never
+/// DENIED — and the client's CLOSE then NFS4ERR_LOCKS_HELD. Here the
+/// kernel lock is a local process's ([`recovered_unmirrored`]). The LOCKU
+/// splits the lock in the table and the handle stays unmirrored for the
+/// retry.
+#[test]
+fn a_locku_splitting_a_range_whose_mirror_conflicts_is_ok() {
+    let mut r = recovered_unmirrored("nfs-locku-unmirrored");
+    let u = r.a.call_patiently(
+        json!({"op": "LOCKU", "lock_stateid": r.lock["lock_stateid"],
+                                    "offset": 40, "length": 20}),
+    );
     assert_eq!(u["status"], "NFS4_OK", "a LOCKU is never DENIED: {u}");
     assert_eq!(
-        locks(&ctl),
+        held_locks(&r.ctl),
         [(0, 40, true), (60, 40, true)],
         "split in the table, still not mirrored"
     );
-    let u = ok(
-        a.call(json!({"op": "LOCKU", "lock_stateid": u["lock_stateid"],
-                             "offset": 0, "length": 100})),
+    let u = ok(r
+        .a
+        .call(json!({"op": "LOCKU", "lock_stateid": u["lock_stateid"],
+                             "offset": 0, "length": 100})));
+    assert_eq!(held_locks(&r.ctl), [], "{u}");
+    ok(r.a.call(json!({"op": "CLOSE", "stateid": r.open["stateid"]})));
+    drop(r.local);
+}
+
+/// Review rr41d: while a lock-owner's recovered lock was not mirrored (a
+/// local process holds part of it; after a takeover, a frozen old
+/// owner's OFD locks), every LOCK of the owner was NFS4ERR_DENIED, owner
+/// "local process", the range asked for free: the mirror's failure of the
+/// kept range refused it. A free range is granted now — one next to the
+/// kept range too (nfsshim merges it into one) — and a range a local
+/// process holds is still DENIED.
+#[test]
+fn a_lock_of_a_free_range_by_an_owner_with_an_unmirrored_lock_is_granted() {
+    let mut r = recovered_unmirrored("nfs-lock-unmirrored");
+    local_write_lock(&r.local, 400, 10);
+    let lock = |a: &mut Nfs, open: &Value, offset: u64, length: u64| {
+        a.call_patiently(
+            json!({"op": "LOCK", "stateid": open["stateid"], "owner": "lo",
+                                "type": "write", "offset": offset, "length": length}),
+        )
+    };
+    ok(lock(&mut r.a, &r.open, 200, 100));
+    ok(lock(&mut r.a, &r.open, 100, 50));
+    assert_eq!(
+        held_locks(&r.ctl),
+        [(0, 150, true), (200, 100, true)],
+        "granted, the handle still not mirrored"
     );
-    assert_eq!(locks(&ctl), [], "{u}");
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    drop(local);
+    let denied = lock(&mut r.a, &r.open, 395, 10);
+    assert_denied(&denied, 395, 10, "write", "local process");
+    assert_eq!(held_locks(&r.ctl), [(0, 150, true), (200, 100, true)]);
+    // The new bytes are mirrored: a local process cannot take them.
+    let other = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(r.s.root().join("f"))
+        .unwrap();
+    for at in [120, 250] {
+        let fl = libc::flock {
+            l_type: i16::try_from(libc::F_WRLCK).unwrap(),
+            l_whence: i16::try_from(libc::SEEK_SET).unwrap(),
+            l_start: at,
+            l_len: 1,
+            l_pid: 0,
+        };
+        use std::os::fd::AsFd;
+        let taken = nix::fcntl::fcntl(other.as_fd(), nix::fcntl::FcntlArg::F_OFD_SETLK(&fl));
+        assert!(taken.is_err(), "byte {at} is not mirrored");
+    }
+    drop(r.local);
 }
 
 /// A READ or WRITE past the largest file offset is the client's mistake
