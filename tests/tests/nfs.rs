@@ -1492,6 +1492,38 @@ fn a_lock_of_a_free_range_by_an_owner_with_an_unmirrored_lock_is_granted() {
     drop(r.local);
 }
 
+/// Review rr41d: filterd's per-client lock cap counted a batch's locks but
+/// not its unlocks, so a LOCKU of the middle of a range by a client at 63
+/// locks on a file (its unlock and two re-locks, 64 after it) was
+/// NFS4ERR_RESOURCE. It is granted; past the cap a split is
+/// NFS4ERR_LOCK_RANGE, RFC 8881's LOCKU status for a sub-range unlock the
+/// server does not support, and changes nothing.
+#[test]
+fn a_locku_split_is_counted_net_against_the_lock_cap() {
+    let (s, _d, _shim, mut a) = host_a("nfs-locku-cap");
+    let o = ok(a.open("p", "f", "both", "none", create()));
+    let mut lock = Value::Null;
+    for i in 0..63u64 {
+        lock = ok(
+            a.call(json!({"op": "LOCK", "stateid": o["stateid"], "owner": "lo",
+                                "type": "write", "offset": i * 10, "length": 5})),
+        );
+    }
+    let locku = |a: &mut Nfs, lock: &Value, offset: u64| {
+        a.call(json!({"op": "LOCKU", "lock_stateid": lock["lock_stateid"],
+                      "offset": offset, "length": 1}))
+    };
+    let lock = ok(locku(&mut a, &lock, 2));
+    let r = locku(&mut a, &lock, 12);
+    assert_eq!(r["status"], "NFS4ERR_LOCK_RANGE", "{r}");
+    // Nothing changed: 64 locks, the range whole.
+    let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+    let held = held_locks(&ctl);
+    assert_eq!(held.len(), 64);
+    assert!(held.contains(&(10, 5, false)), "{held:?}");
+    assert!(held.contains(&(3, 2, false)), "{held:?}");
+}
+
 /// A READ or WRITE past the largest file offset is the client's mistake
 /// (review r4 #2): NFS4ERR_INVAL, never NFS4ERR_SERVERFAULT, and nothing
 /// is written; I/O the open's access does not allow is NFS4ERR_ACCESS.

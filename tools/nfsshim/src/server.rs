@@ -4415,7 +4415,16 @@ fn locku(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
     };
     (l.held, l.seqid) = (held, seqid);
     fits?;
-    apply_ranges(sh, key, &l.owner, &l.held, &after, ctx.restored).map_err(filter_fail)?;
+    apply_ranges(sh, key, &l.owner, &l.held, &after, ctx.restored).map_err(|e| {
+        match e.code() {
+            // A split that would pass filterd's lock caps: RFC 8881 lets a
+            // LOCKU answer that the server does not support this sub-range
+            // unlock (18.12.3, NFS4ERR_LOCK_RANGE); NFS4ERR_RESOURCE, the
+            // limits' answer elsewhere, is no LOCKU status (review rr41d).
+            Some(ErrorCode::LimitReached) => Fail("NFS4ERR_LOCK_RANGE", e.to_string()),
+            _ => filter_fail(e),
+        }
+    })?;
     ctx.on_refusal(Undo::Ranges {
         key,
         owner: l.owner.clone(),
