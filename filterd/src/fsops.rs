@@ -1997,6 +1997,7 @@ mod tests {
             "the refused lock's range is free again"
         );
     }
+
     /// Review rr41d: a handle holding 0..100, unmirrored (a local process
     /// took 70..80 while filterd was down), asked for 100..200 too: the
     /// mirror merged both into one step, which failed, and reported the
