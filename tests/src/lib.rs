@@ -1548,12 +1548,28 @@ impl Nfs {
     }
 
     /// Sends `req` on slot 0 with the current seqid: its answer, and the
-    /// lines (callbacks) sent on the same connection before it.
+    /// lines (callbacks) sent on the same connection before it and right
+    /// behind it ([`Nfs::send_around`]).
     pub fn send_seeing(&mut self, req: &Value) -> (Value, Vec<Value>) {
+        let (mut seen, r, behind) = self.send_around(req);
+        seen.extend(behind);
+        (r, seen)
+    }
+
+    /// Sends `req` on slot 0 with the current seqid: the lines (callbacks)
+    /// sent on the same connection before its answer, the answer, and
+    /// those sent behind it before the answer to a request sent next (a
+    /// line with no op, answered NFS4ERR_INVAL at once: requests on a
+    /// connection are answered in order, so nothing is waited for).
+    pub fn send_around(&mut self, req: &Value) -> (Vec<Value>, Value, Vec<Value>) {
         let mut req = req.clone();
         req["seq"] = json!({"sessionid": self.sessionid, "slot": 0, "seqid": self.seqid});
         let id = self.c.send_only("xid", req);
-        self.c.reply_to("xid", id).expect("the answer")
+        let fence = self.c.send_only("xid", json!({"op": ""}));
+        let (r, before) = self.c.reply_to("xid", id).expect("the answer");
+        let (f, behind) = self.c.reply_to("xid", fence).expect("the fence's answer");
+        assert_eq!(f["status"], "NFS4ERR_INVAL", "{f}");
+        (before, r, behind)
     }
 
     /// Sends `req` on slot 0 with the current seqid (a re-send).

@@ -564,7 +564,7 @@ fn a_recall_issued_while_the_holder_is_away_reaches_it_on_its_new_connection() {
     let r = b.call(bo.clone());
     assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
     // Alice is back (on the new connection) and writes under the
-    // delegation: the recall comes before the reply.
+    // delegation: the recall comes behind the reply.
     a.seqid += 1;
     let mut w = json!({"op": "WRITE", "stateid": dsid, "offset": 6, "data": b64(" data")});
     w["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
@@ -708,6 +708,127 @@ fn a_recall_goes_once_per_connection_and_not_before_its_own_delegreturn() {
     assert!(seen.is_empty(), "{seen:?}");
 }
 
+/// Alice (client `owner`) holds a write delegation of `f`, recalled by
+/// Bob's OPEN (`bo`, answered DELAY) on her first connection, which then
+/// drops: the recall is outstanding and reached no connection she has.
+/// Her OPEN request, its answer, and Bob.
+fn recalled_and_away(addr: &str, verifier: &str) -> (Nfs, Value, Value, Nfs, Value) {
+    let mut a = Nfs::connect(addr, "host-a", verifier);
+    let mut open = json!({"op": "OPEN", "owner": "p", "path": "f", "access": "both",
+                          "deny": "none", "want_delegation": "write"});
+    open["create"] = create()["create"].clone();
+    let o = ok(a.call(open.clone()));
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let mut b = Nfs::connect(addr, "host-b", &format!("1{}", &verifier[1..]));
+    let bo = json!({"op": "OPEN", "owner": "q", "path": "f", "access": "read", "deny": "none"});
+    let r = b.call(bo.clone());
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
+    a.c.set_read_timeout(Duration::from_secs(10));
+    let cb = a.c.next_line().expect("the recall");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    a.c = LineClient::connect(addr);
+    (a, open, o, b, bo)
+}
+
+/// Whether `seen` holds a CB_RECALL of delegation stateid `dsid`, how many.
+fn recalls_of(seen: &[Value], dsid: &Value) -> usize {
+    seen.iter()
+        .filter(|v| v["op"] == "CB_RECALL" && v["stateid"]["other"] == dsid["other"])
+        .count()
+}
+
+/// Re-review rr41g 2: the recalls outstanding went on a new connection
+/// before the answer of the request that came on it — a replayed OPEN's
+/// too, whose answer tells the client of the very delegation recalled: a
+/// client ignoring a recall of a stateid it does not know then held it,
+/// never told again on that connection, and lost it at the break
+/// timeout. They go behind the answer.
+#[test]
+fn a_replayed_open_is_answered_before_the_recall_of_its_delegation() {
+    let s = Scratch::new("nfs-recall-behind");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-rb");
+    let (mut a, open, o, mut b, bo) = recalled_and_away(&nfs.addr, "0000000000000e36");
+    let dsid = o["delegation"]["stateid"].clone();
+    // Back, she re-sends the OPEN whose answer she lost.
+    let (before, r, behind) = a.send_around(&open);
+    assert!(before.is_empty(), "nothing before the answer: {before:?}");
+    let r = ok(r);
+    assert_eq!(r["delegation"]["stateid"], dsid, "the cached answer: {r}");
+    assert_eq!(
+        recalls_of(&behind, &dsid),
+        1,
+        "the recall behind it: {behind:?}"
+    );
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
+    ok(b.resend_patiently(&bo, Duration::from_secs(10)));
+}
+
+/// Re-review rr41g 3: a DELEGRETURN first on a new connection leaves out
+/// the recall of what it returns; when it failed for good (a stateid of
+/// the wrong seqid) nothing sent that recall on the connection later, and
+/// the delegation was revoked at the break timeout. It goes behind the
+/// failure's answer, and only once.
+#[test]
+fn a_failed_delegreturn_on_a_new_connection_gets_its_recall_behind_it() {
+    let s = Scratch::new("nfs-recall-badreturn");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-rbr");
+    let (mut a, _, o, mut b, bo) = recalled_and_away(&nfs.addr, "0000000000000e37");
+    let dsid = o["delegation"]["stateid"].clone();
+    let mut stale = dsid.clone();
+    stale["seqid"] = json!(7);
+    a.seqid += 1;
+    let (before, r, behind) = a.send_around(&json!({"op": "DELEGRETURN", "stateid": stale}));
+    assert!(
+        r["status"] != "NFS4_OK" && r["status"] != "NFS4ERR_DELAY",
+        "refused for good: {r}"
+    );
+    assert!(before.is_empty(), "{before:?}");
+    assert_eq!(
+        recalls_of(&behind, &dsid),
+        1,
+        "the recall behind it: {behind:?}"
+    );
+    a.seqid += 1;
+    let (r, seen) = a.send_seeing(&json!({"op": "DELEGRETURN", "stateid": stale}));
+    assert_ne!(r["status"], "NFS4_OK", "{r}");
+    assert!(seen.is_empty(), "not twice on a connection: {seen:?}");
+    a.seqid += 1;
+    let (r, seen) = a.send_seeing(&json!({"op": "DELEGRETURN", "stateid": dsid}));
+    ok(r);
+    assert!(seen.is_empty(), "{seen:?}");
+    ok(b.resend_patiently(&bo, Duration::from_secs(10)));
+}
+
+/// Re-review rr41g 1: a recall remembered the last four connections it
+/// went out on, so a client rotating over five was sent every outstanding
+/// recall with every request. It goes once on each live connection,
+/// however many.
+#[test]
+fn a_recall_goes_once_on_each_of_many_connections() {
+    let s = Scratch::new("nfs-recall-many");
+    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-rm");
+    let (mut a, _, o, mut b, bo) = recalled_and_away(&nfs.addr, "0000000000000e38");
+    let dsid = o["delegation"]["stateid"].clone();
+    let w = json!({"op": "WRITE", "stateid": dsid, "offset": 0, "data": b64("x")});
+    let mut conns: Vec<LineClient> = (0..5).map(|_| LineClient::connect(&nfs.addr)).collect();
+    for round in 0..3 {
+        for c in conns.iter_mut() {
+            std::mem::swap(&mut a.c, c);
+            a.seqid += 1;
+            let (r, seen) = a.send_seeing(&w);
+            ok(r);
+            let want = usize::from(round == 0);
+            assert_eq!(recalls_of(&seen, &dsid), want, "round {round}: {seen:?}");
+            std::mem::swap(&mut a.c, c);
+        }
+    }
+    ok(a.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
+    ok(b.resend_patiently(&bo, Duration::from_secs(10)));
+}
+
 /// Re-review rr41c F1 (the spec: a lease "is renewed by every request
 /// with a valid `seq`"): a replay, answered from the slot cache, renewed
 /// nothing — a client re-sending a request whose reply it keeps losing
@@ -716,13 +837,13 @@ fn a_recall_goes_once_per_connection_and_not_before_its_own_delegreturn() {
 fn a_replay_renews_the_lease() {
     let s = Scratch::new("nfs-replay-renews");
     let _d = Filterd::start(&s, &[], &[]);
-    let shim = Shim::start_with("nfsshim", &s.socket(), "nfs-rr", &["--lease-ms", "1500"]);
+    let shim = Shim::start_with("nfsshim", &s.socket(), "nfs-rr", &["--lease-ms", "3000"]);
     let mut a = Nfs::connect(&shim.addr, "host-a", "0000000000000e33");
     let o = ok(a.open("p", "f", "both", "none", create()));
     let w = json!({"op": "WRITE", "stateid": o["stateid"], "offset": 0, "data": b64("x")});
     ok(a.call(w.clone()));
     // Only the replay, for twice the lease.
-    let until = std::time::Instant::now() + Duration::from_millis(3000);
+    let until = std::time::Instant::now() + Duration::from_millis(6000);
     while std::time::Instant::now() < until {
         ok(a.send(w.clone()));
         std::thread::sleep(Duration::from_millis(200));

@@ -650,7 +650,7 @@ fn keep_delegation(a: &mut Nfs, path: &str) -> Value {
 }
 
 /// `req` sent on `a`'s slot 0 at its current seqid: the answer, and the
-/// lines (callbacks) sent on the same connection before it.
+/// lines (callbacks) sent on the same connection before and behind it.
 fn answer_and_callbacks(a: &mut Nfs, req: &Value) -> (Value, Vec<Value>) {
     a.send_seeing(req)
 }
@@ -742,10 +742,29 @@ fn a_recall_for_room_goes_again_on_the_clients_new_connection() {
 /// first re-send gives it a lease from then (once).
 #[test]
 fn a_recall_for_room_goes_once_per_connection_and_its_lease_runs_from_the_resend() {
-    let (_s, _d, nfs, mut a) = at_one_open("nfs-deleg-room-conns", "nfs-drc", "4000");
+    let lease = Duration::from_millis(6000);
+    let (_s, _d, nfs, mut a) = at_one_open("nfs-deleg-room-conns", "nfs-drc", "6000");
     let deleg = keep_delegation(&mut a, "f");
     let open_g = json!({"op": "OPEN", "owner": "oo", "path": "g", "access": "read",
                         "deny": "none"});
+    // Renewing the client's lease (a busy machine's stall must not let
+    // the reaper release it) on a connection the recall reached, until
+    // `until`: READs under the delegation on slot 1 (slot 0 holds the
+    // OPEN answered DELAY).
+    let mut slot1 = 0;
+    let mut renew_until = |a: &mut Nfs, until: Instant| {
+        while Instant::now() < until {
+            slot1 += 1;
+            let mut read = json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1});
+            read["seq"] = json!({"sessionid": a.sessionid, "slot": 1, "seqid": slot1});
+            let id = a.c.send_only("xid", read);
+            let (r, seen) = a.c.reply_to("xid", id).expect("the READ's answer");
+            assert_eq!(r["status"], "NFS4_OK", "{r}");
+            assert!(!recalls(&seen, &deleg), "not again: {seen:?}");
+            let left = until.saturating_duration_since(Instant::now());
+            std::thread::sleep(left.min(Duration::from_millis(400)));
+        }
+    };
     a.seqid += 1;
     let (r, seen) = a.send_seeing(&open_g);
     assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
@@ -767,23 +786,33 @@ fn a_recall_for_room_goes_once_per_connection_and_its_lease_runs_from_the_resend
     std::mem::swap(&mut a.c, &mut first);
     let (_, seen) = a.send_seeing(&open_g);
     assert!(seen.is_empty(), "not again on the second: {seen:?}");
-    // Away until most of the lease went; back on a third connection, the
-    // recall there has a lease from now: past the first one's, the OPEN
-    // still waits for it, not revoking it.
+    // Away from the OPEN until most of the lease went; back on a third
+    // connection, the recall there has a lease from now: past the first
+    // one's, the OPEN still waits for it, not revoking it.
     drop(first);
-    let away = Duration::from_millis(2500).saturating_sub(sent.elapsed());
-    std::thread::sleep(away);
+    renew_until(&mut a, sent + lease * 5 / 8);
     a.c = LineClient::connect(&nfs.addr);
+    let third = Instant::now();
     let (r, seen) = a.send_seeing(&open_g);
+    assert!(
+        sent.elapsed() < lease,
+        "too slow: back {:?} after the recall, past its lease",
+        sent.elapsed()
+    );
     assert_eq!(r["status"], "NFS4ERR_DELAY", "{r}");
     assert!(recalls(&seen, &deleg), "on the third connection: {seen:?}");
-    std::thread::sleep(Duration::from_millis(4500).saturating_sub(sent.elapsed()));
+    renew_until(&mut a, sent + lease * 9 / 8);
     let (r, _) = a.send_seeing(&open_g);
+    assert!(
+        third.elapsed() < lease,
+        "too slow: {:?} after the re-send, past its lease",
+        third.elapsed()
+    );
     assert_eq!(
         r["status"], "NFS4ERR_DELAY",
         "a lease after the first send, still recalling: {r}"
     );
-    // The DELEGRETURN first on a new connection: no recall before its
+    // The DELEGRETURN first on a new connection: no recall with its
     // answer.
     a.c = LineClient::connect(&nfs.addr);
     let (r, seen) = a.send_seeing(&json!({"op": "DELEGRETURN", "stateid": deleg}));

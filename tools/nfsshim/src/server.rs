@@ -380,7 +380,7 @@ struct RoomRecall {
     /// When it was first sent.
     first: Instant,
     /// When it was sent, or last sent again on a new connection of the
-    /// client ([`resend_recalls`]), but a lease after `first` at the
+    /// client ([`due_recalls`]), but a lease after `first` at the
     /// latest: the delegation is revoked a lease after (so at most two
     /// leases after the first send — a client hopping connections does
     /// not keep it for ever).
@@ -494,7 +494,7 @@ struct Global {
     lease_client: HashMap<uuid::Uuid, LeaseHolder>,
     /// Client → the connection its last request came on (callbacks; a
     /// request on another one sends the outstanding recalls again:
-    /// [`resend_recalls`]).
+    /// [`due_recalls`]).
     client_conn: HashMap<String, u64>,
     /// Delegations filterd lowered without a recall (nothing to ack), per
     /// client: revoked under its lock, at its next request or the reaper's
@@ -826,7 +826,7 @@ impl Harness {
 
     /// The reply to one request line.
     pub fn handle(&self, line: &[u8]) -> Value {
-        match handle_line(&self.0, 1, line) {
+        match handle_line(&self.0, 1, line, &mut Vec::new()) {
             Answer::Whole(v) => v,
             Answer::Shared(v, xid) => {
                 let mut v = Value::clone(&v);
@@ -1251,8 +1251,20 @@ fn serve(sh: Arc<Shared>, conn: u64, stream: Arc<TcpStream>) {
         g.conn_peer.insert(conn, shimline::peer_key(peer.ip()));
     }
     sh.writers
-        .serve(conn, stream, "xid", "NFS4ERR_INVAL", |line, _| {
-            Some(handle_line(&sh, conn, line))
+        .serve(conn, stream, "xid", "NFS4ERR_INVAL", |line, w| {
+            let mut behind = Vec::new();
+            let answer = handle_line(&sh, conn, line, &mut behind);
+            if behind.is_empty() {
+                return Some(answer);
+            }
+            // The recalls due on this connection go behind the answer,
+            // on the same writer: in this order (re-review rr41g 2).
+            if shimline::send(w, &answer) {
+                for other in &behind {
+                    shimline::send(w, &cb_recall(other));
+                }
+            }
+            None
         });
     // nfsl/1 state belongs to the client, not the connection: nothing to
     // release when it goes; callbacks go to the client's next connection.
@@ -1321,7 +1333,10 @@ fn answer(s: Sequenced, xid: u64) -> Answer {
     }
 }
 
-fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Answer {
+/// The answer to request `line` that came on connection `conn`; the
+/// delegations whose CB_RECALL goes behind it are added to `behind`
+/// ([`sequenced`]).
+fn handle_line(sh: &Shared, conn: u64, line: &[u8], behind: &mut Vec<String>) -> Answer {
     let _serving = sh.serving.read().unwrap_or_else(|p| p.into_inner());
     // Attached to filterd again, and the reattach not applied yet, or the
     // tables to be read again (another node's nfsshim served them
@@ -1337,7 +1352,7 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Answer {
             wire::Op::Open => ("OPEN", Body::Open(&l)),
             wire::Op::Close => ("CLOSE", Body::Close(&l)),
         };
-        return answer(sequenced(sh, conn, name, body), l.xid);
+        return answer(sequenced(sh, conn, name, body, behind), l.xid);
     }
     let (obj, xid) = match shimline::parse_request(line, "xid", "NFS4ERR_INVAL") {
         Ok(x) => x,
@@ -1350,7 +1365,7 @@ fn handle_line(sh: &Shared, conn: u64, line: &[u8]) -> Answer {
         "CREATE_SESSION" => finish(create_session(sh, obj)),
         "DESTROY_CLIENTID" => finish(destroy_clientid(sh, obj)),
         "" => finish(Err(inval("op must be a string"))),
-        _ => return answer(sequenced(sh, conn, op, Body::Map(obj)), xid),
+        _ => return answer(sequenced(sh, conn, op, Body::Map(obj), behind), xid),
     };
     out.insert("xid".into(), json!(xid));
     Answer::Whole(Value::Object(out))
@@ -1843,7 +1858,16 @@ struct SeqArgs {
 }
 
 /// Runs a request that carries `seq`: the exactly-once slot table.
-fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
+/// Runs sequenced request `op` that came on connection `conn`; the
+/// delegations whose CB_RECALL is to go behind its answer are added to
+/// `behind` ([`due_recalls`]).
+fn sequenced(
+    sh: &Shared,
+    conn: u64,
+    op: &str,
+    body: Body<'_>,
+    behind: &mut Vec<String>,
+) -> Sequenced {
     let seq = match body {
         Body::Map(obj) => parse_seq(obj),
         Body::Open(l) | Body::Close(l) => l.seq(),
@@ -1947,21 +1971,27 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
     if let Some(c) = st.client.as_mut() {
         c.deadline = Instant::now() + sh.lease;
     }
-    // A DELEGRETURN's own delegation is not recalled again before its
-    // answer (re-review rr41c F3).
+    // A DELEGRETURN's own delegation is not recalled again with its
+    // answer (re-review rr41c F3) — unless it fails for good (below). A
+    // replay's is: one that returned it finds it gone.
     let returning = match body {
-        Body::Map(obj) if op == "DELEGRETURN" => obj
+        Body::Map(obj) if op == "DELEGRETURN" && cached.is_none() => obj
             .get("stateid")
             .and_then(|s| s.get("other"))
             .and_then(Value::as_str),
         _ => None,
     };
-    let (forgotten, reattaches, recalls) = match sh.global() {
+    let (forgotten, reattaches) = match sh.global() {
         Ok(mut g) => {
             // A new connection (or the first since a restore): a recall
-            // sent to none, or to one since dropped, goes again.
-            let moved = g.client_conn.insert(cid.clone(), conn) != Some(conn);
-            let recalls = moved.then(|| outstanding_recalls(&mut g, &cid, conn, returning));
+            // sent to none, or to one since dropped, goes again — behind
+            // the answer: a replayed OPEN's names the delegation, which a
+            // client may not know before (re-review rr41g 2).
+            if g.client_conn.insert(cid.clone(), conn) != Some(conn) {
+                behind.extend(due_recalls(&mut g, &mut st, &cid, conn, sh.lease, |o| {
+                    returning != Some(o)
+                }));
+            }
             (
                 // Left for the next request that runs.
                 if cached.is_some() {
@@ -1970,14 +2000,10 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
                     g.forgotten.remove(&cid).unwrap_or_default()
                 },
                 g.reattaches,
-                recalls,
             )
         }
         Err(f) => return finish(Err(f)).into(),
     };
-    if let Some(recalls) = recalls {
-        resend_recalls(sh, &mut st, conn, recalls, returning);
-    }
     if let Some(cached) = cached {
         // A replay filterd never sees, so it is told (`filterctl stats`)
         // — later, by the reaper: not under this lock.
@@ -2068,6 +2094,16 @@ fn sequenced(sh: &Shared, conn: u64, op: &str, body: Body<'_>) -> Sequenced {
                 mark_retried(&mut st, &ctx);
             }
             return finish(outcome).into();
+        }
+    }
+    if let (Some(other), Err(_)) = (returning, &outcome) {
+        // A DELEGRETURN of a recalled delegation failed for good (a stale
+        // seqid, say): the recall left out above goes with its answer,
+        // unless this connection had it (re-review rr41g 3).
+        if let Ok(mut g) = sh.global() {
+            behind.extend(due_recalls(&mut g, &mut st, &cid, conn, sh.lease, |o| {
+                o == other
+            }));
         }
     }
     if ctx.too_large.get() {
@@ -3153,10 +3189,7 @@ fn room_for_an_open(sh: &Shared, st: &mut State) -> Result<(), Fail> {
         Some((c, sh.writers.get(c)?))
     });
     if let Some((_, w)) = &writer {
-        shimline::send(
-            w,
-            &json!({"op": "CB_RECALL", "stateid": stateid_json(&deleg, 1)}),
-        );
+        shimline::send(w, &cb_recall(&deleg));
     }
     let now = Instant::now();
     st.room_recall = Some(RoomRecall {
@@ -5811,86 +5844,72 @@ fn recall(
     note_recall(&mut g, lease_key.0, file, from, sent_on);
     drop(g);
     if let Some(w) = writer {
-        shimline::send(
-            &w,
-            &json!({"op": "CB_RECALL", "stateid": stateid_json(&other, 1)}),
-        );
+        shimline::send(&w, &cb_recall(&other));
     }
 }
 
-/// The stateid `other`s of client `cid`'s delegations recalled
-/// ([`Global::recalled`]), not yet returned or revoked, whose CB_RECALL is
-/// still to go on connection `conn` ([`Reached`]; noted as gone there),
-/// but for `returning`, the one the request returns.
-fn outstanding_recalls(
+/// The delegations (stateid `other`s) of client `cid` (its state `st`)
+/// recalled and still held for which `due` holds and whose CB_RECALL is
+/// still to go on connection `conn`, noted as gone there ([`Reached`]):
+/// each in [`Global::recalled`] not yet returned or revoked, and one
+/// recalled to make room ([`room_for_an_open`]). The caller sends them on
+/// `conn` behind the answer of the request that came on it
+/// ([`handle_line`]). They are called for when the client's request comes
+/// on another connection than before: the recall went to a connection
+/// since dropped, or to none at all (one dropped before the recall, or
+/// none yet since a restore) — the holder would not hear of it and lose
+/// its delegation, its cached writes with it, at the break timeout while
+/// it was back and renewing (review rvnfsnode 2); and after a
+/// DELEGRETURN of a recalled one that failed for good (re-review rr41g 3:
+/// left out before it ran, it was never sent on that connection). A
+/// recall to make room gets a lease from its re-send, up to a lease after
+/// its first send ([`RoomRecall::at`]): the holder back late had little of
+/// it left (re-review rr41c F4). The client may get a recall twice (the
+/// first went out and so does this); it answers each with the same
+/// DELEGRETURN, the second one finding it gone. The caller holds the
+/// client's lock, then the global one (the lock order).
+fn due_recalls(
     g: &mut Global,
+    st: &mut State,
     cid: &str,
     conn: u64,
-    returning: Option<&str>,
+    lease: Duration,
+    due: impl Fn(&str) -> bool,
 ) -> Vec<String> {
     let Global {
         recalled,
         lease_client,
+        conn_peer,
         ..
     } = g;
-    recalled
+    let live = |c: u64| conn_peer.contains_key(&c);
+    let mut others: Vec<String> = recalled
         .iter_mut()
         .filter_map(|(l, r)| Some((lease_client.get(l)?, r)))
-        .filter(|(h, _)| h.cid == cid && returning != Some(h.other.as_str()))
-        .filter_map(|(h, r)| r.reached.reach(conn).then(|| h.other.clone()))
-        .collect()
-}
-
-/// CB_RECALL again, on connection `conn`, for each of `others` and for a
-/// delegation of client state `st` recalled to make room
-/// ([`room_for_an_open`]), still held and not sent on `conn` yet (nor
-/// `returning`, the one the request returns): its client's requests came
-/// on another connection before, so that the recall went to a connection
-/// since dropped, or to none at all (one dropped before the recall, or
-/// none yet since a restore) — the holder would not hear of it and lose
-/// its delegation, its cached writes with it, at the break timeout while
-/// it was back and renewing (review rvnfsnode 2). A recall to make room
-/// gets a lease from its re-send, up to a lease after its first send
-/// ([`RoomRecall::at`]): the holder back late had little of it left
-/// (re-review rr41c F4). The
-/// client may get a recall twice (the first went out and so does this);
-/// it answers each with the same DELEGRETURN, the second one finding it
-/// gone. Never blocks: the line is queued on the client's own connection.
-fn resend_recalls(
-    sh: &Shared,
-    st: &mut State,
-    conn: u64,
-    mut others: Vec<String>,
-    returning: Option<&str>,
-) {
-    let held = |st: &State, other: &str| {
+        .filter(|(h, _)| h.cid == cid && due(&h.other))
+        .filter_map(|(h, r)| r.reached.reach(conn, live).then(|| h.other.clone()))
+        .collect();
+    let room = st.room_recall.as_ref().and_then(|r| {
         st.opens
-            .get(other)
+            .get(&r.other)
             .filter(|o| o.rec.closed)
             .and_then(|o| o.rec.deleg.as_ref())
             .map(|d| d.other.clone())
-    };
-    let room = st.room_recall.as_ref().and_then(|r| held(st, &r.other));
+    });
     if let (Some(d), Some(r)) = (room, st.room_recall.as_mut()) {
-        if returning != Some(d.as_str()) && r.reached.reach(conn) {
-            r.at = Instant::now().min(r.first + sh.lease);
+        if due(&d) && r.reached.reach(conn, live) {
+            r.at = Instant::now().min(r.first + lease);
             if !others.contains(&d) {
                 others.push(d);
             }
         }
     }
-    if others.is_empty() {
-        return;
-    }
-    let Some(w) = sh.writers.get(conn) else {
-        return;
-    };
-    for other in &others {
-        shimline::send(
-            &w,
-            &json!({"op": "CB_RECALL", "stateid": stateid_json(other, 1)}),
-        );
-    }
+    others
+}
+
+/// The CB_RECALL of delegation `other`.
+fn cb_recall(other: &str) -> Value {
+    json!({"op": "CB_RECALL", "stateid": stateid_json(other, 1)})
 }
 
 /// Revokes a delegation filterd lowered without a recall. A state its
@@ -5998,7 +6017,7 @@ impl LeaseHolder {
 struct EarlyBreak(bool, Option<FileId>, Option<LeaseState>);
 
 /// A recall sent ([`Global::recalled`]).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Recalled {
     /// The file (None from a daemon older than the event's `file`: any).
     file: Option<FileId>,
@@ -6007,45 +6026,41 @@ struct Recalled {
     /// itself is taken off when the recall is read ([`recalled_from`]),
     /// not here (None: not told).
     began: Option<LeaseState>,
-    /// The connections the CB_RECALL went out on ([`resend_recalls`]).
+    /// The connections the CB_RECALL went out on ([`due_recalls`]).
     reached: Reached,
 }
 
-/// How many connections a recall remembers it went out on ([`Reached`]).
-const REACHED_MAX: usize = 4;
-
-/// The connections (ids) a CB_RECALL went out on, the last
-/// [`REACHED_MAX`]: a request of its client on another one sends it there
-/// ([`resend_recalls`]), on one it reached already not again — a client
-/// using two connections at once (which the spec allows) is not sent
-/// every outstanding recall at each switch (re-review rr41c F2).
-#[derive(Clone, Copy, Default, Debug)]
+/// The connections (ids) a CB_RECALL went out on that are still live
+/// ([`Global::conn_peer`]): a request of its client on another one sends
+/// it there ([`due_recalls`]), on one it reached already not again — a
+/// client using two connections at once (which the spec allows) is not
+/// sent every outstanding recall at each switch (re-review rr41c F2).
+/// Those gone are forgotten at each look, so it holds at most one entry
+/// per live connection (bounded by --max-connections-per-peer) and a
+/// recall goes at most once on each; a fixed window of the last four sent
+/// every outstanding recall on every request of a client rotating over
+/// five connections (re-review rr41g 1).
+#[derive(Clone, Default, Debug)]
 struct Reached {
-    conns: [Option<u64>; REACHED_MAX],
-    /// Where the next one goes (the oldest, once all are taken).
-    next: usize,
+    conns: Vec<u64>,
 }
 
 impl Reached {
     /// Sent on `conn` (None: sent nowhere, the client had no connection).
     fn on(conn: Option<u64>) -> Self {
-        let mut r = Self::default();
-        if let Some(c) = conn {
-            r.reach(c);
+        Self {
+            conns: conn.into_iter().collect(),
         }
-        r
     }
 
     /// Whether the recall is still to go on `conn`; if so, noted as gone
-    /// there (the oldest connection forgotten past [`REACHED_MAX`]).
-    fn reach(&mut self, conn: u64) -> bool {
-        if self.conns.contains(&Some(conn)) {
+    /// there. The connections for which `live` is false are forgotten.
+    fn reach(&mut self, conn: u64, live: impl Fn(u64) -> bool) -> bool {
+        self.conns.retain(|c| live(*c));
+        if self.conns.contains(&conn) {
             return false;
         }
-        if let Some(c) = self.conns.get_mut(self.next % REACHED_MAX) {
-            *c = Some(conn);
-        }
-        self.next = (self.next + 1) % REACHED_MAX;
+        self.conns.push(conn);
         true
     }
 }
@@ -6597,20 +6612,25 @@ mod recall_tests {
         recalls_of(g, Some(file)).into_iter().map(|r| r.2).collect()
     }
 
-    /// Re-review rr41c F2: a recall goes on each connection once, and
-    /// remembers only the last few ([`REACHED_MAX`]).
+    /// Re-review rr41c F2, rr41g 1: a recall goes on each live
+    /// connection once, however many; a connection gone is forgotten.
     #[test]
-    fn a_recall_is_due_once_per_connection_of_the_last_few() {
+    fn a_recall_is_due_once_per_live_connection() {
         let mut r = Reached::on(None);
-        assert!(r.reach(7), "sent nowhere: due on the first");
-        assert!(!r.reach(7), "not twice");
+        assert!(r.reach(7, |_| true), "sent nowhere: due on the first");
+        assert!(!r.reach(7, |_| true), "not twice");
         let mut r = Reached::on(Some(1));
-        assert!(!r.reach(1), "sent there");
-        assert!(r.reach(2) && !r.reach(2) && !r.reach(1));
-        assert_eq!(REACHED_MAX, 4);
-        assert!(r.reach(3) && r.reach(4) && r.reach(5));
-        assert!(!r.reach(2), "the last four kept");
-        assert!(r.reach(1), "the oldest forgotten");
+        assert!(!r.reach(1, |_| true), "sent there");
+        for c in 2..=9 {
+            assert!(r.reach(c, |_| true), "due on {c}");
+        }
+        for c in 1..=9 {
+            assert!(!r.reach(c, |_| true), "not again on {c}, of nine live");
+        }
+        assert!(!r.reach(4, |c| c != 3), "4 still reached, 3 gone");
+        assert_eq!(r.conns.len(), 8, "one entry per live connection: {r:?}");
+        assert!(!r.reach(5, |c| c > 4), "5 live");
+        assert_eq!(r.conns, vec![5, 6, 7, 8, 9], "the gone ones forgotten");
     }
 
     /// Re-review rr40a E1: a recall took the own-acknowledgement mark as
