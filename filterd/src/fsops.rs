@@ -1388,15 +1388,16 @@ fn ofd_spans(locks: &[libfilter::model::HeldLock]) -> Vec<(u64, u64, libfilter::
 /// asked for something the handle did not hold before: a byte, or an
 /// exclusive lock where it held a shared one. A failed unlock counts as
 /// new (it is not a lock kept, and never fails for a conflict). Steps are
-/// cut at `before`'s edges, so what holds at a step's first byte holds
-/// for all of it.
+/// cut at `before`'s edges; a step is kept only when one span held before
+/// contains all of it, so a step that a later change merged across an
+/// edge still counts as new (fails safe: re-review rr41j 1).
 pub(crate) fn failure_takes_new(step: &OfdStep, before: &[libfilter::model::HeldLock]) -> bool {
     let Some(kind) = step.lock() else {
         return true;
     };
     !ofd_spans(before)
         .iter()
-        .any(|&(s, e, k)| s <= step.start && step.start < e && k >= kind)
+        .any(|&(s, e, k)| s <= step.start && step.end <= e && k >= kind)
 }
 
 /// A mirror that failed: the first error, and whether a failed step asked
@@ -1529,7 +1530,12 @@ pub fn mirror_ofd_locks(
         if let Err(error) = ofd_step(fd, step) {
             let takes_new = failure_takes_new(&step, before);
             match first.as_mut() {
-                Some(f) => f.takes_new |= takes_new,
+                // The error told is the first new failure's when there is
+                // one: it is what refuses the LOCK (re-review rr41j 2).
+                Some(f) if takes_new && !f.takes_new => {
+                    *f = OfdFailure { error, takes_new };
+                }
+                Some(_) => {}
                 None => first = Some(OfdFailure { error, takes_new }),
             }
         }
@@ -2039,5 +2045,24 @@ mod tests {
             let failed = mirror_ofd_locks(ours.as_fd(), &after, &before).unwrap_err();
             assert!(failed.takes_new, "{after:?} from {before:?}");
         }
+    }
+
+    /// A step that reaches past the range held before is new even when it
+    /// starts on a kept byte: were steps ever merged across a kept edge,
+    /// new bytes a local process holds are refused, not granted (re-review
+    /// rr41j 1: only the step's first byte was looked at).
+    #[test]
+    fn a_step_reaching_past_a_kept_range_counts_as_new() {
+        use libfilter::locks::LockKind::Exclusive;
+        let before = [held(0, 100, Exclusive)];
+        let step = |start, end| OfdStep {
+            kind: short(libc::F_WRLCK),
+            start,
+            end,
+        };
+        assert!(!failure_takes_new(&step(0, 100), &before));
+        assert!(!failure_takes_new(&step(40, 60), &before));
+        assert!(failure_takes_new(&step(0, 150), &before));
+        assert!(failure_takes_new(&step(100, 150), &before));
     }
 }
