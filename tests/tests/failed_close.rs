@@ -1174,16 +1174,7 @@ fn smbshim_held_replays(
     Value,
     Value,
 ) {
-    let log = smbshim_log(s);
-    let release = s.dir.join("release-store");
-    std::fs::write(&release, b"").expect("let CREATEs be stored");
-    let smb = Shim::start_logged(
-        "smbshim",
-        d.socket(),
-        name,
-        &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
-        &log,
-    );
+    let (smb, log, release) = smbshim_hooked(s, d, name);
     let (mut c, sid) = smb_session(&smb.addr);
     let guid = uuid::Uuid::new_v4().to_string();
     let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
@@ -1239,7 +1230,7 @@ fn smbshim_hands_out_no_open_whose_close_was_made_as_it_was_replayed() {
     let name = "smbshim-close-made-replay";
     let s = Scratch::new(name);
     let d = Filterd::start(&s, &[], &[]);
-    let (smb, log, release, mut c, sid, create, fid) = smbshim_held_replays(&s, &d, name);
+    let (smb, log, _release, mut c, sid, create, fid) = smbshim_held_replays(&s, &d, name);
 
     let hold = s.dir.join("release-store.hold-replay");
     std::fs::write(&hold, b"").expect("hold replays before their store");
@@ -1262,7 +1253,6 @@ fn smbshim_hands_out_no_open_whose_close_was_made_as_it_was_replayed() {
     let r = c.call(json!({"cmd": "READ", "session_id": sid, "file_id": fid,
         "offset": 0, "length": 4}));
     assert_eq!(r["status"], "STATUS_FILE_CLOSED", "no open was stored: {r}");
-    drop(release);
     replay_opens_anew(&smb, &d, &mut c, sid, replay, &fid);
 }
 
@@ -1414,40 +1404,69 @@ fn smbshim_logoff_waits_for_a_close_that_took_its_open_first() {
     assert_eq!(r["status"], "STATUS_USER_SESSION_DELETED", "ended: {r}");
 }
 
-/// Two LOGOFFs of one session (on two connections) wait for a CLOSE in
-/// flight (filterd stalled at its commit), then race for the session's
-/// other opens: neither is refused (STATUS_FILE_NOT_AVAILABLE, re-review
-/// rr41a 4) for an open the other took first — it waits for that close
-/// as for any other in flight. One ends the session; the other is told
-/// SUCCESS or, the session ended under it, STATUS_USER_SESSION_DELETED.
-/// (The race is narrow: run as is, with the fix reverted, this failed in
-/// none of 20 runs here; `smbshim_logoff_waits_for_a_close_that_took_its_open_first`
-/// pins it with a test hook.)
+/// smbshim with the hold hooks (`SMBSHIM_TEST_HOLD_STORE`) in front of a
+/// filterd armed with `failpoints`, logging to [`smbshim_log`], and a
+/// session with a persistent open of `f`: (smbshim, its log, the release
+/// file of the hooks, client, session id, file id).
+fn smbshim_hooked_open(
+    s: &Scratch,
+    d: &Filterd,
+    name: &str,
+) -> (
+    Shim,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    LineClient,
+    u64,
+    Value,
+) {
+    let (smb, log, release) = smbshim_hooked(s, d, name);
+    let (mut c, sid) = smb_session(&smb.addr);
+    let r = smb_persistent_create(&mut c, sid, "f");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+    (smb, log, release, c, sid, fid)
+}
+
+/// smbshim with the hold hooks (`SMBSHIM_TEST_HOLD_STORE`, its release
+/// file there) in front of filterd `d`, logging to [`smbshim_log`]:
+/// (smbshim, its log, the release file).
+fn smbshim_hooked(
+    s: &Scratch,
+    d: &Filterd,
+    name: &str,
+) -> (Shim, std::path::PathBuf, std::path::PathBuf) {
+    let log = smbshim_log(s);
+    let release = s.dir.join("release-store");
+    std::fs::write(&release, b"").expect("let CREATEs be stored");
+    let smb = Shim::start_logged(
+        "smbshim",
+        d.socket(),
+        name,
+        &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
+        &log,
+    );
+    (smb, log, release)
+}
+
+/// Two LOGOFFs of one session (on two connections) both find its open
+/// `f` — held there by the test hook (`.hold-logoff`) — and race for it
+/// once released: one takes it (its close stalled in filterd at the
+/// commit), the other finds it taken every time. That one is not refused
+/// (STATUS_FILE_NOT_AVAILABLE, re-review rr41a 4) for the open the other
+/// took first: it waits for that close as for any other in flight. One
+/// ends the session; the other is told SUCCESS or, the session ended
+/// under it, STATUS_USER_SESSION_DELETED. (Before rr41f F4 this raced
+/// with no hook, and caught the defect in none of 20 runs.)
 #[test]
 fn smbshim_two_logoffs_of_a_session_both_wait_for_its_closes() {
-    const OTHERS: usize = 3;
-    // Commit 1 makes f; OTHERS more make the others; then f's close.
-    const STALL: &str = "commit.before:5:sleep5000";
+    const STALL: &str = "commit.before:2:sleep3000";
     let name = "two-logoffs-wait";
     let s = Scratch::new(name);
     let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", STALL)]);
-    let log = smbshim_log(&s);
-    let smb = Shim::start_logged("smbshim", d.socket(), name, &[], &log);
-    let (mut a, sid) = smb_session(&smb.addr);
-    let r = smb_persistent_create(&mut a, sid, "f");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
-    // Persistent: their closes commit, the two LOGOFFs' in one group
-    // commit, so both go on to the next open together.
-    for i in 0..OTHERS {
-        let r = smb_persistent_create(&mut a, sid, &format!("g{i}"));
-        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    }
-    let close = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
-    d.wait_stalled_at(STALL, Duration::from_secs(10));
+    let (smb, log, _release, _c, sid, _fid) = smbshim_hooked_open(&s, &d, name);
+    let hold = s.dir.join("release-store.hold-logoff");
+    std::fs::write(&hold, b"").expect("hold LOGOFFs before they take an open");
     let logoff = || {
         rkfilter_tests::InFlight::send(
             LineClient::connect(&smb.addr),
@@ -1455,11 +1474,8 @@ fn smbshim_two_logoffs_of_a_session_both_wait_for_its_closes() {
         )
     };
     let (l1, l2) = (logoff(), logoff());
-    wait_logged_times(&log, &format!("LOGOFF of session {sid} waits"), 2);
-    let r = close
-        .outcome("the CLOSE", Duration::from_secs(60))
-        .expect("an answer");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    wait_logged_times(&log, "test hook: a LOGOFF found an open, waits", 2);
+    std::fs::remove_file(&hold).expect("release the LOGOFFs");
     let r1 = l1
         .outcome("LOGOFF 1", Duration::from_secs(60))
         .expect("an answer");
@@ -1474,7 +1490,80 @@ fn smbshim_two_logoffs_of_a_session_both_wait_for_its_closes() {
                 .all(|s| s == "STATUS_SUCCESS" || s == "STATUS_USER_SESSION_DELETED"),
         "both waited, one ended the session: {r1} / {r2}"
     );
-    assert!(handle_paths(d.socket()).is_empty(), "all closed");
+    assert!(handle_paths(d.socket()).is_empty(), "closed");
+}
+
+/// A LOGOFF finds the session's open `f` (held there, `.hold-logoff`);
+/// a CLOSE from another connection takes it first (filterd stopped under
+/// its close). The LOGOFF, released, finds it taken (held again there,
+/// `.hold-lost`) while that close is undone (its commit fails): `f` is
+/// back. The LOGOFF must close `f` itself, and its close is refused too
+/// (`close.refuse`): the LOGOFF fails with that status and the session
+/// stays, with `f`. Before (re-review rr41f F2), it saw no close in
+/// flight any more, ended the session — `f` closed for good, the refusal
+/// ignored — and answered SUCCESS.
+#[test]
+fn smbshim_logoff_closes_an_open_whose_racing_close_was_undone() {
+    use nix::sys::signal::Signal;
+    let name = "logoff-raced-close-undone";
+    let s = Scratch::new(name);
+    let d = Filterd::start(
+        &s,
+        &[],
+        &[(
+            "RKFILTER_FAILPOINTS",
+            "commit.before:2:fail,close.refuse:2:fail",
+        )],
+    );
+    let (smb, log, _release, _c, sid, fid) = smbshim_hooked_open(&s, &d, name);
+    let hold = s.dir.join("release-store.hold-logoff");
+    let lost = s.dir.join("release-store.hold-lost");
+    std::fs::write(&hold, b"").expect("hold LOGOFFs before they take an open");
+    std::fs::write(&lost, b"").expect("hold LOGOFFs that lost an open");
+    let logoff = rkfilter_tests::InFlight::send(
+        LineClient::connect(&smb.addr),
+        json!({"cmd": "LOGOFF", "session_id": sid}),
+    );
+    wait_logged(&log, "test hook: a LOGOFF found an open, waits");
+    d.stop();
+    let close = rkfilter_tests::InFlight::send(
+        LineClient::connect(&smb.addr),
+        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+    );
+    let mut c = LineClient::connect(&smb.addr);
+    wait_for("the CLOSE takes the open", Duration::from_secs(10), || {
+        let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+        (r["status"] != "STATUS_SUCCESS").then_some(())
+    });
+    std::fs::remove_file(&hold).expect("release the LOGOFF");
+    wait_logged(&log, "test hook: a LOGOFF lost an open to another close");
+    d.signal(Signal::SIGCONT);
+    let r = close
+        .outcome("the CLOSE", Duration::from_secs(60))
+        .expect("an answer");
+    assert_eq!(
+        r["status"], "STATUS_INTERNAL_ERROR",
+        "its commit failed: {r}"
+    );
+    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "the open is back: {r}");
+    std::fs::remove_file(&lost).expect("release the LOGOFF again");
+    let r = logoff
+        .outcome("the LOGOFF", Duration::from_secs(60))
+        .expect("an answer");
+    assert_eq!(
+        r["status"], "STATUS_FILE_NOT_AVAILABLE",
+        "its own close of f was refused: {r}"
+    );
+    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+    assert_eq!(
+        r["status"], "STATUS_SUCCESS",
+        "the session stays, with f: {r}"
+    );
+    assert_eq!(handle_paths(d.socket()), ["f"], "f still open");
+    let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "logged off again: {r}");
+    assert!(handle_paths(d.socket()).is_empty(), "closed");
 }
 
 /// A replayed CREATE on another session of the client, refused because

@@ -1548,6 +1548,14 @@ fn create_with(
                     // Its session holds it (and closes it by the table).
                     return Err(refused(e, in_flight));
                 }
+                // A CLOSE took the open meanwhile (its close in flight,
+                // settling or made): that close has the handle, and the
+                // GUID names the open it closes; detached here, the
+                // handle would be let go from under it (re-review rr41f
+                // F3). Refused, the GUID released, as the first check.
+                if closing_first(sh, m, h.info.key, watch.as_ref()).is_err() {
+                    return Err(refused(e, in_flight));
+                }
                 // Made by this replay, maybe, and detached now for the
                 // next one: the GUID stays, for a LOGOFF to close.
                 let key = h.info.key;
@@ -2879,16 +2887,37 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
     let key = o.key;
     let m = sh.member(o.member).map_err(known)?;
     // Noted in flight under the opens lock as the open is taken: a CLOSE
-    // or LOGOFF of it from any connection finds the open or the note.
+    // or LOGOFF of it from any connection finds the open or the note. An
+    // open whose session is gone is not taken: `end_session` removes the
+    // session before it sweeps its opens (another lock), and its sweep
+    // claims the open so a replay of it waits. Taken here in between, it
+    // had neither that claim nor a note (no session to hold it), and a
+    // replay on another session got it back as its close was made — an
+    // open with no handle behind it (re-review rr41f F1).
+    let mut ending = false;
     let taken = sh.opens.lock().ok().and_then(|mut opens| {
+        let session = opens.get(&o.file_id)?.session;
+        let Ok(mut sessions) = sh.sessions.lock() else {
+            ending = true;
+            return None;
+        };
+        let Some(s) = sessions.get_mut(&session) else {
+            ending = true;
+            return None;
+        };
         let taken = opens.remove(&o.file_id)?;
-        if let Ok(mut sessions) = sh.sessions.lock() {
-            if let Some(s) = sessions.get_mut(&taken.session) {
-                s.closing.push(key);
-            }
-        }
+        s.closing.push(key);
         Some(taken)
     });
+    if ending {
+        return Err(CloseFailed {
+            not_taken: true,
+            ..known(Fail(
+                "STATUS_FILE_CLOSED",
+                format!("open {}: its session ended", o.file_id),
+            ))
+        });
+    }
     let Some(taken) = taken else {
         // Put back meanwhile (its close undone), or its close still in
         // flight or settling: retry.
@@ -3023,6 +3052,7 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let until = Instant::now() + LETTING_GO_WAIT;
     let (mut failed, mut unknown) = (None, None);
     loop {
+        let mut raced = false;
         wait_closes_in_flight(sh, session, until);
         let mine: Vec<String> = sh
             .opens
@@ -3045,15 +3075,24 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
                 Ok(()) => {}
                 // Taken between the two by a CLOSE or another LOGOFF:
                 // its close is waited for as any other in flight (before,
-                // re-review rr41a 4, this LOGOFF was refused at once).
-                Err(f) if f.not_taken => {}
+                // re-review rr41a 4, this LOGOFF was refused at once),
+                // and the opens listed again: that close may have been
+                // undone meanwhile, its note gone, the open back — to be
+                // closed here, its failure this LOGOFF's (before, rr41f
+                // F2, the session ended with it closed for good and the
+                // LOGOFF told SUCCESS).
+                Err(f) if f.not_taken => {
+                    raced = true;
+                    test_hold_logoff_lost();
+                }
                 Err(f) if f.unknown => unknown = Some(f.fail),
                 Err(f) => failed = Some(f.fail),
             }
         }
         // A CLOSE from another connection that took an open meanwhile:
         // waited for too (undone, its open is back, to close).
-        let done = unknown.is_some() || failed.is_some() || !closes_in_flight(sh, session);
+        let done =
+            unknown.is_some() || failed.is_some() || (!raced && !closes_in_flight(sh, session));
         if done || Instant::now() >= until {
             break;
         }
@@ -3961,6 +4000,15 @@ fn test_hold_replay() {
 /// (`failed_close.rs::smbshim_logoff_waits_for_a_close_that_took_its_open_first`).
 fn test_hold_logoff() {
     test_hold_while("hold-logoff", "a LOGOFF found an open, waits");
+}
+
+/// [`test_hold_path`]: while `<path>.hold-lost` exists (60 s at most), a
+/// LOGOFF that found an open another close took first waits before it
+/// looks whether closes are in flight, so that the other close can be
+/// undone meanwhile
+/// (`failed_close.rs::smbshim_logoff_closes_an_open_whose_racing_close_was_undone`).
+fn test_hold_logoff_lost() {
+    test_hold_while("hold-lost", "a LOGOFF lost an open to another close, waits");
 }
 
 /// While `<`[`test_hold_path`]`>.<suffix>` exists (60 s at most), waits,
