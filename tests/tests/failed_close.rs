@@ -1566,6 +1566,87 @@ fn smbshim_logoff_closes_an_open_whose_racing_close_was_undone() {
     assert!(handle_paths(d.socket()).is_empty(), "closed");
 }
 
+/// A CLOSE that found its session (held there, `.hold-close`) as the
+/// session's connection drops: the session's end takes it out and is
+/// held before it sweeps its opens (`.hold-end`). The CLOSE, released,
+/// must not take the open: the sweep is to (claimed, so a replay waits
+/// for it). Before (re-review rr41f F1) it took it — no in-flight note
+/// (no session to hold one), no claim — and its close was on its way to
+/// filterd (held there, `.hold-taken`) when a replay of the open's GUID
+/// on the client's other session got the handle back and stored it; the
+/// close then closed it under that open (its CLOSE failed, no share mode
+/// held). Now the CLOSE is told STATUS_FILE_CLOSED, the sweep detaches
+/// the persistent open and the replay takes it back, working.
+#[test]
+fn smbshim_takes_no_open_of_a_session_being_ended() {
+    let name = "close-of-ending-session";
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[]);
+    let (smb, log, _release) = smbshim_hooked(&s, &d, name);
+    let client = uuid::Uuid::new_v4().to_string();
+    let setup = json!({"cmd": "SESSION_SETUP", "client_guid": client, "user": "m"});
+    let mut a = LineClient::connect(&smb.addr);
+    let sid = a.call(setup.clone())["session_id"].as_u64().expect("sid");
+    let mut b = LineClient::connect(&smb.addr);
+    let sid2 = b.call(setup)["session_id"].as_u64().expect("sid2");
+    let guid = uuid::Uuid::new_v4().to_string();
+    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
+    let r = a.call(create.clone());
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let fid = r["file_id"].clone();
+
+    let hold = |what: &str| s.dir.join(format!("release-store.hold-{what}"));
+    for h in ["close", "end", "taken"] {
+        std::fs::write(hold(h), b"").expect("hold");
+    }
+    let mut close = rkfilter_tests::InFlight::send(
+        LineClient::connect(&smb.addr),
+        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+    );
+    wait_logged(&log, "test hook: a CLOSE found its session, waits");
+    drop(a);
+    wait_logged(&log, "test hook: a session's end took it out, waits");
+    std::fs::remove_file(hold("close")).expect("release the CLOSE");
+    // Taken (the defect) or answered (not taken): either, then go on.
+    wait_for(
+        "the CLOSE takes the open or answers",
+        Duration::from_secs(20),
+        || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            (text.contains("test hook: a close took its open, waits")
+                || close.early(Duration::ZERO))
+            .then_some(())
+        },
+    );
+    std::fs::remove_file(hold("end")).expect("release the session's end");
+    let mut replay = create;
+    replay["replay"] = json!(true);
+    replay["session_id"] = json!(sid2);
+    let r = b.call(replay);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "the open, detached: {r}");
+    let new = r["file_id"].clone();
+    std::fs::remove_file(hold("taken")).expect("release a taken close");
+    let r = close
+        .outcome("the CLOSE", Duration::from_secs(30))
+        .expect("an answer");
+    let first = r["status"].clone();
+    let r = b.call(json!({"cmd": "FLUSH", "session_id": sid2, "file_id": new}));
+    assert_eq!(
+        r["status"], "STATUS_SUCCESS",
+        "the replayed open serves: {r}"
+    );
+    assert_eq!(handle_paths(d.socket()), ["f"], "its handle");
+    let r = b.call(json!({"cmd": "CLOSE", "session_id": sid2, "file_id": new}));
+    assert_eq!(
+        r["status"], "STATUS_SUCCESS",
+        "the replayed open closes: {r}"
+    );
+    assert!(handle_paths(d.socket()).is_empty(), "closed");
+    assert_eq!(first, "STATUS_FILE_CLOSED", "the session's end took it");
+}
+
 /// A replayed CREATE on another session of the client, refused because
 /// the open's CLOSE is in flight (filterd stopped), gives up the create
 /// GUID it took over for its LOGOFF to close (`Unanswered::note`). Before

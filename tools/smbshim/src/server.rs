@@ -1040,7 +1040,10 @@ fn answer_typed(sh: &Shared, line: &[u8], after: &mut AfterReply) -> Option<Opti
         ("ECHO", _) => Ok(Map::new()),
         ("CLOSE", Some(sid)) => {
             let file_id = l.file_id?;
-            session_by_id(sh, sid).and_then(|_| close_in(sh, sid, file_id))
+            session_by_id(sh, sid).and_then(|_| {
+                test_hold_close();
+                close_in(sh, sid, file_id)
+            })
         }
         ("CREATE", Some(sid)) => {
             let f = CreateFields {
@@ -2657,6 +2660,7 @@ fn sync_fail(e: &std::io::Error) -> Fail {
 
 fn close(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let (session, _, _) = session_of(sh, obj)?;
+    test_hold_close();
     close_in(sh, session, str_field(obj, "file_id")?)
 }
 
@@ -2917,6 +2921,9 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
                 format!("open {}: its session ended", o.file_id),
             ))
         });
+    }
+    if taken.is_some() {
+        test_hold_taken();
     }
     let Some(taken) = taken else {
         // Put back meanwhile (its close undone), or its close still in
@@ -3330,6 +3337,7 @@ fn end_session(sh: &Shared, session: u64, logoff: bool) -> Option<Session> {
         Some((ended, logoff, guids))
     });
     sh.closes_answered.notify_all();
+    test_hold_end();
     let logoff = ended.as_ref().map_or(logoff, |(_, l, _)| *l);
     let mine: Vec<(Going, bool)> = sh
         .opens
@@ -4009,6 +4017,26 @@ fn test_hold_logoff() {
 /// (`failed_close.rs::smbshim_logoff_closes_an_open_whose_racing_close_was_undone`).
 fn test_hold_logoff_lost() {
     test_hold_while("hold-lost", "a LOGOFF lost an open to another close, waits");
+}
+
+/// [`test_hold_path`]: while `<path>.hold-close` exists (60 s at most),
+/// a CLOSE that found its session waits before it looks for the open;
+/// while `<path>.hold-end` exists, a session's end waits between taking
+/// the session out and sweeping its opens; while `<path>.hold-taken`
+/// exists, a CLOSE or LOGOFF that took an open waits before it asks
+/// filterd (`failed_close.rs::smbshim_takes_no_open_of_a_session_being_ended`).
+fn test_hold_close() {
+    test_hold_while("hold-close", "a CLOSE found its session, waits");
+}
+
+/// [`test_hold_close`].
+fn test_hold_end() {
+    test_hold_while("hold-end", "a session's end took it out, waits");
+}
+
+/// [`test_hold_close`].
+fn test_hold_taken() {
+    test_hold_while("hold-taken", "a close took its open, waits");
 }
 
 /// While `<`[`test_hold_path`]`>.<suffix>` exists (60 s at most), waits,
