@@ -1290,6 +1290,46 @@ fn smbshim_refuses_a_replay_whose_close_was_made_before_its_handle_query() {
     replay_opens_anew(&smb, &d, &mut c, sid, replay, &fid);
 }
 
+/// The same, with the close made while the replay is held just before
+/// its handle query (`.hold-query`): the query fails, the open is not
+/// stored, and the replay must not let go of (detach) the handle — that
+/// is the CLOSE's — nor keep the GUID: it is refused as the first check
+/// would. Before (re-review rr41f 3) it detached the handle whatever a
+/// CLOSE had done with it (here filterd refused that, the close made,
+/// and smbshim logged it).
+#[test]
+fn smbshim_a_replay_whose_handle_query_fails_for_a_close_lets_nothing_go() {
+    let name = "smbshim-close-made-replay-query";
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[]);
+    let (smb, log, _release, mut c, sid, create, fid) = smbshim_held_replays(&s, &d, name);
+
+    let hold = s.dir.join("release-store.hold-query");
+    std::fs::write(&hold, b"").expect("hold replays before their handle query");
+    let mut replay = create;
+    replay["replay"] = json!(true);
+    let replayed = rkfilter_tests::InFlight::send(LineClient::connect(&smb.addr), replay.clone());
+    wait_logged(
+        &log,
+        "test hook: a replayed CREATE waits before its handle query",
+    );
+    let mut other = LineClient::connect(&smb.addr);
+    let r = other.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+    std::fs::remove_file(&hold).expect("release the replay");
+    let r = replayed
+        .outcome("the replay", Duration::from_secs(30))
+        .expect("an answer");
+    assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "{r}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !text.contains("letting go of handle"),
+        "the CLOSE's handle is not let go by the replay: {text}"
+    );
+    replay_opens_anew(&smb, &d, &mut c, sid, replay, &fid);
+}
+
 /// A LOGOFF waits for a CLOSE in flight (from another connection, filterd
 /// stalled at its commit); meanwhile the session's home connection drops,
 /// which ends the session. Before (re-review rr41a 2), that end detached

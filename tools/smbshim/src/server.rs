@@ -1536,6 +1536,7 @@ fn create_with(
     // replay may have found an original that asked for other rights, which
     // are the record's (never the replay's request).
     let rights = if replay {
+        test_hold_query();
         match handle_view(m, h.info.key, || {
             Fail(
                 "STATUS_FILE_NOT_AVAILABLE",
@@ -4017,6 +4018,17 @@ fn test_hold_logoff() {
 /// (`failed_close.rs::smbshim_logoff_closes_an_open_whose_racing_close_was_undone`).
 fn test_hold_logoff_lost() {
     test_hold_while("hold-lost", "a LOGOFF lost an open to another close, waits");
+}
+
+/// [`test_hold_path`]: while `<path>.hold-query` exists (60 s at most), a
+/// replayed CREATE past its first check waits before its handle query, so
+/// that a CLOSE can take the open and have it closed meanwhile
+/// (`failed_close.rs::smbshim_a_replay_whose_handle_query_fails_for_a_close_lets_nothing_go`).
+fn test_hold_query() {
+    test_hold_while(
+        "hold-query",
+        "a replayed CREATE waits before its handle query",
+    );
 }
 
 /// [`test_hold_path`]: while `<path>.hold-close` exists (60 s at most),
