@@ -3101,7 +3101,9 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         // waited for too (undone, its open is back, to close).
         let done =
             unknown.is_some() || failed.is_some() || (!raced && !closes_in_flight(sh, session));
-        if done || Instant::now() >= until {
+        // Ended meanwhile (its end sweeps what it left): told below.
+        let ended = !sh.sessions.lock().is_ok_and(|s| s.contains_key(&session));
+        if done || ended || Instant::now() >= until {
             break;
         }
     }
