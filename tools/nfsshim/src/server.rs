@@ -1857,8 +1857,8 @@ struct SeqArgs {
     seqid: u64,
 }
 
-/// Runs a request that carries `seq`: the exactly-once slot table.
-/// Runs sequenced request `op` that came on connection `conn`; the
+/// Runs a request that carries `seq` (the exactly-once slot table),
+/// `op`, that came on connection `conn`; the
 /// delegations whose CB_RECALL is to go behind its answer are added to
 /// `behind` ([`due_recalls`]).
 fn sequenced(
@@ -6036,7 +6036,8 @@ struct Recalled {
 /// client using two connections at once (which the spec allows) is not
 /// sent every outstanding recall at each switch (re-review rr41c F2).
 /// Those gone are forgotten at each look, so it holds at most one entry
-/// per live connection (bounded by --max-connections-per-peer) and a
+/// per live connection (bounded by --max-connections: a session may be
+/// used from any address; gone ones stay until the next look) and a
 /// recall goes at most once on each; a fixed window of the last four sent
 /// every outstanding recall on every request of a client rotating over
 /// five connections (re-review rr41g 1).
