@@ -529,3 +529,138 @@ fn an_smbshim_lease_lowered_on_the_other_node_is_told_after_the_fail_back() {
     alice.assert_told_before_its_read("H", "BOB-WROTE");
     drop(cluster);
 }
+
+/// Re-review rr41e 3a: filterd A is stopped past its lease: it steps
+/// down (nfsshim A lets go of its clients) and exits, and a filterd
+/// restarted on the same node claims the table again (B's filterd held it
+/// meanwhile, with no nfsshim). Nobody else served the tables, so nfsshim A keeps them (it
+/// reloaded them for the step-down notice alone before): alice's forty
+/// opens, lock and RENAME come through — the re-sent RENAME answered from
+/// the slot, every handle connected again, bob's write open still denied
+/// by alice's, her LOCKU accepted.
+#[test]
+fn a_step_down_then_the_same_node_again_keeps_nfsshims_tables() {
+    let name = "failback-same-node";
+    if !etcd_available(name) {
+        return;
+    }
+    let shared = Scratch::new(&format!("{name}-export"));
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url(&format!("rk/{name}"));
+    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &[]);
+    let logs = Scratch::new(&format!("{name}-log"));
+    let log = logs.root().join("nfs-a.log");
+    let nfs_a = Shim::start_logged("nfsshim", a.socket(), "nfs-1", &[], &log);
+    let mut alice = Nfs::new(&nfs_a.addr, "alice@h1", "00000000000000aa");
+    let mut sids = Vec::new();
+    for i in 0..40 {
+        let path = format!("f{i}");
+        sids.push(alice.ok(open_req("ao", &path, "write", "unchecked"), 0)["stateid"].clone());
+    }
+    let f_sid = sids[0].clone();
+    let lock = json!({"op": "LOCK", "stateid": f_sid, "owner": "al", "type": "write",
+                      "offset": 0, "length": 10});
+    let lock_sid = alice.ok(lock, 0)["lock_stateid"].clone();
+    let rename = json!({"op": "RENAME", "from": "f1", "to": "f1b"});
+    let rn = alice.ok(rename.clone(), 2);
+    // Stopped past its lease (B's filterd takes the table: no nfsshim
+    // there, so nobody serves the tables; it is killed at once): A steps
+    // down at SIGCONT and exits 75, and A's node claims the table again.
+    a.stop();
+    b.wait_ready();
+    b.kill9();
+    a.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(a.wait_exit(Duration::from_secs(30)).code(), Some(75));
+    let a2 = node_filterd(&sa, &url, TTL, true, &[]);
+    a2.wait_ready();
+    assert_eq!(alice.at(rename, 2), rn, "the RENAME re-sent");
+    alice.ok(write_req(&f_sid, "CCCC"), 0);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("stepped down"), "{text}");
+    assert!(text.contains("keeping them"), "{text}");
+    assert!(!text.contains("tables read again"), "{text}");
+    for h in &a2.control().handles().unwrap() {
+        assert_eq!(
+            h.record.conn,
+            libfilter::model::ConnState::Connected,
+            "{} {:?}",
+            h.record.path,
+            h.record.conn
+        );
+    }
+    let mut bob = Nfs::new(&nfs_a.addr, "bob@h2", "00000000000000bb");
+    let ob = bob.ask(
+        json!({"op": "OPEN", "owner": "bo", "path": "f0", "access": "write",
+        "deny": "none", "create": {"mode": "unchecked"},
+        "seq": {"sessionid": bob.sessionid, "slot": 0, "seqid": 1}}),
+    );
+    assert_ne!(
+        ob["status"], "NFS4_OK",
+        "alice's open denies bob's write: {ob}"
+    );
+    let unlock = json!({"op": "LOCKU", "lock_stateid": lock_sid, "offset": 0, "length": 10});
+    alice.ok(unlock, 0);
+    drop(cluster);
+}
+
+/// Re-review rr41e 1: after a fail-back (filterd A killed, B serving
+/// alice and carol — carol made there — then B killed and A owning
+/// again), carol and alice reach nfsshim A the moment filterd A is
+/// ready, before nfsshim A's supervisor has reattached. Before, the
+/// requests ran on A's stale memory: carol got NFS4ERR_BADSESSION and
+/// alice NFS4ERR_SEQ_MISORDERED, and a real client recovering with a new
+/// session loses its replay cache. Now they are NFS4ERR_DELAY until the
+/// tables are read again, then served on their sessions.
+#[test]
+fn a_request_before_the_reattach_at_a_fail_back_waits() {
+    let name = "failback-early";
+    if !etcd_available(name) {
+        return;
+    }
+    let shared = Scratch::new(&format!("{name}-export"));
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url(&format!("rk/{name}"));
+    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &[]);
+    let nfs_a = Shim::start("nfsshim", a.socket(), "nfs-1");
+    let mut alice = Nfs::new(&nfs_a.addr, "alice@h1", "00000000000000aa");
+    let f_sid = alice.ok(open_req("ao", "f", "write", "unchecked"), 0)["stateid"].clone();
+    a.kill9();
+    b.wait_ready();
+    let nfs_b = Shim::start("nfsshim", b.socket(), "nfs-1");
+    alice.move_to(&nfs_b.addr);
+    alice.ok(write_req(&f_sid, "BBBB"), 0);
+    let mut carol = Nfs::new(&nfs_b.addr, "carol@h3", "00000000000000cc");
+    let k_sid = carol.ok(open_req("co", "k", "both", "unchecked"), 0)["stateid"].clone();
+    let a2 = node_filterd(&sa, &url, TTL, true, &[]);
+    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    nfs_b.kill9();
+    b.kill9();
+    a2.wait_ready();
+    carol.move_to(&nfs_a.addr);
+    alice.move_to(&nfs_a.addr);
+    // Right away, once each: not yet served on stale memory.
+    carol.last[0] += 1;
+    let mut req = write_req(&k_sid, "k");
+    req["seq"] = json!({"sessionid": carol.sessionid, "slot": 0, "seqid": carol.last[0]});
+    let r1 = carol.once(&req).map(|r| r["status"].clone());
+    alice.last[0] += 1;
+    let mut req2 = write_req(&f_sid, "CCCC");
+    req2["seq"] = json!({"sessionid": alice.sessionid, "slot": 0, "seqid": alice.last[0]});
+    let r2 = alice.once(&req2).map(|r| r["status"].clone());
+    for r in [&r1, &r2] {
+        assert!(
+            matches!(
+                r.as_ref().and_then(Value::as_str),
+                None | Some("NFS4ERR_DELAY" | "NFS4_OK")
+            ),
+            "carol {r1:?}, alice {r2:?}"
+        );
+    }
+    // And served on their sessions, at the same seqids, once nfsshim A
+    // has caught up.
+    assert_eq!(carol.at(write_req(&k_sid, "k"), 0)["status"], "NFS4_OK");
+    assert_eq!(alice.at(write_req(&f_sid, "CCCC"), 0)["status"], "NFS4_OK");
+    drop(cluster);
+}

@@ -583,6 +583,13 @@ struct Shared {
     /// what is in memory is stale until [`reload`] has read them again.
     /// Requests are `NFS4ERR_DELAY` meanwhile.
     reload_due: std::sync::atomic::AtomicBool,
+    /// filterd said it steps down (another node owns the table) and this
+    /// process has not reattached since: requests are `NFS4ERR_DELAY`
+    /// until the next reattach, which reads the tables again only if
+    /// another process served them meanwhile (`taken`,
+    /// [`served_elsewhere`]) — a lease blip after which the same node
+    /// claims the table again, nobody else serving, costs no reload.
+    stepped_down: std::sync::atomic::AtomicBool,
     /// This process, as [`state::ServerRec`] names it.
     process: u64,
     /// Whether the tables' [`state::ServerRec`] names this process: written
@@ -723,6 +730,7 @@ fn start(
         excl: Mutex::new(excl::Ages::default()),
         serving: std::sync::RwLock::new(()),
         reload_due: std::sync::atomic::AtomicBool::new(false),
+        stepped_down: std::sync::atomic::AtomicBool::new(false),
         process: libfilter::model::new_incarnation(),
         claimed: std::sync::atomic::AtomicBool::new(false),
     });
@@ -776,14 +784,22 @@ fn claim_tables(sh: &Shared) -> Result<(), ClientError> {
 /// the other node's, while it owned the shared table. None there: no
 /// process wrote a client record since the tables were empty (each
 /// claims them with its first, in its commit), so nobody changed them.
-/// Not learnt (the look failed): taken as yes — a reload needlessly done
-/// costs time, one left out serves stale state.
+/// Not learnt (the look failed, or the record does not decode — written
+/// by another version): taken as yes — a reload needlessly done costs
+/// time, one left out serves stale state.
 fn served_elsewhere(sh: &Shared) -> bool {
-    match state::get::<state::ServerRec>(&sh.filter, &sh.tables.server(), state::SERVER_OP) {
-        Ok(Some(rec)) => rec.process != sh.process,
+    match state::get::<Value>(&sh.filter, &sh.tables.server(), state::SERVER_OP) {
+        Ok(Some(v)) => served_by_another(v, sh.process),
         Ok(None) => false,
         Err(_) => true,
     }
+}
+
+/// Whether the tables' [`state::ServerRec`] `rec` names a process other
+/// than `process`; one that does not decode counts as another's (it read
+/// as nobody's before).
+fn served_by_another(rec: Value, process: u64) -> bool {
+    serde_json::from_value::<state::ServerRec>(rec).map_or(true, |r| r.process != process)
 }
 
 /// Enters the `excl` table's records with their ages ([`excl`]); a record
@@ -1338,12 +1354,22 @@ fn answer(s: Sequenced, xid: u64) -> Answer {
 /// ([`sequenced`]).
 fn handle_line(sh: &Shared, conn: u64, line: &[u8], behind: &mut Vec<String>) -> Answer {
     let _serving = sh.serving.read().unwrap_or_else(|p| p.into_inner());
-    // Attached to filterd again, and the reattach not applied yet, or the
-    // tables to be read again (another node's nfsshim served them
-    // meanwhile): what is in memory may be stale, nothing runs on it
-    // (review rvnfsnode 1: a re-sent RENAME ran again). DELAY leaves the
-    // slot where it was.
-    if sh.reload_due.load(Ordering::Acquire) || sh.filter.resync_pending() {
+    // Not attached with the latest reattach applied — filterd gone, or
+    // back and its `Reattached` not handled yet — or the tables to be read
+    // again (another node's nfsshim served them meanwhile), or filterd
+    // stepped down: what is in memory may be stale, nothing runs on it
+    // (review rvnfsnode 1: a re-sent RENAME ran again). Also while filterd
+    // is gone (re-review rr41e 1): after a fail-back nothing tells, before
+    // the reattach, that another node served these clients — a session
+    // made there was answered NFS4ERR_BADSESSION, a slot it advanced
+    // NFS4ERR_SEQ_MISORDERED, and the client's recovery lost its replay
+    // cache. DELAY leaves the slot where it was; a request that needs no
+    // filterd call (a SEQUENCE alone) waits too, costing nothing: leases
+    // do not run out while filterd is away ([`reaper`]).
+    if sh.reload_due.load(Ordering::Acquire)
+        || sh.stepped_down.load(Ordering::Acquire)
+        || !sh.filter.io_ready()
+    {
         return not_yet(line);
     }
     if let Some((l, op)) = wire::Line::decode(line) {
@@ -5423,6 +5449,7 @@ fn events(sh: Arc<Shared>) {
                 // No unchecked I/O meanwhile, and none after on what this
                 // changes.
                 let _quiet = sh.filter.exclusive_io();
+                let stepped = sh.stepped_down.swap(false, Ordering::AcqRel);
                 if !taken.is_empty() {
                     eprintln!(
                         "nfsshim: {} handle(s) were attached by another nfsshim process of this instance since (its clients moved there): reading the tables again",
@@ -5435,6 +5462,10 @@ fn events(sh: Arc<Shared>) {
                         "nfsshim: another nfsshim process of this instance served its tables meanwhile: reading them again"
                     );
                     sh.reload_due.store(true, Ordering::Release);
+                } else if stepped && !sh.reload_due.load(Ordering::Acquire) {
+                    eprintln!(
+                        "nfsshim: filterd stepped down, and no other nfsshim process of this instance served the tables since: keeping them"
+                    );
                 }
                 if sh.reload_due.load(Ordering::Acquire) {
                     // What another process of this instance did to the
@@ -5465,10 +5496,13 @@ fn events(sh: Arc<Shared>) {
                 }
             }
             AttachEvent::Daemon(Event::SteppingDown) => {
-                // Another node owns the table: its nfsshim restores and
-                // serves these tables meanwhile. Read again at the next
-                // reattach, before the clients are let in.
-                sh.reload_due.store(true, Ordering::Release);
+                // Another node owns the table: its nfsshim may restore and
+                // serve these tables meanwhile. Nothing runs until the
+                // next reattach, which reads them again if it did (its
+                // handles `taken`, or [`served_elsewhere`]) — not when
+                // the same node claims the table again, nobody else
+                // serving (re-review rr41e 3a).
+                sh.stepped_down.store(true, Ordering::Release);
                 shimline::stepped_down(&sh.clients, "nfsshim");
             }
             _ => {}
@@ -5483,23 +5517,76 @@ fn events(sh: Arc<Shared>) {
 /// next reattach tries again — or, filterd still there, nfsshim exits
 /// (75): its restart reads the tables as this would have.
 fn reload_or_wait(sh: &Shared) -> bool {
-    match reload(sh) {
-        Ok(()) => {
-            sh.reload_due.store(false, Ordering::Release);
-            true
-        }
-        Err(e) => {
-            shimline::stepped_down(&sh.clients, "nfsshim");
-            if sh.filter.client().is_dead() {
-                eprintln!(
-                    "nfsshim: reading the tables again failed ({e}); filterd went away again: trying again at the next reattach"
-                );
-                return false;
+    let mut backoff = Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let e = match reload(sh) {
+            Ok(()) => {
+                sh.reload_due.store(false, Ordering::Release);
+                return true;
             }
-            eprintln!("nfsshim: reading the tables again failed ({e}); exiting to start afresh");
-            std::process::exit(75);
+            Err(e) => e,
+        };
+        if sh.filter.client().is_dead() {
+            let n = sh.clients.let_go();
+            eprintln!(
+                "nfsshim: reading the tables again failed ({e}); filterd went away again: closed {n} client connection(s); trying again at the next reattach"
+            );
+            return false;
         }
+        // One that may pass (filterd busy, short of descriptors, slow to
+        // answer) is tried again a few times before the restart, which
+        // costs every client its connection (re-review rr41e 3c). Each
+        // try starts from the tables: a reload is done again whole.
+        if tries < RELOAD_TRIES && reload_error_may_pass(&e) {
+            eprintln!(
+                "nfsshim: reading the tables again failed ({e}); trying again in {backoff:?}"
+            );
+            std::thread::sleep(backoff);
+            backoff *= 4;
+            continue;
+        }
+        let n = sh.clients.let_go();
+        eprintln!(
+            "nfsshim: reading the tables again failed ({e}); closed {n} client connection(s); exiting to start afresh"
+        );
+        std::process::exit(75);
     }
+}
+
+/// How many times [`reload_or_wait`] reads the tables before it gives up
+/// (filterd still there: exit 75).
+const RELOAD_TRIES: u32 = 3;
+
+/// Whether a failed reload may pass by waiting: no answer, or filterd
+/// busy, interrupted, short of descriptors or memory, its store full.
+fn reload_error_may_pass(e: &ClientError) -> bool {
+    matches!(e, ClientError::Timeout(_))
+        || matches!(
+            e.code(),
+            Some(
+                ErrorCode::LimitReached
+                    | ErrorCode::Busy
+                    | ErrorCode::Retry
+                    | ErrorCode::FileNotAvailable
+                    | ErrorCode::DiskFull
+            )
+        )
+}
+
+/// Whether a refused detach of one of this attachment's handles before a
+/// reload leaves the handle as the restore expects it: not attached by
+/// this connection (another process attached it since, `NotOwner`; or
+/// it is gone, `NoSuchHandle`). Any other refusal leaves it attached
+/// here, and the restore's resume of it would be refused "attached, not
+/// disconnected" — dropping the open and deleting its record (re-review
+/// rr41e 2): the reload fails instead.
+fn detach_refusal_harmless(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::NotOwner | ErrorCode::NoSuchHandle)
+    )
 }
 
 /// Drops everything in memory about clients, sessions, slots, open
@@ -5516,6 +5603,7 @@ fn reload_or_wait(sh: &Shared) -> bool {
 /// the event thread under `serving` (write) and `exclusive_io`.
 fn reload(sh: &Shared) -> Result<(), ClientError> {
     let f = &sh.filter;
+    let client_conns: HashMap<String, u64>;
     let ours = |h: &libfilter::proto::HandleView| {
         h.record.frontend.as_str() == sh.tables.instance()
             && h.record.protocol.as_str() == "nfs"
@@ -5524,9 +5612,11 @@ fn reload(sh: &Shared) -> Result<(), ClientError> {
     for h in f.client().handles()?.into_iter().filter(ours) {
         // Disconnected, it still holds its modes and locks (and is
         // resumed by the restore below, or closed as a stray). One
-        // refused otherwise is left to the restore as it is.
+        // another process attached since, or gone, is left to the
+        // restore as it is; any other refusal fails the reload
+        // ([`detach_refusal_harmless`]).
         if let Err(e) = f.detach(h.record.key) {
-            if f.client().is_dead() {
+            if f.client().is_dead() || !detach_refusal_harmless(&e) {
                 return Err(e);
             }
             eprintln!(
@@ -5543,6 +5633,10 @@ fn reload(sh: &Shared) -> Result<(), ClientError> {
         // Kept: what is about connections, not clients; give-backs
         // queued (a stale ack must not take a fresh delegation); the
         // count of reattaches.
+        // The connections of clients are kept for the clients the
+        // restore brings back (below): a recall must reach one whose
+        // TCP connection survived (re-review rr41e 3b).
+        client_conns = std::mem::take(&mut g.client_conn);
         let fresh = Global {
             conn_peer: std::mem::take(&mut g.conn_peer),
             giving_back: std::mem::take(&mut g.giving_back),
@@ -5561,9 +5655,26 @@ fn reload(sh: &Shared) -> Result<(), ClientError> {
     let registered = sh.tables.registered(f)?;
     sh.registered.store(registered, Ordering::Release);
     restore(sh)?;
+    keep_client_conns(sh, client_conns)?;
     restore_verifier_ages(sh)?;
     claim_tables(sh)?;
     eprintln!("nfsshim: tables read again");
+    Ok(())
+}
+
+/// Enters `conns` (each client's connection before a [`reload`]) for the
+/// clients the restore brought back.
+fn keep_client_conns(sh: &Shared, conns: HashMap<String, u64>) -> Result<(), ClientError> {
+    let mut g = sh
+        .st
+        .lock()
+        .map_err(|_| ClientError::Unexpected("lock".into()))?;
+    let g = &mut *g;
+    for (cid, conn) in conns {
+        if g.clients.contains_key(&cid) {
+            g.client_conn.entry(cid).or_insert(conn);
+        }
+    }
     Ok(())
 }
 
@@ -6496,6 +6607,46 @@ mod status_tests {
 
     fn refused(code: ErrorCode) -> ClientError {
         ClientError::Refused(WireError::new(code, "refused"))
+    }
+
+    /// Re-review rr41e 2: a detach before a reload refused for any cause
+    /// but "not this connection's" (`NotOwner`) or "gone"
+    /// (`NoSuchHandle`) leaves the handle attached here, and the
+    /// restore's resume of it would be refused — dropping the open and
+    /// deleting its record: such a refusal fails the reload instead.
+    #[test]
+    fn only_a_detach_refused_as_not_ours_or_gone_lets_a_reload_go_on() {
+        assert!(detach_refusal_harmless(&refused(ErrorCode::NotOwner)));
+        assert!(detach_refusal_harmless(&refused(ErrorCode::NoSuchHandle)));
+        for code in [ErrorCode::Busy, ErrorCode::DiskFull, ErrorCode::Internal] {
+            assert!(!detach_refusal_harmless(&refused(code)), "{code:?}");
+        }
+        assert!(!detach_refusal_harmless(&ClientError::Timeout(
+            Duration::from_secs(1)
+        )));
+    }
+
+    /// Re-review rr41e 4: a server record that does not decode counts as
+    /// another process's (read again), not as nobody's.
+    #[test]
+    fn an_undecodable_server_record_counts_as_another_process() {
+        assert!(!served_by_another(json!({"process": 7}), 7));
+        assert!(served_by_another(json!({"process": 8}), 7));
+        assert!(served_by_another(json!({"proc": 7}), 7));
+        assert!(served_by_another(json!("7"), 7));
+    }
+
+    /// Re-review rr41e 3c: a reload failed for a cause that may pass is
+    /// tried again before nfsshim exits; one that will not, is not.
+    #[test]
+    fn a_reload_failed_for_a_passing_cause_is_tried_again() {
+        assert!(reload_error_may_pass(&ClientError::Timeout(
+            Duration::from_secs(1)
+        )));
+        assert!(reload_error_may_pass(&refused(ErrorCode::Busy)));
+        assert!(reload_error_may_pass(&refused(ErrorCode::LimitReached)));
+        assert!(!reload_error_may_pass(&refused(ErrorCode::NotOwner)));
+        assert!(!reload_error_may_pass(&ClientError::Disconnected));
     }
 
     /// A name a local process kept changing under the open is a retry to
