@@ -697,6 +697,13 @@ const CLOCK_FIELDS: [&str; 6] = [
 /// placeholder, and every
 /// array of objects sorted (orders by resume key differ per run),
 /// pretty-printed.
+/// Whether `reply` is nfsshim's `ServerRec`: an object with the one
+/// field `process`, a u64.
+fn is_server_rec(reply: &str) -> bool {
+    serde_json::from_str::<serde_json::Map<String, Value>>(reply)
+        .is_ok_and(|m| m.len() == 1 && m.get("process").is_some_and(Value::is_u64))
+}
+
 fn canonical(text: &str) -> String {
     fn walk(v: &mut Value) {
         match v {
@@ -713,7 +720,8 @@ fn canonical(text: &str) -> String {
                     }
                     // nfsshim's record of the process that read its
                     // tables last (`ServerRec`): drawn per process too.
-                    if k == "reply" && x.as_str().is_some_and(|r| r.starts_with("{\"process\":")) {
+                    // Exactly `{"process": u64}`, nothing else.
+                    if k == "reply" && x.as_str().is_some_and(is_server_rec) {
                         *x = json!("{\"process\":\"drawn\"}");
                     }
                     walk(x);
