@@ -308,6 +308,32 @@ pub struct Attachment {
     events: Receiver<AttachEvent>,
 }
 
+thread_local! {
+    /// Connections pinned on this thread ([`Attachment::pin`]), by their
+    /// attachment's `Shared` address.
+    static PINNED: std::cell::RefCell<Vec<(usize, FilterClient)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`Attachment::pin`]'s guard: the pin ends when it is dropped (on the
+/// thread that took it: it is not `Send`).
+#[must_use]
+pub struct Pinned {
+    key: usize,
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        PINNED.with(|p| {
+            let mut p = p.borrow_mut();
+            if let Some(i) = p.iter().rposition(|(k, _)| *k == self.key) {
+                p.remove(i);
+            }
+        });
+    }
+}
+
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -441,11 +467,44 @@ impl Attachment {
         Ok(Attachment { shared, events: rx })
     }
 
-    /// The current connection (replaced after a reattach).
+    /// The current connection (replaced after a reattach) — on a thread
+    /// that [`Attachment::pin`]ned this attachment, the pinned one.
     pub fn client(&self) -> FilterClient {
+        let key = Arc::as_ptr(&self.shared) as usize;
+        let pinned = PINNED.with(|p| {
+            p.borrow()
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == key)
+                .map(|(_, c)| c.clone())
+        });
+        pinned.unwrap_or_else(|| self.current())
+    }
+
+    fn current(&self) -> FilterClient {
         match self.shared.current.read() {
             Ok(c) => c.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Pins the current connection to this thread until the guard is
+    /// dropped: [`Attachment::client`] (and every call made through this
+    /// attachment) on this thread uses it, even once the supervisor has
+    /// stored another. Take it before checking [`Attachment::io_ready`]
+    /// for work that decides from state kept in memory: a request that
+    /// found the attachment ready makes its calls on that connection, and
+    /// if the daemon is lost meanwhile they fail as on a lost connection
+    /// ([`ClientError::Disconnected`]) instead of reaching a restarted
+    /// daemon — or the other node's, after a fail-back — before the
+    /// frontend has applied its reattach (re-review rr41e 1).
+    pub fn pin(&self) -> Pinned {
+        let key = Arc::as_ptr(&self.shared) as usize;
+        let c = self.current();
+        PINNED.with(|p| p.borrow_mut().push((key, c)));
+        Pinned {
+            key,
+            _thread: std::marker::PhantomData,
         }
     }
 
@@ -1507,6 +1566,44 @@ pub(crate) mod tests {
                 }
             }
         })
+    }
+
+    /// A thread that pinned the attachment keeps its connection when the
+    /// supervisor stores another; other threads, and it once the pin is
+    /// dropped, see the new one (re-review rr41e 1).
+    #[test]
+    fn a_pinned_thread_keeps_its_connection_across_a_reattach() {
+        let (hold1, held1) = std::sync::mpsc::channel::<()>();
+        let (hold2, held2) = std::sync::mpsc::channel::<()>();
+        let (dir1, path1, d1) = crate::client::tests::fake_daemon_granting(0, move |c, _, _| {
+            let _ = held1.recv();
+            drop(c);
+        });
+        let (dir2, path2, d2) = crate::client::tests::fake_daemon_granting(0, move |c, _, _| {
+            let _ = held2.recv();
+            drop(c);
+        });
+        let a = attach_t(&path1);
+        let first = a.client();
+        let pin = a.pin();
+        let second = FilterClient::connect_frontend(
+            &path2,
+            Protocol::new("t").expect("protocol"),
+            InstanceName::new("t").expect("instance"),
+        )
+        .expect("second");
+        *a.shared.current.write().expect("current") = second.clone();
+        assert!(a.client().same_connection(&first));
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(a.client().same_connection(&second)));
+        });
+        drop(pin);
+        assert!(a.client().same_connection(&second));
+        drop((hold1, hold2));
+        let _ = (d1.join(), d2.join());
+        drop(a);
+        let _ = std::fs::remove_dir_all(&dir1);
+        let _ = std::fs::remove_dir_all(&dir2);
     }
 
     /// An attachment of protocol and instance "t" to the daemon at `path`.

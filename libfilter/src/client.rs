@@ -1996,6 +1996,14 @@ impl ReplayCounter {
     }
 }
 
+impl FilterClient {
+    /// Whether `self` and `other` are clones of one connection.
+    #[cfg(test)]
+    pub(crate) fn same_connection(&self, other: &FilterClient) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
 impl CheckedIo {
     /// Whether filterd allowed it on the connection `c` (not on one lost
     /// since).

@@ -1354,6 +1354,12 @@ fn answer(s: Sequenced, xid: u64) -> Answer {
 /// ([`sequenced`]).
 fn handle_line(sh: &Shared, conn: u64, line: &[u8], behind: &mut Vec<String>) -> Answer {
     let _serving = sh.serving.read().unwrap_or_else(|p| p.into_inner());
+    // Every filterd call of this request goes on the connection the check
+    // below found ready: lost meanwhile, they fail (`UNREACHABLE`, DELAY)
+    // rather than reach the daemon of a later reattach before it is
+    // applied — after a fail-back, on this stale memory (re-review rr41e
+    // 1). Taken before the check, so that it is the one checked or older.
+    let _pin = sh.filter.pin();
     // Not attached with the latest reattach applied — filterd gone, or
     // back and its `Reattached` not handled yet — or the tables to be read
     // again (another node's nfsshim served them meanwhile), or filterd
