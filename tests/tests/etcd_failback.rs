@@ -664,3 +664,58 @@ fn a_request_before_the_reattach_at_a_fail_back_waits() {
     assert_eq!(alice.at(write_req(&f_sid, "CCCC"), 0)["status"], "NFS4_OK");
     drop(cluster);
 }
+
+/// Re-review rr41e 3b: dave holds a write delegation through nfsshim A
+/// and his TCP connection to it stays up through a kill fail-back
+/// (nfsshim B restored the tables and took his handle meanwhile, so A
+/// reads its tables again). Bob's conflicting open on A afterwards
+/// recalls dave's delegation on that connection at once, dave sending
+/// nothing. Before, the reload dropped every client's connection, and
+/// the recall went nowhere until dave's next request.
+#[test]
+fn a_recall_after_a_fail_back_reaches_a_holder_whose_connection_stayed() {
+    let name = "failback-recall-conn";
+    if !etcd_available(name) {
+        return;
+    }
+    let shared = Scratch::new(&format!("{name}-export"));
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url(&format!("rk/{name}"));
+    let flags = ["--break-timeout-ms", "30000"];
+    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &flags);
+    let nfs_a = Shim::start("nfsshim", a.socket(), "nfs-1");
+    let mut dave = Nfs::new(&nfs_a.addr, "dave@h4", "00000000000000dd");
+    let mut want = open_req("do", "d", "none", "unchecked");
+    want["want_delegation"] = json!("write");
+    let o = dave.ok(want, 0);
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    a.kill9();
+    b.wait_ready();
+    // nfsshim B restores the tables (dave's handle taken), serves no one.
+    let nfs_b = Shim::start("nfsshim", b.socket(), "nfs-1");
+    let a2 = node_filterd(&sa, &url, TTL, true, &flags);
+    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    nfs_b.kill9();
+    b.kill9();
+    a2.wait_ready();
+    // Bob (once nfsshim A has read its tables again) opens d for write.
+    let mut bob = Nfs::new(&nfs_a.addr, "bob@h2", "00000000000000bb");
+    bob.last[0] += 1;
+    let open = json!({"op": "OPEN", "owner": "bo", "path": "d", "access": "write",
+        "deny": "none", "seq": {"sessionid": bob.sessionid, "slot": 0, "seqid": bob.last[0]}});
+    let r = bob.once(&open).expect("bob's OPEN answered");
+    assert_eq!(
+        r["status"], "NFS4ERR_DELAY",
+        "the delegation is recalled: {r}"
+    );
+    let c = dave.c.as_mut().expect("dave's connection");
+    c.set_read_timeout(Duration::from_secs(10));
+    let cb = c.next_line().expect("a CB_RECALL on dave's connection");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    assert_eq!(
+        cb["stateid"]["other"], o["delegation"]["stateid"]["other"],
+        "{cb}"
+    );
+    drop(cluster);
+}
