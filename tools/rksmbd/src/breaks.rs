@@ -473,6 +473,26 @@ impl Notifier {
         }
     }
 
+    /// The client acknowledged a break of lease `key`, and filterd holds
+    /// `state` (at `epoch`) now: what the client may ack is a subset of
+    /// the break's new state (MS-SMB2 3.3.5.22.2), so the holder is told
+    /// it. Only ever lowered: a later break's event may have come first.
+    /// (Before re-review rr41i 2 the holder stayed at the break's state,
+    /// and the next reattach sent a needless break at the client's epoch.)
+    fn acked(&self, key: &LeaseKey, state: LeaseState, epoch: u16) {
+        if let Some(h) = self
+            .holders
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|m| m.get_mut(key))
+            .filter(|h| h.state.contains(state))
+        {
+            h.state = state;
+            h.epoch = epoch;
+        }
+    }
+
     /// A restarted filterd forgot handles `lost`: the leases no other
     /// handle of this rksmbd holds went with them (MS-SMB2 3.3.4.17: the
     /// lease of a server-closed open's last open is freed) and hold
@@ -546,17 +566,23 @@ impl Notifier {
         for (key, (state, epoch)) in now {
             let told = self.holders.lock().ok().and_then(|mut m| {
                 let h = m.get_mut(&key)?;
-                if h.state == state || !h.state.contains(state) {
+                // What the client was told and filterd holds both: a
+                // state filterd holds that the client was not told (it
+                // never should) is not granted by a break either
+                // (re-review rr41i 5: such was skipped, the client kept
+                // what filterd no longer holds).
+                let to = h.state.and(state);
+                if to == h.state {
                     return None;
                 }
                 let was = (h.state, h.epoch);
                 // filterd's epoch grew at the change; one past the
                 // client's when it says none (the lease is gone).
                 h.epoch = epoch.unwrap_or_else(|| h.epoch.wrapping_add(1));
-                h.state = state;
-                Some((was.0, h.epoch))
+                h.state = to;
+                Some((was.0, to, h.epoch))
             });
-            let Some((from, epoch)) = told else {
+            let Some((from, state, epoch)) = told else {
                 continue;
             };
             if let Some((writer, holder)) = self.route(&key) {
@@ -725,16 +751,15 @@ pub fn forward(sh: Arc<Shared>) {
             // of forgotten leases go first: `resynced` tells filterd,
             // which holds other frontends' opens until then, so none of
             // them is granted before a holder was sent its break.
-            test_delay_before_the_forgotten_breaks();
-            leases_forgotten(&sh, &lost);
             // And the leases filterd lowered while rksmbd was away: their
             // clients are told before any of their I/O is served again
-            // (checked I/O waits for `resynced`).
-            send_unacked(
-                &sh,
-                sh.notifier.lowered(&leases),
-                "lease lowered while rksmbd was detached: break sent",
-            );
+            // (checked I/O waits for `resynced`). Both go at once, with
+            // one deadline: a client that does not read holds the resync
+            // up [`FORGOTTEN_BREAKS_WAIT`] at most, not twice that
+            // (re-review rr41i 1: the second wait queued behind the first
+            // on the same stuck writer).
+            test_delay_before_the_forgotten_breaks();
+            send_unacked(&sh, resync_breaks(&sh, &lost, &leases));
             // Handles another rksmbd process reconnected since: their
             // opens here are stale (before `resynced`, which lets waiting
             // locks be tried again).
@@ -920,8 +945,9 @@ fn test_delay_before_the_forgotten_breaks() {
     );
 }
 
-/// Longest the breaks of forgotten leases are waited for before rksmbd
-/// tells filterd it has resynced: a client that does not read holds up
+/// Longest the breaks sent at a reattach (of forgotten and of lowered
+/// leases, one deadline for all) are waited for before rksmbd tells
+/// filterd it has resynced: a client that does not read holds up
 /// other frontends' opens after a filterd restart this long at most.
 const FORGOTTEN_BREAKS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -934,23 +960,30 @@ const FORGOTTEN_BREAKS_WAIT: std::time::Duration = std::time::Duration::from_sec
 /// (3.3.4.7): a break to none, without an acknowledgment (there is no
 /// lease left to acknowledge to, 3.3.5.22.2), so it stops caching and
 /// flushes — and its flush finds the open closed (STATUS_FILE_CLOSED).
-/// Returns once every break was written (or [`FORGOTTEN_BREAKS_WAIT`]).
-fn leases_forgotten(sh: &Shared, lost: &[ResumeKey]) {
-    send_unacked(
-        sh,
-        sh.notifier.forgotten(lost),
-        "lease of handles filterd forgot broken to none",
-    );
+/// Those breaks ([`Notifier::forgotten`]) go with those of the leases
+/// filterd lowered while this rksmbd was detached ([`Notifier::lowered`],
+/// after: a forgotten handle holds no lease to lower), each with what to
+/// say of it.
+fn resync_breaks(
+    sh: &Shared,
+    lost: &[ResumeKey],
+    leases: &[(ResumeKey, Option<HeldLease>)],
+) -> Vec<(UnsaidBreak, &'static str)> {
+    let forgotten = sh.notifier.forgotten(lost).into_iter();
+    let forgotten = forgotten.map(|g| (g, "lease of handles filterd forgot broken to none"));
+    let lowered = sh.notifier.lowered(leases).into_iter();
+    let lowered = lowered.map(|g| (g, "lease lowered while rksmbd was detached: break sent"));
+    forgotten.chain(lowered).collect()
 }
 
 /// Sends each of `breaks` to its client, wanting no acknowledgment (no
 /// break is in progress in filterd: the lease is lowered already), and
-/// says `what` for each. Returns once every break was written (or
-/// [`FORGOTTEN_BREAKS_WAIT`]).
-fn send_unacked(sh: &Shared, breaks: Vec<UnsaidBreak>, what: &str) {
+/// says what goes with each. Returns once every break was written (or
+/// after [`FORGOTTEN_BREAKS_WAIT`], one deadline for all).
+fn send_unacked(sh: &Shared, breaks: Vec<(UnsaidBreak, &'static str)>) {
     let (done, written) = std::sync::mpsc::channel();
     let mut sent = 0;
-    for g in breaks {
+    for (g, what) in breaks {
         sh.breaking.noticed(g.key, false);
         sh.notifier.unpark(&g.key);
         tracing::info!(lease_key = %g.key.0, from = %g.from, to = %g.to, epoch = g.epoch, "{what}");
@@ -965,7 +998,9 @@ fn send_unacked(sh: &Shared, breaks: Vec<UnsaidBreak>, what: &str) {
     for _ in 0..sent {
         let left = until.saturating_duration_since(std::time::Instant::now());
         if written.recv_timeout(left).is_err() {
-            tracing::warn!("a break of a forgotten lease is not written yet: resynced anyway");
+            tracing::warn!(
+                "a lease break sent at the reattach is not written yet: resynced anyway"
+            );
             break;
         }
     }
@@ -1022,7 +1057,10 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 }
             })?;
     let held = match reply.0 {
-        FilterReply::Lease(l) => lease_bits(l.state),
+        FilterReply::Lease(l) => {
+            c.sh.notifier.acked(&key, l.state, l.epoch);
+            lease_bits(l.state)
+        }
         _ => state,
     };
     let mut w = Writer::new();
@@ -1071,7 +1109,10 @@ fn acknowledge_oplock(c: &mut Connection, req: &Request<'_>, mut r: Reader<'_>) 
             })
             .map_err(|e| status_of(&e))?;
     let held = match reply.0 {
-        FilterReply::Lease(l) => oplock_level(l.state),
+        FilterReply::Lease(l) => {
+            c.sh.notifier.acked(&key, l.state, l.epoch);
+            oplock_level(l.state)
+        }
         _ => level,
     };
     let mut w = Writer::new();
@@ -1298,6 +1339,45 @@ mod tests {
                 told[0].epoch
             ),
             (3, 0, 3)
+        );
+    }
+
+    /// An acknowledgment of less than the break left (RH to R, which
+    /// MS-SMB2 3.3.5.22.2 allows) is what the holder holds: a reattach
+    /// finding filterd at R sends no break (re-review rr41i 2: one went,
+    /// RH to R at the client's own epoch). A state filterd holds that the
+    /// client was not told (RW, told RH) breaks to what both hold (rr41i
+    /// 5: it was skipped).
+    #[test]
+    fn an_acked_lowering_is_no_break_at_the_reattach() {
+        let (n, guid, _writers, _listener) = connections(1);
+        n.logged_on(1, (1, "alice"), |_| true);
+        let key = lease_on(&n, (1, guid, "alice"));
+        // `lease_on`'s handle.
+        let a = ResumeKey(uuid::Uuid::from_bytes([1; 16]));
+        let at = |bits, epoch| {
+            Some(HeldLease {
+                key,
+                state: lease_state(bits),
+                epoch,
+            })
+        };
+        // filterd's break RWH -> RH at epoch 2, the client acks R.
+        n.broken(&key, lease_state(3), 2);
+        n.acked(&key, lease_state(1), 2);
+        assert!(n.lowered(&[(a, at(1, 2))]).is_empty(), "told already");
+        // A later break's event first: the ack does not raise it again.
+        n.broken(&key, LeaseState::NONE, 3);
+        n.acked(&key, lease_state(1), 2);
+        assert!(n.lowered(&[(a, at(0, 3))]).is_empty(), "none told");
+        // Told RH, filterd holds RW: broken to R.
+        n.broken(&key, lease_state(3), 4);
+        let told = n.lowered(&[(a, at(5, 5))]);
+        assert_eq!(
+            told.iter()
+                .map(|g| (lease_bits(g.from), lease_bits(g.to), g.epoch))
+                .collect::<Vec<_>>(),
+            [(3, 1, 5)]
         );
     }
 
