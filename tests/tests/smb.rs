@@ -922,6 +922,52 @@ fn a_lease_lowered_while_smbshim_was_detached_is_told_at_its_reattach() {
     drop(d);
 }
 
+/// Re-review rr41i 2: a client may acknowledge a break to less than it
+/// leaves (MS-SMB2 3.3.5.22.2). Alice, holding RWH, is broken to H by
+/// another frontend's write and acknowledges none; then filterd restarts
+/// with smbshim stopped and smbshim reattaches. Her opens hold what she
+/// acknowledged, so the reattach (filterd holds none) sends her nothing;
+/// before, they still held H, and she was sent a needless LEASE_BREAK H
+/// to none.
+#[test]
+fn a_break_acknowledged_to_less_is_not_broken_again_at_the_reattach() {
+    let s = Scratch::new("smb-acked-less");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let holder = Shim::start("smbshim", &s.socket(), "smb-a");
+    let mut alice = rkfilter_tests::LeasedOpen::start(&holder.addr, "f");
+    let socket = s.socket();
+    let bob = std::thread::spawn(move || {
+        rkfilter_tests::write_as_another_frontend(&socket, "f", b"BOB-WROTE");
+    });
+    let n = alice.client.next_line().expect("LEASE_BREAK");
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    assert_eq!(n["new_state"], "H", "{n}");
+    let ack = alice.client.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": alice.session,
+                                       "lease_key": alice.lease_key, "state": ""}));
+    assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
+    assert_eq!(ack["lease"]["state"], "", "{ack}");
+    bob.join().expect("bob's write");
+    holder.stop();
+    d.kill9();
+    d = Filterd::start(&s, &[], &[]);
+    holder.signal(Signal::SIGCONT);
+    let mut notes = Vec::new();
+    let reply = wait_for("alice's READ", Duration::from_secs(30), || {
+        let mid = alice.client.send_only(
+            "mid",
+            json!({"cmd": "READ", "session_id": alice.session, "file_id": alice.file_id,
+                   "offset": 0, "length": 64}),
+        );
+        let (r, n) = alice.client.reply_to("mid", mid).expect("a READ reply");
+        notes.extend(n);
+        (r["status"] != "STATUS_FILE_NOT_AVAILABLE").then_some(r)
+    });
+    assert_eq!(reply["status"], "STATUS_SUCCESS", "{reply}");
+    assert_eq!(reply["data"], b64("BOB-WROTE"), "{reply}");
+    assert!(notes.is_empty(), "sent at the reattach: {notes:?}");
+    drop(d);
+}
+
 /// A client holding a lease filterd forgot that does not read (its socket
 /// full of READ replies) holds up another frontend's open after the
 /// restart about a second at most — smbshim waits that long for the break

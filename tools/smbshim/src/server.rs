@@ -3523,9 +3523,30 @@ fn lease_break_ack(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         })?;
     let mut m = Map::new();
     if let libfilter::proto::Reply::Lease(l) = reply.0 {
+        acked(sh, (client_guid, key), l);
         m.insert("lease".into(), lease_json(Some(l)));
     }
     Ok(m)
+}
+
+/// The client acknowledged a break of lease `lease`, and filterd holds
+/// `now`: the client may ack less than the break left (MS-SMB2
+/// 3.3.5.22.2), and the opens under it hold what it holds — only ever
+/// lowered (a later break's event may have come first). Before re-review
+/// rr41i 2 they kept the break's state, and the next reattach sent a
+/// needless break at the client's own epoch.
+fn acked(sh: &Shared, lease: Breaking, now: HeldLease) {
+    let Ok(mut o) = sh.opens.lock() else {
+        return;
+    };
+    for x in o.values_mut() {
+        if breaking_of(x) != Some(lease) {
+            continue;
+        }
+        if let Some(l) = x.lease.as_mut().filter(|l| l.state.contains(now.state)) {
+            (l.state, l.epoch) = (now.state, now.epoch);
+        }
+    }
 }
 
 /// Drops the opens of handles filterd no longer has (later requests on
@@ -3576,8 +3597,9 @@ fn writer_of(sh: &Shared, session: u64) -> Option<shimline::Writer> {
     sh.writers.get(conn)
 }
 
-/// Longest the breaks of forgotten leases are waited for before smbshim
-/// tells filterd it has resynced: a client that does not read holds up
+/// Longest the breaks sent at a reattach (of forgotten and of lowered
+/// leases, one deadline for all) are waited for before smbshim tells
+/// filterd it has resynced: a client that does not read holds up
 /// other frontends' opens after a filterd restart this long at most.
 const FORGOTTEN_BREAKS_WAIT: Duration = Duration::from_secs(1);
 
@@ -3589,15 +3611,14 @@ const FORGOTTEN_BREAKS_WAIT: Duration = Duration::from_secs(1);
 /// tells an SMB 3 client: a LEASE_BREAK to `""` (none), its epoch one
 /// past the lease's, `ack_required` false — there is no lease left to
 /// acknowledge. Its next request on the open gets STATUS_FILE_CLOSED.
-/// Returns once every break was written to its socket, or after
-/// [`FORGOTTEN_BREAKS_WAIT`] (a client that does not read).
-fn break_forgotten_leases(sh: &Shared, gone: Vec<(HeldLease, u64)>) {
+/// Returns the breaks, each with the session to send it to.
+fn forgotten_breaks(gone: Vec<(HeldLease, u64)>) -> Vec<(Value, u64)> {
     let notes = gone.into_iter().map(|(l, session)| {
         let note = json!({"cmd": "LEASE_BREAK", "lease_key": l.key, "current_state": l.state.to_string(),
                           "new_state": "", "epoch": l.epoch.wrapping_add(1), "ack_required": false});
         (note, session)
     });
-    send_unacked_breaks(sh, notes.collect());
+    notes.collect()
 }
 
 /// A reattach resumed handles whose leases filterd holds now as `leases`
@@ -3609,8 +3630,9 @@ fn break_forgotten_leases(sh: &Shared, gone: Vec<(HeldLease, u64)>) {
 /// writes went in (review rvping 2). Such a lease is lowered on the opens
 /// here and its client sent a LEASE_BREAK from what it holds to what
 /// filterd holds, at filterd's epoch, `ack_required` false (no break is in
-/// progress to acknowledge).
-fn break_lowered_leases(sh: &Shared, leases: &[(ResumeKey, Option<HeldLease>)]) {
+/// progress to acknowledge). Returns the breaks, each with the session to
+/// send it to.
+fn lowered_breaks(sh: &Shared, leases: &[(ResumeKey, Option<HeldLease>)]) -> Vec<(Value, u64)> {
     let now: HashMap<ResumeKey, Option<HeldLease>> = leases.iter().copied().collect();
     let mut notes = Vec::new();
     if let Ok(mut o) = sh.opens.lock() {
@@ -3629,7 +3651,13 @@ fn break_lowered_leases(sh: &Shared, leases: &[(ResumeKey, Option<HeldLease>)]) 
                     told.epoch.wrapping_add(1),
                 ),
             };
-            if told.state == state || !told.state.contains(state) {
+            // What the client was told and filterd holds both: a state
+            // filterd holds that the client was not told (it never
+            // should) is not granted by a break either (re-review rr41i
+            // 5: such was skipped, the client kept what filterd no
+            // longer holds).
+            let state = told.state.and(state);
+            if told.state == state {
                 continue;
             }
             // Every open here under the lease (on its file) holds what
@@ -3652,7 +3680,7 @@ fn break_lowered_leases(sh: &Shared, leases: &[(ResumeKey, Option<HeldLease>)]) 
             notes.push((note, session));
         }
     }
-    send_unacked_breaks(sh, notes);
+    notes
 }
 
 /// Sends each LEASE_BREAK of `notes` to the client of its session, then
@@ -3672,7 +3700,7 @@ fn send_unacked_breaks(sh: &Shared, notes: Vec<(Value, u64)>) {
     for w in sent {
         if !w.flushed_by(until) {
             eprintln!(
-                "smbshim: a break of a lease filterd forgot is not written yet: resynced anyway"
+                "smbshim: a lease break sent at the reattach is not written yet: resynced anyway"
             );
             return;
         }
@@ -3734,11 +3762,15 @@ fn forward_breaks(sh: Arc<Shared>, k: usize) {
                 // gate: a client that does not read holds up only this):
                 // `resynced` below tells filterd, which holds other
                 // frontends' opens until then.
-                break_forgotten_leases(&sh, gone);
                 // And the leases filterd lowered while this member was
                 // away, before any I/O goes again (checked I/O waits for
-                // the resync below).
-                break_lowered_leases(&sh, &leases);
+                // the resync below). Both go at once, with one deadline:
+                // a client that does not read holds the resync up
+                // [`FORGOTTEN_BREAKS_WAIT`] at most, not twice that
+                // (re-review rr41i 1).
+                let mut notes = forgotten_breaks(gone);
+                notes.extend(lowered_breaks(&sh, &leases));
+                send_unacked_breaks(&sh, notes);
                 // What the resumes said about locks, before any I/O goes
                 // unchecked again; none meanwhile.
                 let _quiet = m.filter.exclusive_io();
