@@ -776,13 +776,19 @@ fn forgotten_lease_setup(name: &str) -> ForgottenLease {
 /// Backs the lease holder's connection up: two 4 MiB READs it does not
 /// read the replies of. Returns their mids.
 fn back_up(t: &mut ForgottenLease) -> Vec<u64> {
+    back_up_reading(&mut t.a, t.sa, &t.file_id)
+}
+
+/// [`back_up`] of client `a` (session `sa`), reading open `file_id` (of a
+/// 4 MiB file).
+fn back_up_reading(a: &mut LineClient, sa: u64, file_id: &Value) -> Vec<u64> {
     // Unread, the receive buffer stays small (autotuning grows it as the
     // application reads): the replies back up into smbshim's queue.
     let reads: Vec<u64> = (0..2)
         .map(|_| {
-            t.a.send_only(
+            a.send_only(
                 "mid",
-                json!({"cmd": "READ", "session_id": t.sa, "file_id": t.file_id,
+                json!({"cmd": "READ", "session_id": sa, "file_id": file_id,
                        "offset": 0, "length": 4 << 20}),
             )
         })
@@ -792,7 +798,7 @@ fn back_up(t: &mut ForgottenLease) -> Vec<u64> {
     wait_for("a READ reply to arrive", Duration::from_secs(20), || {
         let mut one = [0u8; 1];
         nix::sys::socket::recv(
-            t.a.stream().as_raw_fd(),
+            a.stream().as_raw_fd(),
             &mut one,
             nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
         )
@@ -942,8 +948,10 @@ fn a_break_acknowledged_to_less_is_not_broken_again_at_the_reattach() {
     let n = alice.client.next_line().expect("LEASE_BREAK");
     assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
     assert_eq!(n["new_state"], "H", "{n}");
-    let ack = alice.client.call(json!({"cmd": "LEASE_BREAK_ACK", "session_id": alice.session,
-                                       "lease_key": alice.lease_key, "state": ""}));
+    let ack = alice.client.call(
+        json!({"cmd": "LEASE_BREAK_ACK", "session_id": alice.session,
+                                       "lease_key": alice.lease_key, "state": ""}),
+    );
     assert_eq!(ack["status"], "STATUS_SUCCESS", "{ack}");
     assert_eq!(ack["lease"]["state"], "", "{ack}");
     bob.join().expect("bob's write");
@@ -1020,6 +1028,64 @@ fn a_client_that_does_not_read_its_forgotten_lease_break_holds_others_up_a_secon
         at - back
     );
     drop(t.holder);
+}
+
+/// Re-review rr41i 1: a client that does not read holds both a lease
+/// filterd forgot (a non-durable open of `f`) and one filterd lowered
+/// while smbshim was detached (a persistent open of `p`, lowered to H by
+/// another frontend's write while smbshim was stopped across a filterd
+/// restart). Both breaks go at the reattach with one deadline: smbshim
+/// gives up on the stuck writer once (one warning), not once per kind of
+/// break (before, the lowered break waited a second more behind the
+/// forgotten one: two warnings, the resync held two seconds).
+#[test]
+fn a_stalled_clients_forgotten_and_lowered_breaks_share_one_deadline() {
+    let s = Scratch::new("smb-one-deadline");
+    std::fs::write(s.root().join("f"), vec![b'.'; 4 << 20]).unwrap();
+    let flags = ["--break-timeout-ms", "1500"];
+    let mut d = Filterd::start(&s, &flags, &[]);
+    let log = s.root().parent().unwrap().join("smb-a.log");
+    let holder = Shim::start_logged("smbshim", &s.socket(), "smb-a", &[], &log);
+    let mut alice = rkfilter_tests::LeasedOpen::start(&holder.addr, "p");
+    let (a, sa) = (&mut alice.client, alice.session);
+    let r = a.call(
+        json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read", "write"],
+               "share": ["read", "write", "delete"], "disposition": "open",
+               "lease": {"key": uuid::Uuid::new_v4().to_string(), "state": "RWH"}}),
+    );
+    assert_eq!(r["lease"]["state"], "RWH", "{r}");
+    assert!(r["durable"].is_null(), "a non-durable open: {r}");
+    back_up_reading(a, sa, &r["file_id"]);
+    holder.stop();
+    d.kill9();
+    d = Filterd::start(&s, &flags, &[]);
+    rkfilter_tests::write_as_another_frontend(&s.socket(), "p", b"BOB-WROTE");
+    let cont = Instant::now();
+    holder.signal(Signal::SIGCONT);
+    // Resynced once another client's READ there is served (checked I/O
+    // is refused with the retry status until then).
+    let (mut c, sc) = smb_session(&holder.addr);
+    let r = smb_patiently(
+        &mut c,
+        json!({"cmd": "CREATE", "session_id": sc, "path": "g", "access": ["read", "write"],
+               "share": ["read", "write", "delete"], "disposition": "open_if"}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let r = smb_patiently(
+        &mut c,
+        json!({"cmd": "READ", "session_id": sc, "file_id": r["file_id"], "offset": 0, "length": 1}),
+    );
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let resynced = cont.elapsed();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("lowered while detached (RWH -> H)"),
+        "no lowered break sent: {text}"
+    );
+    let gave_up = text.matches("not written yet").count();
+    assert_eq!(gave_up, 1, "one deadline for all the breaks: {text}");
+    eprintln!("resynced {resynced:?} after smbshim went on, its client not reading");
+    drop(d);
 }
 
 /// Review aV: many leases filterd forgot, all held by one client that does
