@@ -498,13 +498,22 @@ fn attachment_reattaches_and_resumes_after_filterd_restart() {
         InstanceName::new("smb-a").unwrap(),
     )
     .unwrap();
-    let p = a
-        .open(open_req(
-            "p",
-            Disposition::Create,
-            CreateGuid(uuid::Uuid::new_v4()),
-        ))
-        .unwrap();
+    // The resumed handle holds a lease: the reattach reports it (re-review
+    // rr41i: with none, a `leases` always `None` passed).
+    let mut leased = open_req("p", Disposition::Create, CreateGuid(uuid::Uuid::new_v4()));
+    leased.lease = Some(libfilter::model::LeaseRequest {
+        key: libfilter::lease::LeaseKey(uuid::Uuid::new_v4()),
+        state: libfilter::lease::LeaseState::parse("RWH").unwrap(),
+        epoch: 0,
+    });
+    let p = a.open(leased).unwrap();
+    assert!(
+        p.info.lease.is_some_and(|l| l
+            .state
+            .contains(libfilter::lease::LeaseState::parse("RW").unwrap())),
+        "{:?}",
+        p.info.lease
+    );
     let mut plain = open_req("n", Disposition::Create, CreateGuid(uuid::Uuid::new_v4()));
     plain.durability = Durability::None;
     let n = a.open(plain).unwrap();
@@ -524,7 +533,7 @@ fn attachment_reattaches_and_resumes_after_filterd_restart() {
         } => {
             assert_eq!(resumed, vec![p.info.key]);
             assert_eq!(lost, vec![n.info.key]);
-            // Each resumed handle's lease as filterd holds it (none here).
+            // Each resumed handle's lease as filterd holds it.
             assert_eq!(leases, vec![(p.info.key, p.info.lease)]);
         }
         other => panic!("{other:?}"),
