@@ -23,6 +23,7 @@ use libfilter::lease::{LeaseKey, LeaseState};
 use libfilter::model::{ClientId, HeldLease, ResumeKey};
 use libfilter::proto::{ErrorCode, Event, Reply as FilterReply, Request as FilterRequest};
 
+use crate::breaking::BreaksInProgress;
 use crate::files::status_of;
 use crate::server::{Connection, Outcome, Reply, Request, Shared, MAX_SESSIONS_PER_CONNECTION};
 use crate::wire::{self, status, Header, Reader, Writer};
@@ -759,7 +760,7 @@ pub fn forward(sh: Arc<Shared>) {
             // (re-review rr41i 1: the second wait queued behind the first
             // on the same stuck writer).
             test_delay_before_the_forgotten_breaks();
-            send_unacked(&sh, resync_breaks(&sh, &lost, &leases));
+            tell_at_the_reattach(&sh.notifier, &sh.breaking, &lost, &leases);
             // Handles another rksmbd process reconnected since: their
             // opens here are stale (before `resynced`, which lets waiting
             // locks be tried again).
@@ -964,28 +965,34 @@ const FORGOTTEN_BREAKS_WAIT: std::time::Duration = std::time::Duration::from_sec
 /// filterd lowered while this rksmbd was detached ([`Notifier::lowered`],
 /// after: a forgotten handle holds no lease to lower), each with what to
 /// say of it.
-fn resync_breaks(
-    sh: &Shared,
+/// Sends them all with [`send_unacked`], one deadline for all.
+fn tell_at_the_reattach(
+    notifier: &Notifier,
+    breaking: &BreaksInProgress,
     lost: &[ResumeKey],
     leases: &[(ResumeKey, Option<HeldLease>)],
-) -> Vec<(UnsaidBreak, &'static str)> {
-    let forgotten = sh.notifier.forgotten(lost).into_iter();
+) {
+    let forgotten = notifier.forgotten(lost).into_iter();
     let forgotten = forgotten.map(|g| (g, "lease of handles filterd forgot broken to none"));
-    let lowered = sh.notifier.lowered(leases).into_iter();
+    let lowered = notifier.lowered(leases).into_iter();
     let lowered = lowered.map(|g| (g, "lease lowered while rksmbd was detached: break sent"));
-    forgotten.chain(lowered).collect()
+    send_unacked(notifier, breaking, forgotten.chain(lowered).collect());
 }
 
 /// Sends each of `breaks` to its client, wanting no acknowledgment (no
 /// break is in progress in filterd: the lease is lowered already), and
 /// says what goes with each. Returns once every break was written (or
 /// after [`FORGOTTEN_BREAKS_WAIT`], one deadline for all).
-fn send_unacked(sh: &Shared, breaks: Vec<(UnsaidBreak, &'static str)>) {
+fn send_unacked(
+    notifier: &Notifier,
+    breaking: &BreaksInProgress,
+    breaks: Vec<(UnsaidBreak, &'static str)>,
+) {
     let (done, written) = std::sync::mpsc::channel();
     let mut sent = 0;
     for (g, what) in breaks {
-        sh.breaking.noticed(g.key, false);
-        sh.notifier.unpark(&g.key);
+        breaking.noticed(g.key, false);
+        notifier.unpark(&g.key);
         tracing::info!(lease_key = %g.key.0, from = %g.from, to = %g.to, epoch = g.epoch, "{what}");
         let frame = notification(g.holder, g.from, g.to, g.epoch, false);
         send_then(g.writer, frame, Some(done.clone()));
@@ -1378,6 +1385,43 @@ mod tests {
                 .map(|g| (lease_bits(g.from), lease_bits(g.to), g.epoch))
                 .collect::<Vec<_>>(),
             [(3, 1, 5)]
+        );
+    }
+
+    /// A reattach's breaks of forgotten leases and of lowered ones, to a
+    /// client whose writer is stuck, are waited for once: about
+    /// [`FORGOTTEN_BREAKS_WAIT`], not twice that (re-review rr41i 1: the
+    /// lowered ones were sent, and waited for, behind the forgotten ones).
+    #[test]
+    fn a_reattachs_breaks_to_a_stuck_client_share_one_deadline() {
+        let (n, guid, writers, _listener) = connections(1);
+        n.logged_on(1, (1, "alice"), |_| true);
+        let lowered = lease_on(&n, (1, guid, "alice"));
+        let lowered_handle = ResumeKey(uuid::Uuid::from_bytes([1; 16]));
+        let (mut lease, holder) = lease_rwh();
+        lease.key = LeaseKey(uuid::Uuid::from_bytes([4; 16]));
+        let lost = ResumeKey(uuid::Uuid::from_bytes([2; 16]));
+        n.granted(lease, lost, (1, guid, "alice"), holder);
+        let now = HeldLease {
+            key: lowered,
+            state: lease_state(3),
+            epoch: 2,
+        };
+        // The client's writer is held: nothing is written meanwhile.
+        let stuck = writers[0].lock().unwrap();
+        let at = std::time::Instant::now();
+        tell_at_the_reattach(
+            &n,
+            &BreaksInProgress::default(),
+            &[lost],
+            &[(lowered_handle, Some(now))],
+        );
+        let waited = at.elapsed();
+        drop(stuck);
+        assert!(
+            waited >= FORGOTTEN_BREAKS_WAIT
+                && waited < FORGOTTEN_BREAKS_WAIT + std::time::Duration::from_millis(700),
+            "waited {waited:?}"
         );
     }
 
