@@ -8,7 +8,10 @@ persistent open, the second is its close: `commit.before:2:kill`), and an
 rksmbd whose settling closes are held (`RKSMBD_TEST_SETTLE_DELAY_MS`).
 Opens settling.txt persistent and CLOSEs it: filterd dies under the CLOSE,
 which is answered STATUS_FILE_NOT_AVAILABLE. Prints "refused" and waits
-for a line on stdin (the driver restarts filterd). Waits until rksmbd
+for a line on stdin (the driver restarts filterd): "new-guid" reconnects
+from another client GUID (the open, without a lease, is its user's: a
+reconnect resumes it for any client GUID of hers), anything else from the
+same one. Waits until rksmbd
 serves again (a CREATE of probe.txt succeeds), drops the connection, and
 reconnects the open (DH2C) from a new connection and session: it must be
 STATUS_FILE_NOT_AVAILABLE while the close settles (it was
@@ -44,7 +47,7 @@ try:
 except SMBResponseException as e:
     st = e.status
 check(st == FILE_NOT_AVAILABLE, f"the CLOSE filterd died under: retry ({st:#010x})")
-pause("refused")
+new_guid = pause("refused") == "new-guid"
 
 # rksmbd serves again once it has reattached to the restarted filterd.
 deadline = time.monotonic() + 30
@@ -58,7 +61,7 @@ while True:
         time.sleep(0.05)
 conn.disconnect(close=False)
 
-conn2, tree2 = connect(*SERVER, client_guid=client)
+conn2, tree2 = connect(*SERVER, client_guid=uuid.uuid4() if new_guid else client)
 g, st = reconnect_v2(tree2, NAME, file_id, create_guid)
 check(g is None and st == FILE_NOT_AVAILABLE, f"the reconnect while its close settles: retry ({st:#010x})")
 pause("retry")

@@ -51,9 +51,10 @@ def args():
 
 
 def pause(line):
-    """Prints `line` for the driver and waits for its line on stdin."""
+    """Prints `line` for the driver, waits for its line on stdin and
+    returns it (stripped)."""
     print(line, flush=True)
-    sys.stdin.readline()
+    return sys.stdin.readline().strip()
 
 
 def check(cond, what):

@@ -595,7 +595,24 @@ fn rksmbd_tree_disconnect_waits_for_a_settling_close() {
 /// its durable timeout.
 #[test]
 fn rksmbd_reconnect_waits_for_a_settling_close() {
-    let s = Scratch::new("rksmbd-settling-reconnect");
+    reconnect_of_a_settling_close_is_retry("rksmbd-settling-reconnect", "go");
+}
+
+/// The same from another client GUID of the same user (smbprotocol picks
+/// one per connection): the open, without a lease, is its user's, and
+/// a reconnect resumes it for any client GUID of hers — so it is told to
+/// retry as well. It was STATUS_OBJECT_NAME_NOT_FOUND, final for the
+/// client: the settling FileId was kept for its client GUID alone
+/// (re-review rr41h F3).
+#[test]
+fn rksmbd_reconnect_from_another_client_guid_waits_for_a_settling_close() {
+    reconnect_of_a_settling_close_is_retry("rksmbd-settling-reconnect-guid", "new-guid");
+}
+
+/// settling_reconnect.py, its DH2C made as `how` says ("new-guid": from
+/// another client GUID), is told to retry.
+fn reconnect_of_a_settling_close_is_retry(name: &str, how: &str) {
+    let s = Scratch::new(name);
     let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
     let env = [("RKSMBD_TEST_SETTLE_DELAY_MS", "60000")];
     let (srv, _log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
@@ -603,7 +620,7 @@ fn rksmbd_reconnect_waits_for_a_settling_close() {
     script.expect("refused");
     d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
     let d = Filterd::start(&s, &[], &[]);
-    script.say("go");
+    script.say(how);
     script.expect("retry");
     assert_eq!(
         handle_paths(d.socket()),

@@ -909,6 +909,50 @@ fn a_client_gone_while_its_create_waits_for_a_break_reconnects_at_once() {
     no_handles_left(&d);
 }
 
+/// A client that drops both connections of a multichannel session while
+/// a CREATE sent on the channel waits at the home for a lease break
+/// acknowledgment reconnects its persistent open at once, the home lets
+/// go of everything else it held, and no connection thread is left
+/// (tests/smb3/channel_gone_reconnect.py). Before, the channel — waiting
+/// at the home for its CREATE's answer — counted as one the client could
+/// still answer on: the CREATE waited out the break timeout and the DH2C
+/// was STATUS_OBJECT_NAME_NOT_FOUND after 1 s, final (re-review rr41h F1);
+/// and then the home, its socket ended by the pump, polled for its
+/// channels' PDUs forever: its opens were never let go (every DH2C
+/// STATUS_FILE_NOT_AVAILABLE, leased.txt held open in filterd) and its
+/// thread never ended (F2).
+#[test]
+fn a_client_gone_from_both_channels_while_a_forwarded_create_waits_reconnects_at_once() {
+    let s = Scratch::new("rksmbd-channel-gone");
+    let d = Filterd::start(&s, &["--break-timeout-ms", "30000"], &[]);
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", srv.shim.pid()))
+            .map(|t| t.count())
+            .unwrap_or(0)
+    };
+    let before = threads();
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "channel_gone_reconnect.py",
+        std::time::Duration::from_secs(60),
+    );
+    script.expect("reconnected");
+    assert_eq!(
+        rkfilter_tests::handle_paths(d.socket()),
+        ["persist.txt"],
+        "the home connection let go of leased.txt"
+    );
+    script.say("go");
+    script.finish();
+    no_handles_left(&d);
+    rkfilter_tests::wait_for(
+        "rksmbd's connection threads to end",
+        std::time::Duration::from_secs(10),
+        || (threads() <= before).then_some(()),
+    );
+}
+
 /// Review wB: rksmbd's opens had no cap below its descriptor limit. Under
 /// a limit of 128 one client's opens filled the table (117), its next
 /// CREATEs failed STATUS_INTERNAL_ERROR, and every other client's

@@ -432,6 +432,11 @@ pub struct Home {
     pub sign: (SigningAlgorithm, [u8; 16]),
     /// Channels bound besides the home connection.
     channels: AtomicUsize,
+    /// Of those, the ones whose socket has not ended: a channel whose
+    /// client went away may still wait for the home's answer (and be
+    /// counted in `channels` until it is given), but nobody is left there
+    /// to acknowledge a break (re-review rr41h F1).
+    live: AtomicUsize,
     /// Logged off: no more bindings.
     ended: AtomicBool,
 }
@@ -452,22 +457,49 @@ impl Home {
             client_guid,
             sign,
             channels: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
             ended: AtomicBool::new(false),
         }
     }
 
     /// A channel bound the session.
     pub fn bound(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
         self.channels.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A channel went away (lost connection, or the session logged off
-    /// through it).
-    pub fn unbound(&self) {
+    /// through it); `socket_live` when its socket had not ended before
+    /// (else [`Home::socket_ended`] counted that already).
+    pub fn unbound(&self, socket_live: bool) {
+        if socket_live {
+            let _ = self
+                .live
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
         let _ = self
             .channels
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         self.inbox.nudge();
+    }
+
+    /// The socket of a bound channel ended (once per channel): the channel
+    /// stays counted until it goes ([`Home::unbound`]), but no longer as
+    /// one a client may still answer on ([`Home::live_channels`]).
+    pub fn socket_ended(&self) {
+        let _ = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.inbox.nudge();
+    }
+
+    /// Channels bound now whose socket has not ended.
+    pub fn live_channels(&self) -> usize {
+        if self.ended.load(Ordering::Acquire) {
+            0
+        } else {
+            self.live.load(Ordering::Acquire)
+        }
     }
 
     /// Channels bound now.

@@ -1875,7 +1875,7 @@ fn reconnect(
     // Its own client only: another is answered what it was before.
     let asker = crate::settle::OpenClient {
         user: user.clone(),
-        client_guid: c.client_guid,
+        client_guid: Some(c.client_guid),
     };
     if sh
         .settling_ids
@@ -1955,12 +1955,31 @@ fn reconnect(
     // connection letting go: answered at once, it was
     // STATUS_FILE_NOT_AVAILABLE, which a client that does not retry took
     // as final (re-review rr41b, a slow-disk reconnect under load).
+    // Both waits together within LETTING_GO_WAIT (each alone was 5 s: 10 s
+    // in all, re-review rr41h F5).
+    let deadline = Instant::now() + LETTING_GO_WAIT;
     let r = retry_transient(
         LETTING_GO_WAIT,
         |(e, _): &(ClientError, Option<OpenHolder>)| is_transient_refusal(e),
-        || retry_while_held_elsewhere(held_wait, &held_elsewhere, &try_both),
+        || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            retry_while_held_elsewhere(|h| held_wait(h).min(left), &held_elsewhere, &try_both)
+        },
     );
+    // Its close may have begun to settle while the resume was tried (the
+    // old connection's teardown found filterd silent): filterd refuses it
+    // as attached to rksmbd, and the client is told to retry, as above
+    // (re-review rr41h F4).
+    let settles_now = |e: &ClientError| {
+        matches!(
+            e.code(),
+            Some(ErrorCode::NoSuchHandle | ErrorCode::NotOwner)
+        ) && sh
+            .settling_ids
+            .settles(&sh.unsettled, rc.persistent_file_id, &asker)
+    };
     let h = r.map_err(|(e, held)| match e.code() {
+        _ if settles_now(&e) => status::FILE_NOT_AVAILABLE,
         // Still being let go by a connection whose client has gone: not
         // gone, and the client may try again. (One that serves its
         // client holds it: not found, as smbtorture's reopen tests and

@@ -1239,6 +1239,15 @@ impl Connection {
         self.sh.notifier.connected(self.id, writer.clone());
         self.io = Some((stream, writer));
         loop {
+            // A request that pumped (one forwarded by a channel too) may
+            // have read the end of the socket: nothing polls it any more,
+            // and what is left to serve is the channels' (below). Before,
+            // next_input polled the inbox alone forever once the last
+            // channel went, and the connection was never lost (re-review
+            // rr41h F2).
+            if self.io.is_none() {
+                break;
+            }
             match self.next_input() {
                 Input::Pdu(pdu) => {
                     if !self.answer(&pdu) || self.too_many_logon_failures() {
@@ -1958,7 +1967,7 @@ impl Connection {
         if let Some(s) = self.sessions.remove(&id) {
             // Only a finished binding counted itself at the home.
             if let (Some(home), Some(_)) = (s.bound, s.user) {
-                home.unbound();
+                home.unbound(self.io.is_some());
             }
         }
     }
@@ -1973,6 +1982,16 @@ impl Connection {
     fn end_io(&mut self) {
         if let Some((s, _)) = self.io.take() {
             let _ = s.shutdown(std::net::Shutdown::Both);
+            // The homes of the sessions bound here no longer count this
+            // channel as one the client may answer on (re-review rr41h
+            // F1: a home whose request waited for a break acknowledgment
+            // waited out the break timeout while this channel, its socket
+            // ended too, waited for that request's answer).
+            for s in self.sessions.values() {
+                if let (Some(home), Some(_)) = (&s.bound, &s.user) {
+                    home.socket_ended();
+                }
+            }
         }
     }
 
@@ -2003,6 +2022,11 @@ impl Connection {
             Ready::Nothing => {}
         }
         self.pump_depth -= 1;
+        if self.gone_noted && !self.client_gone() {
+            // A channel bound since: the client is back.
+            self.gone_noted = false;
+            self.sh.registry.client_back(self.id);
+        }
         if self.client_gone() && !self.gone_noted {
             // Its opens are let go once the requests still running here
             // end ([`Connection::lost`]): a reconnect of one waits for
@@ -2020,7 +2044,18 @@ impl Connection {
     /// sessions is bound elsewhere. A request waiting for the client (a
     /// CREATE for a break acknowledgment) stops waiting then.
     pub fn client_gone(&self) -> bool {
-        self.io.is_none() && !self.has_channels()
+        self.io.is_none() && !self.has_live_channels()
+    }
+
+    /// Whether a session of this connection still has a channel whose
+    /// socket has not ended (one the client may still answer on).
+    fn has_live_channels(&self) -> bool {
+        self.sessions.values().any(|s| {
+            s.link
+                .as_ref()
+                .and_then(|l| l.home.get())
+                .is_some_and(|h| h.live_channels() > 0)
+        })
     }
 
     /// Answers a PDU of this connection's own socket, also while a
@@ -2077,7 +2112,7 @@ impl Connection {
                 // never finished was not counted there).
                 Some(home) => {
                     if s.user.is_some() {
-                        home.unbound();
+                        home.unbound(self.io.is_some());
                     }
                 }
                 None => {
@@ -2229,7 +2264,10 @@ impl Connection {
                 .get(&open.session)
                 .and_then(|s| s.user.clone())
                 .unwrap_or_default(),
-            client_guid: self.client_guid,
+            // A leased open is its client GUID's, any other (under an
+            // oplock too) its user's, as `client_of` made it in filterd.
+            client_guid: (open.lease.is_some() && open.oplock.is_none())
+                .then_some(self.client_guid),
         };
         // Those settled go (bounded by the handles settling).
         self.settling.retain(|_, n| sh.unsettled.contains(n.key));

@@ -846,6 +846,13 @@ impl Registry {
         lock(&self.letting_go).insert(conn);
     }
 
+    /// Connection `conn`, marked by [`Registry::client_gone`], has a
+    /// client again (a channel bound since): it no longer counts as
+    /// letting its opens go.
+    pub fn client_back(&self, conn: u64) {
+        lock(&self.letting_go).remove(&conn);
+    }
+
     /// Connection `conn` has lost its client and lets its opens go now;
     /// until the guard is dropped (also if the teardown panics), when
     /// whatever it still holds is let go.

@@ -102,11 +102,26 @@ pub struct SettlingFileIds(
 );
 
 /// Whose an open is, as a reconnect names it: the user its session logged
-/// on as and its connection's client GUID.
+/// on as and, for a leased open only, its connection's client GUID — as
+/// filterd's owner of it (`client_of` in [`crate::create`]): a reconnect
+/// resumes any other open for any client GUID of its user, and so is told
+/// to retry while it settles (re-review rr41h F3: smbprotocol picks a new
+/// GUID per connection, and its DH2C was STATUS_OBJECT_NAME_NOT_FOUND).
+/// As a reconnect asks, the GUID is the asking connection's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenClient {
     pub user: String,
-    pub client_guid: uuid::Uuid,
+    pub client_guid: Option<uuid::Uuid>,
+}
+
+impl OpenClient {
+    /// Whether a reconnect by `asker` names an open of this client.
+    fn owns(&self, asker: &OpenClient) -> bool {
+        self.user == asker.user
+            && self
+                .client_guid
+                .is_none_or(|g| asker.client_guid == Some(g))
+    }
 }
 
 impl SettlingFileIds {
@@ -133,7 +148,7 @@ impl SettlingFileIds {
     pub fn settles(&self, unsettled: &Unsettled, persistent: u64, client: &OpenClient) -> bool {
         let mut ids = self.lock();
         match ids.get(&persistent) {
-            Some((k, c)) if unsettled.contains(*k) => c == client,
+            Some((k, c)) if unsettled.contains(*k) => c.owns(client),
             Some(_) => {
                 ids.remove(&persistent);
                 false
@@ -195,7 +210,7 @@ mod tests {
         };
         let own = OpenClient {
             user: "alice".into(),
-            client_guid: uuid::Uuid::new_v4(),
+            client_guid: Some(uuid::Uuid::new_v4()),
         };
         unsettled.add(key);
         ids.note(&unsettled, &n, own.clone());
@@ -206,10 +221,19 @@ mod tests {
         };
         assert!(!ids.settles(&unsettled, 7, &other_user));
         let other_client = OpenClient {
-            client_guid: uuid::Uuid::new_v4(),
+            client_guid: Some(uuid::Uuid::new_v4()),
             ..own.clone()
         };
         assert!(!ids.settles(&unsettled, 7, &other_client));
         assert!(!ids.settles(&unsettled, 8, &own));
+        // An open without a lease is its user's, whatever the client
+        // GUID (re-review rr41h F3).
+        let by_user = OpenClient {
+            client_guid: None,
+            ..own.clone()
+        };
+        ids.note(&unsettled, &n, by_user);
+        assert!(ids.settles(&unsettled, 7, &other_client));
+        assert!(!ids.settles(&unsettled, 7, &other_user));
     }
 }
