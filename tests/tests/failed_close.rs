@@ -1677,18 +1677,25 @@ fn smbshim_takes_no_open_of_a_session_being_ended() {
             .then_some(())
         },
     );
+    std::fs::remove_file(hold("taken")).expect("release a taken close");
+    let r = close
+        .outcome("the CLOSE", Duration::from_secs(30))
+        .expect("an answer");
+    assert_eq!(
+        r["status"], "STATUS_SUCCESS",
+        "closed as asked, not left to the session's end: {r}"
+    );
+    assert!(
+        handle_paths(d.socket()).is_empty(),
+        "closed in filterd, not detached"
+    );
     std::fs::remove_file(hold("end")).expect("release the session's end");
     let mut replay = create;
     replay["replay"] = json!(true);
     replay["session_id"] = json!(sid2);
     let r = b.call(replay);
-    assert_eq!(r["status"], "STATUS_SUCCESS", "the open, detached: {r}");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "opened anew: {r}");
     let new = r["file_id"].clone();
-    std::fs::remove_file(hold("taken")).expect("release a taken close");
-    let r = close
-        .outcome("the CLOSE", Duration::from_secs(30))
-        .expect("an answer");
-    let first = r["status"].clone();
     let r = b.call(json!({"cmd": "FLUSH", "session_id": sid2, "file_id": new}));
     assert_eq!(
         r["status"], "STATUS_SUCCESS",
@@ -1701,7 +1708,88 @@ fn smbshim_takes_no_open_of_a_session_being_ended() {
         "the replayed open closes: {r}"
     );
     assert!(handle_paths(d.socket()).is_empty(), "closed");
-    assert_eq!(first, "STATUS_FILE_CLOSED", "the session's end took it");
+}
+
+/// A LOGOFF lists its session's opens `f` and `g` (held there,
+/// `.hold-listed`); a CLOSE from another connection takes the first
+/// listed, X, before the LOGOFF looks at it (filterd stopped under its
+/// close). The LOGOFF, released, finds X gone and waits before it closes
+/// the other, Y (`.hold-logoff`), while X's close is undone (its commit
+/// fails): X is back. The LOGOFF must list again and close X itself —
+/// refused (`close.refuse`): it fails and the session stays, with X.
+/// Before (re-review rr41l C) a pass that found X gone by its look
+/// counted as done: the session's end closed X for good, the refusal
+/// only logged, and the LOGOFF answered SUCCESS.
+#[test]
+fn smbshim_logoff_closes_an_open_a_close_took_after_its_listing() {
+    use nix::sys::signal::Signal;
+    let name = "logoff-close-after-listing";
+    let s = Scratch::new(name);
+    let d = Filterd::start(
+        &s,
+        &[],
+        &[(
+            "RKFILTER_FAILPOINTS",
+            "commit.before:3:fail,close.refuse:3:fail",
+        )],
+    );
+    let (smb, log, _release, mut c, sid, f) = smbshim_hooked_open(&s, &d, name);
+    let r = smb_persistent_create(&mut c, sid, "g");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let g = r["file_id"].clone();
+    // The LOGOFF lists its opens in the order of their ids.
+    let (x, x_path) = if f.as_str() < g.as_str() {
+        (f, "f")
+    } else {
+        (g, "g")
+    };
+    let hold = |what: &str| s.dir.join(format!("release-store.hold-{what}"));
+    for h in ["listed", "logoff"] {
+        std::fs::write(hold(h), b"").expect("hold");
+    }
+    let logoff = rkfilter_tests::InFlight::send(
+        LineClient::connect(&smb.addr),
+        json!({"cmd": "LOGOFF", "session_id": sid}),
+    );
+    wait_logged(&log, "test hook: a LOGOFF listed its opens, waits");
+    d.stop();
+    let close = rkfilter_tests::InFlight::send(
+        LineClient::connect(&smb.addr),
+        json!({"cmd": "CLOSE", "session_id": sid, "file_id": x}),
+    );
+    wait_for("the CLOSE takes X", Duration::from_secs(10), || {
+        let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": x}));
+        (r["status"] != "STATUS_SUCCESS").then_some(())
+    });
+    std::fs::remove_file(hold("listed")).expect("release the LOGOFF");
+    wait_logged(&log, "test hook: a LOGOFF found an open, waits");
+    d.signal(Signal::SIGCONT);
+    let r = close
+        .outcome("the CLOSE", Duration::from_secs(60))
+        .expect("an answer");
+    assert_eq!(
+        r["status"], "STATUS_INTERNAL_ERROR",
+        "its commit failed: {r}"
+    );
+    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": x}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "X is back: {r}");
+    std::fs::remove_file(hold("logoff")).expect("release the LOGOFF again");
+    let r = logoff
+        .outcome("the LOGOFF", Duration::from_secs(60))
+        .expect("an answer");
+    assert_eq!(
+        r["status"], "STATUS_FILE_NOT_AVAILABLE",
+        "its own close of X was refused: {r}"
+    );
+    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": x}));
+    assert_eq!(
+        r["status"], "STATUS_SUCCESS",
+        "the session stays, with X: {r}"
+    );
+    assert_eq!(handle_paths(d.socket()), [x_path], "X still open");
+    let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "logged off again: {r}");
+    assert!(handle_paths(d.socket()).is_empty(), "closed");
 }
 
 /// A replayed CREATE on another session of the client, refused because

@@ -2065,6 +2065,9 @@ fn reconnect(sh: &Shared, _conn: u64, obj: &Map<String, Value>, after: &mut Afte
 
 /// What a request needs of its open.
 struct OpenRef {
+    /// The session it was found in: a close takes it only while it is
+    /// still that session's ([`close_taken`]).
+    session: u64,
     member: usize,
     file_id: String,
     key: ResumeKey,
@@ -2175,6 +2178,7 @@ fn open_in(sh: &Shared, session: u64, file_id: &str) -> Result<OpenRef, Fail> {
         .map_err(|_| Fail("STATUS_INTERNAL_ERROR", "lock".into()))?;
     match opens.get(file_id) {
         Some(o) if o.session == session => Ok(OpenRef {
+            session,
             member: o.member,
             key: o.key,
             file_key: o.file_key,
@@ -2892,36 +2896,39 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
     let key = o.key;
     let m = sh.member(o.member).map_err(known)?;
     // Noted in flight under the opens lock as the open is taken: a CLOSE
-    // or LOGOFF of it from any connection finds the open or the note. An
-    // open whose session is gone is not taken: `end_session` removes the
-    // session before it sweeps its opens (another lock), and its sweep
-    // claims the open so a replay of it waits. Taken here in between, it
-    // had neither that claim nor a note (no session to hold it), and a
-    // replay on another session got it back as its close was made — an
-    // open with no handle behind it (re-review rr41f F1).
-    let mut ending = false;
+    // or LOGOFF of it from any connection finds the open or the note.
+    //
+    // Taken only while it is the session's it was found in: a replayed
+    // CREATE on another session of the client moves an open in place,
+    // and a CLOSE or LOGOFF of the old session that took it then closed
+    // the new session's open under it (re-review rr41l B).
+    //
+    // An open whose session is gone is not noted (no session to hold
+    // the note): `end_session` removes the session before it sweeps its
+    // opens (another lock). Taken here in between, it is claimed as the
+    // sweep would claim it, so that a replay of it waits ([`Going`]),
+    // and closed as the client asked: neither taken (re-review rr41f
+    // F1: a replay got it back as its close was made) nor left to the
+    // sweep, which detaches a lost connection's durable opens — its
+    // CLOSE told STATUS_FILE_CLOSED, the handle held till its durable
+    // timeout (rr41l A).
+    let mut ending = None;
     let taken = sh.opens.lock().ok().and_then(|mut opens| {
-        let session = opens.get(&o.file_id)?.session;
-        let Ok(mut sessions) = sh.sessions.lock() else {
-            ending = true;
+        if opens.get(&o.file_id)?.session != o.session {
             return None;
-        };
-        let Some(s) = sessions.get_mut(&session) else {
-            ending = true;
+        }
+        let mut sessions = sh.sessions.lock().ok()?;
+        let Some(s) = sessions.get_mut(&o.session) else {
+            let open = opens.remove(&o.file_id)?;
+            ending = Some(Going::of(sh, o.file_id.clone(), &open));
             return None;
         };
         let taken = opens.remove(&o.file_id)?;
         s.closing.push(key);
         Some(taken)
     });
-    if ending {
-        return Err(CloseFailed {
-            not_taken: true,
-            ..known(Fail(
-                "STATUS_FILE_CLOSED",
-                format!("open {}: its session ended", o.file_id),
-            ))
-        });
+    if let Some(going) = ending {
+        return close_of_ended(sh, going);
     }
     if taken.is_some() {
         test_hold_taken();
@@ -2929,11 +2936,16 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
     let Some(taken) = taken else {
         // Put back meanwhile (its close undone), or its close still in
         // flight or settling: retry.
-        let back = sh
-            .opens
-            .lock()
-            .is_ok_and(|opens| opens.contains_key(&o.file_id));
-        let status = if back || close_pending_any(sh, key) {
+        let back = sh.opens.lock().is_ok_and(|opens| {
+            opens
+                .get(&o.file_id)
+                .is_some_and(|v| v.session == o.session)
+        });
+        let alive = sh.sessions.lock().is_ok_and(|s| s.contains_key(&o.session));
+        let status = if !alive {
+            // Its session's end has it (or a replay took it over).
+            "STATUS_USER_SESSION_DELETED"
+        } else if back || close_pending_any(sh, key) {
             "STATUS_FILE_NOT_AVAILABLE"
         } else {
             "STATUS_FILE_CLOSED"
@@ -3014,18 +3026,58 @@ fn keep_open(sh: &Shared, file_id: String, open: Open) {
         Going::of(sh, file_id, &open)
     };
     going.let_go(sh, |m, key, told| {
-        if let Err(e) = m.filter.close_told(key, told) {
+        if let Err(e) = close_ended_handle(m, key, told) {
             eprintln!("smbshim: closing an open whose session ended: {e}");
-            if e.close_undone() {
-                // With the told flag too (re-review rr-told36: the plain
-                // detach left the store's flag, maybe an unanswered
-                // change's, for a later resume's close or the expiry).
-                let _ = m.filter.detach_told(key, told);
-            } else if may_hold(&e) {
-                m.unsettled.add_told(key, told);
-            }
         }
     });
+}
+
+/// Closes in filterd the handle of an open whose session ended: detached
+/// if the close is undone, as a lost connection's durable open is;
+/// settling if filterd never answered.
+fn close_ended_handle(m: &Member, key: ResumeKey, told: Option<bool>) -> Result<(), ClientError> {
+    m.filter.close_told(key, told).inspect_err(|e| {
+        if e.close_undone() {
+            // With the told flag too (re-review rr-told36: the plain
+            // detach left the store's flag, maybe an unanswered
+            // change's, for a later resume's close or the expiry).
+            let _ = m.filter.detach_told(key, told);
+        } else if may_hold(e) {
+            m.unsettled.add_told(key, told);
+        }
+    })
+}
+
+/// The close a CLOSE or LOGOFF asked of an open whose session ended
+/// before it took it ([`close_taken`]), claimed as `going`: made, the
+/// request succeeds; failed, it is told so (the handle detached if the
+/// close was undone: the client may RECONNECT a durable open). One a
+/// replay took over meanwhile is the replay's: not taken.
+fn close_of_ended(sh: &Shared, going: Going<'_>) -> Result<(), CloseFailed> {
+    let mut outcome = None;
+    going.let_go(sh, |m, key, told| {
+        let r = close_ended_handle(m, key, told);
+        if r.is_ok() {
+            sh.closes_made.made(key);
+        }
+        outcome = Some(r);
+    });
+    match outcome {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(CloseFailed {
+            unknown: !e.close_undone() && may_hold(&e),
+            not_taken: false,
+            fail: filter_fail(e),
+        }),
+        None => Err(CloseFailed {
+            unknown: false,
+            not_taken: true,
+            fail: Fail(
+                "STATUS_USER_SESSION_DELETED",
+                "its session ended; a replay took the open over".into(),
+            ),
+        }),
+    }
 }
 
 /// LOGOFF: every open of the session is closed first as a CLOSE would be,
@@ -3059,10 +3111,15 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
     let _marked = LoggingOff::mark(sh, session);
     let until = Instant::now() + LETTING_GO_WAIT;
     let (mut failed, mut unknown) = (None, None);
+    // A pass that found an open taken by another close (a CLOSE's, a
+    // LOGOFF's) lists again: that close may have been undone after the
+    // pass looked, its open back, to close here (re-review rr41f F2,
+    // rr41l C).
+    let mut raced;
     loop {
-        let mut raced = false;
+        raced = false;
         wait_closes_in_flight(sh, session, until);
-        let mine: Vec<String> = sh
+        let mut mine: Vec<String> = sh
             .opens
             .lock()
             .map(|o| {
@@ -3072,10 +3129,14 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
                     .collect()
             })
             .unwrap_or_default();
+        // In one order (the tests name which open comes first).
+        mine.sort_unstable();
+        test_hold_listed();
         for file_id in mine {
-            // Gone since it was listed: closed, or its close in flight
-            // from another connection (waited for below).
+            // Gone since it was listed: closed, or taken by a close in
+            // flight from another connection, which may yet be undone.
             let Ok(o) = open_in(sh, session, &file_id) else {
+                raced = true;
                 continue;
             };
             test_hold_logoff();
@@ -3123,6 +3184,13 @@ fn logoff(sh: &Shared, obj: &Map<String, Value>) -> Outcome {
         if kept {
             return Err(e);
         }
+    }
+    // Past the bound with an open another close took not seen again:
+    // that close may be undone yet, its open back, and the session's end
+    // would close it for good with no failure told (re-review rr41l D).
+    // Not made yet, the session kept.
+    if raced && sh.sessions.lock().is_ok_and(|s| s.contains_key(&session)) {
+        return Err(close_unsettled());
     }
     if end_session(sh, session, true).is_none() {
         // Ended while this LOGOFF waited: by another LOGOFF, its
@@ -4043,6 +4111,14 @@ fn test_hold_replay() {
 /// (`failed_close.rs::smbshim_logoff_waits_for_a_close_that_took_its_open_first`).
 fn test_hold_logoff() {
     test_hold_while("hold-logoff", "a LOGOFF found an open, waits");
+}
+
+/// [`test_hold_path`]: while `<path>.hold-listed` exists (60 s at most),
+/// a LOGOFF that listed its session's opens waits before it looks at the
+/// first, so that a CLOSE can take one meanwhile
+/// (`failed_close.rs::smbshim_logoff_closes_an_open_a_close_took_after_its_listing`).
+fn test_hold_listed() {
+    test_hold_while("hold-listed", "a LOGOFF listed its opens, waits");
 }
 
 /// [`test_hold_path`]: while `<path>.hold-lost` exists (60 s at most), a
