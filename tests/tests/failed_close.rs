@@ -1632,8 +1632,11 @@ fn smbshim_logoff_closes_an_open_whose_racing_close_was_undone() {
 /// filterd (held there, `.hold-taken`) when a replay of the open's GUID
 /// on the client's other session got the handle back and stored it; the
 /// close then closed it under that open (its CLOSE failed, no share mode
-/// held). Now the CLOSE is told STATUS_FILE_CLOSED, the sweep detaches
-/// the persistent open and the replay takes it back, working.
+/// held). Then (378c88d) the CLOSE was told STATUS_FILE_CLOSED and the
+/// sweep detached the persistent open (re-review rr41l A: the client
+/// forgot it, its handle held till the durable timeout). Now the CLOSE
+/// takes it out claimed, as the sweep would, and closes it in filterd:
+/// STATUS_SUCCESS, no handle left; the replay opens anew.
 #[test]
 fn smbshim_takes_no_open_of_a_session_being_ended() {
     let name = "close-of-ending-session";
@@ -1722,15 +1725,37 @@ fn smbshim_takes_no_open_of_a_session_being_ended() {
 /// only logged, and the LOGOFF answered SUCCESS.
 #[test]
 fn smbshim_logoff_closes_an_open_a_close_took_after_its_listing() {
+    logoff_after_a_close_took_a_listed_open("logoff-close-after-listing", false);
+}
+
+/// [`smbshim_logoff_closes_an_open_a_close_took_after_its_listing`], the
+/// LOGOFF held at its listing past its bound ([`LETTING_GO_WAIT`]): its
+/// pass that found X gone is its last, and X, back, must not be closed
+/// for good by the session's end — the LOGOFF is not made
+/// (STATUS_FILE_NOT_AVAILABLE), the session stays with X. Before
+/// (re-review rr41l D) the session ended with X closed, told SUCCESS.
+#[test]
+fn smbshim_logoff_past_its_bound_keeps_an_open_a_close_took() {
+    logoff_after_a_close_took_a_listed_open("logoff-close-past-bound", true);
+}
+
+/// smbshim's bound on a LOGOFF's wait for closes in flight.
+const LETTING_GO_WAIT: Duration = Duration::from_secs(20);
+
+fn logoff_after_a_close_took_a_listed_open(name: &str, past_bound: bool) {
     use nix::sys::signal::Signal;
-    let name = "logoff-close-after-listing";
     let s = Scratch::new(name);
     let d = Filterd::start(
         &s,
         &[],
         &[(
             "RKFILTER_FAILPOINTS",
-            "commit.before:3:fail,close.refuse:3:fail",
+            // Past the bound, X is not closed again by the LOGOFF.
+            if past_bound {
+                "commit.before:3:fail"
+            } else {
+                "commit.before:3:fail,close.refuse:3:fail"
+            },
         )],
     );
     let (smb, log, _release, mut c, sid, f) = smbshim_hooked_open(&s, &d, name);
@@ -1751,7 +1776,14 @@ fn smbshim_logoff_closes_an_open_a_close_took_after_its_listing() {
         LineClient::connect(&smb.addr),
         json!({"cmd": "LOGOFF", "session_id": sid}),
     );
+    let sent = std::time::Instant::now();
     wait_logged(&log, "test hook: a LOGOFF listed its opens, waits");
+    if past_bound {
+        // Not a readiness wait: the LOGOFF's bound is to pass.
+        std::thread::sleep(
+            (LETTING_GO_WAIT + Duration::from_secs(1)).saturating_sub(sent.elapsed()),
+        );
+    }
     d.stop();
     let close = rkfilter_tests::InFlight::send(
         LineClient::connect(&smb.addr),
@@ -1779,7 +1811,7 @@ fn smbshim_logoff_closes_an_open_a_close_took_after_its_listing() {
         .expect("an answer");
     assert_eq!(
         r["status"], "STATUS_FILE_NOT_AVAILABLE",
-        "its own close of X was refused: {r}"
+        "its own close of X refused, or past its bound not made: {r}"
     );
     let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": x}));
     assert_eq!(
@@ -1789,6 +1821,68 @@ fn smbshim_logoff_closes_an_open_a_close_took_after_its_listing() {
     assert_eq!(handle_paths(d.socket()), [x_path], "X still open");
     let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "logged off again: {r}");
+    assert!(handle_paths(d.socket()).is_empty(), "closed");
+}
+
+/// A LOGOFF that found its session's persistent open `f` (held there,
+/// `.hold-logoff`) as the session's connection drops: the session's end
+/// is held before its sweep (`.hold-end`), and a replay of `f`'s create
+/// GUID on the client's other session moves the open there in place.
+/// The LOGOFF, released, must not take it: it is the other session's
+/// now. Before (re-review rr41l B) the close looked at the open's
+/// session as it took it (the other, alive) and closed the replayed
+/// open's handle in filterd under it.
+#[test]
+fn smbshim_logoff_takes_no_open_a_replay_moved_to_another_session() {
+    let name = "logoff-of-moved-open";
+    let s = Scratch::new(name);
+    let d = Filterd::start(&s, &[], &[]);
+    let (smb, log, _release) = smbshim_hooked(&s, &d, name);
+    let client = uuid::Uuid::new_v4().to_string();
+    let setup = json!({"cmd": "SESSION_SETUP", "client_guid": client, "user": "m"});
+    let mut a = LineClient::connect(&smb.addr);
+    let sid = a.call(setup.clone())["session_id"].as_u64().expect("sid");
+    let mut b = LineClient::connect(&smb.addr);
+    let sid2 = b.call(setup)["session_id"].as_u64().expect("sid2");
+    let guid = uuid::Uuid::new_v4().to_string();
+    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
+    let r = a.call(create.clone());
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+
+    let hold = |what: &str| s.dir.join(format!("release-store.hold-{what}"));
+    for h in ["logoff", "end"] {
+        std::fs::write(hold(h), b"").expect("hold");
+    }
+    let logoff = rkfilter_tests::InFlight::send(
+        LineClient::connect(&smb.addr),
+        json!({"cmd": "LOGOFF", "session_id": sid}),
+    );
+    wait_logged(&log, "test hook: a LOGOFF found an open, waits");
+    drop(a);
+    wait_logged(&log, "test hook: a session's end took it out, waits");
+    let mut replay = create;
+    replay["replay"] = json!(true);
+    replay["session_id"] = json!(sid2);
+    let r = b.call(replay);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "moved to sid2: {r}");
+    let moved = r["file_id"].clone();
+    std::fs::remove_file(hold("logoff")).expect("release the LOGOFF");
+    // The LOGOFF's end of the session waits for the end in progress.
+    std::fs::remove_file(hold("end")).expect("release the session's end");
+    let r = logoff
+        .outcome("the LOGOFF", Duration::from_secs(60))
+        .expect("an answer");
+    assert_eq!(
+        r["status"], "STATUS_USER_SESSION_DELETED",
+        "its session ended under it: {r}"
+    );
+    assert_eq!(handle_paths(d.socket()), ["f"], "the moved open's handle");
+    let r = b.call(json!({"cmd": "FLUSH", "session_id": sid2, "file_id": moved}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "the moved open serves: {r}");
+    let r = b.call(json!({"cmd": "CLOSE", "session_id": sid2, "file_id": moved}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "the moved open closes: {r}");
     assert!(handle_paths(d.socket()).is_empty(), "closed");
 }
 
