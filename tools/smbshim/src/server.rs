@@ -3611,7 +3611,13 @@ fn acked(sh: &Shared, lease: Breaking, now: HeldLease) {
         if breaking_of(x) != Some(lease) {
             continue;
         }
-        if let Some(l) = x.lease.as_mut().filter(|l| l.state.contains(now.state)) {
+        // Only at the break's own epoch: an upgrade granted since moved
+        // it (re-review rr41n).
+        if let Some(l) = x
+            .lease
+            .as_mut()
+            .filter(|l| l.epoch == now.epoch && l.state.contains(now.state))
+        {
             (l.state, l.epoch) = (now.state, now.epoch);
         }
     }
