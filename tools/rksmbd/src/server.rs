@@ -1992,6 +1992,11 @@ impl Connection {
                     home.socket_ended();
                 }
             }
+            // Lease breaks go to the client's next live connection from
+            // now on, not when the request that read the end returns
+            // (re-review rr41o 2: a break routed here meanwhile was lost,
+            // and filterd lowered the lease at its timeout untold).
+            self.sh.notifier.disconnected(self.id);
         }
     }
 
@@ -3172,7 +3177,10 @@ impl Connection {
         };
         let same_user = link.is_some_and(|l| s.user.as_deref() == Some(l.user.as_str()));
         match (same_user, &s.bound) {
-            (true, Some(home)) if !home.is_ended() => {
+            // Not on a connection whose socket already ended (a compound
+            // read before the end): it would count as a live channel of
+            // the home for good (re-review rr41o 1).
+            (true, Some(home)) if !home.is_ended() && self.io.is_some() => {
                 home.bound();
                 tracing::info!(
                     conn = self.id,
