@@ -5447,6 +5447,7 @@ fn events(sh: Arc<Shared>) {
                 lost,
                 taken,
                 locked,
+                leases,
                 ..
             } => {
                 // No request or reaper tick runs on the state meanwhile
@@ -5466,6 +5467,20 @@ fn events(sh: Arc<Shared>) {
                 if !sh.reload_due.load(Ordering::Acquire) && served_elsewhere(&sh) {
                     eprintln!(
                         "nfsshim: another nfsshim process of this instance served its tables meanwhile: reading them again"
+                    );
+                    sh.reload_due.store(true, Ordering::Release);
+                } else if !sh.reload_due.load(Ordering::Acquire)
+                    && lowered_delegations(&sh, &leases)
+                {
+                    // A delegation whose lease filterd lowered while this
+                    // process was detached (a holder disconnected is
+                    // lowered untold: another node served, or another
+                    // frontend opened the file): the reload's restore
+                    // revokes it, as at a start (re-review rr41m 1: with
+                    // no reload forced by the step-down any more, it was
+                    // kept, its client caching writes nobody would recall).
+                    eprintln!(
+                        "nfsshim: a delegation's lease was lowered while filterd was away: reading the tables again"
                     );
                     sh.reload_due.store(true, Ordering::Release);
                 } else if stepped && !sh.reload_due.load(Ordering::Acquire) {
@@ -5514,6 +5529,29 @@ fn events(sh: Arc<Shared>) {
             _ => {}
         }
     }
+}
+
+/// Whether a delegation held in memory lost what it promises in
+/// `leases` (each resumed handle's lease as filterd holds it now): its
+/// handle resumed with no lease, another lease, or one lowered below what
+/// the delegation promises ([`still_delegates`]).
+fn lowered_delegations(
+    sh: &Shared,
+    leases: &[(ResumeKey, Option<libfilter::model::HeldLease>)],
+) -> bool {
+    let Ok(g) = sh.global() else {
+        return false;
+    };
+    g.lease_client.iter().any(|(lease, held)| {
+        leases.iter().any(|(k, now)| {
+            *k == held.handle
+                && !now.is_some_and(|l| {
+                    l.key.0 == *lease
+                        && l.state.contains(LeaseState::R)
+                        && (!held.write || l.state.contains(LeaseState::W))
+                })
+        })
+    })
 }
 
 /// Reads the tables again ([`reload`]) on a reattach that found them
@@ -5565,20 +5603,22 @@ fn reload_or_wait(sh: &Shared) -> bool {
 /// (filterd still there: exit 75).
 const RELOAD_TRIES: u32 = 3;
 
-/// Whether a failed reload may pass by waiting: no answer, or filterd
-/// busy, interrupted, short of descriptors or memory, its store full.
+/// Whether a failed reload may pass by waiting: filterd busy,
+/// interrupted, short of descriptors or memory, its store full. Not a
+/// timeout: a filterd that stopped answering would cost each try the
+/// whole call timeout, every request blocked meanwhile (re-review rr41m
+/// 3: up to three times 120 s).
 fn reload_error_may_pass(e: &ClientError) -> bool {
-    matches!(e, ClientError::Timeout(_))
-        || matches!(
-            e.code(),
-            Some(
-                ErrorCode::LimitReached
-                    | ErrorCode::Busy
-                    | ErrorCode::Retry
-                    | ErrorCode::FileNotAvailable
-                    | ErrorCode::DiskFull
-            )
+    matches!(
+        e.code(),
+        Some(
+            ErrorCode::LimitReached
+                | ErrorCode::Busy
+                | ErrorCode::Retry
+                | ErrorCode::FileNotAvailable
+                | ErrorCode::DiskFull
         )
+    )
 }
 
 /// Whether a refused detach of one of this attachment's handles before a
@@ -5655,12 +5695,25 @@ fn reload(sh: &Shared) -> Result<(), ClientError> {
         // Its open states' descriptors close here.
         drop(stale);
     }
-    *sh.excl
-        .lock()
-        .map_err(|_| ClientError::Unexpected("excl lock".into()))? = excl::Ages::default();
-    let registered = sh.tables.registered(f)?;
-    sh.registered.store(registered, Ordering::Release);
-    restore(sh)?;
+    let read = (|| {
+        *sh.excl
+            .lock()
+            .map_err(|_| ClientError::Unexpected("excl lock".into()))? = excl::Ages::default();
+        let registered = sh.tables.registered(f)?;
+        sh.registered.store(registered, Ordering::Release);
+        restore(sh)
+    })();
+    if let Err(e) = read {
+        // Kept for the next try, which takes them again (re-review
+        // rr41m 2: a retried reload found none, and a recall missed a
+        // client whose connection survived).
+        if let Ok(mut g) = sh.st.lock() {
+            for (cid, conn) in client_conns {
+                g.client_conn.entry(cid).or_insert(conn);
+            }
+        }
+        return Err(e);
+    }
     keep_client_conns(sh, client_conns)?;
     restore_verifier_ages(sh)?;
     claim_tables(sh)?;
@@ -6646,7 +6699,7 @@ mod status_tests {
     /// tried again before nfsshim exits; one that will not, is not.
     #[test]
     fn a_reload_failed_for_a_passing_cause_is_tried_again() {
-        assert!(reload_error_may_pass(&ClientError::Timeout(
+        assert!(!reload_error_may_pass(&ClientError::Timeout(
             Duration::from_secs(1)
         )));
         assert!(reload_error_may_pass(&refused(ErrorCode::Busy)));
