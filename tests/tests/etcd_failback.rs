@@ -719,3 +719,53 @@ fn a_recall_after_a_fail_back_reaches_a_holder_whose_connection_stayed() {
     );
     drop(cluster);
 }
+
+/// Re-review rr41m 1: dave holds a write delegation through nfsshim A;
+/// filterd A is stopped past its lease and B's filterd takes the table
+/// (no nfsshim there), where another frontend opens and writes dave's
+/// file — his disconnected holder's lease is lowered, untold. B dies, A
+/// steps down at SIGCONT and A's node claims the table again. Nobody else
+/// served nfsshim's tables, so nothing forced a reload, and nfsshim A
+/// kept dave's delegation: his client would cache writes over the other
+/// frontend's data, and no later open would recall it. Now the reattach
+/// sees the lease lowered below what the delegation promises and reads
+/// the tables again, which revokes it.
+#[test]
+fn a_delegation_lowered_while_nfsshim_was_away_is_revoked_at_the_reattach() {
+    let name = "failback-deleg-lowered";
+    if !etcd_available(name) {
+        return;
+    }
+    let shared = Scratch::new(&format!("{name}-export"));
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url(&format!("rk/{name}"));
+    let flags = ["--break-timeout-ms", "1500"];
+    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &flags);
+    let logs = Scratch::new(&format!("{name}-log"));
+    let log = logs.root().join("nfs-a.log");
+    let nfs_a = Shim::start_logged("nfsshim", a.socket(), "nfs-1", &[], &log);
+    let mut dave = Nfs::new(&nfs_a.addr, "dave@h4", "00000000000000dd");
+    let mut want = open_req("do", "d", "none", "unchecked");
+    want["want_delegation"] = json!("write");
+    let o = dave.ok(want, 0);
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    dave.ok(write_req(&deleg, "DAVE"), 1);
+    a.stop();
+    b.wait_ready();
+    rkfilter_tests::write_as_another_frontend(b.socket(), "d", b"BOB-WROTE");
+    b.kill9();
+    a.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(a.wait_exit(Duration::from_secs(30)).code(), Some(75));
+    let a2 = node_filterd(&sa, &url, TTL, true, &flags);
+    a2.wait_ready();
+    // Re-sent until nfsshim A serves again (the step-down closed dave's
+    // connection): his WRITE under the delegation is refused, not cached.
+    dave.last[1] += 1;
+    let r = dave.at(write_req(&deleg, "LATE"), 1);
+    assert_ne!(r["status"], "NFS4_OK", "the delegation is revoked: {r}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("a delegation's lease was lowered"), "{text}");
+    drop(cluster);
+}
