@@ -2920,6 +2920,10 @@ fn close_taken(sh: &Shared, o: OpenRef) -> Result<(), CloseFailed> {
         let mut sessions = sh.sessions.lock().ok()?;
         let Some(s) = sessions.get_mut(&o.session) else {
             let open = opens.remove(&o.file_id)?;
+            // Its break goes with it, as the sweep's would (re-review
+            // rr41p 1: the entry stayed, its acks refused, and a stale
+            // break could be sent again to a new open of the lease).
+            end_breaks(sh, &opens, breaking_of(&open));
             ending = Some(Going::of(sh, o.file_id.clone(), &open));
             return None;
         };
