@@ -487,7 +487,11 @@ impl Notifier {
             .ok()
             .as_mut()
             .and_then(|m| m.get_mut(key))
-            .filter(|h| h.state.contains(state))
+            // Only at the break's own epoch: an upgrade granted since (a
+            // CREATE of the same key on another connection) moved it, and
+            // lowering that would keep its next break from the client
+            // (re-review rr41n).
+            .filter(|h| h.epoch == epoch && h.state.contains(state))
         {
             h.state = state;
             h.epoch = epoch;
@@ -1386,6 +1390,36 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(3, 1, 5)]
         );
+    }
+
+    /// An acknowledgment whose answer is handled after an upgrade of the
+    /// same lease was granted (another connection's CREATE, epoch moved)
+    /// leaves the upgrade: the client holds it, and a lowering of it while
+    /// detached is told at the reattach (re-review rr41n: the ack lowered
+    /// the holder to R, and RWH lowered to R was never told).
+    #[test]
+    fn an_ack_handled_after_an_upgrade_leaves_the_upgrade() {
+        let (n, guid, _writers, _listener) = connections(1);
+        n.logged_on(1, (1, "alice"), |_| true);
+        let key = lease_on(&n, (1, guid, "alice"));
+        let a = ResumeKey(uuid::Uuid::from_bytes([1; 16]));
+        let (_, holder) = lease_rwh();
+        n.broken(&key, lease_state(1), 2);
+        let b = ResumeKey(uuid::Uuid::from_bytes([9; 16]));
+        let upgraded = HeldLease {
+            key,
+            state: lease_state(7),
+            epoch: 3,
+        };
+        n.granted(upgraded, b, (1, guid, "alice"), holder);
+        n.acked(&key, lease_state(1), 2);
+        let now = Some(HeldLease {
+            key,
+            state: lease_state(1),
+            epoch: 4,
+        });
+        let told = n.lowered(&[(a, now), (b, now)]);
+        assert_eq!(told.len(), 1, "RWH lowered to R is told");
     }
 
     /// A reattach's breaks of forgotten leases and of lowered ones, to a
