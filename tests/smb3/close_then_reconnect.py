@@ -14,11 +14,13 @@ in flight, or after it gave up). The DH2C must fail: the CLOSE was sent
 first and wins; whatever rksmbd's close-settler does after, it never
 closes a handle the client got back. Prints "reconnect refused STATUS"
 and waits (the driver waits until filterd holds no handle). A second DH2C
-fails STATUS_OBJECT_NAME_NOT_FOUND, a CLOSE of the old FileId (a replay
+fails STATUS_OBJECT_NAME_NOT_FOUND (after STATUS_FILE_NOT_AVAILABLE while
+rksmbd's settler still notes the close, retried), a CLOSE of the old FileId (a replay
 of the CLOSE) STATUS_FILE_CLOSED, and another client opens cr.txt sharing
 nothing. Prints PASS; exits non-zero on any failure.
 """
 
+import time
 import uuid
 
 from smbprotocol.exceptions import SMBResponseException
@@ -30,6 +32,7 @@ SERVER = args()
 NAME = "cr.txt"
 OBJECT_NAME_NOT_FOUND = 0xC0000034
 FILE_CLOSED = 0xC0000128
+FILE_NOT_AVAILABLE = 0xC0000467
 
 
 def reconnect(tree, fid, create_guid):
@@ -63,7 +66,15 @@ st = reconnect(again_tree, fid, create_guid)
 check(st != 0, f"the DH2C after an unanswered CLOSE fails (got {st:#010x})")
 pause(f"reconnect refused {st:#010x}")
 
-st = reconnect(again_tree, fid, create_guid)
+# filterd closed the handle; rksmbd's settler may not have taken its
+# settling note down yet, and a DH2C meanwhile is told to retry
+# (STATUS_FILE_NOT_AVAILABLE), as a client's retry is: retried (bounded).
+deadline = time.monotonic() + 20
+while True:
+    st = reconnect(again_tree, fid, create_guid)
+    if st != FILE_NOT_AVAILABLE or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
 check(st == OBJECT_NAME_NOT_FOUND, f"a second DH2C finds nothing (got {st:#010x})")
 try:
     again.receive(again.send(req, sid=again_tree.session.session_id, tid=again_tree.tree_connect_id))
