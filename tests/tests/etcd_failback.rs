@@ -36,16 +36,105 @@
 //! Skips (with a note) when the `etcd` binary is missing, except under
 //! `CI=true`.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use libfilter::proto::HandleView;
 use rkfilter_tests::etcd::{etcd_available, node_filterd, owner_and_standby, Cluster};
 use rkfilter_tests::smb3::Dialogue;
-use rkfilter_tests::{LineClient, RkSmbd, Scratch, Shim};
+use rkfilter_tests::{Filterd, LineClient, RkSmbd, Scratch, Shim};
 use serde_json::{json, Value};
 
 const TTL: &str = "2";
 const USERS: &[(&str, &str)] = &[("alice", "pw")];
 const FILE_CLOSED: &str = "0xc0000128";
+
+/// Two nodes on one etcd table over a shared export
+/// ([`owner_and_standby`]): filterd A owning it, filterd B standby, both
+/// run with lease TTL [`TTL`] and `flags`.
+struct TwoNodes {
+    /// The one-member etcd cluster holding the table (dropped first, as
+    /// the tests ended before: `drop(cluster)`).
+    _cluster: Cluster,
+    /// filterd A, the owner.
+    a: Filterd,
+    /// filterd B, standby.
+    b: Filterd,
+    /// Node A's scratch dir (its socket, its state dir).
+    sa: Scratch,
+    /// Node B's.
+    sb: Scratch,
+    /// The export both nodes serve.
+    export: PathBuf,
+    url: String,
+    flags: Vec<&'static str>,
+    _shared: Scratch,
+}
+
+impl TwoNodes {
+    /// The two nodes of test `name` on an empty export (None, with a
+    /// note, when etcd is not installed).
+    fn start(name: &str, flags: &[&'static str]) -> Option<TwoNodes> {
+        TwoNodes::start_with_files(name, &[], flags)
+    }
+
+    /// [`TwoNodes::start`], the export holding `files` (name, contents)
+    /// before anything starts.
+    fn start_with_files(
+        name: &str,
+        files: &[(&str, &[u8])],
+        flags: &[&'static str],
+    ) -> Option<TwoNodes> {
+        if !etcd_available(name) {
+            return None;
+        }
+        let shared = Scratch::new(&format!("{name}-export"));
+        let export = shared.root();
+        for (file, data) in files {
+            std::fs::write(export.join(file), data).unwrap();
+        }
+        let cluster = Cluster::start(&shared, 1);
+        let url = cluster.url(&format!("rk/{name}"));
+        let (sa, a, sb, b) = owner_and_standby(name, &export, &url, TTL, flags);
+        Some(TwoNodes {
+            _cluster: cluster,
+            a,
+            b,
+            sa,
+            sb,
+            export,
+            url,
+            flags: flags.to_vec(),
+            _shared: shared,
+        })
+    }
+
+    /// A filterd started again on node A, standby; not waited for.
+    fn a_again(&self) -> Filterd {
+        node_filterd(&self.sa, &self.url, TTL, true, &self.flags)
+    }
+
+    /// The fail-back: filterd A again (standby, waiting for the owner),
+    /// then node B dies whole — `frontend_b` (its frontend, if any), then
+    /// filterd B — and A owns the table: the new filterd A, ready.
+    fn fail_back(&mut self, frontend_b: Option<Shim>) -> Filterd {
+        let a2 = self.a_again();
+        a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+        if let Some(shim) = frontend_b {
+            shim.kill9();
+        }
+        self.b.kill9();
+        a2.wait_ready();
+        a2
+    }
+
+    /// filterd A, stopped past its lease, is continued: it steps down and
+    /// exits 75.
+    fn a_steps_down(&mut self) {
+        self.a.signal(nix::sys::signal::Signal::SIGCONT);
+        assert_eq!(self.a.wait_exit(Duration::from_secs(30)).code(), Some(75));
+    }
+}
 
 /// `lock_failover.py` against `srv` with `f` open on a persistent handle
 /// (its own client GUID).
@@ -79,16 +168,10 @@ fn reconnect(script: &mut Dialogue, srv: &RkSmbd) -> String {
 /// her old connection when `pending_lock`, else alice alone (her old
 /// connection open and silent, holding the open).
 fn fail_back(name: &str, pending_lock: bool) {
-    if !etcd_available(name) {
+    let Some(mut n) = TwoNodes::start_with_files(name, &[("f", &[b'.'; 100])], &[]) else {
         return;
-    }
-    let shared = Scratch::new(&format!("{name}-export"));
-    let export = shared.root();
-    std::fs::write(export.join("f"), vec![b'.'; 100]).unwrap();
-    let cluster = Cluster::start(&shared, 1);
-    let url = cluster.url(&format!("rk/{name}"));
-    let (sa, mut a, sb, mut b) = owner_and_standby(name, &export, &url, TTL, &[]);
-    let rksmbd_a = RkSmbd::start(&sa, "rksmbd", "data", USERS);
+    };
+    let rksmbd_a = RkSmbd::start(&n.sa, "rksmbd", "data", USERS);
 
     // Bob locks [0,10); alice's blocking LOCK of it waits on rksmbd A.
     let mut bob = pending_lock.then(|| client_of_f(&rksmbd_a));
@@ -102,12 +185,12 @@ fn fail_back(name: &str, pending_lock: bool) {
 
     // A freezes past its lease; B takes over; the clients move to B
     // (alice keeps her old connection to rksmbd A open), bob unlocks.
-    a.stop();
+    n.a.stop();
     if let Some(bob) = bob.as_mut() {
         assert_eq!(ask(bob, "drop", "dropped"), "dropped");
     }
-    b.wait_ready();
-    let rksmbd_b = RkSmbd::start(&sb, "rksmbd", "data", USERS);
+    n.b.wait_ready();
+    let rksmbd_b = RkSmbd::start(&n.sb, "rksmbd", "data", USERS);
     let r = reconnect(&mut alice, &rksmbd_b);
     assert!(
         r.starts_with("reconnected"),
@@ -125,12 +208,8 @@ fn fail_back(name: &str, pending_lock: bool) {
     // `Event::SteppingDown`; a killed filterd says nothing), comes back
     // as standby; B dies; A owns again, and rksmbd A (alive all along)
     // reattaches.
-    a.kill9();
-    let a2 = node_filterd(&sa, &url, TTL, true, &[]);
-    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
-    rksmbd_b.shim.kill9();
-    b.kill9();
-    a2.wait_ready();
+    n.a.kill9();
+    let a2 = n.fail_back(Some(rksmbd_b.shim));
 
     if let Some(bob) = bob.as_mut() {
         // The LOCK that waited on alice's old connection is not granted
@@ -167,7 +246,7 @@ fn fail_back(name: &str, pending_lock: bool) {
         "{}",
         alice.log
     );
-    let data = std::fs::read(export.join("f")).unwrap();
+    let data = std::fs::read(n.export.join("f")).unwrap();
     assert!(
         !data.windows(5).any(|w| w == b"STALE"),
         "the stale connection wrote"
@@ -176,7 +255,6 @@ fn fail_back(name: &str, pending_lock: bool) {
         c.say("done");
         c.finish();
     }
-    drop(cluster);
 }
 
 /// With a blocking LOCK pending on the old connection: it ends, bob
@@ -266,16 +344,35 @@ impl Nfs {
 
     /// `req` as the next request on `slot`, which must be `NFS4_OK`.
     fn ok(&mut self, req: Value, slot: usize) -> Value {
-        self.last[slot] += 1;
-        let r = self.at(req.clone(), slot);
+        let r = self.next(req.clone(), slot);
         assert_eq!(r["status"], "NFS4_OK", "{req}: {r}");
         r
     }
 
+    /// `req` as the next request on `slot`, whatever its status.
+    fn next(&mut self, req: Value, slot: usize) -> Value {
+        self.last[slot] += 1;
+        self.at(req, slot)
+    }
+
     /// `req` at `slot`'s last seqid (a re-send, after [`Nfs::ok`]).
-    fn at(&mut self, mut req: Value, slot: usize) -> Value {
-        req["seq"] = json!({"sessionid": self.sessionid, "slot": slot, "seqid": self.last[slot]});
+    fn at(&mut self, req: Value, slot: usize) -> Value {
+        let req = self.sequenced(req, slot);
         self.ask(req)
+    }
+
+    /// `req` as the next request on `slot`, sent once, not asked again
+    /// ([`Nfs::once`]).
+    fn once_next(&mut self, req: Value, slot: usize) -> Option<Value> {
+        self.last[slot] += 1;
+        let req = self.sequenced(req, slot);
+        self.once(&req)
+    }
+
+    /// `req` at `slot`'s last seqid.
+    fn sequenced(&self, mut req: Value, slot: usize) -> Value {
+        req["seq"] = json!({"sessionid": self.sessionid, "slot": slot, "seqid": self.last[slot]});
+        req
     }
 }
 
@@ -294,6 +391,43 @@ fn close_req(stateid: &Value) -> Value {
     json!({"op": "CLOSE", "stateid": stateid})
 }
 
+/// A write LOCK of [0,10) under open `stateid`, lock owner `al`.
+fn lock_req(stateid: &Value) -> Value {
+    json!({"op": "LOCK", "stateid": stateid, "owner": "al", "type": "write",
+           "offset": 0, "length": 10})
+}
+
+/// The LOCKU of [0,10) under `lock_stateid`.
+fn unlock_req(lock_stateid: &Value) -> Value {
+    json!({"op": "LOCKU", "lock_stateid": lock_stateid, "offset": 0, "length": 10})
+}
+
+/// Dave opens `d` wanting a write delegation, and gets one: the OPEN's
+/// answer.
+fn open_d_with_write_delegation(dave: &mut Nfs) -> Value {
+    let mut want = open_req("do", "d", "none", "unchecked");
+    want["want_delegation"] = json!("write");
+    let o = dave.ok(want, 0);
+    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    o
+}
+
+/// Every handle filterd `d` lists is connected (none left disconnected
+/// holding its modes and locks): the handles.
+fn assert_every_handle_connected(d: &Filterd) -> Vec<HandleView> {
+    let handles = d.control().handles().unwrap();
+    for h in &handles {
+        assert_eq!(
+            h.record.conn,
+            libfilter::model::ConnState::Connected,
+            "{} left {:?}",
+            h.record.path,
+            h.record.conn
+        );
+    }
+    handles
+}
+
 /// How the fail-back goes.
 #[derive(Clone, Copy, PartialEq)]
 enum Loss {
@@ -310,19 +444,12 @@ enum Loss {
 
 /// The fail-back with nfsshim A alive throughout.
 fn nfs_fail_back(name: &str, loss: Loss) {
-    if !etcd_available(name) {
+    let files: &[(&str, &[u8])] = &[("victim", b"victim"), ("ren", b"ren")];
+    let Some(mut n) = TwoNodes::start_with_files(name, files, &[]) else {
         return;
-    }
+    };
     let held = loss != Loss::KillNothingHeld;
-    let shared = Scratch::new(&format!("{name}-export"));
-    let export = shared.root();
-    for f in ["victim", "ren"] {
-        std::fs::write(export.join(f), f).unwrap();
-    }
-    let cluster = Cluster::start(&shared, 1);
-    let url = cluster.url(&format!("rk/{name}"));
-    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &[]);
-    let nfs_a = Shim::start("nfsshim", a.socket(), "nfs-1");
+    let nfs_a = Shim::start("nfsshim", n.a.socket(), "nfs-1");
 
     // On A: alice opens f (denying writes) and locks [0,10); dave, who
     // never talks to B, opens dfile denying both.
@@ -331,9 +458,7 @@ fn nfs_fail_back(name: &str, loss: Loss) {
     let mut lock_sid = Value::Null;
     let mut dave = None;
     if held {
-        let lock = json!({"op": "LOCK", "stateid": f_sid, "owner": "al", "type": "write",
-                          "offset": 0, "length": 10});
-        lock_sid = alice.ok(lock, 0)["lock_stateid"].clone();
+        lock_sid = alice.ok(lock_req(&f_sid), 0)["lock_stateid"].clone();
         let mut d = Nfs::new(&nfs_a.addr, "dave@h4", "00000000000000dd");
         let od = d.ok(open_req("do", "dfile", "both", "unchecked"), 0);
         dave = Some((d, od["stateid"].clone()));
@@ -342,16 +467,15 @@ fn nfs_fail_back(name: &str, loss: Loss) {
     // filterd A is lost, nfsshim A stays; B takes over, nfsshim B
     // restores, alice works on B, carol is made there.
     if loss == Loss::Stop {
-        a.stop();
+        n.a.stop();
     } else {
-        a.kill9();
+        n.a.kill9();
     }
-    b.wait_ready();
+    n.b.wait_ready();
     if loss == Loss::Stop {
-        a.signal(nix::sys::signal::Signal::SIGCONT);
-        assert_eq!(a.wait_exit(Duration::from_secs(30)).code(), Some(75));
+        n.a_steps_down();
     }
-    let nfs_b = Shim::start("nfsshim", b.socket(), "nfs-1");
+    let nfs_b = Shim::start("nfsshim", n.b.socket(), "nfs-1");
     alice.move_to(&nfs_b.addr);
     alice.ok(write_req(&f_sid, "BBBB"), 0);
     if !held {
@@ -367,11 +491,7 @@ fn nfs_fail_back(name: &str, loss: Loss) {
     let k_sid = carol.ok(open_req("co", "k", "both", "unchecked"), 0)["stateid"].clone();
 
     // Fail-back: A again (standby first), node B dies whole, A owns.
-    let a2 = node_filterd(&sa, &url, TTL, true, &[]);
-    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
-    nfs_b.kill9();
-    b.kill9();
-    a2.wait_ready();
+    let a2 = n.fail_back(Some(nfs_b));
 
     // On A: alice's re-sends are answered from their records.
     alice.move_to(&nfs_a.addr);
@@ -401,20 +521,10 @@ fn nfs_fail_back(name: &str, loss: Loss) {
 
     // Every handle attached (none left disconnected holding its modes
     // and locks), and each releasable by its client.
-    let handles = a2.control().handles().unwrap();
+    let handles = assert_every_handle_connected(&a2);
     assert_eq!(handles.len(), if held { 4 } else { 2 }, "{handles:?}");
-    for h in &handles {
-        assert_eq!(
-            h.record.conn,
-            libfilter::model::ConnState::Connected,
-            "{} left {:?}",
-            h.record.path,
-            h.record.conn
-        );
-    }
     if held {
-        let unlock = json!({"op": "LOCKU", "lock_stateid": lock_sid, "offset": 0, "length": 10});
-        alice.ok(unlock, 0);
+        alice.ok(unlock_req(&lock_sid), 0);
         alice.ok(close_req(&f_sid), 0);
     }
     alice.ok(close_req(&g["stateid"]), 1);
@@ -426,10 +536,9 @@ fn nfs_fail_back(name: &str, loss: Loss) {
     for path in ["f", "g", "k", "dfile"] {
         bob.ok(open_req("bo", path, "both", "unchecked"), 0);
     }
-    let data = std::fs::read_to_string(export.join("f")).unwrap();
+    let data = std::fs::read_to_string(n.export.join("f")).unwrap();
     assert_eq!(data, if held { "CCCC" } else { "BBBB" });
-    assert!(export.join("ren2").exists() && !export.join("victim").exists());
-    drop(cluster);
+    assert!(n.export.join("ren2").exists() && !n.export.join("victim").exists());
 }
 
 /// filterd A SIGKILLed: nfsshim A hears nothing until it reattaches.
@@ -464,17 +573,11 @@ fn an_nfsshim_holding_no_handle_at_a_fail_back_reads_its_tables_again() {
 /// (`tests/smb3/lowered_while_detached.py`).
 #[test]
 fn a_lease_lowered_on_the_other_node_is_told_after_the_fail_back() {
-    let name = "failback-lowered";
-    if !etcd_available(name) {
+    let flags = &["--break-timeout-ms", "1500"];
+    let Some(mut n) = TwoNodes::start("failback-lowered", flags) else {
         return;
-    }
-    let shared = Scratch::new(&format!("{name}-export"));
-    let export = shared.root();
-    let cluster = Cluster::start(&shared, 1);
-    let url = cluster.url(&format!("rk/{name}"));
-    let flags = ["--break-timeout-ms", "1500"];
-    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &flags);
-    let (rksmbd_a, log) = RkSmbd::start_logged(&sa, "rksmbd", "data", USERS, &[]);
+    };
+    let (rksmbd_a, log) = RkSmbd::start_logged(&n.sa, "rksmbd", "data", USERS, &[]);
     let mut alice = Dialogue::start(
         &rksmbd_a,
         "lowered_while_detached.py",
@@ -482,15 +585,12 @@ fn a_lease_lowered_on_the_other_node_is_told_after_the_fail_back() {
     );
     alice.expect("ready");
     // A dies without a word; B takes over; bob opens and writes there.
-    a.kill9();
-    b.wait_ready();
-    rkfilter_tests::write_as_another_frontend(b.socket(), "lowered.txt", b"BOB-WROTE");
+    n.a.kill9();
+    n.b.wait_ready();
+    rkfilter_tests::write_as_another_frontend(n.b.socket(), "lowered.txt", b"BOB-WROTE");
     // A comes back as standby; B dies; A owns again and rksmbd A
     // reattaches.
-    let a2 = node_filterd(&sa, &url, TTL, true, &flags);
-    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
-    b.kill9();
-    a2.wait_ready();
+    let _a2 = n.fail_back(None);
     rkfilter_tests::wait_for("rksmbd A to reattach", Duration::from_secs(30), || {
         std::fs::read_to_string(&log)
             .ok()
@@ -498,7 +598,6 @@ fn a_lease_lowered_on_the_other_node_is_told_after_the_fail_back() {
     });
     alice.say("go");
     alice.finish();
-    drop(cluster);
 }
 
 /// The same with smbshim (review rvping 2): alice's RWH lease is lowered
@@ -507,27 +606,17 @@ fn a_lease_lowered_on_the_other_node_is_told_after_the_fail_back() {
 /// before her READ is answered (before: nothing, and she read bob's data).
 #[test]
 fn an_smbshim_lease_lowered_on_the_other_node_is_told_after_the_fail_back() {
-    let name = "failback-lowered-smb";
-    if !etcd_available(name) {
+    let flags = &["--break-timeout-ms", "1500"];
+    let Some(mut n) = TwoNodes::start("failback-lowered-smb", flags) else {
         return;
-    }
-    let shared = Scratch::new(&format!("{name}-export"));
-    let export = shared.root();
-    let cluster = Cluster::start(&shared, 1);
-    let url = cluster.url(&format!("rk/{name}"));
-    let flags = ["--break-timeout-ms", "1500"];
-    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &flags);
-    let shim_a = Shim::start("smbshim", &sa.socket(), "smb-a");
+    };
+    let shim_a = Shim::start("smbshim", &n.sa.socket(), "smb-a");
     let mut alice = rkfilter_tests::LeasedOpen::start(&shim_a.addr, "f");
-    a.kill9();
-    b.wait_ready();
-    rkfilter_tests::write_as_another_frontend(b.socket(), "f", b"BOB-WROTE");
-    let a2 = node_filterd(&sa, &url, TTL, true, &flags);
-    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
-    b.kill9();
-    a2.wait_ready();
+    n.a.kill9();
+    n.b.wait_ready();
+    rkfilter_tests::write_as_another_frontend(n.b.socket(), "f", b"BOB-WROTE");
+    let _a2 = n.fail_back(None);
     alice.assert_told_before_its_read("H", "BOB-WROTE");
-    drop(cluster);
 }
 
 /// Re-review rr41e 3a: filterd A is stopped past its lease: it steps
@@ -541,17 +630,12 @@ fn an_smbshim_lease_lowered_on_the_other_node_is_told_after_the_fail_back() {
 #[test]
 fn a_step_down_then_the_same_node_again_keeps_nfsshims_tables() {
     let name = "failback-same-node";
-    if !etcd_available(name) {
+    let Some(mut n) = TwoNodes::start(name, &[]) else {
         return;
-    }
-    let shared = Scratch::new(&format!("{name}-export"));
-    let export = shared.root();
-    let cluster = Cluster::start(&shared, 1);
-    let url = cluster.url(&format!("rk/{name}"));
-    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &[]);
+    };
     let logs = Scratch::new(&format!("{name}-log"));
     let log = logs.root().join("nfs-a.log");
-    let nfs_a = Shim::start_logged("nfsshim", a.socket(), "nfs-1", &[], &log);
+    let nfs_a = Shim::start_logged("nfsshim", n.a.socket(), "nfs-1", &[], &log);
     let mut alice = Nfs::new(&nfs_a.addr, "alice@h1", "00000000000000aa");
     let mut sids = Vec::new();
     for i in 0..40 {
@@ -559,20 +643,17 @@ fn a_step_down_then_the_same_node_again_keeps_nfsshims_tables() {
         sids.push(alice.ok(open_req("ao", &path, "write", "unchecked"), 0)["stateid"].clone());
     }
     let f_sid = sids[0].clone();
-    let lock = json!({"op": "LOCK", "stateid": f_sid, "owner": "al", "type": "write",
-                      "offset": 0, "length": 10});
-    let lock_sid = alice.ok(lock, 0)["lock_stateid"].clone();
+    let lock_sid = alice.ok(lock_req(&f_sid), 0)["lock_stateid"].clone();
     let rename = json!({"op": "RENAME", "from": "f1", "to": "f1b"});
     let rn = alice.ok(rename.clone(), 2);
     // Stopped past its lease (B's filterd takes the table: no nfsshim
     // there, so nobody serves the tables; it is killed at once): A steps
     // down at SIGCONT and exits 75, and A's node claims the table again.
-    a.stop();
-    b.wait_ready();
-    b.kill9();
-    a.signal(nix::sys::signal::Signal::SIGCONT);
-    assert_eq!(a.wait_exit(Duration::from_secs(30)).code(), Some(75));
-    let a2 = node_filterd(&sa, &url, TTL, true, &[]);
+    n.a.stop();
+    n.b.wait_ready();
+    n.b.kill9();
+    n.a_steps_down();
+    let a2 = n.a_again();
     a2.wait_ready();
     assert_eq!(alice.at(rename, 2), rn, "the RENAME re-sent");
     alice.ok(write_req(&f_sid, "CCCC"), 0);
@@ -580,28 +661,18 @@ fn a_step_down_then_the_same_node_again_keeps_nfsshims_tables() {
     assert!(text.contains("stepped down"), "{text}");
     assert!(text.contains("keeping them"), "{text}");
     assert!(!text.contains("tables read again"), "{text}");
-    for h in &a2.control().handles().unwrap() {
-        assert_eq!(
-            h.record.conn,
-            libfilter::model::ConnState::Connected,
-            "{} {:?}",
-            h.record.path,
-            h.record.conn
-        );
-    }
+    assert_every_handle_connected(&a2);
     let mut bob = Nfs::new(&nfs_a.addr, "bob@h2", "00000000000000bb");
-    let ob = bob.ask(
+    let ob = bob.next(
         json!({"op": "OPEN", "owner": "bo", "path": "f0", "access": "write",
-        "deny": "none", "create": {"mode": "unchecked"},
-        "seq": {"sessionid": bob.sessionid, "slot": 0, "seqid": 1}}),
+        "deny": "none", "create": {"mode": "unchecked"}}),
+        0,
     );
     assert_ne!(
         ob["status"], "NFS4_OK",
         "alice's open denies bob's write: {ob}"
     );
-    let unlock = json!({"op": "LOCKU", "lock_stateid": lock_sid, "offset": 0, "length": 10});
-    alice.ok(unlock, 0);
-    drop(cluster);
+    alice.ok(unlock_req(&lock_sid), 0);
 }
 
 /// Re-review rr41e 1: after a fail-back (filterd A killed, B serving
@@ -614,41 +685,29 @@ fn a_step_down_then_the_same_node_again_keeps_nfsshims_tables() {
 /// tables are read again, then served on their sessions.
 #[test]
 fn a_request_before_the_reattach_at_a_fail_back_waits() {
-    let name = "failback-early";
-    if !etcd_available(name) {
+    let Some(mut n) = TwoNodes::start("failback-early", &[]) else {
         return;
-    }
-    let shared = Scratch::new(&format!("{name}-export"));
-    let export = shared.root();
-    let cluster = Cluster::start(&shared, 1);
-    let url = cluster.url(&format!("rk/{name}"));
-    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &[]);
-    let nfs_a = Shim::start("nfsshim", a.socket(), "nfs-1");
+    };
+    let nfs_a = Shim::start("nfsshim", n.a.socket(), "nfs-1");
     let mut alice = Nfs::new(&nfs_a.addr, "alice@h1", "00000000000000aa");
     let f_sid = alice.ok(open_req("ao", "f", "write", "unchecked"), 0)["stateid"].clone();
-    a.kill9();
-    b.wait_ready();
-    let nfs_b = Shim::start("nfsshim", b.socket(), "nfs-1");
+    n.a.kill9();
+    n.b.wait_ready();
+    let nfs_b = Shim::start("nfsshim", n.b.socket(), "nfs-1");
     alice.move_to(&nfs_b.addr);
     alice.ok(write_req(&f_sid, "BBBB"), 0);
     let mut carol = Nfs::new(&nfs_b.addr, "carol@h3", "00000000000000cc");
     let k_sid = carol.ok(open_req("co", "k", "both", "unchecked"), 0)["stateid"].clone();
-    let a2 = node_filterd(&sa, &url, TTL, true, &[]);
-    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
-    nfs_b.kill9();
-    b.kill9();
-    a2.wait_ready();
+    let _a2 = n.fail_back(Some(nfs_b));
     carol.move_to(&nfs_a.addr);
     alice.move_to(&nfs_a.addr);
     // Right away, once each: not yet served on stale memory.
-    carol.last[0] += 1;
-    let mut req = write_req(&k_sid, "k");
-    req["seq"] = json!({"sessionid": carol.sessionid, "slot": 0, "seqid": carol.last[0]});
-    let r1 = carol.once(&req).map(|r| r["status"].clone());
-    alice.last[0] += 1;
-    let mut req2 = write_req(&f_sid, "CCCC");
-    req2["seq"] = json!({"sessionid": alice.sessionid, "slot": 0, "seqid": alice.last[0]});
-    let r2 = alice.once(&req2).map(|r| r["status"].clone());
+    let r1 = carol
+        .once_next(write_req(&k_sid, "k"), 0)
+        .map(|r| r["status"].clone());
+    let r2 = alice
+        .once_next(write_req(&f_sid, "CCCC"), 0)
+        .map(|r| r["status"].clone());
     for r in [&r1, &r2] {
         assert!(
             matches!(
@@ -662,7 +721,6 @@ fn a_request_before_the_reattach_at_a_fail_back_waits() {
     // has caught up.
     assert_eq!(carol.at(write_req(&k_sid, "k"), 0)["status"], "NFS4_OK");
     assert_eq!(alice.at(write_req(&f_sid, "CCCC"), 0)["status"], "NFS4_OK");
-    drop(cluster);
 }
 
 /// Re-review rr41e 3b: dave holds a write delegation through nfsshim A
@@ -674,37 +732,23 @@ fn a_request_before_the_reattach_at_a_fail_back_waits() {
 /// the recall went nowhere until dave's next request.
 #[test]
 fn a_recall_after_a_fail_back_reaches_a_holder_whose_connection_stayed() {
-    let name = "failback-recall-conn";
-    if !etcd_available(name) {
+    let flags = &["--break-timeout-ms", "30000"];
+    let Some(mut n) = TwoNodes::start("failback-recall-conn", flags) else {
         return;
-    }
-    let shared = Scratch::new(&format!("{name}-export"));
-    let export = shared.root();
-    let cluster = Cluster::start(&shared, 1);
-    let url = cluster.url(&format!("rk/{name}"));
-    let flags = ["--break-timeout-ms", "30000"];
-    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &flags);
-    let nfs_a = Shim::start("nfsshim", a.socket(), "nfs-1");
+    };
+    let nfs_a = Shim::start("nfsshim", n.a.socket(), "nfs-1");
     let mut dave = Nfs::new(&nfs_a.addr, "dave@h4", "00000000000000dd");
-    let mut want = open_req("do", "d", "none", "unchecked");
-    want["want_delegation"] = json!("write");
-    let o = dave.ok(want, 0);
-    assert_eq!(o["delegation"]["type"], "write", "{o}");
-    a.kill9();
-    b.wait_ready();
+    let o = open_d_with_write_delegation(&mut dave);
+    n.a.kill9();
+    n.b.wait_ready();
     // nfsshim B restores the tables (dave's handle taken), serves no one.
-    let nfs_b = Shim::start("nfsshim", b.socket(), "nfs-1");
-    let a2 = node_filterd(&sa, &url, TTL, true, &flags);
-    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
-    nfs_b.kill9();
-    b.kill9();
-    a2.wait_ready();
+    let nfs_b = Shim::start("nfsshim", n.b.socket(), "nfs-1");
+    let _a2 = n.fail_back(Some(nfs_b));
     // Bob (once nfsshim A has read its tables again) opens d for write.
     let mut bob = Nfs::new(&nfs_a.addr, "bob@h2", "00000000000000bb");
-    bob.last[0] += 1;
     let open = json!({"op": "OPEN", "owner": "bo", "path": "d", "access": "write",
-        "deny": "none", "seq": {"sessionid": bob.sessionid, "slot": 0, "seqid": bob.last[0]}});
-    let r = bob.once(&open).expect("bob's OPEN answered");
+        "deny": "none"});
+    let r = bob.once_next(open, 0).expect("bob's OPEN answered");
     assert_eq!(
         r["status"], "NFS4ERR_DELAY",
         "the delegation is recalled: {r}"
@@ -717,7 +761,6 @@ fn a_recall_after_a_fail_back_reaches_a_holder_whose_connection_stayed() {
         cb["stateid"]["other"], o["delegation"]["stateid"]["other"],
         "{cb}"
     );
-    drop(cluster);
 }
 
 /// Re-review rr41m 1: dave holds a write delegation through nfsshim A;
@@ -733,39 +776,27 @@ fn a_recall_after_a_fail_back_reaches_a_holder_whose_connection_stayed() {
 #[test]
 fn a_delegation_lowered_while_nfsshim_was_away_is_revoked_at_the_reattach() {
     let name = "failback-deleg-lowered";
-    if !etcd_available(name) {
+    let Some(mut n) = TwoNodes::start(name, &["--break-timeout-ms", "1500"]) else {
         return;
-    }
-    let shared = Scratch::new(&format!("{name}-export"));
-    let export = shared.root();
-    let cluster = Cluster::start(&shared, 1);
-    let url = cluster.url(&format!("rk/{name}"));
-    let flags = ["--break-timeout-ms", "1500"];
-    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &flags);
+    };
     let logs = Scratch::new(&format!("{name}-log"));
     let log = logs.root().join("nfs-a.log");
-    let nfs_a = Shim::start_logged("nfsshim", a.socket(), "nfs-1", &[], &log);
+    let nfs_a = Shim::start_logged("nfsshim", n.a.socket(), "nfs-1", &[], &log);
     let mut dave = Nfs::new(&nfs_a.addr, "dave@h4", "00000000000000dd");
-    let mut want = open_req("do", "d", "none", "unchecked");
-    want["want_delegation"] = json!("write");
-    let o = dave.ok(want, 0);
-    assert_eq!(o["delegation"]["type"], "write", "{o}");
+    let o = open_d_with_write_delegation(&mut dave);
     let deleg = o["delegation"]["stateid"].clone();
     dave.ok(write_req(&deleg, "DAVE"), 1);
-    a.stop();
-    b.wait_ready();
-    rkfilter_tests::write_as_another_frontend(b.socket(), "d", b"BOB-WROTE");
-    b.kill9();
-    a.signal(nix::sys::signal::Signal::SIGCONT);
-    assert_eq!(a.wait_exit(Duration::from_secs(30)).code(), Some(75));
-    let a2 = node_filterd(&sa, &url, TTL, true, &flags);
+    n.a.stop();
+    n.b.wait_ready();
+    rkfilter_tests::write_as_another_frontend(n.b.socket(), "d", b"BOB-WROTE");
+    n.b.kill9();
+    n.a_steps_down();
+    let a2 = n.a_again();
     a2.wait_ready();
     // Re-sent until nfsshim A serves again (the step-down closed dave's
     // connection): his WRITE under the delegation is refused, not cached.
-    dave.last[1] += 1;
-    let r = dave.at(write_req(&deleg, "LATE"), 1);
+    let r = dave.next(write_req(&deleg, "LATE"), 1);
     assert_ne!(r["status"], "NFS4_OK", "the delegation is revoked: {r}");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("a delegation's lease was lowered"), "{text}");
-    drop(cluster);
 }
