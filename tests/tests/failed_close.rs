@@ -18,14 +18,81 @@ use base64::Engine as _;
 
 use rkfilter_tests::smb3::Dialogue;
 use rkfilter_tests::{
-    handle_paths, handles_on, smb_persistent_create, smb_session, wait_for, Filterd, LineClient,
-    Nfs, RkSmbd, Scratch, Shim,
+    handle_paths, handles_on, smb_persistent_create, smb_session, wait_for, Filterd, InFlight,
+    LineClient, Nfs, RkSmbd, Scratch, Shim,
 };
+use serde::Serialize;
 use serde_json::{json, Value};
 
 /// Where [`persistent_open_failing_its_close`] logs smbshim's stderr.
 fn smbshim_log(s: &Scratch) -> std::path::PathBuf {
     s.dir.join("smbshim.log")
+}
+
+/// A persistent open of `path` in session `sid`, which must succeed: its
+/// file id.
+fn persistent_open(c: &mut LineClient, sid: u64, path: &str) -> Value {
+    let r = smb_persistent_create(c, sid, path);
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    r["file_id"].clone()
+}
+
+/// A CREATE (`open_if`) of `f` for reading and writing, sharing read,
+/// persistent under create GUID `guid`.
+fn durable_create_of_f(sid: u64, guid: &str) -> Value {
+    json!({"cmd": "CREATE", "session_id": sid, "path": "f",
+        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
+        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}})
+}
+
+/// A persistent open of `f` in session `sid` by a CREATE carrying a create
+/// GUID ([`durable_create_of_f`]), which must succeed: (the CREATE, its
+/// file id).
+fn durable_open_of_f(c: &mut LineClient, sid: u64) -> (Value, Value) {
+    let guid = uuid::Uuid::new_v4().to_string();
+    let create = durable_create_of_f(sid, &guid);
+    let r = c.call(create.clone());
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    (create, r["file_id"].clone())
+}
+
+fn close_req(sid: &impl Serialize, fid: &impl Serialize) -> Value {
+    json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid})
+}
+
+fn logoff_req(sid: &impl Serialize) -> Value {
+    json!({"cmd": "LOGOFF", "session_id": sid})
+}
+
+fn flush_req(sid: &impl Serialize, fid: &impl Serialize) -> Value {
+    json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid})
+}
+
+/// A SESSION_SETUP of user `m` for a client GUID of its own.
+fn session_setup_of_a_new_client() -> Value {
+    let client = uuid::Uuid::new_v4().to_string();
+    json!({"cmd": "SESSION_SETUP", "client_guid": client, "user": "m"})
+}
+
+/// A connection to smbshim `smb` and the session `setup` made on it.
+fn session(smb: &Shim, setup: &Value) -> (LineClient, u64) {
+    let mut c = LineClient::connect(&smb.addr);
+    let sid = c.call(setup.clone())["session_id"]
+        .as_u64()
+        .expect("session_id");
+    (c, sid)
+}
+
+/// `req` sent to smbshim `smb` on a connection of its own, in flight.
+fn in_flight(smb: &Shim, req: Value) -> InFlight {
+    InFlight::send(LineClient::connect(&smb.addr), req)
+}
+
+/// The answer to `req` in flight, within `secs` seconds (none, or the
+/// connection ended, fails the test).
+fn answer(req: InFlight, what: &str, secs: u64) -> Value {
+    req.outcome(what, Duration::from_secs(secs))
+        .expect("an answer")
 }
 
 /// smbshim in front of a filterd whose second commit (the first close's:
@@ -39,9 +106,7 @@ fn persistent_open_failing_its_close(
     // Its log: what smbshim waits for ([`wait_logged`]).
     let smb = Shim::start_logged("smbshim", d.socket(), name, &[], &smbshim_log(&s));
     let (mut c, sid) = smb_session(&smb.addr);
-    let r = smb_persistent_create(&mut c, sid, "f");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
+    let fid = persistent_open(&mut c, sid, "f");
     (s, d, smb, c, sid, fid)
 }
 
@@ -80,10 +145,7 @@ fn smbshim_keeps_the_open(
 
 #[test]
 fn a_close_whose_commit_fails_leaves_the_open_usable_and_closable() {
-    smbshim_keeps_the_open(
-        "failed-close",
-        |sid, fid| json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
+    smbshim_keeps_the_open("failed-close", close_req);
 }
 
 /// smbshim's LOGOFF closes every open of the session, persistent ones too:
@@ -92,10 +154,7 @@ fn a_close_whose_commit_fails_leaves_the_open_usable_and_closable() {
 /// while filterd kept the handle attached, and remembered for a restart.)
 #[test]
 fn smbshim_refuses_a_logoff_whose_close_fails() {
-    smbshim_keeps_the_open(
-        "failed-logoff",
-        |sid, _| json!({"cmd": "LOGOFF", "session_id": sid}),
-    );
+    smbshim_keeps_the_open("failed-logoff", |sid, _| logoff_req(sid));
 }
 
 /// smbshim: a persistent open of `f`; filterd is killed as `teardown` (a
@@ -115,9 +174,7 @@ fn smbshim_settles_an_unanswered_close(
     let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "request.close:1:kill")]);
     let smb = Shim::start("smbshim", d.socket(), name);
     let (mut c, sid) = smb_session(&smb.addr);
-    let r = smb_persistent_create(&mut c, sid, "f");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
+    let fid = persistent_open(&mut c, sid, "f");
 
     let r = c.call(teardown(&json!(sid), &fid));
     assert_eq!(
@@ -139,11 +196,9 @@ fn smbshim_settles_an_unanswered_close(
 
 #[test]
 fn smbshim_closes_again_a_handle_whose_close_was_never_answered() {
-    let (_s, _d, _smb, mut c, sid) = smbshim_settles_an_unanswered_close(
-        "smbshim-unsettled-close",
-        |sid, fid| json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
-    let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    let (_s, _d, _smb, mut c, sid) =
+        smbshim_settles_an_unanswered_close("smbshim-unsettled-close", close_req);
+    let r = c.call(logoff_req(&sid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }
 
@@ -151,11 +206,9 @@ fn smbshim_closes_again_a_handle_whose_close_was_never_answered() {
 /// (it answered success), the session stays, and the next LOGOFF ends it.
 #[test]
 fn smbshim_fails_a_logoff_whose_close_was_never_answered() {
-    let (_s, _d, _smb, mut c, sid) = smbshim_settles_an_unanswered_close(
-        "smbshim-unsettled-logoff",
-        |sid, _| json!({"cmd": "LOGOFF", "session_id": sid}),
-    );
-    let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    let (_s, _d, _smb, mut c, sid) =
+        smbshim_settles_an_unanswered_close("smbshim-unsettled-logoff", |sid, _| logoff_req(sid));
+    let r = c.call(logoff_req(&sid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "the second LOGOFF: {r}");
 }
 
@@ -170,14 +223,8 @@ fn smbshim_hands_out_no_open_whose_close_is_being_made_again() {
     let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "request.close:1:kill")]);
     let smb = Shim::start("smbshim", d.socket(), "smbshim-unsettled-replay");
     let (mut c, sid) = smb_session(&smb.addr);
-    let guid = uuid::Uuid::new_v4().to_string();
-    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
-        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
-        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
-    let r = c.call(create.clone());
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
-    let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    let (create, fid) = durable_open_of_f(&mut c, sid);
+    let r = c.call(close_req(&sid, &fid));
     assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "{r}");
     d.wait_killed_at("request.close:1:kill", Duration::from_secs(10));
     let _d = Filterd::start(&s, &[], &[]);
@@ -216,59 +263,34 @@ fn wait_logged_times(log: &std::path::Path, needle: &str, n: usize) {
 fn smbshim_hands_out_no_open_whose_close_is_in_flight() {
     const STALL: &str = "request.close:1:sleep8000";
     let name = "smbshim-close-in-flight-replay";
-    let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", STALL)]);
-    let log = s.dir.join("smbshim.log");
-    let release = s.dir.join("release-store");
-    std::fs::write(&release, b"").expect("let CREATEs be stored");
-    let hold = s.dir.join("release-store.hold-replay");
-    let smb = Shim::start_logged(
-        "smbshim",
-        d.socket(),
-        name,
-        &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
-        &log,
-    );
-    let (mut c, sid) = smb_session(&smb.addr);
-    let guid = uuid::Uuid::new_v4().to_string();
-    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
-        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
-        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
-    let r = c.call(create.clone());
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
+    let h = Hooked::start(name, &[("RKFILTER_FAILPOINTS", STALL)]);
+    let (mut c, sid) = h.session();
+    let (create, fid) = durable_open_of_f(&mut c, sid);
 
-    std::fs::write(&hold, b"").expect("hold replays before their store");
+    h.hold("replay");
     let mut replay = create;
     replay["replay"] = json!(true);
-    let replayed = rkfilter_tests::InFlight::send(LineClient::connect(&smb.addr), replay.clone());
-    wait_logged(&log, "test hook: a replayed CREATE waits before its store");
+    let replayed = h.in_flight(replay.clone());
+    h.wait_logged("test hook: a replayed CREATE waits before its store");
     // The CLOSE (on a third connection: the session's stays) takes the
     // open from the table and waits in filterd.
-    let close = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
-    d.wait_stalled_at(STALL, Duration::from_secs(10));
-    std::fs::remove_file(&hold).expect("release the replay");
-    let r = replayed
-        .outcome("the replay", Duration::from_secs(30))
-        .expect("an answer");
+    let close = h.in_flight(close_req(&sid, &fid));
+    h.d.wait_stalled_at(STALL, Duration::from_secs(10));
+    h.release("replay");
+    let r = answer(replayed, "the replay", 30);
     assert_eq!(
         r["status"], "STATUS_FILE_NOT_AVAILABLE",
         "the CLOSE came first and is in flight: {r}"
     );
-    let r = close
-        .outcome("the CLOSE", Duration::from_secs(60))
-        .expect("an answer");
+    let r = answer(close, "the CLOSE", 60);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+    assert!(handle_paths(h.d.socket()).is_empty(), "closed in filterd");
 
     let r = c.call(replay);
     assert_eq!(r["status"], "STATUS_SUCCESS", "the GUID names no open: {r}");
     assert_ne!(r["file_id"], fid, "a new open: {r}");
     assert_eq!(r["create_action"], "opened", "{r}");
-    assert_eq!(handle_paths(d.socket()), ["f"], "the new open's handle");
+    assert_eq!(handle_paths(h.d.socket()), ["f"], "the new open's handle");
 }
 
 /// What becomes of a close filterd never answered, after the client is
@@ -356,7 +378,7 @@ fn smbshim_tells_no_close_done_before_it_settles(
                 "the client kept its open: {r}"
             );
             let fid = r["file_id"].clone();
-            let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+            let r = c.call(close_req(&sid, &fid));
             assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
             assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
             assert!(
@@ -371,7 +393,7 @@ fn smbshim_tells_no_close_done_before_it_settles(
 fn smbshim_retried_close_waits_for_filterd() {
     smbshim_tells_no_close_done_before_it_settles(
         "settle-close-back",
-        |sid, fid| json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+        close_req,
         Then::FilterdBack,
     );
 }
@@ -380,7 +402,7 @@ fn smbshim_retried_close_waits_for_filterd() {
 fn smbshim_close_not_done_survives_the_frontend() {
     smbshim_tells_no_close_done_before_it_settles(
         "settle-close-dies",
-        |sid, fid| json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+        close_req,
         Then::FrontendDies,
     );
 }
@@ -389,7 +411,7 @@ fn smbshim_close_not_done_survives_the_frontend() {
 fn smbshim_retried_logoff_waits_for_filterd() {
     smbshim_tells_no_close_done_before_it_settles(
         "settle-logoff-back",
-        |sid, _| json!({"cmd": "LOGOFF", "session_id": sid}),
+        |sid, _| logoff_req(sid),
         Then::FilterdBack,
     );
 }
@@ -398,7 +420,7 @@ fn smbshim_retried_logoff_waits_for_filterd() {
 fn smbshim_logoff_not_done_survives_the_frontend() {
     smbshim_tells_no_close_done_before_it_settles(
         "settle-logoff-dies",
-        |sid, _| json!({"cmd": "LOGOFF", "session_id": sid}),
+        |sid, _| logoff_req(sid),
         Then::FrontendDies,
     );
 }
@@ -415,42 +437,82 @@ fn rksmbd_keeps_the_open(name: &str, script: &str, file: &str) {
 
 /// [`rksmbd_keeps_the_open`], filterd's failure armed by `failpoints`.
 fn rksmbd_keeps_the_open_with(name: &str, script: &str, file: &str, failpoints: &str) {
-    rksmbd_keeps_the_open_through(name, script, file, failpoints, |_, d| d);
+    rksmbd_keeps_the_open_through(name, script, file, failpoints, |_| {});
 }
 
-/// [`rksmbd_keeps_the_open_with`], `between` (given the scratch dir and
-/// filterd, returning the filterd to go on with) run once the script's
-/// first close was refused, while the client waits.
+/// [`rksmbd_keeps_the_open_with`], `between` run once the script's first
+/// close was refused, while the client waits.
 fn rksmbd_keeps_the_open_through(
     name: &str,
     script: &str,
     file: &str,
     failpoints: &str,
-    between: impl FnOnce(&Scratch, Filterd) -> Filterd,
+    between: impl FnOnce(&mut RksmbdRun),
 ) {
-    let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", failpoints)]);
-    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let mut script = Dialogue::start(&srv, script, Duration::from_secs(60));
-    script.expect("refused");
+    let mut run = RksmbdRun::start(name, failpoints, script, &[]);
+    run.script.expect("refused");
     assert_eq!(
-        handle_paths(d.socket()),
+        handle_paths(run.d.socket()),
         [file],
         "filterd undid the close: the open is still held\n{}",
-        script.log
+        run.script.log
     );
-    let d = between(&s, d);
-    script.say("go");
-    script.expect("done");
+    between(&mut run);
+    run.script.say("go");
+    run.script.expect("done");
     assert_eq!(
-        handle_paths(d.socket()),
+        handle_paths(run.d.socket()),
         Vec::<String>::new(),
         "the second try closed it in filterd\n{}",
-        script.log
+        run.script.log
     );
-    script.say("go");
-    script.finish();
+    run.script.say("go");
+    run.script.finish();
 }
+
+/// rksmbd and a real SMB 3 client running `tests/smb3/SCRIPT` in front of
+/// a filterd armed with `failpoints` (`RKFILTER_FAILPOINTS`).
+struct RksmbdRun {
+    // (Dropped in this order: the processes before their scratch dir.)
+    script: Dialogue,
+    _srv: RkSmbd,
+    d: Filterd,
+    failpoints: String,
+    s: Scratch,
+}
+
+impl RksmbdRun {
+    /// filterd armed with `failpoints`, rksmbd (with `env` besides)
+    /// sharing `data` to alice, and `script` started against it.
+    fn start(name: &str, failpoints: &str, script: &str, env: &[(&str, &str)]) -> RksmbdRun {
+        let s = Scratch::new(name);
+        let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", failpoints)]);
+        let srv = RkSmbd::start_with_env(&s, "rksmbd", "data", &[("alice", "pw")], env);
+        let script = Dialogue::start(&srv, script, Duration::from_secs(60));
+        RksmbdRun {
+            s,
+            d,
+            failpoints: failpoints.to_owned(),
+            _srv: srv,
+            script,
+        }
+    }
+
+    /// Waits for filterd to die at the kill it was armed with.
+    fn filterd_killed(&mut self) {
+        self.d
+            .wait_killed_at(&self.failpoints, Duration::from_secs(10));
+    }
+
+    /// filterd started again (unarmed) on the same state.
+    fn restart_filterd(&mut self) {
+        self.d = Filterd::start(&self.s, &[], &[]);
+    }
+}
+
+/// filterd's failpoint killing it under its second commit, the close's or
+/// the detach's (commit 1 records the persistent create).
+const KILL_AT_COMMIT_2: &str = "commit.before:2:kill";
 
 /// The CLOSE is refused; then another client opens the closed file.
 #[test]
@@ -472,17 +534,16 @@ fn rksmbd_keeps_an_open_whose_close_failed_across_a_filterd_restart() {
         "failed_close.py",
         "closing.txt",
         "commit.before:2:fail",
-        |s, mut d| {
-            d.kill9();
-            let d = Filterd::start(s, &[], &[]);
+        |run| {
+            run.d.kill9();
+            run.restart_filterd();
             // Resumed: attached again (a disconnected handle is listed
             // too).
             wait_for("the kept open resumed", Duration::from_secs(20), || {
-                attached_paths(&d)
+                attached_paths(&run.d)
                     .contains(&"closing.txt".to_owned())
                     .then_some(())
             });
-            d
         },
     );
 }
@@ -525,18 +586,23 @@ fn rksmbd_keeps_the_channel_of_a_logoff_whose_close_fails() {
 /// back the retried CLOSE succeeds and nothing is held.
 #[test]
 fn rksmbd_retried_close_waits_for_filterd() {
-    let s = Scratch::new("rksmbd-settling-close");
-    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
-    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let mut script = Dialogue::start(&srv, "settling_close.py", Duration::from_secs(60));
-    script.expect("refused");
-    d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
-    script.say("go");
-    script.expect("still");
-    let d = Filterd::start(&s, &[], &[]);
-    script.say("go");
-    script.finish();
-    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+    rksmbd_settles_a_close_while_filterd_is_down("rksmbd-settling-close", "settling_close.py");
+}
+
+/// rksmbd and `script` (`tests/smb3/`), filterd killed under the close's
+/// commit: the script's first close is refused, and so is its retry while
+/// filterd is down ("still"); once filterd is back the script closes for
+/// good, and filterd holds nothing.
+fn rksmbd_settles_a_close_while_filterd_is_down(name: &str, script: &str) {
+    let mut run = RksmbdRun::start(name, KILL_AT_COMMIT_2, script, &[]);
+    run.script.expect("refused");
+    run.filterd_killed();
+    run.script.say("go");
+    run.script.expect("still");
+    run.restart_filterd();
+    run.script.say("go");
+    run.script.finish();
+    assert!(handle_paths(run.d.socket()).is_empty(), "closed in filterd");
 }
 
 /// The same through a second channel of the session (multichannel): the
@@ -548,18 +614,10 @@ fn rksmbd_retried_close_waits_for_filterd() {
 /// succeeded (the tree, the client's only way to name the open, went).
 #[test]
 fn rksmbd_retried_close_waits_for_filterd_on_every_channel() {
-    let s = Scratch::new("rksmbd-settling-close-channel");
-    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
-    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let mut script = Dialogue::start(&srv, "settling_close_channel.py", Duration::from_secs(60));
-    script.expect("refused");
-    d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
-    script.say("go");
-    script.expect("still");
-    let d = Filterd::start(&s, &[], &[]);
-    script.say("go");
-    script.finish();
-    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+    rksmbd_settles_a_close_while_filterd_is_down(
+        "rksmbd-settling-close-channel",
+        "settling_close_channel.py",
+    );
 }
 
 /// A TREE_DISCONNECT whose close of a persistent open filterd never
@@ -572,18 +630,10 @@ fn rksmbd_retried_close_waits_for_filterd_on_every_channel() {
 /// (re-review rr41b B).
 #[test]
 fn rksmbd_tree_disconnect_waits_for_a_settling_close() {
-    let s = Scratch::new("rksmbd-settling-tdis");
-    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
-    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let mut script = Dialogue::start(&srv, "settling_tree_disconnect.py", Duration::from_secs(60));
-    script.expect("refused");
-    d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
-    script.say("go");
-    script.expect("still");
-    let d = Filterd::start(&s, &[], &[]);
-    script.say("go");
-    script.finish();
-    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+    rksmbd_settles_a_close_while_filterd_is_down(
+        "rksmbd-settling-tdis",
+        "settling_tree_disconnect.py",
+    );
 }
 
 /// A reconnect (DH2C, from a new connection) of an open whose CLOSE
@@ -612,42 +662,20 @@ fn rksmbd_reconnect_from_another_client_guid_waits_for_a_settling_close() {
 /// settling_reconnect.py, its DH2C made as `how` says ("new-guid": from
 /// another client GUID), is told to retry.
 fn reconnect_of_a_settling_close_is_retry(name: &str, how: &str) {
-    let s = Scratch::new(name);
-    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
     let env = [("RKSMBD_TEST_SETTLE_DELAY_MS", "60000")];
-    let (srv, _log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
-    let mut script = Dialogue::start(&srv, "settling_reconnect.py", Duration::from_secs(60));
-    script.expect("refused");
-    d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
-    let d = Filterd::start(&s, &[], &[]);
-    script.say(how);
-    script.expect("retry");
+    let mut run = RksmbdRun::start(name, KILL_AT_COMMIT_2, "settling_reconnect.py", &env);
+    run.script.expect("refused");
+    run.filterd_killed();
+    run.restart_filterd();
+    run.script.say(how);
+    run.script.expect("retry");
     assert_eq!(
-        handle_paths(d.socket()),
+        handle_paths(run.d.socket()),
         ["settling.txt"],
         "the close still settles"
     );
-    script.say("go");
-    script.finish();
-}
-
-/// rksmbd and `script`, its filterd killed under its second commit
-/// (commit 1 records the persistent create) once `until_killed` went
-/// through the script, then restarted: (scratch, rksmbd, the restarted
-/// filterd, the script).
-fn rksmbd_across_a_killed_commit(
-    name: &str,
-    script: &str,
-    until_killed: impl FnOnce(&mut Dialogue),
-) -> (Scratch, RkSmbd, Filterd, Dialogue) {
-    let s = Scratch::new(name);
-    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:kill")]);
-    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
-    let mut script = Dialogue::start(&srv, script, Duration::from_secs(60));
-    until_killed(&mut script);
-    d.wait_killed_at("commit.before:2:kill", Duration::from_secs(10));
-    let d = Filterd::start(&s, &[], &[]);
-    (s, srv, d, script)
+    run.script.say("go");
+    run.script.finish();
 }
 
 /// A CLOSE whose answer from filterd never came (filterd killed under its
@@ -660,15 +688,20 @@ fn rksmbd_across_a_killed_commit(
 /// answers (`rksmbd::settle`).
 #[test]
 fn rksmbd_closes_again_a_handle_whose_close_was_never_answered() {
-    let (_s, _srv, d, mut script) =
-        rksmbd_across_a_killed_commit("rksmbd-unsettled-close", "unsettled_close.py", |script| {
-            script.expect("refused");
-        });
+    let mut run = RksmbdRun::start(
+        "rksmbd-unsettled-close",
+        KILL_AT_COMMIT_2,
+        "unsettled_close.py",
+        &[],
+    );
+    run.script.expect("refused");
+    run.filterd_killed();
+    run.restart_filterd();
     wait_for("filterd holds no handle", Duration::from_secs(20), || {
-        handle_paths(d.socket()).is_empty().then_some(())
+        handle_paths(run.d.socket()).is_empty().then_some(())
     });
-    script.say("go");
-    script.finish();
+    run.script.say("go");
+    run.script.finish();
 }
 
 /// A connection drop whose Detach filterd never answered: filterd dies
@@ -683,24 +716,26 @@ fn rksmbd_closes_again_a_handle_whose_close_was_never_answered() {
 /// that (it passed before any change).
 #[test]
 fn rksmbd_resumes_a_handle_whose_detach_was_never_answered() {
-    let (_s, _srv, d, mut script) = rksmbd_across_a_killed_commit(
+    let mut run = RksmbdRun::start(
         "rksmbd-unsettled-detach",
+        KILL_AT_COMMIT_2,
         "detach_then_reconnect.py",
-        |script| {
-            script.expect("ready");
-            script.say("go");
-            script.expect("dropped");
-        },
+        &[],
     );
+    run.script.expect("ready");
+    run.script.say("go");
+    run.script.expect("dropped");
+    run.filterd_killed();
+    run.restart_filterd();
     // rksmbd attached again; the restored handle, which rksmbd's
     // attachment forgot when it sent the detach, waits disconnected.
-    let sock = d.socket().display().to_string();
+    let sock = run.d.socket().display().to_string();
     wait_for(
         "the handle to wait disconnected, not attached to rksmbd",
         Duration::from_secs(20),
         || {
             let attached = matches!(
-                d.control().call(libfilter::proto::Request::Frontends),
+                run.d.control().call(libfilter::proto::Request::Frontends),
                 Ok((libfilter::proto::Reply::Frontends { frontends, .. }, _)) if frontends.iter().any(|f| f.attached)
             );
             let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();
@@ -712,9 +747,9 @@ fn rksmbd_resumes_a_handle_whose_detach_was_never_answered() {
             (attached && states == ["disconnected"]).then_some(())
         },
     );
-    script.say("go");
-    script.finish();
-    rkfilter_tests::smb3::no_handles_left(&d);
+    run.script.say("go");
+    run.script.finish();
+    rkfilter_tests::smb3::no_handles_left(&run.d);
 }
 
 /// A CREATE with an AppInstanceId closes the old open of that id (another
@@ -770,14 +805,11 @@ fn a_close_undone_after_the_session_ends(
     // Stopped, every thread of it (the signal lands asynchronously).
     d.stop();
     let mut b = LineClient::connect(&smb.addr);
-    let close = b.send_only(
-        "mid",
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
+    let close = b.send_only("mid", close_req(&sid, &fid));
     // The CLOSE took the open from smbshim's table (a FLUSH of it, which
     // asks filterd nothing, no longer finds it) and waits in filterd.
     wait_for("the CLOSE under way", Duration::from_secs(30), || {
-        let r = a.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+        let r = a.call(flush_req(&sid, &fid));
         (r["status"] != "STATUS_SUCCESS").then_some(())
     });
     let ended = end(&smb.addr, &smbshim_log(&s), a, sid);
@@ -789,14 +821,12 @@ fn a_close_undone_after_the_session_ends(
         Ended::Refused(mut a) => {
             // The open is back; the LOGOFF again closes it and ends the
             // session.
-            let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+            let r = a.call(logoff_req(&sid));
             assert_eq!(r["status"], "STATUS_SUCCESS", "the second LOGOFF: {r}");
         }
         Ended::Waiting(logoff) => {
             // The open is back, and the LOGOFF that waited closes it.
-            let r = logoff
-                .outcome("the LOGOFF", Duration::from_secs(60))
-                .expect("an answer");
+            let r = answer(logoff, "the LOGOFF", 60);
             assert_eq!(r["status"], "STATUS_SUCCESS", "the waiting LOGOFF: {r}");
         }
     }
@@ -812,7 +842,7 @@ fn a_close_undone_after_the_session_ends(
     let r = c.call(json!({"cmd": "CREATE", "session_id": sid2, "path": "f",
                           "access": ["read", "write"], "share": [], "disposition": "open"}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+    let r = c.call(flush_req(&sid, &fid));
     assert_eq!(r["status"], "STATUS_USER_SESSION_DELETED", "ended: {r}");
 }
 
@@ -825,7 +855,7 @@ fn a_close_undone_after_the_session_ends(
 #[test]
 fn a_logoff_while_a_close_is_undone_waits_and_leaves_no_handle() {
     a_close_undone_after_the_session_ends("failed-close-logoff", |_, log, a, sid| {
-        let logoff = rkfilter_tests::InFlight::send(a, json!({"cmd": "LOGOFF", "session_id": sid}));
+        let logoff = InFlight::send(a, logoff_req(&sid));
         wait_logged(log, &format!("LOGOFF of session {sid} waits"));
         Ended::Waiting(logoff)
     });
@@ -839,7 +869,7 @@ fn a_logoff_while_a_close_is_undone_waits_and_leaves_no_handle() {
 fn a_logoff_waits_for_a_close_in_flight_no_longer_than_its_bound() {
     a_close_undone_after_the_session_ends("failed-close-logoff-bound", |_, _, mut a, sid| {
         let started = std::time::Instant::now();
-        let r = a.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+        let r = a.call(logoff_req(&sid));
         assert_eq!(
             r["status"], "STATUS_FILE_NOT_AVAILABLE",
             "a CLOSE of its open waits in a stopped filterd: {r}"
@@ -860,7 +890,7 @@ fn a_close_undone_after_its_connection_went_does_not_leave_the_handle() {
         // Its session ends with it (asked from a third connection).
         let mut c = LineClient::connect(addr);
         wait_for("the session ended", Duration::from_secs(30), || {
-            let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": "x"}));
+            let r = c.call(flush_req(&sid, &"x"));
             (r["status"] == "STATUS_USER_SESSION_DELETED").then_some(())
         });
         Ended::Gone
@@ -1076,15 +1106,10 @@ fn smbshim_tells_a_retry_on_another_connection_the_close_is_in_flight(
     let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", STALL)]);
     let smb = Shim::start("smbshim", d.socket(), name);
     let (mut c, sid) = smb_session(&smb.addr);
-    let r = smb_persistent_create(&mut c, sid, "f");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
+    let fid = persistent_open(&mut c, sid, "f");
     let sid = json!(sid);
 
-    let first = rkfilter_tests::InFlight::send(
-        c,
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
+    let first = InFlight::send(c, close_req(&sid, &fid));
     d.wait_stalled_at(STALL, Duration::from_secs(10));
     let mut other = LineClient::connect(&smb.addr);
     let r = other.call(retry(&sid, &fid));
@@ -1092,9 +1117,7 @@ fn smbshim_tells_a_retry_on_another_connection_the_close_is_in_flight(
         r["status"], "STATUS_FILE_NOT_AVAILABLE",
         "the first CLOSE still waits for filterd: {r}"
     );
-    let r = first
-        .outcome("the first CLOSE", Duration::from_secs(60))
-        .expect("an answer");
+    let r = answer(first, "the first CLOSE", 60);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
 }
@@ -1103,7 +1126,7 @@ fn smbshim_tells_a_retry_on_another_connection_the_close_is_in_flight(
 fn smbshim_close_retried_on_another_connection_waits_for_the_first() {
     smbshim_tells_a_retry_on_another_connection_the_close_is_in_flight(
         "close-in-flight-close",
-        |sid, fid| json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
+        close_req,
     );
 }
 
@@ -1123,19 +1146,11 @@ fn smbshim_logoff_on_another_connection_waits_for_a_close_in_flight() {
     let log = smbshim_log(&s);
     let smb = Shim::start_logged("smbshim", d.socket(), name, &[], &log);
     let (mut c, sid) = smb_session(&smb.addr);
-    let r = smb_persistent_create(&mut c, sid, "f");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
+    let fid = persistent_open(&mut c, sid, "f");
 
-    let first = rkfilter_tests::InFlight::send(
-        c,
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
+    let first = InFlight::send(c, close_req(&sid, &fid));
     d.wait_stalled_at(STALL, Duration::from_secs(10));
-    let mut logoff = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "LOGOFF", "session_id": sid}),
-    );
+    let mut logoff = in_flight(&smb, logoff_req(&sid));
     wait_logged(&log, &format!("LOGOFF of session {sid} waits"));
 
     // Another client is served meanwhile.
@@ -1154,53 +1169,94 @@ fn smbshim_logoff_on_another_connection_waits_for_a_close_in_flight() {
     let r = other.call(json!({"cmd": "READ", "session_id": osid, "file_id": gid,
         "offset": 0, "length": 10}));
     assert_eq!(r["data"], data, "{r}");
-    let r = other.call(json!({"cmd": "CLOSE", "session_id": osid, "file_id": gid}));
+    let r = other.call(close_req(&osid, &gid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     assert!(
         !logoff.early(Duration::ZERO),
         "the LOGOFF still waits for the CLOSE"
     );
 
-    let r = first
-        .outcome("the first CLOSE", Duration::from_secs(60))
-        .expect("an answer");
+    let r = answer(first, "the first CLOSE", 60);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let r = logoff
-        .outcome("the LOGOFF", Duration::from_secs(60))
-        .expect("an answer");
+    let r = answer(logoff, "the LOGOFF", 60);
     assert_eq!(r["status"], "STATUS_SUCCESS", "once the close is made: {r}");
     assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
-    let r = other.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+    let r = other.call(flush_req(&sid, &fid));
     assert_eq!(r["status"], "STATUS_USER_SESSION_DELETED", "ended: {r}");
 }
 
-/// smbshim with the store hook (`SMBSHIM_TEST_HOLD_STORE`), in front of
-/// filterd `d`, and a persistent open of `f` (sharing read only) made with
-/// a CREATE that carries a create GUID: (smbshim, its log, the release
-/// file of the hook, client, session id, the CREATE, its file id).
-fn smbshim_held_replays(
-    s: &Scratch,
-    d: &Filterd,
-    name: &str,
-) -> (
-    Shim,
-    std::path::PathBuf,
-    std::path::PathBuf,
-    LineClient,
-    u64,
-    Value,
-    Value,
-) {
-    let (smb, log, release) = smbshim_hooked(s, d, name);
-    let (mut c, sid) = smb_session(&smb.addr);
-    let guid = uuid::Uuid::new_v4().to_string();
-    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
-        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
-        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
-    let r = c.call(create.clone());
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
-    (smb, log, release, c, sid, create, fid)
+/// smbshim with the hold hooks (`SMBSHIM_TEST_HOLD_STORE`, its release
+/// file there) in front of a filterd run with `filterd_env`, logging to
+/// [`smbshim_log`].
+struct Hooked {
+    // (Dropped in this order: the processes before their scratch dir.)
+    smb: Shim,
+    d: Filterd,
+    s: Scratch,
+    log: std::path::PathBuf,
+    /// The store hook's release file: a CREATE filterd answered waits
+    /// while it is away.
+    release: std::path::PathBuf,
+}
+
+impl Hooked {
+    fn start(name: &str, filterd_env: &[(&str, &str)]) -> Hooked {
+        let s = Scratch::new(name);
+        let d = Filterd::start(&s, &[], filterd_env);
+        let log = smbshim_log(&s);
+        let release = s.dir.join("release-store");
+        std::fs::write(&release, b"").expect("let CREATEs be stored");
+        let smb = Shim::start_logged(
+            "smbshim",
+            d.socket(),
+            name,
+            &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
+            &log,
+        );
+        Hooked {
+            s,
+            d,
+            smb,
+            log,
+            release,
+        }
+    }
+
+    /// Requests wait at hook `what` (its file `release-store.hold-WHAT`)
+    /// from now until [`Hooked::release`].
+    fn hold(&self, what: &str) {
+        std::fs::write(self.hold_file(what), b"").expect("hold");
+    }
+
+    fn release(&self, what: &str) {
+        std::fs::remove_file(self.hold_file(what)).expect("release");
+    }
+
+    fn hold_file(&self, what: &str) -> std::path::PathBuf {
+        self.s.dir.join(format!("release-store.hold-{what}"))
+    }
+
+    /// A new connection to smbshim.
+    fn connect(&self) -> LineClient {
+        LineClient::connect(&self.smb.addr)
+    }
+
+    /// A new connection and a session on it.
+    fn session(&self) -> (LineClient, u64) {
+        smb_session(&self.smb.addr)
+    }
+
+    fn in_flight(&self, req: Value) -> InFlight {
+        in_flight(&self.smb, req)
+    }
+
+    fn wait_logged(&self, needle: &str) {
+        wait_logged(&self.log, needle);
+    }
+
+    fn wait_logged_times(&self, needle: &str, n: usize) {
+        wait_logged_times(&self.log, needle, n);
+    }
 }
 
 /// After a replay refused because the open's CLOSE came first, the
@@ -1208,29 +1264,22 @@ fn smbshim_held_replays(
 /// anew — a new open, with its own handle in filterd, whose share mode
 /// holds (another client's CREATE that shares nothing is refused) and
 /// whose CLOSE is made.
-fn replay_opens_anew(
-    smb: &Shim,
-    d: &Filterd,
-    c: &mut LineClient,
-    sid: u64,
-    replay: Value,
-    fid: &Value,
-) {
+fn replay_opens_anew(h: &Hooked, c: &mut LineClient, sid: u64, replay: Value, fid: &Value) {
     let r = c.call(replay);
     assert_eq!(r["status"], "STATUS_SUCCESS", "the GUID names no open: {r}");
     assert_ne!(&r["file_id"], fid, "a new open: {r}");
     let new = r["file_id"].clone();
-    assert_eq!(handle_paths(d.socket()), ["f"], "the new open's handle");
-    let (mut o, osid) = smb_session(&smb.addr);
+    assert_eq!(handle_paths(h.d.socket()), ["f"], "the new open's handle");
+    let (mut o, osid) = h.session();
     let r = o.call(json!({"cmd": "CREATE", "session_id": osid, "path": "f",
         "access": ["read", "write"], "share": [], "disposition": "open"}));
     assert_eq!(
         r["status"], "STATUS_SHARING_VIOLATION",
         "the new open's share mode: {r}"
     );
-    let r = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": new}));
+    let r = c.call(close_req(&sid, &new));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
+    assert!(handle_paths(h.d.socket()).is_empty(), "closed in filterd");
 }
 
 /// The CLOSE came first even when it is made, its in-flight note gone,
@@ -1245,24 +1294,21 @@ fn replay_opens_anew(
 #[test]
 fn smbshim_hands_out_no_open_whose_close_was_made_as_it_was_replayed() {
     let name = "smbshim-close-made-replay";
-    let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[]);
-    let (smb, log, _release, mut c, sid, create, fid) = smbshim_held_replays(&s, &d, name);
+    let h = Hooked::start(name, &[]);
+    let (mut c, sid) = h.session();
+    let (create, fid) = durable_open_of_f(&mut c, sid);
 
-    let hold = s.dir.join("release-store.hold-replay");
-    std::fs::write(&hold, b"").expect("hold replays before their store");
+    h.hold("replay");
     let mut replay = create;
     replay["replay"] = json!(true);
-    let replayed = rkfilter_tests::InFlight::send(LineClient::connect(&smb.addr), replay.clone());
-    wait_logged(&log, "test hook: a replayed CREATE waits before its store");
-    let mut other = LineClient::connect(&smb.addr);
-    let r = other.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    let replayed = h.in_flight(replay.clone());
+    h.wait_logged("test hook: a replayed CREATE waits before its store");
+    let mut other = h.connect();
+    let r = other.call(close_req(&sid, &fid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
-    std::fs::remove_file(&hold).expect("release the replay");
-    let r = replayed
-        .outcome("the replay", Duration::from_secs(30))
-        .expect("an answer");
+    assert!(handle_paths(h.d.socket()).is_empty(), "closed in filterd");
+    h.release("replay");
+    let r = answer(replayed, "the replay", 30);
     assert_eq!(
         r["status"], "STATUS_FILE_NOT_AVAILABLE",
         "the CLOSE came first and was made: {r}"
@@ -1270,7 +1316,7 @@ fn smbshim_hands_out_no_open_whose_close_was_made_as_it_was_replayed() {
     let r = c.call(json!({"cmd": "READ", "session_id": sid, "file_id": fid,
         "offset": 0, "length": 4}));
     assert_eq!(r["status"], "STATUS_FILE_CLOSED", "no open was stored: {r}");
-    replay_opens_anew(&smb, &d, &mut c, sid, replay, &fid);
+    replay_opens_anew(&h, &mut c, sid, replay, &fid);
 }
 
 /// The same, with the close made while the replay is held before its
@@ -1281,30 +1327,28 @@ fn smbshim_hands_out_no_open_whose_close_was_made_as_it_was_replayed() {
 #[test]
 fn smbshim_refuses_a_replay_whose_close_was_made_before_its_handle_query() {
     let name = "smbshim-close-made-replay-early";
-    let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[]);
-    let (smb, log, release, mut c, sid, create, fid) = smbshim_held_replays(&s, &d, name);
+    let h = Hooked::start(name, &[]);
+    let (mut c, sid) = h.session();
+    let (create, fid) = durable_open_of_f(&mut c, sid);
 
-    std::fs::remove_file(&release).expect("hold CREATEs filterd answered");
+    std::fs::remove_file(&h.release).expect("hold CREATEs filterd answered");
     let mut replay = create;
     replay["replay"] = json!(true);
-    let replayed = rkfilter_tests::InFlight::send(LineClient::connect(&smb.addr), replay.clone());
+    let replayed = h.in_flight(replay.clone());
     // The first CREATE logged it too, not held.
-    wait_logged_times(&log, "test hook: a CREATE filterd answered waits for", 2);
-    let mut other = LineClient::connect(&smb.addr);
-    let r = other.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    h.wait_logged_times("test hook: a CREATE filterd answered waits for", 2);
+    let mut other = h.connect();
+    let r = other.call(close_req(&sid, &fid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    std::fs::write(&release, b"").expect("release the replay");
-    let r = replayed
-        .outcome("the replay", Duration::from_secs(30))
-        .expect("an answer");
+    std::fs::write(&h.release, b"").expect("release the replay");
+    let r = answer(replayed, "the replay", 30);
     assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "{r}");
     let why = r["error"].as_str().unwrap_or_default();
     assert!(
         why.contains("CLOSE was made"),
         "refused by the first check, before the handle query: {r}"
     );
-    replay_opens_anew(&smb, &d, &mut c, sid, replay, &fid);
+    replay_opens_anew(&h, &mut c, sid, replay, &fid);
 }
 
 /// The same, with the close made while the replay is held just before
@@ -1317,34 +1361,28 @@ fn smbshim_refuses_a_replay_whose_close_was_made_before_its_handle_query() {
 #[test]
 fn smbshim_a_replay_whose_handle_query_fails_for_a_close_lets_nothing_go() {
     let name = "smbshim-close-made-replay-query";
-    let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[]);
-    let (smb, log, _release, mut c, sid, create, fid) = smbshim_held_replays(&s, &d, name);
+    let h = Hooked::start(name, &[]);
+    let (mut c, sid) = h.session();
+    let (create, fid) = durable_open_of_f(&mut c, sid);
 
-    let hold = s.dir.join("release-store.hold-query");
-    std::fs::write(&hold, b"").expect("hold replays before their handle query");
+    h.hold("query");
     let mut replay = create;
     replay["replay"] = json!(true);
-    let replayed = rkfilter_tests::InFlight::send(LineClient::connect(&smb.addr), replay.clone());
-    wait_logged(
-        &log,
-        "test hook: a replayed CREATE waits before its handle query",
-    );
-    let mut other = LineClient::connect(&smb.addr);
-    let r = other.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+    let replayed = h.in_flight(replay.clone());
+    h.wait_logged("test hook: a replayed CREATE waits before its handle query");
+    let mut other = h.connect();
+    let r = other.call(close_req(&sid, &fid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
-    std::fs::remove_file(&hold).expect("release the replay");
-    let r = replayed
-        .outcome("the replay", Duration::from_secs(30))
-        .expect("an answer");
+    assert!(handle_paths(h.d.socket()).is_empty(), "closed in filterd");
+    h.release("query");
+    let r = answer(replayed, "the replay", 30);
     assert_eq!(r["status"], "STATUS_FILE_NOT_AVAILABLE", "{r}");
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let text = std::fs::read_to_string(&h.log).unwrap_or_default();
     assert!(
         !text.contains("letting go of handle"),
         "the CLOSE's handle is not let go by the replay: {text}"
     );
-    replay_opens_anew(&smb, &d, &mut c, sid, replay, &fid);
+    replay_opens_anew(&h, &mut c, sid, replay, &fid);
 }
 
 /// A LOGOFF waits for a CLOSE in flight (from another connection, filterd
@@ -1365,34 +1403,21 @@ fn smbshim_logoff_closes_its_opens_when_the_session_is_lost_as_it_waits() {
     let log = smbshim_log(&s);
     let smb = Shim::start_logged("smbshim", d.socket(), name, &[], &log);
     let (mut home, sid) = smb_session(&smb.addr);
-    let r = smb_persistent_create(&mut home, sid, "f");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
-    let r = smb_persistent_create(&mut home, sid, "g");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let close = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
+    let fid = persistent_open(&mut home, sid, "f");
+    persistent_open(&mut home, sid, "g");
+    let close = in_flight(&smb, close_req(&sid, &fid));
     d.wait_stalled_at(STALL, Duration::from_secs(10));
-    let logoff = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "LOGOFF", "session_id": sid}),
-    );
+    let logoff = in_flight(&smb, logoff_req(&sid));
     wait_logged(&log, &format!("LOGOFF of session {sid} waits"));
     drop(home);
     let mut c = LineClient::connect(&smb.addr);
     wait_for("the session ends", Duration::from_secs(10), || {
-        let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": "x"}));
+        let r = c.call(flush_req(&sid, &"x"));
         (r["status"] == "STATUS_USER_SESSION_DELETED").then_some(())
     });
-    let r = close
-        .outcome("the CLOSE", Duration::from_secs(60))
-        .expect("an answer");
+    let r = answer(close, "the CLOSE", 60);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let r = logoff
-        .outcome("the LOGOFF", Duration::from_secs(60))
-        .expect("an answer");
+    let r = answer(logoff, "the LOGOFF", 60);
     assert_eq!(
         r["status"], "STATUS_USER_SESSION_DELETED",
         "ended under it: {r}"
@@ -1413,97 +1438,28 @@ fn smbshim_logoff_closes_its_opens_when_the_session_is_lost_as_it_waits() {
 fn smbshim_logoff_waits_for_a_close_that_took_its_open_first() {
     const STALL: &str = "commit.before:2:sleep3000";
     let name = "logoff-close-race";
-    let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", STALL)]);
-    let log = smbshim_log(&s);
-    let release = s.dir.join("release-store");
-    std::fs::write(&release, b"").expect("let CREATEs be stored");
-    let hold = s.dir.join("release-store.hold-logoff");
-    let smb = Shim::start_logged(
-        "smbshim",
-        d.socket(),
-        name,
-        &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
-        &log,
-    );
-    let (mut c, sid) = smb_session(&smb.addr);
-    let r = smb_persistent_create(&mut c, sid, "f");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
+    let h = Hooked::start(name, &[("RKFILTER_FAILPOINTS", STALL)]);
+    let (mut c, sid) = h.session();
+    let fid = persistent_open(&mut c, sid, "f");
 
-    std::fs::write(&hold, b"").expect("hold LOGOFFs before they take an open");
-    let logoff = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "LOGOFF", "session_id": sid}),
-    );
-    wait_logged(&log, "test hook: a LOGOFF found an open, waits");
-    let close = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
-    d.wait_stalled_at(STALL, Duration::from_secs(10));
-    std::fs::remove_file(&hold).expect("release the LOGOFF");
-    let r = close
-        .outcome("the CLOSE", Duration::from_secs(60))
-        .expect("an answer");
+    h.hold("logoff");
+    let logoff = h.in_flight(logoff_req(&sid));
+    h.wait_logged("test hook: a LOGOFF found an open, waits");
+    let close = h.in_flight(close_req(&sid, &fid));
+    h.d.wait_stalled_at(STALL, Duration::from_secs(10));
+    h.release("logoff");
+    let r = answer(close, "the CLOSE", 60);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let r = logoff
-        .outcome("the LOGOFF", Duration::from_secs(60))
-        .expect("an answer");
+    let r = answer(logoff, "the LOGOFF", 60);
     assert_eq!(r["status"], "STATUS_SUCCESS", "waited for the CLOSE: {r}");
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let text = std::fs::read_to_string(&h.log).unwrap_or_default();
     assert!(
         text.contains(&format!("LOGOFF of session {sid} waits")),
         "the LOGOFF waited"
     );
-    assert!(handle_paths(d.socket()).is_empty(), "closed in filterd");
-    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+    assert!(handle_paths(h.d.socket()).is_empty(), "closed in filterd");
+    let r = c.call(flush_req(&sid, &fid));
     assert_eq!(r["status"], "STATUS_USER_SESSION_DELETED", "ended: {r}");
-}
-
-/// smbshim with the hold hooks (`SMBSHIM_TEST_HOLD_STORE`) in front of a
-/// filterd armed with `failpoints`, logging to [`smbshim_log`], and a
-/// session with a persistent open of `f`: (smbshim, its log, the release
-/// file of the hooks, client, session id, file id).
-fn smbshim_hooked_open(
-    s: &Scratch,
-    d: &Filterd,
-    name: &str,
-) -> (
-    Shim,
-    std::path::PathBuf,
-    std::path::PathBuf,
-    LineClient,
-    u64,
-    Value,
-) {
-    let (smb, log, release) = smbshim_hooked(s, d, name);
-    let (mut c, sid) = smb_session(&smb.addr);
-    let r = smb_persistent_create(&mut c, sid, "f");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
-    (smb, log, release, c, sid, fid)
-}
-
-/// smbshim with the hold hooks (`SMBSHIM_TEST_HOLD_STORE`, its release
-/// file there) in front of filterd `d`, logging to [`smbshim_log`]:
-/// (smbshim, its log, the release file).
-fn smbshim_hooked(
-    s: &Scratch,
-    d: &Filterd,
-    name: &str,
-) -> (Shim, std::path::PathBuf, std::path::PathBuf) {
-    let log = smbshim_log(s);
-    let release = s.dir.join("release-store");
-    std::fs::write(&release, b"").expect("let CREATEs be stored");
-    let smb = Shim::start_logged(
-        "smbshim",
-        d.socket(),
-        name,
-        &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
-        &log,
-    );
-    (smb, log, release)
 }
 
 /// Two LOGOFFs of one session (on two connections) both find its open
@@ -1519,26 +1475,16 @@ fn smbshim_hooked(
 fn smbshim_two_logoffs_of_a_session_both_wait_for_its_closes() {
     const STALL: &str = "commit.before:2:sleep3000";
     let name = "two-logoffs-wait";
-    let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", STALL)]);
-    let (smb, log, _release, _c, sid, _fid) = smbshim_hooked_open(&s, &d, name);
-    let hold = s.dir.join("release-store.hold-logoff");
-    std::fs::write(&hold, b"").expect("hold LOGOFFs before they take an open");
-    let logoff = || {
-        rkfilter_tests::InFlight::send(
-            LineClient::connect(&smb.addr),
-            json!({"cmd": "LOGOFF", "session_id": sid}),
-        )
-    };
+    let h = Hooked::start(name, &[("RKFILTER_FAILPOINTS", STALL)]);
+    let (mut home, sid) = h.session();
+    let _fid = persistent_open(&mut home, sid, "f");
+    h.hold("logoff");
+    let logoff = || h.in_flight(logoff_req(&sid));
     let (l1, l2) = (logoff(), logoff());
-    wait_logged_times(&log, "test hook: a LOGOFF found an open, waits", 2);
-    std::fs::remove_file(&hold).expect("release the LOGOFFs");
-    let r1 = l1
-        .outcome("LOGOFF 1", Duration::from_secs(60))
-        .expect("an answer");
-    let r2 = l2
-        .outcome("LOGOFF 2", Duration::from_secs(60))
-        .expect("an answer");
+    h.wait_logged_times("test hook: a LOGOFF found an open, waits", 2);
+    h.release("logoff");
+    let r1 = answer(l1, "LOGOFF 1", 60);
+    let r2 = answer(l2, "LOGOFF 2", 60);
     let statuses = [r1["status"].clone(), r2["status"].clone()];
     assert!(
         statuses.contains(&json!("STATUS_SUCCESS"))
@@ -1547,7 +1493,7 @@ fn smbshim_two_logoffs_of_a_session_both_wait_for_its_closes() {
                 .all(|s| s == "STATUS_SUCCESS" || s == "STATUS_USER_SESSION_DELETED"),
         "both waited, one ended the session: {r1} / {r2}"
     );
-    assert!(handle_paths(d.socket()).is_empty(), "closed");
+    assert!(handle_paths(h.d.socket()).is_empty(), "closed");
 }
 
 /// A LOGOFF finds the session's open `f` (held there, `.hold-logoff`);
@@ -1563,64 +1509,51 @@ fn smbshim_two_logoffs_of_a_session_both_wait_for_its_closes() {
 fn smbshim_logoff_closes_an_open_whose_racing_close_was_undone() {
     use nix::sys::signal::Signal;
     let name = "logoff-raced-close-undone";
-    let s = Scratch::new(name);
-    let d = Filterd::start(
-        &s,
-        &[],
+    let h = Hooked::start(
+        name,
         &[(
             "RKFILTER_FAILPOINTS",
             "commit.before:2:fail,close.refuse:2:fail",
         )],
     );
-    let (smb, log, _release, _c, sid, fid) = smbshim_hooked_open(&s, &d, name);
-    let hold = s.dir.join("release-store.hold-logoff");
-    let lost = s.dir.join("release-store.hold-lost");
-    std::fs::write(&hold, b"").expect("hold LOGOFFs before they take an open");
-    std::fs::write(&lost, b"").expect("hold LOGOFFs that lost an open");
-    let logoff = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "LOGOFF", "session_id": sid}),
-    );
-    wait_logged(&log, "test hook: a LOGOFF found an open, waits");
-    d.stop();
-    let close = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
-    let mut c = LineClient::connect(&smb.addr);
+    let (mut home, sid) = h.session();
+    let fid = persistent_open(&mut home, sid, "f");
+    h.hold("logoff");
+    h.hold("lost");
+    let logoff = h.in_flight(logoff_req(&sid));
+    h.wait_logged("test hook: a LOGOFF found an open, waits");
+    h.d.stop();
+    let close = h.in_flight(close_req(&sid, &fid));
+    let mut c = h.connect();
     wait_for("the CLOSE takes the open", Duration::from_secs(10), || {
-        let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+        let r = c.call(flush_req(&sid, &fid));
         (r["status"] != "STATUS_SUCCESS").then_some(())
     });
-    std::fs::remove_file(&hold).expect("release the LOGOFF");
-    wait_logged(&log, "test hook: a LOGOFF lost an open to another close");
-    d.signal(Signal::SIGCONT);
-    let r = close
-        .outcome("the CLOSE", Duration::from_secs(60))
-        .expect("an answer");
+    h.release("logoff");
+    h.wait_logged("test hook: a LOGOFF lost an open to another close");
+    h.d.signal(Signal::SIGCONT);
+    let r = answer(close, "the CLOSE", 60);
     assert_eq!(
         r["status"], "STATUS_INTERNAL_ERROR",
         "its commit failed: {r}"
     );
-    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+    let r = c.call(flush_req(&sid, &fid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "the open is back: {r}");
-    std::fs::remove_file(&lost).expect("release the LOGOFF again");
-    let r = logoff
-        .outcome("the LOGOFF", Duration::from_secs(60))
-        .expect("an answer");
+    h.release("lost");
+    let r = answer(logoff, "the LOGOFF", 60);
     assert_eq!(
         r["status"], "STATUS_FILE_NOT_AVAILABLE",
         "its own close of f was refused: {r}"
     );
-    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+    let r = c.call(flush_req(&sid, &fid));
     assert_eq!(
         r["status"], "STATUS_SUCCESS",
         "the session stays, with f: {r}"
     );
-    assert_eq!(handle_paths(d.socket()), ["f"], "f still open");
-    let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(handle_paths(h.d.socket()), ["f"], "f still open");
+    let r = c.call(logoff_req(&sid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "logged off again: {r}");
-    assert!(handle_paths(d.socket()).is_empty(), "closed");
+    assert!(handle_paths(h.d.socket()).is_empty(), "closed");
 }
 
 /// A CLOSE that found its session (held there, `.hold-close`) as the
@@ -1640,77 +1573,60 @@ fn smbshim_logoff_closes_an_open_whose_racing_close_was_undone() {
 #[test]
 fn smbshim_takes_no_open_of_a_session_being_ended() {
     let name = "close-of-ending-session";
-    let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[]);
-    let (smb, log, _release) = smbshim_hooked(&s, &d, name);
-    let client = uuid::Uuid::new_v4().to_string();
-    let setup = json!({"cmd": "SESSION_SETUP", "client_guid": client, "user": "m"});
-    let mut a = LineClient::connect(&smb.addr);
-    let sid = a.call(setup.clone())["session_id"].as_u64().expect("sid");
-    let mut b = LineClient::connect(&smb.addr);
-    let sid2 = b.call(setup)["session_id"].as_u64().expect("sid2");
-    let guid = uuid::Uuid::new_v4().to_string();
-    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
-        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
-        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
-    let r = a.call(create.clone());
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let fid = r["file_id"].clone();
+    let h = Hooked::start(name, &[]);
+    let setup = session_setup_of_a_new_client();
+    let (mut a, sid) = session(&h.smb, &setup);
+    let (mut b, sid2) = session(&h.smb, &setup);
+    let (create, fid) = durable_open_of_f(&mut a, sid);
 
-    let hold = |what: &str| s.dir.join(format!("release-store.hold-{what}"));
-    for h in ["close", "end", "taken"] {
-        std::fs::write(hold(h), b"").expect("hold");
+    for what in ["close", "end", "taken"] {
+        h.hold(what);
     }
-    let mut close = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
-    wait_logged(&log, "test hook: a CLOSE found its session, waits");
+    let mut close = h.in_flight(close_req(&sid, &fid));
+    h.wait_logged("test hook: a CLOSE found its session, waits");
     drop(a);
-    wait_logged(&log, "test hook: a session's end took it out, waits");
-    std::fs::remove_file(hold("close")).expect("release the CLOSE");
+    h.wait_logged("test hook: a session's end took it out, waits");
+    h.release("close");
     // Taken (the defect) or answered (not taken): either, then go on.
     wait_for(
         "the CLOSE takes the open or answers",
         Duration::from_secs(20),
         || {
-            let text = std::fs::read_to_string(&log).ok()?;
+            let text = std::fs::read_to_string(&h.log).ok()?;
             (text.contains("test hook: a close took its open, waits")
                 || close.early(Duration::ZERO))
             .then_some(())
         },
     );
-    std::fs::remove_file(hold("taken")).expect("release a taken close");
-    let r = close
-        .outcome("the CLOSE", Duration::from_secs(30))
-        .expect("an answer");
+    h.release("taken");
+    let r = answer(close, "the CLOSE", 30);
     assert_eq!(
         r["status"], "STATUS_SUCCESS",
         "closed as asked, not left to the session's end: {r}"
     );
     assert!(
-        handle_paths(d.socket()).is_empty(),
+        handle_paths(h.d.socket()).is_empty(),
         "closed in filterd, not detached"
     );
-    std::fs::remove_file(hold("end")).expect("release the session's end");
+    h.release("end");
     let mut replay = create;
     replay["replay"] = json!(true);
     replay["session_id"] = json!(sid2);
     let r = b.call(replay);
     assert_eq!(r["status"], "STATUS_SUCCESS", "opened anew: {r}");
     let new = r["file_id"].clone();
-    let r = b.call(json!({"cmd": "FLUSH", "session_id": sid2, "file_id": new}));
+    let r = b.call(flush_req(&sid2, &new));
     assert_eq!(
         r["status"], "STATUS_SUCCESS",
         "the replayed open serves: {r}"
     );
-    assert_eq!(handle_paths(d.socket()), ["f"], "its handle");
-    let r = b.call(json!({"cmd": "CLOSE", "session_id": sid2, "file_id": new}));
+    assert_eq!(handle_paths(h.d.socket()), ["f"], "its handle");
+    let r = b.call(close_req(&sid2, &new));
     assert_eq!(
         r["status"], "STATUS_SUCCESS",
         "the replayed open closes: {r}"
     );
-    assert!(handle_paths(d.socket()).is_empty(), "closed");
+    assert!(handle_paths(h.d.socket()).is_empty(), "closed");
 }
 
 /// A LOGOFF lists its session's opens `f` and `g` (held there,
@@ -1744,84 +1660,65 @@ const LETTING_GO_WAIT: Duration = Duration::from_secs(20);
 
 fn logoff_after_a_close_took_a_listed_open(name: &str, past_bound: bool) {
     use nix::sys::signal::Signal;
-    let s = Scratch::new(name);
-    let d = Filterd::start(
-        &s,
-        &[],
-        &[(
-            "RKFILTER_FAILPOINTS",
-            // Past the bound, X is not closed again by the LOGOFF.
-            if past_bound {
-                "commit.before:3:fail"
-            } else {
-                "commit.before:3:fail,close.refuse:3:fail"
-            },
-        )],
-    );
-    let (smb, log, _release, mut c, sid, f) = smbshim_hooked_open(&s, &d, name);
-    let r = smb_persistent_create(&mut c, sid, "g");
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-    let g = r["file_id"].clone();
+    // Past the bound, X is not closed again by the LOGOFF.
+    let failpoints = if past_bound {
+        "commit.before:3:fail"
+    } else {
+        "commit.before:3:fail,close.refuse:3:fail"
+    };
+    let h = Hooked::start(name, &[("RKFILTER_FAILPOINTS", failpoints)]);
+    let (mut c, sid) = h.session();
+    let f = persistent_open(&mut c, sid, "f");
+    let g = persistent_open(&mut c, sid, "g");
     // The LOGOFF lists its opens in the order of their ids.
     let (x, x_path) = if f.as_str() < g.as_str() {
         (f, "f")
     } else {
         (g, "g")
     };
-    let hold = |what: &str| s.dir.join(format!("release-store.hold-{what}"));
-    for h in ["listed", "logoff"] {
-        std::fs::write(hold(h), b"").expect("hold");
+    for what in ["listed", "logoff"] {
+        h.hold(what);
     }
-    let logoff = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "LOGOFF", "session_id": sid}),
-    );
+    let logoff = h.in_flight(logoff_req(&sid));
     let sent = std::time::Instant::now();
-    wait_logged(&log, "test hook: a LOGOFF listed its opens, waits");
+    h.wait_logged("test hook: a LOGOFF listed its opens, waits");
     if past_bound {
         // Not a readiness wait: the LOGOFF's bound is to pass.
         std::thread::sleep(
             (LETTING_GO_WAIT + Duration::from_secs(1)).saturating_sub(sent.elapsed()),
         );
     }
-    d.stop();
-    let close = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": x}),
-    );
+    h.d.stop();
+    let close = h.in_flight(close_req(&sid, &x));
     wait_for("the CLOSE takes X", Duration::from_secs(10), || {
-        let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": x}));
+        let r = c.call(flush_req(&sid, &x));
         (r["status"] != "STATUS_SUCCESS").then_some(())
     });
-    std::fs::remove_file(hold("listed")).expect("release the LOGOFF");
-    wait_logged(&log, "test hook: a LOGOFF found an open, waits");
-    d.signal(Signal::SIGCONT);
-    let r = close
-        .outcome("the CLOSE", Duration::from_secs(60))
-        .expect("an answer");
+    h.release("listed");
+    h.wait_logged("test hook: a LOGOFF found an open, waits");
+    h.d.signal(Signal::SIGCONT);
+    let r = answer(close, "the CLOSE", 60);
     assert_eq!(
         r["status"], "STATUS_INTERNAL_ERROR",
         "its commit failed: {r}"
     );
-    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": x}));
+    let r = c.call(flush_req(&sid, &x));
     assert_eq!(r["status"], "STATUS_SUCCESS", "X is back: {r}");
-    std::fs::remove_file(hold("logoff")).expect("release the LOGOFF again");
-    let r = logoff
-        .outcome("the LOGOFF", Duration::from_secs(60))
-        .expect("an answer");
+    h.release("logoff");
+    let r = answer(logoff, "the LOGOFF", 60);
     assert_eq!(
         r["status"], "STATUS_FILE_NOT_AVAILABLE",
         "its own close of X refused, or past its bound not made: {r}"
     );
-    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": x}));
+    let r = c.call(flush_req(&sid, &x));
     assert_eq!(
         r["status"], "STATUS_SUCCESS",
         "the session stays, with X: {r}"
     );
-    assert_eq!(handle_paths(d.socket()), [x_path], "X still open");
-    let r = c.call(json!({"cmd": "LOGOFF", "session_id": sid}));
+    assert_eq!(handle_paths(h.d.socket()), [x_path], "X still open");
+    let r = c.call(logoff_req(&sid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "logged off again: {r}");
-    assert!(handle_paths(d.socket()).is_empty(), "closed");
+    assert!(handle_paths(h.d.socket()).is_empty(), "closed");
 }
 
 /// A LOGOFF that found its session's persistent open `f` (held there,
@@ -1835,55 +1732,42 @@ fn logoff_after_a_close_took_a_listed_open(name: &str, past_bound: bool) {
 #[test]
 fn smbshim_logoff_takes_no_open_a_replay_moved_to_another_session() {
     let name = "logoff-of-moved-open";
-    let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[]);
-    let (smb, log, _release) = smbshim_hooked(&s, &d, name);
-    let client = uuid::Uuid::new_v4().to_string();
-    let setup = json!({"cmd": "SESSION_SETUP", "client_guid": client, "user": "m"});
-    let mut a = LineClient::connect(&smb.addr);
-    let sid = a.call(setup.clone())["session_id"].as_u64().expect("sid");
-    let mut b = LineClient::connect(&smb.addr);
-    let sid2 = b.call(setup)["session_id"].as_u64().expect("sid2");
+    let h = Hooked::start(name, &[]);
+    let setup = session_setup_of_a_new_client();
+    let (mut a, sid) = session(&h.smb, &setup);
+    let (mut b, sid2) = session(&h.smb, &setup);
     let guid = uuid::Uuid::new_v4().to_string();
-    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
-        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
-        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
+    let create = durable_create_of_f(sid, &guid);
     let r = a.call(create.clone());
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 
-    let hold = |what: &str| s.dir.join(format!("release-store.hold-{what}"));
-    for h in ["logoff", "end"] {
-        std::fs::write(hold(h), b"").expect("hold");
+    for what in ["logoff", "end"] {
+        h.hold(what);
     }
-    let logoff = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "LOGOFF", "session_id": sid}),
-    );
-    wait_logged(&log, "test hook: a LOGOFF found an open, waits");
+    let logoff = h.in_flight(logoff_req(&sid));
+    h.wait_logged("test hook: a LOGOFF found an open, waits");
     drop(a);
-    wait_logged(&log, "test hook: a session's end took it out, waits");
+    h.wait_logged("test hook: a session's end took it out, waits");
     let mut replay = create;
     replay["replay"] = json!(true);
     replay["session_id"] = json!(sid2);
     let r = b.call(replay);
     assert_eq!(r["status"], "STATUS_SUCCESS", "moved to sid2: {r}");
     let moved = r["file_id"].clone();
-    std::fs::remove_file(hold("logoff")).expect("release the LOGOFF");
+    h.release("logoff");
     // The LOGOFF's end of the session waits for the end in progress.
-    std::fs::remove_file(hold("end")).expect("release the session's end");
-    let r = logoff
-        .outcome("the LOGOFF", Duration::from_secs(60))
-        .expect("an answer");
+    h.release("end");
+    let r = answer(logoff, "the LOGOFF", 60);
     assert_eq!(
         r["status"], "STATUS_USER_SESSION_DELETED",
         "its session ended under it: {r}"
     );
-    assert_eq!(handle_paths(d.socket()), ["f"], "the moved open's handle");
-    let r = b.call(json!({"cmd": "FLUSH", "session_id": sid2, "file_id": moved}));
+    assert_eq!(handle_paths(h.d.socket()), ["f"], "the moved open's handle");
+    let r = b.call(flush_req(&sid2, &moved));
     assert_eq!(r["status"], "STATUS_SUCCESS", "the moved open serves: {r}");
-    let r = b.call(json!({"cmd": "CLOSE", "session_id": sid2, "file_id": moved}));
+    let r = b.call(close_req(&sid2, &moved));
     assert_eq!(r["status"], "STATUS_SUCCESS", "the moved open closes: {r}");
-    assert!(handle_paths(d.socket()).is_empty(), "closed");
+    assert!(handle_paths(h.d.socket()).is_empty(), "closed");
 }
 
 /// A replayed CREATE on another session of the client, refused because
@@ -1897,88 +1781,63 @@ fn smbshim_logoff_takes_no_open_a_replay_moved_to_another_session() {
 fn smbshim_a_replay_refused_for_a_close_in_flight_leaves_the_guid() {
     use nix::sys::signal::Signal;
     let name = "refused-replay-guid";
-    let s = Scratch::new(name);
-    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
-    let log = smbshim_log(&s);
-    let release = s.dir.join("release-store");
-    std::fs::write(&release, b"").expect("let CREATEs be stored");
-    let hold = s.dir.join("release-store.hold-replay");
-    let smb = Shim::start_logged(
-        "smbshim",
-        d.socket(),
-        name,
-        &[("SMBSHIM_TEST_HOLD_STORE", &release.to_string_lossy())],
-        &log,
-    );
-    let client = uuid::Uuid::new_v4().to_string();
-    let setup = json!({"cmd": "SESSION_SETUP", "client_guid": client, "user": "m"});
-    let mut a = LineClient::connect(&smb.addr);
-    let sid = a.call(setup.clone())["session_id"].as_u64().expect("sid");
-    let mut b = LineClient::connect(&smb.addr);
-    let sid2 = b.call(setup.clone())["session_id"].as_u64().expect("sid2");
+    let h = Hooked::start(name, &[("RKFILTER_FAILPOINTS", "commit.before:2:fail")]);
+    let setup = session_setup_of_a_new_client();
+    let (mut a, sid) = session(&h.smb, &setup);
+    let (mut b, sid2) = session(&h.smb, &setup);
     let guid = uuid::Uuid::new_v4().to_string();
-    let create = json!({"cmd": "CREATE", "session_id": sid, "path": "f",
-        "access": ["read", "write"], "share": ["read"], "disposition": "open_if",
-        "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}});
+    let create = durable_create_of_f(sid, &guid);
     let r = a.call(create.clone());
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     let fid = r["file_id"].clone();
 
-    std::fs::write(&hold, b"").expect("hold replays before their store");
+    h.hold("replay");
     let mut replay = create;
     replay["replay"] = json!(true);
     replay["session_id"] = json!(sid2);
-    let replayed = rkfilter_tests::InFlight::send(LineClient::connect(&smb.addr), replay);
-    wait_logged(&log, "test hook: a replayed CREATE waits before its store");
-    d.stop();
-    let close = rkfilter_tests::InFlight::send(
-        LineClient::connect(&smb.addr),
-        json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}),
-    );
-    let mut c = LineClient::connect(&smb.addr);
+    let replayed = h.in_flight(replay);
+    h.wait_logged("test hook: a replayed CREATE waits before its store");
+    h.d.stop();
+    let close = h.in_flight(close_req(&sid, &fid));
+    let mut c = h.connect();
     wait_for("the CLOSE takes the open", Duration::from_secs(10), || {
-        let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+        let r = c.call(flush_req(&sid, &fid));
         (r["status"] != "STATUS_SUCCESS").then_some(())
     });
-    std::fs::remove_file(&hold).expect("release the replay");
-    let r = replayed
-        .outcome("the replay", Duration::from_secs(30))
-        .expect("an answer");
+    h.release("replay");
+    let r = answer(replayed, "the replay", 30);
     assert_eq!(
         r["status"], "STATUS_FILE_NOT_AVAILABLE",
         "the CLOSE is in flight: {r}"
     );
-    d.signal(Signal::SIGCONT);
-    let r = close
-        .outcome("the CLOSE", Duration::from_secs(60))
-        .expect("an answer");
+    h.d.signal(Signal::SIGCONT);
+    let r = answer(close, "the CLOSE", 60);
     assert_eq!(
         r["status"], "STATUS_INTERNAL_ERROR",
         "its commit failed: {r}"
     );
-    let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": fid}));
+    let r = c.call(flush_req(&sid, &fid));
     assert_eq!(r["status"], "STATUS_SUCCESS", "the open is back: {r}");
     drop(a);
     wait_for("session 1 ends", Duration::from_secs(10), || {
-        let r = c.call(json!({"cmd": "FLUSH", "session_id": sid, "file_id": "x"}));
+        let r = c.call(flush_req(&sid, &"x"));
         (r["status"] == "STATUS_USER_SESSION_DELETED").then_some(())
     });
-    assert_eq!(handle_paths(d.socket()), ["f"], "detached, not closed");
-    let r = b.call(json!({"cmd": "LOGOFF", "session_id": sid2}));
+    assert_eq!(handle_paths(h.d.socket()), ["f"], "detached, not closed");
+    let r = b.call(logoff_req(&sid2));
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     // The LOGOFF's GUIDs are closed by a closer thread after its reply,
     // at once (a few ms): watched for 2 s, the handle must stay.
     let until = std::time::Instant::now() + Duration::from_secs(2);
     while std::time::Instant::now() < until {
-        assert_eq!(handle_paths(d.socket()), ["f"], "left for the RECONNECT");
+        assert_eq!(handle_paths(h.d.socket()), ["f"], "left for the RECONNECT");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut n = LineClient::connect(&smb.addr);
-    let sid3 = n.call(setup)["session_id"].as_u64().expect("sid3");
+    let (mut n, sid3) = session(&h.smb, &setup);
     let r = n.call(
         json!({"cmd": "RECONNECT", "session_id": sid3, "file_id": fid,
         "create_guid": guid}),
     );
     assert_eq!(r["status"], "STATUS_SUCCESS", "the client's RECONNECT: {r}");
-    assert_eq!(handle_paths(d.socket()), ["f"]);
+    assert_eq!(handle_paths(h.d.socket()), ["f"]);
 }
