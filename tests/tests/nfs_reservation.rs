@@ -27,6 +27,97 @@ fn lock(a: &mut Nfs, sid: &Value, owner: &str, offset: u64) -> Value {
     )
 }
 
+/// Client host-a of nfsshim `nfs`.
+fn host_a(nfs: &Shim) -> Nfs {
+    Nfs::connect(&nfs.addr, "host-a", "00000000000000aa")
+}
+
+/// Client host-b of nfsshim `nfs`.
+fn host_b(nfs: &Shim) -> Nfs {
+    Nfs::connect(&nfs.addr, "host-b", "00000000000000bb")
+}
+
+/// A scratch dir `name` holding `f` (its contents `f`), and filterd on it
+/// run with `flags` and environment `env`.
+fn filterd_on_f(name: &str, flags: &[&str], env: &[(&str, &str)]) -> (Scratch, Filterd) {
+    let s = Scratch::new(name);
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let d = Filterd::start(&s, flags, env);
+    (s, d)
+}
+
+/// Client `a`'s OPEN of `path` (owner `oo`, for reading, denying nothing)
+/// wanting a read delegation, which must be NFS4_OK: its answer.
+fn open_wanting_read_delegation(a: &mut Nfs, path: &str) -> Value {
+    ok(a.open(
+        "oo",
+        path,
+        "read",
+        "none",
+        json!({"want_delegation": "read"}),
+    ))
+}
+
+/// As [`open_wanting_read_delegation`], for reading and writing, wanting
+/// a write delegation.
+fn open_wanting_write_delegation(a: &mut Nfs, path: &str) -> Value {
+    ok(a.open(
+        "oo",
+        path,
+        "both",
+        "none",
+        json!({"want_delegation": "write"}),
+    ))
+}
+
+/// The delegation OPEN answer `o` granted, which must be of `kind`: its
+/// stateid.
+fn granted(o: &Value, kind: &str) -> Value {
+    assert_eq!(o["delegation"]["type"], kind, "{o}");
+    o["delegation"]["stateid"].clone()
+}
+
+/// `a`'s CLOSE of the open OPEN answer `o` made, which must be NFS4_OK.
+fn close(a: &mut Nfs, o: &Value) -> Value {
+    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})))
+}
+
+fn read_req(stateid: &Value, count: u64) -> Value {
+    json!({"op": "READ", "stateid": stateid, "offset": 0, "count": count})
+}
+
+/// `a`'s READ under delegation `deleg` is NFS4ERR_EXPIRED: it was revoked.
+fn assert_revoked(a: &mut Nfs, deleg: &Value) {
+    let r = a.call(read_req(deleg, 1));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+}
+
+/// Another client's OPEN (owner `ob`) of `path` for `access`, denying
+/// `deny`.
+fn b_open(path: &str, access: &str, deny: &str) -> Value {
+    json!({"op": "OPEN", "owner": "ob", "path": path, "access": access, "deny": deny})
+}
+
+/// `b`'s OPEN ([`b_open`]) is NFS4ERR_DELAY, `a`'s delegation recalled
+/// first: the CB_RECALL `a` is sent.
+fn recalled_by(a: &mut Nfs, b: &mut Nfs, path: &str, access: &str, deny: &str) -> Value {
+    let r = b.call(b_open(path, access, deny));
+    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
+    next_recall(a)
+}
+
+/// The next line sent to `a`, which must be a CB_RECALL.
+fn next_recall(a: &mut Nfs) -> Value {
+    let cb = a.c.next_line().expect("CB_RECALL");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    cb
+}
+
+/// filterd holds `n` handles of `f`.
+fn assert_handles_of_f(s: &Scratch, n: usize) {
+    assert_eq!(handles_on(s, "f").len(), n, "{:?}", handles_on(s, "f"));
+}
+
 /// Old code: a further lock-owner's handle that went (expired while
 /// nfsshim was down) was ignored: its lock was gone from filterd while the
 /// client still held it, so another client got the same range, and the
@@ -39,7 +130,7 @@ fn a_lost_lock_owner_handle_drops_the_open_whole() {
         std::fs::write(s.root().join("f"), b"0123456789").unwrap();
         let _d = Filterd::start(&s, &[], &[]);
         let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-lo");
-        let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+        let mut a = host_a(&nfs);
         let sid = ok(a.open("oo", "f", "both", "none", json!({})))["stateid"].clone();
         ok(lock(&mut a, &sid, "l1", 0));
         let before: Vec<String> = handles_on(&s, "f").into_iter().map(|h| h.0).collect();
@@ -57,9 +148,9 @@ fn a_lost_lock_owner_handle_drops_the_open_whole() {
             Duration::from_secs(10),
             || handles_on(&s, "f").is_empty().then_some(()),
         );
-        let r = a.call(json!({"op": "READ", "stateid": sid, "offset": 0, "count": 1}));
+        let r = a.call(read_req(&sid, 1));
         assert_ne!(r["status"], "NFS4_OK", "down={while_down}: {r}");
-        let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+        let mut b = host_b(&nfs);
         let bs = ok(b.open("ob", "f", "both", "none", json!({})))["stateid"].clone();
         ok(lock(&mut b, &bs, "lb", 5));
     }
@@ -69,24 +160,16 @@ fn a_lost_lock_owner_handle_drops_the_open_whole() {
 /// handle, and DELEGRETURN closed none: ten cycles, eleven handles.
 #[test]
 fn delegation_cycles_leave_one_handle() {
-    let s = Scratch::new("nfs-deleg-cycles");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &[], &[]);
+    let (s, _d) = filterd_on_f("nfs-deleg-cycles", &[], &[]);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dc");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut a = host_a(&nfs);
     ok(a.open("oo", "f", "read", "none", json!({})));
     for _ in 0..5 {
-        let o = ok(a.open(
-            "oo",
-            "f",
-            "read",
-            "none",
-            json!({"want_delegation": "read"}),
-        ));
+        let o = open_wanting_read_delegation(&mut a, "f");
         assert_eq!(o["delegation"]["type"], "read", "{o}");
         ok(a.call(json!({"op": "DELEGRETURN", "stateid": o["delegation"]["stateid"]})));
     }
-    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    assert_handles_of_f(&s, 1);
 }
 
 /// Old code: a handle of the instance that no table named (its OPEN's
@@ -95,9 +178,7 @@ fn delegation_cycles_leave_one_handle() {
 /// had closed everything.
 #[test]
 fn a_handle_no_open_state_names_is_closed_at_restore() {
-    let s = Scratch::new("nfs-orphan");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &[], &[]);
+    let (s, _d) = filterd_on_f("nfs-orphan", &[], &[]);
     {
         // What a dead nfsshim leaves: a persistent handle of its instance.
         let mut fe = TestFront::start(&s.socket(), "nfs", "nfs-or").unwrap();
@@ -111,7 +192,7 @@ fn a_handle_no_open_state_names_is_closed_at_restore() {
     assert_eq!(handles_on(&s, "f").len(), 1);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-or");
     assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let mut b = host_b(&nfs);
     ok(b.open("ob", "f", "write", "none", json!({})));
 }
 
@@ -130,14 +211,8 @@ fn delegreturn_is_exactly_once_across_a_filterd_crash() {
         let fp = format!("commit.after:{n}:kill");
         let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
         let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dr");
-        let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-        let o = ok(a.open(
-            "oo",
-            "f",
-            "read",
-            "none",
-            json!({"want_delegation": "read"}),
-        ));
+        let mut a = host_a(&nfs);
+        let o = open_wanting_read_delegation(&mut a, "f");
         let deleg = o["delegation"]["stateid"].clone();
         let first = a.call(json!({"op": "DELEGRETURN", "stateid": deleg}));
         assert_eq!(first["status"], "NFS4ERR_DELAY", "{fp}: {first}");
@@ -153,7 +228,7 @@ fn delegreturn_is_exactly_once_across_a_filterd_crash() {
             "{fp}: first {first}, again {again}"
         );
         // The delegation is gone: another client's write OPEN does not wait.
-        let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+        let mut b = host_b(&nfs);
         let t0 = Instant::now();
         ok(b.open("ob", "f", "write", "none", json!({})));
         assert!(t0.elapsed() < Duration::from_secs(5), "{fp}");
@@ -165,22 +240,18 @@ fn delegreturn_is_exactly_once_across_a_filterd_crash() {
 /// another client wrote.
 #[test]
 fn a_delegation_revoked_while_nfsshim_was_down_is_revoked_after() {
-    let s = Scratch::new("nfs-deleg-revoked-down");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "1500"], &[]);
+    let (s, _d) = filterd_on_f(
+        "nfs-deleg-revoked-down",
+        &["--break-timeout-ms", "1500"],
+        &[],
+    );
     let mut n1 = Shim::start("nfsshim", &s.socket(), "nfs-r1");
     let n2 = Shim::start("nfsshim", &s.socket(), "nfs-r2");
-    let mut a = Nfs::connect(&n1.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
+    let mut a = host_a(&n1);
+    let o = open_wanting_read_delegation(&mut a, "f");
     let deleg = o["delegation"]["stateid"].clone();
     n1.kill9_in_place();
-    let mut b = Nfs::connect(&n2.addr, "host-b", "00000000000000bb");
+    let mut b = host_b(&n2);
     let r = rkfilter_tests::wait_for("b's write OPEN", Duration::from_secs(10), || {
         let r = b.open("ob", "f", "write", "none", json!({}));
         (r["status"] != "NFS4ERR_DELAY").then_some(r)
@@ -188,7 +259,7 @@ fn a_delegation_revoked_while_nfsshim_was_down_is_revoked_after() {
     ok(r);
     let n1 = Shim::start("nfsshim", &s.socket(), "nfs-r1");
     a.c = LineClient::connect(&n1.addr);
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    let r = a.call(read_req(&deleg, 1));
     assert_ne!(r["status"], "NFS4_OK", "{r}");
 }
 
@@ -201,14 +272,10 @@ fn b64(s: &str) -> String {
 /// `a`'s delegation `deleg` is recalled (its CB_RECALL checked), NFS4_OK
 /// once `a` returned it.
 fn recalled_then_opened(a: &mut Nfs, b: &mut Nfs, path: &str, deleg: &Value) {
-    let r = b.open("ob", path, "write", "none", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let cb = recalled_by(a, b, path, "write", "none");
     assert_eq!(cb["stateid"]["other"], deleg["other"], "{cb}");
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
-    let again = json!({"op": "OPEN", "owner": "ob", "path": path, "access": "write",
-                       "deny": "none"});
+    let again = b_open(path, "write", "none");
     ok(b.resend_patiently(&again, Duration::from_secs(10)));
 }
 
@@ -226,48 +293,34 @@ fn a_delegation_outlives_the_close_of_its_open() {
     std::fs::write(s.root().join("w"), b"").unwrap();
     let _d = Filterd::start(&s, &[], &[]);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcl");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let mut a = host_a(&nfs);
+    let mut b = host_b(&nfs);
     // A read delegation, its open closed.
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    assert_eq!(o["delegation"]["type"], "read", "{o}");
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let r = a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 3}));
+    let o = open_wanting_read_delegation(&mut a, "f");
+    let deleg = granted(&o, "read");
+    close(&mut a, &o);
+    let r = a.call(read_req(&o["stateid"], 3));
     assert_eq!(r["status"], "NFS4ERR_BAD_STATEID", "the open's: {r}");
     let r = a.call(json!({"op": "CLOSE", "stateid": o["stateid"]}));
     assert_eq!(r["status"], "NFS4ERR_BAD_STATEID", "a second CLOSE: {r}");
-    let r = ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+    let r = ok(a.call(read_req(&deleg, 3)));
     assert_eq!(r["data"], b64("old"), "{r}");
-    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    assert_handles_of_f(&s, 1);
     // The same owner opens the file again beside it, and closes it.
     let again = ok(a.open("oo", "f", "read", "none", json!({})));
-    ok(a.call(json!({"op": "CLOSE", "stateid": again["stateid"]})));
-    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    close(&mut a, &again);
+    assert_handles_of_f(&s, 1);
     recalled_then_opened(&mut a, &mut b, "f", &deleg);
     // The delegation's handle went with the DELEGRETURN: b's is the one.
-    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    assert_handles_of_f(&s, 1);
     let r = a.call(json!({"op": "DELEGRETURN", "stateid": deleg}));
     assert_ne!(r["status"], "NFS4_OK", "returned already: {r}");
 
     // A write delegation: what the holder deferred, written back after
     // the CLOSE under the delegation's stateid, lands.
-    let o = ok(a.open(
-        "oo",
-        "w",
-        "both",
-        "none",
-        json!({"want_delegation": "write"}),
-    ));
-    assert_eq!(o["delegation"]["type"], "write", "{o}");
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let o = open_wanting_write_delegation(&mut a, "w");
+    let deleg = granted(&o, "write");
+    close(&mut a, &o);
     ok(a.call(json!({"op": "WRITE", "stateid": deleg, "offset": 0, "data": b64("deferred")})));
     ok(a.call(json!({"op": "COMMIT", "stateid": deleg})));
     recalled_then_opened(&mut a, &mut b, "w", &deleg);
@@ -280,38 +333,29 @@ fn a_delegation_outlives_the_close_of_its_open() {
 /// its stateid NFS4ERR_EXPIRED.
 #[test]
 fn a_delegation_kept_past_close_is_restored_and_revoked_at_the_recall_timeout() {
-    let s = Scratch::new("nfs-deleg-close-restart");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "1500"], &[]);
+    let (s, _d) = filterd_on_f(
+        "nfs-deleg-close-restart",
+        &["--break-timeout-ms", "1500"],
+        &[],
+    );
     let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcr");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
+    let mut a = host_a(&nfs);
+    let o = open_wanting_read_delegation(&mut a, "f");
     let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    close(&mut a, &o);
     nfs.kill9_in_place();
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcr");
     a.c = LineClient::connect(&nfs.addr);
-    let r = a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 1}));
+    let r = a.call(read_req(&o["stateid"], 1));
     assert_eq!(r["status"], "NFS4ERR_BAD_STATEID", "the open's: {r}");
-    ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1})));
-    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    ok(a.call(read_req(&deleg, 1)));
+    assert_handles_of_f(&s, 1);
     // Recalled, never returned: revoked at the recall timeout.
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let r = b.open("ob", "f", "write", "none", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
-    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
-                       "deny": "none"});
+    let mut b = host_b(&nfs);
+    recalled_by(&mut a, &mut b, "f", "write", "none");
+    let again = b_open("f", "write", "none");
     ok(b.resend_patiently(&again, Duration::from_secs(10)));
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut a, &deleg);
     rkfilter_tests::wait_for("a's handle closed", Duration::from_secs(10), || {
         (handles_on(&s, "f").len() == 1).then_some(())
     });
@@ -337,14 +381,8 @@ fn a_close_keeping_a_delegation_and_its_delegreturn_across_a_filterd_crash() {
         let fp = format!("commit.{at}:{n}:kill");
         let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
         let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcc");
-        let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-        let o = ok(a.open(
-            "oo",
-            "f",
-            "read",
-            "none",
-            json!({"want_delegation": "read"}),
-        ));
+        let mut a = host_a(&nfs);
+        let o = open_wanting_read_delegation(&mut a, "f");
         let deleg = o["delegation"]["stateid"].clone();
         let mut crashed = None;
         for req in [
@@ -370,7 +408,7 @@ fn a_close_keeping_a_delegation_and_its_delegreturn_across_a_filterd_crash() {
             );
         }
         assert!(crashed.is_some(), "{fp}: the crash came");
-        let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+        let mut b = host_b(&nfs);
         let t0 = Instant::now();
         ok(b.open("ob", "f", "write", "none", json!({})));
         assert!(t0.elapsed() < Duration::from_secs(5), "{fp}");
@@ -394,18 +432,14 @@ fn a_close_keeping_a_delegation_and_its_delegreturn_across_a_filterd_crash() {
 /// NFS4ERR_BAD_STATEID while the delegation's still reads.
 #[test]
 fn a_close_keeping_a_delegation_whose_commit_failed_is_stored_by_its_resend() {
-    let s = Scratch::new("nfs-deleg-close-fail");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "commit.before:4:fail")]);
+    let (s, _d) = filterd_on_f(
+        "nfs-deleg-close-fail",
+        &[],
+        &[("RKFILTER_FAILPOINTS", "commit.before:4:fail")],
+    );
     let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcf");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
+    let mut a = host_a(&nfs);
+    let o = open_wanting_read_delegation(&mut a, "f");
     let deleg = o["delegation"]["stateid"].clone();
     let close = json!({"op": "CLOSE", "stateid": o["stateid"]});
     let first = a.call(close.clone());
@@ -419,10 +453,10 @@ fn a_close_keeping_a_delegation_whose_commit_failed_is_stored_by_its_resend() {
     nfs.kill9_in_place();
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcf");
     a.c = LineClient::connect(&nfs.addr);
-    let r = a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 1}));
+    let r = a.call(read_req(&o["stateid"], 1));
     assert_eq!(r["status"], "NFS4ERR_BAD_STATEID", "closed for good: {r}");
-    ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1})));
-    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    ok(a.call(read_req(&deleg, 1)));
+    assert_handles_of_f(&s, 1);
 }
 
 /// Re-review D4: when a delegation kept past its open's CLOSE was revoked
@@ -434,36 +468,21 @@ fn a_close_keeping_a_delegation_whose_commit_failed_is_stored_by_its_resend() {
 /// reaper, within its tick: re-review rr39a A).
 #[test]
 fn a_revoked_kept_delegation_whose_close_failed_is_closed_later() {
-    let s = Scratch::new("nfs-deleg-close-revoke-fail");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(
-        &s,
+    let (s, _d) = filterd_on_f(
+        "nfs-deleg-close-revoke-fail",
         &["--break-timeout-ms", "1500"],
         &[("RKFILTER_FAILPOINTS", "close.refuse:1:fail")],
     );
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcv");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let r = b.open("ob", "f", "write", "none", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
-    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
-                       "deny": "none"});
+    let mut a = host_a(&nfs);
+    let deleg = keep_delegation(&mut a, "f");
+    let mut b = host_b(&nfs);
+    recalled_by(&mut a, &mut b, "f", "write", "none");
+    let again = b_open("f", "write", "none");
     ok(b.resend_patiently(&again, Duration::from_secs(10)));
     // The revocation's close is refused: a's handle stays, named, and
     // its close is tried again.
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut a, &deleg);
     rkfilter_tests::wait_for("a's handle closed", Duration::from_secs(10), || {
         (handles_on(&s, "f").len() == 1).then_some(())
     });
@@ -477,27 +496,17 @@ fn a_revoked_kept_delegation_whose_close_failed_is_closed_later() {
 /// again until that succeeds.
 #[test]
 fn a_kept_delegation_revoked_while_nfsshim_was_down_is_closed_after_a_failed_close() {
-    let s = Scratch::new("nfs-deleg-close-revoked-down");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(
-        &s,
+    let (s, _d) = filterd_on_f(
+        "nfs-deleg-close-revoked-down",
         &["--break-timeout-ms", "1500"],
         &[("RKFILTER_FAILPOINTS", "close.refuse:1:fail")],
     );
     let mut n1 = Shim::start("nfsshim", &s.socket(), "nfs-dkr1");
     let n2 = Shim::start("nfsshim", &s.socket(), "nfs-dkr2");
-    let mut a = Nfs::connect(&n1.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let mut a = host_a(&n1);
+    let deleg = keep_delegation(&mut a, "f");
     n1.kill9_in_place();
-    let mut b = Nfs::connect(&n2.addr, "host-b", "00000000000000bb");
+    let mut b = host_b(&n2);
     ok(rkfilter_tests::wait_for(
         "b's write OPEN",
         Duration::from_secs(10),
@@ -506,14 +515,13 @@ fn a_kept_delegation_revoked_while_nfsshim_was_down_is_closed_after_a_failed_clo
             (r["status"] != "NFS4ERR_DELAY").then_some(r)
         },
     ));
-    assert_eq!(handles_on(&s, "f").len(), 2, "{:?}", handles_on(&s, "f"));
+    assert_handles_of_f(&s, 2);
     let n1 = Shim::start("nfsshim", &s.socket(), "nfs-dkr1");
     rkfilter_tests::wait_for("a's handle closed", Duration::from_secs(10), || {
         (handles_on(&s, "f").len() == 1).then_some(())
     });
     a.c = LineClient::connect(&n1.addr);
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut a, &deleg);
 }
 
 /// Re-review rr39a A: DELEGRETURN of a kept delegation gave its lease up
@@ -523,25 +531,14 @@ fn a_kept_delegation_revoked_while_nfsshim_was_down_is_closed_after_a_failed_clo
 /// break, and the open is granted.
 #[test]
 fn a_returned_kept_delegation_lets_the_waiting_smb_open_in() {
-    let s = Scratch::new("nfs-deleg-close-smb");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &[], &[]);
+    let (s, _d) = filterd_on_f("nfs-deleg-close-smb", &[], &[]);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dks");
     let smb = Shim::start("smbshim", &s.socket(), "smb-dks");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let mut a = host_a(&nfs);
+    let deleg = keep_delegation(&mut a, "f");
     // Read and write, sharing nothing.
     let answered = rkfilter_tests::smb_open_of_f(&smb.addr, json!([]));
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    next_recall(&mut a);
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
     let (r, _) = answered
         .recv_timeout(Duration::from_secs(30))
@@ -559,31 +556,16 @@ fn a_returned_kept_delegation_lets_the_waiting_smb_open_in() {
 /// revocation: it still meets the handle — docs/nfs-like.md, "Left".)
 #[test]
 fn a_revoked_kept_delegations_handle_goes_while_its_holder_is_idle() {
-    let s = Scratch::new("nfs-deleg-close-idle");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+    let (s, _d) = filterd_on_f("nfs-deleg-close-idle", &["--break-timeout-ms", "1000"], &[]);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dki");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let r = b.open("ob", "f", "write", "read", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
-    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
-                       "deny": "read"});
+    let mut a = host_a(&nfs);
+    let deleg = keep_delegation(&mut a, "f");
+    let mut b = host_b(&nfs);
+    recalled_by(&mut a, &mut b, "f", "write", "read");
+    let again = b_open("f", "write", "read");
     ok(b.resend_patiently(&again, Duration::from_secs(10)));
-    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_handles_of_f(&s, 1);
+    assert_revoked(&mut a, &deleg);
 }
 
 /// Another client's OPEN denying what a kept delegation's handle may do
@@ -592,28 +574,14 @@ fn a_revoked_kept_delegations_handle_goes_while_its_holder_is_idle() {
 /// NFS4ERR_SHARE_DENIED).
 #[test]
 fn another_clients_deny_read_open_recalls_a_kept_delegation() {
-    let s = Scratch::new("nfs-deleg-close-deny");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &[], &[]);
+    let (s, _d) = filterd_on_f("nfs-deleg-close-deny", &[], &[]);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dkd");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let r = b.open("ob", "f", "write", "read", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let mut a = host_a(&nfs);
+    let deleg = keep_delegation(&mut a, "f");
+    let mut b = host_b(&nfs);
+    recalled_by(&mut a, &mut b, "f", "write", "read");
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
-    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
-                       "deny": "read"});
+    let again = b_open("f", "write", "read");
     ok(b.resend_patiently(&again, Duration::from_secs(10)));
 }
 
@@ -632,20 +600,14 @@ fn at_one_open(name: &str, instance: &str, lease_ms: &str) -> (Scratch, Filterd,
         instance,
         &["--max-opens-per-client", "1", "--lease-ms", lease_ms],
     );
-    let a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let a = host_a(&nfs);
     (s, d, nfs, a)
 }
 
 /// A read delegation of `path` kept past its open's CLOSE: its stateid.
 fn keep_delegation(a: &mut Nfs, path: &str) -> Value {
-    let o = ok(a.open(
-        "oo",
-        path,
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let o = open_wanting_read_delegation(a, path);
+    close(a, &o);
     o["delegation"]["stateid"].clone()
 }
 
@@ -689,15 +651,14 @@ fn kept_delegations_are_recalled_to_make_room_at_the_open_limit() {
     // (On the slot the OPEN answered DELAY left where it was.)
     ok(a.send(json!({"op": "DELEGRETURN", "stateid": deleg})));
     let g = ok(a.call_patiently(open_g));
-    ok(a.call(json!({"op": "CLOSE", "stateid": g["stateid"]})));
+    close(&mut a, &g);
     // Never returned: revoked a lease period later.
     let deleg = keep_delegation(&mut a, "f");
     let open_h = json!({"op": "OPEN", "owner": "oo", "path": "h", "access": "read",
                         "deny": "none"});
     recalling(&mut a, &open_h, &deleg);
     ok(a.resend_patiently(&open_h, Duration::from_secs(10)));
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut a, &deleg);
     assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
 }
 
@@ -755,7 +716,7 @@ fn a_recall_for_room_goes_once_per_connection_and_its_lease_runs_from_the_resend
     let mut renew_until = |a: &mut Nfs, until: Instant| {
         while Instant::now() < until {
             slot1 += 1;
-            let mut read = json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1});
+            let mut read = read_req(&deleg, 1);
             read["seq"] = json!({"sessionid": a.sessionid, "slot": 1, "seqid": slot1});
             let id = a.c.send_only("xid", read);
             let (r, seen) = a.c.reply_to("xid", id).expect("the READ's answer");
@@ -835,42 +796,31 @@ fn a_kept_delegation_does_not_deny_its_clients_other_owner() {
     std::fs::write(s.root().join("f"), b"old").unwrap();
     let _d = Filterd::start(&s, &[], &[]);
     let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-dco");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "both",
-        "none",
-        json!({"want_delegation": "write"}),
-    ));
-    assert_eq!(o["delegation"]["type"], "write", "{o}");
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let mut a = host_a(&nfs);
+    let o = open_wanting_write_delegation(&mut a, "f");
+    let deleg = granted(&o, "write");
+    close(&mut a, &o);
     let o2 = ok(a.open("o2", "f", "read", "write", json!({})));
-    ok(a.call(json!({"op": "READ", "stateid": o2["stateid"], "offset": 0, "count": 3})));
-    let r = ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+    ok(a.call(read_req(&o2["stateid"], 3)));
+    let r = ok(a.call(read_req(&deleg, 3)));
     assert_eq!(r["data"], b64("old"), "{r}");
-    assert_eq!(handles_on(&s, "f").len(), 2, "{:?}", handles_on(&s, "f"));
+    assert_handles_of_f(&s, 2);
     nfs.kill9_in_place();
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dco");
     a.c = LineClient::connect(&nfs.addr);
-    let r = ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+    let r = ok(a.call(read_req(&deleg, 3)));
     assert_eq!(r["data"], b64("old"), "{r}");
     // Another client's write open recalls the delegation, and is then
     // denied by o2's deny.
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let r = b.open("ob", "f", "write", "none", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let mut b = host_b(&nfs);
+    let cb = recalled_by(&mut a, &mut b, "f", "write", "none");
     assert_eq!(cb["stateid"]["other"], deleg["other"], "{cb}");
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
-    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
-    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
-                       "deny": "none"});
+    assert_handles_of_f(&s, 1);
+    let again = b_open("f", "write", "none");
     let r = b.resend_patiently(&again, Duration::from_secs(10));
     assert_eq!(r["status"], "NFS4ERR_SHARE_DENIED", "o2 denies writes: {r}");
-    ok(a.call(json!({"op": "CLOSE", "stateid": o2["stateid"]})));
+    close(&mut a, &o2);
     assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
 }
 
@@ -885,31 +835,24 @@ fn a_delegation_carried_by_a_further_handle_outlives_the_close() {
     std::fs::write(s.root().join("f"), b"old").unwrap();
     let _d = Filterd::start(&s, &[], &[]);
     let mut nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcu");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut a = host_a(&nfs);
     let first = ok(a.open("oo", "f", "read", "none", json!({})));
     assert!(first["delegation"].is_null(), "{first}");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    assert_eq!(o["delegation"]["type"], "read", "{o}");
-    let deleg = o["delegation"]["stateid"].clone();
-    assert_eq!(handles_on(&s, "f").len(), 2, "{:?}", handles_on(&s, "f"));
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    let o = open_wanting_read_delegation(&mut a, "f");
+    let deleg = granted(&o, "read");
+    assert_handles_of_f(&s, 2);
+    close(&mut a, &o);
+    assert_handles_of_f(&s, 1);
     nfs.kill9_in_place();
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcu");
     a.c = LineClient::connect(&nfs.addr);
-    let r = a.call(json!({"op": "READ", "stateid": o["stateid"], "offset": 0, "count": 3}));
+    let r = a.call(read_req(&o["stateid"], 3));
     assert_eq!(r["status"], "NFS4ERR_BAD_STATEID", "the open's: {r}");
-    let r = ok(a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+    let r = ok(a.call(read_req(&deleg, 3)));
     assert_eq!(r["data"], b64("old"), "{r}");
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let mut b = host_b(&nfs);
     recalled_then_opened(&mut a, &mut b, "f", &deleg);
-    assert_eq!(handles_on(&s, "f").len(), 1, "{:?}", handles_on(&s, "f"));
+    assert_handles_of_f(&s, 1);
 }
 
 /// Re-review rr39a C: the open limit was checked after filterd had made
@@ -932,20 +875,9 @@ fn an_open_at_the_limit_answered_delay_changed_nothing() {
         "nfs-dcy",
         &["--max-opens-per-client", "2", "--lease-ms", "60000"],
     );
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+    let mut a = host_a(&nfs);
     // The owner has an open state (of another file) and a kept delegation.
     ok(a.open("oo", "x", "read", "none", json!({})));
-    let keep = |a: &mut Nfs| {
-        let o = ok(a.open(
-            "oo",
-            "f",
-            "read",
-            "none",
-            json!({"want_delegation": "read"}),
-        ));
-        ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-        o["delegation"]["stateid"].clone()
-    };
     // Answered DELAY (the kept delegation recalled) with nothing done;
     // granted once the delegation is returned.
     let at_the_limit = |a: &mut Nfs, req: &Value, deleg: &Value, untouched: &dyn Fn()| {
@@ -965,15 +897,15 @@ fn an_open_at_the_limit_answered_delay_changed_nothing() {
         ok(a.send(json!({"op": "DELEGRETURN", "stateid": deleg})));
         ok(a.call_patiently(req.clone()))
     };
-    let deleg = keep(&mut a);
+    let deleg = keep_delegation(&mut a, "f");
     let truncate = json!({"op": "OPEN", "owner": "oo", "path": "t", "access": "write",
                           "deny": "none", "truncate": true});
     let t = at_the_limit(&mut a, &truncate, &deleg, &|| {
         assert_eq!(std::fs::read(s.root().join("t")).unwrap(), b"precious");
     });
     assert_eq!(std::fs::metadata(s.root().join("t")).unwrap().len(), 0);
-    ok(a.call(json!({"op": "CLOSE", "stateid": t["stateid"]})));
-    let deleg = keep(&mut a);
+    close(&mut a, &t);
+    let deleg = keep_delegation(&mut a, "f");
     let create = json!({"op": "OPEN", "owner": "oo", "path": "new", "access": "both",
                         "deny": "none", "create": {"mode": "guarded"}});
     let c = at_the_limit(&mut a, &create, &deleg, &|| {
@@ -998,16 +930,10 @@ fn a_kept_delegations_reopen_survives_a_filterd_crash_at_its_commit() {
         let fp = format!("commit.after:{n}:kill");
         let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
         let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcx");
-        let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-        let o = ok(a.open(
-            "oo",
-            "f",
-            "both",
-            "none",
-            json!({"want_delegation": "write"}),
-        ));
+        let mut a = host_a(&nfs);
+        let o = open_wanting_write_delegation(&mut a, "f");
         let deleg = o["delegation"]["stateid"].clone();
-        ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+        close(&mut a, &o);
         let open2 = json!({"op": "OPEN", "owner": "o2", "path": "f", "access": "read",
                            "deny": "write"});
         a.seqid += 1;
@@ -1017,8 +943,7 @@ fn a_kept_delegations_reopen_survives_a_filterd_crash_at_its_commit() {
         let _d2 = Filterd::start(&s, &[], &[]);
         let o2 = ok(a.resend_patiently(&open2, Duration::from_secs(20)));
         // (DELAY while nfsshim catches up with the reattach: re-sent.)
-        let r =
-            ok(a.call_patiently(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+        let r = ok(a.call_patiently(read_req(&deleg, 3)));
         assert_eq!(r["data"], b64("old"), "{fp}: {r}");
         ok(a.call_patiently(json!({"op": "DELEGRETURN", "stateid": deleg})));
         assert_eq!(
@@ -1027,7 +952,7 @@ fn a_kept_delegations_reopen_survives_a_filterd_crash_at_its_commit() {
             "{fp}: o2's alone: {:?}",
             handles_on(&s, "f")
         );
-        ok(a.call(json!({"op": "CLOSE", "stateid": o2["stateid"]})));
+        close(&mut a, &o2);
         assert!(
             handles_on(&s, "f").is_empty(),
             "{fp}: {:?}",
@@ -1051,15 +976,9 @@ fn a_close_moving_a_delegation_to_its_further_handle_survives_a_filterd_crash() 
         let fp = format!("commit.{at}:6:kill");
         let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp.as_str())]);
         let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dcz");
-        let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
+        let mut a = host_a(&nfs);
         ok(a.open("oo", "f", "read", "none", json!({})));
-        let o = ok(a.open(
-            "oo",
-            "f",
-            "read",
-            "none",
-            json!({"want_delegation": "read"}),
-        ));
+        let o = open_wanting_read_delegation(&mut a, "f");
         let deleg = o["delegation"]["stateid"].clone();
         let close = json!({"op": "CLOSE", "stateid": o["stateid"]});
         a.seqid += 1;
@@ -1069,8 +988,7 @@ fn a_close_moving_a_delegation_to_its_further_handle_survives_a_filterd_crash() 
         let _d2 = Filterd::start(&s, &[], &[]);
         ok(a.resend_patiently(&close, Duration::from_secs(20)));
         // (DELAY while nfsshim catches up with the reattach: re-sent.)
-        let r =
-            ok(a.call_patiently(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 3})));
+        let r = ok(a.call_patiently(read_req(&deleg, 3)));
         assert_eq!(r["data"], b64("old"), "{fp}: {r}");
         assert_eq!(
             handles_on(&s, "f").len(),
@@ -1078,7 +996,7 @@ fn a_close_moving_a_delegation_to_its_further_handle_survives_a_filterd_crash() 
             "{fp}: {:?}",
             handles_on(&s, "f")
         );
-        let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+        let mut b = host_b(&nfs);
         recalled_then_opened(&mut a, &mut b, "f", &deleg);
         assert_eq!(
             handles_on(&s, "f").len(),
@@ -1103,21 +1021,12 @@ fn an_unrelated_share_denied_stays_share_denied_while_a_recall_is_out() {
     }
     let _d = Filterd::start(&s, &[], &[]);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dmk");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
+    let mut a = host_a(&nfs);
+    let mut b = host_b(&nfs);
+    let o = open_wanting_read_delegation(&mut a, "f");
     let deleg = o["delegation"]["stateid"].clone();
     ok(a.open("og", "g", "read", "write", json!({})));
-    let r = b.open("ob", "f", "write", "none", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    recalled_by(&mut a, &mut b, "f", "write", "none");
     // (A DELAY leaves the slot's seqid where it was.)
     let other = json!({"op": "OPEN", "owner": "og", "path": "g", "access": "write",
                        "deny": "none"});
@@ -1139,35 +1048,21 @@ fn an_unrelated_share_denied_stays_share_denied_while_a_recall_is_out() {
 /// DELAY until the OPEN is granted.
 #[test]
 fn an_open_refused_by_a_revoked_handle_whose_close_failed_is_delay() {
-    let s = Scratch::new("nfs-deleg-revoke-fail-delay");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(
-        &s,
+    let (s, _d) = filterd_on_f(
+        "nfs-deleg-revoke-fail-delay",
         &["--break-timeout-ms", "1000"],
         &[("RKFILTER_FAILPOINTS", "close.refuse:1:fail")],
     );
     let log = s.dir.join("nfsshim.log");
     let nfs = Shim::start_logged("nfsshim", &s.socket(), "nfs-drd", &[], &log);
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let mut a = host_a(&nfs);
+    let deleg = keep_delegation(&mut a, "f");
+    let mut b = host_b(&nfs);
     let mut c = Nfs::connect(&nfs.addr, "host-c", "00000000000000cc");
     // b's OPEN shares with a's handle: granted at the recall timeout,
     // which revokes a's delegation; its handle's close then fails once.
-    let r = b.open("ob", "f", "write", "none", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
-    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
-                       "deny": "none"});
+    recalled_by(&mut a, &mut b, "f", "write", "none");
+    let again = b_open("f", "write", "none");
     ok(b.resend_patiently(&again, Duration::from_secs(10)));
     // c's denies what a's handle does: DELAY while it is being closed
     // (the first try failed, the next one within the reaper's tick),
@@ -1181,8 +1076,7 @@ fn an_open_refused_by_a_revoked_handle_whose_close_failed_is_delay() {
     ok(c.call_patiently(
         json!({"op": "OPEN", "owner": "oc", "path": "f", "access": "read", "deny": "read"}),
     ));
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut a, &deleg);
 }
 
 /// Re-review rr39d (the flake of
@@ -1191,13 +1085,14 @@ fn an_open_refused_by_a_revoked_handle_whose_close_failed_is_delay() {
 /// break timeout at 1 s and nfsshim holding each revocation's event 3 s
 /// (`NFSSHIM_TEST_REVOCATION_DELAY_MS`).
 struct Held {
-    _s: Scratch,
-    _d: Filterd,
-    nfs: Shim,
+    // (Dropped in this order: the processes before their scratch dir.)
     a: Nfs,
     o: Value,
     /// nfsshim's standard error.
     log: std::path::PathBuf,
+    nfs: Shim,
+    _d: Filterd,
+    _s: Scratch,
 }
 
 fn read_delegation_held(name: &str, instance: &str) -> Held {
@@ -1206,9 +1101,7 @@ fn read_delegation_held(name: &str, instance: &str) -> Held {
 
 /// As [`read_delegation_held`], filterd run with environment `env`.
 fn read_delegation_held_with(name: &str, instance: &str, env: &[(&str, &str)]) -> Held {
-    let s = Scratch::new(name);
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], env);
+    let (s, _d) = filterd_on_f(name, &["--break-timeout-ms", "1000"], env);
     let log = s.dir.join("nfsshim.log");
     let nfs = Shim::start_logged(
         "nfsshim",
@@ -1217,14 +1110,8 @@ fn read_delegation_held_with(name: &str, instance: &str, env: &[(&str, &str)]) -
         &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "3000")],
         &log,
     );
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
+    let mut a = host_a(&nfs);
+    let o = open_wanting_read_delegation(&mut a, "f");
     Held {
         _s: s,
         _d,
@@ -1244,27 +1131,15 @@ fn read_delegation_held_with(name: &str, instance: &str, env: &[(&str, &str)]) -
 /// about the recalled lease before it answers the OPEN.
 #[test]
 fn a_read_after_a_granted_conflicting_open_is_expired_however_late_the_revocation_event() {
-    let Held {
-        _s,
-        _d,
-        nfs,
-        mut a,
-        o,
-        ..
-    } = read_delegation_held("nfs-deleg-late-event", "nfs-dle");
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let r = b.open("ob", "f", "write", "none", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
-    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "write",
-                       "deny": "none"});
+    let mut h = read_delegation_held("nfs-deleg-late-event", "nfs-dle");
+    let deleg = h.o["delegation"]["stateid"].clone();
+    close(&mut h.a, &h.o);
+    let mut b = host_b(&h.nfs);
+    recalled_by(&mut h.a, &mut b, "f", "write", "none");
+    let again = b_open("f", "write", "none");
     let t0 = Instant::now();
     ok(b.resend_patiently(&again, Duration::from_secs(10)));
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut h.a, &deleg);
     // (The revocation's event was still held then.)
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 }
@@ -1282,30 +1157,19 @@ fn a_write_delegation_renamed_by_its_client_is_still_recalled() {
     std::fs::write(s.root().join("f"), b"").unwrap();
     let _d = Filterd::start(&s, &[], &[]);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dwr");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "both",
-        "none",
-        json!({"want_delegation": "write"}),
-    ));
-    assert_eq!(o["delegation"]["type"], "write", "{o}");
-    let deleg = o["delegation"]["stateid"].clone();
+    let mut a = host_a(&nfs);
+    let mut b = host_b(&nfs);
+    let o = open_wanting_write_delegation(&mut a, "f");
+    let deleg = granted(&o, "write");
     ok(a.call(json!({"op": "RENAME", "from": "f", "to": "f2"})));
-    let r = b.open("ob", "f2", "read", "none", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let cb = recalled_by(&mut a, &mut b, "f2", "read", "none");
     assert_eq!(cb["stateid"]["other"], deleg["other"], "{cb}");
     ok(a.call(json!({"op": "WRITE", "stateid": deleg, "offset": 0, "data": b64("cached")})));
     ok(a.call(json!({"op": "COMMIT", "stateid": deleg})));
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
-    let again = json!({"op": "OPEN", "owner": "ob", "path": "f2", "access": "read",
-                       "deny": "none"});
+    let again = b_open("f2", "read", "none");
     let r = ok(b.resend_patiently(&again, Duration::from_secs(10)));
-    let r = ok(b.call(json!({"op": "READ", "stateid": r["stateid"], "offset": 0, "count": 6})));
+    let r = ok(b.call(read_req(&r["stateid"], 6)));
     assert_eq!(r["data"], b64("cached"), "{r}");
 }
 
@@ -1320,29 +1184,17 @@ fn a_write_delegation_renamed_by_its_client_is_still_recalled() {
 /// handle is closed, then granted — before the held event is handled.
 #[test]
 fn a_deny_read_open_after_a_timed_out_h_break_is_granted_not_share_denied() {
-    let Held {
-        _s,
-        _d,
-        nfs,
-        mut a,
-        o,
-        ..
-    } = read_delegation_held("nfs-deleg-hdeny", "nfs-dhd");
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let r = b.open("ob", "f", "read", "read", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
-    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "read",
-                       "deny": "read"});
+    let mut h = read_delegation_held("nfs-deleg-hdeny", "nfs-dhd");
+    let deleg = h.o["delegation"]["stateid"].clone();
+    close(&mut h.a, &h.o);
+    let mut b = host_b(&h.nfs);
+    recalled_by(&mut h.a, &mut b, "f", "read", "read");
+    let again = b_open("f", "read", "read");
     let t0 = Instant::now();
     ok(b.resend_patiently(&again, Duration::from_secs(10)));
     // (The revocation's event was still held then.)
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut h.a, &deleg);
 }
 
 /// Re-review rr39i 5: a recall was forgotten a lease period (`--lease-ms`)
@@ -1354,9 +1206,7 @@ fn a_deny_read_open_after_a_timed_out_h_break_is_granted_not_share_denied() {
 /// event) and is granted.
 #[test]
 fn a_recall_outlasting_the_nfs_lease_still_delays_a_refused_open() {
-    let s = Scratch::new("nfs-deleg-longbreak");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "2500"], &[]);
+    let (s, _d) = filterd_on_f("nfs-deleg-longbreak", &["--break-timeout-ms", "2500"], &[]);
     let nfs = Shim::start_with_env_args(
         "nfsshim",
         &s.socket(),
@@ -1364,30 +1214,18 @@ fn a_recall_outlasting_the_nfs_lease_still_delays_a_refused_open() {
         &["--lease-ms", "800"],
         &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "4000")],
     );
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let r = b.open("ob", "f", "read", "read", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
-    let again = json!({"op": "OPEN", "owner": "ob", "path": "f", "access": "read",
-                       "deny": "read"});
+    let mut a = host_a(&nfs);
+    let deleg = keep_delegation(&mut a, "f");
+    let mut b = host_b(&nfs);
+    recalled_by(&mut a, &mut b, "f", "read", "read");
+    let again = b_open("f", "read", "read");
     let t0 = Instant::now();
     let r = rkfilter_tests::wait_for(
         "an answer other than DELAY",
         Duration::from_secs(10),
         || {
             // Both clients keep their NFS leases; `a` never returns it.
-            let _ = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+            let _ = a.call(read_req(&deleg, 1));
             let r = b.send(again.clone());
             (r["status"] != "NFS4ERR_DELAY").then_some(r)
         },
@@ -1410,9 +1248,7 @@ fn a_recall_outlasting_the_nfs_lease_still_delays_a_refused_open() {
 /// still reads under it afterwards.
 #[test]
 fn a_recall_asked_while_a_kept_delegation_moves_handle_keeps_it() {
-    let s = Scratch::new("nfs-deleg-swapask");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let (s, _d) = filterd_on_f("nfs-deleg-swapask", &["--break-timeout-ms", "20000"], &[]);
     let log = s.dir.join("nfsshim.log");
     let nfs = Shim::start_logged(
         "nfsshim",
@@ -1421,23 +1257,12 @@ fn a_recall_asked_while_a_kept_delegation_moves_handle_keeps_it() {
         &[("NFSSHIM_TEST_SWAP_DELAY_MS", "3000")],
         &log,
     );
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let mut a = host_a(&nfs);
+    let mut b = host_b(&nfs);
+    let deleg = keep_delegation(&mut a, "f");
     // Recalled; the holder's own RENAME gives up H, which ends the break
     // (the recall stays noted while the delegation is held).
-    let r = b.open("ob", "f", "read", "read", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    recalled_by(&mut a, &mut b, "f", "read", "read");
     ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
     let (a, r) = std::thread::scope(|sc| {
         let t = sc.spawn(move || {
@@ -1448,15 +1273,12 @@ fn a_recall_asked_while_a_kept_delegation_moves_handle_keeps_it() {
         // Granted (it conflicts with nothing), with a recall of the file
         // noted: nfsshim asks filterd about the recalled lease. (Its slot
         // still at the DELAY's seqid.)
-        ok(b.send(
-            json!({"op": "OPEN", "owner": "ob", "path": "g", "access": "read",
-                         "deny": "none"}),
-        ));
+        ok(b.send(b_open("g", "read", "none")));
         t.join().unwrap()
     });
     let mut a = a;
     ok(r);
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    let r = a.call(read_req(&deleg, 1));
     assert_eq!(r["status"], "NFS4_OK", "still held: {r}");
 }
 
@@ -1477,32 +1299,16 @@ fn wait_for_log(log: &std::path::Path, what: &str) {
 /// timeout, and the delegation stays its holder's.
 #[test]
 fn a_recalled_delegation_whose_holder_renamed_the_file_is_not_taken_for_lowered() {
-    let s = Scratch::new("nfs-deleg-ownack");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let (s, _d) = filterd_on_f("nfs-deleg-ownack", &["--break-timeout-ms", "20000"], &[]);
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-doa");
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let r = b.open("ob", "f", "read", "read", json!({}));
-    assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    let mut a = host_a(&nfs);
+    let mut b = host_b(&nfs);
+    let deleg = keep_delegation(&mut a, "f");
+    recalled_by(&mut a, &mut b, "f", "read", "read");
     ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
     // (Its slot still at the DELAY's seqid.)
-    ok(b.send(
-        json!({"op": "OPEN", "owner": "ob", "path": "g", "access": "read",
-                     "deny": "none"}),
-    ));
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    ok(b.send(b_open("g", "read", "none")));
+    let r = a.call(read_req(&deleg, 1));
     assert_eq!(r["status"], "NFS4_OK", "still held: {r}");
 }
 
@@ -1516,9 +1322,7 @@ fn a_recalled_delegation_whose_holder_renamed_the_file_is_not_taken_for_lowered(
 /// delegation (a write delegation's holder would lose its cached writes).
 #[test]
 fn a_delegation_renamed_by_its_client_before_the_break_event_is_kept() {
-    let s = Scratch::new("nfs-deleg-lateack");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "20000"], &[]);
+    let (s, _d) = filterd_on_f("nfs-deleg-lateack", &["--break-timeout-ms", "20000"], &[]);
     let log = s.dir.join("nfsshim.log");
     let nfs = Shim::start_logged(
         "nfsshim",
@@ -1527,17 +1331,10 @@ fn a_delegation_renamed_by_its_client_before_the_break_event_is_kept() {
         &[("NFSSHIM_TEST_RECALL_DELAY_MS", "3000")],
         &log,
     );
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    assert_eq!(o["delegation"]["type"], "read", "{o}");
-    let deleg = o["delegation"]["stateid"].clone();
+    let mut a = host_a(&nfs);
+    let mut b = host_b(&nfs);
+    let o = open_wanting_read_delegation(&mut a, "f");
+    let deleg = granted(&o, "read");
     // Another client's RENAME breaks H, waiting for it; its event is held.
     b.seqid += 1;
     let seq = |c: &Nfs| json!({"sessionid": c.sessionid, "slot": 0, "seqid": c.seqid});
@@ -1562,8 +1359,8 @@ fn a_delegation_renamed_by_its_client_before_the_break_event_is_kept() {
     } else {
         "x"
     };
-    ok(b.call(json!({"op": "OPEN", "owner": "ob", "path": now, "access": "read", "deny": "none"})));
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
+    ok(b.call(b_open(now, "read", "none")));
+    let r = a.call(read_req(&deleg, 1));
     assert_eq!(r["status"], "NFS4_OK", "still held: {r}");
 }
 
@@ -1579,33 +1376,23 @@ fn a_delegation_renamed_by_its_client_before_the_break_event_is_kept() {
 /// once the lease is raised again: the OPEN is DELAY, then granted.
 #[test]
 fn a_deny_read_open_after_a_raised_then_timed_out_lease_is_granted() {
-    let Held {
-        _s,
-        _d,
-        nfs,
-        mut a,
-        o,
-        ..
-    } = read_delegation_held("nfs-deleg-raised", "nfs-drs");
-    assert_eq!(o["delegation"]["type"], "read", "{o}");
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    let o2 = ok(a.open("o2", "g", "read", "write", json!({})));
-    ok(a.call(json!({"op": "CLOSE", "stateid": o2["stateid"]})));
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let mut h = read_delegation_held("nfs-deleg-raised", "nfs-drs");
+    let deleg = granted(&h.o, "read");
+    ok(h.a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
+    close(&mut h.a, &h.o);
+    let o2 = ok(h.a.open("o2", "g", "read", "write", json!({})));
+    close(&mut h.a, &o2);
+    let mut b = host_b(&h.nfs);
     let r = b.call_patiently(json!({"op": "RENAME", "from": "g", "to": "h"}));
     assert_eq!(r["status"], "NFS4_OK", "{r}");
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    next_recall(&mut h.a);
     let t0 = Instant::now();
     let r = b.call_patiently(json!({"op": "OPEN", "owner": "ob", "path": "h",
                                     "access": "read", "deny": "read"}));
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     // (The revocation's event was still held then.)
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut h.a, &deleg);
 }
 
 /// Re-review rr40a E1 (a): a recall kept the state its break began from
@@ -1623,9 +1410,7 @@ fn a_deny_read_open_after_a_raised_then_timed_out_lease_is_granted() {
 /// out when read, the mark gone, it began from RH: DELAY, then granted.
 #[test]
 fn a_recall_recorded_while_a_raised_lease_is_unmarked_is_lowered() {
-    let s = Scratch::new("nfs-deleg-raise-race");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "1000"], &[]);
+    let (s, _d) = filterd_on_f("nfs-deleg-raise-race", &["--break-timeout-ms", "1000"], &[]);
     let log = s.dir.join("nfsshim.log");
     let nfs = Shim::start_logged(
         "nfsshim",
@@ -1639,27 +1424,19 @@ fn a_recall_recorded_while_a_raised_lease_is_unmarked_is_lowered() {
         ],
         &log,
     );
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    assert_eq!(o["delegation"]["type"], "read", "{o}");
-    let deleg = o["delegation"]["stateid"].clone();
+    let mut a = host_a(&nfs);
+    let mut b = host_b(&nfs);
+    let o = open_wanting_read_delegation(&mut a, "f");
+    let deleg = granted(&o, "read");
     ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    close(&mut a, &o);
     a.seqid += 1;
     let seq = |c: &Nfs| json!({"sessionid": c.sessionid, "slot": 0, "seqid": c.seqid});
     let req = json!({"op": "OPEN", "owner": "o2", "path": "g", "access": "read",
                      "deny": "write", "seq": seq(&a)});
     let id = a.c.send_only("xid", req);
     wait_for_log(&log, "the raise of lease");
-    let open_b = json!({"op": "OPEN", "owner": "ob", "path": "g", "access": "read",
-                        "deny": "read"});
+    let open_b = b_open("g", "read", "read");
     let r = b.call(open_b.clone());
     assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
     wait_for_log(&log, "the recall of lease");
@@ -1671,14 +1448,13 @@ fn a_recall_recorded_while_a_raised_lease_is_unmarked_is_lowered() {
         seen.push(a.c.next_line().expect("CB_RECALL"));
     }
     assert_eq!(seen[0]["op"], "CB_RECALL", "{seen:?}");
-    ok(a.call(json!({"op": "CLOSE", "stateid": o2["stateid"]})));
+    close(&mut a, &o2);
     let t0 = Instant::now();
     let r = b.resend_patiently(&open_b, Duration::from_secs(10));
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     // (The revocation's event was still held then.)
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut a, &deleg);
 }
 
 /// Re-review rr40a E1 (stale): a recall recorded while the
@@ -1694,9 +1470,11 @@ fn a_recall_recorded_while_a_raised_lease_is_unmarked_is_lowered() {
 /// NFS4ERR_SHARE_DENIED; now it is DELAY, then granted.
 #[test]
 fn a_recall_recorded_before_the_mark_went_counts_from_the_raised_lease() {
-    let s = Scratch::new("nfs-deleg-stale-recall");
-    std::fs::write(s.root().join("f"), b"f").unwrap();
-    let _d = Filterd::start(&s, &["--break-timeout-ms", "2000"], &[]);
+    let (s, _d) = filterd_on_f(
+        "nfs-deleg-stale-recall",
+        &["--break-timeout-ms", "2000"],
+        &[],
+    );
     let nfs = Shim::start_logged(
         "nfsshim",
         &s.socket(),
@@ -1704,35 +1482,25 @@ fn a_recall_recorded_before_the_mark_went_counts_from_the_raised_lease() {
         &[("NFSSHIM_TEST_RECALL_DELAY_MS", "5000")],
         &s.dir.join("nfsshim.log"),
     );
-    let mut a = Nfs::connect(&nfs.addr, "host-a", "00000000000000aa");
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
-    let o = ok(a.open(
-        "oo",
-        "f",
-        "read",
-        "none",
-        json!({"want_delegation": "read"}),
-    ));
-    assert_eq!(o["delegation"]["type"], "read", "{o}");
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
+    let mut a = host_a(&nfs);
+    let mut b = host_b(&nfs);
+    let o = open_wanting_read_delegation(&mut a, "f");
+    let deleg = granted(&o, "read");
+    close(&mut a, &o);
     let r = b.open("ob", "f", "read", "read", json!({}));
     assert_eq!(r["status"], "NFS4ERR_DELAY", "recalled first: {r}");
     ok(a.call(json!({"op": "RENAME", "from": "f", "to": "g"})));
-    let cb = a.c.next_line().expect("CB_RECALL");
-    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    next_recall(&mut a);
     let o2 = ok(a.open("o2", "g", "read", "write", json!({})));
-    ok(a.call(json!({"op": "CLOSE", "stateid": o2["stateid"]})));
-    let open_b = json!({"op": "OPEN", "owner": "ob", "path": "g", "access": "read",
-                        "deny": "read"});
+    close(&mut a, &o2);
+    let open_b = b_open("g", "read", "read");
     let t0 = Instant::now();
     // (Its slot still at the DELAY's seqid.)
     let r = b.resend_patiently(&open_b, Duration::from_secs(10));
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     // (The new recall's event was still held then.)
     assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut a, &deleg);
 }
 
 /// The holder's own RENAME acknowledges H of its kept read
@@ -1745,27 +1513,19 @@ fn a_recall_recorded_before_the_mark_went_counts_from_the_raised_lease() {
 /// handle before the revocation's event was NFS4ERR_SHARE_DENIED.
 #[test]
 fn a_refused_own_ack_leaves_no_mark() {
-    let Held {
-        _s,
-        _d,
-        nfs,
-        mut a,
-        o,
-        log,
-    } = read_delegation_held_with(
+    let mut h = read_delegation_held_with(
         "nfs-deleg-refused-ack",
         "nfs-rra",
         &[("RKFILTER_FAILPOINTS", "commit.before:5:fail")],
     );
-    assert_eq!(o["delegation"]["type"], "read", "{o}");
-    let deleg = o["delegation"]["stateid"].clone();
-    ok(a.call(json!({"op": "CLOSE", "stateid": o["stateid"]})));
-    a.seqid += 1;
+    let deleg = granted(&h.o, "read");
+    close(&mut h.a, &h.o);
+    h.a.seqid += 1;
     let seq = |c: &Nfs| json!({"sessionid": c.sessionid, "slot": 0, "seqid": c.seqid});
-    let req = json!({"op": "RENAME", "from": "f", "to": "g", "seq": seq(&a)});
+    let req = json!({"op": "RENAME", "from": "f", "to": "g", "seq": seq(&h.a)});
     let r = loop {
-        let id = a.c.send_only("xid", req.clone());
-        let (r, seen) = a.c.reply_to("xid", id).expect("A's RENAME answered");
+        let id = h.a.c.send_only("xid", req.clone());
+        let (r, seen) = h.a.c.reply_to("xid", id).expect("A's RENAME answered");
         eprintln!("A's RENAME {r}, seen {seen:?}");
         if r["status"] != "NFS4ERR_DELAY" {
             break r;
@@ -1773,17 +1533,16 @@ fn a_refused_own_ack_leaves_no_mark() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(r["status"], "NFS4_OK", "{r}");
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let text = std::fs::read_to_string(&h.log).unwrap_or_default();
     assert!(
         text.contains("before a namespace change"),
         "the own ack was refused: {text}"
     );
-    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    let mut b = host_b(&h.nfs);
     let t0 = Instant::now();
     let r = b.call_patiently(json!({"op": "OPEN", "owner": "ob", "path": "g",
                                     "access": "read", "deny": "read"}));
     assert_eq!(r["status"], "NFS4_OK", "{r}");
     eprintln!("B's OPEN after {:?}", t0.elapsed());
-    let r = a.call(json!({"op": "READ", "stateid": deleg, "offset": 0, "count": 1}));
-    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "revoked: {r}");
+    assert_revoked(&mut h.a, &deleg);
 }
