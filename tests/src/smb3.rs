@@ -87,6 +87,16 @@ impl Dialogue {
     /// Starts `tests/smb3/SCRIPT HOST PORT data alice pw` with
     /// smbprotocol's python, killed after `limit`.
     pub fn start(srv: &crate::RkSmbd, name: &str, limit: std::time::Duration) -> Dialogue {
+        Dialogue::start_with(srv, name, &[], limit)
+    }
+
+    /// [`Dialogue::start`] with `extra` arguments after the password.
+    pub fn start_with(
+        srv: &crate::RkSmbd,
+        name: &str,
+        extra: &[&str],
+        limit: std::time::Duration,
+    ) -> Dialogue {
         use std::io::BufRead;
         use std::process::Stdio;
         let mut child = Command::new("timeout")
@@ -94,6 +104,7 @@ impl Dialogue {
             .arg(smbprotocol_python())
             .arg(script(name))
             .args(["127.0.0.1", &srv.port(), &srv.share, "alice", "pw"])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -953,6 +953,115 @@ fn a_client_gone_from_both_channels_while_a_forwarded_create_waits_reconnects_at
     );
 }
 
+/// Whether rksmbd's log `log` says the socket of the connection from
+/// local port `port` ended (`Connection::end_io`).
+fn socket_ended_from(log: &std::path::Path, port: &str) -> bool {
+    let from = format!("remote=127.0.0.1:{port}");
+    std::fs::read_to_string(log)
+        .is_ok_and(|t| t.lines().any(|l| l.contains("socket ended") && l.ends_with(&from)))
+}
+
+/// Runs tests/smb3/dead_home_break.py MODE against an rksmbd whose log
+/// is polled, on a filterd whose break timeout is 30 s: the script closes
+/// the home connection of a session bound on a second connection, the
+/// driver waits until rksmbd logs that the home's socket ended, and the
+/// break of the home's lease must then reach the channel within 10 s.
+fn dead_home_break(mode: &str) {
+    let s = Scratch::new(&format!("rksmbd-dead-home-{mode}"));
+    let d = Filterd::start(&s, &["--break-timeout-ms", "30000"], &[]);
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &[]);
+    let mut script = rkfilter_tests::smb3::Dialogue::start_with(
+        &srv,
+        "dead_home_break.py",
+        &[mode],
+        std::time::Duration::from_secs(90),
+    );
+    let line = script.expect("home port ");
+    let port = line.trim_start_matches("home port ").to_owned();
+    script.expect("A closed");
+    rkfilter_tests::wait_for(
+        "rksmbd to log that the home's socket ended",
+        std::time::Duration::from_secs(20),
+        || socket_ended_from(&log, &port).then_some(()),
+    );
+    script.say("go");
+    script.finish();
+    no_handles_left(&d);
+}
+
+/// A lease break of a client whose session's home connection ended goes
+/// to the session's channel at once, also while the home is inside a
+/// request that read the end of its socket ("pumping": a compound CREATE
+/// waiting for another client's acknowledgment). Before (re-review rr41o
+/// 2), the break was routed to the dead home until that request returned
+/// (filterd's break timeout): it was lost, the channel never saw it, and
+/// the other client's open waited out the break timeout
+/// (tests/smb3/dead_home_break.py; "idle", the home waiting for its next
+/// PDU, passed before too).
+#[test]
+fn a_lease_break_goes_to_the_channel_once_the_home_socket_ends() {
+    dead_home_break("idle");
+    dead_home_break("pumping");
+}
+
+/// A lease break written to a connection whose socket then ends before
+/// the client acknowledged it is sent again, once, on the client's next
+/// live connection (MS-SMB2 3.3.4.7 lets the server use any channel):
+/// the session's channel is sent the very notification the home was
+/// (same key, epoch and states), its acknowledgment is STATUS_SUCCESS and
+/// a second one STATUS_UNSUCCESSFUL (tests/smb3/dead_home_break.py
+/// "sent"). Before, the channel never heard of the break and filterd
+/// lowered the lease at its break timeout, untold.
+#[test]
+fn a_break_sent_to_a_home_that_ended_is_sent_again_on_the_channel() {
+    dead_home_break("sent");
+}
+
+/// A session binding whose last leg comes in a compound with a CREATE
+/// that waits (for another client's acknowledgment) while the
+/// connection's socket ends is refused: before (re-review rr41o 1) it
+/// completed after the end, counted the dead connection as a live
+/// channel of the session's home for good, and the home's own waiting
+/// CREATE waited out the break timeout, its opens never let go: every
+/// DH2C of its persistent open was told to retry
+/// (tests/smb3/late_binding.py; the driver waits until rksmbd logged the
+/// binding's socket end and its verdict).
+#[test]
+fn a_binding_finished_after_its_socket_ended_is_refused() {
+    let s = Scratch::new("rksmbd-late-binding");
+    let d = Filterd::start(&s, &["--break-timeout-ms", "30000"], &[]);
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &[]);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "late_binding.py",
+        std::time::Duration::from_secs(90),
+    );
+    let line = script.expect("binding port ");
+    let mut words = line.split_whitespace().skip(2);
+    let (port, session) = (words.next(), words.nth(1));
+    let (Some(port), Some(session)) = (port, session) else {
+        panic!("no port and session in {line:?}")
+    };
+    script.expect("X closed");
+    let session = format!("session={session}");
+    rkfilter_tests::wait_for(
+        "rksmbd to log the binding's socket end and its verdict",
+        std::time::Duration::from_secs(20),
+        || {
+            let decided = std::fs::read_to_string(&log).is_ok_and(|t| {
+                t.lines().any(|l| {
+                    l.contains(&session)
+                        && (l.contains("channel bound") || l.contains("binding refused"))
+                })
+            });
+            (decided && socket_ended_from(&log, port)).then_some(())
+        },
+    );
+    script.say("go");
+    script.finish();
+    no_handles_left(&d);
+}
+
 /// Review wB: rksmbd's opens had no cap below its descriptor limit. Under
 /// a limit of 128 one client's opens filled the table (117), its next
 /// CREATEs failed STATUS_INTERNAL_ERROR, and every other client's

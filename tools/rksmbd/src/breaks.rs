@@ -1033,8 +1033,11 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let state = r.u32("lease state")?;
     let key = scoped_key(c.client_guid, key_bytes);
     // Only over a connection the lease's user logged on over: another
-    // user's connection may name the client GUID (it goes in clear).
-    if !c.sh.notifier.may_acknowledge(&key, c.id) {
+    // user's connection may name the client GUID (it goes in clear). The
+    // one it came on: a channel's, when forwarded (before, the home's was
+    // asked, and once the home's socket had ended every acknowledgment
+    // through a channel was refused, STATUS_UNSUCCESSFUL).
+    if !c.sh.notifier.may_acknowledge(&key, c.origin()) {
         return Err(status::UNSUCCESSFUL);
     }
     // No break in progress (never, or lowered at the break timeout):

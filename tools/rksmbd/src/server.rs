@@ -950,6 +950,8 @@ pub struct Connection {
     logon_by: Option<Instant>,
     /// The client's address.
     peer: Option<std::net::IpAddr>,
+    /// The client's address and port (logged when its socket ends).
+    remote: Option<std::net::SocketAddr>,
     /// Logons failed on this connection (passwords checked; refusals
     /// unchecked are not counted): at
     /// [`crate::logons::MAX_FAILURES_PER_CONNECTION`] it is ended, unless
@@ -1113,6 +1115,7 @@ impl Connection {
             not_logged_on: false,
             logon_by: None,
             peer: None,
+            remote: None,
             logon_failures: 0,
             deferred_logons: Vec::new(),
             ids_taken: false,
@@ -1231,7 +1234,8 @@ impl Connection {
                 return;
             }
         };
-        let peer = stream.peer_addr().ok().map(|a| shimline::peer_key(a.ip()));
+        self.remote = stream.peer_addr().ok();
+        let peer = self.remote.map(|a| shimline::peer_key(a.ip()));
         self.peer = peer;
         self.sh.not_logged_on.arrived(self.id, peer, &stream);
         self.not_logged_on = true;
@@ -1997,6 +2001,8 @@ impl Connection {
             // (re-review rr41o 2: a break routed here meanwhile was lost,
             // and filterd lowered the lease at its timeout untold).
             self.sh.notifier.disconnected(self.id);
+            let remote = self.remote.map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(conn = self.id, %remote, "socket ended");
         }
     }
 
@@ -3191,6 +3197,7 @@ impl Connection {
                 Ok(())
             }
             _ => {
+                tracing::info!(conn = self.id, session = id, "binding refused");
                 self.sessions.remove(&id);
                 Err(status::ACCESS_DENIED)
             }
