@@ -957,8 +957,10 @@ fn a_client_gone_from_both_channels_while_a_forwarded_create_waits_reconnects_at
 /// local port `port` ended (`Connection::end_io`).
 fn socket_ended_from(log: &std::path::Path, port: &str) -> bool {
     let from = format!("remote=127.0.0.1:{port}");
-    std::fs::read_to_string(log)
-        .is_ok_and(|t| t.lines().any(|l| l.contains("socket ended") && l.ends_with(&from)))
+    std::fs::read_to_string(log).is_ok_and(|t| {
+        t.lines()
+            .any(|l| l.contains("socket ended") && l.ends_with(&from))
+    })
 }
 
 /// Runs tests/smb3/dead_home_break.py MODE against an rksmbd whose log

@@ -115,6 +115,20 @@ struct Held {
     /// The state last granted or broken to, and its epoch.
     state: LeaseState,
     epoch: u16,
+    /// The last break of the lease that wants an acknowledgment, and the
+    /// connection it was written to: sent again on the client's next
+    /// route if that connection's socket ends while the break is still
+    /// in progress ([`Notifier::disconnected`]).
+    sent: Option<Sent>,
+}
+
+/// A lease break notification written to a connection ([`Held::sent`]).
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    conn: u64,
+    from: LeaseState,
+    to: LeaseState,
+    epoch: u16,
 }
 
 /// A lease filterd lowered without a word this rksmbd could pass on: its
@@ -326,7 +340,29 @@ impl Notifier {
     /// A connection ends: its leases are no longer reachable through it,
     /// unless another connection of the same client GUID lives on (the
     /// leases of a client are its, not a connection's: MS-SMB2 3.3.4.7).
-    pub fn disconnected(&self, conn: u64) {
+    /// A lease break written to it whose acknowledgment `breaking` still
+    /// awaits is sent again, the same notification, on the client's next
+    /// route (3.3.4.7 lets the server use another channel when the first
+    /// fails): before, the client never heard of it — the connection's
+    /// socket had ended, maybe before it read the break — and filterd
+    /// lowered the lease at its break timeout, untold. A client that did
+    /// read the first and acknowledges twice is told STATUS_UNSUCCESSFUL
+    /// the second time (no break in progress), which changes nothing.
+    pub fn disconnected(&self, conn: u64, breaking: &BreaksInProgress) {
+        let again = self.moved_from(conn, breaking);
+        for (key, w, frame) in again {
+            tracing::info!(conn, lease_key = %key.0, "lease break sent again on the client's next live connection");
+            send(w, frame);
+        }
+    }
+
+    /// [`Self::disconnected`] but for the sending: moves the leases of
+    /// `conn` and returns the breaks to send again, with where.
+    fn moved_from(
+        &self,
+        conn: u64,
+        breaking: &BreaksInProgress,
+    ) -> Vec<(LeaseKey, ConnWriter, Vec<u8>)> {
         if let Ok(mut m) = self.writers.lock() {
             m.remove(&conn);
         }
@@ -334,7 +370,7 @@ impl Notifier {
             m.remove(&conn);
         }
         let Ok(mut m) = self.holders.lock() else {
-            return;
+            return Vec::new();
         };
         let mut moved = Vec::new();
         for (k, h) in m.iter() {
@@ -355,6 +391,26 @@ impl Notifier {
                 }
             }
         }
+        let mut again = Vec::new();
+        for (k, h) in m.iter_mut() {
+            let Some(s) = h.sent.filter(|s| s.conn == conn) else {
+                continue;
+            };
+            // Once per route: whatever happens next, not again from here.
+            h.sent = None;
+            // Still awaiting its acknowledgment, and the last break of the
+            // lease (its epoch is the lease's: filterd broke it no further
+            // since).
+            let in_progress = breaking.contains(k) && s.epoch == h.epoch;
+            if !in_progress || !matches!(h.holder, Holder::Lease { .. }) {
+                continue;
+            }
+            if let Some((c, w)) = self.route_of(h) {
+                h.sent = Some(Sent { conn: c, ..s });
+                again.push((*k, w, notification(h.holder, s.from, s.to, s.epoch, true)));
+            }
+        }
+        again
     }
 
     /// The oldest live connection of client `guid` that `user` logged on
@@ -399,6 +455,7 @@ impl Notifier {
             opens: 0,
             state: lease.state,
             epoch: lease.epoch,
+            sent: None,
         });
         e.conn = conn;
         e.guid = guid;
@@ -427,8 +484,14 @@ impl Notifier {
             .filter(|p| p.from == lease.state && p.epoch == lease.epoch);
         if let Some(p) = parked {
             let held = *e;
-            if let Some(w) = self.writer_of(&held) {
+            if let Some((to, w)) = self.route_of(&held) {
                 tracing::info!(lease_key = %lease.key.0, "lease break in progress sent to the client that resumed its lease");
+                e.sent = Some(Sent {
+                    conn: to,
+                    from: p.from,
+                    to: p.to,
+                    epoch: p.epoch,
+                });
                 send(w, notification(known, p.from, p.to, p.epoch, true));
             }
         }
@@ -620,6 +683,11 @@ impl Notifier {
 
     /// The writer of the connection where a break of `h` goes.
     fn writer_of(&self, h: &Held) -> Option<ConnWriter> {
+        self.route_of(h).map(|(_, w)| w)
+    }
+
+    /// The connection where a break of `h` goes, and its writer.
+    fn route_of(&self, h: &Held) -> Option<(u64, ConnWriter)> {
         let conn = match h.holder {
             // Never a connection without a live session of its user
             // (one whose session a reconnect ended may be half open): the
@@ -629,7 +697,7 @@ impl Notifier {
                 .or_else(|| self.carries(h.conn, h.user).then_some(h.conn))?,
             Holder::Oplock { .. } => h.conn,
         };
-        self.writers.lock().ok()?.get(&conn).cloned()
+        Some((conn, self.writers.lock().ok()?.get(&conn).cloned()?))
     }
 
     /// [`Self::route`] for a break awaiting an acknowledgment (from
@@ -642,9 +710,17 @@ impl Notifier {
         key: &LeaseKey,
         (from, to, epoch): (LeaseState, LeaseState, u16),
     ) -> Option<(ConnWriter, Holder)> {
-        let m = self.holders.lock().ok()?;
-        if let Some(h) = m.get(key).copied() {
-            if let Some(w) = self.writer_of(&h) {
+        let mut m = self.holders.lock().ok()?;
+        if let Some(h) = m.get_mut(key) {
+            if let Some((conn, w)) = self.route_of(h) {
+                // Noted under the holders' lock: a connection that ends
+                // after this finds it ([`Self::disconnected`]).
+                h.sent = Some(Sent {
+                    conn,
+                    from,
+                    to,
+                    epoch,
+                });
                 return Some((w, h.holder));
             }
         }
@@ -1566,6 +1642,72 @@ mod tests {
         let handle = ResumeKey(uuid::Uuid::from_bytes([1; 16]));
         n.granted(lease, handle, (conn, guid, user), holder);
         lease.key
+    }
+
+    /// A lease break written to a connection whose socket then ends goes
+    /// again, the same notification, to the client's next live connection
+    /// while its acknowledgment is awaited, once per route; not one
+    /// acknowledged meanwhile, nor one broken further since (its epoch is
+    /// not the lease's), nor an oplock's (its FileId names it on its own
+    /// connection only).
+    #[test]
+    fn a_break_in_progress_goes_again_where_the_client_lives_on() {
+        let (n, guid, writers, _listener) = connections(3);
+        for conn in 1..=3 {
+            n.logged_on(conn, (1, "alice"), |_| true);
+        }
+        let key = lease_on(&n, (1, guid, "alice"));
+        let breaking = BreaksInProgress::default();
+        let (rwh, rh) = (lease_state(7), lease_state(3));
+        breaking.noticed(key, true);
+        n.broken(&key, rh, 2);
+        let (w, holder) = n.route_or_park(&key, (rwh, rh, 2)).unwrap();
+        assert!(Arc::ptr_eq(&w, &writers[0]), "the oldest connection");
+        let again = n.moved_from(1, &breaking);
+        assert_eq!(again.len(), 1, "sent again");
+        let (k, w, frame) = &again[0];
+        assert_eq!(*k, key);
+        assert!(Arc::ptr_eq(w, &writers[1]), "on the next oldest");
+        assert_eq!(*frame, notification(holder, rwh, rh, 2, true));
+        assert!(n.moved_from(1, &breaking).is_empty(), "once");
+        // Connection 3 never carried it: its end sends nothing.
+        assert!(n.moved_from(3, &breaking).is_empty());
+
+        // Acknowledged before the connection ended: not sent again.
+        let (n, guid, _writers, _listener) = connections(2);
+        n.logged_on(1, (1, "alice"), |_| true);
+        n.logged_on(2, (1, "alice"), |_| true);
+        let key = lease_on(&n, (1, guid, "alice"));
+        breaking.noticed(key, true);
+        n.broken(&key, rh, 2);
+        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some());
+        assert!(breaking.take(&key));
+        assert!(n.moved_from(1, &breaking).is_empty(), "acknowledged");
+
+        // Broken further since (another break's event, not routed yet).
+        let (n, guid, _writers, _listener) = connections(2);
+        n.logged_on(1, (1, "alice"), |_| true);
+        n.logged_on(2, (1, "alice"), |_| true);
+        let key = lease_on(&n, (1, guid, "alice"));
+        breaking.noticed(key, true);
+        n.broken(&key, rh, 2);
+        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some());
+        n.broken(&key, lease_state(1), 3);
+        assert!(n.moved_from(1, &breaking).is_empty(), "a later break");
+
+        // An oplock: its break goes to its own connection only.
+        let (n, guid, _writers, _listener) = connections(2);
+        n.logged_on(1, (1, "alice"), |_| true);
+        n.logged_on(2, (1, "alice"), |_| true);
+        let (mut lease, _) = lease_rwh();
+        lease.key = oplock_key();
+        let handle = ResumeKey(uuid::Uuid::from_bytes([2; 16]));
+        let oplock = Holder::Oplock { file_id: [4; 16] };
+        n.granted(lease, handle, (1, guid, "alice"), oplock);
+        breaking.noticed(lease.key, true);
+        n.broken(&lease.key, rh, 2);
+        assert!(n.route_or_park(&lease.key, (rwh, rh, 2)).is_some());
+        assert!(n.moved_from(1, &breaking).is_empty(), "an oplock");
     }
 
     /// A connection's sessions that went without a word to the notifier

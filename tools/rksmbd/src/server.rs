@@ -1281,7 +1281,7 @@ impl Connection {
         if let Some(o) = self.outbox.take() {
             o.end();
         }
-        self.sh.notifier.disconnected(self.id);
+        self.sh.notifier.disconnected(self.id, &self.sh.breaking);
         // A session bound to other connections lives until its last
         // channel goes (multichannel): this thread keeps serving them.
         while self.has_channels() {
@@ -2000,7 +2000,7 @@ impl Connection {
             // now on, not when the request that read the end returns
             // (re-review rr41o 2: a break routed here meanwhile was lost,
             // and filterd lowered the lease at its timeout untold).
-            self.sh.notifier.disconnected(self.id);
+            self.sh.notifier.disconnected(self.id, &self.sh.breaking);
             let remote = self.remote.map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(conn = self.id, %remote, "socket ended");
         }
