@@ -29,7 +29,9 @@ STATUS_UNSUCCESSFUL (no break in progress) and changes nothing.
 Before re-review rr41o 2, in "pumping" the break was routed to A until
 A's CREATE returned (filterd's break timeout for C3): it was lost, B saw
 nothing. Before the break already sent was sent again ("sent"), B saw
-nothing either: filterd lowered L at its break timeout, untold.
+nothing either: filterd lowered L at its break timeout, untold. And
+before a forwarded acknowledgment was checked against the channel's
+connection, B's was refused (STATUS_UNSUCCESSFUL) in every mode.
 Prints PASS; exits non-zero on any failure.
 """
 

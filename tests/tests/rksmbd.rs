@@ -997,9 +997,12 @@ fn dead_home_break(mode: &str) {
 /// waiting for another client's acknowledgment). Before (re-review rr41o
 /// 2), the break was routed to the dead home until that request returned
 /// (filterd's break timeout): it was lost, the channel never saw it, and
-/// the other client's open waited out the break timeout
-/// (tests/smb3/dead_home_break.py; "idle", the home waiting for its next
-/// PDU, passed before too).
+/// the other client's open waited out the break timeout. And the
+/// channel's acknowledgment, forwarded to the home, was refused
+/// (STATUS_UNSUCCESSFUL) in both: the home's connection, not the
+/// channel's, was asked whether the lease's user logged on over it
+/// (tests/smb3/dead_home_break.py; "idle": the home waits for its next
+/// PDU).
 #[test]
 fn a_lease_break_goes_to_the_channel_once_the_home_socket_ends() {
     dead_home_break("idle");
