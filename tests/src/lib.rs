@@ -818,10 +818,22 @@ impl Shim {
         env: &[(&str, &str)],
         log: &Path,
     ) -> Shim {
+        Shim::start_logged_with(bin_name, socket, instance, &[], env, log)
+    }
+
+    /// As [`Shim::start_logged`], with extra flags too.
+    pub fn start_logged_with(
+        bin_name: &str,
+        socket: &Path,
+        instance: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Shim {
         let mut cmd = Command::new(bin(bin_name));
         cmd.envs(env.iter().copied());
         let file = std::fs::File::create(log).expect("shim log file");
-        Shim::spawn_to(cmd, socket, instance, &[], Stdio::from(file))
+        Shim::spawn_to(cmd, socket, instance, extra, Stdio::from(file))
     }
 
     /// As [`Shim::start_with`], under a descriptor limit of `nofile`

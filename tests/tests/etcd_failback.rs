@@ -800,3 +800,88 @@ fn a_delegation_lowered_while_nfsshim_was_away_is_revoked_at_the_reattach() {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("a delegation's lease was lowered"), "{text}");
 }
+
+/// A lease reaper tick of nfsshim A that found filterd ready, then
+/// alice's lease lapsed (she is idle on A), is held (test hook) while
+/// filterd A is killed, B takes over, nfsshim B serves alice — her
+/// RECLAIM_COMPLETE renews her there — and A owns the table again, until
+/// nfsshim A's supervisor has stored its new connection. Before, the
+/// release went on that connection, on the stale memory: alice's client,
+/// session and slot records were deleted from the tables B had served,
+/// and after the reload she was unknown (`NFS4ERR_BADSESSION`). Now the
+/// tick is pinned to the connection it checked (`Attachment::pin`): its
+/// release fails with it, and the reload brings alice back.
+#[test]
+fn a_release_of_a_lease_lapsed_on_stale_memory_fails_across_the_fail_back() {
+    let name = "failback-reaper";
+    if !etcd_available(name) {
+        return;
+    }
+    let shared = Scratch::new(&format!("{name}-export"));
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url(&format!("rk/{name}"));
+    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &[]);
+    let logs = Scratch::new(&format!("{name}-log"));
+    let log = logs.root().join("nfs-a.log");
+    let hold = logs.root().join("hold");
+    let held = logs.root().join("hold.release");
+    let hold_env = hold.to_str().unwrap();
+    let nfs_a = Shim::start_logged_with(
+        "nfsshim",
+        a.socket(),
+        "nfs-1",
+        &["--lease-ms", "3000"],
+        &[("NFSSHIM_TEST_HOLD", hold_env)],
+        &log,
+    );
+    let log_has = |what: &str| {
+        let what = what.to_owned();
+        let log = log.clone();
+        move || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains(&what))
+                .map(|_| ())
+        }
+    };
+    let mut alice = Nfs::new(&nfs_a.addr, "alice@h1", "00000000000000aa");
+    alice.ok(json!({"op": "RECLAIM_COMPLETE"}), 0);
+    // Alice idle on A: her lease lapses, and the reaper's release of her
+    // waits, its tick past the readiness check.
+    std::fs::write(&held, b"").unwrap();
+    rkfilter_tests::wait_for(
+        "the reaper to hold alice's release",
+        Duration::from_secs(30),
+        log_has("a lapsed client's release waits"),
+    );
+    // filterd A dies; B takes over; nfsshim B serves alice, who renews.
+    a.kill9();
+    b.wait_ready();
+    let nfs_b = Shim::start("nfsshim", b.socket(), "nfs-1");
+    alice.move_to(&nfs_b.addr);
+    alice.ok(json!({"op": "RECLAIM_COMPLETE"}), 0);
+    // Fail-back: A owns again; nfsshim A stores its new connection.
+    let a2 = node_filterd(&sa, &url, TTL, true, &[]);
+    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    nfs_b.kill9();
+    b.kill9();
+    a2.wait_ready();
+    rkfilter_tests::wait_for(
+        "nfsshim A to store its new connection",
+        Duration::from_secs(30),
+        log_has("a reattach is stored"),
+    );
+    // The held release goes on; the reload follows it.
+    std::fs::remove_file(&held).unwrap();
+    alice.move_to(&nfs_a.addr);
+    alice.last[0] += 1;
+    let r = alice.at(json!({"op": "RECLAIM_COMPLETE"}), 0);
+    assert_eq!(
+        r["status"],
+        "NFS4_OK",
+        "alice, who renewed on B, is known on A: {r}\nnfsshim A:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    drop(cluster);
+}

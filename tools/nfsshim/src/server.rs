@@ -565,8 +565,13 @@ struct Shared {
     tables: state::Tables,
     /// Whether the `instances` registry names this instance yet.
     registered: std::sync::atomic::AtomicBool,
-    /// filterd commits the event thread leaves to the chores thread.
-    chores: crossbeam_channel::Sender<Chore>,
+    /// filterd commits the event thread leaves to the chores thread,
+    /// each with the [`Shared::reloads`] it was computed at
+    /// ([`chore_off_request`]).
+    chores: crossbeam_channel::Sender<(u64, Chore)>,
+    /// Reloads of the tables begun ([`reload`]): what was computed from
+    /// memory before one is stale once it has begun.
+    reloads: AtomicU64,
     /// The descriptors the opens hold ([`descriptor_slot`]).
     fds: Arc<Descriptors>,
     /// Re-sends answered here, told to filterd by the reaper.
@@ -614,27 +619,136 @@ enum Chore {
 
 fn do_chores(sh: &Shared, chores: impl IntoIterator<Item = Chore>) {
     for c in chores {
-        let r = match &c {
-            Chore::DeleteState { scope, num } => state::delete(&sh.filter, scope, *num),
-            Chore::Close(k) => sh.filter.close(*k),
-            Chore::GiveBack(k) => {
-                test_delay_give_back(*k);
-                let r = give_back(sh, *k);
-                if let Ok(mut g) = sh.global() {
-                    if r.is_ok() {
-                        g.giving_back.remove(&k.0);
-                    } else if let Some(since) = g.giving_back.get_mut(&k.0) {
-                        *since = Some(Instant::now());
-                    }
-                }
-                r
-            }
-        };
-        if let Err(e) = r {
+        if let Err(e) = do_chore(sh, &c, false) {
             eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
         }
     }
 }
+
+/// One chore's filterd call. A give-back that fails is marked failed
+/// ([`Global::giving_back`]) — unless `again` (its connection was lost:
+/// the chores thread tries it again after the reattach).
+fn do_chore(sh: &Shared, c: &Chore, again: bool) -> Result<(), ClientError> {
+    match c {
+        Chore::DeleteState { scope, num } => state::delete(&sh.filter, scope, *num),
+        Chore::Close(k) => sh.filter.close(*k),
+        Chore::GiveBack(k) => {
+            test_delay_give_back(*k);
+            let r = give_back(sh, *k);
+            let lost = again && r.is_err() && sh.filter.client().is_dead();
+            if r.is_ok() {
+                if let Ok(mut g) = sh.global() {
+                    g.giving_back.remove(&k.0);
+                }
+            } else if !lost {
+                give_back_failed(sh, *k);
+            }
+            r
+        }
+    }
+}
+
+/// A queued give-back of `k` will not be done: kept as one that failed
+/// ([`Global::giving_back`]), so that a re-send of its OPEN gives the
+/// lease back itself and the reaper forgets it in time.
+fn give_back_failed(sh: &Shared, k: LeaseKey) {
+    if let Ok(mut g) = sh.global() {
+        if let Some(since) = g.giving_back.get_mut(&k.0) {
+            *since = Some(Instant::now());
+        }
+    }
+}
+
+/// How the chores thread got on with a chore ([`chore_off_request`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChoreRun {
+    /// Done, or failed for good (logged).
+    Done,
+    /// Computed from memory a reload has replaced since: not done (the
+    /// reload's restore does from the tables what is still to do).
+    Stale,
+    /// Not now: filterd gone, a reattach or reload not applied yet, or
+    /// the connection lost during the call. Tried again later.
+    Later,
+}
+
+/// Whether a chore computed at reload count `computed` (of
+/// [`Shared::reloads`]) may run now: not if a reload has begun since
+/// (`now`, its memory replaced, [`ChoreRun::Stale`]), nor while requests
+/// would be `NFS4ERR_DELAY` (`ready` false: [`ChoreRun::Later`]).
+fn chore_gate(computed: u64, now: u64, ready: bool) -> Option<ChoreRun> {
+    if now != computed {
+        Some(ChoreRun::Stale)
+    } else if !ready {
+        Some(ChoreRun::Later)
+    } else {
+        None
+    }
+}
+
+/// Runs chore `c`, computed from memory at reload count `computed`, on
+/// the chores thread, as a request runs: under `serving` (read), so that
+/// no reload replaces the memory meanwhile, and pinned to the connection
+/// its gate found ready, so that a call made once that is lost fails
+/// instead of landing on a later connection — after a fail-back, on
+/// tables another node's nfsshim changed (deleting a record or closing a
+/// handle by what this stale memory said). Not run while requests would
+/// be `NFS4ERR_DELAY`; dropped once a reload has begun since it was
+/// computed (the restore does from the tables what is still to do: a
+/// record whose handle is gone is deleted and the open's other handles
+/// closed, a handle no state names closed, a lease no delegation answers
+/// for given back); tried again after the reattach when its connection
+/// was lost and nothing was read again (the memory is still the tables').
+fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
+    let _serving = sh.serving.read().unwrap_or_else(|p| p.into_inner());
+    let _pin = sh.filter.pin();
+    let ready = !sh.reload_due.load(Ordering::Acquire)
+        && !sh.stepped_down.load(Ordering::Acquire)
+        && sh.filter.io_ready();
+    match chore_gate(computed, sh.reloads.load(Ordering::Acquire), ready) {
+        Some(ChoreRun::Stale) => {
+            if let Chore::GiveBack(k) = c {
+                give_back_failed(sh, *k);
+            }
+            return ChoreRun::Stale;
+        }
+        Some(run) => return run,
+        None => {}
+    }
+    test_hold_while("chore", "a chore passed its gate");
+    match do_chore(sh, c, true) {
+        Ok(()) => ChoreRun::Done,
+        Err(_) if sh.filter.client().is_dead() => ChoreRun::Later,
+        Err(e) => {
+            eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
+            ChoreRun::Done
+        }
+    }
+}
+
+/// The chores thread: runs each chore of `todo` ([`chore_off_request`])
+/// until the shim is dropped.
+fn run_chores(sh: &std::sync::Weak<Shared>, todo: &crossbeam_channel::Receiver<(u64, Chore)>) {
+    for (computed, c) in todo {
+        loop {
+            let Some(sh) = sh.upgrade() else { return };
+            match chore_off_request(&sh, computed, &c) {
+                ChoreRun::Done => break,
+                ChoreRun::Stale => {
+                    eprintln!("nfsshim: a chore computed before the tables were read again is left to their restore");
+                    break;
+                }
+                ChoreRun::Later => {}
+            }
+            drop(sh);
+            std::thread::sleep(CHORE_WAIT);
+        }
+    }
+}
+
+/// How often the chores thread looks whether a chore held back
+/// ([`ChoreRun::Later`]) may run.
+const CHORE_WAIT: Duration = Duration::from_millis(50);
 
 impl Shared {
     fn global(&self) -> Result<MutexGuard<'_, Global>, Fail> {
@@ -712,7 +826,7 @@ fn start(
     lease_ms: u64,
     limits: Limits,
 ) -> anyhow::Result<Arc<Shared>> {
-    let (chores, todo) = crossbeam_channel::unbounded::<Chore>();
+    let (chores, todo) = crossbeam_channel::unbounded::<(u64, Chore)>();
     let shared = Arc::new(Shared {
         chores,
         filter: attach,
@@ -733,6 +847,7 @@ fn start(
         stepped_down: std::sync::atomic::AtomicBool::new(false),
         process: libfilter::model::new_incarnation(),
         claimed: std::sync::atomic::AtomicBool::new(false),
+        reloads: AtomicU64::new(0),
     });
     let registered = shared
         .tables
@@ -745,14 +860,7 @@ fn start(
         let sh = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("chores".into())
-            .spawn(move || {
-                for c in todo {
-                    match sh.upgrade() {
-                        Some(sh) => do_chores(&sh, [c]),
-                        None => return,
-                    }
-                }
-            })?;
+            .spawn(move || run_chores(&sh, &todo))?;
     }
     restore(&shared).context("restoring nfsl/1 state from filterd")?;
     restore_verifier_ages(&shared).context("reading the exclusive-create table")?;
@@ -3423,6 +3531,37 @@ fn test_delay_raise(lease: uuid::Uuid) {
     );
 }
 
+/// Tests only (debug builds): with `$NFSSHIM_TEST_HOLD` set to a path,
+/// waits (60 s at most) while that path with `.` and `suffix` appended
+/// exists, first logging that `what` waits (tests wait for the line).
+fn test_hold_while(suffix: &str, what: &str) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let Some(mut hold) = std::env::var_os("NFSSHIM_TEST_HOLD") else {
+        return;
+    };
+    hold.push(".");
+    hold.push(suffix);
+    let hold = std::path::PathBuf::from(hold);
+    if !hold.exists() {
+        return;
+    }
+    eprintln!("nfsshim: test hook: {what} waits");
+    let until = Instant::now() + Duration::from_secs(60);
+    while hold.exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("nfsshim: test hook: {what} goes on");
+}
+
+/// Tests only (debug builds): with `$NFSSHIM_TEST_HOLD` set, logs `what`.
+fn test_note(what: &str) {
+    if cfg!(debug_assertions) && std::env::var_os("NFSSHIM_TEST_HOLD").is_some() {
+        eprintln!("nfsshim: test hook: {what}");
+    }
+}
+
 /// Tests only (debug builds): the milliseconds environment variable
 /// `var` names, read once into `cell`; 0 in release builds.
 fn test_delay_ms(cell: &std::sync::OnceLock<u64>, var: &str) -> u64 {
@@ -5450,6 +5589,7 @@ fn events(sh: Arc<Shared>) {
                 leases,
                 ..
             } => {
+                test_note("a reattach is stored; applying it");
                 // No request or reaper tick runs on the state meanwhile
                 // (taken first: a request may wait for its I/O gate).
                 let _serving = sh.serving.write().unwrap_or_else(|p| p.into_inner());
@@ -5648,6 +5788,9 @@ fn detach_refusal_harmless(e: &ClientError) -> bool {
 /// attached the handle last — take them back with the rest. Called by
 /// the event thread under `serving` (write) and `exclusive_io`.
 fn reload(sh: &Shared) -> Result<(), ClientError> {
+    // From here what was computed from memory is stale: a chore queued
+    // before is left to the restore ([`chore_off_request`]).
+    sh.reloads.fetch_add(1, Ordering::AcqRel);
     let f = &sh.filter;
     let client_conns: HashMap<String, u64>;
     let ours = |h: &libfilter::proto::HandleView| {
@@ -5753,7 +5896,7 @@ fn forget(sh: &Shared, keys: &[ResumeKey]) {
             Ok(mut st) => {
                 for c in forget_handle(sh, &mut st, *key) {
                     // Unbounded: one entry per handle that went away.
-                    let _ = sh.chores.send(c);
+                    queue_chore(sh, c);
                 }
             }
             Err(std::sync::TryLockError::WouldBlock) => {
@@ -5764,6 +5907,12 @@ fn forget(sh: &Shared, keys: &[ResumeKey]) {
             Err(std::sync::TryLockError::Poisoned(_)) => {}
         };
     }
+}
+
+/// Hands chore `c`, computed from memory now, to the chores thread
+/// ([`chore_off_request`]).
+fn queue_chore(sh: &Shared, c: Chore) {
+    let _ = sh.chores.send((sh.reloads.load(Ordering::Acquire), c));
 }
 
 /// Drops the open states of one filter handle that went away; returns the
@@ -5995,7 +6144,7 @@ fn recall(
         }
         g.giving_back.insert(lease_key.0, None);
         drop(g);
-        let _ = sh.chores.send(Chore::GiveBack(lease_key));
+        queue_chore(sh, Chore::GiveBack(lease_key));
         return;
     };
     if !ack_required {
@@ -6005,7 +6154,7 @@ fn recall(
         g.lease_client.remove(&lease_key.0);
         g.giving_back.insert(lease_key.0, None);
         drop(g);
-        let _ = sh.chores.send(Chore::GiveBack(lease_key));
+        queue_chore(sh, Chore::GiveBack(lease_key));
         return;
     }
     let conn = g.client_conn.get(&cid).copied();
@@ -6578,6 +6727,15 @@ fn reaper(sh: Arc<Shared>) {
         std::thread::sleep(Duration::from_millis(100));
         // Never on a state a reload is replacing ([`reload`]).
         let _serving = sh.serving.read().unwrap_or_else(|p| p.into_inner());
+        // The tick's filterd calls go on the connection the check below
+        // found ready, as a request's do ([`handle_line`]): lost
+        // meanwhile, a release fails (and is tried again at a later
+        // tick, on memory the reattach read again if it had to) rather
+        // than delete, on the daemon of a later reattach — after a
+        // fail-back, on tables another node's nfsshim served — the
+        // records of a client this stale memory found lapsed, who
+        // renewed there.
+        let _pin = sh.filter.pin();
         if sh.reload_due.load(Ordering::Acquire) {
             continue;
         }
@@ -6609,7 +6767,7 @@ fn reaper(sh: Arc<Shared>) {
         // Not while filterd is away or nfsshim has not caught up with its
         // reattach: a release then could not reach filterd (and time
         // filterd was away does not count against a lease).
-        if !sh.filter.io_ready() {
+        if !sh.filter.io_ready() || sh.stepped_down.load(Ordering::Acquire) {
             was_ready = false;
             continue;
         }
@@ -6635,6 +6793,7 @@ fn reaper(sh: Arc<Shared>) {
                 if !st.releasing {
                     eprintln!("nfsshim: client {cid} let its lease lapse; releasing its state");
                 }
+                test_hold_while("release", "a lapsed client's release");
                 // Kept, marked, and tried again next time if it fails.
                 if let Err(Fail(_, e)) = release_client(&sh, &mut st, &cid) {
                     eprintln!("nfsshim: releasing client {cid}: {e}; trying again");
