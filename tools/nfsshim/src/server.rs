@@ -6827,6 +6827,21 @@ mod status_tests {
         ClientError::Refused(WireError::new(code, "refused"))
     }
 
+    /// A chore the events thread computed from memory runs only while
+    /// requests would, and never once a reload has begun since it was
+    /// computed: it would act, on the connection of a later reattach, on
+    /// what stale memory said (after a fail-back, on tables another
+    /// node's nfsshim served); the reload's restore does what is still to
+    /// do. Nor is it dropped for waiting: a chore held back runs once
+    /// ready on the memory it was computed from.
+    #[test]
+    fn a_chore_computed_before_a_reload_is_left_to_the_restore() {
+        assert_eq!(chore_gate(3, 3, true), None);
+        assert_eq!(chore_gate(3, 3, false), Some(ChoreRun::Later));
+        assert_eq!(chore_gate(3, 4, true), Some(ChoreRun::Stale));
+        assert_eq!(chore_gate(3, 4, false), Some(ChoreRun::Stale));
+    }
+
     /// Re-review rr41e 2: a detach before a reload refused for any cause
     /// but "not this connection's" (`NotOwner`) or "gone"
     /// (`NoSuchHandle`) leaves the handle attached here, and the
