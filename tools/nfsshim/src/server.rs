@@ -5596,6 +5596,13 @@ fn events(sh: Arc<Shared>) {
                 // No unchecked I/O meanwhile, and none after on what this
                 // changes.
                 let _quiet = sh.filter.exclusive_io();
+                // The reattach's calls (the server record's look, the
+                // reload) on one connection: lost meanwhile, the reload
+                // fails and waits for the next reattach, rather than go
+                // on over a later one whose supervisor attached again
+                // what this one detached (the restore's resume of it
+                // then refused, and the open dropped).
+                let _pin = sh.filter.pin();
                 let stepped = sh.stepped_down.swap(false, Ordering::AcqRel);
                 if !taken.is_empty() {
                     eprintln!(
