@@ -814,14 +814,9 @@ fn a_delegation_lowered_while_nfsshim_was_away_is_revoked_at_the_reattach() {
 #[test]
 fn a_release_of_a_lease_lapsed_on_stale_memory_fails_across_the_fail_back() {
     let name = "failback-reaper";
-    if !etcd_available(name) {
+    let Some(mut n) = TwoNodes::start(name, &[]) else {
         return;
-    }
-    let shared = Scratch::new(&format!("{name}-export"));
-    let export = shared.root();
-    let cluster = Cluster::start(&shared, 1);
-    let url = cluster.url(&format!("rk/{name}"));
-    let (sa, mut a, _sb, mut b) = owner_and_standby(name, &export, &url, TTL, &[]);
+    };
     let logs = Scratch::new(&format!("{name}-log"));
     let log = logs.root().join("nfs-a.log");
     let hold = logs.root().join("hold");
@@ -829,7 +824,7 @@ fn a_release_of_a_lease_lapsed_on_stale_memory_fails_across_the_fail_back() {
     let hold_env = hold.to_str().unwrap();
     let nfs_a = Shim::start_logged_with(
         "nfsshim",
-        a.socket(),
+        n.a.socket(),
         "nfs-1",
         &["--lease-ms", "3000"],
         &[("NFSSHIM_TEST_HOLD", hold_env)],
@@ -856,17 +851,13 @@ fn a_release_of_a_lease_lapsed_on_stale_memory_fails_across_the_fail_back() {
         log_has("a lapsed client's release waits"),
     );
     // filterd A dies; B takes over; nfsshim B serves alice, who renews.
-    a.kill9();
-    b.wait_ready();
-    let nfs_b = Shim::start("nfsshim", b.socket(), "nfs-1");
+    n.a.kill9();
+    n.b.wait_ready();
+    let nfs_b = Shim::start("nfsshim", n.b.socket(), "nfs-1");
     alice.move_to(&nfs_b.addr);
     alice.ok(json!({"op": "RECLAIM_COMPLETE"}), 0);
     // Fail-back: A owns again; nfsshim A stores its new connection.
-    let a2 = node_filterd(&sa, &url, TTL, true, &[]);
-    a2.wait_log("standby: waiting for the owner", Duration::from_secs(20));
-    nfs_b.kill9();
-    b.kill9();
-    a2.wait_ready();
+    let _a2 = n.fail_back(Some(nfs_b));
     rkfilter_tests::wait_for(
         "nfsshim A to store its new connection",
         Duration::from_secs(30),
@@ -883,5 +874,4 @@ fn a_release_of_a_lease_lapsed_on_stale_memory_fails_across_the_fail_back() {
         "alice, who renewed on B, is known on A: {r}\nnfsshim A:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    drop(cluster);
 }
