@@ -10,12 +10,14 @@ the lease's user. Before, the binding wrote B down for S after the LOGOFF
 had taken S off every connection: B, older, kept carrying USER's breaks
 for a session long gone, and C never heard of the break.
 
+Run by a driver (tests/tests/rksmbd.rs): after "binding sent" it waits
+for rksmbd's log to show the binding held, then says "go".
+
 Usage: binding_ended_meanwhile.py HOST PORT SHARE USER PASSWORD
 """
 
 import struct
 import threading
-import time
 import uuid
 
 from raw_channel import (
@@ -31,6 +33,7 @@ from raw_channel import (
     leased_create,
     signed_close,
 )
+from smbtest import pause
 
 LOGOFF, OPLOCK_BREAK = 0x02, 0x12
 BREAK_ID = 2**64 - 1
@@ -50,8 +53,9 @@ def main():
     bound = {}
     t = threading.Thread(target=lambda: bound.update(key=bind(b, sid, key_a)))
     t.start()
-    # The binding's second leg is held at rksmbd (6 s): S logs off within.
-    time.sleep(3)
+    # The binding's second leg is held at rksmbd (RKSMBD_TEST_BINDING_DELAY_MS):
+    # the driver waits for rksmbd's log to say so; S logs off within.
+    pause("binding sent")
     st, _ = a.call(cmac_sign(key_a, a.header(LOGOFF, sid) + struct.pack("<HH", 4, 0)))
     check(st == SUCCESS, f"S logged off on A (got {st:#010x})")
     t.join()

@@ -2093,8 +2093,24 @@ fn a_channel_bound_while_its_session_logs_off_gets_no_breaks() {
     let s = Scratch::new("rksmbd-binding-ended-meanwhile");
     let d = Filterd::start(&s, &["--break-timeout-ms", "10000"], &[]);
     let env = [("RKSMBD_TEST_BINDING_DELAY_MS", "6000")];
-    let srv = RkSmbd::start_with_env(&s, "rksmbd", "data", &[("alice", "pw")], &env);
-    smbprotocol_script_passes(&srv, "binding_ended_meanwhile.py");
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "binding_ended_meanwhile.py",
+        std::time::Duration::from_secs(90),
+    );
+    script.expect("binding sent");
+    rkfilter_tests::wait_for(
+        "rksmbd to hold the binding",
+        std::time::Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|t| t.contains("a binding is held before it is written down"))
+                .then_some(())
+        },
+    );
+    script.say("go");
+    script.finish();
     no_handles_left(&d);
 }
 
