@@ -398,10 +398,12 @@ impl Notifier {
             };
             // Once per route: whatever happens next, not again from here.
             h.sent = None;
-            // Still awaiting its acknowledgment, and the last break of the
-            // lease (its epoch is the lease's: filterd broke it no further
-            // since).
-            let in_progress = breaking.contains(k) && s.epoch == h.epoch;
+            // Still awaiting its acknowledgment (an acknowledgment taken
+            // clears the record, [`Notifier::answered`]), and the last
+            // break of the lease: its epoch and state are the lease's
+            // (filterd broke it no further since; a chained break's next
+            // step keeps the epoch, not the state).
+            let in_progress = breaking.contains(k) && s.epoch == h.epoch && s.to == h.state;
             if !in_progress || !matches!(h.holder, Holder::Lease { .. }) {
                 continue;
             }
@@ -543,6 +545,33 @@ impl Notifier {
     /// it. Only ever lowered: a later break's event may have come first.
     /// (Before re-review rr41i 2 the holder stayed at the break's state,
     /// and the next reattach sent a needless break at the client's epoch.)
+    /// An acknowledgment of `key`'s break in progress is taken: the break
+    /// it answers is no longer sent again if its connection ends (its
+    /// record is handed back, [`Notifier::unanswered`], when the
+    /// acknowledgment fails and the break goes on). Before (re-review
+    /// rr42a F1) the record stayed until the next break's route replaced
+    /// it, and a chained break's next step, in progress at the same epoch
+    /// before it was routed, had the acknowledged one sent again.
+    fn answered(&self, key: &LeaseKey) -> Option<Sent> {
+        let mut m = self.holders.lock().ok()?;
+        m.get_mut(key)?.sent.take()
+    }
+
+    /// An acknowledgment [`Notifier::answered`] took failed and the break
+    /// goes on: its record is back, unless a later break's replaced it.
+    fn unanswered(&self, key: &LeaseKey, sent: Option<Sent>) {
+        let Some(sent) = sent else { return };
+        if let Some(h) = self
+            .holders
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|m| m.get_mut(key))
+        {
+            h.sent.get_or_insert(sent);
+        }
+    }
+
     fn acked(&self, key: &LeaseKey, state: LeaseState, epoch: u16) {
         if let Some(h) = self
             .holders
@@ -1113,7 +1142,11 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
     // one it came on: a channel's, when forwarded (before, the home's was
     // asked, and once the home's socket had ended every acknowledgment
     // through a channel was refused, STATUS_UNSUCCESSFUL).
-    if !c.sh.notifier.may_acknowledge(&key, c.origin()) {
+    // Either counts: a channel whose socket ended before the home served
+    // its acknowledgment carries no session any more (re-review rr42a F2),
+    // and both have the lease's client GUID (`start_binding`).
+    let notifier = &c.sh.notifier;
+    if !notifier.may_acknowledge(&key, c.origin()) && !notifier.may_acknowledge(&key, c.id) {
         return Err(status::UNSUCCESSFUL);
     }
     // No break in progress (never, or lowered at the break timeout):
@@ -1122,6 +1155,7 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
     if !c.sh.breaking.take(&key) {
         return Err(status::UNSUCCESSFUL);
     }
+    let sent = c.sh.notifier.answered(&key);
     let reply =
         c.sh.filter
             .client()
@@ -1139,10 +1173,12 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 Some(ErrorCode::BadFrame) if lease_gone(c, key) => status::UNSUCCESSFUL,
                 Some(ErrorCode::BadFrame) => {
                     c.sh.breaking.restore(key);
+                    c.sh.notifier.unanswered(&key, sent);
                     status::REQUEST_NOT_ACCEPTED
                 }
                 _ => {
                     c.sh.breaking.restore(key);
+                    c.sh.notifier.unanswered(&key, sent);
                     status_of(&e)
                 }
             })?;
@@ -1683,6 +1719,37 @@ mod tests {
         assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some());
         assert!(breaking.take(&key));
         assert!(n.moved_from(1, &breaking).is_empty(), "acknowledged");
+
+        // Acknowledged, and the chained break's next step at the same
+        // epoch in progress before it is routed (re-review rr42a F1).
+        let (n, guid, _writers, _listener) = connections(2);
+        n.logged_on(1, (1, "alice"), |_| true);
+        n.logged_on(2, (1, "alice"), |_| true);
+        let key = lease_on(&n, (1, guid, "alice"));
+        breaking.noticed(key, true);
+        n.broken(&key, rh, 2);
+        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some());
+        assert!(breaking.take(&key));
+        let sent = n.answered(&key);
+        breaking.noticed(key, true);
+        assert!(
+            n.moved_from(1, &breaking).is_empty(),
+            "the step acknowledged"
+        );
+        // An acknowledgment that failed hands its record back.
+        let (n, guid, _writers, _listener) = connections(2);
+        n.logged_on(1, (1, "alice"), |_| true);
+        n.logged_on(2, (1, "alice"), |_| true);
+        let key = lease_on(&n, (1, guid, "alice"));
+        breaking.noticed(key, true);
+        n.broken(&key, rh, 2);
+        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some());
+        assert!(breaking.take(&key));
+        let taken = n.answered(&key);
+        assert!(taken.is_some() && sent.is_some());
+        breaking.restore(key);
+        n.unanswered(&key, taken);
+        assert_eq!(n.moved_from(1, &breaking).len(), 1, "the break goes on");
 
         // Broken further since (another break's event, not routed yet).
         let (n, guid, _writers, _listener) = connections(2);
