@@ -508,6 +508,23 @@ impl Attachment {
         }
     }
 
+    /// Whether this thread pinned a connection of this attachment
+    /// ([`Attachment::pin`]) and that connection is lost: every call made
+    /// through the attachment on this thread fails as on a lost
+    /// connection until the pin is dropped, so waiting for filterd to
+    /// answer is in vain. False on a thread that pinned nothing, whose
+    /// calls reach the next connection once the supervisor has stored it.
+    pub fn pinned_lost(&self) -> bool {
+        let key = Arc::as_ptr(&self.shared) as usize;
+        PINNED.with(|p| {
+            p.borrow()
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == key)
+                .is_some_and(|(_, c)| c.peer_gone())
+        })
+    }
+
     /// Whether the frontend may trust its lock flags: attached, and the
     /// latest [`AttachEvent::Reattached`] applied. When false, every read
     /// and write must be refused with the protocol's retry status (filterd
@@ -1604,6 +1621,36 @@ pub(crate) mod tests {
         drop(a);
         let _ = std::fs::remove_dir_all(&dir1);
         let _ = std::fs::remove_dir_all(&dir2);
+    }
+
+    /// A thread that pinned a connection the daemon has closed learns it
+    /// is lost ([`Attachment::pinned_lost`]); a thread that pinned
+    /// nothing is not told so (its calls reach the next connection).
+    #[test]
+    fn a_pinned_thread_learns_its_connection_is_lost() {
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let (dir, path, d) = crate::client::tests::fake_daemon_granting(0, move |c, _, _| {
+            let _ = held.recv();
+            drop(c);
+        });
+        let a = attach_t(&path);
+        assert!(!a.pinned_lost());
+        let pin = a.pin();
+        assert!(!a.pinned_lost());
+        drop(hold);
+        let _ = d.join();
+        let t0 = std::time::Instant::now();
+        while !a.pinned_lost() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "never lost");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(!a.pinned_lost()));
+        });
+        drop(pin);
+        assert!(!a.pinned_lost());
+        drop(a);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// An attachment of protocol and instance "t" to the daemon at `path`.

@@ -1286,8 +1286,10 @@ fn close_strays(
 /// One that may pass — filterd out of descriptors or memory for the
 /// reopen (`LimitReached`, the handle kept), interrupted or busy (`Busy`,
 /// `Retry`, `FileNotAvailable`), its store full (`DiskFull`), no answer
-/// in time — is tried again with
-/// backoff for up to [`RESUME_PATIENCE`]; still refused then, or a reply
+/// in time, the connection lost on a start — is tried again with
+/// backoff for up to [`RESUME_PATIENCE`] ([`resume_refusal`]); on a
+/// lost connection this thread pinned (a reload's), it is `Err` at once;
+/// still refused then, or a reply
 /// whose descriptor did not fit this process's table (the limit is below
 /// the opens to hold), is `Err`: the start fails loudly, and the open
 /// its client was granted is kept for the next start. (Every refusal
@@ -1312,25 +1314,15 @@ fn resume_patiently(
             Err(e @ ClientError::DescriptorsCut(_)) => return Err(e),
             Err(e) => e,
         };
-        let ambiguous = timed_out && e.code() == Some(ErrorCode::NoSuchHandle);
-        // Waited for: filterd out of descriptors or memory, busy, or not
-        // answering. Any other refusal (an `Internal` reopen error) would
-        // not pass by waiting, and failing the start for it kept every
-        // client out, restart after restart, until the handle's timeout
-        // (re-review rr-map36): taken for good, as before.
-        let passing = e.code().is_none()
-            || matches!(
-                e.code(),
-                Some(
-                    ErrorCode::LimitReached
-                        | ErrorCode::Busy
-                        | ErrorCode::Retry
-                        | ErrorCode::FileNotAvailable
-                        | ErrorCode::DiskFull
-                )
-            );
-        if (resume_refused_for_good(&e) || !passing) && !ambiguous {
-            return Ok(Err(e));
+        match resume_refusal(&e, timed_out, f.pinned_lost()) {
+            ResumeRefusal::ForGood => return Ok(Err(e)),
+            ResumeRefusal::Lost => {
+                eprintln!(
+                    "nfsshim: resume of handle {key} of open {open} failed: the connection it is pinned to is lost ({e}); the open is kept"
+                );
+                return Err(e);
+            }
+            ResumeRefusal::Passing => {}
         }
         timed_out |= matches!(e, ClientError::Timeout(_));
         if started.elapsed() >= RESUME_PATIENCE {
@@ -1344,6 +1336,58 @@ fn resume_patiently(
         );
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// What [`resume_patiently`] makes of a refused resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResumeRefusal {
+    /// The handle is gone, not this client's, or refused for a cause
+    /// waiting does not cure: the open is dropped.
+    ForGood,
+    /// The connection this thread pinned ([`Attachment::pin`]: a reload's
+    /// restore, on the events thread) is lost: every retry would go to
+    /// it and fail, so the restore fails now, the open kept — the reload
+    /// waits for the next reattach ([`reload_or_wait`]).
+    Lost,
+    /// May pass: tried again with backoff.
+    Passing,
+}
+
+/// Classifies refusal `e` of a resume, after an earlier try of it
+/// `timed_out`, on a thread whose pinned connection is `pinned_lost`
+/// ([`Attachment::pinned_lost`]; false on a thread that pinned nothing).
+/// Waited for: filterd out of descriptors or memory, busy, or not
+/// answering — and, unpinned (a start), a lost connection: the next one
+/// the supervisor stores answers. Pinned, a lost connection never comes
+/// back: retried, the reload spun for [`RESUME_PATIENCE`] holding
+/// `serving` (write) and exclusive I/O — every request blocked, no client
+/// let go, recalls and lock hints waiting (re-review rrpin2 A). Any other
+/// refusal (an `Internal` reopen error) would not pass by waiting, and
+/// failing the start for it kept every client out, restart after
+/// restart, until the handle's timeout (re-review rr-map36): taken for
+/// good, as before — unless an earlier try timed out and this says the
+/// handle is gone: until that try's late answer is undone, a retry is
+/// refused so without the handle being gone.
+fn resume_refusal(e: &ClientError, timed_out: bool, pinned_lost: bool) -> ResumeRefusal {
+    let ambiguous = timed_out && e.code() == Some(ErrorCode::NoSuchHandle);
+    let passing = e.code().is_none()
+        || matches!(
+            e.code(),
+            Some(
+                ErrorCode::LimitReached
+                    | ErrorCode::Busy
+                    | ErrorCode::Retry
+                    | ErrorCode::FileNotAvailable
+                    | ErrorCode::DiskFull
+            )
+        );
+    if (resume_refused_for_good(e) || !passing) && !ambiguous {
+        ResumeRefusal::ForGood
+    } else if pinned_lost {
+        ResumeRefusal::Lost
+    } else {
+        ResumeRefusal::Passing
     }
 }
 
@@ -5719,7 +5763,9 @@ fn reload_or_wait(sh: &Shared) -> bool {
             }
             Err(e) => e,
         };
-        if sh.filter.client().is_dead() {
+        // The connection the events thread pinned: lost (told by the
+        // socket before the reader marks it dead), no try on it passes.
+        if sh.filter.pinned_lost() || sh.filter.client().is_dead() {
             let n = sh.clients.let_go();
             eprintln!(
                 "nfsshim: reading the tables again failed ({e}); filterd went away again: closed {n} client connection(s); trying again at the next reattach"
@@ -6847,6 +6893,31 @@ mod status_tests {
         assert_eq!(chore_gate(3, 3, false), Some(ChoreRun::Later));
         assert_eq!(chore_gate(3, 4, true), Some(ChoreRun::Stale));
         assert_eq!(chore_gate(3, 4, false), Some(ChoreRun::Stale));
+    }
+
+    /// Re-review rrpin2 A: a resume on a pinned connection that is lost
+    /// (a reload's restore, filterd gone again) fails the restore at once,
+    /// the open kept; unpinned (a start) it is waited for, as a refusal
+    /// that may pass, and a refusal for good is one whatever the
+    /// connection.
+    #[test]
+    fn a_resume_on_a_lost_pinned_connection_fails_the_restore_at_once() {
+        let lost = ClientError::Disconnected;
+        assert_eq!(resume_refusal(&lost, false, true), ResumeRefusal::Lost);
+        assert_eq!(resume_refusal(&lost, true, true), ResumeRefusal::Lost);
+        assert_eq!(resume_refusal(&lost, false, false), ResumeRefusal::Passing);
+        let busy = refused(ErrorCode::Busy);
+        assert_eq!(resume_refusal(&busy, false, false), ResumeRefusal::Passing);
+        assert_eq!(resume_refusal(&busy, false, true), ResumeRefusal::Lost);
+        let gone = refused(ErrorCode::NoSuchHandle);
+        assert_eq!(resume_refusal(&gone, false, true), ResumeRefusal::ForGood);
+        assert_eq!(resume_refusal(&gone, false, false), ResumeRefusal::ForGood);
+        assert_eq!(resume_refusal(&gone, true, false), ResumeRefusal::Passing);
+        let internal = refused(ErrorCode::Internal);
+        assert_eq!(
+            resume_refusal(&internal, false, false),
+            ResumeRefusal::ForGood
+        );
     }
 
     /// Re-review rr41e 2: a detach before a reload refused for any cause
