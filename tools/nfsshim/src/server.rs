@@ -607,6 +607,7 @@ struct Shared {
 /// so the event thread — which sends recalls and acknowledges lock hints
 /// for every client — hands them to a thread of their own instead of
 /// waiting for an fsync; a request thread does them itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Chore {
     /// Delete a record (an open state's, an old exclusive-create
     /// verifier).
@@ -696,9 +697,13 @@ fn chore_gate(computed: u64, now: u64, ready: bool) -> Option<ChoreRun> {
 /// be `NFS4ERR_DELAY`; dropped once a reload has begun since it was
 /// computed (the restore does from the tables what is still to do: a
 /// record whose handle is gone is deleted and the open's other handles
-/// closed, a handle no state names closed, a lease no delegation answers
-/// for given back); tried again after the reattach when its connection
-/// was lost and nothing was read again (the memory is still the tables').
+/// closed, a lease no delegation answers for given back; a handle no
+/// state names is closed only if its client is gone — a live client's is
+/// kept for a re-send of its OPEN ([`close_strays`]), which is why an
+/// open's closes are queued before its record's delete,
+/// [`open_gone_chores`]); tried again after the reattach when its
+/// connection was lost and nothing was read again (the memory is still
+/// the tables').
 fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
     let _serving = sh.serving.read().unwrap_or_else(|p| p.into_inner());
     let _pin = sh.filter.pin();
@@ -6005,16 +6010,14 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
             // whose reply was lost in a filterd crash): a CLOSE of it is
             // answered NFS4_OK, anything else NFS4ERR_EXPIRED.
             st.closed.insert(g.clone(), (o.clientid.clone(), None));
-            chores.push(Chore::DeleteState {
-                scope: sh.tables.states(&o.clientid),
-                num: o.num,
-            });
-            // The open is one reservation: its other handles (upgrades,
-            // lock-owners) go with the one that went.
-            for k in o.keys() {
-                if k != key {
-                    chores.push(Chore::Close(k));
-                }
+            let keys = o.keys();
+            chores.extend(open_gone_chores(
+                sh.tables.states(&o.clientid),
+                o.num,
+                &keys,
+                key,
+            ));
+            for k in keys {
                 if let Ok(mut gl) = sh.global() {
                     gl.handle_client.remove(&k);
                     gl.lock_owner.remove(&k);
@@ -6024,6 +6027,26 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
         st.expired.add(g);
     }
     chores
+}
+
+/// The filterd calls an open state whose handle `gone` went away leaves
+/// to do: close its other handles `keys` (upgrades, lock-owners: the open
+/// is one reservation, they go with the one that went), then delete its
+/// record (`num` in table `scope`). In this order: whatever is left
+/// undone (the connection lost midway, and the tables read again before
+/// the rest is done; or the delete committed and its answer lost) leaves
+/// the record naming a handle that is gone, which the restore drops
+/// whole, closing the open's other handles. The record deleted first, a
+/// close left undone kept a handle no record named, which the restore
+/// keeps while its client is live (for a re-send of its OPEN,
+/// [`close_strays`]): share modes and locks held for nobody until the
+/// client went (re-review rrpin2 B).
+fn open_gone_chores(scope: String, num: u64, keys: &[ResumeKey], gone: ResumeKey) -> Vec<Chore> {
+    keys.iter()
+        .filter(|k| **k != gone)
+        .map(|k| Chore::Close(*k))
+        .chain(std::iter::once(Chore::DeleteState { scope, num }))
+        .collect()
 }
 
 /// Whether a delegation's lease, found `state` at restore, still grants
@@ -6893,6 +6916,29 @@ mod status_tests {
         assert_eq!(chore_gate(3, 3, false), Some(ChoreRun::Later));
         assert_eq!(chore_gate(3, 4, true), Some(ChoreRun::Stale));
         assert_eq!(chore_gate(3, 4, false), Some(ChoreRun::Stale));
+    }
+
+    /// Re-review rrpin2 B: an open state whose handle went away closes
+    /// its other handles before its record is deleted, so that what a
+    /// lost connection leaves undone is a record naming a gone handle
+    /// (the restore drops the open whole), never a handle no record names
+    /// (kept while its client is live).
+    #[test]
+    fn an_open_gone_closes_its_other_handles_before_its_record_goes() {
+        let (a, b, c) = (
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+        );
+        let delete = Chore::DeleteState {
+            scope: "s".into(),
+            num: 7,
+        };
+        assert_eq!(
+            open_gone_chores("s".into(), 7, &[a, b, c], b),
+            vec![Chore::Close(a), Chore::Close(c), delete.clone()]
+        );
+        assert_eq!(open_gone_chores("s".into(), 7, &[a], a), vec![delete]);
     }
 
     /// Re-review rrpin2 A: a resume on a pinned connection that is lost
