@@ -606,7 +606,8 @@ struct Shared {
 /// A filterd call that forgetting a handle leaves to do. Each is a commit,
 /// so the event thread — which sends recalls and acknowledges lock hints
 /// for every client — hands them to a thread of their own instead of
-/// waiting for an fsync; a request thread does them itself.
+/// waiting for an fsync; a request thread does them itself, and hands
+/// that thread what it cannot do now ([`do_chores`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Chore {
     /// Delete a record (an open state's, an old exclusive-create
@@ -618,35 +619,145 @@ enum Chore {
     GiveBack(LeaseKey),
 }
 
+/// Runs `chores`, computed from memory by a request, on its thread (which
+/// pinned its connection, [`handle_line`]). Once one cannot be done now
+/// — the connection lost, or filterd busy or not answering — it and every
+/// one after it go to the chores thread ([`queue_chore`]), in order: they
+/// were dropped before, and a close lost so left a handle attached that
+/// nothing named (re-review rrpin2 C). A failure for good is logged.
 fn do_chores(sh: &Shared, chores: impl IntoIterator<Item = Chore>) {
-    for c in chores {
-        if let Err(e) = do_chore(sh, &c, false) {
+    let left = chores_in_order(chores, |c| match do_chore(sh, c) {
+        ChoreOutcome::Done => true,
+        ChoreOutcome::Failed(e) => {
             eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
+            true
         }
+        ChoreOutcome::Lost(e) | ChoreOutcome::Passing(e) => {
+            eprintln!(
+                "nfsshim: cleaning up after a handle that went away: {e}; left to the chores thread"
+            );
+            false
+        }
+    });
+    for c in left {
+        queue_chore(sh, c);
     }
 }
 
-/// One chore's filterd call. A give-back that fails is marked failed
-/// ([`Global::giving_back`]) — unless `again` (its connection was lost:
-/// the chores thread tries it again after the reattach).
-fn do_chore(sh: &Shared, c: &Chore, again: bool) -> Result<(), ClientError> {
-    match c {
+/// Runs `run` on each of `chores` in order until one is not done (`run`
+/// false); returns that one and every one after it, in order, to be done
+/// later — never one after a chore not done before it: an open's record
+/// is deleted only after its other handles' closes ([`open_gone_chores`]).
+fn chores_in_order<C>(
+    chores: impl IntoIterator<Item = C>,
+    mut run: impl FnMut(&C) -> bool,
+) -> Vec<C> {
+    let mut chores = chores.into_iter();
+    for c in chores.by_ref() {
+        if !run(&c) {
+            return std::iter::once(c).chain(chores).collect();
+        }
+    }
+    Vec::new()
+}
+
+/// What became of one chore's filterd call ([`do_chore`]).
+#[derive(Debug)]
+enum ChoreOutcome {
+    Done,
+    /// Failed for good ([`ChoreFailure::ForGood`]).
+    Failed(ClientError),
+    /// Its connection lost ([`ChoreFailure::Lost`]).
+    Lost(ClientError),
+    /// Failed for a cause that may pass ([`ChoreFailure::Passing`]).
+    Passing(ClientError),
+}
+
+/// Why a chore's call failed ([`chore_failure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChoreFailure {
+    /// For good: logged, counted done.
+    ForGood,
+    /// The connection it was pinned to is lost: tried again once
+    /// requests would run again (after the reattach; dropped as stale if
+    /// that read the tables again, whose restore does what is left).
+    Lost,
+    /// filterd busy, interrupted, short of descriptors or memory, its
+    /// store full, or not answering in time: tried again a few times, with
+    /// backoff ([`chore_retry`]).
+    Passing,
+}
+
+/// Classifies failure `e` of a chore's call on a thread whose pinned
+/// connection is `lost` or not. Once, for both the give-back's mark and
+/// the caller (re-review rrpin2 E: each asked whether the connection was
+/// dead, and a give-back refused just before it died was marked failed,
+/// then tried again). A timeout or a refusal that may pass counted as
+/// done before, and the close or give-back was lost for good (re-review
+/// rrpin2 D); trying again is safe: a close already made answers
+/// no-such-handle (done), a lease already given back is fine.
+fn chore_failure(e: &ClientError, lost: bool) -> ChoreFailure {
+    if lost || matches!(e, ClientError::Disconnected) {
+        ChoreFailure::Lost
+    } else if matches!(e, ClientError::Timeout(_)) || reload_error_may_pass(e) {
+        ChoreFailure::Passing
+    } else {
+        ChoreFailure::ForGood
+    }
+}
+
+/// How long the chores thread waits before its `tries`-th try (counted
+/// from 1) of a chore that failed for a passing cause
+/// ([`ChoreFailure::Passing`]); None once it has had [`CHORE_TRIES`]:
+/// given up (logged). Never below [`CHORE_WAIT`]: it never spins.
+fn chore_retry(tries: u32) -> Option<Duration> {
+    if tries >= CHORE_TRIES {
+        return None;
+    }
+    Some(CHORE_WAIT.saturating_mul(1 << tries.min(5)))
+}
+
+/// How many times the chores thread tries a chore that fails for a
+/// passing cause before it gives it up ([`chore_retry`]).
+const CHORE_TRIES: u32 = 5;
+
+/// One chore's filterd call, on the calling thread's (pinned) connection.
+/// A give-back done is no longer queued ([`Global::giving_back`]); one
+/// failed for good is marked failed; one to be tried again is left as it
+/// is (still queued: a re-send of its OPEN must not give the lease back
+/// itself meanwhile).
+fn do_chore(sh: &Shared, c: &Chore) -> ChoreOutcome {
+    let r = match c {
         Chore::DeleteState { scope, num } => state::delete(&sh.filter, scope, *num),
         Chore::Close(k) => sh.filter.close(*k),
         Chore::GiveBack(k) => {
             test_delay_give_back(*k);
-            let r = give_back(sh, *k);
-            let lost = again && r.is_err() && sh.filter.client().is_dead();
-            if r.is_ok() {
+            give_back(sh, *k)
+        }
+    };
+    let outcome = match r {
+        Ok(()) => ChoreOutcome::Done,
+        Err(e) => {
+            let lost = sh.filter.pinned_lost() || sh.filter.client().is_dead();
+            match chore_failure(&e, lost) {
+                ChoreFailure::ForGood => ChoreOutcome::Failed(e),
+                ChoreFailure::Lost => ChoreOutcome::Lost(e),
+                ChoreFailure::Passing => ChoreOutcome::Passing(e),
+            }
+        }
+    };
+    if let Chore::GiveBack(k) = c {
+        match outcome {
+            ChoreOutcome::Done => {
                 if let Ok(mut g) = sh.global() {
                     g.giving_back.remove(&k.0);
                 }
-            } else if !lost {
-                give_back_failed(sh, *k);
             }
-            r
+            ChoreOutcome::Failed(_) => give_back_failed(sh, *k),
+            ChoreOutcome::Lost(_) | ChoreOutcome::Passing(_) => {}
         }
     }
+    outcome
 }
 
 /// A queued give-back of `k` will not be done: kept as one that failed
@@ -671,6 +782,9 @@ enum ChoreRun {
     /// Not now: filterd gone, a reattach or reload not applied yet, or
     /// the connection lost during the call. Tried again later.
     Later,
+    /// Failed for a cause that may pass ([`ChoreFailure::Passing`]):
+    /// tried again with backoff, a few times ([`chore_retry`]).
+    Retry,
 }
 
 /// Whether a chore computed at reload count `computed` (of
@@ -721,12 +835,16 @@ fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
         None => {}
     }
     test_hold_while("chore", "a chore passed its gate");
-    match do_chore(sh, c, true) {
-        Ok(()) => ChoreRun::Done,
-        Err(_) if sh.filter.client().is_dead() => ChoreRun::Later,
-        Err(e) => {
+    match do_chore(sh, c) {
+        ChoreOutcome::Done => ChoreRun::Done,
+        ChoreOutcome::Failed(e) => {
             eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
             ChoreRun::Done
+        }
+        ChoreOutcome::Lost(_) => ChoreRun::Later,
+        ChoreOutcome::Passing(e) => {
+            eprintln!("nfsshim: cleaning up after a handle that went away: {e}; trying again");
+            ChoreRun::Retry
         }
     }
 }
@@ -735,18 +853,32 @@ fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
 /// until the shim is dropped.
 fn run_chores(sh: &std::sync::Weak<Shared>, todo: &crossbeam_channel::Receiver<(u64, Chore)>) {
     for (computed, c) in todo {
+        let mut tries = 0;
         loop {
             let Some(sh) = sh.upgrade() else { return };
-            match chore_off_request(&sh, computed, &c) {
+            let wait = match chore_off_request(&sh, computed, &c) {
                 ChoreRun::Done => break,
                 ChoreRun::Stale => {
                     eprintln!("nfsshim: a chore computed before the tables were read again is left to their restore");
                     break;
                 }
-                ChoreRun::Later => {}
-            }
+                ChoreRun::Later => CHORE_WAIT,
+                ChoreRun::Retry => {
+                    tries += 1;
+                    let Some(wait) = chore_retry(tries) else {
+                        eprintln!(
+                            "nfsshim: cleaning up after a handle that went away: {c:?} still failing after {tries} tries; given up"
+                        );
+                        if let Chore::GiveBack(k) = &c {
+                            give_back_failed(&sh, *k);
+                        }
+                        break;
+                    };
+                    wait
+                }
+            };
             drop(sh);
-            std::thread::sleep(CHORE_WAIT);
+            std::thread::sleep(wait);
         }
     }
 }
@@ -5801,7 +5933,8 @@ fn reload_or_wait(sh: &Shared) -> bool {
 /// (filterd still there: exit 75).
 const RELOAD_TRIES: u32 = 3;
 
-/// Whether a failed reload may pass by waiting: filterd busy,
+/// Whether a failed reload (or chore, [`chore_failure`], which counts a
+/// timeout as passing too) may pass by waiting: filterd busy,
 /// interrupted, short of descriptors or memory, its store full. Not a
 /// timeout: a filterd that stopped answering would cost each try the
 /// whole call timeout, every request blocked meanwhile (re-review rr41m
@@ -6916,6 +7049,64 @@ mod status_tests {
         assert_eq!(chore_gate(3, 3, false), Some(ChoreRun::Later));
         assert_eq!(chore_gate(3, 4, true), Some(ChoreRun::Stale));
         assert_eq!(chore_gate(3, 4, false), Some(ChoreRun::Stale));
+    }
+
+    /// Re-review rrpin2 C: a request's chores stop at the first one that
+    /// cannot be done now, and it and every later one, in order, go to
+    /// the chores thread (they were dropped, a close lost with the
+    /// connection leaving a handle attached that nothing named).
+    #[test]
+    fn chores_not_done_now_go_on_in_order() {
+        let mut ran = Vec::new();
+        let left = chores_in_order([1, 2, 3, 4], |c| {
+            ran.push(*c);
+            *c != 2
+        });
+        assert_eq!(ran, vec![1, 2]);
+        assert_eq!(left, vec![2, 3, 4]);
+        assert!(chores_in_order([1, 2], |_| true).is_empty());
+    }
+
+    /// Re-review rrpin2 C, D, E: a chore's failure is classified once: its
+    /// connection lost, tried again after the reattach; a timeout or a
+    /// refusal that may pass, tried again a few times with backoff (it
+    /// counted as done, the close or give-back lost for good); anything
+    /// else for good.
+    #[test]
+    fn a_chore_failed_for_a_passing_cause_is_tried_again() {
+        use ChoreFailure::*;
+        let timeout = ClientError::Timeout(Duration::from_secs(1));
+        assert_eq!(chore_failure(&ClientError::Disconnected, false), Lost);
+        assert_eq!(chore_failure(&refused(ErrorCode::Busy), true), Lost);
+        assert_eq!(chore_failure(&timeout, true), Lost);
+        assert_eq!(chore_failure(&timeout, false), Passing);
+        for code in [
+            ErrorCode::Busy,
+            ErrorCode::Retry,
+            ErrorCode::LimitReached,
+            ErrorCode::DiskFull,
+        ] {
+            assert_eq!(chore_failure(&refused(code), false), Passing, "{code:?}");
+        }
+        for code in [
+            ErrorCode::NoSuchHandle,
+            ErrorCode::Internal,
+            ErrorCode::NotOwner,
+        ] {
+            assert_eq!(chore_failure(&refused(code), false), ForGood, "{code:?}");
+        }
+    }
+
+    /// Re-review rrpin2 D: a chore failing for a passing cause is tried
+    /// a bounded number of times, waiting longer each time, never less
+    /// than the chores thread's poll (it never spins).
+    #[test]
+    fn a_chore_is_tried_again_a_bounded_number_of_times_with_backoff() {
+        let waits: Vec<Duration> = (1..).map_while(chore_retry).collect();
+        assert_eq!(waits.len() + 1, CHORE_TRIES as usize);
+        assert!(waits.windows(2).all(|w| w[0] < w[1]), "{waits:?}");
+        assert!(waits.iter().all(|w| *w >= CHORE_WAIT), "{waits:?}");
+        assert_eq!(chore_retry(CHORE_TRIES), None);
     }
 
     /// Re-review rrpin2 B: an open state whose handle went away closes
