@@ -875,3 +875,76 @@ fn a_release_of_a_lease_lapsed_on_stale_memory_fails_across_the_fail_back() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+/// Re-review rrpin2 A: nfsshim A's reload at the fail-back (alice's
+/// handle taken by nfsshim B) is held (test hook) at its restore's
+/// resume while filterd A dies again. The events thread pinned that
+/// connection: the resume fails on it, and the reload gives up at once
+/// and waits for the next reattach, the clients let go. Before, the
+/// error (no code) was taken for one that may pass and the resume tried
+/// again on the dead connection for 30 s, holding `serving` (write) and
+/// exclusive I/O: every request blocked meanwhile without a DELAY answer.
+#[test]
+fn a_reload_whose_filterd_goes_away_again_gives_up_at_once() {
+    let name = "failback-reload-lost";
+    let Some(mut n) = TwoNodes::start(name, &[]) else {
+        return;
+    };
+    let logs = Scratch::new(&format!("{name}-log"));
+    let log = logs.root().join("nfs-a.log");
+    let hold = logs.root().join("hold");
+    let held = logs.root().join("hold.resume");
+    let hold_env = hold.to_str().unwrap();
+    let nfs_a = Shim::start_logged_with(
+        "nfsshim",
+        n.a.socket(),
+        "nfs-1",
+        &[],
+        &[("NFSSHIM_TEST_HOLD", hold_env)],
+        &log,
+    );
+    let log_has = |what: &str| {
+        let what = what.to_owned();
+        let log = log.clone();
+        move || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains(&what))
+                .map(|_| ())
+        }
+    };
+    let mut alice = Nfs::new(&nfs_a.addr, "alice@h1", "00000000000000aa");
+    let f_sid = alice.ok(open_req("ao", "f", "write", "unchecked"), 0)["stateid"].clone();
+    // filterd A dies; B takes over; nfsshim B takes alice's handle.
+    n.a.kill9();
+    n.b.wait_ready();
+    let nfs_b = Shim::start("nfsshim", n.b.socket(), "nfs-1");
+    alice.move_to(&nfs_b.addr);
+    alice.ok(write_req(&f_sid, "BBBB"), 0);
+    // Fail-back: nfsshim A's reattach finds the handle taken and reads
+    // its tables again; its restore's resume waits.
+    std::fs::write(&held, b"").unwrap();
+    let mut a2 = n.fail_back(Some(nfs_b));
+    rkfilter_tests::wait_for(
+        "nfsshim A's reload to hold its resume",
+        Duration::from_secs(30),
+        log_has("a restore's resume waits"),
+    );
+    // filterd A dies again under the reload.
+    a2.kill9();
+    std::fs::remove_file(&held).unwrap();
+    rkfilter_tests::wait_for(
+        "nfsshim A's reload to fail",
+        Duration::from_secs(60),
+        log_has("filterd went away again"),
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("the connection it is pinned to is lost"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("refused for now"),
+        "the resume was tried again on the lost connection:\n{text}"
+    );
+}

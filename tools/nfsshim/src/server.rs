@@ -1446,6 +1446,7 @@ fn resume_patiently(
     // "attached, not disconnected" — not a sign the handle is gone.
     let mut timed_out = false;
     loop {
+        test_hold_while("resume", "a restore's resume");
         let e = match f.resume(client.clone(), key) {
             Ok(h) => return Ok(Ok(h)),
             Err(e @ ClientError::DescriptorsCut(_)) => return Err(e),
