@@ -2,7 +2,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release
 
-.PHONY: all build protoc etcd smbvenv samba release test lint unit e2e bench demo demo-cluster smb-compare fuzz soak soak-etcd clean
+.PHONY: all build protoc etcd smbvenv samba release test lint bench demo demo-cluster smb-compare fuzz soak soak-etcd clean
 
 all: build
 
