@@ -270,7 +270,7 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
     }
     let store = Store::open_read_only(state).with_context(|| {
         format!(
-            "filterd is not running and {} holds no readable state",
+            "filterd is not running and {} holds no readable LMDB state (a node whose table is in etcd: pass --store etcd://HOST:PORT/PREFIX)",
             state.display()
         )
     })?;

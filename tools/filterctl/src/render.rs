@@ -633,7 +633,7 @@ pub fn offline_status(
         (
             "persistent handles",
             format!(
-                "{} ({} lost); all will be disconnected after a restart",
+                "{} ({} lost); all will be disconnected after a restart or a takeover",
                 views.len(),
                 count(|c| matches!(c, ConnState::Lost))
             ),
