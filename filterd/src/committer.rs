@@ -289,6 +289,23 @@ impl Pipeline {
         due
     }
 
+    /// Takes back the reply to request `id` on `writer` parked under
+    /// `seq`, if it still waits (not sent, not failed): the caller answers
+    /// it otherwise (`status` after its bound). Under the lock the
+    /// committer sends under, so the reply goes one way only.
+    pub(crate) fn withdraw(&self, seq: u64, writer: &Arc<ConnWriter>, id: u64) -> Option<Deferred> {
+        let mut s = self.lock();
+        let parked = s.waiting.get_mut(&seq)?;
+        let at = parked
+            .iter()
+            .position(|d| d.id == Some(id) && Arc::ptr_eq(&d.writer, writer))?;
+        let taken = parked.remove(at);
+        if parked.is_empty() {
+            s.waiting.remove(&seq);
+        }
+        Some(taken)
+    }
+
     /// Stops the committer once the queue is empty.
     pub fn stop(&self) {
         self.lock().stop = true;

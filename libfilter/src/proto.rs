@@ -1560,6 +1560,32 @@ pub struct StatusInfo {
     /// [`CORRUPT_NAMES_KEPT`]). `None` from an older daemon.
     #[serde(default)]
     pub corrupt_records_total: Option<u64>,
+    /// Set only when this reply did not wait for the commits pending at
+    /// the request: none resolved within filterd's bound (1 s; a stalled or
+    /// slow store, review rvslowetcd finding 3). The handle and frontend
+    /// counts are then those of the last moment nothing was pending (what
+    /// is durable), not the newest. `None` (absent from the JSON) in the
+    /// usual reply, which waits for what it shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_wait: Option<CommitWait>,
+}
+
+/// What a `status` answered without waiting for its commits says about
+/// them ([`StatusInfo::commit_wait`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitWait {
+    /// How long the status waited before it answered (ms).
+    pub waited_ms: u64,
+    /// How long commits have been pending without a break (ms): about
+    /// the age of the oldest commit not yet resolved.
+    pub pending_for_ms: u64,
+    /// Replies (and events) parked now behind pending commits.
+    pub replies_awaiting_commit: u64,
+    /// How old the counts shown are (ms since nothing was last pending);
+    /// `None`: something has been pending since filterd started, and the
+    /// counts are 0 (unknown).
+    #[serde(default)]
+    pub counts_age_ms: Option<u64>,
 }
 
 /// How many unreadable stored records filterd names in
@@ -2920,6 +2946,7 @@ mod tests {
             schema_version: u32::MAX,
             corrupt_records: Some(corrupt.names),
             corrupt_records_total: Some(corrupt.total),
+            commit_wait: None,
         };
         let frame = ServerFrame::Reply {
             id: Some(u64::MAX),
@@ -3659,6 +3686,7 @@ mod binary_tests {
                 schema_version: 2,
                 corrupt_records: recovering.then(|| vec![root.to_string()]),
                 corrupt_records_total: recovering.then_some(n),
+                commit_wait: None,
             },
         );
         let handle_view = || {

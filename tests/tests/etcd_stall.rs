@@ -589,6 +589,11 @@ fn stalled_with_a_commit_pending(
     let (mut c, sid) = smb_session(&smb.addr);
     let r = smb_persistent_create(&mut c, sid, "held");
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let sock = f.socket().to_string_lossy().into_owned();
+    // Nothing pending: answered at once, one handle.
+    let v = rkfilter_tests::filterctl(&["--socket", &sock, "status", "--json"]).json();
+    assert_eq!(v["handles_connected"], 1, "{v}");
+    assert!(v.get("commit_wait").is_none(), "{v}");
     cluster.signal(0, Signal::SIGSTOP);
     let pending = rkfilter_tests::InFlight::send(
         c,
@@ -653,4 +658,61 @@ fn sigterm_while_etcd_stalls_stops_within_a_grace() {
         f.log_text()
     );
     drop(pending);
+}
+
+/// `filterctl status` while every etcd member is stopped and a commit
+/// waits (review rvslowetcd finding 3): answered after filterd's 1 s
+/// bound instead of timing out behind the commit — with the durable
+/// counts (the acknowledged handle; not the one whose CREATE waits) and
+/// `commit_wait` saying what is pending. Once etcd resumes, status waits
+/// for its commits again and shows both handles without `commit_wait`.
+#[test]
+fn status_answers_while_a_commit_waits_on_a_stalled_etcd() {
+    if !etcd_available("status_answers_while_a_commit_waits_on_a_stalled_etcd") {
+        return;
+    }
+    let Some((_s, cluster, f, _smb, pending)) = stalled_with_a_commit_pending("status") else {
+        return;
+    };
+    let sock = f.socket().to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let out = rkfilter_tests::filterctl(&[
+        "--socket",
+        &sock,
+        "--timeout-ms",
+        "8000",
+        "status",
+        "--json",
+    ]);
+    let took = t0.elapsed();
+    let text = rkfilter_tests::filterctl(&["--socket", &sock, "--timeout-ms", "8000", "status"]);
+    cluster.signal(0, Signal::SIGCONT);
+    assert_eq!(out.code, 0, "status during the stall: {}", out.stderr);
+    assert!(took < Duration::from_secs(4), "status took {took:?}");
+    let v = out.json();
+    assert_eq!(v["handles_connected"], 1, "{v}");
+    assert!(
+        v["commit_wait"]["replies_awaiting_commit"].as_u64() >= Some(1),
+        "{v}"
+    );
+    assert!(v["commit_wait"]["waited_ms"].as_u64() >= Some(1000), "{v}");
+    assert!(v["commit_wait"]["counts_age_ms"].is_u64(), "{v}");
+    assert!(
+        v["store_detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("lease")),
+        "{v}"
+    );
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(text.stdout.contains("commits pending:"), "{}", text.stdout);
+    let r = pending.outcome("the CREATE after etcd resumed", Duration::from_secs(30));
+    assert_eq!(
+        r.as_ref().map(|r| r["status"].clone()),
+        Some(json!("STATUS_SUCCESS")),
+        "{r:?}"
+    );
+    let v = rkfilter_tests::filterctl(&["--socket", &sock, "status", "--json"]).json();
+    // Both (the client of the second has gone: disconnected, persistent).
+    assert_eq!(v["handles"], 2, "{v}");
+    assert!(v.get("commit_wait").is_none(), "{v}");
 }

@@ -751,6 +751,17 @@ impl Engine {
         }
     }
 
+    /// Every commit sequence given out is resolved (durable or abandoned):
+    /// what the engine holds is what is durable.
+    pub(super) fn nothing_pending(&self) -> bool {
+        self.batch.last <= self.pipe.committed()
+    }
+
+    /// The newest commit sequence given out.
+    pub(super) fn last_seq(&self) -> u64 {
+        self.batch.last
+    }
+
     /// The current request's reply shows everything (listings, status).
     pub(super) fn depends_on_all(&mut self) {
         let last = self.batch.last;

@@ -58,6 +58,7 @@ mod opens;
 mod records;
 mod recovery;
 mod restart_gate;
+mod status_wait;
 
 #[cfg(test)]
 mod tests;
@@ -309,6 +310,9 @@ pub struct Engine {
     /// When the open gate gives up on them (monotonic ms; set by the first
     /// open that waits).
     restart_gate_deadline: Option<u64>,
+    /// Status requests parked behind pending commits, answered with what
+    /// is durable once their bound passes (`status_wait`).
+    status_waits: status_wait::StatusWaits,
     /// Files of opens waiting at the open gate.
     restart_gate_files: std::collections::BTreeSet<FileId>,
     /// Opens waiting for their intent to be durable before their change.
@@ -621,6 +625,7 @@ impl Engine {
             restart_expected: HashSet::new(),
             restart_unsettled: HashSet::new(),
             restart_gate_deadline: None,
+            status_waits: Default::default(),
             restart_gate_files: Default::default(),
             waiting_local: Vec::new(),
             commit_waits: BTreeMap::new(),
@@ -654,6 +659,9 @@ impl Engine {
         let _take_back = crate::local::TakeBackOnDrop(self.mediated.clone());
         while !stop {
             let ready = poller.wait(self.next_wakeup());
+            // What commits resolved meanwhile is durable now: `status`'s
+            // counts for a stall (`status_wait`).
+            self.note_durable_counts(mono_ms(), false);
             // Before acting on anything: the reader's plain files are
             // taken back, and the openers it allowed are known.
             self.take_back_plain_files();
@@ -671,6 +679,7 @@ impl Engine {
             self.expire_due(now);
             self.process_retries();
             self.flush();
+            self.status_waits_due(mono_ms());
             if !stop {
                 // Nothing changes from here until the next wake-up.
                 self.publish_plain_files();
@@ -797,6 +806,7 @@ impl Engine {
             // Links still to find: the next chunk at once, between the
             // requests that come meanwhile.
             .chain(self.links_pending.then_some(now))
+            .chain(self.next_status_due())
             .min()
         {
             Some(t) if self.links_pending && t <= now => Duration::ZERO,
@@ -1027,6 +1037,7 @@ impl Engine {
             _ => None,
         };
         let counted = durable::Granted::counted(&self.stats);
+        let is_status = matches!(req, Request::Status);
         let outcome = self.dispatch(conn, role, id, req);
         if let Some(part) = before {
             self.undo_if_failed(durable::Undo::Record(Box::new(part)));
@@ -1038,6 +1049,9 @@ impl Engine {
             self.undo_if_failed(durable::Undo::Counts(granted));
         }
         self.answer(conn, writer, id, outcome);
+        if is_status {
+            self.bound_status_wait(writer, id);
+        }
     }
 
     /// Sends the reply to request `id` once everything it shows is durable
@@ -1848,19 +1862,18 @@ impl Engine {
     }
 
     fn status(&self) -> StatusInfo {
-        let count = |f: fn(&ConnState) -> bool| {
-            self.handles.values().filter(|h| f(&h.rec.conn)).count() as u64
-        };
+        let (handles_connected, handles_disconnected, handles_lost, frontends) =
+            self.status_counts();
         StatusInfo {
             pid: std::process::id(),
             epoch: self.epoch,
             root: self.cfg.root_display.clone(),
             state_dir: self.cfg.state_display.clone(),
             uptime_ms: millis(self.started.elapsed()),
-            handles_connected: count(|c| matches!(c, ConnState::Connected)),
-            handles_disconnected: count(|c| matches!(c, ConnState::Disconnected { .. })),
-            handles_lost: count(|c| matches!(c, ConnState::Lost)),
-            frontends: self.instances.len() as u64,
+            handles_connected,
+            handles_disconnected,
+            handles_lost,
+            frontends,
             recovering: false,
             fanotify: self.cfg.fanotify,
             mediation: self.mediation.clone(),
@@ -1869,6 +1882,7 @@ impl Engine {
             schema_version: libfilter::store::SCHEMA_VERSION,
             corrupt_records: Some(self.corrupt.names.clone()),
             corrupt_records_total: Some(self.corrupt.total),
+            commit_wait: None,
         }
     }
 

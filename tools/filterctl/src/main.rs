@@ -905,6 +905,7 @@ mod tests {
             schema_version: 2,
             corrupt_records: None,
             corrupt_records_total: None,
+            commit_wait: None,
         }
     }
 

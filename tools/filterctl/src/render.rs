@@ -561,6 +561,19 @@ pub fn status(s: &StatusInfo) -> String {
         ),
         ("schema version", s.schema_version.to_string()),
     ]);
+    if let Some(w) = &s.commit_wait {
+        out.push_str(&kv(&[(
+            "commits pending",
+            format!(
+                "for {} ({} replies waiting); answered after {} without them: handles and frontends as durable {}",
+                duration_ms(w.pending_for_ms),
+                w.replies_awaiting_commit,
+                duration_ms(w.waited_ms),
+                w.counts_age_ms
+                    .map_or_else(|| "unknown (never settled since the start)".into(), |a| format!("{} ago", duration_ms(a)))
+            ),
+        )]));
+    }
     match (&s.corrupt_records, s.corrupt_records_total) {
         (Some(names), Some(total)) => {
             out.push_str(&corrupt_records(names, total, AT_RECOVERY));

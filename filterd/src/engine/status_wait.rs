@@ -1,0 +1,184 @@
+//! `status` while commits are pending (review rvslowetcd finding 3).
+//!
+//! A status reply shows every handle, so it waits for every commit
+//! pending when it arrives (`depends_on_all`): it never shows state whose
+//! commit may still fail. With the store stalled (etcd without quorum,
+//! all members stopped) that wait lasted until the lease check gave up,
+//! and `filterctl status` timed out exactly when an operator needed it.
+//! Now the wait is bounded ([`STATUS_COMMIT_WAIT_MS`]): past it the parked
+//! reply is taken back ([`crate::committer::Pipeline::withdraw`]) and the
+//! request answered with the counts of the last moment nothing was
+//! pending — durable, if older — and [`CommitWait`] saying so: how long
+//! commits have been pending, how many replies wait behind them, how old
+//! the counts are. The listings (`handles`, `files`, `locks`,
+//! `frontends`) still wait: they show records one by one, and a stale
+//! copy of every record is not kept.
+
+use std::sync::Arc;
+
+use libfilter::proto::{CommitWait, Reply, ServerFrame, StatusInfo};
+
+use super::{mono_ms, Engine};
+use crate::outbox::ConnWriter;
+
+/// How long a `status` waits for the commits pending at its arrival
+/// before it answers with what is durable.
+pub(super) const STATUS_COMMIT_WAIT_MS: u64 = 1000;
+
+/// How often, at most, the durable counts are taken again (a pass over
+/// every handle) after commits, and while none came (non-persistent
+/// handles change without one).
+const COUNTS_REFRESH_MS: u64 = 250;
+const COUNTS_IDLE_REFRESH_MS: u64 = 1000;
+
+/// What `status` counts, taken at the end of an engine round with nothing
+/// pending.
+#[derive(Clone, Copy)]
+struct DurableCounts {
+    connected: u64,
+    disconnected: u64,
+    lost: u64,
+    frontends: u64,
+    /// When (monotonic ms).
+    at_ms: u64,
+    /// The newest commit sequence then.
+    last_seq: u64,
+}
+
+/// A status parked behind pending commits.
+struct Waiting {
+    writer: Arc<ConnWriter>,
+    id: u64,
+    seq: u64,
+    arrived_ms: u64,
+}
+
+/// The engine's state for bounded status waits.
+#[derive(Default)]
+pub(super) struct StatusWaits {
+    waiting: Vec<Waiting>,
+    counts: Option<DurableCounts>,
+    /// Since when commits have been pending without a break (monotonic ms).
+    pending_since_ms: Option<u64>,
+}
+
+impl Engine {
+    /// The counts `status` shows: handles by connection state, frontends.
+    pub(super) fn status_counts(&self) -> (u64, u64, u64, u64) {
+        let (mut connected, mut disconnected, mut lost) = (0u64, 0u64, 0u64);
+        for h in self.handles.values() {
+            match h.rec.conn {
+                super::ConnState::Connected => connected += 1,
+                super::ConnState::Disconnected { .. } => disconnected += 1,
+                super::ConnState::Lost => lost += 1,
+            }
+        }
+        (connected, disconnected, lost, self.instances.len() as u64)
+    }
+
+    /// A status request was answered: if its reply is parked behind
+    /// pending commits, it is answered at the latest
+    /// [`STATUS_COMMIT_WAIT_MS`] from now.
+    /// A status answered at once refreshes the durable counts (what it
+    /// showed is durable).
+    pub(super) fn bound_status_wait(&mut self, writer: &Arc<ConnWriter>, id: u64) {
+        if let Some(seq) = self.request_waits_for() {
+            self.status_waits.waiting.push(Waiting {
+                writer: writer.clone(),
+                id,
+                seq,
+                arrived_ms: mono_ms(),
+            });
+        } else {
+            self.note_durable_counts(mono_ms(), true);
+        }
+    }
+
+    /// Takes the durable counts if nothing is pending and they are due
+    /// (`force`: whenever nothing is pending). Called as each engine round
+    /// starts and ends.
+    pub(super) fn note_durable_counts(&mut self, now: u64, force: bool) {
+        if !self.nothing_pending() {
+            if self.status_waits.pending_since_ms.is_none() {
+                self.status_waits.pending_since_ms = Some(now);
+            }
+            return;
+        }
+        self.status_waits.pending_since_ms = None;
+        let last = self.last_seq();
+        let due = self.status_waits.counts.is_none_or(|c| {
+            let age = now.saturating_sub(c.at_ms);
+            (c.last_seq != last && age >= COUNTS_REFRESH_MS) || age >= COUNTS_IDLE_REFRESH_MS
+        });
+        if force || due {
+            let (connected, disconnected, lost, frontends) = self.status_counts();
+            self.status_waits.counts = Some(DurableCounts {
+                connected,
+                disconnected,
+                lost,
+                frontends,
+                at_ms: now,
+                last_seq: last,
+            });
+        }
+    }
+
+    /// When the first bounded status wait ends (monotonic ms).
+    pub(super) fn next_status_due(&self) -> Option<u64> {
+        self.status_waits
+            .waiting
+            .iter()
+            .map(|w| w.arrived_ms.saturating_add(STATUS_COMMIT_WAIT_MS))
+            .min()
+    }
+
+    /// At the end of each engine round: takes the durable counts when
+    /// nothing is pending, and answers the status requests whose bound
+    /// passed with them.
+    pub(super) fn status_waits_due(&mut self, now: u64) {
+        self.note_durable_counts(now, false);
+        if self.status_waits.waiting.is_empty() {
+            return;
+        }
+        let committed = self.pipe.committed();
+        let waiting = std::mem::take(&mut self.status_waits.waiting);
+        for w in waiting {
+            if w.seq <= committed {
+                // Resolved: the pipeline sent the reply (or failed it).
+                continue;
+            }
+            if now < w.arrived_ms.saturating_add(STATUS_COMMIT_WAIT_MS) {
+                self.status_waits.waiting.push(w);
+                continue;
+            }
+            if self.pipe.withdraw(w.seq, &w.writer, w.id).is_some() {
+                let status = self.durable_status(now, now.saturating_sub(w.arrived_ms));
+                let frame = ServerFrame::Reply {
+                    id: Some(w.id),
+                    result: Ok(Reply::Status(status)),
+                };
+                w.writer.send_frame(&frame, None);
+            }
+        }
+    }
+
+    /// `status` with the durable counts and what it did not wait for.
+    fn durable_status(&self, now: u64, waited_ms: u64) -> StatusInfo {
+        let mut s = self.status();
+        let c = self.status_waits.counts;
+        s.handles_connected = c.map_or(0, |c| c.connected);
+        s.handles_disconnected = c.map_or(0, |c| c.disconnected);
+        s.handles_lost = c.map_or(0, |c| c.lost);
+        s.frontends = c.map_or(0, |c| c.frontends);
+        s.commit_wait = Some(CommitWait {
+            waited_ms,
+            pending_for_ms: self
+                .status_waits
+                .pending_since_ms
+                .map_or(0, |t| now.saturating_sub(t)),
+            replies_awaiting_commit: self.pipe.replies_waiting() as u64,
+            counts_age_ms: c.map(|c| now.saturating_sub(c.at_ms)),
+        });
+        s
+    }
+}
