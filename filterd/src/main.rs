@@ -649,7 +649,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         // were refused at once, and the kernel answers the rest when the
         // group goes with the process.
         warn!(
-            grace_ms = SHUTDOWN_COMMIT_GRACE.as_millis() as u64,
+            grace = ?SHUTDOWN_COMMIT_GRACE,
             "a commit is still unresolved in the store: stopping without a clean shutdown"
         );
         if socket_made.is_some() && socket_identity(&socket_path) == socket_made {
