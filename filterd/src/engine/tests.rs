@@ -8535,3 +8535,51 @@ fn a_reattach_of_an_unstamped_or_own_handle_is_granted() {
         "a frontend's own reattach stamps nothing"
     );
 }
+
+/// `status` parked behind a pending commit is answered once its bound
+/// passes, with the counts of the last moment nothing was pending and
+/// `commit_wait` (review rvslowetcd finding 3: with etcd stalled it
+/// waited until the lease check gave up); the parked reply is taken back,
+/// so the commit resolving later sends nothing more (the harness fails a
+/// request answered twice).
+#[test]
+fn a_status_behind_a_stalled_commit_answers_with_what_is_durable() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let first = h.run(Request::Status);
+    let Some(Ok(Reply::Status(s))) = h.reply(first) else {
+        panic!("{:?}", h.reply(first));
+    };
+    assert_eq!((s.handles_connected, s.commit_wait.is_none()), (1, true));
+    h.run(open("b", Rights::ALL));
+    h.engine.flush();
+    let second = h.run(Request::Status);
+    assert!(h.reply(second).is_none(), "waits for the open of b");
+    h.engine.status_waits_due(mono_ms());
+    h.drain_replies();
+    assert!(h.reply(second).is_none(), "answered before its bound");
+    h.engine
+        .status_waits_due(mono_ms() + super::status_wait::STATUS_COMMIT_WAIT_MS);
+    h.drain_replies();
+    let Some(Ok(Reply::Status(s))) = h.reply(second) else {
+        panic!("{:?}", h.reply(second));
+    };
+    assert_eq!(s.handles_connected, 1, "the pending open of b is not shown");
+    let w = s.commit_wait.as_ref().expect("says what it did not wait for");
+    assert!(
+        w.waited_ms >= super::status_wait::STATUS_COMMIT_WAIT_MS,
+        "{w:?}"
+    );
+    assert!(
+        w.replies_awaiting_commit >= 1 && w.counts_age_ms.is_some(),
+        "{w:?}"
+    );
+    h.commit(true);
+    h.drain_replies();
+    let third = h.run(Request::Status);
+    let Some(Ok(Reply::Status(s))) = h.reply(third) else {
+        panic!("{:?}", h.reply(third));
+    };
+    assert_eq!((s.handles_connected, s.commit_wait.is_none()), (2, true));
+}
