@@ -8566,7 +8566,10 @@ fn a_status_behind_a_stalled_commit_answers_with_what_is_durable() {
         panic!("{:?}", h.reply(second));
     };
     assert_eq!(s.handles_connected, 1, "the pending open of b is not shown");
-    let w = s.commit_wait.as_ref().expect("says what it did not wait for");
+    let w = s
+        .commit_wait
+        .as_ref()
+        .expect("says what it did not wait for");
     assert!(
         w.waited_ms >= super::status_wait::STATUS_COMMIT_WAIT_MS,
         "{w:?}"
