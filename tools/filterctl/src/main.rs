@@ -874,16 +874,31 @@ fn main() -> ExitCode {
 }
 
 /// Whether `e` is a write to a closed pipe (stdout's reader is gone).
+/// Not one to filterd's socket: a daemon that closed the connection (it
+/// is shutting down) made `status` exit 0 without a word, and a readiness
+/// loop (`until filterctl status`) took the dying daemon for a ready one.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    !e.chain().any(|c| c.is::<libfilter::client::ClientError>())
+        && e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A closed stdout ends filterctl quietly (exit 0); filterd closing
+    /// its socket does not.
+    #[test]
+    fn only_a_closed_stdout_is_a_quiet_broken_pipe() {
+        let pipe = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(is_broken_pipe(&anyhow::Error::from(pipe())));
+        let socket = anyhow::Error::from(libfilter::client::ClientError::Io(pipe()))
+            .context("filterd at /run/rk/filterd.sock");
+        assert!(!is_broken_pipe(&socket));
+    }
 
     /// A status as a filterd older than `store_detail` sent it.
     fn old_status(store: &str) -> libfilter::proto::StatusInfo {
