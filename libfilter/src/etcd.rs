@@ -221,9 +221,27 @@ fn corrupt_at<'a>(
 }
 /// How long requests go first to the member that last answered a retry.
 const STEER_FOR: Duration = Duration::from_secs(10);
-/// Per-request timeout: a request to a dead member fails and is retried on
-/// another endpoint well within a lease.
+/// The first attempt's bound: a request to a dead member fails and is
+/// retried on another endpoint well within a lease. Not a fixed limit:
+/// an attempt may take twice the last answer's time, and each round of
+/// the members tried doubles it, up to what the lease leaves
+/// ([`EtcdStore::attempt_bound`]). Fixed at 1.5 s, a link slower than
+/// that (etcd behind a 1.8 s round trip) never got a commit answered:
+/// each copy was applied, its answer not waited for, and the commit
+/// retried for as long as the delay lasted, with no error and no reply
+/// (review rvslowetcd).
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How often a request still waiting for its answer is logged, with its
+/// age.
+const STUCK_LOG_EVERY: Duration = Duration::from_secs(3);
+
+/// The error of an attempt not answered within its bound.
+fn not_answered_in_time() -> etcd_client::Error {
+    etcd_client::Error::GRpcStatus(tonic::Status::deadline_exceeded(
+        "etcd request not answered in time",
+    ))
+}
 
 /// How long one page of the table read may take to arrive whole. The
 /// request timeout bounds a call only until the answer's headers come;
@@ -234,8 +252,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
 /// milliseconds to a few hundred (notes/etcd.md).
 const PAGE_READ_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// How the daemon's clients connect: a request to a dead member fails
-/// within [`REQUEST_TIMEOUT`], and a member without a leader refuses at
+/// How the daemon's clients connect: each request is bounded by its
+/// caller ([`EtcdStore::on_worker_within`]; the channel has no request
+/// timeout of its own, which would cut every attempt at one fixed time),
+/// and a member without a leader refuses at
 /// once rather than wait for one. HTTP/2 pings (while a call is open)
 /// find a connection whose member stopped answering in the middle of an
 /// answer, which the request timeout does not cover; every 10 s, as etcd
@@ -243,7 +263,6 @@ const PAGE_READ_TIMEOUT: Duration = Duration::from_secs(4);
 /// `--grpc-keepalive-min-time` (5 s) with GOAWAY.
 fn connect_options() -> ConnectOptions {
     ConnectOptions::new()
-        .with_timeout(REQUEST_TIMEOUT)
         .with_connect_timeout(Duration::from_millis(500))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_require_leader(true)
@@ -776,6 +795,15 @@ impl Lease {
     fn ok(&self) -> bool {
         !self.lost.load(Ordering::Acquire) && self.stands_for(self.margin)
     }
+    /// How long from now the lease surely stands, less the margin (zero
+    /// once [`Lease::ok`] no longer holds).
+    fn left(&self) -> Duration {
+        let until = self.valid_until.load(Ordering::Acquire);
+        let margin = u64::try_from(self.margin.as_nanos()).unwrap_or(u64::MAX);
+        boot_nanos().map_or(Duration::ZERO, |now| {
+            Duration::from_nanos(until.saturating_sub(now).saturating_sub(margin))
+        })
+    }
 }
 
 /// The table in etcd (see the module docs).
@@ -793,6 +821,9 @@ pub struct EtcdStore {
     /// compares (see the module docs). Moved on only under `gen_moving`.
     gen: AtomicI64,
     gen_moving: Mutex<()>,
+    /// The first attempt's bound, in ms: twice the time the last answer
+    /// took, at least [`REQUEST_TIMEOUT`] ([`EtcdStore::attempt_bound`]).
+    answer_bound_ms: AtomicU64,
     /// Tests: hold the next commit Txn back instead of sending it (as a
     /// stalled member would), and answer that attempt with a timeout.
     hold_next_txn: AtomicBool,
@@ -881,6 +912,9 @@ impl EtcdStore {
             fence: AtomicI64::new(0),
             gen: AtomicI64::new(0),
             gen_moving: Mutex::new(()),
+            answer_bound_ms: AtomicU64::new(
+                u64::try_from(REQUEST_TIMEOUT.as_millis()).unwrap_or(1500),
+            ),
             hold_next_txn: AtomicBool::new(false),
             held_txn: Mutex::new(None),
             nospace_after_next_txn: AtomicBool::new(false),
@@ -972,7 +1006,9 @@ impl EtcdStore {
         };
         let mut kv = self.client.kv_client();
         let resp = self
-            .on_worker(async move { kv.txn(t).await })
+            .on_worker_within(REQUEST_TIMEOUT, "held Txn", Instant::now(), async move {
+                kv.txn(t).await
+            })
             .map_err(etcd_err)?;
         Ok(resp.succeeded())
     }
@@ -1086,6 +1122,74 @@ impl EtcdStore {
             .unwrap_or_else(|e| Err(etcd_client::Error::IoError(std::io::Error::other(e))))
     }
 
+    /// As [`EtcdStore::on_worker`], failing as a timeout if no answer
+    /// came within `bound`; logs `what` with its age (from `since`) every
+    /// [`STUCK_LOG_EVERY`] once it has waited that long. An answer
+    /// teaches the next first attempt's bound (twice its time).
+    fn on_worker_within<T, Fut>(
+        &self,
+        bound: Duration,
+        what: &str,
+        since: Instant,
+        fut: Fut,
+    ) -> Result<T, etcd_client::Error>
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let what = what.to_owned();
+        let sent = Instant::now();
+        let answer = self.on_worker(async move {
+            let deadline = tokio::time::Instant::from_std(sent + bound);
+            tokio::pin!(fut);
+            loop {
+                let tick = since.elapsed().as_nanos() / STUCK_LOG_EVERY.as_nanos().max(1);
+                let next = since
+                    + STUCK_LOG_EVERY.saturating_mul(u32::try_from(tick + 1).unwrap_or(u32::MAX));
+                tokio::select! {
+                    r = &mut fut => return r,
+                    () = tokio::time::sleep_until(deadline) => return Err(not_answered_in_time()),
+                    () = tokio::time::sleep_until(next.into()) => {
+                        warn!(age_ms = since.elapsed().as_millis(), attempt_ms = sent.elapsed().as_millis(), bound_ms = bound.as_millis(), "etcd {what}: still waiting for an answer");
+                    }
+                }
+            }
+        });
+        if answer.is_ok() {
+            let took =
+                u64::try_from(sent.elapsed().as_millis().saturating_mul(2)).unwrap_or(u64::MAX);
+            let floor = u64::try_from(REQUEST_TIMEOUT.as_millis()).unwrap_or(1500);
+            self.answer_bound_ms
+                .store(took.max(floor), Ordering::Release);
+        }
+        answer
+    }
+
+    /// How long attempt `tries` of a request may wait for its answer:
+    /// the first twice what the last answer took (at least
+    /// [`REQUEST_TIMEOUT`]), doubled for each round of the members tried
+    /// unanswered; for the owner, never past what the lease leaves (less
+    /// the margin; but at least [`REQUEST_TIMEOUT`], as before), so an
+    /// unanswered attempt still leaves it time to step down.
+    ///
+    /// A late answer is as good as a prompt one: a commit's success was
+    /// applied under its owner-key and generation compares, whenever it
+    /// comes; a copy not waited for is fenced off by the generation
+    /// (module docs). Cutting every attempt at 1.5 s made a link slower
+    /// than that retry a commit for as long as it lasted (review
+    /// rvslowetcd).
+    fn attempt_bound(&self, tries: u32) -> Duration {
+        let base = Duration::from_millis(self.answer_bound_ms.load(Ordering::Acquire));
+        let members = u32::try_from(self.url.endpoints.len().max(1)).unwrap_or(1);
+        let grown = base.saturating_mul(1 << (tries / members).min(5));
+        let cap = if self.fence.load(Ordering::Acquire) != 0 {
+            self.lease.left().max(REQUEST_TIMEOUT)
+        } else {
+            self.ttl.max(REQUEST_TIMEOUT)
+        };
+        grown.min(cap)
+    }
+
     /// Where attempt `n` of a request goes: attempt 0 to the member that
     /// last answered a retry (within [`STEER_FOR`]), else through the
     /// balanced client (`None`); later ones to the members in turn (from
@@ -1163,12 +1267,13 @@ impl EtcdStore {
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
         let mut tries = 0u32;
+        let since = Instant::now();
         loop {
             let member = self.member_client(tries, Client::clone);
             let client = member.as_ref().map_or(&self.client, |(_, c)| c);
             let answer = match self.injected() {
                 Some(e) => Err(e),
-                None => self.on_worker(f(client)),
+                None => self.on_worker_within(self.attempt_bound(tries), what, since, f(client)),
             };
             match answer {
                 Ok(v) => {
@@ -1394,17 +1499,11 @@ impl EtcdStore {
             let mut c = c.clone();
             async move {
                 let sent = boot_nanos_sent();
-                let renew = async {
-                    let (mut k, mut stream) = c.lease_keep_alive(id).await?;
-                    k.keep_alive().await?;
-                    stream.message().await
-                };
-                match tokio::time::timeout(REQUEST_TIMEOUT, renew).await {
-                    Ok(r) => Ok((sent, r?)),
-                    Err(_) => Err(etcd_client::Error::GRpcStatus(
-                        tonic::Status::deadline_exceeded("lease renewal timed out"),
-                    )),
-                }
+                // Bounded by `retry`'s attempt; counted from its send
+                // time however late it is answered.
+                let (mut k, mut stream) = c.lease_keep_alive(id).await?;
+                k.keep_alive().await?;
+                Ok((sent, stream.message().await?))
             }
         })?;
         match answer {
@@ -1663,10 +1762,15 @@ impl EtcdStore {
     /// kept stream. If no answer has come after TTL/16 (`hedge`), another
     /// attempt goes to the next member with none outstanding, and so on,
     /// the earlier ones still running: the first answer renews. Each
-    /// attempt counts from its own send time and only if it is answered
-    /// within a round (TTL/4) of it; after that its
-    /// stream is dropped, its answer is never read, and the member may be
-    /// tried again on a fresh stream. An answer at a raft term below one
+    /// attempt counts from its own send time, however late its answer
+    /// comes, as long as it comes within TTL − margin of it (after that
+    /// it could not keep the lease standing; its stream is dropped). A
+    /// member whose attempt has waited a round (TTL/4, or twice the time
+    /// its last answer took if that is longer) may be tried again
+    /// meanwhile, on a fresh stream; the waiting attempt still counts if
+    /// answered. (Discarded at TTL/4, every renewal over a link slower
+    /// than that was lost and the owner stepped down at once, though each
+    /// answer proved the lease: review rvslowetcd.) An answer at a raft term below one
     /// already seen (an old leader resuming from a stall answers from its
     /// own lessor before it learns it was replaced) does not count.
     ///
@@ -1689,6 +1793,10 @@ impl EtcdStore {
         let round = (self.ttl / 4).max(Duration::from_millis(250));
         let interval = round / 2;
         let hedge = round / 4;
+        // How long an answer can still count: it proves the lease until
+        // its send time + TTL, which `ok` needs ahead by the margin.
+        let cap = self.ttl.saturating_sub(self.lease.margin).max(round);
+        let compact_bound = self.ttl;
         let endpoints = self.url.endpoints.clone();
         self.rt.spawn(async move {
             let id = lease.id.load(Ordering::Acquire);
@@ -1697,7 +1805,10 @@ impl EtcdStore {
             // attempt through it is outstanding (it holds them meanwhile).
             let mut members: Vec<Option<Client>> = endpoints.iter().map(|_| None).collect();
             let mut keepers: Vec<Option<Keeper>> = endpoints.iter().map(|_| None).collect();
-            let mut busy = vec![false; n];
+            // Attempts outstanding through each member, when the newest
+            // went, and how long it may wait before another is sent.
+            let mut busy: Vec<(usize, Instant)> = vec![(0, Instant::now()); n];
+            let mut free_after = vec![round; n];
             let mut attempts = tokio::task::JoinSet::new();
             // The member that answered last; the highest raft term seen.
             let (mut at, mut term) = (0usize, 0u64);
@@ -1721,20 +1832,27 @@ impl EtcdStore {
                         // with no attempt outstanding.
                         let free = (0..n)
                             .map(|i| (at + usize::try_from(*tried).unwrap_or(0) + i) % n)
-                            .find(|&m| !busy.get(m).copied().unwrap_or(true));
+                            .find(|&m| {
+                                // An answered stream kept is idle (no
+                                // attempt holds it), whatever else waits.
+                                keepers.get(m).is_some_and(Option::is_some)
+                                    || busy.get(m).zip(free_after.get(m)).is_some_and(|((k, newest), after)| {
+                                        *k == 0 || newest.elapsed() >= *after
+                                    })
+                            });
                         if let (Some(m), Some(endpoint)) = (free, free.and_then(|m| endpoints.get(m))) {
                             let (client, keeper) = (
                                 members.get_mut(m).and_then(Option::take),
                                 keepers.get_mut(m).and_then(Option::take),
                             );
                             if let Some(b) = busy.get_mut(m) {
-                                *b = true;
+                                *b = (b.0 + 1, now);
                             }
                             if *tried > 0 {
                                 debug!(member = m, waited_ms = since.elapsed().as_millis(), "etcd lease renewal not answered yet: asking another member too");
                             }
                             *tried += 1;
-                            attempts.spawn(renew_on(m, endpoint.clone(), client, keeper, id, round));
+                            attempts.spawn(renew_on(m, endpoint.clone(), client, keeper, id, cap));
                         }
                         next_attempt = now + hedge;
                     }
@@ -1745,7 +1863,8 @@ impl EtcdStore {
                         // stalled member holds up no renewal.
                         let mut client = client.clone();
                         tokio::spawn(async move {
-                            match client.compact(compact_to, None).await {
+                            let compacted = tokio::time::timeout(compact_bound, client.compact(compact_to, None)).await;
+                            match compacted.unwrap_or_else(|_| Err(not_answered_in_time())) {
                                 Ok(_) => info!(revision = compact_to, "etcd history compacted"),
                                 Err(e) if e.to_string().contains("compacted") => {}
                                 Err(e) => warn!(error = %e, "etcd compaction failed"),
@@ -1763,9 +1882,9 @@ impl EtcdStore {
                 if let Some(Ok(r)) = done {
                     let m = r.member;
                     if let Some(b) = busy.get_mut(m) {
-                        *b = false;
+                        b.0 = b.0.saturating_sub(1);
                     }
-                    if let Some(slot) = members.get_mut(m) {
+                    if let Some(slot) = members.get_mut(m).filter(|_| r.client.is_some()) {
                         *slot = r.client;
                     }
                     let answered_ms = r.sent.elapsed().as_millis();
@@ -1777,6 +1896,9 @@ impl EtcdStore {
                                 next_attempt = next_attempt.min(Instant::now() + Duration::from_millis(50));
                             } else {
                                 term = t;
+                                if let Some(after) = free_after.get_mut(m) {
+                                    *after = r.sent.elapsed().saturating_mul(2).clamp(round, cap);
+                                }
                                 let secs = u64::try_from(resp.ttl()).unwrap_or(0);
                                 lease.renewed(r.sent_boot, Duration::from_secs(secs));
                                 if let Some(slot) = keepers.get_mut(m) {
@@ -1957,6 +2079,7 @@ impl EtcdStore {
         };
         let mut gen = self.gen.load(Ordering::Acquire);
         let mut tries = 0u32;
+        let since = Instant::now();
         // The member the last attempt went to (`None`: the balanced client).
         let mut at = None;
         let rev = loop {
@@ -1974,11 +2097,15 @@ impl EtcdStore {
                 // retries to the members in turn. Through the balanced
                 // client alone, attempt after attempt went to a stalled
                 // member (each a `REQUEST_TIMEOUT`): with the leader
-                // SIGSTOPped, 20 acknowledged pairs took 11–22 s.
+                // SIGSTOPped, 20 acknowledged pairs took 11–22 s. Each
+                // attempt waits as long as `attempt_bound` allows: a
+                // slow link's answer is waited for, not retried forever.
                 let member = self.member_client(tries, Client::kv_client);
                 at = member.as_ref().map(|(m, _)| *m);
                 let mut kv = member.map_or_else(|| self.client.kv_client(), |(_, kv)| kv);
-                let answer = self.on_worker(async move { kv.txn(t).await });
+                let bound = self.attempt_bound(tries);
+                let answer =
+                    self.on_worker_within(bound, "commit", since, async move { kv.txn(t).await });
                 if answer.is_ok() && self.nospace_after_next_txn.swap(false, Ordering::AcqRel) {
                     Err(etcd_client::Error::GRpcStatus(
                         tonic::Status::resource_exhausted(
@@ -2027,8 +2154,9 @@ impl EtcdStore {
                 }
                 Err(e) if retryable(&e) => {
                     tries += 1;
-                    if tries == 1 || tries.is_multiple_of(20) {
-                        warn!(error = %e, tries, "etcd commit: retrying on another endpoint");
+                    if tries == 1 || tries.is_multiple_of(20) || since.elapsed() >= STUCK_LOG_EVERY
+                    {
+                        warn!(error = %e, tries, age_ms = since.elapsed().as_millis(), "etcd commit: retrying on another endpoint");
                     }
                     std::thread::sleep(Duration::from_millis(50));
                     if fence != 0 {
@@ -2803,7 +2931,11 @@ impl StateStore for EtcdStore {
         let id = self.lease.id.load(Ordering::Acquire);
         self.retired.store(true, Ordering::Release);
         self.lease.lost.store(true, Ordering::Release);
-        let _ = self.rt.block_on(self.client.clone().lease_revoke(id));
+        let mut c = self.client.clone();
+        // (The timer made inside the runtime: it needs its clock.)
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(REQUEST_TIMEOUT, c.lease_revoke(id)).await
+        });
         Ok(())
     }
 }

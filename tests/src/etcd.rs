@@ -362,3 +362,107 @@ pub fn raw_etcd<T>(
         f(&mut c).await.expect("etcd call")
     })
 }
+
+/// A TCP proxy on loopback that forwards each byte to `target` after a
+/// settable one-way delay (each direction): a slow link between filterd
+/// and etcd (this CI's kernels have no `tc netem`). Every connection gets
+/// a reader and a writer thread per direction; the writer holds each
+/// chunk until its arrival time plus the delay. Stops accepting when
+/// dropped (connections made end with their peers).
+pub struct DelayProxy {
+    /// The port to connect to instead of the target's.
+    pub port: u16,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DelayProxy {
+    /// Forwards to `127.0.0.1:target`, with no delay until
+    /// [`DelayProxy::set_delay`].
+    pub fn start(target: u16) -> DelayProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the delay proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, st) = (delay_ms.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                if st.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(c) = c else { continue };
+                let Ok(u) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                for (a, b) in [(&c, &u), (&u, &c)] {
+                    let (Ok(a), Ok(b)) = (a.try_clone(), b.try_clone()) else {
+                        continue;
+                    };
+                    let _ = (a.set_nodelay(true), b.set_nodelay(true));
+                    delayed_pump(a, b, d.clone());
+                }
+            }
+        });
+        DelayProxy {
+            port,
+            delay_ms,
+            stop,
+        }
+    }
+
+    /// Sets the one-way delay (each direction) for bytes read from now on.
+    pub fn set_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms
+            .store(ms, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        // Wake the accept loop so it sees `stop`.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Copies `from` to `to`, each chunk sent no sooner than the delay after
+/// it was read (the delay read as the chunk arrives).
+fn delayed_pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = from.read(&mut buf).unwrap_or(0);
+            let due = std::time::Instant::now()
+                + Duration::from_millis(delay_ms.load(std::sync::atomic::Ordering::Acquire));
+            if tx
+                .send((due, buf.get(..n).unwrap_or_default().to_vec()))
+                .is_err()
+                || n == 0
+            {
+                return;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for (due, chunk) in rx {
+            // The link's delay itself, not a wait for readiness.
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            if chunk.is_empty() {
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            if to.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+}

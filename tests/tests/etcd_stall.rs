@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use rkfilter_tests::etcd::{etcd_available, Cluster};
+use rkfilter_tests::etcd::{etcd_available, Cluster, DelayProxy};
 use rkfilter_tests::{listed_paths, smb_persistent_create, smb_session, Filterd, Scratch, Shim};
 use serde_json::{json, Value};
 
@@ -715,4 +715,170 @@ fn status_answers_while_a_commit_waits_on_a_stalled_etcd() {
     // Both (the client of the second has gone: disconnected, persistent).
     assert_eq!(v["handles"], 2, "{v}");
     assert!(v.get("commit_wait").is_none(), "{v}");
+}
+
+/// A one-member etcd behind a link of `delay` each way ([`DelayProxy`],
+/// no delay until the owner is ready), filterd owning `rk/NAME` with
+/// lease `ttl` s, and smbshim with a session (made before the delay).
+struct SlowLink {
+    s: Scratch,
+    cluster: Cluster,
+    proxy: DelayProxy,
+    f: Filterd,
+    smb: Shim,
+    client: rkfilter_tests::LineClient,
+    sid: u64,
+}
+
+fn slow_link(name: &str, ttl: &str, delay: Duration) -> SlowLink {
+    let s = Scratch::new(&format!("etcd-{name}"));
+    let cluster = Cluster::start(&s, 1);
+    let proxy = DelayProxy::start(cluster.client_port(0));
+    let url = format!("etcd://127.0.0.1:{}/rk/{name}", proxy.port);
+    let f = Filterd::spawn(&s, &["--store", &url, "--lease-ttl-secs", ttl], &[]);
+    f.wait_ready();
+    let smb = Shim::start("smbshim", f.socket(), &format!("smb-{name}"));
+    let (client, sid) = smb_session(&smb.addr);
+    proxy.set_delay(delay);
+    SlowLink {
+        s,
+        cluster,
+        proxy,
+        f,
+        smb,
+        client,
+        sid,
+    }
+}
+
+/// A persistent CREATE of `path` from another thread; its reply and how
+/// long it took, or `None` if none came within `within`.
+fn create_within(
+    client: rkfilter_tests::LineClient,
+    sid: u64,
+    path: &str,
+    within: Duration,
+) -> Option<(Value, Duration, rkfilter_tests::LineClient)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        let mut client = client;
+        let t = Instant::now();
+        let r = smb_persistent_create(&mut client, sid, &path);
+        let _ = tx.send((r, t.elapsed(), client));
+    });
+    rx.recv_timeout(within).ok()
+}
+
+/// etcd answers slower than the first attempt's 1.5 s (0.9 s each way,
+/// a 1.8 s round trip) with a lease long enough (16 s): a persistent
+/// CREATE is acknowledged, and durable in etcd, within seconds. Before,
+/// every commit attempt was cut at 1.5 s (each copy applied in etcd, its
+/// answer never read), the generation moved on and the commit sent
+/// again, for as long as the delay lasted: the CREATE had no reply and
+/// filterd kept its lease, with no error (review rvslowetcd, finding 1,
+/// scenario A).
+#[test]
+fn a_commit_over_a_slow_link_is_answered() {
+    if !etcd_available("a_commit_over_a_slow_link_is_answered") {
+        return;
+    }
+    let SlowLink {
+        s: _s,
+        cluster,
+        proxy: _proxy,
+        mut f,
+        smb: _smb,
+        client,
+        sid,
+    } = slow_link("slowcommit", "16", Duration::from_millis(900));
+    let Some((r, took, client)) = create_within(client, sid, "slow-1", Duration::from_secs(25))
+    else {
+        panic!(
+            "a persistent CREATE over a 1.8 s round trip had no reply in 25 s:\n{}",
+            f.log_text()
+        );
+    };
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}\n{}", f.log_text());
+    // A second one: the first attempt's bound has learnt the link.
+    let (r2, took2, _client) = create_within(client, sid, "slow-2", Duration::from_secs(25))
+        .unwrap_or_else(|| panic!("the second CREATE had no reply:\n{}", f.log_text()));
+    assert_eq!(r2["status"], "STATUS_SUCCESS", "{r2}\n{}", f.log_text());
+    eprintln!("persistent CREATE over a 1.8 s round trip: {took:?}, then {took2:?}");
+    assert!(f.exited().is_none(), "{}", f.log_text());
+    // Durable: etcd itself (not through the slow link) holds both.
+    let table = paths_of(
+        &rkfilter_tests::filterctl(&[
+            "--store",
+            &cluster.url("rk/slowcommit"),
+            "handles",
+            "--json",
+        ])
+        .json(),
+    );
+    assert!(
+        table.contains("slow-1") && table.contains("slow-2"),
+        "etcd holds {table:?}"
+    );
+}
+
+/// A round trip (1.1 s) above a renewal round (TTL/4 = 1 s at a 4 s
+/// lease) but well under TTL − margin (3 s): every renewal's answer still
+/// proves the lease from its send time, so the owner keeps it and serves
+/// (persistent CREATEs acknowledged throughout three lease lengths).
+/// Before, each renewal not answered within TTL/4 was thrown away and the
+/// owner stepped down (exit 75) about 3 s into the delay (review
+/// rvslowetcd, finding 1, scenario B).
+#[test]
+fn an_owner_behind_a_link_slower_than_a_renewal_round_keeps_its_lease() {
+    if !etcd_available("an_owner_behind_a_link_slower_than_a_renewal_round_keeps_its_lease") {
+        return;
+    }
+    let SlowLink {
+        s: _s,
+        cluster,
+        proxy: _proxy,
+        mut f,
+        smb: _smb,
+        mut client,
+        sid,
+    } = slow_link("slowrenew", "4", Duration::from_millis(550));
+    let t0 = Instant::now();
+    let mut created = Vec::new();
+    while t0.elapsed() < Duration::from_secs(12) {
+        let path = format!("renew-{}", created.len());
+        let Some((r, _, c)) = create_within(client, sid, &path, Duration::from_secs(10)) else {
+            panic!(
+                "a CREATE had no reply {:?} into the delay:\n{}",
+                t0.elapsed(),
+                f.log_text()
+            );
+        };
+        client = c;
+        assert_eq!(
+            r["status"],
+            "STATUS_SUCCESS",
+            "{r} {:?} into the delay\n{}",
+            t0.elapsed(),
+            f.log_text()
+        );
+        assert!(
+            f.exited().is_none(),
+            "filterd exited {:?} into the delay:\n{}",
+            t0.elapsed(),
+            f.log_text()
+        );
+        created.push(path);
+    }
+    eprintln!(
+        "{} CREATEs acknowledged in {:?} over a 1.1 s round trip at a 4 s lease",
+        created.len(),
+        t0.elapsed()
+    );
+    let table = paths_of(
+        &rkfilter_tests::filterctl(&["--store", &cluster.url("rk/slowrenew"), "handles", "--json"])
+            .json(),
+    );
+    let missing: Vec<_> = created.iter().filter(|p| !table.contains(*p)).collect();
+    assert!(missing.is_empty(), "etcd lacks acknowledged {missing:?}");
 }
