@@ -3022,6 +3022,36 @@ mod tests {
         EtcdStore::connect(&url, Duration::from_secs(2), Duration::ZERO).unwrap()
     }
 
+    /// An attempt's bound grows per round of the members tried, learns
+    /// from the last answer, and for the owner never passes what the
+    /// lease leaves less the margin (but keeps the old 1.5 s at least).
+    /// Before (review rvslowetcd) every attempt was cut at 1.5 s.
+    #[test]
+    fn an_attempt_waits_longer_each_round_but_never_past_the_lease() {
+        let url = EtcdUrl::parse("etcd://127.0.0.1:9/rk/t").unwrap();
+        let s = EtcdStore::connect(&url, Duration::from_secs(16), Duration::ZERO).unwrap();
+        let secs = |t: u32| s.attempt_bound(t).as_secs_f64();
+        // Not the owner: up to the TTL.
+        assert_eq!((secs(0), secs(1), secs(2), secs(9)), (1.5, 3.0, 6.0, 16.0));
+        s.answer_bound_ms.store(3600, Ordering::Release);
+        assert_eq!((secs(0), secs(1)), (3.6, 7.2));
+        // The owner, its lease renewed just now (16 s, margin 4 s): what
+        // the lease leaves less the margin, ~12 s (read beside it: the
+        // suspend test moves the lease clock).
+        s.fence.store(5, Ordering::Release);
+        s.lease.renewed(boot_nanos_sent(), s.ttl);
+        let (b, left) = (s.attempt_bound(5), s.lease.left());
+        assert!(
+            b >= left && b <= left + Duration::from_millis(50) && b > REQUEST_TIMEOUT,
+            "{b:?} against {left:?} left"
+        );
+        // Its lease about to end: the old bound, no longer.
+        s.lease
+            .valid_until
+            .store(boot_nanos_after(Duration::from_secs(4)), Ordering::Release);
+        assert_eq!(s.attempt_bound(5), REQUEST_TIMEOUT);
+    }
+
     #[test]
     fn requests_are_packed_whole_into_txns() {
         let s = offline();
