@@ -28,6 +28,7 @@ for b in filterd rksmbd; do
 done
 
 D=$(mktemp -d "${TMPDIR:-/tmp}/smb-compare.XXXXXX")
+D=$(cd "$D" && pwd) # absolute: smbtorture runs in a directory of its own
 PIDS=()
 cleanup() {
   # SIGTERM first: smbd then stops the children it forked.
@@ -133,10 +134,14 @@ start_rksmbd() { # N
   esac
 }
 
-# Runs SUITE against PORT; writes smbtorture's output to OUT.
+# Runs SUITE against PORT; writes smbtorture's output to OUT (a path
+# under $D). smbtorture leaves smbtortureXXXXXX directories in its working
+# directory, so it runs in one of its own under $D, not in the caller's.
 torture() { # PORT SUITE OUT
-  timeout "$SUITE_TIMEOUT" smbtorture "//127.0.0.1/data" -p "$1" -s /dev/null \
-    -U "$USER_NAME%$PASSWORD" "$2" >"$3" 2>&1 || true
+  local work
+  work=$(mktemp -d "$D/torture.XXXXXX")
+  (cd "$work" && timeout "$SUITE_TIMEOUT" smbtorture "//127.0.0.1/data" -p "$1" -s /dev/null \
+    -U "$USER_NAME%$PASSWORD" "$2") >"$3" 2>&1 || true
 }
 
 # passed/total of an smbtorture output (subunit lines).
