@@ -4,7 +4,9 @@
 //! through rksmbd, which is SIGKILLed and replaced) — and `make
 //! demo-cluster` tells the two-machine story with a real 3-member etcd.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use rkfilter_tests::bin;
 
@@ -34,24 +36,81 @@ fn run_demo(wrap: &[&str], args: &[&str]) -> String {
         "rkdemo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Its temporary export is gone and none of its processes survive.
-    let tag = format!("rkdemo-{}", out_pid(&stdout));
     assert!(
-        !std::env::temp_dir().join(&tag).exists(),
+        stdout.contains("(teardown: "),
+        "the teardown line is the last: {stdout}"
+    );
+    assert_nothing_left(&format!("rkdemo-{}", out_pid(&stdout)));
+    stdout
+}
+
+/// The demo's temporary export (`…/tag`) is gone, nothing of it is
+/// mounted and none of its processes survive.
+fn assert_nothing_left(tag: &str) {
+    assert!(
+        !std::env::temp_dir().join(tag).exists(),
         "{tag} left behind"
     );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    assert!(!mounts.contains(&tag), "a mount of the demo survived");
+    assert!(!mounts.contains(tag), "a mount of the demo survived");
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
             assert!(
-                !String::from_utf8_lossy(&cmd).contains(&tag),
+                !String::from_utf8_lossy(&cmd).contains(tag),
                 "a process of the demo survived: {}",
                 String::from_utf8_lossy(&cmd)
             );
         }
     }
-    stdout
+}
+
+/// `rkdemo | head -4`: stdout closes once filterd and the shims run. The
+/// demo stops its story (no panic), stops its children — which take the
+/// teardown's SIGTERM although rkdemo blocks it for its signal thread —
+/// unmounts and removes its export, and exits promptly (before: a panic
+/// that left filterd, smbshim and nfsshim running with SIGTERM blocked
+/// and the tmpfs mounted; and a teardown of 5 s per shim).
+#[test]
+fn demo_with_stdout_closed_early_leaves_nothing() {
+    let mut child = Command::new(bin("rkdemo"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run rkdemo");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = out.read_line(&mut line).expect("read rkdemo's stdout");
+        assert!(n > 0, "rkdemo ended before its processes ran: {seen}");
+        seen.push_str(&line);
+        if line.contains("nfsshim on") {
+            break;
+        }
+    }
+    drop(out);
+    let closed = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for rkdemo") {
+            break st;
+        }
+        assert!(
+            closed.elapsed() < Duration::from_secs(4),
+            "rkdemo still runs {:?} after its stdout closed",
+            closed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut err = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("story stopped, torn down"), "{err}");
+    assert_nothing_left(&format!("rkdemo-{}", out_pid(&seen)));
 }
 
 #[test]

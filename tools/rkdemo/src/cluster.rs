@@ -120,7 +120,7 @@ impl Node {
     /// `filterctl status`, the lines that name the store.
     fn show_store(&self) -> anyhow::Result<()> {
         let sock = self.story.socket().display().to_string();
-        println!("   $ filterctl --socket {sock} status");
+        say!("   $ filterctl --socket {sock} status");
         for line in self
             .story
             .filterctl(&["--socket", &sock, "status"])?
@@ -128,7 +128,7 @@ impl Node {
         {
             let l = line.to_lowercase();
             if l.contains("store") || l.contains("owner") || l.contains("handles") {
-                println!("     {line}");
+                say!("     {line}");
             }
         }
         Ok(())
@@ -146,25 +146,25 @@ pub fn run(bin: &Path, dir: &Path, stage: &Stage) -> anyhow::Result<()> {
     }
     let root: PathBuf = dir.join("export");
     std::fs::create_dir_all(&root)?;
-    println!(
+    say!(
         "rkfilter two-machine demo — shared export {}; etcd holds the table",
         root.display()
     );
     let mut step = 0;
-    let mut heading = |title: &str| {
+    let mut heading = |title: &str| -> Result<Instant, crate::StdoutGone> {
         step += 1;
-        println!("\n── {step}. {title}");
-        Instant::now()
+        say!("\n── {step}. {title}");
+        Ok(Instant::now())
     };
 
-    let t = heading("a 3-member etcd cluster on loopback");
+    let t = heading("a 3-member etcd cluster on loopback")?;
     let ports = start_etcd(stage, dir)?;
     let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let url = format!("etcd://{}/rk/demo", hosts.join(","));
-    println!("   members on ports {ports:?}; the table is {url}");
-    println!("   ({:.1} ms)", ms(t.elapsed()));
+    say!("   members on ports {ports:?}; the table is {url}");
+    say!("   ({:.1} ms)", ms(t.elapsed()));
 
-    let t = heading("node A: filterd owns the table, smbshim; node B: filterd --standby");
+    let t = heading("node A: filterd owns the table, smbshim; node B: filterd --standby")?;
     let a = Node::new(bin, &root, dir, "node-a")?;
     let b = Node::new(bin, &root, dir, "node-b")?;
     let a_pid = a.spawn_filterd(stage, &url, false)?;
@@ -172,10 +172,10 @@ pub fn run(bin: &Path, dir: &Path, stage: &Stage) -> anyhow::Result<()> {
     let b_pid = b.spawn_filterd(stage, &url, true)?;
     let (a_smb, a_addr) = a.story.start_shim(stage, "smbshim", "smb-demo")?;
     a.show_store()?;
-    println!("   node B's filterd (pid {b_pid}) waits: its runtime dir is its own");
-    println!("   ({:.1} ms)", ms(t.elapsed()));
+    say!("   node B's filterd (pid {b_pid}) waits: its runtime dir is its own");
+    say!("   ({:.1} ms)", ms(t.elapsed()));
 
-    let t = heading("alice opens report.txt on node A: persistent; writes (op_id 1)");
+    let t = heading("alice opens report.txt on node A: persistent; writes (op_id 1)")?;
     let alice = Uuid::new_v4();
     let create_guid = Uuid::new_v4();
     let smb = smbl::Client::connect(a_addr.as_str())?;
@@ -183,27 +183,27 @@ pub fn run(bin: &Path, dir: &Path, stage: &Stage) -> anyhow::Result<()> {
     let r = need(smb.create(&report_create(sid, create_guid))?, "CREATE")?;
     let file_id = r.file_id().context("no file_id")?.to_owned();
     let w = need(smb.write(sid, &file_id, 0, DATA, Some(1), false)?, "WRITE")?;
-    println!(
+    say!(
         "   file_id {file_id}; wrote {} bytes; the handle is in etcd",
         w.get("count").cloned().unwrap_or_default()
     );
-    println!("   ({:.1} ms)", ms(t.elapsed()));
+    say!("   ({:.1} ms)", ms(t.elapsed()));
 
-    let t = heading("node A dies: SIGKILL its filterd and smbshim");
+    let t = heading("node A dies: SIGKILL its filterd and smbshim")?;
     stage.kill9(a_smb);
     stage.kill9(a_pid);
     drop(smb);
     let t_kill = Instant::now();
     b.wait_serving(stage, b_pid, Duration::from_secs(TTL_SECS + 10))?;
     let took = t_kill.elapsed();
-    println!(
+    say!(
         "   node B took over and serves {:.0} ms after the kill (lease {TTL_SECS} s)",
         ms(took)
     );
     b.show_store()?;
-    println!("   ({:.1} ms)", ms(t.elapsed()));
+    say!("   ({:.1} ms)", ms(t.elapsed()));
 
-    let t = heading("smbshim on node B (same instance); alice reconnects there");
+    let t = heading("smbshim on node B (same instance); alice reconnects there")?;
     let (_b_smb, b_addr) = b.story.start_shim(stage, "smbshim", "smb-demo")?;
     let smb = smbl::Client::connect(b_addr.as_str())?;
     let sid = alice_session(&smb, alice)?;
@@ -218,20 +218,20 @@ pub fn run(bin: &Path, dir: &Path, stage: &Stage) -> anyhow::Result<()> {
     let data = need(smb.read(sid, &file_id, 0, 64)?, "READ")?
         .data()
         .unwrap_or_default();
-    println!(
+    say!(
         "   RECONNECT ok; the replayed WRITE op_id 1 gets its recorded reply (count {}), not a second write",
         again.get("count").cloned().unwrap_or_default()
     );
-    println!("   read {:?}", String::from_utf8_lossy(&data));
+    say!("   read {:?}", String::from_utf8_lossy(&data));
     if data != DATA {
         bail!("node B read {:?}", String::from_utf8_lossy(&data));
     }
-    println!(
+    say!(
         "   kill → alice reading on node B: {:.0} ms",
         ms(t_kill.elapsed())
     );
-    println!("   ({:.1} ms)", ms(t.elapsed()));
-    println!(
+    say!("   ({:.1} ms)", ms(t.elapsed()));
+    say!(
         "\nthe two-machine story is done: the handle moved to another node with the table in etcd"
     );
     Ok(())

@@ -10,13 +10,22 @@
 //! Every step prints what it does, its result and how long it took;
 //! teardown (processes, the tmpfs mount, temporary files) happens on every
 //! path, Ctrl-C too.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed back in stage.rs alone: the child's signal mask
+
+/// `println!` for the story: a line that cannot be written (stdout closed,
+/// as in `rkdemo | head -5`) stops the story with a [`StdoutGone`] error,
+/// so the teardown still runs, instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::say_line(format_args!($($arg)*))?
+    };
+}
 
 mod cluster;
 mod smb3;
 mod stage;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,9 +68,43 @@ struct Args {
 
 const DATA: &[u8] = b"quarterly numbers: 42";
 
+/// The story's stdout is gone; the story stops there.
+#[derive(Debug)]
+struct StdoutGone(std::io::Error);
+
+impl std::fmt::Display for StdoutGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "writing to stdout: {}", self.0)
+    }
+}
+
+impl std::error::Error for StdoutGone {}
+
+/// Writes one line of the story to stdout (what `say!` expands to).
+fn say_line(args: std::fmt::Arguments<'_>) -> Result<(), StdoutGone> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+        .map_err(StdoutGone)
+}
+
+/// Tears the stage down when dropped: after the story, and on a panic too
+/// (the children, the tmpfs and the temporary directory never outlive
+/// rkdemo).
+struct TeardownOnDrop(Arc<Stage>);
+
+impl Drop for TeardownOnDrop {
+    fn drop(&mut self) {
+        self.0.teardown();
+    }
+}
+
 fn main() {
     let args = Args::parse();
     // Ctrl-C and SIGTERM are taken by a thread that tears down and exits.
+    // Blocked here, so in every thread; the children get a clean mask
+    // (Stage::spawn), or they would ignore the teardown's SIGTERM.
     let mut sigs = nix::sys::signal::SigSet::empty();
     sigs.add(nix::sys::signal::Signal::SIGINT);
     sigs.add(nix::sys::signal::Signal::SIGTERM);
@@ -73,24 +116,34 @@ fn main() {
             .name("signals".into())
             .spawn(move || {
                 if sigs.wait().is_ok() {
-                    eprintln!("\ninterrupted: tearing down");
+                    let _ = writeln!(std::io::stderr(), "\ninterrupted: tearing down");
                     stage.teardown();
                     std::process::exit(130);
                 }
             });
     }
     stage.keep.store(args.keep, Ordering::Relaxed);
-    let code = match run(&args, &stage) {
-        Ok(()) => 0,
+    let guard = TeardownOnDrop(stage.clone());
+    let result = run(&args, &stage);
+    drop(guard);
+    let code = match result {
+        Ok(()) => {
+            // Said once it is true, not before.
+            let _ = writeln!(std::io::stdout(), "\n(teardown: {})", stage.torn_down());
+            0
+        }
+        Err(e) if e.downcast_ref::<StdoutGone>().is_some() => {
+            let _ = writeln!(std::io::stderr(), "rkdemo: {e:#}; story stopped, torn down");
+            1
+        }
         Err(e) => {
-            eprintln!("\nrkdemo: step failed: {e:#}");
+            let _ = writeln!(std::io::stderr(), "\nrkdemo: step failed: {e:#}");
             1
         }
     };
-    stage.teardown();
     if args.keep {
         if let Some(d) = stage.dir() {
-            println!("kept {}", d.display());
+            let _ = writeln!(std::io::stdout(), "kept {}", d.display());
         }
     }
     std::process::exit(code);
@@ -112,14 +165,15 @@ impl Story {
         self.state.join("filterd.sock")
     }
 
-    fn heading(&mut self, title: &str) -> Instant {
+    fn heading(&mut self, title: &str) -> Result<Instant, StdoutGone> {
         self.step += 1;
-        println!("\n── {}. {title}", self.step);
-        Instant::now()
+        say!("\n── {}. {title}", self.step);
+        Ok(Instant::now())
     }
 
-    fn done(&mut self, t0: Instant) {
-        println!("   ({:.1} ms)", ms(t0.elapsed()));
+    fn done(&mut self, t0: Instant) -> Result<(), StdoutGone> {
+        say!("   ({:.1} ms)", ms(t0.elapsed()));
+        Ok(())
     }
 
     fn record(&mut self, label: &str, value: String) {
@@ -143,9 +197,9 @@ impl Story {
     /// Runs filterctl against the live daemon and prints what it says.
     fn show(&self, cmd: &str) -> anyhow::Result<()> {
         let sock = self.socket().display().to_string();
-        println!("   $ filterctl --socket {sock} {cmd}");
+        say!("   $ filterctl --socket {sock} {cmd}");
         for line in self.filterctl(&["--socket", &sock, cmd])?.lines() {
-            println!("     {line}");
+            say!("     {line}");
         }
         Ok(())
     }
@@ -332,12 +386,12 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
         times: vec![],
     };
     if fanotify {
-        println!(
+        say!(
             "rkfilter demo — export {} (a tmpfs mounted for the demo; local access is mediated by fanotify)",
             root.display()
         );
     } else {
-        println!(
+        say!(
             "rkfilter demo — export {} (a plain directory: filterd runs with --no-fanotify{})",
             root.display(),
             if args.no_fanotify {
@@ -349,19 +403,19 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     }
 
     // 1. The processes.
-    let t = s.heading("start filterd, smbshim and nfsshim");
+    let t = s.heading("start filterd, smbshim and nfsshim")?;
     let (mut filterd_pid, startup) = s.start_filterd(stage)?;
     let (smb_pid, smb_addr) = s.start_shim(stage, "smbshim", "smb-demo")?;
     let (_nfs_pid, nfs_addr) = s.start_shim(stage, "nfsshim", "nfs-demo")?;
-    println!(
+    say!(
         "   filterd pid {filterd_pid} ready in {:.1} ms; smbshim on {smb_addr}; nfsshim on {nfs_addr}",
         ms(startup)
     );
-    s.done(t);
+    s.done(t)?;
 
     // 2. SMB-like: persistent handle, RWH lease, a write.
     let t =
-        s.heading("alice (SMB-like) opens report.txt: persistent, RWH lease, shares read; writes");
+        s.heading("alice (SMB-like) opens report.txt: persistent, RWH lease, shares read; writes")?;
     let alice_guid = Uuid::new_v4();
     let create_guid = Uuid::new_v4();
     let lease_key = Uuid::new_v4();
@@ -372,7 +426,7 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     let r = need(smb.create(&ca)?, "CREATE")?;
     let file_id = r.file_id().context("no file_id")?.to_owned();
     let w = need(smb.write(sid, &file_id, 0, DATA, Some(1), false)?, "WRITE")?;
-    println!(
+    say!(
         "   file_id {file_id}, lease {}, durable {}; wrote {} bytes (op_id 1)",
         r.get("lease")
             .map(|l| l["state"].clone())
@@ -382,42 +436,44 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
             .unwrap_or(Value::Null),
         w.get("count").cloned().unwrap_or(Value::Null)
     );
-    s.done(t);
+    s.done(t)?;
 
     // 3. A local reader breaks the lease's write caching.
     if s.fanotify {
-        let t = s.heading("a local `cat report.txt` on the server: the lease breaks first");
+        let t = s.heading("a local `cat report.txt` on the server: the lease breaks first")?;
         let breaks = smb.notifications().clone();
         let path = root.join("report.txt");
         let cat = std::thread::spawn(move || Command::new("cat").arg(path).output());
         let n = breaks
             .recv_timeout(Duration::from_secs(10))
             .context("no LEASE_BREAK")?;
-        println!(
+        say!(
             "   alice gets LEASE_BREAK {} → {} (ack required: {})",
-            n["current_state"], n["new_state"], n["ack_required"]
+            n["current_state"],
+            n["new_state"],
+            n["ack_required"]
         );
         let new_state = n["new_state"].as_str().unwrap_or("").to_owned();
         let ack = need(
             smb.lease_break_ack(sid, lease_key, &new_state)?,
             "LEASE_BREAK_ACK",
         )?;
-        println!(
+        say!(
             "   she acknowledges: lease now {}",
             ack.get("lease")
                 .map(|l| l["state"].clone())
                 .unwrap_or(Value::Null)
         );
         let out = cat.join().map_err(|_| anyhow::anyhow!("cat thread"))??;
-        println!(
+        say!(
             "   cat prints {:?} once the break is acknowledged",
             String::from_utf8_lossy(&out.stdout)
         );
-        s.done(t);
+        s.done(t)?;
     }
 
     // 4. NFS-like: refused (after alice's handle caching is broken).
-    let t = s.heading("bob (NFS-like) asks to write report.txt");
+    let t = s.heading("bob (NFS-like) asks to write report.txt")?;
     let nfs = Arc::new(nfsl::Client::connect(nfs_addr.as_str())?);
     let verifier = format!("{:016x}", rand_u64());
     let id = need_ok(nfs.exchange_id("bob@desktop", &verifier)?, "EXCHANGE_ID")?;
@@ -432,7 +488,7 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
         // The open would otherwise fail with a sharing violation: alice's
         // handle caching (H) is broken first, so she could close a cached
         // handle; bob is told to retry meanwhile.
-        println!(
+        say!(
             "   {} — alice's lease must give up handle caching first",
             r.status()
         );
@@ -440,9 +496,10 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
             .notifications()
             .recv_timeout(Duration::from_secs(10))
             .context("no LEASE_BREAK")?;
-        println!(
+        say!(
             "   alice gets LEASE_BREAK {} → {}; she keeps her open and acknowledges",
-            n["current_state"], n["new_state"]
+            n["current_state"],
+            n["new_state"]
         );
         let new_state = n["new_state"].as_str().unwrap_or("").to_owned();
         need(
@@ -451,13 +508,13 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
         )?;
         r = ns.open(0, &oa)?;
     }
-    println!("   bob: {} — alice's open shares read only", r.status());
+    say!("   bob: {} — alice's open shares read only", r.status());
     if r.status() != "NFS4ERR_SHARE_DENIED" {
         bail!("expected NFS4ERR_SHARE_DENIED, got {}", r.value());
     }
-    s.done(t);
+    s.done(t)?;
     // 4. smbshim dies; the handle keeps protecting the file; a replacement.
-    let t = s.heading("smbshim is killed (SIGKILL)");
+    let t = s.heading("smbshim is killed (SIGKILL)")?;
     let t_kill = Instant::now();
     stage.kill9(smb_pid);
     drop(smb);
@@ -477,13 +534,13 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     })?;
     s.show("handles")?;
     let r = ns.open(0, &oa)?;
-    println!(
+    say!(
         "   bob again: {} — the disconnected persistent handle still protects the file",
         r.status()
     );
-    s.done(t);
+    s.done(t)?;
 
-    let t = s.heading("a replacement smbshim (same instance); alice reconnects and reads");
+    let t = s.heading("a replacement smbshim (same instance); alice reconnects and reads")?;
     let t_start = Instant::now();
     let (_smb_pid2, smb_addr2) = s.start_shim(stage, "smbshim", "smb-demo")?;
     let t_listening = Instant::now();
@@ -497,14 +554,14 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     let data = need(smb.read(sid, &file_id, 0, 64)?, "READ")?
         .data()
         .unwrap_or_default();
-    println!(
+    say!(
         "   RECONNECT ok (lease {}); read {:?}",
         rc.get("lease")
             .map(|l| l["state"].clone())
             .unwrap_or(Value::Null),
         String::from_utf8_lossy(&data)
     );
-    println!(
+    say!(
         "   replacement started → listening {:.1} ms; listening → RECONNECT done {:.2} ms; kill → reading again {:.1} ms",
         ms(t_listening - t_start),
         ms(reconnect),
@@ -518,10 +575,10 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
         "smbshim: kill → client reading again",
         format!("{:.1} ms", ms(t_kill.elapsed())),
     );
-    s.done(t);
+    s.done(t)?;
 
     // 5. filterd dies in the middle of a burst.
-    let t = s.heading("filterd is killed (SIGKILL) in the middle of a burst from both clients");
+    let t = s.heading("filterd is killed (SIGKILL) in the middle of a burst from both clients")?;
     let stop = Arc::new(AtomicBool::new(false));
     let smb_acked = Arc::new(AtomicU64::new(0));
     let nfs_acked = Arc::new(AtomicU64::new(0));
@@ -592,20 +649,21 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     })?;
     stage.kill9(filterd_pid);
     let t_crash = Instant::now();
-    println!(
+    say!(
         "   killed filterd after {} SMB-like WRITEs and {} NFS-like OPEN+WRITE+CLOSE were acknowledged",
         smb_acked.load(Ordering::Relaxed),
         nfs_acked.load(Ordering::Relaxed)
     );
-    println!("   post-mortem, straight from LMDB while filterd is down:");
+    say!("   post-mortem, straight from LMDB while filterd is down:");
     let state = s.state.display().to_string();
-    println!("   $ filterctl --state {state} status");
+    say!("   $ filterctl --state {state} status");
     for line in s.filterctl(&["--state", &state, "status"])?.lines() {
-        println!("     {line}");
+        say!("     {line}");
     }
-    s.done(t);
+    s.done(t)?;
 
-    let t = s.heading("filterd restarts; both frontends reattach and resume; the clients carry on");
+    let t =
+        s.heading("filterd restarts; both frontends reattach and resume; the clients carry on")?;
     let (pid, restart) = s.start_filterd(stage)?;
     filterd_pid = pid;
     let before = (
@@ -623,12 +681,12 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     let nfs_worst = nfs_burst
         .join()
         .map_err(|_| anyhow::anyhow!("nfs burst thread"))??;
-    println!(
+    say!(
         "   filterd pid {filterd_pid} serving again {:.1} ms after its start ({:.1} ms after the kill)",
         ms(restart),
         ms(t_crash.elapsed())
     );
-    println!(
+    say!(
         "   the clients never reconnected: {} SMB-like WRITEs and {} NFS-like opens acknowledged in all; longest wait {:.0} ms / {:.0} ms",
         smb_acked.load(Ordering::Relaxed),
         nfs_acked.load(Ordering::Relaxed),
@@ -644,10 +702,10 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
         "clients' longest wait across the crash",
         format!("{:.0} ms", ms(smb_worst.max(nfs_worst))),
     );
-    s.done(t);
+    s.done(t)?;
 
     // 6. Replays, shown.
-    let t = s.heading("replayed requests return their recorded results");
+    let t = s.heading("replayed requests return their recorded results")?;
     let op = last_op - 1;
     let data = format!("line {op}\n");
     let off = 64 + (op - 100) * 16;
@@ -660,7 +718,7 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     let intact = on_disk
         .get(usize::try_from(off)?..usize::try_from(off)? + data.len())
         .is_some_and(|b| b == data.as_bytes());
-    println!(
+    say!(
         "   SMB-like WRITE op_id {op} re-sent with replay (different bytes): reply {} — the recorded one; file unchanged: {}",
         r.value(),
         intact && std::fs::metadata(root.join("report.txt"))?.len() == before
@@ -676,7 +734,7 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
         "guarded OPEN",
     )?;
     let again = ns.resend(0, nfsl::ops::open(&oa))?;
-    println!(
+    say!(
         "   NFS-like guarded OPEN re-sent on its slot: {} created={} — the cached reply, not NFS4ERR_EXIST",
         again.status(),
         again.get("created").cloned().unwrap_or(Value::Null)
@@ -684,30 +742,29 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     if again.value().get("stateid") != first.value().get("stateid") {
         bail!("the re-sent OPEN was not answered from the slot");
     }
-    println!("   replay recognised");
-    s.done(t);
+    say!("   replay recognised");
+    s.done(t)?;
 
     // 7. A real SMB 3 client.
     smb3::act(&mut s, stage, args.smb_python.as_deref())?;
 
     // 8. Summary.
     let stats = s.stats()?;
-    println!("\n── summary");
+    say!("\n── summary");
     for (label, v) in &s.times {
-        println!("   {label:<44} {v:>12}");
+        say!("   {label:<44} {v:>12}");
     }
-    println!("   filterd's counters since its restart:");
+    say!("   filterd's counters since its restart:");
     for (label, key) in [
         ("  handles recovered", "recoveries"),
         ("  handles resumed by the frontends", "resumes"),
         ("  replays detected", "replays_detected"),
     ] {
-        println!(
+        say!(
             "   {label:<44} {:>12}",
             stats.get(key).and_then(Value::as_u64).unwrap_or(0)
         );
     }
-    println!("\n(teardown: processes stopped, tmpfs unmounted, temporary export removed)");
     Ok(())
 }
 
@@ -725,4 +782,30 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()
 fn rand_u64() -> u64 {
     let (a, _) = Uuid::new_v4().as_u64_pair();
     a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic in the story still tears the stage down: no child outlives
+    /// it.
+    #[test]
+    fn a_panic_tears_the_stage_down() {
+        let stage = Arc::new(Stage::default());
+        let mut cmd = Command::new("sleep");
+        cmd.arg("60");
+        let pid = stage.spawn(&mut cmd).expect("spawn sleep");
+        let s = stage.clone();
+        let r = std::panic::catch_unwind(move || {
+            let _guard = TeardownOnDrop(s);
+            panic!("a step panics");
+        });
+        assert!(r.is_err());
+        assert_eq!(stage.torn_down().stopped, 1);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "sleep {pid} survived the panic"
+        );
+    }
 }

@@ -40,12 +40,12 @@ fn python(s: &Story, given: Option<&Path>) -> Option<PathBuf> {
 pub fn act(s: &mut Story, stage: &Stage, given: Option<&Path>) -> anyhow::Result<()> {
     let t = s.heading(
         "a real SMB 3 client (smbprotocol) through rksmbd: persistent handle, rksmbd SIGKILLed and replaced",
-    );
+    )?;
     let Some(python) = python(s, given) else {
-        println!(
+        say!(
             "   skipped: no python with smbprotocol (`make demo` makes target/smbvenv; or pass --smb-python)"
         );
-        s.done(t);
+        s.done(t)?;
         return Ok(());
     };
     if !s.bin.join("rksmbd").exists() {
@@ -74,7 +74,7 @@ pub fn act(s: &mut Story, stage: &Stage, given: Option<&Path>) -> anyhow::Result
     let flags = ["--share", "data", "--users", users.as_str()];
     let (pid, addr) = s.start_frontend(stage, "rksmbd", "rksmbd-demo", &flags)?;
     let port = addr.rsplit(':').next().unwrap_or_default().to_owned();
-    println!("   rksmbd pid {pid} serves share \\\\127.0.0.1\\data on {addr} (users file {users})");
+    say!("   rksmbd pid {pid} serves share \\\\127.0.0.1\\data on {addr} (users file {users})");
 
     let script = s.dir.join("durable_reconnect.py");
     std::fs::write(&script, SCRIPT)?;
@@ -86,7 +86,7 @@ pub fn act(s: &mut Story, stage: &Stage, given: Option<&Path>) -> anyhow::Result
         .stderr(s.log("smbprotocol")?);
     let (client, mut input, out) = stage.spawn_io(&mut cmd)?;
     let mut out = BufReader::new(out);
-    println!("   $ python durable_reconnect.py 127.0.0.1 {port} data {USER} ***");
+    say!("   $ python durable_reconnect.py 127.0.0.1 {port} data {USER} ***");
     loop {
         let mut line = String::new();
         if out.read_line(&mut line)? == 0 {
@@ -95,7 +95,7 @@ pub fn act(s: &mut Story, stage: &Stage, given: Option<&Path>) -> anyhow::Result
                 s.dir.join("smbprotocol.log").display()
             );
         }
-        println!("     {}", line.trim_end());
+        say!("     {}", line.trim_end());
         if line.starts_with("dropped") {
             break;
         }
@@ -104,7 +104,7 @@ pub fn act(s: &mut Story, stage: &Stage, given: Option<&Path>) -> anyhow::Result
     let t_kill = Instant::now();
     let (pid2, addr2) = s.start_frontend(stage, "rksmbd", "rksmbd-demo", &flags)?;
     let up = t_kill.elapsed();
-    println!(
+    say!(
         "   SIGKILLed rksmbd pid {pid}; replacement pid {pid2} listening on {addr2} {:.1} ms later",
         ms(up)
     );
@@ -114,7 +114,7 @@ pub fn act(s: &mut Story, stage: &Stage, given: Option<&Path>) -> anyhow::Result
     let mut passed = false;
     for line in out.lines() {
         let line = line?;
-        println!("     {line}");
+        say!("     {line}");
         passed |= line == "PASS";
     }
     if !stage.wait_success(client) || !passed {
@@ -126,7 +126,7 @@ pub fn act(s: &mut Story, stage: &Stage, given: Option<&Path>) -> anyhow::Result
     let reconnected = t_kill.elapsed();
     let on_disk = std::fs::read_to_string(s.root.join("durable.txt"))
         .context("durable.txt after the reconnect")?;
-    println!(
+    say!(
         "   the client reconnected through the replacement and read back {:?}; on disk: {:?}",
         DATA,
         on_disk.trim_end()
@@ -138,6 +138,6 @@ pub fn act(s: &mut Story, stage: &Stage, given: Option<&Path>) -> anyhow::Result
         "rksmbd: SIGKILL → SMB 3 client read back",
         format!("{:.1} ms", ms(reconnected)),
     );
-    s.done(t);
+    s.done(t)?;
     Ok(())
 }
