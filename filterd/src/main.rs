@@ -121,10 +121,12 @@ struct Args {
     /// shared with standbys on other machines; README "Two machines").
     #[arg(long, value_name = "STORE", default_value = "lmdb", value_parser = store_arg)]
     store: String,
-    /// etcd store: the ownership lease's time to live in seconds (at least
-    /// 2). filterd stops acting max(TTL/4, 500 ms) before it could expire;
-    /// a standby takes over within about TTL after the owner dies.
-    #[arg(long, value_name = "SECS", default_value_t = 4)]
+    /// etcd store: the ownership lease's time to live in seconds (2 to
+    /// 86400; another value is refused, exit 2). filterd stops acting
+    /// max(TTL/4, 500 ms) before it could expire; a standby takes over
+    /// within about TTL after the owner dies.
+    #[arg(long, value_name = "SECS", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(2..=86_400))]
     lease_ttl_secs: u64,
     /// etcd store: compact etcd's history this often (seconds; 0: never).
     #[arg(long, value_name = "SECS", default_value_t = 300)]

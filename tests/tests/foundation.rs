@@ -1292,6 +1292,18 @@ fn a_usage_error_is_one_line_naming_the_flag_with_a_hint() {
         ),
         ("nfsshim", &["--no-such-flag"], "--no-such-flag"),
         ("nfsshim", &["--listen", "127.0.0.1:0"], "--filter"),
+        // Lease lengths under their minimum are refused, not silently
+        // raised (filterd's TTL was raised to 2 s, nfsshim's lease to 1 s).
+        (
+            "nfsshim",
+            &["--filter", "/x", "--listen", "127.0.0.1:0", "--lease-ms", "500"],
+            "--lease-ms",
+        ),
+        (
+            "filterd",
+            &["--root", "/x", "--state", "/y", "--lease-ttl-secs", "1"],
+            "--lease-ttl-secs",
+        ),
         ("rksmbd", &["--no-such-flag"], "--no-such-flag"),
         (
             "rksmbd",

@@ -1211,7 +1211,7 @@ fn a_recall_outlasting_the_nfs_lease_still_delays_a_refused_open() {
         "nfsshim",
         &s.socket(),
         "nfs-dlb",
-        &["--lease-ms", "800"],
+        &["--lease-ms", "1000"],
         &[("NFSSHIM_TEST_REVOCATION_DELAY_MS", "4000")],
     );
     let mut a = host_a(&nfs);

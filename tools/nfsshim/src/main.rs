@@ -58,8 +58,10 @@ struct Args {
     /// name takes over the state of a dead one.
     #[arg(long, value_name = "NAME")]
     instance: Option<String>,
-    /// Client lease length in milliseconds (at least 1000).
-    #[arg(long, value_name = "N", default_value_t = 90_000)]
+    /// Client lease length in milliseconds (1000 to 86400000, a day;
+    /// another value is refused, exit 2).
+    #[arg(long, value_name = "N", default_value_t = 90_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=86_400_000))]
     lease_ms: u64,
     /// Most client connections served at once; one more is refused with
     /// NFS4ERR_RESOURCE.
@@ -135,7 +137,7 @@ fn run() -> anyhow::Result<()> {
                 &filter,
                 &listen,
                 args.instance.as_deref().unwrap_or("nfs"),
-                args.lease_ms.max(1_000),
+                args.lease_ms,
                 server::Limits {
                     max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
                     max_connections_per_peer: usize::try_from(args.max_connections_per_peer)
