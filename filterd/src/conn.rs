@@ -614,6 +614,33 @@ impl Poller {
     }
 }
 
+/// Refuses a socket path filterd cannot take: anything but a socket found
+/// there, or a socket a running filterd answers on; true when a stale
+/// socket is there (`listen_at` replaces it). main.rs checks this before
+/// it opens the store too, so a start refused for its `--socket` never
+/// counts as a crash (the next start logged clean_previous_shutdown false
+/// and a new epoch; review L7).
+pub fn check_socket_path(path: &Path) -> anyhow::Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(found) = std::fs::symlink_metadata(path) else {
+        return Ok(false);
+    };
+    if !found.file_type().is_socket() {
+        bail!("{} exists and is not a socket", path.display());
+    }
+    let probe = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    if connect(probe.as_raw_fd(), &addr).is_ok() {
+        bail!("socket {} is in use by a running filterd", path.display());
+    }
+    Ok(true)
+}
+
 /// Creates the listening socket at `path`: refuses to steal a live socket,
 /// replaces a stale one, refuses anything else found there (a file given as
 /// `--socket` by mistake was replaced by the socket, review rvacl), sets
@@ -624,21 +651,7 @@ impl Poller {
 /// block as long as the sender likes (a TCP socket whose peer never
 /// reads, lingering; review rvunsafe).
 pub fn listen_at(path: &Path) -> anyhow::Result<(OwnedFd, bool)> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(found) = std::fs::symlink_metadata(path) {
-        if !found.file_type().is_socket() {
-            bail!("{} exists and is not a socket", path.display());
-        }
-        let probe = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        let addr = UnixAddr::new(path)?;
-        if connect(probe.as_raw_fd(), &addr).is_ok() {
-            bail!("socket {} is in use by a running filterd", path.display());
-        }
+    if check_socket_path(path)? {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }

@@ -447,6 +447,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => p,
         None => state.join("filterd.sock"),
     };
+    // Before the store is opened (and marked in use): a start refused for
+    // its socket path must not count as a crash at the next start.
+    conn::check_socket_path(&socket_path)?;
     let mut record = DaemonRecord {
         pid: std::process::id(),
         socket: socket_path.clone(),

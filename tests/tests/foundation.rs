@@ -1296,7 +1296,14 @@ fn a_usage_error_is_one_line_naming_the_flag_with_a_hint() {
         // raised (filterd's TTL was raised to 2 s, nfsshim's lease to 1 s).
         (
             "nfsshim",
-            &["--filter", "/x", "--listen", "127.0.0.1:0", "--lease-ms", "500"],
+            &[
+                "--filter",
+                "/x",
+                "--listen",
+                "127.0.0.1:0",
+                "--lease-ms",
+                "500",
+            ],
             "--lease-ms",
         ),
         (

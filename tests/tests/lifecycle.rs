@@ -930,14 +930,23 @@ fn filterds_given_one_root_lock_dir_exclude_each_other_and_sweep_it() {
 /// `--socket PATH` naming something that is not a socket (a config file
 /// given by mistake) refuses to start and leaves it as it was. Before
 /// (review rvacl), a failed probe connect had filterd remove whatever was
-/// there and bind its socket in its place.
+/// there and bind its socket in its place. The refused start leaves the
+/// store as the last clean shutdown left it: before (review L7) it had
+/// opened the store first, so the next start counted it as a crash
+/// (a new epoch, clean_previous_shutdown false).
 #[test]
 fn a_socket_path_naming_a_file_is_refused_and_the_file_kept() {
     let s = Scratch::new("sock-file");
+    let mut first = Filterd::start(&s, &[], &[]);
+    assert!(first.terminate().success(), "SIGTERM must exit 0");
+    let epoch = stored_epoch(&s);
     let file = s.dir.join("filterd.toml");
     std::fs::write(&file, "keep me\n").unwrap();
     let mut d = Filterd::spawn_on(&s, Some(&file), &[], &[], &[]);
     let log = d.refused();
     assert!(log.contains("exists and is not a socket"), "{log}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me\n");
+    assert_eq!(stored_epoch(&s), epoch, "the refused start took no epoch");
+    let meta = ctl_state(&s, &["status", "--json"]).json();
+    assert_eq!(meta["meta"]["clean_shutdown"], true, "{meta}");
 }
