@@ -1680,6 +1680,23 @@ mod tests {
         lease.key
     }
 
+    /// Alice on connections 1 and 2, [`lease_on`] 1, and its break RWH to
+    /// RH at epoch 2 in progress and written to 1: the notifier, the key,
+    /// and what keeps the connections open.
+    fn break_sent_on_one_of_two(
+        breaking: &BreaksInProgress,
+    ) -> (Notifier, LeaseKey, (Vec<ConnWriter>, std::net::TcpListener)) {
+        let (n, guid, writers, listener) = connections(2);
+        n.logged_on(1, (1, "alice"), |_| true);
+        n.logged_on(2, (1, "alice"), |_| true);
+        let key = lease_on(&n, (1, guid, "alice"));
+        let (rwh, rh) = (lease_state(7), lease_state(3));
+        breaking.noticed(key, true);
+        n.broken(&key, rh, 2);
+        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some());
+        (n, key, (writers, listener))
+    }
+
     /// A lease break written to a connection whose socket then ends goes
     /// again, the same notification, to the client's next live connection
     /// while its acknowledgment is awaited, once per route; not one
@@ -1710,25 +1727,13 @@ mod tests {
         assert!(n.moved_from(3, &breaking).is_empty());
 
         // Acknowledged before the connection ended: not sent again.
-        let (n, guid, _writers, _listener) = connections(2);
-        n.logged_on(1, (1, "alice"), |_| true);
-        n.logged_on(2, (1, "alice"), |_| true);
-        let key = lease_on(&n, (1, guid, "alice"));
-        breaking.noticed(key, true);
-        n.broken(&key, rh, 2);
-        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some());
+        let (n, key, _conns) = break_sent_on_one_of_two(&breaking);
         assert!(breaking.take(&key));
         assert!(n.moved_from(1, &breaking).is_empty(), "acknowledged");
 
         // Acknowledged, and the chained break's next step at the same
         // epoch in progress before it is routed (re-review rr42a F1).
-        let (n, guid, _writers, _listener) = connections(2);
-        n.logged_on(1, (1, "alice"), |_| true);
-        n.logged_on(2, (1, "alice"), |_| true);
-        let key = lease_on(&n, (1, guid, "alice"));
-        breaking.noticed(key, true);
-        n.broken(&key, rh, 2);
-        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some());
+        let (n, key, _conns) = break_sent_on_one_of_two(&breaking);
         assert!(breaking.take(&key));
         let sent = n.answered(&key);
         breaking.noticed(key, true);
@@ -1737,13 +1742,7 @@ mod tests {
             "the step acknowledged"
         );
         // An acknowledgment that failed hands its record back.
-        let (n, guid, _writers, _listener) = connections(2);
-        n.logged_on(1, (1, "alice"), |_| true);
-        n.logged_on(2, (1, "alice"), |_| true);
-        let key = lease_on(&n, (1, guid, "alice"));
-        breaking.noticed(key, true);
-        n.broken(&key, rh, 2);
-        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some());
+        let (n, key, _conns) = break_sent_on_one_of_two(&breaking);
         assert!(breaking.take(&key));
         let taken = n.answered(&key);
         assert!(taken.is_some() && sent.is_some());
@@ -1752,13 +1751,7 @@ mod tests {
         assert_eq!(n.moved_from(1, &breaking).len(), 1, "the break goes on");
 
         // Broken further since (another break's event, not routed yet).
-        let (n, guid, _writers, _listener) = connections(2);
-        n.logged_on(1, (1, "alice"), |_| true);
-        n.logged_on(2, (1, "alice"), |_| true);
-        let key = lease_on(&n, (1, guid, "alice"));
-        breaking.noticed(key, true);
-        n.broken(&key, rh, 2);
-        assert!(n.route_or_park(&key, (rwh, rh, 2)).is_some());
+        let (n, key, _conns) = break_sent_on_one_of_two(&breaking);
         n.broken(&key, lease_state(1), 3);
         assert!(n.moved_from(1, &breaking).is_empty(), "a later break");
 
