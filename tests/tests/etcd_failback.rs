@@ -801,6 +801,49 @@ fn a_delegation_lowered_while_nfsshim_was_away_is_revoked_at_the_reattach() {
     assert!(text.contains("a delegation's lease was lowered"), "{text}");
 }
 
+/// nfsshim on node A with a hold hook (`$NFSSHIM_TEST_HOLD`): the step
+/// named `hook` waits while the file `held` exists; its log in `log`.
+struct HookedNfsA {
+    shim: Shim,
+    log: PathBuf,
+    held: PathBuf,
+    _logs: Scratch,
+}
+
+impl HookedNfsA {
+    fn start(n: &TwoNodes, name: &str, flags: &[&str], hook: &str) -> HookedNfsA {
+        let logs = Scratch::new(&format!("{name}-log"));
+        let log = logs.root().join("nfs-a.log");
+        let hold = logs.root().join("hold");
+        let held = logs.root().join(format!("hold.{hook}"));
+        let shim = Shim::start_logged_with(
+            "nfsshim",
+            n.a.socket(),
+            "nfs-1",
+            flags,
+            &[("NFSSHIM_TEST_HOLD", hold.to_str().unwrap())],
+            &log,
+        );
+        HookedNfsA {
+            shim,
+            log,
+            held,
+            _logs: logs,
+        }
+    }
+
+    /// A poll for [`rkfilter_tests::wait_for`]: the log says `what`.
+    fn log_has(&self, what: &str) -> impl Fn() -> Option<()> {
+        let (what, log) = (what.to_owned(), self.log.clone());
+        move || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains(&what))
+                .map(|_| ())
+        }
+    }
+}
+
 /// A lease reaper tick of nfsshim A that found filterd ready, then
 /// alice's lease lapsed (she is idle on A), is held (test hook) while
 /// filterd A is killed, B takes over, nfsshim B serves alice — her
@@ -817,38 +860,16 @@ fn a_release_of_a_lease_lapsed_on_stale_memory_fails_across_the_fail_back() {
     let Some(mut n) = TwoNodes::start(name, &[]) else {
         return;
     };
-    let logs = Scratch::new(&format!("{name}-log"));
-    let log = logs.root().join("nfs-a.log");
-    let hold = logs.root().join("hold");
-    let held = logs.root().join("hold.release");
-    let hold_env = hold.to_str().unwrap();
-    let nfs_a = Shim::start_logged_with(
-        "nfsshim",
-        n.a.socket(),
-        "nfs-1",
-        &["--lease-ms", "3000"],
-        &[("NFSSHIM_TEST_HOLD", hold_env)],
-        &log,
-    );
-    let log_has = |what: &str| {
-        let what = what.to_owned();
-        let log = log.clone();
-        move || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|t| t.contains(&what))
-                .map(|_| ())
-        }
-    };
-    let mut alice = Nfs::new(&nfs_a.addr, "alice@h1", "00000000000000aa");
+    let h = HookedNfsA::start(&n, name, &["--lease-ms", "3000"], "release");
+    let mut alice = Nfs::new(&h.shim.addr, "alice@h1", "00000000000000aa");
     alice.ok(json!({"op": "RECLAIM_COMPLETE"}), 0);
     // Alice idle on A: her lease lapses, and the reaper's release of her
     // waits, its tick past the readiness check.
-    std::fs::write(&held, b"").unwrap();
+    std::fs::write(&h.held, b"").unwrap();
     rkfilter_tests::wait_for(
         "the reaper to hold alice's release",
         Duration::from_secs(30),
-        log_has("a lapsed client's release waits"),
+        h.log_has("a lapsed client's release waits"),
     );
     // filterd A dies; B takes over; nfsshim B serves alice, who renews.
     n.a.kill9();
@@ -861,18 +882,18 @@ fn a_release_of_a_lease_lapsed_on_stale_memory_fails_across_the_fail_back() {
     rkfilter_tests::wait_for(
         "nfsshim A to store its new connection",
         Duration::from_secs(30),
-        log_has("a reattach is stored"),
+        h.log_has("a reattach is stored"),
     );
     // The held release goes on; the reload follows it.
-    std::fs::remove_file(&held).unwrap();
-    alice.move_to(&nfs_a.addr);
+    std::fs::remove_file(&h.held).unwrap();
+    alice.move_to(&h.shim.addr);
     alice.last[0] += 1;
     let r = alice.at(json!({"op": "RECLAIM_COMPLETE"}), 0);
     assert_eq!(
         r["status"],
         "NFS4_OK",
         "alice, who renewed on B, is known on A: {r}\nnfsshim A:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        std::fs::read_to_string(&h.log).unwrap_or_default()
     );
 }
 
@@ -890,30 +911,8 @@ fn a_reload_whose_filterd_goes_away_again_gives_up_at_once() {
     let Some(mut n) = TwoNodes::start(name, &[]) else {
         return;
     };
-    let logs = Scratch::new(&format!("{name}-log"));
-    let log = logs.root().join("nfs-a.log");
-    let hold = logs.root().join("hold");
-    let held = logs.root().join("hold.resume");
-    let hold_env = hold.to_str().unwrap();
-    let nfs_a = Shim::start_logged_with(
-        "nfsshim",
-        n.a.socket(),
-        "nfs-1",
-        &[],
-        &[("NFSSHIM_TEST_HOLD", hold_env)],
-        &log,
-    );
-    let log_has = |what: &str| {
-        let what = what.to_owned();
-        let log = log.clone();
-        move || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|t| t.contains(&what))
-                .map(|_| ())
-        }
-    };
-    let mut alice = Nfs::new(&nfs_a.addr, "alice@h1", "00000000000000aa");
+    let h = HookedNfsA::start(&n, name, &[], "resume");
+    let mut alice = Nfs::new(&h.shim.addr, "alice@h1", "00000000000000aa");
     let f_sid = alice.ok(open_req("ao", "f", "write", "unchecked"), 0)["stateid"].clone();
     // filterd A dies; B takes over; nfsshim B takes alice's handle.
     n.a.kill9();
@@ -923,22 +922,22 @@ fn a_reload_whose_filterd_goes_away_again_gives_up_at_once() {
     alice.ok(write_req(&f_sid, "BBBB"), 0);
     // Fail-back: nfsshim A's reattach finds the handle taken and reads
     // its tables again; its restore's resume waits.
-    std::fs::write(&held, b"").unwrap();
+    std::fs::write(&h.held, b"").unwrap();
     let mut a2 = n.fail_back(Some(nfs_b));
     rkfilter_tests::wait_for(
         "nfsshim A's reload to hold its resume",
         Duration::from_secs(30),
-        log_has("a restore's resume waits"),
+        h.log_has("a restore's resume waits"),
     );
     // filterd A dies again under the reload.
     a2.kill9();
-    std::fs::remove_file(&held).unwrap();
+    std::fs::remove_file(&h.held).unwrap();
     rkfilter_tests::wait_for(
         "nfsshim A's reload to fail",
         Duration::from_secs(60),
-        log_has("filterd went away again"),
+        h.log_has("filterd went away again"),
     );
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let text = std::fs::read_to_string(&h.log).unwrap_or_default();
     assert!(
         text.contains("the connection it is pinned to is lost"),
         "{text}"
