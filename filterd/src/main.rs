@@ -316,14 +316,11 @@ fn open_store(
 /// that pipelines them (etcd) before it stops as after a crash.
 const SHUTDOWN_COMMIT_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
 
-/// Whether the committer returned within `grace` (polled: a join cannot
-/// time out).
-fn committer_done_within(
-    committer: &std::thread::JoinHandle<()>,
-    grace: std::time::Duration,
-) -> bool {
+/// Whether `thread` (the committer, the clean mark) returned within
+/// `grace` (polled: a join cannot time out).
+fn finished_within<T>(thread: &std::thread::JoinHandle<T>, grace: std::time::Duration) -> bool {
     let until = std::time::Instant::now() + grace;
-    while !committer.is_finished() {
+    while !thread.is_finished() {
         if std::time::Instant::now() >= until {
             return false;
         }
@@ -641,7 +638,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     // The engine flushed its last batch: the committer commits what is
     // queued, then returns.
     pipe.stop();
-    if store.pipelines() && !committer_done_within(&committer, SHUTDOWN_COMMIT_GRACE) {
+    if store.pipelines() && !finished_within(&committer, SHUTDOWN_COMMIT_GRACE) {
         // A commit over the network is still unresolved (etcd stalled or
         // slow): waiting for it would leave the node refusing local opens
         // and serving no protocol request until the lease check gave up,
@@ -668,7 +665,32 @@ fn run(args: Args) -> anyhow::Result<()> {
     if socket_made.is_some() && socket_identity(&socket_path) == socket_made {
         let _ = std::fs::remove_file(&socket_path);
     }
-    store.clean_shutdown()?;
+    if store.pipelines() {
+        // The clean mark is a commit over the network too: with etcd
+        // stalled or slow and nothing else pending, waiting for it left
+        // the node refusing local opens until the lease check gave up, or
+        // for good on a slow link whose renewals still pass (re-review
+        // rr42d A1: 20.8 s, and not within 60 s). The same grace, then
+        // stop as after a crash; a late mark is harmless (guarded by the
+        // owner key and generation, and the table is clean by then).
+        let marking = store.clone();
+        let mark = std::thread::Builder::new()
+            .name("clean-mark".into())
+            .spawn(move || marking.clean_shutdown())?;
+        if !finished_within(&mark, SHUTDOWN_COMMIT_GRACE) {
+            warn!(
+                grace = ?SHUTDOWN_COMMIT_GRACE,
+                "the clean shutdown mark is still unresolved in the store: stopping without a clean shutdown"
+            );
+            std::process::exit(75);
+        }
+        match mark.join() {
+            Ok(done) => done?,
+            Err(_) => bail!("the clean shutdown mark's thread panicked"),
+        }
+    } else {
+        store.clean_shutdown()?;
+    }
     libfilter::runtime::remove(&state);
     info!("clean shutdown");
     Ok(())
