@@ -610,9 +610,14 @@ struct Shared {
 /// that thread what it cannot do now ([`do_chores`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Chore {
-    /// Delete a record (an open state's, an old exclusive-create
-    /// verifier).
-    DeleteState { scope: String, num: u64 },
+    /// Delete an open state's record, once the closes of its other
+    /// handles queued before it (`after`) are done: not if one of them was
+    /// left undone ([`ChoreSequence`]).
+    DeleteState {
+        scope: String,
+        num: u64,
+        after: Vec<ResumeKey>,
+    },
     /// Close another handle of the open that went.
     Close(ResumeKey),
     /// Give a lease no delegation answers for back ([`give_back`]).
@@ -624,23 +629,92 @@ enum Chore {
 /// — the connection lost, or filterd busy or not answering — it and every
 /// one after it go to the chores thread ([`queue_chore`]), in order: they
 /// were dropped before, and a close lost so left a handle attached that
-/// nothing named (re-review rrpin2 C). A failure for good is logged.
+/// nothing named (re-review rrpin2 C). A failure for good is logged; a
+/// close failed for good drops its open's delete ([`ChoreSequence`]).
 fn do_chores(sh: &Shared, chores: impl IntoIterator<Item = Chore>) {
-    let left = chores_in_order(chores, |c| match do_chore(sh, c) {
-        ChoreOutcome::Done => true,
-        ChoreOutcome::Failed(e) => {
-            eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
-            true
-        }
-        ChoreOutcome::Lost(e) | ChoreOutcome::Passing(e) => {
-            eprintln!(
-                "nfsshim: cleaning up after a handle that went away: {e}; left to the chores thread"
-            );
-            false
-        }
-    });
-    for c in left {
+    for c in run_chores_here(chores, |c| do_chore(sh, c)) {
         queue_chore(sh, c);
+    }
+}
+
+/// [`do_chores`]' sequencing, with `run` doing one chore: the chores it
+/// leaves to the chores thread, in order.
+fn run_chores_here(
+    chores: impl IntoIterator<Item = Chore>,
+    mut run: impl FnMut(&Chore) -> ChoreOutcome,
+) -> Vec<Chore> {
+    let mut seq = ChoreSequence::default();
+    chores_in_order(chores, |c| {
+        if !seq.admits(c) {
+            return true;
+        }
+        match run(c) {
+            ChoreOutcome::Done => true,
+            ChoreOutcome::Failed(e) => {
+                eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
+                if !closed_anyway(&e) {
+                    seq.left_undone(c);
+                }
+                true
+            }
+            ChoreOutcome::Lost(e) | ChoreOutcome::Passing(e) => {
+                eprintln!(
+                    "nfsshim: cleaning up after a handle that went away: {e}; left to the chores thread"
+                );
+                false
+            }
+        }
+    })
+}
+
+/// Whether a close that failed with `e` leaves its handle attached to
+/// nobody: not if filterd has no such handle (closed already) or it is
+/// not this frontend's.
+fn closed_anyway(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::NoSuchHandle | ErrorCode::NotOwner)
+    )
+}
+
+/// Ties an open's record's delete to the closes of its other handles
+/// queued before it ([`open_gone_chores`]): a close given up, or failed
+/// for good other than as [`closed_anyway`], drops the delete, so that
+/// the record goes on naming a handle that is gone and the restore drops
+/// the open whole, closing the handle left (re-review rr42c F1: the
+/// delete ran anyway, and the handle stayed attached, share modes and
+/// locks held for nobody, until its client went). Holds only the keys of
+/// closes left undone whose delete is still to come: each goes once that
+/// delete's turn comes.
+#[derive(Debug, Default)]
+struct ChoreSequence {
+    undone: HashSet<ResumeKey>,
+}
+
+impl ChoreSequence {
+    /// Whether chore `c` is to run: not a delete one of whose closes was
+    /// left undone (logged).
+    fn admits(&mut self, c: &Chore) -> bool {
+        let Chore::DeleteState { after, .. } = c else {
+            return true;
+        };
+        let mut undone = false;
+        for k in after {
+            undone |= self.undone.remove(k);
+        }
+        if undone {
+            eprintln!(
+                "nfsshim: an open's handle left attached: its record is kept for the restore, which closes it"
+            );
+        }
+        !undone
+    }
+
+    /// Chore `c` was given up or failed: a close's delete does not run.
+    fn left_undone(&mut self, c: &Chore) {
+        if let Chore::Close(k) = c {
+            self.undone.insert(*k);
+        }
     }
 }
 
@@ -684,7 +758,7 @@ enum ChoreFailure {
     Lost,
     /// filterd busy, interrupted, short of descriptors or memory, its
     /// store full, or not answering in time: tried again a few times, with
-    /// backoff ([`chore_retry`]).
+    /// backoff, a timeout once only ([`chore_retry`]).
     Passing,
 }
 
@@ -706,20 +780,36 @@ fn chore_failure(e: &ClientError, lost: bool) -> ChoreFailure {
     }
 }
 
-/// How long the chores thread waits before its `tries`-th try (counted
-/// from 1) of a chore that failed for a passing cause
-/// ([`ChoreFailure::Passing`]); None once it has had [`CHORE_TRIES`]:
-/// given up (logged). Never below [`CHORE_WAIT`]: it never spins.
-fn chore_retry(tries: u32) -> Option<Duration> {
-    if tries >= CHORE_TRIES {
+/// How long the chores thread waits after its `tries`-th failed try
+/// (counted from 1) of a chore that failed for a passing cause
+/// ([`ChoreFailure::Passing`]), the last one a timeout or not, before
+/// trying it again; None once it has had [`CHORE_TRIES`], or
+/// [`CHORE_TIMEOUT_TRIES`] ending in a timeout: given up (logged). Never
+/// below [`CHORE_WAIT`]: it never spins.
+fn chore_retry(tries: u32, timed_out: bool) -> Option<Duration> {
+    let most = if timed_out {
+        CHORE_TIMEOUT_TRIES
+    } else {
+        CHORE_TRIES
+    };
+    if tries >= most {
         return None;
     }
     Some(CHORE_WAIT.saturating_mul(1 << tries.min(5)))
 }
 
 /// How many times the chores thread tries a chore that fails for a
-/// passing cause before it gives it up ([`chore_retry`]).
+/// passing cause before it gives it up ([`chore_retry`]): five, waiting
+/// 100, 200, 400 and 800 ms between them. A chore a request handed over
+/// ([`do_chores`]) had one try before them.
 const CHORE_TRIES: u32 = 5;
+
+/// How many times the chores thread tries a chore whose last try timed
+/// out (each waits out the call's timeout, every chore behind it waiting
+/// too): twice, so that a timeout holds the queue up for two call
+/// timeouts at most (re-review rr42c F2: five, about ten minutes). A
+/// later try of a close that did commit answers no-such-handle anyway.
+const CHORE_TIMEOUT_TRIES: u32 = 2;
 
 /// One chore's filterd call, on the calling thread's (pinned) connection.
 /// A give-back done is no longer queued ([`Global::giving_back`]); one
@@ -728,7 +818,7 @@ const CHORE_TRIES: u32 = 5;
 /// itself meanwhile).
 fn do_chore(sh: &Shared, c: &Chore) -> ChoreOutcome {
     let r = match c {
-        Chore::DeleteState { scope, num } => state::delete(&sh.filter, scope, *num),
+        Chore::DeleteState { scope, num, .. } => state::delete(&sh.filter, scope, *num),
         Chore::Close(k) => sh.filter.close(*k),
         Chore::GiveBack(k) => {
             test_delay_give_back(*k);
@@ -774,17 +864,22 @@ fn give_back_failed(sh: &Shared, k: LeaseKey) {
 /// How the chores thread got on with a chore ([`chore_off_request`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChoreRun {
-    /// Done, or failed for good (logged).
+    /// Done, or failed for good (logged) but closed anyway
+    /// ([`closed_anyway`]).
     Done,
+    /// Failed for good otherwise (logged): a close's delete does not run
+    /// ([`ChoreSequence`]).
+    Failed,
     /// Computed from memory a reload has replaced since: not done (the
     /// reload's restore does from the tables what is still to do).
     Stale,
     /// Not now: filterd gone, a reattach or reload not applied yet, or
     /// the connection lost during the call. Tried again later.
     Later,
-    /// Failed for a cause that may pass ([`ChoreFailure::Passing`]):
-    /// tried again with backoff, a few times ([`chore_retry`]).
-    Retry,
+    /// Failed for a cause that may pass ([`ChoreFailure::Passing`]), a
+    /// timeout or not: tried again with backoff, a few times
+    /// ([`chore_retry`]).
+    Retry { timed_out: bool },
 }
 
 /// Whether a chore computed at reload count `computed` (of
@@ -839,12 +934,18 @@ fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
         ChoreOutcome::Done => ChoreRun::Done,
         ChoreOutcome::Failed(e) => {
             eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
-            ChoreRun::Done
+            if closed_anyway(&e) {
+                ChoreRun::Done
+            } else {
+                ChoreRun::Failed
+            }
         }
         ChoreOutcome::Lost(_) => ChoreRun::Later,
         ChoreOutcome::Passing(e) => {
             eprintln!("nfsshim: cleaning up after a handle that went away: {e}; trying again");
-            ChoreRun::Retry
+            ChoreRun::Retry {
+                timed_out: matches!(e, ClientError::Timeout(_)),
+            }
         }
     }
 }
@@ -852,33 +953,66 @@ fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
 /// The chores thread: runs each chore of `todo` ([`chore_off_request`])
 /// until the shim is dropped.
 fn run_chores(sh: &std::sync::Weak<Shared>, todo: &crossbeam_channel::Receiver<(u64, Chore)>) {
+    run_chore_queue(
+        todo,
+        |computed, c| {
+            let sh = sh.upgrade()?;
+            Some(chore_off_request(&sh, computed, c))
+        },
+        |c| {
+            if let (Some(sh), Chore::GiveBack(k)) = (sh.upgrade(), c) {
+                give_back_failed(&sh, *k);
+            }
+        },
+        std::thread::sleep,
+    );
+}
+
+/// [`run_chores`]' sequencing: runs each chore of `todo` with `run` (None
+/// once the shim is dropped: returns), trying one again as
+/// [`ChoreRun`] says, sleeping with `sleep`, telling `given_up` of one it
+/// gives up; a delete whose close was given up or failed is not run
+/// ([`ChoreSequence`]).
+fn run_chore_queue(
+    todo: impl IntoIterator<Item = (u64, Chore)>,
+    mut run: impl FnMut(u64, &Chore) -> Option<ChoreRun>,
+    mut given_up: impl FnMut(&Chore),
+    mut sleep: impl FnMut(Duration),
+) {
+    let mut seq = ChoreSequence::default();
     for (computed, c) in todo {
+        if !seq.admits(&c) {
+            continue;
+        }
         let mut tries = 0;
         loop {
-            let Some(sh) = sh.upgrade() else { return };
-            let wait = match chore_off_request(&sh, computed, &c) {
+            let Some(r) = run(computed, &c) else { return };
+            let wait = match r {
                 ChoreRun::Done => break,
+                ChoreRun::Failed => {
+                    seq.left_undone(&c);
+                    break;
+                }
                 ChoreRun::Stale => {
                     eprintln!("nfsshim: a chore computed before the tables were read again is left to their restore");
+                    seq.left_undone(&c);
                     break;
                 }
                 ChoreRun::Later => CHORE_WAIT,
-                ChoreRun::Retry => {
+                ChoreRun::Retry { timed_out } => {
                     tries += 1;
-                    let Some(wait) = chore_retry(tries) else {
+                    let Some(wait) = chore_retry(tries, timed_out) else {
                         eprintln!(
                             "nfsshim: cleaning up after a handle that went away: {c:?} still failing after {tries} tries; given up"
                         );
-                        if let Chore::GiveBack(k) = &c {
-                            give_back_failed(&sh, *k);
-                        }
+                        given_up(&c);
+                        seq.left_undone(&c);
                         break;
                     };
                     wait
                 }
             };
-            drop(sh);
-            std::thread::sleep(wait);
+            sleep(wait);
         }
     }
 }
@@ -6123,6 +6257,9 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
             return Vec::new();
         }
     }
+    if forget_deleg_carrier(sh, st, key) {
+        return Vec::new();
+    }
     let mut chores = Vec::new();
     let gone: Vec<String> = st
         .opens
@@ -6163,6 +6300,64 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
     chores
 }
 
+/// Handle `key` that went away only carried the delegation of an open
+/// state still open (a further handle of the open's own modes,
+/// `for_deleg`): only it goes, the delegation with it (its lease went
+/// with the handle), as the restore does with such a handle it finds gone
+/// — the open's modes are all still held (re-review rr42c F3: the whole
+/// open went). Whether it was one. Not one while its delegation's lease
+/// is being moved to or from it ([`LeaseHolder::was`]), nor of an open
+/// kept only for its delegation (CLOSEd): the open goes whole then, as
+/// before.
+fn forget_deleg_carrier(sh: &Shared, st: &mut State, key: ResumeKey) -> bool {
+    let Some(other) = st
+        .opens
+        .iter()
+        .find(|(_, o)| {
+            !o.rec.closed
+                && o.rec.key != key
+                && o.rec.extra.iter().any(|e| e.key == key && e.for_deleg)
+                && !o.rec.locks.iter().any(|l| l.key == Some(key))
+        })
+        .map(|(k, _)| k.clone())
+    else {
+        return false;
+    };
+    let Some(o) = st.opens.get_mut(&other) else {
+        return false;
+    };
+    // Whether the lease went with the handle: it is the delegation's
+    // carrier; else the delegation stays.
+    let mut lease = None;
+    if let Some(d) = &o.rec.deleg {
+        let Ok(g) = sh.global() else {
+            return false;
+        };
+        match g.lease_client.get(&d.lease_key) {
+            Some(h) if h.was.is_none() && h.handle == key => lease = Some(d.lease_key),
+            Some(h) if h.was.is_none() => {}
+            _ => return false,
+        }
+    }
+    if let Some(i) = o.rec.extra.iter().position(|e| e.key == key) {
+        o.rec.extra.remove(i);
+        if i < o.extra.len() {
+            o.extra.remove(i);
+        }
+    }
+    if let Ok(mut g) = sh.global() {
+        g.handle_client.remove(&key);
+        g.lock_owner.remove(&key);
+        if let Some(lease) = lease {
+            g.lease_client.remove(&lease);
+        }
+    }
+    if let Some(lease) = lease {
+        revoke(st, lease);
+    }
+    true
+}
+
 /// The filterd calls an open state whose handle `gone` went away leaves
 /// to do: close its other handles `keys` (upgrades, lock-owners: the open
 /// is one reservation, they go with the one that went), then delete its
@@ -6174,13 +6369,14 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
 /// close left undone kept a handle no record named, which the restore
 /// keeps while its client is live (for a re-send of its OPEN,
 /// [`close_strays`]): share modes and locks held for nobody until the
-/// client went (re-review rrpin2 B).
+/// client went (re-review rrpin2 B). The delete names the closes it
+/// waits for: one of them given up or failed, it is not run either
+/// ([`ChoreSequence`]).
 fn open_gone_chores(scope: String, num: u64, keys: &[ResumeKey], gone: ResumeKey) -> Vec<Chore> {
-    keys.iter()
-        .filter(|k| **k != gone)
-        .map(|k| Chore::Close(*k))
-        .chain(std::iter::once(Chore::DeleteState { scope, num }))
-        .collect()
+    let after: Vec<ResumeKey> = keys.iter().copied().filter(|k| *k != gone).collect();
+    let mut chores: Vec<Chore> = after.iter().map(|k| Chore::Close(*k)).collect();
+    chores.push(Chore::DeleteState { scope, num, after });
+    chores
 }
 
 /// Whether a delegation's lease, found `state` at restore, still grants
@@ -7085,6 +7281,7 @@ mod status_tests {
             ErrorCode::Busy,
             ErrorCode::Retry,
             ErrorCode::LimitReached,
+            ErrorCode::FileNotAvailable,
             ErrorCode::DiskFull,
         ] {
             assert_eq!(chore_failure(&refused(code), false), Passing, "{code:?}");
@@ -7100,14 +7297,124 @@ mod status_tests {
 
     /// Re-review rrpin2 D: a chore failing for a passing cause is tried
     /// a bounded number of times, waiting longer each time, never less
-    /// than the chores thread's poll (it never spins).
+    /// than the chores thread's poll (it never spins); re-review rr42c
+    /// F2: one timing out (each try waits out the call's timeout, the
+    /// queue behind it waiting) only twice.
     #[test]
     fn a_chore_is_tried_again_a_bounded_number_of_times_with_backoff() {
-        let waits: Vec<Duration> = (1..).map_while(chore_retry).collect();
+        let waits: Vec<Duration> = (1..).map_while(|t| chore_retry(t, false)).collect();
         assert_eq!(waits.len() + 1, CHORE_TRIES as usize);
         assert!(waits.windows(2).all(|w| w[0] < w[1]), "{waits:?}");
         assert!(waits.iter().all(|w| *w >= CHORE_WAIT), "{waits:?}");
-        assert_eq!(chore_retry(CHORE_TRIES), None);
+        assert_eq!(chore_retry(CHORE_TRIES, false), None);
+        assert!(chore_retry(1, true).is_some_and(|w| w >= CHORE_WAIT));
+        assert_eq!(chore_retry(2, true), None);
+        assert_eq!(CHORE_TIMEOUT_TRIES, 2);
+    }
+
+    /// The chores of an open whose handle k0 went, with other handles
+    /// `k1` and `k2`, and a chore of another open behind them.
+    fn open_gone_queue(k1: ResumeKey, k2: ResumeKey, other: ResumeKey) -> Vec<Chore> {
+        let k0 = ResumeKey::new_random();
+        let mut q = open_gone_chores("s".into(), 7, &[k0, k1, k2], k0);
+        q.push(Chore::Close(other));
+        q
+    }
+
+    /// Re-review rr42c F1: on the chores thread, a close given up (still
+    /// refused after its tries) or failed for good other than as closed
+    /// already drops its open's delete, so that the record goes on naming
+    /// a gone handle (the restore closes the handle left) — the delete
+    /// ran anyway, and the handle stayed attached for nobody; the chores
+    /// behind still run. A close that finds its handle closed already
+    /// lets the delete run.
+    #[test]
+    fn a_close_given_up_on_the_chores_thread_drops_its_opens_delete() {
+        let (k1, k2, other) = (
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+        );
+        for (k2_run, delete_runs) in [
+            (ChoreRun::Retry { timed_out: false }, false),
+            (ChoreRun::Retry { timed_out: true }, false),
+            (ChoreRun::Failed, false),
+            (ChoreRun::Done, true),
+        ] {
+            let mut ran = Vec::new();
+            let mut given_up = Vec::new();
+            let mut slept = Duration::ZERO;
+            run_chore_queue(
+                open_gone_queue(k1, k2, other).into_iter().map(|c| (0, c)),
+                |_, c| {
+                    ran.push(c.clone());
+                    Some(match c {
+                        Chore::Close(k) if *k == k2 => k2_run,
+                        _ => ChoreRun::Done,
+                    })
+                },
+                |c| given_up.push(c.clone()),
+                |d| slept += d,
+            );
+            let deleted = ran.iter().any(|c| matches!(c, Chore::DeleteState { .. }));
+            assert_eq!(deleted, delete_runs, "{k2_run:?}: {ran:?}");
+            assert_eq!(ran.last(), Some(&Chore::Close(other)), "{k2_run:?}");
+            assert!(ran.contains(&Chore::Close(k1)), "{k2_run:?}");
+            let tries = ran.iter().filter(|c| **c == Chore::Close(k2)).count();
+            match k2_run {
+                ChoreRun::Retry { timed_out } => {
+                    let most = if timed_out {
+                        CHORE_TIMEOUT_TRIES
+                    } else {
+                        CHORE_TRIES
+                    };
+                    assert_eq!(tries, most as usize, "{k2_run:?}");
+                    assert_eq!(given_up, vec![Chore::Close(k2)]);
+                    assert!(slept >= CHORE_WAIT, "{slept:?}");
+                }
+                _ => {
+                    assert_eq!(tries, 1, "{k2_run:?}");
+                    assert!(given_up.is_empty());
+                }
+            }
+        }
+    }
+
+    /// Re-review rr42c F1, on a request's thread: a close failed for good
+    /// other than as closed already (no such handle, not ours) drops its
+    /// open's delete; one refused for a passing cause leaves it and the
+    /// rest, in order, to the chores thread.
+    #[test]
+    fn a_close_failed_on_a_requests_thread_drops_its_opens_delete() {
+        let (k1, k2, other) = (
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+        );
+        for (code, delete_runs) in [
+            (ErrorCode::Internal, false),
+            (ErrorCode::NoSuchHandle, true),
+            (ErrorCode::NotOwner, true),
+        ] {
+            let mut ran = Vec::new();
+            let left = run_chores_here(open_gone_queue(k1, k2, other), |c| {
+                ran.push(c.clone());
+                match c {
+                    Chore::Close(k) if *k == k2 => ChoreOutcome::Failed(refused(code)),
+                    _ => ChoreOutcome::Done,
+                }
+            });
+            assert!(left.is_empty(), "{code:?}: {left:?}");
+            let deleted = ran.iter().any(|c| matches!(c, Chore::DeleteState { .. }));
+            assert_eq!(deleted, delete_runs, "{code:?}: {ran:?}");
+            assert_eq!(ran.last(), Some(&Chore::Close(other)), "{code:?}");
+        }
+        let q = open_gone_queue(k1, k2, other);
+        let left = run_chores_here(q.clone(), |c| match c {
+            Chore::Close(k) if *k == k2 => ChoreOutcome::Passing(refused(ErrorCode::Busy)),
+            _ => ChoreOutcome::Done,
+        });
+        assert_eq!(left, q[1..].to_vec());
     }
 
     /// Re-review rrpin2 B: an open state whose handle went away closes
@@ -7125,12 +7432,20 @@ mod status_tests {
         let delete = Chore::DeleteState {
             scope: "s".into(),
             num: 7,
+            after: vec![a, c],
         };
         assert_eq!(
             open_gone_chores("s".into(), 7, &[a, b, c], b),
-            vec![Chore::Close(a), Chore::Close(c), delete.clone()]
+            vec![Chore::Close(a), Chore::Close(c), delete]
         );
-        assert_eq!(open_gone_chores("s".into(), 7, &[a], a), vec![delete]);
+        assert_eq!(
+            open_gone_chores("s".into(), 7, &[a], a),
+            vec![Chore::DeleteState {
+                scope: "s".into(),
+                num: 7,
+                after: Vec::new()
+            }]
+        );
     }
 
     /// Re-review rrpin2 A: a resume on a pinned connection that is lost
