@@ -624,6 +624,13 @@ enum Chore {
     GiveBack(LeaseKey),
 }
 
+impl Chore {
+    /// Whether this is a delete that waits for the close of `k`.
+    fn waits_for(&self, k: ResumeKey) -> bool {
+        matches!(self, Chore::DeleteState { after, .. } if after.contains(&k))
+    }
+}
+
 /// Runs `chores`, computed from memory by a request, on its thread (which
 /// pinned its connection, [`handle_line`]). Once one cannot be done now
 /// — the connection lost, or filterd busy or not answering — it and every
@@ -645,7 +652,8 @@ fn run_chores_here(
 ) -> Vec<Chore> {
     let mut seq = ChoreSequence::default();
     chores_in_order(chores, |c| {
-        if !seq.admits(c) {
+        // Nothing is put back here: a delete runs or is dropped.
+        if seq.admits(c) == ChoreTurn::Drop {
             return true;
         }
         match run(c) {
@@ -678,26 +686,43 @@ fn closed_anyway(e: &ClientError) -> bool {
 }
 
 /// Ties an open's record's delete to the closes of its other handles
-/// queued before it ([`open_gone_chores`]): a close given up, or failed
-/// for good other than as [`closed_anyway`], drops the delete, so that
-/// the record goes on naming a handle that is gone and the restore drops
-/// the open whole, closing the handle left (re-review rr42c F1: the
-/// delete ran anyway, and the handle stayed attached, share modes and
-/// locks held for nobody, until its client went). Holds only the keys of
-/// closes left undone whose delete is still to come: each goes once that
-/// delete's turn comes.
+/// queued before it ([`open_gone_chores`]): a close given up for good, or
+/// failed for good other than as [`closed_anyway`], drops the delete, so
+/// that the record goes on naming a gone handle and the restore drops the
+/// open whole, closing the handle left (re-review rr42c F1: the delete
+/// ran anyway, and the handle stayed attached, share modes and locks held
+/// for nobody, until its client went); a close put back in the queue
+/// ([`ChoreSequence::put_back`]) holds the delete back until it is done
+/// or given up. Holds only keys of closes whose delete is still to come:
+/// a delete decides only once none of its closes is held back, and takes
+/// its keys out then.
 #[derive(Debug, Default)]
 struct ChoreSequence {
+    /// Closes given up or failed.
     undone: HashSet<ResumeKey>,
+    /// Closes put back in the queue, to be tried again.
+    held: HashSet<ResumeKey>,
+}
+
+/// What becomes of a chore whose turn came ([`ChoreSequence::admits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChoreTurn {
+    Run,
+    /// A delete one of whose closes was left undone: not run (logged).
+    Drop,
+    /// A delete one of whose closes was put back: put back behind it.
+    Wait,
 }
 
 impl ChoreSequence {
-    /// Whether chore `c` is to run: not a delete one of whose closes was
-    /// left undone (logged).
-    fn admits(&mut self, c: &Chore) -> bool {
+    /// What becomes of chore `c` now its turn came.
+    fn admits(&mut self, c: &Chore) -> ChoreTurn {
         let Chore::DeleteState { after, .. } = c else {
-            return true;
+            return ChoreTurn::Run;
         };
+        if after.iter().any(|k| self.held.contains(k)) {
+            return ChoreTurn::Wait;
+        }
         let mut undone = false;
         for k in after {
             undone |= self.undone.remove(k);
@@ -706,14 +731,31 @@ impl ChoreSequence {
             eprintln!(
                 "nfsshim: an open's handle left attached: its record is kept for the restore, which closes it"
             );
+            ChoreTurn::Drop
+        } else {
+            ChoreTurn::Run
         }
-        !undone
     }
 
     /// Chore `c` was given up or failed: a close's delete does not run.
     fn left_undone(&mut self, c: &Chore) {
         if let Chore::Close(k) = c {
+            self.held.remove(k);
             self.undone.insert(*k);
+        }
+    }
+
+    /// Chore `c` was done.
+    fn done(&mut self, c: &Chore) {
+        if let Chore::Close(k) = c {
+            self.held.remove(k);
+        }
+    }
+
+    /// Close `c` was put back in the queue: its delete waits.
+    fn put_back(&mut self, c: &Chore) {
+        if let Chore::Close(k) = c {
+            self.held.insert(*k);
         }
     }
 }
@@ -965,30 +1007,115 @@ fn run_chores(sh: &std::sync::Weak<Shared>, todo: &crossbeam_channel::Receiver<(
             }
         },
         std::thread::sleep,
+        Instant::now,
     );
 }
 
+/// Where the chores thread takes its next chore from ([`run_chore_queue`]).
+trait ChoreSource {
+    /// The next chore, waiting for one for `wait` at most (for ever if
+    /// None): None if none came in time; Err once no more will come.
+    fn next_chore(&mut self, wait: Option<Duration>) -> Result<Option<(u64, Chore)>, ()>;
+}
+
+impl ChoreSource for &crossbeam_channel::Receiver<(u64, Chore)> {
+    fn next_chore(&mut self, wait: Option<Duration>) -> Result<Option<(u64, Chore)>, ()> {
+        match wait {
+            None => self.recv().map(Some).map_err(|_| ()),
+            Some(d) => match self.recv_timeout(d) {
+                Ok(c) => Ok(Some(c)),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(()),
+            },
+        }
+    }
+}
+
+/// A chore put back in the chores thread's queue, to run once `due`.
+#[derive(Debug)]
+struct PutBack {
+    due: Instant,
+    computed: u64,
+    chore: Chore,
+    /// Times it was put back.
+    rounds: u32,
+}
+
 /// [`run_chores`]' sequencing: runs each chore of `todo` with `run` (None
-/// once the shim is dropped: returns), trying one again as
-/// [`ChoreRun`] says, sleeping with `sleep`, telling `given_up` of one it
-/// gives up; a delete whose close was given up or failed is not run
-/// ([`ChoreSequence`]).
+/// once the shim is dropped: returns), trying one again as [`ChoreRun`]
+/// says, sleeping with `sleep`, the time `now`, telling `given_up` of one
+/// it gives up. A close it would give up is put back at the end of the
+/// queue instead, to be tried once more after [`chore_put_back`]'s wait,
+/// a few times ([`CHORE_ROUNDS`]), the chores behind it running
+/// meanwhile, its open's delete held back behind it; given up at last,
+/// or failed for good, its delete is not run ([`ChoreSequence`]).
 fn run_chore_queue(
-    todo: impl IntoIterator<Item = (u64, Chore)>,
+    mut todo: impl ChoreSource,
     mut run: impl FnMut(u64, &Chore) -> Option<ChoreRun>,
     mut given_up: impl FnMut(&Chore),
     mut sleep: impl FnMut(Duration),
+    mut now: impl FnMut() -> Instant,
 ) {
     let mut seq = ChoreSequence::default();
-    for (computed, c) in todo {
-        if !seq.admits(&c) {
-            continue;
+    let mut back: Vec<PutBack> = Vec::new();
+    loop {
+        let t = now();
+        // The first one due of those put back, in the order put back.
+        let item = match back.iter().position(|b| b.due <= t) {
+            Some(i) => back.remove(i),
+            None => {
+                let wait = back
+                    .iter()
+                    .map(|b| b.due.saturating_duration_since(t))
+                    .min();
+                match todo.next_chore(wait) {
+                    Ok(Some((computed, chore))) => PutBack {
+                        due: t,
+                        computed,
+                        chore,
+                        rounds: 0,
+                    },
+                    Ok(None) => continue,
+                    Err(()) => return,
+                }
+            }
+        };
+        let PutBack {
+            computed,
+            chore: c,
+            rounds,
+            ..
+        } = item;
+        match seq.admits(&c) {
+            ChoreTurn::Run => {}
+            ChoreTurn::Drop => continue,
+            ChoreTurn::Wait => {
+                // Due with the last of its closes put back, behind them.
+                let due = back
+                    .iter()
+                    .filter(|b| matches!(&b.chore, Chore::Close(k) if c.waits_for(*k)))
+                    .map(|b| b.due)
+                    .max()
+                    .unwrap_or_else(|| now() + CHORE_WAIT);
+                back.push(PutBack {
+                    due,
+                    computed,
+                    chore: c,
+                    rounds,
+                });
+                continue;
+            }
         }
-        let mut tries = 0;
+        // Put back, it has one try each round: a timeout holds the
+        // queue up for one call's timeout at most.
+        let mut tries = if rounds > 0 { CHORE_TRIES - 1 } else { 0 };
         loop {
             let Some(r) = run(computed, &c) else { return };
             let wait = match r {
-                ChoreRun::Done => break,
+                ChoreRun::Done => {
+                    seq.done(&c);
+                    break;
+                }
                 ChoreRun::Failed => {
                     seq.left_undone(&c);
                     break;
@@ -1001,21 +1128,57 @@ fn run_chore_queue(
                 ChoreRun::Later => CHORE_WAIT,
                 ChoreRun::Retry { timed_out } => {
                     tries += 1;
-                    let Some(wait) = chore_retry(tries, timed_out) else {
+                    if rounds > 0 && timed_out {
+                        tries = tries.max(CHORE_TIMEOUT_TRIES);
+                    }
+                    if let Some(wait) = chore_retry(tries, timed_out) {
+                        wait
+                    } else if let (Chore::Close(_), Some(wait)) = (&c, chore_put_back(rounds + 1)) {
                         eprintln!(
-                            "nfsshim: cleaning up after a handle that went away: {c:?} still failing after {tries} tries; given up"
+                            "nfsshim: cleaning up after a handle that went away: {c:?} still failing; tried again in {wait:?}"
+                        );
+                        seq.put_back(&c);
+                        back.push(PutBack {
+                            due: now() + wait,
+                            computed,
+                            chore: c,
+                            rounds: rounds + 1,
+                        });
+                        break;
+                    } else {
+                        eprintln!(
+                            "nfsshim: cleaning up after a handle that went away: {c:?} still failing; given up"
                         );
                         given_up(&c);
                         seq.left_undone(&c);
                         break;
-                    };
-                    wait
+                    }
                 }
             };
             sleep(wait);
         }
     }
 }
+
+/// How long a close given up by the chores thread waits at the end of
+/// its queue before its `round`-th try there (counted from 1): 2 s, 4 s,
+/// 8 s; None after [`CHORE_ROUNDS`] (given up for good). Never below
+/// [`CHORE_WAIT`]: it never spins.
+fn chore_put_back(round: u32) -> Option<Duration> {
+    if round > CHORE_ROUNDS {
+        return None;
+    }
+    Some(
+        Duration::from_secs(1)
+            .saturating_mul(1 << round.min(4))
+            .min(Duration::from_secs(30))
+            .max(CHORE_WAIT),
+    )
+}
+
+/// How many times a close the chores thread would give up is put back at
+/// the end of its queue ([`chore_put_back`]).
+const CHORE_ROUNDS: u32 = 3;
 
 /// How often the chores thread looks whether a chore held back
 /// ([`ChoreRun::Later`]) may run.
@@ -7321,13 +7484,64 @@ mod status_tests {
         q
     }
 
+    /// A fake chores queue for [`run_chore_queue`], on a fake clock: a
+    /// wait for the next chore with none left passes the time waited;
+    /// one for ever ends the run.
+    struct FakeQueue<'a> {
+        todo: std::collections::VecDeque<(u64, Chore)>,
+        clock: &'a std::cell::Cell<Instant>,
+    }
+
+    impl ChoreSource for FakeQueue<'_> {
+        fn next_chore(&mut self, wait: Option<Duration>) -> Result<Option<(u64, Chore)>, ()> {
+            if let Some(c) = self.todo.pop_front() {
+                return Ok(Some(c));
+            }
+            let wait = wait.ok_or(())?;
+            self.clock.set(self.clock.get() + wait);
+            Ok(None)
+        }
+    }
+
+    /// Runs `todo` as the chores thread does, each chore's try answered
+    /// by `answer` (given the chore and how many times it ran before):
+    /// the tries made, in order, and the chores given up.
+    fn run_fake_chores(
+        todo: Vec<Chore>,
+        mut answer: impl FnMut(&Chore, usize) -> ChoreRun,
+    ) -> (Vec<Chore>, Vec<Chore>) {
+        let clock = std::cell::Cell::new(Instant::now());
+        let mut ran: Vec<Chore> = Vec::new();
+        let mut given_up = Vec::new();
+        run_chore_queue(
+            FakeQueue {
+                todo: todo.into_iter().map(|c| (0, c)).collect(),
+                clock: &clock,
+            },
+            |_, c| {
+                let before = ran.iter().filter(|r| *r == c).count();
+                ran.push(c.clone());
+                assert!(ran.len() < 1000, "it spins: {ran:?}");
+                Some(answer(c, before))
+            },
+            |c| given_up.push(c.clone()),
+            |d| {
+                assert!(d >= CHORE_WAIT, "{d:?}");
+                clock.set(clock.get() + d);
+            },
+            || clock.get(),
+        );
+        (ran, given_up)
+    }
+
     /// Re-review rr42c F1: on the chores thread, a close given up (still
-    /// refused after its tries) or failed for good other than as closed
-    /// already drops its open's delete, so that the record goes on naming
-    /// a gone handle (the restore closes the handle left) — the delete
-    /// ran anyway, and the handle stayed attached for nobody; the chores
-    /// behind still run. A close that finds its handle closed already
-    /// lets the delete run.
+    /// refused after its tries, put back at the end of the queue and
+    /// tried again there a few times) or failed for good other than as
+    /// closed already drops its open's delete, so that the record goes
+    /// on naming a gone handle (the restore closes the handle left) — the
+    /// delete ran anyway, and the handle stayed attached for nobody; the
+    /// chores behind still run, before the close put back. A close that
+    /// finds its handle closed already lets the delete run.
     #[test]
     fn a_close_given_up_on_the_chores_thread_drops_its_opens_delete() {
         let (k1, k2, other) = (
@@ -7341,36 +7555,27 @@ mod status_tests {
             (ChoreRun::Failed, false),
             (ChoreRun::Done, true),
         ] {
-            let mut ran = Vec::new();
-            let mut given_up = Vec::new();
-            let mut slept = Duration::ZERO;
-            run_chore_queue(
-                open_gone_queue(k1, k2, other).into_iter().map(|c| (0, c)),
-                |_, c| {
-                    ran.push(c.clone());
-                    Some(match c {
-                        Chore::Close(k) if *k == k2 => k2_run,
-                        _ => ChoreRun::Done,
-                    })
-                },
-                |c| given_up.push(c.clone()),
-                |d| slept += d,
-            );
+            let (ran, given_up) = run_fake_chores(open_gone_queue(k1, k2, other), |c, _| match c {
+                Chore::Close(k) if *k == k2 => k2_run,
+                _ => ChoreRun::Done,
+            });
             let deleted = ran.iter().any(|c| matches!(c, Chore::DeleteState { .. }));
             assert_eq!(deleted, delete_runs, "{k2_run:?}: {ran:?}");
-            assert_eq!(ran.last(), Some(&Chore::Close(other)), "{k2_run:?}");
+            assert!(ran.contains(&Chore::Close(other)), "{k2_run:?}");
             assert!(ran.contains(&Chore::Close(k1)), "{k2_run:?}");
             let tries = ran.iter().filter(|c| **c == Chore::Close(k2)).count();
             match k2_run {
                 ChoreRun::Retry { timed_out } => {
-                    let most = if timed_out {
+                    let first = if timed_out {
                         CHORE_TIMEOUT_TRIES
                     } else {
                         CHORE_TRIES
                     };
-                    assert_eq!(tries, most as usize, "{k2_run:?}");
+                    assert_eq!(tries, (first + CHORE_ROUNDS) as usize, "{k2_run:?}");
                     assert_eq!(given_up, vec![Chore::Close(k2)]);
-                    assert!(slept >= CHORE_WAIT, "{slept:?}");
+                    // The chores behind it did not wait for its rounds.
+                    let other_at = ran.iter().position(|c| *c == Chore::Close(other));
+                    assert_eq!(other_at, Some(first as usize + 1), "{ran:?}");
                 }
                 _ => {
                     assert_eq!(tries, 1, "{k2_run:?}");
@@ -7378,6 +7583,46 @@ mod status_tests {
                 }
             }
         }
+    }
+
+    /// Re-review rr42c F1: a close put back at the end of the chores
+    /// queue that is done there lets its open's delete run, after it.
+    #[test]
+    fn a_close_put_back_and_done_lets_its_opens_delete_run_after_it() {
+        let (k1, k2, other) = (
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+        );
+        let (ran, given_up) =
+            run_fake_chores(open_gone_queue(k1, k2, other), |c, before| match c {
+                Chore::Close(k) if *k == k2 && before < CHORE_TRIES as usize + 1 => {
+                    ChoreRun::Retry { timed_out: false }
+                }
+                _ => ChoreRun::Done,
+            });
+        assert!(given_up.is_empty(), "{given_up:?}");
+        let last_close = ran.iter().rposition(|c| *c == Chore::Close(k2));
+        let delete = ran
+            .iter()
+            .position(|c| matches!(c, Chore::DeleteState { .. }));
+        assert!(last_close < delete && delete.is_some(), "{ran:?}");
+        assert_eq!(
+            ran.iter()
+                .filter(|c| matches!(c, Chore::DeleteState { .. }))
+                .count(),
+            1
+        );
+    }
+
+    /// A close the chores thread gives up is put back a bounded number
+    /// of times, waiting longer each time, never less than its poll.
+    #[test]
+    fn a_close_is_put_back_a_bounded_number_of_times() {
+        let waits: Vec<Duration> = (1..).map_while(chore_put_back).collect();
+        assert_eq!(waits.len(), CHORE_ROUNDS as usize);
+        assert!(waits.windows(2).all(|w| w[0] < w[1]), "{waits:?}");
+        assert!(waits.iter().all(|w| *w >= CHORE_WAIT), "{waits:?}");
     }
 
     /// Re-review rr42c F1, on a request's thread: a close failed for good
