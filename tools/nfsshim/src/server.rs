@@ -800,7 +800,7 @@ enum ChoreFailure {
     Lost,
     /// filterd busy, interrupted, short of descriptors or memory, its
     /// store full, or not answering in time: tried again a few times, with
-    /// backoff, a timeout once only ([`chore_retry`]).
+    /// backoff, a timeout at most twice in a row ([`chore_retry`]).
     Passing,
 }
 
