@@ -6473,6 +6473,14 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
 /// kept only for its delegation (CLOSEd): the open goes whole then, as
 /// before.
 fn forget_deleg_carrier(sh: &Shared, st: &mut State, key: ResumeKey) -> bool {
+    match sh.global() {
+        Ok(mut g) => drop_deleg_carrier(st, &mut g, key),
+        Err(_) => false,
+    }
+}
+
+/// [`forget_deleg_carrier`] on client state `st` and `g`.
+fn drop_deleg_carrier(st: &mut State, g: &mut Global, key: ResumeKey) -> bool {
     let Some(other) = st
         .opens
         .iter()
@@ -6493,9 +6501,6 @@ fn forget_deleg_carrier(sh: &Shared, st: &mut State, key: ResumeKey) -> bool {
     // carrier; else the delegation stays.
     let mut lease = None;
     if let Some(d) = &o.rec.deleg {
-        let Ok(g) = sh.global() else {
-            return false;
-        };
         match g.lease_client.get(&d.lease_key) {
             Some(h) if h.was.is_none() && h.handle == key => lease = Some(d.lease_key),
             Some(h) if h.was.is_none() => {}
@@ -6508,14 +6513,10 @@ fn forget_deleg_carrier(sh: &Shared, st: &mut State, key: ResumeKey) -> bool {
             o.extra.remove(i);
         }
     }
-    if let Ok(mut g) = sh.global() {
-        g.handle_client.remove(&key);
-        g.lock_owner.remove(&key);
-        if let Some(lease) = lease {
-            g.lease_client.remove(&lease);
-        }
-    }
+    g.handle_client.remove(&key);
+    g.lock_owner.remove(&key);
     if let Some(lease) = lease {
+        g.lease_client.remove(&lease);
         revoke(st, lease);
     }
     true
@@ -7824,6 +7825,54 @@ mod swap_tests {
             extra: Vec::new(),
             file_key: FileId { dev: 1, ino: 1 },
         }
+    }
+
+    /// Re-review rr42c F3: a handle that only carried an open's
+    /// delegation (`for_deleg`) that filterd dropped takes only itself
+    /// and the delegation it carried with it, as the restore does; the
+    /// open stays with its own handle (the whole open went).
+    #[test]
+    fn a_gone_delegation_carrier_drops_only_itself_and_its_delegation() {
+        let fds = Descriptors::new(8);
+        let (own, carrier) = (ResumeKey::new_random(), ResumeKey::new_random());
+        let lease = uuid::Uuid::new_v4();
+        let mut o = open("s1", own, &fds);
+        o.rec.extra.push(state::ExtraHandle {
+            key: carrier,
+            access: "read".into(),
+            for_deleg: true,
+        });
+        let (r, _w) = std::io::pipe().unwrap();
+        o.extra.push((
+            Rights::READ,
+            open_file(std::os::fd::OwnedFd::from(r), fds.force()),
+        ));
+        o.rec.deleg = Some(DelegRec {
+            other: "d1".into(),
+            lease_key: lease,
+            write: false,
+            returning: None,
+            survives_close: false,
+            carrier: Some(carrier),
+        });
+        let mut st = State::default();
+        let mut g = Global::default();
+        let (l, holder) = LeaseHolder::of("c", &o.rec).unwrap();
+        g.lease_client.insert(l, holder);
+        g.handle_client.insert(own, "c".into());
+        g.handle_client.insert(carrier, "c".into());
+        st.opens.insert("s1".into(), o);
+        // Not the open's own handle.
+        assert!(!drop_deleg_carrier(&mut st, &mut g, own));
+        assert!(drop_deleg_carrier(&mut st, &mut g, carrier));
+        let o = st.opens.get("s1").expect("the open stays");
+        assert_eq!(o.keys(), vec![own]);
+        assert!(o.extra.is_empty());
+        assert!(o.rec.deleg.is_none(), "its delegation went with its lease");
+        assert!(st.expired.contains("d1"));
+        assert!(!st.expired.contains("s1"));
+        assert!(!g.lease_client.contains_key(&lease));
+        assert_eq!(g.handle_client.keys().collect::<Vec<_>>(), vec![&own]);
     }
 
     fn note(other: &str, open: Open, reattaches: u64) -> Swap {
