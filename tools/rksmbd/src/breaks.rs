@@ -400,10 +400,16 @@ impl Notifier {
             h.sent = None;
             // Still awaiting its acknowledgment (an acknowledgment taken
             // clears the record, [`Notifier::answered`]), and the last
-            // break of the lease: its epoch and state are the lease's
-            // (filterd broke it no further since; a chained break's next
-            // step keeps the epoch, not the state).
-            let in_progress = breaking.contains(k) && s.epoch == h.epoch && s.to == h.state;
+            // break of the lease: its epoch is the lease's, and so is its
+            // new state — or its old one, granted again meanwhile (a
+            // second open under the key, a reconnect: filterd grants the
+            // state the break started from while it is in progress;
+            // re-review rr42f 1: compared with the new state alone, such
+            // a break was not sent again). A chained break's next step
+            // keeps the epoch, and its state is neither.
+            let in_progress = breaking.contains(k)
+                && s.epoch == h.epoch
+                && (s.to == h.state || s.from == h.state);
             if !in_progress || !matches!(h.holder, Holder::Lease { .. }) {
                 continue;
             }
@@ -539,12 +545,6 @@ impl Notifier {
         }
     }
 
-    /// The client acknowledged a break of lease `key`, and filterd holds
-    /// `state` (at `epoch`) now: what the client may ack is a subset of
-    /// the break's new state (MS-SMB2 3.3.5.22.2), so the holder is told
-    /// it. Only ever lowered: a later break's event may have come first.
-    /// (Before re-review rr41i 2 the holder stayed at the break's state,
-    /// and the next reattach sent a needless break at the client's epoch.)
     /// An acknowledgment of `key`'s break in progress is taken: the break
     /// it answers is no longer sent again if its connection ends (its
     /// record is handed back, [`Notifier::unanswered`], when the
@@ -572,6 +572,12 @@ impl Notifier {
         }
     }
 
+    /// The client acknowledged a break of lease `key`, and filterd holds
+    /// `state` (at `epoch`) now: what the client may ack is a subset of
+    /// the break's new state (MS-SMB2 3.3.5.22.2), so the holder is told
+    /// it. Only ever lowered: a later break's event may have come first.
+    /// (Before re-review rr41i 2 the holder stayed at the break's state,
+    /// and the next reattach sent a needless break at the client's epoch.)
     fn acked(&self, key: &LeaseKey, state: LeaseState, epoch: u16) {
         if let Some(h) = self
             .holders
@@ -1740,6 +1746,22 @@ mod tests {
         assert!(
             n.moved_from(1, &breaking).is_empty(),
             "the step acknowledged"
+        );
+        // Granted again mid-break at the state the break started from (a
+        // second open under the key): still sent again (re-review rr42f 1).
+        let (n, key, (_w, _l)) = break_sent_on_one_of_two(&breaking);
+        let (mut lease, holder) = lease_rwh();
+        lease.epoch = 2;
+        n.granted(
+            lease,
+            ResumeKey(uuid::Uuid::from_bytes([9; 16])),
+            (1, uuid::Uuid::from_bytes([5; 16]), "alice"),
+            holder,
+        );
+        assert_eq!(
+            n.moved_from(1, &breaking).len(),
+            1,
+            "granted again mid-break"
         );
         // An acknowledgment that failed hands its record back.
         let (n, key, _conns) = break_sent_on_one_of_two(&breaking);
