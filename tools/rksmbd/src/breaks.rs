@@ -1749,7 +1749,7 @@ mod tests {
         );
         // Granted again mid-break at the state the break started from (a
         // second open under the key): still sent again (re-review rr42f 1).
-        let (n, key, (_w, _l)) = break_sent_on_one_of_two(&breaking);
+        let (n, _, (_w, _l)) = break_sent_on_one_of_two(&breaking);
         let (mut lease, holder) = lease_rwh();
         lease.epoch = 2;
         n.granted(
