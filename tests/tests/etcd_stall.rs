@@ -756,18 +756,30 @@ fn status_answers_while_a_commit_waits_on_a_stalled_etcd() {
 
 /// A one-member etcd behind a link of `delay` each way ([`DelayProxy`],
 /// no delay until the owner is ready), filterd owning `rk/NAME` with
-/// lease `ttl` s, and smbshim with a session (made before the delay).
+/// lease `ttl` s, and smbshim with a session (made before the delay):
+/// [`slow_link`] returns it with the session's line and id.
 struct SlowLink {
-    s: Scratch,
+    _s: Scratch,
     cluster: Cluster,
-    proxy: DelayProxy,
+    _proxy: DelayProxy,
     f: Filterd,
-    smb: Shim,
-    client: rkfilter_tests::LineClient,
-    sid: u64,
+    _smb: Shim,
+    name: String,
 }
 
-fn slow_link(name: &str, ttl: &str, delay: Duration) -> SlowLink {
+impl SlowLink {
+    /// The handles' paths etcd itself holds (read past the slow link).
+    fn etcd_paths(&self) -> BTreeSet<String> {
+        let url = self.cluster.url(&format!("rk/{}", self.name));
+        paths_of(&rkfilter_tests::filterctl(&["--store", &url, "handles", "--json"]).json())
+    }
+}
+
+fn slow_link(
+    name: &str,
+    ttl: &str,
+    delay: Duration,
+) -> (SlowLink, rkfilter_tests::LineClient, u64) {
     let s = Scratch::new(&format!("etcd-{name}"));
     let cluster = Cluster::start(&s, 1);
     let proxy = DelayProxy::start(cluster.client_port(0));
@@ -777,15 +789,16 @@ fn slow_link(name: &str, ttl: &str, delay: Duration) -> SlowLink {
     let smb = Shim::start("smbshim", f.socket(), &format!("smb-{name}"));
     let (client, sid) = smb_session(&smb.addr);
     proxy.set_delay(delay);
-    SlowLink {
-        s,
+    let name = name.to_owned();
+    let link = SlowLink {
+        _s: s,
         cluster,
-        proxy,
+        _proxy: proxy,
         f,
-        smb,
-        client,
-        sid,
-    }
+        _smb: smb,
+        name,
+    };
+    (link, client, sid)
 }
 
 /// A persistent CREATE of `path` from another thread; its reply and how
@@ -820,39 +833,23 @@ fn a_commit_over_a_slow_link_is_answered() {
     if !etcd_available("a_commit_over_a_slow_link_is_answered") {
         return;
     }
-    let SlowLink {
-        s: _s,
-        cluster,
-        proxy: _proxy,
-        mut f,
-        smb: _smb,
-        client,
-        sid,
-    } = slow_link("slowcommit", "16", Duration::from_millis(900));
+    let (mut l, client, sid) = slow_link("slowcommit", "16", Duration::from_millis(900));
     let Some((r, took, client)) = create_within(client, sid, "slow-1", Duration::from_secs(25))
     else {
         panic!(
             "a persistent CREATE over a 1.8 s round trip had no reply in 25 s:\n{}",
-            f.log_text()
+            l.f.log_text()
         );
     };
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}\n{}", f.log_text());
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}\n{}", l.f.log_text());
     // A second one: the first attempt's bound has learnt the link.
     let (r2, took2, _client) = create_within(client, sid, "slow-2", Duration::from_secs(25))
-        .unwrap_or_else(|| panic!("the second CREATE had no reply:\n{}", f.log_text()));
-    assert_eq!(r2["status"], "STATUS_SUCCESS", "{r2}\n{}", f.log_text());
+        .unwrap_or_else(|| panic!("the second CREATE had no reply:\n{}", l.f.log_text()));
+    assert_eq!(r2["status"], "STATUS_SUCCESS", "{r2}\n{}", l.f.log_text());
     eprintln!("persistent CREATE over a 1.8 s round trip: {took:?}, then {took2:?}");
-    assert!(f.exited().is_none(), "{}", f.log_text());
+    assert!(l.f.exited().is_none(), "{}", l.f.log_text());
     // Durable: etcd itself (not through the slow link) holds both.
-    let table = paths_of(
-        &rkfilter_tests::filterctl(&[
-            "--store",
-            &cluster.url("rk/slowcommit"),
-            "handles",
-            "--json",
-        ])
-        .json(),
-    );
+    let table = l.etcd_paths();
     assert!(
         table.contains("slow-1") && table.contains("slow-2"),
         "etcd holds {table:?}"
@@ -871,15 +868,7 @@ fn an_owner_behind_a_link_slower_than_a_renewal_round_keeps_its_lease() {
     if !etcd_available("an_owner_behind_a_link_slower_than_a_renewal_round_keeps_its_lease") {
         return;
     }
-    let SlowLink {
-        s: _s,
-        cluster,
-        proxy: _proxy,
-        mut f,
-        smb: _smb,
-        mut client,
-        sid,
-    } = slow_link("slowrenew", "4", Duration::from_millis(550));
+    let (mut l, mut client, sid) = slow_link("slowrenew", "4", Duration::from_millis(550));
     let t0 = Instant::now();
     let mut created = Vec::new();
     while t0.elapsed() < Duration::from_secs(12) {
@@ -888,7 +877,7 @@ fn an_owner_behind_a_link_slower_than_a_renewal_round_keeps_its_lease() {
             panic!(
                 "a CREATE had no reply {:?} into the delay:\n{}",
                 t0.elapsed(),
-                f.log_text()
+                l.f.log_text()
             );
         };
         client = c;
@@ -897,13 +886,13 @@ fn an_owner_behind_a_link_slower_than_a_renewal_round_keeps_its_lease() {
             "STATUS_SUCCESS",
             "{r} {:?} into the delay\n{}",
             t0.elapsed(),
-            f.log_text()
+            l.f.log_text()
         );
         assert!(
-            f.exited().is_none(),
+            l.f.exited().is_none(),
             "filterd exited {:?} into the delay:\n{}",
             t0.elapsed(),
-            f.log_text()
+            l.f.log_text()
         );
         created.push(path);
     }
@@ -912,10 +901,7 @@ fn an_owner_behind_a_link_slower_than_a_renewal_round_keeps_its_lease() {
         created.len(),
         t0.elapsed()
     );
-    let table = paths_of(
-        &rkfilter_tests::filterctl(&["--store", &cluster.url("rk/slowrenew"), "handles", "--json"])
-            .json(),
-    );
+    let table = l.etcd_paths();
     let missing: Vec<_> = created.iter().filter(|p| !table.contains(*p)).collect();
     assert!(missing.is_empty(), "etcd lacks acknowledged {missing:?}");
 }
