@@ -15,13 +15,12 @@ dr.txt sharing nothing. Prints PASS; exits non-zero on any failure.
 """
 
 import sys
-import time
 import uuid
 
 from smbprotocol.exceptions import SMBResponseException
 from smbprotocol.open import CreateDisposition
 
-from smbtest import args, check, connect, open_exclusive, open_rw, pause, persistent_context, reconnect_v2
+from smbtest import args, check, connect, open_exclusive, open_rw, pause, persistent_context, reconnect_v2_retrying
 
 SERVER = args()
 NAME = "dr.txt"
@@ -47,11 +46,7 @@ pause("dropped")
 # STATUS_FILE_NOT_AVAILABLE is the retry status (rksmbd waits 5 s for the
 # old connection to let the open go, longer under load): sent again, as a
 # client does, for up to 20 s. Any other failure is final.
-deadline = time.monotonic() + 20
-g, st = reconnect_v2(again_tree, NAME, fid, create_guid)
-while g is None and st == 0xC0000467 and time.monotonic() < deadline:
-    time.sleep(0.2)
-    g, st = reconnect_v2(again_tree, NAME, fid, create_guid)
+g, st, _took = reconnect_v2_retrying(again_tree, NAME, fid, create_guid, bound=20, pace=0.2)
 check(g is not None, f"the DH2C after a drop whose detach was not answered succeeds (got {st:#010x})")
 g.write(b"after!", 0)
 check(g.read(0, 6) == b"after!", "the reconnected handle writes and reads")

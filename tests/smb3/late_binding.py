@@ -48,10 +48,9 @@ from raw_channel import (
     persistent_create,
     server_side_queues,
 )
-from smbtest import connect, pause, reconnect_v2
+from smbtest import connect, pause, reconnect_v2_retrying
 
 SERVER = (sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
-FILE_NOT_AVAILABLE = 0xC0000467
 OPLOCK_BREAK = 0x12
 
 
@@ -111,14 +110,8 @@ while unread() and time.monotonic() < deadline:
 check(not unread(), "rksmbd read A's compound")
 a.s.close()
 
-t0 = time.monotonic()
 _conn2, tree2 = connect(*SERVER, client_guid=guid)
-while True:
-    f, st = reconnect_v2(tree2, "persist.txt", fid, cg)
-    took = time.monotonic() - t0
-    if f is not None or st != FILE_NOT_AVAILABLE or took > 15:
-        break
-    time.sleep(0.1)
+f, st, took = reconnect_v2_retrying(tree2, "persist.txt", fid, cg)
 check(f is not None, f"the DH2C succeeds ({st:#010x}, {took:.2f} s)")
 check(took < 15, f"well before the break timeout ({took:.2f} s)")
 f.close()
