@@ -568,6 +568,13 @@ fn a_recall_issued_while_the_holder_is_away_reaches_it_on_its_new_connection() {
     a.seqid += 1;
     let mut w = json!({"op": "WRITE", "stateid": dsid, "offset": 6, "data": b64(" data")});
     w["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
+    write_then_its_recall(&mut a, w, &dsid);
+    returned_then_granted_with_the_writes((&mut a, &dsid), (&mut b, &bo), began);
+}
+
+/// `w`, a WRITE on `a`'s new connection, answered, and behind its reply
+/// the recall of delegation `dsid`, once.
+fn write_then_its_recall(a: &mut Nfs, w: Value, dsid: &Value) {
     let id = a.c.send_only("xid", w);
     let (r, mut seen) = a.c.reply_to("xid", id).expect("the WRITE's reply");
     ok(r);
@@ -581,8 +588,18 @@ fn a_recall_issued_while_the_holder_is_away_reaches_it_on_its_new_connection() {
         "the recall, once, on the new connection: {seen:?}"
     );
     assert_eq!(seen[0]["stateid"]["other"], dsid["other"], "{seen:?}");
+}
+
+/// `a` returns delegation `dsid`; `b`'s OPEN `bo`, refused DELAY at
+/// `began`, is granted well before the break timeout, and reads what `a`
+/// wrote under the delegation ("cached data").
+fn returned_then_granted_with_the_writes(
+    (a, dsid): (&mut Nfs, &Value),
+    (b, bo): (&mut Nfs, &Value),
+    began: std::time::Instant,
+) {
     ok(a.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
-    let r = ok(b.resend_patiently(&bo, Duration::from_secs(10)));
+    let r = ok(b.resend_patiently(bo, Duration::from_secs(10)));
     assert!(
         began.elapsed() < Duration::from_secs(10),
         "granted after {:?}, not at the break timeout",
@@ -624,28 +641,8 @@ fn a_recall_reaches_a_holder_whose_first_request_back_is_a_replay() {
     // cached reply, and the recall with it.
     let mut w = w;
     w["seq"] = json!({"sessionid": a.sessionid, "slot": 0, "seqid": a.seqid});
-    let id = a.c.send_only("xid", w);
-    let (r, mut seen) = a.c.reply_to("xid", id).expect("the WRITE's reply");
-    ok(r);
-    if seen.is_empty() {
-        a.c.set_read_timeout(Duration::from_secs(5));
-        seen.extend(a.c.next_line());
-    }
-    assert_eq!(
-        (seen.len(), &seen.first().map(|v| v["op"].clone())),
-        (1, &Some(json!("CB_RECALL"))),
-        "the recall, once, on the new connection: {seen:?}"
-    );
-    assert_eq!(seen[0]["stateid"]["other"], dsid["other"], "{seen:?}");
-    ok(a.call(json!({"op": "DELEGRETURN", "stateid": dsid})));
-    let r = ok(b.resend_patiently(&bo, Duration::from_secs(10)));
-    assert!(
-        began.elapsed() < Duration::from_secs(10),
-        "granted after {:?}, not at the break timeout",
-        began.elapsed()
-    );
-    let r = ok(b.call(json!({"op": "READ", "stateid": r["stateid"], "offset": 0, "count": 100})));
-    assert_eq!(r["data"], b64("cached data"), "alice's writes kept: {r}");
+    write_then_its_recall(&mut a, w, &dsid);
+    returned_then_granted_with_the_writes((&mut a, &dsid), (&mut b, &bo), began);
 }
 
 /// Re-review rr41c F2, F3: any switch of connection sent every
