@@ -1367,12 +1367,7 @@ mod tests {
     /// and not while a handle it resumed (persistent) still holds it.
     #[test]
     fn a_lease_goes_with_the_last_handle_filterd_forgot() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let n = Notifier::default();
-        n.connected(1, Arc::new(Mutex::new(stream)));
-        let guid = uuid::Uuid::from_bytes([5; 16]);
-        n.negotiated(1, guid);
+        let (n, guid, _writers, _listener) = connections(1);
         n.logged_on(1, (1, "alice"), |_| true);
         let key = LeaseKey(uuid::Uuid::from_bytes([3; 16]));
         let (a, b) = (
@@ -1416,12 +1411,7 @@ mod tests {
     /// the least of its handles; one as told, or another key's, is not.
     #[test]
     fn a_lease_lowered_while_detached_is_told_once() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let n = Notifier::default();
-        n.connected(1, Arc::new(Mutex::new(stream)));
-        let guid = uuid::Uuid::from_bytes([5; 16]);
-        n.negotiated(1, guid);
+        let (n, guid, _writers, _listener) = connections(1);
         n.logged_on(1, (1, "alice"), |_| true);
         let (key, other) = (
             LeaseKey(uuid::Uuid::from_bytes([3; 16])),
