@@ -1610,6 +1610,29 @@ impl Nfs {
     }
 }
 
+/// `filterctl expire KEY` through the scratch dir's default socket, once
+/// filterd has let the handle's frontend go. filterd expires only
+/// disconnected handles, and detaches a killed frontend's on its own
+/// time: its poller sees the connection end, then the engine detaches
+/// them (`on_closed`), after the kill has returned. Refused as still
+/// connected, the expire is asked again (a refusal changes nothing) for
+/// up to 10 s; any other refusal fails at once.
+pub fn expire_once_detached(s: &Scratch, key: &str) {
+    let sock = s.socket().display().to_string();
+    wait_for(
+        &format!("filterd to detach handle {key} and expire it"),
+        Duration::from_secs(10),
+        || {
+            let out = filterctl(&["--socket", &sock, "expire", key]);
+            if out.code == 0 {
+                return Some(());
+            }
+            assert!(out.stderr.contains("is connected"), "{}", out.stderr);
+            None
+        },
+    );
+}
+
 /// filterd's handles of `path` (through the scratch dir's default socket):
 /// (resume key, access as JSON text).
 pub fn handles_on(s: &Scratch, path: &str) -> Vec<(String, String)> {

@@ -14,12 +14,6 @@ fn ok(r: Value) -> Value {
     r
 }
 
-fn expire(s: &Scratch, key: &str) {
-    let sock = s.socket().display().to_string();
-    let out = rkfilter_tests::filterctl(&["--socket", &sock, "expire", key]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-}
-
 fn lock(a: &mut Nfs, sid: &Value, owner: &str, offset: u64) -> Value {
     a.call(
         json!({"op": "LOCK", "stateid": sid, "owner": owner, "type": "write",
@@ -140,7 +134,7 @@ fn a_lost_lock_owner_handle_drops_the_open_whole() {
             .find(|h| !before.contains(&h.0))
             .expect("l2's own handle");
         nfs.kill9_in_place();
-        expire(&s, &l2);
+        rkfilter_tests::expire_once_detached(&s, &l2);
         nfs = Shim::start("nfsshim", &s.socket(), "nfs-lo");
         a.c = LineClient::connect(&nfs.addr);
         rkfilter_tests::wait_for(
@@ -252,11 +246,10 @@ fn a_delegation_revoked_while_nfsshim_was_down_is_revoked_after() {
     let deleg = o["delegation"]["stateid"].clone();
     n1.kill9_in_place();
     let mut b = host_b(&n2);
-    let r = rkfilter_tests::wait_for("b's write OPEN", Duration::from_secs(10), || {
-        let r = b.open("ob", "f", "write", "none", json!({}));
-        (r["status"] != "NFS4ERR_DELAY").then_some(r)
-    });
-    ok(r);
+    // DELAY while filterd has yet to see n1 gone (its detach of n1's
+    // handles comes on filterd's own time) or the recall waits: re-sent
+    // on the same seqid, as a client does (a new one would be misordered).
+    ok(b.call_patiently(b_open("f", "write", "none")));
     let n1 = Shim::start("nfsshim", &s.socket(), "nfs-r1");
     a.c = LineClient::connect(&n1.addr);
     let r = a.call(read_req(&deleg, 1));
@@ -507,14 +500,10 @@ fn a_kept_delegation_revoked_while_nfsshim_was_down_is_closed_after_a_failed_clo
     let deleg = keep_delegation(&mut a, "f");
     n1.kill9_in_place();
     let mut b = host_b(&n2);
-    ok(rkfilter_tests::wait_for(
-        "b's write OPEN",
-        Duration::from_secs(10),
-        || {
-            let r = b.open("ob", "f", "write", "none", json!({}));
-            (r["status"] != "NFS4ERR_DELAY").then_some(r)
-        },
-    ));
+    // DELAY while filterd has yet to see n1 gone (its detach of n1's
+    // handles comes on filterd's own time) or the recall waits: re-sent
+    // on the same seqid, as a client does (a new one would be misordered).
+    ok(b.call_patiently(b_open("f", "write", "none")));
     assert_handles_of_f(&s, 2);
     let n1 = Shim::start("nfsshim", &s.socket(), "nfs-dkr1");
     rkfilter_tests::wait_for("a's handle closed", Duration::from_secs(10), || {

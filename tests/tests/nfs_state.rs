@@ -751,7 +751,6 @@ fn an_open_missing_a_handle_at_restore_is_dropped_whole() {
         assert_eq!(handles_on(&s, path).len(), 2, "{path}");
     }
     nfs.kill9_in_place();
-    let sock = s.socket().display().to_string();
     // p loses its own (read) handle, q its upgrade (write) handle.
     for (path, own) in [("p", true), ("q", false)] {
         let hs = handles_on(&s, path);
@@ -759,8 +758,7 @@ fn an_open_missing_a_handle_at_restore_is_dropped_whole() {
             .iter()
             .find(|(_, access)| access.contains("write") != own)
             .expect("the handle");
-        let out = rkfilter_tests::filterctl(&["--socket", &sock, "expire", key]);
-        assert_eq!(out.code, 0, "{}", out.stderr);
+        rkfilter_tests::expire_once_detached(&s, key);
     }
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-rw");
     a.c = LineClient::connect(&nfs.addr);
