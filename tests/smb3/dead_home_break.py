@@ -43,57 +43,28 @@ from raw_channel import (
     CREATE,
     ECHO,
     SUCCESS,
+    UNSUCCESSFUL,
     Raw,
-    bind,
+    ack,
+    break_of,
     check,
     cmac_sign,
     connect_share,
     create_body,
     final,
     leased_create,
+    leased_on_two_channels,
     signed_close,
 )
 from smbtest import pause
 
 MODE = sys.argv[6]
-OPLOCK_BREAK = 0x12
-BREAK_ID = 2**64 - 1
-UNSUCCESSFUL = 0xC0000001
 OTHER = f"other-{MODE}.txt"
 HELD = f"held-{MODE}.txt"
 LKEY = uuid.uuid4().bytes
 
 
-def break_of(raw, within, what):
-    """The lease break notification `raw` is sent within `within` s."""
-    raw.s.settimeout(within)
-    try:
-        m = raw.recv()
-    except OSError as e:
-        check(False, f"{what} is sent the break within {within} s (nothing: {e!r})")
-    cmd, mid = struct.unpack_from("<H", m, 12)[0], struct.unpack_from("<Q", m, 24)[0]
-    check((cmd, mid) == (OPLOCK_BREAK, BREAK_ID), f"{what} is sent a lease break notification (command {cmd:#x})")
-    raw.s.settimeout(30)
-    return m
-
-
-def ack(raw, sid, key, lkey, state):
-    """Acknowledges a break of lease `lkey` to `state` on `raw`: the status."""
-    body = struct.pack("<HHI16sIQ", 36, 0, 0, lkey, state, 0)
-    st, _ = final(raw, cmac_sign(key, raw.header(OPLOCK_BREAK, sid) + body))
-    return st
-
-
-g = uuid.uuid4()
-a = Raw(g)
-a.s.settimeout(30)
-sid, key_a, tid = connect_share(a)
-st, m = final(a, leased_create(a, sid, key_a, tid, OTHER, LKEY, 7))
-check(st == SUCCESS, f"A opened {OTHER} with an RWH lease ({st:#010x})")
-fid_a = m[128:144]
-b = Raw(g)
-b.s.settimeout(30)
-key_b = bind(b, sid, key_a)
+a, b, sid, key_a, key_b, tid, fid_a = leased_on_two_channels(OTHER, LKEY)
 c3 = Raw(uuid.uuid4())
 c3.s.settimeout(30)
 sid3, key3, tid3 = connect_share(c3)

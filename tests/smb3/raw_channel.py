@@ -48,6 +48,9 @@ MORE_PROCESSING = 0xC0000016
 INVALID_PARAMETER = 0xC000000D
 USER_SESSION_DELETED = 0xC0000203
 CANCELLED = 0xC0000120
+UNSUCCESSFUL = 0xC0000001
+OPLOCK_BREAK = 0x12
+BREAK_ID = 2**64 - 1
 RWH = LeaseState.SMB2_LEASE_READ_CACHING | LeaseState.SMB2_LEASE_WRITE_CACHING | LeaseState.SMB2_LEASE_HANDLE_CACHING
 ALL_SHARE = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
 
@@ -473,6 +476,31 @@ def lease_ctx(key, state=7):
     return struct.pack("<IHHHHI", 0, 16, 4, 0, 24, len(data)) + b"RqLs" + b"\0" * 4 + data
 
 
+def break_of(raw, within, what):
+    """The lease break notification `raw` is sent within `within` s."""
+    raw.s.settimeout(within)
+    try:
+        m = raw.recv()
+    except OSError as e:
+        check(False, f"{what} is sent the break within {within} s (nothing: {e!r})")
+    cmd, mid = struct.unpack_from("<H", m, 12)[0], struct.unpack_from("<Q", m, 24)[0]
+    check((cmd, mid) == (OPLOCK_BREAK, BREAK_ID), f"{what} is sent a lease break notification (command {cmd:#x})")
+    raw.s.settimeout(30)
+    return m
+
+
+def ack_pdu(raw, sid, key, lkey, state):
+    """A signed acknowledgment of a break of lease `lkey` to `state`."""
+    body = struct.pack("<HHI16sIQ", 36, 0, 0, lkey, state, 0)
+    return cmac_sign(key, raw.header(OPLOCK_BREAK, sid) + body)
+
+
+def ack(raw, sid, key, lkey, state):
+    """Acknowledges a break of lease `lkey` to `state` on `raw`: the status."""
+    st, _ = final(raw, ack_pdu(raw, sid, key, lkey, state))
+    return st
+
+
 def leased_create(r, sid, key, tid, name, lkey, state, disposition=5):
     """A signed CREATE (by default OVERWRITE_IF; read and write, sharing
     all) asking for a lease `lkey` of `state`."""
@@ -483,6 +511,22 @@ def leased_create(r, sid, key, tid, name, lkey, state, disposition=5):
     fixed = (57, 0, 0xFF, 2, 0, 0, 0xC0000000, 0x80, 7, disposition, 0x40, 64 + 56, len(n), end + pad, len(ctx))
     body = struct.pack("<HBBIQQIIIIIHHII", *fixed)
     return cmac_sign(key, r.header(CREATE, sid, tid=tid) + body + n + b"\0" * pad + ctx)
+
+
+def leased_on_two_channels(name, lkey):
+    """Connection A (a new client GUID) logs on and opens `name` with an
+    RWH lease `lkey`; connection B (the same GUID) binds A's session:
+    (a, b, sid, key_a, key_b, tid, A's FileId)."""
+    g = uuid.uuid4()
+    a = Raw(g)
+    a.s.settimeout(30)
+    sid, key_a, tid = connect_share(a)
+    st, m = final(a, leased_create(a, sid, key_a, tid, name, lkey, 7))
+    check(st == SUCCESS, f"A opened {name} with an RWH lease ({st:#010x})")
+    b = Raw(g)
+    b.s.settimeout(30)
+    key_b = bind(b, sid, key_a)
+    return a, b, sid, key_a, key_b, tid, m[128:144]
 
 
 def create_with(name, access=0xC0000000, disposition=5, oplock=0, ctxs=b""):

@@ -38,6 +38,16 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Polls the log file `log` (a daemon's, started logged) until it has
+/// `needle`, for at most 20 s.
+pub fn wait_logged(log: &Path, needle: &str) {
+    wait_for(needle, Duration::from_secs(20), || {
+        std::fs::read_to_string(log)
+            .is_ok_and(|t| t.contains(needle))
+            .then_some(())
+    });
+}
+
 /// Polls `f` every 10 ms until it returns `Some`, or panics after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let t0 = Instant::now();

@@ -15,7 +15,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use rkfilter_tests::smb3::Dialogue;
 use rkfilter_tests::{
-    filterctl, smb_session, wait_for, Filterd, LineClient, RkSmbd, Scratch, Shim,
+    filterctl, smb_session, wait_for, wait_logged, Filterd, LineClient, RkSmbd, Scratch, Shim,
 };
 use serde_json::{json, Value};
 
@@ -849,16 +849,6 @@ fn setup_rksmbd_hooked_for(
     let env = [("RKFILTER_CALL_TIMEOUT_MS", timeout_ms), (hook, ms)];
     let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
     (s, d, srv, log)
-}
-
-/// Polls rksmbd's log (`log`) until it has `needle`.
-fn wait_logged(log: &std::path::Path, needle: &str) {
-    wait_for(needle, Duration::from_secs(10), || {
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .contains(needle)
-            .then_some(())
-    });
 }
 
 /// rksmbd (`tests/smb3/late_closer_fresh.py`), its calls giving up

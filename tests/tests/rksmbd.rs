@@ -1025,6 +1025,43 @@ fn a_break_sent_to_a_home_that_ended_is_sent_again_on_the_channel() {
     dead_home_break("sent");
 }
 
+/// A lease break acknowledgment sent on a session's channel that ends
+/// before the session's home serves it is taken: the home's own
+/// connection counts as one the lease's user logged on over. Before
+/// (re-review rr42a F2) only the channel's did, and it was gone: the
+/// acknowledgment was refused (STATUS_UNSUCCESSFUL, to nobody), and the
+/// other client's open waited out filterd's break timeout
+/// (tests/smb3/channel_ack_then_gone.py; rksmbd holds the forwarded
+/// acknowledgment until the channel's socket ended,
+/// `RKSMBD_TEST_FORWARDED_ACK_HOLD_MS`).
+#[test]
+fn a_break_acknowledgment_whose_channel_ends_before_the_home_serves_it_is_taken() {
+    let s = Scratch::new("rksmbd-channel-ack-gone");
+    let d = Filterd::start(&s, &["--break-timeout-ms", "30000"], &[]);
+    let env = [("RKSMBD_TEST_FORWARDED_ACK_HOLD_MS", "20000")];
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let mut script = rkfilter_tests::smb3::Dialogue::start(
+        &srv,
+        "channel_ack_then_gone.py",
+        std::time::Duration::from_secs(90),
+    );
+    let line = script.expect("channel port ");
+    let port = line.trim_start_matches("channel port ").to_owned();
+    script.expect("B acknowledged");
+    // Rksmbd to hold the acknowledgment the channel forwarded.
+    rkfilter_tests::wait_logged(&log, "test hook: a forwarded lease break acknowledgment");
+    script.say("go");
+    script.expect("B closed");
+    rkfilter_tests::wait_for(
+        "rksmbd to log that the channel's socket ended",
+        std::time::Duration::from_secs(20),
+        || socket_ended_from(&log, &port).then_some(()),
+    );
+    script.say("go");
+    script.finish();
+    no_handles_left(&d);
+}
+
 /// A session binding whose last leg comes in a compound with a CREATE
 /// that waits (for another client's acknowledgment) while the
 /// connection's socket ends is refused: before (re-review rr41o 1) it
@@ -2103,15 +2140,8 @@ fn a_channel_bound_while_its_session_logs_off_gets_no_breaks() {
         std::time::Duration::from_secs(90),
     );
     script.expect("binding sent");
-    rkfilter_tests::wait_for(
-        "rksmbd to hold the binding",
-        std::time::Duration::from_secs(20),
-        || {
-            std::fs::read_to_string(&log)
-                .is_ok_and(|t| t.contains("a binding is held before it is written down"))
-                .then_some(())
-        },
-    );
+    // Rksmbd to hold the binding.
+    rkfilter_tests::wait_logged(&log, "a binding is held before it is written down");
     script.say("go");
     script.finish();
     no_handles_left(&d);

@@ -1061,6 +1061,29 @@ fn test_delay_before_the_forgotten_breaks() {
     );
 }
 
+/// Tests only (debug builds): `$RKSMBD_TEST_FORWARDED_ACK_HOLD_MS` holds
+/// a lease break acknowledgment a channel forwarded, at its home before it
+/// is checked, until that channel no longer counts for the lease (its
+/// socket ended, [`Notifier::disconnected`]), at most that long: the home
+/// then serves an acknowledgment whose channel is gone, as a busy home
+/// may (tests/smb3/channel_ack_then_gone.py, re-review rr42a F2).
+fn test_hold_a_forwarded_acknowledgment(notifier: &Notifier, key: &LeaseKey, channel: u64) {
+    static HOLD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = crate::create::test_hook_ms(&HOLD, "RKSMBD_TEST_FORWARDED_ACK_HOLD_MS");
+    if ms == 0 {
+        return;
+    }
+    tracing::info!(
+        ms,
+        channel,
+        "test hook: a forwarded lease break acknowledgment is held until its channel ends"
+    );
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    while notifier.may_acknowledge(key, channel) && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Longest the breaks sent at a reattach (of forgotten and of lowered
 /// leases, one deadline for all) are waited for before rksmbd tells
 /// filterd it has resynced: a client that does not read holds up
@@ -1152,6 +1175,9 @@ pub fn acknowledge(c: &mut Connection, req: &Request<'_>) -> Outcome {
     // its acknowledgment carries no session any more (re-review rr42a F2),
     // and both have the lease's client GUID (`start_binding`).
     let notifier = &c.sh.notifier;
+    if c.origin() != c.id {
+        test_hold_a_forwarded_acknowledgment(notifier, &key, c.origin());
+    }
     if !notifier.may_acknowledge(&key, c.origin()) && !notifier.may_acknowledge(&key, c.id) {
         return Err(status::UNSUCCESSFUL);
     }

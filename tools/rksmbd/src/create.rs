@@ -1648,19 +1648,25 @@ fn test_delay_before_a_replay_claims() {
 /// variable `var` names (read once, into `cell`), logging `what` first
 /// for the test to wait for.
 pub(crate) fn test_delay(cell: &std::sync::OnceLock<u64>, var: &str, what: &str) {
-    if !cfg!(debug_assertions) {
-        return;
-    }
-    let ms = *cell.get_or_init(|| {
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    });
+    let ms = test_hook_ms(cell, var);
     if ms > 0 {
         tracing::info!(ms, "test hook: {what}");
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+}
+
+/// Tests only: the milliseconds environment variable `var` names (read
+/// once, into `cell`); 0 when unset, and always in a release build.
+pub(crate) fn test_hook_ms(cell: &std::sync::OnceLock<u64>, var: &str) -> u64 {
+    if !cfg!(debug_assertions) {
+        return 0;
+    }
+    *cell.get_or_init(|| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// AlSi (2.2.13.2.6): reserves `n` bytes for a file the CREATE made,
