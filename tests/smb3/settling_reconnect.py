@@ -21,13 +21,11 @@ attached to rksmbd). Prints "retry" and waits (the driver checks filterd
 still holds the handle). Prints PASS; exits non-zero on any failure.
 """
 
-import time
 import uuid
 
-from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.open import CreateDisposition, SMB2CloseRequest
+from smbprotocol.open import CreateDisposition
 
-from smbtest import args, check, connect, open_rw, pause, persistent_context, reconnect_v2
+from smbtest import args, check, close_refused, connect, open_rw, pause, persistent_context, reconnect_v2, serving
 
 SERVER = args()
 NAME = "settling.txt"
@@ -39,26 +37,11 @@ conn, tree = connect(*SERVER, client_guid=client)
 f = open_rw(tree, NAME, CreateDisposition.FILE_OVERWRITE_IF, [persistent_context(create_guid)])
 file_id = f.file_id
 
-req = SMB2CloseRequest()
-req["file_id"] = file_id
-try:
-    conn.receive(conn.send(req, sid=tree.session.session_id, tid=tree.tree_connect_id))
-    st = 0
-except SMBResponseException as e:
-    st = e.status
+st = close_refused(conn, tree, file_id)
 check(st == FILE_NOT_AVAILABLE, f"the CLOSE filterd died under: retry ({st:#010x})")
 new_guid = pause("refused") == "new-guid"
 
-# rksmbd serves again once it has reattached to the restarted filterd.
-deadline = time.monotonic() + 30
-while True:
-    try:
-        open_rw(tree, "probe.txt", CreateDisposition.FILE_OVERWRITE_IF).close()
-        break
-    except SMBResponseException as e:
-        if time.monotonic() > deadline:
-            check(False, f"rksmbd serves again ({e.status:#010x})")
-        time.sleep(0.05)
+serving(tree)
 conn.disconnect(close=False)
 
 conn2, tree2 = connect(*SERVER, client_guid=uuid.uuid4() if new_guid else client)

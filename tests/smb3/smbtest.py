@@ -29,6 +29,7 @@ from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
     DirectoryAccessMask,
+    SMB2CloseRequest,
     SMB2LockElement,
     FileAttributes,
     FilePipePrinterAccessMask,
@@ -168,6 +169,32 @@ def reconnect_v2_retrying(tree, name, file_id, create_guid, bound=15.0, pace=0.1
         if f is not None or st != 0xC0000467 or took > bound:
             return f, st, took
         time.sleep(pace)
+
+
+def close_refused(conn, tree, file_id):
+    """A CLOSE of `file_id` on `tree` (of `conn`) that may fail: its
+    status."""
+    req = SMB2CloseRequest()
+    req["file_id"] = file_id
+    try:
+        conn.receive(conn.send(req, sid=tree.session.session_id, tid=tree.tree_connect_id))
+        return 0
+    except SMBResponseException as e:
+        return e.status
+
+
+def serving(tree, within=30):
+    """Waits until rksmbd serves again (a CREATE of probe.txt on `tree`
+    succeeds: it has reattached to a restarted filterd)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            open_rw(tree, "probe.txt", CreateDisposition.FILE_OVERWRITE_IF).close()
+            return
+        except SMBResponseException as e:
+            if time.monotonic() > deadline:
+                check(False, f"rksmbd serves again ({e.status:#010x})")
+            time.sleep(0.05)
 
 
 def open_rw(tree, name, disposition, contexts=(), oplock_level=0):

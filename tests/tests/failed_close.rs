@@ -678,6 +678,56 @@ fn reconnect_of_a_settling_close_is_retry(name: &str, how: &str) {
     run.script.finish();
 }
 
+/// A reconnect (DH2C) under way when the open's CLOSE begins to settle —
+/// past its check for a settling close (held there,
+/// `RKSMBD_TEST_RECONNECT_HOLD_MS`), filterd killed under the close's
+/// commit and restarted meanwhile — is told to retry when the restarted
+/// filterd refuses the resume (the handle attached to rksmbd). Before
+/// (re-review rr41h F4) only the check before the resume looked, and the
+/// DH2C was STATUS_OBJECT_NAME_NOT_FOUND: the client forgot an open whose
+/// close was not made (tests/smb3/settling_meanwhile_reconnect.py).
+#[test]
+fn rksmbd_reconnect_under_way_when_its_close_begins_to_settle_is_retry() {
+    let s = Scratch::new("rksmbd-settling-meanwhile");
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", KILL_AT_COMMIT_2)]);
+    let env = [
+        ("RKSMBD_TEST_SETTLE_DELAY_MS", "60000"),
+        ("RKSMBD_TEST_RECONNECT_HOLD_MS", "15000"),
+    ];
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let mut script = Dialogue::start(
+        &srv,
+        "settling_meanwhile_reconnect.py",
+        Duration::from_secs(90),
+    );
+    script.expect("reconnecting");
+    let held = "a reconnect is held after its settling check";
+    rkfilter_tests::wait_logged(&log, &format!("test hook: {held}"));
+    script.say("go");
+    script.expect("refused");
+    d.wait_killed_at(KILL_AT_COMMIT_2, Duration::from_secs(10));
+    d = Filterd::start(&s, &[], &[]);
+    script.say("go");
+    script.expect("serving");
+    // The DH2C must meet the restarted filterd, the close settling: still
+    // held once rksmbd serves again (else the hold was too short for this
+    // machine's load, and the test proves nothing).
+    let over = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !over.contains(&format!("test hook over: {held}")),
+        "the DH2C was let go before rksmbd served again: hold it longer"
+    );
+    script.say("go");
+    script.expect("retry");
+    assert_eq!(
+        handle_paths(d.socket()),
+        ["settling-meanwhile.txt"],
+        "the close still settles"
+    );
+    script.say("go");
+    script.finish();
+}
+
 /// A CLOSE whose answer from filterd never came (filterd killed under its
 /// commit): the CLOSE is not a success and rksmbd forgets the open (it
 /// serves nothing through a handle filterd may have closed), but the

@@ -1644,6 +1644,20 @@ fn test_delay_before_a_replay_claims() {
     );
 }
 
+/// Tests only (debug builds): `$RKSMBD_TEST_RECONNECT_HOLD_MS` holds a
+/// reconnect between its check for a settling close and its resume, and
+/// says when it lets go, so that a test can have the open's close begin
+/// to settle meanwhile (tests/smb3/settling_meanwhile_reconnect.py,
+/// re-review rr41h F4).
+fn test_hold_a_reconnect_after_its_settling_check() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let what = "a reconnect is held after its settling check";
+    test_delay(&DELAY, "RKSMBD_TEST_RECONNECT_HOLD_MS", what);
+    if test_hook_ms(&DELAY, "RKSMBD_TEST_RECONNECT_HOLD_MS") > 0 {
+        tracing::info!("test hook over: {what}");
+    }
+}
+
 /// Tests only (debug builds): sleeps the milliseconds environment
 /// variable `var` names (read once, into `cell`), logging `what` first
 /// for the test to wait for.
@@ -1889,6 +1903,7 @@ fn reconnect(
     {
         return Err(status::FILE_NOT_AVAILABLE);
     }
+    test_hold_a_reconnect_after_its_settling_check();
     // A leased open belongs to the client GUID, any other to the user.
     let guid = CreateGuid(rc.create_guid);
     let (by_client, by_user) = (client_of(c, &user, true)?, client_of(c, &user, false)?);
