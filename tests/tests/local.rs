@@ -556,9 +556,18 @@ fn a_local_kernel_lease_across_a_mediated_restart_answers_busy_not_a_stall() {
         .recv_timeout(Duration::from_secs(5))
         .expect("a verdict at once, not after lease-break-time");
     assert!(res.is_err(), "{res:?}");
-    let st = d2.control().stats().unwrap();
+    // The kernel refuses the local open inside the fanotify reader's read
+    // (it cannot open the event's descriptor without breaking the lease),
+    // and the reader counts the refusal only once that read returns.
+    let st = rkfilter_tests::wait_for(
+        "filterd to count the local open the kernel refused",
+        Duration::from_secs(10),
+        || {
+            let st = d2.control().stats().ok()?;
+            (st.local_opens_lease_refused >= 1).then_some(st)
+        },
+    );
     assert!(st.not_available >= 1, "{st:?}");
-    assert!(st.local_opens_lease_refused >= 1, "{st:?}");
     drop(leased);
     let alice = ClientId::new("alice").unwrap();
     rkfilter_tests::wait_for(
