@@ -354,6 +354,36 @@ const RECV_TICK: Duration = Duration::from_millis(50);
 /// only (nudges are not lost, see `FilterClient::wait_reply`).
 const FOLLOWER_TICK: Duration = Duration::from_millis(20);
 
+/// A whole listing, fetched page after page.
+#[derive(Debug)]
+pub struct Listed<T> {
+    /// Its rows.
+    pub items: Vec<T>,
+    /// Set when a page was answered without waiting for the commits
+    /// pending at its request (they had not resolved within filterd's
+    /// bound): the rows are what is durable, those pending commits change
+    /// left out. The last such page's.
+    pub commit_wait: Option<proto::CommitWait>,
+}
+
+impl<T> Default for Listed<T> {
+    fn default() -> Self {
+        Listed {
+            items: Vec::new(),
+            commit_wait: None,
+        }
+    }
+}
+
+impl<T> Listed<T> {
+    /// A page's `commit_wait`: kept if set.
+    fn note(&mut self, wait: Option<proto::CommitWait>) {
+        if wait.is_some() {
+            self.commit_wait = wait;
+        }
+    }
+}
+
 /// A connection to filterd. Cheap to clone; all clones share the connection.
 #[derive(Clone)]
 pub struct FilterClient {
@@ -1270,14 +1300,27 @@ impl FilterClient {
         }
     }
 
-    /// Every handle, fetching page after page.
+    /// Every handle, fetching page after page. While commits are stuck
+    /// (past filterd's 1 s bound) only what is durable:
+    /// [`FilterClient::handles_listed`] says what was left out.
     pub fn handles(&self) -> Result<Vec<HandleView>, ClientError> {
-        let mut out = Vec::new();
+        Ok(self.handles_listed()?.items)
+    }
+
+    /// Every handle, fetching page after page, and whether a page was
+    /// answered without waiting for pending commits.
+    pub fn handles_listed(&self) -> Result<Listed<HandleView>, ClientError> {
+        let mut out = Listed::default();
         let mut after = None;
         loop {
             match self.call(Request::Handles { after })?.0 {
-                Reply::Handles { handles, next } => {
-                    out.extend(handles);
+                Reply::Handles {
+                    handles,
+                    next,
+                    commit_wait,
+                } => {
+                    out.items.extend(handles);
+                    out.note(commit_wait);
                     match next {
                         Some(k) => after = Some(k),
                         None => return Ok(out),
@@ -1290,9 +1333,17 @@ impl FilterClient {
 
     /// Every file with handles, fetching page after page. A file a page
     /// ended inside ([`proto::FEATURE_PAGED_WITHIN_FILE`]) comes back as
-    /// one [`FileView`] with all its holders.
+    /// one [`FileView`] with all its holders. While commits are stuck
+    /// only what is durable ([`FilterClient::files_listed`]).
     pub fn files(&self) -> Result<Vec<FileView>, ClientError> {
-        let mut out: Vec<FileView> = Vec::new();
+        Ok(self.files_listed()?.items)
+    }
+
+    /// [`FilterClient::files`], and whether a page was answered without
+    /// waiting for pending commits.
+    pub fn files_listed(&self) -> Result<Listed<FileView>, ClientError> {
+        let mut listed: Listed<FileView> = Listed::default();
+        let out = &mut listed.items;
         let (mut after, mut holders_after) = (None, None);
         loop {
             match self
@@ -1306,6 +1357,7 @@ impl FilterClient {
                     files,
                     next,
                     next_holder,
+                    commit_wait,
                 } => {
                     for f in files {
                         match out.last_mut() {
@@ -1313,9 +1365,12 @@ impl FilterClient {
                             _ => out.push(f),
                         }
                     }
+                    if commit_wait.is_some() {
+                        listed.commit_wait = commit_wait;
+                    }
                     match next {
                         Some(f) => (after, holders_after) = (Some(f), next_holder),
-                        None => return Ok(out),
+                        None => return Ok(listed),
                     }
                 }
                 other => return Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -1676,9 +1731,16 @@ impl FilterClient {
         }
     }
 
-    /// Every byte-range lock, fetching page after page.
+    /// Every byte-range lock, fetching page after page. While commits
+    /// are stuck only what is durable ([`FilterClient::locks_listed`]).
     pub fn locks(&self) -> Result<Vec<crate::proto::LockView>, ClientError> {
-        let mut out = Vec::new();
+        Ok(self.locks_listed()?.items)
+    }
+
+    /// [`FilterClient::locks`], and whether a page was answered without
+    /// waiting for pending commits.
+    pub fn locks_listed(&self) -> Result<Listed<crate::proto::LockView>, ClientError> {
+        let mut out = Listed::default();
         let (mut after, mut locks_after) = (None, None);
         loop {
             match self.call(Request::Locks { after, locks_after })?.0 {
@@ -1686,8 +1748,10 @@ impl FilterClient {
                     locks,
                     next,
                     next_lock,
+                    commit_wait,
                 } => {
-                    out.extend(locks);
+                    out.items.extend(locks);
+                    out.note(commit_wait);
                     match next {
                         Some(f) => (after, locks_after) = (Some(f), next_lock),
                         None => return Ok(out),

@@ -795,6 +795,17 @@ impl Lease {
     fn ok(&self) -> bool {
         !self.lost.load(Ordering::Acquire) && self.stands_for(self.margin)
     }
+    /// How long the lease is proven to stand from now: zero once lost,
+    /// never renewed, or if the lease clock cannot be read.
+    fn left(&self) -> Duration {
+        if self.lost.load(Ordering::Acquire) {
+            return Duration::ZERO;
+        }
+        let until = self.valid_until.load(Ordering::Acquire);
+        boot_nanos().map_or(Duration::ZERO, |now| {
+            Duration::from_nanos(until.saturating_sub(now))
+        })
+    }
 }
 
 /// The table in etcd (see the module docs).
@@ -2802,6 +2813,9 @@ impl StateStore for EtcdStore {
             self.lease.margin.as_millis()
         )
     }
+    fn lease_left(&self) -> Option<Duration> {
+        Some(self.lease.left())
+    }
     fn claim(&self) -> Result<(u64, bool), StoreError> {
         self.try_claim()?.ok_or_else(|| StoreError::Owned {
             by: self.last_owner(),
@@ -2947,6 +2961,29 @@ mod tests {
     /// Time the tests pretend the system spent suspended: `CLOCK_BOOTTIME`
     /// went on, `CLOCK_MONOTONIC` did not.
     pub(super) static SUSPENDED_NANOS: AtomicU64 = AtomicU64::new(0);
+
+    /// `status`'s `lease_left_ms`: what the last renewal proved, read
+    /// without asking etcd; nothing before a renewal or once lost. (The
+    /// bounds leave room for a suspend another test pretends meanwhile.)
+    #[test]
+    fn lease_left_is_what_the_last_renewal_proved() {
+        let lease = Lease {
+            id: AtomicI64::new(1),
+            ttl: Duration::from_secs(100),
+            margin: Duration::from_secs(25),
+            valid_until: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
+        };
+        assert_eq!(lease.left(), Duration::ZERO, "never renewed");
+        lease.renewed(boot_nanos_sent(), lease.ttl);
+        let left = lease.left();
+        assert!(
+            left > Duration::from_secs(50) && left <= lease.ttl,
+            "{left:?}"
+        );
+        lease.lost.store(true, Ordering::Release);
+        assert_eq!(lease.left(), Duration::ZERO, "lost");
+    }
 
     /// The lease is counted on the clock that goes on during a suspend: a
     /// machine that slept past its lease wakes knowing it may not act

@@ -1225,6 +1225,11 @@ pub enum Reply {
         /// Pass as `after` for the next page; none when this was the last.
         #[serde(default)]
         next: Option<ResumeKey>,
+        /// Set when the page did not wait for the commits pending at the
+        /// request (none resolved within filterd's bound, 1 s): it lists
+        /// only what is durable, leaving out what a pending commit changes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        commit_wait: Option<CommitWait>,
     },
     /// One handle.
     Handle(HandleView),
@@ -1240,6 +1245,9 @@ pub enum Reply {
         /// ([`FEATURE_PAGED_WITHIN_FILE`]; never set without it).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         next_holder: Option<ResumeKey>,
+        /// As in `Handles`: set when the page lists only what is durable.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        commit_wait: Option<CommitWait>,
     },
     /// Frontends.
     Frontends {
@@ -1279,6 +1287,9 @@ pub enum Reply {
         /// ([`FEATURE_PAGED_WITHIN_FILE`]; never set without it).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         next_lock: Option<LockCursor>,
+        /// As in `Handles`: set when the page lists only what is durable.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        commit_wait: Option<CommitWait>,
     },
     /// How many handles a purge removed.
     Purged {
@@ -1568,10 +1579,18 @@ pub struct StatusInfo {
     /// usual reply, which waits for what it shows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_wait: Option<CommitWait>,
+    /// With the table in etcd: how long this daemon's fencing lease is
+    /// proven to stand from now (ms; 0 once lost), as the keepalive last
+    /// proved it — read from what it keeps, never asked of etcd. The
+    /// daemon steps down a margin (`store_detail`) before it runs out.
+    /// `None` (absent from the JSON) for LMDB and from an older daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_left_ms: Option<u64>,
 }
 
-/// What a `status` answered without waiting for its commits says about
-/// them ([`StatusInfo::commit_wait`]).
+/// What a `status` or a listing (`Handles`, `Files`, `Locks`) answered
+/// without waiting for its commits says about them
+/// ([`StatusInfo::commit_wait`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitWait {
     /// How long the status waited before it answered (ms).
@@ -1586,6 +1605,15 @@ pub struct CommitWait {
     /// counts are 0 (unknown).
     #[serde(default)]
     pub counts_age_ms: Option<u64>,
+    /// A listing only: the handles it left out — those whose state
+    /// (record, presence, locks) a pending commit changes, so their
+    /// durable state is not known apart from it. `None` in a status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handles_left_out: Option<u64>,
+    /// A listing only: the files a pending commit changes, left out with
+    /// their handles and locks. `None` in a status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_left_out: Option<u64>,
 }
 
 /// How many unreadable stored records filterd names in
@@ -2947,6 +2975,7 @@ mod tests {
             corrupt_records: Some(corrupt.names),
             corrupt_records_total: Some(corrupt.total),
             commit_wait: None,
+            lease_left_ms: Some(u64::MAX),
         };
         let frame = ServerFrame::Reply {
             id: Some(u64::MAX),
@@ -3687,6 +3716,7 @@ mod binary_tests {
                 corrupt_records: recovering.then(|| vec![root.to_string()]),
                 corrupt_records_total: recovering.then_some(n),
                 commit_wait: None,
+                lease_left_ms: recovering.then_some(n),
             },
         );
         let handle_view = || {
@@ -3725,9 +3755,21 @@ mod binary_tests {
             status.prop_map(Reply::Status),
             (
                 proptest::collection::vec(handle_view(), 0..3),
-                proptest::option::of(key())
+                proptest::option::of(key()),
+                proptest::option::of(any::<(u64, u64)>())
             )
-                .prop_map(|(handles, next)| Reply::Handles { handles, next }),
+                .prop_map(|(handles, next, wait)| Reply::Handles {
+                    handles,
+                    next,
+                    commit_wait: wait.map(|(ms, n)| CommitWait {
+                        waited_ms: ms,
+                        pending_for_ms: ms,
+                        replies_awaiting_commit: n,
+                        counts_age_ms: Some(0),
+                        handles_left_out: Some(n),
+                        files_left_out: Some(n / 2),
+                    }),
+                }),
             handle_view().prop_map(Reply::Handle),
             (
                 proptest::collection::vec(file_view, 0..3),
@@ -3737,7 +3779,8 @@ mod binary_tests {
                 .prop_map(|(files, next, next_holder)| Reply::Files {
                     files,
                     next,
-                    next_holder
+                    next_holder,
+                    commit_wait: None,
                 }),
             (name(), name(), any::<i32>(), any::<u64>()).prop_map(|(p, i, pid, n)| {
                 Reply::Frontends {
@@ -3780,7 +3823,8 @@ mod binary_tests {
                 .prop_map(|(locks, next, next_lock)| Reply::Locks {
                     locks,
                     next,
-                    next_lock
+                    next_lock,
+                    commit_wait: None,
                 }),
             (any::<u64>(), proptest::option::of(any::<u64>()))
                 .prop_map(|(count, lost)| Reply::Purged { count, lost }),

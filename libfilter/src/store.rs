@@ -483,6 +483,13 @@ pub trait StateStore: Send + Sync {
     fn describe(&self) -> String {
         self.kind().to_owned()
     }
+    /// How long this daemon's claim on a shared store is proven to stand
+    /// from now (etcd: its lease, as the keepalive last proved it; zero
+    /// once lost). Reads what the keepalive keeps: never asks the store,
+    /// never blocks. `None`: a store without a lease (LMDB).
+    fn lease_left(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Whether this daemon may still act as the table's owner (change the
     /// filesystem, acknowledge anything). An embedded store always may; a
     /// shared one may not once its lease may have run out.

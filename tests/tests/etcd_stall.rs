@@ -579,6 +579,17 @@ fn stalled_with_a_commit_pending(
     name: &str,
 ) -> Option<(Scratch, Cluster, Filterd, Shim, rkfilter_tests::InFlight)> {
     let (s, cluster, f, smb, (c, sid)) = stalled_etcd(name)?;
+    let pending = pending_create(c, sid, &f);
+    Some((s, cluster, f, smb, pending))
+}
+
+/// A persistent CREATE of `pending` sent on `c` (session `sid`) to a
+/// filterd whose store does not answer, once its commit waits.
+fn pending_create(
+    c: rkfilter_tests::LineClient,
+    sid: u64,
+    f: &Filterd,
+) -> rkfilter_tests::InFlight {
     let pending = rkfilter_tests::InFlight::send(
         c,
         json!({"cmd": "CREATE", "session_id": sid, "path": "pending", "access": ["read", "write"],
@@ -587,14 +598,14 @@ fn stalled_with_a_commit_pending(
     );
     let sock = f.socket().to_string_lossy().into_owned();
     rkfilter_tests::wait_for(
-        "a commit to wait on the stopped etcd",
+        "a commit to wait on the stalled store",
         Duration::from_secs(10),
         || {
             let v = rkfilter_tests::filterctl(&["--socket", &sock, "stats", "--json"]).json();
             (v["replies_awaiting_commit"].as_u64().unwrap_or(0) > 0).then_some(())
         },
     );
-    Some((s, cluster, f, smb, pending))
+    pending
 }
 
 /// filterd (TTL 30, fanotify on a tmpfs export) owning a 1-member etcd
@@ -771,7 +782,7 @@ fn status_answers_while_a_commit_waits_on_a_stalled_etcd() {
 struct SlowLink {
     _s: Scratch,
     cluster: Cluster,
-    _proxy: DelayProxy,
+    proxy: DelayProxy,
     f: Filterd,
     _smb: Shim,
     name: String,
@@ -803,7 +814,7 @@ fn slow_link(
     let link = SlowLink {
         _s: s,
         cluster,
-        _proxy: proxy,
+        proxy,
         f,
         _smb: smb,
         name,
@@ -914,4 +925,77 @@ fn an_owner_behind_a_link_slower_than_a_renewal_round_keeps_its_lease() {
     let table = l.etcd_paths();
     let missing: Vec<_> = created.iter().filter(|p| !table.contains(*p)).collect();
     assert!(missing.is_empty(), "etcd lacks acknowledged {missing:?}");
+}
+
+/// `filterctl handles` while etcd does not answer (a link delayed 30 s,
+/// [`DelayProxy`]) and a persistent CREATE's commit waits: answered
+/// within filterd's 1 s bound, not after the commit, with the durable
+/// handle only (not the one whose CREATE waits), and saying so — on
+/// stderr as `commit_wait` JSON with `--json` (the array keeps its
+/// shape), in a `durable state only` line otherwise; `frontends` is
+/// refused with a reason, exit 1, not left hanging. `status` shows the
+/// lease's time left running down (the keepalive's renewals wait behind
+/// the link too). Before, each listing waited for the commit until
+/// filterctl timed out.
+#[test]
+fn listings_answer_with_what_is_durable_while_etcd_stalls() {
+    if !etcd_available("listings_answer_with_what_is_durable_while_etcd_stalls") {
+        return;
+    }
+    let (mut l, mut c, sid) = slow_link("stall-listings", "30", Duration::ZERO);
+    let r = smb_persistent_create(&mut c, sid, "held");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    let sock = l.f.socket().to_string_lossy().into_owned();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["--socket", sock.as_str(), "--timeout-ms", "8000"];
+        all.extend_from_slice(args);
+        rkfilter_tests::filterctl(&all)
+    };
+    let lease_left = || {
+        let v = ctl(&["status", "--json"]).json();
+        v["lease_left_ms"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("status on etcd shows the lease left: {v}"))
+    };
+    assert!(lease_left() > 0);
+    l.proxy.set_delay(Duration::from_secs(30));
+    let _pending = pending_create(c, sid, &l.f);
+    let t0 = Instant::now();
+    let out = ctl(&["handles", "--json"]);
+    let took = t0.elapsed();
+    assert_eq!(out.code, 0, "handles during the stall: {}", out.stderr);
+    assert!(took < Duration::from_secs(4), "handles took {took:?}");
+    assert_eq!(
+        paths_of(&out.json()),
+        BTreeSet::from(["held".to_owned()]),
+        "the durable handle only: {}",
+        out.stdout
+    );
+    let wait: Value = out
+        .stderr
+        .split_once("commit_wait ")
+        .and_then(|(_, w)| serde_json::from_str(w.trim()).ok())
+        .unwrap_or_else(|| panic!("flags the wait on stderr: {}", out.stderr));
+    assert!(wait["waited_ms"].as_u64() >= Some(1000), "{wait}");
+    assert!(wait["handles_left_out"].as_u64() >= Some(1), "{wait}");
+    assert!(
+        wait["replies_awaiting_commit"].as_u64() >= Some(1),
+        "{wait}"
+    );
+    let text = ctl(&["handles"]);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(
+        text.stdout.contains("held") && text.stdout.contains("durable state only"),
+        "{}",
+        text.stdout
+    );
+    let fronts = ctl(&["frontends"]);
+    assert_eq!(fronts.code, 1, "{}{}", fronts.stdout, fronts.stderr);
+    assert!(fronts.stderr.contains("durable state"), "{}", fronts.stderr);
+    // The lease runs down: no renewal gets through the link.
+    let first = lease_left();
+    rkfilter_tests::wait_for("the lease left to go down", Duration::from_secs(5), || {
+        (lease_left() < first).then_some(())
+    });
+    assert!(l.f.exited().is_none(), "{}", l.f.log_text());
 }

@@ -78,6 +78,10 @@ fn status_json_names_the_same_facts_alike_live_and_offline() {
     let live = ctl_live(&s, &["status", "--json"]);
     assert_eq!(live.code, 0, "{}", live.stderr);
     let live = live.json();
+    assert!(
+        live.get("lease_left_ms").is_none(),
+        "LMDB has no lease: {live}"
+    );
     drop(fe);
     assert!(d.terminate().success());
     let offline = ctl_state(&s, &["status", "--json"]);
@@ -480,6 +484,12 @@ fn status_json_with_etcd_names_the_same_facts_alike() {
     assert_eq!(live.code, 0, "{}", live.stderr);
     let live = live.json();
     assert_eq!(live["store"], canonical.as_str(), "{live}");
+    assert!(
+        live["lease_left_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 0 && ms <= 2000),
+        "the 2 s lease's time left: {live}"
+    );
     assert!(
         live["store_detail"]
             .as_str()

@@ -300,6 +300,23 @@ pub(super) struct Touched {
     completes_intent: bool,
 }
 
+/// What the pending commits change ([`Engine::pending_changes`]): a
+/// listing answered without waiting for them leaves these out.
+#[derive(Default)]
+pub(super) struct PendingChanges {
+    /// Files a pending commit changes (their handles, holders and locks).
+    pub(super) files: BTreeSet<FileId>,
+    /// Handles a pending commit changes, present or removed.
+    pub(super) keys: BTreeSet<ResumeKey>,
+}
+
+impl PendingChanges {
+    /// Whether a pending commit changes `rec`'s handle or its file.
+    pub(super) fn changes(&self, rec: &HandleRecord) -> bool {
+        self.keys.contains(&rec.key) || self.files.contains(&rec.file)
+    }
+}
+
 /// The groups being built and the bookkeeping of sequences not yet durable.
 pub(super) struct Batch {
     /// The sequence of the group being built (the current request's).
@@ -755,6 +772,52 @@ impl Engine {
     /// what the engine holds is what is durable.
     pub(super) fn nothing_pending(&self) -> bool {
         self.batch.last <= self.pipe.committed()
+    }
+
+    /// What the commits pending now change: the files and handles whose
+    /// state in memory is ahead of what is durable. Everything else the
+    /// engine holds is durable — a persistent handle's record as its last
+    /// commit wrote it, a non-persistent one's as nothing will take back.
+    /// Gathered from what each pending group touched (its store
+    /// operations' files and handles) and from what it would undo in
+    /// memory (a non-persistent open, record part, removal, loss or
+    /// attachment that waited for it), each handle named by its file too:
+    /// a listing that leaves these files out shows no pending state.
+    pub(super) fn pending_changes(&self) -> PendingChanges {
+        let committed = self.pipe.committed();
+        let mut p = PendingChanges::default();
+        for t in self.batch.pending.range(committed + 1..).map(|(_, t)| t) {
+            p.files.extend(t.files.iter().copied());
+            p.keys.extend(t.handles.iter().copied());
+            for u in &t.undo {
+                match u {
+                    Undo::Drop(key) => {
+                        p.keys.insert(*key);
+                    }
+                    Undo::Record(part) => {
+                        p.keys.insert(part.key);
+                    }
+                    Undo::Reinsert(h) => {
+                        p.keys.insert(h.rec.key);
+                        p.files.insert(h.rec.file);
+                    }
+                    Undo::Lose(l) => {
+                        p.keys.insert(l.key);
+                    }
+                    Undo::Attachment(a) => {
+                        p.keys.insert(a.key);
+                    }
+                    Undo::Counts(_) | Undo::Uncount(_) | Undo::BreakSent => {}
+                }
+            }
+        }
+        let files: Vec<FileId> = p
+            .keys
+            .iter()
+            .filter_map(|k| self.handles.get(k).map(|h| h.rec.file))
+            .collect();
+        p.files.extend(files);
+        p
     }
 
     /// The newest commit sequence given out.

@@ -10,6 +10,7 @@
 
 use std::ops::Bound;
 
+use super::durable::PendingChanges;
 use super::*;
 use libfilter::locks::{LockKind, LockRange};
 use libfilter::proto::{FileHolder, LockCursor, PAGE_BYTES};
@@ -115,19 +116,42 @@ fn lock_order(l: &Lock<ResumeKey>) -> (LockRange, LockKind, ResumeKey) {
 }
 
 impl Engine {
+    /// A page of `Handles`: handles after `after`, by resume key; with
+    /// `durable`, only those no pending commit changes.
+    pub(super) fn handles_page(
+        &self,
+        after: Option<ResumeKey>,
+        durable: Option<&PendingChanges>,
+    ) -> Reply {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let range = self
+            .handles
+            .range((from, Bound::Unbounded))
+            .filter(|(_, h)| durable.is_none_or(|p| !p.changes(&h.rec)));
+        let (handles, next) = page(range.map(|(_, h)| self.view(h)), |v| v.record.key);
+        Reply::Handles {
+            handles,
+            next,
+            commit_wait: None,
+        }
+    }
+
     /// A page of `Files`: files after `after` (inside it after holder
-    /// `holders_after`), each file's holders by resume key.
+    /// `holders_after`), each file's holders by resume key; with
+    /// `durable`, only the files no pending commit changes.
     pub(super) fn files_page(
         &self,
         conn: ConnId,
         after: Option<FileId>,
         holders_after: Option<ResumeKey>,
+        durable: Option<&PendingChanges>,
     ) -> Reply {
         let within = self.granted(conn, proto::FEATURE_PAGED_WITHIN_FILE);
         let (from, resume) = start(after, holders_after, within);
         let groups = self
             .by_file
             .range((from, Bound::Unbounded))
+            .filter(|(file, _)| durable.is_none_or(|p| !p.files.contains(file)))
             .filter_map(|(file, keys)| {
                 let mut hs: Vec<&Handle> = keys
                     .iter()
@@ -184,22 +208,26 @@ impl Engine {
             files,
             next: end.map(|(f, _)| f),
             next_holder,
+            commit_wait: None,
         }
     }
 
     /// A page of `Locks`: files after `after` (inside it after lock
-    /// `locks_after`), each file's locks in its table's order.
+    /// `locks_after`), each file's locks in its table's order; with
+    /// `durable`, only the files no pending commit changes.
     pub(super) fn locks_page(
         &self,
         conn: ConnId,
         after: Option<FileId>,
         locks_after: Option<LockCursor>,
+        durable: Option<&PendingChanges>,
     ) -> Reply {
         let within = self.granted(conn, proto::FEATURE_PAGED_WITHIN_FILE);
         let (from, resume) = start(after, locks_after, within);
         let groups = self
             .locks
             .range((from, Bound::Unbounded))
+            .filter(|(file, _)| durable.is_none_or(|p| !p.files.contains(file)))
             .map(|(file, table)| {
                 let locks = table.locks();
                 // Past the cursor's lock: past every lock before it in
@@ -249,6 +277,7 @@ impl Engine {
             locks,
             next: end.map(|(f, _)| f),
             next_lock,
+            commit_wait: None,
         }
     }
 }

@@ -1037,7 +1037,7 @@ impl Engine {
             _ => None,
         };
         let counted = durable::Granted::counted(&self.stats);
-        let is_status = matches!(req, Request::Status);
+        let bounded = status_wait::Bounded::of(&req);
         let outcome = self.dispatch(conn, role, id, req);
         if let Some(part) = before {
             self.undo_if_failed(durable::Undo::Record(Box::new(part)));
@@ -1049,8 +1049,8 @@ impl Engine {
             self.undo_if_failed(durable::Undo::Counts(granted));
         }
         self.answer(conn, writer, id, outcome);
-        if is_status {
-            self.bound_status_wait(writer, id);
+        if let Some(what) = bounded {
+            self.bound_commit_wait(conn, writer, id, what);
         }
     }
 
@@ -1598,9 +1598,10 @@ impl Engine {
                 let (protocol, _) = need_frontend()?;
                 self.remove_path(conn, req_id, &protocol, path, record)
             }
-            Request::Locks { after, locks_after } => {
-                Ok(Some((self.locks_page(conn, after, locks_after), None)))
-            }
+            Request::Locks { after, locks_after } => Ok(Some((
+                self.locks_page(conn, after, locks_after, None),
+                None,
+            ))),
             Request::ListRecords { scope, after } => {
                 // A frontend lists its own protocol's scopes; filterctl
                 // names a scope in full ("nfs/clients").
@@ -1772,16 +1773,7 @@ impl Engine {
                 Ok(Some((Reply::Done, None)))
             }
             Request::Status => Ok(Some((Reply::Status(self.status()), None))),
-            Request::Handles { after } => {
-                let range = match after {
-                    Some(k) => self
-                        .handles
-                        .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
-                    None => self.handles.range(..),
-                };
-                let (handles, next) = page(range.map(|(_, h)| self.view(h)), |v| v.record.key);
-                Ok(Some((Reply::Handles { handles, next }, None)))
-            }
+            Request::Handles { after } => Ok(Some((self.handles_page(after, None), None))),
             Request::Handle { key, learning } => {
                 // Only the query that learns a change's outcome waits: the
                 // frontend's other queries of the handle share its
@@ -1804,7 +1796,10 @@ impl Engine {
             Request::Files {
                 after,
                 holders_after,
-            } => Ok(Some((self.files_page(conn, after, holders_after), None))),
+            } => Ok(Some((
+                self.files_page(conn, after, holders_after, None),
+                None,
+            ))),
             Request::Frontends => Ok(Some((frontends_reply(self.frontends()), None))),
             Request::Stats => {
                 let mut s = self.durable_stats();
@@ -1883,6 +1878,8 @@ impl Engine {
             corrupt_records: Some(self.corrupt.names.clone()),
             corrupt_records_total: Some(self.corrupt.total),
             commit_wait: None,
+            // What the keepalive keeps: never blocks on etcd.
+            lease_left_ms: self.store.lease_left().map(millis),
         }
     }
 

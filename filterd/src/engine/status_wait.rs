@@ -10,15 +10,25 @@
 //! request answered with the counts of the last moment nothing was
 //! pending — durable, if older — and [`CommitWait`] saying so: how long
 //! commits have been pending, how many replies wait behind them, how old
-//! the counts are. The listings (`handles`, `files`, `locks`,
-//! `frontends`) still wait: they show records one by one, and a stale
-//! copy of every record is not kept.
+//! the counts are.
+//!
+//! The listings `handles`, `files` and `locks` are bounded alike. Past the
+//! bound they list only what is durable now: everything but the files and
+//! handles a pending commit changes ([`Engine::pending_changes`]; no
+//! stale copy of each record is kept, so their durable state is not
+//! known apart from the pending one), which are left out and counted in
+//! their [`CommitWait`]. `frontends` counts each instance's stored
+//! handles, which pending commits change; past the bound it is refused
+//! (`Busy`, saying why) rather than left hanging.
 
 use std::sync::Arc;
 
-use libfilter::proto::{CommitWait, Reply, ServerFrame, StatusInfo};
+use libfilter::model::{FileId, ResumeKey};
+use libfilter::proto::{
+    CommitWait, ErrorCode, LockCursor, Reply, Request, ServerFrame, StatusInfo, WireError,
+};
 
-use super::{mono_ms, Engine};
+use super::{err, mono_ms, ConnId, Engine};
 use crate::outbox::ConnWriter;
 
 /// How long a `status` waits for the commits pending at its arrival
@@ -53,15 +63,66 @@ struct DurableCounts {
     last_seq: u64,
 }
 
-/// A status parked behind pending commits.
+/// A request whose wait for pending commits is bounded: `status` and the
+/// listings.
+#[derive(Clone, Copy)]
+pub(super) enum Bounded {
+    Status,
+    /// Refused past the bound.
+    Frontends,
+    /// Answered with what is durable past the bound.
+    Listing(Listing),
+}
+
+/// A listing page answered from durable state past its bound.
+#[derive(Clone, Copy)]
+pub(super) enum Listing {
+    Handles {
+        after: Option<ResumeKey>,
+    },
+    Files {
+        after: Option<FileId>,
+        holders_after: Option<ResumeKey>,
+    },
+    Locks {
+        after: Option<FileId>,
+        locks_after: Option<LockCursor>,
+    },
+}
+
+impl Bounded {
+    /// `req`'s bounded wait, if it has one.
+    pub(super) fn of(req: &Request) -> Option<Bounded> {
+        Some(match *req {
+            Request::Status => Bounded::Status,
+            Request::Frontends => Bounded::Frontends,
+            Request::Handles { after } => Bounded::Listing(Listing::Handles { after }),
+            Request::Files {
+                after,
+                holders_after,
+            } => Bounded::Listing(Listing::Files {
+                after,
+                holders_after,
+            }),
+            Request::Locks { after, locks_after } => {
+                Bounded::Listing(Listing::Locks { after, locks_after })
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// A status or listing parked behind pending commits.
 struct Waiting {
     writer: Arc<ConnWriter>,
+    conn: ConnId,
     id: u64,
     seq: u64,
     arrived_ms: u64,
+    what: Bounded,
 }
 
-/// The engine's state for bounded status waits.
+/// The engine's state for bounded status and listing waits.
 #[derive(Default)]
 pub(super) struct StatusWaits {
     waiting: Vec<Waiting>,
@@ -87,21 +148,32 @@ impl Engine {
         (connected, disconnected, lost, self.instances.len() as u64)
     }
 
-    /// A status request was answered: if its reply is parked behind
-    /// pending commits, it is answered at the latest
+    /// A status or listing request was answered: if its reply is parked
+    /// behind pending commits, it is answered at the latest
     /// [`STATUS_COMMIT_WAIT_MS`] from now.
     /// A status answered at once refreshes the durable counts (what it
     /// showed is durable).
-    pub(super) fn bound_status_wait(&mut self, writer: &Arc<ConnWriter>, id: u64) {
-        self.status_waits.watched_until_ms = mono_ms().saturating_add(COUNTS_WATCHED_MS);
+    pub(super) fn bound_commit_wait(
+        &mut self,
+        conn: ConnId,
+        writer: &Arc<ConnWriter>,
+        id: u64,
+        what: Bounded,
+    ) {
+        let status = matches!(what, Bounded::Status);
+        if status {
+            self.status_waits.watched_until_ms = mono_ms().saturating_add(COUNTS_WATCHED_MS);
+        }
         if let Some(seq) = self.request_waits_for() {
             self.status_waits.waiting.push(Waiting {
                 writer: writer.clone(),
+                conn,
                 id,
                 seq,
                 arrived_ms: mono_ms(),
+                what,
             });
-        } else {
+        } else if status {
             self.note_durable_counts(mono_ms(), true);
         }
     }
@@ -148,8 +220,8 @@ impl Engine {
     }
 
     /// At the end of each engine round: takes the durable counts when
-    /// nothing is pending, and answers the status requests whose bound
-    /// passed with them.
+    /// nothing is pending, and answers the status and listing requests
+    /// whose bound passed with what is durable.
     pub(super) fn status_waits_due(&mut self, now: u64) {
         self.note_durable_counts(now, false);
         if self.status_waits.waiting.is_empty() {
@@ -167,33 +239,96 @@ impl Engine {
                 continue;
             }
             if self.pipe.withdraw(w.seq, &w.writer, w.id).is_some() {
-                let status = self.durable_status(now, now.saturating_sub(w.arrived_ms));
+                let result = self.durable_answer(&w, now);
                 let frame = ServerFrame::Reply {
                     id: Some(w.id),
-                    result: Ok(Reply::Status(status)),
+                    result,
                 };
                 w.writer.send_frame(&frame, None);
             }
         }
     }
 
-    /// `status` with the durable counts and what it did not wait for.
-    fn durable_status(&self, now: u64, waited_ms: u64) -> StatusInfo {
-        let mut s = self.status();
-        let c = self.status_waits.counts;
-        s.handles_connected = c.map_or(0, |c| c.connected);
-        s.handles_disconnected = c.map_or(0, |c| c.disconnected);
-        s.handles_lost = c.map_or(0, |c| c.lost);
-        s.frontends = c.map_or(0, |c| c.frontends);
-        s.commit_wait = Some(CommitWait {
+    /// The answer to `w`, whose bound passed: what is durable, and what
+    /// it did not wait for.
+    fn durable_answer(&self, w: &Waiting, now: u64) -> Result<Reply, WireError> {
+        let wait = self.commit_wait(now, now.saturating_sub(w.arrived_ms));
+        match w.what {
+            Bounded::Status => Ok(Reply::Status(self.durable_status(wait))),
+            Bounded::Listing(l) => Ok(self.durable_listing(w.conn, l, wait)),
+            Bounded::Frontends => Err(err(
+                ErrorCode::Busy,
+                format!(
+                    "commits have been pending for {} ms (the store is stalled or slow): \
+                         the frontends listing counts stored handles, which they change, and \
+                         is not answered from durable state; `status` shows the durable \
+                         frontend count",
+                    wait.pending_for_ms
+                ),
+            )),
+        }
+    }
+
+    /// A listing page of what is durable now: the files and handles
+    /// pending commits change left out, and counted in `wait`.
+    fn durable_listing(&self, conn: ConnId, listing: Listing, mut wait: CommitWait) -> Reply {
+        let durable = self.pending_changes();
+        let in_memory = self.handles.values().filter(|h| durable.changes(&h.rec));
+        let removed = durable
+            .keys
+            .iter()
+            .filter(|k| !self.handles.contains_key(k));
+        // The rows listed are durable as of now.
+        wait.counts_age_ms = Some(0);
+        wait.handles_left_out = Some((in_memory.count() + removed.count()) as u64);
+        wait.files_left_out = Some(durable.files.len() as u64);
+        let mut reply = match listing {
+            Listing::Handles { after } => self.handles_page(after, Some(&durable)),
+            Listing::Files {
+                after,
+                holders_after,
+            } => self.files_page(conn, after, holders_after, Some(&durable)),
+            Listing::Locks { after, locks_after } => {
+                self.locks_page(conn, after, locks_after, Some(&durable))
+            }
+        };
+        if let Reply::Handles { commit_wait, .. }
+        | Reply::Files { commit_wait, .. }
+        | Reply::Locks { commit_wait, .. } = &mut reply
+        {
+            *commit_wait = Some(wait);
+        }
+        reply
+    }
+
+    /// What an answer that did not wait for the pending commits says of
+    /// them (`counts_age_ms`: of `status`'s durable counts).
+    fn commit_wait(&self, now: u64, waited_ms: u64) -> CommitWait {
+        CommitWait {
             waited_ms,
             pending_for_ms: self
                 .status_waits
                 .pending_since_ms
                 .map_or(0, |t| now.saturating_sub(t)),
             replies_awaiting_commit: self.pipe.replies_waiting() as u64,
-            counts_age_ms: c.map(|c| now.saturating_sub(c.at_ms)),
-        });
+            counts_age_ms: self
+                .status_waits
+                .counts
+                .map(|c| now.saturating_sub(c.at_ms)),
+            handles_left_out: None,
+            files_left_out: None,
+        }
+    }
+
+    /// `status` with the durable counts and what it did not wait for.
+    fn durable_status(&self, wait: CommitWait) -> StatusInfo {
+        let mut s = self.status();
+        let c = self.status_waits.counts;
+        s.handles_connected = c.map_or(0, |c| c.connected);
+        s.handles_disconnected = c.map_or(0, |c| c.disconnected);
+        s.handles_lost = c.map_or(0, |c| c.lost);
+        s.frontends = c.map_or(0, |c| c.frontends);
+        s.commit_wait = Some(wait);
         s
     }
 }

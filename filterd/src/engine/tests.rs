@@ -8586,3 +8586,107 @@ fn a_status_behind_a_stalled_commit_answers_with_what_is_durable() {
     };
     assert_eq!((s.handles_connected, s.commit_wait.is_none()), (2, true));
 }
+
+/// The listings parked behind a pending commit are answered once their
+/// bound passes, as `status` is, with what is durable only: the files and
+/// handles a pending commit changes are left out (not shown as they will
+/// be, nor as they were: no copy of the durable record is kept) and
+/// counted in `commit_wait`; `frontends`, whose stored-handle counts
+/// pending commits change, is refused (`Busy`) rather than left waiting.
+/// Before, each waited for every pending commit, and with etcd stalled an
+/// operator got no answer at all. The parked replies are taken back, so
+/// the commit resolving later sends nothing more (the harness fails a
+/// request answered twice).
+#[test]
+fn listings_behind_a_stalled_commit_answer_with_what_is_durable() {
+    let mut h = Harness::new();
+    let (oa, oc) = (h.run(open("a", Rights::ALL)), h.run(open("c", Rights::ALL)));
+    h.commit(true);
+    let (a, c) = (h.opened(oa), h.opened(oc));
+    h.run(lock_10(a, 0));
+    h.run(lock_10(c, 0));
+    h.commit(true);
+    let file_a = h.engine.handles[&a].rec.file;
+    // Pending: the open of b, a second lock of c.
+    let ob = h.run(open("b", Rights::ALL));
+    let lc = h.run(lock_10(c, 100));
+    h.engine.flush();
+    assert!(h.reply(ob).is_none() && h.reply(lc).is_none());
+    let ids = [
+        h.run(Request::Handles { after: None }),
+        h.run(Request::Files {
+            after: None,
+            holders_after: None,
+        }),
+        h.run(Request::Locks {
+            after: None,
+            locks_after: None,
+        }),
+        h.run(Request::Frontends),
+    ];
+    h.engine.status_waits_due(mono_ms());
+    h.drain_replies();
+    assert!(
+        ids.iter().all(|id| h.reply(*id).is_none()),
+        "answered before their bound"
+    );
+    h.engine
+        .status_waits_due(mono_ms() + super::status_wait::STATUS_COMMIT_WAIT_MS);
+    h.drain_replies();
+    let left_out = |w: &Option<libfilter::proto::CommitWait>| {
+        let w = w.as_ref().expect("says what it did not wait for");
+        assert!(
+            w.waited_ms >= super::status_wait::STATUS_COMMIT_WAIT_MS
+                && w.replies_awaiting_commit >= 2,
+            "{w:?}"
+        );
+        (w.handles_left_out, w.files_left_out)
+    };
+    let Some(Ok(Reply::Handles {
+        handles,
+        next: None,
+        commit_wait,
+    })) = h.reply(ids[0])
+    else {
+        panic!("{:?}", h.reply(ids[0]));
+    };
+    let keys: Vec<ResumeKey> = handles.iter().map(|v| v.record.key).collect();
+    assert_eq!(keys, [a], "only a's state is durable and not pending");
+    assert_eq!(left_out(commit_wait), (Some(2), Some(2)), "b and c");
+    let Some(Ok(Reply::Files {
+        files, commit_wait, ..
+    })) = h.reply(ids[1])
+    else {
+        panic!("{:?}", h.reply(ids[1]));
+    };
+    let listed: Vec<FileId> = files.iter().map(|f| f.file).collect();
+    assert_eq!(listed, [file_a]);
+    assert_eq!(left_out(commit_wait), (Some(2), Some(2)));
+    let Some(Ok(Reply::Locks {
+        locks, commit_wait, ..
+    })) = h.reply(ids[2])
+    else {
+        panic!("{:?}", h.reply(ids[2]));
+    };
+    let holders: Vec<ResumeKey> = locks.iter().map(|l| l.key).collect();
+    assert_eq!(holders, [a], "c's pending lock is not shown");
+    assert_eq!(left_out(commit_wait), (Some(2), Some(2)));
+    match h.reply(ids[3]) {
+        Some(Err(e)) if e.code == ErrorCode::Busy && e.message.contains("durable") => {}
+        other => panic!("frontends past its bound: {other:?}"),
+    }
+    h.commit(true);
+    h.drain_replies();
+    h.opened(ob);
+    h.answered(lc);
+    let all = h.run(Request::Handles { after: None });
+    let Some(Ok(Reply::Handles {
+        handles,
+        commit_wait: None,
+        ..
+    })) = h.reply(all)
+    else {
+        panic!("{:?}", h.reply(all));
+    };
+    assert_eq!(handles.len(), 3, "nothing pending: every handle");
+}

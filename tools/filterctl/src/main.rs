@@ -418,6 +418,28 @@ fn live_status_json(s: &libfilter::proto::StatusInfo) -> anyhow::Result<serde_js
     Ok(v)
 }
 
+/// A live listing answered without waiting for stuck commits says so:
+/// after the table, or — the `--json` array keeping its shape — on stderr,
+/// as a line a script can read (`commit_wait` and its JSON document).
+fn say_durable_only(
+    args: &Args,
+    wait: Option<&libfilter::proto::CommitWait>,
+) -> anyhow::Result<()> {
+    let Some(w) = wait else {
+        return Ok(());
+    };
+    if args.json {
+        eprintln!(
+            "filterctl: {}; commit_wait {}",
+            render::durable_only(w),
+            serde_json::to_string(w)?
+        );
+    } else {
+        outln!("{}", render::durable_only(w))?;
+    }
+    Ok(())
+}
+
 /// An older daemon's `store` (its description) as `store` and
 /// `store_detail`: the name before ` (`, and the whole description; null
 /// both when it said nothing.
@@ -561,8 +583,13 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
     };
     match (&args.command, src) {
         (Cmd::Locks, src) => {
+            let mut wait = None;
             let locks = match src {
-                Source::Live(c) => c.locks()?,
+                Source::Live(c) => {
+                    let l = c.locks_listed()?;
+                    wait = l.commit_wait;
+                    l.items
+                }
                 Source::Offline(store) => read_handles(&store)?
                     .iter()
                     .filter(|v| render::holds_state(v))
@@ -583,24 +610,27 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
                     .collect(),
             };
             if args.json {
-                print_json(&locks)
+                print_json(&locks)?;
             } else {
                 out!("{}", render::locks(&locks))?;
-                Ok(())
             }
+            say_durable_only(args, wait.as_ref())
         }
         (Cmd::Leases, src) => {
-            let views = match src {
-                Source::Live(c) => c.handles()?,
-                Source::Offline(store) => read_handles(&store)?,
+            let (views, wait) = match src {
+                Source::Live(c) => {
+                    let l = c.handles_listed()?;
+                    (l.items, l.commit_wait)
+                }
+                Source::Offline(store) => (read_handles(&store)?, None),
             };
             let leases = render::lease_rows(&views);
             if args.json {
-                print_json(&leases)
+                print_json(&leases)?;
             } else {
                 out!("{}", render::leases(&leases))?;
-                Ok(())
             }
+            say_durable_only(args, wait.as_ref())
         }
         (Cmd::Clients, src) => {
             // Every nfsshim instance's client table; the live daemon is
@@ -685,16 +715,19 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
             Ok(())
         }
         (Cmd::Handles, src) => {
-            let views = match src {
-                Source::Live(c) => c.handles()?,
-                Source::Offline(store) => read_handles(&store)?,
+            let (views, wait) = match src {
+                Source::Live(c) => {
+                    let l = c.handles_listed()?;
+                    (l.items, l.commit_wait)
+                }
+                Source::Offline(store) => (read_handles(&store)?, None),
             };
             if args.json {
-                print_json(&views)
+                print_json(&views)?;
             } else {
                 out!("{}", render::handles(&views, libfilter::model::now_ms()))?;
-                Ok(())
             }
+            say_durable_only(args, wait.as_ref())
         }
         (Cmd::Handle { key }, src) => {
             let key = *key;
@@ -724,16 +757,19 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
             }
         }
         (Cmd::Files, src) => {
-            let files = match src {
-                Source::Live(c) => c.files()?,
-                Source::Offline(store) => offline_files(&read_handles(&store)?),
+            let (files, wait) = match src {
+                Source::Live(c) => {
+                    let l = c.files_listed()?;
+                    (l.items, l.commit_wait)
+                }
+                Source::Offline(store) => (offline_files(&read_handles(&store)?), None),
             };
             if args.json {
-                print_json(&files)
+                print_json(&files)?;
             } else {
                 out!("{}", render::files(&files))?;
-                Ok(())
             }
+            say_durable_only(args, wait.as_ref())
         }
         (Cmd::Frontends, Source::Live(c)) => {
             match c.call(Request::Frontends)?.0 {
@@ -921,6 +957,7 @@ mod tests {
             corrupt_records: None,
             corrupt_records_total: None,
             commit_wait: None,
+            lease_left_ms: None,
         }
     }
 

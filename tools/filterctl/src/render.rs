@@ -561,6 +561,15 @@ pub fn status(s: &StatusInfo) -> String {
         ),
         ("schema version", s.schema_version.to_string()),
     ]);
+    if let Some(left) = s.lease_left_ms {
+        out.push_str(&kv(&[(
+            "store lease",
+            format!(
+                "{} left (as the keepalive last proved it)",
+                duration_ms(left)
+            ),
+        )]));
+    }
     if let Some(w) = &s.commit_wait {
         out.push_str(&kv(&[(
             "commits pending",
@@ -584,6 +593,20 @@ pub fn status(s: &StatusInfo) -> String {
         )])),
     }
     out
+}
+
+/// The line a listing answered without waiting for stuck commits ends
+/// with (on stderr for `--json`, whose array keeps its shape): what it
+/// shows is durable, and what it left out.
+pub fn durable_only(w: &libfilter::proto::CommitWait) -> String {
+    format!(
+        "durable state only: commits pending for {} ({} replies waiting); answered after {} without them, leaving out {} handles on {} files a pending commit changes",
+        duration_ms(w.pending_for_ms),
+        w.replies_awaiting_commit,
+        duration_ms(w.waited_ms),
+        w.handles_left_out.unwrap_or(0),
+        w.files_left_out.unwrap_or(0),
+    )
 }
 
 /// What live `status`'s count of corrupt records is as of: filterd
