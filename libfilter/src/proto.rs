@@ -1593,7 +1593,7 @@ pub struct StatusInfo {
 /// ([`StatusInfo::commit_wait`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitWait {
-    /// How long the status waited before it answered (ms).
+    /// How long the status or listing page waited before it answered (ms).
     pub waited_ms: u64,
     /// How long commits have been pending without a break (ms): about
     /// the age of the oldest commit not yet resolved.
@@ -1602,7 +1602,8 @@ pub struct CommitWait {
     pub replies_awaiting_commit: u64,
     /// How old the counts shown are (ms since nothing was last pending);
     /// `None`: something has been pending since filterd started, and the
-    /// counts are 0 (unknown).
+    /// counts are 0 (unknown). A listing: 0 — its rows are durable as of
+    /// the answer.
     #[serde(default)]
     pub counts_age_ms: Option<u64>,
     /// A listing only: the handles it left out — those whose state

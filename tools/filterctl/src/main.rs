@@ -59,9 +59,13 @@ struct Args {
 enum Cmd {
     /// Daemon status (or, offline, what the store says). Exits 0 whenever
     /// it can report: unreadable stored records are shown (`corrupt
-    /// records`) and named on stderr, never a failure.
+    /// records`) and named on stderr, never a failure. Live, with commits
+    /// stuck for 1 s, the durable counts and `commits pending`; on etcd,
+    /// the lease's time left.
     Status,
-    /// Every handle.
+    /// Every handle. Live, with commits stuck for 1 s (a stalled store),
+    /// only what is durable, saying so (`durable state only`; stderr with
+    /// --json); so do `files`, `locks` and `leases`.
     Handles,
     /// One handle in detail.
     Handle {
@@ -81,7 +85,8 @@ enum Cmd {
     Clients,
     /// Frontend instances: the attached ones and those stored handles name
     /// (offline: the latter), one row each; live, past about 48 KiB of
-    /// rows the rest are counted (`…and N more`), not listed.
+    /// rows the rest are counted (`…and N more`), not listed. Live, with
+    /// commits stuck for 1 s, refused (exit 1) with the reason.
     Frontends,
     /// Counters since the daemon started (live only).
     Stats,
