@@ -964,6 +964,7 @@ fn listings_answer_with_what_is_durable_while_etcd_stalls() {
     let out = ctl(&["handles", "--json"]);
     let took = t0.elapsed();
     assert_eq!(out.code, 0, "handles during the stall: {}", out.stderr);
+    eprintln!("filterctl handles during the stall: {took:?}");
     assert!(took < Duration::from_secs(4), "handles took {took:?}");
     assert_eq!(
         paths_of(&out.json()),
