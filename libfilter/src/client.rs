@@ -354,15 +354,18 @@ const RECV_TICK: Duration = Duration::from_millis(50);
 /// only (nudges are not lost, see `FilterClient::wait_reply`).
 const FOLLOWER_TICK: Duration = Duration::from_millis(20);
 
-/// A whole listing, fetched page after page.
+/// A whole listing that may be durable state only
+/// ([`FilterClient::handles_durable_ok`] and the like), fetched page after
+/// page.
 #[derive(Debug)]
 pub struct Listed<T> {
     /// Its rows.
     pub items: Vec<T>,
     /// Set when a page was answered without waiting for the commits
     /// pending at its request (they had not resolved within filterd's
-    /// bound): the rows are what is durable, those pending commits change
-    /// left out. The last such page's.
+    /// bound): the rows are what is durable, every file a pending commit
+    /// changes left out with all its handles and locks — not a complete
+    /// list. The last such page's (its counts are of the whole table then).
     pub commit_wait: Option<proto::CommitWait>,
 }
 
@@ -380,6 +383,18 @@ impl<T> Listed<T> {
     fn note(&mut self, wait: Option<proto::CommitWait>) {
         if wait.is_some() {
             self.commit_wait = wait;
+        }
+    }
+
+    /// The rows of a listing that asked to wait for every pending commit:
+    /// a page that did not (which filterd never sends then) fails it
+    /// rather than pass as complete.
+    fn complete(self) -> Result<Vec<T>, ClientError> {
+        match self.commit_wait {
+            None => Ok(self.items),
+            Some(w) => Err(ClientError::Unexpected(format!(
+                "a listing that waits for pending commits was answered with durable state only: {w:?}"
+            ))),
         }
     }
 }
@@ -1300,20 +1315,29 @@ impl FilterClient {
         }
     }
 
-    /// Every handle, fetching page after page. While commits are stuck
-    /// (past filterd's 1 s bound) only what is durable:
-    /// [`FilterClient::handles_listed`] says what was left out.
+    /// Every handle, fetching page after page: each page waits for the
+    /// commits pending at its request, so the list is complete (what a
+    /// frontend acts on — which handles are its own, which are gone —
+    /// needs that), however long they take.
     pub fn handles(&self) -> Result<Vec<HandleView>, ClientError> {
-        Ok(self.handles_listed()?.items)
+        self.handles_paged(false)?.complete()
     }
 
-    /// Every handle, fetching page after page, and whether a page was
-    /// answered without waiting for pending commits.
-    pub fn handles_listed(&self) -> Result<Listed<HandleView>, ClientError> {
+    /// Every handle, taking what is durable if commits stay pending (an
+    /// operator's view, `filterctl handles`): past filterd's bound a page
+    /// leaves out every file a pending commit changes, all its handles
+    /// too, and the result's `commit_wait` says so — check it before
+    /// taking the list as complete.
+    pub fn handles_durable_ok(&self) -> Result<Listed<HandleView>, ClientError> {
+        self.handles_paged(true)
+    }
+
+    /// Every handle, page after page, with `durable_ok` on each request.
+    fn handles_paged(&self, durable_ok: bool) -> Result<Listed<HandleView>, ClientError> {
         let mut out = Listed::default();
         let mut after = None;
         loop {
-            match self.call(Request::Handles { after })?.0 {
+            match self.call(Request::Handles { after, durable_ok })?.0 {
                 Reply::Handles {
                     handles,
                     next,
@@ -1333,23 +1357,29 @@ impl FilterClient {
 
     /// Every file with handles, fetching page after page. A file a page
     /// ended inside ([`proto::FEATURE_PAGED_WITHIN_FILE`]) comes back as
-    /// one [`FileView`] with all its holders. While commits are stuck
-    /// only what is durable ([`FilterClient::files_listed`]).
+    /// one [`FileView`] with all its holders. Complete: each page waits
+    /// for the commits pending at its request ([`FilterClient::handles`]).
     pub fn files(&self) -> Result<Vec<FileView>, ClientError> {
-        Ok(self.files_listed()?.items)
+        self.files_paged(false)?.complete()
     }
 
-    /// [`FilterClient::files`], and whether a page was answered without
-    /// waiting for pending commits.
-    pub fn files_listed(&self) -> Result<Listed<FileView>, ClientError> {
+    /// Every file with handles, taking what is durable if commits stay
+    /// pending (`filterctl files`): as [`FilterClient::handles_durable_ok`].
+    pub fn files_durable_ok(&self) -> Result<Listed<FileView>, ClientError> {
+        self.files_paged(true)
+    }
+
+    /// Every file with handles, page after page, with `durable_ok` on
+    /// each request.
+    fn files_paged(&self, durable_ok: bool) -> Result<Listed<FileView>, ClientError> {
         let mut listed: Listed<FileView> = Listed::default();
-        let out = &mut listed.items;
         let (mut after, mut holders_after) = (None, None);
         loop {
             match self
                 .call(Request::Files {
                     after,
                     holders_after,
+                    durable_ok,
                 })?
                 .0
             {
@@ -1360,14 +1390,12 @@ impl FilterClient {
                     commit_wait,
                 } => {
                     for f in files {
-                        match out.last_mut() {
+                        match listed.items.last_mut() {
                             Some(last) if last.file == f.file => last.holders.extend(f.holders),
-                            _ => out.push(f),
+                            _ => listed.items.push(f),
                         }
                     }
-                    if commit_wait.is_some() {
-                        listed.commit_wait = commit_wait;
-                    }
+                    listed.note(commit_wait);
                     match next {
                         Some(f) => (after, holders_after) = (Some(f), next_holder),
                         None => return Ok(listed),
@@ -1731,19 +1759,33 @@ impl FilterClient {
         }
     }
 
-    /// Every byte-range lock, fetching page after page. While commits
-    /// are stuck only what is durable ([`FilterClient::locks_listed`]).
+    /// Every byte-range lock, fetching page after page. Complete: each
+    /// page waits for the commits pending at its request
+    /// ([`FilterClient::handles`]).
     pub fn locks(&self) -> Result<Vec<crate::proto::LockView>, ClientError> {
-        Ok(self.locks_listed()?.items)
+        self.locks_paged(false)?.complete()
     }
 
-    /// [`FilterClient::locks`], and whether a page was answered without
-    /// waiting for pending commits.
-    pub fn locks_listed(&self) -> Result<Listed<crate::proto::LockView>, ClientError> {
+    /// Every byte-range lock, taking what is durable if commits stay
+    /// pending (`filterctl locks`): as [`FilterClient::handles_durable_ok`].
+    pub fn locks_durable_ok(&self) -> Result<Listed<crate::proto::LockView>, ClientError> {
+        self.locks_paged(true)
+    }
+
+    /// Every byte-range lock, page after page, with `durable_ok` on each
+    /// request.
+    fn locks_paged(&self, durable_ok: bool) -> Result<Listed<crate::proto::LockView>, ClientError> {
         let mut out = Listed::default();
         let (mut after, mut locks_after) = (None, None);
         loop {
-            match self.call(Request::Locks { after, locks_after })?.0 {
+            match self
+                .call(Request::Locks {
+                    after,
+                    locks_after,
+                    durable_ok,
+                })?
+                .0
+            {
                 Reply::Locks {
                     locks,
                     next,

@@ -411,6 +411,18 @@ pub enum Request {
         /// Resume key the previous page ended with (`next` of its reply).
         #[serde(default)]
         after: Option<ResumeKey>,
+        /// The caller takes what is durable if commits stay pending
+        /// (filterctl's listings only): past filterd's bound (1 s for the
+        /// request — at once once commits have been pending with none
+        /// resolving for that long) the page lists only what is durable,
+        /// everything on a file a pending commit changes left out, and its
+        /// reply carries `commit_wait` saying so. Unset (the default, and
+        /// all an older peer sends) the page waits for every commit pending
+        /// at the request and is complete: a frontend or tool that acts on
+        /// the list (which handles are its own, which are gone) needs that.
+        /// An older daemon ignores it and waits.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        durable_ok: bool,
     },
     /// One handle.
     Handle {
@@ -438,6 +450,9 @@ pub enum Request {
         /// the page goes on with that file's later holders.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         holders_after: Option<ResumeKey>,
+        /// As in [`Request::Handles`].
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        durable_ok: bool,
     },
     /// Attached frontends.
     Frontends,
@@ -701,6 +716,9 @@ pub enum Request {
         /// page goes on with that file's later locks.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         locks_after: Option<LockCursor>,
+        /// As in [`Request::Handles`].
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        durable_ok: bool,
     },
 }
 
@@ -1226,8 +1244,10 @@ pub enum Reply {
         #[serde(default)]
         next: Option<ResumeKey>,
         /// Set when the page did not wait for the commits pending at the
-        /// request (none resolved within filterd's bound, 1 s): it lists
-        /// only what is durable, leaving out what a pending commit changes.
+        /// request (the request's `durable_ok`, and none resolved within
+        /// filterd's bound): it lists only what is durable, leaving out
+        /// every file a pending commit changes with all its handles. Never
+        /// set for a request without `durable_ok`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         commit_wait: Option<CommitWait>,
     },
@@ -3445,14 +3465,19 @@ mod binary_tests {
                 }
             }),
             Just(Request::Status),
-            proptest::option::of(key()).prop_map(|after| Request::Handles { after }),
+            (proptest::option::of(key()), any::<bool>())
+                .prop_map(|(after, durable_ok)| Request::Handles { after, durable_ok }),
             (key(), any::<bool>()).prop_map(|(key, learning)| Request::Handle { key, learning }),
-            (proptest::option::of(file()), proptest::option::of(key())).prop_map(
-                |(after, holders_after)| Request::Files {
+            (
+                proptest::option::of(file()),
+                proptest::option::of(key()),
+                any::<bool>()
+            )
+                .prop_map(|(after, holders_after, durable_ok)| Request::Files {
                     after,
-                    holders_after
-                }
-            ),
+                    holders_after,
+                    durable_ok
+                }),
             Just(Request::Frontends),
             Just(Request::Stats),
             key().prop_map(|key| Request::Expire { key }),
@@ -3546,9 +3571,14 @@ mod binary_tests {
             ),
             (
                 proptest::option::of(file()),
-                proptest::option::of(lock_cursor())
+                proptest::option::of(lock_cursor()),
+                any::<bool>()
             )
-                .prop_map(|(after, locks_after)| Request::Locks { after, locks_after }),
+                .prop_map(|(after, locks_after, durable_ok)| Request::Locks {
+                    after,
+                    locks_after,
+                    durable_ok
+                }),
         ]
     }
 

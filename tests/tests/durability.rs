@@ -585,3 +585,152 @@ fn in_a_full_map_every_close_and_purge_commits() {
         "the open is refused at the reserve, before the map is full: {refused}"
     );
 }
+
+/// A library listing waits for the commits pending at it, however long
+/// (re-review rr43a F1, F2): `handles()` during a close whose commit
+/// stalls answers once the close is durable, not after filterd's 1 s
+/// bound with the handle's file left out — which looked exactly like
+/// "closed" (`no_handles_left`, `handle_paths`) while the close could
+/// still fail and put the handle back.
+#[test]
+fn a_library_listing_waits_for_a_stalled_close() {
+    let (s, d, fe, key) =
+        with_persistent_handle("dur-list-close", &[], "commit.before:2:sleep4000");
+    let fe2 = fe.clone();
+    let closer = std::thread::spawn(move || fe2.close(key));
+    wait_stalled(&d);
+    let t0 = std::time::Instant::now();
+    let listed = d.control().handles().expect("listing");
+    let took = t0.elapsed();
+    assert!(listed.is_empty(), "{listed:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "answered after {took:?}, before the close's commit (stalled 4 s)"
+    );
+    assert!(closer.join().expect("closer").is_ok());
+    drop(s);
+}
+
+/// A persistent handle's LOCK stalls in its commit, another frontend's
+/// handle of the same file has nothing pending. Asked for durable state
+/// (filterctl's way, `handles_durable_ok`), the listing answers within
+/// the bound, the whole file left out (both handles), and says so. A
+/// plain `handles()` / `locks()` (a frontend's — nfsshim's reload walks
+/// it to detach its own handles) waits and lists both handles and the
+/// lock. Before (re-review rr43a F1) `handles()` left the other
+/// frontend's handle out, silently: nfsshim's reload did not detach it,
+/// and its resume then dropped the open's state for good.
+#[test]
+fn a_library_listing_lists_every_handle_of_a_file_whose_commit_stalls() {
+    let (s, d, fe, key) = with_persistent_handle("dur-list-lock", &[], "commit.before:2:sleep4000");
+    let other = frontend(&s, "smb-b");
+    let b = other
+        .open(plain_open("bob", "f"))
+        .expect("b's open")
+        .info
+        .key;
+    let fe2 = fe.clone();
+    let locker = std::thread::spawn(move || fe2.lock(key, exclusive(0, 10), None));
+    wait_stalled(&d);
+    let ctl = d.control();
+    let t0 = std::time::Instant::now();
+    let durable = ctl.handles_durable_ok().expect("durable listing");
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert!(durable.items.is_empty(), "f left out whole: {durable:?}");
+    let wait = durable.commit_wait.expect("says it did not wait");
+    assert_eq!(wait.handles_left_out, Some(2), "{wait:?}");
+    let mut keys: Vec<ResumeKey> = ctl
+        .handles()
+        .expect("listing")
+        .iter()
+        .map(|h| h.record.key)
+        .collect();
+    keys.sort();
+    let mut want = vec![key, b];
+    want.sort();
+    assert_eq!(keys, want, "every handle, after the commit");
+    let locks = ctl.locks().expect("locks");
+    assert_eq!(
+        locks.iter().map(|l| l.key).collect::<Vec<_>>(),
+        [key],
+        "the lock, durable"
+    );
+    assert!(locker.join().expect("locker").is_ok());
+}
+
+/// During a stall a listing of several pages asked for durable state
+/// takes about the bound in all, not the bound per page (re-review rr43a
+/// F4): the first page waits it, the later ones — commits pending with
+/// none resolving for the bound by then — are answered at once, each
+/// flagged. `filterctl handles --json` then answers at once too, with the
+/// rows on stdout and `commit_wait` on stderr.
+#[test]
+fn a_long_listing_during_a_stall_takes_the_bound_not_a_bound_per_page() {
+    const OPENS: usize = 1000;
+    let (s, d, fe, key) =
+        with_persistent_handle("dur-list-pages", &[], "commit.before:2:sleep8000");
+    let other = frontend(&s, "smb-b");
+    other
+        .open(OpenRequest {
+            disposition: Disposition::OpenIf,
+            ..plain_open("bob", "g")
+        })
+        .expect("g created");
+    for _ in 1..OPENS {
+        other.open(plain_open("bob", "g")).expect("an open of g");
+    }
+    let fe2 = fe.clone();
+    let locker = std::thread::spawn(move || fe2.lock(key, exclusive(0, 10), None));
+    wait_stalled(&d);
+    let ctl = d.control();
+    let t0 = std::time::Instant::now();
+    let (mut pages, mut rows, mut after) = (0, 0, None);
+    loop {
+        let req = libfilter::proto::Request::Handles {
+            after,
+            durable_ok: true,
+        };
+        match ctl.call(req).expect("a page").0 {
+            libfilter::proto::Reply::Handles {
+                handles,
+                next,
+                commit_wait,
+            } => {
+                assert!(commit_wait.is_some(), "page {pages} flagged");
+                pages += 1;
+                rows += handles.len();
+                match next {
+                    Some(k) => after = Some(k),
+                    None => break,
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let took = t0.elapsed();
+    eprintln!("{pages} pages of a durable-only listing during a stall: {took:?}");
+    assert!(pages >= 3, "{pages} pages");
+    assert_eq!(rows, OPENS, "g's handles; f left out");
+    assert!(
+        took < Duration::from_millis(2500),
+        "{pages} pages took {took:?}"
+    );
+    let sock = s.socket().display().to_string();
+    let t0 = std::time::Instant::now();
+    let out = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]);
+    let took = t0.elapsed();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        took < Duration::from_millis(1500),
+        "filterctl took {took:?}"
+    );
+    assert_eq!(
+        out.json().as_array().map(Vec::len),
+        Some(OPENS),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("commit_wait {"), "{}", out.stderr);
+    assert!(locker.join().expect("locker").is_ok());
+}

@@ -1598,7 +1598,9 @@ impl Engine {
                 let (protocol, _) = need_frontend()?;
                 self.remove_path(conn, req_id, &protocol, path, record)
             }
-            Request::Locks { after, locks_after } => Ok(Some((
+            Request::Locks {
+                after, locks_after, ..
+            } => Ok(Some((
                 self.locks_page(conn, after, locks_after, None),
                 None,
             ))),
@@ -1773,7 +1775,7 @@ impl Engine {
                 Ok(Some((Reply::Done, None)))
             }
             Request::Status => Ok(Some((Reply::Status(self.status()), None))),
-            Request::Handles { after } => Ok(Some((self.handles_page(after, None), None))),
+            Request::Handles { after, .. } => Ok(Some((self.handles_page(after, None), None))),
             Request::Handle { key, learning } => {
                 // Only the query that learns a change's outcome waits: the
                 // frontend's other queries of the handle share its
@@ -1796,6 +1798,7 @@ impl Engine {
             Request::Files {
                 after,
                 holders_after,
+                ..
             } => Ok(Some((
                 self.files_page(conn, after, holders_after, None),
                 None,

@@ -655,6 +655,13 @@ impl Engine {
                 self.retry_files.insert(f);
             }
             if let (Ok(()), IntentChange::Rename { from, to, file, .. }) = (&result, change) {
+                // Its handles' new path is the completion's to show: a
+                // non-persistent handle's is not in any store operation,
+                // so the file is marked changed by this group — what
+                // shows the file (a listing of durable state only, a
+                // query of its handles) waits for it or leaves it out
+                // (re-review rr43a F5).
+                self.touch_file(file);
                 self.renames_completing
                     .push((self.batch.seq(), file, [from, to]));
             }

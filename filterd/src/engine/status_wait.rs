@@ -12,14 +12,23 @@
 //! commits have been pending, how many replies wait behind them, how old
 //! the counts are.
 //!
-//! The listings `handles`, `files` and `locks` are bounded alike. Past the
-//! bound they list only what is durable now: everything but the files and
-//! handles a pending commit changes ([`Engine::pending_changes`]; no
-//! stale copy of each record is kept, so their durable state is not
-//! known apart from the pending one), which are left out and counted in
-//! their [`CommitWait`]. `frontends` counts each instance's stored
-//! handles, which pending commits change; past the bound it is refused
-//! (`Busy`, saying why) rather than left hanging.
+//! The listings `handles`, `files` and `locks` are bounded alike when the
+//! request asks for it (`durable_ok`: filterctl's listings; re-review
+//! rr43a F1 — a frontend's or library caller's listing waits for every
+//! pending commit, as before, since it acts on the list being complete).
+//! Past the bound they list only what is durable now: everything but the
+//! files a pending commit changes, with all their handles and locks
+//! ([`Engine::pending_changes`]; no stale copy of each record is kept, so
+//! their durable state is not known apart from the pending one), which
+//! are left out and counted in their [`CommitWait`]. The bound is the
+//! listing's, not each page's (rr43a F4): a page that arrives once commits
+//! have been pending for the bound with none resolving
+//! ([`StatusWaits::stuck_since_ms`]) is answered at the end of its round,
+//! so a long listing during a stall takes about the bound, not the bound
+//! per page. `frontends` counts each instance's stored handles, which
+//! pending commits change; past the bound it is refused (`Busy`, saying
+//! why) rather than left hanging (a unit request, it has no field to ask
+//! with: refused, never a partial answer).
 
 use std::sync::Arc;
 
@@ -91,22 +100,30 @@ pub(super) enum Listing {
 }
 
 impl Bounded {
-    /// `req`'s bounded wait, if it has one.
+    /// `req`'s bounded wait, if it has one: a listing only if it takes
+    /// durable state (`durable_ok`); without, it waits for every commit
+    /// pending at it.
     pub(super) fn of(req: &Request) -> Option<Bounded> {
         Some(match *req {
             Request::Status => Bounded::Status,
             Request::Frontends => Bounded::Frontends,
-            Request::Handles { after } => Bounded::Listing(Listing::Handles { after }),
+            Request::Handles {
+                after,
+                durable_ok: true,
+            } => Bounded::Listing(Listing::Handles { after }),
             Request::Files {
                 after,
                 holders_after,
+                durable_ok: true,
             } => Bounded::Listing(Listing::Files {
                 after,
                 holders_after,
             }),
-            Request::Locks { after, locks_after } => {
-                Bounded::Listing(Listing::Locks { after, locks_after })
-            }
+            Request::Locks {
+                after,
+                locks_after,
+                durable_ok: true,
+            } => Bounded::Listing(Listing::Locks { after, locks_after }),
             _ => return None,
         })
     }
@@ -129,6 +146,14 @@ pub(super) struct StatusWaits {
     counts: Option<DurableCounts>,
     /// Since when commits have been pending without a break (monotonic ms).
     pending_since_ms: Option<u64>,
+    /// Since when commits have been pending with none resolving
+    /// (monotonic ms): the later of `pending_since_ms` and the last round
+    /// that saw the committed sequence move. Under a steady load commits
+    /// are always pending but keep resolving: this stays recent there, and
+    /// grows only while the store is stalled or slow.
+    stuck_since_ms: Option<u64>,
+    /// The committed sequence `stuck_since_ms` was taken at.
+    stuck_at_seq: u64,
     /// Until when the counts are kept fresh ([`COUNTS_WATCHED_MS`] after
     /// the last status; monotonic ms).
     watched_until_ms: u64,
@@ -164,6 +189,7 @@ impl Engine {
         if status {
             self.status_waits.watched_until_ms = mono_ms().saturating_add(COUNTS_WATCHED_MS);
         }
+        self.note_stuck(mono_ms());
         if let Some(seq) = self.request_waits_for() {
             self.status_waits.waiting.push(Waiting {
                 writer: writer.clone(),
@@ -182,6 +208,7 @@ impl Engine {
     /// (`force`: whenever nothing is pending). Called as each engine round
     /// starts and ends.
     pub(super) fn note_durable_counts(&mut self, now: u64, force: bool) {
+        self.note_stuck(now);
         if !self.nothing_pending() {
             if self.status_waits.pending_since_ms.is_none() {
                 self.status_waits.pending_since_ms = Some(now);
@@ -210,12 +237,38 @@ impl Engine {
         }
     }
 
+    /// Keeps [`StatusWaits::stuck_since_ms`]: since when commits have
+    /// been pending with none resolving, as of `now`.
+    fn note_stuck(&mut self, now: u64) {
+        if self.nothing_pending() {
+            self.status_waits.stuck_since_ms = None;
+            return;
+        }
+        let committed = self.pipe.committed();
+        let w = &mut self.status_waits;
+        if w.stuck_since_ms.is_none() || w.stuck_at_seq != committed {
+            w.stuck_since_ms = Some(now);
+            w.stuck_at_seq = committed;
+        }
+    }
+
+    /// When `w`'s wait ends (monotonic ms): its bound after it arrived —
+    /// a listing's sooner, the bound after commits got stuck, when that
+    /// was before it arrived (an earlier page already waited for them).
+    fn due_ms(&self, w: &Waiting) -> u64 {
+        let from = match (w.what, self.status_waits.stuck_since_ms) {
+            (Bounded::Listing(_), Some(stuck)) => stuck.min(w.arrived_ms),
+            _ => w.arrived_ms,
+        };
+        from.saturating_add(STATUS_COMMIT_WAIT_MS)
+    }
+
     /// When the first bounded status wait ends (monotonic ms).
     pub(super) fn next_status_due(&self) -> Option<u64> {
         self.status_waits
             .waiting
             .iter()
-            .map(|w| w.arrived_ms.saturating_add(STATUS_COMMIT_WAIT_MS))
+            .map(|w| self.due_ms(w))
             .min()
     }
 
@@ -234,7 +287,7 @@ impl Engine {
                 // Resolved: the pipeline sent the reply (or failed it).
                 continue;
             }
-            if now < w.arrived_ms.saturating_add(STATUS_COMMIT_WAIT_MS) {
+            if now < self.due_ms(&w) {
                 self.status_waits.waiting.push(w);
                 continue;
             }

@@ -8613,16 +8613,31 @@ fn listings_behind_a_stalled_commit_answer_with_what_is_durable() {
     h.engine.flush();
     assert!(h.reply(ob).is_none() && h.reply(lc).is_none());
     let ids = [
-        h.run(Request::Handles { after: None }),
+        h.run(durable_handles(None)),
         h.run(Request::Files {
             after: None,
             holders_after: None,
+            durable_ok: true,
         }),
         h.run(Request::Locks {
             after: None,
             locks_after: None,
+            durable_ok: true,
         }),
         h.run(Request::Frontends),
+    ];
+    // Without `durable_ok` (a frontend's, a library caller's): complete,
+    // waiting for every pending commit however long (re-review rr43a F1).
+    let complete = [
+        h.run(Request::Handles {
+            after: None,
+            durable_ok: false,
+        }),
+        h.run(Request::Locks {
+            after: None,
+            locks_after: None,
+            durable_ok: false,
+        }),
     ];
     h.engine.status_waits_due(mono_ms());
     h.drain_replies();
@@ -8631,8 +8646,12 @@ fn listings_behind_a_stalled_commit_answer_with_what_is_durable() {
         "answered before their bound"
     );
     h.engine
-        .status_waits_due(mono_ms() + super::status_wait::STATUS_COMMIT_WAIT_MS);
+        .status_waits_due(mono_ms() + 10 * super::status_wait::STATUS_COMMIT_WAIT_MS);
     h.drain_replies();
+    assert!(
+        complete.iter().all(|id| h.reply(*id).is_none()),
+        "a listing without durable_ok answered before the commits it shows"
+    );
     let left_out = |w: &Option<libfilter::proto::CommitWait>| {
         let w = w.as_ref().expect("says what it did not wait for");
         assert!(
@@ -8679,7 +8698,25 @@ fn listings_behind_a_stalled_commit_answer_with_what_is_durable() {
     h.drain_replies();
     h.opened(ob);
     h.answered(lc);
-    let all = h.run(Request::Handles { after: None });
+    let Some(Ok(Reply::Handles {
+        handles,
+        commit_wait: None,
+        ..
+    })) = h.reply(complete[0])
+    else {
+        panic!("{:?}", h.reply(complete[0]));
+    };
+    assert_eq!(handles.len(), 3, "waited: every handle");
+    let Some(Ok(Reply::Locks {
+        locks,
+        commit_wait: None,
+        ..
+    })) = h.reply(complete[1])
+    else {
+        panic!("{:?}", h.reply(complete[1]));
+    };
+    assert_eq!(locks.len(), 3, "waited: c's second lock too");
+    let all = h.run(durable_handles(None));
     let Some(Ok(Reply::Handles {
         handles,
         commit_wait: None,
@@ -8689,4 +8726,136 @@ fn listings_behind_a_stalled_commit_answer_with_what_is_durable() {
         panic!("{:?}", h.reply(all));
     };
     assert_eq!(handles.len(), 3, "nothing pending: every handle");
+}
+
+/// An opted-in (`durable_ok`) `Handles` page after `after`.
+fn durable_handles(after: Option<ResumeKey>) -> Request {
+    Request::Handles {
+        after,
+        durable_ok: true,
+    }
+}
+
+/// The keys of a `Handles` reply that did not wait (`commit_wait` set).
+fn durable_keys(h: &Harness, id: u64) -> Vec<ResumeKey> {
+    match h.reply(id) {
+        Some(Ok(Reply::Handles {
+            handles,
+            commit_wait: Some(_),
+            ..
+        })) => handles.iter().map(|v| v.record.key).collect(),
+        other => panic!("a durable-only page: {other:?}"),
+    }
+}
+
+/// The bound is a listing's, not each page's (re-review rr43a F4): once
+/// commits have been pending for the bound with none resolving, a later
+/// page is answered at once with what is durable — not after a bound of
+/// its own, which made `filterctl handles` take about a second per page
+/// (minutes at 100k handles) during a stall.
+#[test]
+fn a_later_page_during_a_stall_does_not_wait_its_own_bound() {
+    let mut h = Harness::new();
+    let (oa, oc) = (h.run(open("a", Rights::ALL)), h.run(open("c", Rights::ALL)));
+    h.commit(true);
+    let (a, c) = (h.opened(oa), h.opened(oc));
+    let ob = h.run(open("b", Rights::ALL));
+    h.engine.flush();
+    assert!(h.reply(ob).is_none(), "b's open is pending");
+    let first = h.run(durable_handles(None));
+    let arrived = mono_ms();
+    let bound = super::status_wait::STATUS_COMMIT_WAIT_MS;
+    h.engine.status_waits_due(arrived + bound);
+    h.drain_replies();
+    let (low, high) = (a.min(c), a.max(c));
+    assert_eq!(durable_keys(&h, first), [low, high]);
+    // The next page arrives later, the commit still pending: answered by
+    // the same instant, not a bound after its own arrival.
+    while mono_ms() <= arrived {
+        std::thread::yield_now();
+    }
+    let later = h.run(durable_handles(Some(low)));
+    h.engine.status_waits_due(arrived + bound);
+    h.drain_replies();
+    assert_eq!(durable_keys(&h, later), [high]);
+    // With progress (the commit resolved) a stall starts afresh.
+    h.commit(true);
+    h.drain_replies();
+    h.opened(ob);
+    let od = h.run(open("e", Rights::ALL));
+    h.engine.flush();
+    assert!(h.reply(od).is_none(), "e's open is pending");
+    let fresh = h.run(durable_handles(None));
+    h.engine.status_waits_due(arrived + bound);
+    h.drain_replies();
+    assert!(
+        h.reply(fresh).is_none(),
+        "commits resolved since: a new stall, and the page waits its bound"
+    );
+    h.commit(true);
+    h.drain_replies();
+    h.opened(od);
+    assert!(matches!(
+        h.reply(fresh),
+        Some(Ok(Reply::Handles {
+            commit_wait: None,
+            ..
+        }))
+    ));
+}
+
+/// A recorded rename of a file whose handles are not persistent: its
+/// completion's commit holds no handle record, yet the handles' new path
+/// is its to show (re-review rr43a F5). While that commit is pending a
+/// durable-only listing leaves the file out, its handles at the old path
+/// or the new; once it is durable they are listed at the new path.
+#[test]
+fn a_durable_only_listing_leaves_out_a_rename_whose_completion_is_pending() {
+    let mut h = Harness::new();
+    let (x, y, z) = (
+        h.run(plain_open("a")),
+        h.run(plain_open("a")),
+        h.run(plain_open("z")),
+    );
+    h.commit(true);
+    let (x, _y, z) = (h.opened(x), h.opened(y), h.opened(z));
+    let rename = h.run(Request::Rename {
+        key: x,
+        to: RelPath::new("x").unwrap(),
+        replace: false,
+        record: Some(RecordSpec {
+            scope: session(1),
+            op_id: 1,
+            reply: "ok".into(),
+            keep: 8,
+        }),
+    });
+    for id in h.commit_holding_intents(true) {
+        h.engine.finish_parked(id);
+    }
+    assert!(h.fs.file("x").is_some(), "the rename is made");
+    h.engine.flush();
+    assert!(h.reply(rename).is_none(), "its completion is pending");
+    let listed = h.run(durable_handles(None));
+    h.engine
+        .status_waits_due(mono_ms() + super::status_wait::STATUS_COMMIT_WAIT_MS);
+    h.drain_replies();
+    assert_eq!(durable_keys(&h, listed), [z], "the renamed file left out");
+    h.commit(true);
+    h.drain_replies();
+    assert!(matches!(h.reply(rename), Some(Ok(Reply::Done))));
+    let all = h.run(durable_handles(None));
+    let Some(Ok(Reply::Handles {
+        handles,
+        commit_wait: None,
+        ..
+    })) = h.reply(all)
+    else {
+        panic!("{:?}", h.reply(all));
+    };
+    let paths: Vec<String> = handles
+        .iter()
+        .map(|v| v.record.path.as_str().to_owned())
+        .collect();
+    assert_eq!(paths.iter().filter(|p| *p == "x").count(), 2, "{paths:?}");
 }

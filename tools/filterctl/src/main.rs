@@ -59,13 +59,22 @@ struct Args {
 enum Cmd {
     /// Daemon status (or, offline, what the store says). Exits 0 whenever
     /// it can report: unreadable stored records are shown (`corrupt
-    /// records`) and named on stderr, never a failure. Live, with commits
-    /// stuck for 1 s, the durable counts and `commits pending`; on etcd,
-    /// the lease's time left.
+    /// records`) and named on stderr, never a failure. Live, when the
+    /// commits pending at it do not resolve within 1 s (a stalled store,
+    /// or just one commit slower than that), the counts of the last moment
+    /// nothing was pending and a `commits pending` line; on etcd, the
+    /// lease's time left (`store lease`).
     Status,
-    /// Every handle. Live, with commits stuck for 1 s (a stalled store),
-    /// only what is durable, saying so (`durable state only`; stderr with
-    /// --json); so do `files`, `locks` and `leases`.
+    /// Every handle. Live, when the commits pending at the listing do not
+    /// resolve within 1 s (a stalled store, or just one commit slower than
+    /// that; counted from the moment commits stopped resolving if that
+    /// was before the listing), only what is durable: every file a pending commit changes is
+    /// left out with every handle and lock on it, durable ones too, and a
+    /// `durable state only` line says so (on stderr with --json, ending in
+    /// `commit_wait` and its JSON). The 1 s is the listing's, not each
+    /// page's: once commits have been pending that long with none
+    /// resolving, every page answers at once (a new listing's first one
+    /// too). So do `files`, `locks` and `leases`.
     Handles,
     /// One handle in detail.
     Handle {
@@ -85,8 +94,9 @@ enum Cmd {
     Clients,
     /// Frontend instances: the attached ones and those stored handles name
     /// (offline: the latter), one row each; live, past about 48 KiB of
-    /// rows the rest are counted (`…and N more`), not listed. Live, with
-    /// commits stuck for 1 s, refused (exit 1) with the reason.
+    /// rows the rest are counted (`…and N more`), not listed. Live, when
+    /// the commits pending at it do not resolve within 1 s, refused (exit
+    /// 1) with the reason.
     Frontends,
     /// Counters since the daemon started (live only).
     Stats,
@@ -591,7 +601,7 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
             let mut wait = None;
             let locks = match src {
                 Source::Live(c) => {
-                    let l = c.locks_listed()?;
+                    let l = c.locks_durable_ok()?;
                     wait = l.commit_wait;
                     l.items
                 }
@@ -624,7 +634,7 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
         (Cmd::Leases, src) => {
             let (views, wait) = match src {
                 Source::Live(c) => {
-                    let l = c.handles_listed()?;
+                    let l = c.handles_durable_ok()?;
                     (l.items, l.commit_wait)
                 }
                 Source::Offline(store) => (read_handles(&store)?, None),
@@ -722,7 +732,7 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
         (Cmd::Handles, src) => {
             let (views, wait) = match src {
                 Source::Live(c) => {
-                    let l = c.handles_listed()?;
+                    let l = c.handles_durable_ok()?;
                     (l.items, l.commit_wait)
                 }
                 Source::Offline(store) => (read_handles(&store)?, None),
@@ -764,7 +774,7 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
         (Cmd::Files, src) => {
             let (files, wait) = match src {
                 Source::Live(c) => {
-                    let l = c.files_listed()?;
+                    let l = c.files_durable_ok()?;
                     (l.items, l.commit_wait)
                 }
                 Source::Offline(store) => (offline_files(&read_handles(&store)?), None),

@@ -597,15 +597,18 @@ pub fn status(s: &StatusInfo) -> String {
 
 /// The line a listing answered without waiting for stuck commits ends
 /// with (on stderr for `--json`, whose array keeps its shape): what it
-/// shows is durable, and what it left out.
+/// shows is durable, and what it left out — every file a pending commit
+/// changes (one with no handles too: an intent's), with every handle and
+/// lock on it, durable ones too; the handle count also counts handles a
+/// pending commit removes (a close, an expiry), gone from memory already.
 pub fn durable_only(w: &libfilter::proto::CommitWait) -> String {
     format!(
-        "durable state only: commits pending for {} ({} replies waiting); answered after {} without them, leaving out {} handles on {} files a pending commit changes",
+        "durable state only: commits pending for {} ({} replies waiting); answered after {} without them, leaving out the {} files they change with every handle and lock on them ({} handles, counting those they remove)",
         duration_ms(w.pending_for_ms),
         w.replies_awaiting_commit,
         duration_ms(w.waited_ms),
-        w.handles_left_out.unwrap_or(0),
         w.files_left_out.unwrap_or(0),
+        w.handles_left_out.unwrap_or(0),
     )
 }
 
