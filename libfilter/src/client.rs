@@ -355,7 +355,7 @@ const RECV_TICK: Duration = Duration::from_millis(50);
 const FOLLOWER_TICK: Duration = Duration::from_millis(20);
 
 /// A whole listing that may be durable state only
-/// ([`FilterClient::handles_durable_ok`] and the like), fetched page after
+/// ([`FilterClient::handles_listed`] and the like), fetched page after
 /// page.
 #[derive(Debug)]
 pub struct Listed<T> {
@@ -1320,20 +1320,16 @@ impl FilterClient {
     /// frontend acts on — which handles are its own, which are gone —
     /// needs that), however long they take.
     pub fn handles(&self) -> Result<Vec<HandleView>, ClientError> {
-        self.handles_paged(false)?.complete()
+        self.handles_listed(false)?.complete()
     }
 
-    /// Every handle, taking what is durable if commits stay pending (an
-    /// operator's view, `filterctl handles`): past filterd's bound a page
-    /// leaves out every file a pending commit changes, all its handles
-    /// too, and the result's `commit_wait` says so — check it before
-    /// taking the list as complete.
-    pub fn handles_durable_ok(&self) -> Result<Listed<HandleView>, ClientError> {
-        self.handles_paged(true)
-    }
-
-    /// Every handle, page after page, with `durable_ok` on each request.
-    fn handles_paged(&self, durable_ok: bool) -> Result<Listed<HandleView>, ClientError> {
+    /// Every handle, page after page. With `durable_ok`, taking what is
+    /// durable if commits stay pending (an operator's view, `filterctl
+    /// handles`): past filterd's bound a page leaves out every file a
+    /// pending commit changes, all its handles too, and the result's
+    /// `commit_wait` says so — check it before taking the list as
+    /// complete. Without, as [`FilterClient::handles`].
+    pub fn handles_listed(&self, durable_ok: bool) -> Result<Listed<HandleView>, ClientError> {
         let mut out = Listed::default();
         let mut after = None;
         loop {
@@ -1360,18 +1356,13 @@ impl FilterClient {
     /// one [`FileView`] with all its holders. Complete: each page waits
     /// for the commits pending at its request ([`FilterClient::handles`]).
     pub fn files(&self) -> Result<Vec<FileView>, ClientError> {
-        self.files_paged(false)?.complete()
+        self.files_listed(false)?.complete()
     }
 
-    /// Every file with handles, taking what is durable if commits stay
-    /// pending (`filterctl files`): as [`FilterClient::handles_durable_ok`].
-    pub fn files_durable_ok(&self) -> Result<Listed<FileView>, ClientError> {
-        self.files_paged(true)
-    }
-
-    /// Every file with handles, page after page, with `durable_ok` on
-    /// each request.
-    fn files_paged(&self, durable_ok: bool) -> Result<Listed<FileView>, ClientError> {
+    /// Every file with handles, page after page; with `durable_ok`,
+    /// taking what is durable if commits stay pending (`filterctl
+    /// files`), as [`FilterClient::handles_listed`].
+    pub fn files_listed(&self, durable_ok: bool) -> Result<Listed<FileView>, ClientError> {
         let mut listed: Listed<FileView> = Listed::default();
         let (mut after, mut holders_after) = (None, None);
         loop {
@@ -1763,18 +1754,16 @@ impl FilterClient {
     /// page waits for the commits pending at its request
     /// ([`FilterClient::handles`]).
     pub fn locks(&self) -> Result<Vec<crate::proto::LockView>, ClientError> {
-        self.locks_paged(false)?.complete()
+        self.locks_listed(false)?.complete()
     }
 
-    /// Every byte-range lock, taking what is durable if commits stay
-    /// pending (`filterctl locks`): as [`FilterClient::handles_durable_ok`].
-    pub fn locks_durable_ok(&self) -> Result<Listed<crate::proto::LockView>, ClientError> {
-        self.locks_paged(true)
-    }
-
-    /// Every byte-range lock, page after page, with `durable_ok` on each
-    /// request.
-    fn locks_paged(&self, durable_ok: bool) -> Result<Listed<crate::proto::LockView>, ClientError> {
+    /// Every byte-range lock, page after page; with `durable_ok`, taking
+    /// what is durable if commits stay pending (`filterctl locks`), as
+    /// [`FilterClient::handles_listed`].
+    pub fn locks_listed(
+        &self,
+        durable_ok: bool,
+    ) -> Result<Listed<crate::proto::LockView>, ClientError> {
         let mut out = Listed::default();
         let (mut after, mut locks_after) = (None, None);
         loop {

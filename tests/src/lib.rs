@@ -686,8 +686,26 @@ impl CtlOutput {
     }
 }
 
-/// Runs filterctl with `args`.
+/// Runs filterctl with `args`; a listing (`handles`, `files`, `locks`,
+/// `leases`) with `--complete`: it waits for every commit pending at it,
+/// as the checks made on it need — past filterctl's 1 s bound a
+/// durable-only answer would leave out a file whose close is pending and
+/// a "closed in filterd" check would pass before the close is durable
+/// (re-review rr43d G1). [`filterctl_as_is`] runs it without.
 pub fn filterctl(args: &[&str]) -> CtlOutput {
+    let listing = args
+        .iter()
+        .any(|a| matches!(*a, "handles" | "files" | "locks" | "leases"));
+    let mut all = Vec::with_capacity(args.len() + 1);
+    if listing {
+        all.push("--complete");
+    }
+    all.extend_from_slice(args);
+    filterctl_as_is(&all)
+}
+
+/// Runs filterctl with exactly `args`.
+pub fn filterctl_as_is(args: &[&str]) -> CtlOutput {
     let out = Command::new(bin("filterctl"))
         .args(args)
         .output()

@@ -594,15 +594,33 @@ fn in_a_full_map_every_close_and_purge_commits() {
 /// still fail and put the handle back.
 #[test]
 fn a_library_listing_waits_for_a_stalled_close() {
-    let (s, d, fe, key) =
-        with_persistent_handle("dur-list-close", &[], "commit.before:2:sleep4000");
+    listing_waits_for_a_stalled_close("dur-list-close", |d| {
+        d.control().handles().expect("listing").len()
+    });
+}
+
+/// So does the tests' own `handle_paths` (`filterctl --complete handles
+/// --json`): answered durable-only past filterctl's 1 s bound, it took a
+/// pending close for done (re-review rr43d G1).
+#[test]
+fn the_tests_filterctl_listing_waits_for_a_stalled_close() {
+    listing_waits_for_a_stalled_close("dur-ctl-close", |d| {
+        rkfilter_tests::handle_paths(d.socket()).len()
+    });
+}
+
+/// A persistent handle's close stalls 4 s in its commit; `listed` (the
+/// number of handles a listing shows) must answer 0 only once the close
+/// is durable, not after filterd's 1 s bound.
+fn listing_waits_for_a_stalled_close(name: &str, listed: impl Fn(&Filterd) -> usize) {
+    let (s, d, fe, key) = with_persistent_handle(name, &[], "commit.before:2:sleep4000");
     let fe2 = fe.clone();
     let closer = std::thread::spawn(move || fe2.close(key));
     wait_stalled(&d);
     let t0 = std::time::Instant::now();
-    let listed = d.control().handles().expect("listing");
+    let n = listed(&d);
     let took = t0.elapsed();
-    assert!(listed.is_empty(), "{listed:?}");
+    assert_eq!(n, 0);
     assert!(
         took >= Duration::from_secs(2),
         "answered after {took:?}, before the close's commit (stalled 4 s)"
@@ -613,7 +631,7 @@ fn a_library_listing_waits_for_a_stalled_close() {
 
 /// A persistent handle's LOCK stalls in its commit, another frontend's
 /// handle of the same file has nothing pending. Asked for durable state
-/// (filterctl's way, `handles_durable_ok`), the listing answers within
+/// (filterctl's way, `handles_listed(true)`), the listing answers within
 /// the bound, the whole file left out (both handles), and says so. A
 /// plain `handles()` / `locks()` (a frontend's — nfsshim's reload walks
 /// it to detach its own handles) waits and lists both handles and the
@@ -634,7 +652,7 @@ fn a_library_listing_lists_every_handle_of_a_file_whose_commit_stalls() {
     wait_stalled(&d);
     let ctl = d.control();
     let t0 = std::time::Instant::now();
-    let durable = ctl.handles_durable_ok().expect("durable listing");
+    let durable = ctl.handles_listed(true).expect("durable listing");
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert!(durable.items.is_empty(), "f left out whole: {durable:?}");
@@ -718,7 +736,7 @@ fn a_long_listing_during_a_stall_takes_the_bound_not_a_bound_per_page() {
     );
     let sock = s.socket().display().to_string();
     let t0 = std::time::Instant::now();
-    let out = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]);
+    let out = rkfilter_tests::filterctl_as_is(&["--socket", &sock, "handles", "--json"]);
     let took = t0.elapsed();
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(

@@ -949,7 +949,7 @@ fn listings_answer_with_what_is_durable_while_etcd_stalls() {
     let ctl = |args: &[&str]| {
         let mut all = vec!["--socket", sock.as_str(), "--timeout-ms", "8000"];
         all.extend_from_slice(args);
-        rkfilter_tests::filterctl(&all)
+        rkfilter_tests::filterctl_as_is(&all)
     };
     let lease_left = || {
         let v = ctl(&["status", "--json"]).json();

@@ -1166,7 +1166,14 @@ fn nfs_run(frames: &str, granted: u64, export: &Path) -> Vec<String> {
         "nfsshim to reattach",
         std::time::Duration::from_secs(30),
         || {
-            let f = ctl(&["--socket", &sock], "frontends");
+            // Refused (exit 1) while a commit is slower than filterd's
+            // 1 s status bound: asked again (re-review rr43d G2).
+            let out = filterctl(&["--socket", &sock, "frontends", "--json"]);
+            let f = if out.code == 0 {
+                out.json()
+            } else {
+                Value::Null
+            };
             f.as_array()
                 .is_some_and(|a| {
                     a.iter()

@@ -868,7 +868,9 @@ fn stop_on_signals(dir: std::path::PathBuf) {
 fn ctl_handles(args: &[&str]) -> anyhow::Result<BTreeMap<String, (String, String)>> {
     let out = std::process::Command::new(rkfilter_tests::bin("filterctl"))
         .args(args)
-        .args(["handles", "--json"])
+        // The complete list, not a durable-only one past filterctl's
+        // bound: compared with the library's (re-review rr43a F3).
+        .args(["--complete", "handles", "--json"])
         .output()?;
     let shown: Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(

@@ -51,6 +51,12 @@ struct Args {
     #[arg(long, value_name = "MS", global = true, default_value_t = DEFAULT_TIMEOUT_MS,
           value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
+    /// Listings (handles, files, locks, leases) wait for every commit
+    /// pending at them, however long (up to --timeout-ms), and never
+    /// answer with the durable state only: for scripts that need the
+    /// complete list.
+    #[arg(long, global = true)]
+    complete: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -601,7 +607,7 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
             let mut wait = None;
             let locks = match src {
                 Source::Live(c) => {
-                    let l = c.locks_durable_ok()?;
+                    let l = c.locks_listed(!args.complete)?;
                     wait = l.commit_wait;
                     l.items
                 }
@@ -634,7 +640,7 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
         (Cmd::Leases, src) => {
             let (views, wait) = match src {
                 Source::Live(c) => {
-                    let l = c.handles_durable_ok()?;
+                    let l = c.handles_listed(!args.complete)?;
                     (l.items, l.commit_wait)
                 }
                 Source::Offline(store) => (read_handles(&store)?, None),
@@ -732,7 +738,7 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
         (Cmd::Handles, src) => {
             let (views, wait) = match src {
                 Source::Live(c) => {
-                    let l = c.handles_durable_ok()?;
+                    let l = c.handles_listed(!args.complete)?;
                     (l.items, l.commit_wait)
                 }
                 Source::Offline(store) => (read_handles(&store)?, None),
@@ -774,7 +780,7 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
         (Cmd::Files, src) => {
             let (files, wait) = match src {
                 Source::Live(c) => {
-                    let l = c.files_durable_ok()?;
+                    let l = c.files_listed(!args.complete)?;
                     (l.items, l.commit_wait)
                 }
                 Source::Offline(store) => (offline_files(&read_handles(&store)?), None),
