@@ -695,9 +695,9 @@ impl CtlOutput {
 pub fn filterctl(args: &[&str]) -> CtlOutput {
     let listing = args
         .iter()
-        .any(|a| matches!(*a, "handles" | "files" | "locks" | "leases"));
+        .any(|a| matches!(*a, "handles" | "files" | "locks" | "leases" | "frontends"));
     let mut all = Vec::with_capacity(args.len() + 1);
-    if listing {
+    if listing && !args.contains(&"--complete") {
         all.push("--complete");
     }
     all.extend_from_slice(args);

@@ -609,6 +609,27 @@ fn the_tests_filterctl_listing_waits_for_a_stalled_close() {
     });
 }
 
+/// `frontends`, whose stored counts pending commits change, is refused
+/// while a commit stalls past filterd's 1 s bound (exit 1, the reason);
+/// with `--complete` filterctl asks again and answers once the commit is
+/// in (re-review rr43e E1: the tests' polls took the refusal for a
+/// failure).
+#[test]
+fn frontends_with_complete_waits_out_a_stalled_commit() {
+    let (s, d, fe, key) = with_persistent_handle("dur-frontends", &[], "commit.before:2:sleep4000");
+    let fe2 = fe.clone();
+    let closer = std::thread::spawn(move || fe2.close(key));
+    wait_stalled(&d);
+    let sock = d.socket().display().to_string();
+    let refused = rkfilter_tests::filterctl_as_is(&["--socket", &sock, "frontends", "--json"]);
+    assert_eq!(refused.code, 1, "{}", refused.stdout);
+    assert!(refused.stderr.contains("durable"), "{}", refused.stderr);
+    let out = rkfilter_tests::filterctl(&["--socket", &sock, "frontends", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(closer.is_finished() || closer.join().expect("closer").is_ok());
+    drop(s);
+}
+
 /// A persistent handle's close stalls 4 s in its commit; `listed` (the
 /// number of handles a listing shows) must answer 0 only once the close
 /// is durable, not after filterd's 1 s bound.

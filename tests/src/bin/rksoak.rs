@@ -864,7 +864,7 @@ fn stop_on_signals(dir: std::path::PathBuf) {
         });
 }
 
-/// key → (state, path) of every handle `filterctl ARGS handles --json` shows.
+/// key → (state, path) of every handle `filterctl ARGS --complete handles --json` shows.
 fn ctl_handles(args: &[&str]) -> anyhow::Result<BTreeMap<String, (String, String)>> {
     let out = std::process::Command::new(rkfilter_tests::bin("filterctl"))
         .args(args)

@@ -52,9 +52,10 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
     /// Listings (handles, files, locks, leases) wait for every commit
-    /// pending at them, however long (up to --timeout-ms), and never
-    /// answer with the durable state only: for scripts that need the
-    /// complete list.
+    /// pending at them, however long (each page up to --timeout-ms), and
+    /// never answer with the durable state only; `frontends`, refused
+    /// while commits are stuck, is asked again until --timeout-ms: for
+    /// scripts that need the complete list.
     #[arg(long, global = true)]
     complete: bool,
     #[command(subcommand)]
@@ -80,7 +81,9 @@ enum Cmd {
     /// `commit_wait` and its JSON). The 1 s is the listing's, not each
     /// page's: once commits have been pending that long with none
     /// resolving, every page answers at once (a new listing's first one
-    /// too). So do `files`, `locks` and `leases`.
+    /// too). So do `files`, `locks` and `leases`. Not with --complete:
+    /// then every page waits for the commits pending at it (each page up
+    /// to --timeout-ms).
     Handles,
     /// One handle in detail.
     Handle {
@@ -101,8 +104,9 @@ enum Cmd {
     /// Frontend instances: the attached ones and those stored handles name
     /// (offline: the latter), one row each; live, past about 48 KiB of
     /// rows the rest are counted (`…and N more`), not listed. Live, when
-    /// the commits pending at it do not resolve within 1 s, refused (exit
-    /// 1) with the reason.
+    /// the commits pending at it do not resolve within 1 s, refused with
+    /// the reason (exit 1); with --complete asked again until the timeout
+    /// (--timeout-ms).
     Frontends,
     /// Counters since the daemon started (live only).
     Stats,
@@ -793,7 +797,7 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
             say_durable_only(args, wait.as_ref())
         }
         (Cmd::Frontends, Source::Live(c)) => {
-            match c.call(Request::Frontends)?.0 {
+            match frontends_live(&c, args)? {
                 // The reply is bounded (a frame): rows past it are counted,
                 // said after the table, or on stderr for JSON (the array
                 // keeps its shape).
@@ -940,6 +944,26 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
             c.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
         })
+}
+
+/// `frontends` from a live daemon. filterd refuses it (Busy) while the
+/// commits pending at it do not resolve within its 1 s bound (the stored
+/// counts are what those commits change); with `--complete` it is asked
+/// again, 0.1 s apart, until `--timeout-ms` has passed.
+fn frontends_live(c: &FilterClient, args: &Args) -> anyhow::Result<Reply> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(args.timeout_ms);
+    loop {
+        match c.call(Request::Frontends) {
+            Err(libfilter::client::ClientError::Refused(e))
+                if args.complete
+                    && e.code == libfilter::proto::ErrorCode::Busy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return Ok(r?.0),
+        }
+    }
 }
 
 #[cfg(test)]
