@@ -776,6 +776,45 @@ fn an_open_missing_a_handle_at_restore_is_dropped_whole() {
     ok(b.open("ob", "q", "write", "none", json!({})));
 }
 
+/// Re-review rr42g R4: an open whose handle nfsshim forgot (expired,
+/// purged, or lost only from its attachment: still disconnected in
+/// filterd) had its client told NFS4ERR_EXPIRED, and when a close or the
+/// delete of its record was left undone (nfsshim killed, filterd away),
+/// a restore within the handle's timeout resumed it and brought the open
+/// back. Its record is now marked gone before its closes: here, as such
+/// chores leave it (the mark written, nfsshim killed before the rest), a
+/// restart finds its handle resumable, drops the open whole, closes it,
+/// and the client's stateid stays expired.
+#[test]
+fn an_open_marked_gone_is_dropped_at_restore_though_its_handle_resumes() {
+    let (s, _d, mut nfs, mut a) = one_client("nfs-gone-mark", b"g");
+    let sid = ok(a.open("oo", "f", "both", "write", json!({})))["stateid"].clone();
+    nfs.kill9_in_place();
+    assert_eq!(handles_on(&s, "f").len(), 1);
+    {
+        let f = rkfilter_tests::attach(&s.socket(), "nfs", "nfs-gone-mark-mark");
+        let scope = libfilter::model::ReplayScope::Session(
+            libfilter::model::ScopeName::new(format!("nfs-gone-mark/states/{}", a.clientid))
+                .unwrap(),
+        );
+        let recs = f.list_records(scope.clone()).unwrap();
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        for (op, text) in recs {
+            let mut rec: Value = serde_json::from_str(&text).unwrap();
+            rec["gone"] = json!(true);
+            f.record_reply(scope.clone(), op, rec.to_string(), 4096)
+                .unwrap();
+        }
+    }
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-gone-mark");
+    assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
+    a.c = LineClient::connect(&nfs.addr);
+    let r = a.call(json!({"op": "READ", "stateid": sid, "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "{r}");
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    ok(b.open("ob", "f", "write", "none", json!({})));
+}
+
 /// Defect (review of issue 16): filterd checked an OPEN's records against
 /// the 16 KiB record limit before it filled in its answer (`"opened"`), so
 /// an open-state record just under the limit was stored ~170 bytes over

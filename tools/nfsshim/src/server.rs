@@ -320,10 +320,7 @@ impl Open {
     /// Every filter handle of the open state: its own, the further ones an
     /// upgrade added, and its further lock-owners'.
     fn keys(&self) -> Vec<ResumeKey> {
-        std::iter::once(self.rec.key)
-            .chain(self.rec.extra.iter().map(|e| e.key))
-            .chain(self.rec.locks.iter().filter_map(|l| l.key))
-            .collect()
+        self.rec.keys()
     }
 }
 
@@ -610,6 +607,13 @@ struct Shared {
 /// that thread what it cannot do now ([`do_chores`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Chore {
+    /// Write an open state's record (`num` in table `scope`) as `text`:
+    /// marked gone ([`OpenRec::gone`]), before its handles' closes.
+    MarkGone {
+        scope: String,
+        num: u64,
+        text: String,
+    },
     /// Delete an open state's record, once the closes of its other
     /// handles queued before it (`after`) are done: not if one of them was
     /// left undone ([`ChoreSequence`]).
@@ -618,8 +622,10 @@ enum Chore {
         num: u64,
         after: Vec<ResumeKey>,
     },
-    /// Close another handle of the open that went.
-    Close(ResumeKey),
+    /// Close a handle of the open that went (of client `.1`): the one
+    /// that went, or another; one filterd holds disconnected is resumed to
+    /// be closed ([`close_resuming`]).
+    Close(ResumeKey, String),
     /// Give a lease no delegation answers for back ([`give_back`]).
     GiveBack(LeaseKey),
 }
@@ -691,6 +697,42 @@ fn closed_anyway(e: &ClientError) -> bool {
     e.code() == Some(ErrorCode::NoSuchHandle)
 }
 
+/// Closes handle `key` of client `cid`. One filterd holds disconnected (a
+/// close refused `NotOwner`) is resumed, then closed: a handle lost only
+/// from the attachment (its resume at a reattach refused past its
+/// patience), or left disconnected — else it held its modes, locks or
+/// lease for nobody until its timeout, and a restore within it resumed it
+/// and brought back the open or delegation its client was told was gone
+/// (re-review rr42g R4, R5). A resume refused for good (gone since,
+/// attached elsewhere, not this client's) answers the close's refusal:
+/// not closed here.
+fn close_resuming(f: &Attachment, cid: &str, key: ResumeKey) -> Result<(), ClientError> {
+    close_or_resume(
+        || f.close(key),
+        || {
+            let client = ClientId::new(cid.to_owned())
+                .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+            f.resume(client, key).map(drop)
+        },
+    )
+}
+
+/// [`close_resuming`] with `close` closing the handle and `resume`
+/// resuming it.
+fn close_or_resume(
+    mut close: impl FnMut() -> Result<(), ClientError>,
+    resume: impl FnOnce() -> Result<(), ClientError>,
+) -> Result<(), ClientError> {
+    match close() {
+        Err(e) if e.code() == Some(ErrorCode::NotOwner) => match resume() {
+            Ok(()) => close(),
+            Err(r) if resume_refused_for_good(&r) => Err(e),
+            Err(r) => Err(r),
+        },
+        r => r,
+    }
+}
+
 /// Ties an open's record's delete to the closes of its other handles
 /// queued before it ([`open_gone_chores`]): a close given up for good, or
 /// failed for good other than as [`closed_anyway`], drops the delete, so
@@ -745,7 +787,7 @@ impl ChoreSequence {
 
     /// Chore `c` was given up or failed: a close's delete does not run.
     fn left_undone(&mut self, c: &Chore) {
-        if let Chore::Close(k) = c {
+        if let Chore::Close(k, _) = c {
             self.held.remove(k);
             self.undone.insert(*k);
         }
@@ -753,14 +795,14 @@ impl ChoreSequence {
 
     /// Chore `c` was done.
     fn done(&mut self, c: &Chore) {
-        if let Chore::Close(k) = c {
+        if let Chore::Close(k, _) = c {
             self.held.remove(k);
         }
     }
 
     /// Close `c` was put back in the queue: its delete waits.
     fn put_back(&mut self, c: &Chore) {
-        if let Chore::Close(k) = c {
+        if let Chore::Close(k, _) = c {
             self.held.insert(*k);
         }
     }
@@ -867,7 +909,10 @@ const CHORE_TIMEOUT_TRIES: u32 = 2;
 fn do_chore(sh: &Shared, c: &Chore) -> ChoreOutcome {
     let r = match c {
         Chore::DeleteState { scope, num, .. } => state::delete(&sh.filter, scope, *num),
-        Chore::Close(k) => sh.filter.close(*k),
+        Chore::MarkGone { scope, num, text } => {
+            state::put_encoded(&sh.filter, scope, *num, text.clone())
+        }
+        Chore::Close(k, cid) => close_resuming(&sh.filter, cid, *k),
         Chore::GiveBack(k) => {
             test_delay_give_back(*k);
             give_back(sh, *k)
@@ -1099,7 +1144,7 @@ fn run_chore_queue(
                 // Due with the last of its closes put back, behind them.
                 let due = back
                     .iter()
-                    .filter(|b| matches!(&b.chore, Chore::Close(k) if c.waits_for(*k)))
+                    .filter(|b| matches!(&b.chore, Chore::Close(k, _) if c.waits_for(*k)))
                     .map(|b| b.due)
                     .max()
                     .unwrap_or_else(|| now() + CHORE_WAIT);
@@ -1139,7 +1184,7 @@ fn run_chore_queue(
                     }
                     if let Some(wait) = chore_retry(tries, timed_out) {
                         wait
-                    } else if let (Chore::Close(_), false, Some(wait)) =
+                    } else if let (Chore::Close(..), false, Some(wait)) =
                         (&c, timed_out, chore_put_back(rounds + 1))
                     {
                         // Not one whose last try timed out: each try costs
@@ -1447,6 +1492,23 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
             if let Some(p) = paths.get(&o.key) {
                 o.path.clone_from(p);
             }
+            if o.gone {
+                // Gone before, its client told NFS4ERR_EXPIRED, its closes
+                // or its delete left undone: dropped whole, however its
+                // handles resume (re-review rr42g R4: one lost only from
+                // the attachment, still disconnected, brought the open
+                // back). Kept while a handle of it may be left, for the
+                // next restore or its client's release to close.
+                eprintln!(
+                    "nfsshim: open {} of client {cid} was gone; closing what is left of it",
+                    o.other
+                );
+                if discard(f, &cid, &o, &[]) {
+                    let _ = state::delete(f, &t.states(&cid), snum);
+                }
+                dropped_at_restore(&mut st, &cid, &o);
+                continue;
+            }
             let client = ClientId::new(cid.clone()).map_err(unexpected)?;
             match resume_patiently(f, client, o.key, &o.other)? {
                 Ok(h) => {
@@ -1498,11 +1560,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                         );
                         discard(f, &cid, &o, &attached);
                         let _ = state::delete(f, &t.states(&cid), snum);
-                        st.closed.insert(o.other.clone(), (cid.clone(), None));
-                        st.expired.add(o.other.clone());
-                        if let Some(d) = &o.deleg {
-                            st.expired.add(d.other.clone());
-                        }
+                        dropped_at_restore(&mut st, &cid, &o);
                         continue;
                     }
                     let held = o.deleg.as_ref().is_some_and(|d| {
@@ -1597,12 +1655,7 @@ fn restore(sh: &Shared) -> Result<(), ClientError> {
                     // their whole timeout.
                     discard(f, &cid, &o, &[]);
                     let _ = state::delete(f, &t.states(&cid), snum);
-                    st.closed.insert(o.other.clone(), (cid.clone(), None));
-                    st.expired.add(o.other.clone());
-                    // Its delegation with it (revoked, not unknown).
-                    if let Some(d) = &o.deleg {
-                        st.expired.add(d.other.clone());
-                    }
+                    dropped_at_restore(&mut st, &cid, &o);
                 }
             }
         }
@@ -1839,18 +1892,30 @@ fn resume_refusal(e: &ClientError, timed_out: bool, pinned_lost: bool) -> Resume
     }
 }
 
-fn discard(f: &Attachment, cid: &str, o: &OpenRec, attached: &[ResumeKey]) {
-    let keys = std::iter::once(o.key)
-        .chain(o.extra.iter().map(|e| e.key))
-        .chain(o.locks.iter().filter_map(|l| l.key));
-    for k in keys {
-        let ready = attached.contains(&k)
-            || ClientId::new(cid.to_owned())
-                .ok()
-                .is_some_and(|c| f.resume(c, k).is_ok());
-        if ready {
-            let _ = f.close(k);
-        }
+/// Whether every handle was closed or found gone.
+fn discard(f: &Attachment, cid: &str, o: &OpenRec, attached: &[ResumeKey]) -> bool {
+    let mut all = true;
+    for k in o.keys() {
+        let resumed = if attached.contains(&k) {
+            Ok(())
+        } else {
+            ClientId::new(cid.to_owned())
+                .map_err(|e| ClientError::Unexpected(e.to_string()))
+                .and_then(|c| f.resume(c, k).map(drop))
+        };
+        all &= gone_is_fine(resumed.and_then(|()| f.close(k))).is_ok();
+    }
+    all
+}
+
+/// Open state `o` of client `cid`, dropped at a restore: a CLOSE of it is
+/// answered NFS4_OK, anything else NFS4ERR_EXPIRED, its delegation's
+/// stateid with it (revoked, not unknown).
+fn dropped_at_restore(st: &mut State, cid: &str, o: &OpenRec) {
+    st.closed.insert(o.other.clone(), (cid.to_owned(), None));
+    st.expired.add(o.other.clone());
+    if let Some(d) = &o.deleg {
+        st.expired.add(d.other.clone());
     }
 }
 
@@ -2428,6 +2493,41 @@ fn gone_is_fine(r: Result<(), ClientError>) -> Result<(), ClientError> {
     }
 }
 
+/// Closes with `close` every handle the open-state records `records` of a
+/// client being released name but those whose number is in `held` (its
+/// opens in memory, closed already): records kept for the restore
+/// ([`release_in_filter`]).
+fn close_kept_records(
+    records: Vec<(u64, OpenRec)>,
+    held: &HashSet<u64>,
+    mut close: impl FnMut(ResumeKey) -> Result<(), ClientError>,
+) -> Result<(), ClientError> {
+    for (num, rec) in records {
+        if !held.contains(&num) {
+            for k in rec.keys() {
+                released_anyway(close(k))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A release's close of a handle only a kept record names: one filterd no
+/// longer has, or holds for another (not resumed here, [`close_resuming`]:
+/// attached elsewhere, not this client's), is none of this release's —
+/// logged; any other failure fails the release, which runs again.
+fn released_anyway(r: Result<(), ClientError>) -> Result<(), ClientError> {
+    match r {
+        Err(e) if e.code() == Some(ErrorCode::NotOwner) => {
+            eprintln!(
+                "nfsshim: a handle a released client's kept record names is not ours to close: {e}"
+            );
+            Ok(())
+        }
+        r => gone_is_fine(r),
+    }
+}
+
 /// [`release_client`]'s steps in filterd, each done again harmlessly: the
 /// open states' handles closed (one already gone is fine), the client's
 /// strays, its open-state, session, slot and client records.
@@ -2448,6 +2548,18 @@ fn release_in_filter(sh: &Shared, st: &State, cid: &str) -> Result<(), ClientErr
     if st.may_hold_strays {
         close_strays(sh, |h| h.record.client.as_str() == cid)?;
     }
+    // Records kept for the restore (an open gone whose record's delete was
+    // dropped, a close of one of its handles left undone,
+    // [`ChoreSequence`]) name handles no open in memory holds: closed now,
+    // before their records go with the scope (re-review rr42g R4: dropped
+    // with it, such a handle still attached stayed so, held for nobody,
+    // until the next restore).
+    let held: HashSet<u64> = st.opens.values().map(|o| o.num).collect();
+    close_kept_records(
+        state::list::<OpenRec>(f, &sh.tables.states(cid))?,
+        &held,
+        |k| close_resuming(f, cid, k),
+    )?;
     f.client().call(Request::DropScope {
         scope: state::scope(&sh.tables.states(cid))?,
     })?;
@@ -3696,6 +3808,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
                         opened: None,
                         closed: false,
                         group: None,
+                        gone: false,
                     },
                     num,
                     clientid: ctx.cid.to_owned(),
@@ -4151,6 +4264,7 @@ fn open_recorded(
         opened: None,
         closed: false,
         group: None,
+        gone: false,
     };
     let deleg_json = |write: bool| {
         json!({"stateid": stateid_json(&deleg_other, 1),
@@ -6433,8 +6547,23 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
             return Vec::new();
         }
     }
-    if forget_deleg_carrier(sh, st, key) {
-        return Vec::new();
+    let mut g = sh.st.lock().unwrap_or_else(|p| p.into_inner());
+    forget_open_of(&sh.tables, st, &mut g, key)
+}
+
+/// [`forget_handle`] once no swap note applies: drops what client state
+/// `st` and `g` hold of handle `key` — only itself and its delegation
+/// when it only carried one ([`drop_deleg_carrier`]), else the open
+/// states it is a handle of (its tables `tables`); returns the filterd
+/// calls that go with it.
+fn forget_open_of(
+    tables: &state::Tables,
+    st: &mut State,
+    g: &mut Global,
+    key: ResumeKey,
+) -> Vec<Chore> {
+    if let Some(chores) = drop_deleg_carrier(st, g, key) {
+        return chores;
     }
     let mut chores = Vec::new();
     let gone: Vec<String> = st
@@ -6443,8 +6572,8 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
         .filter(|(_, o)| o.keys().contains(&key))
         .map(|(k, _)| k.clone())
         .collect();
-    for g in gone {
-        if let Some(o) = st.opens.remove(&g) {
+    for other in gone {
+        if let Some(o) = st.opens.remove(&other) {
             for l in &o.rec.locks {
                 st.aliases.remove(&l.other);
                 st.expired.add(l.other.clone());
@@ -6454,24 +6583,29 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
                 st.expired.add(d.other.clone());
             }
             // Its handle is gone (expired, purged, or closed by a CLOSE
-            // whose reply was lost in a filterd crash): a CLOSE of it is
-            // answered NFS4_OK, anything else NFS4ERR_EXPIRED.
-            st.closed.insert(g.clone(), (o.clientid.clone(), None));
+            // whose reply was lost in a filterd crash) or lost from the
+            // attachment: a CLOSE of it is answered NFS4_OK, anything
+            // else NFS4ERR_EXPIRED.
+            st.closed.insert(other.clone(), (o.clientid.clone(), None));
             let keys = o.keys();
-            chores.extend(open_gone_chores(
-                sh.tables.states(&o.clientid),
-                o.num,
-                &keys,
-                key,
-            ));
+            let scope = tables.states(&o.clientid);
+            let mut rec = o.rec.clone();
+            rec.gone = true;
+            match state::encode(&rec) {
+                Ok(text) => chores.push(Chore::MarkGone {
+                    scope: scope.clone(),
+                    num: o.num,
+                    text,
+                }),
+                Err(e) => eprintln!("nfsshim: marking open {other} gone: {e}"),
+            }
+            chores.extend(open_gone_chores(scope, &o.clientid, o.num, &keys, key));
             for k in keys {
-                if let Ok(mut gl) = sh.global() {
-                    gl.handle_client.remove(&k);
-                    gl.lock_owner.remove(&k);
-                }
+                g.handle_client.remove(&k);
+                g.lock_owner.remove(&k);
             }
         }
-        st.expired.add(g);
+        st.expired.add(other);
     }
     chores
 }
@@ -6481,20 +6615,18 @@ fn forget_handle(sh: &Shared, st: &mut State, key: ResumeKey) -> Vec<Chore> {
 /// `for_deleg`): only it goes, the delegation with it (its lease went
 /// with the handle), as the restore does with such a handle it finds gone
 /// — the open's modes are all still held (re-review rr42c F3: the whole
-/// open went). Whether it was one. Not one while its delegation's lease
+/// open went). Its close, resumed if filterd holds it disconnected
+/// ([`close_resuming`]): a handle lost only from the attachment (its
+/// resume refused past its patience) kept its lease, and a reload within
+/// its timeout resumed it and brought back the delegation its client was
+/// told was revoked (re-review rr42g R5); closed, the restore finds it
+/// gone and revokes the delegation (a gone handle answers no-such-handle:
+/// done). None when it was not one: not one while its delegation's lease
 /// is being moved to or from it ([`LeaseHolder::was`]), nor of an open
 /// kept only for its delegation (CLOSEd): the open goes whole then, as
 /// before.
-fn forget_deleg_carrier(sh: &Shared, st: &mut State, key: ResumeKey) -> bool {
-    match sh.global() {
-        Ok(mut g) => drop_deleg_carrier(st, &mut g, key),
-        Err(_) => false,
-    }
-}
-
-/// [`forget_deleg_carrier`] on client state `st` and `g`.
-fn drop_deleg_carrier(st: &mut State, g: &mut Global, key: ResumeKey) -> bool {
-    let Some(other) = st
+fn drop_deleg_carrier(st: &mut State, g: &mut Global, key: ResumeKey) -> Option<Vec<Chore>> {
+    let other = st
         .opens
         .iter()
         .find(|(_, o)| {
@@ -6503,13 +6635,8 @@ fn drop_deleg_carrier(st: &mut State, g: &mut Global, key: ResumeKey) -> bool {
                 && o.rec.extra.iter().any(|e| e.key == key && e.for_deleg)
                 && !o.rec.locks.iter().any(|l| l.key == Some(key))
         })
-        .map(|(k, _)| k.clone())
-    else {
-        return false;
-    };
-    let Some(o) = st.opens.get_mut(&other) else {
-        return false;
-    };
+        .map(|(k, _)| k.clone())?;
+    let o = st.opens.get_mut(&other)?;
     // Whether the lease went with the handle: it is the delegation's
     // carrier; else the delegation stays.
     let mut lease = None;
@@ -6517,7 +6644,7 @@ fn drop_deleg_carrier(st: &mut State, g: &mut Global, key: ResumeKey) -> bool {
         match g.lease_client.get(&d.lease_key) {
             Some(h) if h.was.is_none() && h.handle == key => lease = Some(d.lease_key),
             Some(h) if h.was.is_none() => {}
-            _ => return false,
+            _ => return None,
         }
     }
     if let Some(i) = o.rec.extra.iter().position(|e| e.key == key) {
@@ -6526,19 +6653,26 @@ fn drop_deleg_carrier(st: &mut State, g: &mut Global, key: ResumeKey) -> bool {
             o.extra.remove(i);
         }
     }
+    let chores = vec![Chore::Close(key, o.clientid.clone())];
     g.handle_client.remove(&key);
     g.lock_owner.remove(&key);
     if let Some(lease) = lease {
         g.lease_client.remove(&lease);
         revoke(st, lease);
     }
-    true
+    Some(chores)
 }
 
-/// The filterd calls an open state whose handle `gone` went away leaves
-/// to do: close its other handles `keys` (upgrades, lock-owners: the open
-/// is one reservation, they go with the one that went), then delete its
-/// record (`num` in table `scope`). In this order: whatever is left
+/// The filterd calls an open state of client `cid` whose handle `gone`
+/// went away leaves to do: close `gone` itself — gone, its close answers
+/// no-such-handle (done); lost only from the attachment (its resume at a
+/// reattach refused past its patience), filterd holds it disconnected,
+/// and it is resumed and closed ([`close_resuming`]; re-review rr42g R4:
+/// left so, a restore within its timeout resumed it and brought the open
+/// back, its client told EXPIRED) — and its other handles `keys`
+/// (upgrades, lock-owners: the open is one reservation, they go with the
+/// one that went), then delete its record (`num` in table `scope`). In
+/// this order: whatever is left
 /// undone (the connection lost midway, and the tables read again before
 /// the rest is done; or the delete committed and its answer lost) leaves
 /// the record naming a handle that is gone, which the restore drops
@@ -6549,9 +6683,20 @@ fn drop_deleg_carrier(st: &mut State, g: &mut Global, key: ResumeKey) -> bool {
 /// client went (re-review rrpin2 B). The delete names the closes it
 /// waits for: one of them given up or failed, it is not run either
 /// ([`ChoreSequence`]).
-fn open_gone_chores(scope: String, num: u64, keys: &[ResumeKey], gone: ResumeKey) -> Vec<Chore> {
-    let after: Vec<ResumeKey> = keys.iter().copied().filter(|k| *k != gone).collect();
-    let mut chores: Vec<Chore> = after.iter().map(|k| Chore::Close(*k)).collect();
+fn open_gone_chores(
+    scope: String,
+    cid: &str,
+    num: u64,
+    keys: &[ResumeKey],
+    gone: ResumeKey,
+) -> Vec<Chore> {
+    let after: Vec<ResumeKey> = std::iter::once(gone)
+        .chain(keys.iter().copied().filter(|k| *k != gone))
+        .collect();
+    let mut chores: Vec<Chore> = after
+        .iter()
+        .map(|k| Chore::Close(*k, cid.to_owned()))
+        .collect();
     chores.push(Chore::DeleteState { scope, num, after });
     chores
 }
@@ -7406,7 +7551,7 @@ mod status_tests {
         assert_eq!(status, "NFS4ERR_INVAL");
     }
 
-    fn refused(code: ErrorCode) -> ClientError {
+    pub(super) fn refused(code: ErrorCode) -> ClientError {
         ClientError::Refused(WireError::new(code, "refused"))
     }
 
@@ -7493,9 +7638,14 @@ mod status_tests {
     /// `k1` and `k2`, and a chore of another open behind them.
     fn open_gone_queue(k1: ResumeKey, k2: ResumeKey, other: ResumeKey) -> Vec<Chore> {
         let k0 = ResumeKey::new_random();
-        let mut q = open_gone_chores("s".into(), 7, &[k0, k1, k2], k0);
-        q.push(Chore::Close(other));
+        let mut q = open_gone_chores("s".into(), "c", 7, &[k0, k1, k2], k0);
+        q.push(close(other));
         q
+    }
+
+    /// The close of handle `k` of client "c".
+    fn close(k: ResumeKey) -> Chore {
+        Chore::Close(k, "c".into())
     }
 
     /// A fake chores queue for [`run_chore_queue`], on a fake clock: a
@@ -7570,14 +7720,14 @@ mod status_tests {
             (ChoreRun::Done, true),
         ] {
             let (ran, given_up) = run_fake_chores(open_gone_queue(k1, k2, other), |c, _| match c {
-                Chore::Close(k) if *k == k2 => k2_run,
+                Chore::Close(k, _) if *k == k2 => k2_run,
                 _ => ChoreRun::Done,
             });
             let deleted = ran.iter().any(|c| matches!(c, Chore::DeleteState { .. }));
             assert_eq!(deleted, delete_runs, "{k2_run:?}: {ran:?}");
-            assert!(ran.contains(&Chore::Close(other)), "{k2_run:?}");
-            assert!(ran.contains(&Chore::Close(k1)), "{k2_run:?}");
-            let tries = ran.iter().filter(|c| **c == Chore::Close(k2)).count();
+            assert!(ran.contains(&close(other)), "{k2_run:?}");
+            assert!(ran.contains(&close(k1)), "{k2_run:?}");
+            let tries = ran.iter().filter(|c| **c == close(k2)).count();
             match k2_run {
                 ChoreRun::Retry { timed_out } => {
                     // A close whose tries timed out is not put back
@@ -7590,10 +7740,10 @@ mod status_tests {
                         (CHORE_TRIES, CHORE_ROUNDS)
                     };
                     assert_eq!(tries, (first + rounds) as usize, "{k2_run:?}");
-                    assert_eq!(given_up, vec![Chore::Close(k2)]);
+                    assert_eq!(given_up, vec![close(k2)]);
                     // The chores behind it did not wait for its rounds.
-                    let other_at = ran.iter().position(|c| *c == Chore::Close(other));
-                    assert_eq!(other_at, Some(first as usize + 1), "{ran:?}");
+                    let other_at = ran.iter().position(|c| *c == close(other));
+                    assert_eq!(other_at, Some(first as usize + 2), "{ran:?}");
                 }
                 _ => {
                     assert_eq!(tries, 1, "{k2_run:?}");
@@ -7614,13 +7764,13 @@ mod status_tests {
         );
         let (ran, given_up) =
             run_fake_chores(open_gone_queue(k1, k2, other), |c, before| match c {
-                Chore::Close(k) if *k == k2 && before < CHORE_TRIES as usize + 1 => {
+                Chore::Close(k, _) if *k == k2 && before < CHORE_TRIES as usize + 1 => {
                     ChoreRun::Retry { timed_out: false }
                 }
                 _ => ChoreRun::Done,
             });
         assert!(given_up.is_empty(), "{given_up:?}");
-        let last_close = ran.iter().rposition(|c| *c == Chore::Close(k2));
+        let last_close = ran.iter().rposition(|c| *c == close(k2));
         let delete = ran
             .iter()
             .position(|c| matches!(c, Chore::DeleteState { .. }));
@@ -7663,43 +7813,42 @@ mod status_tests {
             let left = run_chores_here(open_gone_queue(k1, k2, other), |c| {
                 ran.push(c.clone());
                 match c {
-                    Chore::Close(k) if *k == k2 => ChoreOutcome::Failed(refused(code)),
+                    Chore::Close(k, _) if *k == k2 => ChoreOutcome::Failed(refused(code)),
                     _ => ChoreOutcome::Done,
                 }
             });
             assert!(left.is_empty(), "{code:?}: {left:?}");
             let deleted = ran.iter().any(|c| matches!(c, Chore::DeleteState { .. }));
             assert_eq!(deleted, delete_runs, "{code:?}: {ran:?}");
-            assert_eq!(ran.last(), Some(&Chore::Close(other)), "{code:?}");
+            assert_eq!(ran.last(), Some(&close(other)), "{code:?}");
         }
         let q = open_gone_queue(k1, k2, other);
         let left = run_chores_here(q.clone(), |c| match c {
-            Chore::Close(k) if *k == k2 => ChoreOutcome::Passing(refused(ErrorCode::Busy)),
+            Chore::Close(k, _) if *k == k2 => ChoreOutcome::Passing(refused(ErrorCode::Busy)),
             _ => ChoreOutcome::Done,
         });
-        assert_eq!(left, q[1..].to_vec());
+        assert_eq!(left, q[2..].to_vec());
         // k1's close failed for good here, k2's is handed over: the
         // delete goes with it no more (re-review rr42g R1: the chores
         // thread made k2's close and then the delete).
         let left = run_chores_here(q.clone(), |c| match c {
-            Chore::Close(k) if *k == k1 => ChoreOutcome::Failed(refused(ErrorCode::Internal)),
-            Chore::Close(k) if *k == k2 => ChoreOutcome::Passing(refused(ErrorCode::Busy)),
+            Chore::Close(k, _) if *k == k1 => ChoreOutcome::Failed(refused(ErrorCode::Internal)),
+            Chore::Close(k, _) if *k == k2 => ChoreOutcome::Passing(refused(ErrorCode::Busy)),
             _ => ChoreOutcome::Done,
         });
-        assert_eq!(
-            left,
-            vec![Chore::Close(k2), Chore::Close(other)],
-            "{left:?}"
-        );
+        assert_eq!(left, vec![close(k2), close(other)], "{left:?}");
     }
 
     /// Re-review rrpin2 B: an open state whose handle went away closes
     /// its other handles before its record is deleted, so that what a
     /// lost connection leaves undone is a record naming a gone handle
     /// (the restore drops the open whole), never a handle no record names
-    /// (kept while its client is live).
+    /// (kept while its client is live). Re-review rr42g R4: the handle
+    /// that went is closed too, first, and the delete waits for it: lost
+    /// only from the attachment, filterd held it disconnected, and a
+    /// restore within its timeout brought the open back.
     #[test]
-    fn an_open_gone_closes_its_other_handles_before_its_record_goes() {
+    fn an_open_gone_closes_its_handles_before_its_record_goes() {
         let (a, b, c) = (
             ResumeKey::new_random(),
             ResumeKey::new_random(),
@@ -7708,20 +7857,62 @@ mod status_tests {
         let delete = Chore::DeleteState {
             scope: "s".into(),
             num: 7,
-            after: vec![a, c],
+            after: vec![b, a, c],
         };
         assert_eq!(
-            open_gone_chores("s".into(), 7, &[a, b, c], b),
-            vec![Chore::Close(a), Chore::Close(c), delete]
+            open_gone_chores("s".into(), "c", 7, &[a, b, c], b),
+            vec![close(b), close(a), close(c), delete]
         );
         assert_eq!(
-            open_gone_chores("s".into(), 7, &[a], a),
-            vec![Chore::DeleteState {
-                scope: "s".into(),
-                num: 7,
-                after: Vec::new()
-            }]
+            open_gone_chores("s".into(), "c", 7, &[a], a),
+            vec![
+                close(a),
+                Chore::DeleteState {
+                    scope: "s".into(),
+                    num: 7,
+                    after: vec![a]
+                }
+            ]
         );
+    }
+
+    /// Re-review rr42g R4, R5: a close refused as not this connection's
+    /// (filterd holds the handle disconnected: lost only from the
+    /// attachment) resumes the handle and closes it; a resume refused for
+    /// good leaves the close's refusal (not closed: its open's record
+    /// stays), one that may pass its own (tried again).
+    #[test]
+    fn a_close_of_a_disconnected_handle_resumes_it_first() {
+        use std::cell::Cell;
+        let closes = Cell::new(0);
+        let attached = Cell::new(false);
+        let close = || {
+            closes.set(closes.get() + 1);
+            if attached.get() {
+                Ok(())
+            } else {
+                Err(refused(ErrorCode::NotOwner))
+            }
+        };
+        let r = close_or_resume(close, || {
+            attached.set(true);
+            Ok(())
+        });
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(closes.get(), 2);
+        attached.set(false);
+        let r = close_or_resume(close, || Err(refused(ErrorCode::NoSuchHandle)));
+        assert_eq!(r.err().and_then(|e| e.code()), Some(ErrorCode::NotOwner));
+        let r = close_or_resume(close, || Err(refused(ErrorCode::Busy)));
+        assert_eq!(r.err().and_then(|e| e.code()), Some(ErrorCode::Busy));
+        // A close done, or refused otherwise, resumes nothing.
+        for answer in [None, Some(ErrorCode::NoSuchHandle)] {
+            let r = close_or_resume(
+                || answer.map_or(Ok(()), |c| Err(refused(c))),
+                || panic!("resumed"),
+            );
+            assert_eq!(r.err().and_then(|e| e.code()), answer);
+        }
     }
 
     /// Re-review rrpin2 A: a resume on a pinned connection that is lost
@@ -7847,6 +8038,7 @@ mod swap_tests {
                 opened: None,
                 closed: false,
                 group: None,
+                gone: false,
             },
             num: 1,
             clientid: "c".to_owned(),
@@ -7857,16 +8049,16 @@ mod swap_tests {
         }
     }
 
-    /// Re-review rr42c F3: a handle that only carried an open's
-    /// delegation (`for_deleg`) that filterd dropped takes only itself
-    /// and the delegation it carried with it, as the restore does; the
-    /// open stays with its own handle (the whole open went).
-    #[test]
-    fn a_gone_delegation_carrier_drops_only_itself_and_its_delegation() {
-        let fds = Descriptors::new(8);
-        let (own, carrier) = (ResumeKey::new_random(), ResumeKey::new_random());
-        let lease = uuid::Uuid::new_v4();
-        let mut o = open("s1", own, &fds);
+    /// Client "c"'s state holding open "s1" of handle `own` whose
+    /// delegation (lease `lease`) handle `carrier` carries, and `g` as it
+    /// names them.
+    fn carried(
+        fds: &Arc<Descriptors>,
+        own: ResumeKey,
+        carrier: ResumeKey,
+        lease: uuid::Uuid,
+    ) -> (State, Global) {
+        let mut o = open("s1", own, fds);
         o.rec.extra.push(state::ExtraHandle {
             key: carrier,
             access: "read".into(),
@@ -7892,9 +8084,29 @@ mod swap_tests {
         g.handle_client.insert(own, "c".into());
         g.handle_client.insert(carrier, "c".into());
         st.opens.insert("s1".into(), o);
+        (st, g)
+    }
+
+    /// Re-review rr42c F3: a handle that only carried an open's
+    /// delegation (`for_deleg`) that filterd dropped takes only itself
+    /// and the delegation it carried with it, as the restore does; the
+    /// open stays with its own handle (the whole open went). Re-review
+    /// rr42g R5: it is closed (resumed first if filterd holds it
+    /// disconnected): lost only from the attachment, it kept its lease,
+    /// and a reload brought back the delegation its client was told was
+    /// revoked.
+    #[test]
+    fn a_gone_delegation_carrier_drops_only_itself_and_its_delegation() {
+        let fds = Descriptors::new(8);
+        let (own, carrier) = (ResumeKey::new_random(), ResumeKey::new_random());
+        let lease = uuid::Uuid::new_v4();
+        let (mut st, mut g) = carried(&fds, own, carrier, lease);
         // Not the open's own handle.
-        assert!(!drop_deleg_carrier(&mut st, &mut g, own));
-        assert!(drop_deleg_carrier(&mut st, &mut g, carrier));
+        assert_eq!(drop_deleg_carrier(&mut st, &mut g, own), None);
+        assert_eq!(
+            drop_deleg_carrier(&mut st, &mut g, carrier),
+            Some(vec![Chore::Close(carrier, "c".into())])
+        );
         let o = st.opens.get("s1").expect("the open stays");
         assert_eq!(o.keys(), vec![own]);
         assert!(o.extra.is_empty());
@@ -7903,6 +8115,92 @@ mod swap_tests {
         assert!(!st.expired.contains("s1"));
         assert!(!g.lease_client.contains_key(&lease));
         assert_eq!(g.handle_client.keys().collect::<Vec<_>>(), vec![&own]);
+    }
+
+    /// Forgetting a handle ([`forget_handle`]'s [`forget_open_of`]) that
+    /// only carried an open's delegation takes the carrier's path: the
+    /// open stays, and only the carrier is closed, no record deleted;
+    /// forgetting the open's own handle then drops the open whole: its
+    /// record marked gone, its handle closed (resumed if disconnected),
+    /// then its record deleted.
+    #[test]
+    fn forgetting_a_delegation_carrier_keeps_its_open() {
+        let fds = Descriptors::new(8);
+        let (own, carrier) = (ResumeKey::new_random(), ResumeKey::new_random());
+        let (mut st, mut g) = carried(&fds, own, carrier, uuid::Uuid::new_v4());
+        let tables = state::Tables::new(&libfilter::model::InstanceName::new("i").unwrap());
+        assert_eq!(
+            forget_open_of(&tables, &mut st, &mut g, carrier),
+            vec![Chore::Close(carrier, "c".into())]
+        );
+        assert_eq!(st.opens.get("s1").map(Open::keys), Some(vec![own]));
+        assert!(st.expired.contains("d1") && !st.expired.contains("s1"));
+        let chores = forget_open_of(&tables, &mut st, &mut g, own);
+        // Marked gone first (re-review rr42g R4): a restore finding the
+        // record drops the open whole, whatever resumes.
+        let Some(Chore::MarkGone {
+            scope,
+            num: 1,
+            text,
+        }) = chores.first()
+        else {
+            panic!("{chores:?}");
+        };
+        assert_eq!(scope, &tables.states("c"));
+        let marked: OpenRec = serde_json::from_str(text).unwrap();
+        assert!(marked.gone && marked.other == "s1" && marked.deleg.is_none());
+        assert_eq!(
+            chores[1..],
+            [
+                Chore::Close(own, "c".into()),
+                Chore::DeleteState {
+                    scope: tables.states("c"),
+                    num: 1,
+                    after: vec![own],
+                }
+            ]
+        );
+        assert!(st.opens.is_empty() && st.expired.contains("s1"));
+        assert!(g.handle_client.is_empty());
+    }
+
+    /// Re-review rr42g R4: releasing a client closes the handles of its
+    /// records kept for the restore (no open in memory), before their
+    /// records go with its scope: a handle gone, or not this client's to
+    /// resume, is fine; any other failure fails the release (run again).
+    #[test]
+    fn a_release_closes_the_handles_its_kept_records_name() {
+        let fds = Descriptors::new(8);
+        let (a, b, c) = (
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+        );
+        let mut kept = open("s2", b, &fds).rec;
+        kept.locks.push(state::LockRec {
+            other: "l2".into(),
+            seqid: 1,
+            owner: "lo".into(),
+            key: Some(c),
+            held: Vec::new(),
+        });
+        let records = vec![(1, open("s1", a, &fds).rec), (2, kept)];
+        let held: HashSet<u64> = [1].into();
+        for (answer, ok) in [
+            (None, true),
+            (Some(ErrorCode::NoSuchHandle), true),
+            (Some(ErrorCode::NotOwner), true),
+            (Some(ErrorCode::Busy), false),
+        ] {
+            let mut closed = Vec::new();
+            let r = close_kept_records(records.clone(), &held, |k| {
+                closed.push(k);
+                answer.map_or(Ok(()), |code| Err(status_tests::refused(code)))
+            });
+            assert_eq!(r.is_ok(), ok, "{answer:?}: {r:?}");
+            let all = if ok { vec![b, c] } else { vec![b] };
+            assert_eq!(closed, all, "{answer:?}");
+        }
     }
 
     fn note(other: &str, open: Open, reattaches: u64) -> Swap {

@@ -201,6 +201,16 @@ pub struct OpenRec {
     /// deny its own client's opens). Absent: `owner`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Gone: one of its handles went away (expired, purged, or lost from
+    /// nfsshim's attachment) and its client is told `NFS4ERR_EXPIRED`;
+    /// written before its handles' closes and its delete, so that a
+    /// restore that finds the record drops the open whole — closing what
+    /// is left of it — however its handles resume (re-review rr42g R4: a
+    /// handle lost only from the attachment stays disconnected in filterd,
+    /// and a restore within its timeout resumed it and brought the open
+    /// back). Absent in records of an nfsshim before it: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gone: bool,
 }
 
 impl OpenRec {
@@ -219,6 +229,15 @@ impl OpenRec {
             }
             None => self.deleg = None,
         }
+    }
+
+    /// Every filter handle the record names: the open's own, the further
+    /// ones an upgrade added, and its further lock-owners'.
+    pub fn keys(&self) -> Vec<ResumeKey> {
+        std::iter::once(self.key)
+            .chain(self.extra.iter().map(|e| e.key))
+            .chain(self.locks.iter().filter_map(|l| l.key))
+            .collect()
     }
 }
 
@@ -382,8 +401,18 @@ pub fn put<T: Serialize>(
     op: u64,
     rec: &T,
 ) -> Result<(), ClientError> {
-    f.client()
-        .record_reply(scope(scope_name)?, op, encode(rec)?, KEEP)
+    put_encoded(f, scope_name, op, encode(rec)?)
+}
+
+/// Writes record `op` of `scope_name` as `text`, encoded already
+/// ([`encode`]).
+pub fn put_encoded(
+    f: &Attachment,
+    scope_name: &str,
+    op: u64,
+    text: String,
+) -> Result<(), ClientError> {
+    f.client().record_reply(scope(scope_name)?, op, text, KEEP)
 }
 
 pub fn encode<T: Serialize>(rec: &T) -> Result<String, ClientError> {
