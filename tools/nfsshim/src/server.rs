@@ -607,18 +607,21 @@ struct Shared {
 /// that thread what it cannot do now ([`do_chores`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Chore {
-    /// Write an open state's record (`num` in table `scope`) as `text`:
-    /// marked gone ([`OpenRec::gone`]), before its handles' closes.
+    /// Write an open state's record (`num` in table `scope`, of client
+    /// `cid`) as `text`: marked gone ([`OpenRec::gone`]), before its
+    /// handles' closes.
     MarkGone {
         scope: String,
+        cid: String,
         num: u64,
         text: String,
     },
-    /// Delete an open state's record, once the closes of its other
-    /// handles queued before it (`after`) are done: not if one of them was
-    /// left undone ([`ChoreSequence`]).
+    /// Delete an open state's record (of client `cid`), once the closes
+    /// of its other handles queued before it (`after`) are done: not if
+    /// one of them was left undone ([`ChoreSequence`]).
     DeleteState {
         scope: String,
+        cid: String,
         num: u64,
         after: Vec<ResumeKey>,
     },
@@ -631,6 +634,26 @@ enum Chore {
 }
 
 impl Chore {
+    /// The client of the open state the chore cleans up after, if any.
+    fn client(&self) -> Option<&str> {
+        match self {
+            Chore::MarkGone { cid, .. } | Chore::DeleteState { cid, .. } | Chore::Close(_, cid) => {
+                Some(cid)
+            }
+            Chore::GiveBack(_) => None,
+        }
+    }
+
+    /// What it does, for the log (not a mark's record text).
+    fn what(&self) -> String {
+        match self {
+            Chore::MarkGone { scope, num, .. } => format!("mark {scope}/{num} gone"),
+            Chore::DeleteState { scope, num, .. } => format!("delete {scope}/{num}"),
+            Chore::Close(k, cid) => format!("close handle {k} of client {cid}"),
+            Chore::GiveBack(k) => format!("give lease {} back", k.0),
+        }
+    }
+
     /// Whether this is a delete that waits for the close of `k`.
     fn waits_for(&self, k: ResumeKey) -> bool {
         matches!(self, Chore::DeleteState { after, .. } if after.contains(&k))
@@ -706,15 +729,70 @@ fn closed_anyway(e: &ClientError) -> bool {
 /// (re-review rr42g R4, R5). A resume refused for good (gone since,
 /// attached elsewhere, not this client's) answers the close's refusal:
 /// not closed here.
-fn close_resuming(f: &Attachment, cid: &str, key: ResumeKey) -> Result<(), ClientError> {
-    close_or_resume(
-        || f.close(key),
-        || {
-            let client = ClientId::new(cid.to_owned())
-                .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-            f.resume(client, key).map(drop)
-        },
-    )
+fn close_resuming(f: &impl FilterCalls, cid: &str, key: ResumeKey) -> Result<(), ClientError> {
+    close_or_resume(|| f.close(key), || f.resume(cid, key))
+}
+
+/// The filterd calls of a client's release ([`release_in_filter`]) and of
+/// the chores ([`chore_call`]): filterd's ([`Shared`]), or a test's.
+trait FilterCalls {
+    fn close(&self, k: ResumeKey) -> Result<(), ClientError>;
+    /// Resumes handle `k` of client `cid` (attaches it here).
+    fn resume(&self, cid: &str, k: ResumeKey) -> Result<(), ClientError>;
+    /// Writes record `num` of table `scope` as `text` ([`state::encode`]).
+    fn put(&self, scope: &str, num: u64, text: String) -> Result<(), ClientError>;
+    fn delete(&self, scope: &str, num: u64) -> Result<(), ClientError>;
+    /// [`give_back`].
+    fn give_back(&self, k: LeaseKey) -> Result<(), ClientError>;
+    /// Client `cid`'s open-state records.
+    fn states(&self, cid: &str) -> Result<Vec<(u64, OpenRec)>, ClientError>;
+    /// Closes the handles of client `cid` no open state names
+    /// ([`close_strays`]).
+    fn close_strays_of(&self, cid: &str) -> Result<(), ClientError>;
+    /// Drops client `cid`'s open-state table, records and all.
+    fn drop_states(&self, cid: &str) -> Result<(), ClientError>;
+    /// [`drop_session_records`].
+    fn drop_session(&self, s: &Session) -> Result<(), ClientError>;
+    /// Deletes client record `num`.
+    fn delete_client(&self, num: u64) -> Result<(), ClientError>;
+}
+
+impl FilterCalls for Shared {
+    fn close(&self, k: ResumeKey) -> Result<(), ClientError> {
+        self.filter.close(k)
+    }
+    fn resume(&self, cid: &str, k: ResumeKey) -> Result<(), ClientError> {
+        let client =
+            ClientId::new(cid.to_owned()).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        self.filter.resume(client, k).map(drop)
+    }
+    fn put(&self, scope: &str, num: u64, text: String) -> Result<(), ClientError> {
+        state::put_encoded(&self.filter, scope, num, text)
+    }
+    fn delete(&self, scope: &str, num: u64) -> Result<(), ClientError> {
+        state::delete(&self.filter, scope, num)
+    }
+    fn give_back(&self, k: LeaseKey) -> Result<(), ClientError> {
+        give_back(self, k)
+    }
+    fn states(&self, cid: &str) -> Result<Vec<(u64, OpenRec)>, ClientError> {
+        state::list(&self.filter, &self.tables.states(cid))
+    }
+    fn close_strays_of(&self, cid: &str) -> Result<(), ClientError> {
+        close_strays(self, |h| h.record.client.as_str() == cid)
+    }
+    fn drop_states(&self, cid: &str) -> Result<(), ClientError> {
+        self.filter.client().call(Request::DropScope {
+            scope: state::scope(&self.tables.states(cid))?,
+        })?;
+        Ok(())
+    }
+    fn drop_session(&self, s: &Session) -> Result<(), ClientError> {
+        drop_session_records(self, s)
+    }
+    fn delete_client(&self, num: u64) -> Result<(), ClientError> {
+        state::delete(&self.filter, &self.tables.clients(), num)
+    }
 }
 
 /// [`close_resuming`] with `close` closing the handle and `resume`
@@ -907,17 +985,10 @@ const CHORE_TIMEOUT_TRIES: u32 = 2;
 /// is (still queued: a re-send of its OPEN must not give the lease back
 /// itself meanwhile).
 fn do_chore(sh: &Shared, c: &Chore) -> ChoreOutcome {
-    let r = match c {
-        Chore::DeleteState { scope, num, .. } => state::delete(&sh.filter, scope, *num),
-        Chore::MarkGone { scope, num, text } => {
-            state::put_encoded(&sh.filter, scope, *num, text.clone())
-        }
-        Chore::Close(k, cid) => close_resuming(&sh.filter, cid, *k),
-        Chore::GiveBack(k) => {
-            test_delay_give_back(*k);
-            give_back(sh, *k)
-        }
-    };
+    if let Chore::GiveBack(k) = c {
+        test_delay_give_back(*k);
+    }
+    let r = chore_call(sh, c);
     let outcome = match r {
         Ok(()) => ChoreOutcome::Done,
         Err(e) => {
@@ -941,6 +1012,18 @@ fn do_chore(sh: &Shared, c: &Chore) -> ChoreOutcome {
         }
     }
     outcome
+}
+
+/// Chore `c`'s filterd call, through `f` ([`do_chore`]).
+fn chore_call(f: &impl FilterCalls, c: &Chore) -> Result<(), ClientError> {
+    match c {
+        Chore::DeleteState { scope, num, .. } => f.delete(scope, *num),
+        Chore::MarkGone {
+            scope, num, text, ..
+        } => f.put(scope, *num, text.clone()),
+        Chore::Close(k, cid) => close_resuming(f, cid, *k),
+        Chore::GiveBack(k) => f.give_back(*k),
+    }
 }
 
 /// A queued give-back of `k` will not be done: kept as one that failed
@@ -1023,7 +1106,8 @@ fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
         None => {}
     }
     test_hold_while("chore", "a chore passed its gate");
-    match do_chore(sh, c) {
+    let client = c.client().and_then(|cid| sh.client(cid).ok().flatten());
+    run_unless_overtaken(c, client.as_deref(), &sh.st, || match do_chore(sh, c) {
         ChoreOutcome::Done => ChoreRun::Done,
         ChoreOutcome::Failed(e) => {
             eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
@@ -1040,6 +1124,59 @@ fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
                 timed_out: matches!(e, ClientError::Timeout(_)),
             }
         }
+    })
+}
+
+/// Runs chore `c` with `run` ([`chore_off_request`]) under the lock of its
+/// client's state `client` (None: released), so that no request takes
+/// back what it acts on between the check and the call — unless
+/// [`chore_overtaken`] (by `client` and `g`): done then, not run.
+fn run_unless_overtaken(
+    c: &Chore,
+    client: Option<&Mutex<State>>,
+    g: &Mutex<Global>,
+    run: impl FnOnce() -> ChoreRun,
+) -> ChoreRun {
+    let st = client.map(|cl| cl.lock().unwrap_or_else(|p| p.into_inner()));
+    {
+        let g = g.lock().unwrap_or_else(|p| p.into_inner());
+        if chore_overtaken(c, st.as_deref(), &g) {
+            eprintln!(
+                "nfsshim: not cleaning up after a handle that went away: a later request holds \
+                 what it acts on, or its client went: {}",
+                c.what()
+            );
+            return ChoreRun::Done;
+        }
+    }
+    run()
+}
+
+/// Whether chore `c`, queued when its open went from memory, is no longer
+/// to be done once it runs on the chores thread, its client's state being
+/// `st` (None: released since) and `g`'s: a later request took back what it
+/// acts on, or its client is gone. A re-sent OPEN at a restored slot
+/// reuses its slot record's open-state number and create GUID
+/// ([`open_recorded`]), and filterd's replay reattaches the open's handle
+/// if it was still there, disconnected: the open is back in memory under
+/// that number with that handle, its client answered NFS4_OK. Its queued
+/// chores then closed the live open's handle, marked its record gone (the
+/// next restore dropped an open its client holds) and deleted the record
+/// (re-review rr43b F2). So a close is skipped while a client's open state
+/// holds its handle ([`Global::handle_client`]), a mark or a delete while
+/// one holds its number; a mark too once its client is released or being
+/// released — written then, it made a record in a scope dropped, which no
+/// restore reads (re-review rr43b F4; the release closes the handles of
+/// the record left unmarked, [`release_in_filter`]).
+fn chore_overtaken(c: &Chore, st: Option<&State>, g: &Global) -> bool {
+    let holds = |num: u64| st.is_some_and(|st| st.opens.values().any(|o| o.num == num));
+    match c {
+        Chore::Close(k, _) => g.handle_client.contains_key(k),
+        Chore::MarkGone { num, .. } => {
+            st.is_none_or(|st| st.client.is_none() || st.releasing) || holds(*num)
+        }
+        Chore::DeleteState { num, .. } => holds(*num),
+        Chore::GiveBack(_) => false,
     }
 }
 
@@ -2502,7 +2639,8 @@ fn close_kept_records(
     held: &HashSet<u64>,
     mut close: impl FnMut(ResumeKey) -> Result<(), ClientError>,
 ) -> Result<(), ClientError> {
-    for (num, rec) in records {
+    for (num, mut rec) in records {
+        rec.settle();
         if !held.contains(&num) {
             for k in rec.keys() {
                 released_anyway(close(k))?;
@@ -2531,8 +2669,7 @@ fn released_anyway(r: Result<(), ClientError>) -> Result<(), ClientError> {
 /// [`release_client`]'s steps in filterd, each done again harmlessly: the
 /// open states' handles closed (one already gone is fine), the client's
 /// strays, its open-state, session, slot and client records.
-fn release_in_filter(sh: &Shared, st: &State, cid: &str) -> Result<(), ClientError> {
-    let f = &sh.filter;
+fn release_in_filter(f: &impl FilterCalls, st: &State, cid: &str) -> Result<(), ClientError> {
     for o in st.opens.values() {
         for k in o.keys() {
             gone_is_fine(f.close(k))?;
@@ -2546,7 +2683,7 @@ fn release_in_filter(sh: &Shared, st: &State, cid: &str) -> Result<(), ClientErr
     // Only a client with a failed OPEN can have one: the listing (every
     // handle of the instance) is not paid for each client released.
     if st.may_hold_strays {
-        close_strays(sh, |h| h.record.client.as_str() == cid)?;
+        f.close_strays_of(cid)?;
     }
     // Records kept for the restore (an open gone whose record's delete was
     // dropped, a close of one of its handles left undone,
@@ -2555,19 +2692,13 @@ fn release_in_filter(sh: &Shared, st: &State, cid: &str) -> Result<(), ClientErr
     // with it, such a handle still attached stayed so, held for nobody,
     // until the next restore).
     let held: HashSet<u64> = st.opens.values().map(|o| o.num).collect();
-    close_kept_records(
-        state::list::<OpenRec>(f, &sh.tables.states(cid))?,
-        &held,
-        |k| close_resuming(f, cid, k),
-    )?;
-    f.client().call(Request::DropScope {
-        scope: state::scope(&sh.tables.states(cid))?,
-    })?;
+    close_kept_records(f.states(cid)?, &held, |k| close_resuming(f, cid, k))?;
+    f.drop_states(cid)?;
     for s in st.sessions.values() {
-        drop_session_records(sh, s)?;
+        f.drop_session(s)?;
     }
     if let Some(c) = &st.client {
-        state::delete(f, &sh.tables.clients(), c.num)?;
+        f.delete_client(c.num)?;
     }
     Ok(())
 }
@@ -4228,6 +4359,9 @@ fn open_recorded(
 ) -> Outcome {
     let sh = ctx.sh;
     let (path, lease) = (req.path.clone(), req.lease);
+    if let Some(reply) = earlier_open_gone(ctx, st, earlier.as_ref())? {
+        return Ok(reply);
+    }
     room_for_an_open(sh, st)?;
     let slots = sh.tables.slots(&ctx.seq.sessionid);
     let slot_op = u64::try_from(ctx.seq.slot).unwrap_or(0);
@@ -4353,6 +4487,13 @@ fn open_recorded(
     if let Some((d, _)) = &deleg {
         st.aliases.insert(d.clone(), other.clone());
     }
+    // Taken back (a re-send of an OPEN whose open went from memory since,
+    // its record not marked gone yet: [`earlier_open_gone`]): its
+    // stateids are the client's again, not expired.
+    for o in [&other, &deleg_other] {
+        st.expired.remove(o);
+        st.closed.remove(o);
+    }
     {
         // Route filterd's events about this open (and its delegation) here.
         let mut g = sh.global()?;
@@ -4366,6 +4507,46 @@ fn open_recorded(
     };
     m.insert(RECORDED.into(), json!(true));
     Ok(m)
+}
+
+/// A re-sent OPEN's answer when the open state its earlier try made
+/// (`earlier`) went from memory since and its record is marked gone
+/// ([`OpenRec::gone`]): its handle lost (only from the attachment, say:
+/// its resume refused past its patience, [`forget_open_of`]), the mark
+/// written before its closes and its record's delete. The re-send is
+/// answered as its earlier try was (the slot's recorded reply: RFC 8881
+/// 2.10.6.1, a retry gets the reply cached for its slot and seqid), and
+/// the state it names stays lost — its stateids answer NFS4ERR_EXPIRED, as
+/// any state the server lost — rather than taken back: filterd's replay
+/// would reattach a handle still disconnected under the same create GUID
+/// and apply none of the open's records, so the record stayed marked gone
+/// and the next restore dropped an open its client holds (re-review
+/// rr43b F2). A record not marked yet is taken back (the open back in
+/// memory, its queued chores skip what it holds: [`chore_overtaken`]), as
+/// is one deleted already (opened afresh under the same number).
+fn earlier_open_gone(
+    ctx: &Ctx<'_>,
+    st: &State,
+    earlier: Option<&SlotRec>,
+) -> Result<Option<Map<String, Value>>, Fail> {
+    let Some((r, num)) = earlier.and_then(|r| Some((r, r.state?))) else {
+        return Ok(None);
+    };
+    if earlier_id(Some(&r.reply)).is_some_and(|o| st.opens.contains_key(&o)) {
+        return Ok(None);
+    }
+    let rec: Option<OpenRec> =
+        state::get(&ctx.sh.filter, &ctx.sh.tables.states(ctx.cid), num).map_err(filter_fail)?;
+    if !rec.is_some_and(|o| o.gone) {
+        return Ok(None);
+    }
+    let mut r = r.clone();
+    r.settle();
+    let Value::Object(mut m) = r.reply else {
+        return Err(internal("slot reply is not an object"));
+    };
+    m.insert(RECORDED.into(), json!(true));
+    Ok(Some(m))
 }
 
 /// What a request that may be an earlier one's re-send asks: compared
@@ -6594,6 +6775,7 @@ fn forget_open_of(
             match state::encode(&rec) {
                 Ok(text) => chores.push(Chore::MarkGone {
                     scope: scope.clone(),
+                    cid: o.clientid.clone(),
                     num: o.num,
                     text,
                 }),
@@ -6697,7 +6879,12 @@ fn open_gone_chores(
         .iter()
         .map(|k| Chore::Close(*k, cid.to_owned()))
         .collect();
-    chores.push(Chore::DeleteState { scope, num, after });
+    chores.push(Chore::DeleteState {
+        scope,
+        cid: cid.to_owned(),
+        num,
+        after,
+    });
     chores
 }
 
@@ -7670,7 +7857,7 @@ mod status_tests {
     /// Runs `todo` as the chores thread does, each chore's try answered
     /// by `answer` (given the chore and how many times it ran before):
     /// the tries made, in order, and the chores given up.
-    fn run_fake_chores(
+    pub(super) fn run_fake_chores(
         todo: Vec<Chore>,
         mut answer: impl FnMut(&Chore, usize) -> ChoreRun,
     ) -> (Vec<Chore>, Vec<Chore>) {
@@ -7856,6 +8043,7 @@ mod status_tests {
         );
         let delete = Chore::DeleteState {
             scope: "s".into(),
+            cid: "c".into(),
             num: 7,
             after: vec![b, a, c],
         };
@@ -7869,6 +8057,7 @@ mod status_tests {
                 close(a),
                 Chore::DeleteState {
                     scope: "s".into(),
+                    cid: "c".into(),
                     num: 7,
                     after: vec![a]
                 }
@@ -8140,13 +8329,14 @@ mod swap_tests {
         // record drops the open whole, whatever resumes.
         let Some(Chore::MarkGone {
             scope,
+            cid,
             num: 1,
             text,
         }) = chores.first()
         else {
             panic!("{chores:?}");
         };
-        assert_eq!(scope, &tables.states("c"));
+        assert_eq!((scope, cid.as_str()), (&tables.states("c"), "c"));
         let marked: OpenRec = serde_json::from_str(text).unwrap();
         assert!(marked.gone && marked.other == "s1" && marked.deleg.is_none());
         assert_eq!(
@@ -8155,6 +8345,7 @@ mod swap_tests {
                 Chore::Close(own, "c".into()),
                 Chore::DeleteState {
                     scope: tables.states("c"),
+                    cid: "c".into(),
                     num: 1,
                     after: vec![own],
                 }
@@ -8177,13 +8368,7 @@ mod swap_tests {
             ResumeKey::new_random(),
         );
         let mut kept = open("s2", b, &fds).rec;
-        kept.locks.push(state::LockRec {
-            other: "l2".into(),
-            seqid: 1,
-            owner: "lo".into(),
-            key: Some(c),
-            held: Vec::new(),
-        });
+        kept.locks.push(lock_rec(c));
         let records = vec![(1, open("s1", a, &fds).rec), (2, kept)];
         let held: HashSet<u64> = [1].into();
         for (answer, ok) in [
@@ -8200,6 +8385,291 @@ mod swap_tests {
             assert_eq!(r.is_ok(), ok, "{answer:?}: {r:?}");
             let all = if ok { vec![b, c] } else { vec![b] };
             assert_eq!(closed, all, "{answer:?}");
+        }
+    }
+
+    /// Re-review rr43b F1: a kept record still in the form its OPEN
+    /// committed it (`key` nil, filterd's answer in `opened`) names its
+    /// handle only in `opened`: the release closes that handle, not the
+    /// nil key (settled first, as the restore does).
+    #[test]
+    fn a_release_closes_the_handle_of_an_unsettled_kept_record() {
+        let fds = Descriptors::new(8);
+        let k = ResumeKey::new_random();
+        let rec = unsettled(open("s1", ResumeKey(uuid::Uuid::nil()), &fds).rec, k);
+        // As filterd stores it and `state::list` reads it back.
+        let text = serde_json::to_string(&rec).unwrap();
+        let back: OpenRec = serde_json::from_str(&text).unwrap();
+        let mut closed = Vec::new();
+        let r = close_kept_records(vec![(1, back)], &HashSet::new(), |key| {
+            closed.push(key);
+            Ok(())
+        });
+        assert!(r.is_ok());
+        assert_eq!(closed, vec![k], "closed {closed:?}, not the handle {k}");
+    }
+
+    /// Record `rec` as an OPEN commits it: its key nil, filterd's answer
+    /// (handle `k`) in `opened`.
+    fn unsettled(mut rec: OpenRec, k: ResumeKey) -> OpenRec {
+        rec.key = ResumeKey(uuid::Uuid::nil());
+        rec.opened = Some(libfilter::proto::Opened {
+            key: k,
+            create_action: libfilter::model::CreateAction::Opened,
+            size: 0,
+            file: libfilter::model::FileId { dev: 1, ino: 2 },
+            durability: libfilter::model::Durability::Persistent { timeout_ms: 1 },
+            lease: None,
+            locked: false,
+        });
+        rec
+    }
+
+    /// A fake filterd for [`FilterCalls`]: the handles attached to this
+    /// connection, those held disconnected (a close refused `NotOwner`,
+    /// resumed on asking), the records of the client's open-state table,
+    /// and the calls made, in order.
+    #[derive(Default)]
+    struct FakeFilter {
+        attached: RefCell<HashSet<ResumeKey>>,
+        disconnected: RefCell<HashSet<ResumeKey>>,
+        states: Vec<(u64, OpenRec)>,
+        calls: RefCell<Vec<String>>,
+    }
+
+    use std::cell::RefCell;
+
+    impl FilterCalls for FakeFilter {
+        fn close(&self, k: ResumeKey) -> Result<(), ClientError> {
+            self.calls.borrow_mut().push(format!("close {k}"));
+            if self.attached.borrow_mut().remove(&k) {
+                Ok(())
+            } else if self.disconnected.borrow().contains(&k) {
+                Err(status_tests::refused(ErrorCode::NotOwner))
+            } else {
+                Err(status_tests::refused(ErrorCode::NoSuchHandle))
+            }
+        }
+        fn resume(&self, _: &str, k: ResumeKey) -> Result<(), ClientError> {
+            self.calls.borrow_mut().push(format!("resume {k}"));
+            if self.disconnected.borrow_mut().remove(&k) {
+                self.attached.borrow_mut().insert(k);
+                Ok(())
+            } else {
+                Err(status_tests::refused(ErrorCode::NoSuchHandle))
+            }
+        }
+        fn put(&self, scope: &str, num: u64, _: String) -> Result<(), ClientError> {
+            self.calls.borrow_mut().push(format!("put {scope}/{num}"));
+            Ok(())
+        }
+        fn delete(&self, scope: &str, num: u64) -> Result<(), ClientError> {
+            self.calls
+                .borrow_mut()
+                .push(format!("delete {scope}/{num}"));
+            Ok(())
+        }
+        fn give_back(&self, k: LeaseKey) -> Result<(), ClientError> {
+            self.calls.borrow_mut().push(format!("give back {}", k.0));
+            Ok(())
+        }
+        fn states(&self, _: &str) -> Result<Vec<(u64, OpenRec)>, ClientError> {
+            Ok(self.states.clone())
+        }
+        fn close_strays_of(&self, _: &str) -> Result<(), ClientError> {
+            self.calls.borrow_mut().push("close strays".into());
+            Ok(())
+        }
+        fn drop_states(&self, _: &str) -> Result<(), ClientError> {
+            self.calls.borrow_mut().push("drop states".into());
+            Ok(())
+        }
+        fn drop_session(&self, _: &Session) -> Result<(), ClientError> {
+            Ok(())
+        }
+        fn delete_client(&self, _: u64) -> Result<(), ClientError> {
+            Ok(())
+        }
+    }
+
+    /// Re-review rr43b F3 (rr42g R4): releasing a client
+    /// ([`release_in_filter`]) closes the handles of its records kept for
+    /// the restore (no open in memory holds them) — one held disconnected
+    /// resumed first, one named only in an unsettled record's `opened`
+    /// (F1) — before their table is dropped; the open in memory's as
+    /// before.
+    #[test]
+    fn releasing_a_client_closes_the_handles_of_its_kept_records() {
+        let fds = Descriptors::new(8);
+        let (live, kept, lock) = (
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+        );
+        let mut st = State::default();
+        st.opens.insert("s1".into(), open("s1", live, &fds));
+        let mut rec = unsettled(open("s2", kept, &fds).rec, kept);
+        rec.locks.push(lock_rec(lock));
+        let f = FakeFilter {
+            attached: RefCell::new([live, lock].into()),
+            disconnected: RefCell::new([kept].into()),
+            // The open in memory's record too: not closed twice.
+            states: vec![(1, st.opens["s1"].rec.clone()), (2, rec)],
+            ..FakeFilter::default()
+        };
+        release_in_filter(&f, &st, "c").unwrap();
+        assert!(f.attached.borrow().is_empty(), "{:?}", f.calls);
+        assert!(f.disconnected.borrow().is_empty(), "{:?}", f.calls);
+        assert_eq!(
+            f.calls.borrow().last().map(String::as_str),
+            Some("drop states")
+        );
+        let closes = f
+            .calls
+            .borrow()
+            .iter()
+            .filter(|c| **c == format!("close {live}"))
+            .count();
+        assert_eq!(closes, 1, "{:?}", f.calls);
+    }
+
+    /// Re-review rr43b F3 (rr42g R4, R5): a chore's close
+    /// ([`chore_call`], what [`do_chore`] calls) of a handle filterd holds
+    /// disconnected resumes it and closes it; one gone is no-such-handle
+    /// (closed anyway, [`closed_anyway`]); the open's mark and delete go
+    /// to its record.
+    #[test]
+    fn a_chores_close_of_a_disconnected_handle_resumes_and_closes_it() {
+        let (k, gone) = (ResumeKey::new_random(), ResumeKey::new_random());
+        let f = FakeFilter {
+            disconnected: RefCell::new([k].into()),
+            ..FakeFilter::default()
+        };
+        chore_call(&f, &Chore::Close(k, "c".into())).unwrap();
+        assert!(f.disconnected.borrow().is_empty() && f.attached.borrow().is_empty());
+        assert_eq!(
+            *f.calls.borrow(),
+            [
+                format!("close {k}"),
+                format!("resume {k}"),
+                format!("close {k}")
+            ]
+        );
+        let e = chore_call(&f, &Chore::Close(gone, "c".into())).unwrap_err();
+        assert!(closed_anyway(&e), "{e}");
+        f.calls.borrow_mut().clear();
+        chore_call(
+            &f,
+            &Chore::MarkGone {
+                scope: "s".into(),
+                cid: "c".into(),
+                num: 3,
+                text: "{}".into(),
+            },
+        )
+        .unwrap();
+        chore_call(
+            &f,
+            &Chore::DeleteState {
+                scope: "s".into(),
+                cid: "c".into(),
+                num: 3,
+                after: Vec::new(),
+            },
+        )
+        .unwrap();
+        assert_eq!(*f.calls.borrow(), ["put s/3", "delete s/3"]);
+    }
+
+    /// Re-review rr43b F2: an open gone from memory whose record and
+    /// handle a later request took back (a re-sent OPEN at a restored
+    /// slot reuses its record number, and filterd's replay reattaches its
+    /// handle, still disconnected) is back in memory: its queued chores,
+    /// run on the chores thread ([`run_unless_overtaken`]), no longer
+    /// close its handle, mark its record gone nor delete it. Not taken
+    /// back, they run; F4: the mark not once its client is released or
+    /// being released (a record in a dropped table, read by no restore).
+    #[test]
+    fn an_opens_chores_skip_what_a_later_request_took_back() {
+        let fds = Descriptors::new(8);
+        let (own, carrier) = (ResumeKey::new_random(), ResumeKey::new_random());
+        let tables = state::Tables::new(&libfilter::model::InstanceName::new("i").unwrap());
+        let run = |chores: &[Chore], st: Option<&Mutex<State>>, g: &Mutex<Global>| {
+            let mut done = Vec::new();
+            let (tried, given_up) = status_tests::run_fake_chores(chores.to_vec(), |c, _| {
+                run_unless_overtaken(c, st, g, || {
+                    done.push(c.clone());
+                    ChoreRun::Done
+                })
+            });
+            assert_eq!(tried, chores, "each tried once");
+            assert!(given_up.is_empty());
+            done
+        };
+        let forgotten = || {
+            let (mut st, mut g) = carried(&fds, own, carrier, uuid::Uuid::new_v4());
+            let chores = forget_open_of(&tables, &mut st, &mut g, own);
+            assert_eq!(chores.len(), 4, "{chores:?}");
+            (st, g, chores)
+        };
+        // Not taken back: all run.
+        let (mut st, g, chores) = forgotten();
+        st.client = Some(client_c());
+        let (st, g) = (Mutex::new(st), Mutex::new(g));
+        assert_eq!(run(&chores, Some(&st), &g), chores);
+        // Taken back: the open in memory again, under the same number,
+        // with the same handle.
+        let (mut st, mut g, chores) = forgotten();
+        st.client = Some(client_c());
+        st.opens.insert("s1".into(), open("s1", own, &fds));
+        g.handle_client.insert(own, "c".into());
+        let (st, g) = (Mutex::new(st), Mutex::new(g));
+        // Only the close of the handle the re-send did not take back.
+        assert_eq!(chores[2], Chore::Close(carrier, "c".into()));
+        assert_eq!(run(&chores, Some(&st), &g), chores[2..3]);
+        // Under the same number with another handle (its handle closed
+        // before the re-send, opened afresh): the closes run.
+        let (mut st, mut g, chores) = forgotten();
+        let fresh = ResumeKey::new_random();
+        st.client = Some(client_c());
+        st.opens.insert("s1".into(), open("s1", fresh, &fds));
+        g.handle_client.insert(fresh, "c".into());
+        let (st, g) = (Mutex::new(st), Mutex::new(g));
+        assert_eq!(run(&chores, Some(&st), &g), chores[1..3]);
+        // Released (gone from the clients), or being released: no mark.
+        let (_, g, chores) = forgotten();
+        assert_eq!(run(&chores, None, &Mutex::new(g)), chores[1..]);
+        let (mut st, g, chores) = forgotten();
+        st.client = Some(client_c());
+        st.releasing = true;
+        assert_eq!(
+            run(&chores, Some(&Mutex::new(st)), &Mutex::new(g)),
+            chores[1..]
+        );
+    }
+
+    /// Lock state "l2" of handle `k`.
+    fn lock_rec(k: ResumeKey) -> state::LockRec {
+        state::LockRec {
+            other: "l2".into(),
+            seqid: 1,
+            owner: "lo".into(),
+            key: Some(k),
+            held: Vec::new(),
+        }
+    }
+
+    /// Client "c" in memory.
+    fn client_c() -> Client {
+        Client {
+            rec: ClientRec {
+                clientid: "c".into(),
+                owner: "o".into(),
+                verifier: "v".into(),
+            },
+            num: 9,
+            deadline: Instant::now(),
+            peer: None,
         }
     }
 
