@@ -791,21 +791,9 @@ fn an_open_marked_gone_is_dropped_at_restore_though_its_handle_resumes() {
     let sid = ok(a.open("oo", "f", "both", "write", json!({})))["stateid"].clone();
     nfs.kill9_in_place();
     assert_eq!(handles_on(&s, "f").len(), 1);
-    {
-        let f = rkfilter_tests::attach(&s.socket(), "nfs", "nfs-gone-mark-mark");
-        let scope = libfilter::model::ReplayScope::Session(
-            libfilter::model::ScopeName::new(format!("nfs-gone-mark/states/{}", a.clientid))
-                .unwrap(),
-        );
-        let recs = f.list_records(scope.clone()).unwrap();
-        assert_eq!(recs.len(), 1, "{recs:?}");
-        for (op, text) in recs {
-            let mut rec: Value = serde_json::from_str(&text).unwrap();
-            rec["gone"] = json!(true);
-            f.record_reply(scope.clone(), op, rec.to_string(), 4096)
-                .unwrap();
-        }
-    }
+    edit_open_record(&s, "nfs-gone-mark", &a.clientid, |rec| {
+        rec["gone"] = json!(true)
+    });
     let nfs = Shim::start("nfsshim", &s.socket(), "nfs-gone-mark");
     assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
     a.c = LineClient::connect(&nfs.addr);
@@ -813,6 +801,61 @@ fn an_open_marked_gone_is_dropped_at_restore_though_its_handle_resumes() {
     assert_eq!(r["status"], "NFS4ERR_EXPIRED", "{r}");
     let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
     ok(b.open("ob", "f", "write", "none", json!({})));
+}
+
+/// Rewrites with `edit` the one open-state record of client `cid` of
+/// nfsshim instance `name` (not running), as its chores would leave it.
+fn edit_open_record(s: &Scratch, name: &str, cid: &str, edit: impl Fn(&mut Value)) {
+    let f = rkfilter_tests::attach(&s.socket(), "nfs", &format!("{name}-edit"));
+    let scope = libfilter::model::ReplayScope::Session(
+        libfilter::model::ScopeName::new(format!("{name}/states/{cid}")).unwrap(),
+    );
+    let recs = f.list_records(scope.clone()).unwrap();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    for (op, text) in recs {
+        let mut rec: Value = serde_json::from_str(&text).unwrap();
+        edit(&mut rec);
+        f.record_reply(scope.clone(), op, rec.to_string(), 4096)
+            .unwrap();
+    }
+}
+
+/// Re-review rr43b F2: an open restored after a restart whose open went
+/// from memory (here dropped at the restore, its record kept marked gone:
+/// a handle of it could not be closed, one of another client's whose
+/// resume is refused), and its OPEN re-sent at the restored slot (its
+/// reply lost in the restart). The re-send is answered from the slot's
+/// cached reply, before any op runs: it does not take the open back —
+/// the file opened afresh or a handle still disconnected reattached under
+/// the record's number — and its state stays lost (EXPIRED). (Were it
+/// taken back, the open's queued chores would have closed the live
+/// handle and marked and deleted its record: `chore_overtaken`.)
+#[test]
+fn a_resent_open_of_a_gone_open_is_answered_from_its_slot_and_stays_gone() {
+    let (s, _d, mut nfs, mut a) = one_client("nfs-gone-resend", b"g");
+    std::fs::write(s.root().join("g"), b"g").unwrap();
+    let mut b = Nfs::connect(&nfs.addr, "host-b", "00000000000000bb");
+    ok(b.open("ob", "g", "read", "none", json!({})));
+    let open = json!({"op": "OPEN", "owner": "oo", "path": "f", "access": "both", "deny": "write"});
+    let first = ok(a.call(open.clone()));
+    nfs.kill9_in_place();
+    let theirs = handles_on(&s, "g");
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    edit_open_record(&s, "nfs-gone-resend", &a.clientid, |rec| {
+        rec["gone"] = json!(true);
+        rec["extra"] = json!([{"key": theirs[0].0, "access": "read"}]);
+    });
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-gone-resend");
+    assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
+    a.c = LineClient::connect(&nfs.addr);
+    let again = a.resend_patiently(&open, Duration::from_secs(10));
+    assert_eq!(again["status"], "NFS4_OK", "{again}");
+    assert_eq!(again["stateid"], first["stateid"], "{again} vs {first}");
+    assert!(handles_on(&s, "f").is_empty(), "{:?}", handles_on(&s, "f"));
+    let r = a.call(json!({"op": "READ", "stateid": first["stateid"], "offset": 0, "count": 1}));
+    assert_eq!(r["status"], "NFS4ERR_EXPIRED", "{r}");
+    // The other client's handle is untouched.
+    assert_eq!(handles_on(&s, "g"), theirs);
 }
 
 /// Defect (review of issue 16): filterd checked an OPEN's records against

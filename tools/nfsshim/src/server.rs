@@ -1162,7 +1162,8 @@ fn run_unless_overtaken(
 /// that number with that handle, its client answered NFS4_OK. Its queued
 /// chores then closed the live open's handle, marked its record gone (the
 /// next restore dropped an open its client holds) and deleted the record
-/// (re-review rr43b F2). So a close is skipped while a client's open state
+/// (re-review rr43b F2; a guard: no request was found to take such an
+/// open back, [`earlier_open_gone`]). So a close is skipped while a client's open state
 /// holds its handle ([`Global::handle_client`]), a mark or a delete while
 /// one holds its number; a mark too once its client is released or being
 /// released — written then, it made a record in a scope dropped, which no
@@ -4523,7 +4524,12 @@ fn open_recorded(
 /// and the next restore dropped an open its client holds (re-review
 /// rr43b F2). A record not marked yet is taken back (the open back in
 /// memory, its queued chores skip what it holds: [`chore_overtaken`]), as
-/// is one deleted already (opened afresh under the same number).
+/// is one deleted already (opened afresh under the same number). A guard:
+/// no request was found to get here with such an open — a restored slot
+/// answers its re-send from the cached reply before any op runs, and an
+/// OPEN that runs again with its slot record (answered DELAY, filterd
+/// away mid-request) made an open that never was in memory — so it has no
+/// test that reaches it.
 fn earlier_open_gone(
     ctx: &Ctx<'_>,
     st: &State,
@@ -4532,7 +4538,11 @@ fn earlier_open_gone(
     let Some((r, num)) = earlier.and_then(|r| Some((r, r.state?))) else {
         return Ok(None);
     };
-    if earlier_id(Some(&r.reply)).is_some_and(|o| st.opens.contains_key(&o)) {
+    // Only an open remembered as gone (the read is not paid for every
+    // re-send of an OPEN answered DELAY, whose open never was in memory).
+    if !earlier_id(Some(&r.reply)).is_some_and(|o| {
+        !st.opens.contains_key(&o) && (st.expired.contains(&o) || st.closed.contains(&o))
+    }) {
         return Ok(None);
     }
     let rec: Option<OpenRec> =
