@@ -608,13 +608,15 @@ struct Shared {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Chore {
     /// Write an open state's record (`num` in table `scope`, of client
-    /// `cid`) as `text`: marked gone ([`OpenRec::gone`]), before its
-    /// handles' closes.
+    /// `cid`, naming handles `keys`) as `text`: marked gone
+    /// ([`OpenRec::gone`]), before its handles' closes. Only over a record
+    /// there ([`chore_call`]).
     MarkGone {
         scope: String,
         cid: String,
         num: u64,
         text: String,
+        keys: Vec<ResumeKey>,
     },
     /// Delete an open state's record (of client `cid`), once the closes
     /// of its other handles queued before it (`after`) are done: not if
@@ -741,6 +743,8 @@ trait FilterCalls {
     fn resume(&self, cid: &str, k: ResumeKey) -> Result<(), ClientError>;
     /// Writes record `num` of table `scope` as `text` ([`state::encode`]).
     fn put(&self, scope: &str, num: u64, text: String) -> Result<(), ClientError>;
+    /// Whether table `scope` has record `num`.
+    fn exists(&self, scope: &str, num: u64) -> Result<bool, ClientError>;
     fn delete(&self, scope: &str, num: u64) -> Result<(), ClientError>;
     /// [`give_back`].
     fn give_back(&self, k: LeaseKey) -> Result<(), ClientError>;
@@ -768,6 +772,13 @@ impl FilterCalls for Shared {
     }
     fn put(&self, scope: &str, num: u64, text: String) -> Result<(), ClientError> {
         state::put_encoded(&self.filter, scope, num, text)
+    }
+    fn exists(&self, scope: &str, num: u64) -> Result<bool, ClientError> {
+        Ok(self
+            .filter
+            .client()
+            .lookup_reply(state::scope(scope)?, num)?
+            .is_some())
     }
     fn delete(&self, scope: &str, num: u64) -> Result<(), ClientError> {
         state::delete(&self.filter, scope, num)
@@ -1018,9 +1029,20 @@ fn do_chore(sh: &Shared, c: &Chore) -> ChoreOutcome {
 fn chore_call(f: &impl FilterCalls, c: &Chore) -> Result<(), ClientError> {
     match c {
         Chore::DeleteState { scope, num, .. } => f.delete(scope, *num),
+        // Only over a record there (re-review rr43c F2: an upsert, it made
+        // a gone record the open's commit never wrote, naming a handle a
+        // later open holds, which the next restore closed). The client's
+        // lock held ([`run_unless_overtaken`]), no request of it writes
+        // the record between the look and the write.
         Chore::MarkGone {
             scope, num, text, ..
-        } => f.put(scope, *num, text.clone()),
+        } => {
+            if f.exists(scope, *num)? {
+                f.put(scope, *num, text.clone())
+            } else {
+                Ok(())
+            }
+        }
         Chore::Close(k, cid) => close_resuming(f, cid, *k),
         Chore::GiveBack(k) => f.give_back(*k),
     }
@@ -1056,6 +1078,14 @@ enum ChoreRun {
     /// timeout or not: tried again with backoff, a few times
     /// ([`chore_retry`]).
     Retry { timed_out: bool },
+    /// Its client's lock held by one of its requests (an fsync, I/O, a
+    /// filterd call): not run, not a failure. Put back and tried again
+    /// after [`CHORE_WAIT`], the chores of other clients running
+    /// meanwhile, those of its client behind it ([`run_chore_queue`]);
+    /// never given up for this (re-review rr43c F3: the one chores thread
+    /// waited for the lock, one client's slow request holding up every
+    /// client's give-backs and closes).
+    Busy,
 }
 
 /// Whether a chore computed at reload count `computed` (of
@@ -1130,14 +1160,21 @@ fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
 /// Runs chore `c` with `run` ([`chore_off_request`]) under the lock of its
 /// client's state `client` (None: released), so that no request takes
 /// back what it acts on between the check and the call — unless
-/// [`chore_overtaken`] (by `client` and `g`): done then, not run.
+/// [`chore_overtaken`] (by `client` and `g`): done then, not run. The lock
+/// is only tried: held by a request of the client, the chore is
+/// [`ChoreRun::Busy`], not run now.
 fn run_unless_overtaken(
     c: &Chore,
     client: Option<&Mutex<State>>,
     g: &Mutex<Global>,
     run: impl FnOnce() -> ChoreRun,
 ) -> ChoreRun {
-    let st = client.map(|cl| cl.lock().unwrap_or_else(|p| p.into_inner()));
+    let st = match client.map(Mutex::try_lock) {
+        None => None,
+        Some(Ok(st)) => Some(st),
+        Some(Err(std::sync::TryLockError::Poisoned(p))) => Some(p.into_inner()),
+        Some(Err(std::sync::TryLockError::WouldBlock)) => return ChoreRun::Busy,
+    };
     {
         let g = g.lock().unwrap_or_else(|p| p.into_inner());
         if chore_overtaken(c, st.as_deref(), &g) {
@@ -1162,21 +1199,25 @@ fn run_unless_overtaken(
 /// that number with that handle, its client answered NFS4_OK. Its queued
 /// chores then closed the live open's handle, marked its record gone (the
 /// next restore dropped an open its client holds) and deleted the record
-/// (re-review rr43b F2; a guard: no request was found to take such an
-/// open back, [`earlier_open_gone`]). So a close is skipped while a client's open state
+/// (re-review rr43b F2; [`open`]'s two-step path takes such an open back,
+/// re-review rr43c F1: [`taken_back`]). So a close is skipped while a client's open state
 /// holds its handle ([`Global::handle_client`]), a mark or a delete while
-/// one holds its number; a mark too once its client is released or being
-/// released — written then, it made a record in a scope dropped, which no
-/// restore reads (re-review rr43b F4; the release closes the handles of
-/// the record left unmarked, [`release_in_filter`]).
+/// one holds its number or any handle its record names (re-review rr43c
+/// F2: a re-send whose first try's commit did not land opens afresh under
+/// another number, reattaching the same handle); a mark too once its
+/// client is released or being released — written then, it made a record
+/// in a scope dropped, which no restore reads (re-review rr43b F4; the
+/// release closes the handles of the record left unmarked,
+/// [`release_in_filter`]).
 fn chore_overtaken(c: &Chore, st: Option<&State>, g: &Global) -> bool {
     let holds = |num: u64| st.is_some_and(|st| st.opens.values().any(|o| o.num == num));
+    let held = |keys: &[ResumeKey]| keys.iter().any(|k| g.handle_client.contains_key(k));
     match c {
         Chore::Close(k, _) => g.handle_client.contains_key(k),
-        Chore::MarkGone { num, .. } => {
-            st.is_none_or(|st| st.client.is_none() || st.releasing) || holds(*num)
+        Chore::MarkGone { num, keys, .. } => {
+            st.is_none_or(|st| st.client.is_none() || st.releasing) || holds(*num) || held(keys)
         }
-        Chore::DeleteState { num, .. } => holds(*num),
+        Chore::DeleteState { num, after, .. } => holds(*num) || held(after),
         Chore::GiveBack(_) => false,
     }
 }
@@ -1228,6 +1269,22 @@ struct PutBack {
     chore: Chore,
     /// Times it was put back.
     rounds: u32,
+    /// Put back behind its client's lock ([`ChoreRun::Busy`]), or behind
+    /// such a chore of its client: no later chore of the client runs
+    /// before it ([`behind_busy`]).
+    parked: bool,
+}
+
+/// Whether `back[i]` waits behind a chore of its client put back before
+/// it for its client's lock ([`PutBack::parked`]): an open's chores run
+/// in order (its mark, its closes, its delete: [`open_gone_chores`]).
+fn behind_busy(back: &[PutBack], i: usize) -> bool {
+    let Some(cid) = back.get(i).and_then(|b| b.chore.client()) else {
+        return false;
+    };
+    back.iter()
+        .take(i)
+        .any(|b| b.parked && b.chore.client() == Some(cid))
 }
 
 /// [`run_chores`]' sequencing: runs each chore of `todo` with `run` (None
@@ -1249,21 +1306,38 @@ fn run_chore_queue(
     let mut back: Vec<PutBack> = Vec::new();
     loop {
         let t = now();
-        // The first one due of those put back, in the order put back.
-        let item = match back.iter().position(|b| b.due <= t) {
-            Some(i) => back.remove(i),
+        // The first one due of those put back, in the order put back, not
+        // one behind its client's lock; where it was, to go back there.
+        let pick = (0..back.len()).find(|&i| back[i].due <= t && !behind_busy(&back, i));
+        let (at, item) = match pick {
+            Some(i) => (i, back.remove(i)),
             None => {
-                let wait = back
-                    .iter()
-                    .map(|b| b.due.saturating_duration_since(t))
+                let wait = (0..back.len())
+                    .filter(|&i| !behind_busy(&back, i))
+                    .map(|i| back[i].due.saturating_duration_since(t))
                     .min();
                 match todo.next_chore(wait) {
-                    Ok(Some((computed, chore))) => PutBack {
-                        due: t,
-                        computed,
-                        chore,
-                        rounds: 0,
-                    },
+                    Ok(Some((computed, chore))) => {
+                        let item = PutBack {
+                            due: t,
+                            computed,
+                            chore,
+                            rounds: 0,
+                            parked: false,
+                        };
+                        // Behind a chore of its client put back for its
+                        // lock (or behind one behind it): in turn.
+                        let cid = item.chore.client();
+                        if cid.is_some() && back.iter().any(|b| b.parked && b.chore.client() == cid)
+                        {
+                            back.push(PutBack {
+                                parked: true,
+                                ..item
+                            });
+                            continue;
+                        }
+                        (back.len(), item)
+                    }
                     Ok(None) => continue,
                     Err(()) => return,
                 }
@@ -1273,6 +1347,7 @@ fn run_chore_queue(
             computed,
             chore: c,
             rounds,
+            parked,
             ..
         } = item;
         match seq.admits(&c) {
@@ -1291,6 +1366,7 @@ fn run_chore_queue(
                     computed,
                     chore: c,
                     rounds,
+                    parked,
                 });
                 continue;
             }
@@ -1315,6 +1391,22 @@ fn run_chore_queue(
                     break;
                 }
                 ChoreRun::Later => CHORE_WAIT,
+                ChoreRun::Busy => {
+                    // Back where it was, its client's later chores behind
+                    // it; a close's delete held back meanwhile.
+                    seq.put_back(&c);
+                    back.insert(
+                        at.min(back.len()),
+                        PutBack {
+                            due: now() + CHORE_WAIT,
+                            computed,
+                            chore: c,
+                            rounds,
+                            parked: true,
+                        },
+                    );
+                    break;
+                }
                 ChoreRun::Retry { timed_out } => {
                     tries += 1;
                     if rounds > 0 && timed_out {
@@ -1339,6 +1431,7 @@ fn run_chore_queue(
                             computed,
                             chore: c,
                             rounds: rounds + 1,
+                            parked: false,
                         });
                         break;
                     } else {
@@ -3922,6 +4015,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
             ctx.on_refusal(Undo::Close(h.info.key));
             ctx.on_refusal(Undo::DropState(other.clone()));
             ctx.new_state.set(Some(num));
+            taken_back(st, [&other]);
             st.opens.insert(
                 other.clone(),
                 Open {
@@ -4488,13 +4582,7 @@ fn open_recorded(
     if let Some((d, _)) = &deleg {
         st.aliases.insert(d.clone(), other.clone());
     }
-    // Taken back (a re-send of an OPEN whose open went from memory since,
-    // its record not marked gone yet: [`earlier_open_gone`]): its
-    // stateids are the client's again, not expired.
-    for o in [&other, &deleg_other] {
-        st.expired.remove(o);
-        st.closed.remove(o);
-    }
+    taken_back(st, [&other, &deleg_other]);
     {
         // Route filterd's events about this open (and its delegation) here.
         let mut g = sh.global()?;
@@ -4508,6 +4596,23 @@ fn open_recorded(
     };
     m.insert(RECORDED.into(), json!(true));
     Ok(m)
+}
+
+/// An open state put in memory under stateids `others` an earlier try of
+/// its OPEN recorded ([`open_recorded`], and [`open`]'s path that commits
+/// in two steps): if its open went from memory since (its record not
+/// marked gone yet, [`earlier_open_gone`]; or, on the two-step path, its
+/// handle's resume refused past its patience after a flush that failed
+/// unreachable, the new open left in memory), the open is taken back and
+/// its stateids are the client's again, not expired nor closed
+/// (re-review rr43c F1: on the two-step path they stayed expired, every
+/// use of the stateid the client was just granted answered
+/// NFS4ERR_EXPIRED).
+fn taken_back<'a>(st: &mut State, others: impl IntoIterator<Item = &'a String>) {
+    for o in others {
+        st.expired.remove(o);
+        st.closed.remove(o);
+    }
 }
 
 /// A re-sent OPEN's answer when the open state its earlier try made
@@ -4524,12 +4629,14 @@ fn open_recorded(
 /// and the next restore dropped an open its client holds (re-review
 /// rr43b F2). A record not marked yet is taken back (the open back in
 /// memory, its queued chores skip what it holds: [`chore_overtaken`]), as
-/// is one deleted already (opened afresh under the same number). A guard:
-/// no request was found to get here with such an open — a restored slot
-/// answers its re-send from the cached reply before any op runs, and an
-/// OPEN that runs again with its slot record (answered DELAY, filterd
-/// away mid-request) made an open that never was in memory — so it has no
-/// test that reaches it.
+/// is one deleted already (opened afresh under the same number). Only
+/// [`open_recorded`] calls it, and no request was found to get there with
+/// such an open — a restored slot answers its re-send from the cached
+/// reply before any op runs, and such an OPEN that runs again with its
+/// slot record (answered DELAY, filterd away mid-request) made an open
+/// that never was in memory — so it has no test that reaches it.
+/// [`open`]'s two-step path does take such an open back (re-review rr43c
+/// F1, [`taken_back`]).
 fn earlier_open_gone(
     ctx: &Ctx<'_>,
     st: &State,
@@ -6788,6 +6895,7 @@ fn forget_open_of(
                     cid: o.clientid.clone(),
                     num: o.num,
                     text,
+                    keys: keys.clone(),
                 }),
                 Err(e) => eprintln!("nfsshim: marking open {other} gone: {e}"),
             }
@@ -8342,11 +8450,13 @@ mod swap_tests {
             cid,
             num: 1,
             text,
+            keys,
         }) = chores.first()
         else {
             panic!("{chores:?}");
         };
         assert_eq!((scope, cid.as_str()), (&tables.states("c"), "c"));
+        assert_eq!(keys, &[own]);
         let marked: OpenRec = serde_json::from_str(text).unwrap();
         assert!(marked.gone && marked.other == "s1" && marked.deleg.is_none());
         assert_eq!(
@@ -8473,6 +8583,9 @@ mod swap_tests {
             self.calls.borrow_mut().push(format!("put {scope}/{num}"));
             Ok(())
         }
+        fn exists(&self, _: &str, num: u64) -> Result<bool, ClientError> {
+            Ok(self.states.iter().any(|(n, _)| *n == num))
+        }
         fn delete(&self, scope: &str, num: u64) -> Result<(), ClientError> {
             self.calls
                 .borrow_mut()
@@ -8568,16 +8681,21 @@ mod swap_tests {
         let e = chore_call(&f, &Chore::Close(gone, "c".into())).unwrap_err();
         assert!(closed_anyway(&e), "{e}");
         f.calls.borrow_mut().clear();
-        chore_call(
-            &f,
-            &Chore::MarkGone {
-                scope: "s".into(),
-                cid: "c".into(),
-                num: 3,
-                text: "{}".into(),
-            },
-        )
-        .unwrap();
+        // Re-review rr43c F2: a mark only over a record there (an upsert
+        // made a gone record the open's commit never wrote).
+        let mark = |num| Chore::MarkGone {
+            scope: "s".into(),
+            cid: "c".into(),
+            num,
+            text: "{}".into(),
+            keys: vec![k],
+        };
+        let f = FakeFilter {
+            states: vec![(3, open("s1", k, &Descriptors::new(1)).rec)],
+            ..f
+        };
+        chore_call(&f, &mark(4)).unwrap();
+        chore_call(&f, &mark(3)).unwrap();
         chore_call(
             &f,
             &Chore::DeleteState {
@@ -8646,6 +8764,19 @@ mod swap_tests {
         g.handle_client.insert(fresh, "c".into());
         let (st, g) = (Mutex::new(st), Mutex::new(g));
         assert_eq!(run(&chores, Some(&st), &g), chores[1..3]);
+        // Re-review rr43c F2: under another number with the same handle
+        // (a re-send whose first try's commit did not land: a new number,
+        // the same create GUID, its handle reattached): no mark (it wrote
+        // a gone record naming the live open's handle), no delete, only
+        // the close of the handle it did not take back.
+        let (mut st, mut g, chores) = forgotten();
+        st.client = Some(client_c());
+        let mut again = open("s9", own, &fds);
+        again.num = 7;
+        st.opens.insert("s9".into(), again);
+        g.handle_client.insert(own, "c".into());
+        let (st, g) = (Mutex::new(st), Mutex::new(g));
+        assert_eq!(run(&chores, Some(&st), &g), chores[2..3]);
         // Released (gone from the clients), or being released: no mark.
         let (_, g, chores) = forgotten();
         assert_eq!(run(&chores, None, &Mutex::new(g)), chores[1..]);
@@ -8655,6 +8786,69 @@ mod swap_tests {
         assert_eq!(
             run(&chores, Some(&Mutex::new(st)), &Mutex::new(g)),
             chores[1..]
+        );
+    }
+
+    /// Re-review rr43c F3: the chores thread does not wait for a client's
+    /// lock ([`run_unless_overtaken`]): a chore of a client one of whose
+    /// requests holds it is put back, not given up, the chores of another
+    /// client running meanwhile and its own client's later chores staying
+    /// behind it (an open's mark, closes, delete in order); once the lock
+    /// is free, they run in order.
+    #[test]
+    fn a_chore_of_a_client_whose_lock_is_held_waits_without_holding_up_others() {
+        let (k0, k1, kd) = (
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+            ResumeKey::new_random(),
+        );
+        let mut chores = vec![Chore::MarkGone {
+            scope: "s".into(),
+            cid: "c".into(),
+            num: 7,
+            text: "{}".into(),
+            keys: vec![k0, k1],
+        }];
+        chores.extend(open_gone_chores("s".into(), "c", 7, &[k0, k1], k0));
+        chores.push(Chore::Close(kd, "d".into()));
+        let client = |cid: &str| {
+            let mut st = State::default();
+            st.client = Some(Client {
+                rec: ClientRec {
+                    clientid: cid.into(),
+                    ..client_c().rec
+                },
+                ..client_c()
+            });
+            Mutex::new(st)
+        };
+        let (c, d, g) = (client("c"), client("d"), Mutex::new(Global::default()));
+        let mut held = Some(c.lock().unwrap());
+        let (mut busy, mut done) = (0, Vec::new());
+        let (tried, given_up) = status_tests::run_fake_chores(chores.clone(), |ch, _| {
+            let st = if ch.client() == Some("c") { &c } else { &d };
+            let r = run_unless_overtaken(ch, Some(st), &g, || {
+                done.push(ch.clone());
+                ChoreRun::Done
+            });
+            if r == ChoreRun::Busy {
+                busy += 1;
+                if busy == 3 {
+                    held = None;
+                }
+            }
+            r
+        });
+        assert!(given_up.is_empty(), "{given_up:?}");
+        assert_eq!(busy, 3, "{tried:?}");
+        // The other client's close first; the held client's in order.
+        let mut want = vec![chores[4].clone()];
+        want.extend_from_slice(&chores[..4]);
+        assert_eq!(done, want);
+        // Only the first of the held client's chores was tried meanwhile.
+        assert_eq!(
+            tried[..4],
+            [&chores[0], &chores[4], &chores[0], &chores[0]].map(Clone::clone)
         );
     }
 
