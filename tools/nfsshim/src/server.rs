@@ -8812,15 +8812,16 @@ mod swap_tests {
         chores.extend(open_gone_chores("s".into(), "c", 7, &[k0, k1], k0));
         chores.push(Chore::Close(kd, "d".into()));
         let client = |cid: &str| {
-            let mut st = State::default();
-            st.client = Some(Client {
-                rec: ClientRec {
-                    clientid: cid.into(),
-                    ..client_c().rec
-                },
-                ..client_c()
-            });
-            Mutex::new(st)
+            Mutex::new(State {
+                client: Some(Client {
+                    rec: ClientRec {
+                        clientid: cid.into(),
+                        ..client_c().rec
+                    },
+                    ..client_c()
+                }),
+                ..State::default()
+            })
         };
         let (c, d, g) = (client("c"), client("d"), Mutex::new(Global::default()));
         let mut held = Some(c.lock().unwrap());
