@@ -1084,7 +1084,15 @@ enum ChoreRun {
     /// meanwhile, those of its client behind it ([`run_chore_queue`]);
     /// never given up for this (re-review rr43c F3: the one chores thread
     /// waited for the lock, one client's slow request holding up every
-    /// client's give-backs and closes).
+    /// client's give-backs and closes). Busy for [`CHORE_BUSY_BOUND`]
+    /// since its first try, it waits for the lock (re-review rr43f F1: a
+    /// client keeping requests in flight hands its lock from one to the
+    /// next, and a try almost never lands; the chore — a close of a gone
+    /// handle, still holding share modes and locks against other clients
+    /// — was put back for as long as the client stayed busy). The
+    /// trade-off: past the bound, the chores thread stalls behind that
+    /// client's current request (bounded by its own call timeouts and
+    /// I/O), every client's chores waiting meanwhile.
     Busy,
 }
 
@@ -1119,7 +1127,10 @@ fn chore_gate(computed: u64, now: u64, ready: bool) -> Option<ChoreRun> {
 /// [`open_gone_chores`]); tried again after the reattach when its
 /// connection was lost and nothing was read again (the memory is still
 /// the tables').
-fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
+///
+/// `wait_for_lock`: waits for its client's lock rather than only trying it
+/// ([`run_unless_overtaken`]).
+fn chore_off_request(sh: &Shared, computed: u64, c: &Chore, wait_for_lock: bool) -> ChoreRun {
     let _serving = sh.serving.read().unwrap_or_else(|p| p.into_inner());
     let _pin = sh.filter.pin();
     let ready = !sh.reload_due.load(Ordering::Acquire)
@@ -1137,43 +1148,54 @@ fn chore_off_request(sh: &Shared, computed: u64, c: &Chore) -> ChoreRun {
     }
     test_hold_while("chore", "a chore passed its gate");
     let client = c.client().and_then(|cid| sh.client(cid).ok().flatten());
-    run_unless_overtaken(c, client.as_deref(), &sh.st, || match do_chore(sh, c) {
-        ChoreOutcome::Done => ChoreRun::Done,
-        ChoreOutcome::Failed(e) => {
-            eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
-            if closed_anyway(&e) {
-                ChoreRun::Done
-            } else {
-                ChoreRun::Failed
+    run_unless_overtaken(
+        c,
+        client.as_deref(),
+        &sh.st,
+        wait_for_lock,
+        || match do_chore(sh, c) {
+            ChoreOutcome::Done => ChoreRun::Done,
+            ChoreOutcome::Failed(e) => {
+                eprintln!("nfsshim: cleaning up after a handle that went away: {e}");
+                if closed_anyway(&e) {
+                    ChoreRun::Done
+                } else {
+                    ChoreRun::Failed
+                }
             }
-        }
-        ChoreOutcome::Lost(_) => ChoreRun::Later,
-        ChoreOutcome::Passing(e) => {
-            eprintln!("nfsshim: cleaning up after a handle that went away: {e}; trying again");
-            ChoreRun::Retry {
-                timed_out: matches!(e, ClientError::Timeout(_)),
+            ChoreOutcome::Lost(_) => ChoreRun::Later,
+            ChoreOutcome::Passing(e) => {
+                eprintln!("nfsshim: cleaning up after a handle that went away: {e}; trying again");
+                ChoreRun::Retry {
+                    timed_out: matches!(e, ClientError::Timeout(_)),
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 /// Runs chore `c` with `run` ([`chore_off_request`]) under the lock of its
 /// client's state `client` (None: released), so that no request takes
 /// back what it acts on between the check and the call — unless
 /// [`chore_overtaken`] (by `client` and `g`): done then, not run. The lock
-/// is only tried: held by a request of the client, the chore is
-/// [`ChoreRun::Busy`], not run now.
+/// is only tried, unless `wait_for_lock` (the chore busy for
+/// [`CHORE_BUSY_BOUND`] already): held by a request of the client, the
+/// chore is [`ChoreRun::Busy`], not run now.
 fn run_unless_overtaken(
     c: &Chore,
     client: Option<&Mutex<State>>,
     g: &Mutex<Global>,
+    wait_for_lock: bool,
     run: impl FnOnce() -> ChoreRun,
 ) -> ChoreRun {
-    let st = match client.map(Mutex::try_lock) {
+    let st = match client {
         None => None,
-        Some(Ok(st)) => Some(st),
-        Some(Err(std::sync::TryLockError::Poisoned(p))) => Some(p.into_inner()),
-        Some(Err(std::sync::TryLockError::WouldBlock)) => return ChoreRun::Busy,
+        Some(m) if wait_for_lock => Some(m.lock().unwrap_or_else(|p| p.into_inner())),
+        Some(m) => match m.try_lock() {
+            Ok(st) => Some(st),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => return ChoreRun::Busy,
+        },
     };
     {
         let g = g.lock().unwrap_or_else(|p| p.into_inner());
@@ -1227,9 +1249,9 @@ fn chore_overtaken(c: &Chore, st: Option<&State>, g: &Global) -> bool {
 fn run_chores(sh: &std::sync::Weak<Shared>, todo: &crossbeam_channel::Receiver<(u64, Chore)>) {
     run_chore_queue(
         todo,
-        |computed, c| {
+        |computed, c, wait_for_lock| {
             let sh = sh.upgrade()?;
-            Some(chore_off_request(&sh, computed, c))
+            Some(chore_off_request(&sh, computed, c, wait_for_lock))
         },
         |c| {
             if let (Some(sh), Chore::GiveBack(k)) = (sh.upgrade(), c) {
@@ -1271,8 +1293,14 @@ struct PutBack {
     rounds: u32,
     /// Put back behind its client's lock ([`ChoreRun::Busy`]), or behind
     /// such a chore of its client: no later chore of the client runs
-    /// before it ([`behind_busy`]).
+    /// before it ([`behind_busy`]). Only while it waits for the lock:
+    /// cleared once it runs or is put back for another cause (re-review
+    /// rr43f F3: a delete put back behind its close kept it, and the
+    /// client's later chores waited a whole put-back round behind it).
     parked: bool,
+    /// When it was first found [`ChoreRun::Busy`]: [`CHORE_BUSY_BOUND`]
+    /// after, it waits for its client's lock.
+    busy_since: Option<Instant>,
 }
 
 /// Whether `back[i]` waits behind a chore of its client put back before
@@ -1290,14 +1318,15 @@ fn behind_busy(back: &[PutBack], i: usize) -> bool {
 /// [`run_chores`]' sequencing: runs each chore of `todo` with `run` (None
 /// once the shim is dropped: returns), trying one again as [`ChoreRun`]
 /// says, sleeping with `sleep`, the time `now`, telling `given_up` of one
-/// it gives up. A close it would give up is put back at the end of the
+/// it gives up. `run` is told to wait for the chore's client's lock once
+/// the chore has been [`ChoreRun::Busy`] for [`CHORE_BUSY_BOUND`]. A close it would give up is put back at the end of the
 /// queue instead, to be tried once more after [`chore_put_back`]'s wait,
 /// a few times ([`CHORE_ROUNDS`]), the chores behind it running
 /// meanwhile, its open's delete held back behind it; given up at last,
 /// or failed for good, its delete is not run ([`ChoreSequence`]).
 fn run_chore_queue(
     mut todo: impl ChoreSource,
-    mut run: impl FnMut(u64, &Chore) -> Option<ChoreRun>,
+    mut run: impl FnMut(u64, &Chore, bool) -> Option<ChoreRun>,
     mut given_up: impl FnMut(&Chore),
     mut sleep: impl FnMut(Duration),
     mut now: impl FnMut() -> Instant,
@@ -1324,6 +1353,7 @@ fn run_chore_queue(
                             chore,
                             rounds: 0,
                             parked: false,
+                            busy_since: None,
                         };
                         // Behind a chore of its client put back for its
                         // lock (or behind one behind it): in turn.
@@ -1347,7 +1377,7 @@ fn run_chore_queue(
             computed,
             chore: c,
             rounds,
-            parked,
+            busy_since,
             ..
         } = item;
         match seq.admits(&c) {
@@ -1361,12 +1391,15 @@ fn run_chore_queue(
                     .map(|b| b.due)
                     .max()
                     .unwrap_or_else(|| now() + CHORE_WAIT);
+                // Not waiting for its client's lock: the client's later
+                // chores do not wait behind it (re-review rr43f F3).
                 back.push(PutBack {
                     due,
                     computed,
                     chore: c,
                     rounds,
-                    parked,
+                    parked: false,
+                    busy_since,
                 });
                 continue;
             }
@@ -1374,8 +1407,11 @@ fn run_chore_queue(
         // Put back, it has one try each round: a timeout holds the
         // queue up for one call's timeout at most.
         let mut tries = if rounds > 0 { CHORE_TRIES - 1 } else { 0 };
+        let wait_for_lock = busy_since.is_some_and(|s| now().duration_since(s) >= CHORE_BUSY_BOUND);
         loop {
-            let Some(r) = run(computed, &c) else { return };
+            let Some(r) = run(computed, &c, wait_for_lock) else {
+                return;
+            };
             let wait = match r {
                 ChoreRun::Done => {
                     seq.done(&c);
@@ -1395,14 +1431,16 @@ fn run_chore_queue(
                     // Back where it was, its client's later chores behind
                     // it; a close's delete held back meanwhile.
                     seq.put_back(&c);
+                    let t = now();
                     back.insert(
                         at.min(back.len()),
                         PutBack {
-                            due: now() + CHORE_WAIT,
+                            due: t + CHORE_WAIT,
                             computed,
                             chore: c,
                             rounds,
                             parked: true,
+                            busy_since: busy_since.or(Some(t)),
                         },
                     );
                     break;
@@ -1432,6 +1470,7 @@ fn run_chore_queue(
                             chore: c,
                             rounds: rounds + 1,
                             parked: false,
+                            busy_since: None,
                         });
                         break;
                     } else {
@@ -1472,6 +1511,10 @@ const CHORE_ROUNDS: u32 = 3;
 /// How often the chores thread looks whether a chore held back
 /// ([`ChoreRun::Later`]) may run.
 const CHORE_WAIT: Duration = Duration::from_millis(50);
+
+/// How long a chore is put back for its client's lock ([`ChoreRun::Busy`])
+/// before the chores thread waits for the lock instead.
+const CHORE_BUSY_BOUND: Duration = Duration::from_secs(1);
 
 impl Shared {
     fn global(&self) -> Result<MutexGuard<'_, Global>, Fail> {
@@ -7973,11 +8016,12 @@ mod status_tests {
     }
 
     /// Runs `todo` as the chores thread does, each chore's try answered
-    /// by `answer` (given the chore and how many times it ran before):
-    /// the tries made, in order, and the chores given up.
+    /// by `answer` (given the chore, how many times it ran before, and
+    /// whether to wait for its client's lock): the tries made, in order,
+    /// and the chores given up.
     pub(super) fn run_fake_chores(
         todo: Vec<Chore>,
-        mut answer: impl FnMut(&Chore, usize) -> ChoreRun,
+        mut answer: impl FnMut(&Chore, usize, bool) -> ChoreRun,
     ) -> (Vec<Chore>, Vec<Chore>) {
         let clock = std::cell::Cell::new(Instant::now());
         let mut ran: Vec<Chore> = Vec::new();
@@ -7987,11 +8031,11 @@ mod status_tests {
                 todo: todo.into_iter().map(|c| (0, c)).collect(),
                 clock: &clock,
             },
-            |_, c| {
+            |_, c, wait_for_lock| {
                 let before = ran.iter().filter(|r| *r == c).count();
                 ran.push(c.clone());
                 assert!(ran.len() < 1000, "it spins: {ran:?}");
-                Some(answer(c, before))
+                Some(answer(c, before, wait_for_lock))
             },
             |c| given_up.push(c.clone()),
             |d| {
@@ -8024,10 +8068,11 @@ mod status_tests {
             (ChoreRun::Failed, false),
             (ChoreRun::Done, true),
         ] {
-            let (ran, given_up) = run_fake_chores(open_gone_queue(k1, k2, other), |c, _| match c {
-                Chore::Close(k, _) if *k == k2 => k2_run,
-                _ => ChoreRun::Done,
-            });
+            let (ran, given_up) =
+                run_fake_chores(open_gone_queue(k1, k2, other), |c, _, _| match c {
+                    Chore::Close(k, _) if *k == k2 => k2_run,
+                    _ => ChoreRun::Done,
+                });
             let deleted = ran.iter().any(|c| matches!(c, Chore::DeleteState { .. }));
             assert_eq!(deleted, delete_runs, "{k2_run:?}: {ran:?}");
             assert!(ran.contains(&close(other)), "{k2_run:?}");
@@ -8068,7 +8113,7 @@ mod status_tests {
             ResumeKey::new_random(),
         );
         let (ran, given_up) =
-            run_fake_chores(open_gone_queue(k1, k2, other), |c, before| match c {
+            run_fake_chores(open_gone_queue(k1, k2, other), |c, before, _| match c {
                 Chore::Close(k, _) if *k == k2 && before < CHORE_TRIES as usize + 1 => {
                     ChoreRun::Retry { timed_out: false }
                 }
@@ -8724,8 +8769,8 @@ mod swap_tests {
         let tables = state::Tables::new(&libfilter::model::InstanceName::new("i").unwrap());
         let run = |chores: &[Chore], st: Option<&Mutex<State>>, g: &Mutex<Global>| {
             let mut done = Vec::new();
-            let (tried, given_up) = status_tests::run_fake_chores(chores.to_vec(), |c, _| {
-                run_unless_overtaken(c, st, g, || {
+            let (tried, given_up) = status_tests::run_fake_chores(chores.to_vec(), |c, _, w| {
+                run_unless_overtaken(c, st, g, w, || {
                     done.push(c.clone());
                     ChoreRun::Done
                 })
@@ -8789,14 +8834,33 @@ mod swap_tests {
         );
     }
 
-    /// Re-review rr43c F3: the chores thread does not wait for a client's
-    /// lock ([`run_unless_overtaken`]): a chore of a client one of whose
-    /// requests holds it is put back, not given up, the chores of another
-    /// client running meanwhile and its own client's later chores staying
-    /// behind it (an open's mark, closes, delete in order); once the lock
-    /// is free, they run in order.
-    #[test]
-    fn a_chore_of_a_client_whose_lock_is_held_waits_without_holding_up_others() {
+    /// Holds `m` from a thread of `s` (not the test's own: a chores
+    /// thread that waited for the lock then fails rather than hangs)
+    /// until told through the sender returned, then `delay` more; 10 s at
+    /// most. Returns once held.
+    fn hold_from<'s>(
+        s: &'s std::thread::Scope<'s, '_>,
+        m: &'s Mutex<State>,
+        delay: Duration,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        std::thread::ScopedJoinHandle<'s, ()>,
+    ) {
+        let (release, told) = std::sync::mpsc::channel();
+        let (held, is_held) = std::sync::mpsc::channel();
+        let h = s.spawn(move || {
+            let _st = m.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = held.send(());
+            let _ = told.recv_timeout(Duration::from_secs(10));
+            std::thread::sleep(delay);
+        });
+        is_held.recv().unwrap();
+        (release, h)
+    }
+
+    /// Chores of an open gone of client "c" (its mark, closes, delete),
+    /// then a close of client "d"; the states of "c" and "d".
+    fn two_clients_chores() -> (Vec<Chore>, Mutex<State>, Mutex<State>) {
         let (k0, k1, kd) = (
             ResumeKey::new_random(),
             ResumeKey::new_random(),
@@ -8823,22 +8887,37 @@ mod swap_tests {
                 ..State::default()
             })
         };
-        let (c, d, g) = (client("c"), client("d"), Mutex::new(Global::default()));
-        let mut held = Some(c.lock().unwrap());
+        (chores, client("c"), client("d"))
+    }
+
+    /// Re-review rr43c F3: the chores thread does not wait for a client's
+    /// lock ([`run_unless_overtaken`]): a chore of a client one of whose
+    /// requests holds it is put back, not given up, the chores of another
+    /// client running meanwhile and its own client's later chores staying
+    /// behind it (an open's mark, closes, delete in order); once the lock
+    /// is free, they run in order.
+    #[test]
+    fn a_chore_of_a_client_whose_lock_is_held_waits_without_holding_up_others() {
+        let (chores, c, d) = two_clients_chores();
+        let g = Mutex::new(Global::default());
         let (mut busy, mut done) = (0, Vec::new());
-        let (tried, given_up) = status_tests::run_fake_chores(chores.clone(), |ch, _| {
-            let st = if ch.client() == Some("c") { &c } else { &d };
-            let r = run_unless_overtaken(ch, Some(st), &g, || {
-                done.push(ch.clone());
-                ChoreRun::Done
-            });
-            if r == ChoreRun::Busy {
-                busy += 1;
-                if busy == 3 {
-                    held = None;
+        let (tried, given_up) = std::thread::scope(|s| {
+            let mut holder = Some(hold_from(s, &c, Duration::ZERO));
+            status_tests::run_fake_chores(chores.clone(), |ch, _, w| {
+                let st = if ch.client() == Some("c") { &c } else { &d };
+                let r = run_unless_overtaken(ch, Some(st), &g, w, || {
+                    done.push(ch.clone());
+                    ChoreRun::Done
+                });
+                if r == ChoreRun::Busy {
+                    busy += 1;
+                    if let Some((release, h)) = holder.take_if(|_| busy == 3) {
+                        let _ = release.send(());
+                        h.join().unwrap();
+                    }
                 }
-            }
-            r
+                r
+            })
         });
         assert!(given_up.is_empty(), "{given_up:?}");
         assert_eq!(busy, 3, "{tried:?}");
@@ -8851,6 +8930,49 @@ mod swap_tests {
             tried[..4],
             [&chores[0], &chores[4], &chores[0], &chores[0]].map(Clone::clone)
         );
+    }
+
+    /// Re-review rr43f F1: a chore whose client's lock stays held (a
+    /// client keeping requests in flight hands it from one to the next)
+    /// is put back for [`CHORE_BUSY_BOUND`], then the chores thread waits
+    /// for the lock, and the chore runs once the holder lets it go — not
+    /// put back for as long as the client stays busy.
+    #[test]
+    fn a_chore_busy_past_its_bound_waits_for_its_clients_lock() {
+        let (chores, c, d) = two_clients_chores();
+        let g = Mutex::new(Global::default());
+        let (mut busy, mut busy_waiting, mut done) = (0, 0, Vec::new());
+        let (_, given_up) = std::thread::scope(|s| {
+            let mut holder = Some(hold_from(s, &c, Duration::from_millis(100)));
+            status_tests::run_fake_chores(chores.clone(), |ch, _, w| {
+                let st = if ch.client() == Some("c") { &c } else { &d };
+                if w {
+                    // Let go 100 ms after: the chore waits for it.
+                    if let Some((release, _)) = &holder {
+                        let _ = release.send(());
+                    }
+                }
+                let r = run_unless_overtaken(ch, Some(st), &g, w, || {
+                    done.push((ch.clone(), w));
+                    ChoreRun::Done
+                });
+                if r == ChoreRun::Busy {
+                    busy += 1;
+                    busy_waiting += usize::from(w);
+                }
+                if let (ChoreRun::Done, Some((_, h))) = (r, holder.take_if(|_| w)) {
+                    h.join().unwrap();
+                }
+                r
+            })
+        });
+        assert!(given_up.is_empty(), "{given_up:?}");
+        assert_eq!(busy_waiting, 0, "waited for the lock");
+        let bound = CHORE_BUSY_BOUND.as_millis() / CHORE_WAIT.as_millis();
+        assert_eq!(busy, bound as usize, "put back until the bound");
+        let mut want = vec![(chores[4].clone(), false), (chores[0].clone(), true)];
+        want.extend(chores[1..4].iter().map(|ch| (ch.clone(), false)));
+        assert_eq!(done, want);
     }
 
     /// Lock state "l2" of handle `k`.
