@@ -1091,8 +1091,9 @@ enum ChoreRun {
     /// handle, still holding share modes and locks against other clients
     /// — was put back for as long as the client stayed busy). The
     /// trade-off: past the bound, the chores thread stalls behind that
-    /// client's current request (bounded by its own call timeouts and
-    /// I/O), every client's chores waiting meanwhile.
+    /// client's current request, every client's chores waiting
+    /// meanwhile — its filterd calls are bounded, its file I/O is not (a
+    /// hung disk stalls them all; re-review rr43g F1).
     Busy,
 }
 
