@@ -8698,34 +8698,32 @@ fn listings_behind_a_stalled_commit_answer_with_what_is_durable() {
     h.drain_replies();
     h.opened(ob);
     h.answered(lc);
-    let Some(Ok(Reply::Handles {
-        handles,
-        commit_wait: None,
-        ..
-    })) = h.reply(complete[0])
-    else {
-        panic!("{:?}", h.reply(complete[0]));
-    };
-    assert_eq!(handles.len(), 3, "waited: every handle");
-    let Some(Ok(Reply::Locks {
-        locks,
-        commit_wait: None,
-        ..
-    })) = h.reply(complete[1])
-    else {
-        panic!("{:?}", h.reply(complete[1]));
-    };
-    assert_eq!(locks.len(), 3, "waited: c's second lock too");
+    assert_eq!(waited_rows(&h, complete[0]), 3, "waited: every handle");
+    assert_eq!(
+        waited_rows(&h, complete[1]),
+        3,
+        "waited: c's second lock too"
+    );
     let all = h.run(durable_handles(None));
-    let Some(Ok(Reply::Handles {
-        handles,
-        commit_wait: None,
-        ..
-    })) = h.reply(all)
-    else {
-        panic!("{:?}", h.reply(all));
-    };
-    assert_eq!(handles.len(), 3, "nothing pending: every handle");
+    assert_eq!(waited_rows(&h, all), 3, "nothing pending: every handle");
+}
+
+/// The rows of a `Handles` or `Locks` reply that waited for every commit
+/// pending at it (no `commit_wait`).
+fn waited_rows(h: &Harness, id: u64) -> usize {
+    match h.reply(id) {
+        Some(Ok(Reply::Handles {
+            handles,
+            commit_wait: None,
+            ..
+        })) => handles.len(),
+        Some(Ok(Reply::Locks {
+            locks,
+            commit_wait: None,
+            ..
+        })) => locks.len(),
+        other => panic!("a listing that waited: {other:?}"),
+    }
 }
 
 /// An opted-in (`durable_ok`) `Handles` page after `after`.
