@@ -2156,17 +2156,7 @@ fn a_change_made_at_once_waits_for_a_parked_change_of_its_file() {
     let (x, y) = (h.run(plain_open("a")), h.run(plain_open("a")));
     h.commit(true);
     let (x, y) = (h.opened(x), h.opened(y));
-    let first = h.run(Request::Rename {
-        key: x,
-        to: RelPath::new("x").unwrap(),
-        replace: false,
-        record: Some(RecordSpec {
-            scope: session(1),
-            op_id: 1,
-            reply: "ok".into(),
-            keep: 8,
-        }),
-    });
+    let first = h.run(recorded_rename(x, "x", 1));
     let second = h.run(Request::Rename {
         key: y,
         to: RelPath::new("y").unwrap(),
@@ -8734,6 +8724,22 @@ fn durable_handles(after: Option<ResumeKey>) -> Request {
     }
 }
 
+/// A rename of `key` to `to` recorded under op `op_id` of session 1
+/// (reply "ok", 8 kept).
+fn recorded_rename(key: ResumeKey, to: &str, op_id: u64) -> Request {
+    Request::Rename {
+        key,
+        to: RelPath::new(to).unwrap(),
+        replace: false,
+        record: Some(RecordSpec {
+            scope: session(1),
+            op_id,
+            reply: "ok".into(),
+            keep: 8,
+        }),
+    }
+}
+
 /// The keys of a `Handles` reply that did not wait (`commit_wait` set).
 fn durable_keys(h: &Harness, id: u64) -> Vec<ResumeKey> {
     match h.reply(id) {
@@ -8817,17 +8823,7 @@ fn a_durable_only_listing_leaves_out_a_rename_whose_completion_is_pending() {
     );
     h.commit(true);
     let (x, _y, z) = (h.opened(x), h.opened(y), h.opened(z));
-    let rename = h.run(Request::Rename {
-        key: x,
-        to: RelPath::new("x").unwrap(),
-        replace: false,
-        record: Some(RecordSpec {
-            scope: session(1),
-            op_id: 1,
-            reply: "ok".into(),
-            keep: 8,
-        }),
-    });
+    let rename = h.run(recorded_rename(x, "x", 1));
     for id in h.commit_holding_intents(true) {
         h.engine.finish_parked(id);
     }
