@@ -76,6 +76,9 @@ pub struct Deferred {
     /// Counted in its writer's parked frames (`ConnWriter::park`) while
     /// it waits: given back when it is dropped.
     pub parked: bool,
+    /// A status or listing reply, which [`Pipeline::withdraw`] may take
+    /// back once its bounded wait is over; no other reply is.
+    pub bounded: bool,
 }
 
 impl Drop for Deferred {
@@ -289,16 +292,19 @@ impl Pipeline {
         due
     }
 
-    /// Takes back the reply to request `id` on `writer` parked under
-    /// `seq`, if it still waits (not sent, not failed): the caller answers
-    /// it otherwise (`status` after its bound). Under the lock the
-    /// committer sends under, so the reply goes one way only.
+    /// Takes back the bounded (status or listing) reply to request `id`
+    /// on `writer` parked under `seq`, if it still waits (not sent, not
+    /// failed): the caller answers it otherwise (`status` after its
+    /// bound). Under the lock the committer sends under, so the reply goes
+    /// one way only. Request ids are the peer's: one that reuses an id for
+    /// a LOCK parked under the same sequence keeps that LOCK's reply
+    /// (re-review rr43a F6: it took the LOCK's, which was never sent).
     pub(crate) fn withdraw(&self, seq: u64, writer: &Arc<ConnWriter>, id: u64) -> Option<Deferred> {
         let mut s = self.lock();
         let parked = s.waiting.get_mut(&seq)?;
         let at = parked
             .iter()
-            .position(|d| d.id == Some(id) && Arc::ptr_eq(&d.writer, writer))?;
+            .position(|d| d.bounded && d.id == Some(id) && Arc::ptr_eq(&d.writer, writer))?;
         let taken = parked.remove(at);
         if parked.is_empty() {
             s.waiting.remove(&seq);
@@ -1167,6 +1173,7 @@ mod tests {
                 fd: None,
                 point: None,
                 parked: false,
+                bounded: false,
             },
         );
         CommitJob {
@@ -1421,6 +1428,7 @@ mod tests {
             fd: None,
             point: None,
             parked: false,
+            bounded: false,
         };
         pipe.reply_after(1, event);
         let told = rig.rx.recv_timeout(Duration::from_secs(20));
@@ -1447,6 +1455,7 @@ mod tests {
             fd: None,
             point: None,
             parked: false,
+            bounded: false,
         };
         // Small enough to be sent whole on the test's socket.
         let size = 16 << 10;

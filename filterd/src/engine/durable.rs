@@ -357,6 +357,9 @@ pub(super) struct Batch {
     /// A failpoint hit right before the current request's reply goes
     /// (after its commit is durable): `lock.granted`.
     pub(super) reply_point: Option<&'static str>,
+    /// The current request is a status or listing whose parked reply a
+    /// bounded wait may withdraw ([`crate::committer::Deferred::bounded`]).
+    pub(super) reply_bounded: bool,
     /// The handle the current request's open put in (a new one, not a
     /// replayed or resumed one): only that one is dropped if the commit
     /// its reply waits for fails (`Undo::Drop`).
@@ -390,6 +393,7 @@ impl Default for Batch {
             scope_seq: HashMap::new(),
             pending: BTreeMap::new(),
             reply_point: None,
+            reply_bounded: false,
             inserted: None,
             rebound: None,
         }
@@ -577,6 +581,7 @@ impl Engine {
         self.batch.dep = 0;
         self.batch.committed = self.pipe.committed();
         self.batch.reply_point = None;
+        self.batch.reply_bounded = false;
         self.batch.inserted = None;
         self.batch.rebound = None;
     }
@@ -713,6 +718,7 @@ impl Engine {
                     fd: None,
                     point: None,
                     parked: false,
+                    bounded: false,
                 },
             ),
             Err(e) => error!(error = %e, "cannot encode an event"),
@@ -898,6 +904,7 @@ impl Engine {
                 fd,
                 point: self.batch.reply_point.take(),
                 parked: false,
+                bounded: std::mem::take(&mut self.batch.reply_bounded),
             },
         );
     }

@@ -1048,7 +1048,9 @@ impl Engine {
         if outcome.is_ok() && granted != durable::Granted::default() {
             self.undo_if_failed(durable::Undo::Counts(granted));
         }
+        self.batch.reply_bounded = bounded.is_some();
         self.answer(conn, writer, id, outcome);
+        self.batch.reply_bounded = false;
         if let Some(what) = bounded {
             self.bound_commit_wait(conn, writer, id, what);
         }

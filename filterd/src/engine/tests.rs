@@ -8717,6 +8717,45 @@ fn waited_rows(h: &Harness, id: u64) -> usize {
 }
 
 /// An opted-in (`durable_ok`) `Handles` page after `after`.
+/// Re-review rr43a F6: request ids are the peer's. A LOCK parked behind
+/// a pending commit and a listing sent with the same id: the listing's
+/// bound takes back the listing's own reply. It took the first parked
+/// reply of that id, the LOCK's, which then never went, and later sent
+/// the full listing too.
+#[test]
+fn a_listings_bound_takes_back_its_own_reply_not_a_lock_of_the_same_id() {
+    let mut h = Harness::new();
+    let oa = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let a = h.opened(oa);
+    let lock = h.run(lock_10(a, 0));
+    h.engine.flush();
+    assert!(h.reply(lock).is_none(), "the lock waits for its commit");
+    h.last_id = lock - 1;
+    assert_eq!(h.run(durable_handles(None)), lock, "the same id again");
+    h.engine
+        .status_waits_due(mono_ms() + 10 * super::status_wait::STATUS_COMMIT_WAIT_MS);
+    h.drain_replies();
+    let listed = h.replies.remove(&lock);
+    assert!(
+        matches!(
+            listed,
+            Some(Ok(Reply::Handles {
+                commit_wait: Some(_),
+                ..
+            }))
+        ),
+        "the listing answered with what is durable: {listed:?}"
+    );
+    h.commit(true);
+    h.drain_replies();
+    assert!(
+        matches!(h.reply(lock), Some(Ok(Reply::Done))),
+        "the LOCK's own reply once its commit is durable: {:?}",
+        h.reply(lock)
+    );
+}
+
 fn durable_handles(after: Option<ResumeKey>) -> Request {
     Request::Handles {
         after,
