@@ -25,11 +25,14 @@
 //! have been pending for the bound with none resolving
 //! ([`StatusWaits::stuck_since_ms`]) is answered at the end of its round,
 //! so a long listing during a stall takes about the bound, not the bound
-//! per page. `frontends` counts each instance's stored handles, which
+//! per page; and so is a page on a connection an earlier page was
+//! answered on with what is durable, while a commit pending then still is
+//! (rr43d G3: a slow store whose commits still resolve). `frontends` counts each instance's stored handles, which
 //! pending commits change; past the bound it is refused (`Busy`, saying
 //! why) rather than left hanging (a unit request, it has no field to ask
 //! with: refused, never a partial answer).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use libfilter::model::{FileId, ResumeKey};
@@ -154,6 +157,14 @@ pub(super) struct StatusWaits {
     stuck_since_ms: Option<u64>,
     /// The committed sequence `stuck_since_ms` was taken at.
     stuck_at_seq: u64,
+    /// Connections a listing page was answered on with what is durable,
+    /// and the newest sequence pending then. Until it resolves the store
+    /// has not caught up with what that page left out, and the listing's
+    /// later pages are answered at once (re-review rr43d G3: a slow store
+    /// whose commits still resolve, one every second or so, kept
+    /// `stuck_since_ms` recent, and each page waited a bound of its own).
+    /// An entry goes once its sequence resolves.
+    behind: HashMap<ConnId, u64>,
     /// Until when the counts are kept fresh ([`COUNTS_WATCHED_MS`] after
     /// the last status; monotonic ms).
     watched_until_ms: u64,
@@ -254,8 +265,16 @@ impl Engine {
 
     /// When `w`'s wait ends (monotonic ms): its bound after it arrived —
     /// a listing's sooner, the bound after commits got stuck, when that
-    /// was before it arrived (an earlier page already waited for them).
+    /// was before it arrived (an earlier page already waited for them),
+    /// and at once when an earlier page on its connection was answered
+    /// with what is durable and what was pending then still is.
     fn due_ms(&self, w: &Waiting) -> u64 {
+        let behind = self.status_waits.behind.get(&w.conn);
+        if matches!(w.what, Bounded::Listing(_))
+            && behind.is_some_and(|&seq| seq > self.pipe.committed())
+        {
+            return w.arrived_ms;
+        }
         let from = match (w.what, self.status_waits.stuck_since_ms) {
             (Bounded::Listing(_), Some(stuck)) => stuck.min(w.arrived_ms),
             _ => w.arrived_ms,
@@ -281,6 +300,7 @@ impl Engine {
             return;
         }
         let committed = self.pipe.committed();
+        self.status_waits.behind.retain(|_, seq| *seq > committed);
         let waiting = std::mem::take(&mut self.status_waits.waiting);
         for w in waiting {
             if w.seq <= committed {
@@ -292,6 +312,9 @@ impl Engine {
                 continue;
             }
             if self.pipe.withdraw(w.seq, &w.writer, w.id).is_some() {
+                if matches!(w.what, Bounded::Listing(_)) {
+                    self.status_waits.behind.insert(w.conn, w.seq);
+                }
                 let result = self.durable_answer(&w, now);
                 let frame = ServerFrame::Reply {
                     id: Some(w.id),

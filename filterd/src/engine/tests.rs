@@ -8847,6 +8847,59 @@ fn a_later_page_during_a_stall_does_not_wait_its_own_bound() {
     ));
 }
 
+/// Re-review rr43d G3: a slow store whose commits still resolve, one
+/// every second or so, kept the stall's clock recent, and each page of a
+/// listing waited a bound of its own (minutes for a long listing). Once
+/// a page was answered with what is durable, the later pages on that
+/// connection are answered at once while a commit pending then still is.
+#[test]
+fn a_later_page_behind_a_slow_store_that_still_commits_does_not_wait_its_own_bound() {
+    let mut h = Harness::new();
+    let (oa, oc) = (h.run(open("a", Rights::ALL)), h.run(open("c", Rights::ALL)));
+    h.commit(true);
+    let (a, c) = (h.opened(oa), h.opened(oc));
+    // Two commits in flight, one after the other.
+    let ob = h.run(open("b", Rights::ALL));
+    h.engine.flush();
+    let oe = h.run(open("e", Rights::ALL));
+    h.engine.flush();
+    let first = h.run(durable_handles(None));
+    let bound = super::status_wait::STATUS_COMMIT_WAIT_MS;
+    h.engine.status_waits_due(mono_ms() + bound);
+    h.drain_replies();
+    let (low, high) = (a.min(c), a.max(c));
+    assert_eq!(durable_keys(&h, first), [low, high]);
+    // Progress: b's commit resolves; e's is still in flight.
+    let mut jobs = h.pipe.take_jobs();
+    assert_eq!(jobs.len(), 2, "a job per flush");
+    let _in_flight = jobs.split_off(1);
+    let b_job: Vec<crate::committer::Group> = jobs.into_iter().flat_map(|j| j.groups).collect();
+    let through = b_job.iter().map(|g| g.seq).max().expect("b's group");
+    let ops: Vec<&[StoreOp]> = b_job.iter().map(|g| g.ops.as_slice()).collect();
+    h.store.commit(&ops).expect("b's commit");
+    for d in h.pipe.settle_success(through) {
+        d.send();
+    }
+    h.pipe.publish(through);
+    h.drain_replies();
+    h.opened(ob);
+    assert!(h.reply(oe).is_none(), "e's open is pending");
+    h.engine.status_waits_due(mono_ms());
+    let later = h.run(durable_handles(Some(low)));
+    h.engine.status_waits_due(mono_ms());
+    h.drain_replies();
+    assert!(
+        h.reply(later).is_some(),
+        "answered at the end of its round, not a bound after it came"
+    );
+    let mut durable: Vec<ResumeKey> = [h.opened(ob), high]
+        .into_iter()
+        .filter(|k| *k > low)
+        .collect();
+    durable.sort();
+    assert_eq!(durable_keys(&h, later), durable, "b now, e still left out");
+}
+
 /// A recorded rename of a file whose handles are not persistent: its
 /// completion's commit holds no handle record, yet the handles' new path
 /// is its to show (re-review rr43a F5). While that commit is pending a
