@@ -1523,6 +1523,16 @@ impl Harness {
         self.replies.get(&id)
     }
 
+    /// Opens "a" and "c" and commits: their keys.
+    fn durable_a_and_c(&mut self) -> (ResumeKey, ResumeKey) {
+        let (oa, oc) = (
+            self.run(open("a", Rights::ALL)),
+            self.run(open("c", Rights::ALL)),
+        );
+        self.commit(true);
+        (self.opened(oa), self.opened(oc))
+    }
+
     /// The key request `id` opened.
     fn opened(&self, id: u64) -> ResumeKey {
         match self.reply(id) {
@@ -8590,9 +8600,7 @@ fn a_status_behind_a_stalled_commit_answers_with_what_is_durable() {
 #[test]
 fn listings_behind_a_stalled_commit_answer_with_what_is_durable() {
     let mut h = Harness::new();
-    let (oa, oc) = (h.run(open("a", Rights::ALL)), h.run(open("c", Rights::ALL)));
-    h.commit(true);
-    let (a, c) = (h.opened(oa), h.opened(oc));
+    let (a, c) = h.durable_a_and_c();
     h.run(lock_10(a, 0));
     h.run(lock_10(c, 0));
     h.commit(true);
@@ -8799,9 +8807,7 @@ fn durable_keys(h: &Harness, id: u64) -> Vec<ResumeKey> {
 #[test]
 fn a_later_page_during_a_stall_does_not_wait_its_own_bound() {
     let mut h = Harness::new();
-    let (oa, oc) = (h.run(open("a", Rights::ALL)), h.run(open("c", Rights::ALL)));
-    h.commit(true);
-    let (a, c) = (h.opened(oa), h.opened(oc));
+    let (a, c) = h.durable_a_and_c();
     let ob = h.run(open("b", Rights::ALL));
     h.engine.flush();
     assert!(h.reply(ob).is_none(), "b's open is pending");
@@ -8855,9 +8861,7 @@ fn a_later_page_during_a_stall_does_not_wait_its_own_bound() {
 #[test]
 fn a_later_page_behind_a_slow_store_that_still_commits_does_not_wait_its_own_bound() {
     let mut h = Harness::new();
-    let (oa, oc) = (h.run(open("a", Rights::ALL)), h.run(open("c", Rights::ALL)));
-    h.commit(true);
-    let (a, c) = (h.opened(oa), h.opened(oc));
+    let (a, c) = h.durable_a_and_c();
     // Two commits in flight, one after the other.
     let ob = h.run(open("b", Rights::ALL));
     h.engine.flush();
