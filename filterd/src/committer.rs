@@ -77,8 +77,9 @@ pub struct Deferred {
     /// it waits: given back when it is dropped.
     pub parked: bool,
     /// A status or listing reply, which [`Pipeline::withdraw`] may take
-    /// back once its bounded wait is over; no other reply is.
-    pub bounded: bool,
+    /// back once its bounded wait is over: the engine's token for that
+    /// wait (never the peer's request id). No other reply is.
+    pub bounded: Option<u64>,
 }
 
 impl Drop for Deferred {
@@ -292,19 +293,25 @@ impl Pipeline {
         due
     }
 
-    /// Takes back the bounded (status or listing) reply to request `id`
+    /// Takes back the bounded (status or listing) reply of wait `token`
     /// on `writer` parked under `seq`, if it still waits (not sent, not
     /// failed): the caller answers it otherwise (`status` after its
     /// bound). Under the lock the committer sends under, so the reply goes
-    /// one way only. Request ids are the peer's: one that reuses an id for
-    /// a LOCK parked under the same sequence keeps that LOCK's reply
-    /// (re-review rr43a F6: it took the LOCK's, which was never sent).
-    pub(crate) fn withdraw(&self, seq: u64, writer: &Arc<ConnWriter>, id: u64) -> Option<Deferred> {
+    /// one way only. Matched by the engine's token, not the request id,
+    /// which is the peer's (re-review rr43a F6: a LOCK, or another status
+    /// or listing, parked with the same id under the same sequence had its
+    /// reply taken, and never sent; rr44a F1).
+    pub(crate) fn withdraw(
+        &self,
+        seq: u64,
+        writer: &Arc<ConnWriter>,
+        token: u64,
+    ) -> Option<Deferred> {
         let mut s = self.lock();
         let parked = s.waiting.get_mut(&seq)?;
         let at = parked
             .iter()
-            .position(|d| d.bounded && d.id == Some(id) && Arc::ptr_eq(&d.writer, writer))?;
+            .position(|d| d.bounded == Some(token) && Arc::ptr_eq(&d.writer, writer))?;
         let taken = parked.remove(at);
         if parked.is_empty() {
             s.waiting.remove(&seq);
@@ -1173,7 +1180,7 @@ mod tests {
                 fd: None,
                 point: None,
                 parked: false,
-                bounded: false,
+                bounded: None,
             },
         );
         CommitJob {
@@ -1428,7 +1435,7 @@ mod tests {
             fd: None,
             point: None,
             parked: false,
-            bounded: false,
+            bounded: None,
         };
         pipe.reply_after(1, event);
         let told = rig.rx.recv_timeout(Duration::from_secs(20));
@@ -1455,7 +1462,7 @@ mod tests {
             fd: None,
             point: None,
             parked: false,
-            bounded: false,
+            bounded: None,
         };
         // Small enough to be sent whole on the test's socket.
         let size = 16 << 10;

@@ -357,9 +357,10 @@ pub(super) struct Batch {
     /// A failpoint hit right before the current request's reply goes
     /// (after its commit is durable): `lock.granted`.
     pub(super) reply_point: Option<&'static str>,
-    /// The current request is a status or listing whose parked reply a
-    /// bounded wait may withdraw ([`crate::committer::Deferred::bounded`]).
-    pub(super) reply_bounded: bool,
+    /// The current request is a status or listing whose parked reply its
+    /// bounded wait (this token) may withdraw
+    /// ([`crate::committer::Deferred::bounded`]).
+    pub(super) reply_bounded: Option<u64>,
     /// The handle the current request's open put in (a new one, not a
     /// replayed or resumed one): only that one is dropped if the commit
     /// its reply waits for fails (`Undo::Drop`).
@@ -393,7 +394,7 @@ impl Default for Batch {
             scope_seq: HashMap::new(),
             pending: BTreeMap::new(),
             reply_point: None,
-            reply_bounded: false,
+            reply_bounded: None,
             inserted: None,
             rebound: None,
         }
@@ -581,7 +582,7 @@ impl Engine {
         self.batch.dep = 0;
         self.batch.committed = self.pipe.committed();
         self.batch.reply_point = None;
-        self.batch.reply_bounded = false;
+        self.batch.reply_bounded = None;
         self.batch.inserted = None;
         self.batch.rebound = None;
     }
@@ -718,7 +719,7 @@ impl Engine {
                     fd: None,
                     point: None,
                     parked: false,
-                    bounded: false,
+                    bounded: None,
                 },
             ),
             Err(e) => error!(error = %e, "cannot encode an event"),
@@ -904,7 +905,7 @@ impl Engine {
                 fd,
                 point: self.batch.reply_point.take(),
                 parked: false,
-                bounded: std::mem::take(&mut self.batch.reply_bounded),
+                bounded: self.batch.reply_bounded.take(),
             },
         );
     }

@@ -947,6 +947,7 @@ impl Engine {
     }
 
     fn on_closed(&mut self, conn: ConnId) {
+        self.status_waits.closed(conn);
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
@@ -1048,11 +1049,12 @@ impl Engine {
         if outcome.is_ok() && granted != durable::Granted::default() {
             self.undo_if_failed(durable::Undo::Counts(granted));
         }
-        self.batch.reply_bounded = bounded.is_some();
+        let token = bounded.map(|_| self.status_waits.next_token());
+        self.batch.reply_bounded = token;
         self.answer(conn, writer, id, outcome);
-        self.batch.reply_bounded = false;
-        if let Some(what) = bounded {
-            self.bound_commit_wait(conn, writer, id, what);
+        self.batch.reply_bounded = None;
+        if let (Some(what), Some(token)) = (bounded, token) {
+            self.bound_commit_wait(conn, writer, id, what, token);
         }
     }
 

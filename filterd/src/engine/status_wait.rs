@@ -137,6 +137,8 @@ struct Waiting {
     writer: Arc<ConnWriter>,
     conn: ConnId,
     id: u64,
+    /// Its parked reply's mark ([`crate::committer::Deferred::bounded`]).
+    token: u64,
     seq: u64,
     arrived_ms: u64,
     what: Bounded,
@@ -158,16 +160,32 @@ pub(super) struct StatusWaits {
     /// The committed sequence `stuck_since_ms` was taken at.
     stuck_at_seq: u64,
     /// Connections a listing page was answered on with what is durable,
-    /// and the newest sequence pending then. Until it resolves the store
-    /// has not caught up with what that page left out, and the listing's
-    /// later pages are answered at once (re-review rr43d G3: a slow store
-    /// whose commits still resolve, one every second or so, kept
+    /// and the newest sequence given out then. Until it resolves the store
+    /// has not caught up with what was pending when that page was
+    /// answered, and later `durable_ok` listing pages on the connection
+    /// are answered at once (re-review rr43d G3: a slow store whose
+    /// commits still resolve, one every second or so, kept
     /// `stuck_since_ms` recent, and each page waited a bound of its own).
-    /// An entry goes once its sequence resolves.
+    /// An entry goes once its sequence resolves or its connection closes.
     behind: HashMap<ConnId, u64>,
+    /// The last token given to a bounded wait.
+    last_token: u64,
     /// Until when the counts are kept fresh ([`COUNTS_WATCHED_MS`] after
     /// the last status; monotonic ms).
     watched_until_ms: u64,
+}
+
+impl StatusWaits {
+    /// A new bounded wait's token.
+    pub(super) fn next_token(&mut self) -> u64 {
+        self.last_token = self.last_token.wrapping_add(1);
+        self.last_token
+    }
+
+    /// Connection `conn` closed.
+    pub(super) fn closed(&mut self, conn: ConnId) {
+        self.behind.remove(&conn);
+    }
 }
 
 impl Engine {
@@ -195,6 +213,7 @@ impl Engine {
         writer: &Arc<ConnWriter>,
         id: u64,
         what: Bounded,
+        token: u64,
     ) {
         let status = matches!(what, Bounded::Status);
         if status {
@@ -206,6 +225,7 @@ impl Engine {
                 writer: writer.clone(),
                 conn,
                 id,
+                token,
                 seq,
                 arrived_ms: mono_ms(),
                 what,
@@ -253,6 +273,7 @@ impl Engine {
     fn note_stuck(&mut self, now: u64) {
         if self.nothing_pending() {
             self.status_waits.stuck_since_ms = None;
+            self.status_waits.behind.clear();
             return;
         }
         let committed = self.pipe.committed();
@@ -311,9 +332,10 @@ impl Engine {
                 self.status_waits.waiting.push(w);
                 continue;
             }
-            if self.pipe.withdraw(w.seq, &w.writer, w.id).is_some() {
+            if self.pipe.withdraw(w.seq, &w.writer, w.token).is_some() {
                 if matches!(w.what, Bounded::Listing(_)) {
-                    self.status_waits.behind.insert(w.conn, w.seq);
+                    let newest = self.last_seq().max(w.seq);
+                    self.status_waits.behind.insert(w.conn, newest);
                 }
                 let result = self.durable_answer(&w, now);
                 let frame = ServerFrame::Reply {

@@ -1523,6 +1523,24 @@ impl Harness {
         self.replies.get(&id)
     }
 
+    /// Commits the first job flushed to the committer (two or more were),
+    /// the later ones left in flight for ever, as a slow store would.
+    fn commit_first_job_only(&mut self) {
+        let mut jobs = self.pipe.take_jobs();
+        assert!(jobs.len() >= 2, "a job per flush: {}", jobs.len());
+        drop(jobs.split_off(1));
+        let groups: Vec<crate::committer::Group> =
+            jobs.into_iter().flat_map(|j| j.groups).collect();
+        let through = groups.iter().map(|g| g.seq).max().expect("a group");
+        let ops: Vec<&[StoreOp]> = groups.iter().map(|g| g.ops.as_slice()).collect();
+        self.store.commit(&ops).expect("the first job's commit");
+        for d in self.pipe.settle_success(through) {
+            d.send();
+        }
+        self.pipe.publish(through);
+        self.drain_replies();
+    }
+
     /// Opens "a" and "c" and commits: their keys.
     fn durable_a_and_c(&mut self) -> (ResumeKey, ResumeKey) {
         let (oa, oc) = (
@@ -8724,7 +8742,6 @@ fn waited_rows(h: &Harness, id: u64) -> usize {
     }
 }
 
-/// An opted-in (`durable_ok`) `Handles` page after `after`.
 /// Re-review rr43a F6: request ids are the peer's. A LOCK parked behind
 /// a pending commit and a listing sent with the same id: the listing's
 /// bound takes back the listing's own reply. It took the first parked
@@ -8764,6 +8781,49 @@ fn a_listings_bound_takes_back_its_own_reply_not_a_lock_of_the_same_id() {
     );
 }
 
+/// rr44a F1: a status and a listing sent with the same id, parked under
+/// the same sequence, the listing due first (commits stuck before it
+/// came). Withdrawn by id, the listing's bound took the status's reply,
+/// and the status was never answered.
+#[test]
+fn a_listings_bound_takes_back_its_own_reply_not_a_status_of_the_same_id() {
+    let mut h = Harness::new();
+    h.durable_a_and_c();
+    let ob = h.run(open("b", Rights::ALL));
+    h.engine.flush();
+    assert!(h.reply(ob).is_none(), "b's open is pending");
+    let t0 = mono_ms();
+    h.engine.status_waits_due(t0);
+    while mono_ms() <= t0 {
+        std::thread::yield_now();
+    }
+    let status = h.run(Request::Status);
+    h.last_id = status - 1;
+    assert_eq!(h.run(durable_handles(None)), status, "the same id again");
+    h.engine
+        .status_waits_due(t0 + super::status_wait::STATUS_COMMIT_WAIT_MS);
+    h.drain_replies();
+    let listed = h.replies.remove(&status);
+    assert!(
+        matches!(
+            listed,
+            Some(Ok(Reply::Handles {
+                commit_wait: Some(_),
+                ..
+            }))
+        ),
+        "the listing answered with what is durable: {listed:?}"
+    );
+    h.commit(true);
+    h.drain_replies();
+    assert!(
+        matches!(h.reply(status), Some(Ok(Reply::Status(_)))),
+        "the status's own reply: {:?}",
+        h.reply(status)
+    );
+}
+
+/// An opted-in (`durable_ok`) `Handles` page after `after`.
 fn durable_handles(after: Option<ResumeKey>) -> Request {
     Request::Handles {
         after,
@@ -8862,30 +8922,21 @@ fn a_later_page_during_a_stall_does_not_wait_its_own_bound() {
 fn a_later_page_behind_a_slow_store_that_still_commits_does_not_wait_its_own_bound() {
     let mut h = Harness::new();
     let (a, c) = h.durable_a_and_c();
-    // Two commits in flight, one after the other.
     let ob = h.run(open("b", Rights::ALL));
     h.engine.flush();
+    let first = h.run(durable_handles(None));
+    // The load goes on while page 1 waits: e's commit is given out
+    // after it came (rr44a F2: page 1's own dependency, b, was kept,
+    // and once b resolved the next page waited a bound again).
     let oe = h.run(open("e", Rights::ALL));
     h.engine.flush();
-    let first = h.run(durable_handles(None));
-    let bound = super::status_wait::STATUS_COMMIT_WAIT_MS;
-    h.engine.status_waits_due(mono_ms() + bound);
+    h.engine
+        .status_waits_due(mono_ms() + super::status_wait::STATUS_COMMIT_WAIT_MS);
     h.drain_replies();
     let (low, high) = (a.min(c), a.max(c));
     assert_eq!(durable_keys(&h, first), [low, high]);
     // Progress: b's commit resolves; e's is still in flight.
-    let mut jobs = h.pipe.take_jobs();
-    assert_eq!(jobs.len(), 2, "a job per flush");
-    let _in_flight = jobs.split_off(1);
-    let b_job: Vec<crate::committer::Group> = jobs.into_iter().flat_map(|j| j.groups).collect();
-    let through = b_job.iter().map(|g| g.seq).max().expect("b's group");
-    let ops: Vec<&[StoreOp]> = b_job.iter().map(|g| g.ops.as_slice()).collect();
-    h.store.commit(&ops).expect("b's commit");
-    for d in h.pipe.settle_success(through) {
-        d.send();
-    }
-    h.pipe.publish(through);
-    h.drain_replies();
+    h.commit_first_job_only();
     h.opened(ob);
     assert!(h.reply(oe).is_none(), "e's open is pending");
     h.engine.status_waits_due(mono_ms());
