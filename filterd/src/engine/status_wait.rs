@@ -25,12 +25,15 @@
 //! have been pending for the bound with none resolving
 //! ([`StatusWaits::stuck_since_ms`]) is answered at the end of its round,
 //! so a long listing during a stall takes about the bound, not the bound
-//! per page; and so is a page on a connection an earlier page was
-//! answered on with what is durable, while a commit pending then still is
-//! (rr43d G3: a slow store whose commits still resolve). `frontends` counts each instance's stored handles, which
+//! per page; and so is a `durable_ok` page on a connection an earlier
+//! page was answered on with what is durable, while a commit given out by
+//! then is still pending (rr43d G3: a slow store whose commits still
+//! resolve). `frontends` counts each instance's stored handles, which
 //! pending commits change; past the bound it is refused (`Busy`, saying
 //! why) rather than left hanging (a unit request, it has no field to ask
-//! with: refused, never a partial answer).
+//! with: refused, never a partial answer). A bounded wait takes back its
+//! own parked reply by a token the engine gave it, never by the request
+//! id, which is the peer's (rr43a F6, rr44a F1).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1523,6 +1523,30 @@ impl Harness {
         self.replies.get(&id)
     }
 
+    /// Sends a `durable_ok` listing with request `id` again (a peer
+    /// reusing it), runs the bounded waits due at `due_ms`, checks the
+    /// listing was answered with what is durable and forgets that reply,
+    /// then commits everything.
+    fn same_id_listing_past_its_bound(&mut self, id: u64, due_ms: u64) {
+        self.last_id = id - 1;
+        assert_eq!(self.run(durable_handles(None)), id, "the same id again");
+        self.engine.status_waits_due(due_ms);
+        self.drain_replies();
+        let listed = self.replies.remove(&id);
+        assert!(
+            matches!(
+                listed,
+                Some(Ok(Reply::Handles {
+                    commit_wait: Some(_),
+                    ..
+                }))
+            ),
+            "the listing answered with what is durable: {listed:?}"
+        );
+        self.commit(true);
+        self.drain_replies();
+    }
+
     /// Commits the first job flushed to the committer (two or more were),
     /// the later ones left in flight for ever, as a slow store would.
     fn commit_first_job_only(&mut self) {
@@ -8756,24 +8780,8 @@ fn a_listings_bound_takes_back_its_own_reply_not_a_lock_of_the_same_id() {
     let lock = h.run(lock_10(a, 0));
     h.engine.flush();
     assert!(h.reply(lock).is_none(), "the lock waits for its commit");
-    h.last_id = lock - 1;
-    assert_eq!(h.run(durable_handles(None)), lock, "the same id again");
-    h.engine
-        .status_waits_due(mono_ms() + 10 * super::status_wait::STATUS_COMMIT_WAIT_MS);
-    h.drain_replies();
-    let listed = h.replies.remove(&lock);
-    assert!(
-        matches!(
-            listed,
-            Some(Ok(Reply::Handles {
-                commit_wait: Some(_),
-                ..
-            }))
-        ),
-        "the listing answered with what is durable: {listed:?}"
-    );
-    h.commit(true);
-    h.drain_replies();
+    let due = mono_ms() + 10 * super::status_wait::STATUS_COMMIT_WAIT_MS;
+    h.same_id_listing_past_its_bound(lock, due);
     assert!(
         matches!(h.reply(lock), Some(Ok(Reply::Done))),
         "the LOCK's own reply once its commit is durable: {:?}",
@@ -8798,24 +8806,7 @@ fn a_listings_bound_takes_back_its_own_reply_not_a_status_of_the_same_id() {
         std::thread::yield_now();
     }
     let status = h.run(Request::Status);
-    h.last_id = status - 1;
-    assert_eq!(h.run(durable_handles(None)), status, "the same id again");
-    h.engine
-        .status_waits_due(t0 + super::status_wait::STATUS_COMMIT_WAIT_MS);
-    h.drain_replies();
-    let listed = h.replies.remove(&status);
-    assert!(
-        matches!(
-            listed,
-            Some(Ok(Reply::Handles {
-                commit_wait: Some(_),
-                ..
-            }))
-        ),
-        "the listing answered with what is durable: {listed:?}"
-    );
-    h.commit(true);
-    h.drain_replies();
+    h.same_id_listing_past_its_bound(status, t0 + super::status_wait::STATUS_COMMIT_WAIT_MS);
     assert!(
         matches!(h.reply(status), Some(Ok(Reply::Status(_)))),
         "the status's own reply: {:?}",
