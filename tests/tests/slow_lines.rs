@@ -231,9 +231,25 @@ fn dropped_for_the_budget(r: &mut BufReader<TcpStream>) -> bool {
     }
 }
 
+/// Whether smbshim has sent `c` anything, or closed it (without reading).
+fn heard_from(c: &TcpStream) -> bool {
+    c.set_nonblocking(true).unwrap();
+    let r = c.peek(&mut [0u8; 1]);
+    c.set_nonblocking(false).unwrap();
+    !matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 /// How many of `conns` were dropped for the request budget (each read for
-/// up to 500 ms).
+/// up to 500 ms), once smbshim has told one of them anything. The drop is
+/// told by the dropped connection's own reader thread, after the eviction
+/// that made room: a one-shot read right after the newcomer's reply missed
+/// a telling delayed past its 500 ms.
 fn dropped(conns: &[TcpStream]) -> usize {
+    wait_for(
+        "smbshim to tell a connection it is dropped",
+        Duration::from_secs(20),
+        || conns.iter().any(heard_from).then_some(()),
+    );
     conns
         .iter()
         .filter(|c| {
