@@ -699,6 +699,8 @@ fn rksmbd_lets_go_of_its_clients_when_its_filterd_steps_down() {
         closed(&mut late),
         "rksmbd A served a new client while its filterd is gone for good"
     );
+    // Logged after the connections are closed, on rksmbd's own time.
+    rkfilter_tests::wait_logged(&log, "filterd stepped down");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         text.contains("WARN") && text.contains("filterd stepped down"),
