@@ -1084,8 +1084,9 @@ enum ChoreRun {
     /// meanwhile, those of its client behind it ([`run_chore_queue`]);
     /// never given up for this (re-review rr43c F3: the one chores thread
     /// waited for the lock, one client's slow request holding up every
-    /// client's give-backs and closes). Busy for [`CHORE_BUSY_BOUND`]
-    /// since its first try, it waits for the lock (re-review rr43f F1: a
+    /// client's give-backs and closes). Its client busy for
+    /// [`CHORE_BUSY_BOUND`] ([`BusyClients`]), it waits for the lock
+    /// (re-review rr43f F1: a
     /// client keeping requests in flight hands its lock from one to the
     /// next, and a try almost never lands; the chore — a close of a gone
     /// handle, still holding share modes and locks against other clients
@@ -1179,9 +1180,9 @@ fn chore_off_request(sh: &Shared, computed: u64, c: &Chore, wait_for_lock: bool)
 /// client's state `client` (None: released), so that no request takes
 /// back what it acts on between the check and the call — unless
 /// [`chore_overtaken`] (by `client` and `g`): done then, not run. The lock
-/// is only tried, unless `wait_for_lock` (the chore busy for
-/// [`CHORE_BUSY_BOUND`] already): held by a request of the client, the
-/// chore is [`ChoreRun::Busy`], not run now.
+/// is only tried, unless `wait_for_lock` (its client busy for
+/// [`CHORE_BUSY_BOUND`] already, [`BusyClients`]): held by a request of
+/// the client, the chore is [`ChoreRun::Busy`], not run now.
 fn run_unless_overtaken(
     c: &Chore,
     client: Option<&Mutex<State>>,
@@ -1299,9 +1300,77 @@ struct PutBack {
     /// rr43f F3: a delete put back behind its close kept it, and the
     /// client's later chores waited a whole put-back round behind it).
     parked: bool,
-    /// When it was first found [`ChoreRun::Busy`]: [`CHORE_BUSY_BOUND`]
-    /// after, it waits for its client's lock.
-    busy_since: Option<Instant>,
+}
+
+/// How long each client has been busy for the chores thread: its lock
+/// found held ([`ChoreRun::Busy`]) at every try since `since`, the
+/// latest at `last`, tries never more than [`CHORE_BUSY_GAP`] apart —
+/// only time the thread spent trying the client counts. Once that spell
+/// is [`CHORE_BUSY_BOUND`] long, the client's chores wait for its lock
+/// ([`BusyClients::waits`]), every one of them, not only the first
+/// (re-review rr43g F3: the clock was per chore, and each of a busy
+/// client's chores paid its own second). Time the thread spent elsewhere
+/// (another chore's retries, a wait for another client's lock) does not
+/// count: a gap longer than [`CHORE_BUSY_GAP`] starts a new spell
+/// (re-review rr43g F2: the clock ran from a chore's first Busy in wall
+/// time, and after a stall elsewhere every busy client's chore waited for
+/// its lock at its second try). So a client is waited for only once
+/// found busy at four tries at least, the first [`CHORE_BUSY_BOUND`] ago
+/// and the latest within [`CHORE_BUSY_GAP`]. A try that gets the lock
+/// without waiting ends the spell; one that waited for it goes on with
+/// it (the thread was at that client all along: its next chores wait
+/// too — for a lock let go meanwhile, at no cost); one that did not get
+/// as far as the lock ([`ChoreRun::Later`], [`ChoreRun::Stale`]) leaves
+/// it as it was.
+#[derive(Debug, Default)]
+struct BusyClients(HashMap<String, BusySpell>);
+
+/// A client's spell of busy tries ([`BusyClients`]).
+#[derive(Debug, Clone, Copy)]
+struct BusySpell {
+    since: Instant,
+    last: Instant,
+}
+
+impl BusyClients {
+    /// Whether a chore of client `cid` (None: no client's lock) is to wait
+    /// for its lock, tried at `now`. Drops the spells ended by a gap.
+    fn waits(&mut self, cid: Option<&str>, now: Instant) -> bool {
+        self.0
+            .retain(|_, b| now.saturating_duration_since(b.last) <= CHORE_BUSY_GAP);
+        cid.and_then(|cid| self.0.get(cid))
+            .is_some_and(|b| now.saturating_duration_since(b.since) >= CHORE_BUSY_BOUND)
+    }
+
+    /// A chore of client `cid` tried at `now`, waiting for its lock or
+    /// not (`waited`), came out `r`.
+    fn tried(&mut self, cid: Option<&str>, r: ChoreRun, waited: bool, now: Instant) {
+        let Some(cid) = cid else {
+            return;
+        };
+        match (r, self.0.get_mut(cid)) {
+            // Not run, the lock perhaps not tried (its gate shut): no news.
+            (ChoreRun::Later | ChoreRun::Stale, _) => {}
+            (ChoreRun::Busy, Some(b))
+                if now.saturating_duration_since(b.last) <= CHORE_BUSY_GAP =>
+            {
+                b.last = now;
+            }
+            (ChoreRun::Busy, _) => {
+                self.0.insert(
+                    cid.to_owned(),
+                    BusySpell {
+                        since: now,
+                        last: now,
+                    },
+                );
+            }
+            (_, Some(b)) if waited => b.last = now,
+            (_, _) => {
+                self.0.remove(cid);
+            }
+        }
+    }
 }
 
 /// Whether `back[i]` waits behind a chore of its client put back before
@@ -1320,7 +1389,8 @@ fn behind_busy(back: &[PutBack], i: usize) -> bool {
 /// once the shim is dropped: returns), trying one again as [`ChoreRun`]
 /// says, sleeping with `sleep`, the time `now`, telling `given_up` of one
 /// it gives up. `run` is told to wait for the chore's client's lock once
-/// the chore has been [`ChoreRun::Busy`] for [`CHORE_BUSY_BOUND`]. A close it would give up is put back at the end of the
+/// the client has been [`ChoreRun::Busy`] for [`CHORE_BUSY_BOUND`] of
+/// tries ([`BusyClients`]). A close it would give up is put back at the end of the
 /// queue instead, to be tried once more after [`chore_put_back`]'s wait,
 /// a few times ([`CHORE_ROUNDS`]), the chores behind it running
 /// meanwhile, its open's delete held back behind it; given up at last,
@@ -1334,6 +1404,7 @@ fn run_chore_queue(
 ) {
     let mut seq = ChoreSequence::default();
     let mut back: Vec<PutBack> = Vec::new();
+    let mut busy = BusyClients::default();
     loop {
         let t = now();
         // The first one due of those put back, in the order put back, not
@@ -1354,7 +1425,6 @@ fn run_chore_queue(
                             chore,
                             rounds: 0,
                             parked: false,
-                            busy_since: None,
                         };
                         // Behind a chore of its client put back for its
                         // lock (or behind one behind it): in turn.
@@ -1378,7 +1448,6 @@ fn run_chore_queue(
             computed,
             chore: c,
             rounds,
-            busy_since,
             ..
         } = item;
         match seq.admits(&c) {
@@ -1400,7 +1469,6 @@ fn run_chore_queue(
                     chore: c,
                     rounds,
                     parked: false,
-                    busy_since,
                 });
                 continue;
             }
@@ -1408,11 +1476,12 @@ fn run_chore_queue(
         // Put back, it has one try each round: a timeout holds the
         // queue up for one call's timeout at most.
         let mut tries = if rounds > 0 { CHORE_TRIES - 1 } else { 0 };
-        let wait_for_lock = busy_since.is_some_and(|s| now().duration_since(s) >= CHORE_BUSY_BOUND);
+        let wait_for_lock = busy.waits(c.client(), now());
         loop {
             let Some(r) = run(computed, &c, wait_for_lock) else {
                 return;
             };
+            busy.tried(c.client(), r, wait_for_lock, now());
             let wait = match r {
                 ChoreRun::Done => {
                     seq.done(&c);
@@ -1441,7 +1510,6 @@ fn run_chore_queue(
                             chore: c,
                             rounds,
                             parked: true,
-                            busy_since: busy_since.or(Some(t)),
                         },
                     );
                     break;
@@ -1471,7 +1539,6 @@ fn run_chore_queue(
                             chore: c,
                             rounds: rounds + 1,
                             parked: false,
-                            busy_since: None,
                         });
                         break;
                     } else {
@@ -1513,9 +1580,19 @@ const CHORE_ROUNDS: u32 = 3;
 /// ([`ChoreRun::Later`]) may run.
 const CHORE_WAIT: Duration = Duration::from_millis(50);
 
-/// How long a chore is put back for its client's lock ([`ChoreRun::Busy`])
-/// before the chores thread waits for the lock instead.
+/// How long a client's lock is found held ([`ChoreRun::Busy`], its chores
+/// put back) before the chores thread waits for the lock instead
+/// ([`BusyClients`]).
 const CHORE_BUSY_BOUND: Duration = Duration::from_secs(1);
+
+/// The longest time between two tries of a client's lock that still
+/// counts as trying it all along ([`BusyClients`]): longer, the thread
+/// was elsewhere, the client may have been free meanwhile, and its clock
+/// starts again. Five of the put-back waits ([`CHORE_WAIT`]), so that the
+/// other clients' chores run between two tries do not restart it; a
+/// quarter of [`CHORE_BUSY_BOUND`], so that reaching the bound takes four
+/// busy tries at least.
+const CHORE_BUSY_GAP: Duration = Duration::from_millis(250);
 
 impl Shared {
     fn global(&self) -> Result<MutexGuard<'_, Global>, Fail> {
@@ -8971,9 +9048,92 @@ mod swap_tests {
         assert_eq!(busy_waiting, 0, "waited for the lock");
         let bound = CHORE_BUSY_BOUND.as_millis() / CHORE_WAIT.as_millis();
         assert_eq!(busy, bound as usize, "put back until the bound");
-        let mut want = vec![(chores[4].clone(), false), (chores[0].clone(), true)];
-        want.extend(chores[1..4].iter().map(|ch| (ch.clone(), false)));
+        // The client's later chores wait for its lock too (re-review
+        // rr43g F3), let go by then: at no cost.
+        let mut want = vec![(chores[4].clone(), false)];
+        want.extend(chores[..4].iter().map(|ch| (ch.clone(), true)));
         assert_eq!(done, want);
+    }
+
+    /// Runs `todo` on the fake chores queue, client "c"'s lock held at
+    /// every try and got by waiting for it ([`ChoreRun::Done`]), another
+    /// client's chores answered by `other`: for each of "c"'s chores, in
+    /// order, whether each of its tries waited for the lock.
+    fn run_busy_client_c(
+        todo: Vec<Chore>,
+        mut other: impl FnMut(&Chore, usize) -> ChoreRun,
+    ) -> Vec<(Chore, Vec<bool>)> {
+        let mut tries: Vec<(Chore, Vec<bool>)> = Vec::new();
+        let (_, given_up) = status_tests::run_fake_chores(todo, |ch, before, w| {
+            if ch.client() != Some("c") {
+                return other(ch, before);
+            }
+            match tries.last_mut() {
+                Some((last, ws)) if last == ch => ws.push(w),
+                _ => tries.push((ch.clone(), vec![w])),
+            }
+            if w {
+                ChoreRun::Done
+            } else {
+                ChoreRun::Busy
+            }
+        });
+        assert!(given_up.is_empty(), "{given_up:?}");
+        tries
+    }
+
+    /// Re-review rr43g F3: the busy clock was per chore, and each chore
+    /// of a client whose lock stays held paid [`CHORE_BUSY_BOUND`] again
+    /// (an open's k closes took about k seconds). The clock is the
+    /// client's ([`BusyClients`]): its first chore is put back until the
+    /// bound, then it and every later chore of the client wait for the
+    /// lock at their first try, in order.
+    #[test]
+    fn a_busy_clients_chores_pay_the_bound_once_not_each() {
+        let chores: Vec<Chore> = (0..4)
+            .map(|_| Chore::Close(ResumeKey::new_random(), "c".into()))
+            .collect();
+        let tries = run_busy_client_c(chores.clone(), |_, _| ChoreRun::Done);
+        let bound = (CHORE_BUSY_BOUND.as_millis() / CHORE_WAIT.as_millis()) as usize;
+        let mut first = vec![false; bound];
+        first.push(true);
+        let mut want = vec![(chores[0].clone(), first)];
+        want.extend(chores[1..].iter().map(|ch| (ch.clone(), vec![true])));
+        assert_eq!(tries, want);
+    }
+
+    /// Re-review rr43g F2: the busy clock ran in wall time from a chore's
+    /// first Busy, so a chore tried once, the chores thread then busy
+    /// elsewhere for [`CHORE_BUSY_BOUND`] or more (here another client's
+    /// close retried with backoff, 1.5 s), waited for its client's lock
+    /// at its second try. Only the time the client was tried counts
+    /// ([`CHORE_BUSY_GAP`]): the gap starts its clock again, and it is
+    /// put back the whole bound from its second try.
+    #[test]
+    fn a_clients_busy_clock_stops_while_the_chores_thread_is_elsewhere() {
+        let (kc, kd) = (ResumeKey::new_random(), ResumeKey::new_random());
+        let d = Chore::Close(kd, "d".into());
+        let retries = CHORE_TRIES as usize - 1;
+        let mut d_tries = 0;
+        let tries = run_busy_client_c(vec![Chore::Close(kc, "c".into()), d], |_, before| {
+            d_tries += 1;
+            if before < retries {
+                ChoreRun::Retry { timed_out: false }
+            } else {
+                ChoreRun::Done
+            }
+        });
+        assert_eq!(d_tries, retries + 1, "the other client's close ran between");
+        let elsewhere: Duration = (1..CHORE_TRIES).filter_map(|t| chore_retry(t, false)).sum();
+        assert!(
+            elsewhere > CHORE_BUSY_BOUND + CHORE_BUSY_GAP,
+            "{elsewhere:?}"
+        );
+        let bound = (CHORE_BUSY_BOUND.as_millis() / CHORE_WAIT.as_millis()) as usize;
+        // Its first try, then a new spell of busy tries to the bound.
+        let mut want = vec![false; 1 + bound];
+        want.push(true);
+        assert_eq!(tries, vec![(Chore::Close(kc, "c".into()), want)]);
     }
 
     /// Lock state "l2" of handle `k`.
