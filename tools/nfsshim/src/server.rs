@@ -1086,11 +1086,11 @@ enum ChoreRun {
     /// waited for the lock, one client's slow request holding up every
     /// client's give-backs and closes). Its client busy for
     /// [`CHORE_BUSY_BOUND`] ([`BusyClients`]), it waits for the lock
-    /// (re-review rr43f F1: a
-    /// client keeping requests in flight hands its lock from one to the
-    /// next, and a try almost never lands; the chore — a close of a gone
-    /// handle, still holding share modes and locks against other clients
-    /// — was put back for as long as the client stayed busy). The
+    /// (re-review rr43f F1: a client keeping requests in flight hands its
+    /// lock from one to the next, and a try almost never lands; the chore
+    /// — a close of a gone handle, still holding share modes and locks
+    /// against other clients — was put back for as long as the client
+    /// stayed busy). The
     /// trade-off: past the bound, the chores thread stalls behind that
     /// client's current request, every client's chores waiting
     /// meanwhile — its filterd calls are bounded, its file I/O is not (a
@@ -1390,11 +1390,12 @@ fn behind_busy(back: &[PutBack], i: usize) -> bool {
 /// says, sleeping with `sleep`, the time `now`, telling `given_up` of one
 /// it gives up. `run` is told to wait for the chore's client's lock once
 /// the client has been [`ChoreRun::Busy`] for [`CHORE_BUSY_BOUND`] of
-/// tries ([`BusyClients`]). A close it would give up is put back at the end of the
-/// queue instead, to be tried once more after [`chore_put_back`]'s wait,
-/// a few times ([`CHORE_ROUNDS`]), the chores behind it running
-/// meanwhile, its open's delete held back behind it; given up at last,
-/// or failed for good, its delete is not run ([`ChoreSequence`]).
+/// tries ([`BusyClients`]). A close it would give up is put back at the
+/// end of the queue instead, to be tried once more after
+/// [`chore_put_back`]'s wait, a few times ([`CHORE_ROUNDS`]), the chores
+/// behind it running meanwhile, its open's delete held back behind it;
+/// given up at last, or failed for good, its delete is not run
+/// ([`ChoreSequence`]).
 fn run_chore_queue(
     mut todo: impl ChoreSource,
     mut run: impl FnMut(u64, &Chore, bool) -> Option<ChoreRun>,
