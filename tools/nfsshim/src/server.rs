@@ -1293,6 +1293,11 @@ struct PutBack {
     chore: Chore,
     /// Times it was put back.
     rounds: u32,
+    /// Its failed tries this round so far: put back for its lock
+    /// ([`ChoreRun::Busy`]) between two retries, it goes on from there —
+    /// a chore whose retries only try the lock, got only by waiting
+    /// (re-review rr44c R3), would otherwise be retried for ever.
+    tries: u32,
     /// Put back behind its client's lock ([`ChoreRun::Busy`]), or behind
     /// such a chore of its client: no later chore of the client runs
     /// before it ([`behind_busy`]). Only while it waits for the lock:
@@ -1329,13 +1334,20 @@ struct PutBack {
 /// of a busy client's k chores waited at its first try, back to back,
 /// every other client's chores waiting for all k). Its later chores pay
 /// the bound once, not each (re-review rr43g F3: the clock was per
-/// chore). A spell ends at a try that gets the lock without waiting, at a
-/// [`ChoreRun::Stale`] one (a reload dropped the chores computed before
-/// it), or, blocked, when the client has not been tried for
-/// [`CHORE_BUSY_GAP`] since. A spell not blocked always has a chore of
-/// its client put back for its lock, whose next try carries it on or ends
-/// it. A try that did not get as far as the lock ([`ChoreRun::Later`],
-/// tried again at once) leaves the spell as it was.
+/// chore) — unless the thread spends more than [`CHORE_BUSY_GAP`]
+/// elsewhere between a try that waited and the client's next try (another
+/// client's lock wait, a due retry): the blocked spell has ended by then,
+/// and the client's next chore pays the bound again (re-review rr44c R1;
+/// put back for [`CHORE_BUSY_BOUND`] of tries again, the thread doing
+/// others' work meanwhile). A retry of a chore ([`ChoreRun::Retry`]) asks
+/// again too: after a try that waited, it only tries (re-review rr44c R3:
+/// each retry waited, back to back). A spell ends at a try that gets the
+/// lock without waiting, at a [`ChoreRun::Stale`] one (a reload dropped
+/// the chores computed before it), or, blocked, when the client has not
+/// been tried for [`CHORE_BUSY_GAP`] since. A spell not blocked always has
+/// a chore of its client put back for its lock, whose next try carries it
+/// on or ends it. A try that did not get as far as the lock
+/// ([`ChoreRun::Later`], tried again at once) leaves the spell as it was.
 #[derive(Debug, Default)]
 struct BusyClients(HashMap<String, BusySpell>);
 
@@ -1452,6 +1464,7 @@ fn run_chore_queue(
                             computed,
                             chore,
                             rounds: 0,
+                            tries: 0,
                             parked: false,
                         };
                         // Behind a chore of its client put back for its
@@ -1476,6 +1489,7 @@ fn run_chore_queue(
             computed,
             chore: c,
             rounds,
+            tries,
             ..
         } = item;
         match seq.admits(&c) {
@@ -1496,6 +1510,7 @@ fn run_chore_queue(
                     computed,
                     chore: c,
                     rounds,
+                    tries,
                     parked: false,
                 });
                 continue;
@@ -1503,9 +1518,18 @@ fn run_chore_queue(
         }
         // Put back, it has one try each round: a timeout holds the
         // queue up for one call's timeout at most.
-        let mut tries = if rounds > 0 { CHORE_TRIES - 1 } else { 0 };
-        let wait_for_lock = busy.waits(c.client(), now());
+        let mut tries = if rounds > 0 {
+            tries.max(CHORE_TRIES - 1)
+        } else {
+            tries
+        };
         loop {
+            // Asked again at each retry: after a try that waited for the
+            // lock, the retry only tries it (re-review rr44c R3: asked
+            // once, each retry of a chore that waited waited again, up to
+            // [`CHORE_TRIES`] waits back to back, the other clients'
+            // chores held behind them all).
+            let wait_for_lock = busy.waits(c.client(), now());
             let Some(r) = run(computed, &c, wait_for_lock) else {
                 return;
             };
@@ -1537,6 +1561,7 @@ fn run_chore_queue(
                             computed,
                             chore: c,
                             rounds,
+                            tries,
                             parked: true,
                         },
                     );
@@ -1566,6 +1591,7 @@ fn run_chore_queue(
                             computed,
                             chore: c,
                             rounds: rounds + 1,
+                            tries: 0,
                             parked: false,
                         });
                         break;
@@ -9333,6 +9359,65 @@ mod swap_tests {
             last.is_some_and(|t| t.0 >= Duration::from_secs(5) && !t.2),
             "{tries:?}"
         );
+    }
+
+    /// Re-review rr44c R2: a blocked spell (its last try waited for the
+    /// lock) ends once the client has not been tried for
+    /// [`CHORE_BUSY_GAP`]: "c", busy until waited for, then idle for 2 s,
+    /// then busy again, is put back until the bound again, not waited for
+    /// at its second try.
+    #[test]
+    fn a_blocked_spell_ends_after_the_gap_without_a_try() {
+        let again = Duration::from_secs(3);
+        let (first, second) = (close_of("c"), close_of("c"));
+        let todo = vec![(Duration::ZERO, first.clone()), (again, second.clone())];
+        let (tries, given_up) = status_tests::run_timed_chores(todo, |_, _, w, _| {
+            let r = if w { ChoreRun::Done } else { ChoreRun::Busy };
+            (r, Duration::ZERO)
+        });
+        assert!(given_up.is_empty(), "{given_up:?}");
+        let first_done = tries.iter().find(|t| t.1 == first && t.3 == ChoreRun::Done);
+        assert!(first_done.is_some_and(|t| t.2 && t.0 < again - Duration::from_secs(1)));
+        let bound = (CHORE_BUSY_BOUND.as_millis() / CHORE_WAIT.as_millis()) as usize;
+        let ws: Vec<bool> = tries
+            .iter()
+            .filter(|t| t.1 == second)
+            .map(|t| t.2)
+            .collect();
+        let mut want = vec![false; bound];
+        want.push(true);
+        assert_eq!(ws, want, "{tries:?}");
+    }
+
+    /// Re-review rr44c R3: whether to wait for the lock was asked once
+    /// per chore, so a chore that waited for it and failed for a passing
+    /// cause ([`ChoreRun::Retry`]) waited again at each retry, back to
+    /// back, another client's chore held behind them all. Each retry asks
+    /// again: after a try that waited, the next only tries the lock, held
+    /// it is put back, and the other client's chore runs first. Its tries
+    /// go on counting across those put-backs: a close whose lock is only
+    /// got by waiting and whose calls keep failing is still given up.
+    #[test]
+    fn a_retry_after_a_waited_try_only_tries_the_lock() {
+        let c = close_of("c");
+        let arrives = CHORE_BUSY_BOUND + CHORE_WAIT;
+        let todo = vec![(Duration::ZERO, c.clone()), (arrives, close_of("d"))];
+        let (tries, given_up) =
+            status_tests::run_timed_chores(todo, |ch, _, w, _| match (ch.client(), w) {
+                (Some("c"), true) => (ChoreRun::Retry { timed_out: false }, Duration::ZERO),
+                (Some("c"), false) => (ChoreRun::Busy, Duration::ZERO),
+                _ => (ChoreRun::Done, Duration::from_millis(5)),
+            });
+        assert_eq!(given_up, vec![c.clone()]);
+        let c_tries: Vec<_> = tries.iter().filter(|t| t.1 == c).collect();
+        let twice = c_tries.windows(2).find(|w| w[0].2 && w[1].2);
+        assert!(twice.is_none(), "waited twice in a row: {twice:?}");
+        let waited = c_tries.iter().filter(|t| t.2).count();
+        assert_eq!(waited, (CHORE_TRIES + CHORE_ROUNDS) as usize, "{tries:?}");
+        // The other client's close ran before c's second wait.
+        let d_at = done_at(&tries, "d").expect("d's close ran");
+        let second_wait = c_tries.iter().filter(|t| t.2).nth(1).map(|t| t.0);
+        assert!(second_wait.is_some_and(|s| d_at < s), "{tries:?}");
     }
 
     /// Lock state "l2" of handle `k`.
