@@ -672,68 +672,121 @@ fn decode_log_page(mut b: &[u8]) -> Option<Chunk> {
     Some(out)
 }
 
-/// The keepalive stream of one member and the request half of it.
-type Keeper = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+/// At most this many renewals outstanding on one keepalive stream. They
+/// go every TTL/8 and the stream is dropped once its oldest has waited
+/// TTL − margin (< TTL), so no more than 8 ever are; etcd-client's request
+/// channel holds 100, so a send never waits.
+const STREAM_OUTSTANDING: usize = 16;
 
-/// One renewal attempt of the keepalive and what came of it.
-struct Renewal {
+/// A keepalive stream's answer as its reader passes it on.
+type StreamAnswer = Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error>;
+
+/// A member's keepalive stream. etcd answers a stream's renewals one by
+/// one, in the order sent (its `LeaseKeepAlive` handler receives, renews,
+/// sends, and loops; any error but a missing lease ends the stream), so
+/// the send times of those not yet answered wait here in a queue and each
+/// answer proves the lease from the oldest: renewals go on a stream while
+/// earlier ones are still outstanding (pipelined), and a late answer
+/// counts from its own send time.
+struct LeaseStream {
     member: usize,
-    /// When it was sent: an answer counts from here (`sent_boot` on the
-    /// lease clock, `sent` for scheduling the next).
-    sent: Instant,
-    sent_boot: u64,
-    /// The member's client, handed back (connected if it was not).
-    client: Option<Client>,
-    /// Its stream, kept only after an answer (a stream whose request was
-    /// not answered in time is dropped, so a late answer is never read).
-    keeper: Option<Keeper>,
-    /// The answer; an error too when none came within the attempt's bound.
-    answer: Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error>,
+    /// Tags this stream's answers (a dropped stream's may still be queued).
+    id: u64,
+    keeper: etcd_client::LeaseKeeper,
+    /// Per renewal outstanding, oldest first: when it was sent (`Instant`
+    /// for scheduling, the lease clock for what it proves).
+    sent: std::collections::VecDeque<(Instant, u64)>,
+    /// The task reading its answers (ended with the stream).
+    reader: tokio::task::AbortHandle,
 }
 
-/// One lease renewal through `member` (connecting to it and opening its
-/// stream first if need be), answered within `bound` of its send time or
-/// failed.
-async fn renew_on(
+impl Drop for LeaseStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl LeaseStream {
+    /// Sends one renewal on it: false if the stream has ended.
+    async fn send(&mut self) -> bool {
+        // Before the send: the lease counts from the server's receipt,
+        // later still.
+        let (sent, sent_boot) = (Instant::now(), boot_nanos_sent());
+        if self.keeper.keep_alive().await.is_err() {
+            return false;
+        }
+        self.sent.push_back((sent, sent_boot));
+        true
+    }
+
+    /// Whether another renewal may go on it now.
+    fn has_room(&self) -> bool {
+        self.sent.len() < STREAM_OUTSTANDING
+    }
+
+    /// When its oldest outstanding renewal went.
+    fn oldest(&self) -> Option<Instant> {
+        self.sent.front().map(|(t, _)| *t)
+    }
+}
+
+/// Passes the answers of keepalive stream `id` on to `to`, until it ends
+/// or fails (which is passed on too).
+async fn read_answers(
+    id: u64,
+    mut stream: etcd_client::LeaseKeepAliveStream,
+    to: tokio::sync::mpsc::Sender<(u64, StreamAnswer)>,
+) {
+    loop {
+        let answer = stream.message().await;
+        let end = !matches!(answer, Ok(Some(_)));
+        if to.send((id, answer)).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// What woke the keepalive task.
+enum Event {
+    Opened(Option<Result<Box<Opened>, tokio::task::JoinError>>),
+    Answer(Option<(u64, StreamAnswer)>),
+    Woke,
+}
+
+/// A keepalive stream opened on a member, or why not.
+struct Opened {
+    member: usize,
+    /// The member's client, handed back (connected if it was not).
+    client: Option<Client>,
+    stream:
+        Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), etcd_client::Error>,
+}
+
+/// Opens a keepalive stream of lease `id` on `member` (connecting to it
+/// first if need be) within `bound`. etcd-client sends a first renewal
+/// and reads its answer itself to open it; that answer's raft term is not
+/// shown, so it does not count (see [`EtcdStore::start_keepalive`]).
+async fn open_stream(
     member: usize,
     endpoint: String,
     mut client: Option<Client>,
-    mut keeper: Option<Keeper>,
     id: i64,
     bound: Duration,
-) -> Renewal {
-    let sent = Instant::now();
-    let sent_boot = boot_nanos_sent();
+) -> Opened {
     let attempt = async {
         let c = match client.as_mut() {
             Some(c) => c,
             None => client.insert(Client::connect([endpoint], Some(connect_options())).await?),
         };
-        if keeper.is_none() {
-            keeper = Some(c.lease_keep_alive(id).await?);
-        }
-        let Some((k, stream)) = keeper.as_mut() else {
-            return Ok(None);
-        };
-        k.keep_alive().await?;
-        stream.message().await
+        c.lease_keep_alive(id).await
     };
-    let answer = match tokio::time::timeout(bound, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(etcd_client::Error::GRpcStatus(
-            tonic::Status::deadline_exceeded("lease renewal not answered in time"),
-        )),
-    };
-    if !matches!(answer, Ok(Some(_))) {
-        keeper = None;
-    }
-    Renewal {
+    let stream = tokio::time::timeout(bound, attempt)
+        .await
+        .unwrap_or_else(|_| Err(not_answered_in_time()));
+    Opened {
         member,
-        sent,
-        sent_boot,
         client,
-        keeper,
-        answer,
+        stream,
     }
 }
 
@@ -1769,21 +1822,36 @@ impl EtcdStore {
     /// Renews the lease every TTL/8 from a task on the client runtime
     /// (and compacts every `compact_every`).
     ///
-    /// A renewal goes to the member that answered the last one, over its
-    /// kept stream. If no answer has come after TTL/16 (`hedge`), another
-    /// attempt goes to the next member with none outstanding, and so on,
-    /// the earlier ones still running: the first answer renews. Each
-    /// attempt counts from its own send time, however late its answer
-    /// comes, as long as it comes within TTL − margin of it (after that
-    /// it could not keep the lease standing; its stream is dropped). A
-    /// member whose attempt has waited a round (TTL/4, or twice the time
-    /// its last answer took if that is longer) may be tried again
-    /// meanwhile, on a fresh stream; the waiting attempt still counts if
-    /// answered. (Discarded at TTL/4, every renewal over a link slower
-    /// than that was lost and the owner stepped down at once, though each
-    /// answer proved the lease: review rvslowetcd.) An answer at a raft term below one
+    /// Renewals go every TTL/8 over the kept stream of the member that
+    /// answered last, whether or not the earlier ones were answered yet
+    /// (pipelined: etcd answers a stream's renewals in order, so each
+    /// answer is matched to the oldest outstanding send time,
+    /// [`LeaseStream`]). Each counts from its own send time, however late
+    /// its answer comes, as long as it comes within TTL − margin (`cap`)
+    /// of it: after that it could not keep the lease standing, and a
+    /// stream whose oldest renewal waited that long is dropped. So a
+    /// round trip r keeps the lease while r + TTL/8 < TTL − margin. (One
+    /// renewal at a time per stream, the next sent only once the last was
+    /// answered, needed 2r < TTL − margin: over a slow link the owner
+    /// stepped down though every answer would have kept the lease.)
+    ///
+    /// If no answer has come TTL/16 (`hedge`) after one was due, another
+    /// attempt goes to the next member (over its kept stream, idle, or a
+    /// stream opened on it), and so on, the earlier ones still running:
+    /// the first answer renews, and that member's stream carries the
+    /// renewals from then on. A member whose oldest renewal has waited a
+    /// round (TTL/4, or twice the time its last answer took if that is
+    /// longer) may be tried again meanwhile, on a fresh stream; the old
+    /// stream then gets no more renewals but its answers still count.
+    /// (Discarded at TTL/4, every renewal over a link slower than that was
+    /// lost and the owner stepped down at once, though each answer proved
+    /// the lease: review rvslowetcd.) An answer at a raft term below one
     /// already seen (an old leader resuming from a stall answers from its
-    /// own lessor before it learns it was replaced) does not count.
+    /// own lessor before it learns it was replaced) does not count, and
+    /// its stream is dropped. Opening a stream costs a round trip whose
+    /// answer does not count: etcd-client's `lease_keep_alive` sends a
+    /// first renewal and reads its answer itself, and never shows that
+    /// answer's raft term.
     ///
     /// Found with the leader SIGSTOPped (round 16): one attempt at a time,
     /// each waiting a whole round, left too little of TTL − margin for
@@ -1800,7 +1868,8 @@ impl EtcdStore {
         let client = self.client.clone();
         let revision = self.revision.clone();
         let compact_every = self.compact_every;
-        // How long an attempt may take to count, and how often one goes.
+        // How long a member's renewal may wait before it is tried again,
+        // and how often one goes.
         let round = (self.ttl / 4).max(Duration::from_millis(250));
         let interval = round / 2;
         let hedge = round / 4;
@@ -1812,60 +1881,121 @@ impl EtcdStore {
         self.rt.spawn(async move {
             let id = lease.id.load(Ordering::Acquire);
             let n = endpoints.len().max(1);
-            // A client and a kept stream per member, and whether an
-            // attempt through it is outstanding (it holds them meanwhile).
+            // A client per member (a stream being opened holds it).
             let mut members: Vec<Option<Client>> = endpoints.iter().map(|_| None).collect();
-            let mut keepers: Vec<Option<Keeper>> = endpoints.iter().map(|_| None).collect();
-            // Attempts outstanding through each member, when the newest
-            // went, and how long it may wait before another is sent.
-            let mut busy: Vec<(usize, Instant)> = vec![(0, Instant::now()); n];
+            // The open streams, oldest first: a member's newest carries
+            // its renewals, an older one only has its answers awaited.
+            let mut streams: Vec<LeaseStream> = Vec::new();
+            let mut stream_ids = 0u64;
+            let (answers_to, mut answers) = tokio::sync::mpsc::channel(64);
+            // Streams being opened on each member, and when the newest
+            // began; how long a member's renewal may wait before it is
+            // tried again.
+            let mut opening: Vec<(usize, Instant)> = vec![(0, Instant::now()); n];
             let mut free_after = vec![round; n];
-            let mut attempts = tokio::task::JoinSet::new();
+            let mut opens = tokio::task::JoinSet::new();
             // The member that answered last; the highest raft term seen.
             let (mut at, mut term) = (0usize, 0u64);
-            // When the next renewal is due, and since when one is wanted
-            // (`None`: the last one was answered) and the next attempt
-            // may go out.
+            // When the next renewal is due (an answered one's send time +
+            // the interval), since when one is wanted (`None`: the last one
+            // was answered) and when the next attempt may go out; when the
+            // next renewal goes on the stream of `at`.
             let mut due = Instant::now();
             let mut wanted: Option<(Instant, u32)> = None;
             let mut next_attempt = due;
+            let mut send_due = due;
             let mut last_compact = Instant::now();
             let mut compact_to = revision.load(Ordering::Acquire);
+            // Another member at once (paced), not a hedge later.
+            let soon = || Instant::now() + Duration::from_millis(50);
             while !lease.lost.load(Ordering::Acquire) {
                 let now = Instant::now();
+                // A stream whose oldest renewal waited past `cap` could no
+                // longer keep the lease; one superseded on its member by
+                // a fresher stream is done once it has nothing outstanding.
+                let newest: Vec<Option<u64>> = (0..n)
+                    .map(|m| streams.iter().rev().find(|s| s.member == m).map(|s| s.id))
+                    .collect();
+                let before = streams.len();
+                streams.retain(|s| {
+                    let late = s.oldest().is_some_and(|t| now.duration_since(t) >= cap);
+                    if late {
+                        debug!(member = s.member, outstanding = s.sent.len(), "etcd lease renewal not answered in time: stream dropped");
+                    }
+                    let superseded = s.sent.is_empty() && newest.get(s.member).copied().flatten() != Some(s.id);
+                    !late && !superseded
+                });
+                if streams.len() < before {
+                    next_attempt = next_attempt.min(soon());
+                }
+                if now >= send_due {
+                    send_due = now + interval;
+                    if let Some(i) = streams.iter().rposition(|s| s.member == at) {
+                        let sent = match streams.get_mut(i) {
+                            Some(s) if s.has_room() => s.send().await,
+                            _ => true,
+                        };
+                        if !sent {
+                            debug!(member = at, "etcd keepalive stream ended");
+                            streams.remove(i);
+                            next_attempt = next_attempt.min(soon());
+                        }
+                    }
+                }
                 if wanted.is_none() && now >= due {
-                    wanted = Some((now, 0));
-                    next_attempt = now;
+                    // The renewals going on the stream of `at` are the
+                    // first attempt; another member is asked after `hedge`.
+                    let carried = streams.iter().any(|s| s.member == at);
+                    wanted = Some((now, u32::from(carried)));
+                    next_attempt = if carried { now + hedge } else { now };
                 }
                 if let Some((since, tried)) = wanted.as_mut() {
                     if now >= next_attempt {
                         // From the member that answered last, the first
-                        // with no attempt outstanding.
-                        let free = (0..n)
+                        // with an idle stream, or none and no stream being
+                        // opened, or whose renewal has waited a round.
+                        let pick = (0..n)
                             .map(|i| (at + usize::try_from(*tried).unwrap_or(0) + i) % n)
-                            .find(|&m| {
-                                // An answered stream kept is idle (no
-                                // attempt holds it), whatever else waits.
-                                keepers.get(m).is_some_and(Option::is_some)
-                                    || busy.get(m).zip(free_after.get(m)).is_some_and(|((k, newest), after)| {
-                                        *k == 0 || newest.elapsed() >= *after
-                                    })
+                            .find_map(|m| {
+                                let newest = streams.iter().rposition(|s| s.member == m);
+                                let after = free_after.get(m).copied().unwrap_or(round);
+                                let may_open = opening
+                                    .get(m)
+                                    .is_some_and(|(k, newest)| *k == 0 || newest.elapsed() >= after);
+                                match newest.and_then(|i| streams.get(i)) {
+                                    None => may_open.then_some((m, None)),
+                                    Some(s) if s.sent.is_empty() => Some((m, newest)),
+                                    Some(s) => (may_open && s.oldest().is_some_and(|t| t.elapsed() >= after)).then_some((m, None)),
+                                }
                             });
-                        if let (Some(m), Some(endpoint)) = (free, free.and_then(|m| endpoints.get(m))) {
-                            let (client, keeper) = (
-                                members.get_mut(m).and_then(Option::take),
-                                keepers.get_mut(m).and_then(Option::take),
-                            );
-                            if let Some(b) = busy.get_mut(m) {
-                                *b = (b.0 + 1, now);
-                            }
+                        if let Some((m, idle)) = pick {
                             if *tried > 0 {
                                 debug!(member = m, waited_ms = since.elapsed().as_millis(), "etcd lease renewal not answered yet: asking another member too");
                             }
                             *tried += 1;
-                            attempts.spawn(renew_on(m, endpoint.clone(), client, keeper, id, cap));
+                            next_attempt = now + hedge;
+                            match idle {
+                                Some(i) => {
+                                    let sent = match streams.get_mut(i) {
+                                        Some(s) => s.send().await,
+                                        None => true,
+                                    };
+                                    if !sent {
+                                        streams.remove(i);
+                                        next_attempt = soon();
+                                    }
+                                }
+                                None => {
+                                    if let (Some(endpoint), Some(o)) = (endpoints.get(m), opening.get_mut(m)) {
+                                        *o = (o.0 + 1, now);
+                                        let client = members.get_mut(m).and_then(Option::take);
+                                        opens.spawn(open_stream(m, endpoint.clone(), client, id, cap));
+                                    }
+                                }
+                            }
+                        } else {
+                            next_attempt = now + hedge;
                         }
-                        next_attempt = now + hedge;
                     }
                 }
                 if !compact_every.is_zero() && last_compact.elapsed() >= compact_every {
@@ -1885,55 +2015,103 @@ impl EtcdStore {
                     compact_to = revision.load(Ordering::Acquire);
                     last_compact = Instant::now();
                 }
-                let wake = if wanted.is_some() { next_attempt } else { due };
-                let done = tokio::select! {
-                    d = attempts.join_next(), if !attempts.is_empty() => d,
-                    () = tokio::time::sleep_until(wake.into()) => None,
+                // Woken at least every `hedge`: a stream's oldest renewal
+                // past `cap` and the lease's end are seen in time.
+                let wake = send_due
+                    .min(if wanted.is_some() { next_attempt } else { due })
+                    .min(now + hedge);
+                let event = tokio::select! {
+                    d = opens.join_next(), if !opens.is_empty() => Event::Opened(d.map(|r| r.map(Box::new))),
+                    a = answers.recv() => Event::Answer(a),
+                    () = tokio::time::sleep_until(wake.into()) => Event::Woke,
                 };
-                if let Some(Ok(r)) = done {
-                    let m = r.member;
-                    if let Some(b) = busy.get_mut(m) {
-                        b.0 = b.0.saturating_sub(1);
-                    }
-                    if let Some(slot) = members.get_mut(m).filter(|_| r.client.is_some()) {
-                        *slot = r.client;
-                    }
-                    let answered_ms = r.sent.elapsed().as_millis();
-                    match r.answer {
-                        Ok(Some(resp)) if resp.ttl() > 0 => {
-                            let t = resp.header().map_or(0, |h| h.raft_term());
-                            if t < term {
-                                debug!(member = m, raft_term = t, highest = term, "etcd lease renewal answered at an old raft term: not counted");
-                                next_attempt = next_attempt.min(Instant::now() + Duration::from_millis(50));
-                            } else {
-                                term = t;
-                                if let Some(after) = free_after.get_mut(m) {
-                                    *after = r.sent.elapsed().saturating_mul(2).clamp(round, cap);
+                match event {
+                    Event::Opened(Some(Ok(o))) => {
+                        let m = o.member;
+                        if let Some(k) = opening.get_mut(m) {
+                            k.0 = k.0.saturating_sub(1);
+                        }
+                        if let Some(slot) = members.get_mut(m).filter(|_| o.client.is_some()) {
+                            *slot = o.client;
+                        }
+                        match o.stream {
+                            Ok((keeper, stream)) => {
+                                stream_ids += 1;
+                                let reader = tokio::spawn(read_answers(stream_ids, stream, answers_to.clone()));
+                                let mut s = LeaseStream {
+                                    member: m,
+                                    id: stream_ids,
+                                    keeper,
+                                    sent: std::collections::VecDeque::new(),
+                                    reader: reader.abort_handle(),
+                                };
+                                if s.send().await {
+                                    streams.push(s);
+                                    if m == at {
+                                        send_due = Instant::now() + interval;
+                                    }
+                                } else {
+                                    next_attempt = next_attempt.min(soon());
                                 }
-                                let secs = u64::try_from(resp.ttl()).unwrap_or(0);
-                                lease.renewed(r.sent_boot, Duration::from_secs(secs));
-                                if let Some(slot) = keepers.get_mut(m) {
-                                    *slot = r.keeper;
-                                }
-                                if let Some((since, tried)) = wanted.take().filter(|(_, tried)| *tried > 1) {
-                                    info!(member = m, attempts = tried, waited_ms = since.elapsed().as_millis(), answered_ms, "etcd lease renewed after asking more than one member");
-                                }
-                                at = m;
-                                due = due.max(r.sent + interval);
+                            }
+                            Err(e) => {
+                                debug!(member = m, error = %e, "etcd keepalive stream not opened");
+                                next_attempt = next_attempt.min(soon());
                             }
                         }
-                        Ok(Some(_)) => {
-                            error!("the etcd lease expired: this daemon no longer owns the table");
-                            lease.lost.store(true, Ordering::Release);
-                            return;
-                        }
-                        other => {
-                            let error = other.err().map(|e| e.to_string()).unwrap_or_else(|| "stream ended".into());
-                            debug!(member = m, answered_ms, error, "etcd lease renewal failed");
-                            // Another member at once (paced), not a hedge later.
-                            next_attempt = next_attempt.min(Instant::now() + Duration::from_millis(50));
+                    }
+                    Event::Answer(Some((sid, answer))) => {
+                        let Some(i) = streams.iter().position(|s| s.id == sid) else {
+                            // A dropped stream's answer: it counts no more.
+                            continue;
+                        };
+                        let (m, sent) = match streams.get_mut(i) {
+                            Some(s) => (s.member, s.sent.pop_front()),
+                            None => continue,
+                        };
+                        match (answer, sent) {
+                            (Ok(Some(resp)), Some((sent, sent_boot))) if resp.ttl() > 0 => {
+                                let answered_ms = sent.elapsed().as_millis();
+                                let t = resp.header().map_or(0, |h| h.raft_term());
+                                if t < term {
+                                    debug!(member = m, raft_term = t, highest = term, "etcd lease renewal answered at an old raft term: not counted");
+                                    streams.remove(i);
+                                    next_attempt = next_attempt.min(soon());
+                                } else {
+                                    term = t;
+                                    if let Some(after) = free_after.get_mut(m) {
+                                        *after = sent.elapsed().saturating_mul(2).clamp(round, cap);
+                                    }
+                                    let secs = u64::try_from(resp.ttl()).unwrap_or(0);
+                                    lease.renewed(sent_boot, Duration::from_secs(secs));
+                                    if let Some((since, tried)) = wanted.take().filter(|(_, tried)| *tried > 1) {
+                                        info!(member = m, attempts = tried, waited_ms = since.elapsed().as_millis(), answered_ms, "etcd lease renewed after asking more than one member");
+                                    }
+                                    at = m;
+                                    due = due.max(sent + interval);
+                                }
+                            }
+                            (Ok(Some(_)), Some(_)) => {
+                                error!("the etcd lease expired: this daemon no longer owns the table");
+                                lease.lost.store(true, Ordering::Release);
+                                return;
+                            }
+                            (Ok(Some(_)), None) => {
+                                // More answers than renewals sent: not
+                                // etcd's order, so none of them counts.
+                                debug!(member = m, "etcd keepalive stream answered a renewal never sent: dropped");
+                                streams.remove(i);
+                                next_attempt = next_attempt.min(soon());
+                            }
+                            (other, _) => {
+                                let error = other.err().map(|e| e.to_string()).unwrap_or_else(|| "stream ended".into());
+                                debug!(member = m, error, "etcd lease renewal failed");
+                                streams.remove(i);
+                                next_attempt = next_attempt.min(soon());
+                            }
                         }
                     }
+                    Event::Opened(_) | Event::Answer(None) | Event::Woke => {}
                 }
                 if !lease.ok() {
                     error!("the etcd lease could not be renewed in time: this daemon may no longer own the table");

@@ -927,6 +927,61 @@ fn an_owner_behind_a_link_slower_than_a_renewal_round_keeps_its_lease() {
     assert!(missing.is_empty(), "etcd lacks acknowledged {missing:?}");
 }
 
+/// A round trip (0.8 s, 0.4 s each way) at the minimum lease (2 s:
+/// margin 0.5 s, renewals every 0.25 s) longer than half of TTL − margin
+/// (0.75 s) but well under TTL − margin − the interval (1.25 s): renewals
+/// pipelined on the kept stream, one every interval whatever is still
+/// outstanding, each answer proving the lease from its own send time,
+/// keep it. The owner still owns (`status` shows its lease standing) and
+/// serves (a persistent CREATE, durable in etcd) through five lease
+/// lengths. Before, a stream carried one renewal at a time, the next sent
+/// only once the last was answered: 1.6 s between the send times of two
+/// answers against the 1.5 s each proves, so the owner stepped down
+/// (exit 75) about 1.5 s into the delay, though every answer came.
+#[test]
+fn pipelined_renewals_keep_the_lease_over_a_round_trip_above_half_of_it() {
+    if !etcd_available("pipelined_renewals_keep_the_lease_over_a_round_trip_above_half_of_it") {
+        return;
+    }
+    let (mut l, client, sid) = slow_link("pipelined", "2", Duration::from_millis(400));
+    let sock = l.f.socket().to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let mut polls = 0u32;
+    let mut least = u64::MAX;
+    while t0.elapsed() < Duration::from_secs(10) {
+        assert!(
+            l.f.exited().is_none(),
+            "filterd exited {:?} into a 0.8 s round trip at a 2 s lease:\n{}",
+            t0.elapsed(),
+            l.f.log_text()
+        );
+        let v = rkfilter_tests::filterctl(&["--socket", &sock, "status", "--json"]).json();
+        let left = v["lease_left_ms"].as_u64().unwrap_or(0);
+        assert!(
+            left > 0,
+            "no lease left {:?} into the delay: {v}\n{}",
+            t0.elapsed(),
+            l.f.log_text()
+        );
+        least = least.min(left);
+        polls += 1;
+    }
+    let Some((r, took, _client)) = create_within(client, sid, "piped", Duration::from_secs(10))
+    else {
+        panic!(
+            "a CREATE had no reply over the slow link:\n{}",
+            l.f.log_text()
+        );
+    };
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}\n{}", l.f.log_text());
+    assert!(l.f.exited().is_none(), "{}", l.f.log_text());
+    eprintln!(
+        "0.8 s round trip at a 2 s lease: owner for {:?} ({polls} status polls, least lease left {least} ms), CREATE in {took:?}",
+        t0.elapsed()
+    );
+    assert!(l.etcd_paths().contains("piped"), "etcd holds the CREATE");
+}
+
 /// `filterctl handles` while etcd does not answer (a link delayed 30 s,
 /// [`DelayProxy`]) and a persistent CREATE's commit waits: answered
 /// within filterd's 1 s bound, not after the commit, with the durable
