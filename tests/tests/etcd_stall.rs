@@ -955,7 +955,16 @@ fn pipelined_renewals_keep_the_lease_over_a_round_trip_above_half_of_it() {
             t0.elapsed(),
             l.f.log_text()
         );
-        let v = rkfilter_tests::filterctl(&["--socket", &sock, "status", "--json"]).json();
+        let out = rkfilter_tests::filterctl_as_is(&["--socket", &sock, "status", "--json"]);
+        assert_eq!(
+            out.code,
+            0,
+            "no status {:?} into the delay (filterd stepped down?): {}\n{}",
+            t0.elapsed(),
+            out.stderr,
+            l.f.log_text()
+        );
+        let v = out.json();
         let left = v["lease_left_ms"].as_u64().unwrap_or(0);
         assert!(
             left > 0,
