@@ -794,6 +794,26 @@ impl SlowLink {
         let url = self.cluster.url(&format!("rk/{}", self.name));
         paths_of(&rkfilter_tests::filterctl(&["--store", &url, "handles", "--json"]).json())
     }
+
+    /// A persistent CREATE of `path` acknowledged within `within`
+    /// ([`create_within`]; panics with filterd's log if not): how long it
+    /// took, and the client back.
+    fn create_ok(
+        &self,
+        client: rkfilter_tests::LineClient,
+        sid: u64,
+        path: &str,
+        within: Duration,
+    ) -> (Duration, rkfilter_tests::LineClient) {
+        let Some((r, took, client)) = create_within(client, sid, path, within) else {
+            panic!(
+                "a persistent CREATE of {path} over the slow link had no reply in {within:?}:\n{}",
+                self.f.log_text()
+            );
+        };
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}\n{}", self.f.log_text());
+        (took, client)
+    }
 }
 
 fn slow_link(
@@ -855,14 +875,7 @@ fn a_commit_over_a_slow_link_is_answered() {
         return;
     }
     let (mut l, client, sid) = slow_link("slowcommit", "16", Duration::from_millis(900));
-    let Some((r, took, client)) = create_within(client, sid, "slow-1", Duration::from_secs(25))
-    else {
-        panic!(
-            "a persistent CREATE over a 1.8 s round trip had no reply in 25 s:\n{}",
-            l.f.log_text()
-        );
-    };
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}\n{}", l.f.log_text());
+    let (took, client) = l.create_ok(client, sid, "slow-1", Duration::from_secs(25));
     // A second one: the first attempt's bound has learnt the link.
     let (r2, took2, _client) = create_within(client, sid, "slow-2", Duration::from_secs(25))
         .unwrap_or_else(|| panic!("the second CREATE had no reply:\n{}", l.f.log_text()));
@@ -975,14 +988,7 @@ fn pipelined_renewals_keep_the_lease_over_a_round_trip_above_half_of_it() {
         least = least.min(left);
         polls += 1;
     }
-    let Some((r, took, _client)) = create_within(client, sid, "piped", Duration::from_secs(10))
-    else {
-        panic!(
-            "a CREATE had no reply over the slow link:\n{}",
-            l.f.log_text()
-        );
-    };
-    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}\n{}", l.f.log_text());
+    let (took, _client) = l.create_ok(client, sid, "piped", Duration::from_secs(10));
     assert!(l.f.exited().is_none(), "{}", l.f.log_text());
     eprintln!(
         "0.8 s round trip at a 2 s lease: owner for {:?} ({polls} status polls, least lease left {least} ms), CREATE in {took:?}",
