@@ -672,14 +672,38 @@ fn decode_log_page(mut b: &[u8]) -> Option<Chunk> {
     Some(out)
 }
 
-/// At most this many renewals outstanding on one keepalive stream. They
-/// go every TTL/8 and the stream is dropped once its oldest has waited
-/// TTL − margin (< TTL), so no more than 8 ever are; etcd-client's request
-/// channel holds 100, so a send never waits.
+/// At most this many renewals outstanding on one keepalive stream (and
+/// queued to be sent). They go every TTL/8 and the stream is dropped once
+/// its oldest has waited TTL − margin (< TTL), so no more than 8 ever are.
 const STREAM_OUTSTANDING: usize = 16;
 
+/// etcd's `LeaseKeepAliveRequest` (rpc.proto): the keepalive makes the
+/// `LeaseKeepAlive` call itself ([`open_stream`]).
+#[derive(Clone, PartialEq, prost::Message)]
+struct KeepAliveRequest {
+    #[prost(int64, tag = "1")]
+    id: i64,
+}
+
+/// What the keepalive reads of etcd's `ResponseHeader`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct KeepAliveHeader {
+    #[prost(uint64, tag = "4")]
+    raft_term: u64,
+}
+
+/// What the keepalive reads of etcd's `LeaseKeepAliveResponse` (other
+/// fields are skipped as unknown).
+#[derive(Clone, PartialEq, prost::Message)]
+struct KeepAliveAnswer {
+    #[prost(message, optional, tag = "1")]
+    header: Option<KeepAliveHeader>,
+    #[prost(int64, tag = "3")]
+    ttl: i64,
+}
+
 /// A keepalive stream's answer as its reader passes it on.
-type StreamAnswer = Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error>;
+type StreamAnswer = Result<Option<KeepAliveAnswer>, tonic::Status>;
 
 /// A member's keepalive stream. etcd answers a stream's renewals one by
 /// one, in the order sent (its `LeaseKeepAlive` handler receives, renews,
@@ -692,7 +716,9 @@ struct LeaseStream {
     member: usize,
     /// Tags this stream's answers (a dropped stream's may still be queued).
     id: u64,
-    keeper: etcd_client::LeaseKeeper,
+    lease: i64,
+    /// Its requests, as the call sends them.
+    requests: tokio::sync::mpsc::Sender<KeepAliveRequest>,
     /// Per renewal outstanding, oldest first: when it was sent (`Instant`
     /// for scheduling, the lease clock for what it proves).
     sent: std::collections::VecDeque<(Instant, u64)>,
@@ -708,11 +734,17 @@ impl Drop for LeaseStream {
 
 impl LeaseStream {
     /// Sends one renewal on it: false if the stream has ended.
-    async fn send(&mut self) -> bool {
+    fn send(&mut self) -> bool {
         // Before the send: the lease counts from the server's receipt,
         // later still.
         let (sent, sent_boot) = (Instant::now(), boot_nanos_sent());
-        if self.keeper.keep_alive().await.is_err() {
+        // Never full: it holds `STREAM_OUTSTANDING` and no more are
+        // outstanding.
+        if self
+            .requests
+            .try_send(KeepAliveRequest { id: self.lease })
+            .is_err()
+        {
             return false;
         }
         self.sent.push_back((sent, sent_boot));
@@ -734,7 +766,7 @@ impl LeaseStream {
 /// or fails (which is passed on too).
 async fn read_answers(
     id: u64,
-    mut stream: etcd_client::LeaseKeepAliveStream,
+    mut stream: tonic::Streaming<KeepAliveAnswer>,
     to: tokio::sync::mpsc::Sender<(u64, StreamAnswer)>,
 ) {
     loop {
@@ -756,36 +788,82 @@ enum Event {
 /// A keepalive stream opened on a member, or why not.
 struct Opened {
     member: usize,
-    /// The member's client, handed back (connected if it was not).
-    client: Option<Client>,
-    stream:
-        Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), etcd_client::Error>,
+    /// The member's channel, handed back (connected if it was not).
+    channel: Option<tonic::transport::Channel>,
+    stream: Result<NewStream, String>,
 }
 
-/// Opens a keepalive stream of lease `id` on `member` (connecting to it
-/// first if need be) within `bound`. etcd-client sends a first renewal
-/// and reads its answer itself to open it; that answer's raft term is not
-/// shown, so it does not count (see [`EtcdStore::start_keepalive`]).
+/// A stream just opened: its requests, its answers, and when its first
+/// renewal (the call's opening request) was sent.
+type NewStream = (
+    tokio::sync::mpsc::Sender<KeepAliveRequest>,
+    tonic::Streaming<KeepAliveAnswer>,
+    (Instant, u64),
+);
+
+/// Opens a keepalive stream of lease `id` on `member` (connecting to
+/// `endpoint`, `http://HOST:PORT`, first if need be) within `bound`. The
+/// call is made here, not with etcd-client's `lease_keep_alive`: that
+/// sends a first renewal and reads its answer itself, never showing the
+/// answer's raft term, so the round trip that opens a stream could not
+/// count. Here the first renewal goes with the call (etcd sends the
+/// call's headers with its first answer) and its answer is read, and
+/// counted, like any other.
 async fn open_stream(
     member: usize,
     endpoint: String,
-    mut client: Option<Client>,
+    mut channel: Option<tonic::transport::Channel>,
     id: i64,
     bound: Duration,
 ) -> Opened {
     let attempt = async {
-        let c = match client.as_mut() {
-            Some(c) => c,
-            None => client.insert(Client::connect([endpoint], Some(connect_options())).await?),
+        let ch = match channel.as_ref() {
+            Some(c) => c.clone(),
+            None => {
+                let c = tonic::transport::Endpoint::from_shared(endpoint)
+                    .map_err(|e| e.to_string())?
+                    .connect_timeout(Duration::from_millis(500))
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                channel.insert(c).clone()
+            }
         };
-        c.lease_keep_alive(id).await
+        let mut grpc = tonic::client::Grpc::new(ch);
+        grpc.ready().await.map_err(|e| e.to_string())?;
+        let (requests, rx) = tokio::sync::mpsc::channel(STREAM_OUTSTANDING);
+        let first = (Instant::now(), boot_nanos_sent());
+        requests
+            .try_send(KeepAliveRequest { id })
+            .map_err(|e| e.to_string())?;
+        let mut call = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        // As `connect_options` asks of etcd-client: a member without a
+        // leader refuses at once.
+        call.metadata_mut().insert(
+            "hasleader",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        let answers = grpc
+            .streaming(
+                call,
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/etcdserverpb.Lease/LeaseKeepAlive",
+                ),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        Ok((requests, answers, first))
     };
     let stream = tokio::time::timeout(bound, attempt)
         .await
-        .unwrap_or_else(|_| Err(not_answered_in_time()));
+        .unwrap_or_else(|_| Err("not opened in time".into()));
     Opened {
         member,
-        client,
+        channel,
         stream,
     }
 }
@@ -1848,10 +1926,11 @@ impl EtcdStore {
     /// the lease: review rvslowetcd.) An answer at a raft term below one
     /// already seen (an old leader resuming from a stall answers from its
     /// own lessor before it learns it was replaced) does not count, and
-    /// its stream is dropped. Opening a stream costs a round trip whose
-    /// answer does not count: etcd-client's `lease_keep_alive` sends a
-    /// first renewal and reads its answer itself, and never shows that
-    /// answer's raft term.
+    /// its stream is dropped. A stream's opening request is its first
+    /// renewal, counted like the others ([`open_stream`] makes the call
+    /// itself: etcd-client's `lease_keep_alive` reads that answer itself
+    /// and never shows its raft term, so opening cost a round trip that
+    /// did not count).
     ///
     /// Found with the leader SIGSTOPped (round 16): one attempt at a time,
     /// each waiting a whole round, left too little of TTL − margin for
@@ -1881,8 +1960,8 @@ impl EtcdStore {
         self.rt.spawn(async move {
             let id = lease.id.load(Ordering::Acquire);
             let n = endpoints.len().max(1);
-            // A client per member (a stream being opened holds it).
-            let mut members: Vec<Option<Client>> = endpoints.iter().map(|_| None).collect();
+            // A channel per member (a stream being opened holds it).
+            let mut members: Vec<Option<tonic::transport::Channel>> = endpoints.iter().map(|_| None).collect();
             // The open streams, oldest first: a member's newest carries
             // its renewals, an older one only has its answers awaited.
             let mut streams: Vec<LeaseStream> = Vec::new();
@@ -1932,7 +2011,7 @@ impl EtcdStore {
                     send_due = now + interval;
                     if let Some(i) = streams.iter().rposition(|s| s.member == at) {
                         let sent = match streams.get_mut(i) {
-                            Some(s) if s.has_room() => s.send().await,
+                            Some(s) if s.has_room() => s.send(),
                             _ => true,
                         };
                         if !sent {
@@ -1976,10 +2055,7 @@ impl EtcdStore {
                             next_attempt = now + hedge;
                             match idle {
                                 Some(i) => {
-                                    let sent = match streams.get_mut(i) {
-                                        Some(s) => s.send().await,
-                                        None => true,
-                                    };
+                                    let sent = streams.get_mut(i).is_none_or(LeaseStream::send);
                                     if !sent {
                                         streams.remove(i);
                                         next_attempt = soon();
@@ -1988,8 +2064,11 @@ impl EtcdStore {
                                 None => {
                                     if let (Some(endpoint), Some(o)) = (endpoints.get(m), opening.get_mut(m)) {
                                         *o = (o.0 + 1, now);
-                                        let client = members.get_mut(m).and_then(Option::take);
-                                        opens.spawn(open_stream(m, endpoint.clone(), client, id, cap));
+                                        // A fresh stream beside one that waits goes
+                                        // over a fresh connection too.
+                                        let waits = streams.iter().any(|s| s.member == m);
+                                        let channel = members.get(m).filter(|_| !waits).and_then(Clone::clone);
+                                        opens.spawn(open_stream(m, endpoint.clone(), channel, id, cap));
                                     }
                                 }
                             }
@@ -2031,27 +2110,24 @@ impl EtcdStore {
                         if let Some(k) = opening.get_mut(m) {
                             k.0 = k.0.saturating_sub(1);
                         }
-                        if let Some(slot) = members.get_mut(m).filter(|_| o.client.is_some()) {
-                            *slot = o.client;
+                        if let Some(slot) = members.get_mut(m).filter(|_| o.channel.is_some()) {
+                            *slot = o.channel;
                         }
                         match o.stream {
-                            Ok((keeper, stream)) => {
+                            Ok((requests, answers, first)) => {
                                 stream_ids += 1;
-                                let reader = tokio::spawn(read_answers(stream_ids, stream, answers_to.clone()));
-                                let mut s = LeaseStream {
+                                let reader = tokio::spawn(read_answers(stream_ids, answers, answers_to.clone()));
+                                // Its opening request is its first renewal.
+                                streams.push(LeaseStream {
                                     member: m,
                                     id: stream_ids,
-                                    keeper,
-                                    sent: std::collections::VecDeque::new(),
+                                    lease: id,
+                                    requests,
+                                    sent: std::collections::VecDeque::from([first]),
                                     reader: reader.abort_handle(),
-                                };
-                                if s.send().await {
-                                    streams.push(s);
-                                    if m == at {
-                                        send_due = Instant::now() + interval;
-                                    }
-                                } else {
-                                    next_attempt = next_attempt.min(soon());
+                                });
+                                if m == at {
+                                    send_due = Instant::now() + interval;
                                 }
                             }
                             Err(e) => {
@@ -2070,19 +2146,22 @@ impl EtcdStore {
                             None => continue,
                         };
                         match (answer, sent) {
-                            (Ok(Some(resp)), Some((sent, sent_boot))) if resp.ttl() > 0 => {
+                            (Ok(Some(resp)), Some((sent, sent_boot))) if resp.ttl > 0 => {
                                 let answered_ms = sent.elapsed().as_millis();
-                                let t = resp.header().map_or(0, |h| h.raft_term());
+                                let t = resp.header.as_ref().map_or(0, |h| h.raft_term);
                                 if t < term {
                                     debug!(member = m, raft_term = t, highest = term, "etcd lease renewal answered at an old raft term: not counted");
                                     streams.remove(i);
                                     next_attempt = next_attempt.min(soon());
                                 } else {
+                                    if t > term {
+                                        debug!(member = m, raft_term = t, answered_ms, "etcd lease renewal answered at a new raft term");
+                                    }
                                     term = t;
                                     if let Some(after) = free_after.get_mut(m) {
                                         *after = sent.elapsed().saturating_mul(2).clamp(round, cap);
                                     }
-                                    let secs = u64::try_from(resp.ttl()).unwrap_or(0);
+                                    let secs = u64::try_from(resp.ttl).unwrap_or(0);
                                     lease.renewed(sent_boot, Duration::from_secs(secs));
                                     if let Some((since, tried)) = wanted.take().filter(|(_, tried)| *tried > 1) {
                                         info!(member = m, attempts = tried, waited_ms = since.elapsed().as_millis(), answered_ms, "etcd lease renewed after asking more than one member");
