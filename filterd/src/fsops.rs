@@ -81,7 +81,17 @@ pub fn map_errno(e: &io::Error, root: BorrowedFd<'_>, path: &RelPath) -> WireErr
         // opens do not wait); a device without its driver.
         Some(libc::EISDIR) | Some(libc::ENXIO) => ErrorCode::NotAFile,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
-        Some(libc::ENAMETOOLONG) => ErrorCode::BadFrame,
+        // A name longer than this file system keeps (RelPath already
+        // refuses components over NAME_MAX; a file system with a shorter
+        // limit, or a link resolving to too long a path, is left): no
+        // such file can exist there. It was `BadFrame` (attack44 F4): the
+        // frame was good, and clients were told a parameter was bad.
+        Some(libc::ENAMETOOLONG) => {
+            return WireError::new(
+                ErrorCode::NotFound,
+                format!("{path}: the name is too long for the file system"),
+            )
+        }
         // A file renamed at every look while filterd proved where it lies
         // (`prove_beneath`), or an interrupted call: a moment's.
         Some(libc::EINTR) => {
@@ -1703,6 +1713,22 @@ mod tests {
 
     fn a_descriptor() -> io::Result<OwnedFd> {
         std::fs::File::open("/dev/null").map(OwnedFd::from)
+    }
+
+    /// Attack44 F4: a name too long for the file system is no bad frame
+    /// (that code is for frames that do not decode): no such file can
+    /// exist, so it is `NotFound`, as its message says.
+    #[test]
+    fn a_name_too_long_is_not_found_not_a_bad_frame() {
+        let root = empty_root();
+        let path = RelPath::new("d/name").unwrap();
+        let e = map_errno(
+            &io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+            root.as_fd(),
+            &path,
+        );
+        assert_eq!(e.code, ErrorCode::NotFound, "{e:?}");
+        assert!(e.message.contains("too long"), "{e:?}");
     }
 
     /// An empty directory of its own, as an export root.

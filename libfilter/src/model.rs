@@ -13,6 +13,13 @@ use uuid::Uuid;
 
 /// Longest path a client may name, in bytes (smbl/1 and nfsl/1 agree).
 pub const MAX_PATH_BYTES: usize = 4096;
+/// Longest component of a path, in bytes: Linux's NAME_MAX, which every
+/// file system an export root lies on keeps to. A longer one names
+/// nothing that can exist: refused as an invalid path (smbl/1
+/// `STATUS_OBJECT_NAME_INVALID`, nfsl/1 `NFS4ERR_INVAL`) before filterd
+/// opens anything. Before (attack44 F4) it reached `openat2`, whose
+/// ENAMETOOLONG was answered as a bad frame.
+pub const MAX_NAME_BYTES: usize = 255;
 /// Longest client identity or owner string a frontend may send, in bytes.
 pub const MAX_IDENT_BYTES: usize = 1024;
 
@@ -20,7 +27,8 @@ pub const MAX_IDENT_BYTES: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModelError {
     /// The path is empty, absolute, has an empty, `.` or `..` component, a NUL,
-    /// or is longer than [`MAX_PATH_BYTES`].
+    /// is longer than [`MAX_PATH_BYTES`] or has a component longer than
+    /// [`MAX_NAME_BYTES`].
     #[error("invalid path: {0}")]
     InvalidPath(&'static str),
     /// A protocol or instance name is empty, too long or has characters other
@@ -251,7 +259,7 @@ impl<'de> Deserialize<'de> for ClientId {
 }
 
 /// A client path: relative, `/`-separated, no empty, `.` or `..` component, no
-/// NUL, at most [`MAX_PATH_BYTES`]. It is only ever handed to `openat2` with
+/// NUL, at most [`MAX_PATH_BYTES`], no component over [`MAX_NAME_BYTES`]. It is only ever handed to `openat2` with
 /// `RESOLVE_BENEATH` — never joined onto a host path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
@@ -277,6 +285,9 @@ impl RelPath {
             match comp {
                 "" => return Err(ModelError::InvalidPath("empty component")),
                 "." | ".." => return Err(ModelError::InvalidPath("`.` or `..` component")),
+                c if c.len() > MAX_NAME_BYTES => {
+                    return Err(ModelError::InvalidPath("a component longer than 255 bytes"))
+                }
                 _ => {}
             }
         }
@@ -1029,7 +1040,30 @@ mod tests {
             assert!(RelPath::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(RelPath::new("x".repeat(4097)).is_err());
-        assert!(RelPath::new("x".repeat(4096)).is_ok());
+        // 4096 bytes in components of at most 255 is fine; one component
+        // of 256 bytes is not, at the start, middle or end.
+        let long = format!(
+            "{}/{}/{}",
+            vec!["x".repeat(255); 15].join("/"),
+            "y".repeat(127),
+            "z".repeat(128)
+        );
+        assert_eq!(long.len(), 4096);
+        assert!(RelPath::new(long).is_ok());
+        let name = "x".repeat(256);
+        for bad in [
+            name.clone(),
+            format!("a/{name}"),
+            format!("{name}/a"),
+            format!("a/{name}/b"),
+        ] {
+            assert_eq!(
+                RelPath::new(bad),
+                Err(ModelError::InvalidPath("a component longer than 255 bytes"))
+            );
+        }
+        assert!(RelPath::new("é".repeat(127)).is_ok(), "254 bytes");
+        assert!(RelPath::new("é".repeat(128)).is_err(), "256 bytes");
         for good in ["a", "a/b/c", "..a", "a..", ".hidden/x"] {
             assert!(RelPath::new(good).is_ok(), "{good:?} refused");
         }

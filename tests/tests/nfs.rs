@@ -1999,3 +1999,41 @@ fn a_bad_create_verifier_and_a_lock_range_past_2_64_are_invalid() {
     ok(a.call(json!({"op": "LOCKU", "lock_stateid": lsid, "offset": 100, "length": u64::MAX - 1})));
     ok(lock(&mut a, "lo4", 100, 10));
 }
+
+/// Attack44 F4: a path with a component over 255 bytes (NAME_MAX) is an
+/// invalid name — smbl/1 `STATUS_OBJECT_NAME_INVALID`, nfsl/1
+/// `NFS4ERR_INVAL` — refused before filterd opens anything, and no frame
+/// counts as bad. Before, it reached `openat2`, whose ENAMETOOLONG was
+/// answered `BadFrame` (STATUS_INVALID_PARAMETER). A 255-byte name is
+/// fine.
+#[test]
+fn a_name_over_255_bytes_is_an_invalid_name() {
+    let s = Scratch::new("nfs-long-name");
+    std::fs::create_dir(s.root().join("d")).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-ln");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-ln");
+    let mut n = Nfs::connect(&nfs.addr, "host-n", "6666666666666666");
+    let (mut m, msid) = rkfilter_tests::smb_session(&smb.addr);
+    let long = "x".repeat(256);
+    for path in [long.clone(), format!("d/{long}")] {
+        let r = m.call(json!({"cmd": "CREATE", "session_id": msid, "path": path,
+                              "access": ["read", "write"], "share": [], "disposition": "open_if"}));
+        assert_eq!(r["status"], "STATUS_OBJECT_NAME_INVALID", "{r}");
+        let r = n.open("p", &path, "both", "none", create());
+        assert_eq!(r["status"], "NFS4ERR_INVAL", "{r}");
+        assert!(!r.to_string().contains("BadFrame"), "{r}");
+    }
+    let fine = "x".repeat(255);
+    let r = m.call(json!({"cmd": "CREATE", "session_id": msid, "path": fine,
+                          "access": ["read", "write"], "share": [], "disposition": "create"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert!(s.root().join(&fine).exists());
+    assert_eq!(
+        std::fs::read_dir(s.root().join("d")).unwrap().count(),
+        0,
+        "nothing made"
+    );
+    let st = d.control().stats().expect("stats");
+    assert_eq!(st.bad_frames, 0, "{st:?}");
+}

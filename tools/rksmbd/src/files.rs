@@ -3261,6 +3261,17 @@ mod tests {
         for bad in ["..", "a\\..\\b", "a\\\\b", "a/b", "x:stream", "*", "a\u{1}"] {
             assert_eq!(parse_name(bad), Err(status::OBJECT_NAME_INVALID), "{bad:?}");
         }
+        // A component over NAME_MAX (255 bytes of UTF-8) is an invalid
+        // name too, not a bad frame of filterd's (attack44 F4).
+        let name = "x".repeat(256);
+        for bad in [name.clone(), format!("d\\{name}"), format!("{name}\\f")] {
+            assert_eq!(
+                parse_name(&bad),
+                Err(status::OBJECT_NAME_INVALID),
+                "{bad:?}"
+            );
+        }
+        assert!(parse_name(&"x".repeat(255)).is_ok_and(|p| p.is_some()));
     }
 
     fn matches(pattern: &str, name: &str) -> bool {
