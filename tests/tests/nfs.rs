@@ -2000,6 +2000,48 @@ fn a_bad_create_verifier_and_a_lock_range_past_2_64_are_invalid() {
     ok(lock(&mut a, "lo4", 100, 10));
 }
 
+/// Attack44 F1: an smbl/1 CREATE that overwrites the file asking only to
+/// read empties it all the same, so it recalls another client's read
+/// delegation first (RFC 8881 §10.4: a delegation is recalled before
+/// another client changes the file) and is answered once the delegation
+/// is returned. Before, it was answered at once, nothing recalled, and
+/// the holder went on serving the old bytes.
+#[test]
+fn a_read_only_smb_overwrite_recalls_a_read_delegation() {
+    let s = Scratch::new("nfs-ro-overwrite");
+    std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-ro");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-ro");
+    let mut n = Nfs::connect(&nfs.addr, "host-n", "5555555555555555");
+    let o = ok(n.open("p", "f", "read", "none", json!({"want_delegation": "read"})));
+    assert_eq!(o["delegation"]["type"], "read", "{o}");
+    let deleg = o["delegation"]["stateid"].clone();
+    let (mut m, msid) = rkfilter_tests::smb_session(&smb.addr);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = m.call(json!({"cmd": "CREATE", "session_id": msid, "path": "f",
+                              "access": ["read"], "share": ["read", "write", "delete"],
+                              "disposition": "overwrite"}));
+        let _ = tx.send(r);
+    });
+    // Bounded: without the recall, none comes.
+    n.c.set_read_timeout(Duration::from_secs(10));
+    let cb = n.c.next_line().expect("a CB_RECALL before the overwrite");
+    assert_eq!(cb["op"], "CB_RECALL", "{cb}");
+    assert_eq!(
+        std::fs::read(s.root().join("f")).unwrap(),
+        b"0123456789",
+        "emptied before the recall was answered"
+    );
+    ok(n.call(json!({"op": "DELEGRETURN", "stateid": deleg})));
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the CREATE's answer");
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 0);
+}
+
 /// Attack44 F4: a path with a component over 255 bytes (NAME_MAX) is an
 /// invalid name — smbl/1 `STATUS_OBJECT_NAME_INVALID`, nfsl/1
 /// `NFS4ERR_INVAL` — refused before filterd opens anything, and no frame

@@ -430,6 +430,51 @@ fn leases_are_granted_broken_and_acknowledged() {
     assert_eq!(rb["status"], "STATUS_SUCCESS", "{rb}");
 }
 
+/// Attack44 F1: a CREATE that overwrites, supersedes or overwrite_ifs
+/// the file asking only to read empties it all the same: it breaks
+/// another client's R lease to none, as a writer does (Samba breaks with
+/// FILE_WRITE_DATA added to such an open's access), before it is
+/// answered. Before, the holder was sent nothing and went on caching the
+/// file's old bytes. Share modes are still checked with the access asked
+/// for (docs/smb-like.md).
+#[test]
+fn a_read_only_overwrite_breaks_another_clients_read_lease() {
+    let (s, _d, _shim, (mut a, sa), (mut b, sb)) = alice_and_bob("smb-ro-overwrite");
+    for disposition in ["overwrite", "overwrite_if", "supersede"] {
+        std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+        let lk = uuid::Uuid::new_v4().to_string();
+        let r = a.call(
+            json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read"],
+                   "share": ["read", "write", "delete"], "disposition": "open",
+                   "lease": {"key": lk, "state": "R"}}),
+        );
+        assert_eq!(r["lease"]["state"], "R", "{r}");
+        let rb = b.call(
+            json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["read"],
+                   "share": ["read", "write", "delete"], "disposition": disposition}),
+        );
+        assert_eq!(rb["status"], "STATUS_SUCCESS", "{disposition}: {rb}");
+        assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 0);
+        // Sent before bob's answer; read within a bound (none comes
+        // without the fix).
+        a.set_read_timeout(Duration::from_secs(10));
+        let n = a
+            .next_line()
+            .expect("a LEASE_BREAK for the read-only overwrite");
+        assert_eq!(n["cmd"], "LEASE_BREAK", "{disposition}: {n}");
+        assert_eq!(n["lease_key"], lk.as_str(), "{n}");
+        assert_eq!(
+            (n["current_state"].as_str(), n["new_state"].as_str()),
+            (Some("R"), Some("")),
+            "{disposition}: {n}"
+        );
+        for (c, sid, fid) in [(&mut a, sa, &r["file_id"]), (&mut b, sb, &rb["file_id"])] {
+            let cl = c.call(json!({"cmd": "CLOSE", "session_id": sid, "file_id": fid}));
+            assert_eq!(cl["status"], "STATUS_SUCCESS", "{cl}");
+        }
+    }
+}
+
 /// Clients of one smbshim (one filterd connection) under the same lease
 /// key, each on its own file: a break goes to the client whose lease it is,
 /// and another's LEASE_BREAK_ACK lowers only its own lease, never the one

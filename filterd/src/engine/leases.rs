@@ -44,7 +44,8 @@ impl Engine {
     /// attached ones get a LEASE_BREAK event. Returns whether the open must wait for
     /// acknowledgements. Leases held through a frontend of
     /// [`lease::MSFSA_PROTOCOL`] break by Windows' rules
-    /// ([`lease::break_to_on_open`]), others by [`lease::break_to`].
+    /// ([`lease::break_to_on_open`]), others by [`lease::break_to`], a
+    /// truncating open counted as a writer whatever its access.
     /// A delegation (a lease of [`lease::DELEGATION_PROTOCOL`]) of the
     /// opener's own client through the same frontend (`opener`) is not
     /// broken: spec/nfs-like.md recalls a delegation for a conflicting
@@ -71,7 +72,12 @@ impl Engine {
                 // The requester's own share reservation: nothing to break.
                 return None;
             }
-            let writes = mode.access.contains(libfilter::model::Rights::WRITE);
+            // A truncating open writes (it empties the file) whatever
+            // access it asked for: a read-only overwrite breaks R as a
+            // writer does, as Samba breaks with FILE_WRITE_DATA added
+            // (`open_access_mask`). Share modes (`handle_conflict`) are
+            // still checked with the access asked for (attack44 F1).
+            let writes = truncates || mode.access.contains(libfilter::model::Rights::WRITE);
             let handle_conflict = keys
                 .iter()
                 .filter(|k| !own(k))

@@ -8991,3 +8991,42 @@ fn a_durable_only_listing_leaves_out_a_rename_whose_completion_is_pending() {
         .collect();
     assert_eq!(paths.iter().filter(|p| *p == "x").count(), 2, "{paths:?}");
 }
+
+/// Attack44 F1: an open that truncates breaks read caching as a writer
+/// does, whatever access it asked for — an R or RH lease (an smbl/1
+/// lease, an nfsl/1 read delegation) loses R to a read-only overwrite
+/// (Samba breaks with FILE_WRITE_DATA added to such an open's access).
+/// Before, only its `access` counted: R stayed cached over an emptied
+/// file, and a read delegation was not recalled.
+#[test]
+fn a_read_only_overwrite_breaks_read_caching() {
+    let cases = [
+        ("smb", "R", "", Disposition::Overwrite),
+        ("smb", "RH", "H", Disposition::OverwriteIf),
+        ("smb", "RWH", "H", Disposition::Supersede),
+        (
+            libfilter::lease::DELEGATION_PROTOCOL,
+            "RH",
+            "H",
+            Disposition::Overwrite,
+        ),
+    ];
+    for (protocol, held, to, disposition) in cases {
+        let fs = MemFs::new();
+        fs.put("a", 10);
+        let mut h = Harness::on_as(fs, protocol);
+        let key = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+        let state = libfilter::lease::LeaseState::parse(held).unwrap();
+        let alice = h.run(leased_open("alice", "a", key, state, 0));
+        h.commit(true);
+        h.opened(alice);
+        assert_eq!(h.lease_of(alice).map(|l| l.state), Some(state));
+        h.run(bobs("a", Rights::READ, disposition));
+        h.commit(true);
+        let breaks = lease_breaks(&h);
+        assert!(
+            matches!(breaks.as_slice(), [(k, from, got, _)] if *k == key && from == held && got == to),
+            "{protocol} {held} under a read-only {disposition:?}: {breaks:?}"
+        );
+    }
+}
