@@ -1535,3 +1535,51 @@ fn a_refused_own_ack_leaves_no_mark() {
     eprintln!("B's OPEN after {:?}", t0.elapsed());
     assert_revoked(&mut h.a, &deleg);
 }
+
+/// Attack44 F1/F2: a truncation writes, so an OPEN asking for it without
+/// write access is NFS4ERR_INVAL, as Linux nfsd answers it
+/// (`nfsd4_truncate`), and changes nothing: another owner's deny=write
+/// reservation keeps its file, and a read delegation is not recalled by
+/// it. With write access the same OPEN meets the reservation
+/// (NFS4ERR_SHARE_DENIED) as any writer does. Before, the read-only
+/// truncating OPEN was granted as a reader: it emptied the file under
+/// the deny=write holder and recalled no read delegation.
+#[test]
+fn a_truncating_open_without_write_access_is_invalid() {
+    let (s, _d) = filterd_on_f("nfs-trunc-read", &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-tr");
+    let mut a = host_a(&nfs);
+    ok(a.open("oa", "f", "read", "write", json!({})));
+    let mut b = host_b(&nfs);
+    for extra in [
+        json!({"truncate": true}),
+        json!({"truncate": true, "create": {"mode": "unchecked"}}),
+    ] {
+        let r = b.open("ob", "f", "read", "none", extra.clone());
+        assert_eq!(r["status"], "NFS4ERR_INVAL", "{extra}: {r}");
+        assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"f", "{extra}");
+        let r = b.open("ob", "f", "both", "none", extra.clone());
+        assert_eq!(r["status"], "NFS4ERR_SHARE_DENIED", "{extra}: {r}");
+        assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"f", "{extra}");
+    }
+    // A read delegation of another file: kept, nothing recalled (the
+    // next line a is sent answers its own request).
+    std::fs::write(s.root().join("g"), b"g").unwrap();
+    let o = open_wanting_read_delegation(&mut a, "g");
+    granted(&o, "read");
+    let r = b.open("ob", "g", "read", "none", json!({"truncate": true}));
+    assert_eq!(r["status"], "NFS4ERR_INVAL", "{r}");
+    assert_eq!(std::fs::read(s.root().join("g")).unwrap(), b"g");
+    a.seqid += 1;
+    let (r, seen) = a.send_seeing(&read_req(&o["stateid"], 1));
+    assert_eq!(r["status"], "NFS4_OK", "{r}");
+    assert!(seen.is_empty(), "recalled: {seen:?}");
+    // Byte-range locks are checked by I/O, not by OPEN, for a truncating
+    // one as for any writer's (and as Linux nfsd): over another owner's
+    // locked range, the truncating OPEN with write access is granted.
+    std::fs::write(s.root().join("h"), b"0123456789").unwrap();
+    let oh = ok(a.open("oa", "h", "both", "none", json!({})));
+    ok(lock(&mut a, &oh["stateid"], "la", 0));
+    ok(b.open("ob", "h", "both", "none", json!({"truncate": true})));
+    assert_eq!(std::fs::metadata(s.root().join("h")).unwrap().len(), 0);
+}

@@ -3681,6 +3681,14 @@ fn open_fields(obj: &(impl Fields + ?Sized)) -> Result<OpenFields, Fail> {
     let access = access_of(&access_w)?;
     let share = share_of(&deny_w)?;
     let truncate = obj.truncate()?.unwrap_or(false);
+    // A truncation writes: an OPEN asking for it without write access is
+    // refused, as Linux nfsd refuses it (`nfsd4_truncate`: no
+    // OPEN4_SHARE_ACCESS_WRITE, NFS4ERR_INVAL). Before, it was granted as
+    // a reader and emptied a file under another owner's deny=write
+    // reservation and a read delegation not recalled (attack44 F1, F2).
+    if truncate && !access.contains(Rights::WRITE) {
+        return Err(inval("truncate needs write access (access write or both)"));
+    }
     let create = match obj.create()? {
         None => None,
         Some((mode, verifier)) => {

@@ -187,6 +187,7 @@ mod tests {
             r#""access":"read","owner":"\u00fcn\u00efc\u00f6d\u00e9 \ud83d\ude00","path":"d/\u00e9t\u00e9\n.txt""#,
             r#""access":"write","owner":"o\"q\\","path":"名前/ファイル","deny":null,"truncate":null,"create":null,"want_delegation":null"#,
             r#""access":"read","owner":"o","path":"a","deny":"both","truncate":true,"want_delegation":"write""#,
+            r#""access":"both","owner":"o","path":"a","deny":"both","truncate":true,"want_delegation":"write""#,
             r#""access":"read","owner":"o","path":"a","create":{"mode":"exclusive","verifier":"ABCdef0123456789"}"#,
             r#""access":"read","owner":"o","path":"a","create":{"mode":"exclusive","verifier":"zz"}"#,
             r#""access":"read","owner":"o","path":"a","create":{"mode":"exclusive","verifier":null}"#,
