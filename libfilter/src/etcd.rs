@@ -1962,7 +1962,8 @@ impl EtcdStore {
         self.rt.spawn(async move {
             let id = lease.id.load(Ordering::Acquire);
             let n = endpoints.len().max(1);
-            // A channel per member (a stream being opened holds it).
+            // A channel per member, the last one an open handed back (an
+            // open gets a clone of it, or none and connects afresh).
             let mut members: Vec<Option<tonic::transport::Channel>> = endpoints.iter().map(|_| None).collect();
             // The open streams, oldest first: a member's newest carries
             // its renewals, an older one only has its answers awaited.
@@ -2079,10 +2080,12 @@ impl EtcdStore {
                                 }
                                 None => {
                                     if let (Some(endpoint), Some(o)) = (endpoints.get(m), opening.get_mut(m)) {
+                                        // A fresh stream beside one that waits, or
+                                        // beside an open still pending (the member's
+                                        // channel is only a clone: it may be stuck),
+                                        // goes over a fresh connection too.
+                                        let waits = o.0 > 0 || streams.iter().any(|s| s.member == m);
                                         *o = (o.0 + 1, now);
-                                        // A fresh stream beside one that waits goes
-                                        // over a fresh connection too.
-                                        let waits = streams.iter().any(|s| s.member == m);
                                         let channel = members.get(m).filter(|_| !waits).and_then(Clone::clone);
                                         opens.spawn(open_stream(m, endpoint.clone(), channel, id, cap));
                                     }
