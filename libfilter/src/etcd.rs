@@ -762,6 +762,57 @@ impl LeaseStream {
     }
 }
 
+/// What one answer read on a keepalive stream means.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// The lease stands `ttl` from `sent_boot` (its renewal's send time,
+    /// `sent` for scheduling), answered at raft `term`.
+    Renewed {
+        sent: Instant,
+        sent_boot: u64,
+        ttl: Duration,
+        term: u64,
+    },
+    /// Answered at a raft term below `highest`: not counted.
+    OldTerm { term: u64 },
+    /// The lease is gone (TTL 0 or less).
+    Expired,
+    /// More answers than renewals sent: not etcd's order.
+    Unsent,
+    /// The stream failed or ended.
+    Failed(String),
+}
+
+/// Judges `answer`, the next one read on a stream whose outstanding
+/// renewals' send times are `sent` (oldest first; the answer takes the
+/// oldest), the highest raft term seen being `highest`. All but
+/// `Renewed` and `Expired` drop the stream.
+fn judge(
+    sent: &mut std::collections::VecDeque<(Instant, u64)>,
+    answer: StreamAnswer,
+    highest: u64,
+) -> Verdict {
+    match (answer, sent.pop_front()) {
+        (Ok(Some(resp)), Some((sent, sent_boot))) if resp.ttl > 0 => {
+            let term = resp.header.as_ref().map_or(0, |h| h.raft_term);
+            if term < highest {
+                return Verdict::OldTerm { term };
+            }
+            let ttl = Duration::from_secs(u64::try_from(resp.ttl).unwrap_or(0));
+            Verdict::Renewed {
+                sent,
+                sent_boot,
+                ttl,
+                term,
+            }
+        }
+        (Ok(Some(_)), Some(_)) => Verdict::Expired,
+        (Ok(Some(_)), None) => Verdict::Unsent,
+        (Err(e), _) => Verdict::Failed(e.to_string()),
+        (Ok(None), _) => Verdict::Failed("stream ended".into()),
+    }
+}
+
 /// Passes the answers of keepalive stream `id` on to `to`, until it ends
 /// or fails (which is passed on too).
 async fn read_answers(
@@ -2160,52 +2211,48 @@ impl EtcdStore {
                             // A dropped stream's answer: it counts no more.
                             continue;
                         };
-                        let (m, sent) = match streams.get_mut(i) {
-                            Some(s) => (s.member, s.sent.pop_front()),
+                        let (m, verdict) = match streams.get_mut(i) {
+                            Some(s) => (s.member, judge(&mut s.sent, answer, term)),
                             None => continue,
                         };
-                        match (answer, sent) {
-                            (Ok(Some(resp)), Some((sent, sent_boot))) if resp.ttl > 0 => {
+                        match verdict {
+                            Verdict::Renewed { sent, sent_boot, ttl, term: t } => {
                                 let answered_ms = sent.elapsed().as_millis();
-                                let t = resp.header.as_ref().map_or(0, |h| h.raft_term);
-                                if t < term {
-                                    debug!(member = m, raft_term = t, highest = term, "etcd lease renewal answered at an old raft term: not counted");
-                                    streams.remove(i);
-                                    next_attempt = next_attempt.min(soon());
-                                } else {
-                                    if t > term {
-                                        debug!(member = m, raft_term = t, answered_ms, "etcd lease renewal answered at a new raft term");
-                                    }
-                                    term = t;
-                                    if let Some(after) = free_after.get_mut(m) {
-                                        *after = sent.elapsed().saturating_mul(2).clamp(round, cap);
-                                    }
-                                    if let Some(took) = took.get_mut(m) {
-                                        *took = sent.elapsed().min(cap);
-                                    }
-                                    let secs = u64::try_from(resp.ttl).unwrap_or(0);
-                                    lease.renewed(sent_boot, Duration::from_secs(secs));
-                                    if let Some((since, tried)) = wanted.take().filter(|(_, tried)| *tried > 1) {
-                                        debug!(member = m, attempts = tried, waited_ms = since.elapsed().as_millis(), answered_ms, "etcd lease renewed after asking more than one member");
-                                    }
-                                    at = m;
-                                    due = due.max(sent + interval);
+                                if t > term {
+                                    debug!(member = m, raft_term = t, answered_ms, "etcd lease renewal answered at a new raft term");
                                 }
+                                term = t;
+                                if let Some(after) = free_after.get_mut(m) {
+                                    *after = sent.elapsed().saturating_mul(2).clamp(round, cap);
+                                }
+                                if let Some(took) = took.get_mut(m) {
+                                    *took = sent.elapsed().min(cap);
+                                }
+                                lease.renewed(sent_boot, ttl);
+                                if let Some((since, tried)) = wanted.take().filter(|(_, tried)| *tried > 1) {
+                                    debug!(member = m, attempts = tried, waited_ms = since.elapsed().as_millis(), answered_ms, "etcd lease renewed after asking more than one member");
+                                }
+                                at = m;
+                                due = due.max(sent + interval);
                             }
-                            (Ok(Some(_)), Some(_)) => {
+                            Verdict::OldTerm { term: t } => {
+                                debug!(member = m, raft_term = t, highest = term, "etcd lease renewal answered at an old raft term: not counted");
+                                streams.remove(i);
+                                next_attempt = next_attempt.min(soon());
+                            }
+                            Verdict::Expired => {
                                 error!("the etcd lease expired: this daemon no longer owns the table");
                                 lease.lost.store(true, Ordering::Release);
                                 return;
                             }
-                            (Ok(Some(_)), None) => {
+                            Verdict::Unsent => {
                                 // More answers than renewals sent: not
                                 // etcd's order, so none of them counts.
                                 debug!(member = m, "etcd keepalive stream answered a renewal never sent: dropped");
                                 streams.remove(i);
                                 next_attempt = next_attempt.min(soon());
                             }
-                            (other, _) => {
-                                let error = other.err().map(|e| e.to_string()).unwrap_or_else(|| "stream ended".into());
+                            Verdict::Failed(error) => {
                                 debug!(member = m, error, "etcd lease renewal failed");
                                 streams.remove(i);
                                 next_attempt = next_attempt.min(soon());
@@ -3240,6 +3287,66 @@ mod tests {
     /// Time the tests pretend the system spent suspended: `CLOCK_BOOTTIME`
     /// went on, `CLOCK_MONOTONIC` did not.
     pub(super) static SUSPENDED_NANOS: AtomicU64 = AtomicU64::new(0);
+
+    /// etcd's answer with `ttl` at raft `term`.
+    fn answer(ttl: i64, term: u64) -> StreamAnswer {
+        Ok(Some(KeepAliveAnswer {
+            header: Some(KeepAliveHeader { raft_term: term }),
+            ttl,
+        }))
+    }
+
+    /// Each answer takes the oldest outstanding send time, in order (the
+    /// opening request's first); one at a term below the highest seen, or
+    /// with none outstanding, does not count; TTL 0 is the lease gone,
+    /// whatever the term; an error or the stream's end fails it.
+    #[test]
+    fn a_keepalive_answer_is_judged_against_the_oldest_renewal_and_the_term() {
+        let t0 = Instant::now();
+        let (t1, t2) = (
+            t0 + Duration::from_millis(250),
+            t0 + Duration::from_millis(500),
+        );
+        let mut sent = std::collections::VecDeque::from([(t0, 10), (t1, 11), (t2, 12)]);
+        let renewed = |sent, sent_boot, term| Verdict::Renewed {
+            sent,
+            sent_boot,
+            ttl: Duration::from_secs(4),
+            term,
+        };
+        assert_eq!(judge(&mut sent, answer(4, 7), 7), renewed(t0, 10, 7));
+        // A new term counts; the highest is the caller's to raise.
+        assert_eq!(judge(&mut sent, answer(4, 8), 7), renewed(t1, 11, 8));
+        assert_eq!(
+            judge(&mut sent, answer(4, 7), 8),
+            Verdict::OldTerm { term: 7 }
+        );
+        assert!(sent.is_empty());
+        // More answers than renewals sent.
+        assert_eq!(judge(&mut sent, answer(4, 8), 8), Verdict::Unsent);
+        // No header reads as term 0: not counted once a term was seen.
+        sent.push_back((t0, 10));
+        let headless = Ok(Some(KeepAliveAnswer {
+            header: None,
+            ttl: 4,
+        }));
+        assert_eq!(judge(&mut sent, headless, 8), Verdict::OldTerm { term: 0 });
+        // TTL 0 (the lease is gone), even at an old term.
+        sent.extend([(t0, 10), (t1, 11)]);
+        assert_eq!(judge(&mut sent, answer(0, 8), 8), Verdict::Expired);
+        assert_eq!(judge(&mut sent, answer(-1, 3), 8), Verdict::Expired);
+        sent.extend([(t0, 10), (t1, 11)]);
+        let failed = judge(&mut sent, Err(tonic::Status::unavailable("gone")), 8);
+        assert!(
+            matches!(failed, Verdict::Failed(ref e) if e.contains("gone")),
+            "{failed:?}"
+        );
+        assert_eq!(
+            judge(&mut sent, Ok(None), 8),
+            Verdict::Failed("stream ended".into())
+        );
+        assert!(sent.is_empty());
+    }
 
     /// `status`'s `lease_left_ms`: what the last renewal proved, read
     /// without asking etcd; nothing before a renewal or once lost. (The
