@@ -831,7 +831,7 @@ async fn read_answers(
 
 /// What woke the keepalive task.
 enum Event {
-    Opened(Option<Result<Box<Opened>, tokio::task::JoinError>>),
+    Opened(Option<Result<(tokio::task::Id, Box<Opened>), tokio::task::JoinError>>),
     Answer(Option<(u64, StreamAnswer)>),
     Woke,
 }
@@ -2029,6 +2029,9 @@ impl EtcdStore {
             // How long each member's last counted answer took.
             let mut took = vec![Duration::ZERO; n];
             let mut opens = tokio::task::JoinSet::new();
+            // The member each open task is on (a panicked task's
+            // `JoinError` has only its id).
+            let mut open_members = std::collections::HashMap::new();
             // The member that answered last; the highest raft term seen.
             let (mut at, mut term) = (0usize, 0u64);
             // When the next renewal is due (an answered one's send time +
@@ -2138,7 +2141,8 @@ impl EtcdStore {
                                         let waits = o.0 > 0 || streams.iter().any(|s| s.member == m);
                                         *o = (o.0 + 1, now);
                                         let channel = members.get(m).filter(|_| !waits).and_then(Clone::clone);
-                                        opens.spawn(open_stream(m, endpoint.clone(), channel, id, cap));
+                                        let task = opens.spawn(open_stream(m, endpoint.clone(), channel, id, cap));
+                                        open_members.insert(task.id(), m);
                                     }
                                 }
                             }
@@ -2170,12 +2174,13 @@ impl EtcdStore {
                     .min(if wanted.is_some() { next_attempt } else { due })
                     .min(now + hedge);
                 let event = tokio::select! {
-                    d = opens.join_next(), if !opens.is_empty() => Event::Opened(d.map(|r| r.map(Box::new))),
+                    d = opens.join_next_with_id(), if !opens.is_empty() => Event::Opened(d.map(|r| r.map(|(t, o)| (t, Box::new(o))))),
                     a = answers.recv() => Event::Answer(a),
                     () = tokio::time::sleep_until(wake.into()) => Event::Woke,
                 };
                 match event {
-                    Event::Opened(Some(Ok(o))) => {
+                    Event::Opened(Some(Ok((task, o)))) => {
+                        open_members.remove(&task);
                         let m = o.member;
                         if let Some(k) = opening.get_mut(m) {
                             k.0 = k.0.saturating_sub(1);
@@ -2259,7 +2264,13 @@ impl EtcdStore {
                             }
                         }
                     }
-                    Event::Opened(_) | Event::Answer(None) | Event::Woke => {}
+                    Event::Opened(Some(Err(e))) => {
+                        // A panicked open is no longer pending either.
+                        if let Some(k) = open_members.remove(&e.id()).and_then(|m| opening.get_mut(m)) {
+                            k.0 = k.0.saturating_sub(1);
+                        }
+                    }
+                    Event::Opened(None) | Event::Answer(None) | Event::Woke => {}
                 }
                 if !lease.ok() {
                     error!("the etcd lease could not be renewed in time: this daemon may no longer own the table");
