@@ -248,6 +248,24 @@ impl Engine {
             (false, Disposition::Supersede) => Some(CreateAction::Superseded),
             _ => None,
         };
+        // Share modes are checked with the access a truncation implies
+        // added, as Windows adds it before its share check (FastFAT's
+        // `FatOpenExistingFcb`: an overwrite asks for FILE_WRITE_DATA, a
+        // supersede for DELETE; here a supersede for writing too, since
+        // it empties the file as well): a read-only overwrite beside a
+        // holder that shares no writing is a sharing violation, and
+        // never empties a file a deny-write open (a disconnected
+        // persistent one too) protects (re-review rr44e R1). The handle
+        // keeps the access asked for.
+        let implied = match truncation {
+            Some(CreateAction::Overwritten) => libfilter::model::Rights::WRITE,
+            Some(_) => libfilter::model::Rights::WRITE.union(libfilter::model::Rights::DELETE),
+            None => libfilter::model::Rights::NONE,
+        };
+        let checked = ShareMode {
+            access: mode.access.union(implied),
+            share: mode.share,
+        };
         let purges = self.stats.purges;
         // A stat open breaks nothing (MS-FSA 2.1.5.1.2.2: no oplock break
         // check for it; smbtorture smb2.lease.statopen4) — but only one
@@ -279,7 +297,7 @@ impl Engine {
                 share: libfilter::model::Rights::ALL,
             }
         } else {
-            mode
+            checked
         };
         let breaks = match !stat && !deleting && !gate_wait {
             true => self.break_leases_for(
@@ -402,14 +420,14 @@ impl Engine {
         let decision = if share_exempt {
             // Refused by nobody, as it refuses nobody (holders_of).
             ShareDecision::Grant { purge: Vec::new() }
-        } else if local && share::conflicts(mode, ShareMode::LOCAL_PROCESS) {
+        } else if local && share::conflicts(checked, ShareMode::LOCAL_PROCESS) {
             ShareDecision::Violation
         } else {
             let mut holders = self.holders_of(of.file);
             if let Some(g) = &group {
                 holders.retain(|h| !self.handles.get(&h.key).is_some_and(|h| g.holds(h)));
             }
-            share::decide(mode, holders)
+            share::decide(checked, holders)
         };
         match decision {
             ShareDecision::Violation => {

@@ -8998,6 +8998,39 @@ fn a_durable_only_listing_leaves_out_a_rename_whose_completion_is_pending() {
 /// (Samba breaks with FILE_WRITE_DATA added to such an open's access).
 /// Before, only its `access` counted: R stayed cached over an emptied
 /// file, and a read delegation was not recalled.
+/// Re-review rr44e R1: share modes are checked with the access a
+/// truncation implies added (Windows: an overwrite asks for writing, a
+/// supersede for deleting; here for writing too). A read-only overwrite
+/// or supersede beside a holder that shares only reading is a sharing
+/// violation and leaves the file as it was; before, it emptied the file a
+/// deny-write open protects. A plain read-only open is still shared.
+#[test]
+fn a_read_only_truncation_is_refused_by_a_holder_that_shares_no_writing() {
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on(fs);
+    let alice = h.run(open("a", Rights::READ));
+    h.commit(true);
+    h.opened(alice);
+    for d in [
+        Disposition::Overwrite,
+        Disposition::OverwriteIf,
+        Disposition::Supersede,
+    ] {
+        let bob = h.run(bobs("a", Rights::READ, d));
+        h.commit(true);
+        assert!(
+            matches!(h.reply(bob), Some(Err(e)) if e.code == ErrorCode::SharingViolation),
+            "a read-only {d:?}: {:?}",
+            h.reply(bob)
+        );
+        assert_eq!(h.fs.file("a").map(|f| f.size), Some(10), "{d:?}");
+    }
+    let reader = h.run(bobs("a", Rights::READ, Disposition::Open));
+    h.commit(true);
+    h.opened(reader);
+}
+
 #[test]
 fn a_read_only_overwrite_breaks_read_caching() {
     let cases = [
