@@ -2042,6 +2042,37 @@ fn a_read_only_smb_overwrite_recalls_a_read_delegation() {
     assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 0);
 }
 
+/// Re-review rr44e R1: an nfsl/1 deny=write reservation keeps a read-only
+/// smbl/1 overwrite out (`STATUS_SHARING_VIOLATION`: the overwrite writes,
+/// and share modes are checked with that access added), and the file
+/// keeps its bytes. Before, the overwrite was granted as a reader and
+/// emptied it.
+#[test]
+fn an_nfs_deny_write_keeps_a_read_only_smb_overwrite_out() {
+    let s = Scratch::new("nfs-deny-overwrite");
+    std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+    let _d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dw");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-dw");
+    let mut n = Nfs::connect(&nfs.addr, "host-n", "6666666666666666");
+    ok(n.open("p", "f", "read", "write", json!({})));
+    let (mut m, msid) = rkfilter_tests::smb_session(&smb.addr);
+    for disposition in ["overwrite", "overwrite_if", "supersede"] {
+        let r = m.call(json!({"cmd": "CREATE", "session_id": msid, "path": "f",
+                              "access": ["read"], "share": ["read", "write", "delete"],
+                              "disposition": disposition}));
+        assert_eq!(
+            r["status"], "STATUS_SHARING_VIOLATION",
+            "{disposition}: {r}"
+        );
+    }
+    assert_eq!(std::fs::read(s.root().join("f")).unwrap(), b"0123456789");
+    let r = m.call(json!({"cmd": "CREATE", "session_id": msid, "path": "f",
+                          "access": ["read"], "share": ["read", "write", "delete"],
+                          "disposition": "open"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "a reader is shared: {r}");
+}
+
 /// Attack44 F4: a path with a component over 255 bytes (NAME_MAX) is an
 /// invalid name — smbl/1 `STATUS_OBJECT_NAME_INVALID`, nfsl/1
 /// `NFS4ERR_INVAL` — refused before filterd opens anything, and no frame
