@@ -1964,11 +1964,9 @@ impl EtcdStore {
     /// answered, needed 2r < TTL − margin: over a slow link the owner
     /// stepped down though every answer would have kept the lease.)
     ///
-    /// If no answer has come TTL/16 (`hedge`) after one was due (and
-    /// after the oldest outstanding renewal should have been answered, by
-    /// the time its member's last answer took), another attempt goes to
-    /// the next member (over its kept stream, idle, or a stream opened on
-    /// it), and so on, the earlier ones still running:
+    /// If no answer has come TTL/16 (`hedge`) after one was due, another
+    /// attempt goes to the next member (over its kept stream, idle, or a
+    /// stream opened on it), and so on, the earlier ones still running:
     /// the first answer renews, and that member's stream carries the
     /// renewals from then on. A member whose oldest renewal has waited a
     /// round (TTL/4, or twice the time its last answer took if that is
@@ -2026,8 +2024,6 @@ impl EtcdStore {
             // tried again.
             let mut opening: Vec<(usize, Instant)> = vec![(0, Instant::now()); n];
             let mut free_after = vec![round; n];
-            // How long each member's last counted answer took.
-            let mut took = vec![Duration::ZERO; n];
             let mut opens = tokio::task::JoinSet::new();
             // The member each open task is on (a panicked task's
             // `JoinError` has only its id).
@@ -2082,22 +2078,16 @@ impl EtcdStore {
                 }
                 if wanted.is_none() && now >= due {
                     // The renewals going on the stream of `at` are the
-                    // first attempt; another member is asked `hedge` after
-                    // the oldest outstanding there should have been
-                    // answered (sent + its last answer time): over a link
-                    // slower than the interval every answer comes after
-                    // `due`, and hedging from `due` asked a second member
-                    // for good (review rr44d). A stalled member's answers
-                    // took no longer before, so it is hedged as early.
+                    // first attempt; another member is asked after `hedge`.
+                    // Over a link slower than the interval every answer
+                    // comes after `due`, so a second member is asked every
+                    // cycle (review rr44d 4). Hedging later by the member's
+                    // last answer time was tried and taken back (rr44f M1):
+                    // a member that answered slowly and then stalled left
+                    // the next member an interval less of the lease.
                     let carried = streams.iter().any(|s| s.member == at);
                     wanted = Some((now, u32::from(carried)));
-                    next_attempt = if carried {
-                        let oldest = streams.iter().filter(|s| s.member == at).filter_map(LeaseStream::oldest).min();
-                        let expected = oldest.map_or(now, |t| t + took.get(at).copied().unwrap_or_default());
-                        expected.max(now) + hedge
-                    } else {
-                        now
-                    };
+                    next_attempt = if carried { now + hedge } else { now };
                 }
                 if let Some((since, tried)) = wanted.as_mut() {
                     if now >= next_attempt {
@@ -2229,9 +2219,6 @@ impl EtcdStore {
                                 term = t;
                                 if let Some(after) = free_after.get_mut(m) {
                                     *after = sent.elapsed().saturating_mul(2).clamp(round, cap);
-                                }
-                                if let Some(took) = took.get_mut(m) {
-                                    *took = sent.elapsed().min(cap);
                                 }
                                 lease.renewed(sent_boot, ttl);
                                 if let Some((since, tried)) = wanted.take().filter(|(_, tried)| *tried > 1) {
