@@ -670,10 +670,7 @@ impl Engine {
                 Undo::Reinsert(h) if h.rec.file == file && !h.rec.stat && !h.rec.share_exempt => {
                     Some(libfilter::share::Holder {
                         key: h.rec.key,
-                        mode: libfilter::share::ShareMode {
-                            access: h.rec.access.rights(),
-                            share: h.rec.share,
-                        },
+                        mode: super::opens::holder_mode(&h.rec),
                         state: super::holder_state(h),
                     })
                 }

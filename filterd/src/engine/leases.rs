@@ -82,15 +82,7 @@ impl Engine {
                 .iter()
                 .filter(|k| !own(k))
                 .filter_map(|k| this.handles.get(k))
-                .any(|h| {
-                    share::conflicts(
-                        mode,
-                        ShareMode {
-                            access: h.rec.access.rights(),
-                            share: h.rec.share,
-                        },
-                    )
-                });
+                .any(|h| share::conflicts(mode, super::opens::holder_mode(&h.rec)));
             let windows = keys
                 .iter()
                 .filter_map(|k| this.handles.get(k))

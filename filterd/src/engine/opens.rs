@@ -257,13 +257,10 @@ impl Engine {
         // never empties a file a deny-write open (a disconnected
         // persistent one too) protects (re-review rr44e R1). The handle
         // keeps the access asked for.
-        let implied = match truncation {
-            Some(CreateAction::Overwritten) => libfilter::model::Rights::WRITE,
-            Some(_) => libfilter::model::Rights::WRITE.union(libfilter::model::Rights::DELETE),
-            None => libfilter::model::Rights::NONE,
-        };
         let checked = ShareMode {
-            access: mode.access.union(implied),
+            access: mode
+                .access
+                .union(truncation.map_or(libfilter::model::Rights::NONE, implied_access)),
             share: mode.share,
         };
         let purges = self.stats.purges;
@@ -1369,10 +1366,7 @@ impl Engine {
             .filter(|h| !h.rec.stat && !h.rec.share_exempt)
             .map(|h| Holder {
                 key: h.rec.key,
-                mode: ShareMode {
-                    access: h.rec.access.rights(),
-                    share: h.rec.share,
-                },
+                mode: holder_mode(&h.rec),
                 state: holder_state(h),
             })
             .collect()
@@ -2425,5 +2419,32 @@ fn reopen_refusal(key: ResumeKey, e: &std::io::Error) -> Option<WireError> {
             ErrorCode::Internal,
             format!("handle {key}: its file cannot be reopened ({e}); the handle is kept"),
         )),
+    }
+}
+
+/// The share mode a handle holds the file with: the access it asked for
+/// and the access its truncation implied. A truncating open counts as the
+/// writer it was checked as — while its truncation is parked on its
+/// intent too (re-review rr44f M2: else a deny-write open was granted
+/// meanwhile and the file emptied under it) — and for its life, as
+/// Windows grants the implied access.
+pub(super) fn holder_mode(rec: &libfilter::model::HandleRecord) -> ShareMode {
+    ShareMode {
+        access: rec.access.rights().union(implied_access(rec.create_action)),
+        share: rec.share,
+    }
+}
+
+/// The access an open's `action` implies beyond what it asked for, in
+/// share-mode checks (re-review rr44e R1): an overwrite writes; a supersede
+/// writes and deletes (Windows asks DELETE for it; writing too, since it
+/// empties the file as well).
+fn implied_access(action: CreateAction) -> libfilter::model::Rights {
+    match action {
+        CreateAction::Overwritten => libfilter::model::Rights::WRITE,
+        CreateAction::Superseded => {
+            libfilter::model::Rights::WRITE.union(libfilter::model::Rights::DELETE)
+        }
+        CreateAction::Opened | CreateAction::Created => libfilter::model::Rights::NONE,
     }
 }

@@ -8998,6 +8998,44 @@ fn a_durable_only_listing_leaves_out_a_rename_whose_completion_is_pending() {
 /// (Samba breaks with FILE_WRITE_DATA added to such an open's access).
 /// Before, only its `access` counted: R stayed cached over an emptied
 /// file, and a read delegation was not recalled.
+/// Re-review rr44f M2: a persistent read-only overwrite parks on its
+/// intent with its handle in place; meanwhile that handle holds the file
+/// as the writer it was checked as. An open that shares no writing,
+/// arriving before the truncation is made, is refused — before, it was
+/// granted beside a "reader" and the file emptied under it once the
+/// intent was durable.
+#[test]
+fn a_parked_read_only_truncation_holds_the_file_as_a_writer() {
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on(fs);
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.client = ClientId::new("bob").unwrap();
+    o.access = Access::new(Rights::READ).unwrap();
+    o.disposition = Disposition::Overwrite;
+    let bob = h.run(Request::Open(o));
+    h.engine.flush();
+    assert!(
+        h.reply(bob).is_none(),
+        "the truncation waits for its intent"
+    );
+    let alice = h.run(open("a", Rights::READ));
+    h.commit(true);
+    assert!(
+        matches!(h.reply(alice), Some(Err(e)) if e.code == ErrorCode::SharingViolation),
+        "an open sharing only reading beside a parked overwrite: {:?}",
+        h.reply(alice)
+    );
+    h.opened(bob);
+    assert_eq!(
+        h.fs.file("a").map(|f| f.size),
+        Some(0),
+        "bob's overwrite made"
+    );
+}
+
 /// Re-review rr44e R1: share modes are checked with the access a
 /// truncation implies added (Windows: an overwrite asks for writing, a
 /// supersede for deleting; here for writing too). A read-only overwrite
