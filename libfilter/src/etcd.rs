@@ -2175,8 +2175,16 @@ impl EtcdStore {
                         if let Some(k) = opening.get_mut(m) {
                             k.0 = k.0.saturating_sub(1);
                         }
-                        if let Some(slot) = members.get_mut(m).filter(|_| o.channel.is_some()) {
-                            *slot = o.channel;
+                        if let Some(slot) = members.get_mut(m) {
+                            // A channel that opened no stream may be the
+                            // stuck one: the next open connects afresh
+                            // (re-review rr44f L1: handed back, it put a
+                            // stuck channel over a fresh one).
+                            if o.stream.is_err() {
+                                *slot = None;
+                            } else if o.channel.is_some() {
+                                *slot = o.channel;
+                            }
                         }
                         match o.stream {
                             Ok((requests, answers, first)) => {

@@ -74,9 +74,9 @@ impl Engine {
             }
             // A truncating open writes (it empties the file) whatever
             // access it asked for: a read-only overwrite breaks R as a
-            // writer does, as Samba breaks with FILE_WRITE_DATA added
-            // (`open_access_mask`). Share modes (`handle_conflict`) are
-            // still checked with the access asked for (attack44 F1).
+            // writer does (attack44 F1). Its share mode (`mode`, and each
+            // holder's, `holder_mode`) has the access its truncation
+            // implies added (re-review rr44e R1, rr44f M2).
             let writes = truncates || mode.access.contains(libfilter::model::Rights::WRITE);
             let handle_conflict = keys
                 .iter()

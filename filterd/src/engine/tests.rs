@@ -8992,12 +8992,6 @@ fn a_durable_only_listing_leaves_out_a_rename_whose_completion_is_pending() {
     assert_eq!(paths.iter().filter(|p| *p == "x").count(), 2, "{paths:?}");
 }
 
-/// Attack44 F1: an open that truncates breaks read caching as a writer
-/// does, whatever access it asked for — an R or RH lease (an smbl/1
-/// lease, an nfsl/1 read delegation) loses R to a read-only overwrite
-/// (Samba breaks with FILE_WRITE_DATA added to such an open's access).
-/// Before, only its `access` counted: R stayed cached over an emptied
-/// file, and a read delegation was not recalled.
 /// Re-review rr44f M2: a persistent read-only overwrite parks on its
 /// intent with its handle in place; meanwhile that handle holds the file
 /// as the writer it was checked as. An open that shares no writing,
@@ -9069,6 +9063,12 @@ fn a_read_only_truncation_is_refused_by_a_holder_that_shares_no_writing() {
     h.opened(reader);
 }
 
+/// Attack44 F1: an open that truncates breaks read caching as a writer
+/// does, whatever access it asked for — an R or RH lease (an smbl/1
+/// lease, an nfsl/1 read delegation) loses R to a read-only overwrite
+/// (Samba breaks with FILE_WRITE_DATA added to such an open's access).
+/// Before, only its `access` counted: R stayed cached over an emptied
+/// file, and a read delegation was not recalled.
 #[test]
 fn a_read_only_overwrite_breaks_read_caching() {
     let cases = [
