@@ -88,6 +88,61 @@ fn wait_stopped(what: &str, pid: u32) {
 pub struct Scratch {
     /// The top directory.
     pub dir: PathBuf,
+    /// Held while the export is a mount of the test's own.
+    _mounted: Option<MountSlot>,
+}
+
+/// Most tests of one binary whose export is a mount of their own
+/// ([`Scratch::with_tmpfs`], [`Scratch::with_ext4`]) that run at once,
+/// whatever the binary's test threads. filterd mediates local opens on
+/// such an export, and its first open of a file after a restart scans
+/// `/proc` against a CPU budget that other tests' processes and
+/// descriptors eat into; `make test` runs the end-to-end files four tests
+/// at a time (Makefile, `E2E_THREADS`), and these ran two at a time
+/// before (four at once under a loaded machine cut such scans short).
+const MOUNTED_AT_ONCE: usize = 2;
+
+static MOUNTED: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+std::thread_local! {
+    /// Slots this test's thread holds: a test with two mounts takes one.
+    static MOUNTS_HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// One of [`MOUNTED_AT_ONCE`] places, given back on drop.
+struct MountSlot {
+    /// Whether this slot counts (the thread's first) or rides on one.
+    counted: bool,
+}
+
+impl MountSlot {
+    /// Waits for a place, unless this thread already holds one.
+    fn take() -> MountSlot {
+        let held = MOUNTS_HELD.with(|h| h.replace(h.get() + 1));
+        if held > 0 {
+            return MountSlot { counted: false };
+        }
+        let (lock, freed) = &MOUNTED;
+        let mut n = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= MOUNTED_AT_ONCE {
+            n = freed.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        MountSlot { counted: true }
+    }
+}
+
+impl Drop for MountSlot {
+    fn drop(&mut self) {
+        MOUNTS_HELD.with(|h| h.set(h.get().saturating_sub(1)));
+        if self.counted {
+            let (lock, freed) = &MOUNTED;
+            let mut n = lock.lock().unwrap_or_else(|e| e.into_inner());
+            *n = n.saturating_sub(1);
+            freed.notify_one();
+        }
+    }
 }
 
 impl Scratch {
@@ -100,7 +155,10 @@ impl Scratch {
         ));
         std::fs::create_dir_all(dir.join("root")).expect("mkdir root");
         std::fs::create_dir_all(dir.join("state")).expect("mkdir state");
-        Scratch { dir }
+        Scratch {
+            dir,
+            _mounted: None,
+        }
     }
     /// The export root.
     pub fn root(&self) -> PathBuf {
@@ -143,7 +201,9 @@ impl Scratch {
         if !root_or_skip(name, "to mount a tmpfs") {
             return None;
         }
-        let s = Scratch::new(name);
+        let slot = MountSlot::take();
+        let mut s = Scratch::new(name);
+        s._mounted = Some(slot);
         let r = nix::mount::mount(
             Some("tmpfs"),
             &s.root(),
@@ -170,7 +230,9 @@ impl Scratch {
         if !root_or_skip(name, "to mount an ext4 image") {
             return None;
         }
-        let s = Scratch::new(name);
+        let slot = MountSlot::take();
+        let mut s = Scratch::new(name);
+        s._mounted = Some(slot);
         let img = s.dir.join("ext4.img");
         let ok = |c: &mut Command| {
             c.stdout(Stdio::null())
@@ -1782,4 +1844,38 @@ pub fn pin_to_cpu0() {
     let mut one = nix::sched::CpuSet::new();
     one.set(0).expect("CPU 0 is in range");
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("sched_setaffinity");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MountSlot, MOUNTED_AT_ONCE};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Six threads after a place each, one of them twice over: never more
+    /// than MOUNTED_AT_ONCE hold one, and a thread that already holds a
+    /// place gets a second without waiting (no deadlock between two
+    /// threads each holding one and wanting another).
+    #[test]
+    fn no_more_than_two_mounted_tests_at_once() {
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let threads: Vec<_> = (0..6)
+            .map(|i| {
+                let (now, most) = (now.clone(), most.clone());
+                std::thread::spawn(move || {
+                    let _first = MountSlot::take();
+                    let _second = (i % 2 == 0).then(MountSlot::take);
+                    let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(n, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    now.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("a slot holder panicked");
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!(most <= MOUNTED_AT_ONCE, "{most} held a place at once");
+    }
 }
