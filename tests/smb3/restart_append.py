@@ -12,7 +12,8 @@ offset -1 and does not wait for the answer; prints "sent" and reads a
 line from stdin: "PORT rksmbd" (the driver saw the three appends land,
 SIGKILLed rksmbd and started another) or "PORT both" (filterd too: only
 the persistent opens are left). Then reconnects each open left through
-PORT (DH2C; cr.txt by a replay of its CREATE) and, as a client does after a failover, sends the WRITE again
+PORT (DH2C, retried while STATUS_FILE_NOT_AVAILABLE; cr.txt by a replay
+of its CREATE) and, as a client does after a failover, sends the WRITE again
 with SMB2_FLAGS_REPLAY_OPERATION: answered as written (6 bytes), not
 appended again. An append with other bytes after it is appended. Prints
 PASS; exits non-zero on any failure.
@@ -32,7 +33,7 @@ from smbtest import (
     durable_v2,
     lease_context,
     persistent_context,
-    reconnect_v2,
+    reconnect_v2_retrying,
     sent_as_replay,
 )
 
@@ -80,8 +81,12 @@ for name, (fid, guid, key, persistent) in opens.items():
         f, _ = sent_as_replay(lambda: create_file(tree, name, RW, SHARE_ALL, contexts=[persistent_context(guid)]))
         check(f.file_id[:8] == fid[:8], f"{name}: the replayed CREATE returned the open (its persistent id)")
     else:
-        leased = ([], 0) if persistent else ([lease_context(key)], LEASE)
-        f, st = reconnect_v2(tree, name, fid, guid, *leased, persistent=persistent)
+        contexts, oplock_level = ([], 0) if persistent else ([lease_context(key)], LEASE)
+        # Retried while told STATUS_FILE_NOT_AVAILABLE, as a client does
+        # (filterd slow to answer the new rksmbd's look at the record).
+        f, st, _ = reconnect_v2_retrying(
+            tree, name, fid, guid, contexts=contexts, oplock_level=oplock_level, persistent=persistent
+        )
         check(f is not None, f"{name}: the DH2C ({st:#x})")
     n = sent_as_replay(lambda: f.write(b"APPEND", EOF_OFFSET))
     check(n == 6, f"{name}: the replayed append is answered as written ({n})")

@@ -157,14 +157,14 @@ def reconnect_v2(tree, name, file_id, create_guid, contexts=(), oplock_level=0, 
     return f, 0
 
 
-def reconnect_v2_retrying(tree, name, file_id, create_guid, bound=15.0, pace=0.1):
-    """[`reconnect_v2`], sent again every `pace` s while it is told
-    STATUS_FILE_NOT_AVAILABLE (the retry status), as a client does, for
-    up to `bound` s: (the Open or None, the last status, the seconds it
-    took)."""
+def reconnect_v2_retrying(tree, name, file_id, create_guid, bound=15.0, pace=0.1, **kw):
+    """[`reconnect_v2`] (with its keyword arguments `kw`), sent again
+    every `pace` s while it is told STATUS_FILE_NOT_AVAILABLE (the retry
+    status), as a client does, for up to `bound` s: (the Open or None, the
+    last status, the seconds it took)."""
     t0 = time.monotonic()
     while True:
-        f, st = reconnect_v2(tree, name, file_id, create_guid)
+        f, st = reconnect_v2(tree, name, file_id, create_guid, **kw)
         took = time.monotonic() - t0
         if f is not None or st != 0xC0000467 or took > bound:
             return f, st, took

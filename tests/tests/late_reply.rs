@@ -1769,3 +1769,116 @@ fn writes_go_on_while_filterd_is_stopped_and_lose_no_handle() {
         assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
     }
 }
+
+/// The one handle filterd holds is durable.txt, disconnected.
+fn durable_txt_disconnected(d: &Filterd) -> Option<()> {
+    (handles(d) == [("durable.txt".to_owned(), "disconnected".to_owned())]).then_some(())
+}
+
+/// Starts reconnect_view_unanswered.py against `srv` and has it send its
+/// first DH2C once filterd `d` holds the dropped handle disconnected:
+/// the script and the DH2C's line.
+fn first_dh2c(srv: &RkSmbd, d: &Filterd) -> (Dialogue, String) {
+    let mut script = Dialogue::start(srv, "reconnect_view_unanswered.py", Duration::from_secs(90));
+    script.expect("dropped");
+    wait_for("the handle detached", Duration::from_secs(10), || {
+        durable_txt_disconnected(d)
+    });
+    script.say("go");
+    let first = script.expect("first DH2C");
+    (script, first)
+}
+
+/// The script's second DH2C, once filterd `d` holds the handle
+/// disconnected again: it must succeed and read the data back, after a
+/// first DH2C (`first`) told to retry, not that the handle was gone.
+fn second_dh2c(mut script: Dialogue, d: &Filterd, first: &str) {
+    wait_for("the handle detached again", Duration::from_secs(30), || {
+        durable_txt_disconnected(d)
+    });
+    assert_eq!(first, "first DH2C: 0xc0000467", "{}", script.log);
+    script.say("go");
+    let second = script.expect("second DH2C");
+    assert_eq!(second, "second DH2C: STATUS_SUCCESS", "{}", script.log);
+    script.finish();
+}
+
+/// Re-review rr45b F1: a DH2C whose resume succeeded but whose look at the
+/// handle (`Request::Handle`) went unanswered — filterd slow past rksmbd's
+/// call timeout here (`request.handle:1:sleep3000`), or killed (below) —
+/// was answered STATUS_OBJECT_NAME_NOT_FOUND, final for the client,
+/// though filterd still held the handle, detached, and the next DH2C
+/// found it. Now it is detached again and answered
+/// STATUS_FILE_NOT_AVAILABLE (try again), and the retry gets the handle
+/// and its data (tests/smb3/reconnect_view_unanswered.py).
+#[test]
+fn a_dh2c_whose_look_goes_unanswered_is_told_to_retry_not_gone() {
+    let (_s, d, srv) = setup_rksmbd_failing(
+        "rksmbd-dh2c-view-unanswered",
+        "1000",
+        &[("RKFILTER_FAILPOINTS", "request.handle:1:sleep3000")],
+    );
+    let (script, first) = first_dh2c(&srv, &d);
+    second_dh2c(script, &d, &first);
+}
+
+/// As [`a_dh2c_whose_look_goes_unanswered_is_told_to_retry_not_gone`],
+/// filterd SIGKILLed at that look (`request.handle:1:kill`) and
+/// restarted: the handle it recovers is reconnected by the retry (a
+/// reconnect works across kill -9 of filterd at any point).
+#[test]
+fn a_dh2c_whose_look_meets_a_filterd_kill_is_told_to_retry_not_gone() {
+    let s = Scratch::new("rksmbd-dh2c-view-killed");
+    let mut d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", "request.handle:1:kill")]);
+    let env = [("RKFILTER_CALL_TIMEOUT_MS", "1000")];
+    let srv = RkSmbd::start_with_env(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let (script, first) = first_dh2c(&srv, &d);
+    d.wait_exit(Duration::from_secs(10));
+    let d = Filterd::start(&s, &[], &[]);
+    second_dh2c(script, &d, &first);
+}
+
+/// Re-review rr45b F2: a CREATE replayed on its open's connection reports
+/// the lease filterd holds now. When rksmbd's look at the handle went
+/// unanswered (`request.handle:1:sleep3000`, its calls giving up after
+/// 1 s) the replay reported the lease granted at CREATE time, RWH, though
+/// filterd's break timeout had lowered it to none and another client had
+/// the file open for writing. Now it is told to come again
+/// (STATUS_SERVER_UNAVAILABLE on SMB 3.0.2, which replays it). Control
+/// run: `RKSMBD_REPLAY_LEASE_FP=request.handle:100:sleep1` at build time
+/// (never reached) shows the replay answered with lease 0
+/// (tests/smb3/replay_lease_unanswered.py).
+#[test]
+fn a_replay_whose_look_goes_unanswered_reports_no_lease_from_memory() {
+    let s = Scratch::new("rksmbd-replay-lease-unanswered");
+    let fp = option_env!("RKSMBD_REPLAY_LEASE_FP").unwrap_or("request.handle:1:sleep3000");
+    let d = Filterd::start(
+        &s,
+        &["--break-timeout-ms", "1000"],
+        &[("RKFILTER_FAILPOINTS", fp)],
+    );
+    let env = [("RKFILTER_CALL_TIMEOUT_MS", "1000")];
+    let srv = RkSmbd::start_with_env(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let mut script = Dialogue::start(&srv, "replay_lease_unanswered.py", Duration::from_secs(90));
+    script.expect("other client opened");
+    script.expect("replay?");
+    // The break timeout lowered A's lease to none.
+    let sock = d.socket().display().to_string();
+    wait_for("A's lease lowered", Duration::from_secs(10), || {
+        let v = filterctl(&["--socket", &sock, "handles", "--json"]).json();
+        v.to_string().contains(r#""state":"""#).then_some(())
+    });
+    script.say("go");
+    let line = script.expect("replay");
+    script.expect("done?");
+    script.say("go");
+    script.finish();
+    assert!(
+        !line.ends_with("lease 7"),
+        "the replay reported RWH from memory: {line}"
+    );
+    assert!(
+        line.starts_with("replay 0xc0000466") || line.ends_with("lease 0"),
+        "neither told to come again nor filterd's lease: {line}"
+    );
+}

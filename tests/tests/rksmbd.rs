@@ -1472,6 +1472,18 @@ fn kill_and_restart(
     d: &mut Filterd,
     srv: &mut RkSmbd,
 ) -> &'static str {
+    kill_and_restart_with(s, outage, d, srv, &[])
+}
+
+/// [`kill_and_restart`], the replacement rksmbd started with environment
+/// `env`.
+fn kill_and_restart_with(
+    s: &Scratch,
+    outage: Outage,
+    d: &mut Filterd,
+    srv: &mut RkSmbd,
+    env: &[(&str, &str)],
+) -> &'static str {
     srv.shim.kill9_in_place();
     let mode = match outage {
         Outage::BothKilled => {
@@ -1481,7 +1493,7 @@ fn kill_and_restart(
         }
         _ => "rksmbd",
     };
-    *srv = RkSmbd::start(s, "rksmbd", "data", &[("alice", "pw")]);
+    *srv = RkSmbd::start_with_env(s, "rksmbd", "data", &[("alice", "pw")], env);
     mode
 }
 
@@ -1494,10 +1506,17 @@ fn kill_and_restart(
 /// (`made::APPEND_OP_ID`): persistent (read-write and append-only) and
 /// durable v2 opens' replays are answered, not appended again, after a
 /// DH2C or (cr.txt) a replay of the CREATE (restart_append.py); with
-/// filterd SIGKILLed too, the persistent ones'.
-fn append_replayed_across(outage: Outage) {
-    let s = Scratch::new(&format!("rksmbd-restart-append-{outage:?}"));
-    let mut d = Filterd::start(&s, &[], &[]);
+/// filterd SIGKILLed too, the persistent ones'. filterd is started with
+/// `failpoints` (`RKFILTER_FAILPOINTS`), and with any the replacement
+/// rksmbd's calls give up after 1 s.
+fn append_replayed_across(outage: Outage, failpoints: Option<&str>) {
+    let fp_tag = if failpoints.is_some() { "-fp" } else { "" };
+    let s = Scratch::new(&format!("rksmbd-restart-append-{outage:?}{fp_tag}"));
+    let fp: Vec<_> = failpoints
+        .map(|f| ("RKFILTER_FAILPOINTS", f))
+        .into_iter()
+        .collect();
+    let mut d = Filterd::start(&s, &[], &fp);
     let mut srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let mut script = rkfilter_tests::smb3::Dialogue::start(
         &srv,
@@ -1519,7 +1538,11 @@ fn append_replayed_across(outage: Outage) {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let mode = kill_and_restart(&s, outage, &mut d, &mut srv);
+    let env: &[_] = match failpoints {
+        Some(_) => &[("RKFILTER_CALL_TIMEOUT_MS", "1000")],
+        None => &[],
+    };
+    let mode = kill_and_restart_with(&s, outage, &mut d, &mut srv, env);
     script.say(&format!("{} {mode}", srv.port()));
     script.finish();
     let replayed: &[&str] = match outage {
@@ -1538,12 +1561,27 @@ fn append_replayed_across(outage: Outage) {
 
 #[test]
 fn an_append_replayed_after_an_rksmbd_restart_is_not_appended_twice() {
-    append_replayed_across(Outage::RksmbdKilled);
+    append_replayed_across(Outage::RksmbdKilled, None);
 }
 
 #[test]
 fn an_append_replayed_after_a_filterd_and_rksmbd_restart_is_not_appended_twice() {
-    append_replayed_across(Outage::BothKilled);
+    append_replayed_across(Outage::BothKilled, None);
+}
+
+/// Re-review rr45b F3: the new rksmbd's look at the last append's record
+/// (`files::kept_append`, filterd's second `lookup_reply` after the
+/// restart: ca.txt's DH2C reads its `made` record first) went unanswered
+/// (stalled 3 s, rksmbd's calls giving up after 1 s), and the DH2C
+/// resumed the open without the record: the replayed append was appended
+/// again. Now that DH2C is STATUS_FILE_NOT_AVAILABLE, the handle left
+/// disconnected, and the client's retry resumes it with the record.
+#[test]
+fn an_append_replayed_after_a_restart_whose_record_goes_unanswered_is_not_appended_twice() {
+    append_replayed_across(
+        Outage::RksmbdKilled,
+        Some("request.lookup_reply:2:sleep3000"),
+    );
 }
 
 /// Review rvfailover: a DH2C's SMB2_DHANDLE_FLAG_PERSISTENT was parsed

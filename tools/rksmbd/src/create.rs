@@ -429,9 +429,6 @@ pub(crate) struct CreateReplay {
     persistent_id: u64,
     /// The lease the original asked for (key, v2 parent), if any.
     lease: Option<LeaseV>,
-    /// The lease (or oplock) granted then, in case filterd cannot say
-    /// what is held now.
-    held: Option<HeldLease>,
     /// (timeout, persistent) when the original was granted durability.
     durable: Option<(u32, bool)>,
     /// Cleared by the first other request on the open (`files::open_id`).
@@ -510,15 +507,27 @@ fn replayed(c: &mut Connection, id: u64, oplock: u8, lease: Option<&LeaseV>) -> 
         (Some(_), None) => return Err(status::ACCESS_DENIED),
         _ => {}
     }
-    let held = match sh.filter.client().call(libfilter::proto::Request::Handle {
+    // The lease and durability filterd holds now, never rksmbd's memory
+    // of the CREATE's grant: breaks, acknowledgments and filterd's break
+    // timeout lower the lease since, and none of them updates `r.held`.
+    // Unanswered, the replay is told to come again: answered from
+    // `r.held`, it was told RWH while filterd held nothing and another
+    // client wrote the file (re-review rr45b F2).
+    let (held, durable) = match sh.filter.client().call(libfilter::proto::Request::Handle {
         key: *key,
         learning: false,
     }) {
-        Ok((libfilter::proto::Reply::Handle(v), _)) => v.record.lease,
-        _ => r.held,
+        Ok((libfilter::proto::Reply::Handle(v), _)) => (
+            v.record.lease,
+            r.durable
+                .filter(|_| timeout_and_persistence(v.record.durability).is_some()),
+        ),
+        Err(e) if !crate::files::is_unanswered(&e) => return Err(status_of(&e)),
+        Err(e) => return Err(retry_status(&e, true, c.dialect())),
+        Ok(_) => return Err(status::FILE_NOT_AVAILABLE),
     };
     let (contexts, level) = match &r.lease {
-        Some(orig) => reply_contexts(&sh, r.durable.map(|d| (d, false)), Some(orig), held),
+        Some(orig) => reply_contexts(&sh, durable.map(|d| (d, false)), Some(orig), held),
         None => {
             let now = held.map(|l| breaks::oplock_level(l.state)).unwrap_or(0);
             let level = if oplock_rank(oplock) < oplock_rank(now) {
@@ -526,9 +535,8 @@ fn replayed(c: &mut Connection, id: u64, oplock: u8, lease: Option<&LeaseV>) -> 
             } else {
                 now
             };
-            let durable = r
-                .durable
-                .filter(|(_, persistent)| *persistent || level == OPLOCK_LEVEL_BATCH);
+            let durable =
+                durable.filter(|(_, persistent)| *persistent || level == OPLOCK_LEVEL_BATCH);
             let (contexts, _) = reply_contexts(&sh, durable.map(|d| (d, false)), None, None);
             (contexts, level)
         }
@@ -944,6 +952,19 @@ fn unavailable_status(e: &ClientError, v2: bool, dialect: Option<Dialect>) -> u3
     }
 }
 
+/// The status of a call filterd left unanswered
+/// ([`crate::files::is_unanswered`]), for
+/// a CREATE that is (`v2`) or is not a DH2Q open on a connection of
+/// `dialect`: STATUS_SERVER_UNAVAILABLE where its client replays that
+/// ([`unavailable_status`]), else STATUS_FILE_NOT_AVAILABLE. Either says
+/// "try again", never what became of the handle.
+fn retry_status(e: &ClientError, v2: bool, dialect: Option<Dialect>) -> u32 {
+    match unavailable_status(e, v2, dialect) {
+        status::SERVER_UNAVAILABLE => status::SERVER_UNAVAILABLE,
+        _ => status::FILE_NOT_AVAILABLE,
+    }
+}
+
 /// A CREATE answered STATUS_PENDING (MS-SMB2 3.3.4.2): it waits for
 /// lease holders to acknowledge their breaks, or for filterd's break
 /// timeout to lower their leases, while the connection serves the
@@ -1314,6 +1335,28 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             }
         }
     }
+    // A replayed CREATE that found the durable open (detached by an
+    // rksmbd now gone, or by this one) resumes its last append as filterd
+    // keeps it, for the WRITEs replayed after it. Not answered, the open
+    // is left disconnected for the client's next replay: resumed without
+    // it, a replayed append after an rksmbd restart was appended twice
+    // (re-review rr45b F3). Not closed, as a failed `made_kept` is: the
+    // open is the client's.
+    let last_append = match durable
+        .filter(|_| replay)
+        .map(|_| crate::files::kept_append(&sh, key))
+        .transpose()
+    {
+        Ok(last) => last.flatten(),
+        Err(e) => {
+            forget_grant(&sh, key, leased);
+            let _ = sh.filter.detach(key);
+            // Not noted unanswered: its client may have been told
+            // SUCCESS for it before (by an rksmbd now gone), and its
+            // LOGOFF must not close it. Its durable timeout ends it.
+            return Err(retry_status(&e, by_guid, c.dialect()));
+        }
+    };
     let mut delete_on_close = false;
     if f.options & FILE_DELETE_ON_CLOSE != 0 {
         let client = sh.filter.client();
@@ -1379,7 +1422,6 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
                 meta,
                 persistent_id: pid,
                 lease,
-                held,
                 durable,
                 live: Cell::new(true),
             }),
@@ -1389,11 +1431,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             // A replayed CREATE that found the durable open (detached by an
             // rksmbd now gone, or by this one) resumes its last append as
             // filterd keeps it, for the WRITEs replayed after it.
-            last_append: Cell::new(
-                durable
-                    .filter(|_| replay)
-                    .and_then(|_| crate::files::kept_append(&sh, key)),
-            ),
+            last_append: Cell::new(last_append),
             counted: None,
         },
     );
@@ -1522,7 +1560,7 @@ fn retry_transient<T, E>(
 /// Whether filterd refused a resume for a moment only: the handle's open
 /// or lazy reopen is still in progress (`Retry`, which rksmbd, not asking
 /// for the code, is sent as `FileNotAvailable`; `Busy`).
-fn is_transient_refusal(e: &ClientError) -> bool {
+pub(crate) fn is_transient_refusal(e: &ClientError) -> bool {
     matches!(
         e.code(),
         Some(ErrorCode::Busy | ErrorCode::FileNotAvailable | ErrorCode::Retry)
@@ -2032,6 +2070,15 @@ fn reconnect(
         learning: false,
     }) {
         Ok((libfilter::proto::Reply::Handle(v), _)) => Some(v),
+        // Resumed but not looked at (filterd slow past the call, its
+        // connection lost, busy): disconnected again, for the client's
+        // next DH2C, as when `made::of` is not answered below. It was
+        // STATUS_OBJECT_NAME_NOT_FOUND, final for the client, which gave
+        // up a handle filterd still held (re-review rr45b F1).
+        Err(e) if crate::files::is_unanswered(&e) => {
+            let _ = sh.filter.detach(key);
+            return Err(retry_status(&e, false, c.dialect()));
+        }
         _ => None,
     };
     // A persistent open's DH2C must say so (3.3.5.9.12: Open.IsPersistent
@@ -2071,6 +2118,16 @@ fn reconnect(
             // client's next DH2C.
             let _ = sh.filter.detach(key);
             return Err(status_of(&e));
+        }
+    };
+    // The last append as filterd keeps it: resumed without it, the
+    // client's replayed end-of-file WRITE was appended twice after an
+    // rksmbd restart (re-review rr45b F3). Not answered: as above.
+    let kept = match crate::files::kept_append(&sh, key) {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = sh.filter.detach(key);
+            return Err(retry_status(&e, false, c.dialect()));
         }
     };
     let unlearnt = sh.registry.take_unlearnt(key);
@@ -2136,7 +2193,6 @@ fn reconnect(
         meta,
         persistent_id: pid,
         lease,
-        held,
         durable: timeout_and_persistence(rec.durability),
         live: Cell::new(true),
     });
@@ -2165,7 +2221,7 @@ fn reconnect(
             counted: None,
             last_append: Cell::new(crate::files::reconnected_append(
                 sh.registry.last_append(rc.create_guid),
-                crate::files::kept_append(&sh, key),
+                kept,
             )),
         },
     );

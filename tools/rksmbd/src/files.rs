@@ -69,6 +69,15 @@ pub(crate) const FILE_WRITE_THROUGH: u32 = 0x2;
 /// SMB2_WRITEFLAG_WRITE_THROUGH (WRITE's Flags, 2.2.21): this write is.
 const WRITEFLAG_WRITE_THROUGH: u32 = 0x1;
 
+/// Whether filterd left call `e` unanswered: the call gave up (timed
+/// out, filterd's connection lost), was refused for the moment (`Busy`,
+/// `FileNotAvailable`, `Retry`), or its reply was not understood. It
+/// says nothing of the handle, so the request is answered "try again",
+/// never from what rksmbd remembers of the handle (re-review rr45b).
+pub(crate) fn is_unanswered(e: &ClientError) -> bool {
+    e.code().is_none() || crate::create::is_transient_refusal(e)
+}
+
 /// The one place filterd errors become NTSTATUS values.
 pub fn status_of(e: &ClientError) -> u32 {
     match e.code() {
@@ -1661,19 +1670,26 @@ pub(crate) fn reconnected_append(
 /// The last end-of-file WRITE through handle `key` (attached to this
 /// rksmbd) that its filterd scope holds: what a durable open reconnected
 /// by another rksmbd process (one restarted, or another node's) resumes
-/// with. None when there is none, it does not read, or filterd does not
-/// answer (a replay is then appended again, as before the record).
-pub(crate) fn kept_append(sh: &Shared, key: ResumeKey) -> Option<LastAppend> {
+/// with. None when there is none, it does not read, or filterd refuses
+/// the lookup. The error of a lookup filterd leaves unanswered
+/// ([`is_unanswered`]): the reconnect or replay then fails, to be tried
+/// again — resumed without the record, the client's replayed append was
+/// appended twice (re-review rr45b F3).
+pub(crate) fn kept_append(sh: &Shared, key: ResumeKey) -> Result<Option<LastAppend>, ClientError> {
     let scope = libfilter::model::ReplayScope::Handle(key);
     match sh
         .filter
         .client()
         .lookup_reply(scope, crate::made::APPEND_OP_ID)
     {
-        Ok(r) => r.and_then(|r| LastAppend::decode(&r.reply)),
+        Ok(r) => Ok(r.and_then(|r| LastAppend::decode(&r.reply))),
         Err(e) => {
             tracing::warn!(resume_key = %key, error = %e, "the last append's record is not read");
-            None
+            if is_unanswered(&e) {
+                Err(e)
+            } else {
+                Ok(None)
+            }
         }
     }
 }
