@@ -14,13 +14,17 @@ SIGKILLed rksmbd and started another) or "PORT both" (filterd too: only
 the persistent opens are left). Then reconnects each open left through
 PORT (DH2C, retried while STATUS_FILE_NOT_AVAILABLE; cr.txt by a replay
 of its CREATE) and, as a client does after a failover, sends the WRITE again
-with SMB2_FLAGS_REPLAY_OPERATION: answered as written (6 bytes), not
+with SMB2_FLAGS_REPLAY_OPERATION (again while STATUS_FILE_NOT_AVAILABLE):
+answered as written (6 bytes), not
 appended again. An append with other bytes after it is appended. Prints
 PASS; exits non-zero on any failure.
 """
 
 import sys
+import time
 import uuid
+
+from smbprotocol.exceptions import SMBResponseException
 
 from smbprotocol.open import CreateDisposition, FilePipePrinterAccessMask, RequestedOplockLevel
 
@@ -49,6 +53,20 @@ def reader_sees(tree, name):
     data = r.read(0, 4096)
     r.close()
     return data
+
+
+def replayed_append(f, bound=15.0):
+    """The "APPEND" WRITE sent again on `f` as a replay, and again every
+    0.1 s while it is told STATUS_FILE_NOT_AVAILABLE (filterd slow to
+    answer), as a client does, for up to `bound` s: the count written."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            return sent_as_replay(lambda: f.write(b"APPEND", EOF_OFFSET))
+        except SMBResponseException as e:
+            if e.status != 0xC0000467 or time.monotonic() - t0 > bound:
+                raise
+        time.sleep(0.1)
 
 
 host, port, share, user, password = args()
@@ -88,7 +106,7 @@ for name, (fid, guid, key, persistent) in opens.items():
             tree, name, fid, guid, contexts=contexts, oplock_level=oplock_level, persistent=persistent
         )
         check(f is not None, f"{name}: the DH2C ({st:#x})")
-    n = sent_as_replay(lambda: f.write(b"APPEND", EOF_OFFSET))
+    n = replayed_append(f)
     check(n == 6, f"{name}: the replayed append is answered as written ({n})")
     seen = reader_sees(tree, name) if name == "ao.txt" else f.read(0, 4096)
     check(seen == b"0123456789APPEND", f"{name}: the replay after the restart is not appended again ({seen!r})")

@@ -1510,8 +1510,11 @@ fn kill_and_restart_with(
 /// `failpoints` (`RKFILTER_FAILPOINTS`), and with any the replacement
 /// rksmbd's calls give up after 1 s.
 fn append_replayed_across(outage: Outage, failpoints: Option<&str>) {
-    let fp_tag = if failpoints.is_some() { "-fp" } else { "" };
-    let s = Scratch::new(&format!("rksmbd-restart-append-{outage:?}{fp_tag}"));
+    // Short: the socket path's length is bounded.
+    let s = Scratch::new(&match failpoints {
+        Some(_) => format!("rksmbd-append-fp-{outage:?}"),
+        None => format!("rksmbd-restart-append-{outage:?}"),
+    });
     let fp: Vec<_> = failpoints
         .map(|f| ("RKFILTER_FAILPOINTS", f))
         .into_iter()
