@@ -508,11 +508,11 @@ fn replayed(c: &mut Connection, id: u64, oplock: u8, lease: Option<&LeaseV>) -> 
         _ => {}
     }
     // The lease and durability filterd holds now, never rksmbd's memory
-    // of the CREATE's grant: breaks, acknowledgments and filterd's break
-    // timeout lower the lease since, and none of them updates `r.held`.
-    // Unanswered, the replay is told to come again: answered from
-    // `r.held`, it was told RWH while filterd held nothing and another
-    // client wrote the file (re-review rr45b F2).
+    // of the CREATE's grant (no longer kept): breaks, acknowledgments and
+    // filterd's break timeout lower the lease since. Unanswered, the
+    // replay is told to come again: answered from that memory, it was
+    // told RWH while filterd held nothing and another client wrote the
+    // file (re-review rr45b F2).
     let (held, durable) = match sh.filter.client().call(libfilter::proto::Request::Handle {
         key: *key,
         learning: false,
