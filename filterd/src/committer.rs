@@ -902,7 +902,9 @@ fn retry_alone(store: &dyn StateStore, groups: &[Group], failed: &mut BTreeSet<u
                 Ok(_) => continue,
                 Err(e) => {
                     fenced(&e);
-                    if matches!(e, StoreError::Reserved { .. }) {
+                    // Refused for the map's reserve or, on a full
+                    // filesystem, for its block reserve (attack45 F1).
+                    if matches!(e, StoreError::Reserved { .. } | StoreError::Full) {
                         reserved.insert(g.seq);
                     } else {
                         warn!(seq = g.seq, error = %e, "a request's commit fails on its own");

@@ -452,7 +452,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         socket: socket_path.clone(),
         phase: Phase::Starting,
     };
-    libfilter::runtime::write(&state, &record).context("writing the runtime record")?;
+    write_record(&state, &record);
     let root = File::options()
         .read(true)
         .custom_flags(libc::O_DIRECTORY)
@@ -622,7 +622,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .spawn(move || conn::accept_loop(listener, p, tx, closer))?;
     }
     record.phase = Phase::Serving;
-    libfilter::runtime::write(&state, &record).context("writing the runtime record")?;
+    write_record(&state, &record);
     info!(socket = %socket_path.display(), "serving");
 
     let sig = sigs.wait()?;
@@ -698,4 +698,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     libfilter::runtime::remove(&state);
     info!("clean shutdown");
     Ok(())
+}
+
+/// Writes the runtime record. Failing (a full state filesystem: attack45
+/// F1, where the restart recovery depends on then exited 1 again and
+/// again) is not fatal: the previous daemon's record is removed instead,
+/// and `filterctl --state` then tries the default socket
+/// (`STATE/filterd.sock`).
+fn write_record(state: &std::path::Path, record: &DaemonRecord) {
+    if let Err(e) = libfilter::runtime::write(state, record) {
+        libfilter::runtime::remove(state);
+        let tmp = format!("{}.tmp", libfilter::runtime::RUNTIME_FILE);
+        let _ = std::fs::remove_file(state.join(tmp));
+        warn!(error = %e, "cannot write the runtime record; filterctl --state finds this daemon only at the default socket");
+    }
 }

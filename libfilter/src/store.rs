@@ -61,6 +61,19 @@ pub fn delete_reserve(max_pages: usize) -> usize {
     (max_pages / 16).max(MIN_RESERVE_PAGES)
 }
 
+/// The bytes of the state filesystem kept allocated to `data.mdb` past
+/// the map's last used page (`fallocate`, `FALLOC_FL_KEEP_SIZE`) for
+/// commits that only remove or complete ([`Reserve`]): a sixteenth of the
+/// filesystem, at least 256 KiB and at most 16 MiB. On a full filesystem,
+/// LMDB's copy-on-write pages of a delete or an intent's completion need
+/// new blocks too (attack45 F1: the completion failed with ENOSPC and
+/// filterd stopped, and stopped again at every restart). A commit that
+/// adds state is refused ([`StoreError::Full`]) once less than half of it
+/// is left and the filesystem has no room to make it whole again.
+pub fn block_reserve(fs_bytes: u64) -> u64 {
+    (fs_bytes / 16).clamp(256 << 10, 16 << 20)
+}
+
 /// The fewest pages [`delete_reserve`] keeps (64 KiB of 4 KiB pages: a
 /// delete's path and its neighbours' at depth 5, the main and free-page
 /// trees' pages, with room to spare).
@@ -463,6 +476,81 @@ pub struct Store {
     /// Commits since the reader slots were last cleared
     /// ([`READER_CHECK_EVERY`]).
     commits_since_reader_check: std::sync::atomic::AtomicU64,
+    /// The filesystem blocks kept for removals and completions (`None`:
+    /// read-only, or the filesystem cannot preallocate).
+    blocks: Option<BlockReserve>,
+}
+
+/// `data.mdb`, and the bytes of its filesystem kept allocated to it past
+/// the map's last used page ([`block_reserve`]).
+struct BlockReserve {
+    data: std::fs::File,
+    bytes: u64,
+}
+
+impl BlockReserve {
+    /// Opens `data.mdb` in `db_dir` to keep its reserve; `None` where the
+    /// filesystem cannot preallocate (the reserve is then the map's alone).
+    fn open(db_dir: &Path, used: u64) -> Option<BlockReserve> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let data = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(db_dir.join("data.mdb"))
+            .ok()?;
+        let v = nix::sys::statvfs::fstatvfs(&data).ok()?;
+        let r = BlockReserve {
+            bytes: block_reserve(v.blocks().saturating_mul(v.fragment_size())),
+            data,
+        };
+        match r.allocate(used, r.bytes) {
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                tracing::warn!("the state dir's filesystem cannot preallocate: no block reserve for deletes and completions on a full disk");
+                None
+            }
+            _ => Some(r),
+        }
+    }
+
+    /// Bytes allocated to `data.mdb` past its first `used` (LMDB writes
+    /// every page up to the last used one, so none of those is a hole).
+    fn slack(&self, used: u64) -> u64 {
+        match nix::sys::stat::fstat(&self.data) {
+            Ok(st) => u64::try_from(st.st_blocks)
+                .unwrap_or(0)
+                .saturating_mul(512)
+                .saturating_sub(used),
+            Err(_) => 0,
+        }
+    }
+
+    fn allocate(&self, used: u64, len: u64) -> nix::Result<()> {
+        let off = i64::try_from(used).unwrap_or(i64::MAX);
+        let len = i64::try_from(len).unwrap_or(i64::MAX);
+        nix::fcntl::fallocate(
+            &self.data,
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    }
+
+    /// Makes the reserve whole again where the filesystem has room;
+    /// returns what is left of it.
+    fn top_up(&self, used: u64) -> u64 {
+        let slack = self.slack(used);
+        if slack >= self.bytes {
+            return slack;
+        }
+        let free = nix::sys::statvfs::fstatvfs(&self.data)
+            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
+            .unwrap_or(0);
+        if free < self.bytes - slack || self.allocate(used, self.bytes).is_err() {
+            return slack;
+        }
+        self.slack(used)
+    }
 }
 
 /// A commit packed by [`StateStore::prepare`], not yet sent (what it holds
@@ -708,6 +796,23 @@ fn clear_stale_readers(env: &Env) {
     }
 }
 
+/// Whether every batch removes a handle or an intent (a close, an expiry,
+/// an intent's completion): such a commit may use the reserves.
+fn every_batch_removes(batches: &[&[StoreOp]]) -> bool {
+    !batches.is_empty()
+        && batches.iter().all(|b| {
+            b.iter()
+                .any(|op| matches!(op, StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_)))
+        })
+}
+
+/// The bytes of `data.mdb` up to the map's last used page.
+fn used_bytes(t: &Tables) -> u64 {
+    let page = u64::from(t.env.stat().page_size).max(1);
+    let pages = u64::try_from(t.env.info().last_page_number).unwrap_or(u64::MAX);
+    pages.saturating_add(1).saturating_mul(page)
+}
+
 fn read_u64(b: Option<&[u8]>) -> u64 {
     b.and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_le_bytes)
@@ -746,12 +851,14 @@ impl Store {
                 path: db_dir.display().to_string(),
             })?;
         let tables = Self::open_tables(&db_dir, map_size)?;
+        let blocks = BlockReserve::open(&db_dir, used_bytes(&tables));
         Ok(Store {
             gate: std::sync::RwLock::new(Some(tables)),
             max_map: std::sync::atomic::AtomicUsize::new(0),
             fence: std::sync::atomic::AtomicU64::new(0),
             _writer: Some(writer),
             commits_since_reader_check: std::sync::atomic::AtomicU64::new(0),
+            blocks,
         })
     }
 
@@ -889,6 +996,7 @@ impl Store {
             fence: std::sync::atomic::AtomicU64::new(0),
             _writer: None,
             commits_since_reader_check: std::sync::atomic::AtomicU64::new(0),
+            blocks: None,
         })
     }
 
@@ -976,9 +1084,10 @@ impl Store {
         reserve: Reserve,
     ) -> Result<u64, StoreError> {
         self.clear_stale_readers_now_and_then();
-        let r = self.apply_gated(batches, reserve);
+        let low = self.block_reserve_low()?;
+        let r = self.apply_gated(batches, reserve, low);
         let r = match r {
-            Err(StoreError::MapFull) if self.grow_map()? => self.apply_gated(batches, reserve),
+            Err(StoreError::MapFull) if self.grow_map()? => self.apply_gated(batches, reserve, low),
             r => r,
         };
         if r.is_err() {
@@ -987,10 +1096,29 @@ impl Store {
         r
     }
 
-    fn apply_gated(&self, batches: &[&[StoreOp]], reserve: Reserve) -> Result<u64, StoreError> {
+    /// Makes the [`block_reserve`] whole again where there is room;
+    /// whether less than half of it is left, so that a commit that grows
+    /// the tables and may not use the reserve is refused.
+    fn block_reserve_low(&self) -> Result<bool, StoreError> {
+        let Some(b) = &self.blocks else {
+            return Ok(false);
+        };
+        let used = {
+            let gate = self.gate();
+            used_bytes(tables(&gate)?)
+        };
+        Ok(b.top_up(used) < b.bytes / 2)
+    }
+
+    fn apply_gated(
+        &self,
+        batches: &[&[StoreOp]],
+        reserve: Reserve,
+        low: bool,
+    ) -> Result<u64, StoreError> {
         let gate = self.gate();
         let t = tables(&gate)?;
-        self.apply_ops(t, batches, reserve)
+        self.apply_ops(t, batches, reserve, low)
             .map_err(|e| Self::explain(t, e))
     }
 
@@ -1052,6 +1180,7 @@ impl Store {
         t: &Tables,
         batches: &[&[StoreOp]],
         reserve: Reserve,
+        blocks_low: bool,
     ) -> Result<u64, StoreError> {
         let mut txn = t.env.write_txn().map_err(StoreError::from_heed)?;
         let mine = self.fence.load(std::sync::atomic::Ordering::Acquire);
@@ -1126,14 +1255,18 @@ impl Store {
         // An intent's completion and the groups it builds on may use a
         // quarter of it (`Reserve::Usable`, re-review rr37; the rest stays
         // for closes and later completions, rr37b).
-        let removes = reserve == Reserve::IfEveryBatchRemoves
-            && !batches.is_empty()
-            && batches.iter().all(|b| {
-                b.iter()
-                    .any(|op| matches!(op, StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_)))
-            });
+        let removes = reserve == Reserve::IfEveryBatchRemoves && every_batch_removes(batches);
         if !removes {
-            self.keep_delete_reserve(t, before, table_pages(t, &txn)?, reserve)?;
+            let after = table_pages(t, &txn)?;
+            // The same for the filesystem's blocks kept past the map's
+            // last page (attack45 F1): with less than half of them left
+            // and no room to make them whole, a commit that grows the
+            // tables is refused; removals, completions and updates that
+            // grow nothing go on.
+            if blocks_low && reserve != Reserve::Usable && after > before {
+                return Err(StoreError::Full);
+            }
+            self.keep_delete_reserve(t, before, after, reserve)?;
         }
         txn.commit().map_err(StoreError::from_heed)?;
         Ok(id)

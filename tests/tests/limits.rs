@@ -408,6 +408,110 @@ fn disk_full_is_nospc_for_nfs() {
     assert_eq!(r["status"], "NFS4_OK", "{r}");
 }
 
+/// Takes every free block of `path`'s filesystem with the file `path`.
+fn fill_up(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut chunk = 1 << 16;
+    while chunk >= 512 {
+        match f.write(&vec![0u8; chunk]) {
+            Ok(n) if n > 0 => {}
+            _ => chunk /= 2,
+        }
+    }
+}
+
+/// attack45 F1: with no free block left on the state filesystem, the
+/// commit completing a durable intent (a persistent truncation, an nfsl/1
+/// REMOVE) failed with ENOSPC, filterd stopped (exit 70), and every
+/// restart stopped again writing `filterd.run` (exit 1) until an operator
+/// made room. Now such commits use the blocks kept past the map's last
+/// page, new state is refused `STATUS_DISK_FULL`/`NFS4ERR_NOSPC`, filterd
+/// stays up, and a restart on the still-full filesystem serves.
+#[test]
+fn a_full_state_filesystem_completes_intents_and_restarts() {
+    let Some(s) = Scratch::with_small_state("limit-blocks", "4m") else {
+        return;
+    };
+    let mut d = Filterd::start(&s, &[], &[]);
+    let smb = Shim::start_with(
+        "smbshim",
+        &s.socket(),
+        "smb-b",
+        &["--max-opens-per-peer", "20000"],
+    );
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-b");
+    let mut a = LineClient::connect(&smb.addr);
+    let r = a.call(json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "a"}));
+    let sid = r["session_id"].as_u64().unwrap();
+    let mut n = Nfs::connect(&nfs.addr, "o", "0123456789abcdef");
+    for i in 0..8 {
+        std::fs::write(s.root().join(format!("rm{i}")), b"x").unwrap();
+    }
+    let filler = s.state().join("filler");
+    fill_up(&filler);
+    let ok_or_full = |r: &Value, ok: &str, full: &str| {
+        let st = r["status"].as_str().unwrap_or_default();
+        assert!(st == ok || st == full, "{r}");
+        st == ok
+    };
+    // Persistent opens, each truncated, until the state filesystem
+    // refuses new ones.
+    let (mut opened, mut truncated) = (Vec::new(), Vec::new());
+    for i in 0..20_000 {
+        let path = format!("{i:05}-{}", "x".repeat(200));
+        let r = smb_persistent_create(&mut a, sid, &path);
+        if !ok_or_full(&r, "STATUS_SUCCESS", "STATUS_DISK_FULL") {
+            break;
+        }
+        opened.push(r["file_id"].as_str().unwrap().to_owned());
+        std::fs::write(s.root().join(&path), [b'a'; 100]).unwrap();
+        let r = a.call(json!({"cmd": "SET_INFO", "session_id": sid, "file_id": r["file_id"], "end_of_file": 10, "op_id": 1}));
+        truncated.push((path, ok_or_full(&r, "STATUS_SUCCESS", "STATUS_DISK_FULL")));
+        assert!(d.exited().is_none(), "filterd stopped at a truncation");
+    }
+    assert!(opened.len() < 20_000, "the state filesystem filled up");
+    // Removals, now that new state is refused.
+    for i in 0..8 {
+        let rm = json!({"op": "REMOVE", "path": format!("rm{i}")});
+        let r = n.call(rm.clone());
+        let done = ok_or_full(&r, "NFS4_OK", "NFS4ERR_NOSPC");
+        assert_eq!(s.root().join(format!("rm{i}")).exists(), !done, "{r}");
+        assert!(d.exited().is_none(), "filterd stopped at a REMOVE");
+        // The re-sent request (same slot and seqid) gets the recorded answer.
+        assert_eq!(n.send(rm)["status"], r["status"]);
+    }
+    // Nothing half-done: a truncation is there exactly when acknowledged.
+    for (path, acked) in &truncated {
+        let len = std::fs::metadata(s.root().join(path)).unwrap().len();
+        assert_eq!(len, if *acked { 10 } else { 100 }, "{path}");
+    }
+    // A restart on the still-full filesystem serves, with every
+    // acknowledged open.
+    d.kill9();
+    let _d = Filterd::start(&s, &[], &[]);
+    let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+    let keys: Vec<String> = ctl
+        .handles()
+        .unwrap()
+        .iter()
+        .map(|h| h.record.key.to_string())
+        .collect();
+    for k in &opened {
+        assert!(keys.contains(k), "acknowledged handle {k} still there");
+    }
+    // Room again: new persistent state is taken.
+    std::fs::remove_file(&filler).unwrap();
+    wait_for(
+        "a persistent open once there is room",
+        Duration::from_secs(10),
+        || {
+            let r = smb_persistent_create(&mut a, sid, "after");
+            (r["status"] == "STATUS_SUCCESS").then_some(())
+        },
+    );
+}
+
 /// A line over 4 MiB: that connection gets the error and is closed; other
 /// clients of the same frontend keep working (both protocols).
 #[test]
