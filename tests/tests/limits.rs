@@ -448,29 +448,48 @@ fn a_full_state_filesystem_completes_intents_and_restarts() {
     for i in 0..8 {
         std::fs::write(s.root().join(format!("rm{i}")), b"x").unwrap();
     }
-    let filler = s.state().join("filler");
-    fill_up(&filler);
     let ok_or_full = |r: &Value, ok: &str, full: &str| {
         let st = r["status"].as_str().unwrap_or_default();
         assert!(st == ok || st == full, "{r}");
         st == ok
     };
-    // Persistent opens, each truncated, until the state filesystem
-    // refuses new ones.
-    let (mut opened, mut truncated) = (Vec::new(), Vec::new());
-    for i in 0..20_000 {
-        let path = format!("{i:05}-{}", "x".repeat(200));
-        let r = smb_persistent_create(&mut a, sid, &path);
-        if !ok_or_full(&r, "STATUS_SUCCESS", "STATUS_DISK_FULL") {
-            break;
+    let mut opened = Vec::new();
+    let mut create = |a: &mut LineClient, path: &str| {
+        let r = smb_persistent_create(a, sid, path);
+        let ok = ok_or_full(&r, "STATUS_SUCCESS", "STATUS_DISK_FULL");
+        if ok {
+            opened.push(r["file_id"].as_str().unwrap().to_owned());
+            std::fs::write(s.root().join(path), [b'a'; 100]).unwrap();
         }
-        opened.push(r["file_id"].as_str().unwrap().to_owned());
-        std::fs::write(s.root().join(&path), [b'a'; 100]).unwrap();
-        let r = a.call(json!({"cmd": "SET_INFO", "session_id": sid, "file_id": r["file_id"], "end_of_file": 10, "op_id": 1}));
-        truncated.push((path, ok_or_full(&r, "STATUS_SUCCESS", "STATUS_DISK_FULL")));
+        ok.then(|| r["file_id"].clone())
+    };
+    let name = |i: usize| format!("{i:05}-{}", "x".repeat(200));
+    let fids: Vec<(String, Value)> = (0..64)
+        .map(|i| (name(i), create(&mut a, &name(i)).unwrap()))
+        .collect();
+    let filler = s.state().join("filler");
+    fill_up(&filler);
+    // Persistent truncations on the full filesystem, then persistent opens
+    // until new ones are refused, then truncations again.
+    let mut truncated = std::collections::BTreeMap::new();
+    let mut truncate = |a: &mut LineClient, d: &mut Filterd, path: &str, fid: &Value, eof: u64| {
+        let r = a.call(json!({"cmd": "SET_INFO", "session_id": sid, "file_id": fid, "end_of_file": eof, "op_id": eof}));
+        if ok_or_full(&r, "STATUS_SUCCESS", "STATUS_DISK_FULL") {
+            truncated.insert(path.to_owned(), eof);
+        }
         assert!(d.exited().is_none(), "filterd stopped at a truncation");
+    };
+    for (path, fid) in &fids {
+        truncate(&mut a, &mut d, path, fid, 10);
     }
-    assert!(opened.len() < 20_000, "the state filesystem filled up");
+    let mut i = fids.len();
+    while i < 20_000 && create(&mut a, &name(i)).is_some() {
+        i += 1;
+    }
+    assert!(i < 20_000, "the state filesystem filled up");
+    for (path, fid) in &fids {
+        truncate(&mut a, &mut d, path, fid, 5);
+    }
     // Removals, now that new state is refused.
     for i in 0..8 {
         let rm = json!({"op": "REMOVE", "path": format!("rm{i}")});
@@ -482,9 +501,9 @@ fn a_full_state_filesystem_completes_intents_and_restarts() {
         assert_eq!(n.send(rm)["status"], r["status"]);
     }
     // Nothing half-done: a truncation is there exactly when acknowledged.
-    for (path, acked) in &truncated {
-        let len = std::fs::metadata(s.root().join(path)).unwrap().len();
-        assert_eq!(len, if *acked { 10 } else { 100 }, "{path}");
+    for i in 0..i {
+        let len = std::fs::metadata(s.root().join(name(i))).unwrap().len();
+        assert_eq!(len, truncated.get(&name(i)).copied().unwrap_or(100), "{i}");
     }
     // A restart on the still-full filesystem serves, with every
     // acknowledged open.
