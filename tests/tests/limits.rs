@@ -146,13 +146,18 @@ fn disk_full_is_an_error_and_service_resumes() {
     std::fs::remove_file(&ballast).unwrap();
     let r = create(&mut a, &full, true);
     assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_all_held(&ctl, &acked);
+}
+
+/// Every resume key of `acked` is among filterd's handles.
+fn assert_all_held(ctl: &libfilter::client::FilterClient, acked: &[String]) {
     let keys: Vec<String> = ctl
         .handles()
         .unwrap()
         .iter()
         .map(|h| h.record.key.to_string())
         .collect();
-    for k in &acked {
+    for k in acked {
         assert!(keys.contains(k), "acknowledged handle {k} still there");
     }
 }
@@ -510,15 +515,7 @@ fn a_full_state_filesystem_completes_intents_and_restarts() {
     d.kill9();
     let _d = Filterd::start(&s, &[], &[]);
     let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
-    let keys: Vec<String> = ctl
-        .handles()
-        .unwrap()
-        .iter()
-        .map(|h| h.record.key.to_string())
-        .collect();
-    for k in &opened {
-        assert!(keys.contains(k), "acknowledged handle {k} still there");
-    }
+    assert_all_held(&ctl, &opened);
     // Room again: new persistent state is taken.
     std::fs::remove_file(&filler).unwrap();
     wait_for(
