@@ -76,10 +76,14 @@ pub struct Deferred {
     /// Counted in its writer's parked frames (`ConnWriter::park`) while
     /// it waits: given back when it is dropped.
     pub parked: bool,
-    /// A status or listing reply, which [`Pipeline::withdraw`] may take
-    /// back once its bounded wait is over: the engine's token for that
-    /// wait (never the peer's request id). No other reply is.
-    pub bounded: Option<u64>,
+    /// The reply to a request that changed nothing (a status, a listing,
+    /// a view of a handle or of a recorded reply, a `CheckIo`), which the
+    /// engine may take back ([`Pipeline::withdraw`]): once a status's or
+    /// listing's bounded wait is over, or when a commit it shows fails
+    /// (the engine runs the request again on the state rolled back). The
+    /// engine's token for it (never the peer's request id). No other
+    /// reply has one.
+    pub token: Option<u64>,
 }
 
 impl Drop for Deferred {
@@ -293,11 +297,11 @@ impl Pipeline {
         due
     }
 
-    /// Takes back the bounded (status or listing) reply of wait `token`
-    /// on `writer` parked under `seq`, if it still waits (not sent, not
+    /// Takes back the reply of token `token` ([`Deferred::token`]) on
+    /// `writer` parked under `seq`, if it still waits (not sent, not
     /// failed): the caller answers it otherwise (`status` after its
-    /// bound). Under the lock the committer sends under, so the reply goes
-    /// one way only. Matched by the engine's token, not the request id,
+    /// bound, a view whose commit failed). Under the lock the committer
+    /// sends under, so the reply goes one way only. Matched by the engine's token, not the request id,
     /// which is the peer's (re-review rr43a F6: a LOCK, or another status
     /// or listing, parked with the same id under the same sequence had its
     /// reply taken, and never sent; rr44a F1).
@@ -311,7 +315,7 @@ impl Pipeline {
         let parked = s.waiting.get_mut(&seq)?;
         let at = parked
             .iter()
-            .position(|d| d.bounded == Some(token) && Arc::ptr_eq(&d.writer, writer))?;
+            .position(|d| d.token == Some(token) && Arc::ptr_eq(&d.writer, writer))?;
         let taken = parked.remove(at);
         if parked.is_empty() {
             s.waiting.remove(&seq);
@@ -1182,7 +1186,7 @@ mod tests {
                 fd: None,
                 point: None,
                 parked: false,
-                bounded: None,
+                token: None,
             },
         );
         CommitJob {
@@ -1437,7 +1441,7 @@ mod tests {
             fd: None,
             point: None,
             parked: false,
-            bounded: None,
+            token: None,
         };
         pipe.reply_after(1, event);
         let told = rig.rx.recv_timeout(Duration::from_secs(20));
@@ -1464,7 +1468,7 @@ mod tests {
             fd: None,
             point: None,
             parked: false,
-            bounded: None,
+            token: None,
         };
         // Small enough to be sent whole on the test's socket.
         let size = 16 << 10;

@@ -171,6 +171,9 @@ impl Engine {
     /// for the answer) is withdrawn, so it never registers an I/O nobody
     /// will report done. Another unknown id is ignored.
     pub(super) fn checked_io_done(&mut self, conn: ConnId, check: u64) {
+        // Its answer, if still parked behind a commit, is not run again
+        // should that commit fail (`rebuild`).
+        self.views.gave_up(conn, check);
         let t = &mut self.checked_io;
         let Some(file) = t.index.remove(&(conn, check)) else {
             let parked = self.waiting_changes.iter().position(|(_, c, id, r)| {

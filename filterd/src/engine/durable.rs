@@ -357,10 +357,9 @@ pub(super) struct Batch {
     /// A failpoint hit right before the current request's reply goes
     /// (after its commit is durable): `lock.granted`.
     pub(super) reply_point: Option<&'static str>,
-    /// The current request is a status or listing whose parked reply its
-    /// bounded wait (this token) may withdraw
-    /// ([`crate::committer::Deferred::bounded`]).
-    pub(super) reply_bounded: Option<u64>,
+    /// The current request changes nothing: its parked reply may be
+    /// withdrawn by this token ([`crate::committer::Deferred::token`]).
+    pub(super) reply_token: Option<u64>,
     /// The handle the current request's open put in (a new one, not a
     /// replayed or resumed one): only that one is dropped if the commit
     /// its reply waits for fails (`Undo::Drop`).
@@ -394,7 +393,7 @@ impl Default for Batch {
             scope_seq: HashMap::new(),
             pending: BTreeMap::new(),
             reply_point: None,
-            reply_bounded: None,
+            reply_token: None,
             inserted: None,
             rebound: None,
         }
@@ -582,7 +581,7 @@ impl Engine {
         self.batch.dep = 0;
         self.batch.committed = self.pipe.committed();
         self.batch.reply_point = None;
-        self.batch.reply_bounded = None;
+        self.batch.reply_token = None;
         self.batch.inserted = None;
         self.batch.rebound = None;
     }
@@ -716,7 +715,7 @@ impl Engine {
                     fd: None,
                     point: None,
                     parked: false,
-                    bounded: None,
+                    token: None,
                 },
             ),
             Err(e) => error!(error = %e, "cannot encode an event"),
@@ -902,7 +901,7 @@ impl Engine {
                 fd,
                 point: self.batch.reply_point.take(),
                 parked: false,
-                bounded: self.batch.reply_bounded.take(),
+                token: self.batch.reply_token.take(),
             },
         );
     }
@@ -935,6 +934,7 @@ impl Engine {
         }
         self.pending_creates.retain(|_, s| *s > committed);
         self.renames_completing.retain(|(s, _, _)| *s > committed);
+        self.views.resolved(committed);
         // Frontends go back to unchecked I/O on a file only once the
         // content change that made them check is durable.
         let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gone_after)
@@ -1056,6 +1056,9 @@ impl Engine {
                 &message,
             );
         }
+        // Views that show what is rolled back are taken back before the
+        // committer refuses what waited for it, and run again below.
+        let views = self.withdraw_views(&abandoned);
         self.batch.groups.retain(|g| !abandoned.contains(&g.seq));
         // Their syncs go with them: one tied to a group in no commit would
         // fail the whole commit this round's retained groups go in.
@@ -1245,6 +1248,7 @@ impl Engine {
             self.retry_files.insert(f);
         }
         self.pipe.rolled_back(abandoned);
+        self.rebuild_views(views);
     }
 
     /// The latest pending sequence that removed a persistent handle

@@ -55,6 +55,7 @@ mod locks;
 #[cfg(test)]
 mod memfs;
 mod opens;
+mod rebuild;
 mod records;
 mod recovery;
 mod restart_gate;
@@ -313,6 +314,9 @@ pub struct Engine {
     /// Status requests parked behind pending commits, answered with what
     /// is durable once their bound passes (`status_wait`).
     status_waits: status_wait::StatusWaits,
+    /// Requests that changed nothing whose replies are parked behind
+    /// pending commits: run again if one of those fails (`rebuild`).
+    views: rebuild::ParkedViews,
     /// Files of opens waiting at the open gate.
     restart_gate_files: std::collections::BTreeSet<FileId>,
     /// Opens waiting for their intent to be durable before their change.
@@ -626,6 +630,7 @@ impl Engine {
             restart_unsettled: HashSet::new(),
             restart_gate_deadline: None,
             status_waits: Default::default(),
+            views: Default::default(),
             restart_gate_files: Default::default(),
             waiting_local: Vec::new(),
             commit_waits: BTreeMap::new(),
@@ -948,6 +953,7 @@ impl Engine {
 
     fn on_closed(&mut self, conn: ConnId) {
         self.status_waits.closed(conn);
+        self.views.closed(conn);
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
@@ -1039,7 +1045,11 @@ impl Engine {
         };
         let counted = durable::Granted::counted(&self.stats);
         let bounded = status_wait::Bounded::of(&req);
+        // Changing nothing, it is run again rather than refused if a
+        // commit its parked reply shows fails (`rebuild`).
+        let view = rebuild::changes_nothing(&req).then(|| req.clone());
         let outcome = self.dispatch(conn, role, id, req);
+        let answered = !matches!(outcome, Ok(None));
         if let Some(part) = before {
             self.undo_if_failed(durable::Undo::Record(Box::new(part)));
         }
@@ -1049,10 +1059,13 @@ impl Engine {
         if outcome.is_ok() && granted != durable::Granted::default() {
             self.undo_if_failed(durable::Undo::Counts(granted));
         }
-        let token = bounded.map(|_| self.status_waits.next_token());
-        self.batch.reply_bounded = token;
+        let token = (bounded.is_some() || view.is_some()).then(|| self.status_waits.next_token());
+        self.batch.reply_token = token;
         self.answer(conn, writer, id, outcome);
-        self.batch.reply_bounded = None;
+        self.batch.reply_token = None;
+        if let (Some(req), Some(token), true) = (view, token, answered) {
+            self.view_answered(conn, writer, id, req, token);
+        }
         if let (Some(what), Some(token)) = (bounded, token) {
             self.bound_commit_wait(conn, writer, id, what, token);
         }

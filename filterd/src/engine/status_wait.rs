@@ -140,7 +140,7 @@ struct Waiting {
     writer: Arc<ConnWriter>,
     conn: ConnId,
     id: u64,
-    /// Its parked reply's mark ([`crate::committer::Deferred::bounded`]).
+    /// Its parked reply's mark ([`crate::committer::Deferred::token`]).
     token: u64,
     seq: u64,
     arrived_ms: u64,
@@ -188,6 +188,24 @@ impl StatusWaits {
     /// Connection `conn` closed.
     pub(super) fn closed(&mut self, conn: ConnId) {
         self.behind.remove(&conn);
+    }
+
+    /// The wait of token `token`, its reply taken back to be run again
+    /// (`rebuild`): forgotten. Its arrival (monotonic ms), which the wait
+    /// of the run again keeps.
+    pub(super) fn forget(&mut self, token: u64) -> Option<u64> {
+        let at = self.waiting.iter().position(|w| w.token == token)?;
+        Some(self.waiting.remove(at).arrived_ms)
+    }
+
+    /// The wait begun last, if the request just run began one (a view run
+    /// again, `rebuild`), arrived at `arrived_ms`: its bound runs from
+    /// the request's first arrival, not from its run again.
+    pub(super) fn arrived_at(&mut self, arrived_ms: u64) {
+        let last = self.last_token;
+        if let Some(w) = self.waiting.last_mut().filter(|w| w.token == last) {
+            w.arrived_ms = w.arrived_ms.min(arrived_ms);
+        }
     }
 }
 

@@ -3885,12 +3885,15 @@ fn write_check_10(key: ResumeKey, offset: u64) -> Request {
     }
 }
 
-/// A CheckIo whose answer waited for a commit that failed was refused, so
-/// its frontend does no I/O and sends no IoDone: the check goes with the
-/// commit. Left behind, it held every later conflicting lock until the
-/// break timeout and then dropped the frontend (review, session 27).
+/// A CheckIo whose answer waited for a commit that failed is checked
+/// again on the state rolled back and answered (attack45 F2: refused
+/// before, for another client's failed change); the I/O it counted for
+/// the failed answer goes with the commit, and the one it counts now goes
+/// with its IoDone. Left behind, a check's entry held every later
+/// conflicting lock until the break timeout and then dropped the frontend
+/// (review, session 27); `a_check_given_up_on_is_not_run_again`.
 #[test]
-fn a_check_refused_by_a_failed_commit_holds_no_lock_back() {
+fn a_check_behind_a_failed_commit_holds_no_lock_back() {
     let mut h = Harness::new();
     let (ka, kb) = two_handles_of_a(&mut h);
     let lock = |offset| lock_10(ka, offset);
@@ -3900,7 +3903,8 @@ fn a_check_refused_by_a_failed_commit_holds_no_lock_back() {
     let w = h.run(write_check_10(kb, 0));
     h.commit(false);
     h.drain_replies();
-    assert!(matches!(h.reply(w), Some(Err(_))), "{:?}", h.reply(w));
+    assert!(matches!(h.reply(w), Some(Ok(_))), "{:?}", h.reply(w));
+    h.run(Request::IoDone { check: w });
     let x = h.run(lock(5));
     h.commit(true);
     h.drain_replies();
@@ -9100,4 +9104,168 @@ fn a_read_only_overwrite_breaks_read_caching() {
             "{protocol} {held} under a read-only {disposition:?}: {breaks:?}"
         );
     }
+}
+
+/// The views of attack45 F2 and the frontends' read-only requests, each
+/// parked behind a commit that fails: an open of `a`'s file and a record
+/// of session 1. Each is a request that changed nothing.
+fn views_of(key: ResumeKey) -> Vec<Request> {
+    vec![
+        Request::Status,
+        durable_handles(None),
+        Request::Handles {
+            after: None,
+            durable_ok: false,
+        },
+        Request::Files {
+            after: None,
+            holders_after: None,
+            durable_ok: true,
+        },
+        Request::Locks {
+            after: None,
+            locks_after: None,
+            durable_ok: true,
+        },
+        Request::Frontends,
+        Request::Handle {
+            key,
+            learning: false,
+        },
+        Request::LookupReply {
+            scope: session(1),
+            op_id: 1,
+        },
+        Request::ListRecords {
+            scope: session(1),
+            after: None,
+        },
+        Request::CheckIo {
+            key,
+            range: LockRange {
+                offset: 0,
+                length: 10,
+            },
+            write: false,
+            own_protocol_advisory: false,
+        },
+    ]
+}
+
+/// attack45 F2: a request that changed nothing, parked behind a commit
+/// that then fails, was refused with that commit's error (`DiskFull`
+/// while the store was full): `filterctl status` and the listings exited
+/// 1, and a frontend's view of a handle or check of a read failed for
+/// another client's change. Each is answered from the state rolled back,
+/// showing none of what failed; what did change something still fails.
+#[test]
+fn views_behind_a_failed_commit_are_answered_from_the_state_rolled_back() {
+    let mut h = Harness::new();
+    let a = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let ka = h.opened(a);
+    // Pending, to fail: a second open of a's file, a record of session 1.
+    let second = h.run(open("a", Rights::ALL));
+    let recorded = h.run(Request::RecordReply {
+        scope: session(1),
+        op_id: 1,
+        reply: "r".into(),
+        keep: 3,
+    });
+    let views: Vec<u64> = views_of(ka).into_iter().map(|v| h.run(v)).collect();
+    for id in &views {
+        assert!(h.reply(*id).is_none(), "{id} waits for the commit it shows");
+    }
+    h.commit(false);
+    assert_eq!(h.refused(second), ErrorCode::DiskFull);
+    assert_eq!(h.refused(recorded), ErrorCode::DiskFull);
+    for id in &views {
+        assert!(
+            matches!(h.reply(*id), Some(Ok(_))),
+            "view {id}: {:?}",
+            h.reply(*id)
+        );
+    }
+    let [status, durable, complete, ..] = views[..] else {
+        unreachable!()
+    };
+    let Some(Ok(Reply::Status(s))) = h.reply(status) else {
+        unreachable!()
+    };
+    assert_eq!((s.handles_connected, s.commit_wait.is_none()), (1, true));
+    for id in [durable, complete] {
+        let Some(Ok(Reply::Handles { handles, .. })) = h.reply(id) else {
+            panic!("{:?}", h.reply(id));
+        };
+        let keys: Vec<ResumeKey> = handles.iter().map(|v| v.record.key).collect();
+        assert_eq!(keys, [ka], "the failed open is not listed");
+    }
+    assert!(
+        matches!(
+            h.reply(views[7]),
+            Some(Ok(Reply::Recorded { record: None }))
+        ),
+        "the failed record is not found: {:?}",
+        h.reply(views[7])
+    );
+    assert!(
+        matches!(h.reply(views[8]), Some(Ok(Reply::Records { records, .. })) if records.is_empty()),
+        "{:?}",
+        h.reply(views[8])
+    );
+    // The read it let through is in flight (counted anew) until IoDone.
+    let lock = h.run(lock_10(ka, 0));
+    h.commit(true);
+    assert!(
+        matches!(h.reply(lock), Some(Ok(_))),
+        "own lock over own read"
+    );
+    h.run(Request::IoDone { check: views[9] });
+    assert_eq!(h.engine.views.len(), 0, "none kept once resolved");
+}
+
+/// A view parked behind a commit that succeeds still showed an earlier
+/// group of the same merged commit that failed (its fsync, here): it was
+/// sent as it was, listing a handle the rollback took away. It is built
+/// again too.
+#[test]
+fn a_view_behind_a_later_commit_does_not_show_an_earlier_failed_one() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    // A create of n (its directory fsync'd before the commit: that
+    // fails), then an open of b's existing file (no fsync: it commits).
+    let created = h.run(open("n", Rights::ALL));
+    let opened = h.run(open("b", Rights::ALL));
+    let status = h.run(Request::Status);
+    assert!(h.reply(status).is_none());
+    h.fs.fail_next("fsync", libc::EIO);
+    h.commit_once(true);
+    assert!(
+        matches!(h.reply(created), Some(Err(_))),
+        "{:?}",
+        h.reply(created)
+    );
+    h.opened(opened);
+    let Some(Ok(Reply::Status(s))) = h.reply(status) else {
+        panic!("{:?}", h.reply(status));
+    };
+    assert_eq!(s.handles_connected, 2, "a and b, not the failed n");
+}
+
+/// A `CheckIo` whose frontend gave up waiting (its `IoDone` came while
+/// the answer was parked) is not run again when the commit fails: no
+/// second `IoDone` would end the I/O it counted.
+#[test]
+fn a_check_given_up_on_is_not_run_again() {
+    let mut h = Harness::new();
+    let (ka, kb) = two_handles_of_a(&mut h);
+    h.run(lock_10(ka, 100));
+    let w = h.run(write_check_10(kb, 0));
+    h.run(Request::IoDone { check: w });
+    h.commit(false);
+    assert!(matches!(h.reply(w), Some(Err(_))), "{:?}", h.reply(w));
+    let x = h.run(lock_10(ka, 5));
+    h.commit(true);
+    assert!(matches!(h.reply(x), Some(Ok(_))), "{:?}", h.reply(x));
 }

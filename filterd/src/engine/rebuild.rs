@@ -1,0 +1,190 @@
+//! Replies to requests that changed nothing, rebuilt after a failed commit
+//! (attack45 F2).
+//!
+//! A view — `status`, a listing (`handles`, `files`, `locks`,
+//! `frontends`), one handle, a recorded reply looked up or listed, a
+//! `CheckIo` — changes nothing, but its reply shows state that pending
+//! commits hold, so it is parked behind them (invariant 1). When one of
+//! those commits fails, the reply shows what the rollback took back and
+//! must not go out as it is. Refused with the commit's error as before,
+//! an operator's `filterctl status`, `handles`, `files`, `locks`, `leases`
+//! and `frontends` exited 1 with `DiskFull` exactly while other clients
+//! filled the store, and a frontend's view of a handle or check of a read
+//! failed for another client's change: answered as if they had changed
+//! something.
+//!
+//! So the engine keeps each such request while its reply is parked
+//! ([`ParkedViews`]). When a commit fails, before the committer settles
+//! the failure, it takes back the parked replies that show an abandoned
+//! sequence ([`crate::committer::Pipeline::withdraw`], by a token of the
+//! engine's, never the peer's request id), and once the rollback is done
+//! runs those requests again on the state as it is now: answered at once
+//! if nothing is pending any more (what the engine holds is then
+//! durable), or parked again behind what still is — a status or listing
+//! still within the bound of its first arrival ([`super::status_wait`]).
+//! A request that changed something still fails with its commit.
+//!
+//! A view shows everything pending when it arrived, not only the newest
+//! sequence it waits for: it is rebuilt when any sequence up to that one
+//! was abandoned (a failed group below a later one that committed left it
+//! showing what was rolled back). A `CheckIo` is rebuilt only when the
+//! sequence it waits for was abandoned: then the rollback forgot the I/O
+//! it counted in flight (`Engine::checked_io_abandoned`), which the run
+//! again counts anew; and never once its frontend gave up on it
+//! (`IoDone`), as no second `IoDone` would come.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use libfilter::proto::Request;
+
+use super::{ConnId, Engine};
+use crate::outbox::ConnWriter;
+
+/// Whether `req` changes nothing, so that a reply of it parked behind a
+/// commit that fails is rebuilt rather than refused. `Stats` is answered
+/// at once from what is durable, never parked.
+pub(super) fn changes_nothing(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Status
+            | Request::Handles { .. }
+            | Request::Files { .. }
+            | Request::Frontends
+            | Request::Locks { .. }
+            | Request::Handle { .. }
+            | Request::LookupReply { .. }
+            | Request::ListRecords { .. }
+            | Request::CheckIo { .. }
+    )
+}
+
+/// A request that changed nothing, its reply parked behind sequence `seq`.
+pub(super) struct ParkedView {
+    conn: ConnId,
+    writer: Arc<ConnWriter>,
+    id: u64,
+    req: Request,
+    /// Its parked reply's mark ([`crate::committer::Deferred::token`]).
+    token: u64,
+    seq: u64,
+}
+
+/// The requests that changed nothing whose replies are parked, in the
+/// order they arrived; each goes once its sequence is resolved, its
+/// connection closes, or (a `CheckIo`) its `IoDone` comes.
+#[derive(Default)]
+pub(super) struct ParkedViews {
+    parked: Vec<ParkedView>,
+}
+
+impl ParkedViews {
+    /// Connection `conn` closed: nothing of it is run again.
+    pub(super) fn closed(&mut self, conn: ConnId) {
+        self.parked.retain(|v| v.conn != conn);
+    }
+
+    /// The `IoDone` of `CheckIo` `check` of `conn` came: its frontend
+    /// gave up waiting, and a run again would count an I/O in flight that
+    /// no `IoDone` ends.
+    pub(super) fn gave_up(&mut self, conn: ConnId, check: u64) {
+        self.parked.retain(|v| {
+            !(v.conn == conn && v.id == check && matches!(v.req, Request::CheckIo { .. }))
+        });
+    }
+
+    /// Sequences up to `committed` are resolved: what waited for them went.
+    pub(super) fn resolved(&mut self, committed: u64) {
+        self.parked.retain(|v| v.seq > committed);
+    }
+
+    /// How many are kept (the unit tests' measure).
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.parked.len()
+    }
+}
+
+/// A view taken back from the pipeline, to run again after the rollback.
+pub(super) struct Withdrawn {
+    conn: ConnId,
+    id: u64,
+    req: Request,
+    /// When a status or listing first arrived (its bound runs from then).
+    arrived_ms: Option<u64>,
+}
+
+impl Engine {
+    /// The current request changed nothing (`changes_nothing`) and was
+    /// answered with token `token`: kept while its reply is parked.
+    pub(super) fn view_answered(
+        &mut self,
+        conn: ConnId,
+        writer: &Arc<ConnWriter>,
+        id: u64,
+        req: Request,
+        token: u64,
+    ) {
+        if let Some(seq) = self.request_waits_for() {
+            self.views.parked.push(ParkedView {
+                conn,
+                writer: writer.clone(),
+                id,
+                req,
+                token,
+                seq,
+            });
+        }
+    }
+
+    /// A commit failed and `abandoned` is rolled back: takes back the
+    /// parked replies of views that show an abandoned sequence, before the
+    /// committer fails what waited for those. Run again with
+    /// [`Engine::rebuild_views`] once the rollback is done.
+    pub(super) fn withdraw_views(&mut self, abandoned: &BTreeSet<u64>) -> Vec<Withdrawn> {
+        let Some(first) = abandoned.first().copied() else {
+            return Vec::new();
+        };
+        let (hit, kept): (Vec<ParkedView>, Vec<ParkedView>) =
+            std::mem::take(&mut self.views.parked)
+                .into_iter()
+                .partition(|v| match v.req {
+                    Request::CheckIo { .. } => abandoned.contains(&v.seq),
+                    _ => v.seq >= first,
+                });
+        self.views.parked = kept;
+        let mut out = Vec::new();
+        for v in hit {
+            // Gone already: sent (its sequence resolved meanwhile) or
+            // answered past its bound.
+            if self.pipe.withdraw(v.seq, &v.writer, v.token).is_none() {
+                continue;
+            }
+            out.push(Withdrawn {
+                conn: v.conn,
+                id: v.id,
+                req: v.req,
+                arrived_ms: self.status_waits.forget(v.token),
+            });
+        }
+        out
+    }
+
+    /// Runs the views `withdrawn` again, in the order they arrived, on the
+    /// state rolled back: each answered now, or parked again behind what
+    /// is still pending.
+    pub(super) fn rebuild_views(&mut self, withdrawn: Vec<Withdrawn>) {
+        if !withdrawn.is_empty() {
+            tracing::debug!(
+                views = withdrawn.len(),
+                "views that showed a failed commit are answered again"
+            );
+        }
+        for w in withdrawn {
+            self.run_again(w.conn, w.id, w.req);
+            if let Some(arrived) = w.arrived_ms {
+                self.status_waits.arrived_at(arrived);
+            }
+        }
+    }
+}
