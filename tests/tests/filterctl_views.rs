@@ -716,3 +716,83 @@ fn each_request_logs_one_line_with_the_handle_it_names() {
         );
     }
 }
+
+/// attack45 F2: while another client's commit fails (the store full),
+/// `filterctl status`, `handles`, `files`, `locks`, `leases` and
+/// `frontends` exited 1 with "filterd refused the request: … state store
+/// commit failed": each parked its reply behind the newest pending
+/// commit, and the failure refused everything parked there. A view
+/// changes nothing: it is answered from the state rolled back, and exits
+/// 0; so are a frontend's complete listing and its view of a handle on
+/// the failed open's file. The open itself still fails.
+#[test]
+fn views_parked_behind_a_failed_commit_are_answered() {
+    use libfilter::proto::{OpenRequest, Request};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let s = Scratch::new("views-failed-commit");
+    // Commit 1: the open of c. Commit 2: the open of d, held 800 ms once
+    // durable (less than status's 1 s bound). Commit 3, queued meanwhile
+    // and failed: a second open of c's file, which the views wait for.
+    let fp = "commit.after:2:sleep800,commit.before:3:fail";
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", fp)]);
+    let fe = Arc::new(attach(&s.socket(), "smb", "smb-a"));
+    let persistent = |path: &str| OpenRequest {
+        client: ClientId::new("frank").unwrap(),
+        durability: Durability::Persistent { timeout_ms: 60_000 },
+        create_guid: Some(CreateGuid(uuid::Uuid::new_v4())),
+        ..rkfilter_tests::rw_open_if(path, Rights::ALL, None)
+    };
+    let key = fe.open(persistent("c")).expect("open of c").info.key;
+    let opener = |path: &'static str| {
+        let (fe, req) = (fe.clone(), persistent(path));
+        std::thread::spawn(move || fe.open(req).map(|h| h.info.key))
+    };
+    let held = opener("d");
+    d.wait_log("failpoint commit.after: stalling", Duration::from_secs(20));
+    let failing = opener("c");
+    let ctl = d.control();
+    let parked = |n: u64| {
+        rkfilter_tests::wait_for("replies parked", Duration::from_secs(20), || {
+            let st = ctl.stats().ok()?;
+            (st.replies_awaiting_commit >= n || st.commits_failed > 0)
+                .then_some(st.commits_failed == 0)
+        })
+    };
+    assert!(parked(2), "the second open of c parked behind commit 3");
+    let sock = s.socket().to_str().unwrap().to_owned();
+    let views = ["status", "handles", "files", "locks", "leases", "frontends"];
+    let ctls: Vec<_> = views
+        .into_iter()
+        .map(|v| {
+            let sock = sock.clone();
+            std::thread::spawn(move || rkfilter_tests::filterctl_as_is(&["--socket", &sock, v]))
+        })
+        .collect();
+    let listing = {
+        let fe = fe.clone();
+        std::thread::spawn(move || fe.handles())
+    };
+    let view = {
+        let fe = fe.clone();
+        std::thread::spawn(move || {
+            fe.call(Request::Handle {
+                key,
+                learning: false,
+            })
+        })
+    };
+    assert!(
+        parked(2 + views.len() as u64 + 2),
+        "the views parked before commit 3 failed (a machine too slow for the 800 ms window)"
+    );
+    assert!(held.join().unwrap().is_ok(), "the open of d committed");
+    assert!(failing.join().unwrap().is_err(), "the failed open fails");
+    for (v, out) in views.iter().zip(ctls) {
+        let out = out.join().unwrap();
+        assert_eq!(out.code, 0, "filterctl {v}: {}{}", out.stdout, out.stderr);
+    }
+    let listed = listing.join().unwrap().expect("the frontend's listing");
+    assert_eq!(listed.len(), 2, "c and d, not the failed open: {listed:?}");
+    assert!(view.join().unwrap().is_ok(), "the frontend's view of c");
+}
