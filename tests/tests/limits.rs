@@ -778,6 +778,63 @@ fn a_reconnected_open_counts_under_the_reconnecting_peer() {
     }
 }
 
+/// attack45 F3: a peer at its share (3 here) that re-sends an
+/// acknowledged persistent CREATE (`replay: true`, the same create GUID)
+/// on its live session gets the original open: a replay returns it and
+/// needs no new one. Old code took a slot first and answered
+/// STATUS_INSUFFICIENT_RESOURCES. A replay whose GUID names no open is a
+/// new open and still counts (refused before anything is made), and the
+/// replays moved the count neither way: once the three are closed, the
+/// peer has exactly its whole share again.
+#[test]
+fn a_replay_at_the_peer_share_returns_the_original_open() {
+    let s = Scratch::new("limit-shim-peer-replay");
+    let _d = Filterd::start(&s, &[], &[]);
+    let shim = Shim::start_with(
+        "smbshim",
+        &s.socket(),
+        "smb-peer-replay",
+        &["--max-opens-per-peer", "3"],
+    );
+    let (mut a, sa) = rkfilter_tests::smb_session(&shim.addr);
+    let mut create = |path: &str, guid: &str, replay: bool| {
+        a.call(
+            json!({"cmd": "CREATE", "session_id": sa, "path": path, "access": ["read", "write"],
+                   "share": ["read"], "disposition": "open_if", "replay": replay,
+                   "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}}),
+        )
+    };
+    let guids: Vec<String> = (0..3).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let mut fids = Vec::new();
+    for (i, g) in guids.iter().enumerate() {
+        let r = create(&format!("r{i}"), g, false);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+        fids.push(r["file_id"].clone());
+    }
+    for _ in 0..3 {
+        let r = create("r1", &guids[1], true);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "the original open: {r}");
+        assert_eq!(r["file_id"], fids[1], "{r}");
+    }
+    let r = create("r3", &uuid::Uuid::new_v4().to_string(), true);
+    assert_eq!(
+        r["status"], "STATUS_INSUFFICIENT_RESOURCES",
+        "a new open: {r}"
+    );
+    assert!(!s.root().join("r3").exists(), "refused before it was made");
+    drop(create);
+    for fid in &fids {
+        let r = a.call(json!({"cmd": "CLOSE", "session_id": sa, "file_id": fid}));
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+    for p in ["n0", "n1", "n2"] {
+        let r = plain_create(&mut a, sa, p);
+        assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    }
+    let r = plain_create(&mut a, sa, "n3");
+    assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
+}
+
 /// Old code: a plain CREATE whose session ended while filterd made the
 /// open (here: it waited for a lease break, and the client set up a new
 /// session with `previous_session_id` from another connection meanwhile)

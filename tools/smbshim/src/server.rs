@@ -169,17 +169,7 @@ impl Drop for PeerSlot {
 /// STATUS_INSUFFICIENT_RESOURCES naming the limit when the peer holds its
 /// share ([`Limits::max_opens_per_peer`]): only that peer is refused.
 fn peer_slot(sh: &Shared, session: u64) -> Result<PeerSlot, Fail> {
-    let peer = sh
-        .sessions
-        .lock()
-        .ok()
-        .and_then(|s| s.get(&session).map(|x| x.peer))
-        .ok_or_else(|| {
-            Fail(
-                "STATUS_USER_SESSION_DELETED",
-                format!("no session {session}"),
-            )
-        })?;
+    let peer = session_peer(sh, session)?;
     let max = sh.limits.max_opens_per_peer;
     sh.peer_opens.reserve(peer, max).map_err(|held| {
         Fail(
@@ -188,6 +178,30 @@ fn peer_slot(sh: &Shared, session: u64) -> Result<PeerSlot, Fail> {
                 "{peer} holds {held} opens, its share of smbshim's (--max-opens-per-peer {max}; close some)"
             ),
         )
+    })
+}
+
+/// Whom session `session`'s opens are counted under.
+fn session_peer(sh: &Shared, session: u64) -> Result<Peer, Fail> {
+    sh.sessions
+        .lock()
+        .ok()
+        .and_then(|s| s.get(&session).map(|x| x.peer))
+        .ok_or_else(|| {
+            Fail(
+                "STATUS_USER_SESSION_DELETED",
+                format!("no session {session}"),
+            )
+        })
+}
+
+/// Whether `peer` holds, in the open table and counted under it, the open
+/// of `client`'s create GUID `guid`: a replay of it returns that open,
+/// which its own slot counts.
+fn peer_holds(sh: &Shared, peer: Peer, client: uuid::Uuid, guid: uuid::Uuid) -> bool {
+    sh.opens.lock().is_ok_and(|o| {
+        o.values()
+            .any(|v| v.client == client && v.create_guid == Some(guid) && v.counted.peer == peer)
     })
 }
 
@@ -1466,7 +1480,18 @@ fn create_with(
         )?),
         None => None,
     };
-    let counted = peer_slot(sh, session)?;
+    // A replay of an open its peer holds returns that open, counted by
+    // the open's own slot: it takes no new one (attack45 F3: a peer at
+    // its share re-sending an acknowledged CREATE on its live session was
+    // refused STATUS_INSUFFICIENT_RESOURCES, not given the original).
+    // Any other CREATE is a new open of the peer's and counts; so does a
+    // replay that turns out to return another open (checked again where
+    // the open is stored).
+    let peer = session_peer(sh, session)?;
+    let counted = match create_guid.filter(|_| replay) {
+        Some(g) if peer_holds(sh, peer, client_guid, g) => None,
+        _ => Some(peer_slot(sh, session)?),
+    };
     let _slot = open_slot(sh)?;
     let end = session_end(sh, session)?;
     // Remembered while the call is in flight, kept if it goes unanswered:
@@ -1617,6 +1642,30 @@ fn create_with(
             format!("session {session} ended while the open was made"),
         ));
     }
+    // A replay that took no slot must return the open its peer holds:
+    // any other open (that one closed meanwhile, or held under another
+    // peer) is counted now, or refused and let go as one not handed out.
+    let counted = match counted {
+        Some(c) => Some(c),
+        None if opens.get(&file_id).is_some_and(|o| o.counted.peer == peer) => None,
+        None => match peer_slot(sh, session) {
+            Ok(c) => Some(c),
+            Err(fail) if opens.contains_key(&file_id) => return Err(refused(fail, in_flight)),
+            Err(fail) => {
+                // A CLOSE that took it meanwhile has the handle.
+                if closing_first(sh, m, h.info.key, watch.as_ref()).is_err() {
+                    return Err(refused(fail, in_flight));
+                }
+                // Detached for the next replay: the GUID stays, for a
+                // LOGOFF to close.
+                let key = h.info.key;
+                drop(opens);
+                drop(h);
+                let_go(m, key, granted.is_some());
+                return Err(fail);
+            }
+        },
+    };
     if let Some(existing) = opens.get_mut(&file_id) {
         // A replay that found the original open.
         let other_alive = existing.session != session
@@ -1633,9 +1682,17 @@ fn create_with(
             ));
         }
         existing.session = session;
-        // Counted under its new session's peer from now on.
-        existing.counted = counted;
+        // Counted under its new session's peer from now on (a replay
+        // that took no slot: its peer's already).
+        if let Some(c) = counted {
+            existing.counted = c;
+        }
     } else {
+        // Always a slot here: none only for an open found stored above,
+        // under the same lock.
+        let Some(counted) = counted else {
+            return Err(Fail("STATUS_INTERNAL_ERROR", "open vanished".into()));
+        };
         // Checked again under the opens lock, under which a CLOSE takes
         // the open out of the table and notes its close in flight: one
         // that took it since the check above (while filterd answered the
