@@ -822,7 +822,6 @@ fn a_replay_at_the_peer_share_returns_the_original_open() {
         "a new open: {r}"
     );
     assert!(!s.root().join("r3").exists(), "refused before it was made");
-    drop(create);
     for fid in &fids {
         let r = a.call(json!({"cmd": "CLOSE", "session_id": sa, "file_id": fid}));
         assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
