@@ -928,6 +928,10 @@ struct Lease {
     valid_until: AtomicU64,
     /// Lost for good (expired, revoked, fenced).
     lost: AtomicBool,
+    /// The highest raft term a renewal's (or the claim's) answer was
+    /// given at: a renewal answered at a lower one does not count
+    /// ([`judge`]). Shared by the claim's renewal and the keepalive.
+    term: AtomicU64,
 }
 
 /// The lease clock: nanoseconds of `CLOCK_BOOTTIME`. Unlike `Instant`
@@ -961,6 +965,31 @@ fn boot_nanos_after(after: Duration) -> u64 {
 }
 
 impl Lease {
+    /// Judges `answer`, the next one read on a keepalive stream whose
+    /// outstanding renewals' send times are `sent` ([`judge`], against
+    /// the highest raft term seen), and counts a renewal: the lease then
+    /// stands `ttl` from its send time, and its term is the highest seen.
+    /// The keepalive's streams and the claim's renewal
+    /// ([`EtcdStore::renew_now`]) are judged here alike.
+    fn count(
+        &self,
+        sent: &mut std::collections::VecDeque<(Instant, u64)>,
+        answer: StreamAnswer,
+    ) -> Verdict {
+        let verdict = judge(sent, answer, self.term.load(Ordering::Acquire));
+        if let Verdict::Renewed {
+            sent_boot,
+            ttl,
+            term,
+            ..
+        } = &verdict
+        {
+            self.term.fetch_max(*term, Ordering::AcqRel);
+            self.renewed(*sent_boot, *ttl);
+        }
+        verdict
+    }
+
     /// A renewal sent at `sent` ([`boot_nanos_sent`]) was granted `ttl`
     /// more seconds.
     fn renewed(&self, sent: u64, ttl: Duration) {
@@ -1092,6 +1121,7 @@ impl EtcdStore {
                 margin,
                 valid_until: AtomicU64::new(0),
                 lost: AtomicBool::new(false),
+                term: AtomicU64::new(0),
             }),
             fence: AtomicI64::new(0),
             gen: AtomicI64::new(0),
@@ -1459,14 +1489,35 @@ impl EtcdStore {
         F: Fn(&Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
+        self.retry_on_members(what, keep_trying, |_, c| f(c))
+    }
+
+    /// As [`EtcdStore::retry_raw`], `f` also told which member the
+    /// attempt goes to ([`EtcdStore::member_client`]; `None`: through the
+    /// balanced client).
+    fn retry_on_members<T, F, Fut>(
+        &self,
+        what: &str,
+        keep_trying: impl Fn() -> bool,
+        f: F,
+    ) -> Result<T, etcd_client::Error>
+    where
+        T: Send + 'static,
+        F: Fn(Option<usize>, &Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
         let mut tries = 0u32;
         let since = Instant::now();
         loop {
             let member = self.member_client(tries, Client::clone);
-            let client = member.as_ref().map_or(&self.client, |(_, c)| c);
+            let (at, client) = member
+                .as_ref()
+                .map_or((None, &self.client), |(m, c)| (Some(*m), c));
             let answer = match self.injected() {
                 Some(e) => Err(e),
-                None => self.on_worker_within(self.attempt_bound(tries), what, since, f(client)),
+                None => {
+                    self.on_worker_within(self.attempt_bound(tries), what, since, f(at, client))
+                }
             };
             match answer {
                 Ok(v) => {
@@ -1610,6 +1661,11 @@ impl EtcdStore {
             }
         }
         let pinned = resp.header().map(|h| h.revision()).unwrap_or(0);
+        // A renewal answered at a raft term below the claim's is an old
+        // leader's (one resuming from a stall answers from its own
+        // lessor): it does not count, from the claim's renewal on.
+        let claim_term = resp.header().map_or(0, |h| h.raft_term());
+        self.lease.term.fetch_max(claim_term, Ordering::AcqRel);
         // A claim answered late (its attempts went to a stalled member)
         // may leave too little of the lease for the keepalive to renew it
         // in time: the new owner then stepped down before reading the
@@ -1681,32 +1737,49 @@ impl EtcdStore {
     }
 
     /// One renewal of lease `id` (retried on the members in turn while
-    /// `keep_trying`): whether it still stands (then counted from this
-    /// attempt's send time).
+    /// `keep_trying`): whether it still stands. Made as the keepalive
+    /// makes its renewals: each attempt opens a stream of its own
+    /// ([`open_stream`], over a fresh connection) whose opening request is
+    /// the renewal, and its answer is judged and counted as the
+    /// keepalive's are ([`Lease::count`]): from its send time, and not at
+    /// a raft term below the highest seen. With etcd-client's
+    /// `lease_keep_alive` a renewal took two round trips (it reads the
+    /// opening answer itself, hiding its raft term, so a second renewal
+    /// had to be sent and answered): over a slow link that was an
+    /// attempt's whole bound, a granted renewal went uncounted, and the
+    /// keepalive started a round trip later. An attempt's member is
+    /// `retry`'s; the balanced client's (the first attempt, none steered)
+    /// is the last member, so that the attempts after it, from the first
+    /// member on, ask each member once a round.
     fn renew_now(
         &self,
         id: i64,
         keep_trying: impl Fn() -> bool,
     ) -> Result<bool, etcd_client::Error> {
-        let (sent, answer) = self.retry_raw("lease renewal", keep_trying, |c| {
-            let mut c = c.clone();
+        let transient = |e: String| etcd_client::Error::GRpcStatus(tonic::Status::unavailable(e));
+        // `retry`'s attempt bound cuts an attempt first.
+        let bound = self.ttl;
+        self.retry_on_members("lease renewal", keep_trying, |member, _| {
+            let last = self.url.endpoints.len().saturating_sub(1);
+            let m = member.unwrap_or(last);
+            let endpoint = self.url.endpoints.get(m).cloned().unwrap_or_default();
+            let lease = self.lease.clone();
             async move {
-                let sent = boot_nanos_sent();
-                // Bounded by `retry`'s attempt; counted from its send
-                // time however late it is answered.
-                let (mut k, mut stream) = c.lease_keep_alive(id).await?;
-                k.keep_alive().await?;
-                Ok((sent, stream.message().await?))
+                let opened = open_stream(m, endpoint, None, id, bound).await;
+                let (requests, mut answers, first) = opened.stream.map_err(transient)?;
+                let answer = answers.message().await;
+                drop(requests);
+                match lease.count(&mut std::collections::VecDeque::from([first]), answer) {
+                    Verdict::Renewed { .. } => Ok(true),
+                    Verdict::Expired => Ok(false),
+                    Verdict::OldTerm { term } => Err(transient(format!(
+                        "lease renewal answered at raft term {term}, below one already seen"
+                    ))),
+                    Verdict::Unsent => Err(transient("lease renewal answered twice".into())),
+                    Verdict::Failed(e) => Err(transient(e)),
+                }
             }
-        })?;
-        match answer {
-            Some(r) if r.ttl() > 0 => {
-                let ttl = Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
-                self.lease.renewed(sent, ttl);
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        })
     }
 
     /// The ranges the table is read in, concurrently (they cover the
@@ -2028,8 +2101,9 @@ impl EtcdStore {
             // The member each open task is on (a panicked task's
             // `JoinError` has only its id).
             let mut open_members = std::collections::HashMap::new();
-            // The member that answered last; the highest raft term seen.
-            let (mut at, mut term) = (0usize, 0u64);
+            // The member that answered last (the highest raft term seen
+            // is the lease's, `Lease::count`).
+            let mut at = 0usize;
             // When the next renewal is due (an answered one's send time +
             // the interval), since when one is wanted (`None`: the last one
             // was answered) and when the next attempt may go out; when the
@@ -2214,21 +2288,20 @@ impl EtcdStore {
                             // A dropped stream's answer: it counts no more.
                             continue;
                         };
+                        let term = lease.term.load(Ordering::Acquire);
                         let (m, verdict) = match streams.get_mut(i) {
-                            Some(s) => (s.member, judge(&mut s.sent, answer, term)),
+                            Some(s) => (s.member, lease.count(&mut s.sent, answer)),
                             None => continue,
                         };
                         match verdict {
-                            Verdict::Renewed { sent, sent_boot, ttl, term: t } => {
+                            Verdict::Renewed { sent, term: t, .. } => {
                                 let answered_ms = sent.elapsed().as_millis();
                                 if t > term {
                                     debug!(member = m, raft_term = t, answered_ms, "etcd lease renewal answered at a new raft term");
                                 }
-                                term = t;
                                 if let Some(after) = free_after.get_mut(m) {
                                     *after = sent.elapsed().saturating_mul(2).clamp(round, cap);
                                 }
-                                lease.renewed(sent_boot, ttl);
                                 if let Some((since, tried)) = wanted.take().filter(|(_, tried)| *tried > 1) {
                                     debug!(member = m, attempts = tried, waited_ms = since.elapsed().as_millis(), answered_ms, "etcd lease renewed after asking more than one member");
                                 }
@@ -3365,6 +3438,7 @@ mod tests {
             margin: Duration::from_secs(25),
             valid_until: AtomicU64::new(0),
             lost: AtomicBool::new(false),
+            term: AtomicU64::new(0),
         };
         assert_eq!(lease.left(), Duration::ZERO, "never renewed");
         lease.renewed(boot_nanos_sent(), lease.ttl);
@@ -3388,6 +3462,7 @@ mod tests {
             margin: Duration::from_millis(2500),
             valid_until: AtomicU64::new(0),
             lost: AtomicBool::new(false),
+            term: AtomicU64::new(0),
         };
         assert!(!lease.ok(), "never renewed");
         lease.renewed(0, lease.ttl);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use nix::sys::signal::Signal;
-use rkfilter_tests::etcd::{etcd_available, node, raw_etcd, Cluster};
+use rkfilter_tests::etcd::{etcd_available, node, raw_etcd, Cluster, DelayProxy};
 use rkfilter_tests::{
     handle_paths, listed_paths, smb_persistent_create, wait_for, Filterd, LineClient, Nfs, Scratch,
     Shim,
@@ -1732,6 +1732,138 @@ fn a_claim_answered_after_its_lease_ran_out_claims_again() {
         "x".into(),
     )]])
     .expect("b commits");
+}
+
+/// A store of `prefix` in a one-member cluster reached through a
+/// [`DelayProxy`] (`delay` each way from the start), with lease `ttl`;
+/// `None` (skipped) without an etcd binary.
+fn behind_a_slow_link(
+    test: &str,
+    prefix: &str,
+    ttl: Duration,
+    delay: Duration,
+) -> Option<(
+    Scratch,
+    Cluster,
+    std::sync::Arc<DelayProxy>,
+    libfilter::etcd::EtcdStore,
+)> {
+    let (shared, cluster, _) = one_member(test, prefix)?;
+    let proxy = std::sync::Arc::new(DelayProxy::start(cluster.client_port(0)));
+    proxy.set_delay(delay);
+    let url = libfilter::etcd::EtcdUrl::parse(&format!("etcd://127.0.0.1:{}/{prefix}", proxy.port))
+        .expect("url");
+    let store = libfilter::etcd::EtcdStore::connect(&url, ttl, Duration::ZERO).expect("connect");
+    Some((shared, cluster, proxy, store))
+}
+
+/// A claim answered with less than half its lease left renews it once
+/// (`renew_now`) as the keepalive renews: the request that opens a
+/// stream is the renewal, and its answer counts from its send time. Over
+/// a slow link (the lease granted over a 1 s round trip, the claim and
+/// after over r = 1.4 s; TTL 5, TTL − margin 3.75 s) the claim's renewal
+/// takes r, the keepalive's first answer comes 2r = 2.8 s after the
+/// renewal's send, inside TTL − margin, and the owner keeps its lease
+/// through three lease lengths. With etcd-client's `lease_keep_alive`
+/// (it reads the opening answer itself, so a second renewal was sent and
+/// waited for) the renewal took 2r, the keepalive's first answer came 3r
+/// = 4.2 s after it, and the new owner stepped down (about 7 s in).
+#[test]
+fn a_claims_renewal_over_a_slow_link_counts_its_opening_answer() {
+    use libfilter::store::StateStore;
+    let Some((_shared, _cluster, proxy, b)) = behind_a_slow_link(
+        "a_claims_renewal_over_a_slow_link_counts_its_opening_answer",
+        "rk/claimrenew",
+        Duration::from_secs(5),
+        Duration::from_millis(500),
+    ) else {
+        return;
+    };
+    let slower = std::sync::atomic::AtomicBool::new(false);
+    b.set_failpoints(Box::new(move |name| {
+        if name == "etcd.claim.before_txn"
+            && !slower.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            // Granted ≥ 1 s ago: the claim, answered ≥ 2 s after this
+            // (a slow claim, then the round trip), leaves less than half
+            // of the lease, and is renewed.
+            std::thread::sleep(Duration::from_millis(600));
+            proxy.set_delay(Duration::from_millis(700));
+        }
+        false
+    }));
+    let t0 = Instant::now();
+    b.try_claim()
+        .expect("a slow claim is no error")
+        .expect("b owns the table");
+    let claimed = t0.elapsed();
+    eprintln!("claimed over the slow link in {claimed:?}");
+    while t0.elapsed() < Duration::from_secs(15) {
+        if let Err(e) = b.owner_check() {
+            panic!(
+                "stepped down {:?} in (claimed at {claimed:?}): {e}",
+                t0.elapsed()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.commit(&[&[put_replay(
+        &libfilter::model::ReplayScope::Handle(libfilter::model::ResumeKey::new_random()),
+        1,
+        "x".into(),
+    )]])
+    .expect("b commits");
+}
+
+/// A claim whose lease etcd ended as the claim was answered (revoked
+/// here, as soon as the owner key is made; the claim's answer and the
+/// renewal then take 1 s over the link) is refused (`Ok(None)`: the
+/// lease, and the owner key under it, no longer stand), and the next
+/// claim, under a fresh lease, owns the table. Before, etcd-client's
+/// `lease_keep_alive` answered the renewal "lease not found" as an
+/// error of its own, which no retry mends and which is not etcd's
+/// "requested lease not found": the claim failed with it and the standby
+/// exited.
+#[test]
+fn a_claim_whose_lease_ends_as_it_is_answered_is_refused_then_claims_again() {
+    let Some((_shared, cluster, proxy, b)) = behind_a_slow_link(
+        "a_claim_whose_lease_ends_as_it_is_answered_is_refused_then_claims_again",
+        "rk/claimgone",
+        Duration::from_secs(2),
+        Duration::from_millis(500),
+    ) else {
+        return;
+    };
+    let port = cluster.client_port(0);
+    let revoker = std::thread::spawn(move || {
+        raw_etcd(port, async |c| {
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(20) {
+                let got = c.get("/rk/claimgone/owner", None).await?;
+                if let Some(kv) = got.kvs().first() {
+                    c.lease_revoke(kv.lease()).await?;
+                    return Ok(true);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(false)
+        })
+    });
+    let refused = b
+        .try_claim()
+        .expect("a claim whose lease ended is no error");
+    assert!(
+        revoker.join().expect("the revoker"),
+        "the owner key was never made"
+    );
+    assert_eq!(refused, None, "the claim's lease was revoked");
+    proxy.set_delay(Duration::ZERO);
+    let (fence, _clean) = b
+        .try_claim()
+        .expect("claims again")
+        .expect("b owns the table");
+    assert!(fence > 0);
+    b.owner_check().expect("b is the owner");
 }
 
 /// What etcd answers while its members elect a leader is transient: the
