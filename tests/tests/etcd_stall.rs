@@ -1026,11 +1026,12 @@ fn pipelined_renewals_keep_the_lease_over_a_round_trip_above_half_of_it() {
 /// The keepalive's stream opened over the slow link (the delay on before
 /// filterd starts: it claims, and opens its stream, over it): a 2 s
 /// round trip r (1 s each way) at a 10 s lease (TTL − margin 7.5 s).
-/// The claim's own renewal (`renew_now`, through etcd-client) takes 2r
-/// and counts from its send time; the keepalive's stream opens then, its
-/// opening request its first renewal, its answer counted: 3r = 6 s
-/// after that send time, inside the 7.5 s (1.5 s to spare for a slow
-/// machine: rr44f L4; at TTL 8 and 0.85 s it was 0.9 s). With etcd-client's
+/// The claim's own renewal (`renew_now`) counts from its send time; the
+/// keepalive's stream opens once it is answered, its opening request its
+/// first renewal, its answer counted: 3r = 6 s after that send time when
+/// `renew_now` took 2r (through etcd-client), inside the 7.5 s (1.5 s to
+/// spare for a slow machine: rr44f L4; at TTL 8 and 0.85 s it was 0.9 s);
+/// 2r since `renew_now` opens its own stream too. With etcd-client's
 /// `lease_keep_alive`, which reads the opening answer itself and hides
 /// its raft term, the first answer that counted came a round trip later
 /// (4r = 8 s) and the new owner stepped down at once (re-review rr44d,
