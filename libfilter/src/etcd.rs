@@ -1670,9 +1670,14 @@ impl EtcdStore {
         // may leave too little of the lease for the keepalive to renew it
         // in time: the new owner then stepped down before reading the
         // table. Renew it once now; the answer says whether it (and the
-        // owner key under it) still stands.
-        let half_left = self.lease.stands_for(self.ttl / 2);
-        if !half_left && !self.renew_now(lease_id, still).map_err(unclaimed)? {
+        // owner key under it) still stands. So too with half of it left
+        // but not the margin and twice the claim's answer time (the
+        // attempt bound's): over a link slower than TTL/4 the keepalive's
+        // first answer came after the margin, and the new owner stepped
+        // down as it claimed.
+        let answer_time = Duration::from_millis(self.answer_bound_ms.load(Ordering::Acquire));
+        let enough = (self.ttl / 2).max(self.lease.margin.saturating_add(answer_time));
+        if !self.lease.stands_for(enough) && !self.renew_now(lease_id, still).map_err(unclaimed)? {
             self.lease.lost.store(true, Ordering::Release);
             warn!("etcd claim: our lease ran out as the claim was answered");
             return Ok(None);

@@ -1770,10 +1770,37 @@ fn behind_a_slow_link(
 /// = 4.2 s after it, and the new owner stepped down (about 7 s in).
 #[test]
 fn a_claims_renewal_over_a_slow_link_counts_its_opening_answer() {
-    use libfilter::store::StateStore;
-    let Some((_shared, _cluster, proxy, b)) = behind_a_slow_link(
+    // A slow claim: answered ≥ 2 s after the failpoint, with less than
+    // half of the lease left.
+    owns_after_a_claim_over_a_slower_link(
         "a_claims_renewal_over_a_slow_link_counts_its_opening_answer",
         "rk/claimrenew",
+        Duration::from_millis(600),
+    );
+}
+
+/// The same link, the claim not held up: answered with just over half of
+/// the lease left (2.6 s of 5), but less than the margin and twice its
+/// round trip, it is renewed too. Before, it was not (half was left), and
+/// the keepalive's first answer, a round trip later, came after the
+/// margin: the new owner stepped down as it claimed (3.8 s in).
+#[test]
+fn a_claim_answered_with_half_the_lease_but_not_a_round_trip_more_renews_it() {
+    owns_after_a_claim_over_a_slower_link(
+        "a_claim_answered_with_half_the_lease_but_not_a_round_trip_more_renews_it",
+        "rk/claimhalf",
+        Duration::ZERO,
+    );
+}
+
+/// Claims through a link of 0.5 s each way (the lease granted over it),
+/// 0.7 s from the claim on, held up `stall` before the claim: the store
+/// owns the table and keeps its lease for 15 s, then commits.
+fn owns_after_a_claim_over_a_slower_link(test: &str, prefix: &str, stall: Duration) {
+    use libfilter::store::StateStore;
+    let Some((_shared, _cluster, proxy, b)) = behind_a_slow_link(
+        test,
+        prefix,
         Duration::from_secs(5),
         Duration::from_millis(500),
     ) else {
@@ -1784,10 +1811,7 @@ fn a_claims_renewal_over_a_slow_link_counts_its_opening_answer() {
         if name == "etcd.claim.before_txn"
             && !slower.swap(true, std::sync::atomic::Ordering::AcqRel)
         {
-            // Granted ≥ 1 s ago: the claim, answered ≥ 2 s after this
-            // (a slow claim, then the round trip), leaves less than half
-            // of the lease, and is renewed.
-            std::thread::sleep(Duration::from_millis(600));
+            std::thread::sleep(stall);
             proxy.set_delay(Duration::from_millis(700));
         }
         false
