@@ -775,7 +775,7 @@ enum Verdict {
     },
     /// Answered at a raft term below `highest`: not counted.
     OldTerm { term: u64 },
-    /// The lease is gone (TTL 0 or less).
+    /// The lease is gone (TTL 0 or less, at the highest term or above).
     Expired,
     /// More answers than renewals sent: not etcd's order.
     Unsent,
@@ -793,10 +793,19 @@ fn judge(
     highest: u64,
 ) -> Verdict {
     match (answer, sent.pop_front()) {
-        (Ok(Some(resp)), Some((sent, sent_boot))) if resp.ttl > 0 => {
+        (Ok(Some(resp)), Some((sent, sent_boot))) => {
             let term = resp.header.as_ref().map_or(0, |h| h.raft_term);
+            // An expiry told at an old term is as much an old leader's as
+            // a renewal is (its lessor never saw the lease, or not since
+            // it stopped leading): it says nothing of the lease, so the
+            // stream is dropped and another member asked (re-review rr45d
+            // F1: the claim was refused, the lease and the owner key
+            // standing). The deadline still says when to step down.
             if term < highest {
                 return Verdict::OldTerm { term };
+            }
+            if resp.ttl <= 0 {
+                return Verdict::Expired;
             }
             let ttl = Duration::from_secs(u64::try_from(resp.ttl).unwrap_or(0));
             Verdict::Renewed {
@@ -806,7 +815,6 @@ fn judge(
                 term,
             }
         }
-        (Ok(Some(_)), Some(_)) => Verdict::Expired,
         (Ok(Some(_)), None) => Verdict::Unsent,
         (Err(e), _) => Verdict::Failed(e.to_string()),
         (Ok(None), _) => Verdict::Failed("stream ended".into()),
@@ -1571,6 +1579,24 @@ impl EtcdStore {
                 .map_err(unclaimed)?;
             self.lease.id.store(granted.id(), Ordering::Release);
             self.lease.lost.store(false, Ordering::Release);
+            // A fresh lease starts the raft term afresh, at the grant's
+            // answer's (re-review rr45d F6: kept for the process's life,
+            // an etcd restored from a snapshot, its terms low again, had
+            // every renewal judged old until filterd restarted). This lets
+            // no stale leader's answer count that the highest term seen
+            // would have kept out: a grant is a raft proposal, committed
+            // by a leader whose term is at least that of any leader before
+            // it (a majority knew that term, and one of them accepted the
+            // grant), and answered at the committing term or later; so
+            // the grant's term is no lower than any term an answer came at
+            // before it (a restore aside, the case for resetting). And a
+            // member still leading at a lower term has not applied the
+            // grant (it would have heard of the newer term), so its lessor
+            // has no such lease: it answers only "not found", and at an
+            // old term (`judge`). The claim's answer raises the term again
+            // before any renewal of it is judged.
+            let grant_term = granted.header().map_or(0, |h| h.raft_term());
+            self.lease.term.store(grant_term, Ordering::Release);
             let secs = u64::try_from(granted.ttl()).unwrap_or(0);
             self.lease.renewed(sent, Duration::from_secs(secs));
             Ok(granted.id())
@@ -1597,91 +1623,110 @@ impl EtcdStore {
                 .or_else([TxnOp::get(owner.clone(), None)])
         };
         let t_claim = Instant::now();
-        let resp = loop {
-            let txn = claim(lease_id);
-            self.failpoint("etcd.claim.before_txn");
-            let resp = self.retry_raw("claim", still, |c| {
-                let (mut c, t) = (c.clone(), txn.clone());
-                async move { c.txn(t).await }
+        let (fence, was_clean, pinned) = loop {
+            let resp = loop {
+                let txn = claim(lease_id);
+                self.failpoint("etcd.claim.before_txn");
+                let resp = self.retry_raw("claim", still, |c| {
+                    let (mut c, t) = (c.clone(), txn.clone());
+                    async move { c.txn(t).await }
+                });
+                match resp {
+                    // Our lease ran out while the claim's attempts went
+                    // unanswered (a stalled member): no attempt made the key
+                    // (etcd refuses a put under a lease it no longer has), so
+                    // claim again under a fresh one. Before, the standby
+                    // exited here, just when it was needed.
+                    Err(e) if lease_not_found(&e) && still() => {
+                        warn!("etcd claim: our lease ran out before the claim was answered; taking a fresh one");
+                        lease_id = grant()?;
+                    }
+                    other => break other.map_err(unclaimed)?,
+                }
+            };
+            debug!(
+                lease_and_claim_us = start.elapsed().as_micros(),
+                claim_txn_us = t_claim.elapsed().as_micros(),
+                "etcd claim"
+            );
+            let responses = resp.op_responses();
+            // A retried claim whose first attempt made the key: it is ours.
+            let ours = responses.iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .filter(|kv| kv.lease() == lease_id && kv.value() == self.me.as_bytes())
+                    .map(|kv| kv.create_revision()),
+                _ => None,
             });
-            match resp {
-                // Our lease ran out while the claim's attempts went
-                // unanswered (a stalled member): no attempt made the key
-                // (etcd refuses a put under a lease it no longer has), so
-                // claim again under a fresh one. Before, the standby
-                // exited here, just when it was needed.
-                Err(e) if lease_not_found(&e) && still() => {
-                    warn!("etcd claim: our lease ran out before the claim was answered; taking a fresh one");
-                    lease_id = grant()?;
-                }
-                other => break other.map_err(unclaimed)?,
+            if !resp.succeeded() && ours.is_none() {
+                let who = responses
+                    .iter()
+                    .find_map(|r| match r {
+                        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                            format!(
+                                "{} (fencing revision {})",
+                                String::from_utf8_lossy(kv.value()),
+                                kv.create_revision()
+                            )
+                        }),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| "unknown".into());
+                *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) = who;
+                return Ok(None);
             }
-        };
-        debug!(
-            lease_and_claim_us = start.elapsed().as_micros(),
-            claim_txn_us = t_claim.elapsed().as_micros(),
-            "etcd claim"
-        );
-        let responses = resp.op_responses();
-        // A retried claim whose first attempt made the key: it is ours.
-        let ours = responses.iter().find_map(|r| match r {
-            TxnOpResponse::Get(g) => g
-                .kvs()
-                .first()
-                .filter(|kv| kv.lease() == lease_id && kv.value() == self.me.as_bytes())
-                .map(|kv| kv.create_revision()),
-            _ => None,
-        });
-        if !resp.succeeded() && ours.is_none() {
-            let who = responses
-                .iter()
-                .find_map(|r| match r {
-                    TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
-                        format!(
-                            "{} (fencing revision {})",
-                            String::from_utf8_lossy(kv.value()),
-                            kv.create_revision()
-                        )
-                    }),
-                    _ => None,
-                })
-                .unwrap_or_else(|| "unknown".into());
-            *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) = who;
-            return Ok(None);
-        }
-        let mut was_clean = false;
-        let mut fence = ours.unwrap_or(0);
-        for (i, r) in responses.iter().enumerate().filter(|_| resp.succeeded()) {
-            if let TxnOpResponse::Get(g) = r {
-                if i == 1 {
-                    was_clean = !g.kvs().is_empty();
-                } else if let Some(kv) = g.kvs().first() {
-                    fence = kv.create_revision();
+            let mut was_clean = false;
+            let mut fence = ours.unwrap_or(0);
+            for (i, r) in responses.iter().enumerate().filter(|_| resp.succeeded()) {
+                if let TxnOpResponse::Get(g) = r {
+                    if i == 1 {
+                        was_clean = !g.kvs().is_empty();
+                    } else if let Some(kv) = g.kvs().first() {
+                        fence = kv.create_revision();
+                    }
                 }
             }
-        }
-        let pinned = resp.header().map(|h| h.revision()).unwrap_or(0);
-        // A renewal answered at a raft term below the claim's is an old
-        // leader's (one resuming from a stall answers from its own
-        // lessor): it does not count, from the claim's renewal on.
-        let claim_term = resp.header().map_or(0, |h| h.raft_term());
-        self.lease.term.fetch_max(claim_term, Ordering::AcqRel);
-        // A claim answered late (its attempts went to a stalled member)
-        // may leave too little of the lease for the keepalive to renew it
-        // in time: the new owner then stepped down before reading the
-        // table. Renew it once now; the answer says whether it (and the
-        // owner key under it) still stands. So too with half of it left
-        // but not the margin and twice the claim's answer time (the
-        // attempt bound's): over a link slower than TTL/4 the keepalive's
-        // first answer came after the margin, and the new owner stepped
-        // down as it claimed.
-        let answer_time = Duration::from_millis(self.answer_bound_ms.load(Ordering::Acquire));
-        let enough = (self.ttl / 2).max(self.lease.margin.saturating_add(answer_time));
-        if !self.lease.stands_for(enough) && !self.renew_now(lease_id, still).map_err(unclaimed)? {
+            let pinned = resp.header().map(|h| h.revision()).unwrap_or(0);
+            // A renewal answered at a raft term below the claim's is an old
+            // leader's (one resuming from a stall answers from its own
+            // lessor): it does not count, from the claim's renewal on.
+            let claim_term = resp.header().map_or(0, |h| h.raft_term());
+            self.lease.term.fetch_max(claim_term, Ordering::AcqRel);
+            // A claim answered late (its attempts went to a stalled member)
+            // may leave too little of the lease for the keepalive to renew it
+            // in time: the new owner then stepped down before reading the
+            // table. Renew it once now; the answer says whether it (and the
+            // owner key under it) still stands. So too with half of it left
+            // but not the margin and twice the claim's answer time (the
+            // attempt bound's): over a link slower than TTL/4 the keepalive's
+            // first answer came after the margin, and the new owner stepped
+            // down as it claimed.
+            let answer_time = Duration::from_millis(self.answer_bound_ms.load(Ordering::Acquire));
+            let enough = (self.ttl / 2).max(self.lease.margin.saturating_add(answer_time));
+            if self.lease.stands_for(enough)
+                || self.renew_now(lease_id, still).map_err(unclaimed)?
+            {
+                break (fence, was_clean, pinned);
+            }
+            // The lease ended as the claim was answered, and the owner key
+            // under it with it (etcd answers "not found" only once the revoke
+            // is applied): nobody owns the table. Claim it again under a fresh
+            // lease, as when the lease ran out before the claim's answer;
+            // before, the claim was refused and a filterd without --standby
+            // exited saying the table was "owned by " nobody (re-review rr45d
+            // F2).
+            if still() {
+                warn!("etcd claim: our lease ran out as the claim was answered; claiming again under a fresh one");
+                lease_id = grant()?;
+                continue;
+            }
             self.lease.lost.store(true, Ordering::Release);
+            *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) =
+                "nobody (our lease ran out as our claim was answered)".into();
             warn!("etcd claim: our lease ran out as the claim was answered");
             return Ok(None);
-        }
+        };
         if fence <= 0 {
             return Err(StoreError::Etcd(
                 "the owner key vanished as it was made".into(),
@@ -3383,7 +3428,7 @@ mod tests {
     /// Each answer takes the oldest outstanding send time, in order (the
     /// opening request's first); one at a term below the highest seen, or
     /// with none outstanding, does not count; TTL 0 is the lease gone,
-    /// whatever the term; an error or the stream's end fails it.
+    /// unless at an old term; an error or the stream's end fails it.
     #[test]
     fn a_keepalive_answer_is_judged_against_the_oldest_renewal_and_the_term() {
         let t0 = Instant::now();
@@ -3415,10 +3460,15 @@ mod tests {
             ttl: 4,
         }));
         assert_eq!(judge(&mut sent, headless, 8), Verdict::OldTerm { term: 0 });
-        // TTL 0 (the lease is gone), even at an old term.
-        sent.extend([(t0, 10), (t1, 11)]);
+        // TTL 0 (the lease is gone) at the highest term or above; at an
+        // old term an old leader's, not counted (re-review rr45d F1).
+        sent.extend([(t0, 10), (t1, 11), (t2, 12)]);
         assert_eq!(judge(&mut sent, answer(0, 8), 8), Verdict::Expired);
-        assert_eq!(judge(&mut sent, answer(-1, 3), 8), Verdict::Expired);
+        assert_eq!(judge(&mut sent, answer(-1, 9), 8), Verdict::Expired);
+        assert_eq!(
+            judge(&mut sent, answer(0, 3), 8),
+            Verdict::OldTerm { term: 3 }
+        );
         sent.extend([(t0, 10), (t1, 11)]);
         let failed = judge(&mut sent, Err(tonic::Status::unavailable("gone")), 8);
         assert!(
