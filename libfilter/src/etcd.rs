@@ -927,6 +927,21 @@ async fn open_stream(
     }
 }
 
+/// Empties member `m`'s channel slot in the keepalive (`members`): a
+/// stream of it was dropped as late or failed, so its connection may be
+/// the stuck one (a healed partition while TCP backs off, until the
+/// HTTP/2 keepalive, 10 + 5 s, gives up on it), and the next open
+/// connects afresh instead of waiting on it up to its bound (re-review
+/// rr45a F4; rr44f L1 did so for a channel that opened no stream). A
+/// stream on a fresh channel beside it may be the slot's now: that costs
+/// one more connect, no more. A stream answered at an old term, or with
+/// more answers than renewals, was answered: its channel is kept.
+fn forget_channel(members: &mut [Option<tonic::transport::Channel>], m: usize) {
+    if let Some(slot) = members.get_mut(m) {
+        *slot = None;
+    }
+}
+
 /// The lease state shared with the keepalive task.
 struct Lease {
     id: AtomicI64,
@@ -2179,6 +2194,7 @@ impl EtcdStore {
                     let late = s.oldest().is_some_and(|t| now.duration_since(t) >= cap);
                     if late {
                         debug!(member = s.member, outstanding = s.sent.len(), "etcd lease renewal not answered in time: stream dropped");
+                        forget_channel(&mut members, s.member);
                     }
                     let superseded = s.sent.is_empty() && newest.get(s.member).copied().flatten() != Some(s.id);
                     !late && !superseded
@@ -2195,6 +2211,7 @@ impl EtcdStore {
                         };
                         if !sent {
                             debug!(member = at, "etcd keepalive stream ended");
+                            forget_channel(&mut members, at);
                             streams.remove(i);
                             next_attempt = next_attempt.min(soon());
                         }
@@ -2242,6 +2259,7 @@ impl EtcdStore {
                                 Some(i) => {
                                     let sent = streams.get_mut(i).is_none_or(LeaseStream::send);
                                     if !sent {
+                                        forget_channel(&mut members, m);
                                         streams.remove(i);
                                         next_attempt = soon();
                                     }
@@ -2377,6 +2395,7 @@ impl EtcdStore {
                             }
                             Verdict::Failed(error) => {
                                 debug!(member = m, error, "etcd lease renewal failed");
+                                forget_channel(&mut members, m);
                                 streams.remove(i);
                                 next_attempt = next_attempt.min(soon());
                             }
