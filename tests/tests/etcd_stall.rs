@@ -1028,14 +1028,17 @@ fn pipelined_renewals_keep_the_lease_over_a_round_trip_above_half_of_it() {
 /// round trip r (1 s each way) at a 10 s lease (TTL − margin 7.5 s).
 /// The claim's own renewal (`renew_now`) counts from its send time; the
 /// keepalive's stream opens once it is answered, its opening request its
-/// first renewal, its answer counted: 3r = 6 s after that send time when
-/// `renew_now` took 2r (through etcd-client), inside the 7.5 s (1.5 s to
-/// spare for a slow machine: rr44f L4; at TTL 8 and 0.85 s it was 0.9 s);
-/// 2r since `renew_now` opens its own stream too. With etcd-client's
-/// `lease_keep_alive`, which reads the opening answer itself and hides
-/// its raft term, the first answer that counted came a round trip later
-/// (4r = 8 s) and the new owner stepped down at once (re-review rr44d,
-/// finding 3).
+/// first renewal, its answer counted: 2r = 4 s after that send time,
+/// inside the 7.5 s. This shows the margin only: it caught etcd-client's
+/// `lease_keep_alive` (which reads the opening answer itself, so the
+/// first answer that counted came a round trip later: 4r = 8 s, and the
+/// new owner stepped down; re-review rr44d, finding 3) while `renew_now`
+/// took 2r, but since `renew_now` takes r that keepalive's first counted
+/// answer comes at 3r = 6 s, inside 7.5 s too (re-review rr45d F3). The
+/// store-level tests in `etcd.rs`,
+/// `a_claims_renewal_over_a_slow_link_counts_its_opening_answer` and
+/// `a_claim_answered_with_half_the_lease_but_not_a_round_trip_more_renews_it`,
+/// catch it.
 #[test]
 fn a_keepalive_stream_opened_over_a_slow_link_counts_its_opening_answer() {
     if !etcd_available("a_keepalive_stream_opened_over_a_slow_link_counts_its_opening_answer") {
