@@ -664,15 +664,10 @@ impl Engine {
             .range(committed + 1..)
             .flat_map(|(_, t)| t.undo.iter())
             .filter_map(|u| match u {
-                // Stat and sharing-exempt opens refuse nobody, as in
-                // `holders_of`.
-                Undo::Reinsert(h) if h.rec.file == file && !h.rec.stat && !h.rec.share_exempt => {
-                    Some(libfilter::share::Holder {
-                        key: h.rec.key,
-                        mode: super::opens::holder_mode(&h.rec),
-                        state: super::holder_state(h),
-                    })
-                }
+                // As `holders_of` counts them. Only a local open
+                // (`ShareMode::LOCAL_PROCESS`, sharing all) meets them:
+                // their share decides, their access never does.
+                Undo::Reinsert(h) if h.rec.file == file => super::opens::share_holder(h),
                 _ => None,
             })
             .collect()

@@ -74,15 +74,17 @@ impl Engine {
             }
             // A truncating open writes (it empties the file) whatever
             // access it asked for: a read-only overwrite breaks R as a
-            // writer does (attack44 F1). Its share mode (`mode`, and each
-            // holder's, `holder_mode`) has the access its truncation
-            // implies added (re-review rr44e R1, rr44f M2).
+            // writer does (attack44 F1). Its share mode (`mode`) has the
+            // access its truncation implies added (re-review rr44e R1), as
+            // has a holder's whose own truncation waits for its intent
+            // (`holder_mode`, rr44f M2): a Windows-rule holder loses H to
+            // an open its parked overwrite would refuse.
             let writes = truncates || mode.access.contains(libfilter::model::Rights::WRITE);
             let handle_conflict = keys
                 .iter()
                 .filter(|k| !own(k))
                 .filter_map(|k| this.handles.get(k))
-                .any(|h| share::conflicts(mode, super::opens::holder_mode(&h.rec)));
+                .any(|h| share::conflicts(mode, super::opens::holder_mode(h)));
             let windows = keys
                 .iter()
                 .filter_map(|k| this.handles.get(k))
@@ -347,8 +349,11 @@ impl Engine {
     /// write the file: an open for write of another client (or another
     /// frontend), one whose writes no read delegation of `key`'s would
     /// hear of (a write through an open breaks no R or RH lease by
-    /// Windows' rules, `break_read_caching`). Lost handles and stat opens
-    /// write nothing.
+    /// Windows' rules, `break_read_caching`). A truncating open whose
+    /// truncation waits for its intent writes whatever access it asked
+    /// for (`holder_mode`): its truncation, made once the intent is
+    /// durable, would recall the delegation at once (re-review rr45a F2).
+    /// Lost handles and stat opens write nothing.
     fn another_client_writes(&self, key: ResumeKey, keys: &[ResumeKey]) -> bool {
         let Some(me) = self.handles.get(&key) else {
             return false;
@@ -359,9 +364,8 @@ impl Engine {
             .filter(|h| h.rec.conn != ConnState::Lost && !h.rec.stat)
             .filter(|h| h.rec.client != me.rec.client || h.rec.frontend != me.rec.frontend)
             .any(|h| {
-                h.rec
+                super::opens::holder_mode(h)
                     .access
-                    .rights()
                     .contains(libfilter::model::Rights::WRITE)
             })
     }

@@ -256,7 +256,10 @@ impl Engine {
         // holder that shares no writing is a sharing violation, and
         // never empties a file a deny-write open (a disconnected
         // persistent one too) protects (re-review rr44e R1). The handle
-        // keeps the access asked for.
+        // keeps the access asked for: the implied access counts in its
+        // share mode only while its truncation waits for its intent
+        // (`holder_mode`), as Windows records the access asked for once
+        // the open is done.
         let checked = ShareMode {
             access: mode
                 .access
@@ -756,6 +759,14 @@ impl Engine {
                 self.batch.push(StoreOp::PutHandle(Box::new(rec)));
                 self.batch.push(StoreOp::DeleteIntent(id));
                 self.content_change_done(file);
+                // The file is emptied now: other keys' read caching goes,
+                // as for a new end of file (MS-FSA 2.1.5.15.4), also a
+                // lease granted beside the open while it waited for its
+                // intent (re-review rr45a F2: RH stayed cached over the
+                // emptied file, a read delegation not recalled). Those
+                // there before it were broken by the open itself
+                // (`break_leases_for`).
+                self.break_read_caching_of(p.key);
                 Ok(Reply::Opened(opened))
             }
             Err(e) => {
@@ -1355,20 +1366,15 @@ impl Engine {
         Ok(opened)
     }
 
-    /// Every open of a file, as the share algebra sees it.
-    /// Every handle of `file` as a share-mode holder.
+    /// Every open of a file, as the share algebra sees it: every handle
+    /// of `file` that takes part in sharing ([`share_holder`]).
     pub(super) fn holders_of(&self, file: FileId) -> Vec<Holder<ResumeKey>> {
         self.by_file
             .get(&file)
             .into_iter()
             .flatten()
             .filter_map(|k| self.handles.get(k))
-            .filter(|h| !h.rec.stat && !h.rec.share_exempt)
-            .map(|h| Holder {
-                key: h.rec.key,
-                mode: holder_mode(&h.rec),
-                state: holder_state(h),
-            })
+            .filter_map(|h| share_holder(h))
             .collect()
     }
 
@@ -2422,16 +2428,38 @@ fn reopen_refusal(key: ResumeKey, e: &std::io::Error) -> Option<WireError> {
     }
 }
 
-/// The share mode a handle holds the file with: the access it asked for
-/// and the access its truncation implied. A truncating open counts as the
-/// writer it was checked as — while its truncation is parked on its
-/// intent too (re-review rr44f M2: else a deny-write open was granted
-/// meanwhile and the file emptied under it) — and for its life, as
-/// Windows grants the implied access.
-pub(super) fn holder_mode(rec: &libfilter::model::HandleRecord) -> ShareMode {
+/// Handle `h` as a share-mode holder of its file; none for a stat or
+/// sharing-exempt open, which refuses nobody.
+pub(super) fn share_holder(h: &Handle) -> Option<Holder<ResumeKey>> {
+    (!h.rec.stat && !h.rec.share_exempt).then(|| Holder {
+        key: h.rec.key,
+        mode: holder_mode(h),
+        state: holder_state(h),
+    })
+}
+
+/// The share mode handle `h` holds its file with: the access it asked
+/// for — and, while its truncation waits for its intent (`parked`), the
+/// access that truncation implies, as the open was checked with it
+/// (re-review rr44f M2: else a deny-write open was granted meanwhile and
+/// the file emptied under it once the intent was durable). Once the
+/// truncation is made, the access asked for alone, as Windows records it
+/// (FastFAT's `FatOpenExistingFcb` clears the added access before
+/// `IoCheckShareAccess` records the open; MS-FSA 2.1.5.1.2.2 checks later
+/// opens against `GrantedAccess`) and Samba does: counted for the
+/// handle's life, a completed read-only overwrite refused later readers
+/// that share no writing (re-review rr45a F1). A recovered handle is
+/// never parked — recovery finishes or drops an interrupted truncation
+/// before service — so it holds the file as one whose truncation was
+/// made before the crash.
+pub(super) fn holder_mode(h: &Handle) -> ShareMode {
+    let implied = match h.parked {
+        true => implied_access(h.rec.create_action),
+        false => libfilter::model::Rights::NONE,
+    };
     ShareMode {
-        access: rec.access.rights().union(implied_access(rec.create_action)),
-        share: rec.share,
+        access: h.rec.access.rights().union(implied),
+        share: h.rec.share,
     }
 }
 

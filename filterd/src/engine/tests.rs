@@ -9007,18 +9007,7 @@ fn a_parked_read_only_truncation_holds_the_file_as_a_writer() {
     let fs = MemFs::new();
     fs.put("a", 10);
     let mut h = Harness::on(fs);
-    let Request::Open(mut o) = open("a", Rights::ALL) else {
-        unreachable!("open() makes an open")
-    };
-    o.client = ClientId::new("bob").unwrap();
-    o.access = Access::new(Rights::READ).unwrap();
-    o.disposition = Disposition::Overwrite;
-    let bob = h.run(Request::Open(o));
-    h.engine.flush();
-    assert!(
-        h.reply(bob).is_none(),
-        "the truncation waits for its intent"
-    );
+    let bob = parked_truncation(&mut h, "bob", Rights::READ, Disposition::Overwrite, None);
     let alice = h.run(open("a", Rights::READ));
     h.commit(true);
     assert!(
@@ -9032,6 +9021,199 @@ fn a_parked_read_only_truncation_holds_the_file_as_a_writer() {
         Some(0),
         "bob's overwrite made"
     );
+}
+
+/// `client`'s persistent `disposition` (a truncating one) of "a" with
+/// `access`, sharing all, under `lease` if any, parked on its intent (not
+/// flushed to the committer yet): its request id.
+fn parked_truncation(
+    h: &mut Harness,
+    client: &str,
+    access: Rights,
+    disposition: Disposition,
+    lease: Option<(libfilter::lease::LeaseKey, &str)>,
+) -> u64 {
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.client = ClientId::new(client).unwrap();
+    o.access = Access::new(access).unwrap();
+    o.disposition = disposition;
+    o.lease = lease.map(|(key, state)| LeaseRequest {
+        key,
+        state: libfilter::lease::LeaseState::parse(state).unwrap(),
+        epoch: 0,
+    });
+    let id = h.run(Request::Open(o));
+    h.engine.flush();
+    assert!(h.reply(id).is_none(), "the truncation waits for its intent");
+    id
+}
+
+/// Re-review rr45a F1: once its truncation is made, a read-only overwrite
+/// or supersede holds the file with the access it asked for, as Windows
+/// records it (FastFAT clears the access it added for the share check
+/// before `IoCheckShareAccess` records the open) and Samba does: a later
+/// reader sharing only reading (an overwrite's), or reading and writing
+/// (a supersede's: no FILE_SHARE_DELETE, the common Windows share mode),
+/// is granted — whether the truncation was made at once, once its intent
+/// was durable, or by recovery after a crash (kill -9) between the two
+/// (the handle then disconnected and persistent: no
+/// `STATUS_FILE_NOT_AVAILABLE` either). Before, the implied access counted
+/// for the handle's life and each was refused.
+#[test]
+fn a_completed_read_only_truncation_holds_the_file_as_a_reader() {
+    for (d, share) in [
+        (Disposition::Overwrite, Rights::READ),
+        (Disposition::Supersede, Rights::READ.union(Rights::WRITE)),
+    ] {
+        for made in ["at once", "after its intent", "by recovery"] {
+            let fs = MemFs::new();
+            fs.put("a", 10);
+            let mut h = Harness::on(fs);
+            if made == "at once" {
+                let bob = h.run(bobs("a", Rights::READ, d));
+                h.commit(true);
+                h.opened(bob);
+            } else {
+                let bob = parked_truncation(&mut h, "bob", Rights::READ, d, None);
+                if made == "after its intent" {
+                    h.commit(true);
+                    h.opened(bob);
+                } else {
+                    // The intent is durable; filterd dies before it makes
+                    // the truncation.
+                    h.commit_holding_intents(true);
+                    assert_eq!(h.fs.file("a").map(|f| f.size), Some(10));
+                    h = h.restarted();
+                }
+            }
+            assert_eq!(h.fs.file("a").map(|f| f.size), Some(0), "{d:?} {made}");
+            let Request::Open(mut o) = open("a", share) else {
+                unreachable!("open() makes an open")
+            };
+            o.access = Access::new(Rights::READ).unwrap();
+            let alice = h.run(Request::Open(o));
+            h.commit(true);
+            assert!(
+                matches!(h.reply(alice), Some(Ok(_))),
+                "a reader sharing {share:?} after a read-only {d:?} made {made}: {:?}",
+                h.reply(alice)
+            );
+        }
+    }
+}
+
+/// Re-review rr45a F2: a lease granted to another client while a
+/// truncating open waits for its intent loses its read caching when the
+/// truncation is made, as to a new end of file (MS-FSA 2.1.5.15.4): an
+/// smbl/1 RH lease goes to H, an SMB 2/3 one (Windows' rules) to none.
+/// A read delegation is not granted beside the waiting truncation at all:
+/// it counts as a writer whatever access it asked for. Before, each kept
+/// RH over the emptied file, told its old size, and no break came.
+#[test]
+fn read_caching_granted_beside_a_parked_truncation_goes_when_it_is_made() {
+    let rw = Rights::READ.union(Rights::WRITE);
+    let cases = [
+        ("smb", Rights::READ, "RH", Some("H")),
+        ("smb", rw, "RH", Some("H")),
+        (
+            libfilter::lease::MSFSA_PROTOCOL,
+            Rights::READ,
+            "RH",
+            Some(""),
+        ),
+        (libfilter::lease::MSFSA_PROTOCOL, rw, "RH", Some("")),
+        (
+            libfilter::lease::DELEGATION_PROTOCOL,
+            Rights::READ,
+            "",
+            None,
+        ),
+        (libfilter::lease::DELEGATION_PROTOCOL, rw, "", None),
+    ];
+    for (protocol, bob_access, granted, broken_to) in cases {
+        let fs = MemFs::new();
+        fs.put("a", 10);
+        let mut h = Harness::on_as(fs, protocol);
+        let bob = parked_truncation(&mut h, "bob", bob_access, Disposition::Overwrite, None);
+        let key = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+        let rh = libfilter::lease::LeaseState::parse("RH").unwrap();
+        let Request::Open(mut c) = leased_open("carol", "a", key, rh, 0) else {
+            unreachable!("leased_open() makes an open")
+        };
+        c.access = Access::new(Rights::READ).unwrap();
+        let carol = h.run(Request::Open(c));
+        h.commit(true);
+        h.opened(bob);
+        assert_eq!(h.fs.file("a").map(|f| f.size), Some(0));
+        let what = format!("{protocol} beside a parked {bob_access:?} overwrite");
+        assert_eq!(
+            h.lease_of(carol)
+                .map(|l| l.state.to_string())
+                .unwrap_or_default(),
+            granted,
+            "{what}"
+        );
+        let breaks = lease_breaks(&h);
+        match broken_to {
+            Some(to) => assert!(
+                matches!(breaks.as_slice(), [(k, from, got, true)] if *k == key && from == "RH" && got == to),
+                "{what}: {breaks:?}"
+            ),
+            None => assert!(breaks.is_empty(), "{what}: {breaks:?}"),
+        }
+    }
+}
+
+/// Re-review rr45a F3: a holder whose own truncating open waits for its
+/// intent holds the file as the writer it was checked as, in the lease
+/// break's H rule too (`break_leases_for`): an open sharing no writing —
+/// which that holder refuses — takes its H (RH to R), as any open its
+/// share mode refuses does, whether its lease breaks by Windows' rules or
+/// by smbl/1's; the open waits for the ack, and by then the truncation is
+/// made and the holder is a reader: the open is granted. Counted by the
+/// access asked for, H stayed and the open was a sharing violation.
+#[test]
+fn a_parked_truncation_s_lease_loses_h_to_an_open_it_would_refuse() {
+    for protocol in [libfilter::lease::MSFSA_PROTOCOL, "smb"] {
+        let fs = MemFs::new();
+        fs.put("a", 10);
+        let mut h = Harness::on_as(fs, protocol);
+        let key = libfilter::lease::LeaseKey(uuid::Uuid::new_v4());
+        let carol = parked_truncation(
+            &mut h,
+            "carol",
+            Rights::READ,
+            Disposition::Overwrite,
+            Some((key, "RH")),
+        );
+        let Request::Open(mut o) = bobs("a", Rights::READ, Disposition::Open) else {
+            unreachable!("bobs() makes an open")
+        };
+        o.share = Rights::READ;
+        let bob = h.run(Request::Open(o));
+        h.commit(true);
+        assert_eq!(
+            h.lease_of(carol).map(|l| l.state.to_string()).as_deref(),
+            Some("RH")
+        );
+        let breaks = lease_breaks(&h);
+        assert!(
+            matches!(breaks.as_slice(), [(k, from, to, true)] if *k == key && from == "RH" && to == "R"),
+            "{protocol}: {breaks:?}"
+        );
+        assert!(h.reply(bob).is_none(), "{protocol}: bob waits for the ack");
+        h.run(Request::LeaseBreakAck {
+            lease_key: key,
+            state: libfilter::lease::LeaseState::parse("R").unwrap(),
+            client: None,
+        });
+        h.commit(true);
+        h.engine.process_retries();
+        h.commit(true);
+        h.opened(bob);
+    }
 }
 
 /// Re-review rr44e R1: share modes are checked with the access a
