@@ -2000,6 +2000,20 @@ fn a_bad_create_verifier_and_a_lock_range_past_2_64_are_invalid() {
     ok(lock(&mut a, "lo4", 100, 10));
 }
 
+/// filterd, nfsshim and smbshim in a new scratch dir `name` whose file
+/// `f` holds ten bytes; client host-n's nfsl/1 session and an smbl/1
+/// session.
+fn nfs_and_smb_on_f(name: &str) -> (Scratch, Filterd, [Shim; 2], Nfs, (LineClient, u64)) {
+    let s = Scratch::new(name);
+    std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-n");
+    let smb = Shim::start("smbshim", &s.socket(), "smb-m");
+    let n = Nfs::connect(&nfs.addr, "host-n", "5555555555555555");
+    let m = rkfilter_tests::smb_session(&smb.addr);
+    (s, d, [nfs, smb], n, m)
+}
+
 /// Attack44 F1: an smbl/1 CREATE that overwrites the file asking only to
 /// read empties it all the same, so it recalls another client's read
 /// delegation first (RFC 8881 §10.4: a delegation is recalled before
@@ -2008,16 +2022,10 @@ fn a_bad_create_verifier_and_a_lock_range_past_2_64_are_invalid() {
 /// the holder went on serving the old bytes.
 #[test]
 fn a_read_only_smb_overwrite_recalls_a_read_delegation() {
-    let s = Scratch::new("nfs-ro-overwrite");
-    std::fs::write(s.root().join("f"), b"0123456789").unwrap();
-    let _d = Filterd::start(&s, &[], &[]);
-    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-ro");
-    let smb = Shim::start("smbshim", &s.socket(), "smb-ro");
-    let mut n = Nfs::connect(&nfs.addr, "host-n", "5555555555555555");
+    let (s, _d, _shims, mut n, (mut m, msid)) = nfs_and_smb_on_f("nfs-ro-overwrite");
     let o = ok(n.open("p", "f", "read", "none", json!({"want_delegation": "read"})));
     assert_eq!(o["delegation"]["type"], "read", "{o}");
     let deleg = o["delegation"]["stateid"].clone();
-    let (mut m, msid) = rkfilter_tests::smb_session(&smb.addr);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let r = m.call(json!({"cmd": "CREATE", "session_id": msid, "path": "f",
@@ -2049,14 +2057,8 @@ fn a_read_only_smb_overwrite_recalls_a_read_delegation() {
 /// emptied it.
 #[test]
 fn an_nfs_deny_write_keeps_a_read_only_smb_overwrite_out() {
-    let s = Scratch::new("nfs-deny-overwrite");
-    std::fs::write(s.root().join("f"), b"0123456789").unwrap();
-    let _d = Filterd::start(&s, &[], &[]);
-    let nfs = Shim::start("nfsshim", &s.socket(), "nfs-dw");
-    let smb = Shim::start("smbshim", &s.socket(), "smb-dw");
-    let mut n = Nfs::connect(&nfs.addr, "host-n", "6666666666666666");
+    let (s, _d, _shims, mut n, (mut m, msid)) = nfs_and_smb_on_f("nfs-deny-overwrite");
     ok(n.open("p", "f", "read", "write", json!({})));
-    let (mut m, msid) = rkfilter_tests::smb_session(&smb.addr);
     for disposition in ["overwrite", "overwrite_if", "supersede"] {
         let r = m.call(json!({"cmd": "CREATE", "session_id": msid, "path": "f",
                               "access": ["read"], "share": ["read", "write", "delete"],
@@ -2071,6 +2073,26 @@ fn an_nfs_deny_write_keeps_a_read_only_smb_overwrite_out() {
                           "access": ["read"], "share": ["read", "write", "delete"],
                           "disposition": "open"}));
     assert_eq!(r["status"], "STATUS_SUCCESS", "a reader is shared: {r}");
+}
+
+/// Re-review rr45a F1: an smbl/1 read-only overwrite that is done holds
+/// the file with the access it asked for, reading, as Windows records it
+/// (the writing it implied counted for its share check only): an nfsl/1
+/// OPEN denying `write` is granted after it, and then an smbl/1 CREATE
+/// sharing only `read`. Before, the overwrite held the file as a writer
+/// for its life: `NFS4ERR_SHARE_DENIED`.
+#[test]
+fn a_done_read_only_smb_overwrite_leaves_room_for_an_nfs_deny_write() {
+    let (s, _d, _shims, mut n, (mut m, msid)) = nfs_and_smb_on_f("nfs-overwrite-done");
+    let r = m.call(json!({"cmd": "CREATE", "session_id": msid, "path": "f",
+                          "access": ["read"], "share": ["read", "write", "delete"],
+                          "disposition": "overwrite"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+    assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 0);
+    ok(n.open("p", "f", "read", "write", json!({})));
+    let r = m.call(json!({"cmd": "CREATE", "session_id": msid, "path": "f",
+                          "access": ["read"], "share": ["read"], "disposition": "open"}));
+    assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
 }
 
 /// Attack44 F4: a path with a component over 255 bytes (NAME_MAX) is an

@@ -475,6 +475,67 @@ fn a_read_only_overwrite_breaks_another_clients_read_lease() {
     }
 }
 
+/// Re-review rr45a F2: a lease granted to another client while a
+/// persistent CREATE's overwrite waits for its intent (its commit stalled
+/// here) loses its read caching when the overwrite empties the file —
+/// bob's RH goes to H, as for a write — after bob's CREATE is answered.
+/// Before, bob kept RH over the emptied file and no break came.
+#[test]
+fn a_lease_granted_while_an_overwrite_waits_for_its_intent_is_broken_when_it_is_made() {
+    let s = Scratch::new("smb-parked-overwrite");
+    std::fs::write(s.root().join("f"), b"0123456789").unwrap();
+    let armed = "commit.before:1:sleep3000";
+    let d = Filterd::start(&s, &[], &[("RKFILTER_FAILPOINTS", armed)]);
+    let shim = Shim::start("smbshim", &s.socket(), "smb-a");
+    let (mut a, sa) = new_client(&shim.addr, "alice");
+    let (mut b, sb) = new_client(&shim.addr, "bob");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let guid = uuid::Uuid::new_v4().to_string();
+        let _ = tx.send(a.call(
+            json!({"cmd": "CREATE", "session_id": sa, "path": "f", "access": ["read"],
+                   "share": ["read", "write", "delete"], "disposition": "overwrite",
+                   "durable": {"create_guid": guid, "persistent": true, "timeout_ms": 60000}}),
+        ));
+    });
+    d.wait_stalled_at(armed, Duration::from_secs(10));
+    assert!(
+        rx.try_recv().is_err(),
+        "alice's overwrite waits for its intent"
+    );
+    let lk = uuid::Uuid::new_v4().to_string();
+    b.set_read_timeout(Duration::from_secs(20));
+    let mid = b.send_only(
+        "mid",
+        json!({"cmd": "CREATE", "session_id": sb, "path": "f", "access": ["read"],
+               "share": ["read", "write", "delete"], "disposition": "open",
+               "lease": {"key": lk, "state": "RH"}}),
+    );
+    let (rb, before) = b.reply_to("mid", mid).expect("bob's CREATE answered");
+    assert_eq!(rb["status"], "STATUS_SUCCESS", "{rb}");
+    assert_eq!(rb["lease"]["state"], "RH", "{rb}");
+    let ra = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("alice's answer");
+    assert_eq!(ra["status"], "STATUS_SUCCESS", "{ra}");
+    assert_eq!(std::fs::metadata(s.root().join("f")).unwrap().len(), 0);
+    // Read within a bound: none comes without the fix.
+    b.set_read_timeout(Duration::from_secs(10));
+    let n = match before.into_iter().next() {
+        Some(n) => n,
+        None => b
+            .next_line()
+            .expect("a LEASE_BREAK once the file is emptied"),
+    };
+    assert_eq!(n["cmd"], "LEASE_BREAK", "{n}");
+    assert_eq!(n["lease_key"], lk.as_str(), "{n}");
+    assert_eq!(
+        (n["current_state"].as_str(), n["new_state"].as_str()),
+        (Some("RH"), Some("H")),
+        "{n}"
+    );
+}
+
 /// Clients of one smbshim (one filterd connection) under the same lease
 /// key, each on its own file: a break goes to the client whose lease it is,
 /// and another's LEASE_BREAK_ACK lowers only its own lease, never the one
