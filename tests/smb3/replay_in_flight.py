@@ -33,6 +33,7 @@ from raw_channel import (
     context,
 )
 from smbprotocol.create_contexts import CreateContextName, DurableHandleFlags, SMB2CreateDurableHandleRequestV2
+from smbtest import wait_stalled
 
 WRITE = 9
 FLAG_REPLAY = 0x20000000
@@ -62,16 +63,6 @@ def create(r, sid, key, tid, replay):
     if replay:
         struct.pack_into("<I", h, 16, FLAG_REPLAY)
     return cmac_sign(key, bytes(h) + body + NAME + b"\0" * pad + ctx)
-
-
-def wait_stalled(log, line, timeout=20):
-    until = time.monotonic() + timeout
-    while time.monotonic() < until:
-        with open(log, errors="replace") as f:
-            if line in f.read():
-                return
-        time.sleep(0.02)
-    check(False, f"filterd's log says {line!r} within {timeout} s")
 
 
 def main():

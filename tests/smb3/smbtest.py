@@ -67,6 +67,18 @@ def check(cond, what):
     print(f"ok: {what}", flush=True)
 
 
+def wait_stalled(log, line, timeout=20):
+    """Waits until filterd's log `log` holds `line` (a failpoint's
+    "failpoint NAME: stalling"); fails after `timeout` seconds."""
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        with open(log, errors="replace") as f:
+            if line in f.read():
+                return
+        time.sleep(0.02)
+    check(False, f"filterd's log says {line!r} within {timeout} s")
+
+
 def connect(host, port, share, user, password, client_guid=None):
     """A signed SMB 3 connection, a session and a tree connect of `share`."""
     conn = Connection(client_guid or uuid.uuid4(), host, port, require_signing=True)

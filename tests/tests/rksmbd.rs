@@ -2326,6 +2326,31 @@ fn replay_in_flight_passes(name: &str, env: &[(&str, &str)]) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
 }
 
+/// Re-review rr45a F2 through rksmbd: a lease granted while a persistent
+/// read-only overwrite waits for its intent (filterd's first commit, the
+/// intent's, stalled 3 s) is broken from RH to none when the overwrite
+/// empties the file (tests/smb3/parked_overwrite_lease.py). Before, it
+/// stayed RH over the emptied file.
+#[test]
+fn a_lease_granted_while_an_overwrite_waits_for_its_intent_is_broken_when_it_is_made() {
+    let s = Scratch::new("rksmbd-parked-overwrite");
+    std::fs::write(s.root().join("parked.txt"), b"0123456789").unwrap();
+    let d = Filterd::start(
+        &s,
+        &[],
+        &[("RKFILTER_FAILPOINTS", "commit.before:1:sleep3000")],
+    );
+    let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
+    let filterd_log = d.log.display().to_string();
+    smbprotocol_script_passes_with(&srv, "parked_overwrite_lease.py", &[&filterd_log]);
+    assert_eq!(
+        std::fs::metadata(s.root().join("parked.txt"))
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
 /// A DH2C sent at once after the TCP drop of a connection holding five
 /// persistent opens, filterd's fsyncs slowed to 400 ms by strace: the old
 /// connection detaches them one by one, a commit each, and the DH2C of
