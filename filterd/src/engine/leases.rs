@@ -77,8 +77,8 @@ impl Engine {
             // writer does (attack44 F1). Its share mode (`mode`) has the
             // access its truncation implies added (re-review rr44e R1), as
             // has a holder's whose own truncation waits for its intent
-            // (`holder_mode`, rr44f M2): a Windows-rule holder loses H to
-            // an open its parked overwrite would refuse.
+            // (`holder_mode`, rr44f M2): such a holder loses H to an open
+            // its parked overwrite refuses, by either rule set below.
             let writes = truncates || mode.access.contains(libfilter::model::Rights::WRITE);
             let handle_conflict = keys
                 .iter()
