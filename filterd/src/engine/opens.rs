@@ -214,7 +214,12 @@ impl Engine {
         // (`finish_parked`, or its intent abandoned with a failed commit),
         // then runs again against the file system as it is then — on
         // Windows the file is delete-pending until that close is done.
-        let deleting_by = self.deletion_pending(&o.path, Some(of.file));
+        // So it does for a truncation (a persistent overwrite or
+        // supersede, an end of file set) waiting for its intent
+        // (`content_change_pending`).
+        let deleting_by = self
+            .deletion_pending(&o.path, Some(of.file))
+            .or_else(|| self.content_change_pending(of.file));
         let deleting = deleting_by.is_some();
         // A handle that lost its file to inode reuse decides nothing (its
         // record marked lost goes into the batch: first, so that the
@@ -759,14 +764,13 @@ impl Engine {
                 self.batch.push(StoreOp::PutHandle(Box::new(rec)));
                 self.batch.push(StoreOp::DeleteIntent(id));
                 self.content_change_done(file);
-                // The file is emptied now: other keys' read caching goes,
-                // as for a new end of file (MS-FSA 2.1.5.15.4), also a
-                // lease granted beside the open while it waited for its
-                // intent (re-review rr45a F2: RH stayed cached over the
-                // emptied file, a read delegation not recalled). Those
-                // there before it were broken by the open itself
-                // (`break_leases_for`).
-                self.break_read_caching_of(p.key);
+                // Other keys' read caching went when the open was decided
+                // (`break_leases_for`, the truncation counted as a write),
+                // and no lease was granted since: other opens of the file
+                // waited for this truncation (`content_change_pending`).
+                // So there is nothing to break here, and recovery, which
+                // finishes an interrupted truncation, breaks nothing
+                // either (re-review rr45c N1).
                 Ok(Reply::Opened(opened))
             }
             Err(e) => {
@@ -1812,6 +1816,24 @@ impl Engine {
             }) if to == path || (file.is_some() && p.replaces == file) => Some(*f),
             _ => None,
         })
+    }
+
+    /// A change of `file`'s content waiting for its intent: a truncating
+    /// persistent open, or an end of file set (`park_intent`). No open of
+    /// the file is granted meanwhile: it waits for the change to be made
+    /// (or abandoned) and then runs, seeing the file's size as the change
+    /// left it — as Windows serialises an overwrite (and a set end of
+    /// file) against other creates of the file (its FCB; Samba: the
+    /// share-mode lock). Granted beside the waiting truncation, an open
+    /// was told the old size, and a lease it got kept read caching over
+    /// the emptied file once a crash (kill -9, or the completion's commit
+    /// failing) between the intent and the completion left the truncation
+    /// to recovery, which breaks no lease (re-review rr45c N1).
+    fn content_change_pending(&self, file: FileId) -> Option<FileId> {
+        self.parked
+            .values()
+            .any(|p| p.content == Some(file))
+            .then_some(file)
     }
 
     /// The refusal of an open asked not to wait where it would.
