@@ -352,7 +352,8 @@ impl Engine {
     /// Windows' rules, `break_read_caching`). A truncating open whose
     /// truncation waits for its intent writes whatever access it asked
     /// for (`holder_mode`): its truncation, made once the intent is
-    /// durable, would recall the delegation at once (re-review rr45a F2).
+    /// durable, would recall the delegation at once (re-review rr45a F2);
+    /// an open of its file now waits for it instead (rr45c N1).
     /// Lost handles and stat opens write nothing.
     fn another_client_writes(&self, key: ResumeKey, keys: &[ResumeKey]) -> bool {
         let Some(me) = self.handles.get(&key) else {

@@ -2473,7 +2473,9 @@ pub(super) fn share_holder(h: &Handle) -> Option<Holder<ResumeKey>> {
 /// that share no writing (re-review rr45a F1). A recovered handle is
 /// never parked — recovery finishes or drops an interrupted truncation
 /// before service — so it holds the file as one whose truncation was
-/// made before the crash.
+/// made before the crash. Only another open of the file would meet the
+/// implied part, and none is decided beside a parked truncation: it waits
+/// for it (`Engine::content_change_pending`, re-review rr45c N1).
 pub(super) fn holder_mode(h: &Handle) -> ShareMode {
     let implied = match h.parked {
         true => implied_access(h.rec.create_action),
