@@ -2326,19 +2326,21 @@ fn replay_in_flight_passes(name: &str, env: &[(&str, &str)]) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
 }
 
-/// Re-review rr45a F2 through rksmbd: a lease granted while a persistent
-/// read-only overwrite waits for its intent (filterd's first commit, the
-/// intent's, stalled 3 s) is broken from RH to none when the overwrite
-/// empties the file (tests/smb3/parked_overwrite_lease.py). Before, it
-/// stayed RH over the emptied file.
+/// Re-review rr45c N1 through rksmbd: a leased CREATE of a file whose
+/// persistent read-only overwrite waits for its intent (filterd's first
+/// commit, the intent's, stalled 10 s) waits for the overwrite and is
+/// answered over the emptied file with RH, no break following
+/// (tests/smb3/parked_overwrite_lease.py). Before, it was granted at once
+/// told size 10, and its RH broken only if filterd lived to complete the
+/// overwrite (rr45a F2).
 #[test]
-fn a_lease_granted_while_an_overwrite_waits_for_its_intent_is_broken_when_it_is_made() {
+fn a_create_beside_an_overwrite_waiting_for_its_intent_waits_for_it() {
     let s = Scratch::new("rksmbd-parked-overwrite");
     std::fs::write(s.root().join("parked.txt"), b"0123456789").unwrap();
     let d = Filterd::start(
         &s,
         &[],
-        &[("RKFILTER_FAILPOINTS", "commit.before:1:sleep3000")],
+        &[("RKFILTER_FAILPOINTS", "commit.before:1:sleep10000")],
     );
     let srv = RkSmbd::start(&s, "rksmbd", "data", &[("alice", "pw")]);
     let filterd_log = d.log.display().to_string();

@@ -221,6 +221,9 @@ impl Engine {
             .deletion_pending(&o.path, Some(of.file))
             .or_else(|| self.content_change_pending(of.file));
         let deleting = deleting_by.is_some();
+        if deleting {
+            debug!(path = %o.path, "open held off by a pending change of its file");
+        }
         // A handle that lost its file to inode reuse decides nothing (its
         // record marked lost goes into the batch: first, so that the
         // dependency below covers it too).
