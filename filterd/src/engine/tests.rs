@@ -4910,15 +4910,21 @@ fn resume_alices(h: &mut Harness, key: ResumeKey) -> u64 {
 /// Resumes alice's handle `key`, as a frontend's own reattach when
 /// `if_last_held`; the request's id.
 fn resume_alices_as(h: &mut Harness, key: ResumeKey, if_last_held: bool) -> u64 {
-    let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
-        client: ClientId::new("alice").unwrap(),
+    let r = h.run(resume_of("alice", key, if_last_held));
+    h.commit(true);
+    r
+}
+
+/// `client`'s resume of handle `key` (as a frontend's own reattach when
+/// `if_last_held`).
+fn resume_of(client: &str, key: ResumeKey, if_last_held: bool) -> Request {
+    Request::Resume(libfilter::proto::ResumeRequest {
+        client: ClientId::new(client).unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key },
         owner: None,
         matching: None,
         if_last_held,
-    }));
-    h.commit(true);
-    r
+    })
 }
 
 /// Acknowledges lease `k`'s break to `state`, and runs what waited.
@@ -6636,13 +6642,7 @@ fn a_break_held_for_a_detached_waiting_open_goes_to_the_leases_other_holder() {
     let bob = bobs_handle(&mut h, true);
     let (lk, first, _) = leased_then_a_waiting_overwrite(&mut h);
     h.reattach();
-    let resumed = h.run(Request::Resume(libfilter::proto::ResumeRequest {
-        client: ClientId::new("bob").unwrap(),
-        target: libfilter::proto::ResumeTarget::Key { key: bob },
-        owner: None,
-        matching: None,
-        if_last_held: false,
-    }));
+    let resumed = h.run(resume_of("bob", bob, false));
     let r = h.run(Request::Resume(libfilter::proto::ResumeRequest {
         client: ClientId::new("alice").unwrap(),
         target: libfilter::proto::ResumeTarget::Key { key: first },
