@@ -9654,3 +9654,34 @@ fn a_check_given_up_on_is_not_run_again() {
     h.commit(true);
     assert!(matches!(h.reply(x), Some(Ok(_))), "{:?}", h.reply(x));
 }
+
+/// Re-review rr45c N1, for an end of file set through a persistent
+/// handle (bracketed by an intent as a truncating open is): a leased open
+/// of the file while that change waits for its intent waits for it, and
+/// is then answered with the new size and RH, nothing to break. Before,
+/// it was granted RH at once, told the old size, and the change (whose
+/// breaks were made before its intent) broke nothing once made.
+#[test]
+fn an_open_beside_an_end_of_file_waiting_for_its_intent_waits_for_it() {
+    let fs = MemFs::new();
+    fs.put("a", 10);
+    let mut h = Harness::on(fs);
+    let alice = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let alice = h.opened(alice);
+    let set = h.run(Request::SetEndOfFile {
+        key: alice,
+        size: 3,
+        record: None,
+    });
+    h.engine.flush();
+    assert!(h.reply(set).is_none(), "the change waits for its intent");
+    let carol = h.run(readers_leased_open("carol", false).0);
+    assert!(h.reply(carol).is_none(), "carol waits");
+    h.commit(true);
+    assert!(matches!(h.reply(set), Some(Ok(_))), "{:?}", h.reply(set));
+    h.engine.process_retries();
+    h.commit(true);
+    assert_eq!(size_and_lease(&h, carol), (3, "RH".to_owned()));
+    assert!(lease_breaks(&h).is_empty(), "{:?}", lease_breaks(&h));
+}
