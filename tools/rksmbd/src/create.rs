@@ -522,7 +522,6 @@ fn replayed(c: &mut Connection, id: u64, oplock: u8, lease: Option<&LeaseV>) -> 
             r.durable
                 .filter(|_| timeout_and_persistence(v.record.durability).is_some()),
         ),
-        Err(e) if !crate::files::is_unanswered(&e) => return Err(status_of(&e)),
         Err(e) => return Err(retry_status(&e, true, c.dialect())),
         Ok(_) => return Err(status::FILE_NOT_AVAILABLE),
     };
@@ -952,16 +951,23 @@ fn unavailable_status(e: &ClientError, v2: bool, dialect: Option<Dialect>) -> u3
     }
 }
 
-/// The status of a call filterd left unanswered
-/// ([`crate::files::is_unanswered`]), for
-/// a CREATE that is (`v2`) or is not a DH2Q open on a connection of
-/// `dialect`: STATUS_SERVER_UNAVAILABLE where its client replays that
-/// ([`unavailable_status`]), else STATUS_FILE_NOT_AVAILABLE. Either says
-/// "try again", never what became of the handle.
-fn retry_status(e: &ClientError, v2: bool, dialect: Option<Dialect>) -> u32 {
-    match unavailable_status(e, v2, dialect) {
-        status::SERVER_UNAVAILABLE => status::SERVER_UNAVAILABLE,
-        _ => status::FILE_NOT_AVAILABLE,
+/// The status of a CREATE, a replay (`replay`: SMB2_FLAGS_REPLAY_OPERATION)
+/// or not, on a connection of `dialect`, whose look at a handle filterd
+/// failed with `e`. Left unanswered ([`crate::files::is_unanswered`]),
+/// whichever way, it says "try again", never what became of the handle:
+/// a replay is STATUS_SERVER_UNAVAILABLE on 3.x, the one status its
+/// client replays a CREATE on (MS-SMB2 3.2.5.7; STATUS_FILE_NOT_AVAILABLE,
+/// replayed only for WRITE, IOCTL and SET_INFO, is final for a CREATE:
+/// before, a busy filterd's was — re-review rr45f F2); others, a DH2C
+/// among them, are STATUS_FILE_NOT_AVAILABLE, which a reconnecting
+/// client tries again. A refusal is what [`status_of`] says.
+fn retry_status(e: &ClientError, replay: bool, dialect: Option<Dialect>) -> u32 {
+    if !crate::files::is_unanswered(e) {
+        status_of(e)
+    } else if replay && dialect.is_some_and(crate::server::client_replays_unavailable) {
+        status::SERVER_UNAVAILABLE
+    } else {
+        status::FILE_NOT_AVAILABLE
     }
 }
 
@@ -1354,7 +1360,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             // Not noted unanswered: its client may have been told
             // SUCCESS for it before (by an rksmbd now gone), and its
             // LOGOFF must not close it. Its durable timeout ends it.
-            return Err(retry_status(&e, by_guid, c.dialect()));
+            return Err(retry_status(&e, true, c.dialect()));
         }
     };
     let mut delete_on_close = false;
@@ -2547,6 +2553,53 @@ mod tests {
         assert_eq!(
             status(&refused, Dialect::Smb311, true, true),
             status::SHARING_VIOLATION
+        );
+    }
+
+    /// A replayed CREATE whose look at the handle filterd leaves
+    /// unanswered, whichever way, is STATUS_SERVER_UNAVAILABLE on every
+    /// SMB 3.x dialect: the one status its client replays a CREATE on
+    /// (MS-SMB2 3.2.5.7). Before, a busy filterd's was
+    /// STATUS_FILE_NOT_AVAILABLE, final for a CREATE (re-review rr45f
+    /// F2). A DH2C, or a CREATE on 2.1, is STATUS_FILE_NOT_AVAILABLE; a
+    /// refusal keeps its own status.
+    #[test]
+    fn an_unanswered_replayed_create_is_answered_server_unavailable_however_left() {
+        let refused = |code| ClientError::Refused(libfilter::proto::WireError::new(code, "no"));
+        let unanswered = [
+            ClientError::Timeout(Duration::from_secs(1)),
+            ClientError::Disconnected,
+            ClientError::Io(std::io::Error::other("sent nothing")),
+            ClientError::Unexpected("garbled".into()),
+            ClientError::DescriptorsCut("cut".into()),
+            refused(ErrorCode::Busy),
+            refused(ErrorCode::FileNotAvailable),
+            refused(ErrorCode::Retry),
+        ];
+        for e in &unanswered {
+            assert!(crate::files::is_unanswered(e), "{e:?}");
+            for d in [Dialect::Smb300, Dialect::Smb302, Dialect::Smb311] {
+                assert_eq!(
+                    retry_status(e, true, Some(d)),
+                    status::SERVER_UNAVAILABLE,
+                    "{e:?} {d:?}"
+                );
+                assert_eq!(
+                    retry_status(e, false, Some(d)),
+                    status::FILE_NOT_AVAILABLE,
+                    "{e:?} {d:?}"
+                );
+            }
+            assert_eq!(
+                retry_status(e, true, Some(Dialect::Smb210)),
+                status::FILE_NOT_AVAILABLE,
+                "{e:?}"
+            );
+        }
+        let gone = refused(ErrorCode::NoSuchHandle);
+        assert_eq!(
+            retry_status(&gone, true, Some(Dialect::Smb311)),
+            status::OBJECT_NAME_NOT_FOUND
         );
     }
 }
