@@ -1472,18 +1472,18 @@ fn kill_and_restart(
     d: &mut Filterd,
     srv: &mut RkSmbd,
 ) -> &'static str {
-    kill_and_restart_with(s, outage, d, srv, &[])
+    kill_and_restart_with(s, outage, d, srv, &[]).0
 }
 
 /// [`kill_and_restart`], the replacement rksmbd started with environment
-/// `env`.
+/// `env`, its log written to the file returned too.
 fn kill_and_restart_with(
     s: &Scratch,
     outage: Outage,
     d: &mut Filterd,
     srv: &mut RkSmbd,
     env: &[(&str, &str)],
-) -> &'static str {
+) -> (&'static str, std::path::PathBuf) {
     srv.shim.kill9_in_place();
     let mode = match outage {
         Outage::BothKilled => {
@@ -1493,8 +1493,9 @@ fn kill_and_restart_with(
         }
         _ => "rksmbd",
     };
-    *srv = RkSmbd::start_with_env(s, "rksmbd", "data", &[("alice", "pw")], env);
-    mode
+    let (replacement, log) = RkSmbd::start_logged(s, "rksmbd", "data", &[("alice", "pw")], env);
+    *srv = replacement;
+    (mode, log)
 }
 
 /// Review rvnode finding 2: the last append of an open (`files::LastAppend`)
@@ -1508,15 +1509,16 @@ fn kill_and_restart_with(
 /// DH2C or (cr.txt) a replay of the CREATE (restart_append.py); with
 /// filterd SIGKILLed too, the persistent ones'. filterd is started with
 /// `failpoints` (`RKFILTER_FAILPOINTS`), and with any the replacement
-/// rksmbd's calls give up after 1 s.
-fn append_replayed_across(outage: Outage, failpoints: Option<&str>) {
+/// rksmbd's calls give up after 1 s and it must log `stalled`, what shows
+/// the failpoint hit the call it is meant for.
+fn append_replayed_across(outage: Outage, failpoints: Option<(&str, &str)>) {
     // Short: the socket path's length is bounded.
     let s = Scratch::new(&match failpoints {
         Some(_) => format!("rksmbd-append-fp-{outage:?}"),
         None => format!("rksmbd-restart-append-{outage:?}"),
     });
     let fp: Vec<_> = failpoints
-        .map(|f| ("RKFILTER_FAILPOINTS", f))
+        .map(|(f, _)| ("RKFILTER_FAILPOINTS", f))
         .into_iter()
         .collect();
     let mut d = Filterd::start(&s, &[], &fp);
@@ -1545,9 +1547,16 @@ fn append_replayed_across(outage: Outage, failpoints: Option<&str>) {
         Some(_) => &[("RKFILTER_CALL_TIMEOUT_MS", "1000")],
         None => &[],
     };
-    let mode = kill_and_restart_with(&s, outage, &mut d, &mut srv, env);
+    let (mode, log) = kill_and_restart_with(&s, outage, &mut d, &mut srv, env);
     script.say(&format!("{} {mode}", srv.port()));
     script.finish();
+    if let Some((_, stalled)) = failpoints {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            text.contains(stalled),
+            "the failpoint stalled another call: rksmbd did not log {stalled:?}:\n{text}"
+        );
+    }
     let replayed: &[&str] = match outage {
         Outage::BothKilled => &["ca.txt", "ao.txt", "cr.txt"],
         _ => &names,
@@ -1579,11 +1588,16 @@ fn an_append_replayed_after_a_filterd_and_rksmbd_restart_is_not_appended_twice()
 /// resumed the open without the record: the replayed append was appended
 /// again. Now that DH2C is STATUS_FILE_NOT_AVAILABLE, the handle left
 /// disconnected, and the client's retry resumes it with the record.
+/// rksmbd's log line pins the stall on that look, not on whichever call
+/// happens to be second (re-review rr45f F3).
 #[test]
 fn an_append_replayed_after_a_restart_whose_record_goes_unanswered_is_not_appended_twice() {
     append_replayed_across(
         Outage::RksmbdKilled,
-        Some("request.lookup_reply:2:sleep3000"),
+        Some((
+            "request.lookup_reply:2:sleep3000",
+            "the last append's record is not read",
+        )),
     );
 }
 
