@@ -2476,9 +2476,16 @@ pub(super) fn share_holder(h: &Handle) -> Option<Holder<ResumeKey>> {
 /// that share no writing (re-review rr45a F1). A recovered handle is
 /// never parked — recovery finishes or drops an interrupted truncation
 /// before service — so it holds the file as one whose truncation was
-/// made before the crash. Only another open of the file would meet the
-/// implied part, and none is decided beside a parked truncation: it waits
-/// for it (`Engine::content_change_pending`, re-review rr45c N1).
+/// made before the crash. A parked handle is still met, through
+/// `Engine::holders_of`, by a local process's open (`on_local_open`,
+/// `local_open_is_plain`, and the lease break it makes) and by a rename
+/// or remove that needs every other open to share delete
+/// (`others_share_delete`): but each asks with a mode that shares
+/// everything, so only the handle's share decides them, never its access.
+/// The implied part would be weighed only by a protocol open of the file
+/// (its share check, its lease break's H rule, a delegation grant), and
+/// none is decided beside a parked truncation: it waits for it
+/// (`Engine::content_change_pending`, re-review rr45c N1, rr45e F4).
 pub(super) fn holder_mode(h: &Handle) -> ShareMode {
     let implied = match h.parked {
         true => implied_access(h.rec.create_action),
