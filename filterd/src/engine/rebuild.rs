@@ -33,7 +33,7 @@
 //! again counts anew; and never once its frontend gave up on it
 //! (`IoDone`), as no second `IoDone` would come.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use libfilter::proto::Request;
@@ -70,37 +70,83 @@ pub(super) struct ParkedView {
     seq: u64,
 }
 
-/// The requests that changed nothing whose replies are parked, in the
-/// order they arrived; each goes once its sequence is resolved, its
-/// connection closes, or (a `CheckIo`) its `IoDone` comes.
+/// The requests that changed nothing whose replies are parked, by token
+/// (given out in the order they arrived); each goes once its reply is
+/// sent or answered another way: its sequence resolved, its bound passed
+/// (a status or listing, [`super::status_wait`]), its connection closed,
+/// (a `CheckIo`) its `IoDone` came, or it was taken back to run again.
+/// Indexed by sequence and by check, so that what runs on every flush and
+/// every `IoDone` does not scan them all (re-review rr45g F1: entries
+/// answered by their bound stayed, and grew without bound while a commit
+/// was stalled).
 #[derive(Default)]
 pub(super) struct ParkedViews {
-    parked: Vec<ParkedView>,
+    parked: BTreeMap<u64, ParkedView>,
+    /// (sequence, token) of each.
+    by_seq: BTreeSet<(u64, u64)>,
+    /// The tokens of the `CheckIo`s of each (connection, check id).
+    checks: HashMap<(ConnId, u64), Vec<u64>>,
 }
 
 impl ParkedViews {
+    fn insert(&mut self, v: ParkedView) {
+        self.by_seq.insert((v.seq, v.token));
+        if matches!(v.req, Request::CheckIo { .. }) {
+            self.checks.entry((v.conn, v.id)).or_default().push(v.token);
+        }
+        self.parked.insert(v.token, v);
+    }
+
+    /// The view of token `token` was answered another way (past its
+    /// bound, taken back): forgotten.
+    pub(super) fn remove(&mut self, token: u64) -> Option<ParkedView> {
+        let v = self.parked.remove(&token)?;
+        self.by_seq.remove(&(v.seq, token));
+        if matches!(v.req, Request::CheckIo { .. }) {
+            if let Some(tokens) = self.checks.get_mut(&(v.conn, v.id)) {
+                tokens.retain(|t| *t != token);
+                if tokens.is_empty() {
+                    self.checks.remove(&(v.conn, v.id));
+                }
+            }
+        }
+        Some(v)
+    }
+
     /// Connection `conn` closed: nothing of it is run again.
     pub(super) fn closed(&mut self, conn: ConnId) {
-        self.parked.retain(|v| v.conn != conn);
+        let gone: Vec<u64> = self
+            .parked
+            .values()
+            .filter(|v| v.conn == conn)
+            .map(|v| v.token)
+            .collect();
+        for token in gone {
+            self.remove(token);
+        }
     }
 
     /// The `IoDone` of `CheckIo` `check` of `conn` came: its frontend
     /// gave up waiting, and a run again would count an I/O in flight that
     /// no `IoDone` ends.
     pub(super) fn gave_up(&mut self, conn: ConnId, check: u64) {
-        self.parked.retain(|v| {
-            !(v.conn == conn && v.id == check && matches!(v.req, Request::CheckIo { .. }))
-        });
+        for token in self.checks.remove(&(conn, check)).unwrap_or_default() {
+            self.remove(token);
+        }
     }
 
     /// Sequences up to `committed` are resolved: what waited for them went.
     pub(super) fn resolved(&mut self, committed: u64) {
-        self.parked.retain(|v| v.seq > committed);
+        let kept = self.by_seq.split_off(&(committed.saturating_add(1), 0));
+        for (_, token) in std::mem::replace(&mut self.by_seq, kept) {
+            self.remove(token);
+        }
     }
 
     /// How many are kept (the unit tests' measure).
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
+        debug_assert_eq!(self.parked.len(), self.by_seq.len());
         self.parked.len()
     }
 }
@@ -126,7 +172,7 @@ impl Engine {
         token: u64,
     ) {
         if let Some(seq) = self.request_waits_for() {
-            self.views.parked.push(ParkedView {
+            self.views.insert(ParkedView {
                 conn,
                 writer: writer.clone(),
                 id,
@@ -145,16 +191,24 @@ impl Engine {
         let Some(first) = abandoned.first().copied() else {
             return Vec::new();
         };
-        let (hit, kept): (Vec<ParkedView>, Vec<ParkedView>) =
-            std::mem::take(&mut self.views.parked)
-                .into_iter()
-                .partition(|v| match v.req {
-                    Request::CheckIo { .. } => abandoned.contains(&v.seq),
-                    _ => v.seq >= first,
-                });
-        self.views.parked = kept;
+        let mut hit: Vec<u64> = self
+            .views
+            .by_seq
+            .range((first, 0)..)
+            .filter(|&&(seq, token)| {
+                self.views.parked.get(&token).is_some_and(|v| {
+                    !matches!(v.req, Request::CheckIo { .. }) || abandoned.contains(&seq)
+                })
+            })
+            .map(|&(_, token)| token)
+            .collect();
+        // In the order they arrived.
+        hit.sort_unstable();
         let mut out = Vec::new();
-        for v in hit {
+        for token in hit {
+            let Some(v) = self.views.remove(token) else {
+                continue;
+            };
             // Gone already: sent (its sequence resolved meanwhile) or
             // answered past its bound.
             if self.pipe.withdraw(v.seq, &v.writer, v.token).is_none() {

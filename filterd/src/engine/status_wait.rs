@@ -354,6 +354,8 @@ impl Engine {
                 continue;
             }
             if self.pipe.withdraw(w.seq, &w.writer, w.token).is_some() {
+                // Answered: nothing to run again (rr45g F1).
+                self.views.remove(w.token);
                 if matches!(w.what, Bounded::Listing(_)) {
                     let newest = self.last_seq().max(w.seq);
                     self.status_waits.behind.insert(w.conn, newest);

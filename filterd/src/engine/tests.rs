@@ -9656,7 +9656,9 @@ fn a_check_given_up_on_is_not_run_again() {
     let (ka, kb) = two_handles_of_a(&mut h);
     h.run(lock_10(ka, 100));
     let w = h.run(write_check_10(kb, 0));
+    assert_eq!(h.engine.views.len(), 1, "the check is parked");
     h.run(Request::IoDone { check: w });
+    assert_eq!(h.engine.views.len(), 0, "forgotten once given up on");
     h.commit(false);
     assert!(matches!(h.reply(w), Some(Err(_))), "{:?}", h.reply(w));
     let x = h.run(lock_10(ka, 5));
@@ -9693,4 +9695,36 @@ fn an_open_beside_an_end_of_file_waiting_for_its_intent_waits_for_it() {
     h.commit(true);
     assert_eq!(size_and_lease(&h, carol), (3, "RH".to_owned()));
     assert!(lease_breaks(&h).is_empty(), "{:?}", lease_breaks(&h));
+}
+
+/// Re-review rr45g F1: a status answered from durable state past its
+/// bound was still kept to run again, so while a commit stalled a client
+/// looping `status` grew the kept views without bound, and every `IoDone`
+/// and flush scanned them all. Answered by its bound, a view is forgotten.
+#[test]
+fn views_answered_by_their_bound_are_not_kept() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let ob = h.run(open("b", Rights::ALL));
+    h.engine.flush();
+    assert!(h.reply(ob).is_none(), "b's open is pending");
+    let bound = super::status_wait::STATUS_COMMIT_WAIT_MS;
+    for round in 0..5 {
+        let ids: Vec<u64> = (0..100).map(|_| h.run(Request::Status)).collect();
+        assert_eq!(h.engine.views.len(), 100, "round {round}: parked");
+        h.engine.status_waits_due(mono_ms() + bound);
+        h.drain_replies();
+        h.engine.flush();
+        for id in ids {
+            assert!(
+                matches!(h.reply(id), Some(Ok(Reply::Status(_)))),
+                "round {round}: {:?}",
+                h.reply(id)
+            );
+        }
+        assert_eq!(h.engine.views.len(), 0, "round {round}: none kept");
+    }
+    h.commit(true);
+    h.opened(ob);
 }
