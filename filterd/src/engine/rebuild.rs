@@ -24,14 +24,18 @@
 //! still within the bound of its first arrival ([`super::status_wait`]).
 //! A request that changed something still fails with its commit.
 //!
-//! A view shows everything pending when it arrived, not only the newest
-//! sequence it waits for: it is rebuilt when any sequence up to that one
-//! was abandoned (a failed group below a later one that committed left it
-//! showing what was rolled back). A `CheckIo` is rebuilt only when the
-//! sequence it waits for was abandoned: then the rollback forgot the I/O
-//! it counted in flight (`Engine::checked_io_abandoned`), which the run
-//! again counts anew; and never once its frontend gave up on it
-//! (`IoDone`), as no second `IoDone` would come.
+//! A status or listing shows everything pending when it arrived, not only
+//! the newest sequence it waits for: it is rebuilt when any sequence up to
+//! that one was abandoned (a failed group below a later one that committed
+//! left it showing what was rolled back). A view of one file or scope
+//! (`Handle`, `LookupReply`, `ListRecords`, `CheckIo`) shows only that
+//! file's or scope's sequence, and is rebuilt only when that one was
+//! abandoned (re-review rr45g F3: rebuilt otherwise, it showed nothing
+//! rolled back, and its run again counted a replay or check twice, the
+//! first count standing with its sequence). A `CheckIo` rebuilt was
+//! forgotten in flight by the rollback (`Engine::checked_io_abandoned`),
+//! which the run again counts anew; it is never rebuilt once its frontend
+//! gave up on it (`IoDone`), as no second `IoDone` would come.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -53,6 +57,18 @@ pub(super) fn changes_nothing(req: &Request) -> bool {
             | Request::Frontends
             | Request::Locks { .. }
             | Request::Handle { .. }
+            | Request::LookupReply { .. }
+            | Request::ListRecords { .. }
+            | Request::CheckIo { .. }
+    )
+}
+
+/// Whether view `req` shows everything pending when it arrived (a status
+/// or listing), not only the sequence of its file or scope.
+fn shows_all(req: &Request) -> bool {
+    !matches!(
+        req,
+        Request::Handle { .. }
             | Request::LookupReply { .. }
             | Request::ListRecords { .. }
             | Request::CheckIo { .. }
@@ -196,9 +212,10 @@ impl Engine {
             .by_seq
             .range((first, 0)..)
             .filter(|&&(seq, token)| {
-                self.views.parked.get(&token).is_some_and(|v| {
-                    !matches!(v.req, Request::CheckIo { .. }) || abandoned.contains(&seq)
-                })
+                self.views
+                    .parked
+                    .get(&token)
+                    .is_some_and(|v| shows_all(&v.req) || abandoned.contains(&seq))
             })
             .map(|&(_, token)| token)
             .collect();

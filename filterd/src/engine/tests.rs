@@ -9728,3 +9728,45 @@ fn views_answered_by_their_bound_are_not_kept() {
     h.commit(true);
     h.opened(ob);
 }
+
+/// Re-review rr45g F3: a view of one scope parked behind a commit of its
+/// scope that stands, above an earlier group that failed, showed nothing
+/// rolled back, yet was run again, and its replay counted twice (the first
+/// count stands with its sequence). It is run again only when its own
+/// sequence is abandoned.
+#[test]
+fn a_scoped_view_behind_a_commit_that_stands_is_not_run_again() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    // A create of n (its directory fsync'd before the commit: that
+    // fails), then a record of session 1 (it commits).
+    let created = h.run(open("n", Rights::ALL));
+    let recorded = h.run(Request::RecordReply {
+        scope: session(1),
+        op_id: 1,
+        reply: "r".into(),
+        keep: 3,
+    });
+    let lookup = h.run(Request::LookupReply {
+        scope: session(1),
+        op_id: 1,
+    });
+    assert!(h.reply(lookup).is_none(), "waits for the record");
+    assert_eq!(h.engine.stats.replays_detected, 1);
+    h.fs.fail_next("fsync", libc::EIO);
+    h.commit_once(true);
+    assert!(matches!(h.reply(created), Some(Err(_))));
+    h.commit(true);
+    h.answered(recorded);
+    assert!(
+        matches!(
+            h.reply(lookup),
+            Some(Ok(Reply::Recorded { record: Some(_) }))
+        ),
+        "{:?}",
+        h.reply(lookup)
+    );
+    assert_eq!(h.engine.stats.replays_detected, 1, "counted once");
+    assert_eq!(h.engine.views.len(), 0);
+}
