@@ -9618,18 +9618,24 @@ fn views_behind_a_failed_commit_are_answered_from_the_state_rolled_back() {
     assert_eq!(h.engine.views.len(), 0, "none kept once resolved");
 }
 
+/// a's open durable, and a create of n pending: its directory is
+/// fsync'd before the commit, so a failed fsync fails it alone. Its id.
+fn a_create_to_fail() -> (Harness, u64) {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let created = h.run(open("n", Rights::ALL));
+    (h, created)
+}
+
 /// A view parked behind a commit that succeeds still showed an earlier
 /// group of the same merged commit that failed (its fsync, here): it was
 /// sent as it was, listing a handle the rollback took away. It is built
 /// again too.
 #[test]
 fn a_view_behind_a_later_commit_does_not_show_an_earlier_failed_one() {
-    let mut h = Harness::new();
-    h.run(open("a", Rights::ALL));
-    h.commit(true);
-    // A create of n (its directory fsync'd before the commit: that
-    // fails), then an open of b's existing file (no fsync: it commits).
-    let created = h.run(open("n", Rights::ALL));
+    // Then an open of b's existing file (no fsync: it commits).
+    let (mut h, created) = a_create_to_fail();
     let opened = h.run(open("b", Rights::ALL));
     let status = h.run(Request::Status);
     assert!(h.reply(status).is_none());
@@ -9736,12 +9742,8 @@ fn views_answered_by_their_bound_are_not_kept() {
 /// sequence is abandoned.
 #[test]
 fn a_scoped_view_behind_a_commit_that_stands_is_not_run_again() {
-    let mut h = Harness::new();
-    h.run(open("a", Rights::ALL));
-    h.commit(true);
-    // A create of n (its directory fsync'd before the commit: that
-    // fails), then a record of session 1 (it commits).
-    let created = h.run(open("n", Rights::ALL));
+    // Then a record of session 1 (it commits).
+    let (mut h, created) = a_create_to_fail();
     let recorded = h.run(Request::RecordReply {
         scope: session(1),
         op_id: 1,
