@@ -481,6 +481,31 @@ pub struct Store {
     blocks: Option<BlockReserve>,
 }
 
+/// btrfs and ZFS: whatever they report, the reserve cannot be kept there.
+/// Both copy on write below the map's last page too (a completion's
+/// rewritten pages need new extents, not the preallocated ones), and ZFS
+/// emulates `fallocate` without showing it in `st_blocks` (and lags
+/// `st_blocks` behind compression), so the reserve would look low for
+/// good and refuse all new state on an empty disk (review rr45h F4).
+fn reserve_unsupported_fs(fs_type: libc::c_long) -> bool {
+    const ZFS_SUPER_MAGIC: libc::c_long = 0x2fc1_2fc1;
+    fs_type == libc::BTRFS_SUPER_MAGIC || fs_type == ZFS_SUPER_MAGIC
+}
+
+/// Why the state dir's filesystem cannot keep a [`BlockReserve`], given
+/// how allocating it went and the slack `data.mdb` then shows (`None`:
+/// it can). Refused where preallocating is not supported, and where it
+/// "succeeded" but the file's blocks do not show it (the reserve would
+/// look low for good); kept when the filesystem is full now (`ENOSPC`,
+/// topped up once there is room).
+fn reserve_unusable(allocated: nix::Result<()>, slack: u64, bytes: u64) -> Option<&'static str> {
+    match allocated {
+        Err(nix::errno::Errno::EOPNOTSUPP) => Some("cannot preallocate (or copies on write)"),
+        Ok(()) if slack < bytes / 2 => Some("does not show preallocated blocks in st_blocks"),
+        _ => None,
+    }
+}
+
 /// `data.mdb`, and the bytes of its filesystem kept allocated to it past
 /// the map's last used page ([`block_reserve`]).
 struct BlockReserve {
@@ -504,12 +529,20 @@ impl BlockReserve {
             bytes: block_reserve(v.blocks().saturating_mul(v.fragment_size())),
             data,
         };
-        match r.allocate(used, r.bytes) {
-            Err(nix::errno::Errno::EOPNOTSUPP) => {
-                tracing::warn!("the state dir's filesystem cannot preallocate: no block reserve for deletes and completions on a full disk");
+        let fs_type = nix::sys::statfs::fstatfs(&r.data)
+            .map(|f| f.filesystem_type().0)
+            .unwrap_or(0);
+        let allocated = if reserve_unsupported_fs(fs_type) {
+            Err(nix::errno::Errno::EOPNOTSUPP)
+        } else {
+            r.allocate(used, r.bytes)
+        };
+        match reserve_unusable(allocated, r.slack(used), r.bytes) {
+            Some(why) => {
+                tracing::warn!("no block reserve for deletes and completions on a full disk: the state dir's filesystem {why}");
                 None
             }
-            _ => Some(r),
+            None => Some(r),
         }
     }
 
@@ -1618,6 +1651,26 @@ pub(crate) fn sample_intent(id: [u8; 16]) -> StoreOp {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    /// A filesystem whose blocks do not show a preallocation that
+    /// "succeeded" (ZFS), or that cannot keep one (btrfs), runs without
+    /// the reserve rather than refusing all new state on an empty disk;
+    /// one that is full now keeps it (review rr45h F4).
+    #[test]
+    fn a_block_reserve_the_file_does_not_show_is_not_kept() {
+        use nix::errno::Errno;
+        let bytes = 1 << 20;
+        assert!(reserve_unusable(Ok(()), bytes, bytes).is_none());
+        assert!(reserve_unusable(Ok(()), bytes / 2, bytes).is_none());
+        assert!(reserve_unusable(Ok(()), 4096, bytes).is_some());
+        assert!(reserve_unusable(Err(Errno::EOPNOTSUPP), bytes, bytes).is_some());
+        assert!(reserve_unusable(Err(Errno::ENOSPC), 0, bytes).is_none());
+        assert!(reserve_unsupported_fs(libc::BTRFS_SUPER_MAGIC));
+        assert!(reserve_unsupported_fs(0x2fc1_2fc1));
+        assert!(!reserve_unsupported_fs(libc::TMPFS_MAGIC));
+        assert!(!reserve_unsupported_fs(libc::EXT4_SUPER_MAGIC));
+        assert!(!reserve_unsupported_fs(libc::XFS_SUPER_MAGIC));
+    }
+
     /// `lmdb/` is made 0700 whatever the umask (review rvacl: it was
     /// `create_dir_all`'s 0777 less the umask), so nobody else can open
     /// it, nor hold the writer's lock on it.
