@@ -151,15 +151,22 @@ fn local_open(p: std::path::PathBuf) -> std::io::Result<u64> {
         .expect("the local open is answered")
 }
 
-/// The lowest descriptor number free in process `pid` (from its
-/// `/proc/PID/fd`): with its limit set there, it can open nothing.
-fn lowest_free_fd(pid: u32) -> u32 {
+/// The descriptor limit that leaves process `pid` exactly `free`
+/// descriptors it can open (from its `/proc/PID/fd`): the number of its
+/// `free`-th unused descriptor (counting from 0), so with 0 it can open
+/// nothing. Not the lowest free number plus `free`: the process's table
+/// has holes (descriptors closed below others still open; a restarted
+/// filterd had 21 free below 22), and a limit past a hole leaves fewer
+/// free than that — CI once saw a resume that should have found 4
+/// descriptors free (and been refused for eating into the reserve) find
+/// none.
+fn fd_limit_leaving(pid: u32, free: usize) -> u32 {
     let used: std::collections::BTreeSet<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
-    (0..).find(|n| !used.contains(n)).unwrap()
+    (0..).filter(|n| !used.contains(n)).nth(free).unwrap()
 }
 
 /// Sets process `pid`'s soft descriptor limit (its hard limit stays).
@@ -195,7 +202,7 @@ fn a_local_open_waits_for_a_free_descriptor_instead_of_being_refused() {
     let p = s.root().join("plain");
     let ino = std::fs::metadata(&p).unwrap().ino();
     // No descriptor left at all.
-    set_fd_limit(d.pid(), lowest_free_fd(d.pid()));
+    set_fd_limit(d.pid(), fd_limit_leaving(d.pid(), 0));
     let waiting = local_open_in_background(p);
     wait_for(
         "filterd to wait for a descriptor",
@@ -221,7 +228,7 @@ fn a_local_open_waits_for_a_free_descriptor_instead_of_being_refused() {
     // Starved past the verdict deadline: refused, as any undecided open —
     // every open queued meanwhile too, within about one deadline, not the
     // k-th after k deadlines (review, session 29).
-    set_fd_limit(d.pid(), lowest_free_fd(d.pid()));
+    set_fd_limit(d.pid(), fd_limit_leaving(d.pid(), 0));
     let t0 = std::time::Instant::now();
     let queued: Vec<_> = (0..3)
         .map(|_| local_open_in_background(s.root().join("other")))
@@ -403,7 +410,7 @@ fn a_burst_of_local_opens_of_files_without_state_is_never_refused() {
     let fe = frontend(&s);
     let _held = fe.open(req("held", Rights::NONE)).unwrap();
     // Room for about twenty waiting opens beyond what filterd holds.
-    set_fd_limit(d.pid(), lowest_free_fd(d.pid()) + 40);
+    set_fd_limit(d.pid(), fd_limit_leaving(d.pid(), 40));
     let ctl = FilterClient::connect_control(&s.socket()).unwrap();
     std::thread::spawn(move || {
         let _ = ctl.stats();
@@ -578,12 +585,12 @@ fn a_resume_out_of_descriptors_is_refused_and_keeps_the_handle() {
         libfilter::proto::ErrorCode::FileNotAvailable
     );
     // No descriptor free: the reopen fails EMFILE.
-    set_fd_limit(d.pid(), lowest_free_fd(d.pid()));
+    set_fd_limit(d.pid(), fd_limit_leaving(d.pid(), 0));
     let e = refusal(fe.resume(alice.clone(), key));
     assert_eq!(e.code, libfilter::proto::ErrorCode::LimitReached, "{e:?}");
     // A few free, fewer than the reserve: the reopened descriptor is
     // given back.
-    set_fd_limit(d.pid(), lowest_free_fd(d.pid()) + 4);
+    set_fd_limit(d.pid(), fd_limit_leaving(d.pid(), 4));
     let e = refusal(fe.resume(alice.clone(), key));
     assert_eq!(e.code, libfilter::proto::ErrorCode::LimitReached, "{e:?}");
     assert!(e.message.contains("descriptors"), "{e:?}");
@@ -647,7 +654,7 @@ fn an_smb_reconnect_at_filterds_descriptor_limit_may_be_retried() {
     let sid = session(&mut c, &client_guid);
     let reconnect =
         json!({"cmd": "RECONNECT", "session_id": sid, "file_id": fid, "create_guid": guid});
-    set_fd_limit(d.pid(), lowest_free_fd(d.pid()));
+    set_fd_limit(d.pid(), fd_limit_leaving(d.pid(), 0));
     let r = c.call(reconnect.clone());
     assert_eq!(r["status"], "STATUS_INSUFFICIENT_RESOURCES", "{r}");
     set_fd_limit(d.pid(), 4096);
@@ -703,7 +710,7 @@ fn an_nfs_open_restored_while_filterd_is_out_of_descriptors_is_kept() {
     );
     // Room to accept nfsshim's connections, not for a reopen (fewer free
     // than filterd's reserve, 16 at this limit).
-    set_fd_limit(d.pid(), lowest_free_fd(d.pid()) + 4);
+    set_fd_limit(d.pid(), fd_limit_leaving(d.pid(), 4));
     let log = s.dir.join("nfsshim.log");
     let starting = {
         let (sock, log) = (s.socket(), log.clone());
