@@ -1036,6 +1036,7 @@ impl Engine {
         message: &str,
     ) {
         self.end_request();
+        self.status_waits.rolled_back();
         let abandoned = self.abandoned_by(failed, through);
         if self.abandons_completion(&abandoned) {
             // A completion built on a request whose commit failed (a lock

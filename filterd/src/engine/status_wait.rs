@@ -7,10 +7,11 @@
 //! and `filterctl status` timed out exactly when an operator needed it.
 //! Now the wait is bounded ([`STATUS_COMMIT_WAIT_MS`]): past it the parked
 //! reply is taken back ([`crate::committer::Pipeline::withdraw`]) and the
-//! request answered with the counts of the last moment nothing was
-//! pending — durable, if older — and [`CommitWait`] saying so: how long
-//! commits have been pending, how many replies wait behind them, how old
-//! the counts are.
+//! request answered with durable counts — of the last moment nothing was
+//! pending, or, under a load that always has commits pending, taken at a
+//! moment whose commits have all resolved since (attack45b N2) — and
+//! [`CommitWait`] saying so: how long commits have been pending, how
+//! many replies wait behind them, how old the counts are.
 //!
 //! The listings `handles`, `files` and `locks` are bounded alike when the
 //! request asks for it (`durable_ok`: filterctl's listings; re-review
@@ -152,6 +153,14 @@ struct Waiting {
 pub(super) struct StatusWaits {
     waiting: Vec<Waiting>,
     counts: Option<DurableCounts>,
+    /// Counts taken while commits were pending, with the newest sequence
+    /// given out then: durable once that sequence resolves, and then
+    /// `counts` (attack45b N2: under a load that never leaves nothing
+    /// pending — a slow disk with creates always in flight — the counts
+    /// were never taken again, and `status` past its bound showed counts
+    /// 20 s old, missing every handle acknowledged since). Dropped when a
+    /// commit fails ([`Engine::roll_back`] undoes what they counted).
+    candidate: Option<DurableCounts>,
     /// Since when commits have been pending without a break (monotonic ms).
     pending_since_ms: Option<u64>,
     /// Since when commits have been pending with none resolving
@@ -183,6 +192,12 @@ impl StatusWaits {
     pub(super) fn next_token(&mut self) -> u64 {
         self.last_token = self.last_token.wrapping_add(1);
         self.last_token
+    }
+
+    /// A commit failed and what it did was undone: counts taken since it
+    /// was given out counted that.
+    pub(super) fn rolled_back(&mut self) {
+        self.candidate = None;
     }
 
     /// Connection `conn` closed.
@@ -261,15 +276,17 @@ impl Engine {
     /// starts and ends.
     pub(super) fn note_durable_counts(&mut self, now: u64, force: bool) {
         self.note_stuck(now);
+        let last = self.last_seq();
+        let watched = now < self.status_waits.watched_until_ms;
         if !self.nothing_pending() {
             if self.status_waits.pending_since_ms.is_none() {
                 self.status_waits.pending_since_ms = Some(now);
             }
+            self.note_candidate_counts(now, last, watched);
             return;
         }
         self.status_waits.pending_since_ms = None;
-        let last = self.last_seq();
-        let watched = now < self.status_waits.watched_until_ms;
+        self.status_waits.candidate = None;
         let due = self.status_waits.counts.is_none_or(|c| {
             let age = now.saturating_sub(c.at_ms);
             watched
@@ -277,15 +294,42 @@ impl Engine {
                     || age >= COUNTS_IDLE_REFRESH_MS)
         });
         if force || due {
-            let (connected, disconnected, lost, frontends) = self.status_counts();
-            self.status_waits.counts = Some(DurableCounts {
-                connected,
-                disconnected,
-                lost,
-                frontends,
-                at_ms: now,
-                last_seq: last,
-            });
+            self.status_waits.counts = Some(self.counts_now(now, last));
+        }
+    }
+
+    /// With commits pending: the candidate counts become the durable ones
+    /// once what was given out when they were taken has resolved (a failed
+    /// commit dropped them first), and, while someone looks at `status`
+    /// and the durable counts are due, new ones are taken, to be durable
+    /// once `last` resolves. So under a steady load the counts lag by a
+    /// commit's latency, not for as long as the load lasts.
+    fn note_candidate_counts(&mut self, now: u64, last: u64, watched: bool) {
+        let committed = self.pipe.committed();
+        let w = &mut self.status_waits;
+        if let Some(c) = w.candidate.filter(|c| c.last_seq <= committed) {
+            w.counts = Some(c);
+            w.candidate = None;
+        }
+        let due = w
+            .counts
+            .is_none_or(|c| now.saturating_sub(c.at_ms) >= COUNTS_REFRESH_MS);
+        if watched && due && w.candidate.is_none() {
+            self.status_waits.candidate = Some(self.counts_now(now, last));
+        }
+    }
+
+    /// The counts of the handles in memory now, `last` the newest
+    /// sequence given out.
+    fn counts_now(&self, now: u64, last: u64) -> DurableCounts {
+        let (connected, disconnected, lost, frontends) = self.status_counts();
+        DurableCounts {
+            connected,
+            disconnected,
+            lost,
+            frontends,
+            at_ms: now,
+            last_seq: last,
         }
     }
 

@@ -9772,3 +9772,55 @@ fn a_scoped_view_behind_a_commit_that_stands_is_not_run_again() {
     assert_eq!(h.engine.stats.replays_detected, 1, "counted once");
     assert_eq!(h.engine.views.len(), 0);
 }
+
+/// attack45b N2: under a load that always has a commit pending (a slow
+/// disk, creates always in flight), `status` past its bound shows counts
+/// taken while commits were pending once those commits resolved — not
+/// the counts of the last moment nothing was pending, which never came
+/// again (it showed counts 20 s old, without a handle acknowledged
+/// since). Counts taken before a commit that then fails are dropped, not
+/// shown.
+#[test]
+fn status_counts_refresh_under_a_load_that_never_stops() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let first = h.run(Request::Status);
+    assert!(
+        h.reply(first).is_some(),
+        "nothing pending: answered at once"
+    );
+    let later = |n: u64| mono_ms() + n * super::status_wait::STATUS_COMMIT_WAIT_MS;
+    let connected = |h: &mut Harness, at: u64| {
+        let id = h.run(Request::Status);
+        h.engine.status_waits_due(at);
+        h.drain_replies();
+        match h.reply(id) {
+            Some(Ok(Reply::Status(s))) => s.handles_connected,
+            other => panic!("{other:?}"),
+        }
+    };
+    // b pending; the counts are taken at a round's end (with b), then c
+    // is given out and b alone resolves: c is always pending.
+    h.run(open("b", Rights::ALL));
+    h.engine.flush();
+    h.engine.note_durable_counts(later(1), false);
+    h.run(open("c", Rights::ALL));
+    h.engine.flush();
+    h.commit_first_job_only();
+    h.engine.note_durable_counts(later(2), false);
+    assert_eq!(connected(&mut h, later(4)), 2, "a and b are durable");
+    // Counts taken with x pending, then x's commit fails: not shown.
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    h.run(Request::Status);
+    h.run(open("x", Rights::ALL));
+    h.engine.flush();
+    h.engine.note_durable_counts(later(1), false);
+    h.roll_back_flushed();
+    h.run(open("y", Rights::ALL));
+    h.engine.flush();
+    h.engine.note_durable_counts(later(2), false);
+    assert_eq!(connected(&mut h, later(4)), 1, "only a is durable");
+}
