@@ -418,6 +418,22 @@ impl Harness {
         through
     }
 
+    /// Settles the failure [`Harness::roll_back_flushed`] rolled back
+    /// through `through`, as the committer does after the engine's
+    /// rollback: what waited for it refused, the rest sent, `through`
+    /// resolved.
+    fn settle_failure(&mut self, through: u64) {
+        let (ready, refused) = self.pipe.settle_failure(through, false).unwrap_or_default();
+        for d in refused {
+            d.fail(ErrorCode::DiskFull, "test");
+        }
+        for d in ready {
+            d.send();
+        }
+        self.pipe.publish(through);
+        self.drain_replies();
+    }
+
     fn commit_once(&mut self, ok: bool) {
         for id in self.commit_holding_intents(ok) {
             self.engine.finish_parked(id);
@@ -6821,15 +6837,7 @@ fn a_request_right_after_a_rollback_is_not_failed_with_it() {
     let through = h.roll_back_flushed();
     // The committer has not settled the failure yet.
     let status = h.run(Request::Status);
-    let (ready, refused) = h.pipe.settle_failure(through, false).unwrap_or_default();
-    for d in refused {
-        d.fail(ErrorCode::DiskFull, "test");
-    }
-    for d in ready {
-        d.send();
-    }
-    h.pipe.publish(through);
-    h.drain_replies();
+    h.settle_failure(through);
     assert_eq!(h.refused(close), ErrorCode::DiskFull);
     assert!(
         matches!(h.reply(status), Some(Ok(_))),
@@ -9818,8 +9826,9 @@ fn status_counts_refresh_under_a_load_that_never_stops() {
     h.run(open("x", Rights::ALL));
     h.engine.flush();
     h.engine.note_durable_counts(later(1), false);
-    h.roll_back_flushed();
+    let through = h.roll_back_flushed();
     h.run(open("y", Rights::ALL));
+    h.settle_failure(through);
     h.engine.flush();
     h.engine.note_durable_counts(later(2), false);
     assert_eq!(connected(&mut h, later(4)), 1, "only a is durable");
