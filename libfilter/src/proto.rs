@@ -1594,8 +1594,9 @@ pub struct StatusInfo {
     /// Set only when this reply did not wait for the commits pending at
     /// the request: none resolved within filterd's bound (1 s; a stalled or
     /// slow store, review rvslowetcd finding 3). The handle and frontend
-    /// counts are then those of the last moment nothing was pending (what
-    /// is durable), not the newest. `None` (absent from the JSON) in the
+    /// counts are then durable ones, not the newest: of the last moment
+    /// nothing was pending, or taken at a moment whose commits have all
+    /// resolved since. `None` (absent from the JSON) in the
     /// usual reply, which waits for what it shows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_wait: Option<CommitWait>,

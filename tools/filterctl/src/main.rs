@@ -68,8 +68,9 @@ enum Cmd {
     /// it can report: unreadable stored records are shown (`corrupt
     /// records`) and named on stderr, never a failure. Live, when the
     /// commits pending at it do not resolve within 1 s (a stalled store,
-    /// or just one commit slower than that), the counts of the last moment
-    /// nothing was pending and a `commits pending` line; on etcd, the
+    /// or just one commit slower than that), durable counts (of the last
+    /// moment nothing was pending, or of one whose commits all resolved
+    /// since) and a `commits pending` line; on etcd, the
     /// lease's time left (`store lease`).
     Status,
     /// Every handle. Live, when the commits pending at the listing do not
