@@ -1074,7 +1074,13 @@ impl Engine {
             .iter()
             .filter_map(|s| self.batch.pending.remove(s))
             .collect();
-        // What stays pending is what later replies wait for.
+        // What stays pending is what later replies wait for: the groups
+        // above `through` still pending, and those up to it that committed
+        // (alone, after the merged commit failed), whose replies the
+        // committer sends only once this rollback is done. Rebuilt from
+        // the first alone (old code), a reply that showed a file or scope
+        // one of these last changed was sent at once, ahead of the reply
+        // of the request that changed it (re-review rr45g F4).
         let b = &mut self.batch;
         b.file_seq.clear();
         b.scope_seq.clear();
@@ -1096,7 +1102,7 @@ impl Engine {
         // pipeline, re-review rr38).
         let settled = last_pending_to(&b.pending, through, b.committed);
         b.last = settled;
-        for (s, t) in b.pending.range(through + 1..) {
+        for (s, t) in b.pending.range(b.committed + 1..) {
             for f in &t.files {
                 b.file_seq.insert(*f, *s);
             }

@@ -9833,3 +9833,80 @@ fn status_counts_refresh_under_a_load_that_never_stops() {
     h.engine.note_durable_counts(later(2), false);
     assert_eq!(connected(&mut h, later(4)), 1, "only a is durable");
 }
+
+/// Fails the first group flushed to the committer (as a failed fsync of
+/// its create fails it) and commits the others alone, as `retry_alone`
+/// does; the engine rolls back, and the failure is not yet settled: the
+/// replies of the groups that committed are not sent. `through`.
+fn roll_back_first_of_flushed(h: &mut Harness) -> u64 {
+    h.engine.flush();
+    let groups: Vec<crate::committer::Group> = h
+        .pipe
+        .take_jobs()
+        .into_iter()
+        .flat_map(|j| j.groups)
+        .collect();
+    let (Some(first), Some(through)) = (groups.first(), groups.last()) else {
+        panic!("no group flushed");
+    };
+    let (failed, through) = (first.seq, through.seq);
+    let kept: Vec<&[StoreOp]> = groups
+        .iter()
+        .filter(|g| g.seq != failed)
+        .map(|g| g.ops.as_slice())
+        .collect();
+    h.store.commit(&kept).expect("the groups that did not fail");
+    h.engine
+        .roll_back(&[failed], through, ErrorCode::DiskFull, "test");
+    through
+}
+
+/// Re-review rr45g F4: after a commit failed in part, the rollback
+/// forgot which pending groups last changed each file and scope but for
+/// those above the failure. A request that showed a file or scope a group
+/// that committed alone had changed (a view run again, or a new one
+/// arriving before the committer settled the failure) was answered at
+/// once, before the reply of that group's own request. It waits for it.
+#[test]
+fn a_view_after_a_failure_goes_behind_the_reply_of_what_it_shows() {
+    // b's open and a record of session 1 commit alone; the create fails.
+    let (mut h, created) = a_create_to_fail();
+    let opened = h.run(open("b", Rights::ALL));
+    let recorded = h.run(Request::RecordReply {
+        scope: session(1),
+        op_id: 1,
+        reply: "r".into(),
+        keep: 3,
+    });
+    let through = roll_back_first_of_flushed(&mut h);
+    let kb = h
+        .engine
+        .handles
+        .values()
+        .find(|x| x.rec.path.as_str() == "b")
+        .map(|x| x.rec.key)
+        .expect("b's handle");
+    let view = h.run(Request::Handle {
+        key: kb,
+        learning: false,
+    });
+    let lookup = h.run(Request::LookupReply {
+        scope: session(1),
+        op_id: 1,
+    });
+    assert!(h.reply(view).is_none(), "b's handle waits for b's open");
+    assert!(h.reply(lookup).is_none(), "the record waits for its own");
+    h.settle_failure(through);
+    assert!(matches!(h.reply(created), Some(Err(_))));
+    assert_eq!(h.opened(opened), kb);
+    assert!(answered_before(&h, opened, view), "{:?}", h.arrived);
+    assert!(answered_before(&h, recorded, lookup), "{:?}", h.arrived);
+    assert!(
+        matches!(
+            h.reply(lookup),
+            Some(Ok(Reply::Recorded { record: Some(_) }))
+        ),
+        "{:?}",
+        h.reply(lookup)
+    );
+}
