@@ -9743,6 +9743,28 @@ fn views_answered_by_their_bound_are_not_kept() {
     h.opened(ob);
 }
 
+/// Records reply "r" of op 1 in session 1 (3 kept); the request's id.
+fn record_op_1_of_session_1(h: &mut Harness) -> u64 {
+    h.run(Request::RecordReply {
+        scope: session(1),
+        op_id: 1,
+        reply: "r".into(),
+        keep: 3,
+    })
+}
+
+/// Asserts that `LookupReply` `lookup` found its record.
+fn found_record(h: &Harness, lookup: u64) {
+    assert!(
+        matches!(
+            h.reply(lookup),
+            Some(Ok(Reply::Recorded { record: Some(_) }))
+        ),
+        "{:?}",
+        h.reply(lookup)
+    );
+}
+
 /// Re-review rr45g F3: a view of one scope parked behind a commit of its
 /// scope that stands, above an earlier group that failed, showed nothing
 /// rolled back, yet was run again, and its replay counted twice (the first
@@ -9752,12 +9774,7 @@ fn views_answered_by_their_bound_are_not_kept() {
 fn a_scoped_view_behind_a_commit_that_stands_is_not_run_again() {
     // Then a record of session 1 (it commits).
     let (mut h, created) = a_create_to_fail();
-    let recorded = h.run(Request::RecordReply {
-        scope: session(1),
-        op_id: 1,
-        reply: "r".into(),
-        keep: 3,
-    });
+    let recorded = record_op_1_of_session_1(&mut h);
     let lookup = h.run(Request::LookupReply {
         scope: session(1),
         op_id: 1,
@@ -9769,14 +9786,7 @@ fn a_scoped_view_behind_a_commit_that_stands_is_not_run_again() {
     assert!(matches!(h.reply(created), Some(Err(_))));
     h.commit(true);
     h.answered(recorded);
-    assert!(
-        matches!(
-            h.reply(lookup),
-            Some(Ok(Reply::Recorded { record: Some(_) }))
-        ),
-        "{:?}",
-        h.reply(lookup)
-    );
+    found_record(&h, lookup);
     assert_eq!(h.engine.stats.replays_detected, 1, "counted once");
     assert_eq!(h.engine.views.len(), 0);
 }
@@ -9872,12 +9882,7 @@ fn a_view_after_a_failure_goes_behind_the_reply_of_what_it_shows() {
     // b's open and a record of session 1 commit alone; the create fails.
     let (mut h, created) = a_create_to_fail();
     let opened = h.run(open("b", Rights::ALL));
-    let recorded = h.run(Request::RecordReply {
-        scope: session(1),
-        op_id: 1,
-        reply: "r".into(),
-        keep: 3,
-    });
+    let recorded = record_op_1_of_session_1(&mut h);
     let through = roll_back_first_of_flushed(&mut h);
     let kb = h
         .engine
@@ -9901,12 +9906,5 @@ fn a_view_after_a_failure_goes_behind_the_reply_of_what_it_shows() {
     assert_eq!(h.opened(opened), kb);
     assert!(answered_before(&h, opened, view), "{:?}", h.arrived);
     assert!(answered_before(&h, recorded, lookup), "{:?}", h.arrived);
-    assert!(
-        matches!(
-            h.reply(lookup),
-            Some(Ok(Reply::Recorded { record: Some(_) }))
-        ),
-        "{:?}",
-        h.reply(lookup)
-    );
+    found_record(&h, lookup);
 }
