@@ -323,6 +323,39 @@ impl Pipeline {
         Some(taken)
     }
 
+    /// [`Pipeline::withdraw`] for many replies at once, under one lock:
+    /// `wanted` names, by the sequence each is parked under, the token of
+    /// each and its writer. Hands back those that still waited; each
+    /// sequence's waiting replies are gone through once (re-review rr45g
+    /// F2: one `withdraw` per view, each a search and a removal from the
+    /// middle of its sequence's replies, cost views × replies under the
+    /// lock the committer sends under when a commit failed).
+    pub(crate) fn withdraw_all(
+        &self,
+        wanted: &BTreeMap<u64, HashMap<u64, Arc<ConnWriter>>>,
+    ) -> Vec<Deferred> {
+        let mut s = self.lock();
+        let mut taken = Vec::new();
+        for (seq, tokens) in wanted {
+            let Some(parked) = s.waiting.get_mut(seq) else {
+                continue;
+            };
+            let (out, kept): (Vec<Deferred>, Vec<Deferred>) =
+                std::mem::take(parked).into_iter().partition(|d| {
+                    d.token
+                        .and_then(|t| tokens.get(&t))
+                        .is_some_and(|w| Arc::ptr_eq(w, &d.writer))
+                });
+            taken.extend(out);
+            if kept.is_empty() {
+                s.waiting.remove(seq);
+            } else {
+                *parked = kept;
+            }
+        }
+        taken
+    }
+
     /// Stops the committer once the queue is empty.
     pub fn stop(&self) {
         self.lock().stop = true;
@@ -1490,6 +1523,57 @@ mod tests {
             crate::outbox::MAX_QUEUED_BYTES,
             "the one past the limit is not kept"
         );
+    }
+
+    /// Re-review rr45g F2: the views a failed commit takes back are
+    /// taken in one pass over each sequence's replies. Only a reply of a
+    /// named token on its own writer goes: not the same token on another
+    /// writer, not a reply without one; what goes is given back to its
+    /// writer's limit, and what stays is sent once its sequence resolves.
+    #[test]
+    fn parked_replies_are_taken_back_by_token_and_writer_in_one_pass() {
+        let pipe = Pipeline::default();
+        let (w, _peer) = ConnWriter::pair_for_test();
+        let (other, _other_peer) = ConnWriter::pair_for_test();
+        let reply = |w: &Arc<ConnWriter>, token: Option<u64>| Deferred {
+            writer: w.clone(),
+            id: Some(1),
+            bytes: vec![b'x'; 8],
+            fd: None,
+            point: None,
+            parked: false,
+            token,
+        };
+        for token in [Some(1), Some(2), Some(3), None] {
+            pipe.reply_after(5, reply(&w, token));
+        }
+        pipe.reply_after(5, reply(&other, Some(4)));
+        pipe.reply_after(6, reply(&w, Some(6)));
+        let wanted = BTreeMap::from([
+            (
+                5,
+                HashMap::from([(1, w.clone()), (3, w.clone()), (4, w.clone())]),
+            ),
+            (6, HashMap::from([(6, w.clone())])),
+            (7, HashMap::from([(7, w.clone())])),
+        ]);
+        let mut taken: Vec<u64> = pipe
+            .withdraw_all(&wanted)
+            .iter()
+            .filter_map(|d| d.token)
+            .collect();
+        taken.sort_unstable();
+        assert_eq!(taken, [1, 3, 6]);
+        assert_eq!(w.parked_now(), (16, 2), "token 2 and the untokened");
+        assert_eq!(other.parked_now(), (8, 1), "token 4 is another's");
+        assert!(pipe.withdraw(5, &w, 1).is_none(), "taken once only");
+        assert!(pipe.withdraw(6, &w, 6).is_none());
+        assert!(
+            !pipe.lock().waiting.contains_key(&6),
+            "an emptied sequence goes"
+        );
+        pipe.publish(6);
+        assert_eq!(w.parked_now(), (0, 0));
     }
 
     #[test]

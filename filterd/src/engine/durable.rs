@@ -1250,7 +1250,7 @@ impl Engine {
             self.retry_files.insert(f);
         }
         self.pipe.rolled_back(abandoned);
-        self.rebuild_views(views);
+        self.rebuild_views(views, through);
     }
 
     /// The latest pending sequence that removed a persistent handle

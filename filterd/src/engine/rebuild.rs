@@ -16,13 +16,25 @@
 //! So the engine keeps each such request while its reply is parked
 //! ([`ParkedViews`]). When a commit fails, before the committer settles
 //! the failure, it takes back the parked replies that show an abandoned
-//! sequence ([`crate::committer::Pipeline::withdraw`], by a token of the
-//! engine's, never the peer's request id), and once the rollback is done
-//! runs those requests again on the state as it is now: answered at once
-//! if nothing is pending any more (what the engine holds is then
-//! durable), or parked again behind what still is — a status or listing
-//! still within the bound of its first arrival ([`super::status_wait`]).
-//! A request that changed something still fails with its commit.
+//! sequence ([`crate::committer::Pipeline::withdraw_all`], by a token of
+//! the engine's, never the peer's request id; all in one pass over each
+//! sequence's replies), and once the rollback is done runs those requests
+//! again on the state as it is now: answered at once if nothing is
+//! pending any more (what the engine holds is then durable), or parked
+//! again behind what still is — a status or listing still within the
+//! bound of its first arrival ([`super::status_wait`]). A request that
+//! changed something still fails with its commit.
+//!
+//! A view is run again once only (re-review rr45g F2: run again on every
+//! failure, a complete listing behind commits that kept failing was never
+//! answered, and each failure ran every such view again, while a client
+//! able to fill the store could keep them failing). Taken back a second
+//! time while a commit that may still fail is pending, it is answered
+//! without waiting: a status or `durable_ok` listing with what is
+//! durable, as past its bound; any other view (a complete listing,
+//! `frontends`, `Handle`, `LookupReply`, `ListRecords`, `CheckIo`) is
+//! refused `Busy`, saying why, for its caller to retry. So each view costs
+//! at most two runs, however many commits fail.
 //!
 //! A status or listing shows everything pending when it arrived, not only
 //! the newest sequence it waits for: it is rebuilt when any sequence up to
@@ -37,12 +49,13 @@
 //! which the run again counts anew; it is never rebuilt once its frontend
 //! gave up on it (`IoDone`), as no second `IoDone` would come.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use libfilter::proto::Request;
+use libfilter::proto::{ErrorCode, Request, ServerFrame};
 
-use super::{ConnId, Engine};
+use super::status_wait::{Bounded, Waiting};
+use super::{err, mono_ms, ConnId, Engine};
 use crate::outbox::ConnWriter;
 
 /// Whether `req` changes nothing, so that a reply of it parked behind a
@@ -84,6 +97,8 @@ pub(super) struct ParkedView {
     /// Its parked reply's mark ([`crate::committer::Deferred::token`]).
     token: u64,
     seq: u64,
+    /// It is a run again: not run a third time ([`Engine::rebuild_views`]).
+    again: bool,
 }
 
 /// The requests that changed nothing whose replies are parked, by token
@@ -102,6 +117,8 @@ pub(super) struct ParkedViews {
     by_seq: BTreeSet<(u64, u64)>,
     /// The tokens of the `CheckIo`s of each (connection, check id).
     checks: HashMap<(ConnId, u64), Vec<u64>>,
+    /// The request being run is a view run again.
+    running_again: bool,
 }
 
 impl ParkedViews {
@@ -172,8 +189,11 @@ pub(super) struct Withdrawn {
     conn: ConnId,
     id: u64,
     req: Request,
+    token: u64,
     /// When a status or listing first arrived (its bound runs from then).
     arrived_ms: Option<u64>,
+    /// It was a run again already.
+    again: bool,
 }
 
 impl Engine {
@@ -195,6 +215,7 @@ impl Engine {
                 req,
                 token,
                 seq,
+                again: self.views.running_again,
             });
         }
     }
@@ -221,40 +242,112 @@ impl Engine {
             .collect();
         // In the order they arrived.
         hit.sort_unstable();
-        let mut out = Vec::new();
-        for token in hit {
-            let Some(v) = self.views.remove(token) else {
-                continue;
-            };
+        let hit: Vec<ParkedView> = hit
+            .into_iter()
+            .filter_map(|token| self.views.remove(token))
+            .collect();
+        // Taken back in one pass over each sequence's replies, and over
+        // the bounded waits (rr45g F2).
+        let mut wanted: BTreeMap<u64, HashMap<u64, Arc<ConnWriter>>> = BTreeMap::new();
+        for v in &hit {
+            wanted
+                .entry(v.seq)
+                .or_default()
+                .insert(v.token, v.writer.clone());
+        }
+        let taken: HashSet<u64> = self
+            .pipe
+            .withdraw_all(&wanted)
+            .iter()
+            .filter_map(|d| d.token)
+            .collect();
+        let mut arrived = self.status_waits.forget(&taken);
+        hit.into_iter()
             // Gone already: sent (its sequence resolved meanwhile) or
             // answered past its bound.
-            if self.pipe.withdraw(v.seq, &v.writer, v.token).is_none() {
-                continue;
-            }
-            out.push(Withdrawn {
+            .filter(|v| taken.contains(&v.token))
+            .map(|v| Withdrawn {
                 conn: v.conn,
                 id: v.id,
+                arrived_ms: arrived.remove(&v.token),
                 req: v.req,
-                arrived_ms: self.status_waits.forget(v.token),
-            });
-        }
-        out
+                token: v.token,
+                again: v.again,
+            })
+            .collect()
     }
 
     /// Runs the views `withdrawn` again, in the order they arrived, on the
-    /// state rolled back: each answered now, or parked again behind what
-    /// is still pending.
-    pub(super) fn rebuild_views(&mut self, withdrawn: Vec<Withdrawn>) {
+    /// state rolled back through `through`: each answered now, or parked
+    /// again behind what is still pending. One that was a run again
+    /// already is not run a third time while anything pending may still
+    /// fail (a sequence above `through`): it is answered without waiting
+    /// ([`Engine::answer_run_again`]). So a view is run at most twice,
+    /// and is answered after at most two failed commits (re-review rr45g
+    /// F2: run again on every failure, a complete listing was never
+    /// answered while commits kept failing, and each failure ran every
+    /// such view again).
+    pub(super) fn rebuild_views(&mut self, withdrawn: Vec<Withdrawn>, through: u64) {
         if !withdrawn.is_empty() {
             tracing::debug!(
                 views = withdrawn.len(),
                 "views that showed a failed commit are answered again"
             );
         }
+        let may_fail = self.last_seq() > through;
         for w in withdrawn {
+            if w.again && may_fail {
+                self.answer_run_again(w);
+                continue;
+            }
+            self.views.running_again = true;
             self.run_again(w.conn, w.id, w.req);
+            self.views.running_again = false;
             if let Some(arrived) = w.arrived_ms {
                 self.status_waits.arrived_at(arrived);
+            }
+        }
+    }
+
+    /// Answers `w`, a run again whose commit failed too, without waiting
+    /// for what is pending: a status or `durable_ok` listing with what is
+    /// durable, as past its bound ([`super::status_wait`]); any other
+    /// view is refused `Busy`, saying why (it has no durable answer: a
+    /// complete listing, `frontends`, a view of one handle, record or
+    /// check). Nothing of it was run again, so nothing was counted anew
+    /// (a `CheckIo`'s I/O was forgotten in flight by the rollback).
+    fn answer_run_again(&mut self, w: Withdrawn) {
+        let Some(writer) = self.conns.get(&w.conn).map(|c| c.writer.clone()) else {
+            return;
+        };
+        let now = mono_ms();
+        match Bounded::of(&w.req) {
+            Some(what @ (Bounded::Status | Bounded::Listing(_))) => {
+                let wait = Waiting {
+                    writer,
+                    conn: w.conn,
+                    id: w.id,
+                    token: w.token,
+                    seq: 0,
+                    arrived_ms: w.arrived_ms.unwrap_or(now),
+                    what,
+                };
+                self.answer_durably(&wait, now);
+            }
+            _ => {
+                let e = err(
+                    ErrorCode::Busy,
+                    format!(
+                        "the commits this {} showed failed twice, and others it would wait \
+                         for are pending: it is not run a third time; retry",
+                        w.req.name()
+                    ),
+                );
+                let frame = ServerFrame::Reply {
+                    id: Some(w.id),
+                    result: Err(e),
+                };
+                writer.send_frame(&frame, None);
             }
         }
     }

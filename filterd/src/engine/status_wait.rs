@@ -36,7 +36,7 @@
 //! own parked reply by a token the engine gave it, never by the request
 //! id, which is the peer's (rr43a F6, rr44a F1).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use libfilter::model::{FileId, ResumeKey};
@@ -137,15 +137,15 @@ impl Bounded {
 }
 
 /// A status or listing parked behind pending commits.
-struct Waiting {
-    writer: Arc<ConnWriter>,
-    conn: ConnId,
-    id: u64,
+pub(super) struct Waiting {
+    pub(super) writer: Arc<ConnWriter>,
+    pub(super) conn: ConnId,
+    pub(super) id: u64,
     /// Its parked reply's mark ([`crate::committer::Deferred::token`]).
-    token: u64,
-    seq: u64,
-    arrived_ms: u64,
-    what: Bounded,
+    pub(super) token: u64,
+    pub(super) seq: u64,
+    pub(super) arrived_ms: u64,
+    pub(super) what: Bounded,
 }
 
 /// The engine's state for bounded status and listing waits.
@@ -205,12 +205,19 @@ impl StatusWaits {
         self.behind.remove(&conn);
     }
 
-    /// The wait of token `token`, its reply taken back to be run again
-    /// (`rebuild`): forgotten. Its arrival (monotonic ms), which the wait
-    /// of the run again keeps.
-    pub(super) fn forget(&mut self, token: u64) -> Option<u64> {
-        let at = self.waiting.iter().position(|w| w.token == token)?;
-        Some(self.waiting.remove(at).arrived_ms)
+    /// The waits of `tokens`, their replies taken back to be run again
+    /// (`rebuild`): forgotten, in one pass. The arrival of each (monotonic
+    /// ms, by token), which the wait of its run again keeps.
+    pub(super) fn forget(&mut self, tokens: &HashSet<u64>) -> HashMap<u64, u64> {
+        let mut arrived = HashMap::new();
+        self.waiting.retain(|w| {
+            let gone = tokens.contains(&w.token);
+            if gone {
+                arrived.insert(w.token, w.arrived_ms);
+            }
+            !gone
+        });
+        arrived
     }
 
     /// The wait begun last, if the request just run began one (a view run
@@ -400,18 +407,25 @@ impl Engine {
             if self.pipe.withdraw(w.seq, &w.writer, w.token).is_some() {
                 // Answered: nothing to run again (rr45g F1).
                 self.views.remove(w.token);
-                if matches!(w.what, Bounded::Listing(_)) {
-                    let newest = self.last_seq().max(w.seq);
-                    self.status_waits.behind.insert(w.conn, newest);
-                }
-                let result = self.durable_answer(&w, now);
-                let frame = ServerFrame::Reply {
-                    id: Some(w.id),
-                    result,
-                };
-                w.writer.send_frame(&frame, None);
+                self.answer_durably(&w, now);
             }
         }
+    }
+
+    /// Answers `w` with what is durable now, its wait over: past its
+    /// bound, or (`rebuild`) its commits failed again while others are
+    /// pending. A listing's connection is then behind what is pending.
+    pub(super) fn answer_durably(&mut self, w: &Waiting, now: u64) {
+        if matches!(w.what, Bounded::Listing(_)) {
+            let newest = self.last_seq().max(w.seq);
+            self.status_waits.behind.insert(w.conn, newest);
+        }
+        let result = self.durable_answer(w, now);
+        let frame = ServerFrame::Reply {
+            id: Some(w.id),
+            result,
+        };
+        w.writer.send_frame(&frame, None);
     }
 
     /// The answer to `w`, whose bound passed: what is durable, and what

@@ -406,6 +406,12 @@ impl Harness {
     /// failed (`through`).
     fn roll_back_flushed(&mut self) -> u64 {
         self.engine.flush();
+        self.roll_back_queued()
+    }
+
+    /// [`Harness::roll_back_flushed`] without flushing first: requests
+    /// run since the last flush stay pending, above the failure.
+    fn roll_back_queued(&mut self) -> u64 {
         let failed: Vec<u64> = self
             .pipe
             .take_jobs()
@@ -9907,4 +9913,69 @@ fn a_view_after_a_failure_goes_behind_the_reply_of_what_it_shows() {
     assert!(answered_before(&h, opened, view), "{:?}", h.arrived);
     assert!(answered_before(&h, recorded, lookup), "{:?}", h.arrived);
     found_record(&h, lookup);
+}
+
+/// Re-review rr45g F2: a view run again after a failed commit was parked
+/// again behind the next pending one, and run again each time that
+/// failed: while commits kept failing, a complete listing was never
+/// answered, and every failure ran every such view again. Run again once,
+/// a view whose commit fails again while others are still pending is
+/// answered without waiting: a status or `durable_ok` listing from what
+/// is durable (as past its bound), any other refused `Busy`, saying why.
+#[test]
+fn a_view_run_again_is_not_run_again_while_commits_keep_failing() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    // b's open to fail first; then c's, pending behind it, to fail next.
+    h.run(open("b", Rights::ALL));
+    let views = [
+        Request::Status,
+        durable_handles(None),
+        Request::Handles {
+            after: None,
+            durable_ok: false,
+        },
+        Request::Frontends,
+    ]
+    .map(|v| h.run(v));
+    h.engine.flush();
+    h.run(open("c", Rights::ALL));
+    let through = h.roll_back_queued();
+    h.settle_failure(through);
+    for id in views {
+        assert!(h.reply(id).is_none(), "{id} is run again, behind c's open");
+    }
+    assert_eq!(h.engine.views.len(), views.len());
+    // c's open fails too, with a's second open pending behind it.
+    h.engine.flush();
+    let again = h.run(open("a", Rights::ALL));
+    let through = h.roll_back_queued();
+    h.settle_failure(through);
+    let [status, durable, complete, frontends] = views;
+    let Some(Ok(Reply::Status(s))) = h.reply(status) else {
+        panic!("{:?}", h.reply(status));
+    };
+    assert!(s.commit_wait.is_some(), "from what is durable: {s:?}");
+    assert!(
+        matches!(
+            h.reply(durable),
+            Some(Ok(Reply::Handles {
+                commit_wait: Some(_),
+                ..
+            }))
+        ),
+        "{:?}",
+        h.reply(durable)
+    );
+    for id in [complete, frontends] {
+        assert_eq!(h.refused(id), ErrorCode::Busy);
+    }
+    let Some(Err(e)) = h.reply(complete) else {
+        unreachable!()
+    };
+    assert!(e.message.contains("failed twice"), "{}", e.message);
+    assert_eq!(h.engine.views.len(), 0, "none kept");
+    h.commit(true);
+    h.opened(again);
 }
