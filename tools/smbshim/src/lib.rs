@@ -6,5 +6,6 @@
 mod closes_made;
 mod early_breaks;
 mod handover;
+mod open_table;
 pub mod server;
 mod unanswered;

@@ -23,6 +23,7 @@ use shimline::datasync::IoFailure;
 use crate::closes_made::{ClosesMade, ReplayWatch};
 use crate::early_breaks::{Break, EarlyBreaks, Parked, PendingBreak};
 use crate::handover::{Handovers, Ident, LettingGo};
+use crate::open_table::{ByCreateGuid, OpenTable};
 use crate::unanswered::{Closer, ToClose, Unanswered};
 
 /// Longest request line (spec: 4 MiB).
@@ -197,11 +198,13 @@ fn session_peer(sh: &Shared, session: u64) -> Result<Peer, Fail> {
 
 /// Whether `peer` holds, in the open table and counted under it, the open
 /// of `client`'s create GUID `guid`: a replay of it returns that open,
-/// which its own slot counts.
+/// which its own slot counts. Looked up by create GUID, not by a scan of
+/// every open under the lock every CREATE and CLOSE takes (re-review
+/// rr45g F5).
 fn peer_holds(sh: &Shared, peer: Peer, client: uuid::Uuid, guid: uuid::Uuid) -> bool {
     sh.opens.lock().is_ok_and(|o| {
-        o.values()
-            .any(|v| v.client == client && v.create_guid == Some(guid) && v.counted.peer == peer)
+        o.by_create_guid(client, guid)
+            .any(|v| v.counted.peer == peer)
     })
 }
 
@@ -407,6 +410,12 @@ struct Open {
     held: Option<Arc<HeldNotes>>,
 }
 
+impl ByCreateGuid for Open {
+    fn create_guid_of(&self) -> Option<(uuid::Uuid, uuid::Uuid)> {
+        self.create_guid.map(|g| (self.client, g))
+    }
+}
+
 impl Open {
     /// What a teardown and a takeover claim the open by.
     fn ident(&self) -> Ident {
@@ -432,7 +441,8 @@ struct Shared {
     /// one session, for its LOGOFF to close. Locked alone or inside the
     /// sessions lock, never the other way.
     unanswered: Mutex<Unanswered>,
-    opens: Mutex<HashMap<String, Open>>,
+    /// The opens by file id ([`OpenTable`]: indexed by create GUID).
+    opens: Mutex<OpenTable<Open>>,
     /// Each client connection's writer, for pushed LEASE_BREAKs.
     writers: shimline::Writers,
     /// The opens being let go (a session's end detaching or closing them)
@@ -578,7 +588,7 @@ fn start(attach: Vec<Attachment>, limits: Limits) -> anyhow::Result<Arc<Shared>>
         sessions: Mutex::new(HashMap::new()),
         closes_answered: Condvar::new(),
         unanswered: Mutex::new(Unanswered::default()),
-        opens: Mutex::new(HashMap::new()),
+        opens: Mutex::default(),
         writers: shimline::Writers::default(),
         handovers: Handovers::default(),
         closes_made: ClosesMade::default(),
@@ -3081,7 +3091,7 @@ fn keep_open(sh: &Shared, file_id: String, open: Open) {
             .lock()
             .is_ok_and(|s| s.contains_key(&open.session));
         if alive {
-            opens.entry(file_id).or_insert(open);
+            opens.insert_if_absent(file_id, open);
             return;
         }
         Going::of(sh, file_id, &open)
@@ -4038,7 +4048,7 @@ fn break_json(b: &Break) -> Value {
 fn deliver_early_breaks(
     sh: &Shared,
     m: &Member,
-    opens: &mut HashMap<String, Open>,
+    opens: &mut OpenTable<Open>,
     (file_id, shown): (&str, Option<HeldLease>),
     call: u64,
     after: &mut AfterReply,
