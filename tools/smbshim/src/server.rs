@@ -3353,10 +3353,7 @@ fn close_unanswered(sh: &Shared, m: &Member, t: &ToClose, unanswered: bool) -> T
         ref user,
         guid,
     } = *t;
-    let held = |o: &HashMap<String, Open>| {
-        o.values()
-            .any(|v| v.client == client_guid && v.create_guid == Some(guid))
-    };
+    let held = |o: &OpenTable<Open>| o.by_create_guid(client_guid, guid).next().is_some();
     // Claimed under the opens lock, as `Going::of` claims an open.
     let claim = {
         let Ok(opens) = sh.opens.lock() else {
