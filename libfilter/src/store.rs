@@ -577,14 +577,69 @@ impl BlockReserve {
         let Some((off, len)) = top_up_range(used, slack, self.bytes) else {
             return slack;
         };
-        let free = nix::sys::statvfs::fstatvfs(&self.data)
-            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
-            .unwrap_or(0);
-        if free < len || self.allocate(off, len).is_err() {
+        if self.fs_free() < len || self.allocate(off, len).is_err() {
             return slack;
         }
         self.slack(used)
     }
+
+    /// The bytes of the state filesystem free for filterd.
+    fn fs_free(&self) -> u64 {
+        nix::sys::statvfs::fstatvfs(&self.data)
+            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
+            .unwrap_or(0)
+    }
+
+    /// Whether a commit that grows the tables and may take up to `growth`
+    /// bytes past the map's last page leaves half of the reserve: of the
+    /// `slack` kept, or of it and the filesystem's free blocks (asked
+    /// only when the slack alone is not enough).
+    fn admits(&self, slack: u64, growth: u64) -> bool {
+        leaves_half(self.bytes, slack, growth, || self.fs_free())
+    }
+
+    /// The bytes commits may take past the map's first `used`: the
+    /// slack and the filesystem's free blocks.
+    fn room(&self, used: u64) -> u64 {
+        self.slack(used).saturating_add(self.fs_free())
+    }
+}
+
+/// Whether a commit taking up to `growth` bytes past the map's last page
+/// leaves half of a block reserve of `bytes` in the `slack` kept and the
+/// filesystem's free bytes (`fs_free`, asked only when the slack alone is
+/// short).
+fn leaves_half(bytes: u64, slack: u64, growth: u64, fs_free: impl FnOnce() -> u64) -> bool {
+    let need = (bytes / 2).saturating_add(growth);
+    slack >= need || slack.saturating_add(fs_free()) >= need
+}
+
+/// The most pages a commit of `ops` store operations that adds `added`
+/// pages to the tables may take past the map's last page: its new pages,
+/// and a copy of every page it changes — at most a leaf and a branch page
+/// per operation (those above are shared with the others) and a few for
+/// the free-page tree and the trees' roots. Freed pages LMDB reuses make
+/// it take less.
+fn growth_bound(ops: usize, added: usize) -> u64 {
+    let pages = added
+        .saturating_add(ops.saturating_mul(2))
+        .saturating_add(8);
+    u64::try_from(pages).unwrap_or(u64::MAX)
+}
+
+/// The most store operations per commit in a long series of them
+/// ([`StateStore::commit_step_ops`]) when `room_pages` pages are left for
+/// it: each commit copies up to four pages per operation (its leaf and
+/// the branch pages above, up to a depth of four, [`growth_bound`]), and
+/// the pages one commit frees are reused only two commits later (those of
+/// the last are still the previous state), so the file grows by two
+/// commits' copies at most before it recycles — kept within half of the
+/// room and a few pages (at the worst: branch pages are mostly shared).
+/// At least one.
+pub fn step_ops(room_pages: u64) -> usize {
+    usize::try_from(room_pages / 16)
+        .unwrap_or(usize::MAX)
+        .max(1)
 }
 
 /// The range of `data.mdb` to preallocate so that `slack` bytes past its
@@ -643,6 +698,18 @@ pub trait StateStore: Send + Sync {
     /// without one commits as usual).
     fn commit_completion(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
         self.commit(batches)
+    }
+    /// The most store operations each of a long series of commits should
+    /// hold (restart recovery's, which may rewrite every handle): the
+    /// embedded store keeps bounded room for commits on a full disk or
+    /// map (its block and delete reserves), and copy-on-write takes a new
+    /// page for every page a commit changes, so one commit of every handle
+    /// could need more than all of it (review rr45h F1: a restart on a
+    /// full state filesystem failed, and every restart after it).
+    /// Successive smaller commits reuse the pages those before them freed.
+    /// `usize::MAX`: no bound.
+    fn commit_step_ops(&self) -> usize {
+        usize::MAX
     }
     /// Whether new handles get time-ordered resume keys
     /// ([`ResumeKey::new_time_ordered`]) rather than random ones (for
@@ -762,6 +829,9 @@ impl StateStore for Store {
     }
     fn commit_completion(&self, batches: &[&[StoreOp]]) -> Result<u64, StoreError> {
         self.apply_all_with(batches, Reserve::Usable)
+    }
+    fn commit_step_ops(&self) -> usize {
+        self.step_ops()
     }
     fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
         Store::handle(self, key)
@@ -1129,10 +1199,12 @@ impl Store {
         reserve: Reserve,
     ) -> Result<u64, StoreError> {
         self.clear_stale_readers_now_and_then();
-        let low = self.block_reserve_low()?;
-        let r = self.apply_gated(batches, reserve, low);
+        let slack = self.block_slack()?;
+        let r = self.apply_gated(batches, reserve, slack);
         let r = match r {
-            Err(StoreError::MapFull) if self.grow_map()? => self.apply_gated(batches, reserve, low),
+            Err(StoreError::MapFull) if self.grow_map()? => {
+                self.apply_gated(batches, reserve, slack)
+            }
             r => r,
         };
         if r.is_err() {
@@ -1141,29 +1213,57 @@ impl Store {
         r
     }
 
+    /// [`StateStore::commit_step_ops`]: [`step_ops`] of the smaller room
+    /// of the map's delete reserve and of the state filesystem (its block
+    /// reserve and free blocks; unbounded without a block reserve).
+    pub fn step_ops(&self) -> usize {
+        let gate = self.gate();
+        let Ok(t) = tables(&gate) else {
+            return 1;
+        };
+        let page = usize::try_from(t.env.stat().page_size)
+            .unwrap_or(4096)
+            .max(1);
+        let max = self
+            .max_map
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(t.env.info().map_size);
+        // The map's free pages, and at least what it keeps for deletes.
+        let max_pages = max / page;
+        let last = t.env.info().last_page_number;
+        let map_room = max_pages
+            .saturating_sub(last.saturating_add(1))
+            .max(delete_reserve(max_pages));
+        let map_room = u64::try_from(map_room).unwrap_or(u64::MAX);
+        let fs_room = self.blocks.as_ref().map_or(u64::MAX, |b| {
+            b.room(used_bytes(t)) / u64::try_from(page).unwrap_or(4096)
+        });
+        step_ops(map_room.min(fs_room))
+    }
+
     /// Makes the [`block_reserve`] whole again where there is room;
-    /// whether less than half of it is left, so that a commit that grows
-    /// the tables and may not use the reserve is refused.
-    fn block_reserve_low(&self) -> Result<bool, StoreError> {
+    /// returns what is left of it (`None`: no block reserve), for
+    /// [`BlockReserve::admits`] to judge a commit that grows the tables.
+    fn block_slack(&self) -> Result<Option<u64>, StoreError> {
         let Some(b) = &self.blocks else {
-            return Ok(false);
+            return Ok(None);
         };
         let used = {
             let gate = self.gate();
             used_bytes(tables(&gate)?)
         };
-        Ok(b.top_up(used) < b.bytes / 2)
+        Ok(Some(b.top_up(used)))
     }
 
     fn apply_gated(
         &self,
         batches: &[&[StoreOp]],
         reserve: Reserve,
-        low: bool,
+        slack: Option<u64>,
     ) -> Result<u64, StoreError> {
         let gate = self.gate();
         let t = tables(&gate)?;
-        self.apply_ops(t, batches, reserve, low)
+        self.apply_ops(t, batches, reserve, slack)
             .map_err(|e| Self::explain(t, e))
     }
 
@@ -1225,7 +1325,7 @@ impl Store {
         t: &Tables,
         batches: &[&[StoreOp]],
         reserve: Reserve,
-        blocks_low: bool,
+        slack: Option<u64>,
     ) -> Result<u64, StoreError> {
         let mut txn = t.env.write_txn().map_err(StoreError::from_heed)?;
         let mine = self.fence.load(std::sync::atomic::Ordering::Acquire);
@@ -1304,12 +1404,21 @@ impl Store {
         if !removes {
             let after = table_pages(t, &txn)?;
             // The same for the filesystem's blocks kept past the map's
-            // last page (attack45 F1): with less than half of them left
-            // and no room to make them whole, a commit that grows the
-            // tables is refused; removals, completions and updates that
-            // grow nothing go on.
-            if blocks_low && reserve != Reserve::Usable && after > before {
-                return Err(StoreError::Full);
+            // last page (attack45 F1): a commit that grows the tables is
+            // refused unless half of them is left after it, counting what
+            // it may take at most ([`growth_bound`]; review rr45h F2: a
+            // test of the slack before it alone let a large merged group
+            // admitted just above half take the rest); removals,
+            // completions and updates that grow nothing go on.
+            if let (Some(b), Some(slack)) = (&self.blocks, slack) {
+                if reserve != Reserve::Usable && after > before {
+                    let ops = batches.iter().map(|b| b.len()).sum();
+                    let page = u64::from(t.env.stat().page_size).max(1);
+                    let growth = growth_bound(ops, after - before).saturating_mul(page);
+                    if !b.admits(slack, growth) {
+                        return Err(StoreError::Full);
+                    }
+                }
             }
             self.keep_delete_reserve(t, before, after, reserve)?;
         }
@@ -1683,6 +1792,35 @@ pub(crate) mod tests {
     /// "succeeded" (ZFS), or that cannot keep one (btrfs), runs without
     /// the reserve rather than refusing all new state on an empty disk;
     /// one that is full now keeps it (review rr45h F4).
+    #[test]
+    fn a_growing_commit_must_leave_half_the_block_reserve_after_it() {
+        let (bytes, page) = (256 << 10, 4096);
+        let slack = bytes / 2 + 16 * page;
+        // Review rr45h F2: just above half, a merged group of 64 opens
+        // (an open and its reply each) could take the rest; one open
+        // fits.
+        let group = growth_bound(128, 4) * page;
+        assert!(!leaves_half(bytes, slack, group, || 0));
+        assert!(leaves_half(bytes, slack, group, || group));
+        let one = growth_bound(2, 1) * page;
+        assert!(leaves_half(bytes, slack, one, || 0));
+        assert!(!leaves_half(bytes, bytes / 2, one, || 0));
+        assert!(leaves_half(bytes, bytes, one, || unreachable!(
+            "slack enough"
+        )));
+    }
+
+    #[test]
+    fn recovery_steps_keep_two_commits_within_half_the_room() {
+        for room in [16, 64, 128, 4096] {
+            let ops = step_ops(room);
+            // Two commits' copies in flight, at four pages an operation.
+            let ops = u64::try_from(ops).unwrap();
+            assert!(2 * (4 * ops + 8) <= room / 2 + 16, "{room}");
+        }
+        assert_eq!(step_ops(0), 1);
+    }
+
     #[test]
     fn a_block_reserve_the_file_does_not_show_is_not_kept() {
         use nix::errno::Errno;

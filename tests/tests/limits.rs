@@ -536,6 +536,94 @@ fn a_full_state_filesystem_completes_intents_and_restarts() {
     );
 }
 
+/// Review rr45h F1: restart recovery rewrote every lost handle (and every
+/// moved one) in one LMDB transaction. Copy-on-write needs a new page for
+/// every leaf it touches, so with more lost handles than the block reserve
+/// holds pages, the commit ran out of blocks on a full state filesystem:
+/// "restart recovery: state store is full", exit 1, at every restart.
+/// Now recovery commits in chunks that recycle each other's pages, and a
+/// restart on the full filesystem serves: the handles whose files went
+/// while filterd was down are lost, the others resumable.
+#[test]
+fn a_restart_on_a_full_state_filesystem_marks_many_handles_lost() {
+    use libfilter::model::{
+        Access, ClientId, ConnState, Disposition, Durability, InstanceName, Protocol, RelPath,
+        Rights,
+    };
+    let Some(s) = Scratch::with_small_state("limit-lost", "4m") else {
+        return;
+    };
+    let mut d = Filterd::start(&s, &[], &[]);
+    let attach = || {
+        libfilter::client::FilterClient::connect_frontend(
+            &s.socket(),
+            Protocol::new("smb").unwrap(),
+            InstanceName::new("smb-l").unwrap(),
+        )
+        .unwrap()
+    };
+    let fe = attach();
+    let client = ClientId::new("c").unwrap();
+    // Random resume keys (no time-ordered keys asked for): every lost
+    // mark lands on its own leaf, the most pages per handle rewritten.
+    let name = |i: usize| format!("{i:04}-{}", "x".repeat(200));
+    let keys: Vec<_> = (0..1200)
+        .map(|i| {
+            let req = libfilter::proto::OpenRequest::new(
+                client.clone(),
+                RelPath::new(name(i)).unwrap(),
+                Access::new(Rights::READ.union(Rights::WRITE)).unwrap(),
+                Rights::ALL,
+                Disposition::OpenIf,
+                Durability::Persistent { timeout_ms: 60_000 },
+            );
+            fe.open(req).unwrap().info.key
+        })
+        .collect();
+    d.kill9();
+    drop(fe);
+    // Every file but the first few goes while filterd is down.
+    const KEPT: usize = 8;
+    for i in KEPT..keys.len() {
+        std::fs::remove_file(s.root().join(name(i))).unwrap();
+    }
+    let filler = s.state().join("filler");
+    fill_up(&filler);
+    let free = nix::sys::statvfs::statvfs(&s.state()).unwrap();
+    assert_eq!(free.blocks_available(), 0, "the state filesystem is full");
+    // Twice: the second start finds the marks the first recorded (its
+    // files are not looked for again).
+    for restart in 0..2 {
+        let mut d = Filterd::start(&s, &[], &[]);
+        let log = d.log_text();
+        assert!(!log.contains("not recorded in the store"), "{log}");
+        let looked = log.matches("persistent handle lost").count();
+        assert_eq!(looked, if restart == 0 { keys.len() - KEPT } else { 0 });
+        let ctl = libfilter::client::FilterClient::connect_control(&s.socket()).unwrap();
+        let conn: std::collections::HashMap<_, _> = ctl
+            .handles()
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.record.key, h.record.conn))
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            let lost = conn.get(k).map(|c| *c == ConnState::Lost);
+            assert_eq!(lost, Some(i >= KEPT), "handle {i}");
+        }
+        d.kill9();
+    }
+    let _d = Filterd::start(&s, &[], &[]);
+    let fe = attach();
+    for k in &keys[..KEPT] {
+        fe.resume(client.clone(), *k)
+            .expect("a handle whose file is there");
+    }
+    assert!(
+        fe.resume(client.clone(), keys[KEPT]).is_err(),
+        "a lost handle"
+    );
+}
+
 /// A line over 4 MiB: that connection gets the error and is closed; other
 /// clients of the same frontend keep working (both protocols).
 #[test]

@@ -18,6 +18,12 @@ impl Engine {
         let t0 = Instant::now();
         // Dangling intents first: finish what a crash interrupted, so the
         // handle records they announce exist before handles are loaded.
+        // One request per intent (its changes end with deleting it), so
+        // that each is atomic and a store that splits large commits (etcd)
+        // packs them whole; an intent's changes to other handles (a
+        // rename's, a delete on close passed on) go before it, one request
+        // each: done again if the intent is, they change nothing again.
+        let mut requests: Vec<Vec<StoreOp>> = Vec::new();
         let mut finished = Vec::new();
         let mut sync = ToSync::default();
         // Files whose change mark proved a change: unmarked once that is
@@ -126,7 +132,7 @@ impl Engine {
                             if r.file == file && (r.key == key || r.path == from) {
                                 let mut rec = r;
                                 rec.path = to.clone();
-                                finished.push(StoreOp::PutHandle(Box::new(rec)));
+                                requests.push(vec![StoreOp::PutHandle(Box::new(rec))]);
                             }
                         }
                         if let Some(r) = record {
@@ -274,7 +280,7 @@ impl Engine {
                             warn!(%path, handles = holders.len(), "interrupted delete on close passed to the file's stored handles");
                             for mut r in holders {
                                 r.delete_on_close = true;
-                                finished.push(StoreOp::PutHandle(Box::new(r)));
+                                requests.push(vec![StoreOp::PutHandle(Box::new(r))]);
                             }
                         } else {
                             match fs.remove(&path, file, kernel_handle.as_ref()) {
@@ -294,8 +300,9 @@ impl Engine {
                     finished.push(StoreOp::DeleteIntent(intent.id));
                 }
             }
+            requests.push(std::mem::take(&mut finished));
         }
-        if !finished.is_empty() {
+        if !requests.is_empty() {
             // What recovery changed on disk is durable before the commit
             // that records it.
             for fd in &sync.fds {
@@ -308,13 +315,11 @@ impl Engine {
                     .syncfs(r.as_fd())
                     .map_err(|e| anyhow::anyhow!("syncfs after recovery's changes: {e}"))?;
             }
-            // One request per intent (its changes end with deleting it),
-            // so that each is atomic and a store that splits large commits
-            // (etcd) packs them whole.
-            let per_intent: Vec<&[StoreOp]> = finished
-                .split_inclusive(|op| matches!(op, StoreOp::DeleteIntent(_)))
-                .collect();
-            store.commit(&per_intent)?;
+            // In steps the store can take on a full disk (review rr45h
+            // F1); one failing leaves its intent and those after it for
+            // the next start, as a crash would.
+            let requests: Vec<&[StoreOp]> = requests.iter().map(Vec::as_slice).collect();
+            commit_in_steps(store, &requests).map_err(|(_, e)| e)?;
         }
         for (kh, path, id) in unmark {
             self.fs.clear_change_mark(&kh, path.as_ref(), id);
@@ -353,6 +358,9 @@ impl Engine {
             }
         })?;
         let read_done = t0.elapsed();
+        // Files found under another id than stored: recorded before
+        // serving (a failed commit puts a handle back as the store has it).
+        let mut moved = Vec::new();
         // Which files are still there, all looked at in one go
         // (`Fs::locate_for_recovery`: mostly kernel time); a handle lost
         // before, or without a kernel handle, is not looked for. Meanwhile a
@@ -475,7 +483,7 @@ impl Engine {
                 Some(file) => {
                     if file != rec.file {
                         rec.file = file;
-                        updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
+                        moved.push(StoreOp::PutHandle(Box::new(rec.clone())));
                     }
                     rec.conn = ConnState::Disconnected {
                         since_ms: now,
@@ -558,11 +566,25 @@ impl Engine {
             }
         }
         let indexed_done = t0.elapsed();
-        if !updates.is_empty() {
-            // Each update stands alone: one request each, so that a store
-            // that splits large commits (etcd) packs them whole.
-            let each: Vec<&[StoreOp]> = updates.iter().map(std::slice::from_ref).collect();
-            store.commit(&each)?;
+        // Each update stands alone: one request each, so that a store that
+        // splits large commits (etcd) packs them whole; in steps the store
+        // can take on a full disk (review rr45h F1).
+        let each: Vec<&[StoreOp]> = moved.iter().map(std::slice::from_ref).collect();
+        commit_in_steps(store, &each).map_err(|(_, e)| e)?;
+        let each: Vec<&[StoreOp]> = updates.iter().map(std::slice::from_ref).collect();
+        match commit_in_steps(store, &each) {
+            Ok(()) => {}
+            // Lost marks and stale records of non-persistent handles: the
+            // engine holds them lost or gone already, and the next start
+            // finds them again (a file gone is gone for good: its kernel
+            // handle never names another), so on a full store they wait.
+            Err((
+                done,
+                e @ (StoreError::Full | StoreError::MapFull | StoreError::Reserved { .. }),
+            )) => {
+                warn!(error = %e, unrecorded = each.len() - done, "lost handles and stale records not recorded in the store: found again at the next start");
+            }
+            Err((_, e)) => return Err(e.into()),
         }
         // Reading every record left the store's pages resident; the engine
         // keeps what it needs in its own tables.
@@ -581,6 +603,34 @@ impl Engine {
         self.corrupt = corrupt;
         Ok(())
     }
+}
+
+/// Commits `requests` in order, each whole, at most
+/// [`StateStore::commit_step_ops`] operations a transaction (a larger
+/// request alone): one transaction of them all could need more pages than
+/// a full disk leaves (review rr45h F1). On failure, how many committed
+/// before it and why.
+fn commit_in_steps(
+    store: &dyn StateStore,
+    requests: &[&[StoreOp]],
+) -> Result<(), (usize, StoreError)> {
+    let most = store.commit_step_ops().max(1);
+    let mut done = 0;
+    while done < requests.len() {
+        let mut end = done;
+        let mut ops = 0;
+        for r in requests.iter().skip(done) {
+            if end > done && ops + r.len() > most {
+                break;
+            }
+            ops += r.len();
+            end += 1;
+        }
+        let step = requests.get(done..end).unwrap_or_default();
+        store.commit(step).map_err(|e| (done, e))?;
+        done = end;
+    }
+    Ok(())
 }
 
 /// The indexes recovery fills from records' names and keys alone, owned by

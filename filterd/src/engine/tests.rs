@@ -42,6 +42,8 @@ struct Mem {
     /// Replay puts that had the store count their scope
     /// (`ReplayTrim::Keep`).
     counted_scopes: u64,
+    /// `commit_step_ops` (0: no bound).
+    step_ops: usize,
 }
 
 impl StateStore for MemStore {
@@ -121,6 +123,12 @@ impl StateStore for MemStore {
         }
         m.seq += 1;
         Ok(m.seq)
+    }
+    fn commit_step_ops(&self) -> usize {
+        match self.inner.lock().unwrap().step_ops {
+            0 => usize::MAX,
+            n => n,
+        }
     }
     fn handle(&self, key: ResumeKey) -> Result<Option<HandleRecord>, StoreError> {
         Ok(self.inner.lock().unwrap().handles.get(&key).cloned())
@@ -2453,6 +2461,63 @@ fn recovery_finishes_or_drops_intents() {
         !log.iter()
             .any(|l| matches!(l, Logged::Rename(..) | Logged::Remove(_))),
         "{log:?}"
+    );
+}
+
+/// Review rr45h F1: recovery records its lost marks in commits of at most
+/// the store's `commit_step_ops`; on a store with no room for them it
+/// serves all the same — the handle whose file went is lost in the engine,
+/// unrecorded — and the next start finds it lost again and records it.
+#[test]
+fn recovery_records_lost_handles_in_steps_and_serves_without_room() {
+    let h = Harness::new();
+    let (fs, store) = (h.fs.clone(), h.store.clone());
+    for i in 0..5 {
+        fs.put(&format!("f{i}"), 1);
+    }
+    let recs: Vec<HandleRecord> = (0..5)
+        .map(|i| persistent_record(&fs, &format!("f{i}")))
+        .collect();
+    let kept = persistent_record(&fs, "a");
+    let mut puts: Vec<StoreOp> = recs
+        .iter()
+        .map(|r| StoreOp::PutHandle(Box::new(r.clone())))
+        .collect();
+    puts.push(StoreOp::PutHandle(Box::new(kept.clone())));
+    store.commit(&[&puts]).unwrap();
+    for i in 0..5 {
+        fs.unlink(&format!("f{i}"));
+    }
+    let stored_lost = || {
+        let m = store.inner.lock().unwrap();
+        recs.iter()
+            .filter(|r| m.handles[&r.key].conn == ConnState::Lost)
+            .count()
+    };
+    let check = |e: &Engine| {
+        for r in &recs {
+            assert_eq!(e.handles[&r.key].rec.conn, ConnState::Lost);
+        }
+        assert!(matches!(
+            e.handles[&kept.key].rec.conn,
+            ConnState::Disconnected { .. }
+        ));
+    };
+    store.inner.lock().unwrap().fail = true;
+    check(&recovered(&fs, &store));
+    assert_eq!(stored_lost(), 0, "nothing could be recorded");
+    let seq = {
+        let mut m = store.inner.lock().unwrap();
+        m.fail = false;
+        m.step_ops = 2;
+        m.seq
+    };
+    check(&recovered(&fs, &store));
+    assert_eq!(stored_lost(), 5);
+    assert_eq!(
+        store.inner.lock().unwrap().seq - seq,
+        3,
+        "five marks, two a commit"
     );
 }
 
