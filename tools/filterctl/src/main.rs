@@ -280,7 +280,7 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
                 .map(Source::Live)
                 .with_context(|| {
                     format!(
-                        "a filterd holds {} but its runtime record ({}) is missing and {} does not answer; pass --socket",
+                        "a filterd holds {} but its runtime record ({}) is missing (not written yet, or its filesystem is full) and {} does not answer: it may still be starting (recovering its store), so try again; if it serves another socket, pass --socket",
                         state.display(),
                         state.join(libfilter::runtime::RUNTIME_FILE).display(),
                         default.display()
