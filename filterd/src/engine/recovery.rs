@@ -316,10 +316,11 @@ impl Engine {
                     .map_err(|e| anyhow::anyhow!("syncfs after recovery's changes: {e}"))?;
             }
             // In steps the store can take on a full disk (review rr45h
-            // F1); one failing leaves its intent and those after it for
-            // the next start, as a crash would.
+            // F1), as completions (their handle rewrites may grow a
+            // record: a longer path); one failing leaves its intent and
+            // those after it for the next start, as a crash would.
             let requests: Vec<&[StoreOp]> = requests.iter().map(Vec::as_slice).collect();
-            commit_in_steps(store, &requests).map_err(|(_, e)| e)?;
+            commit_in_steps(store, &requests, Step::Completion).map_err(|(_, e)| e)?;
         }
         for (kh, path, id) in unmark {
             self.fs.clear_change_mark(&kh, path.as_ref(), id);
@@ -570,9 +571,9 @@ impl Engine {
         // splits large commits (etcd) packs them whole; in steps the store
         // can take on a full disk (review rr45h F1).
         let each: Vec<&[StoreOp]> = moved.iter().map(std::slice::from_ref).collect();
-        commit_in_steps(store, &each).map_err(|(_, e)| e)?;
+        commit_in_steps(store, &each, Step::Completion).map_err(|(_, e)| e)?;
         let each: Vec<&[StoreOp]> = updates.iter().map(std::slice::from_ref).collect();
-        match commit_in_steps(store, &each) {
+        match commit_in_steps(store, &each, Step::Plain) {
             Ok(()) => {}
             // Lost marks and stale records of non-persistent handles: the
             // engine holds them lost or gone already, and the next start
@@ -605,6 +606,17 @@ impl Engine {
     }
 }
 
+/// How [`commit_in_steps`] commits.
+#[derive(Clone, Copy)]
+enum Step {
+    /// What serving needs recorded first (intents finished, files found
+    /// under another id): [`StateStore::commit_completion`], which may use
+    /// the reserves, as an intent's completion does.
+    Completion,
+    /// What the next start finds again: [`StateStore::commit`].
+    Plain,
+}
+
 /// Commits `requests` in order, each whole, at most
 /// [`StateStore::commit_step_ops`] operations a transaction (a larger
 /// request alone): one transaction of them all could need more pages than
@@ -613,6 +625,7 @@ impl Engine {
 fn commit_in_steps(
     store: &dyn StateStore,
     requests: &[&[StoreOp]],
+    how: Step,
 ) -> Result<(), (usize, StoreError)> {
     let most = store.commit_step_ops().max(1);
     let mut done = 0;
@@ -627,7 +640,11 @@ fn commit_in_steps(
             end += 1;
         }
         let step = requests.get(done..end).unwrap_or_default();
-        store.commit(step).map_err(|e| (done, e))?;
+        match how {
+            Step::Completion => store.commit_completion(step),
+            Step::Plain => store.commit(step),
+        }
+        .map_err(|e| (done, e))?;
         done = end;
     }
     Ok(())
