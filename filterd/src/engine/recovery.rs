@@ -341,6 +341,8 @@ impl Engine {
             }
         }
         let replays_done = t0.elapsed();
+        // Stale records of non-persistent handles, deleted; and lost marks.
+        let mut stale = Vec::new();
         let mut updates = Vec::new();
         let now = now_ms();
         // Each record moves once, from the store's decode into the box the
@@ -352,7 +354,7 @@ impl Engine {
             Ok(rec) if rec.durability.is_persistent() => {
                 persistent.push(Box::new(Handle::detached(rec)))
             }
-            Ok(rec) => updates.push(StoreOp::DeleteHandle(Box::new(rec))),
+            Ok(rec) => stale.push(StoreOp::DeleteHandle(Box::new(rec))),
             Err(e) => {
                 error!(error = %e, "stored handle record does not decode; left in place for inspection");
                 corrupt.note(e.to_string());
@@ -493,9 +495,14 @@ impl Engine {
                     self.stats.recoveries += 1;
                 }
                 None => {
+                    // A record already stored lost is not written again:
+                    // on a full store that write would refuse the start.
+                    let recorded = rec.conn == ConnState::Lost;
                     rec.conn = ConnState::Lost;
                     self.stats.recoveries_lost += 1;
-                    updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
+                    if !recorded {
+                        updates.push(StoreOp::PutHandle(Box::new(rec.clone())));
+                    }
                 }
             };
             // The lease key's file is the one the look found (a lost
@@ -572,18 +579,25 @@ impl Engine {
         // can take on a full disk (review rr45h F1).
         let each: Vec<&[StoreOp]> = moved.iter().map(std::slice::from_ref).collect();
         commit_in_steps(store, &each, Step::Completion).map_err(|(_, e)| e)?;
+        // Lost marks are recorded before serving, as completions are: the
+        // engine serves those handles lost (no file index entry, no locks,
+        // a resume refused), and a mark left unrecorded would bring the
+        // handle back disconnected at the next start or failover — with
+        // its share mode and locks beside whatever others took meanwhile,
+        // since a file "gone" by ENOENT, EXDEV or ELOOP can come back
+        // (re-review rr46c F1). Without room for them the start is refused.
         let each: Vec<&[StoreOp]> = updates.iter().map(std::slice::from_ref).collect();
+        commit_in_steps(store, &each, Step::Completion).map_err(|(_, e)| e)?;
+        // Stale records of non-persistent handles: never resumed (every
+        // start drops them), so on a full store they wait for the next.
+        let each: Vec<&[StoreOp]> = stale.iter().map(std::slice::from_ref).collect();
         match commit_in_steps(store, &each, Step::Plain) {
             Ok(()) => {}
-            // Lost marks and stale records of non-persistent handles: the
-            // engine holds them lost or gone already, and the next start
-            // finds them again (a file gone is gone for good: its kernel
-            // handle never names another), so on a full store they wait.
             Err((
                 done,
                 e @ (StoreError::Full | StoreError::MapFull | StoreError::Reserved { .. }),
             )) => {
-                warn!(error = %e, unrecorded = each.len() - done, "lost handles and stale records not recorded in the store: found again at the next start");
+                warn!(error = %e, unrecorded = each.len() - done, "stale records of non-persistent handles not deleted from the store: deleted at the next start");
             }
             Err((_, e)) => return Err(e.into()),
         }

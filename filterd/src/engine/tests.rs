@@ -2465,9 +2465,12 @@ fn recovery_finishes_or_drops_intents() {
 }
 
 /// Review rr45h F1: recovery records its lost marks in commits of at most
-/// the store's `commit_step_ops`; on a store with no room for them it
-/// serves all the same — the handle whose file went is lost in the engine,
-/// unrecorded — and the next start finds it lost again and records it.
+/// the store's `commit_step_ops`. On a store with no room for them it
+/// refuses to start (re-review rr46c F1: served lost but recorded
+/// disconnected, a handle whose file came back was resumable again at the
+/// next start, its locks beside others'); with room, the next start
+/// records them. Stale records of non-persistent handles alone do not
+/// stop a start on a full store: every start drops them.
 #[test]
 fn recovery_records_lost_handles_in_steps_and_serves_without_room() {
     let h = Harness::new();
@@ -2504,7 +2507,7 @@ fn recovery_records_lost_handles_in_steps_and_serves_without_room() {
         ));
     };
     store.inner.lock().unwrap().fail = true;
-    check(&recovered(&fs, &store));
+    assert!(try_recovered(&fs, &store).is_err(), "lost marks unrecorded");
     assert_eq!(stored_lost(), 0, "nothing could be recorded");
     let seq = {
         let mut m = store.inner.lock().unwrap();
@@ -2519,6 +2522,20 @@ fn recovery_records_lost_handles_in_steps_and_serves_without_room() {
         3,
         "five marks, two a commit"
     );
+    // A stale non-persistent record and no room: served, deleted later.
+    let mut stale = persistent_record(&fs, "a");
+    stale.key = ResumeKey::new_random();
+    stale.durability = Durability::Durable { timeout_ms: 60_000 };
+    store
+        .commit(&[&[StoreOp::PutHandle(Box::new(stale.clone()))]])
+        .unwrap();
+    store.inner.lock().unwrap().fail = true;
+    let e = recovered(&fs, &store);
+    assert!(!e.handles.contains_key(&stale.key));
+    assert!(store.inner.lock().unwrap().handles.contains_key(&stale.key));
+    store.inner.lock().unwrap().fail = false;
+    recovered(&fs, &store);
+    assert!(!store.inner.lock().unwrap().handles.contains_key(&stale.key));
 }
 
 /// Recovery of many handles (the name indexes are filled on a thread of
