@@ -1788,10 +1788,8 @@ pub(crate) mod tests {
         assert_eq!(top_up_range(used, 2 * bytes, bytes), None);
     }
 
-    /// A filesystem whose blocks do not show a preallocation that
-    /// "succeeded" (ZFS), or that cannot keep one (btrfs), runs without
-    /// the reserve rather than refusing all new state on an empty disk;
-    /// one that is full now keeps it (review rr45h F4).
+    /// A commit that grows the tables is admitted only if half of the
+    /// block reserve is left after the most it can take (review rr45h F2).
     #[test]
     fn a_growing_commit_must_leave_half_the_block_reserve_after_it() {
         let (bytes, page) = (256 << 10, 4096);
@@ -1810,6 +1808,8 @@ pub(crate) mod tests {
         )));
     }
 
+    /// Recovery's steps leave two commits' copies within half the room
+    /// (review rr45h F1).
     #[test]
     fn recovery_steps_keep_two_commits_within_half_the_room() {
         for room in [16, 64, 128, 4096] {
@@ -1821,6 +1821,10 @@ pub(crate) mod tests {
         assert_eq!(step_ops(0), 1);
     }
 
+    /// A filesystem whose blocks do not show a preallocation that
+    /// "succeeded" (ZFS), or that cannot keep one (btrfs), runs without
+    /// the reserve rather than refusing all new state on an empty disk;
+    /// one that is full now keeps it (review rr45h F4).
     #[test]
     fn a_block_reserve_the_file_does_not_show_is_not_kept() {
         use nix::errno::Errno;
