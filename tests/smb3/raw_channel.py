@@ -249,9 +249,14 @@ def persistent_create(r, sid, key, tid, name, create_guid, disposition, replay=F
     return signed_create(r, sid, key, tid, name, share, disposition, ctx, replay=replay)
 
 
+def close_pdu(r, sid, key, tid, fid):
+    """A signed CLOSE of `fid`."""
+    return cmac_sign(key, r.header(CLOSE, sid, tid=tid) + struct.pack("<HHI16s", 24, 0, 0, fid))
+
+
 def signed_close(r, sid, key, tid, fid):
     """CLOSEs `fid`, which must succeed."""
-    st, _ = final(r, cmac_sign(key, r.header(CLOSE, sid, tid=tid) + struct.pack("<HHI16s", 24, 0, 0, fid)))
+    st, _ = final(r, close_pdu(r, sid, key, tid, fid))
     check(st == SUCCESS, f"CLOSE (got {st:#010x})")
 
 

@@ -1183,6 +1183,23 @@ fn a_replay_flag_lets_no_fresh_open_past_the_users_share() {
     no_handles_left(&d);
 }
 
+/// A client at rksmbd's open cap (under a descriptor limit of 128: 32
+/// opens, the user's share too) whose persistent CREATE is replayed —
+/// on its connection, or after a failover on a new one, beside DH2Cs of
+/// its other opens — gets the original open. Before, the caps were
+/// checked before the CREATE was known to return an open it already
+/// had: STATUS_INSUFFICIENT_RESOURCES, and the handle was lost to it
+/// (invariant 2). A replay racing its open's CLOSE leaks no slot: all
+/// closed, exactly 32 fresh opens fit again (replay_at_the_cap.py).
+#[test]
+fn a_replay_at_the_open_cap_returns_the_original_open() {
+    let s = Scratch::new("rksmbd-replay-at-cap");
+    let d = Filterd::start(&s, &[], &[]);
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &[("alice", "pw")], 128);
+    smbprotocol_script_passes_with(&srv, "replay_at_the_cap.py", &["32"]);
+    no_handles_left(&d);
+}
+
 /// Review: CREATEs waiting for a lease break passed the user's share
 /// before any was granted, and were all granted later, past it. Each is
 /// checked again when granted: of three waiting with one open left to

@@ -101,17 +101,6 @@ pub(crate) const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
 
 /// CREATE (MS-SMB2 2.2.13, 3.3.5.9).
 pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
-    if c.opens.len() >= MAX_OPENS_PER_CONNECTION {
-        return Err(status::INSUFFICIENT_RESOURCES);
-    }
-    if c.sh.fds.held() >= c.sh.fds.cap() {
-        tracing::info!(
-            conn = c.id,
-            cap = c.sh.fds.cap(),
-            "CREATE refused: the opens hold the descriptors allowed"
-        );
-        return Err(status::INSUFFICIENT_RESOURCES);
-    }
     let mut r = Reader::new(req.body);
     if r.u16("structure size")? != 57 {
         return Err(status::INVALID_PARAMETER);
@@ -193,7 +182,14 @@ pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
         .durable_v2
         .filter(|_| req.hdr.flags & wire::FLAG_REPLAY != 0)
         .map(|d| d.create_guid);
-    if over_user_share(c, req.hdr.session_id, replay_guid) {
+    // The caps are asked only now, of a CREATE that may add an open: a
+    // replay of an open of this connection was answered above and takes
+    // no slot. Asked first, as before, a client at the cap whose CREATE
+    // was replayed was told STATUS_INSUFFICIENT_RESOURCES, not given the
+    // open it had been granted (invariant 2).
+    if over_open_caps(c, held_by_another(c, replay_guid))
+        || over_user_share(c, req.hdr.session_id, replay_guid)
+    {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
     // Let through only as a replay that may resume the open held
@@ -465,8 +461,7 @@ fn oplock_rank(level: u8) -> u8 {
 /// once after dropping TCP beats (review: 80 durable opens at the share
 /// of 80, the connection reset, and every DH2C was refused).
 fn over_user_share(c: &Connection, session: u64, replay_guid: Option<uuid::Uuid>) -> bool {
-    let held = replay_guid.is_some_and(|g| c.sh.registry.held_by_other_connection(g, c.id));
-    let full = !held && c.user_opens_full(session);
+    let full = !held_by_another(c, replay_guid) && c.user_opens_full(session);
     if full {
         tracing::info!(
             conn = c.id,
@@ -476,16 +471,51 @@ fn over_user_share(c: &Connection, session: u64, replay_guid: Option<uuid::Uuid>
     full
 }
 
-/// Whether a CREATE whose share check was deferred (`deferred`: a replay
-/// naming a create GUID another connection holds, [`over_user_share`])
-/// is refused now that it is known not to resume that open: a directory,
-/// or a file open filterd is not asked to replay. Only the replay filterd
-/// answers with the held open ([`claim`] takes it over from the other
-/// connection) adds no open to the user's. Before, the replay flag and a
-/// held GUID let any CREATE past the share (review: 200 of 200
-/// replay-flagged directory opens granted to a user at its share).
+/// Whether another connection of this rksmbd holds the open of create
+/// GUID `replay_guid` (that of a replayed CREATE, if any): the replay
+/// takes that open over, counted there until that connection lets it go.
+fn held_by_another(c: &Connection, replay_guid: Option<uuid::Uuid>) -> bool {
+    replay_guid.is_some_and(|g| c.sh.registry.held_by_other_connection(g, c.id))
+}
+
+/// Whether a CREATE that adds an open to this connection is refused for
+/// the caps of opens: the connection's own ([`MAX_OPENS_PER_CONNECTION`])
+/// and, unless the open is one another connection of this rksmbd holds
+/// (`moves`: a reconnect or replay of it, whose [`claim`] or resume waits
+/// for that connection to let it go, and its descriptor with it), the
+/// descriptors rksmbd's opens may hold. Asked only once the CREATE is
+/// known not to be a replay of an open of this connection, which adds
+/// none ([`replayed`]).
+fn over_open_caps(c: &Connection, moves: bool) -> bool {
+    if c.opens.len() >= MAX_OPENS_PER_CONNECTION {
+        tracing::info!(
+            conn = c.id,
+            "CREATE refused: the connection holds its opens"
+        );
+        return true;
+    }
+    let full = !moves && c.sh.fds.held() >= c.sh.fds.cap();
+    if full {
+        tracing::info!(
+            conn = c.id,
+            cap = c.sh.fds.cap(),
+            "CREATE refused: the opens hold the descriptors allowed"
+        );
+    }
+    full
+}
+
+/// Whether a CREATE whose checks of the descriptor cap and the user's
+/// share were deferred (`deferred`: a replay naming a create GUID another
+/// connection holds, [`over_open_caps`], [`over_user_share`]) is refused
+/// now that it is known not to resume that open: a directory, or a file
+/// open filterd is not asked to replay. Only the replay filterd answers
+/// with the held open ([`claim`] takes it over from the other connection)
+/// adds no open to the user's nor a descriptor to rksmbd's. Before, the
+/// replay flag and a held GUID let any CREATE past the share (review: 200
+/// of 200 replay-flagged directory opens granted to a user at its share).
 fn share_deferred_refused(c: &Connection, deferred: bool, session: u64) -> bool {
-    deferred && over_user_share(c, session, None)
+    deferred && (over_open_caps(c, false) || over_user_share(c, session, None))
 }
 
 /// Answers a replayed CREATE with the original open `id`
@@ -2010,9 +2040,12 @@ fn reconnect(
             .find_map(|g| sh.registry.holder_other_than(g, c.id))
     };
     // Another connection of this rksmbd holding the open counts it under
-    // this user until it lets go: the reconnect adds no open then.
+    // this user, and its descriptor, until it lets go: the reconnect adds
+    // no open to either then. Asked before, a client reconnecting at once
+    // after its connection dropped at the descriptor cap had every DH2C
+    // refused while the old connection held them.
     let rejoins = held_elsewhere().is_none();
-    if rejoins && over_user_share(c, req.hdr.session_id, None) {
+    if over_open_caps(c, !rejoins) || (rejoins && over_user_share(c, req.hdr.session_id, None)) {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
     // A refusal of the moment (filterd: the handle's open or reopen still

@@ -1,0 +1,131 @@
+"""A replayed CREATE at the open cap returns the original open, and takes
+no second slot (run under `prlimit --nofile=LIMIT`, whose cap of opens
+is also the user's share: CAP).
+
+Usage: replay_at_the_cap.py HOST PORT SHARE USER PASSWORD CAP
+
+1. Connection A opens CAP files persistent (create GUIDs of its own);
+   one more CREATE is STATUS_INSUFFICIENT_RESOURCES.
+2. On A, CREATEs of two of them sent again with
+   SMB2_FLAGS_REPLAY_OPERATION and the same create GUID each return the
+   original FileId. Before, the caps were checked before the replay was
+   known: STATUS_INSUFFICIENT_RESOURCES, and the client lost the handle
+   it had been granted (invariant 2). Still at the cap afterwards: the
+   replays took no slot.
+3. A failover: A's TCP connection is reset and at once, from connection
+   B (same client GUID), the last open's CREATE is replayed and every
+   other open reconnected with DH2C, while A may still hold them. Each
+   returns its original FileId (a DH2C told STATUS_FILE_NOT_AVAILABLE, A
+   still letting go, is sent again, as a client does). Before, each was
+   refused STATUS_INSUFFICIENT_RESOURCES while A held its descriptor.
+4. A CLOSE on B and, pipelined behind it on connection C, a replay of
+   that open's CREATE: whichever wins, once everything is closed exactly
+   CAP fresh opens fit again — no slot leaked, none counted twice.
+
+Prints PASS, or exits non-zero.
+"""
+
+import sys
+import time
+import uuid
+
+from raw_channel import (
+    SUCCESS,
+    check,
+    close_pdu,
+    final,
+    patient_share,
+    persistent_create,
+    reset,
+    signed_close,
+    signed_create,
+)
+from smbtest import reconnect_context
+
+CAP = int(sys.argv[6])
+INSUFFICIENT_RESOURCES = 0xC000009A
+FILE_NOT_AVAILABLE = 0xC0000467
+OVERWRITE_IF = 5
+
+
+def file_id(m):
+    """The FileId of CREATE response `m`."""
+    return m[128:144]
+
+
+def refused_one_more(conn, what):
+    st, _ = final(conn[0], signed_create(*conn, "one_more", 7, OVERWRITE_IF))
+    check(st == INSUFFICIENT_RESOURCES, f"{what}: one more CREATE refused (got {st:#010x})")
+
+
+def replayed(conn, name, guid, fid, what, width=16):
+    """Replays the CREATE of open `fid`: its FileId (the persistent half,
+    `width` 8, on another connection) must come back."""
+    st, m = final(conn[0], persistent_create(*conn, name, guid, OVERWRITE_IF, replay=True))
+    check(st == SUCCESS, f"{what}: replay of {name} succeeds (got {st:#010x})")
+    check(file_id(m)[:width] == fid[:width], f"{what}: replay of {name} returns the original FileId")
+    return file_id(m)
+
+
+def reconnected(conn, name, guid, fid):
+    ctx = reconnect_context(fid, guid).pack()
+    until = time.monotonic() + 15
+    while True:
+        st, m = final(conn[0], signed_create(*conn, name, 7, 1, ctx))
+        if st != FILE_NOT_AVAILABLE or time.monotonic() > until:
+            break
+        time.sleep(0.05)
+    check(st == SUCCESS, f"DH2C of {name} succeeds (got {st:#010x})")
+    check(file_id(m)[:8] == fid[:8], f"DH2C of {name} returns the original persistent FileId")
+    return file_id(m)
+
+
+def fill(conn, tag):
+    """Opens CAP files on `conn`, and checks the next is refused."""
+    fids = []
+    for i in range(CAP):
+        st, m = final(conn[0], signed_create(*conn, f"{tag}{i}", 7, OVERWRITE_IF))
+        check(st == SUCCESS, f"fresh open {i + 1} of {CAP} (got {st:#010x})")
+        fids.append(file_id(m))
+    refused_one_more(conn, f"{CAP} fresh opens")
+    return fids
+
+
+client = uuid.uuid4()
+ra, sa, ka, ta = patient_share(client)
+a = (ra, sa, ka, ta)
+held = []
+for i in range(CAP):
+    g = uuid.uuid4()
+    st, m = final(ra, persistent_create(*a, f"p{i}", g, OVERWRITE_IF))
+    check(st == SUCCESS, f"persistent open {i + 1} (got {st:#010x})")
+    held.append((f"p{i}", g, file_id(m)))
+refused_one_more(a, f"A holds {CAP} opens")
+
+for name, g, fid in (held[0], held[-1]):
+    for _ in range(3):
+        replayed(a, name, g, fid, "on A at the cap")
+refused_one_more(a, "after the replays")
+
+b = patient_share(client)
+reset(ra.s)
+name, g, fid = held[-1]
+moved = [(name, g, replayed(b, name, g, fid, "on B after A's reset", width=8))]
+moved += [(name, g, reconnected(b, name, g, fid)) for name, g, fid in held[:-1]]
+refused_one_more(b, "the moved opens count once")
+
+c = patient_share(client)
+name, g, fid = moved[1]
+b[0].send(close_pdu(*b, fid))
+st_replay, m = final(c[0], persistent_create(*c, name, g, OVERWRITE_IF, replay=True))
+st_close, _ = final(b[0], None)
+check(st_close == SUCCESS, f"B's CLOSE (got {st_close:#010x})")
+print(f"the replay beside the CLOSE: {st_replay:#010x}", flush=True)
+if st_replay == SUCCESS:
+    signed_close(*c, file_id(m))
+for _, _, fid in moved[:1] + moved[2:]:
+    signed_close(*b, fid)
+fids = fill(b, "n")
+for fid in fids:
+    signed_close(*b, fid)
+print("PASS", flush=True)
