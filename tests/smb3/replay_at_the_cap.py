@@ -12,13 +12,15 @@ Usage: replay_at_the_cap.py HOST PORT SHARE USER PASSWORD CAP
    known: STATUS_INSUFFICIENT_RESOURCES, and the client lost the handle
    it had been granted (invariant 2). Still at the cap afterwards: the
    replays took no slot.
-3. A failover: A's TCP connection is reset and at once, from connection
-   B (same client GUID), the last open's CREATE is replayed and every
-   other open reconnected with DH2C, while A may still hold them. Each
+3. A failover: A's TCP connection is reset and at once, from connections
+   B and B2 (same client GUID), the first open is reconnected with DH2C
+   (on B) and the last one's CREATE replayed (on B2) together, then every
+   other open reconnected on B, while A may still hold them (it lets them
+   go one by one, a commit each). Each
    returns its original FileId (a DH2C told STATUS_FILE_NOT_AVAILABLE, A
    still letting go, is sent again, as a client does). Before, each was
    refused STATUS_INSUFFICIENT_RESOURCES while A held its descriptor.
-4. A CLOSE on B and, pipelined behind it on connection C, a replay of
+4. A CLOSE on B and, sent right behind it on connection C, a replay of
    that open's CREATE: whichever wins, once everything is closed exactly
    CAP fresh opens fit again — no slot leaked, none counted twice.
 
@@ -58,23 +60,30 @@ def refused_one_more(conn, what):
     check(st == INSUFFICIENT_RESOURCES, f"{what}: one more CREATE refused (got {st:#010x})")
 
 
-def replayed(conn, name, guid, fid, what, width=16):
-    """Replays the CREATE of open `fid`: its FileId (the persistent half,
+def replayed(conn, name, guid, fid, what, width=16, answer=None):
+    """Replays the CREATE of open `fid` (unless `answer`, the status and
+    message of the replay sent already): its FileId (the persistent half,
     `width` 8, on another connection) must come back."""
-    st, m = final(conn[0], persistent_create(*conn, name, guid, OVERWRITE_IF, replay=True))
+    st, m = answer or final(conn[0], persistent_create(*conn, name, guid, OVERWRITE_IF, replay=True))
     check(st == SUCCESS, f"{what}: replay of {name} succeeds (got {st:#010x})")
     check(file_id(m)[:width] == fid[:width], f"{what}: replay of {name} returns the original FileId")
     return file_id(m)
 
 
-def reconnected(conn, name, guid, fid):
-    ctx = reconnect_context(fid, guid).pack()
+def dh2c(conn, name, guid, fid):
+    """A persistent DH2C of open `fid`."""
+    return signed_create(*conn, name, 7, 1, reconnect_context(fid, guid).pack())
+
+
+def reconnected(conn, name, guid, fid, answer=None):
+    """Reconnects open `fid` (`answer`: the status and message of the
+    DH2C sent already), again while it is told STATUS_FILE_NOT_AVAILABLE:
+    its persistent FileId must come back."""
     until = time.monotonic() + 15
-    while True:
-        st, m = final(conn[0], signed_create(*conn, name, 7, 1, ctx))
-        if st != FILE_NOT_AVAILABLE or time.monotonic() > until:
-            break
+    st, m = answer or final(conn[0], dh2c(conn, name, guid, fid))
+    while st == FILE_NOT_AVAILABLE and time.monotonic() < until:
         time.sleep(0.05)
+        st, m = final(conn[0], dh2c(conn, name, guid, fid))
     check(st == SUCCESS, f"DH2C of {name} succeeds (got {st:#010x})")
     check(file_id(m)[:8] == fid[:8], f"DH2C of {name} returns the original persistent FileId")
     return file_id(m)
@@ -107,15 +116,19 @@ for name, g, fid in (held[0], held[-1]):
         replayed(a, name, g, fid, "on A at the cap")
 refused_one_more(a, "after the replays")
 
-b = patient_share(client)
+b, b2 = patient_share(client), patient_share(client)
 reset(ra.s)
-name, g, fid = held[-1]
-moved = [(name, g, replayed(b, name, g, fid, "on B after A's reset", width=8))]
-moved += [(name, g, reconnected(b, name, g, fid)) for name, g, fid in held[:-1]]
+(n0, g0, f0), (n1, g1, f1) = held[0], held[-1]
+b[0].send(dh2c(b, n0, g0, f0))
+b2[0].send(persistent_create(*b2, n1, g1, OVERWRITE_IF, replay=True))
+moved = [(b, n0, g0, reconnected(b, n0, g0, f0, final(b[0], None)))]
+f1 = replayed(b2, n1, g1, f1, "on B2 after A's reset", width=8, answer=final(b2[0], None))
+moved.append((b2, n1, g1, f1))
+moved += [(b, name, g, reconnected(b, name, g, fid)) for name, g, fid in held[1:-1]]
 refused_one_more(b, "the moved opens count once")
 
 c = patient_share(client)
-name, g, fid = moved[1]
+_, name, g, fid = moved[0]
 b[0].send(close_pdu(*b, fid))
 st_replay, m = final(c[0], persistent_create(*c, name, g, OVERWRITE_IF, replay=True))
 st_close, _ = final(b[0], None)
@@ -123,8 +136,8 @@ check(st_close == SUCCESS, f"B's CLOSE (got {st_close:#010x})")
 print(f"the replay beside the CLOSE: {st_replay:#010x}", flush=True)
 if st_replay == SUCCESS:
     signed_close(*c, file_id(m))
-for _, _, fid in moved[:1] + moved[2:]:
-    signed_close(*b, fid)
+for conn, _, _, fid in moved[1:]:
+    signed_close(*conn, fid)
 fids = fill(b, "n")
 for fid in fids:
     signed_close(*b, fid)
