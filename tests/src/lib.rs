@@ -1051,8 +1051,9 @@ enum Launch {
     Plain,
     /// Under a descriptor limit (the environment given is not used).
     Nofile(u64),
-    /// With the environment given, its log to this file.
-    Logged(std::fs::File),
+    /// With the environment given, its log to this file, under a
+    /// descriptor limit if one is given.
+    Logged(std::fs::File, Option<u64>),
 }
 
 /// A running rksmbd (the SMB 2/3 server) serving one share, with a users
@@ -1103,9 +1104,34 @@ impl RkSmbd {
         users: &[(&str, &str)],
         env: &[(&str, &str)],
     ) -> (RkSmbd, PathBuf) {
+        RkSmbd::start_logged_under(s, instance, share, users, env, None)
+    }
+
+    /// [`RkSmbd::start_logged`] under a descriptor limit of `nofile` (as
+    /// [`RkSmbd::start_with_nofile`]).
+    pub fn start_logged_with_nofile(
+        s: &Scratch,
+        instance: &str,
+        share: &str,
+        users: &[(&str, &str)],
+        env: &[(&str, &str)],
+        nofile: u64,
+    ) -> (RkSmbd, PathBuf) {
+        RkSmbd::start_logged_under(s, instance, share, users, env, Some(nofile))
+    }
+
+    fn start_logged_under(
+        s: &Scratch,
+        instance: &str,
+        share: &str,
+        users: &[(&str, &str)],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> (RkSmbd, PathBuf) {
         let log = s.dir.join(format!("{instance}.log"));
         let file = std::fs::File::create(&log).expect("rksmbd log file");
-        let srv = RkSmbd::start_full(s, instance, share, users, &[], env, Launch::Logged(file));
+        let how = Launch::Logged(file, nofile);
+        let srv = RkSmbd::start_full(s, instance, share, users, &[], env, how);
         (srv, log)
     }
 
@@ -1151,14 +1177,21 @@ impl RkSmbd {
         write_users_file(&file, text.as_bytes());
         let users_arg = file.to_string_lossy().into_owned();
         let flags = [&["--share", share, "--users", &users_arg][..], extra].concat();
-        let mut cmd = Command::new(bin("rksmbd"));
+        let mut cmd = match &how {
+            Launch::Logged(_, Some(n)) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(bin("rksmbd"));
+                c
+            }
+            _ => Command::new(bin("rksmbd")),
+        };
         cmd.envs(env.iter().copied());
         let shim = match how {
             Launch::Nofile(n) => {
                 Shim::start_with_nofile("rksmbd", &s.socket(), instance, &flags, n)
             }
             Launch::Plain => Shim::spawn(cmd, &s.socket(), instance, &flags),
-            Launch::Logged(f) => {
+            Launch::Logged(f, _) => {
                 if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
                     cmd.env("RUST_LOG", "info");
                 }

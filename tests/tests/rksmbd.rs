@@ -1200,6 +1200,40 @@ fn a_replay_at_the_open_cap_returns_the_original_open() {
     no_handles_left(&d);
 }
 
+/// Re-review rr46a F1: a DH2C let past the caps while another connection
+/// held its open (counted there), landing after that connection let go
+/// and another user's CREATE took the slot, was granted all the same,
+/// a slot forced: rksmbd one open over its cap, for as long as both
+/// stayed open, and one more per such move. It is told to retry
+/// (STATUS_FILE_NOT_AVAILABLE) now, and reconnects once there is room
+/// (moves_at_the_cap.py).
+#[test]
+fn a_dh2c_landing_at_the_cap_after_its_slot_was_taken_is_told_to_retry() {
+    moves_at_the_cap("dh2c", "RKSMBD_TEST_MOVE_HOLD_MS");
+}
+
+/// Re-review rr46a F2: a replay let past the caps while another
+/// connection held its open, which that connection then CLOSEd and
+/// another user's CREATE took the slot of: filterd opened the file anew
+/// for the replay, past the cap. It is refused now (moves_at_the_cap.py).
+#[test]
+fn a_replay_made_a_fresh_open_at_the_cap_is_refused() {
+    moves_at_the_cap("replay", "RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS");
+}
+
+/// Runs moves_at_the_cap.py in `mode` against an rksmbd under a
+/// descriptor limit of 128 (a cap of 32) whose moves are held by `hook`.
+fn moves_at_the_cap(mode: &str, hook: &str) {
+    let s = Scratch::new(&format!("rksmbd-moves-at-cap-{mode}"));
+    let d = Filterd::start(&s, &[], &[]);
+    let users = [("alice", "pw"), ("bob", "pw"), ("eve", "pw")];
+    let env = [(hook, "3000")];
+    let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, &env, 128);
+    let log = log.to_string_lossy().into_owned();
+    smbprotocol_script_passes_with(&srv, "moves_at_the_cap.py", &["32", &log, mode]);
+    no_handles_left(&d);
+}
+
 /// Review: CREATEs waiting for a lease break passed the user's share
 /// before any was granted, and were all granted later, past it. Each is
 /// checked again when granted: of three waiting with one open left to

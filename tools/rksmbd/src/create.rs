@@ -1681,6 +1681,25 @@ fn claim(
     // what goes wrong now lets it go.
     let alone = !c.opens.values().any(|o| o.create_guid == Some(guid));
     match c.sh.filter.replay_open_for(p.replay_request(), &p.end) {
+        // Checked as a fresh open now: the caps let it past while another
+        // connection held the open (counted there), which has let go.
+        Ok(h) if claimed_past_the_caps(c, p.f.session) => {
+            if h.info.key == key {
+                // The held open, its slot gone to another CREATE since its
+                // connection let it go: left disconnected for the client's
+                // next replay, as a failed second ask leaves it.
+                let _ = c.sh.filter.detach(key);
+            } else {
+                give_back(&c.sh, h.info.key, None, durable_of(&h.info).is_some());
+            }
+            if alone {
+                c.sh.registry.let_go(guid, c.id);
+            }
+            Err(match h.info.key == key {
+                true => status::FILE_NOT_AVAILABLE,
+                false => status::INSUFFICIENT_RESOURCES,
+            })
+        }
         Ok(h) => {
             // No longer durable (its lease lowered meanwhile): kept as a
             // plain open, which holds no claim.
@@ -1704,6 +1723,20 @@ fn claim(
             Err(failed_status(c, p, &e))
         }
     }
+}
+
+/// Whether an open that another connection of this rksmbd held, and no
+/// longer does, is refused now for the caps ([`over_open_caps`],
+/// [`over_user_share`]): a reconnect or replay that the caps let past
+/// while that connection counted the open ([`held_by_another`]), and that
+/// lands after it let go. The slot it gave back may be taken by then — a
+/// fresh CREATE of anyone's — and forcing one past the cap made rksmbd
+/// hold one open more than its cap per move so landing, until closed
+/// (re-review rr46a F1: 4 over with 20 moves); or the open was closed
+/// meanwhile and filterd's answer is a fresh open, which no cap was asked
+/// of (F2).
+fn claimed_past_the_caps(c: &Connection, session: u64) -> bool {
+    over_open_caps(c, false) || over_user_share(c, session, None)
 }
 
 /// Tests only (debug builds): `$RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS` holds
@@ -1741,6 +1774,19 @@ pub(crate) fn test_delay(cell: &std::sync::OnceLock<u64>, var: &str, what: &str)
         tracing::info!(ms, "test hook: {what}");
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+}
+
+/// Tests only (debug builds): `$RKSMBD_TEST_MOVE_HOLD_MS` holds a
+/// reconnect of an open another connection holds after its check of the
+/// caps, so that a test can have that connection let go and another
+/// CREATE take its slot meanwhile (tests/smb3/moves_at_the_cap.py).
+fn test_hold_a_move_after_its_caps_check() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    test_delay(
+        &DELAY,
+        "RKSMBD_TEST_MOVE_HOLD_MS",
+        "a move is held after its caps check",
+    );
 }
 
 /// Tests only: the milliseconds environment variable `var` names (read
@@ -2048,6 +2094,9 @@ fn reconnect(
     if over_open_caps(c, !rejoins) || (rejoins && over_user_share(c, req.hdr.session_id, None)) {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
+    if !rejoins {
+        test_hold_a_move_after_its_caps_check();
+    }
     // A refusal of the moment (filterd: the handle's open or reopen still
     // in progress, `Retry`/`Busy`) is tried again within the wait for a
     // connection letting go: answered at once, it was
@@ -2094,6 +2143,14 @@ fn reconnect(
         _ => status_of(&e),
     })?;
     let key = h.info.key;
+    // Let past the caps as held elsewhere, and landing once that
+    // connection let go (its count gone with it): checked as a rejoin is,
+    // and left disconnected for the client's next DH2C when the slot it
+    // freed is taken.
+    if !rejoins && held_elsewhere().is_none() && claimed_past_the_caps(c, req.hdr.session_id) {
+        let _ = sh.filter.detach(key);
+        return Err(status::FILE_NOT_AVAILABLE);
+    }
     let fid = h.info.file;
     let held = h.info.lease;
     let oplock = held.map(|l| l.key).filter(breaks::is_oplock_key);

@@ -1,0 +1,123 @@
+"""A reconnect or replay that the caps let past while another connection
+held its open, landing after that connection let the open go and another
+user's CREATE took the slot it gave back, is refused: not granted past
+the descriptor cap (re-review rr46a F1, F2). Run under
+`prlimit --nofile=128` (a cap of CAP opens, which is also each user's
+share), users USER, bob and eve, all of password PASSWORD.
+
+Usage: moves_at_the_cap.py HOST PORT SHARE USER PASSWORD CAP LOG MODE
+
+LOG is rksmbd's log, MODE `dh2c` (rksmbd run with
+RKSMBD_TEST_MOVE_HOLD_MS) or `replay` (RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS).
+
+1. Connection A opens p0 persistent; bob fills the cap (CAP - 1 opens);
+   eve's CREATE is STATUS_INSUFFICIENT_RESOURCES.
+2. dh2c: B (A's client GUID) sends a DH2C of p0 — let past the caps,
+   A holding the open — held after its check (the script waits for the
+   hook's line in LOG). A's TCP connection is reset, and eve's CREATE
+   tried until it takes the slot A gave back. The DH2C must not succeed
+   (before: it did, rksmbd one open over its cap for as long as both
+   stayed open). Once eve closes, it does, with the original FileId.
+   replay: B replays p0's CREATE — let past the caps, A holding the
+   open — held before its claim. A CLOSEs p0 and eve's CREATE takes its
+   slot. The replay must fail or return the original FileId (before:
+   filterd opened the file anew for it, past the cap).
+3. Either way the cap holds: one more CREATE of eve's is refused.
+
+Prints PASS, or exits non-zero.
+"""
+
+import sys
+import time
+import uuid
+
+import raw_channel
+from raw_channel import SUCCESS, check, final, patient_share, persistent_create, reset, signed_close, signed_create
+from smbtest import reconnect_context
+
+CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
+USER = raw_channel.USER
+INSUFFICIENT_RESOURCES = 0xC000009A
+FILE_NOT_AVAILABLE = 0xC0000467
+OVERWRITE_IF = 5
+
+
+def file_id(m):
+    """The FileId of CREATE response `m`."""
+    return m[128:144]
+
+
+def as_user(user, client):
+    """A connection of `user` (client GUID `client`), the share connected."""
+    raw_channel.USER = user
+    return patient_share(client)
+
+
+def until(what, done, within=20):
+    """Polls `done` until it is true (or fails after `within` s)."""
+    end = time.monotonic() + within
+    while not done():
+        check(time.monotonic() < end, f"{what} within {within} s")
+        time.sleep(0.02)
+
+
+def logged(line):
+    """Whether rksmbd's log holds `line`."""
+    with open(LOG, encoding="utf-8", errors="replace") as f:
+        return line in f.read()
+
+
+def eve_creates(name):
+    """Eve's CREATE of `name`: status and message."""
+    return final(eve[0], signed_create(*eve, name, 7, OVERWRITE_IF))
+
+
+client = uuid.uuid4()
+a = as_user(USER, client)
+g = uuid.uuid4()
+st, m = final(a[0], persistent_create(*a, "p0", g, OVERWRITE_IF))
+check(st == SUCCESS, f"A's persistent open (got {st:#010x})")
+fid = file_id(m)
+bob = as_user("bob", uuid.uuid4())
+for i in range(CAP - 1):
+    st, _ = final(bob[0], signed_create(*bob, f"bob{i}", 7, OVERWRITE_IF))
+    check(st == SUCCESS, f"bob's open {i + 1} (got {st:#010x})")
+eve = as_user("eve", uuid.uuid4())
+st, _ = eve_creates("eve0")
+check(st == INSUFFICIENT_RESOURCES, f"at the cap, eve's CREATE is refused (got {st:#010x})")
+b = as_user(USER, client)
+
+if MODE == "dh2c":
+    b[0].send(signed_create(*b, "p0", 7, 1, reconnect_context(fid, g).pack()))
+    until("the DH2C held after its caps check", lambda: logged("test hook: a move is held after its caps check"))
+    reset(a[0].s)
+else:
+    b[0].send(persistent_create(*b, "p0", g, OVERWRITE_IF, replay=True))
+    until("the replay held before its claim", lambda: logged("test hook: a replay is held before its claim"))
+    signed_close(*a, fid)
+
+taken = []
+
+
+def eve_took_the_slot():
+    st, m = eve_creates("eve1")
+    if st == SUCCESS:
+        taken.append(file_id(m))
+    return bool(taken)
+
+
+until("eve's CREATE takes the slot given back", eve_took_the_slot)
+st, m = final(b[0], None)
+print(f"the {MODE} landing at the cap: {st:#010x}", flush=True)
+if MODE == "dh2c":
+    check(st == FILE_NOT_AVAILABLE, f"the DH2C landing at the cap is told to retry (got {st:#010x})")
+else:
+    check(st != SUCCESS or file_id(m) == fid, "the replay fails or returns the original open")
+st, _ = eve_creates("eve2")
+check(st == INSUFFICIENT_RESOURCES, f"the cap holds: eve's next CREATE is refused (got {st:#010x})")
+signed_close(*eve, taken[0])
+if MODE == "dh2c":
+    st, m = final(b[0], signed_create(*b, "p0", 7, 1, reconnect_context(fid, g).pack()))
+    check(st == SUCCESS and file_id(m)[:8] == fid[:8], f"the DH2C again, below the cap, reconnects (got {st:#010x})")
+    signed_close(*b, file_id(m))
+print("PASS", flush=True)
