@@ -8,8 +8,18 @@ until USER holds one open short of SHARE_OF_USER. Connection B sends three
 CREATEs of pending.txt: each passes the share (none is granted yet) and
 goes async, waiting for A's lease break. A acknowledges: one CREATE is
 granted, the other two are STATUS_INSUFFICIENT_RESOURCES. Before, all
-three were granted, the user past its share. Prints PASS, or exits
-non-zero.
+three were granted, the user past its share.
+
+With CAP and FILLER (a user of the same password; run where the cap of
+opens CAP is more than the user's share): once B's CREATEs wait, FILLER
+fills the cap with directory opens, and when A acknowledges all three
+are STATUS_INSUFFICIENT_RESOURCES, for the descriptor cap. Before
+(re-review rr46a F4) one was granted, a slot forced past the cap: only
+the user's share was asked again.
+
+Usage: per_user_pending.py HOST PORT SHARE USER PASSWORD SHARE_OF_USER [CAP FILLER]
+
+Prints PASS, or exits non-zero.
 """
 
 import queue
@@ -22,6 +32,7 @@ from smbtest import SHARE_ALL, args, check, connect, create_rw, lease_context, o
 
 SERVER = args()
 SHARE_OF_USER = int(sys.argv[6])
+CAP, FILLER = (int(sys.argv[7]), sys.argv[8]) if len(sys.argv) > 8 else (None, None)
 STATUS_PENDING = 0x103
 INSUFFICIENT_RESOURCES = 0xC000009A
 R, H = 1, 2
@@ -68,6 +79,10 @@ def send_create():
 
 
 waiting = [send_create() for _ in range(3)]
+if FILLER:
+    # USER holds SHARE_OF_USER - 1 opens: FILLER takes the rest.
+    conn_f, tree_f = connect(SERVER[0], SERVER[1], SERVER[2], FILLER, SERVER[4])
+    held += [open_dir(tree_f, "d") for _ in range(CAP - SHARE_OF_USER + 1)]
 brk = arrived.get(timeout=30)
 check(brk.response_event.wait(10), "A gets a lease break")
 ack = LeaseBreakAck()
@@ -80,13 +95,21 @@ for request in waiting:
     check(request.response_event.wait(timeout=30), "B's CREATE is answered in the end")
     with request.response_event_lock:
         statuses.append(request.response["status"].get_value())
-check(
-    sorted(statuses) == [0, INSUFFICIENT_RESOURCES, INSUFFICIENT_RESOURCES],
-    f"one granted, two refused at the user's share ({[hex(s) for s in statuses]})",
-)
+if FILLER:
+    check(
+        statuses == [INSUFFICIENT_RESOURCES] * 3,
+        f"all three refused at the descriptor cap ({[hex(s) for s in statuses]})",
+    )
+else:
+    check(
+        sorted(statuses) == [0, INSUFFICIENT_RESOURCES, INSUFFICIENT_RESOURCES],
+        f"one granted, two refused at the user's share ({[hex(s) for s in statuses]})",
+    )
 for d in held:
     d.close()
 fa.close()
 conn_a.disconnect()
 conn_b.disconnect()
+if FILLER:
+    conn_f.disconnect()
 print("PASS", flush=True)

@@ -1248,6 +1248,23 @@ fn creates_granted_after_a_lease_break_stay_within_the_users_share() {
     no_handles_left(&d);
 }
 
+/// Re-review rr46a F4: a CREATE that waited for a lease break was checked
+/// again for the user's share only when granted, and another user's
+/// opens could have filled the descriptor cap meanwhile: granted all the
+/// same, a slot forced past the cap. Under a limit of 224 (a cap of 104,
+/// a share of 64) alice waits one short of her share, bob fills the cap,
+/// and all three waiting CREATEs are refused (per_user_pending.py).
+#[test]
+fn creates_granted_after_a_lease_break_stay_within_the_descriptor_cap() {
+    let s = Scratch::new("rksmbd-cap-pending");
+    std::fs::create_dir(s.root().join("d")).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let users = [("alice", "pw"), ("bob", "pw")];
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &users, 224);
+    smbprotocol_script_passes_with(&srv, "per_user_pending.py", &["64", "104", "bob"]);
+    no_handles_left(&d);
+}
+
 /// As [`smbprotocol_script_passes`], with `extra` arguments after the
 /// usual five.
 fn smbprotocol_script_passes_with(srv: &RkSmbd, script: &str, extra: &[&str]) {

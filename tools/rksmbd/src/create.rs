@@ -1123,8 +1123,13 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
         // Checked again: the user's other CREATEs (up to MAX_PENDING on
         // each connection, all checked before any was granted) may have
         // taken its share meanwhile.
+        // And the descriptor cap, which other users' CREATEs may have
+        // filled: only the share was asked, and a CREATE queued below the
+        // cap was granted at it, a slot forced (re-review rr46a F4).
         let replay_guid = p.prepared.create_guid.filter(|_| p.prepared.replay);
-        if over_user_share(c, p.prepared.f.session, replay_guid) {
+        if over_open_caps(c, held_by_another(c, replay_guid))
+            || over_user_share(c, p.prepared.f.session, replay_guid)
+        {
             c.finish_async(&p.head, status::INSUFFICIENT_RESOURCES, &[]);
             continue;
         }
