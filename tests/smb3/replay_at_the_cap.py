@@ -21,8 +21,13 @@ Usage: replay_at_the_cap.py HOST PORT SHARE USER PASSWORD CAP
    still letting go, is sent again, as a client does). Before, each was
    refused STATUS_INSUFFICIENT_RESOURCES while A held its descriptor.
 4. A CLOSE on B and, sent right behind it on connection C, a replay of
-   that open's CREATE: whichever wins, once everything is closed exactly
-   CAP fresh opens fit again — no slot leaked, none counted twice.
+   that open's CREATE: the replay fails, returns the original FileId, or
+   — the open closed first, the replay made a fresh open as MS-SMB2 has
+   it — returns a new one, within the caps: one more CREATE is refused
+   while it is held, CAP opens in all (re-review rr46a F2; the race at
+   the cap itself is moves_at_the_cap.py's). And once everything is
+   closed exactly CAP fresh opens fit again — no slot leaked, none
+   counted twice.
 
 Prints PASS, or exits non-zero.
 """
@@ -134,6 +139,8 @@ st_replay, m = final(c[0], persistent_create(*c, name, g, OVERWRITE_IF, replay=T
 st_close, _ = final(b[0], None)
 check(st_close == SUCCESS, f"B's CLOSE (got {st_close:#010x})")
 print(f"the replay beside the CLOSE: {st_replay:#010x}", flush=True)
+if st_replay == SUCCESS and file_id(m) != fid:
+    refused_one_more(c, "a replay made a fresh open")
 if st_replay == SUCCESS:
     signed_close(*c, file_id(m))
 for conn, _, _, fid in moved[1:]:

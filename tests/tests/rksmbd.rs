@@ -1183,6 +1183,22 @@ fn a_replay_flag_lets_no_fresh_open_past_the_users_share() {
     no_handles_left(&d);
 }
 
+/// Re-review rr46a F4: as above where the cap of opens (104, under a
+/// limit of 224) is more than the user's share (64), filled by bob and
+/// by alice short of her share: the replay-flagged CREATEs are refused
+/// for the descriptor cap, which at a cap equal to the share went
+/// untested (per_user_replay_share.py).
+#[test]
+fn a_replay_flag_lets_no_fresh_open_past_the_descriptor_cap() {
+    let s = Scratch::new("rksmbd-cap-replay");
+    std::fs::create_dir(s.root().join("d")).unwrap();
+    let d = Filterd::start(&s, &[], &[]);
+    let users = [("alice", "pw"), ("bob", "pw")];
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &users, 224);
+    smbprotocol_script_passes_with(&srv, "per_user_replay_share.py", &["64", "104", "bob"]);
+    no_handles_left(&d);
+}
+
 /// A client at rksmbd's open cap (under a descriptor limit of 128: 32
 /// opens, the user's share too) whose persistent CREATE is replayed —
 /// on its connection, or after a failover on a new one, beside DH2Cs of
