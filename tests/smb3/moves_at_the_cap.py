@@ -32,19 +32,24 @@ import time
 import uuid
 
 import raw_channel
-from raw_channel import SUCCESS, check, final, patient_share, persistent_create, reset, signed_close, signed_create
-from smbtest import reconnect_context
+from raw_channel import (
+    FILE_NOT_AVAILABLE,
+    INSUFFICIENT_RESOURCES,
+    SUCCESS,
+    check,
+    dh2c,
+    file_id,
+    final,
+    patient_share,
+    persistent_create,
+    reset,
+    signed_close,
+    signed_create,
+)
 
 CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
 USER = raw_channel.USER
-INSUFFICIENT_RESOURCES = 0xC000009A
-FILE_NOT_AVAILABLE = 0xC0000467
 OVERWRITE_IF = 5
-
-
-def file_id(m):
-    """The FileId of CREATE response `m`."""
-    return m[128:144]
 
 
 def as_user(user, client):
@@ -88,7 +93,7 @@ check(st == INSUFFICIENT_RESOURCES, f"at the cap, eve's CREATE is refused (got {
 b = as_user(USER, client)
 
 if MODE == "dh2c":
-    b[0].send(signed_create(*b, "p0", 7, 1, reconnect_context(fid, g).pack()))
+    b[0].send(dh2c(b, "p0", g, fid))
     until("the DH2C held after its caps check", lambda: logged("test hook: a move is held after its caps check"))
     reset(a[0].s)
 else:
@@ -117,7 +122,7 @@ st, _ = eve_creates("eve2")
 check(st == INSUFFICIENT_RESOURCES, f"the cap holds: eve's next CREATE is refused (got {st:#010x})")
 signed_close(*eve, taken[0])
 if MODE == "dh2c":
-    st, m = final(b[0], signed_create(*b, "p0", 7, 1, reconnect_context(fid, g).pack()))
+    st, m = final(b[0], dh2c(b, "p0", g, fid))
     check(st == SUCCESS and file_id(m)[:8] == fid[:8], f"the DH2C again, below the cap, reconnects (got {st:#010x})")
     signed_close(*b, file_id(m))
 print("PASS", flush=True)

@@ -44,6 +44,8 @@ R, H, W = 1, 2, 4
 FLAG_SIGNED = 0x8
 BINDING = 0x1
 SUCCESS = 0
+INSUFFICIENT_RESOURCES = 0xC000009A
+FILE_NOT_AVAILABLE = 0xC0000467
 MORE_PROCESSING = 0xC0000016
 INVALID_PARAMETER = 0xC000000D
 USER_SESSION_DELETED = 0xC0000203
@@ -247,6 +249,19 @@ def persistent_create(r, sid, key, tid, name, create_guid, disposition, replay=F
 
     ctx = persistent_context(create_guid).pack()
     return signed_create(r, sid, key, tid, name, share, disposition, ctx, replay=replay)
+
+
+def file_id(m):
+    """The FileId of CREATE response `m`."""
+    return m[128:144]
+
+
+def dh2c(conn, name, create_guid, fid):
+    """A persistent DH2C of open `fid` (create GUID `create_guid`) on
+    `conn` (a [`patient_share`] tuple)."""
+    from smbtest import reconnect_context
+
+    return signed_create(*conn, name, 7, 1, reconnect_context(fid, create_guid).pack())
 
 
 def close_pdu(r, sid, key, tid, fid):

@@ -37,9 +37,13 @@ import time
 import uuid
 
 from raw_channel import (
+    FILE_NOT_AVAILABLE,
+    INSUFFICIENT_RESOURCES,
     SUCCESS,
     check,
     close_pdu,
+    dh2c,
+    file_id,
     final,
     patient_share,
     persistent_create,
@@ -47,17 +51,9 @@ from raw_channel import (
     signed_close,
     signed_create,
 )
-from smbtest import reconnect_context
 
 CAP = int(sys.argv[6])
-INSUFFICIENT_RESOURCES = 0xC000009A
-FILE_NOT_AVAILABLE = 0xC0000467
 OVERWRITE_IF = 5
-
-
-def file_id(m):
-    """The FileId of CREATE response `m`."""
-    return m[128:144]
 
 
 def refused_one_more(conn, what):
@@ -73,11 +69,6 @@ def replayed(conn, name, guid, fid, what, width=16, answer=None):
     check(st == SUCCESS, f"{what}: replay of {name} succeeds (got {st:#010x})")
     check(file_id(m)[:width] == fid[:width], f"{what}: replay of {name} returns the original FileId")
     return file_id(m)
-
-
-def dh2c(conn, name, guid, fid):
-    """A persistent DH2C of open `fid`."""
-    return signed_create(*conn, name, 7, 1, reconnect_context(fid, guid).pack())
 
 
 def reconnected(conn, name, guid, fid, answer=None):
