@@ -1237,6 +1237,27 @@ fn a_replay_made_a_fresh_open_at_the_cap_is_refused() {
     moves_at_the_cap("replay", "RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS");
 }
 
+/// Re-review rr46a F1's attack: under a limit of 512 (a cap of 320, a
+/// share of 80), a client's 20 opens moved by DH2C from 20 connections
+/// after a TCP reset while another user CREATEs from four connections
+/// without pause: rksmbd held 1 to 4 opens over its cap before (a move
+/// landing after its slot was taken forced one, and CREATEs of several
+/// connections at once each passed the last slot); none now
+/// (moves_and_creates_at_the_cap.py).
+#[test]
+fn moves_and_creates_racing_at_the_cap_stay_within_it() {
+    let s = Scratch::new("rksmbd-moves-and-creates-at-cap");
+    let d = Filterd::start(&s, &[], &[]);
+    let users = ["alice", "eve", "f0", "f1", "f2", "f3"].map(|u| (u, "pw"));
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &users, 512);
+    smbprotocol_script_passes_with(
+        &srv,
+        "moves_and_creates_at_the_cap.py",
+        &["320", "80", "20"],
+    );
+    no_handles_left(&d);
+}
+
 /// Runs moves_at_the_cap.py in `mode` against an rksmbd under a
 /// descriptor limit of 128 (a cap of 32) whose moves are held by `hook`.
 fn moves_at_the_cap(mode: &str, hook: &str) {

@@ -99,8 +99,16 @@ const MAX_RESERVE: u64 = 64 << 20;
 /// Longest durable timeout granted (MS-SMB2 3.3.5.9.10: at most 300 s).
 pub(crate) const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
 
-/// CREATE (MS-SMB2 2.2.13, 3.3.5.9).
+/// CREATE (MS-SMB2 2.2.13, 3.3.5.9). The descriptor slot it took at the
+/// cap ([`over_open_caps`]) and left unused (no open made, or the CREATE
+/// pending) is given back as it ends.
 pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
+    let r = create_open(c, req);
+    c.open_slot = None;
+    r
+}
+
+fn create_open(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let mut r = Reader::new(req.body);
     if r.u16("structure size")? != 57 {
         return Err(status::INVALID_PARAMETER);
@@ -486,7 +494,7 @@ fn held_by_another(c: &Connection, replay_guid: Option<uuid::Uuid>) -> bool {
 /// descriptors rksmbd's opens may hold. Asked only once the CREATE is
 /// known not to be a replay of an open of this connection, which adds
 /// none ([`replayed`]).
-fn over_open_caps(c: &Connection, moves: bool) -> bool {
+fn over_open_caps(c: &mut Connection, moves: bool) -> bool {
     if c.opens.len() >= MAX_OPENS_PER_CONNECTION {
         tracing::info!(
             conn = c.id,
@@ -494,7 +502,15 @@ fn over_open_caps(c: &Connection, moves: bool) -> bool {
         );
         return true;
     }
-    let full = !moves && c.sh.fds.held() >= c.sh.fds.cap();
+    // The slot is taken now, not when the open is made: checked and
+    // taken after, CREATEs of several connections at once each passed
+    // the last slot (re-review rr46a: 1 to 3 over the cap of 320 with
+    // four connections CREATEing as slots came free).
+    if moves || c.open_slot.is_some() {
+        return false;
+    }
+    c.open_slot = c.sh.fds.reserve();
+    let full = c.open_slot.is_none();
     if full {
         tracing::info!(
             conn = c.id,
@@ -514,7 +530,7 @@ fn over_open_caps(c: &Connection, moves: bool) -> bool {
 /// adds no open to the user's nor a descriptor to rksmbd's. Before, the
 /// replay flag and a held GUID let any CREATE past the share (review: 200
 /// of 200 replay-flagged directory opens granted to a user at its share).
-fn share_deferred_refused(c: &Connection, deferred: bool, session: u64) -> bool {
+fn share_deferred_refused(c: &mut Connection, deferred: bool, session: u64) -> bool {
     deferred && (over_open_caps(c, false) || over_user_share(c, session, None))
 }
 
@@ -1101,6 +1117,8 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
     let sh = c.sh.clone();
     let pending = std::mem::take(&mut c.pending_creates.list);
     for p in pending {
+        // A slot left by the last (refused, failed or still waiting).
+        c.open_slot = None;
         // LOGOFF or TREE_DISCONNECT meanwhile: nothing to open for.
         let gone = match c.sessions.get(&p.prepared.f.session) {
             None => Some(status::USER_SESSION_DELETED),
@@ -1154,6 +1172,7 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
             }
         }
     }
+    c.open_slot = None;
     // What moved is not yet seen by a CREATE still waiting out its
     // backoff: it is looked at again on the next tick.
     if waiting_out_backoff {
@@ -1740,7 +1759,7 @@ fn claim(
 /// (re-review rr46a F1: 4 over with 20 moves); or the open was closed
 /// meanwhile and filterd's answer is a fresh open, which no cap was asked
 /// of (F2).
-fn claimed_past_the_caps(c: &Connection, session: u64) -> bool {
+fn claimed_past_the_caps(c: &mut Connection, session: u64) -> bool {
     over_open_caps(c, false) || over_user_share(c, session, None)
 }
 
@@ -2084,11 +2103,12 @@ fn reconnect(
     // thread of its old connection to noticing the drop: while another
     // connection of this rksmbd still holds the open, wait briefly for it
     // to let go (the same connection never will).
+    let conn = c.id;
     let held_elsewhere = || {
         [Some(rc.create_guid), v2_guid.map(|g| g.0)]
             .into_iter()
             .flatten()
-            .find_map(|g| sh.registry.holder_other_than(g, c.id))
+            .find_map(|g| sh.registry.holder_other_than(g, conn))
     };
     // Another connection of this rksmbd holding the open counts it under
     // this user, and its descriptor, until it lets go: the reconnect adds

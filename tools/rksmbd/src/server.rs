@@ -898,6 +898,11 @@ pub struct Connection {
     pub waiting: crate::lock::WaitingLocks,
     /// CREATEs answered STATUS_PENDING, waiting for lease breaks.
     pub pending_creates: crate::create::PendingCreates,
+    /// The descriptor slot the CREATE being served took when it was let
+    /// past the cap (`create::over_open_caps`), for the open it makes
+    /// ([`Connection::add_open`]); given back when that CREATE ends
+    /// without one.
+    pub open_slot: Option<shimline::descriptors::DescriptorSlot>,
     /// CHANGE_NOTIFY requests answered STATUS_PENDING.
     pub notify: crate::notify::Watches,
     /// The last AsyncId handed out on this connection.
@@ -1102,6 +1107,7 @@ impl Connection {
             credits: Credits::default(),
             waiting: crate::lock::WaitingLocks::default(),
             pending_creates: crate::create::PendingCreates::default(),
+            open_slot: None,
             notify: crate::notify::Watches::default(),
             next_async: 0,
             queued_async: None,
@@ -2181,7 +2187,10 @@ impl Connection {
         }
         if open.counted.is_none() {
             open.counted = Some(OpenSlots {
-                _fd: self.sh.fds.force(),
+                // The slot its CREATE took at the cap's check; forced only
+                // where none was (a move its old connection still counts,
+                // an open resumed at start-up).
+                _fd: self.open_slot.take().unwrap_or_else(|| self.sh.fds.force()),
                 _user: user_slot,
             });
         }
