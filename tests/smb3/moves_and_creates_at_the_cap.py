@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 
-import raw_channel
 from raw_channel import (
     FILE_NOT_AVAILABLE,
     SUCCESS,
@@ -32,7 +31,7 @@ from raw_channel import (
     dh2c,
     file_id,
     final,
-    patient_share,
+    patient_share_as,
     persistent_create,
     reset,
     signed_close,
@@ -43,14 +42,8 @@ CAP, SHARE_OF_USER, N = (int(x) for x in sys.argv[6:9])
 EVE_CONNECTIONS = 4
 
 
-def as_user(user, client):
-    """A connection of `user` (client GUID `client`), the share connected."""
-    raw_channel.USER = user
-    return patient_share(client)
-
-
 client = uuid.uuid4()
-a = as_user(sys.argv[4], client)
+a = patient_share_as(sys.argv[4], client)
 held = []
 for i in range(N):
     g = uuid.uuid4()
@@ -60,15 +53,15 @@ for i in range(N):
 left, u = CAP - N, 0
 fillers = []  # kept: a connection dropped closes its opens
 while left > 0:
-    f = as_user(f"f{u}", uuid.uuid4())
+    f = patient_share_as(f"f{u}", uuid.uuid4())
     fillers.append(f)
     for i in range(min(SHARE_OF_USER, left)):
         st, _ = final(f[0], signed_create(*f, f"f{u}_{i}", 7, 5))
         check(st == SUCCESS, f"f{u}'s open {i + 1} (got {st:#010x})")
     left -= min(SHARE_OF_USER, left)
     u += 1
-movers = [as_user(sys.argv[4], client) for _ in range(N)]
-eves = [as_user("eve", uuid.uuid4()) for _ in range(EVE_CONNECTIONS)]
+movers = [patient_share_as(sys.argv[4], client) for _ in range(N)]
+eves = [patient_share_as("eve", uuid.uuid4()) for _ in range(EVE_CONNECTIONS)]
 st, _ = final(eves[0][0], signed_create(*eves[0], "x", 7, 5))
 check(st != SUCCESS, f"at the cap, eve's CREATE is refused (got {st:#010x})")
 

@@ -40,7 +40,7 @@ from raw_channel import (
     dh2c,
     file_id,
     final,
-    patient_share,
+    patient_share_as,
     persistent_create,
     reset,
     signed_close,
@@ -50,12 +50,6 @@ from raw_channel import (
 CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
 USER = raw_channel.USER
 OVERWRITE_IF = 5
-
-
-def as_user(user, client):
-    """A connection of `user` (client GUID `client`), the share connected."""
-    raw_channel.USER = user
-    return patient_share(client)
 
 
 def until(what, done, within=20):
@@ -78,19 +72,19 @@ def eve_creates(name):
 
 
 client = uuid.uuid4()
-a = as_user(USER, client)
+a = patient_share_as(USER, client)
 g = uuid.uuid4()
 st, m = final(a[0], persistent_create(*a, "p0", g, OVERWRITE_IF))
 check(st == SUCCESS, f"A's persistent open (got {st:#010x})")
 fid = file_id(m)
-bob = as_user("bob", uuid.uuid4())
+bob = patient_share_as("bob", uuid.uuid4())
 for i in range(CAP - 1):
     st, _ = final(bob[0], signed_create(*bob, f"bob{i}", 7, OVERWRITE_IF))
     check(st == SUCCESS, f"bob's open {i + 1} (got {st:#010x})")
-eve = as_user("eve", uuid.uuid4())
+eve = patient_share_as("eve", uuid.uuid4())
 st, _ = eve_creates("eve0")
 check(st == INSUFFICIENT_RESOURCES, f"at the cap, eve's CREATE is refused (got {st:#010x})")
-b = as_user(USER, client)
+b = patient_share_as(USER, client)
 
 if MODE == "dh2c":
     b[0].send(dh2c(b, "p0", g, fid))

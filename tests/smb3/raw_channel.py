@@ -241,6 +241,14 @@ def patient_share(client):
     return (r, *connect_share(r))
 
 
+def patient_share_as(user, client):
+    """[`patient_share`] with `user` logged on (the password as USER's),
+    who stays USER for the logons that follow."""
+    global USER
+    USER = user
+    return patient_share(client)
+
+
 def persistent_create(r, sid, key, tid, name, create_guid, disposition, replay=False, share=7):
     """A signed persistent (DH2Q, create GUID `create_guid`) CREATE of
     `name` for read and write, sharing `share` (all by default), sent
