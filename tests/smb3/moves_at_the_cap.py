@@ -21,7 +21,10 @@ RKSMBD_TEST_MOVE_HOLD_MS) or `replay` (RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS).
    replay: B replays p0's CREATE — let past the caps, A holding the
    open — held before its claim. A CLOSEs p0 and eve's CREATE takes its
    slot. The replay must fail or return the original FileId (before:
-   filterd opened the file anew for it, past the cap).
+   filterd opened the file anew for it, past the cap), and a failed one
+   must leave p0's data as A wrote it (before: refused only after
+   filterd ran its OVERWRITE_IF anew, p0 was truncated — re-review
+   rr46d F2).
 3. Either way the cap holds: one more CREATE of eve's is refused.
 
 Prints PASS, or exits non-zero.
@@ -45,6 +48,8 @@ from raw_channel import (
     reset,
     signed_close,
     signed_create,
+    signed_read,
+    signed_write,
 )
 
 CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
@@ -77,6 +82,8 @@ g = uuid.uuid4()
 st, m = final(a[0], persistent_create(*a, "p0", g, OVERWRITE_IF))
 check(st == SUCCESS, f"A's persistent open (got {st:#010x})")
 fid = file_id(m)
+DATA = b"written before the replay" * 50
+check(signed_write(*a, fid, DATA) == SUCCESS, "A's write")
 bob = patient_share_as("bob", uuid.uuid4())
 for i in range(CAP - 1):
     st, _ = final(bob[0], signed_create(*bob, f"bob{i}", 7, OVERWRITE_IF))
@@ -112,6 +119,7 @@ if MODE == "dh2c":
     check(st == FILE_NOT_AVAILABLE, f"the DH2C landing at the cap is told to retry (got {st:#010x})")
 else:
     check(st != SUCCESS or file_id(m) == fid, "the replay fails or returns the original open")
+    replayed = st == SUCCESS
 st, _ = eve_creates("eve2")
 check(st == INSUFFICIENT_RESOURCES, f"the cap holds: eve's next CREATE is refused (got {st:#010x})")
 signed_close(*eve, taken[0])
@@ -119,4 +127,10 @@ if MODE == "dh2c":
     st, m = final(b[0], dh2c(b, "p0", g, fid))
     check(st == SUCCESS and file_id(m)[:8] == fid[:8], f"the DH2C again, below the cap, reconnects (got {st:#010x})")
     signed_close(*b, file_id(m))
+elif not replayed:
+    st, m = final(eve[0], signed_create(*eve, "p0", 7, 1))
+    check(st == SUCCESS, f"p0 opened again (got {st:#010x})")
+    st, got = signed_read(*eve, file_id(m), len(DATA) + 1)
+    check(got == DATA, f"the refused replay left p0's data (read {st:#010x}, {len(got)} bytes)")
+    signed_close(*eve, file_id(m))
 print("PASS", flush=True)

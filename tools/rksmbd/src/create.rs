@@ -1704,26 +1704,22 @@ fn claim(
     // No open of this connection holds the GUID but the one being made:
     // what goes wrong now lets it go.
     let alone = !c.opens.values().any(|o| o.create_guid == Some(guid));
-    match c.sh.filter.replay_open_for(p.replay_request(), &p.end) {
-        // Checked as a fresh open now: the caps let it past while another
-        // connection held the open (counted there), which has let go.
-        Ok(h) if claimed_past_the_caps(c, p.f.session) => {
-            if h.info.key == key {
-                // The held open, its slot gone to another CREATE since its
-                // connection let it go: left disconnected for the client's
-                // next replay, as a failed second ask leaves it.
-                let _ = c.sh.filter.detach(key);
-            } else {
-                give_back(&c.sh, h.info.key, None, durable_of(&h.info).is_some());
-            }
-            if alone {
-                c.sh.registry.let_go(guid, c.id);
-            }
-            Err(match h.info.key == key {
-                true => status::FILE_NOT_AVAILABLE,
-                false => status::INSUFFICIENT_RESOURCES,
-            })
+    // Checked as a fresh open now, before filterd is asked again: the caps
+    // let it past while another connection held the open (counted there),
+    // which has let go — its slot given back before its claim. Refused,
+    // the held open is left disconnected for the client's next replay, as
+    // a failed second ask leaves it (a no-op if it was closed). Checked
+    // after the second ask, a holder's CLOSE meanwhile had filterd run the
+    // CREATE anew with its disposition — an OVERWRITE_IF replay truncated
+    // the file and the client was told it failed (re-review rr46d F2).
+    if claimed_past_the_caps(c, p.f.session) {
+        let _ = c.sh.filter.detach(key);
+        if alone {
+            c.sh.registry.let_go(guid, c.id);
         }
+        return Err(status::FILE_NOT_AVAILABLE);
+    }
+    match c.sh.filter.replay_open_for(p.replay_request(), &p.end) {
         Ok(h) => {
             // No longer durable (its lease lowered meanwhile): kept as a
             // plain open, which holds no claim.
