@@ -22,7 +22,7 @@ CREATE's wait was over. Prints PASS; exits non-zero on any failure.
 import struct
 import uuid
 
-from raw_channel import ECHO, PENDING, SUCCESS, check, cmac_sign, final, leased_create, patient_share
+from raw_channel import PENDING, SUCCESS, check, final, leased_create, patient_share, waiting_compound
 
 r, sid, key, tid = patient_share(uuid.uuid4())
 st, _ = final(r, leased_create(r, sid, key, tid, "leased.txt", b"A" * 16, 7))
@@ -30,12 +30,7 @@ check(st == SUCCESS, f"leased.txt opened with an RWH lease ({st:#010x})")
 # Not the last of its compound (an ECHO follows), the CREATE does not go
 # async: it waits for the acknowledgment serving the connection.
 create = leased_create(r, sid, key, tid, "leased.txt", b"B" * 16, 7)
-create += b"\0" * (-len(create) % 8)
-create = bytearray(create)
-struct.pack_into("<I", create, 20, len(create))
-create = cmac_sign(key, bytes(create))
-echo = cmac_sign(key, r.header(ECHO, sid, tid=tid) + struct.pack("<HH", 4, 0))
-r.send(create + echo)
+r.send(waiting_compound(r, sid, key, tid, create))
 while True:
     m = r.recv()
     cmd, mid = struct.unpack_from("<H", m, 12)[0], struct.unpack_from("<Q", m, 24)[0]

@@ -541,6 +541,16 @@ def leased_create(r, sid, key, tid, name, lkey, state, disposition=5):
     return cmac_sign(key, r.header(CREATE, sid, tid=tid) + body + n + b"\0" * pad + ctx)
 
 
+def waiting_compound(r, sid, key, tid, create):
+    """Signed CREATE `create` followed by an ECHO in one compound: not the
+    compound's last request, the CREATE does not go async but waits for
+    its lease breaks serving the connection (`Connection::pump`)."""
+    create = bytearray(create + b"\0" * (-len(create) % 8))
+    struct.pack_into("<I", create, 20, len(create))
+    echo = cmac_sign(key, r.header(ECHO, sid, tid=tid) + struct.pack("<HH", 4, 0))
+    return cmac_sign(key, bytes(create)) + echo
+
+
 def leased_on_two_channels(name, lkey):
     """Connection A (a new client GUID) logs on and opens `name` with an
     RWH lease `lkey`; connection B (the same GUID) binds A's session:

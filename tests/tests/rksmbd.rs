@@ -1258,6 +1258,21 @@ fn moves_and_creates_racing_at_the_cap_stay_within_it() {
     no_handles_left(&d);
 }
 
+/// Re-review rr46d F1: a CREATE served while another CREATE of its
+/// connection waited for a lease break (a compound's, served through
+/// `Connection::pump`) used the waiting CREATE's descriptor slot, which
+/// then forced one when granted: 33 opens at a cap of 32. Each takes its
+/// own now (nested_create_at_the_cap.py).
+#[test]
+fn a_create_served_inside_another_creates_wait_takes_its_own_slot() {
+    let s = Scratch::new("rksmbd-nested-create-at-cap");
+    let d = Filterd::start(&s, &[], &[]);
+    let users = [("alice", "pw"), ("bob", "pw"), ("eve", "pw")];
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &users, 128);
+    smbprotocol_script_passes_with(&srv, "nested_create_at_the_cap.py", &["32"]);
+    no_handles_left(&d);
+}
+
 /// Runs moves_at_the_cap.py in `mode` against an rksmbd under a
 /// descriptor limit of 128 (a cap of 32) whose moves are held by `hook`.
 fn moves_at_the_cap(mode: &str, hook: &str) {

@@ -2024,6 +2024,12 @@ impl Connection {
         }
         let ready = self.poll_inputs(Some(wait));
         self.pump_depth += 1;
+        // The descriptor slot is the waiting CREATE's: a CREATE served
+        // here reserves its own. Left in place, the nested CREATE found it
+        // and went past the cap without reserving, its open took it, and
+        // the waiting one forced a slot when granted — one open over the
+        // cap per such nesting (re-review rr46d F1: 33 opens at a cap of 32).
+        let waiting_slot = self.open_slot.take();
         match ready {
             Ready::Socket => match self.read_frame() {
                 Some(Received::Pdu(pdu)) => {
@@ -2038,6 +2044,7 @@ impl Connection {
             Ready::Notify => crate::notify::deliver(self),
             Ready::Nothing => {}
         }
+        self.open_slot = waiting_slot;
         self.pump_depth -= 1;
         if self.gone_noted && !self.client_gone() {
             // A channel bound since: the client is back.
