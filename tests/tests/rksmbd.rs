@@ -1269,7 +1269,23 @@ fn a_create_served_inside_another_creates_wait_takes_its_own_slot() {
     let d = Filterd::start(&s, &[], &[]);
     let users = [("alice", "pw"), ("bob", "pw"), ("eve", "pw")];
     let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &users, 128);
-    smbprotocol_script_passes_with(&srv, "nested_create_at_the_cap.py", &["32"]);
+    smbprotocol_script_passes_with(&srv, "nested_create_at_the_cap.py", &["32", "nested"]);
+    no_handles_left(&d);
+}
+
+/// Re-review rr46d F4: a CREATE waiting for a lease break in a compound
+/// (served through `Connection::pump`) was checked against its user's
+/// share only before the wait: one of eve's made meanwhile on another
+/// connection, it was granted past the share. Checked again as it waits
+/// now; under a limit of 224 (a share of 64) it is refused
+/// (nested_create_at_the_cap.py).
+#[test]
+fn a_create_waiting_in_a_compound_is_checked_against_the_users_share_again() {
+    let s = Scratch::new("rksmbd-waiting-create-share");
+    let d = Filterd::start(&s, &[], &[]);
+    let users = [("alice", "pw"), ("bob", "pw"), ("eve", "pw")];
+    let srv = RkSmbd::start_with_nofile(&s, "rksmbd", "data", &users, 224);
+    smbprotocol_script_passes_with(&srv, "nested_create_at_the_cap.py", &["64", "share"]);
     no_handles_left(&d);
 }
 

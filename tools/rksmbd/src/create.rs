@@ -824,7 +824,7 @@ fn open_file(
     // and sent the breaks). Only the last request of a PDU goes async
     // (3.3.4.2): an earlier one waits here, serving the connection.
     if hdr.next_command != 0 || c.pending_creates.list.len() >= MAX_PENDING {
-        let h = open_waiting_for_breaks(c, &p).map_err(|e| failed_status(c, &p, &e))?;
+        let h = open_waiting_for_breaks(c, &p)?;
         return finish_open(c, p, h);
     }
     let head = c.go_async(hdr);
@@ -1923,9 +1923,10 @@ fn file_id_bytes(persistent: u64, volatile: u64) -> [u8; 16] {
 fn open_waiting_for_breaks(
     c: &mut Connection,
     p: &Prepared,
-) -> Result<libfilter::client::OpenedHandle, ClientError> {
+) -> Result<libfilter::client::OpenedHandle, u32> {
     let sh = c.sh.clone();
     let deadline = std::time::Instant::now() + BREAK_WAIT;
+    let replay_guid = p.create_guid.filter(|_| p.replay);
     loop {
         match try_open(&sh, p) {
             Err(e)
@@ -1934,8 +1935,16 @@ fn open_waiting_for_breaks(
                     && !c.client_gone() =>
             {
                 c.pump(std::time::Duration::from_millis(20));
+                // Checked again before each try, as a pending CREATE is
+                // ([`retry_pending`]): the user's other CREATEs may have
+                // taken its share meanwhile. Checked only before the wait,
+                // a user's CREATEs waiting so on several connections were
+                // all granted past its share (re-review rr46d F4).
+                if over_user_share(c, p.f.session, replay_guid) {
+                    return Err(status::INSUFFICIENT_RESOURCES);
+                }
             }
-            other => return other,
+            other => return other.map_err(|e| failed_status(c, p, &e)),
         }
     }
 }
