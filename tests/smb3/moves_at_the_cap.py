@@ -8,7 +8,12 @@ share), users USER, bob and eve, all of password PASSWORD.
 Usage: moves_at_the_cap.py HOST PORT SHARE USER PASSWORD CAP LOG MODE
 
 LOG is rksmbd's log, MODE `dh2c` (rksmbd run with
-RKSMBD_TEST_MOVE_HOLD_MS) or `replay` (RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS).
+RKSMBD_TEST_MOVE_HOLD_MS), `dh2c-landing` (the same, and
+RKSMBD_TEST_LETTING_GO_HOLD_MS and RKSMBD_TEST_MOVE_LANDING_HOLD_MS: the
+DH2C resumes while A's connection, its handle detached, still holds the
+open and its slot, and lands after A let go and eve took the slot —
+re-review rr46d F3: checked right after the resume, it was not checked
+at all) or `replay` (RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS).
 
 1. Connection A opens p0 persistent; bob fills the cap (CAP - 1 opens);
    eve's CREATE is STATUS_INSUFFICIENT_RESOURCES.
@@ -53,6 +58,7 @@ from raw_channel import (
 )
 
 CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
+DH2C = MODE.startswith("dh2c")
 USER = raw_channel.USER
 OVERWRITE_IF = 5
 
@@ -93,7 +99,7 @@ st, _ = eve_creates("eve0")
 check(st == INSUFFICIENT_RESOURCES, f"at the cap, eve's CREATE is refused (got {st:#010x})")
 b = patient_share_as(USER, client)
 
-if MODE == "dh2c":
+if DH2C:
     b[0].send(dh2c(b, "p0", g, fid))
     until("the DH2C held after its caps check", lambda: logged("test hook: a move is held after its caps check"))
     reset(a[0].s)
@@ -115,7 +121,7 @@ def eve_took_the_slot():
 until("eve's CREATE takes the slot given back", eve_took_the_slot)
 st, m = final(b[0], None)
 print(f"the {MODE} landing at the cap: {st:#010x}", flush=True)
-if MODE == "dh2c":
+if DH2C:
     check(st == FILE_NOT_AVAILABLE, f"the DH2C landing at the cap is told to retry (got {st:#010x})")
 else:
     check(st != SUCCESS or file_id(m) == fid, "the replay fails or returns the original open")
@@ -123,7 +129,7 @@ else:
 st, _ = eve_creates("eve2")
 check(st == INSUFFICIENT_RESOURCES, f"the cap holds: eve's next CREATE is refused (got {st:#010x})")
 signed_close(*eve, taken[0])
-if MODE == "dh2c":
+if DH2C:
     st, m = final(b[0], dh2c(b, "p0", g, fid))
     check(st == SUCCESS and file_id(m)[:8] == fid[:8], f"the DH2C again, below the cap, reconnects (got {st:#010x})")
     signed_close(*b, file_id(m))

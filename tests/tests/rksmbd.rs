@@ -1225,7 +1225,22 @@ fn a_replay_at_the_open_cap_returns_the_original_open() {
 /// (moves_at_the_cap.py).
 #[test]
 fn a_dh2c_landing_at_the_cap_after_its_slot_was_taken_is_told_to_retry() {
-    moves_at_the_cap("dh2c", "RKSMBD_TEST_MOVE_HOLD_MS");
+    moves_at_the_cap("dh2c", &[("RKSMBD_TEST_MOVE_HOLD_MS", "3000")]);
+}
+
+/// Re-review rr46d F3: a DH2C resumed while the old connection, the
+/// handle detached, still held the open skipped its landing check, and
+/// forced a slot when the old connection then let go and another user's
+/// CREATE took the slot given back. It is checked right before the open
+/// is added now, and told to retry (moves_at_the_cap.py).
+#[test]
+fn a_dh2c_resumed_before_the_old_connection_let_go_is_checked_as_it_lands() {
+    let env = [
+        ("RKSMBD_TEST_MOVE_HOLD_MS", "1000"),
+        ("RKSMBD_TEST_LETTING_GO_HOLD_MS", "2000"),
+        ("RKSMBD_TEST_MOVE_LANDING_HOLD_MS", "4000"),
+    ];
+    moves_at_the_cap("dh2c-landing", &env);
 }
 
 /// Re-review rr46a F2: a replay let past the caps while another
@@ -1234,7 +1249,7 @@ fn a_dh2c_landing_at_the_cap_after_its_slot_was_taken_is_told_to_retry() {
 /// for the replay, past the cap. It is refused now (moves_at_the_cap.py).
 #[test]
 fn a_replay_made_a_fresh_open_at_the_cap_is_refused() {
-    moves_at_the_cap("replay", "RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS");
+    moves_at_the_cap("replay", &[("RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS", "3000")]);
 }
 
 /// Re-review rr46a F1's attack: under a limit of 512 (a cap of 320, a
@@ -1290,13 +1305,13 @@ fn a_create_waiting_in_a_compound_is_checked_against_the_users_share_again() {
 }
 
 /// Runs moves_at_the_cap.py in `mode` against an rksmbd under a
-/// descriptor limit of 128 (a cap of 32) whose moves are held by `hook`.
-fn moves_at_the_cap(mode: &str, hook: &str) {
+/// descriptor limit of 128 (a cap of 32) whose moves are held by the
+/// test hooks of `env`.
+fn moves_at_the_cap(mode: &str, env: &[(&str, &str)]) {
     let s = Scratch::new(&format!("rksmbd-moves-at-cap-{mode}"));
     let d = Filterd::start(&s, &[], &[]);
     let users = [("alice", "pw"), ("bob", "pw"), ("eve", "pw")];
-    let env = [(hook, "3000")];
-    let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, &env, 128);
+    let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, env, 128);
     let log = log.to_string_lossy().into_owned();
     smbprotocol_script_passes_with(&srv, "moves_at_the_cap.py", &["32", &log, mode]);
     no_handles_left(&d);

@@ -1759,6 +1759,50 @@ fn claimed_past_the_caps(c: &mut Connection, session: u64) -> bool {
     over_open_caps(c, false) || over_user_share(c, session, None)
 }
 
+/// Whether a reconnect the caps let past while another connection held
+/// its open (`held_elsewhere`) is refused as it lands: the slot is
+/// reserved whatever that connection does, and the caps refuse it only
+/// once nobody else holds the open — one still holding it counts it
+/// until it lets go, its slot with it. Reserved only when nobody held it,
+/// that connection could give its slot back, and another CREATE take it,
+/// between the look and the open's adding.
+fn landing_past_the_caps(
+    c: &mut Connection,
+    held_elsewhere: impl Fn() -> Option<OpenHolder>,
+    session: u64,
+) -> bool {
+    claimed_past_the_caps(c, session) && held_elsewhere().is_none()
+}
+
+/// Tests only (debug builds): `$RKSMBD_TEST_MOVE_LANDING_HOLD_MS` holds a
+/// reconnect let past the caps between its resume and its landing check
+/// (tests/smb3/moves_at_the_cap.py, re-review rr46d F3).
+fn test_hold_a_move_before_it_lands() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    test_delay(
+        &DELAY,
+        "RKSMBD_TEST_MOVE_LANDING_HOLD_MS",
+        "a move is held before it lands",
+    );
+}
+
+/// Tests only (debug builds): `$RKSMBD_TEST_LETTING_GO_HOLD_MS` holds the
+/// first open a connection lets go between its handle's detach and its
+/// slot given back (tests/smb3/moves_at_the_cap.py, re-review rr46d F3).
+pub(crate) fn test_hold_the_first_letting_go() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if test_hook_ms(&DELAY, "RKSMBD_TEST_LETTING_GO_HOLD_MS") > 0
+        && !DONE.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        test_delay(
+            &DELAY,
+            "RKSMBD_TEST_LETTING_GO_HOLD_MS",
+            "an open is held after its detach",
+        );
+    }
+}
+
 /// Tests only (debug builds): `$RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS` holds
 /// a replay between filterd's answer and its claim, as a loaded machine
 /// may (tests/smb3/replay_in_flight.py).
@@ -2173,14 +2217,6 @@ fn reconnect(
         _ => status_of(&e),
     })?;
     let key = h.info.key;
-    // Let past the caps as held elsewhere, and landing once that
-    // connection let go (its count gone with it): checked as a rejoin is,
-    // and left disconnected for the client's next DH2C when the slot it
-    // freed is taken.
-    if !rejoins && held_elsewhere().is_none() && claimed_past_the_caps(c, req.hdr.session_id) {
-        let _ = sh.filter.detach(key);
-        return Err(status::FILE_NOT_AVAILABLE);
-    }
     let fid = h.info.file;
     let held = h.info.lease;
     let oplock = held.map(|l| l.key).filter(breaks::is_oplock_key);
@@ -2278,6 +2314,21 @@ fn reconnect(
             return Err(st);
         }
     };
+    // Let past the caps as held elsewhere, and landing once that
+    // connection let go (its count gone with it): checked as a rejoin is,
+    // and left disconnected for the client's next DH2C when the slot it
+    // freed is taken. Decided here, with no call to filterd before the
+    // open is added: decided right after the resume, a connection letting
+    // go in between (it detaches first, then gives its slot back) left
+    // the check skipped and the slot to another CREATE (re-review rr46d
+    // F3).
+    if !rejoins {
+        test_hold_a_move_before_it_lands();
+        if landing_past_the_caps(c, &held_elsewhere, req.hdr.session_id) {
+            let _ = sh.filter.detach(key);
+            return Err(status::FILE_NOT_AVAILABLE);
+        }
+    }
     let id = c.new_file_id();
     let pid = rc.persistent_file_id;
     // A reconnect answers with no DH2Q response context.

@@ -2253,6 +2253,7 @@ impl Connection {
         }
         crate::lock::open_closing(self, id);
         crate::notify::open_closing(self, id);
+        crate::create::test_hold_the_first_letting_go();
         // Only now, with the handle detached, may a reconnect stop
         // waiting for this connection.
         if let Some(mut open) = self.opens.remove(&id) {
