@@ -2324,7 +2324,7 @@ fn reconnect(
     // F3).
     if !rejoins {
         test_hold_a_move_before_it_lands();
-        if landing_past_the_caps(c, &held_elsewhere, req.hdr.session_id) {
+        if landing_past_the_caps(c, held_elsewhere, req.hdr.session_id) {
             let _ = sh.filter.detach(key);
             return Err(status::FILE_NOT_AVAILABLE);
         }
