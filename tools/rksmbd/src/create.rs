@@ -1787,8 +1787,8 @@ fn test_hold_a_move_before_it_lands() {
 }
 
 /// Tests only (debug builds): `$RKSMBD_TEST_LETTING_GO_HOLD_MS` holds the
-/// first open a connection lets go between its handle's detach and its
-/// slot given back (tests/smb3/moves_at_the_cap.py, re-review rr46d F3).
+/// first open this rksmbd process lets go (a connection's end or a CLOSE,
+/// once per process) between its handle's detach and its slot given back (tests/smb3/moves_at_the_cap.py, re-review rr46d F3).
 pub(crate) fn test_hold_the_first_letting_go() {
     static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
