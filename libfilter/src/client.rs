@@ -27,6 +27,7 @@
 //!     no_wait: false,
 //!     wait_for_hints: false,
 //!     replay_same_lease: false,
+//!     resume_only: false,
 //!     share_group: None,
 //!     stat: false,
 //!     share_exempt: false,
@@ -1226,7 +1227,10 @@ impl FilterClient {
     /// `wait_for_hints` when it did not grant
     /// [`proto::FEATURE_WAIT_FOR_HINTS`] (an older daemon refuses either
     /// compact flag), without `replay_same_lease` when it did not grant
-    /// [`proto::FEATURE_RESUME_MATCH`] (the caller checks the lease).
+    /// [`proto::FEATURE_RESUME_MATCH`] (the caller checks the lease), and
+    /// without `resume_only` when it did not grant
+    /// [`proto::FEATURE_RESUME_ONLY`] (the replay may then run as a fresh
+    /// open: [`FilterClient::resumes_only`] says which).
     fn understood(&self, mut req: OpenRequest) -> OpenRequest {
         if self.hello.features & proto::FEATURE_SHARE_EXEMPT == 0 {
             req.share_exempt = false;
@@ -1237,7 +1241,16 @@ impl FilterClient {
         if !self.checks_resume_match() {
             req.replay_same_lease = false;
         }
+        if !self.resumes_only() {
+            req.resume_only = false;
+        }
         req
+    }
+
+    /// Whether the daemon honours [`OpenRequest::resume_only`]
+    /// ([`proto::FEATURE_RESUME_ONLY`]).
+    pub fn resumes_only(&self) -> bool {
+        self.hello.features & proto::FEATURE_RESUME_ONLY != 0
     }
 
     /// Records the reply of a mutating request (durable before this returns,
@@ -2891,6 +2904,7 @@ pub(crate) mod tests {
                 share_exempt: true,
                 wait_for_hints: true,
                 replay_same_lease: false,
+                resume_only: false,
                 ..OpenRequest::new(
                     ClientId::new("c").expect("client"),
                     RelPath::new("f").expect("path"),

@@ -52,7 +52,8 @@ pub const FEATURES: u64 = FEATURE_LOCK_HINTS
     | FEATURE_WAIT_FOR_HINTS
     | FEATURE_RESUME_MATCH
     | FEATURE_FENCED_IO
-    | FEATURE_STEP_DOWN;
+    | FEATURE_STEP_DOWN
+    | FEATURE_RESUME_ONLY;
 /// Feature: binary frames, version 1. Once the hello (JSON both ways)
 /// granted it, each side writes every further frame as MessagePack
 /// (structs as maps with their field names, enums as serde's derive
@@ -278,6 +279,17 @@ pub const FEATURE_FENCED_IO: u64 = 262144;
 /// bit the daemon sends nothing (an older frontend would log the unknown
 /// event as undecodable and carry on).
 pub const FEATURE_STEP_DOWN: u64 = 524288;
+/// Feature: a replayed open may be asked to resume only
+/// ([`OpenRequest::resume_only`]): one whose create GUID names no handle is
+/// refused `NoSuchHandle`, with nothing opened, created or truncated,
+/// instead of run as a fresh open. rksmbd asks for it for a replayed
+/// CREATE it let past its caps of opens because another of its
+/// connections held the open (re-review rr46e F1): that connection's
+/// CLOSE before filterd was asked had the replay run the CREATE anew, its
+/// disposition and all, past the caps, and then refused. An older daemon
+/// is not asked ([`crate::client::FilterClient`] leaves the flag out);
+/// an open with it set has no compact form.
+pub const FEATURE_RESUME_ONLY: u64 = 1_048_576;
 /// The largest `count` one [`Request::ReplaysAnswered`] may carry; the
 /// daemon refuses more (and 0), changing nothing. A frontend with more to
 /// tell sends it in several notices ([`crate::client::ReplayCounter`]).
@@ -860,6 +872,17 @@ pub struct OpenRequest {
     /// [`FEATURE_RESUME_MATCH`]; an open with it set has no compact form.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replay_same_lease: bool,
+    /// A replay ([`Request::ReplayOpen`]) that only resumes: one whose
+    /// create GUID names no handle of the client's is refused
+    /// `NoSuchHandle` before anything is opened, created or truncated
+    /// (a removal of that handle still committing is what the refusal
+    /// shows, as for a resume by create GUID), where a replay otherwise
+    /// runs as a fresh open. One that names a handle is answered as any
+    /// replay. A fresh open ([`Request::Open`]) ignores it. Sent only to a
+    /// daemon that granted [`FEATURE_RESUME_ONLY`]; an open with it set
+    /// has no compact form.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_only: bool,
     /// One share reservation across several handles: this client's handles
     /// with the same group, opened through the same frontend instance (so
     /// no other peer can join them), never conflict with each
@@ -936,6 +959,7 @@ impl OpenRequest {
             no_wait: false,
             wait_for_hints: false,
             replay_same_lease: false,
+            resume_only: false,
             share_group: None,
             share_exempt: false,
             stat: false,
@@ -2458,7 +2482,7 @@ mod compact {
         let mut out;
         match &frame.req {
             Request::Open(o) | Request::ReplayOpen(o)
-                if (o.put.is_empty() || with_records) && !o.replay_same_lease =>
+                if (o.put.is_empty() || with_records) && !o.replay_same_lease && !o.resume_only =>
             {
                 let open_kind = matches!(frame.req, Request::Open(_));
                 let kind = match (open_kind, o.put.is_empty()) {
@@ -2695,6 +2719,7 @@ mod compact {
                 no_wait: flags & F_NO_WAIT != 0,
                 wait_for_hints: flags & F_WAIT_FOR_HINTS != 0,
                 replay_same_lease: false,
+                resume_only: false,
                 share_group,
                 stat: flags & F_STAT != 0,
                 share_exempt: flags & F_SHARE_EXEMPT != 0,
@@ -3292,6 +3317,17 @@ mod tests {
             assert_ne!(bytes.first(), Some(&0xc1), "{enc:?}");
             assert_eq!(decode_request(&bytes).unwrap(), replay);
         }
+        // Nor one that only resumes (`resume_only`): it keeps the flag.
+        let mut resume_only = replay;
+        if let Request::ReplayOpen(o) = &mut resume_only.req {
+            o.replay_same_lease = false;
+            o.resume_only = true;
+        }
+        for enc in [Encoding::Json, Encoding::Binary, Encoding::Compact] {
+            let bytes = encode_request(enc, &resume_only).unwrap();
+            assert_ne!(bytes.first(), Some(&0xc1), "{enc:?}");
+            assert_eq!(decode_request(&bytes).unwrap(), resume_only);
+        }
     }
 }
 
@@ -3368,6 +3404,7 @@ mod binary_tests {
                 any::<bool>(),
                 any::<bool>(),
                 any::<bool>(),
+                any::<bool>(),
             ),
             proptest::collection::vec(record_spec(), 0..2),
         )
@@ -3384,6 +3421,7 @@ mod binary_tests {
                         share_exempt,
                         wait_for_hints,
                         replay_same_lease,
+                        resume_only,
                     ),
                     put,
                 )| OpenRequest {
@@ -3406,6 +3444,7 @@ mod binary_tests {
                     no_wait,
                     wait_for_hints,
                     replay_same_lease,
+                    resume_only,
                     share_group,
                     stat,
                     share_exempt,
@@ -4226,7 +4265,7 @@ mod binary_tests {
     fn hot_request(f: &RequestFrame) -> bool {
         match &f.req {
             // A replay naming its lease key has no compact form.
-            Request::Open(o) | Request::ReplayOpen(o) => !o.replay_same_lease,
+            Request::Open(o) | Request::ReplayOpen(o) => !o.replay_same_lease && !o.resume_only,
             Request::Close {
                 delete_on_close: None,
                 ..
@@ -4310,7 +4349,9 @@ mod binary_tests {
 
     fn compact_request(f: &RequestFrame) -> bool {
         match &f.req {
-            Request::Open(o) | Request::ReplayOpen(o) => o.put.is_empty() && !o.replay_same_lease,
+            Request::Open(o) | Request::ReplayOpen(o) => {
+                o.put.is_empty() && !o.replay_same_lease && !o.resume_only
+            }
             Request::Close {
                 put,
                 delete,

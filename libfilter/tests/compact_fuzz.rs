@@ -32,6 +32,7 @@ fn reqs() -> Vec<RequestFrame> {
         no_wait: true,
         wait_for_hints: true,
         replay_same_lease: false,
+        resume_only: false,
         share_group: Some("g".into()),
         stat: true,
         share_exempt: true,

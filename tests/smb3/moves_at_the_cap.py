@@ -13,7 +13,9 @@ RKSMBD_TEST_LETTING_GO_HOLD_MS and RKSMBD_TEST_MOVE_LANDING_HOLD_MS: the
 DH2C resumes while A's connection, its handle detached, still holds the
 open and its slot, and lands after A let go and eve took the slot —
 re-review rr46d F3: checked right after the resume, it was not checked
-at all) or `replay` (RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS).
+at all), `replay` (RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS) or `replay-early`
+(RKSMBD_TEST_REPLAY_ASK_HOLD_MS: the replay is held before it first asks
+filterd, re-review rr46e F1).
 
 1. Connection A opens p0 persistent; bob fills the cap (CAP - 1 opens);
    eve's CREATE is STATUS_INSUFFICIENT_RESOURCES.
@@ -30,6 +32,12 @@ at all) or `replay` (RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS).
    must leave p0's data as A wrote it (before: refused only after
    filterd ran its OVERWRITE_IF anew, p0 was truncated — re-review
    rr46d F2).
+   replay-early: the same, the replay held before filterd is first
+   asked: A's CLOSE leaves no open to resume, so the replay is a fresh
+   open at the cap, refused STATUS_INSUFFICIENT_RESOURCES with p0's data
+   as A wrote it (before: filterd ran its OVERWRITE_IF anew, and the
+   replay was refused STATUS_FILE_NOT_AVAILABLE all the same, p0
+   truncated — re-review rr46e F1).
 3. Either way the cap holds: one more CREATE of eve's is refused.
 
 Prints PASS, or exits non-zero.
@@ -105,7 +113,11 @@ if DH2C:
     reset(a[0].s)
 else:
     b[0].send(persistent_create(*b, "p0", g, OVERWRITE_IF, replay=True))
-    until("the replay held before its claim", lambda: logged("test hook: a replay is held before its claim"))
+    hook = {
+        "replay": "a replay is held before its claim",
+        "replay-early": "a replay past the caps is held before it asks filterd",
+    }[MODE]
+    until(f"the replay held ({hook})", lambda: logged(f"test hook: {hook}"))
     signed_close(*a, fid)
 
 taken = []
@@ -125,6 +137,8 @@ if DH2C:
     check(st == FILE_NOT_AVAILABLE, f"the DH2C landing at the cap is told to retry (got {st:#010x})")
 else:
     check(st != SUCCESS or file_id(m) == fid, "the replay fails or returns the original open")
+    if MODE == "replay-early":
+        check(st == INSUFFICIENT_RESOURCES, f"a replay with no open left to resume is a fresh open, refused at the cap (got {st:#010x})")
     replayed = st == SUCCESS
 st, _ = eve_creates("eve2")
 check(st == INSUFFICIENT_RESOURCES, f"the cap holds: eve's next CREATE is refused (got {st:#010x})")

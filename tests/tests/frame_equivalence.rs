@@ -245,6 +245,7 @@ fn nfs_open(path: &str, n: u128, lease: bool, put: Vec<RecordSpec>) -> OpenReque
         no_wait: true,
         wait_for_hints: true,
         replay_same_lease: false,
+        resume_only: false,
         share_group: Some(owner),
         stat: false,
         share_exempt: false,

@@ -1252,6 +1252,22 @@ fn a_replay_made_a_fresh_open_at_the_cap_is_refused() {
     moves_at_the_cap("replay", &[("RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS", "3000")]);
 }
 
+/// Re-review rr46e F1: a replay let past the caps while another
+/// connection held its open, that open CLOSEd before filterd was first
+/// asked and another user's CREATE in its slot: filterd ran the CREATE
+/// anew (an OVERWRITE_IF truncated the file), and the replay was refused
+/// STATUS_FILE_NOT_AVAILABLE all the same. It asks filterd only to resume
+/// now (`OpenRequest::resume_only`), and, nothing to resume, is a fresh
+/// open at the cap: STATUS_INSUFFICIENT_RESOURCES, the file as it was
+/// (moves_at_the_cap.py).
+#[test]
+fn a_replay_whose_open_was_closed_before_it_asked_runs_nothing_at_the_cap() {
+    moves_at_the_cap(
+        "replay-early",
+        &[("RKSMBD_TEST_REPLAY_ASK_HOLD_MS", "3000")],
+    );
+}
+
 /// Re-review rr46a F1's attack: under a limit of 512 (a cap of 320, a
 /// share of 80), a client's 20 opens moved by DH2C from 20 connections
 /// after a TCP reset while another user CREATEs from four connections

@@ -129,6 +129,20 @@ impl Engine {
                 }
                 return Ok(Some(replayed));
             }
+            // A replay that only resumes (rksmbd's, let past its caps of
+            // opens: `resume_only`) opens nothing afresh: run as a fresh
+            // open, a CLOSE of the original before it came had its
+            // disposition run again past the caps (re-review rr46e F1).
+            // As a resume by create GUID, a removal still committing is
+            // what the refusal shows.
+            if replay && o.resume_only {
+                let client = o.client.clone();
+                self.depends_on_removal(|h| h.client == client && h.create_guid == Some(g));
+                return Err(err(
+                    ErrorCode::NoSuchHandle,
+                    format!("no open with create GUID {g} to resume"),
+                ));
+            }
             // A create GUID in use by another client is a duplicate too
             // (spec/smb-like.md "Create replay").
             if self.guid_clients.get(&g).is_some_and(|n| *n > 0) {

@@ -5559,6 +5559,61 @@ fn a_replay_under_another_lease_key_changes_nothing() {
     assert_eq!(h.opened(id), key, "under its own key");
 }
 
+/// Re-review rr46e F1: a replay that only resumes (`resume_only`,
+/// rksmbd's replayed CREATE let past its caps of opens) whose create GUID
+/// names no handle — the original closed before it came, or never made —
+/// is refused `NoSuchHandle` with nothing opened, created or truncated;
+/// one whose GUID names a handle gets it as any replay. Without the flag
+/// such a replay runs as a fresh open.
+#[test]
+fn a_replay_that_only_resumes_runs_nothing_afresh() {
+    let mut h = Harness::new();
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!("open() makes an open")
+    };
+    o.disposition = Disposition::OverwriteIf;
+    o.resume_only = true;
+    // The original, closed: its create GUID names nothing now.
+    let first = h.run(Request::Open(o.clone()));
+    h.commit(true);
+    let key = h.opened(first);
+    h.run(Request::Close {
+        key,
+        put: Vec::new(),
+        delete: Vec::new(),
+        delete_on_close: None,
+    });
+    h.commit(true);
+    h.fs.put("a", 10);
+    let before = h.fs.snapshot();
+    let id = h.run(Request::ReplayOpen(o.clone()));
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::NoSuchHandle);
+    let mut absent = o.clone();
+    absent.path = RelPath::new("n").unwrap();
+    absent.create_guid = Some(CreateGuid(uuid::Uuid::new_v4()));
+    let id = h.run(Request::ReplayOpen(absent));
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::NoSuchHandle);
+    assert_eq!(h.fs.snapshot(), before, "nothing truncated or created");
+    assert!(h.engine.handles.is_empty(), "nothing opened");
+    // One whose GUID names a (detached) handle gets it.
+    let mut held = o.clone();
+    held.create_guid = Some(CreateGuid(uuid::Uuid::new_v4()));
+    held.resume_only = false;
+    let key = opened_and_detached(&mut h, Request::Open(held.clone()));
+    held.resume_only = true;
+    let id = h.run(Request::ReplayOpen(held));
+    h.commit(true);
+    assert_eq!(h.opened(id), key, "the original");
+    // Without the flag the closed original's replay runs afresh.
+    o.resume_only = false;
+    let id = h.run(Request::ReplayOpen(o));
+    h.commit(true);
+    assert_ne!(h.opened(id), key);
+    assert_eq!(h.fs.file("a").map(|f| f.size), Some(0), "truncated");
+}
+
 /// A plain (non-durable) open of `path` by alice, read and write, sharing
 /// nothing.
 fn plain_exclusive_open(path: &str, disposition: Disposition) -> Request {

@@ -3946,6 +3946,7 @@ fn open(ctx: &Ctx<'_>, st: &mut State, body: Body<'_>) -> Outcome {
         // rvspec n2/n7).
         wait_for_hints: true,
         replay_same_lease: false,
+        resume_only: false,
         share_group: Some(owner.clone()),
         stat: false,
         share_exempt: false,
@@ -4424,6 +4425,7 @@ fn recarry_kept_delegations(
             no_wait: true,
             wait_for_hints: true,
             replay_same_lease: false,
+            resume_only: false,
             share_group: Some(owner.to_owned()),
             stat: false,
             share_exempt: false,
@@ -5453,6 +5455,7 @@ fn lock(ctx: &Ctx<'_>, st: &mut State, obj: &Map<String, Value>) -> Outcome {
                     no_wait: true,
                     wait_for_hints: true,
                     replay_same_lease: false,
+                    resume_only: false,
                     share_group: Some(o.rec.owner.clone()),
                     stat: false,
                     share_exempt: false,

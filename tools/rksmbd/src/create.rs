@@ -195,9 +195,8 @@ fn create_open(c: &mut Connection, req: &Request<'_>) -> Outcome {
     // no slot. Asked first, as before, a client at the cap whose CREATE
     // was replayed was told STATUS_INSUFFICIENT_RESOURCES, not given the
     // open it had been granted (invariant 2).
-    if over_open_caps(c, held_by_another(c, replay_guid))
-        || over_user_share(c, req.hdr.session_id, replay_guid)
-    {
+    let past_caps = held_by_another(c, replay_guid);
+    if over_open_caps(c, past_caps) || over_user_share(c, req.hdr.session_id, replay_guid) {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
     // Let through only as a replay that may resume the open held
@@ -311,6 +310,7 @@ fn create_open(c: &mut Connection, req: &Request<'_>) -> Outcome {
                 user,
                 replay: req.hdr.flags & wire::FLAG_REPLAY != 0,
                 share_deferred,
+                past_caps,
                 channel_sequence: channel_sequence_of(req),
                 oplock,
                 attrs,
@@ -411,6 +411,11 @@ struct FileCreate {
     /// replay naming a create GUID another connection holds
     /// ([`over_user_share`]).
     share_deferred: bool,
+    /// Let past the caps of opens (no slot taken, the user's share not
+    /// asked): a replay naming a create GUID another connection held as
+    /// the caps were asked ([`held_by_another`]). filterd is asked only
+    /// to resume that open ([`Prepared::past_caps`]).
+    past_caps: bool,
     /// The CREATE's channel sequence: the open's first (3.3.5.9).
     channel_sequence: u16,
     oplock: u8,
@@ -756,6 +761,7 @@ fn open_file(
         // retried as a lease break's open is).
         wait_for_hints: false,
         replay_same_lease: false,
+        resume_only: false,
         share_group: None,
         stat: is_oplock_stat_open(f.access),
         // For extended attributes, WRITE_DAC, WRITE_OWNER: exempt from
@@ -800,6 +806,7 @@ fn open_file(
         .and_then(|s| s.link.as_ref())
         .map(|l| l.end().clone())
         .unwrap_or_default();
+    let past_caps = Cell::new(replay && f.past_caps);
     let p = Prepared {
         f,
         ctxs: ctxs.clone(),
@@ -810,10 +817,14 @@ fn open_file(
         app,
         req,
         replay,
+        past_caps,
         by_guid,
         end,
     };
-    match try_open(&sh, &p) {
+    if p.past_caps.get() {
+        test_hold_a_replay_past_the_caps();
+    }
+    match ask(c, &p)? {
         Err(e) if e.code() == Some(ErrorCode::Busy) => {}
         r => {
             let h = r.map_err(|e| failed_status(c, &p, &e))?;
@@ -858,6 +869,16 @@ pub struct Prepared {
     app: Option<([u8; 16], uuid::Uuid)>,
     req: OpenRequest,
     replay: bool,
+    /// A replay the caps of opens let past, another connection holding
+    /// its open ([`FileCreate::past_caps`]), not yet checked against them:
+    /// filterd is asked only to resume the open its create GUID names
+    /// (`OpenRequest::resume_only`), never to run the CREATE afresh.
+    /// Cleared once it is checked ([`ask`], [`claim`]). Before, the open's
+    /// CLOSE between the caps and filterd's first answer had filterd run
+    /// the CREATE anew — an OVERWRITE_IF truncated the file — and the
+    /// claim, finding no slot, refused it all the same (re-review rr46e
+    /// F1).
+    past_caps: Cell<bool>,
     /// A DH2Q open (SMB 3.x), whose client replays its create GUID when
     /// answered STATUS_SERVER_UNAVAILABLE ([`failed_status`]).
     by_guid: bool,
@@ -876,9 +897,36 @@ impl Prepared {
     fn replay_request(&self) -> OpenRequest {
         OpenRequest {
             replay_same_lease: self.lease.is_some(),
+            resume_only: self.past_caps.get(),
             ..self.req.clone()
         }
     }
+}
+
+/// [`try_open`] of `p` for connection `c`, checked against the caps of
+/// opens first where they let it past and filterd found nothing to
+/// resume: a replay let past them ([`Prepared::past_caps`]) asks filterd
+/// only to resume its open, and one whose create GUID names none (the
+/// open closed, or never made) is a fresh open from there — checked now
+/// (refused `STATUS_INSUFFICIENT_RESOURCES` at the caps, with nothing
+/// run), then asked again as any replay. Err: the caps' refusal; Ok:
+/// filterd's answer.
+fn ask(
+    c: &mut Connection,
+    p: &Prepared,
+) -> Result<Result<libfilter::client::OpenedHandle, ClientError>, u32> {
+    let sh = c.sh.clone();
+    match try_open(&sh, p) {
+        Err(e) if p.past_caps.get() && e.code() == Some(ErrorCode::NoSuchHandle) => {
+            tracing::debug!(conn = c.id, "a replay past the caps has no open to resume");
+        }
+        r => return Ok(r),
+    }
+    p.past_caps.set(false);
+    if claimed_past_the_caps(c, p.f.session) {
+        return Err(status::INSUFFICIENT_RESOURCES);
+    }
+    Ok(try_open(&sh, p))
 }
 
 /// One filterd open of `p`, never waiting for lease breaks (filterd
@@ -1114,7 +1162,6 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
     }
     let asked_before = c.pending_creates.last_asked.replace((now, generation));
     let mut waiting_out_backoff = false;
-    let sh = c.sh.clone();
     let pending = std::mem::take(&mut c.pending_creates.list);
     for p in pending {
         // A slot left by the last (refused, failed or still waiting).
@@ -1144,14 +1191,26 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
         // And the descriptor cap, which other users' CREATEs may have
         // filled: only the share was asked, and a CREATE queued below the
         // cap was granted at it, a slot forced (re-review rr46a F4).
+        // A replay let past them ([`Prepared::past_caps`]) only while
+        // another connection holds its open; once not, it is checked as
+        // any, and filterd may run it afresh.
         let replay_guid = p.prepared.create_guid.filter(|_| p.prepared.replay);
-        if over_open_caps(c, held_by_another(c, replay_guid))
-            || over_user_share(c, p.prepared.f.session, replay_guid)
+        let moves = p.prepared.past_caps.get() && held_by_another(c, replay_guid);
+        if over_open_caps(c, moves)
+            || over_user_share(c, p.prepared.f.session, replay_guid.filter(|_| moves))
         {
             c.finish_async(&p.head, status::INSUFFICIENT_RESOURCES, &[]);
             continue;
         }
-        match try_open(&sh, &p.prepared) {
+        p.prepared.past_caps.set(moves);
+        let asked = match ask(c, &p.prepared) {
+            Ok(r) => r,
+            Err(st) => {
+                c.finish_async(&p.head, st, &[]);
+                continue;
+            }
+        };
+        match asked {
             Err(e) if e.code() == Some(ErrorCode::Busy) && Instant::now() < p.deadline => {
                 let mut p = p;
                 p.backoff = (p.backoff * 2).min(MAX_BACKOFF);
@@ -1712,7 +1771,12 @@ fn claim(
     // after the second ask, a holder's CLOSE meanwhile had filterd run the
     // CREATE anew with its disposition — an OVERWRITE_IF replay truncated
     // the file and the client was told it failed (re-review rr46d F2).
-    if claimed_past_the_caps(c, p.f.session) {
+    // Only a replay let past the caps, and not yet checked
+    // ([`Prepared::past_caps`]): one checked before filterd's first answer
+    // holds its slot, and refused now, its first answer may have been a
+    // fresh open, disposition run (re-review rr46e F1, and its user's
+    // share taken by a CREATE of another connection meanwhile).
+    if p.past_caps.replace(false) && claimed_past_the_caps(c, p.f.session) {
         let _ = c.sh.filter.detach(key);
         if alone {
             c.sh.registry.let_go(guid, c.id);
@@ -1801,6 +1865,19 @@ pub(crate) fn test_hold_the_first_letting_go() {
             "an open is held after its detach",
         );
     }
+}
+
+/// Tests only (debug builds): `$RKSMBD_TEST_REPLAY_ASK_HOLD_MS` holds a
+/// replayed CREATE the caps of opens let past (another connection held
+/// its open) between that check and its first ask of filterd
+/// (tests/smb3/moves_at_the_cap.py, re-review rr46e F1).
+fn test_hold_a_replay_past_the_caps() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    test_delay(
+        &DELAY,
+        "RKSMBD_TEST_REPLAY_ASK_HOLD_MS",
+        "a replay past the caps is held before it asks filterd",
+    );
 }
 
 /// Tests only (debug builds): `$RKSMBD_TEST_REPLAY_CLAIM_DELAY_MS` holds
@@ -1968,11 +2045,9 @@ fn open_waiting_for_breaks(
     c: &mut Connection,
     p: &Prepared,
 ) -> Result<libfilter::client::OpenedHandle, u32> {
-    let sh = c.sh.clone();
     let deadline = std::time::Instant::now() + BREAK_WAIT;
-    let replay_guid = p.create_guid.filter(|_| p.replay);
     loop {
-        match try_open(&sh, p) {
+        match ask(c, p)? {
             Err(e)
                 if e.code() == Some(ErrorCode::Busy)
                     && std::time::Instant::now() < deadline
@@ -1984,6 +2059,7 @@ fn open_waiting_for_breaks(
                 // taken its share meanwhile. Checked only before the wait,
                 // a user's CREATEs waiting so on several connections were
                 // all granted past its share (re-review rr46d F4).
+                let replay_guid = p.create_guid.filter(|_| p.past_caps.get());
                 if over_user_share(c, p.f.session, replay_guid) {
                     return Err(status::INSUFFICIENT_RESOURCES);
                 }

@@ -410,14 +410,17 @@ fn opens_allowed() -> usize {
 /// create-GUID and durable lock-sequence replays go through filterd and
 /// are counted there. And reconnects that filterd checks against the
 /// open's FileId, lease key and persistence before it resumes anything
-/// (`create::reconnect_match`, re-review rr39e F4).
+/// (`create::reconnect_match`, re-review rr39e F4). And replays that
+/// only resume, for a replayed CREATE let past the caps of opens
+/// (`OpenRequest::resume_only`, re-review rr46e F1).
 const FEATURES: u64 = libfilter::proto::FEATURE_RENAME_DIRECTORY
     | libfilter::proto::FEATURE_RESUME_OWNER
     | libfilter::proto::FEATURE_RESUME_MATCH
     | libfilter::proto::FEATURE_TIME_ORDERED_KEYS
     | libfilter::proto::FEATURE_REPLAY_REPORTS
     | libfilter::proto::FEATURE_WRITE_NOTICES
-    | libfilter::proto::FEATURE_STEP_DOWN;
+    | libfilter::proto::FEATURE_STEP_DOWN
+    | libfilter::proto::FEATURE_RESUME_ONLY;
 
 /// How often the replays rksmbd answered itself are told to filterd.
 const REPLAY_REPORT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
