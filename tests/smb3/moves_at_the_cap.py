@@ -58,11 +58,11 @@ from raw_channel import (
     final,
     patient_share_as,
     persistent_create,
+    persistent_written,
     reset,
     signed_close,
     signed_create,
     signed_read,
-    signed_write,
 )
 
 CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
@@ -93,11 +93,8 @@ def eve_creates(name):
 client = uuid.uuid4()
 a = patient_share_as(USER, client)
 g = uuid.uuid4()
-st, m = final(a[0], persistent_create(*a, "p0", g, OVERWRITE_IF))
-check(st == SUCCESS, f"A's persistent open (got {st:#010x})")
-fid = file_id(m)
 DATA = b"written before the replay" * 50
-check(signed_write(*a, fid, DATA) == SUCCESS, "A's write")
+fid = persistent_written(a, "p0", g, DATA)
 bob = patient_share_as("bob", uuid.uuid4())
 for i in range(CAP - 1):
     st, _ = final(bob[0], signed_create(*bob, f"bob{i}", 7, OVERWRITE_IF))

@@ -46,6 +46,7 @@ BINDING = 0x1
 SUCCESS = 0
 INSUFFICIENT_RESOURCES = 0xC000009A
 FILE_NOT_AVAILABLE = 0xC0000467
+SERVER_UNAVAILABLE = 0xC0000466
 MORE_PROCESSING = 0xC0000016
 INVALID_PARAMETER = 0xC000000D
 USER_SESSION_DELETED = 0xC0000203
@@ -257,6 +258,17 @@ def persistent_create(r, sid, key, tid, name, create_guid, disposition, replay=F
 
     ctx = persistent_context(create_guid).pack()
     return signed_create(r, sid, key, tid, name, share, disposition, ctx, replay=replay)
+
+
+def persistent_written(conn, name, create_guid, data):
+    """Opens `name` persistent (OVERWRITE_IF, create GUID `create_guid`)
+    on `conn` (a [`patient_share`] tuple) and writes `data` at its start:
+    the FileId. Exits on failure."""
+    st, m = final(conn[0], persistent_create(*conn, name, create_guid, 5))
+    check(st == SUCCESS, f"the persistent open of {name} (got {st:#010x})")
+    fid = file_id(m)
+    check(signed_write(*conn, fid, data) == SUCCESS, f"the write to {name}")
+    return fid
 
 
 def file_id(m):

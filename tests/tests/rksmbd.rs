@@ -2490,6 +2490,28 @@ fn a_create_replayed_slower_than_its_original_s_end_gets_a_working_handle() {
     );
 }
 
+/// Re-review rr46b F1: a replayed persistent CREATE whose look at how its
+/// open was made (a LookupReply) filterd refused Busy — a moment's
+/// refusal — closed the client's open, and the CREATE got
+/// STATUS_FILE_NOT_AVAILABLE, final for a CREATE; the next replay ran
+/// the OVERWRITE_IF afresh. The open is left disconnected now and the
+/// client told to replay, which gets it, data and all
+/// (replay_made_busy.py; `RKSMBD_TEST_REPLAY_MADE_BUSY` refuses the look).
+#[test]
+fn a_replay_whose_look_at_its_open_is_refused_busy_keeps_the_open() {
+    let s = Scratch::new("rksmbd-replay-made-busy");
+    let d = Filterd::start(&s, &[], &[]);
+    let env = [("RKSMBD_TEST_REPLAY_MADE_BUSY", "1")];
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    smbprotocol_script_passes(&srv, "replay_made_busy.py");
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        log.contains("a replay's look at how its open was made is refused Busy"),
+        "the look was not refused (a release build?): {log}"
+    );
+    no_handles_left(&d);
+}
+
 /// tests/smb3/replay_in_flight.py against rksmbd (started with `env`),
 /// filterd's open path stalled 3 s by a failpoint: the script resets the
 /// original's connection once filterd's log shows the stall (it fails
