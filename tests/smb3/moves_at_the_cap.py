@@ -7,8 +7,11 @@ share), users USER, bob and eve, all of password PASSWORD.
 
 Usage: moves_at_the_cap.py HOST PORT SHARE USER PASSWORD CAP LOG MODE
 
-LOG is rksmbd's log, MODE `dh2c` (rksmbd run with
-RKSMBD_TEST_MOVE_HOLD_MS), `dh2c-landing` (the same, and
+LOG is rksmbd's log, MODE `rejoin` (its debug lines of
+rksmbd::sessions in LOG), `dh2c` (rksmbd run with
+RKSMBD_TEST_MOVE_HOLD_MS, and RKSMBD_TEST_HANDED_SLOT_MS=1 in both dh2c
+modes: the slot A's connection leaves for p0's reconnect is given back
+at once, as one past its time), `dh2c-landing` (the same, and
 RKSMBD_TEST_LETTING_GO_HOLD_MS and RKSMBD_TEST_MOVE_LANDING_HOLD_MS: the
 DH2C resumes while A's connection, its handle detached, still holds the
 open and its slot, and lands after A let go and eve took the slot —
@@ -19,7 +22,13 @@ filterd, re-review rr46e F1).
 
 1. Connection A opens p0 persistent; bob fills the cap (CAP - 1 opens);
    eve's CREATE is STATUS_INSUFFICIENT_RESOURCES.
-2. dh2c: B (A's client GUID) sends a DH2C of p0 — let past the caps,
+2. rejoin: A's TCP connection is reset, and rksmbd's connection lets p0
+   go, leaving its slot for p0's reconnect: eve's CREATE is refused
+   still, and B's (A's client GUID) DH2C of p0 reconnects it (before:
+   the slot was given back to all, eve's CREATE took it and the DH2C
+   was refused at the cap — re-review rr46a F3). Once B closes p0,
+   eve's CREATE takes the slot.
+   dh2c: B (A's client GUID) sends a DH2C of p0 — let past the caps,
    A holding the open — held after its check (the script waits for the
    hook's line in LOG). A's TCP connection is reset, and eve's CREATE
    tried until it takes the slot A gave back. The DH2C must not succeed
@@ -103,6 +112,22 @@ eve = patient_share_as("eve", uuid.uuid4())
 st, _ = eve_creates("eve0")
 check(st == INSUFFICIENT_RESOURCES, f"at the cap, eve's CREATE is refused (got {st:#010x})")
 b = patient_share_as(USER, client)
+
+if MODE == "rejoin":
+    reset(a[0].s)
+    until("p0's slot left for its reconnect", lambda: logged("leaves its descriptor slot for its reconnect"))
+    st, _ = eve_creates("eve1")
+    check(st == INSUFFICIENT_RESOURCES, f"eve's CREATE does not take the slot left for p0's reconnect (got {st:#010x})")
+    st, m = final(b[0], dh2c(b, "p0", g, fid))
+    check(st == SUCCESS and file_id(m)[:8] == fid[:8], f"the DH2C reconnects p0 at the cap (got {st:#010x})")
+    st, _ = eve_creates("eve2")
+    check(st == INSUFFICIENT_RESOURCES, f"the cap holds: eve's next CREATE is refused (got {st:#010x})")
+    signed_close(*b, file_id(m))
+    st, m = eve_creates("eve3")
+    check(st == SUCCESS, f"p0 closed, eve's CREATE takes its slot (got {st:#010x})")
+    signed_close(*eve, file_id(m))
+    print("PASS", flush=True)
+    sys.exit(0)
 
 if DH2C:
     b[0].send(dh2c(b, "p0", g, fid))

@@ -1222,10 +1222,28 @@ fn a_replay_at_the_open_cap_returns_the_original_open() {
 /// a slot forced: rksmbd one open over its cap, for as long as both
 /// stayed open, and one more per such move. It is told to retry
 /// (STATUS_FILE_NOT_AVAILABLE) now, and reconnects once there is room
-/// (moves_at_the_cap.py).
+/// (moves_at_the_cap.py). The slot the old connection leaves for the
+/// reconnect is given back at once here (`RKSMBD_TEST_HANDED_SLOT_MS`),
+/// as one whose reconnect came too late: otherwise the other CREATE
+/// cannot take it (below).
 #[test]
 fn a_dh2c_landing_at_the_cap_after_its_slot_was_taken_is_told_to_retry() {
-    moves_at_the_cap("dh2c", &[("RKSMBD_TEST_MOVE_HOLD_MS", "3000")]);
+    let env = [
+        ("RKSMBD_TEST_MOVE_HOLD_MS", "3000"),
+        ("RKSMBD_TEST_HANDED_SLOT_MS", "1"),
+    ];
+    moves_at_the_cap("dh2c", &env);
+}
+
+/// Re-review rr46a F3: a client at the cap whose old connection let its
+/// durable open go before the DH2C came lost the open to the cap: the
+/// slot given back to all, another user's CREATE took it, and the DH2C
+/// was refused. The lost connection leaves the slot for the open's
+/// reconnect now (`Registry::hand_over`), which gets it
+/// (moves_at_the_cap.py).
+#[test]
+fn a_dh2c_after_the_old_connection_let_go_gets_the_slot_it_left() {
+    moves_at_the_cap("rejoin", &[("RUST_LOG", "info,rksmbd::sessions=debug")]);
 }
 
 /// Re-review rr46d F3: a DH2C resumed while the old connection, the
@@ -1239,6 +1257,7 @@ fn a_dh2c_resumed_before_the_old_connection_let_go_is_checked_as_it_lands() {
         ("RKSMBD_TEST_MOVE_HOLD_MS", "1000"),
         ("RKSMBD_TEST_LETTING_GO_HOLD_MS", "2000"),
         ("RKSMBD_TEST_MOVE_LANDING_HOLD_MS", "4000"),
+        ("RKSMBD_TEST_HANDED_SLOT_MS", "1"),
     ];
     moves_at_the_cap("dh2c-landing", &env);
 }

@@ -196,7 +196,9 @@ fn create_open(c: &mut Connection, req: &Request<'_>) -> Outcome {
     // was replayed was told STATUS_INSUFFICIENT_RESOURCES, not given the
     // open it had been granted (invariant 2).
     let past_caps = held_by_another(c, replay_guid);
-    if over_open_caps(c, past_caps) || over_user_share(c, req.hdr.session_id, replay_guid) {
+    if over_open_caps(c, past_caps, replay_guid.as_slice())
+        || over_user_share(c, req.hdr.session_id, replay_guid)
+    {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
     // Let through only as a replay that may resume the open held
@@ -498,8 +500,14 @@ fn held_by_another(c: &Connection, replay_guid: Option<uuid::Uuid>) -> bool {
 /// for that connection to let it go, and its descriptor with it), the
 /// descriptors rksmbd's opens may hold. Asked only once the CREATE is
 /// known not to be a replay of an open of this connection, which adds
-/// none ([`replayed`]).
-fn over_open_caps(c: &mut Connection, moves: bool) -> bool {
+/// none ([`replayed`]). A reconnect or replay of a durable open whose
+/// connection was lost takes the slot that connection left for it
+/// (`handed`: the create GUIDs it may name, [`Registry::hand_over`]);
+/// the slots left for reconnects that did not come in time are given
+/// back when none is free.
+///
+/// [`Registry::hand_over`]: crate::sessions::Registry::hand_over
+fn over_open_caps(c: &mut Connection, moves: bool, handed: &[uuid::Uuid]) -> bool {
     if c.opens.len() >= MAX_OPENS_PER_CONNECTION {
         tracing::info!(
             conn = c.id,
@@ -514,7 +522,12 @@ fn over_open_caps(c: &mut Connection, moves: bool) -> bool {
     if moves || c.open_slot.is_some() {
         return false;
     }
-    c.open_slot = c.sh.fds.reserve();
+    let sh = c.sh.clone();
+    c.open_slot = sh
+        .registry
+        .take_handed(handed)
+        .or_else(|| sh.fds.reserve())
+        .or_else(|| sh.registry.give_back_expired().then(|| sh.fds.reserve())?);
     let full = c.open_slot.is_none();
     if full {
         tracing::info!(
@@ -536,7 +549,7 @@ fn over_open_caps(c: &mut Connection, moves: bool) -> bool {
 /// replay flag and a held GUID let any CREATE past the share (review: 200
 /// of 200 replay-flagged directory opens granted to a user at its share).
 fn share_deferred_refused(c: &mut Connection, deferred: bool, session: u64) -> bool {
-    deferred && (over_open_caps(c, false) || over_user_share(c, session, None))
+    deferred && (over_open_caps(c, false, &[]) || over_user_share(c, session, None))
 }
 
 /// Answers a replayed CREATE with the original open `id`
@@ -923,7 +936,8 @@ fn ask(
         r => return Ok(r),
     }
     p.past_caps.set(false);
-    if claimed_past_the_caps(c, p.f.session) {
+    let guid = p.create_guid.filter(|_| p.replay);
+    if claimed_past_the_caps(c, p.f.session, guid.as_slice()) {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
     Ok(try_open(&sh, p))
@@ -1196,7 +1210,7 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
         // any, and filterd may run it afresh.
         let replay_guid = p.prepared.create_guid.filter(|_| p.prepared.replay);
         let moves = p.prepared.past_caps.get() && held_by_another(c, replay_guid);
-        if over_open_caps(c, moves)
+        if over_open_caps(c, moves, replay_guid.as_slice())
             || over_user_share(c, p.prepared.f.session, replay_guid.filter(|_| moves))
         {
             c.finish_async(&p.head, status::INSUFFICIENT_RESOURCES, &[]);
@@ -1791,7 +1805,7 @@ fn claim(
     // holds its slot, and refused now, its first answer may have been a
     // fresh open, disposition run (re-review rr46e F1, and its user's
     // share taken by a CREATE of another connection meanwhile).
-    if p.past_caps.replace(false) && claimed_past_the_caps(c, p.f.session) {
+    if p.past_caps.replace(false) && claimed_past_the_caps(c, p.f.session, &[guid]) {
         let _ = c.sh.filter.detach(key);
         if alone {
             c.sh.registry.let_go(guid, c.id);
@@ -1834,8 +1848,11 @@ fn claim(
 /// (re-review rr46a F1: 4 over with 20 moves); or the open was closed
 /// meanwhile and filterd's answer is a fresh open, which no cap was asked
 /// of (F2).
-fn claimed_past_the_caps(c: &mut Connection, session: u64) -> bool {
-    over_open_caps(c, false) || over_user_share(c, session, None)
+///
+/// The slot its connection left for it, if it was lost, is its own
+/// (`handed`: the create GUIDs it may name, [`over_open_caps`]).
+fn claimed_past_the_caps(c: &mut Connection, session: u64, handed: &[uuid::Uuid]) -> bool {
+    over_open_caps(c, false, handed) || over_user_share(c, session, None)
 }
 
 /// Whether a reconnect the caps let past while another connection held
@@ -1849,8 +1866,9 @@ fn landing_past_the_caps(
     c: &mut Connection,
     held_elsewhere: impl Fn() -> Option<OpenHolder>,
     session: u64,
+    handed: &[uuid::Uuid],
 ) -> bool {
-    claimed_past_the_caps(c, session) && held_elsewhere().is_none()
+    claimed_past_the_caps(c, session, handed) && held_elsewhere().is_none()
 }
 
 /// Tests only (debug builds): `$RKSMBD_TEST_MOVE_LANDING_HOLD_MS` holds a
@@ -2276,7 +2294,13 @@ fn reconnect(
     // after its connection dropped at the descriptor cap had every DH2C
     // refused while the old connection held them.
     let rejoins = held_elsewhere().is_none();
-    if over_open_caps(c, !rejoins) || (rejoins && over_user_share(c, req.hdr.session_id, None)) {
+    let guids: Vec<uuid::Uuid> = [Some(rc.create_guid), v2_guid.map(|g| g.0)]
+        .into_iter()
+        .flatten()
+        .collect();
+    if over_open_caps(c, !rejoins, &guids)
+        || (rejoins && over_user_share(c, req.hdr.session_id, None))
+    {
         return Err(status::INSUFFICIENT_RESOURCES);
     }
     if !rejoins {
@@ -2435,7 +2459,7 @@ fn reconnect(
     // F3).
     if !rejoins {
         test_hold_a_move_before_it_lands();
-        if landing_past_the_caps(c, held_elsewhere, req.hdr.session_id) {
+        if landing_past_the_caps(c, held_elsewhere, req.hdr.session_id, &guids) {
             let _ = sh.filter.detach(key);
             return Err(status::FILE_NOT_AVAILABLE);
         }

@@ -2261,8 +2261,17 @@ impl Connection {
         // waiting for this connection.
         if let Some(mut open) = self.opens.remove(&id) {
             // Its counts first: a reconnect that finds it let go must find
-            // it no longer counted under its user either.
-            open.counted = None;
+            // it no longer counted under its user either. A durable open
+            // whose client went away leaves its descriptor slot for that
+            // client's reconnect: given back to all, another CREATE could
+            // take it first, and the reconnect was refused at the cap
+            // (re-review rr46a F3).
+            match (open.counted.take(), open.create_guid) {
+                (Some(slots), Some(g)) if open.durable && matches!(ending, Ending::Lost) => {
+                    self.sh.registry.hand_over(g, self.id, slots._fd);
+                }
+                _ => {}
+            }
             self.let_go(&open);
         }
         // Its locks are gone: a lock waiting on another open may be in,

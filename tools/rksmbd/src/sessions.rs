@@ -426,6 +426,28 @@ pub struct Registry {
     /// one by one (`Connection::lost`): a reconnect or replay of one of
     /// them waits for it longer than for a connection that lives on.
     letting_go: Mutex<std::collections::HashSet<u64>>,
+    /// The descriptor slots of durable opens whose connection was lost,
+    /// by create GUID, handed to their reconnect or replay
+    /// ([`Registry::take_handed`]) for [`handed_for`] after the open was
+    /// let go. Given back to all as the connection let go, the slot could
+    /// be taken by another CREATE before the client's DH2C came, which
+    /// was then refused at the cap (re-review rr46a F3). At most one per
+    /// slot of the cap.
+    handed: Mutex<HashMap<uuid::Uuid, (shimline::descriptors::DescriptorSlot, std::time::Instant)>>,
+}
+
+/// How long a lost connection's durable open keeps its descriptor slot
+/// for its reconnect ([`Registry::hand_over`]): the default durable
+/// timeout, within which a client that means to reconnect does; a
+/// debug build's `$RKSMBD_TEST_HANDED_SLOT_MS` shortens it (tests).
+fn handed_for() -> std::time::Duration {
+    static TEST: OnceLock<u64> = OnceLock::new();
+    match crate::create::test_hook_ms(&TEST, "RKSMBD_TEST_HANDED_SLOT_MS") {
+        0 => std::time::Duration::from_millis(u64::from(
+            libfilter::model::DEFAULT_DURABLE_TIMEOUT_MS,
+        )),
+        ms => std::time::Duration::from_millis(ms),
+    }
 }
 
 impl Registry {
@@ -701,7 +723,12 @@ impl Registry {
 
     /// Connection `conn` holds the durable open with this create GUID.
     pub fn held(&self, create_guid: uuid::Uuid, conn: u64) {
-        lock(&self.held).insert(create_guid, conn);
+        let mut m = lock(&self.held);
+        m.insert(create_guid, conn);
+        // Counted here now: a slot left for its reconnect is no more
+        // (one handed over by a connection that let go after this one's
+        // move took a slot of its own).
+        lock(&self.handed).remove(&create_guid);
     }
 
     /// Connection `conn` takes the durable open with this create GUID,
@@ -760,6 +787,52 @@ impl Registry {
         }
     }
 
+    /// The durable open with this create GUID, detached as connection
+    /// `conn` was lost, leaves its descriptor slot for its reconnect or
+    /// replay ([`Registry::take_handed`]), until [`handed_for`] has
+    /// passed — unless another connection holds the open already (its
+    /// move counted a slot of its own): the slot is given back then.
+    pub fn hand_over(
+        &self,
+        create_guid: uuid::Uuid,
+        conn: u64,
+        slot: shimline::descriptors::DescriptorSlot,
+    ) {
+        let m = lock(&self.held);
+        if m.get(&create_guid) == Some(&conn) {
+            let until = std::time::Instant::now() + handed_for();
+            lock(&self.handed).insert(create_guid, (slot, until));
+            tracing::debug!(
+                conn,
+                "a lost connection's durable open leaves its descriptor slot for its reconnect"
+            );
+        }
+    }
+
+    /// The descriptor slot a lost connection left for the durable open
+    /// with one of these create GUIDs, if any ([`Registry::hand_over`]).
+    pub fn take_handed(
+        &self,
+        create_guids: &[uuid::Uuid],
+    ) -> Option<shimline::descriptors::DescriptorSlot> {
+        let mut m = lock(&self.handed);
+        create_guids
+            .iter()
+            .find_map(|g| m.remove(g))
+            .map(|(slot, _)| slot)
+    }
+
+    /// Gives back the slots left for reconnects that did not come in
+    /// time: whether there were any. Looked for only when a CREATE finds
+    /// no slot free.
+    pub fn give_back_expired(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut m = lock(&self.handed);
+        let before = m.len();
+        m.retain(|_, (_, until)| now < *until);
+        m.len() < before
+    }
+
     /// Connection `conn` no longer holds it.
     pub fn let_go(&self, create_guid: uuid::Uuid, conn: u64) {
         let mut m = lock(&self.held);
@@ -783,6 +856,7 @@ impl Registry {
     /// The durable open with `create_guid` is closed for good: its
     /// position is forgotten.
     pub fn durable_closed(&self, create_guid: uuid::Uuid) {
+        lock(&self.handed).remove(&create_guid);
         self.keep_position(create_guid, 0);
         self.keep_append(create_guid, None);
     }
@@ -1109,6 +1183,51 @@ mod tests {
         assert_eq!(r.claim(g, 2), Err((closer, OpenHolder::LettingGo)));
         r.let_go(g, closer);
         assert_eq!(r.claim(g, 2), Ok(()));
+    }
+
+    /// Re-review rr46a F3: a lost connection's durable open leaves its
+    /// descriptor slot for its reconnect — not for another CREATE — only
+    /// while that connection holds it (one whose move counted a slot of
+    /// its own took it over), until that move counts it, the open is
+    /// closed for good, or the slot is given back as expired.
+    #[test]
+    fn a_lost_connections_slot_waits_for_its_reconnect_only() {
+        let fds = shimline::descriptors::Descriptors::new(1);
+        let r = Registry::default();
+        let g = uuid::Uuid::new_v4();
+        r.held(g, 1);
+        r.hand_over(g, 1, fds.force());
+        r.let_go(g, 1);
+        assert!(fds.reserve().is_none(), "kept for the reconnect");
+        assert!(r.take_handed(&[uuid::Uuid::new_v4()]).is_none());
+        let slot = r.take_handed(&[uuid::Uuid::new_v4(), g]);
+        assert!(slot.is_some(), "the reconnect's");
+        drop(slot);
+        assert_eq!(fds.held(), 0);
+        // Handed over after another connection's move held it: given back.
+        r.held(g, 1);
+        r.held(g, 2);
+        r.hand_over(g, 1, fds.force());
+        assert_eq!(fds.held(), 0);
+        // Handed over before that move held it: given back as it does.
+        r.held(g, 1);
+        r.hand_over(g, 1, fds.force());
+        r.held(g, 2);
+        assert_eq!(fds.held(), 0);
+        // Closed for good, or expired (a test build keeps none past 60 s
+        // unless told; `give_back_expired` drops what is past its time).
+        r.held(g, 1);
+        r.hand_over(g, 1, fds.force());
+        r.durable_closed(g);
+        assert_eq!(fds.held(), 0);
+        r.held(g, 1);
+        r.hand_over(g, 1, fds.force());
+        assert!(!r.give_back_expired(), "not yet");
+        if let Some((_, until)) = lock(&r.handed).get_mut(&g) {
+            *until = std::time::Instant::now();
+        }
+        assert!(r.give_back_expired());
+        assert_eq!(fds.held(), 0);
     }
 
     /// An open held by a connection whose client went away is told apart
