@@ -1,7 +1,7 @@
 """A durable reconnect adds no open: it is not refused for the user's share
 (review; run under `prlimit --nofile=LIMIT`).
 
-Usage: per_user_reconnects.py HOST PORT SHARE USER PASSWORD SHARE_OF_USER
+Usage: per_user_reconnects.py HOST PORT SHARE USER PASSWORD SHARE_OF_USER [LOG]
 
 USER holds SHARE_OF_USER persistent opens on connection A (one more
 CREATE is STATUS_INSUFFICIENT_RESOURCES), has connection B ready, resets A
@@ -9,11 +9,17 @@ CREATE is STATUS_INSUFFICIENT_RESOURCES), has connection B ready, resets A
 succeeds, though A may not have let its opens go yet (rksmbd counts them
 under USER until it does). Before, each was refused
 STATUS_INSUFFICIENT_RESOURCES while A still held them. Then one more
-fresh CREATE is refused again: the reconnected opens count once. Prints
-PASS, or exits non-zero.
+fresh CREATE is refused again: the reconnected opens count once. With
+LOG (rksmbd's log, its debug lines of rksmbd::sessions in it), the
+reconnects wait until A has let every open go, each leaving its slot and
+its count under USER for its reconnect: a fresh CREATE of USER's is
+refused meanwhile (re-review rr46a F3's fix: a user resetting its
+connection keeps no slots past its share), and every reconnect then
+takes its open's. Prints PASS, or exits non-zero.
 """
 
 import sys
+import time
 import uuid
 
 from smbprotocol.exceptions import SMBResponseException
@@ -46,6 +52,16 @@ conn_b, tree_b = connect(*SERVER)
 check(refusal("one_more") == INSUFFICIENT_RESOURCES, f"{USER} holds its share, {SHARE_OF_USER} opens")
 
 reset(conn_a.transport._sock)
+if len(sys.argv) > 7:
+    end = time.monotonic() + 30
+    while True:
+        with open(sys.argv[7], encoding="utf-8", errors="replace") as log:
+            left = log.read().count("leaves its descriptor slot for its reconnect")
+        if left >= SHARE_OF_USER:
+            break
+        check(time.monotonic() < end, f"A's {SHARE_OF_USER} opens left for their reconnects within 30 s ({left})")
+        time.sleep(0.02)
+    check(refusal("one_more") == INSUFFICIENT_RESOURCES, "the opens left for their reconnects still count under the user's share")
 failed, reopened = [], []
 for name, file_id, guid in held:
     f, st = reconnect_v2(tree_b, name, file_id, guid)

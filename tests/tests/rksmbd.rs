@@ -1153,6 +1153,24 @@ fn a_reconnect_is_not_refused_for_the_users_share() {
     no_handles_left(&d);
 }
 
+/// Re-review rr46a F3's fix: a lost connection leaves its durable opens'
+/// slots for their reconnects, and their counts under the user with them
+/// — so that a user cannot reset its connections to hold slots past its
+/// share. Once its connection let its 80 opens go, the user's fresh
+/// CREATE is refused still, and every DH2C takes its open's count, none
+/// refused for the share (per_user_reconnects.py with the log).
+#[test]
+fn opens_left_for_their_reconnects_still_count_under_the_users_share() {
+    let s = Scratch::new("rksmbd-per-user-handed");
+    let d = Filterd::start(&s, &[], &[]);
+    let env = [("RUST_LOG", "info,rksmbd::sessions=debug")];
+    let (srv, log) =
+        RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &[("alice", "pw")], &env, 512);
+    let log = log.to_string_lossy().into_owned();
+    smbprotocol_script_passes_with(&srv, "per_user_reconnects.py", &["80", &log]);
+    no_handles_left(&d);
+}
+
 /// Re-review: after a new session named the old one as
 /// PreviousSessionId, the old connection (idle) still counted the opens
 /// it no longer held until its next request, so every DH2C of them was

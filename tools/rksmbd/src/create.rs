@@ -475,8 +475,12 @@ fn oplock_rank(level: u8) -> u8 {
 /// user until the connection lets it go, which a client reconnecting at
 /// once after dropping TCP beats (review: 80 durable opens at the share
 /// of 80, the connection reset, and every DH2C was refused).
+///
+/// Nor of one that took the count a lost connection left for its open
+/// with the descriptor slot ([`over_open_caps`]): it counts that open.
 fn over_user_share(c: &Connection, session: u64, replay_guid: Option<uuid::Uuid>) -> bool {
-    let full = !held_by_another(c, replay_guid) && c.user_opens_full(session);
+    let handed = c.open_slot.as_ref().is_some_and(|s| s.user.is_some());
+    let full = !handed && !held_by_another(c, replay_guid) && c.user_opens_full(session);
     if full {
         tracing::info!(
             conn = c.id,
@@ -523,11 +527,16 @@ fn over_open_caps(c: &mut Connection, moves: bool, handed: &[uuid::Uuid]) -> boo
         return false;
     }
     let sh = c.sh.clone();
+    let fresh = |fd| crate::server::CreateSlot { fd, user: None };
     c.open_slot = sh
         .registry
         .take_handed(handed)
-        .or_else(|| sh.fds.reserve())
-        .or_else(|| sh.registry.give_back_expired().then(|| sh.fds.reserve())?);
+        .or_else(|| sh.fds.reserve().map(fresh))
+        .or_else(|| {
+            sh.registry
+                .give_back_expired()
+                .then(|| sh.fds.reserve().map(fresh))?
+        });
     let full = c.open_slot.is_none();
     if full {
         tracing::info!(

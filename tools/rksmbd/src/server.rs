@@ -360,6 +360,18 @@ pub struct OpenSlots {
     _user: Option<UserSlot>,
 }
 
+/// The counts a CREATE took at the caps' check for the open it makes
+/// (`create::over_open_caps`): a descriptor slot, and with one a lost
+/// connection left for the open's reconnect
+/// ([`crate::sessions::Registry::hand_over`]) that open's count under its
+/// user, which the user's share is then not asked again for.
+pub struct CreateSlot {
+    /// Under the descriptor cap.
+    pub fd: shimline::descriptors::DescriptorSlot,
+    /// Under the user's share, when handed over with `fd`.
+    pub user: Option<UserSlot>,
+}
+
 /// One open counted in [`UserOpens`] until this is dropped.
 pub struct UserSlot {
     opens: Arc<UserOpens>,
@@ -905,7 +917,7 @@ pub struct Connection {
     /// past the cap (`create::over_open_caps`), for the open it makes
     /// ([`Connection::add_open`]); given back when that CREATE ends
     /// without one.
-    pub open_slot: Option<shimline::descriptors::DescriptorSlot>,
+    pub open_slot: Option<CreateSlot>,
     /// CHANGE_NOTIFY requests answered STATUS_PENDING.
     pub notify: crate::notify::Watches,
     /// The last AsyncId handed out on this connection.
@@ -2163,9 +2175,20 @@ impl Connection {
     /// releases this one and answers STATUS_USER_SESSION_DELETED.
     pub fn add_open(&mut self, id: u64, mut open: Open) -> Result<(), Box<Open>> {
         // Counted even past the caps: the open is made (a CREATE checks
-        // them before making one).
+        // them before making one). The counts its CREATE took are its
+        // own: a descriptor slot, and its user's count with one a lost
+        // connection handed over.
+        let slot = match open.counted {
+            Some(_) => None,
+            None => self.open_slot.take(),
+        };
+        let (fd, handed_user) = match slot {
+            Some(s) => (Some(s.fd), s.user),
+            None => (None, None),
+        };
         let mut user_slot = match open.counted {
             Some(_) => None,
+            None if handed_user.is_some() => handed_user,
             None => self
                 .sessions
                 .get(&open.session)
@@ -2200,7 +2223,7 @@ impl Connection {
                 // The slot its CREATE took at the cap's check; forced only
                 // where none was (a move its old connection still counts,
                 // an open resumed at start-up).
-                _fd: self.open_slot.take().unwrap_or_else(|| self.sh.fds.force()),
+                _fd: fd.unwrap_or_else(|| self.sh.fds.force()),
                 _user: user_slot,
             });
         }
@@ -2233,13 +2256,18 @@ impl Connection {
             }
             Ok(())
         };
+        // A file's count under its user, given back with its handle
+        // unless it is handed over below.
+        let mut user = None;
         let released = match (
             &open.kind,
             self.sessions
                 .get(&open.session)
                 .and_then(|s| s.link.as_ref()),
         ) {
-            (crate::files::Kind::File { .. }, Some(link)) => link.release(id, release),
+            (crate::files::Kind::File { .. }, Some(link)) => {
+                link.release(id, release).map(|u| user = u)
+            }
             _ => release(),
         };
         // A CLOSE filterd refused or undid: the open stays as it was.
@@ -2262,16 +2290,21 @@ impl Connection {
         if let Some(mut open) = self.opens.remove(&id) {
             // Its counts first: a reconnect that finds it let go must find
             // it no longer counted under its user either. A durable open
-            // whose client went away leaves its descriptor slot for that
-            // client's reconnect: given back to all, another CREATE could
-            // take it first, and the reconnect was refused at the cap
-            // (re-review rr46a F3).
+            // whose client went away leaves its descriptor slot, and its
+            // count under its user, for that client's reconnect: given
+            // back to all, another CREATE could take the slot first, and
+            // the reconnect was refused at the cap (re-review rr46a F3);
+            // the user's count goes with it, so that a user resetting its
+            // connections cannot keep slots past its share.
             match (open.counted.take(), open.create_guid) {
                 (Some(slots), Some(g)) if open.durable && matches!(ending, Ending::Lost) => {
-                    self.sh.registry.hand_over(g, self.id, slots._fd);
+                    self.sh
+                        .registry
+                        .hand_over(g, self.id, slots._fd, user.take());
                 }
                 _ => {}
             }
+            drop(user);
             self.let_go(&open);
         }
         // Its locks are gone: a lock waiting on another open may be in,

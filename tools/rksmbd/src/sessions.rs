@@ -185,23 +185,26 @@ impl Link {
     /// The owning connection releases open `id`: `release` (the filterd
     /// close or detach) runs only if nobody else has released it, under
     /// the session's lock. When it fails with the handle kept (a CLOSE
-    /// filterd refused or undid) the open stays the session's.
+    /// filterd refused or undid) the open stays the session's. Released,
+    /// its count under its user is the caller's, to give back before it
+    /// lets the open's create GUID go, or to hand over
+    /// ([`Registry::hand_over`]).
     pub fn release(
         &self,
         id: u64,
         release: impl FnOnce() -> Result<(), NotClosed>,
-    ) -> Result<(), NotClosed> {
+    ) -> Result<Option<crate::server::UserSlot>, NotClosed> {
         let mut st = lock(&self.state);
         let Some(entry) = st.live.remove(&id) else {
-            return Ok(());
+            return Ok(None);
         };
         let r = release();
         if r.is_err_and(|e| e.kept) {
             st.live.insert(id, entry);
+            return r.map(|()| None);
         }
-        // Its count goes with the handle (`entry` dropped), before the
-        // owner lets its create GUID go.
-        r
+        // Otherwise its count goes with the handle (`entry` dropped).
+        r.map(|()| entry.user)
     }
 
     /// What ends with the session's LOGOFF, for the calls of its DH2Q
@@ -433,7 +436,15 @@ pub struct Registry {
     /// be taken by another CREATE before the client's DH2C came, which
     /// was then refused at the cap (re-review rr46a F3). At most one per
     /// slot of the cap.
-    handed: Mutex<HashMap<uuid::Uuid, (shimline::descriptors::DescriptorSlot, std::time::Instant)>>,
+    handed: Mutex<HashMap<uuid::Uuid, Handed>>,
+}
+
+/// What a lost connection's durable open leaves for its reconnect
+/// ([`Registry::hand_over`]).
+struct Handed {
+    fd: shimline::descriptors::DescriptorSlot,
+    user: Option<crate::server::UserSlot>,
+    until: std::time::Instant,
 }
 
 /// How long a lost connection's durable open keeps its descriptor slot
@@ -791,17 +802,21 @@ impl Registry {
     /// `conn` was lost, leaves its descriptor slot for its reconnect or
     /// replay ([`Registry::take_handed`]), until [`handed_for`] has
     /// passed — unless another connection holds the open already (its
-    /// move counted a slot of its own): the slot is given back then.
+    /// move counted a slot of its own): the slot is given back then. Its
+    /// count under its user (`user`) goes with it: kept for the
+    /// reconnect too, it is not asked of the user's share again, and a
+    /// user resetting its connections keeps no more slots than its share.
     pub fn hand_over(
         &self,
         create_guid: uuid::Uuid,
         conn: u64,
-        slot: shimline::descriptors::DescriptorSlot,
+        fd: shimline::descriptors::DescriptorSlot,
+        user: Option<crate::server::UserSlot>,
     ) {
         let m = lock(&self.held);
         if m.get(&create_guid) == Some(&conn) {
             let until = std::time::Instant::now() + handed_for();
-            lock(&self.handed).insert(create_guid, (slot, until));
+            lock(&self.handed).insert(create_guid, Handed { fd, user, until });
             tracing::debug!(
                 conn,
                 "a lost connection's durable open leaves its descriptor slot for its reconnect"
@@ -811,15 +826,15 @@ impl Registry {
 
     /// The descriptor slot a lost connection left for the durable open
     /// with one of these create GUIDs, if any ([`Registry::hand_over`]).
-    pub fn take_handed(
-        &self,
-        create_guids: &[uuid::Uuid],
-    ) -> Option<shimline::descriptors::DescriptorSlot> {
+    pub fn take_handed(&self, create_guids: &[uuid::Uuid]) -> Option<crate::server::CreateSlot> {
         let mut m = lock(&self.handed);
         create_guids
             .iter()
             .find_map(|g| m.remove(g))
-            .map(|(slot, _)| slot)
+            .map(|h| crate::server::CreateSlot {
+                fd: h.fd,
+                user: h.user,
+            })
     }
 
     /// Gives back the slots left for reconnects that did not come in
@@ -829,7 +844,7 @@ impl Registry {
         let now = std::time::Instant::now();
         let mut m = lock(&self.handed);
         let before = m.len();
-        m.retain(|_, (_, until)| now < *until);
+        m.retain(|_, h| now < h.until);
         m.len() < before
     }
 
@@ -1195,36 +1210,42 @@ mod tests {
         let fds = shimline::descriptors::Descriptors::new(1);
         let r = Registry::default();
         let g = uuid::Uuid::new_v4();
+        let users = Arc::new(crate::server::UserOpens::default());
         r.held(g, 1);
-        r.hand_over(g, 1, fds.force());
+        r.hand_over(g, 1, fds.force(), Some(users.count("alice")));
         r.let_go(g, 1);
         assert!(fds.reserve().is_none(), "kept for the reconnect");
+        assert!(users.full("alice", 1), "counted under its user still");
         assert!(r.take_handed(&[uuid::Uuid::new_v4()]).is_none());
         let slot = r.take_handed(&[uuid::Uuid::new_v4(), g]);
-        assert!(slot.is_some(), "the reconnect's");
+        assert!(
+            slot.as_ref().is_some_and(|s| s.user.is_some()),
+            "the reconnect's"
+        );
         drop(slot);
         assert_eq!(fds.held(), 0);
+        assert!(!users.full("alice", 1));
         // Handed over after another connection's move held it: given back.
         r.held(g, 1);
         r.held(g, 2);
-        r.hand_over(g, 1, fds.force());
+        r.hand_over(g, 1, fds.force(), None);
         assert_eq!(fds.held(), 0);
         // Handed over before that move held it: given back as it does.
         r.held(g, 1);
-        r.hand_over(g, 1, fds.force());
+        r.hand_over(g, 1, fds.force(), None);
         r.held(g, 2);
         assert_eq!(fds.held(), 0);
         // Closed for good, or expired (a test build keeps none past 60 s
         // unless told; `give_back_expired` drops what is past its time).
         r.held(g, 1);
-        r.hand_over(g, 1, fds.force());
+        r.hand_over(g, 1, fds.force(), None);
         r.durable_closed(g);
         assert_eq!(fds.held(), 0);
         r.held(g, 1);
-        r.hand_over(g, 1, fds.force());
+        r.hand_over(g, 1, fds.force(), None);
         assert!(!r.give_back_expired(), "not yet");
-        if let Some((_, until)) = lock(&r.handed).get_mut(&g) {
-            *until = std::time::Instant::now();
+        if let Some(h) = lock(&r.handed).get_mut(&g) {
+            h.until = std::time::Instant::now();
         }
         assert!(r.give_back_expired());
         assert_eq!(fds.held(), 0);
