@@ -1,7 +1,7 @@
 """A durable reconnect adds no open: it is not refused for the user's share
 (review; run under `prlimit --nofile=LIMIT`).
 
-Usage: per_user_reconnects.py HOST PORT SHARE USER PASSWORD SHARE_OF_USER [LOG]
+Usage: per_user_reconnects.py HOST PORT SHARE USER PASSWORD SHARE_OF_USER [LOG [TIMEOUT_MS]]
 
 USER holds SHARE_OF_USER persistent opens on connection A (one more
 CREATE is STATUS_INSUFFICIENT_RESOURCES), has connection B ready, resets A
@@ -15,7 +15,11 @@ reconnects wait until A has let every open go, each leaving its slot and
 its count under USER for its reconnect: a fresh CREATE of USER's is
 refused meanwhile (re-review rr46a F3's fix: a user resetting its
 connection keeps no slots past its share), and every reconnect then
-takes its open's. Prints PASS, or exits non-zero.
+takes its open's. With TIMEOUT_MS the opens ask that durable timeout
+and none is reconnected: once it has passed, USER's fresh CREATE must
+succeed (re-review rr47b F1: the counts left for the reconnects were
+given back only when the server's descriptor cap was full, and the user
+was refused every CREATE for good). Prints PASS, or exits non-zero.
 """
 
 import sys
@@ -30,6 +34,7 @@ from smbtest import args, check, connect, open_rw, persistent_context, reconnect
 
 HOST, PORT, SHARE, USER, PASSWORD = args()
 SHARE_OF_USER = int(sys.argv[6])
+TIMEOUT_MS = int(sys.argv[8]) if len(sys.argv) > 8 else 60000
 INSUFFICIENT_RESOURCES = 0xC000009A
 SERVER = (HOST, PORT, SHARE, USER, PASSWORD)
 
@@ -46,7 +51,7 @@ conn_a, tree_a = connect(*SERVER)
 held = []
 for i in range(SHARE_OF_USER):
     guid = uuid.uuid4()
-    f = open_rw(tree_a, f"f{i}", CreateDisposition.FILE_OVERWRITE_IF, [persistent_context(guid)])
+    f = open_rw(tree_a, f"f{i}", CreateDisposition.FILE_OVERWRITE_IF, [persistent_context(guid, TIMEOUT_MS)])
     held.append((f"f{i}", f.file_id, guid))
 conn_b, tree_b = connect(*SERVER)
 check(refusal("one_more") == INSUFFICIENT_RESOURCES, f"{USER} holds its share, {SHARE_OF_USER} opens")
@@ -62,6 +67,16 @@ if len(sys.argv) > 7:
         check(time.monotonic() < end, f"A's {SHARE_OF_USER} opens left for their reconnects within 30 s ({left})")
         time.sleep(0.02)
     check(refusal("one_more") == INSUFFICIENT_RESOURCES, "the opens left for their reconnects still count under the user's share")
+if len(sys.argv) > 8:
+    # No reconnect: past the durable timeout the counts are the user's again.
+    left_at = time.monotonic()
+    while (st := refusal("fresh")) != 0:
+        check(time.monotonic() < left_at + TIMEOUT_MS / 1000 + 20, f"a fresh CREATE past the durable timeout succeeds (got {st:#010x})")
+        time.sleep(0.1)
+    print(f"ok: the user's fresh CREATE succeeds {time.monotonic() - left_at:.1f} s after its opens were left", flush=True)
+    conn_b.disconnect()
+    print("PASS", flush=True)
+    sys.exit(0)
 failed, reopened = [], []
 for name, file_id, guid in held:
     f, st = reconnect_v2(tree_b, name, file_id, guid)

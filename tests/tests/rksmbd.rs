@@ -1171,6 +1171,24 @@ fn opens_left_for_their_reconnects_still_count_under_the_users_share() {
     no_handles_left(&d);
 }
 
+/// Re-review rr47b F1: the slots and user counts a lost connection left
+/// for reconnects that never came were given back only when the server's
+/// descriptor cap was full — the user, its 80 lost opens never
+/// reconnected, was refused every CREATE for its share until rksmbd
+/// restarted. They go back with the open's durable timeout (2 s here,
+/// asked by the client) now: the user's fresh CREATE then succeeds.
+#[test]
+fn opens_left_for_reconnects_that_never_came_go_back_at_their_timeout() {
+    let s = Scratch::new("rksmbd-per-user-expired");
+    let d = Filterd::start(&s, &[], &[]);
+    let env = [("RUST_LOG", "info,rksmbd::sessions=debug")];
+    let (srv, log) =
+        RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &[("alice", "pw")], &env, 512);
+    let log = log.to_string_lossy().into_owned();
+    smbprotocol_script_passes_with(&srv, "per_user_reconnects.py", &["80", &log, "2000"]);
+    no_handles_left(&d);
+}
+
 /// Re-review: after a new session named the old one as
 /// PreviousSessionId, the old connection (idle) still counted the opens
 /// it no longer held until its next request, so every DH2C of them was

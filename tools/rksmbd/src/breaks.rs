@@ -903,6 +903,15 @@ pub fn forward(sh: Arc<Shared>) {
             );
             continue;
         }
+        if let AttachEvent::Daemon(Event::Expired { key } | Event::Purged { key }) = ev {
+            // A lost connection's durable open filterd closed (its
+            // timeout, or closed for a conflicting open, MS-SMB2 3.3.4.7):
+            // no reconnect comes for the slot left for it (re-review
+            // rr47b F1).
+            sh.registry.handle_gone(key);
+            tracing::debug!(resume_key = %key, "filterd closed a disconnected handle");
+            continue;
+        }
         let AttachEvent::Daemon(Event::LeaseBreak {
             lease_key,
             current_state,

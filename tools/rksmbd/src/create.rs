@@ -104,8 +104,18 @@ pub(crate) const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
 /// pending) is given back as it ends.
 pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let r = create_open(c, req);
-    c.open_slot = None;
+    give_back_slot(c);
     r
+}
+
+/// The descriptor slot a CREATE took at the caps' check and did not use
+/// (no open made, or the CREATE pending) is given back — or, one a lost
+/// connection left for the open this CREATE reconnects or replays, left
+/// for it again ([`crate::sessions::Registry::put_back`]).
+fn give_back_slot(c: &mut Connection) {
+    if let Some(slot) = c.open_slot.take() {
+        c.sh.registry.put_back(slot);
+    }
 }
 
 fn create_open(c: &mut Connection, req: &Request<'_>) -> Outcome {
@@ -480,6 +490,9 @@ fn oplock_rank(level: u8) -> u8 {
 /// with the descriptor slot ([`over_open_caps`]): it counts that open.
 fn over_user_share(c: &Connection, session: u64, replay_guid: Option<uuid::Uuid>) -> bool {
     let handed = c.open_slot.as_ref().is_some_and(|s| s.user.is_some());
+    // The counts left for reconnects past their time go back first
+    // (re-review rr47b F1).
+    c.sh.registry.give_back_expired();
     let full = !handed && !held_by_another(c, replay_guid) && c.user_opens_full(session);
     if full {
         tracing::info!(
@@ -507,8 +520,8 @@ fn held_by_another(c: &Connection, replay_guid: Option<uuid::Uuid>) -> bool {
 /// none ([`replayed`]). A reconnect or replay of a durable open whose
 /// connection was lost takes the slot that connection left for it
 /// (`handed`: the create GUIDs it may name, [`Registry::hand_over`]);
-/// the slots left for reconnects that did not come in time are given
-/// back when none is free.
+/// the slots left for reconnects whose open's durable timeout passed are
+/// given back first.
 ///
 /// [`Registry::hand_over`]: crate::sessions::Registry::hand_over
 fn over_open_caps(c: &mut Connection, moves: bool, handed: &[uuid::Uuid]) -> bool {
@@ -527,16 +540,17 @@ fn over_open_caps(c: &mut Connection, moves: bool, handed: &[uuid::Uuid]) -> boo
         return false;
     }
     let sh = c.sh.clone();
-    let fresh = |fd| crate::server::CreateSlot { fd, user: None };
+    let fresh = |fd| crate::server::CreateSlot {
+        fd,
+        user: None,
+        handed: None,
+    };
+    // The slots left for reconnects past their time go back first
+    // (`take_handed` gives them back).
     c.open_slot = sh
         .registry
         .take_handed(handed)
-        .or_else(|| sh.fds.reserve().map(fresh))
-        .or_else(|| {
-            sh.registry
-                .give_back_expired()
-                .then(|| sh.fds.reserve().map(fresh))?
-        });
+        .or_else(|| sh.fds.reserve().map(fresh));
     let full = c.open_slot.is_none();
     if full {
         tracing::info!(
@@ -1188,7 +1202,7 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
     let pending = std::mem::take(&mut c.pending_creates.list);
     for p in pending {
         // A slot left by the last (refused, failed or still waiting).
-        c.open_slot = None;
+        give_back_slot(c);
         // LOGOFF or TREE_DISCONNECT meanwhile: nothing to open for.
         let gone = match c.sessions.get(&p.prepared.f.session) {
             None => Some(status::USER_SESSION_DELETED),
@@ -1254,7 +1268,7 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
             }
         }
     }
-    c.open_slot = None;
+    give_back_slot(c);
     // What moved is not yet seen by a CREATE still waiting out its
     // backoff: it is looked at again on the next tick.
     if waiting_out_backoff {
@@ -1565,6 +1579,7 @@ fn keep_open(c: &mut Connection, p: Prepared, h: libfilter::client::OpenedHandle
             delete_unsure: crate::files::DeleteUnsure::default(),
             kind: Kind::File { key, file, fid },
             durable: durable.is_some(),
+            durable_ms: durable.map_or(0, |(t, _)| t),
             write_through: made.write_through || durable.is_some_and(|(_, persistent)| persistent),
             persistent_id: pid,
             oplock,
@@ -2528,6 +2543,7 @@ fn reconnect(
             delete_unsure: crate::files::DeleteUnsure::default(),
             kind: Kind::File { key, file, fid },
             durable: true,
+            durable_ms: timeout_and_persistence(rec.durability).map_or(0, |(t, _)| t),
             write_through,
             persistent_id: pid,
             oplock,
@@ -2650,6 +2666,7 @@ fn dir_open(
             listing: None,
         },
         durable: false,
+        durable_ms: 0,
         write_through: false,
         // Its volatile id, known once it is added (`create`).
         persistent_id: 0,

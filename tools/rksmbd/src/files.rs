@@ -634,6 +634,10 @@ pub struct Open {
     /// Granted durable (or persistent): on a lost connection the filterd
     /// handle is detached, not closed, so a DH2C can resume it.
     pub(crate) durable: bool,
+    /// A durable open's granted durable timeout (ms): how long a lost
+    /// connection leaves its slot for its reconnect
+    /// ([`crate::sessions::Registry::hand_over`]).
+    pub(crate) durable_ms: u32,
     /// Every WRITE through it is on stable storage before its reply: the
     /// CREATE asked for FILE_WRITE_THROUGH, or the open is persistent (a
     /// continuously available share's FLUSH on a persistent open does not

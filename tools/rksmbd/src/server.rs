@@ -370,6 +370,11 @@ pub struct CreateSlot {
     pub fd: shimline::descriptors::DescriptorSlot,
     /// Under the user's share, when handed over with `fd`.
     pub user: Option<UserSlot>,
+    /// Taken from those left for a reconnect: the open's create GUID,
+    /// filterd handle and the deadline, to leave it for the reconnect
+    /// again should this CREATE end without an open
+    /// ([`crate::sessions::Registry::put_back`]).
+    pub handed: Option<(uuid::Uuid, libfilter::model::ResumeKey, std::time::Instant)>,
 }
 
 /// One open counted in [`UserOpens`] until this is dropped.
@@ -2296,11 +2301,18 @@ impl Connection {
             // the reconnect was refused at the cap (re-review rr46a F3);
             // the user's count goes with it, so that a user resetting its
             // connections cannot keep slots past its share.
-            match (open.counted.take(), open.create_guid) {
-                (Some(slots), Some(g)) if open.durable && matches!(ending, Ending::Lost) => {
+            let key = match &open.kind {
+                crate::files::Kind::File { key, .. } => Some(*key),
+                _ => None,
+            };
+            match (open.counted.take(), open.create_guid, key) {
+                (Some(slots), Some(g), Some(key))
+                    if open.durable && matches!(ending, Ending::Lost) =>
+                {
+                    let named = (g, key, open.durable_ms);
                     self.sh
                         .registry
-                        .hand_over(g, self.id, slots._fd, user.take());
+                        .hand_over(named, self.id, slots._fd, user.take());
                 }
                 _ => {}
             }

@@ -430,13 +430,14 @@ pub struct Registry {
     /// them waits for it longer than for a connection that lives on.
     letting_go: Mutex<std::collections::HashSet<u64>>,
     /// The descriptor slots of durable opens whose connection was lost,
-    /// by create GUID, handed to their reconnect or replay
-    /// ([`Registry::take_handed`]) for [`handed_for`] after the open was
-    /// let go. Given back to all as the connection let go, the slot could
-    /// be taken by another CREATE before the client's DH2C came, which
-    /// was then refused at the cap (re-review rr46a F3). At most one per
-    /// slot of the cap.
-    handed: Mutex<HashMap<uuid::Uuid, Handed>>,
+    /// and their counts under their users, by create GUID, handed to
+    /// their reconnect or replay ([`Registry::take_handed`]) for the
+    /// open's durable timeout after it was let go ([`handed_for`]).
+    /// Given back to all as the connection let go, the slot could be
+    /// taken by another CREATE before the client's DH2C came, which was
+    /// then refused at the cap (re-review rr46a F3). At most one per slot
+    /// of the cap.
+    handed: Mutex<HandedSlots>,
 }
 
 /// What a lost connection's durable open leaves for its reconnect
@@ -444,18 +445,68 @@ pub struct Registry {
 struct Handed {
     fd: shimline::descriptors::DescriptorSlot,
     user: Option<crate::server::UserSlot>,
+    /// Its filterd handle: filterd closing it ([`Registry::handle_gone`])
+    /// gives the slot back.
+    key: ResumeKey,
     until: std::time::Instant,
 }
 
+/// The slots left for reconnects ([`Registry::hand_over`]), by create
+/// GUID, by deadline (those past it are given back at every caps and
+/// share check, looking at the earliest only: re-review rr47b F1) and
+/// by filterd handle.
+#[derive(Default)]
+struct HandedSlots {
+    by_guid: HashMap<uuid::Uuid, Handed>,
+    by_deadline: std::collections::BTreeSet<(std::time::Instant, uuid::Uuid)>,
+    by_key: HashMap<ResumeKey, uuid::Uuid>,
+}
+
+impl HandedSlots {
+    fn insert(&mut self, guid: uuid::Uuid, h: Handed) {
+        self.remove(guid);
+        self.by_deadline.insert((h.until, guid));
+        self.by_key.insert(h.key, guid);
+        self.by_guid.insert(guid, h);
+    }
+
+    fn remove(&mut self, guid: uuid::Uuid) -> Option<Handed> {
+        let h = self.by_guid.remove(&guid)?;
+        self.by_deadline.remove(&(h.until, guid));
+        self.by_key.remove(&h.key);
+        Some(h)
+    }
+
+    /// Drops those past their deadline at `now`: whether there were any.
+    fn expire(&mut self, now: std::time::Instant) -> bool {
+        let mut any = false;
+        while let Some(&(until, guid)) = self.by_deadline.first() {
+            if now < until {
+                break;
+            }
+            any |= self.remove(guid).is_some();
+            // Not left behind should the maps disagree.
+            self.by_deadline.remove(&(until, guid));
+        }
+        any
+    }
+}
+
 /// How long a lost connection's durable open keeps its descriptor slot
-/// for its reconnect ([`Registry::hand_over`]): the default durable
-/// timeout, within which a client that means to reconnect does; a
-/// debug build's `$RKSMBD_TEST_HANDED_SLOT_MS` shortens it (tests).
-fn handed_for() -> std::time::Duration {
+/// and its user's count for its reconnect ([`Registry::hand_over`]): the
+/// open's granted durable timeout (`timeout_ms`, at most
+/// [`crate::create::MAX_DURABLE_TIMEOUT_MS`]), past which filterd closes
+/// its handle and no reconnect can come; a debug build's
+/// `$RKSMBD_TEST_HANDED_SLOT_MS` shortens it (tests).
+fn handed_for(timeout_ms: u32) -> std::time::Duration {
     static TEST: OnceLock<u64> = OnceLock::new();
     match crate::create::test_hook_ms(&TEST, "RKSMBD_TEST_HANDED_SLOT_MS") {
         0 => std::time::Duration::from_millis(u64::from(
-            libfilter::model::DEFAULT_DURABLE_TIMEOUT_MS,
+            match timeout_ms {
+                0 => libfilter::model::DEFAULT_DURABLE_TIMEOUT_MS,
+                t => t,
+            }
+            .min(crate::create::MAX_DURABLE_TIMEOUT_MS),
         )),
         ms => std::time::Duration::from_millis(ms),
     }
@@ -739,7 +790,7 @@ impl Registry {
         // Counted here now: a slot left for its reconnect is no more
         // (one handed over by a connection that let go after this one's
         // move took a slot of its own).
-        lock(&self.handed).remove(&create_guid);
+        lock(&self.handed).remove(create_guid);
     }
 
     /// Connection `conn` takes the durable open with this create GUID,
@@ -791,6 +842,9 @@ impl Registry {
         if lost.is_empty() {
             return;
         }
+        for &key in lost {
+            self.handle_gone(key);
+        }
         let lost: std::collections::HashSet<ResumeKey> = lost.iter().copied().collect();
         let links: Vec<Arc<Link>> = lock(&self.sessions).values().cloned().collect();
         for l in links {
@@ -798,25 +852,35 @@ impl Registry {
         }
     }
 
-    /// The durable open with this create GUID, detached as connection
-    /// `conn` was lost, leaves its descriptor slot for its reconnect or
-    /// replay ([`Registry::take_handed`]), until [`handed_for`] has
-    /// passed — unless another connection holds the open already (its
-    /// move counted a slot of its own): the slot is given back then. Its
-    /// count under its user (`user`) goes with it: kept for the
-    /// reconnect too, it is not asked of the user's share again, and a
-    /// user resetting its connections keeps no more slots than its share.
+    /// The durable open with this create GUID and filterd handle `key`,
+    /// granted `timeout_ms`, detached as connection `conn` was lost,
+    /// leaves its descriptor slot for its reconnect or replay
+    /// ([`Registry::take_handed`]) until that timeout has passed
+    /// ([`handed_for`]; given back at the next caps or share check then,
+    /// [`Registry::give_back_expired`]) or filterd closed the handle
+    /// ([`Registry::handle_gone`]) — unless another connection holds the
+    /// open already (its move counted a slot of its own): the slot is
+    /// given back then. Its count under its user (`user`) goes with it:
+    /// kept for the reconnect too, it is not asked of the user's share
+    /// again, and a user resetting its connections keeps no more slots
+    /// than its share.
     pub fn hand_over(
         &self,
-        create_guid: uuid::Uuid,
+        (create_guid, key, timeout_ms): (uuid::Uuid, ResumeKey, u32),
         conn: u64,
         fd: shimline::descriptors::DescriptorSlot,
         user: Option<crate::server::UserSlot>,
     ) {
         let m = lock(&self.held);
         if m.get(&create_guid) == Some(&conn) {
-            let until = std::time::Instant::now() + handed_for();
-            lock(&self.handed).insert(create_guid, Handed { fd, user, until });
+            let until = std::time::Instant::now() + handed_for(timeout_ms);
+            let h = Handed {
+                fd,
+                user,
+                key,
+                until,
+            };
+            lock(&self.handed).insert(create_guid, h);
             tracing::debug!(
                 conn,
                 "a lost connection's durable open leaves its descriptor slot for its reconnect"
@@ -825,27 +889,64 @@ impl Registry {
     }
 
     /// The descriptor slot a lost connection left for the durable open
-    /// with one of these create GUIDs, if any ([`Registry::hand_over`]).
+    /// with one of these create GUIDs, if any ([`Registry::hand_over`]),
+    /// with what puts it back ([`Registry::put_back`]).
     pub fn take_handed(&self, create_guids: &[uuid::Uuid]) -> Option<crate::server::CreateSlot> {
         let mut m = lock(&self.handed);
-        create_guids
-            .iter()
-            .find_map(|g| m.remove(g))
-            .map(|h| crate::server::CreateSlot {
+        m.expire(std::time::Instant::now());
+        create_guids.iter().find_map(|&g| {
+            let h = m.remove(g)?;
+            Some(crate::server::CreateSlot {
                 fd: h.fd,
                 user: h.user,
+                handed: Some((g, h.key, h.until)),
             })
+        })
     }
 
-    /// Gives back the slots left for reconnects that did not come in
-    /// time: whether there were any. Looked for only when a CREATE finds
-    /// no slot free.
+    /// A slot taken from those left for reconnects
+    /// ([`Registry::take_handed`]) by a CREATE that ended without an open
+    /// (a DH2C or replay told to retry, gone pending, or failed) is left
+    /// for its reconnect again, with its deadline — unless a connection
+    /// holds the open now (its own count stands for it) or the deadline
+    /// passed. Given back to all, another CREATE could take it before the
+    /// client's retry, refused then at the cap for an open it was granted
+    /// (re-review rr47b F2). Any other slot is given back.
+    pub fn put_back(&self, slot: crate::server::CreateSlot) {
+        let Some((guid, key, until)) = slot.handed else {
+            return;
+        };
+        let m = lock(&self.held);
+        if !m.contains_key(&guid) && std::time::Instant::now() < until {
+            let h = Handed {
+                fd: slot.fd,
+                user: slot.user,
+                key,
+                until,
+            };
+            lock(&self.handed).insert(guid, h);
+        }
+    }
+
+    /// Gives back the slots left for reconnects past their deadline (the
+    /// open's durable timeout): whether there were any. Looked for at
+    /// every caps and share check of a CREATE (re-review rr47b F1: looked
+    /// for only when no descriptor slot was free, a user whose lost opens
+    /// were never reconnected was refused every CREATE for its share
+    /// while the server had descriptors to spare); the earliest deadline
+    /// only is looked at when none is past.
     pub fn give_back_expired(&self) -> bool {
-        let now = std::time::Instant::now();
+        lock(&self.handed).expire(std::time::Instant::now())
+    }
+
+    /// filterd closed handle `key` (its durable timeout, a break closing
+    /// it while disconnected, a purge, or it could not be resumed on a
+    /// restarted filterd): a slot left for its reconnect is given back.
+    pub fn handle_gone(&self, key: ResumeKey) {
         let mut m = lock(&self.handed);
-        let before = m.len();
-        m.retain(|_, h| now < h.until);
-        m.len() < before
+        if let Some(&g) = m.by_key.get(&key) {
+            m.remove(g);
+        }
     }
 
     /// Connection `conn` no longer holds it.
@@ -871,7 +972,7 @@ impl Registry {
     /// The durable open with `create_guid` is closed for good: its
     /// position is forgotten.
     pub fn durable_closed(&self, create_guid: uuid::Uuid) {
-        lock(&self.handed).remove(&create_guid);
+        lock(&self.handed).remove(create_guid);
         self.keep_position(create_guid, 0);
         self.keep_append(create_guid, None);
     }
@@ -1210,9 +1311,10 @@ mod tests {
         let fds = shimline::descriptors::Descriptors::new(1);
         let r = Registry::default();
         let g = uuid::Uuid::new_v4();
+        let named = (g, ResumeKey(uuid::Uuid::new_v4()), 60_000);
         let users = Arc::new(crate::server::UserOpens::default());
         r.held(g, 1);
-        r.hand_over(g, 1, fds.force(), Some(users.count("alice")));
+        r.hand_over(named, 1, fds.force(), Some(users.count("alice")));
         r.let_go(g, 1);
         assert!(fds.reserve().is_none(), "kept for the reconnect");
         assert!(users.full("alice", 1), "counted under its user still");
@@ -1228,26 +1330,131 @@ mod tests {
         // Handed over after another connection's move held it: given back.
         r.held(g, 1);
         r.held(g, 2);
-        r.hand_over(g, 1, fds.force(), None);
+        r.hand_over(named, 1, fds.force(), None);
         assert_eq!(fds.held(), 0);
         // Handed over before that move held it: given back as it does.
         r.held(g, 1);
-        r.hand_over(g, 1, fds.force(), None);
+        r.hand_over(named, 1, fds.force(), None);
         r.held(g, 2);
         assert_eq!(fds.held(), 0);
-        // Closed for good, or expired (a test build keeps none past 60 s
-        // unless told; `give_back_expired` drops what is past its time).
+        // Closed for good, or expired (`give_back_expired` drops what is
+        // past its time).
         r.held(g, 1);
-        r.hand_over(g, 1, fds.force(), None);
+        r.hand_over(named, 1, fds.force(), None);
         r.durable_closed(g);
         assert_eq!(fds.held(), 0);
         r.held(g, 1);
-        r.hand_over(g, 1, fds.force(), None);
+        r.hand_over(named, 1, fds.force(), None);
         assert!(!r.give_back_expired(), "not yet");
-        if let Some(h) = lock(&r.handed).get_mut(&g) {
-            h.until = std::time::Instant::now();
-        }
+        past_its_time(&r, g);
         assert!(r.give_back_expired());
+        assert_eq!(fds.held(), 0);
+    }
+
+    /// Moves the deadline of the slot left for `g` to now.
+    fn past_its_time(r: &Registry, g: uuid::Uuid) {
+        let mut m = lock(&r.handed);
+        if let Some(h) = m.remove(g) {
+            m.insert(
+                g,
+                Handed {
+                    until: std::time::Instant::now(),
+                    ..h
+                },
+            );
+        }
+    }
+
+    /// Re-review rr47b F1: a slot left for a reconnect that never came,
+    /// and its user's count, go back once the open's durable timeout
+    /// passed — at any caps or share check, not only when no descriptor
+    /// is free — or as soon as filterd says it closed the handle; the
+    /// deadline is the open's own timeout, not a fixed 60 s (F3).
+    #[test]
+    fn a_slot_left_for_a_reconnect_that_never_came_goes_back() {
+        let fds = shimline::descriptors::Descriptors::new(8);
+        let r = Registry::default();
+        let users = Arc::new(crate::server::UserOpens::default());
+        let (g1, g2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let (k1, k2) = (
+            ResumeKey(uuid::Uuid::new_v4()),
+            ResumeKey(uuid::Uuid::new_v4()),
+        );
+        r.held(g1, 1);
+        r.held(g2, 1);
+        r.hand_over(
+            (g1, k1, 300_000),
+            1,
+            fds.force(),
+            Some(users.count("alice")),
+        );
+        r.hand_over(
+            (g2, k2, 120_000),
+            1,
+            fds.force(),
+            Some(users.count("alice")),
+        );
+        assert!(users.full("alice", 2));
+        {
+            let m = lock(&r.handed);
+            let at = |g| m.by_guid.get(&g).map(|h| h.until);
+            let (Some(a), Some(b)) = (at(g1), at(g2)) else {
+                panic!("both left");
+            };
+            let d = a.saturating_duration_since(b);
+            assert!(
+                d > std::time::Duration::from_secs(170),
+                "each for its own timeout ({d:?})"
+            );
+        }
+        // filterd closed g2's handle.
+        r.handle_gone(k2);
+        assert!(!users.full("alice", 2));
+        assert_eq!(fds.held(), 1);
+        // g1's timeout passed: the next check gives it back, with room.
+        past_its_time(&r, g1);
+        assert!(r.give_back_expired());
+        assert_eq!(fds.held(), 0);
+        assert!(!users.full("alice", 1));
+        assert!(lock(&r.handed).by_deadline.is_empty());
+        assert!(lock(&r.handed).by_key.is_empty());
+    }
+
+    /// Re-review rr47b F2: a reconnect or replay that took the slot left
+    /// for it and ended without an open leaves it for the next try, with
+    /// its deadline — not once a connection holds the open, nor past the
+    /// deadline.
+    #[test]
+    fn a_reconnect_ending_without_its_open_leaves_the_slot_again() {
+        let fds = shimline::descriptors::Descriptors::new(1);
+        let r = Registry::default();
+        let users = Arc::new(crate::server::UserOpens::default());
+        let g = uuid::Uuid::new_v4();
+        let named = (g, ResumeKey(uuid::Uuid::new_v4()), 60_000);
+        r.held(g, 1);
+        r.hand_over(named, 1, fds.force(), Some(users.count("alice")));
+        r.let_go(g, 1);
+        let slot = r.take_handed(&[g]);
+        let until = slot.as_ref().and_then(|s| s.handed).map(|h| h.2);
+        assert!(until.is_some(), "taken as handed");
+        slot.into_iter().for_each(|s| r.put_back(s));
+        assert!(fds.reserve().is_none(), "left for the retry");
+        assert!(users.full("alice", 1));
+        let again = r.take_handed(&[g]);
+        assert_eq!(again.as_ref().and_then(|s| s.handed).map(|h| h.2), until);
+        // Held by a connection meanwhile: given back.
+        r.held(g, 2);
+        again.into_iter().for_each(|s| r.put_back(s));
+        assert_eq!(fds.held(), 0);
+        assert!(!users.full("alice", 1));
+        // A fresh CREATE's slot is just given back.
+        r.let_go(g, 2);
+        let fresh = fds.reserve().map(|fd| crate::server::CreateSlot {
+            fd,
+            user: None,
+            handed: None,
+        });
+        fresh.into_iter().for_each(|s| r.put_back(s));
         assert_eq!(fds.held(), 0);
     }
 
