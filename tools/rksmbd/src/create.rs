@@ -104,18 +104,36 @@ pub(crate) const MAX_DURABLE_TIMEOUT_MS: u32 = 300_000;
 /// pending) is given back as it ends.
 pub fn create(c: &mut Connection, req: &Request<'_>) -> Outcome {
     let r = create_open(c, req);
-    give_back_slot(c);
+    let temporary = match &r {
+        Ok(reply) => reply.status == status::PENDING,
+        Err(st) => temporary_status(*st),
+    };
+    give_back_slot(c, temporary);
     r
 }
 
 /// The descriptor slot a CREATE took at the caps' check and did not use
 /// (no open made, or the CREATE pending) is given back — or, one a lost
 /// connection left for the open this CREATE reconnects or replays, left
-/// for it again ([`crate::sessions::Registry::put_back`]).
-fn give_back_slot(c: &mut Connection) {
+/// for it again when the CREATE's end is `temporary` (pending, or
+/// [`temporary_status`]; [`crate::sessions::Registry::put_back`]).
+fn give_back_slot(c: &mut Connection, temporary: bool) {
     if let Some(slot) = c.open_slot.take() {
-        c.sh.registry.put_back(slot);
+        c.sh.registry.put_back(slot, temporary);
     }
+}
+
+/// Whether a CREATE that failed with `st` failed for the moment only,
+/// its open (if any) left as it was for the client's next try: told to
+/// retry (its claim given up, filterd busy, or its call timed out:
+/// STATUS_FILE_NOT_AVAILABLE, STATUS_SERVER_UNAVAILABLE), or refused at a
+/// cap. Any other failure is final: no such open, not the user's, not
+/// matching (re-review rr47c F1).
+fn temporary_status(st: u32) -> bool {
+    matches!(
+        st,
+        status::FILE_NOT_AVAILABLE | status::SERVER_UNAVAILABLE | status::INSUFFICIENT_RESOURCES
+    )
 }
 
 fn create_open(c: &mut Connection, req: &Request<'_>) -> Outcome {
@@ -1200,9 +1218,12 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
     let asked_before = c.pending_creates.last_asked.replace((now, generation));
     let mut waiting_out_backoff = false;
     let pending = std::mem::take(&mut c.pending_creates.list);
+    // Whether the last CREATE's end was temporary ([`give_back_slot`]).
+    let mut left_again = true;
     for p in pending {
         // A slot left by the last (refused, failed or still waiting).
-        give_back_slot(c);
+        give_back_slot(c, left_again);
+        left_again = true;
         // LOGOFF or TREE_DISCONNECT meanwhile: nothing to open for.
         let gone = match c.sessions.get(&p.prepared.f.session) {
             None => Some(status::USER_SESSION_DELETED),
@@ -1243,6 +1264,7 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
         let asked = match ask(c, &p.prepared) {
             Ok(r) => r,
             Err(st) => {
+                left_again = temporary_status(st);
                 c.finish_async(&p.head, st, &[]);
                 continue;
             }
@@ -1256,19 +1278,26 @@ pub fn retry_pending(c: &mut Connection, nudged: bool) {
             }
             Err(e) => {
                 let st = failed_status(c, &p.prepared, &e);
+                left_again = temporary_status(st);
                 c.finish_async(&p.head, st, &[]);
             }
             Ok(h) => {
                 let head = p.head;
                 let ctxs = p.prepared.ctxs.clone();
                 match finish_open(c, p.prepared, h).map(|r| with_queries(c, &ctxs, r)) {
-                    Ok(reply) => c.finish_async(&head, reply.status, &reply.body),
-                    Err(st) => c.finish_async(&head, st, &[]),
+                    Ok(reply) => {
+                        left_again = false;
+                        c.finish_async(&head, reply.status, &reply.body);
+                    }
+                    Err(st) => {
+                        left_again = temporary_status(st);
+                        c.finish_async(&head, st, &[]);
+                    }
                 }
             }
         }
     }
-    give_back_slot(c);
+    give_back_slot(c, left_again);
     // What moved is not yet seen by a CREATE still waiting out its
     // backoff: it is looked at again on the next tick.
     if waiting_out_backoff {

@@ -906,14 +906,20 @@ impl Registry {
 
     /// A slot taken from those left for reconnects
     /// ([`Registry::take_handed`]) by a CREATE that ended without an open
-    /// (a DH2C or replay told to retry, gone pending, or failed) is left
-    /// for its reconnect again, with its deadline — unless a connection
-    /// holds the open now (its own count stands for it) or the deadline
-    /// passed. Given back to all, another CREATE could take it before the
-    /// client's retry, refused then at the cap for an open it was granted
-    /// (re-review rr47b F2). Any other slot is given back.
-    pub fn put_back(&self, slot: crate::server::CreateSlot) {
-        let Some((guid, key, until)) = slot.handed else {
+    /// but for the moment only (`temporary`: a DH2C or replay told to
+    /// retry, gone pending, its claim given up, its filterd call timed
+    /// out, refused at a cap) is left for its reconnect again, with its
+    /// deadline — unless a connection holds the open now (its own count
+    /// stands for it) or the deadline passed. Given back to all, another
+    /// CREATE could take it before the client's retry, refused then at the
+    /// cap for an open it was granted (re-review rr47b F2). One that
+    /// failed for good (no such handle, access denied, …) gives it back:
+    /// put back, it was held up to the open's durable timeout for an open
+    /// that another reconnect had closed meanwhile, or that filterd had
+    /// purged while this CREATE held the slot, no event to come for it
+    /// (re-review rr47c F1). Any other slot is given back.
+    pub fn put_back(&self, slot: crate::server::CreateSlot, temporary: bool) {
+        let Some((guid, key, until)) = slot.handed.filter(|_| temporary) else {
             return;
         };
         let m = lock(&self.held);
@@ -1437,14 +1443,14 @@ mod tests {
         let slot = r.take_handed(&[g]);
         let until = slot.as_ref().and_then(|s| s.handed).map(|h| h.2);
         assert!(until.is_some(), "taken as handed");
-        slot.into_iter().for_each(|s| r.put_back(s));
+        slot.into_iter().for_each(|s| r.put_back(s, true));
         assert!(fds.reserve().is_none(), "left for the retry");
         assert!(users.full("alice", 1));
         let again = r.take_handed(&[g]);
         assert_eq!(again.as_ref().and_then(|s| s.handed).map(|h| h.2), until);
         // Held by a connection meanwhile: given back.
         r.held(g, 2);
-        again.into_iter().for_each(|s| r.put_back(s));
+        again.into_iter().for_each(|s| r.put_back(s, true));
         assert_eq!(fds.held(), 0);
         assert!(!users.full("alice", 1));
         // A fresh CREATE's slot is just given back.
@@ -1454,8 +1460,56 @@ mod tests {
             user: None,
             handed: None,
         });
-        fresh.into_iter().for_each(|s| r.put_back(s));
+        fresh.into_iter().for_each(|s| r.put_back(s, true));
         assert_eq!(fds.held(), 0);
+    }
+
+    /// Re-review rr47c F1: a reconnect that took the slot left for its
+    /// open and failed for good gives it back, not to its open — closed by
+    /// a second reconnect meanwhile, or purged by filterd while the slot
+    /// was taken (no event comes for it then). Put back, the slot and the
+    /// user's count were held until the open's durable timeout.
+    #[test]
+    fn a_reconnect_failing_for_good_gives_the_slot_back() {
+        let fds = shimline::descriptors::Descriptors::new(2);
+        let r = Registry::default();
+        let users = Arc::new(crate::server::UserOpens::default());
+        let g = uuid::Uuid::new_v4();
+        let key = ResumeKey(uuid::Uuid::new_v4());
+        let lost = |conn| {
+            r.held(g, conn);
+            r.hand_over(
+                (g, key, 60_000),
+                conn,
+                fds.force(),
+                Some(users.count("alice")),
+            );
+            r.let_go(g, conn);
+        };
+        // Two reconnects of one open: the first takes the slot and waits
+        // in filterd; the second reconnects with a fresh one, and its
+        // client closes the open; the first then finds no such handle.
+        lost(1);
+        let first = r.take_handed(&[g]);
+        assert!(first.as_ref().is_some_and(|s| s.handed.is_some()));
+        let second = fds.reserve();
+        r.held(g, 3);
+        r.durable_closed(g);
+        r.let_go(g, 3);
+        drop(second);
+        first.into_iter().for_each(|s| r.put_back(s, false));
+        assert_eq!(fds.held(), 0, "the slot is given back");
+        assert!(!users.full("alice", 1), "and the user's count");
+        assert!(r.take_handed(&[g]).is_none());
+        // filterd purges the handle just after the reconnect took its
+        // slot: `handle_gone` finds nothing left; the reconnect fails.
+        lost(4);
+        let taken = r.take_handed(&[g]);
+        r.handle_gone(key);
+        taken.into_iter().for_each(|s| r.put_back(s, false));
+        assert_eq!(fds.held(), 0, "the slot is given back");
+        assert!(!users.full("alice", 1), "and the user's count");
+        assert!(lock(&r.handed).by_key.is_empty());
     }
 
     /// An open held by a connection whose client went away is told apart
