@@ -1189,6 +1189,33 @@ fn opens_left_for_reconnects_that_never_came_go_back_at_their_timeout() {
     no_handles_left(&d);
 }
 
+/// Re-review rr47c F2: as above, but with rksmbd's own deadline alone
+/// (`RKSMBD_TEST_HANDED_SLOT_MS`, 2 s) and the opens' durable timeout 60
+/// s, so no `Expired` event comes first: with a 2 s timeout both came
+/// within milliseconds, and the test passed with either mechanism
+/// removed. The fresh CREATE must succeed within 20 s, and filterd still
+/// holds the 80 disconnected handles then: the deadline sweep at the
+/// share check gave the slots back.
+#[test]
+fn opens_left_for_reconnects_go_back_at_rksmbds_deadline_without_filterds_event() {
+    let s = Scratch::new("rksmbd-per-user-swept");
+    let d = Filterd::start(&s, &[], &[]);
+    let env = [
+        ("RUST_LOG", "info,rksmbd::sessions=debug"),
+        ("RKSMBD_TEST_HANDED_SLOT_MS", "2000"),
+    ];
+    let (srv, log) =
+        RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &[("alice", "pw")], &env, 512);
+    let log = log.to_string_lossy().into_owned();
+    let args = ["80", &log, "60000", "20000"];
+    smbprotocol_script_passes_with(&srv, "per_user_reconnects.py", &args);
+    let held = d.control().handles().map(|h| h.len());
+    assert!(
+        held.as_ref().is_ok_and(|n| *n >= 80),
+        "filterd still holds the disconnected handles: {held:?}"
+    );
+}
+
 /// Re-review: after a new session named the old one as
 /// PreviousSessionId, the old connection (idle) still counted the opens
 /// it no longer held until its next request, so every DH2C of them was
