@@ -2717,6 +2717,29 @@ fn dir_open(
 mod tests {
     use super::*;
 
+    /// Re-review rr47c F1: a reconnect's slot is left for the open again
+    /// only on a failure of the moment; one that says the open is gone,
+    /// or not the asker's, gives it back.
+    #[test]
+    fn only_a_failure_of_the_moment_leaves_the_slot_for_the_open() {
+        for st in [
+            status::FILE_NOT_AVAILABLE,
+            status::SERVER_UNAVAILABLE,
+            status::INSUFFICIENT_RESOURCES,
+        ] {
+            assert!(temporary_status(st), "{st:#010x}");
+        }
+        for st in [
+            status::OBJECT_NAME_NOT_FOUND,
+            status::ACCESS_DENIED,
+            status::INVALID_PARAMETER,
+            status::FILE_CLOSED,
+            status::USER_SESSION_DELETED,
+        ] {
+            assert!(!temporary_status(st), "{st:#010x}");
+        }
+    }
+
     /// Handles opened in the same millisecond get distinct persistent
     /// FileIds; a handle named before the upgrade keeps its FileId.
     #[test]
