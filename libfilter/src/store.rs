@@ -267,6 +267,42 @@ thread_local! {
     static TRIM_VISITS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+#[cfg(test)]
+thread_local! {
+    /// The last [`growth_bound`] this thread's commits checked, in bytes.
+    static GROWTH_BOUND: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Notes the [`growth_bound`] a commit checked (tests only).
+fn note_growth_bound(bytes: u64) {
+    #[cfg(test)]
+    GROWTH_BOUND.with(|v| v.set(Some(bytes)));
+    #[cfg(not(test))]
+    let _ = bytes;
+}
+
+/// Puts `item` under `key` in `db`, encoded once, its pages counted in
+/// `written`.
+fn put_written<K, T, E>(
+    db: &Database<K, Versioned<T>>,
+    txn: &mut heed::RwTxn<'_>,
+    key: &E,
+    item: &T,
+    written: &mut Written,
+) -> Result<(), StoreError>
+where
+    K: for<'a> BytesEncode<'a, EItem = E>,
+    E: ?Sized,
+    T: StoredRecord,
+{
+    let value = encode_record(item)?;
+    let key_len = K::bytes_encode(key).map_or(0, |k| k.len());
+    written.put(key_len, value.len());
+    db.remap_data_type::<Bytes>()
+        .put(txn, key, &value)
+        .map_err(StoreError::from_heed)
+}
+
 /// Counts `n` keys a replay trim looked at (tests only: the work per put).
 fn trim_visited(n: usize) {
     #[cfg(test)]
@@ -614,17 +650,62 @@ fn leaves_half(bytes: u64, slack: u64, growth: u64, fs_free: impl FnOnce() -> u6
     slack >= need || slack.saturating_add(fs_free()) >= need
 }
 
-/// The most pages a commit of `ops` store operations that adds `added`
-/// pages to the tables may take past the map's last page: its new pages,
-/// and a copy of every page it changes — at most a leaf and a branch page
-/// per operation (those above are shared with the others) and a few for
-/// the free-page tree and the trees' roots. Freed pages LMDB reuses make
-/// it take less.
-fn growth_bound(ops: usize, added: usize) -> u64 {
-    let pages = added
-        .saturating_add(ops.saturating_mul(2))
-        .saturating_add(8);
-    u64::try_from(pages).unwrap_or(u64::MAX)
+/// The most pages a commit that adds `added` pages to the tables and
+/// writes `written` ([`Written`]) may take past the map's last page: its
+/// new pages, what its writes take anew, and a few for the free-page tree
+/// and the trees' roots. Freed pages LMDB reuses make it take less.
+fn growth_bound(written: u64, added: usize) -> u64 {
+    u64::try_from(added)
+        .unwrap_or(u64::MAX)
+        .saturating_add(written)
+        .saturating_add(8)
+}
+
+/// The pages a commit's writes take anew, counted as it makes them, for
+/// [`growth_bound`]: a copy of the leaf and of a branch page for every
+/// key put or deleted (those above are shared with the others), and the
+/// overflow pages of every value put ([`overflow_pages`]), which LMDB
+/// writes anew whenever the value is, even in place of one as large
+/// (re-review rr46c F3: counting two pages an operation, a group
+/// rewriting replay records of up to 16 KiB — five overflow pages each —
+/// or deleting a scope of many records took several times its bound, and
+/// a dozen such operations could go below half the block reserve).
+/// Deletes are over-counted: LMDB reuses within the commit the pages it
+/// copied and then emptied.
+struct Written {
+    page: usize,
+    pages: u64,
+}
+
+impl Written {
+    fn new(page: usize) -> Written {
+        Written { page, pages: 0 }
+    }
+
+    /// A value of `len` bytes put under a key of `key` bytes.
+    fn put(&mut self, key: usize, len: usize) {
+        let value = u64::try_from(overflow_pages(key, len, self.page)).unwrap_or(u64::MAX);
+        self.pages = self.pages.saturating_add(2).saturating_add(value);
+    }
+
+    /// `keys` keys deleted.
+    fn deleted(&mut self, keys: usize) {
+        let keys = u64::try_from(keys).unwrap_or(u64::MAX);
+        self.pages = self.pages.saturating_add(keys.saturating_mul(2));
+    }
+}
+
+/// The overflow pages LMDB stores a value of `len` bytes under a key of
+/// `key` bytes on: none while its leaf node (an 8-byte header, the key,
+/// the value) fits half of a page's room (LMDB's `me_nodemax`), else
+/// whole pages of its own after a 16-byte page header.
+fn overflow_pages(key: usize, len: usize, page: usize) -> usize {
+    const PAGE_HEADER: usize = 16;
+    let node_max = ((page.saturating_sub(PAGE_HEADER) / 2) & !1).saturating_sub(2);
+    if key.saturating_add(len).saturating_add(8) <= node_max {
+        return 0;
+    }
+    len.saturating_add(PAGE_HEADER).div_ceil(page.max(1))
 }
 
 /// The most store operations per commit in a long series of them
@@ -1341,16 +1422,17 @@ impl Store {
         }
         let id = u64::try_from(txn.id()).unwrap_or(u64::MAX);
         let before = table_pages(t, &txn)?;
+        let page = u64::from(t.env.stat().page_size).max(1);
+        let mut written = Written::new(usize::try_from(page).unwrap_or(4096));
         for op in batches.iter().flat_map(|b| b.iter()) {
             match op {
                 StoreOp::PutHandle(rec) => {
-                    t.handles
-                        .put(&mut txn, &rec.key, rec)
-                        .map_err(StoreError::from_heed)?;
+                    put_written(&t.handles, &mut txn, &rec.key, rec.as_ref(), &mut written)?;
                 }
                 StoreOp::DeleteHandle(rec) => {
-                    Self::delete_scope(t, &mut txn, &ReplayScope::Handle(rec.key))?;
+                    Self::delete_scope(t, &mut txn, &ReplayScope::Handle(rec.key), &mut written)?;
                     t.handles.delete(&mut txn, &rec.key)?;
+                    written.deleted(1);
                 }
                 StoreOp::PutReplay {
                     scope,
@@ -1359,29 +1441,32 @@ impl Store {
                     trim,
                 } => match trim {
                     ReplayTrim::Evicted(dropped) => {
-                        t.replay
-                            .put(&mut txn, &replay_key(scope, *op_id), record)
-                            .map_err(StoreError::from_heed)?;
+                        let key = replay_key(scope, *op_id);
+                        put_written(&t.replay, &mut txn, &key, record, &mut written)?;
                         trim_visited(dropped.len());
                         for op in dropped {
                             t.replay.delete(&mut txn, &replay_key(scope, *op))?;
                         }
+                        written.deleted(dropped.len());
                     }
                     ReplayTrim::Keep(keep) => {
-                        Self::put_counted(t, &mut txn, scope, *op_id, record, *keep)?;
+                        Self::put_counted(t, &mut txn, scope, *op_id, record, *keep, &mut written)?;
                     }
                 },
-                StoreOp::DeleteReplayScope(scope) => Self::delete_scope(t, &mut txn, scope)?,
+                StoreOp::DeleteReplayScope(scope) => {
+                    Self::delete_scope(t, &mut txn, scope, &mut written)?;
+                }
                 StoreOp::DeleteReplay { scope, op_id } => {
                     t.replay.delete(&mut txn, &replay_key(scope, *op_id))?;
+                    written.deleted(1);
                 }
                 StoreOp::PutIntent(intent) => {
-                    t.intents
-                        .put(&mut txn, intent.id.0.as_bytes(), intent)
-                        .map_err(StoreError::from_heed)?;
+                    let key = intent.id.0.as_bytes();
+                    put_written(&t.intents, &mut txn, key, intent.as_ref(), &mut written)?;
                 }
                 StoreOp::DeleteIntent(id) => {
                     t.intents.delete(&mut txn, id.0.as_bytes())?;
+                    written.deleted(1);
                 }
             }
         }
@@ -1410,11 +1495,10 @@ impl Store {
             // test of the slack before it alone let a large merged group
             // admitted just above half take the rest); removals,
             // completions and updates that grow nothing go on.
-            if let (Some(b), Some(slack)) = (&self.blocks, slack) {
-                if reserve != Reserve::Usable && after > before {
-                    let ops = batches.iter().map(|b| b.len()).sum();
-                    let page = u64::from(t.env.stat().page_size).max(1);
-                    let growth = growth_bound(ops, after - before).saturating_mul(page);
+            if reserve != Reserve::Usable && after > before {
+                let growth = growth_bound(written.pages, after - before).saturating_mul(page);
+                note_growth_bound(growth);
+                if let (Some(b), Some(slack)) = (&self.blocks, slack) {
                     if !b.admits(slack, growth) {
                         return Err(StoreError::Full);
                     }
@@ -1496,10 +1580,13 @@ impl Store {
         t: &Tables,
         txn: &mut heed::RwTxn<'_>,
         scope: &ReplayScope,
+        written: &mut Written,
     ) -> Result<(), StoreError> {
-        for k in Self::scope_keys(t, txn, scope)? {
-            t.replay.delete(txn, &k)?;
+        let keys = Self::scope_keys(t, txn, scope)?;
+        for k in &keys {
+            t.replay.delete(txn, k)?;
         }
+        written.deleted(keys.len());
         Ok(())
     }
 
@@ -1513,6 +1600,7 @@ impl Store {
         op_id: u64,
         record: &ReplayRecord,
         keep: u32,
+        written: &mut Written,
     ) -> Result<(), StoreError> {
         let raw = t.replay.remap_types::<Bytes, Bytes>();
         let mut others = Vec::new();
@@ -1527,12 +1615,11 @@ impl Store {
         }
         trim_visited(others.len());
         let (record, dropped) = counted_trim(record, held, others, keep);
-        t.replay
-            .put(txn, &replay_key(scope, op_id), &record)
-            .map_err(StoreError::from_heed)?;
-        for op in dropped {
-            t.replay.delete(txn, &replay_key(scope, op))?;
+        put_written(&t.replay, txn, &replay_key(scope, op_id), &record, written)?;
+        for op in &dropped {
+            t.replay.delete(txn, &replay_key(scope, *op))?;
         }
+        written.deleted(dropped.len());
         Ok(())
     }
 
@@ -1797,10 +1884,10 @@ pub(crate) mod tests {
         // Review rr45h F2: just above half, a merged group of 64 opens
         // (an open and its reply each) could take the rest; one open
         // fits.
-        let group = growth_bound(128, 4) * page;
+        let group = growth_bound(2 * 128, 4) * page;
         assert!(!leaves_half(bytes, slack, group, || 0));
         assert!(leaves_half(bytes, slack, group, || group));
-        let one = growth_bound(2, 1) * page;
+        let one = growth_bound(2 * 2, 1) * page;
         assert!(leaves_half(bytes, slack, one, || 0));
         assert!(!leaves_half(bytes, bytes / 2, one, || 0));
         assert!(leaves_half(bytes, bytes, one, || unreachable!(
@@ -1819,6 +1906,66 @@ pub(crate) mod tests {
             assert!(2 * (4 * ops + 8) <= room / 2 + 16, "{room}");
         }
         assert_eq!(step_ops(0), 1);
+    }
+
+    /// A growing group that rewrites replay records of up to 16 KiB takes
+    /// no more pages past the map's last page than its [`growth_bound`]
+    /// (re-review rr46c F3: at two pages an operation, 64 such rewrites
+    /// and an open were bounded at about 140 pages and took over 320).
+    /// A reader holds the snapshot from before the group, so no page
+    /// freed since is reused: every page it takes is past the last.
+    #[test]
+    fn a_group_of_large_replay_records_stays_within_its_growth_bound() {
+        let dir = std::env::temp_dir().join(format!("rk-growth-{}", uuid::Uuid::new_v4()));
+        let s = Store::open(&dir, 1 << 28).unwrap();
+        let keys: Vec<ResumeKey> = (0..64).map(|_| ResumeKey::new_random()).collect();
+        let puts = |at: u64| -> Vec<StoreOp> {
+            keys.iter()
+                .map(|k| StoreOp::PutReplay {
+                    scope: ReplayScope::Handle(*k),
+                    op_id: 1,
+                    record: ReplayRecord {
+                        reply: "x".repeat(MAX_REPLY_BYTES),
+                        recorded_ms: at,
+                        seq: Some(1),
+                    },
+                    trim: ReplayTrim::Evicted(Vec::new()),
+                })
+                .collect()
+        };
+        s.apply(&puts(1)).unwrap();
+        let last_page = || {
+            let g = s.gate();
+            tables(&g).unwrap().env.info().last_page_number
+        };
+        let page = usize::try_from(s.gate().as_ref().unwrap().env.stat().page_size).unwrap();
+        let (pinned, unpin) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let g = s.gate();
+                let _txn = tables(&g).unwrap().env.read_txn().unwrap();
+                pinned.wait();
+                unpin.wait();
+            });
+            pinned.wait();
+            let before = last_page();
+            let mut group = puts(2);
+            group.push(StoreOp::PutHandle(Box::new(rec("new"))));
+            GROWTH_BOUND.with(|b| b.set(None));
+            s.apply(&group).unwrap();
+            let taken = u64::try_from((last_page() - before) * page).unwrap();
+            let bound = GROWTH_BOUND
+                .with(|b| b.get())
+                .expect("a growing group is checked");
+            unpin.wait();
+            eprintln!("took {taken} B past the last page, bounded at {bound} B");
+            assert!(
+                taken >= 64 * 4 * 4096,
+                "the rewrites took new pages: {taken}"
+            );
+            assert!(taken <= bound, "took {taken} B, bounded at {bound} B");
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A filesystem whose blocks do not show a preallocation that
