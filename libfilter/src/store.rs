@@ -710,17 +710,61 @@ fn overflow_pages(key: usize, len: usize, page: usize) -> usize {
 
 /// The most store operations per commit in a long series of them
 /// ([`StateStore::commit_step_ops`]) when `room_pages` pages are left for
-/// it: each commit copies up to four pages per operation (its leaf and
-/// the branch pages above, up to a depth of four, [`growth_bound`]), and
-/// the pages one commit frees are reused only two commits later (those of
-/// the last are still the previous state), so the file grows by two
-/// commits' copies at most before it recycles — kept within half of the
-/// room and a few pages (at the worst: branch pages are mostly shared).
-/// At least one.
+/// it, each weighed by [`step_weight`]: each commit copies up to four
+/// pages per unit of weight (a leaf and the branch pages above, up to a
+/// depth of four, in each tree an operation touches; a large value's
+/// overflow pages), and the pages one commit frees are reused only two
+/// commits later (those of the last are still the previous state), so
+/// the file grows by two commits' copies at most before it recycles —
+/// kept within half of the room and a few pages (at the worst: branch
+/// pages are mostly shared). While a reader pins a snapshot (a
+/// `filterctl --state` reading, or a dead reader's slot not cleared yet)
+/// nothing freed since is reused, and the steps together take as much as
+/// one commit of them all. At least one.
 pub fn step_ops(room_pages: u64) -> usize {
     usize::try_from(room_pages / 16)
         .unwrap_or(usize::MAX)
         .max(1)
+}
+
+/// What `op` counts towards a step of [`step_ops`]: one for each tree it
+/// touches — a handle's delete touches two, its record and its replay
+/// scope, whose records are contiguous keys (re-review rr46c F4: at one
+/// an operation, a step of such deletes copied up to twice the pages it
+/// was sized for, and two steps in flight took about the whole room); a
+/// replay record's trims, scattered by recording order, one each — and
+/// one for every four overflow pages of a value it puts (a handle record
+/// with a long path and many locks takes two). Sized for pages of 4 KiB:
+/// larger pages hold more, so this over-counts there.
+pub fn step_weight(op: &StoreOp) -> usize {
+    const PAGE: usize = 4096;
+    let value = |key: usize, bytes: Result<Vec<u8>, RecordError>| {
+        // A record that does not encode is refused by the commit: no pages.
+        let len = bytes.map_or(0, |v| v.len());
+        overflow_pages(key, len, PAGE).div_ceil(4)
+    };
+    match op {
+        StoreOp::PutHandle(rec) => 1 + value(16, encode_record(rec.as_ref())),
+        StoreOp::DeleteHandle(_) => 2,
+        StoreOp::PutReplay {
+            scope,
+            op_id,
+            record,
+            trim,
+        } => {
+            let key = replay_key(scope, *op_id).len();
+            let trims = match trim {
+                ReplayTrim::Evicted(dropped) => dropped.len(),
+                // The oldest beyond the count: one, as a scope is kept.
+                ReplayTrim::Keep(_) => 1,
+            };
+            1 + value(key, encode_record(record)) + trims
+        }
+        StoreOp::DeleteReplay { .. } | StoreOp::DeleteReplayScope(_) | StoreOp::DeleteIntent(_) => {
+            1
+        }
+        StoreOp::PutIntent(intent) => 1 + value(16, encode_record(intent.as_ref())),
+    }
 }
 
 /// The range of `data.mdb` to preallocate so that `slack` bytes past its
@@ -788,7 +832,8 @@ pub trait StateStore: Send + Sync {
     /// could need more than all of it (review rr45h F1: a restart on a
     /// full state filesystem failed, and every restart after it).
     /// Successive smaller commits reuse the pages those before them freed.
-    /// `usize::MAX`: no bound.
+    /// Operations count by their [`step_weight`] (the trees they touch,
+    /// their large values). `usize::MAX`: no bound.
     fn commit_step_ops(&self) -> usize {
         usize::MAX
     }
@@ -1906,6 +1951,43 @@ pub(crate) mod tests {
             assert!(2 * (4 * ops + 8) <= room / 2 + 16, "{room}");
         }
         assert_eq!(step_ops(0), 1);
+    }
+
+    /// A step's operations count the trees they touch and their large
+    /// values (re-review rr46c F4: a handle's delete touches its record
+    /// and its replay scope, and was counted one).
+    #[test]
+    fn step_weights_count_trees_and_large_values() {
+        let small = rec("a");
+        assert_eq!(step_weight(&StoreOp::PutHandle(Box::new(small.clone()))), 1);
+        assert_eq!(step_weight(&StoreOp::DeleteHandle(Box::new(small))), 2);
+        // A 4 KiB path and 64 locks: two overflow pages.
+        let mut large = rec(&vec!["p".repeat(200); 20].join("/"));
+        large.locks = (0..64)
+            .map(|i| HeldLock {
+                range: crate::locks::LockRange {
+                    offset: i * 100,
+                    length: 10,
+                },
+                kind: crate::locks::LockKind::Exclusive,
+            })
+            .collect();
+        assert_eq!(step_weight(&StoreOp::PutHandle(Box::new(large))), 2);
+        let replay = |trim| StoreOp::PutReplay {
+            scope: ReplayScope::Handle(ResumeKey::new_random()),
+            op_id: 1,
+            record: ReplayRecord {
+                reply: "x".repeat(MAX_REPLY_BYTES),
+                recorded_ms: 1,
+                seq: Some(1),
+            },
+            trim,
+        };
+        // Five overflow pages (two units), and a unit for each trim.
+        assert_eq!(step_weight(&replay(ReplayTrim::Evicted(Vec::new()))), 3);
+        assert_eq!(step_weight(&replay(ReplayTrim::Evicted(vec![2, 3]))), 5);
+        assert_eq!(step_weight(&replay(ReplayTrim::Keep(8))), 4);
+        assert_eq!(step_weight(&sample_intent([1; 16])), 1);
     }
 
     /// A growing group that rewrites replay records of up to 16 KiB takes

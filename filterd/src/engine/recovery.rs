@@ -6,6 +6,7 @@
 use super::fs::SizeRedo;
 use super::*;
 use libfilter::proto::CorruptRecords;
+use libfilter::store::step_weight;
 
 impl Engine {
     /// Restart recovery: reopens every persistent handle in the store by its
@@ -632,10 +633,13 @@ enum Step {
 }
 
 /// Commits `requests` in order, each whole, at most
-/// [`StateStore::commit_step_ops`] operations a transaction (a larger
-/// request alone): one transaction of them all could need more pages than
-/// a full disk leaves (review rr45h F1). On failure, how many committed
-/// before it and why.
+/// [`StateStore::commit_step_ops`] operations a transaction, each weighed
+/// by the trees it touches and its large values
+/// ([`libfilter::store::step_weight`]; a larger request alone): one
+/// transaction of them all could need more pages than a full disk leaves
+/// (review rr45h F1), and a step of deletes counted one an operation
+/// copied twice the pages it was sized for (re-review rr46c F4). On
+/// failure, how many committed before it and why.
 fn commit_in_steps(
     store: &dyn StateStore,
     requests: &[&[StoreOp]],
@@ -645,12 +649,13 @@ fn commit_in_steps(
     let mut done = 0;
     while done < requests.len() {
         let mut end = done;
-        let mut ops = 0;
+        let mut weight = 0usize;
         for r in requests.iter().skip(done) {
-            if end > done && ops + r.len() > most {
+            let w = r.iter().map(step_weight).sum::<usize>();
+            if end > done && weight.saturating_add(w) > most {
                 break;
             }
-            ops += r.len();
+            weight = weight.saturating_add(w);
             end += 1;
         }
         let step = requests.get(done..end).unwrap_or_default();

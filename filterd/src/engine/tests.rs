@@ -2538,6 +2538,38 @@ fn recovery_records_lost_handles_in_steps_and_serves_without_room() {
     assert!(!store.inner.lock().unwrap().handles.contains_key(&stale.key));
 }
 
+/// Re-review rr46c F4: recovery's steps weigh each operation by the trees
+/// it touches. A stale non-persistent record's delete drops its replay
+/// scope too (two trees): with a step of four, two such deletes a commit,
+/// not four — which copied twice the pages the step was sized for.
+#[test]
+fn recovery_steps_count_the_trees_each_delete_touches() {
+    let h = Harness::new();
+    let (fs, store) = (h.fs.clone(), h.store.clone());
+    let stale: Vec<HandleRecord> = (0..5)
+        .map(|_| {
+            let mut r = persistent_record(&fs, "a");
+            r.key = ResumeKey::new_random();
+            r.durability = Durability::Durable { timeout_ms: 60_000 };
+            r
+        })
+        .collect();
+    let puts: Vec<StoreOp> = stale
+        .iter()
+        .map(|r| StoreOp::PutHandle(Box::new(r.clone())))
+        .collect();
+    store.commit(&[&puts]).unwrap();
+    let seq = {
+        let mut m = store.inner.lock().unwrap();
+        m.step_ops = 4;
+        m.seq
+    };
+    recovered(&fs, &store);
+    let m = store.inner.lock().unwrap();
+    assert!(stale.iter().all(|r| !m.handles.contains_key(&r.key)));
+    assert_eq!(m.seq - seq, 3, "five deletes of two trees, two a commit");
+}
+
 /// Recovery of many handles (the name indexes are filled on a thread of
 /// their own while the files are looked at): every handle is in the table
 /// in key order, the per-client, per-frontend and
