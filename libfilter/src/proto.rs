@@ -1302,6 +1302,13 @@ pub enum Reply {
         /// within a frame. 0 from an older daemon, which sent them all.
         #[serde(default)]
         more: u64,
+        /// Set when the rows are not of now: commits were pending past the
+        /// bound, and these are the rows taken with `status`'s durable
+        /// counts, `counts_age_ms` old (filterctl's `frontends`; absent:
+        /// of now, every pending commit waited for — and from a daemon
+        /// older than this, which refused it `Busy` instead).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        commit_wait: Option<CommitWait>,
     },
     /// Counters.
     Stats(Stats),
@@ -3866,6 +3873,7 @@ mod binary_tests {
                         stored_handles: Some(n).filter(|n| n % 3 == 0),
                     }],
                     more: n % 5,
+                    commit_wait: None,
                 }
             }),
             any::<u64>().prop_map(|n| Reply::Stats(Stats {

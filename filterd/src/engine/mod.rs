@@ -1910,7 +1910,7 @@ impl Engine {
     /// rows offline `filterctl frontends` finds in the store, in its order
     /// (protocol, then instance). Before, every handle counted and the rows
     /// were sorted by instance first, so live and offline differed.
-    fn frontends(&self) -> Vec<FrontendView> {
+    pub(super) fn frontends(&self) -> Vec<FrontendView> {
         let mut stored: BTreeMap<(&Protocol, &InstanceName), u64> = BTreeMap::new();
         for h in self
             .handles
@@ -2013,7 +2013,11 @@ fn frontends_reply(rows: Vec<FrontendView>) -> Reply {
     let all = rows.len();
     let (frontends, _) = page(rows.into_iter(), |_| ());
     let more = (all - frontends.len()) as u64;
-    Reply::Frontends { frontends, more }
+    Reply::Frontends {
+        frontends,
+        more,
+        commit_wait: None,
+    }
 }
 
 /// Takes items while their encoded size fits a page; returns them and, if

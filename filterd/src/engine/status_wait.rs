@@ -30,9 +30,16 @@
 //! page was answered on with what is durable, while a commit given out by
 //! then is still pending (rr43d G3: a slow store whose commits still
 //! resolve). `frontends` counts each instance's stored handles, which
-//! pending commits change; past the bound it is refused (`Busy`, saying
-//! why) rather than left hanging (a unit request, it has no field to ask
-//! with: refused, never a partial answer). A bounded wait takes back its
+//! pending commits change; past the bound it is answered with the rows
+//! taken with the durable counts, as `status` is — at a round's edge with
+//! nothing pending, or with commits pending and kept once those resolve —
+//! and [`CommitWait`] saying how old they are (`counts_age_ms`). Before,
+//! it was refused (`Busy`) past the bound, and under a load that always
+//! has a commit pending, one resolving every second or so, it was refused
+//! every time. The rows are taken only while someone looks at `frontends`
+//! (a pass over every handle): the first `frontends` of a stalled store
+//! finds none and is refused (`Busy`, saying why), never left hanging. A
+//! bounded wait takes back its
 //! own parked reply by a token the engine gave it, never by the request
 //! id, which is the peer's (rr43a F6, rr44a F1).
 
@@ -41,7 +48,8 @@ use std::sync::Arc;
 
 use libfilter::model::{FileId, ResumeKey};
 use libfilter::proto::{
-    CommitWait, ErrorCode, LockCursor, Reply, Request, ServerFrame, StatusInfo, WireError,
+    CommitWait, ErrorCode, FrontendView, LockCursor, Reply, Request, ServerFrame, StatusInfo,
+    WireError,
 };
 
 use super::{err, mono_ms, ConnId, Engine};
@@ -67,12 +75,15 @@ const COUNTS_WATCHED_MS: u64 = 60_000;
 
 /// What `status` counts, taken at the end of an engine round with nothing
 /// pending.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct DurableCounts {
     connected: u64,
     disconnected: u64,
     lost: u64,
     frontends: u64,
+    /// The `frontends` rows, taken while someone looks at `frontends`
+    /// ([`StatusWaits::frontends_watched_until_ms`]; `None` otherwise).
+    rows: Option<Arc<Vec<FrontendView>>>,
     /// When (monotonic ms).
     at_ms: u64,
     /// The newest commit sequence then.
@@ -84,7 +95,8 @@ struct DurableCounts {
 #[derive(Clone, Copy)]
 pub(super) enum Bounded {
     Status,
-    /// Refused past the bound.
+    /// Answered with the rows taken with the durable counts past the
+    /// bound; refused if none were.
     Frontends,
     /// Answered with what is durable past the bound.
     Listing(Listing),
@@ -183,8 +195,11 @@ pub(super) struct StatusWaits {
     /// The last token given to a bounded wait.
     last_token: u64,
     /// Until when the counts are kept fresh ([`COUNTS_WATCHED_MS`] after
-    /// the last status; monotonic ms).
+    /// the last status or `frontends`; monotonic ms).
     watched_until_ms: u64,
+    /// Until when the `frontends` rows are taken with them
+    /// ([`COUNTS_WATCHED_MS`] after the last `frontends`; monotonic ms).
+    frontends_watched_until_ms: u64,
 }
 
 impl StatusWaits {
@@ -248,8 +263,8 @@ impl Engine {
     /// A status or listing request was answered: if its reply is parked
     /// behind pending commits, it is answered at the latest
     /// [`STATUS_COMMIT_WAIT_MS`] from now.
-    /// A status answered at once refreshes the durable counts (what it
-    /// showed is durable).
+    /// A status or `frontends` answered at once refreshes the durable
+    /// counts (what it showed is durable).
     pub(super) fn bound_commit_wait(
         &mut self,
         conn: ConnId,
@@ -258,9 +273,13 @@ impl Engine {
         what: Bounded,
         token: u64,
     ) {
-        let status = matches!(what, Bounded::Status);
+        let status = matches!(what, Bounded::Status | Bounded::Frontends);
         if status {
             self.status_waits.watched_until_ms = mono_ms().saturating_add(COUNTS_WATCHED_MS);
+        }
+        if matches!(what, Bounded::Frontends) {
+            self.status_waits.frontends_watched_until_ms =
+                mono_ms().saturating_add(COUNTS_WATCHED_MS);
         }
         self.note_stuck(mono_ms());
         if let Some(seq) = self.request_waits_for() {
@@ -294,11 +313,13 @@ impl Engine {
         }
         self.status_waits.pending_since_ms = None;
         self.status_waits.candidate = None;
-        let due = self.status_waits.counts.is_none_or(|c| {
+        let rows = self.frontends_watched(now);
+        let due = self.status_waits.counts.as_ref().is_none_or(|c| {
             let age = now.saturating_sub(c.at_ms);
-            watched
-                && ((c.last_seq != last && age >= COUNTS_REFRESH_MS)
-                    || age >= COUNTS_IDLE_REFRESH_MS)
+            (rows && c.rows.is_none())
+                || watched
+                    && ((c.last_seq != last && age >= COUNTS_REFRESH_MS)
+                        || age >= COUNTS_IDLE_REFRESH_MS)
         });
         if force || due {
             self.status_waits.counts = Some(self.counts_now(now, last));
@@ -311,19 +332,35 @@ impl Engine {
     /// and the durable counts are due, new ones are taken, to be durable
     /// once `last` resolves. So under a steady load the counts lag by a
     /// commit's latency, not for as long as the load lasts.
+    ///
+    /// The same for the `frontends` rows while someone looks at
+    /// `frontends`: a candidate taken without them gives way to one with
+    /// them.
     fn note_candidate_counts(&mut self, now: u64, last: u64, watched: bool) {
         let committed = self.pipe.committed();
+        let rows = self.frontends_watched(now);
         let w = &mut self.status_waits;
-        if let Some(c) = w.candidate.filter(|c| c.last_seq <= committed) {
-            w.counts = Some(c);
+        if w.candidate
+            .as_ref()
+            .is_some_and(|c| c.last_seq <= committed)
+        {
+            w.counts = w.candidate.take();
+        }
+        if rows && w.candidate.as_ref().is_some_and(|c| c.rows.is_none()) {
             w.candidate = None;
         }
-        let due = w
-            .counts
-            .is_none_or(|c| now.saturating_sub(c.at_ms) >= COUNTS_REFRESH_MS);
+        let due = w.counts.as_ref().is_none_or(|c| {
+            now.saturating_sub(c.at_ms) >= COUNTS_REFRESH_MS || (rows && c.rows.is_none())
+        });
         if watched && due && w.candidate.is_none() {
             self.status_waits.candidate = Some(self.counts_now(now, last));
         }
+    }
+
+    /// Whether someone looked at `frontends` lately: its rows are then
+    /// taken with the durable counts.
+    fn frontends_watched(&self, now: u64) -> bool {
+        now < self.status_waits.frontends_watched_until_ms
     }
 
     /// The counts of the handles in memory now, `last` the newest
@@ -335,6 +372,9 @@ impl Engine {
             disconnected,
             lost,
             frontends,
+            rows: self
+                .frontends_watched(now)
+                .then(|| Arc::new(self.frontends())),
             at_ms: now,
             last_seq: last,
         }
@@ -435,17 +475,37 @@ impl Engine {
         match w.what {
             Bounded::Status => Ok(Reply::Status(self.durable_status(wait))),
             Bounded::Listing(l) => Ok(self.durable_listing(w.conn, l, wait)),
-            Bounded::Frontends => Err(err(
+            Bounded::Frontends => self.durable_frontends(wait),
+        }
+    }
+
+    /// `frontends` with the rows taken with the durable counts, and what
+    /// it did not wait for (`counts_age_ms`: how old the rows are);
+    /// refused when none were taken (commits pending, none resolving,
+    /// since the first `frontends`).
+    fn durable_frontends(&self, wait: CommitWait) -> Result<Reply, WireError> {
+        let Some(rows) = self
+            .status_waits
+            .counts
+            .as_ref()
+            .and_then(|c| c.rows.clone())
+        else {
+            return Err(err(
                 ErrorCode::Busy,
                 format!(
                     "commits have been pending for {} ms (the store is stalled or slow): \
-                         the frontends listing counts stored handles, which they change, and \
-                         is not answered from durable state; `status` shows the durable \
-                         frontend count",
+                     the frontends listing counts stored handles, which they change, and \
+                     its durable state was not taken yet (it is from the first `frontends` \
+                     on, once commits resolve); `status` shows the durable frontend count",
                     wait.pending_for_ms
                 ),
-            )),
+            ));
+        };
+        let mut reply = super::frontends_reply(rows.as_ref().clone());
+        if let Reply::Frontends { commit_wait, .. } = &mut reply {
+            *commit_wait = Some(wait);
         }
+        Ok(reply)
     }
 
     /// A listing page of what is durable now: the files and handles
@@ -493,6 +553,7 @@ impl Engine {
             counts_age_ms: self
                 .status_waits
                 .counts
+                .as_ref()
                 .map(|c| now.saturating_sub(c.at_ms)),
             handles_left_out: None,
             files_left_out: None,
@@ -502,7 +563,7 @@ impl Engine {
     /// `status` with the durable counts and what it did not wait for.
     fn durable_status(&self, wait: CommitWait) -> StatusInfo {
         let mut s = self.status();
-        let c = self.status_waits.counts;
+        let c = self.status_waits.counts.as_ref();
         s.handles_connected = c.map_or(0, |c| c.connected);
         s.handles_disconnected = c.map_or(0, |c| c.disconnected);
         s.handles_lost = c.map_or(0, |c| c.lost);

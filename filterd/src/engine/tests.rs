@@ -7822,7 +7822,10 @@ fn a_frontends_reply_of_many_instances_fits_a_frame() {
         })
         .collect();
     let reply = super::frontends_reply(rows);
-    let libfilter::proto::Reply::Frontends { frontends, more } = &reply else {
+    let libfilter::proto::Reply::Frontends {
+        frontends, more, ..
+    } = &reply
+    else {
         panic!("{reply:?}");
     };
     assert!(!frontends.is_empty());
@@ -8855,7 +8858,9 @@ fn a_status_behind_a_stalled_commit_answers_with_what_is_durable() {
 /// handles a pending commit changes are left out (not shown as they will
 /// be, nor as they were: no copy of the durable record is kept) and
 /// counted in `commit_wait`; `frontends`, whose stored-handle counts
-/// pending commits change, is refused (`Busy`) rather than left waiting.
+/// pending commits change, asked first now, has no rows taken with the
+/// durable counts to answer with: refused (`Busy`) rather than left
+/// waiting.
 /// Before, each waited for every pending commit, and with etcd stalled an
 /// operator got no answer at all. The parked replies are taken back, so
 /// the commit resolving later sends nothing more (the harness fails a
@@ -10017,6 +10022,74 @@ fn status_counts_refresh_under_a_load_that_never_stops() {
     h.engine.flush();
     h.engine.note_durable_counts(later(2), false);
     assert_eq!(connected(&mut h, later(4)), 1, "only a is durable");
+}
+
+/// Under a load that always has a commit pending, `frontends` past its
+/// bound answers with the rows taken with `status`'s durable counts once
+/// the commits given out when they were taken resolved, and says how old
+/// they are (`commit_wait`); before, it was refused `Busy` every time, as
+/// `status` once showed counts 20 s old (attack45b N2). A store stalled
+/// since the first `frontends` has no such rows: refused, saying why.
+#[test]
+fn frontends_answers_under_a_load_that_never_stops() {
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let first = h.run(Request::Frontends);
+    assert!(
+        matches!(
+            h.reply(first),
+            Some(Ok(Reply::Frontends {
+                commit_wait: None,
+                ..
+            }))
+        ),
+        "nothing pending: answered at once, of now: {:?}",
+        h.reply(first)
+    );
+    let later = |n: u64| mono_ms() + n * super::status_wait::STATUS_COMMIT_WAIT_MS;
+    let frontends = |h: &mut Harness, at: u64| {
+        let id = h.run(Request::Frontends);
+        h.engine.status_waits_due(at);
+        h.drain_replies();
+        h.reply(id).cloned()
+    };
+    // b pending; the rows are taken at a round's end (with b), then c is
+    // given out and b alone resolves: c is always pending.
+    h.run(open("b", Rights::ALL));
+    h.engine.flush();
+    h.engine.note_durable_counts(later(1), false);
+    h.run(open("c", Rights::ALL));
+    h.engine.flush();
+    h.commit_first_job_only();
+    h.engine.note_durable_counts(later(2), false);
+    let Some(Ok(Reply::Frontends {
+        frontends: rows,
+        commit_wait: Some(w),
+        ..
+    })) = frontends(&mut h, later(4))
+    else {
+        panic!("frontends past its bound: {:?}", h.engine.handles.len());
+    };
+    let stored: u64 = rows.iter().filter_map(|f| f.stored_handles).sum();
+    let attached: u64 = rows.iter().map(|f| f.handles).sum();
+    assert_eq!((stored, attached), (2, 2), "a and b are durable: {rows:?}");
+    assert!(
+        w.waited_ms >= super::status_wait::STATUS_COMMIT_WAIT_MS
+            && w.replies_awaiting_commit >= 1
+            && w.counts_age_ms >= Some(2 * super::status_wait::STATUS_COMMIT_WAIT_MS),
+        "says how old the rows are: {w:?}"
+    );
+    // Stalled since the first `frontends`: no durable rows to answer with.
+    let mut h = Harness::new();
+    h.run(open("a", Rights::ALL));
+    h.commit(true);
+    h.run(open("b", Rights::ALL));
+    h.engine.flush();
+    match frontends(&mut h, later(4)) {
+        Some(Err(e)) if e.code == ErrorCode::Busy && e.message.contains("durable state") => {}
+        other => panic!("frontends of a store stalled since it was asked: {other:?}"),
+    }
 }
 
 /// Fails the first group flushed to the committer (as a failed fsync of

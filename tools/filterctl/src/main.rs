@@ -53,9 +53,9 @@ struct Args {
     timeout_ms: u64,
     /// Listings (handles, files, locks, leases) wait for every commit
     /// pending at them, however long (each page up to --timeout-ms), and
-    /// never answer with the durable state only; `frontends`, refused
-    /// while commits are stuck, is asked again until --timeout-ms: for
-    /// scripts that need the complete list.
+    /// never answer with the durable state only; `frontends`, answered
+    /// with older rows or refused while commits are stuck, is asked again
+    /// until --timeout-ms: for scripts that need the complete list.
     #[arg(long, global = true)]
     complete: bool,
     #[command(subcommand)]
@@ -105,9 +105,13 @@ enum Cmd {
     /// Frontend instances: the attached ones and those stored handles name
     /// (offline: the latter), one row each; live, past about 48 KiB of
     /// rows the rest are counted (`…and N more`), not listed. Live, when
-    /// the commits pending at it do not resolve within 1 s, refused with
-    /// the reason (exit 1); with --complete asked again until the timeout
-    /// (--timeout-ms).
+    /// the commits pending at it do not resolve within 1 s, the rows as
+    /// durable at a recent moment, as `status` counts them, and a
+    /// `durable state only` line saying how old (on stderr with --json,
+    /// ending in `commit_wait` and its JSON); refused with the reason
+    /// (exit 1) when filterd has no such rows yet (a store stalled since
+    /// the first `frontends`). With --complete asked again until it
+    /// answers with the rows of now or the timeout (--timeout-ms) passes.
     Frontends,
     /// Counters since the daemon started (live only).
     Stats,
@@ -802,20 +806,38 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
                 // The reply is bounded (a frame): rows past it are counted,
                 // said after the table, or on stderr for JSON (the array
                 // keeps its shape).
-                Reply::Frontends { frontends, more } if args.json => {
+                Reply::Frontends {
+                    frontends,
+                    more,
+                    commit_wait,
+                } if args.json => {
                     print_json(&live_frontends_json(&frontends)?)?;
                     if more > 0 {
                         eprintln!("filterctl: frontends: and {more} more (not listed: the reply is bounded)");
                     }
+                    if let Some(w) = &commit_wait {
+                        eprintln!(
+                            "filterctl: {}; commit_wait {}",
+                            render::frontends_as_of(w),
+                            serde_json::to_string(w)?
+                        );
+                    }
                     Ok(())
                 }
-                Reply::Frontends { frontends, more } => {
+                Reply::Frontends {
+                    frontends,
+                    more,
+                    commit_wait,
+                } => {
                     out!(
                         "{}",
                         render::frontends(&frontends, libfilter::model::now_ms())
                     )?;
                     if more > 0 {
                         outln!("…and {more} more (not listed: the reply is bounded)")?;
+                    }
+                    if let Some(w) = &commit_wait {
+                        outln!("{}", render::frontends_as_of(w))?;
                     }
                     Ok(())
                 }
@@ -947,23 +969,29 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         })
 }
 
-/// `frontends` from a live daemon. filterd refuses it (Busy) while the
-/// commits pending at it do not resolve within its 1 s bound (the stored
-/// counts are what those commits change); with `--complete` it is asked
-/// again, 0.1 s apart, until `--timeout-ms` has passed.
+/// `frontends` from a live daemon. When the commits pending at it do
+/// not resolve within its 1 s bound (the stored counts are what those
+/// commits change), filterd answers with the rows taken with `status`'s
+/// durable counts (`commit_wait` saying how old), or refuses it (Busy)
+/// if it took none; with `--complete` it is asked again, 0.1 s apart,
+/// until it answers with the rows of now or `--timeout-ms` has passed
+/// (then the last answer: a refusal, or older rows and the line saying
+/// so).
 fn frontends_live(c: &FilterClient, args: &Args) -> anyhow::Result<Reply> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(args.timeout_ms);
     loop {
-        match c.call(Request::Frontends) {
-            Err(libfilter::client::ClientError::Refused(e))
-                if args.complete
-                    && e.code == libfilter::proto::ErrorCode::Busy
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(100));
+        let r = c.call(Request::Frontends);
+        let not_of_now = match &r {
+            Err(libfilter::client::ClientError::Refused(e)) => {
+                e.code == libfilter::proto::ErrorCode::Busy
             }
-            r => return Ok(r?.0),
+            Ok((Reply::Frontends { commit_wait, .. }, _)) => commit_wait.is_some(),
+            _ => false,
+        };
+        if !(args.complete && not_of_now && std::time::Instant::now() < deadline) {
+            return Ok(r?.0);
         }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

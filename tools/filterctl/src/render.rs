@@ -612,6 +612,20 @@ pub fn durable_only(w: &libfilter::proto::CommitWait) -> String {
     )
 }
 
+/// The line a live `frontends` answered without waiting for stuck
+/// commits ends with (on stderr for `--json`): its rows are those taken
+/// with `status`'s durable counts, and how old they are.
+pub fn frontends_as_of(w: &libfilter::proto::CommitWait) -> String {
+    format!(
+        "durable state only: commits pending for {} ({} replies waiting); answered after {} without them, with the rows as durable {}",
+        duration_ms(w.pending_for_ms),
+        w.replies_awaiting_commit,
+        duration_ms(w.waited_ms),
+        w.counts_age_ms
+            .map_or_else(|| "at an unknown time".into(), |a| format!("{} ago", duration_ms(a)))
+    )
+}
+
 /// What live `status`'s count of corrupt records is as of: filterd
 /// counted them when it recovered the store (at its start or takeover)
 /// and does not count again — a record filterd has deleted since (a
