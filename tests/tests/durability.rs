@@ -630,6 +630,60 @@ fn frontends_with_complete_waits_out_a_stalled_commit() {
     drop(s);
 }
 
+/// `frontends` asked once, then a close stalls in its commit: past
+/// filterd's 1 s bound `frontends` answers (exit 0) with the rows as
+/// durable before the close — smb-a still storing its handle — and a
+/// `durable state only` line saying how old they are (on stderr with
+/// `--json`, with `commit_wait`). Before, it was refused past the bound,
+/// and under a load that always had a commit pending, every time.
+#[test]
+fn frontends_past_a_stalled_commit_shows_its_durable_rows_and_their_age() {
+    let (s, d, fe, key) =
+        with_persistent_handle("dur-frontends-age", &[], "commit.before:2:sleep6000");
+    let sock = d.socket().display().to_string();
+    let ctl = |json: bool| {
+        let mut args = vec!["--socket", sock.as_str(), "frontends"];
+        if json {
+            args.push("--json");
+        }
+        rkfilter_tests::filterctl_as_is(&args)
+    };
+    let now = ctl(false);
+    assert_eq!(now.code, 0, "{}", now.stderr);
+    assert!(!now.stdout.contains("durable state only"), "{}", now.stdout);
+    let fe2 = fe.clone();
+    let closer = std::thread::spawn(move || fe2.close(key));
+    wait_stalled(&d);
+    let text = ctl(false);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(
+        text.stdout.contains("smb-a")
+            && text.stdout.contains("durable state only")
+            && text.stdout.contains("with the rows as durable"),
+        "{}",
+        text.stdout
+    );
+    let json = ctl(true);
+    assert_eq!(json.code, 0, "{}", json.stderr);
+    let rows = json.json();
+    let stored: Vec<_> = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["instance"] == "smb-a")
+        .map(|r| r["stored_handles"].as_u64())
+        .collect();
+    assert_eq!(stored, [Some(1)], "as before the close: {rows}");
+    let wait: serde_json::Value = json
+        .stderr
+        .split_once("commit_wait ")
+        .and_then(|(_, w)| serde_json::from_str(w.trim()).ok())
+        .unwrap_or_else(|| panic!("flags the rows' age on stderr: {}", json.stderr));
+    assert!(wait["counts_age_ms"].as_u64() >= Some(1000), "{wait}");
+    assert!(closer.join().expect("closer").is_ok(), "the close commits");
+    drop(s);
+}
+
 /// A persistent handle's close stalls 4 s in its commit; `listed` (the
 /// number of handles a listing shows) must answer 0 only once the close
 /// is durable, not after filterd's 1 s bound.

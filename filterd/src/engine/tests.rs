@@ -10063,13 +10063,14 @@ fn frontends_answers_under_a_load_that_never_stops() {
     h.engine.flush();
     h.commit_first_job_only();
     h.engine.note_durable_counts(later(2), false);
+    let past = frontends(&mut h, later(4));
     let Some(Ok(Reply::Frontends {
         frontends: rows,
         commit_wait: Some(w),
         ..
-    })) = frontends(&mut h, later(4))
+    })) = past.clone()
     else {
-        panic!("frontends past its bound: {:?}", h.engine.handles.len());
+        panic!("frontends past its bound: {past:?}");
     };
     let stored: u64 = rows.iter().filter_map(|f| f.stored_handles).sum();
     let attached: u64 = rows.iter().map(|f| f.handles).sum();
