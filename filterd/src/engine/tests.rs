@@ -9988,7 +9988,6 @@ fn status_counts_refresh_under_a_load_that_never_stops() {
         h.reply(first).is_some(),
         "nothing pending: answered at once"
     );
-    let later = |n: u64| mono_ms() + n * super::status_wait::STATUS_COMMIT_WAIT_MS;
     let connected = |h: &mut Harness, at: u64| {
         let id = h.run(Request::Status);
         h.engine.status_waits_due(at);
@@ -9998,15 +9997,7 @@ fn status_counts_refresh_under_a_load_that_never_stops() {
             other => panic!("{other:?}"),
         }
     };
-    // b pending; the counts are taken at a round's end (with b), then c
-    // is given out and b alone resolves: c is always pending.
-    h.run(open("b", Rights::ALL));
-    h.engine.flush();
-    h.engine.note_durable_counts(later(1), false);
-    h.run(open("c", Rights::ALL));
-    h.engine.flush();
-    h.commit_first_job_only();
-    h.engine.note_durable_counts(later(2), false);
+    b_durable_and_c_always_pending(&mut h);
     assert_eq!(connected(&mut h, later(4)), 2, "a and b are durable");
     // Counts taken with x pending, then x's commit fails: not shown.
     let mut h = Harness::new();
@@ -10022,6 +10013,24 @@ fn status_counts_refresh_under_a_load_that_never_stops() {
     h.engine.flush();
     h.engine.note_durable_counts(later(2), false);
     assert_eq!(connected(&mut h, later(4)), 1, "only a is durable");
+}
+
+/// `n` bounds of a status wait from now (monotonic ms).
+fn later(n: u64) -> u64 {
+    mono_ms() + n * super::status_wait::STATUS_COMMIT_WAIT_MS
+}
+
+/// A load that always has a commit pending: b pending, the durable counts
+/// are taken at a round's end (with b, [`later`] 1), then c is given out
+/// and b alone resolves (at `later(2)`): c is always pending.
+fn b_durable_and_c_always_pending(h: &mut Harness) {
+    h.run(open("b", Rights::ALL));
+    h.engine.flush();
+    h.engine.note_durable_counts(later(1), false);
+    h.run(open("c", Rights::ALL));
+    h.engine.flush();
+    h.commit_first_job_only();
+    h.engine.note_durable_counts(later(2), false);
 }
 
 /// Under a load that always has a commit pending, `frontends` past its
@@ -10047,22 +10056,13 @@ fn frontends_answers_under_a_load_that_never_stops() {
         "nothing pending: answered at once, of now: {:?}",
         h.reply(first)
     );
-    let later = |n: u64| mono_ms() + n * super::status_wait::STATUS_COMMIT_WAIT_MS;
     let frontends = |h: &mut Harness, at: u64| {
         let id = h.run(Request::Frontends);
         h.engine.status_waits_due(at);
         h.drain_replies();
         h.reply(id).cloned()
     };
-    // b pending; the rows are taken at a round's end (with b), then c is
-    // given out and b alone resolves: c is always pending.
-    h.run(open("b", Rights::ALL));
-    h.engine.flush();
-    h.engine.note_durable_counts(later(1), false);
-    h.run(open("c", Rights::ALL));
-    h.engine.flush();
-    h.commit_first_job_only();
-    h.engine.note_durable_counts(later(2), false);
+    b_durable_and_c_always_pending(&mut h);
     let past = frontends(&mut h, later(4));
     let Some(Ok(Reply::Frontends {
         frontends: rows,
