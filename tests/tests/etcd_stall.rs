@@ -1053,7 +1053,8 @@ fn a_keepalive_stream_opened_over_a_slow_link_counts_its_opening_answer() {
 /// within filterd's 1 s bound, not after the commit, with the durable
 /// handle only (not the one whose CREATE waits), and saying so — on
 /// stderr as `commit_wait` JSON with `--json` (the array keeps its
-/// shape), in a `durable state only` line otherwise; `frontends` is
+/// shape), in a `durable state only` line otherwise; `frontends`, asked
+/// first during the stall (filterd took no durable copy of its rows), is
 /// refused with a reason, exit 1, not left hanging. `status` shows the
 /// lease's time left running down (the keepalive's renewals wait behind
 /// the link too). Before, each listing waited for the commit until
