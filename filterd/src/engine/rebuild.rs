@@ -311,18 +311,24 @@ impl Engine {
 
     /// Answers `w`, a run again whose commit failed too, without waiting
     /// for what is pending: a status or `durable_ok` listing with what is
-    /// durable, as past its bound ([`super::status_wait`]); any other
-    /// view is refused `Busy`, saying why (it has no durable answer: a
-    /// complete listing, `frontends`, a view of one handle, record or
-    /// check). Nothing of it was run again, so nothing was counted anew
+    /// durable, as past its bound ([`super::status_wait`]), and so a
+    /// `frontends` when its rows were taken with the durable counts; any
+    /// other view is refused `Busy`, saying why (it has no durable answer:
+    /// a complete listing, `frontends` without such rows, a view of one
+    /// handle, record or check). Nothing of it was run again, so nothing was counted anew
     /// (a `CheckIo`'s I/O was forgotten in flight by the rollback).
     fn answer_run_again(&mut self, w: Withdrawn) {
         let Some(writer) = self.conns.get(&w.conn).map(|c| c.writer.clone()) else {
             return;
         };
         let now = mono_ms();
-        match Bounded::of(&w.req) {
-            Some(what @ (Bounded::Status | Bounded::Listing(_))) => {
+        let durable = match Bounded::of(&w.req) {
+            Some(what @ (Bounded::Status | Bounded::Listing(_))) => Some(what),
+            Some(what @ Bounded::Frontends) if self.durable_frontends_taken() => Some(what),
+            _ => None,
+        };
+        match durable {
+            Some(what) => {
                 let wait = Waiting {
                     writer,
                     conn: w.conn,
@@ -334,7 +340,7 @@ impl Engine {
                 };
                 self.answer_durably(&wait, now);
             }
-            _ => {
+            None => {
                 let e = err(
                     ErrorCode::Busy,
                     format!(

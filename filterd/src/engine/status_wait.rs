@@ -479,6 +479,15 @@ impl Engine {
         }
     }
 
+    /// Whether `frontends` rows were taken with the durable counts: a
+    /// `frontends` answered with what is durable gets them.
+    pub(super) fn durable_frontends_taken(&self) -> bool {
+        self.status_waits
+            .counts
+            .as_ref()
+            .is_some_and(|c| c.rows.is_some())
+    }
+
     /// `frontends` with the rows taken with the durable counts, and what
     /// it did not wait for (`counts_age_ms`: how old the rows are);
     /// refused when none were taken (commits pending, none resolving,

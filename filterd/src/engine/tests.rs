@@ -10164,12 +10164,25 @@ fn a_view_after_a_failure_goes_behind_the_reply_of_what_it_shows() {
 /// answered, and every failure ran every such view again. Run again once,
 /// a view whose commit fails again while others are still pending is
 /// answered without waiting: a status or `durable_ok` listing from what
-/// is durable (as past its bound), any other refused `Busy`, saying why.
+/// is durable (as past its bound), and a `frontends` so once its rows
+/// were taken with the durable counts (asked before, with nothing
+/// pending); any other refused `Busy`, saying why.
 #[test]
 fn a_view_run_again_is_not_run_again_while_commits_keep_failing() {
-    let mut h = Harness::new();
-    h.run(open("a", Rights::ALL));
-    h.commit(true);
+    for asked_before in [false, true] {
+        let mut h = Harness::new();
+        h.run(open("a", Rights::ALL));
+        h.commit(true);
+        if asked_before {
+            h.run(Request::Frontends);
+        }
+        view_run_again_while_commits_keep_failing(h, asked_before);
+    }
+}
+
+/// [`a_view_run_again_is_not_run_again_while_commits_keep_failing`]
+/// after "a" is open, `frontends` asked before or not.
+fn view_run_again_while_commits_keep_failing(mut h: Harness, frontends_asked_before: bool) {
     // b's open to fail first; then c's, pending behind it, to fail next.
     h.run(open("b", Rights::ALL));
     let views = [
@@ -10211,9 +10224,22 @@ fn a_view_run_again_is_not_run_again_while_commits_keep_failing() {
         "{:?}",
         h.reply(durable)
     );
-    for id in [complete, frontends] {
-        assert_eq!(h.refused(id), ErrorCode::Busy);
+    if frontends_asked_before {
+        assert!(
+            matches!(
+                h.reply(frontends),
+                Some(Ok(Reply::Frontends {
+                    commit_wait: Some(_),
+                    ..
+                }))
+            ),
+            "{:?}",
+            h.reply(frontends)
+        );
+    } else {
+        assert_eq!(h.refused(frontends), ErrorCode::Busy);
     }
+    assert_eq!(h.refused(complete), ErrorCode::Busy);
     let Some(Err(e)) = h.reply(complete) else {
         unreachable!()
     };
