@@ -281,8 +281,9 @@ fn note_growth_bound(bytes: u64) {
     let _ = bytes;
 }
 
-/// Puts `item` under `key` in `db`, encoded once, its pages counted in
-/// `written`.
+/// Puts `item` under `key` in `db`, encoded once by the table's declared
+/// codec ([`Versioned`]), its pages counted in `written`: the bytes are
+/// written as they are, not encoded again.
 fn put_written<K, T, E>(
     db: &Database<K, Versioned<T>>,
     txn: &mut heed::RwTxn<'_>,
@@ -295,7 +296,7 @@ where
     E: ?Sized,
     T: StoredRecord,
 {
-    let value = encode_record(item)?;
+    let value = Versioned::<T>::bytes_encode(item).map_err(heed::Error::Encoding)?;
     let key_len = K::bytes_encode(key).map_or(0, |k| k.len());
     written.put(key_len, value.len());
     db.remap_data_type::<Bytes>()
