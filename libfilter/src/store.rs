@@ -740,10 +740,14 @@ pub fn step_ops(room_pages: u64) -> usize {
 }
 
 /// What `op` counts towards a step of [`step_ops`]: one for each tree it
-/// touches — a handle's delete touches two, its record and its replay
-/// scope, whose records are contiguous keys (re-review rr46c F4: at one
-/// an operation, a step of such deletes copied up to twice the pages it
-/// was sized for, and two steps in flight took about the whole room); a
+/// touches — a persistent handle's delete touches two, its record and its
+/// replay scope, whose records are contiguous keys (re-review rr46c F4: at
+/// one an operation, a step of such deletes copied up to twice the pages
+/// it was sized for, and two steps in flight took about the whole room);
+/// another handle's one, as its replay scope is never stored (filterd
+/// records replies only for persistent handles' scopes; re-review rr47a
+/// F5: weighed two, a start's steps deleting stale records of
+/// non-persistent handles were half the size they could be); a
 /// replay record's trims, scattered by recording order, one each — and
 /// one for every four overflow pages of a value it puts (a handle record
 /// with a long path and many locks takes two). Sized for pages of 4 KiB:
@@ -757,7 +761,8 @@ pub fn step_weight(op: &StoreOp) -> usize {
     };
     match op {
         StoreOp::PutHandle(rec) => 1 + value(16, encode_record(rec.as_ref())),
-        StoreOp::DeleteHandle(_) => 2,
+        StoreOp::DeleteHandle(rec) if rec.durability.is_persistent() => 2,
+        StoreOp::DeleteHandle(_) => 1,
         StoreOp::PutReplay {
             scope,
             op_id,
@@ -1979,7 +1984,16 @@ pub(crate) mod tests {
     fn step_weights_count_trees_and_large_values() {
         let small = rec("a");
         assert_eq!(step_weight(&StoreOp::PutHandle(Box::new(small.clone()))), 1);
-        assert_eq!(step_weight(&StoreOp::DeleteHandle(Box::new(small))), 2);
+        assert_eq!(
+            step_weight(&StoreOp::DeleteHandle(Box::new(small.clone()))),
+            2
+        );
+        // A non-persistent handle's replay scope is never stored.
+        let durable = HandleRecord {
+            durability: Durability::Durable { timeout_ms: 1000 },
+            ..small
+        };
+        assert_eq!(step_weight(&StoreOp::DeleteHandle(Box::new(durable))), 1);
         // A 4 KiB path and 64 locks: two overflow pages.
         let mut large = rec(&vec!["p".repeat(200); 20].join("/"));
         large.locks = (0..64)

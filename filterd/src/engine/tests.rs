@@ -2538,12 +2538,15 @@ fn recovery_records_lost_handles_in_steps_and_serves_without_room() {
     assert!(!store.inner.lock().unwrap().handles.contains_key(&stale.key));
 }
 
-/// Re-review rr46c F4: recovery's steps weigh each operation by the trees
-/// it touches. A stale non-persistent record's delete drops its replay
-/// scope too (two trees): with a step of four, two such deletes a commit,
-/// not four — which copied twice the pages the step was sized for.
+/// Re-review rr46c F4, rr47a F5: recovery's steps weigh each operation
+/// by the trees it touches and its large values. A stale non-persistent
+/// record's delete touches its record alone (its replay scope is never
+/// stored): with a step of four, five such deletes take two commits (at
+/// two each, three). A lost mark of a handle with a 4 KiB path and 64
+/// locks (two overflow pages) weighs two: five take three commits, not
+/// two, as they would at one an operation.
 #[test]
-fn recovery_steps_count_the_trees_each_delete_touches() {
+fn recovery_steps_weigh_what_each_operation_touches() {
     let h = Harness::new();
     let (fs, store) = (h.fs.clone(), h.store.clone());
     let stale: Vec<HandleRecord> = (0..5)
@@ -2554,10 +2557,37 @@ fn recovery_steps_count_the_trees_each_delete_touches() {
             r
         })
         .collect();
-    let puts: Vec<StoreOp> = stale
-        .iter()
-        .map(|r| StoreOp::PutHandle(Box::new(r.clone())))
+    let large: Vec<HandleRecord> = (0..5)
+        .map(|i| {
+            let mut r = persistent_record(&fs, "a");
+            r.key = ResumeKey::new_random();
+            // Gone: no file at its path nor by its identity.
+            r.path = RelPath::new(vec![format!("{i}").repeat(200); 20].join("/")).unwrap();
+            r.file = FileId { dev: 9, ino: 9 };
+            r.kernel_handle = None;
+            r.locks = (0..64)
+                .map(|o| HeldLock {
+                    range: LockRange {
+                        offset: o * 100,
+                        length: 10,
+                    },
+                    kind: libfilter::locks::LockKind::Exclusive,
+                })
+                .collect();
+            r
+        })
         .collect();
+    let put = |r: &HandleRecord| StoreOp::PutHandle(Box::new(r.clone()));
+    let lost_mark = |r: &HandleRecord| {
+        put(&HandleRecord {
+            conn: ConnState::Lost,
+            ..r.clone()
+        })
+    };
+    assert!(large
+        .iter()
+        .all(|r| libfilter::store::step_weight(&lost_mark(r)) == 2));
+    let puts: Vec<StoreOp> = stale.iter().chain(&large).map(put).collect();
     store.commit(&[&puts]).unwrap();
     let seq = {
         let mut m = store.inner.lock().unwrap();
@@ -2567,7 +2597,14 @@ fn recovery_steps_count_the_trees_each_delete_touches() {
     recovered(&fs, &store);
     let m = store.inner.lock().unwrap();
     assert!(stale.iter().all(|r| !m.handles.contains_key(&r.key)));
-    assert_eq!(m.seq - seq, 3, "five deletes of two trees, two a commit");
+    assert!(large
+        .iter()
+        .all(|r| m.handles.get(&r.key).map(|r| r.conn) == Some(ConnState::Lost)));
+    assert_eq!(
+        m.seq - seq,
+        2 + 3,
+        "five deletes of one tree, four a commit; five lost marks of two overflow pages, two a commit"
+    );
 }
 
 /// Recovery of many handles (the name indexes are filled on a thread of
