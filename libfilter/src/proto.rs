@@ -467,7 +467,19 @@ pub enum Request {
         durable_ok: bool,
     },
     /// Attached frontends.
-    Frontends,
+    Frontends {
+        /// The caller takes rows as durable at a recent moment if commits
+        /// stay pending (filterctl's `frontends` only): past filterd's
+        /// bound (1 s for the request) the reply lists the rows taken with
+        /// `status`'s durable counts, and carries `commit_wait` saying how
+        /// old they are. Unset (the default, and all an older peer sends)
+        /// the request is refused (`Busy`, saying why) past the bound, as
+        /// before, so that a caller that does not read `commit_wait` never
+        /// gets older rows unmarked (re-review rr47a F2). An older daemon
+        /// ignores it and refuses.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        durable_ok: bool,
+    },
     /// Counters.
     Stats,
     /// Expire a disconnected handle now. Control only.
@@ -808,7 +820,7 @@ impl Request {
             Request::Handles { .. } => "handles",
             Request::Handle { .. } => "handle",
             Request::Files { .. } => "files",
-            Request::Frontends => "frontends",
+            Request::Frontends { .. } => "frontends",
             Request::Stats => "stats",
             Request::Expire { .. } => "expire",
             Request::PurgeDisconnected => "purge_disconnected",
@@ -3525,7 +3537,7 @@ mod binary_tests {
                     holders_after,
                     durable_ok
                 }),
-            Just(Request::Frontends),
+            any::<bool>().prop_map(|durable_ok| Request::Frontends { durable_ok }),
             Just(Request::Stats),
             key().prop_map(|key| Request::Expire { key }),
             Just(Request::PurgeDisconnected),
@@ -3629,6 +3641,36 @@ mod binary_tests {
         ]
     }
 
+    /// Re-review rr47a F2: `Frontends`'s `durable_ok` keeps the wire as
+    /// it was: unset, the request is `{"op": "frontends"}` both ways, and
+    /// an older daemon's unit variant reads one with it set (ignoring it,
+    /// and refusing past its bound as before).
+    #[test]
+    fn frontends_durable_ok_keeps_the_wire() {
+        let plain = RequestFrame {
+            id: 1,
+            req: Request::Frontends { durable_ok: false },
+        };
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            serde_json::json!({"id": 1, "op": "frontends"})
+        );
+        let sent_before: RequestFrame =
+            serde_json::from_str(r#"{"id": 1, "op": "frontends"}"#).unwrap();
+        assert_eq!(sent_before, plain);
+        #[derive(Debug, Deserialize)]
+        #[serde(rename_all = "snake_case", tag = "op")]
+        enum Older {
+            Frontends,
+        }
+        let asked = serde_json::to_string(&Request::Frontends { durable_ok: true }).unwrap();
+        assert!(asked.contains("durable_ok"), "{asked}");
+        assert!(matches!(
+            serde_json::from_str::<Older>(&asked),
+            Ok(Older::Frontends)
+        ));
+    }
+
     #[test]
     fn covers_every_request() {
         // Compile-time reminder: a new variant needs a case in `request()`.
@@ -3643,7 +3685,7 @@ mod binary_tests {
                 | Request::Handles { .. }
                 | Request::Handle { .. }
                 | Request::Files { .. }
-                | Request::Frontends
+                | Request::Frontends { .. }
                 | Request::Stats
                 | Request::Expire { .. }
                 | Request::PurgeDisconnected

@@ -635,11 +635,15 @@ fn frontends_with_complete_waits_out_a_stalled_commit() {
 /// durable before the close — smb-a still storing its handle — and a
 /// `durable state only` line saying how old they are (on stderr with
 /// `--json`, with `commit_wait`). Before, it was refused past the bound,
-/// and under a load that always had a commit pending, every time.
+/// and under a load that always had a commit pending, every time. Only
+/// filterctl's `frontends` asks for them (`durable_ok`): a library
+/// caller, which reads no `commit_wait`, is refused, and `--complete`
+/// fails at its timeout (exit 1) rather than answer with them (re-review
+/// rr47a F2: exit 0, the rows unmarked in the JSON).
 #[test]
 fn frontends_past_a_stalled_commit_shows_its_durable_rows_and_their_age() {
     let (s, d, fe, key) =
-        with_persistent_handle("dur-frontends-age", &[], "commit.before:2:sleep6000");
+        with_persistent_handle("dur-frontends-age", &[], "commit.before:2:sleep8000");
     let sock = d.socket().display().to_string();
     let ctl = |json: bool| {
         let mut args = vec!["--socket", sock.as_str(), "frontends"];
@@ -680,6 +684,31 @@ fn frontends_past_a_stalled_commit_shows_its_durable_rows_and_their_age() {
         .and_then(|(_, w)| serde_json::from_str(w.trim()).ok())
         .unwrap_or_else(|| panic!("flags the rows' age on stderr: {}", json.stderr));
     assert!(wait["counts_age_ms"].as_u64() >= Some(1000), "{wait}");
+    let library = d
+        .control()
+        .call(libfilter::proto::Request::Frontends { durable_ok: false });
+    assert!(
+        matches!(&library, Err(libfilter::client::ClientError::Refused(e)) if e.code == libfilter::proto::ErrorCode::Busy),
+        "{library:?}"
+    );
+    let complete = rkfilter_tests::filterctl_as_is(&[
+        "--socket",
+        &sock,
+        "--complete",
+        "--timeout-ms",
+        "1500",
+        "frontends",
+        "--json",
+    ]);
+    assert_eq!(complete.code, 1, "{}", complete.stdout);
+    assert!(
+        complete
+            .stderr
+            .contains("no rows of now within --timeout-ms"),
+        "{}",
+        complete.stderr
+    );
+    assert!(!closer.is_finished(), "all within the stall");
     assert!(closer.join().expect("closer").is_ok(), "the close commits");
     drop(s);
 }

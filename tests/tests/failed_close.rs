@@ -785,7 +785,9 @@ fn rksmbd_resumes_a_handle_whose_detach_was_never_answered() {
         Duration::from_secs(20),
         || {
             let attached = matches!(
-                run.d.control().call(libfilter::proto::Request::Frontends),
+                run.d.control().call(libfilter::proto::Request::Frontends {
+                    durable_ok: false,
+                }),
                 Ok((libfilter::proto::Reply::Frontends { frontends, .. }, _)) if frontends.iter().any(|f| f.attached)
             );
             let v = rkfilter_tests::filterctl(&["--socket", &sock, "handles", "--json"]).json();

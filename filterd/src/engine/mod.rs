@@ -1315,7 +1315,7 @@ impl Engine {
             Request::Status
             | Request::Handles { .. }
             | Request::Files { .. }
-            | Request::Frontends
+            | Request::Frontends { .. }
             | Request::Locks { .. } => self.depends_on_all(),
             Request::Handle { key, .. }
             | Request::Close { key, .. }
@@ -1820,7 +1820,7 @@ impl Engine {
                 self.files_page(conn, after, holders_after, None),
                 None,
             ))),
-            Request::Frontends => Ok(Some((frontends_reply(self.frontends()), None))),
+            Request::Frontends { .. } => Ok(Some((frontends_reply(self.frontends()), None))),
             Request::Stats => {
                 let mut s = self.durable_stats();
                 s.commits = self.commit_counters.commits.load(Ordering::Relaxed);

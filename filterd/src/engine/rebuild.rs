@@ -67,7 +67,7 @@ pub(super) fn changes_nothing(req: &Request) -> bool {
         Request::Status
             | Request::Handles { .. }
             | Request::Files { .. }
-            | Request::Frontends
+            | Request::Frontends { .. }
             | Request::Locks { .. }
             | Request::Handle { .. }
             | Request::LookupReply { .. }
@@ -312,9 +312,10 @@ impl Engine {
     /// Answers `w`, a run again whose commit failed too, without waiting
     /// for what is pending: a status or `durable_ok` listing with what is
     /// durable, as past its bound ([`super::status_wait`]), and so a
-    /// `frontends` when its rows were taken with the durable counts; any
+    /// `durable_ok` `frontends` when its rows were taken with the durable
+    /// counts; any
     /// other view is refused `Busy`, saying why (it has no durable answer:
-    /// a complete listing, `frontends` without such rows, a view of one
+    /// a complete listing, `frontends` without `durable_ok` or such rows, a view of one
     /// handle, record or check). Nothing of it was run again, so nothing was counted anew
     /// (a `CheckIo`'s I/O was forgotten in flight by the rollback).
     fn answer_run_again(&mut self, w: Withdrawn) {
@@ -324,7 +325,11 @@ impl Engine {
         let now = mono_ms();
         let durable = match Bounded::of(&w.req) {
             Some(what @ (Bounded::Status | Bounded::Listing(_))) => Some(what),
-            Some(what @ Bounded::Frontends) if self.durable_frontends_taken() => Some(what),
+            Some(what @ Bounded::Frontends { durable_ok: true })
+                if self.durable_frontends_taken() =>
+            {
+                Some(what)
+            }
             _ => None,
         };
         match durable {

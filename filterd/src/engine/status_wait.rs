@@ -30,7 +30,8 @@
 //! page was answered on with what is durable, while a commit given out by
 //! then is still pending (rr43d G3: a slow store whose commits still
 //! resolve). `frontends` counts each instance's stored handles, which
-//! pending commits change; past the bound it is answered with the rows
+//! pending commits change; past the bound, asked with `durable_ok`
+//! (filterctl's), it is answered with the rows
 //! taken with the durable counts, as `status` is — at a round's edge with
 //! nothing pending, or with commits pending and kept once those resolve —
 //! and [`CommitWait`] saying how old they are (`counts_age_ms`). Before,
@@ -38,7 +39,10 @@
 //! has a commit pending, one resolving every second or so, it was refused
 //! every time. The rows are taken only while someone looks at `frontends`
 //! (a pass over every handle): the first `frontends` of a stalled store
-//! finds none and is refused (`Busy`, saying why), never left hanging. A
+//! finds none and is refused (`Busy`, saying why), never left hanging.
+//! Without `durable_ok` (an older filterctl, a library caller, none of
+//! which reads `commit_wait`) it is refused past the bound, as before, and
+//! takes no rows (re-review rr47a F2: they got older rows unmarked). A
 //! bounded wait takes back its
 //! own parked reply by a token the engine gave it, never by the request
 //! id, which is the peer's (rr43a F6, rr44a F1).
@@ -95,9 +99,11 @@ struct DurableCounts {
 #[derive(Clone, Copy)]
 pub(super) enum Bounded {
     Status,
-    /// Answered with the rows taken with the durable counts past the
-    /// bound; refused if none were.
-    Frontends,
+    /// With `durable_ok`, answered with the rows taken with the durable
+    /// counts past the bound, refused if none were; without, refused.
+    Frontends {
+        durable_ok: bool,
+    },
     /// Answered with what is durable past the bound.
     Listing(Listing),
 }
@@ -125,7 +131,7 @@ impl Bounded {
     pub(super) fn of(req: &Request) -> Option<Bounded> {
         Some(match *req {
             Request::Status => Bounded::Status,
-            Request::Frontends => Bounded::Frontends,
+            Request::Frontends { durable_ok } => Bounded::Frontends { durable_ok },
             Request::Handles {
                 after,
                 durable_ok: true,
@@ -273,11 +279,13 @@ impl Engine {
         what: Bounded,
         token: u64,
     ) {
-        let status = matches!(what, Bounded::Status | Bounded::Frontends);
+        // A `frontends` that takes no durable rows has no use for them.
+        let rows = matches!(what, Bounded::Frontends { durable_ok: true });
+        let status = rows || matches!(what, Bounded::Status);
         if status {
             self.status_waits.watched_until_ms = mono_ms().saturating_add(COUNTS_WATCHED_MS);
         }
-        if matches!(what, Bounded::Frontends) {
+        if rows {
             self.status_waits.frontends_watched_until_ms =
                 mono_ms().saturating_add(COUNTS_WATCHED_MS);
         }
@@ -475,7 +483,17 @@ impl Engine {
         match w.what {
             Bounded::Status => Ok(Reply::Status(self.durable_status(wait))),
             Bounded::Listing(l) => Ok(self.durable_listing(w.conn, l, wait)),
-            Bounded::Frontends => self.durable_frontends(wait),
+            Bounded::Frontends { durable_ok: true } => self.durable_frontends(wait),
+            Bounded::Frontends { durable_ok: false } => Err(err(
+                ErrorCode::Busy,
+                format!(
+                    "commits have been pending for {} ms (the store is stalled or slow): \
+                     the frontends listing counts stored handles, which they change, and \
+                     is not answered from durable state unless asked with `durable_ok`; \
+                     `status` shows the durable frontend count",
+                    wait.pending_for_ms
+                ),
+            )),
         }
     }
 

@@ -8927,7 +8927,7 @@ fn listings_behind_a_stalled_commit_answer_with_what_is_durable() {
             locks_after: None,
             durable_ok: true,
         }),
-        h.run(Request::Frontends),
+        h.run(Request::Frontends { durable_ok: false }),
     ];
     // Without `durable_ok` (a frontend's, a library caller's): complete,
     // waiting for every pending commit however long (re-review rr43a F1).
@@ -9746,7 +9746,7 @@ fn views_of(key: ResumeKey) -> Vec<Request> {
             locks_after: None,
             durable_ok: true,
         },
-        Request::Frontends,
+        Request::Frontends { durable_ok: false },
         Request::Handle {
             key,
             learning: false,
@@ -10081,7 +10081,7 @@ fn frontends_answers_under_a_load_that_never_stops() {
     let mut h = Harness::new();
     h.run(open("a", Rights::ALL));
     h.commit(true);
-    let first = h.run(Request::Frontends);
+    let first = h.run(Request::Frontends { durable_ok: true });
     assert!(
         matches!(
             h.reply(first),
@@ -10094,7 +10094,7 @@ fn frontends_answers_under_a_load_that_never_stops() {
         h.reply(first)
     );
     let frontends = |h: &mut Harness, at: u64| {
-        let id = h.run(Request::Frontends);
+        let id = h.run(Request::Frontends { durable_ok: true });
         h.engine.status_waits_due(at);
         h.drain_replies();
         h.reply(id).cloned()
@@ -10118,6 +10118,16 @@ fn frontends_answers_under_a_load_that_never_stops() {
             && w.counts_age_ms >= Some(2 * super::status_wait::STATUS_COMMIT_WAIT_MS),
         "says how old the rows are: {w:?}"
     );
+    // Re-review rr47a F2: a caller that did not ask with `durable_ok` (an
+    // older filterctl, a library caller) reads no `commit_wait`: refused,
+    // as before, never given the older rows unmarked.
+    let id = h.run(Request::Frontends { durable_ok: false });
+    h.engine.status_waits_due(later(5));
+    h.drain_replies();
+    match h.reply(id) {
+        Some(Err(e)) if e.code == ErrorCode::Busy && e.message.contains("durable_ok") => {}
+        other => panic!("frontends without durable_ok past its bound: {other:?}"),
+    }
     // Stalled since the first `frontends`: no durable rows to answer with.
     let mut h = Harness::new();
     h.run(open("a", Rights::ALL));
@@ -10211,7 +10221,7 @@ fn a_view_run_again_is_not_run_again_while_commits_keep_failing() {
         h.run(open("a", Rights::ALL));
         h.commit(true);
         if asked_before {
-            h.run(Request::Frontends);
+            h.run(Request::Frontends { durable_ok: true });
         }
         view_run_again_while_commits_keep_failing(h, asked_before);
     }
@@ -10229,7 +10239,7 @@ fn view_run_again_while_commits_keep_failing(mut h: Harness, frontends_asked_bef
             after: None,
             durable_ok: false,
         },
-        Request::Frontends,
+        Request::Frontends { durable_ok: true },
     ]
     .map(|v| h.run(v));
     h.engine.flush();
@@ -10262,17 +10272,19 @@ fn view_run_again_while_commits_keep_failing(mut h: Harness, frontends_asked_bef
         h.reply(durable)
     );
     if frontends_asked_before {
-        assert!(
-            matches!(
-                h.reply(frontends),
-                Some(Ok(Reply::Frontends {
-                    commit_wait: Some(_),
-                    ..
-                }))
-            ),
-            "{:?}",
-            h.reply(frontends)
-        );
+        let Some(Ok(Reply::Frontends {
+            frontends: rows,
+            commit_wait: Some(_),
+            ..
+        })) = h.reply(frontends)
+        else {
+            panic!("{:?}", h.reply(frontends));
+        };
+        // Re-review rr47a F3: the rows as durable, none of the pending
+        // state (a's second open) nor of what failed (b, c).
+        let stored: u64 = rows.iter().filter_map(|f| f.stored_handles).sum();
+        let attached: u64 = rows.iter().map(|f| f.handles).sum();
+        assert_eq!((stored, attached), (1, 1), "a alone is durable: {rows:?}");
     } else {
         assert_eq!(h.refused(frontends), ErrorCode::Busy);
     }

@@ -53,9 +53,10 @@ struct Args {
     timeout_ms: u64,
     /// Listings (handles, files, locks, leases) wait for every commit
     /// pending at them, however long (each page up to --timeout-ms), and
-    /// never answer with the durable state only; `frontends`, answered
-    /// with older rows or refused while commits are stuck, is asked again
-    /// until --timeout-ms: for scripts that need the complete list.
+    /// never answer with the durable state only; `frontends` never
+    /// answers with older rows: refused while commits are stuck, it is
+    /// asked again until --timeout-ms, then fails (exit 1): for scripts
+    /// that need the complete list.
     #[arg(long, global = true)]
     complete: bool,
     #[command(subcommand)]
@@ -110,8 +111,9 @@ enum Cmd {
     /// `durable state only` line saying how old (on stderr with --json,
     /// ending in `commit_wait` and its JSON); refused with the reason
     /// (exit 1) when filterd has no such rows yet (a store stalled since
-    /// the first `frontends`). With --complete asked again until it
-    /// answers with the rows of now or the timeout (--timeout-ms) passes.
+    /// the first `frontends`). With --complete never the older rows: asked
+    /// again until it answers with the rows of now, or failing (exit 1)
+    /// once the timeout (--timeout-ms) passes.
     Frontends,
     /// Counters since the daemon started (live only).
     Stats,
@@ -973,14 +975,17 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// not resolve within its 1 s bound (the stored counts are what those
 /// commits change), filterd answers with the rows taken with `status`'s
 /// durable counts (`commit_wait` saying how old), or refuses it (Busy)
-/// if it took none; with `--complete` it is asked again, 0.1 s apart,
-/// until it answers with the rows of now or `--timeout-ms` has passed
-/// (then the last answer: a refusal, or older rows and the line saying
-/// so).
+/// if it took none. With `--complete` it is asked without `durable_ok`
+/// (refused past the bound), again, 0.1 s apart, until it answers with
+/// the rows of now; once `--timeout-ms` has passed, an error (exit 1):
+/// before re-review rr47a F2, the older rows, exit 0, which a script
+/// reading the JSON could not tell from the rows of now.
 fn frontends_live(c: &FilterClient, args: &Args) -> anyhow::Result<Reply> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(args.timeout_ms);
     loop {
-        let r = c.call(Request::Frontends);
+        let r = c.call(Request::Frontends {
+            durable_ok: !args.complete,
+        });
         let not_of_now = match &r {
             Err(libfilter::client::ClientError::Refused(e)) => {
                 e.code == libfilter::proto::ErrorCode::Busy
@@ -988,8 +993,18 @@ fn frontends_live(c: &FilterClient, args: &Args) -> anyhow::Result<Reply> {
             Ok((Reply::Frontends { commit_wait, .. }, _)) => commit_wait.is_some(),
             _ => false,
         };
-        if !(args.complete && not_of_now && std::time::Instant::now() < deadline) {
+        if !(args.complete && not_of_now) {
             return Ok(r?.0);
+        }
+        if std::time::Instant::now() >= deadline {
+            let last = match r {
+                Err(e) => e.to_string(),
+                Ok(_) => "answered with older rows".into(),
+            };
+            bail!(
+                "frontends: no rows of now within --timeout-ms ({} ms), commits still pending; last answer: {last}",
+                args.timeout_ms
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
