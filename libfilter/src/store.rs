@@ -273,13 +273,6 @@ thread_local! {
     static GROWTH_BOUND: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
-#[cfg(test)]
-thread_local! {
-    /// The state filesystem's free bytes as this thread's commits see
-    /// them, when set (a nearly full disk without filling one).
-    static FS_FREE: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
-}
-
 /// Notes the [`growth_bound`] a commit checked (tests only).
 fn note_growth_bound(bytes: u64) {
     #[cfg(test)]
@@ -629,16 +622,12 @@ impl BlockReserve {
 
     /// The bytes of the state filesystem free for filterd.
     fn fs_free(&self) -> u64 {
-        #[cfg(test)]
-        if let Some(free) = FS_FREE.with(std::cell::Cell::get) {
-            return free;
-        }
         nix::sys::statvfs::fstatvfs(&self.data)
             .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
             .unwrap_or(0)
     }
 
-    /// Whether a commit that may take up to `growth`
+    /// Whether a commit that grows the tables and may take up to `growth`
     /// bytes past the map's last page leaves half of the reserve: of the
     /// `slack` kept, or of it and the filesystem's free blocks (asked
     /// only when the slack alone is not enough).
@@ -1386,8 +1375,7 @@ impl Store {
 
     /// Makes the [`block_reserve`] whole again where there is room;
     /// returns what is left of it (`None`: no block reserve), for
-    /// [`BlockReserve::admits`] to judge a commit that is neither a
-    /// removal nor a completion.
+    /// [`BlockReserve::admits`] to judge a commit that grows the tables.
     fn block_slack(&self) -> Result<Option<u64>, StoreError> {
         let Some(b) = &self.blocks else {
             return Ok(None);
@@ -1556,16 +1544,10 @@ impl Store {
             // refused unless half of them is left after it, counting what
             // it may take at most ([`growth_bound`]; review rr45h F2: a
             // test of the slack before it alone let a large merged group
-            // admitted just above half take the rest); removals and
-            // completions go on. Every other commit is checked, whether
-            // or not the tables grow: rewrites copy their pages past the
-            // last one as new records do (re-review rr47a F1: checked
-            // only when the tables' net page count grew, 64 rewrites of
-            // 16 KiB replay records, or opens into half-full leaves with
-            // a scope delete, took several times the half kept).
-            if reserve != Reserve::Usable {
-                let growth =
-                    growth_bound(written.pages, after.saturating_sub(before)).saturating_mul(page);
+            // admitted just above half take the rest); removals,
+            // completions and updates that grow nothing go on.
+            if reserve != Reserve::Usable && after > before {
+                let growth = growth_bound(written.pages, after - before).saturating_mul(page);
                 note_growth_bound(growth);
                 if let (Some(b), Some(slack)) = (&self.blocks, slack) {
                     if !b.admits(slack, growth) {
@@ -2054,7 +2036,15 @@ pub(crate) mod tests {
             tables(&g).unwrap().env.info().last_page_number
         };
         let page = usize::try_from(s.gate().as_ref().unwrap().env.stat().page_size).unwrap();
-        with_pinned_reader(&s, || {
+        let (pinned, unpin) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let g = s.gate();
+                let _txn = tables(&g).unwrap().env.read_txn().unwrap();
+                pinned.wait();
+                unpin.wait();
+            });
+            pinned.wait();
             let before = last_page();
             let mut group = puts(2);
             group.push(StoreOp::PutHandle(Box::new(rec("new"))));
@@ -2064,6 +2054,7 @@ pub(crate) mod tests {
             let bound = GROWTH_BOUND
                 .with(|b| b.get())
                 .expect("a growing group is checked");
+            unpin.wait();
             eprintln!("took {taken} B past the last page, bounded at {bound} B");
             assert!(
                 taken >= 64 * 4 * 4096,
@@ -2071,102 +2062,6 @@ pub(crate) mod tests {
             );
             assert!(taken <= bound, "took {taken} B, bounded at {bound} B");
         });
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// Runs `f` while another thread reads a snapshot from before it, so
-    /// that no page freed since is reused: every page a commit takes is
-    /// past the last. The reader ends however `f` does (a failed assert
-    /// too), and holds no gate: a refused commit takes it.
-    fn with_pinned_reader<R>(s: &Store, f: impl FnOnce() -> R) -> R {
-        let env = s.gate().as_ref().unwrap().env.clone();
-        let (pinned_tx, pinned) = std::sync::mpsc::channel::<()>();
-        let (unpin, unpinned) = std::sync::mpsc::channel::<()>();
-        std::thread::scope(|scope| {
-            scope.spawn(move || {
-                let _txn = env.read_txn().unwrap();
-                let _ = pinned_tx.send(());
-                let _ = unpinned.recv();
-            });
-            pinned.recv().expect("the reader pins a snapshot");
-            let r = f();
-            drop(unpin);
-            r
-        })
-    }
-
-    /// Re-review rr47a F1: a group that rewrites records takes new pages
-    /// past the map's last page (copy-on-write) though the tables do not
-    /// grow, and was not checked against the block reserve: on a nearly
-    /// full disk, with a reader pinning the old pages, 64 rewrites took
-    /// more than half of the smallest reserve (32 pages). Now it is
-    /// refused there unless half is left after its bound; a single
-    /// rewrite, removals and completions still go on, and on a disk with
-    /// room the same group commits.
-    #[test]
-    fn rewrites_that_grow_no_table_are_checked_against_the_block_reserve() {
-        let dir = std::env::temp_dir().join(format!("rk-rewrites-{}", uuid::Uuid::new_v4()));
-        let mut s = Store::open(&dir, 1 << 28).unwrap();
-        if s.blocks.is_none() {
-            eprintln!("skipped: no block reserve on {}", dir.display());
-            let _ = std::fs::remove_dir_all(&dir);
-            return;
-        }
-        let recs: Vec<HandleRecord> = (0..2000)
-            .map(|i| rec(&format!("{i:04}-{}", "x".repeat(200))))
-            .collect();
-        let puts = |rs: &[HandleRecord]| -> Vec<StoreOp> {
-            rs.iter()
-                .map(|r| StoreOp::PutHandle(Box::new(r.clone())))
-                .collect()
-        };
-        s.apply(&puts(&recs)).unwrap();
-        let page = u64::from(s.gate().as_ref().unwrap().env.stat().page_size);
-        // Nearly full: no free block, and the slack half the reserve and
-        // 24 pages.
-        let used = used_bytes(tables(&s.gate()).unwrap());
-        let slack = s.blocks.as_ref().unwrap().slack(used);
-        s.blocks.as_mut().unwrap().bytes = 2 * (slack - 24 * page);
-        let pages = || {
-            let g = s.gate();
-            let t = tables(&g).unwrap();
-            let txn = t.env.read_txn().unwrap();
-            (t.env.info().last_page_number, table_pages(t, &txn).unwrap())
-        };
-        FS_FREE.with(|f| f.set(Some(0)));
-        let rewrites = puts(&recs[..64]);
-        with_pinned_reader(&s, || {
-            s.apply(&rewrites[..1]).expect("one rewrite fits");
-            let (last, before) = pages();
-            GROWTH_BOUND.with(|b| b.set(None));
-            let refused = s.apply(&rewrites);
-            assert_eq!(pages(), (last, before), "nothing written");
-            assert!(
-                GROWTH_BOUND.with(|b| b.get()).is_some(),
-                "a group that grows no table is checked"
-            );
-            assert!(
-                matches!(refused, Err(StoreError::Full)),
-                "64 rewrites past half the reserve: {refused:?}"
-            );
-            // What it would have taken: a completion may use the rest.
-            s.apply_all_with(&[&rewrites], Reserve::Usable)
-                .expect("a completion goes on");
-            let (after_last, after) = pages();
-            assert_eq!(after, before, "the rewrites grow no table");
-            let taken = u64::try_from(after_last - last).unwrap();
-            eprintln!("64 rewrites took {taken} pages past the last page");
-            assert!(taken > 32, "more than half the smallest reserve: {taken}");
-            let deletes: Vec<StoreOp> = recs[64..128]
-                .iter()
-                .map(|r| StoreOp::DeleteHandle(Box::new(r.clone())))
-                .collect();
-            s.apply(&deletes).expect("removals go on");
-        });
-        // A disk with room admits the same group.
-        FS_FREE.with(|f| f.set(None));
-        s.apply(&rewrites)
-            .expect("no DISK_FULL on a disk with room");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
