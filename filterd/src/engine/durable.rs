@@ -298,6 +298,10 @@ pub(super) struct Touched {
     /// [`crate::committer::Group::completes_intent`]): abandoning it would
     /// leave the change on disk and memory without it.
     completes_intent: bool,
+    /// Requests (connection, request id) that ran in it and wait without
+    /// a reply (an open or a change behind lease breaks): if it fails they
+    /// are answered with the failure, not run again (`roll_back`).
+    waiting: Vec<(super::ConnId, u64)>,
 }
 
 /// What the pending commits change ([`Engine::pending_changes`]): a
@@ -852,6 +856,56 @@ impl Engine {
         s
     }
 
+    /// Request `id` of `conn`, being run, waits without a reply (an open
+    /// or a change parked behind lease breaks, `waiting`,
+    /// `waiting_changes`). If what it wrote in its own group so far (a
+    /// persistent holder's epoch bump) fails to commit, it is answered
+    /// with the failure and not run again: run again, it wrote the same
+    /// again, and a commit refused for the store's reserve was refused
+    /// again, for ever, the opener never answered (re-review rr47e F2).
+    /// Nothing is noted for a request whose group is empty: its sequence
+    /// is the next request's.
+    pub(super) fn note_waiting(&mut self, conn: super::ConnId, id: u64) {
+        let seq = self.batch.seq;
+        if let Some(t) = self.batch.pending.get_mut(&seq) {
+            t.waiting.push((conn, id));
+        }
+    }
+
+    /// Answers with the failure, and drops, the waiting requests whose
+    /// own group a failed commit abandoned ([`Self::note_waiting`]).
+    fn refuse_waiting(&mut self, refused: &[(super::ConnId, u64)], code: ErrorCode, message: &str) {
+        if refused.is_empty() {
+            return;
+        }
+        let (opens, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| refused.contains(&(w.conn, w.id)));
+        self.waiting = kept;
+        let (changes, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_changes)
+            .into_iter()
+            .partition(|(_, c, id, _)| refused.contains(&(*c, *id)));
+        self.waiting_changes = kept;
+        self.stats.opens_refused += opens.len() as u64;
+        let answers = opens
+            .iter()
+            .map(|w| (w.conn, w.id))
+            .chain(changes.iter().map(|(_, c, id, _)| (*c, *id)));
+        for (conn, id) in answers {
+            warn!(
+                conn = conn.0,
+                id, "a waiting request whose own commit failed is refused"
+            );
+            if let Some(c) = self.conns.get(&conn) {
+                let frame = ServerFrame::Reply {
+                    id: Some(id),
+                    result: Err(err(code, format!("state store commit failed: {message}"))),
+                };
+                c.writer.send_frame(&frame, None);
+            }
+        }
+    }
+
     /// Files an undo entry under the sequence the current request waits for.
     pub(super) fn undo_if_failed(&mut self, undo: Undo) {
         self.undo_if_seq_fails(self.batch.dep, undo);
@@ -1200,6 +1254,12 @@ impl Engine {
                 }
             }
         }
+        // Opens and changes waiting for breaks whose own group failed.
+        let refused: Vec<(super::ConnId, u64)> = undone
+            .iter()
+            .flat_map(|t| t.waiting.iter().copied())
+            .collect();
+        self.refuse_waiting(&refused, code, message);
         // Persistent state: exactly what the store holds (a handle's own
         // replay records go and come with it).
         for k in handles {

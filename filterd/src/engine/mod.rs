@@ -1106,7 +1106,10 @@ impl Engine {
                 }
                 (Ok(reply), fd_of)
             }
-            Ok(None) => return,
+            Ok(None) => {
+                self.note_waiting(conn, id);
+                return;
+            }
             Err(e) => {
                 debug!(code = ?e.code, error = %e.message, "refused");
                 (Err(e), None)

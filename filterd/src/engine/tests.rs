@@ -4932,6 +4932,42 @@ fn a_persistent_rwh_holder_of_a() -> (Harness, ResumeKey) {
     (h, holder)
 }
 
+/// Re-review rr47e F2: an open that breaks a persistent holder's lease
+/// puts the holder's epoch bump in its own group; when that commit is
+/// refused (the store at its reserve: every try fails alike) the rollback
+/// forgot the break and ran the open again, which bumped the epoch again
+/// in a commit refused again — for ever, the opener never answered. The
+/// opener whose own group failed gets the failure (nothing changed, the
+/// holder's epoch as it was) and is not run again.
+#[test]
+fn an_open_whose_break_cannot_commit_is_refused_not_run_again() {
+    let (mut h, holder) = a_persistent_rwh_holder_of_a();
+    let epoch = |h: &Harness| h.engine.handles[&holder].rec.lease.map(|l| l.epoch);
+    let e0 = epoch(&h).unwrap();
+    let bob = h.run(bobs("a", Rights::READ, Disposition::Open));
+    assert!(h.reply(bob).is_none(), "bob's open waits for the break");
+    let reruns = h.engine.open_reruns;
+    for _ in 0..4 {
+        h.commit(false);
+        h.engine.process_retries();
+    }
+    h.drain_replies();
+    assert_eq!(
+        h.refused(bob),
+        ErrorCode::DiskFull,
+        "bob's open is answered"
+    );
+    assert_eq!(h.engine.open_reruns, reruns, "and not run again");
+    assert!(h.engine.waiting.is_empty(), "nothing waits");
+    assert_eq!(epoch(&h), Some(e0), "the bump is undone");
+    assert!(h.break_epochs().is_empty(), "no break shown");
+    // Room again: the next open breaks the lease as usual.
+    h.run(bobs("a", Rights::READ, Disposition::Open));
+    h.commit(true);
+    h.drain_replies();
+    assert_eq!(h.break_epochs(), vec![e0 + 1]);
+}
+
 /// Review rvobs: `stats.breaks` counted a break when it was decided, so a
 /// break whose event went down with a failed commit (never sent) was
 /// counted, and counted again when the open sent it anew: the holder got
