@@ -2455,7 +2455,7 @@ impl EtcdStore {
         };
         for op in ops {
             match op {
-                StoreOp::PutHandle(rec) => {
+                StoreOp::PutHandle(rec) | StoreOp::DetachHandle(rec) => {
                     d.insert(
                         self.handle_key(&rec.key),
                         Some(encode_record(rec.as_ref())?),

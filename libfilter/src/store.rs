@@ -374,6 +374,16 @@ pub type RawReplay = (Vec<u8>, Result<ReplayRecord, StoreError>);
 pub enum StoreOp {
     /// Insert or replace a handle record and its index entries.
     PutHandle(Box<HandleRecord>),
+    /// Replace the record of a handle whose client or frontend went away
+    /// (a detach: the handle becomes disconnected). Written as
+    /// [`StoreOp::PutHandle`]; like a removal it may use the reserves
+    /// (`every_batch_removes`): it adds no key, only copies and slightly
+    /// lengthens a record, and a frontend that lost its connection must
+    /// always be able to let its handles go — refused at the reserve, the
+    /// frontend was told DISK_FULL while filterd held the handle
+    /// disconnected, and the stored record said attached (re-review rr47e
+    /// F5).
+    DetachHandle(Box<HandleRecord>),
     /// Remove a handle record, its index entries and its replay records.
     DeleteHandle(Box<HandleRecord>),
     /// Record the reply of a mutating request, and drop the scope's older
@@ -749,7 +759,9 @@ pub fn step_weight(op: &StoreOp) -> usize {
         overflow_pages(key, len, PAGE).div_ceil(4)
     };
     match op {
-        StoreOp::PutHandle(rec) => 1 + value(16, encode_record(rec.as_ref())),
+        StoreOp::PutHandle(rec) | StoreOp::DetachHandle(rec) => {
+            1 + value(16, encode_record(rec.as_ref()))
+        }
         StoreOp::DeleteHandle(rec) if rec.durability.is_persistent() => 2,
         StoreOp::DeleteHandle(_) => 1,
         StoreOp::PutReplay {
@@ -1044,12 +1056,17 @@ fn clear_stale_readers(env: &Env) {
 }
 
 /// Whether every batch removes a handle or an intent (a close, an expiry,
-/// an intent's completion): such a commit may use the reserves.
+/// an intent's completion) or detaches a handle ([`StoreOp::DetachHandle`]):
+/// such a commit may use the reserves.
 fn every_batch_removes(batches: &[&[StoreOp]]) -> bool {
     !batches.is_empty()
         && batches.iter().all(|b| {
-            b.iter()
-                .any(|op| matches!(op, StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_)))
+            b.iter().any(|op| {
+                matches!(
+                    op,
+                    StoreOp::DeleteHandle(_) | StoreOp::DeleteIntent(_) | StoreOp::DetachHandle(_)
+                )
+            })
         })
 }
 
@@ -1477,7 +1494,7 @@ impl Store {
         let mut written = Written::new(usize::try_from(page).unwrap_or(4096));
         for op in batches.iter().flat_map(|b| b.iter()) {
             match op {
-                StoreOp::PutHandle(rec) => {
+                StoreOp::PutHandle(rec) | StoreOp::DetachHandle(rec) => {
                     put_written(&t.handles, &mut txn, &rec.key, rec.as_ref(), &mut written)?;
                 }
                 StoreOp::DeleteHandle(rec) => {
@@ -2468,6 +2485,50 @@ pub(crate) mod tests {
             again.len(),
             taken.len()
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Re-review rr47e F5: a frontend's detaches rewrite its persistent
+    /// handles' records as disconnected, a little longer (the time of
+    /// the disconnect and of the expiry): at the reserve, written as any
+    /// rewrite, they split a leaf and were refused (`Reserved`, and on a
+    /// full filesystem `Full`), the frontend told DISK_FULL while filterd
+    /// held the handles disconnected. A detach may use the reserves, as a
+    /// removal does.
+    #[test]
+    fn detaches_commit_at_the_reserve() {
+        let (dir, s) = capped("detach-reserve", 1 << 20);
+        let (taken, refused) = fill(&s);
+        assert!(matches!(refused, StoreError::Reserved { .. }), "{refused}");
+        let detached: Vec<HandleRecord> = taken[taken.len() - 60..]
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.conn = ConnState::Disconnected {
+                    since_ms: 1_765_000_000_000,
+                    expires_ms: 1_765_000_060_000,
+                };
+                r
+            })
+            .collect();
+        // Written as plain rewrites, one a commit as a frontend's detaches
+        // come, one of them splits its leaf into the reserve: refused.
+        let refused = detached.iter().find_map(|r| {
+            match s.apply(&[StoreOp::PutHandle(Box::new(r.clone()))]) {
+                Ok(()) => None,
+                Err(e) => Some(e),
+            }
+        });
+        assert!(
+            matches!(refused, Some(StoreError::Reserved { .. })),
+            "{refused:?}"
+        );
+        for (i, r) in detached.iter().enumerate() {
+            if let Err(e) = s.apply(&[StoreOp::DetachHandle(Box::new(r.clone()))]) {
+                panic!("detach {i}: {e}");
+            }
+            assert_eq!(s.handle(r.key).unwrap().as_ref(), Some(r));
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

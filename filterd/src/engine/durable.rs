@@ -411,7 +411,9 @@ impl Batch {
         // A record written whole carries the state of whoever wrote it
         // last: this group builds on that one.
         let prior = match &op {
-            StoreOp::PutHandle(r) | StoreOp::DeleteHandle(r) => self.file_seq.get(&r.file),
+            StoreOp::PutHandle(r) | StoreOp::DetachHandle(r) | StoreOp::DeleteHandle(r) => {
+                self.file_seq.get(&r.file)
+            }
             StoreOp::PutReplay { scope, .. }
             | StoreOp::DeleteReplay { scope, .. }
             | StoreOp::DeleteReplayScope(scope) => self.scope_seq.get(scope),
@@ -422,7 +424,7 @@ impl Batch {
         }
         let t = self.pending.entry(seq).or_default();
         match &op {
-            StoreOp::PutHandle(r) | StoreOp::DeleteHandle(r) => {
+            StoreOp::PutHandle(r) | StoreOp::DetachHandle(r) | StoreOp::DeleteHandle(r) => {
                 self.file_seq.insert(r.file, seq);
                 t.files.insert(r.file);
                 t.handles.insert(r.key);

@@ -1919,8 +1919,12 @@ impl Engine {
         // until its completion writes it as it is then (`finish_parked`).
         // Written now, the record outlived an open that recovery drops
         // (its change's outcome unknown) and came back claiming it.
+        // A detach may use the store's reserves (`StoreOp::DetachHandle`):
+        // it never fails for want of room, so the reply says what the
+        // engine did.
         if h.rec.durability.is_persistent() && !h.parked {
-            self.batch.push(StoreOp::PutHandle(Box::new(h.rec.clone())));
+            self.batch
+                .push(StoreOp::DetachHandle(Box::new(h.rec.clone())));
         }
         self.stats.disconnects += 1;
         debug!(resume_key = %key, timeout_ms = timeout, "disconnected");

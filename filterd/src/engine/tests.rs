@@ -66,7 +66,7 @@ impl StateStore for MemStore {
         }
         for op in batches.iter().flat_map(|b| b.iter()) {
             match op {
-                StoreOp::PutHandle(r) => {
+                StoreOp::PutHandle(r) | StoreOp::DetachHandle(r) => {
                     m.handles.insert(r.key, (**r).clone());
                 }
                 StoreOp::DeleteHandle(r) => {
@@ -622,6 +622,7 @@ impl Harness {
 fn op_name(op: &StoreOp) -> &'static str {
     match op {
         StoreOp::PutHandle(_) => "PutHandle",
+        StoreOp::DetachHandle(_) => "DetachHandle",
         StoreOp::DeleteHandle(_) => "DeleteHandle",
         StoreOp::PutReplay { .. } => "PutReplay",
         StoreOp::DeleteReplay { .. } => "DeleteReplay",
@@ -4917,6 +4918,52 @@ fn a_break_whose_commit_failed_is_sent_again() {
     h.commit(true);
     h.drain_replies();
     assert_eq!(h.break_epochs(), vec![e0 + 1], "the break is sent again");
+}
+
+/// Re-review rr47e F5: a detach's record, written as a plain rewrite,
+/// was refused at the store's reserve (the record grows by its
+/// disconnect times): the frontend was told DISK_FULL while the engine
+/// kept the handle disconnected. A detach — asked for, or of a frontend
+/// lost — writes it as a detach (`StoreOp::DetachHandle`), which the
+/// store lets use its reserves as a removal, and its reply waits for it.
+#[test]
+fn a_detach_writes_its_record_as_a_detach_the_reserve_lets_through() {
+    let mut h = Harness::new();
+    let (a, b) = (h.run(open("a", Rights::ALL)), h.run(open("b", Rights::ALL)));
+    h.commit(true);
+    let (a, b) = (h.opened(a), h.opened(b));
+    h.fs.take_log();
+    let id = h.run(Request::Detach {
+        key: a,
+        delete_on_close: None,
+    });
+    assert!(
+        h.reply(id).is_none(),
+        "answered before its record is durable"
+    );
+    h.commit(true);
+    h.answered(id);
+    // The frontend is lost with its other handle.
+    h.reattach();
+    h.commit(true);
+    let log = h.fs.take_log();
+    let detaches: Vec<&Logged> = log
+        .iter()
+        .filter(|l| matches!(l, Logged::Commit(ops) if ops.contains(&"DetachHandle")))
+        .collect();
+    assert_eq!(detaches.len(), 2, "{log:?}");
+    assert!(
+        !log.iter()
+            .any(|l| matches!(l, Logged::Commit(ops) if ops.contains(&"PutHandle"))),
+        "{log:?}"
+    );
+    for k in [a, b] {
+        let stored = h.store.inner.lock().unwrap().handles[&k].conn;
+        assert!(
+            matches!(stored, ConnState::Disconnected { .. }),
+            "{stored:?}"
+        );
+    }
 }
 
 /// A harness (MS-FSA's rule) with alice's persistent open of `a` under an
