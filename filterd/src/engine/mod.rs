@@ -1788,16 +1788,18 @@ impl Engine {
                 // frontend has let the handle go (it forgot it, as when its
                 // connection is lost, which is not undone either), so
                 // attached again it would be named by nobody and refuse
-                // its client's resume. So it must not fail for want of
-                // room: its record goes as a detach, which may use the
-                // store's reserves as a removal does
-                // (`StoreOp::DetachHandle`; refused there, the frontend
-                // was told DISK_FULL while the handle stayed disconnected,
-                // re-review rr47e F5). Only a store fault (an I/O error,
-                // a full map's very last page) fails it still: then it
+                // its client's resume. So it should not fail for want of
+                // room: its record goes as a detach, which may use an
+                // eighth of the store's delete reserve
+                // (`StoreOp::DetachHandle`; refused there as a plain
+                // rewrite, the frontend was told DISK_FULL while the
+                // handle stayed disconnected, re-review rr47e F5). Past
+                // that eighth, on a filesystem below half its block
+                // reserve, or on a store fault it fails still: then it
                 // stays disconnected, the frontend is told the error, and
-                // the store's record says attached, which recovery and
-                // the next write of it correct.
+                // the store's record says attached (its told flag
+                // unrecorded), which recovery and the next write of it
+                // correct.
                 self.detach(key);
                 Ok(Some((Reply::Done, None)))
             }

@@ -1919,9 +1919,10 @@ impl Engine {
         // until its completion writes it as it is then (`finish_parked`).
         // Written now, the record outlived an open that recovery drops
         // (its change's outcome unknown) and came back claiming it.
-        // A detach may use the store's reserves (`StoreOp::DetachHandle`):
-        // it never fails for want of room, so the reply says what the
-        // engine did.
+        // Written as a detach (`StoreOp::DetachHandle`), which may use an
+        // eighth of the store's delete reserve: refused at the reserve
+        // as a plain rewrite, the frontend was told DISK_FULL while the
+        // handle stayed disconnected here (re-review rr47e F5).
         if h.rec.durability.is_persistent() && !h.parked {
             self.batch
                 .push(StoreOp::DetachHandle(Box::new(h.rec.clone())));

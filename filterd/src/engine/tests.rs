@@ -4925,7 +4925,8 @@ fn a_break_whose_commit_failed_is_sent_again() {
 /// disconnect times): the frontend was told DISK_FULL while the engine
 /// kept the handle disconnected. A detach — asked for, or of a frontend
 /// lost — writes it as a detach (`StoreOp::DetachHandle`), which the
-/// store lets use its reserves as a removal, and its reply waits for it.
+/// store lets use an eighth of its delete reserve, and its reply waits
+/// for it.
 #[test]
 fn a_detach_writes_its_record_as_a_detach_the_reserve_lets_through() {
     let mut h = Harness::new();
