@@ -5016,6 +5016,30 @@ fn an_open_whose_break_cannot_commit_is_refused_not_run_again() {
     assert_eq!(h.break_epochs(), vec![e0 + 1]);
 }
 
+/// The same for a change that waits for a handle-caching break: a
+/// remove of a file whose persistent holder caches handles (rr47e F2).
+#[test]
+fn a_remove_whose_break_cannot_commit_is_refused_not_run_again() {
+    let (mut h, holder) = a_persistent_rwh_holder_of_a();
+    let epoch = |h: &Harness| h.engine.handles[&holder].rec.lease.map(|l| l.epoch);
+    let e0 = epoch(&h).unwrap();
+    let id = h.run(Request::Remove {
+        path: RelPath::new("a").unwrap(),
+        record: None,
+    });
+    assert!(h.reply(id).is_none(), "the remove waits for the break");
+    assert_eq!(h.engine.waiting_changes.len(), 1);
+    for _ in 0..4 {
+        h.commit(false);
+        h.engine.process_retries();
+    }
+    h.drain_replies();
+    assert_eq!(h.refused(id), ErrorCode::DiskFull, "the remove is answered");
+    assert!(h.engine.waiting_changes.is_empty(), "nothing waits");
+    assert_eq!(epoch(&h), Some(e0), "the bump is undone");
+    assert!(h.break_epochs().is_empty(), "no break shown");
+}
+
 /// Review rvobs: `stats.breaks` counted a break when it was decided, so a
 /// break whose event went down with a failed commit (never sent) was
 /// counted, and counted again when the open sent it anew: the holder got
