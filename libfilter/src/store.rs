@@ -2539,12 +2539,9 @@ pub(crate) mod tests {
             .collect();
         // Written as plain rewrites, one a commit as a frontend's detaches
         // come, one of them splits its leaf into the reserve: refused.
-        let refused = detached.iter().find_map(|r| {
-            match s.apply(&[StoreOp::PutHandle(Box::new(r.clone()))]) {
-                Ok(()) => None,
-                Err(e) => Some(e),
-            }
-        });
+        let refused = detached
+            .iter()
+            .find_map(|r| s.apply(&[StoreOp::PutHandle(Box::new(r.clone()))]).err());
         assert!(
             matches!(refused, Some(StoreError::Reserved { .. })),
             "{refused:?}"
