@@ -894,6 +894,10 @@ impl Engine {
             // been read: if its peer is gone, retire it first.
             if let Some(&old) = self.instances.get(instance) {
                 if self.conns.get(&old).is_some_and(|c| c.writer.peer_gone()) {
+                    // Its detaches are a step of their own, as for a
+                    // `Closed`: else they joined the last request's group
+                    // and failed with it (re-review rr48b L2).
+                    self.begin_request();
                     self.on_closed(old);
                 }
             }
