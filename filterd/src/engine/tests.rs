@@ -229,6 +229,17 @@ fn hello_as(
     protocol: &str,
     incarnation: Option<u64>,
 ) -> (Arc<ConnWriter>, OwnedFd) {
+    hello_of(engine, conn, protocol, "smb-t", incarnation)
+}
+
+/// [`hello_as`] of frontend instance `instance`.
+fn hello_of(
+    engine: &mut Engine,
+    conn: ConnId,
+    protocol: &str,
+    instance: &str,
+    incarnation: Option<u64>,
+) -> (Arc<ConnWriter>, OwnedFd) {
     let (writer, peer) = ConnWriter::pair_for_test();
     engine
         .on_hello(
@@ -238,7 +249,7 @@ fn hello_as(
                 features: 0,
                 role: Role::Frontend {
                     protocol: Protocol::new(protocol).unwrap(),
-                    instance: InstanceName::new("smb-t").unwrap(),
+                    instance: InstanceName::new(instance).unwrap(),
                     incarnation,
                 },
             },
@@ -4965,6 +4976,41 @@ fn a_detach_writes_its_record_as_a_detach_the_reserve_lets_through() {
             "{stored:?}"
         );
     }
+}
+
+/// Re-review rr48b L2: a replacement frontend that says hello before its
+/// dead predecessor's EOF is read retires the predecessor there
+/// (`on_hello` → `on_closed`). Its detaches went into the group of the
+/// last request run, still open — another frontend's persistent create
+/// here — and a failed commit of that create rolled them back with it:
+/// the store kept the handle attached. They are a step of their own and
+/// commit though the create fails.
+#[test]
+fn a_replacements_hello_detaches_in_a_group_of_its_own() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    // Another frontend, on a connection of its own, creates `n`: its
+    // group is still open when the replacement says hello.
+    let (writer, peer) = hello_of(&mut h.engine, ConnId(2), "smb", "smb-y", None);
+    let dead = std::mem::replace(&mut h.peer, peer);
+    (h.conn, h.writer) = (ConnId(2), writer);
+    h.fs.fail_next("fsync", libc::EIO);
+    let create = h.run(open("n", Rights::ALL));
+    assert!(h.reply(create).is_none(), "answered before its commit");
+    // smb-t dies; its replacement's hello comes before its EOF.
+    drop(dead);
+    let _replacement = hello_of(&mut h.engine, ConnId(3), "smb", "smb-t", None);
+    h.commit(true);
+    assert_eq!(h.last_failed.len(), 1, "{:?}", h.last_failed);
+    h.refused(create);
+    let stored = h.store.inner.lock().unwrap().handles[&key].conn;
+    assert!(
+        matches!(stored, ConnState::Disconnected { .. }),
+        "the detach was rolled back with the create: {stored:?}"
+    );
+    assert!(h.engine.handles[&key].conn.is_none());
 }
 
 /// A harness (MS-FSA's rule) with alice's persistent open of `a` under an
