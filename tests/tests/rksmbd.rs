@@ -1279,6 +1279,73 @@ fn a_replay_at_the_open_cap_returns_the_original_open() {
     no_handles_left(&d);
 }
 
+/// prevsess48: a session ended by PreviousSessionId gave its durable
+/// opens' counts under the user back to all at once, and their
+/// descriptor slots as the old connection forgot the opens (at its next
+/// request, or its end): another user's CREATEs took the slots before the
+/// client's DH2Cs on the new session came, and the DH2Cs were refused
+/// STATUS_INSUFFICIENT_RESOURCES — with the old connection idle, every
+/// DH2C was refused, its slots held there. The ending hands the slots
+/// over to the reconnects as a lost connection does: under a descriptor
+/// limit of 128 (32 opens, the user's share too) bob's CREATEs take none
+/// and every DH2C succeeds, the old connection reset after the ending
+/// (`reset`) or left idle (`idle`; previous_session_at_the_cap.py).
+#[test]
+fn a_previous_session_leaves_its_slots_to_its_reconnects() {
+    for mode in ["idle", "reset"] {
+        previous_session_at_the_cap(mode);
+    }
+}
+
+/// The slots a lost connection left for its durable opens' reconnects go
+/// back at once when an operator purges the disconnected handles
+/// (`filterctl purge --disconnected`: filterd's `Purged` events), not at
+/// the opens' 60 s timeout: bob's CREATE takes one within 10 s
+/// (previous_session_at_the_cap.py `purge`).
+#[test]
+fn a_purge_gives_the_slots_left_for_reconnects_back_at_once() {
+    let s = Scratch::new("rksmbd-handed-purged");
+    let d = Filterd::start(&s, &[], &[]);
+    let users = [("alice", "pw"), ("bob", "pw")];
+    let env = [("RUST_LOG", "info,rksmbd::sessions=debug")];
+    let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, &env, 128);
+    let log = log.to_string_lossy().into_owned();
+    let mut script = rkfilter_tests::smb3::Dialogue::start_with(
+        &srv,
+        "previous_session_at_the_cap.py",
+        &["32", &log, "purge"],
+        std::time::Duration::from_secs(90),
+    );
+    script.expect("lost");
+    let st = s.state();
+    let out = rkfilter_tests::filterctl(&[
+        "--state",
+        st.to_str().expect("state dir"),
+        "purge",
+        "--disconnected",
+    ]);
+    assert!(
+        out.code == 0 && out.stdout.starts_with("purged 32 handle(s)"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    script.say("go");
+    script.finish();
+    no_handles_left(&d);
+}
+
+fn previous_session_at_the_cap(mode: &str) {
+    let s = Scratch::new(&format!("rksmbd-previous-at-cap-{mode}"));
+    let d = Filterd::start(&s, &[], &[]);
+    let users = [("alice", "pw"), ("bob", "pw")];
+    let env = [("RUST_LOG", "info,rksmbd::sessions=debug")];
+    let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, &env, 128);
+    let log = log.to_string_lossy().into_owned();
+    smbprotocol_script_passes_with(&srv, "previous_session_at_the_cap.py", &["32", &log, mode]);
+    no_handles_left(&d);
+}
+
 /// Re-review rr46a F1: a DH2C let past the caps while another connection
 /// held its open (counted there), landing after that connection let go
 /// and another user's CREATE took the slot, was granted all the same,

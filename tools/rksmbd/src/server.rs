@@ -354,10 +354,12 @@ impl UserOpens {
 }
 
 /// An open's counts: its descriptor under the open cap, itself under its
-/// user's share ([`UserOpens`]); each given back when this is dropped.
+/// user's share ([`UserOpens`]); each given back when this is dropped,
+/// or handed over for the open's reconnect
+/// ([`crate::sessions::Registry::hand_over`]).
 pub struct OpenSlots {
-    _fd: shimline::descriptors::DescriptorSlot,
-    _user: Option<UserSlot>,
+    pub fd: shimline::descriptors::DescriptorSlot,
+    pub user: Option<UserSlot>,
 }
 
 /// The counts a CREATE took at the caps' check for the open it makes
@@ -1289,7 +1291,10 @@ impl Connection {
                         break;
                     }
                 }
-                Input::Inbox => self.serve_inbox(),
+                Input::Inbox => {
+                    self.settle_elsewhere();
+                    self.serve_inbox();
+                }
                 Input::Gone => break,
             }
             if self.not_logged_on && self.sessions.values().any(|s| s.user.is_some()) {
@@ -1312,7 +1317,10 @@ impl Connection {
         // channel goes (multichannel): this thread keeps serving them.
         while self.has_channels() {
             match self.next_input() {
-                Input::Inbox => self.serve_inbox(),
+                Input::Inbox => {
+                    self.settle_elsewhere();
+                    self.serve_inbox();
+                }
                 Input::Pdu(_) | Input::Logon(_) | Input::Gone => {}
             }
             self.after_pdu();
@@ -2182,55 +2190,58 @@ impl Connection {
         // Counted even past the caps: the open is made (a CREATE checks
         // them before making one). The counts its CREATE took are its
         // own: a descriptor slot, and its user's count with one a lost
-        // connection handed over.
-        let slot = match open.counted {
-            Some(_) => None,
-            None => self.open_slot.take(),
+        // connection handed over. (An open comes here fresh, uncounted;
+        // one counted already keeps its counts.)
+        let counted = match open.counted.take() {
+            Some(c) => c,
+            None => {
+                let (fd, handed_user) = match self.open_slot.take() {
+                    Some(s) => (Some(s.fd), s.user),
+                    None => (None, None),
+                };
+                let user = handed_user.or_else(|| {
+                    self.sessions
+                        .get(&open.session)
+                        .and_then(|s| s.user.as_ref())
+                        .map(|u| self.sh.user_opens.count(u))
+                });
+                OpenSlots {
+                    // The slot its CREATE took at the cap's check; forced
+                    // only where none was (a move its old connection still
+                    // counts, an open resumed at start-up).
+                    fd: fd.unwrap_or_else(|| self.sh.fds.force()),
+                    user,
+                }
+            }
         };
-        let (fd, handed_user) = match slot {
-            Some(s) => (Some(s.fd), s.user),
-            None => (None, None),
-        };
-        let mut user_slot = match open.counted {
-            Some(_) => None,
-            None if handed_user.is_some() => handed_user,
-            None => self
-                .sessions
-                .get(&open.session)
-                .and_then(|s| s.user.as_ref())
-                .map(|u| self.sh.user_opens.count(u)),
-        };
-        if let Some(link) = self
+        let link = self
             .sessions
             .get(&open.session)
-            .and_then(|s| s.link.as_ref())
-        {
-            let kept = match &open.kind {
-                // A file's user count goes with its filterd handle: given
-                // back by whoever releases that ([`crate::sessions::Link`]).
-                crate::files::Kind::File { key, .. } => link.track(
+            .and_then(|s| s.link.as_ref());
+        match (&open.kind, link) {
+            // A file's counts go with its filterd handle: given back, or
+            // handed over for its reconnect, by whoever releases that
+            // ([`crate::sessions::Link`]).
+            (crate::files::Kind::File { key, .. }, Some(link)) => {
+                let tracked = link.track(
                     id,
                     *key,
-                    open.durable,
+                    open.durable.then_some(open.durable_ms),
                     open.create_guid,
                     self.id,
-                    user_slot.take(),
+                    counted,
                     open.delete_unsure.clone(),
-                ),
-                crate::files::Kind::Dir { .. } => !link.revoked(),
-            };
-            if !kept {
-                return Err(Box::new(open));
+                );
+                if !tracked {
+                    return Err(Box::new(open));
+                }
             }
-        }
-        if open.counted.is_none() {
-            open.counted = Some(OpenSlots {
-                // The slot its CREATE took at the cap's check; forced only
-                // where none was (a move its old connection still counts,
-                // an open resumed at start-up).
-                _fd: fd.unwrap_or_else(|| self.sh.fds.force()),
-                _user: user_slot,
-            });
+            (_, link) => {
+                if link.is_some_and(|l| l.revoked()) {
+                    return Err(Box::new(open));
+                }
+                open.counted = Some(counted);
+            }
         }
         if let Some(g) = open.create_guid {
             self.sh.registry.held(g, self.id);
@@ -2261,9 +2272,10 @@ impl Connection {
             }
             Ok(())
         };
-        // A file's count under its user, given back with its handle
-        // unless it is handed over below.
-        let mut user = None;
+        // A file's counts, given back with its handle unless handed over
+        // below (none when another connection released the handle first:
+        // it gave them back or handed them over there).
+        let mut counted = None;
         let released = match (
             &open.kind,
             self.sessions
@@ -2271,7 +2283,9 @@ impl Connection {
                 .and_then(|s| s.link.as_ref()),
         ) {
             (crate::files::Kind::File { .. }, Some(link)) => {
-                link.release(id, release).map(|u| user = u)
+                let (r, c) = link.release(id, release);
+                counted = c;
+                r
             }
             _ => release(),
         };
@@ -2305,18 +2319,15 @@ impl Connection {
                 crate::files::Kind::File { key, .. } => Some(*key),
                 _ => None,
             };
-            match (open.counted.take(), open.create_guid, key) {
+            match (counted.or(open.counted.take()), open.create_guid, key) {
                 (Some(slots), Some(g), Some(key))
                     if open.durable && matches!(ending, Ending::Lost) =>
                 {
                     let named = (g, key, open.durable_ms);
-                    self.sh
-                        .registry
-                        .hand_over(named, self.id, slots._fd, user.take());
+                    self.sh.registry.hand_over(named, self.id, slots);
                 }
                 _ => {}
             }
-            drop(user);
             self.let_go(&open);
         }
         // Its locks are gone: a lock waiting on another open may be in,
@@ -2394,6 +2405,28 @@ impl Connection {
             true => Err(status::USER_SESSION_DELETED),
             false => Ok(()),
         }
+    }
+
+    /// Forgets the sessions another connection ended (PreviousSessionId)
+    /// and their opens, and the opens another connection closed
+    /// (AppInstanceId) or a reattach lost, closing their descriptors:
+    /// woken for it by the ending or closing (the session's link nudges
+    /// this connection's inbox), an idle connection — its client gone
+    /// unnoticed, the usual reason for a PreviousSessionId — no longer
+    /// holds them until its next request, while their slots went with
+    /// their handles (to the opens' reconnects at a PreviousSessionId,
+    /// [`crate::sessions::Registry::hand_over`]).
+    fn settle_elsewhere(&mut self) {
+        let ended: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.link.as_ref().is_some_and(|l| l.revoked()))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            let _ = self.settle_session(id);
+        }
+        self.forget_closed_elsewhere();
     }
 
     /// Forgets opens `gone`, released elsewhere (or lost to a reattach).
@@ -3139,6 +3172,9 @@ impl Connection {
                 (reply.status, &s.user, &s.link, &s.bound)
             {
                 let link = self.sh.registry.logged_on(id, user);
+                if let Some((inbox, _)) = &self.inbox {
+                    link.owned_by(inbox.clone());
+                }
                 // An SMB 3.x session may be bound by other connections of
                 // its client (multichannel): they find its home here (a
                 // 2.1 one too, to refuse the binding as MS-SMB2 says).

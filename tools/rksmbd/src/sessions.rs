@@ -114,12 +114,21 @@ struct LinkState {
     /// Opens another connection closed (AppInstanceId), for the owning
     /// connection to forget.
     closed_elsewhere: Vec<u64>,
+    /// The owning connection's inbox, nudged as another connection ends
+    /// the session or closes or forgets one of its opens: its thread,
+    /// maybe idle, then forgets them and closes their descriptors
+    /// (`Connection::settle_elsewhere`), whose slots went with the
+    /// handles ([`Tracked::counted`]).
+    owner: Option<Arc<crate::channels::Inbox>>,
 }
 
 /// An open's filterd handle, as [`Link`] keeps it.
 struct Tracked {
     key: ResumeKey,
-    durable: bool,
+    /// Granted durable, with its durable timeout (ms): how long its slot
+    /// is left for its reconnect once released for one
+    /// ([`Registry::hand_over`]).
+    durable: Option<u32>,
     /// Its create GUID and the connection holding it in
     /// [`Registry::claim`], let go by whoever releases the handle: a
     /// connection whose session or open another ended may never make
@@ -127,13 +136,20 @@ struct Tracked {
     /// GUID held by it for good — the handle it got back attached then
     /// had no open behind it (review, session 28).
     held: Option<(uuid::Uuid, u64)>,
-    /// The open counted under its user's share
-    /// ([`crate::server::UserOpens`]), given back with the handle,
-    /// whoever releases it: kept by the owning connection's open until
-    /// that connection noticed, an ended session's opens were counted
-    /// twice by a DH2C of them on the new session, and each was refused
-    /// (re-review: 80 held, 80 of 80 DH2C refused after PreviousSessionId).
-    user: Option<crate::server::UserSlot>,
+    /// The open's descriptor slot and its count under its user's share
+    /// ([`crate::server::UserOpens`]), given back or handed over with the
+    /// handle, whoever releases it: a durable handle detached for a
+    /// reconnect — its connection lost, or its session ended by
+    /// PreviousSessionId — leaves both for that reconnect
+    /// ([`Registry::hand_over`]). The count was kept by the owning
+    /// connection's open until that connection noticed, and an ended
+    /// session's opens were counted twice by a DH2C of them on the new
+    /// session, each refused (re-review: 80 held, 80 of 80 DH2C refused
+    /// after PreviousSessionId); then given back to all at the ending,
+    /// the slots with the old connection's forgetting, another user's
+    /// CREATE could take them before the DH2Cs came, refused at the cap
+    /// (prevsess48).
+    counted: crate::server::OpenSlots,
     /// The open's delete-on-close mark: whoever releases the handle
     /// detaches or closes it with the told flag it holds.
     unsure: crate::files::DeleteUnsure,
@@ -144,9 +160,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Link {
-    /// Records an open of the session, held by connection `conn` under
-    /// `create_guid` if it has one, and counted under its user by `user`
-    /// until released (by whoever releases it). False, recording nothing, once
+    /// Records an open of the session, durable (with its timeout) or not,
+    /// held by connection `conn` under `create_guid` if it has one, its
+    /// descriptor slot and count under its user in `counted` until
+    /// released (by whoever releases it). False, recording nothing, once
     /// another connection has ended the session: the ending released the
     /// handles tracked then and nobody would release this one (a CREATE
     /// granted after it — one that was pending — would leave filterd
@@ -158,10 +175,10 @@ impl Link {
         &self,
         id: u64,
         key: ResumeKey,
-        durable: bool,
+        durable: Option<u32>,
         create_guid: Option<uuid::Uuid>,
         conn: u64,
-        user: Option<crate::server::UserSlot>,
+        counted: crate::server::OpenSlots,
         unsure: crate::files::DeleteUnsure,
     ) -> bool {
         let mut st = lock(&self.state);
@@ -175,36 +192,43 @@ impl Link {
                 key,
                 durable,
                 held,
-                user,
+                counted,
                 unsure,
             },
         );
         true
     }
 
+    /// The owning connection's inbox, nudged when another connection
+    /// ends the session ([`LinkState::owner`]).
+    pub fn owned_by(&self, inbox: Arc<crate::channels::Inbox>) {
+        lock(&self.state).owner = Some(inbox);
+    }
+
     /// The owning connection releases open `id`: `release` (the filterd
     /// close or detach) runs only if nobody else has released it, under
     /// the session's lock. When it fails with the handle kept (a CLOSE
-    /// filterd refused or undid) the open stays the session's. Released,
-    /// its count under its user is the caller's, to give back before it
+    /// filterd refused or undid) the open stays the session's. Released
+    /// (also when filterd did not tell the outcome), its descriptor slot
+    /// and count under its user are the caller's, to give back before it
     /// lets the open's create GUID go, or to hand over
-    /// ([`Registry::hand_over`]).
+    /// ([`Registry::hand_over`]); none when another connection released
+    /// the handle first.
     pub fn release(
         &self,
         id: u64,
         release: impl FnOnce() -> Result<(), NotClosed>,
-    ) -> Result<Option<crate::server::UserSlot>, NotClosed> {
+    ) -> (Result<(), NotClosed>, Option<crate::server::OpenSlots>) {
         let mut st = lock(&self.state);
         let Some(entry) = st.live.remove(&id) else {
-            return Ok(None);
+            return (Ok(()), None);
         };
         let r = release();
         if r.is_err_and(|e| e.kept) {
             st.live.insert(id, entry);
-            return r.map(|()| None);
+            return (r, None);
         }
-        // Otherwise its count goes with the handle (`entry` dropped).
-        r.map(|()| entry.user)
+        (r, Some(entry.counted))
     }
 
     /// What ends with the session's LOGOFF, for the calls of its DH2Q
@@ -230,6 +254,7 @@ impl Link {
         let mut st = lock(&self.state);
         st.revoked = true;
         release_all(&mut st, sh);
+        st.nudge_owner();
     }
 
     /// The owning connection forgets its ended session: whatever the
@@ -267,14 +292,15 @@ impl Link {
                 sh.unsettled.add_told(key, told);
             }
         }
-        let Tracked { held, user, .. } = t;
+        let Tracked { held, counted, .. } = t;
         // Counted no more once closed: a reconnect that finds the GUID
         // let go must not find the open counted either.
-        drop(user);
+        drop(counted);
         if let Some((g, conn)) = held {
             sh.registry.let_go(g, conn);
         }
         st.closed_elsewhere.push(id);
+        st.nudge_owner();
         true
     }
 
@@ -293,43 +319,67 @@ impl Link {
         let ids: Vec<u64> = st
             .live
             .iter()
-            .filter(|(_, t)| t.durable && lost.contains(&t.key))
+            .filter(|(_, t)| t.durable.is_some() && lost.contains(&t.key))
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
             let Some(t) = st.live.remove(&id) else {
                 continue;
             };
-            let Tracked { held, user, .. } = t;
-            drop(user);
+            let Tracked { held, counted, .. } = t;
+            drop(counted);
             if let Some((g, conn)) = held {
                 sh.registry.let_go(g, conn);
             }
             st.closed_elsewhere.push(id);
         }
+        if !st.closed_elsewhere.is_empty() {
+            st.nudge_owner();
+        }
+    }
+}
+
+impl LinkState {
+    /// Wakes the owning connection to forget the opens released here
+    /// (`Connection::settle_elsewhere`): their slots went with the
+    /// handles, and it would hold their descriptors until its next
+    /// request.
+    fn nudge_owner(&self) {
+        if let Some(inbox) = &self.owner {
+            inbox.nudge();
+        }
     }
 }
 
 /// Releases every handle a session tracks, as its ending does: durable
-/// ones detached in filterd, the others closed.
+/// ones detached in filterd, their descriptor slots and counts under
+/// their user left for their reconnects as a lost connection leaves them
+/// ([`Registry::hand_over`]: until the durable timeout, unless another
+/// connection holds the open by then), the others closed, their slots and
+/// counts given back.
 fn release_all(st: &mut LinkState, sh: &Shared) {
     for (_, t) in st.live.drain() {
         let Tracked {
             key,
             durable,
             held,
-            user,
+            counted,
             unsure,
         } = t;
         let told = unsure.release_told();
-        let r = if durable {
-            sh.filter.detach_told(key, told)
-        } else {
-            sh.filter.close_told(key, told)
+        let r = match durable {
+            Some(_) => sh.filter.detach_told(key, told),
+            None => sh.filter.close_told(key, told),
         };
-        // Counted no more (the owning connection may notice only at its
-        // next request), before a DH2C can find the GUID let go.
-        drop(user);
+        // Counted here no more (the owning connection may notice only at
+        // its next request), before a DH2C can find the GUID let go:
+        // handed over to that DH2C, or given back. Given back to all, the
+        // DH2C the new session sends could find the slot taken by another
+        // user's CREATE, and was refused at the cap (prevsess48).
+        match (durable, held) {
+            (Some(ms), Some((g, conn))) => sh.registry.hand_over((g, key, ms), conn, counted),
+            _ => drop(counted),
+        }
         // Only once it is detached: a replay that claims the create GUID
         // meanwhile gets the open from filterd again, and must not get it
         // before this detach (`create::claim`).
@@ -338,7 +388,7 @@ fn release_all(st: &mut LinkState, sh: &Shared) {
         }
         if let Err(e) = r {
             tracing::warn!(resume_key = %key, error = %e, "releasing a handle of an ended session");
-            if !durable && crate::settle::may_hold(&e) {
+            if durable.is_none() && crate::settle::may_hold(&e) {
                 sh.unsettled.add_told(key, told);
             }
         }
@@ -853,14 +903,17 @@ impl Registry {
     }
 
     /// The durable open with this create GUID and filterd handle `key`,
-    /// granted `timeout_ms`, detached as connection `conn` was lost,
-    /// leaves its descriptor slot for its reconnect or replay
+    /// granted `timeout_ms`, detached as connection `conn` was lost or
+    /// its session ended by another's PreviousSessionId
+    /// ([`Link::revoke`]), leaves its descriptor slot for its reconnect or
+    /// replay
     /// ([`Registry::take_handed`]) until that timeout has passed
     /// ([`handed_for`]; given back at the next caps or share check then,
     /// [`Registry::give_back_expired`]) or filterd closed the handle
     /// ([`Registry::handle_gone`]) — unless another connection holds the
     /// open already (its move counted a slot of its own): the slot is
-    /// given back then. Its count under its user (`user`) goes with it:
+    /// given back then. Its count under its user (`counted.user`) goes
+    /// with it:
     /// kept for the reconnect too, it is not asked of the user's share
     /// again, and a user resetting its connections keeps no more slots
     /// than its share.
@@ -868,15 +921,14 @@ impl Registry {
         &self,
         (create_guid, key, timeout_ms): (uuid::Uuid, ResumeKey, u32),
         conn: u64,
-        fd: shimline::descriptors::DescriptorSlot,
-        user: Option<crate::server::UserSlot>,
+        counted: crate::server::OpenSlots,
     ) {
         let m = lock(&self.held);
         if m.get(&create_guid) == Some(&conn) {
             let until = std::time::Instant::now() + handed_for(timeout_ms);
             let h = Handed {
-                fd,
-                user,
+                fd: counted.fd,
+                user: counted.user,
                 key,
                 until,
             };
@@ -1089,6 +1141,13 @@ pub enum OpenHolder {
 mod tests {
     use super::*;
 
+    fn slots(
+        fd: shimline::descriptors::DescriptorSlot,
+        user: Option<crate::server::UserSlot>,
+    ) -> crate::server::OpenSlots {
+        crate::server::OpenSlots { fd, user }
+    }
+
     fn link() -> Link {
         Link {
             user: "alice".into(),
@@ -1138,23 +1197,24 @@ mod tests {
     #[test]
     fn an_ended_session_tracks_no_new_handle() {
         let l = link();
+        let fds = shimline::descriptors::Descriptors::new(2);
         assert!(l.track(
             1,
             ResumeKey::new_random(),
-            false,
+            None,
             None,
             7,
-            None,
+            slots(fds.force(), None),
             Default::default()
         ));
         lock(&l.state).revoked = true;
         assert!(!l.track(
             2,
             ResumeKey::new_random(),
-            true,
+            Some(0),
             None,
             7,
-            None,
+            slots(fds.force(), None),
             Default::default()
         ));
         assert!(l.is_live(1) && !l.is_live(2));
@@ -1320,7 +1380,7 @@ mod tests {
         let named = (g, ResumeKey(uuid::Uuid::new_v4()), 60_000);
         let users = Arc::new(crate::server::UserOpens::default());
         r.held(g, 1);
-        r.hand_over(named, 1, fds.force(), Some(users.count("alice")));
+        r.hand_over(named, 1, slots(fds.force(), Some(users.count("alice"))));
         r.let_go(g, 1);
         assert!(fds.reserve().is_none(), "kept for the reconnect");
         assert!(users.full("alice", 1), "counted under its user still");
@@ -1336,21 +1396,21 @@ mod tests {
         // Handed over after another connection's move held it: given back.
         r.held(g, 1);
         r.held(g, 2);
-        r.hand_over(named, 1, fds.force(), None);
+        r.hand_over(named, 1, slots(fds.force(), None));
         assert_eq!(fds.held(), 0);
         // Handed over before that move held it: given back as it does.
         r.held(g, 1);
-        r.hand_over(named, 1, fds.force(), None);
+        r.hand_over(named, 1, slots(fds.force(), None));
         r.held(g, 2);
         assert_eq!(fds.held(), 0);
         // Closed for good, or expired (`give_back_expired` drops what is
         // past its time).
         r.held(g, 1);
-        r.hand_over(named, 1, fds.force(), None);
+        r.hand_over(named, 1, slots(fds.force(), None));
         r.durable_closed(g);
         assert_eq!(fds.held(), 0);
         r.held(g, 1);
-        r.hand_over(named, 1, fds.force(), None);
+        r.hand_over(named, 1, slots(fds.force(), None));
         assert!(!r.give_back_expired(), "not yet");
         past_its_time(&r, g);
         assert!(r.give_back_expired());
@@ -1391,14 +1451,12 @@ mod tests {
         r.hand_over(
             (g1, k1, 300_000),
             1,
-            fds.force(),
-            Some(users.count("alice")),
+            slots(fds.force(), Some(users.count("alice"))),
         );
         r.hand_over(
             (g2, k2, 120_000),
             1,
-            fds.force(),
-            Some(users.count("alice")),
+            slots(fds.force(), Some(users.count("alice"))),
         );
         assert!(users.full("alice", 2));
         {
@@ -1438,7 +1496,7 @@ mod tests {
         let g = uuid::Uuid::new_v4();
         let named = (g, ResumeKey(uuid::Uuid::new_v4()), 60_000);
         r.held(g, 1);
-        r.hand_over(named, 1, fds.force(), Some(users.count("alice")));
+        r.hand_over(named, 1, slots(fds.force(), Some(users.count("alice"))));
         r.let_go(g, 1);
         let slot = r.take_handed(&[g]);
         let until = slot.as_ref().and_then(|s| s.handed).map(|h| h.2);
@@ -1481,8 +1539,7 @@ mod tests {
             r.hand_over(
                 (g, key, 60_000),
                 conn,
-                fds.force(),
-                Some(users.count("alice")),
+                slots(fds.force(), Some(users.count("alice"))),
             );
             r.let_go(g, conn);
         };
