@@ -53,7 +53,6 @@ Prints PASS, or exits non-zero.
 """
 
 import sys
-import time
 import uuid
 
 import raw_channel
@@ -72,20 +71,14 @@ from raw_channel import (
     signed_close,
     signed_create,
     signed_read,
+    until,
+    until_granted,
 )
 
 CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
 DH2C = MODE.startswith("dh2c")
 USER = raw_channel.USER
 OVERWRITE_IF = 5
-
-
-def until(what, done, within=20):
-    """Polls `done` until it is true (or fails after `within` s)."""
-    end = time.monotonic() + within
-    while not done():
-        check(time.monotonic() < end, f"{what} within {within} s")
-        time.sleep(0.02)
 
 
 def logged(line):
@@ -142,17 +135,7 @@ else:
     until(f"the replay held ({hook})", lambda: logged(f"test hook: {hook}"))
     signed_close(*a, fid)
 
-taken = []
-
-
-def eve_took_the_slot():
-    st, m = eve_creates("eve1")
-    if st == SUCCESS:
-        taken.append(file_id(m))
-    return bool(taken)
-
-
-until("eve's CREATE takes the slot given back", eve_took_the_slot)
+taken = until_granted("eve's CREATE takes the slot given back", lambda: eve_creates("eve1"))
 st, m = final(b[0], None)
 print(f"the {MODE} landing at the cap: {st:#010x}", flush=True)
 if DH2C:
@@ -164,7 +147,7 @@ else:
     replayed = st == SUCCESS
 st, _ = eve_creates("eve2")
 check(st == INSUFFICIENT_RESOURCES, f"the cap holds: eve's next CREATE is refused (got {st:#010x})")
-signed_close(*eve, taken[0])
+signed_close(*eve, taken)
 if DH2C:
     st, m = final(b[0], dh2c(b, "p0", g, fid))
     check(st == SUCCESS and file_id(m)[:8] == fid[:8], f"the DH2C again, below the cap, reconnects (got {st:#010x})")

@@ -18,21 +18,15 @@ import sys
 import uuid
 
 from raw_channel import (
-    SESSION_SETUP,
     SUCCESS,
-    TREE_CONNECT,
-    Raw,
     check,
-    cmac_sign,
     context,
     final,
-    ntlm_context,
     patient_share,
+    patient_share_after,
     persistent_create,
     signed_close,
     signed_create,
-    smb3kdf,
-    tree_connect_body,
 )
 
 SHARE_OF_USER = int(sys.argv[6])
@@ -47,25 +41,7 @@ for i in range(SHARE_OF_USER):
     check(st == SUCCESS, "persistent open")
     held.append((f"p{i}", m[128:144], g))
 
-b = Raw(client)
-b.s.settimeout(30)
-ctx = ntlm_context()
-
-
-def leg(sid, tok):
-    body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(tok), asid) + tok
-    return b.call(b.header(SESSION_SETUP, sid) + body)
-
-
-st, r = leg(0, ctx.step(None))
-sid = struct.unpack_from("<Q", r, 40)[0]
-off, ln = struct.unpack_from("<HH", r, 64 + 4)
-st, r = leg(sid, ctx.step(r[off : off + ln]))
-check(st == SUCCESS, "a new session naming A's as PreviousSessionId")
-key = smb3kdf(ctx.session_key[:16].ljust(16, b"\0"), b"SMB2AESCMAC\x00", b"SmbSign\x00")
-st, r = b.call(cmac_sign(key, b.header(TREE_CONNECT, sid) + tree_connect_body()))
-check(st == SUCCESS, "tree connect")
-tid = struct.unpack_from("<I", r, 36)[0]
+b, sid, key, tid = patient_share_after(client, asid)
 
 refused, reopened = [], []
 for name, fid, g in held:

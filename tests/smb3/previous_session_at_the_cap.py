@@ -30,7 +30,6 @@ Usage: previous_session_at_the_cap.py HOST PORT SHARE USER PASSWORD CAP LOG MODE
 Prints PASS, or exits non-zero.
 """
 
-import struct
 import sys
 import time
 import uuid
@@ -38,38 +37,26 @@ import uuid
 import raw_channel
 from raw_channel import (
     INSUFFICIENT_RESOURCES,
-    SESSION_SETUP,
     SUCCESS,
-    TREE_CONNECT,
-    Raw,
     check,
-    cmac_sign,
     dh2c,
     file_id,
     final,
-    ntlm_context,
     patient_share,
+    patient_share_after,
     patient_share_as,
     persistent_create,
     reset,
     signed_close,
     signed_create,
-    smb3kdf,
-    tree_connect_body,
+    until,
+    until_granted,
 )
 
 CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
 USER = raw_channel.USER
 OVERWRITE_IF = 5
 HANDED = "leaves its descriptor slot for its reconnect"
-
-
-def until(what, done, within=20):
-    """Polls `done` until it is true (or fails after `within` s)."""
-    end = time.monotonic() + within
-    while not done():
-        check(time.monotonic() < end, f"{what} within {within} s")
-        time.sleep(0.02)
 
 
 def handed():
@@ -103,40 +90,15 @@ if MODE == "purge":
     check(st == INSUFFICIENT_RESOURCES, f"bob's CREATE does not take a slot left for a reconnect (got {st:#010x})")
     print("lost", flush=True)
     sys.stdin.readline()
-    got = []
-
-    def bob_took_a_slot():
-        st, m = bob_creates("bob2")
-        if st == SUCCESS:
-            got.append(file_id(m))
-        return bool(got)
-
-    until("bob's CREATE takes a slot the purge gave back", bob_took_a_slot, within=10)
-    signed_close(*bob, got[0])
+    got = until_granted("bob's CREATE takes a slot the purge gave back", lambda: bob_creates("bob2"), 10)
+    signed_close(*bob, got)
     print("PASS", flush=True)
     sys.exit(0)
 
 # B: a new session of USER naming A's as PreviousSessionId.
 raw_channel.USER = USER
-b = Raw(client)
-b.s.settimeout(30)
-ctx = ntlm_context()
-
-
-def leg(sid, tok):
-    body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(tok), asid) + tok
-    return b.call(b.header(SESSION_SETUP, sid) + body)
-
-
-st, r = leg(0, ctx.step(None))
-sid = struct.unpack_from("<Q", r, 40)[0]
-off, ln = struct.unpack_from("<HH", r, 64 + 4)
-st, r = leg(sid, ctx.step(r[off : off + ln]))
-check(st == SUCCESS, "a new session naming A's as PreviousSessionId")
-key = smb3kdf(ctx.session_key[:16].ljust(16, b"\0"), b"SMB2AESCMAC\x00", b"SmbSign\x00")
-st, r = b.call(cmac_sign(key, b.header(TREE_CONNECT, sid) + tree_connect_body()))
-check(st == SUCCESS, "tree connect")
-bconn = (b, sid, key, struct.unpack_from("<I", r, 36)[0])
+bconn = patient_share_after(client, asid)
+b = bconn[0]
 # Not fatal: the checks below say what a missing hand-over costs.
 until_end = time.monotonic() + 10
 while handed() < CAP and time.monotonic() < until_end:

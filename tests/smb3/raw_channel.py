@@ -242,6 +242,53 @@ def patient_share(client):
     return (r, *connect_share(r))
 
 
+def until(what, done, within=20):
+    """Polls `done` until it is true (or fails after `within` s)."""
+    end = time.monotonic() + within
+    while not done():
+        check(time.monotonic() < end, f"{what} within {within} s")
+        time.sleep(0.02)
+
+
+def until_granted(what, create, within=20):
+    """Tries `create` (a CREATE sent: its status and message) until it
+    succeeds (or fails after `within` s): the FileId it got."""
+    got = []
+
+    def granted():
+        st, m = create()
+        if st == SUCCESS:
+            got.append(file_id(m))
+        return bool(got)
+
+    until(what, granted, within)
+    return got[0]
+
+
+def patient_share_after(client, previous):
+    """[`patient_share`] whose session names session `previous` as its
+    PreviousSessionId (MS-SMB2 3.3.5.5.3), ending that one if it is
+    USER's: the connection, the session id, its signing key and the tree
+    id."""
+    r = Raw(client)
+    r.s.settimeout(30)
+    ctx = ntlm_context()
+
+    def leg(sid, tok):
+        body = struct.pack("<HBBIIHHQ", 25, 0, 1, 0, 0, 64 + 24, len(tok), previous) + tok
+        return r.call(r.header(SESSION_SETUP, sid) + body)
+
+    st, m = leg(0, ctx.step(None))
+    sid = struct.unpack_from("<Q", m, 40)[0]
+    off, ln = struct.unpack_from("<HH", m, 64 + 4)
+    st, m = leg(sid, ctx.step(m[off : off + ln]))
+    check(st == SUCCESS, f"a new session naming {previous:#x} as PreviousSessionId (got {st:#010x})")
+    key = smb3kdf(ctx.session_key[:16].ljust(16, b"\0"), b"SMB2AESCMAC\x00", b"SmbSign\x00")
+    st, m = r.call(cmac_sign(key, r.header(TREE_CONNECT, sid) + tree_connect_body()))
+    check(st == SUCCESS, f"share connected (got {st:#010x})")
+    return r, sid, key, struct.unpack_from("<I", m, 36)[0]
+
+
 def patient_share_as(user, client):
     """[`patient_share`] with `user` logged on (the password as USER's),
     who stays USER for the logons that follow."""
