@@ -5,21 +5,35 @@ handles (prevsess48). Run under `prlimit --nofile=128` (a cap of CAP
 opens, which is also each user's share), users USER and bob (password
 PASSWORD), rksmbd logging rksmbd::sessions at debug into LOG.
 
-Usage: previous_session_at_the_cap.py HOST PORT SHARE USER PASSWORD CAP LOG MODE
+Usage: previous_session_at_the_cap.py HOST PORT SHARE USER PASSWORD CAP LOG MODE PID
+
+PID is rksmbd's process id: its descriptors are counted in /proc/PID/fd.
 
 1. Connection A (USER) fills the cap with CAP persistent opens; bob's
    CREATE is STATUS_INSUFFICIENT_RESOURCES.
-2. MODE `idle` or `reset`: on connection B, a new session of USER names
-   A's as PreviousSessionId, ending it: its handles are detached in
-   filterd, and each one's descriptor slot and count under USER are left
-   for its reconnect (CAP lines in LOG). `reset` then resets A's TCP
-   connection, `idle` leaves it connected and silent. For 3 s bob tries
-   to take the slots with CREATEs: every one is refused. Then every DH2C
-   of A's opens on B succeeds (before: the ending gave the counts back
-   to all, the slots went with A's forgetting of its opens, and bob's
-   CREATEs took them — or, A idle, the slots stayed A's and every DH2C
-   was refused at the cap), bob is still refused, and once B closes the
-   opens bob's CREATE succeeds.
+2. MODE `idle`, `reset` or `pump`: on connection B, a new session of
+   USER names A's as PreviousSessionId, ending it: its handles are
+   detached in filterd, and each one's descriptor slot and count under
+   USER are left for its reconnect (a line each in LOG). `reset` then
+   resets A's TCP connection, `idle` leaves it connected and silent.
+   `pump` differs from step 1: bob opens L under an RWH lease, A opens
+   CAP - 2 files and sends [CREATE L under another lease; ECHO] in one
+   compound, which takes the last slot and waits for bob's break
+   acknowledgment serving A's connection (`Connection::pump`); B logs
+   on while it waits, bob then acknowledges, A's CREATE ends
+   (USER_SESSION_DELETED), and bob takes the slot it gave back.
+   In every mode A sends nothing more, and rksmbd closes A's
+   descriptors within 10 s: woken, A's connection forgets the ended
+   session's opens (before, re-review rr48a F1/F2: in `pump` the wait
+   used the wake-up up, and A held the descriptors, their slots handed
+   over, until its client's next request; nothing counted them). For
+   3 s bob tries to take the slots with CREATEs: every one is refused.
+   Then every DH2C of A's opens on B succeeds (before: the ending gave
+   the counts back to all, the slots went with A's forgetting of its
+   opens, and bob's CREATEs took them — or, A idle, the slots stayed
+   A's and every DH2C was refused at the cap), rksmbd holds no more
+   descriptors than before B logged on (but B's connection's), bob is
+   still refused, and once B closes the opens bob's CREATE succeeds.
    MODE `purge`: A's TCP connection is reset, leaving the slots for the
    reconnects (CAP lines in LOG); bob is refused. The script prints
    `lost` and waits for a line on stdin: the driver purges the
@@ -30,6 +44,8 @@ Usage: previous_session_at_the_cap.py HOST PORT SHARE USER PASSWORD CAP LOG MODE
 Prints PASS, or exits non-zero.
 """
 
+import os
+import struct
 import sys
 import time
 import uuid
@@ -38,10 +54,14 @@ import raw_channel
 from raw_channel import (
     INSUFFICIENT_RESOURCES,
     SUCCESS,
+    USER_SESSION_DELETED,
+    ack_pdu,
+    break_of,
     check,
     dh2c,
     file_id,
     final,
+    leased_create,
     patient_share,
     patient_share_after,
     patient_share_as,
@@ -51,12 +71,23 @@ from raw_channel import (
     signed_create,
     until,
     until_granted,
+    waiting_compound,
 )
 
-CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
+CAP, LOG, MODE, PID = int(sys.argv[6]), sys.argv[7], sys.argv[8], int(sys.argv[9])
 USER = raw_channel.USER
 OVERWRITE_IF = 5
 HANDED = "leaves its descriptor slot for its reconnect"
+PUMP = MODE == "pump"
+# A's opens: in `pump`, bob's leased open and A's waiting CREATE take a
+# slot each.
+N = CAP - 2 if PUMP else CAP
+BOB_LEASE, A_LEASE = uuid.uuid4().bytes, uuid.uuid4().bytes
+
+
+def fds():
+    """How many descriptors rksmbd has open."""
+    return len(os.listdir(f"/proc/{PID}/fd"))
 
 
 def handed():
@@ -73,13 +104,20 @@ def bob_creates(name):
 client = uuid.uuid4()
 a = patient_share(client)
 asid = a[1]
+bob = patient_share_as("bob", uuid.uuid4())
+raw_channel.USER = USER
+if PUMP:
+    st, _ = final(bob[0], leased_create(*bob, "L", BOB_LEASE, 7))
+    check(st == SUCCESS, f"bob's leased open of L (got {st:#010x})")
 held = []
-for i in range(CAP):
+for i in range(N):
     g = uuid.uuid4()
     st, m = final(a[0], persistent_create(*a, f"p{i}", g, OVERWRITE_IF))
     check(st == SUCCESS, f"USER's persistent open {i + 1} (got {st:#010x})")
     held.append((f"p{i}", file_id(m), g))
-bob = patient_share_as("bob", uuid.uuid4())
+if PUMP:
+    a[0].send(waiting_compound(*a, leased_create(*a, "L", A_LEASE, 7)))
+    brk = break_of(bob[0], 20, "bob")
 st, _ = bob_creates("bob0")
 check(st == INSUFFICIENT_RESOURCES, f"at the cap, bob's CREATE is refused (got {st:#010x})")
 
@@ -96,16 +134,37 @@ if MODE == "purge":
     sys.exit(0)
 
 # B: a new session of USER naming A's as PreviousSessionId.
-raw_channel.USER = USER
+before = fds()
 bconn = patient_share_after(client, asid)
 b = bconn[0]
 # Not fatal: the checks below say what a missing hand-over costs.
 until_end = time.monotonic() + 10
-while handed() < CAP and time.monotonic() < until_end:
+while handed() < N and time.monotonic() < until_end:
     time.sleep(0.02)
-check(handed() >= CAP, f"the ending left the {CAP} slots for the reconnects", fatal=False)
+check(handed() >= N, f"the ending left the {N} slots for the reconnects", fatal=False)
 if MODE == "reset":
     reset(a[0].s)
+if PUMP:
+    bob[0].send(ack_pdu(*bob[:3], BOB_LEASE, struct.unpack_from("<I", brk, 64 + 28)[0]))
+    st, _ = final(bob[0], None)
+    check(st == SUCCESS, f"bob acknowledged the break (got {st:#010x})")
+    st, _ = final(a[0], None)
+    check(st == USER_SESSION_DELETED, f"A's waiting CREATE ends, its session ended (got {st:#010x})")
+    # At the cap again: the slot A's CREATE gave back.
+    st, m = bob_creates("bob_fill")
+    check(st == SUCCESS, f"bob takes the slot A's CREATE gave back (got {st:#010x})")
+    filled = file_id(m)
+print(f"rksmbd's descriptors: {before} before B logged on", flush=True)
+# Not fatal either: the DH2Cs below succeed all the same.
+until_end = time.monotonic() + 10
+while fds() > before - N // 2 and time.monotonic() < until_end:
+    time.sleep(0.02)
+print(f"rksmbd's descriptors once A's were to close: {fds()}", flush=True)
+check(
+    fds() <= before - N // 2,
+    f"rksmbd closed A's {N} descriptors, A silent (held {before} before B, {fds()} now)",
+    fatal=False,
+)
 
 taken = []
 end = time.monotonic() + 3
@@ -125,12 +184,19 @@ for name, fid, g in held:
     else:
         refused.append(f"{st:#010x}")
 check(not refused, f"every DH2C after PreviousSessionId succeeds (refused {len(refused)}: {refused[:3]})", fatal=False)
+check(
+    fds() <= before + N // 2,
+    f"the DH2Cs' descriptors replace A's: {fds()} held, {before} before B",
+    fatal=False,
+)
 st, _ = bob_creates("bob_after")
 check(st == INSUFFICIENT_RESOURCES, f"the cap holds: bob's next CREATE is refused (got {st:#010x})", fatal=False)
 for fid in reopened:
     signed_close(*bconn, fid)
 for fid in taken:
     signed_close(*bob, fid)
+if PUMP:
+    signed_close(*bob, filled)
 st, m = bob_creates("bob_last")
 check(st == SUCCESS, f"the opens closed, bob's CREATE takes a slot (got {st:#010x})", fatal=False)
 if st == SUCCESS:

@@ -1289,10 +1289,16 @@ fn a_replay_at_the_open_cap_returns_the_original_open() {
 /// over to the reconnects as a lost connection does: under a descriptor
 /// limit of 128 (32 opens, the user's share too) bob's CREATEs take none
 /// and every DH2C succeeds, the old connection reset after the ending
-/// (`reset`) or left idle (`idle`; previous_session_at_the_cap.py).
+/// (`reset`) or left idle (`idle`; previous_session_at_the_cap.py). The
+/// old connection, silent, closes the ended session's descriptors,
+/// counted in /proc (re-review rr48a F2: nothing checked it) — also when
+/// the ending came while a request of its waited for a lease break
+/// acknowledgment, serving its connection (`pump`; re-review rr48a F1:
+/// that wait used the wake-up up, and the descriptors stayed open, their
+/// slots handed over, until the client's next request).
 #[test]
 fn a_previous_session_leaves_its_slots_to_its_reconnects() {
-    for mode in ["idle", "reset"] {
+    for mode in ["idle", "reset", "pump"] {
         previous_session_at_the_cap(mode);
     }
 }
@@ -1310,10 +1316,11 @@ fn a_purge_gives_the_slots_left_for_reconnects_back_at_once() {
     let env = [("RUST_LOG", "info,rksmbd::sessions=debug")];
     let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, &env, 128);
     let log = log.to_string_lossy().into_owned();
+    let pid = srv.shim.pid().to_string();
     let mut script = rkfilter_tests::smb3::Dialogue::start_with(
         &srv,
         "previous_session_at_the_cap.py",
-        &["32", &log, "purge"],
+        &["32", &log, "purge", &pid],
         std::time::Duration::from_secs(90),
     );
     script.expect("lost");
@@ -1335,6 +1342,32 @@ fn a_purge_gives_the_slots_left_for_reconnects_back_at_once() {
     no_handles_left(&d);
 }
 
+/// Re-review rr48a F3, F4: a session ended by PreviousSessionId while
+/// one of its durable opens was being kept (`tracked`: its CREATE held
+/// once the session tracked it), or while a DH2C on it was landing
+/// (`chain`: the DH2C held, a third session naming the second), lost
+/// that open's slot to all — the CREATE marked the open held again and
+/// dropped the slot left for it; the DH2C refused on its ended session
+/// gave back the slot it had taken — and another user's CREATE took it:
+/// the open's next DH2C was refused at the cap (128 descriptors, 32
+/// opens; previous_session_races.py).
+#[test]
+fn an_ending_racing_an_open_leaves_its_slot_to_its_reconnect() {
+    for (mode, hook) in [
+        ("tracked", "RKSMBD_TEST_TRACKED_HOLD_MS"),
+        ("chain", "RKSMBD_TEST_RECONNECT_HOLD_MS"),
+    ] {
+        let s = Scratch::new(&format!("rksmbd-previous-races-{mode}"));
+        let d = Filterd::start(&s, &[], &[]);
+        let users = [("alice", "pw"), ("bob", "pw")];
+        let env = [("RUST_LOG", "info"), (hook, "3000")];
+        let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, &env, 128);
+        let log = log.to_string_lossy().into_owned();
+        smbprotocol_script_passes_with(&srv, "previous_session_races.py", &["32", &log, mode]);
+        no_handles_left(&d);
+    }
+}
+
 fn previous_session_at_the_cap(mode: &str) {
     let s = Scratch::new(&format!("rksmbd-previous-at-cap-{mode}"));
     let d = Filterd::start(&s, &[], &[]);
@@ -1342,7 +1375,12 @@ fn previous_session_at_the_cap(mode: &str) {
     let env = [("RUST_LOG", "info,rksmbd::sessions=debug")];
     let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, &env, 128);
     let log = log.to_string_lossy().into_owned();
-    smbprotocol_script_passes_with(&srv, "previous_session_at_the_cap.py", &["32", &log, mode]);
+    let pid = srv.shim.pid().to_string();
+    smbprotocol_script_passes_with(
+        &srv,
+        "previous_session_at_the_cap.py",
+        &["32", &log, mode, &pid],
+    );
     no_handles_left(&d);
 }
 

@@ -1998,6 +1998,25 @@ fn test_delay_before_a_replay_claims() {
     );
 }
 
+/// Tests only (debug builds): `$RKSMBD_TEST_TRACKED_HOLD_MS` holds the
+/// first durable open this rksmbd process tracks in its session
+/// ([`crate::sessions::Link::track`]), once per process, before it is
+/// kept, so that a test can end its session meanwhile
+/// (tests/smb3/previous_session_races.py, re-review rr48a F3).
+pub(crate) fn test_hold_the_first_tracked_durable_open() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if test_hook_ms(&DELAY, "RKSMBD_TEST_TRACKED_HOLD_MS") > 0
+        && !DONE.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        test_delay(
+            &DELAY,
+            "RKSMBD_TEST_TRACKED_HOLD_MS",
+            "a durable open is held once tracked",
+        );
+    }
+}
+
 /// Tests only (debug builds): `$RKSMBD_TEST_RECONNECT_HOLD_MS` holds a
 /// reconnect between its check for a settling close and its resume, and
 /// says when it lets go, so that a test can have the open's close begin
@@ -2591,11 +2610,23 @@ fn reconnect(
             )),
         },
     );
-    if added.is_err() {
+    if let Err(open) = added {
         // Its session was ended meanwhile: disconnected again, for the
-        // client's DH2C on its new session.
+        // client's DH2C on its new session — and its slot and count
+        // under its user left for that DH2C, as the ending leaves its
+        // other opens' (re-review rr48a F4: given back to all, another
+        // user's CREATE could take the slot first, and the DH2C was
+        // refused at a full cap). Handed over once detached, and let go
+        // after (as `Link::revoke` does): a DH2C must not find the GUID
+        // free before the detach.
         forget_grant(&sh, key, held.map(|l| l.key));
         let _ = sh.filter.detach(key);
+        let mut open = *open;
+        if let Some(counted) = open.counted.take() {
+            let named = (rc.create_guid, key, open.durable_ms);
+            sh.registry.hand_over(named, c.id, counted);
+        }
+        sh.registry.let_go(rc.create_guid, c.id);
         return Err(status::USER_SESSION_DELETED);
     }
     if !rc.v1 {

@@ -966,6 +966,16 @@ pub struct Connection {
     /// Whether channels' PDUs were served after the last poll that found
     /// them and a notification ready (they take turns).
     inbox_went_last: bool,
+    /// Whether a wake-up of the inbox was taken since the connection last
+    /// settled what other connections released of its sessions
+    /// ([`Connection::settle_elsewhere`], in [`Connection::after_pdu`]).
+    /// Latched: a wake-up taken by a request that pumps
+    /// ([`Connection::pump`]) is settled once that request ends — it
+    /// cannot be settled there, under the request, and used up unlatched
+    /// it was lost: the connection kept the descriptors of an ended
+    /// session's opens, their slots handed over, until its client's next
+    /// request (re-review rr48a F1).
+    settle_due: bool,
     /// Whether the last poll's turn went to notifications ahead of the
     /// socket (see `poll_inputs`).
     notify_went_first: bool,
@@ -1139,6 +1149,7 @@ impl Connection {
             outer: Vec::new(),
             socket_streak: 0,
             inbox_went_last: false,
+            settle_due: false,
             notify_went_first: false,
             not_logged_on: false,
             logon_by: None,
@@ -1291,10 +1302,7 @@ impl Connection {
                         break;
                     }
                 }
-                Input::Inbox => {
-                    self.settle_elsewhere();
-                    self.serve_inbox();
-                }
+                Input::Inbox => self.serve_inbox(),
                 Input::Gone => break,
             }
             if self.not_logged_on && self.sessions.values().any(|s| s.user.is_some()) {
@@ -1317,10 +1325,7 @@ impl Connection {
         // channel goes (multichannel): this thread keeps serving them.
         while self.has_channels() {
             match self.next_input() {
-                Input::Inbox => {
-                    self.settle_elsewhere();
-                    self.serve_inbox();
-                }
+                Input::Inbox => self.serve_inbox(),
                 Input::Pdu(_) | Input::Logon(_) | Input::Gone => {}
             }
             self.after_pdu();
@@ -1335,8 +1340,13 @@ impl Connection {
 
     /// After a PDU: an unlock in it may let a waiting lock in (a close
     /// retries at once, see release_open), a break acknowledged or an open
-    /// closed a pending CREATE.
+    /// closed a pending CREATE. And once no request runs, what other
+    /// connections released of this one's sessions is settled, when the
+    /// inbox was woken since (`settle_due`).
     fn after_pdu(&mut self) {
+        if std::mem::take(&mut self.settle_due) {
+            self.settle_elsewhere();
+        }
         if self.waiting.take_nudged() {
             crate::lock::retry(self);
         }
@@ -1641,6 +1651,9 @@ impl Connection {
             if let Some((_, rx)) = &self.inbox {
                 crate::channels::drain_wakeups(rx);
             }
+            // The wake-up may be another connection's ending of a session
+            // of this one: settled after the request that runs, if any.
+            self.settle_due = true;
             return Ready::Inbox;
         }
         self.inbox_went_last = false;
@@ -2214,6 +2227,16 @@ impl Connection {
                 }
             }
         };
+        // Held before it is tracked: an ending of the session in between
+        // finds the GUID this connection's, and hands the slot over for
+        // the open's reconnect. Held after, the ending handed it over and
+        // let go, and `held` here took the GUID back and dropped the
+        // handed slot: the reconnect found none, refused at a full cap
+        // (re-review rr48a F3). Refused, the GUID stays held until the
+        // caller has released the handle and lets it go.
+        if let Some(g) = open.create_guid {
+            self.sh.registry.held(g, self.id);
+        }
         let link = self
             .sessions
             .get(&open.session)
@@ -2232,19 +2255,20 @@ impl Connection {
                     counted,
                     open.delete_unsure.clone(),
                 );
-                if !tracked {
+                if let Err(counted) = tracked {
+                    open.counted = Some(counted);
                     return Err(Box::new(open));
+                }
+                if open.durable {
+                    crate::create::test_hold_the_first_tracked_durable_open();
                 }
             }
             (_, link) => {
+                open.counted = Some(counted);
                 if link.is_some_and(|l| l.revoked()) {
                     return Err(Box::new(open));
                 }
-                open.counted = Some(counted);
             }
-        }
-        if let Some(g) = open.create_guid {
-            self.sh.registry.held(g, self.id);
         }
         self.opens.insert(id, open);
         Ok(())
@@ -2415,7 +2439,9 @@ impl Connection {
     /// unnoticed, the usual reason for a PreviousSessionId — no longer
     /// holds them until its next request, while their slots went with
     /// their handles (to the opens' reconnects at a PreviousSessionId,
-    /// [`crate::sessions::Registry::hand_over`]).
+    /// [`crate::sessions::Registry::hand_over`]). Run between requests
+    /// only ([`Connection::after_pdu`]): a request that pumps when woken
+    /// settles once it ends.
     fn settle_elsewhere(&mut self) {
         let ended: Vec<u64> = self
             .sessions

@@ -163,13 +163,15 @@ impl Link {
     /// Records an open of the session, durable (with its timeout) or not,
     /// held by connection `conn` under `create_guid` if it has one, its
     /// descriptor slot and count under its user in `counted` until
-    /// released (by whoever releases it). False, recording nothing, once
-    /// another connection has ended the session: the ending released the
-    /// handles tracked then and nobody would release this one (a CREATE
-    /// granted after it — one that was pending — would leave filterd
-    /// holding its handle, share mode and lease until rksmbd restarts);
-    /// the caller releases it.
-    #[must_use]
+    /// released (by whoever releases it). Refused, recording nothing and
+    /// giving `counted` back to the caller, once another connection has
+    /// ended the session: the ending released the handles tracked then
+    /// and nobody would release this one (a CREATE granted after it — one
+    /// that was pending — would leave filterd holding its handle, share
+    /// mode and lease until rksmbd restarts); the caller releases it, and
+    /// gives the counts back or, a reconnect's, hands them over again
+    /// (re-review rr48a F4: dropped here, a reconnect's slot left for its
+    /// next DH2C went to all).
     #[allow(clippy::too_many_arguments)]
     pub fn track(
         &self,
@@ -180,10 +182,10 @@ impl Link {
         conn: u64,
         counted: crate::server::OpenSlots,
         unsure: crate::files::DeleteUnsure,
-    ) -> bool {
+    ) -> Result<(), crate::server::OpenSlots> {
         let mut st = lock(&self.state);
         if st.revoked {
-            return false;
+            return Err(counted);
         }
         let held = create_guid.map(|g| (g, conn));
         st.live.insert(
@@ -196,7 +198,7 @@ impl Link {
                 unsure,
             },
         );
-        true
+        Ok(())
     }
 
     /// The owning connection's inbox, nudged when another connection
@@ -933,9 +935,15 @@ impl Registry {
                 until,
             };
             lock(&self.handed).insert(create_guid, h);
+            // One line for every way here (its connection lost, its
+            // session ended by PreviousSessionId, a reconnect landing on a
+            // session ended meanwhile); tests count "leaves its descriptor
+            // slot for its reconnect".
             tracing::debug!(
                 conn,
-                "a lost connection's durable open leaves its descriptor slot for its reconnect"
+                %create_guid,
+                resume_key = %key,
+                "a durable open detached (its connection lost or its session ended) leaves its descriptor slot for its reconnect"
             );
         }
     }
@@ -1193,31 +1201,37 @@ mod tests {
     /// A session another connection ended tracks no handle made after
     /// (a CREATE that was pending): its caller releases it. Before, the
     /// handle was tracked by a session nobody released again, and filterd
-    /// held it until rksmbd restarted.
+    /// held it until rksmbd restarted. The counts of the one refused are
+    /// the caller's again (re-review rr48a F4).
     #[test]
     fn an_ended_session_tracks_no_new_handle() {
         let l = link();
         let fds = shimline::descriptors::Descriptors::new(2);
-        assert!(l.track(
-            1,
-            ResumeKey::new_random(),
-            None,
-            None,
-            7,
-            slots(fds.force(), None),
-            Default::default()
-        ));
+        assert!(l
+            .track(
+                1,
+                ResumeKey::new_random(),
+                None,
+                None,
+                7,
+                slots(fds.force(), None),
+                Default::default()
+            )
+            .is_ok());
         lock(&l.state).revoked = true;
-        assert!(!l.track(
+        let refused = l.track(
             2,
             ResumeKey::new_random(),
             Some(0),
             None,
             7,
             slots(fds.force(), None),
-            Default::default()
-        ));
+            Default::default(),
+        );
         assert!(l.is_live(1) && !l.is_live(2));
+        assert_eq!(fds.held(), 2, "the refused one's slot is the caller's");
+        drop(refused);
+        assert_eq!(fds.held(), 1);
     }
 
     fn c() -> ClientId {

@@ -1,0 +1,116 @@
+"""A session ended by PreviousSessionId while one of its durable opens
+is being kept, or being reconnected, still leaves that open's descriptor
+slot to the open's next reconnect (re-review rr48a F3, F4). Run under
+`prlimit --nofile=128` (a cap of CAP opens, which is also each user's
+share), users USER and bob (password PASSWORD), rksmbd logging at info
+into LOG.
+
+Usage: previous_session_races.py HOST PORT SHARE USER PASSWORD CAP LOG MODE
+
+Bob fills the cap but one slot with CAP - 1 opens; connection A (USER)
+makes a persistent open p0, the last slot.
+
+MODE `tracked` (rksmbd with `RKSMBD_TEST_TRACKED_HOLD_MS`): A's CREATE
+of p0 is held once the session tracks the open; meanwhile a session of
+USER on connection B names A's as PreviousSessionId, ending it: p0 is
+detached and its slot left for its reconnect. Before, the CREATE then
+marked the open A's again and dropped the slot left for it: bob's
+CREATE took the slot, and B's DH2C of p0 was refused at the cap.
+
+MODE `chain` (rksmbd with `RKSMBD_TEST_RECONNECT_HOLD_MS`): a session on
+B names A's; B's DH2C of p0 is held, and meanwhile a session on
+connection C names B's, ending it: the DH2C lands on an ended session
+(USER_SESSION_DELETED), the open is detached again — and before, the
+slot it had taken went to all: bob's CREATE took it, and C's DH2C of p0
+was refused at the cap.
+
+Either way, for 2 s bob's CREATEs take no slot, and the last session's
+DH2C of p0 succeeds.
+
+Prints PASS, or exits non-zero.
+"""
+
+import sys
+import time
+import uuid
+
+import raw_channel
+from raw_channel import (
+    SUCCESS,
+    USER_SESSION_DELETED,
+    check,
+    dh2c,
+    file_id,
+    final,
+    patient_share,
+    patient_share_after,
+    patient_share_as,
+    persistent_create,
+    signed_close,
+    signed_create,
+    until,
+)
+
+CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
+USER = raw_channel.USER
+OVERWRITE_IF = 5
+
+
+def logged(line):
+    """Whether rksmbd's log holds `line`."""
+    with open(LOG, encoding="utf-8", errors="replace") as f:
+        return line in f.read()
+
+
+def bob_creates(name):
+    """Bob's CREATE of `name`: status and message."""
+    return final(bob[0], signed_create(*bob, name, 7, OVERWRITE_IF))
+
+
+client = uuid.uuid4()
+a = patient_share(client)
+bob = patient_share_as("bob", uuid.uuid4())
+raw_channel.USER = USER
+bobs = []
+for i in range(CAP - 1):
+    st, m = bob_creates(f"bob{i}")
+    check(st == SUCCESS, f"bob's open {i + 1} (got {st:#010x})")
+    bobs.append(file_id(m))
+
+g = uuid.uuid4()
+if MODE == "tracked":
+    a[0].send(persistent_create(*a, "p0", g, OVERWRITE_IF))
+    until("A's open held once tracked", lambda: logged("test hook: a durable open is held once tracked"))
+    last = patient_share_after(client, a[1])
+    st, m = final(a[0], None)
+    check(st == SUCCESS, f"A's CREATE, tracked before the ending, is granted (got {st:#010x})")
+    fid = file_id(m)
+else:
+    st, m = final(a[0], persistent_create(*a, "p0", g, OVERWRITE_IF))
+    check(st == SUCCESS, f"A's persistent open (got {st:#010x})")
+    fid = file_id(m)
+    b = patient_share_after(client, a[1])
+    b[0].send(dh2c(b, "p0", g, fid))
+    until("B's DH2C held", lambda: logged("test hook: a reconnect is held after its settling check"))
+    last = patient_share_after(client, b[1])
+    st, _ = final(b[0], None)
+    check(st == USER_SESSION_DELETED, f"B's DH2C lands on its ended session (got {st:#010x})")
+
+taken = []
+end = time.monotonic() + 2
+n = 0
+while time.monotonic() < end:
+    n += 1
+    st, m = bob_creates(f"more{n}")
+    if st == SUCCESS:
+        taken.append(file_id(m))
+check(not taken, f"bob's CREATEs take no slot left for p0's reconnect (took {len(taken)})", fatal=False)
+st, m = final(last[0], dh2c(last, "p0", g, fid))
+reopened = st == SUCCESS and file_id(m)[:8] == fid[:8]
+check(reopened, f"the last session's DH2C of p0 succeeds (got {st:#010x})", fatal=False)
+if reopened:
+    signed_close(*last, file_id(m))
+for f in taken + bobs:
+    signed_close(*bob, f)
+check(not raw_channel.FAILURES, f"no failures ({raw_channel.FAILURES})")
+print("PASS", flush=True)
