@@ -61,6 +61,7 @@ from raw_channel import (
     dh2c,
     file_id,
     final,
+    granted_for,
     leased_create,
     patient_share,
     patient_share_after,
@@ -166,14 +167,7 @@ check(
     fatal=False,
 )
 
-taken = []
-end = time.monotonic() + 3
-n = 0
-while time.monotonic() < end:
-    n += 1
-    st, m = bob_creates(f"bob{n}")
-    if st == SUCCESS:
-        taken.append(file_id(m))
+taken = granted_for(3, lambda n: bob_creates(f"bob{n}"))
 check(not taken, f"bob's CREATEs take none of the slots left for the reconnects (took {len(taken)})", fatal=False)
 
 refused, reopened = [], []

@@ -31,7 +31,6 @@ Prints PASS, or exits non-zero.
 """
 
 import sys
-import time
 import uuid
 
 import raw_channel
@@ -42,6 +41,8 @@ from raw_channel import (
     dh2c,
     file_id,
     final,
+    granted_for,
+    log_holds,
     patient_share,
     patient_share_after,
     patient_share_as,
@@ -54,12 +55,6 @@ from raw_channel import (
 CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
 USER = raw_channel.USER
 OVERWRITE_IF = 5
-
-
-def logged(line):
-    """Whether rksmbd's log holds `line`."""
-    with open(LOG, encoding="utf-8", errors="replace") as f:
-        return line in f.read()
 
 
 def bob_creates(name):
@@ -80,7 +75,7 @@ for i in range(CAP - 1):
 g = uuid.uuid4()
 if MODE == "tracked":
     a[0].send(persistent_create(*a, "p0", g, OVERWRITE_IF))
-    until("A's open held once tracked", lambda: logged("test hook: a durable open is held once tracked"))
+    until("A's open held once tracked", lambda: log_holds(LOG, "test hook: a durable open is held once tracked"))
     last = patient_share_after(client, a[1])
     st, m = final(a[0], None)
     check(st == SUCCESS, f"A's CREATE, tracked before the ending, is granted (got {st:#010x})")
@@ -91,19 +86,12 @@ else:
     fid = file_id(m)
     b = patient_share_after(client, a[1])
     b[0].send(dh2c(b, "p0", g, fid))
-    until("B's DH2C held", lambda: logged("test hook: a reconnect is held after its settling check"))
+    until("B's DH2C held", lambda: log_holds(LOG, "test hook: a reconnect is held after its settling check"))
     last = patient_share_after(client, b[1])
     st, _ = final(b[0], None)
     check(st == USER_SESSION_DELETED, f"B's DH2C lands on its ended session (got {st:#010x})")
 
-taken = []
-end = time.monotonic() + 2
-n = 0
-while time.monotonic() < end:
-    n += 1
-    st, m = bob_creates(f"more{n}")
-    if st == SUCCESS:
-        taken.append(file_id(m))
+taken = granted_for(2, lambda n: bob_creates(f"more{n}"))
 check(not taken, f"bob's CREATEs take no slot left for p0's reconnect (took {len(taken)})", fatal=False)
 st, m = final(last[0], dh2c(last, "p0", g, fid))
 reopened = st == SUCCESS and file_id(m)[:8] == fid[:8]

@@ -265,6 +265,26 @@ def until_granted(what, create, within=20):
     return got[0]
 
 
+def log_holds(path, line):
+    """Whether the log at `path` holds `line`."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return line in f.read()
+
+
+def granted_for(seconds, create):
+    """Tries `create(n)` (a CREATE sent, n counting from 1: its status
+    and message) for `seconds`: the FileIds of those that succeeded."""
+    got = []
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+        st, m = create(n)
+        if st == SUCCESS:
+            got.append(file_id(m))
+    return got
+
+
 def patient_share_after(client, previous):
     """[`patient_share`] whose session names session `previous` as its
     PreviousSessionId (MS-SMB2 3.3.5.5.3), ending that one if it is

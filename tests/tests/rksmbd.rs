@@ -1311,12 +1311,7 @@ fn a_previous_session_leaves_its_slots_to_its_reconnects() {
 #[test]
 fn a_purge_gives_the_slots_left_for_reconnects_back_at_once() {
     let s = Scratch::new("rksmbd-handed-purged");
-    let d = Filterd::start(&s, &[], &[]);
-    let users = [("alice", "pw"), ("bob", "pw")];
-    let env = [("RUST_LOG", "info,rksmbd::sessions=debug")];
-    let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, &env, 128);
-    let log = log.to_string_lossy().into_owned();
-    let pid = srv.shim.pid().to_string();
+    let (d, srv, log, pid) = alice_and_bob_at_128(&s);
     let mut script = rkfilter_tests::smb3::Dialogue::start_with(
         &srv,
         "previous_session_at_the_cap.py",
@@ -1368,14 +1363,22 @@ fn an_ending_racing_an_open_leaves_its_slot_to_its_reconnect() {
     }
 }
 
-fn previous_session_at_the_cap(mode: &str) {
-    let s = Scratch::new(&format!("rksmbd-previous-at-cap-{mode}"));
-    let d = Filterd::start(&s, &[], &[]);
+/// filterd, and rksmbd for alice and bob under a descriptor limit of 128
+/// (32 opens), rksmbd::sessions logging at debug: with its log's path and
+/// its pid.
+fn alice_and_bob_at_128(s: &Scratch) -> (Filterd, RkSmbd, String, String) {
+    let d = Filterd::start(s, &[], &[]);
     let users = [("alice", "pw"), ("bob", "pw")];
     let env = [("RUST_LOG", "info,rksmbd::sessions=debug")];
-    let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, &env, 128);
+    let (srv, log) = RkSmbd::start_logged_with_nofile(s, "rksmbd", "data", &users, &env, 128);
     let log = log.to_string_lossy().into_owned();
     let pid = srv.shim.pid().to_string();
+    (d, srv, log, pid)
+}
+
+fn previous_session_at_the_cap(mode: &str) {
+    let s = Scratch::new(&format!("rksmbd-previous-at-cap-{mode}"));
+    let (d, srv, log, pid) = alice_and_bob_at_128(&s);
     smbprotocol_script_passes_with(
         &srv,
         "previous_session_at_the_cap.py",

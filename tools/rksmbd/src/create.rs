@@ -1942,15 +1942,8 @@ fn test_hold_a_move_before_it_lands() {
 pub(crate) fn test_hold_the_first_letting_go() {
     static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if test_hook_ms(&DELAY, "RKSMBD_TEST_LETTING_GO_HOLD_MS") > 0
-        && !DONE.swap(true, std::sync::atomic::Ordering::SeqCst)
-    {
-        test_delay(
-            &DELAY,
-            "RKSMBD_TEST_LETTING_GO_HOLD_MS",
-            "an open is held after its detach",
-        );
-    }
+    let var = "RKSMBD_TEST_LETTING_GO_HOLD_MS";
+    test_delay_once(&DONE, &DELAY, var, "an open is held after its detach");
 }
 
 /// Tests only (debug builds): `$RKSMBD_TEST_REPLAY_ASK_HOLD_MS` holds a
@@ -2006,15 +1999,8 @@ fn test_delay_before_a_replay_claims() {
 pub(crate) fn test_hold_the_first_tracked_durable_open() {
     static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if test_hook_ms(&DELAY, "RKSMBD_TEST_TRACKED_HOLD_MS") > 0
-        && !DONE.swap(true, std::sync::atomic::Ordering::SeqCst)
-    {
-        test_delay(
-            &DELAY,
-            "RKSMBD_TEST_TRACKED_HOLD_MS",
-            "a durable open is held once tracked",
-        );
-    }
+    let var = "RKSMBD_TEST_TRACKED_HOLD_MS";
+    test_delay_once(&DONE, &DELAY, var, "a durable open is held once tracked");
 }
 
 /// Tests only (debug builds): `$RKSMBD_TEST_RECONNECT_HOLD_MS` holds a
@@ -2028,6 +2014,19 @@ fn test_hold_a_reconnect_after_its_settling_check() {
     test_delay(&DELAY, "RKSMBD_TEST_RECONNECT_HOLD_MS", what);
     if test_hook_ms(&DELAY, "RKSMBD_TEST_RECONNECT_HOLD_MS") > 0 {
         tracing::info!("test hook over: {what}");
+    }
+}
+
+/// [`test_delay`] the first time only (`done` set then), once per
+/// process.
+fn test_delay_once(
+    done: &std::sync::atomic::AtomicBool,
+    cell: &std::sync::OnceLock<u64>,
+    var: &str,
+    what: &str,
+) {
+    if test_hook_ms(cell, var) > 0 && !done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        test_delay(cell, var, what);
     }
 }
 
