@@ -12,16 +12,25 @@ PID is rksmbd's process id: its descriptors are counted in /proc/PID/fd.
 1. Connection A (USER) fills the cap with CAP persistent opens; bob's
    CREATE is STATUS_INSUFFICIENT_RESOURCES.
 2. MODE `idle`, `reset` or `pump`: on connection B, a new session of
-   USER names A's as PreviousSessionId, ending it: its handles are
-   detached in filterd, and each one's descriptor slot and count under
-   USER are left for its reconnect (a line each in LOG). `reset` then
+   USER names A's as PreviousSessionId, ending it: A's connection, woken,
+   detaches its handles, closes their descriptors, and leaves each
+   one's slot and count under USER for its reconnect (a line each in
+   LOG). `reset` then
    resets A's TCP connection, `idle` leaves it connected and silent.
    `pump` differs from step 1: bob opens L under an RWH lease, A opens
    CAP - 2 files and sends [CREATE L under another lease; ECHO] in one
    compound, which takes the last slot and waits for bob's break
    acknowledgment serving A's connection (`Connection::pump`); B logs
-   on while it waits, bob then acknowledges, A's CREATE ends
+   on while it waits: two DH2Cs of A's opens on B are told to retry
+   (STATUS_FILE_NOT_AVAILABLE, after waiting for A), no slot is handed
+   over and rksmbd's descriptors do not grow past B's logon
+   (re-review rr48d N1: the slots went to the DH2Cs while A's
+   descriptors stayed open, over the cap without bound as such endings
+   chained). Bob then acknowledges, A's CREATE ends
    (USER_SESSION_DELETED), and bob takes the slot it gave back.
+   In every mode the ending's hand-over happens once A closes the
+   descriptors (a line each in LOG), and a DH2C told to retry before
+   is retried, as a client does.
    In every mode A sends nothing more, and rksmbd closes A's
    descriptors within 10 s: woken, A's connection forgets the ended
    session's opens (before, re-review rr48a F1/F2: in `pump` the wait
@@ -52,6 +61,7 @@ import uuid
 
 import raw_channel
 from raw_channel import (
+    FILE_NOT_AVAILABLE,
     INSUFFICIENT_RESOURCES,
     SUCCESS,
     USER_SESSION_DELETED,
@@ -80,6 +90,9 @@ USER = raw_channel.USER
 OVERWRITE_IF = 5
 HANDED = "leaves its descriptor slot for its reconnect"
 PUMP = MODE == "pump"
+# rksmbd's descriptors B's connection may add (its socket, its inbox's
+# pair, and room to spare).
+SLACK = 6
 # A's opens: in `pump`, bob's leased open and A's waiting CREATE take a
 # slot each.
 N = CAP - 2 if PUMP else CAP
@@ -138,14 +151,23 @@ if MODE == "purge":
 before = fds()
 bconn = patient_share_after(client, asid)
 b = bconn[0]
-# Not fatal: the checks below say what a missing hand-over costs.
-until_end = time.monotonic() + 10
-while handed() < N and time.monotonic() < until_end:
-    time.sleep(0.02)
-check(handed() >= N, f"the ending left the {N} slots for the reconnects", fatal=False)
-if MODE == "reset":
-    reset(a[0].s)
 if PUMP:
+    # A still waits in its CREATE: its descriptors stay open, their slots
+    # with them, and a DH2C of its opens is told to retry once it has
+    # waited for A (before, re-review rr48d N1: the slots went to the
+    # DH2Cs at once, and rksmbd held both descriptors of each open —
+    # without bound, session after session).
+    logged_on = fds()
+    check(logged_on <= before + SLACK, f"B's logon: {logged_on} descriptors held, {before} before B", fatal=False)
+    for name, fid, g in held[:2]:
+        st, _ = final(b, dh2c(bconn, name, g, fid))
+        check(st == FILE_NOT_AVAILABLE, f"a DH2C while A waits is told to retry (got {st:#010x})", fatal=False)
+        check(
+            fds() <= logged_on,
+            f"rksmbd's descriptors do not grow while A waits: {fds()} held, {logged_on} after B's logon",
+            fatal=False,
+        )
+    check(handed() == 0, f"no slot handed over while A waits ({handed()})", fatal=False)
     bob[0].send(ack_pdu(*bob[:3], BOB_LEASE, struct.unpack_from("<I", brk, 64 + 28)[0]))
     st, _ = final(bob[0], None)
     check(st == SUCCESS, f"bob acknowledged the break (got {st:#010x})")
@@ -155,6 +177,13 @@ if PUMP:
     st, m = bob_creates("bob_fill")
     check(st == SUCCESS, f"bob takes the slot A's CREATE gave back (got {st:#010x})")
     filled = file_id(m)
+# Not fatal: the checks below say what a missing hand-over costs.
+until_end = time.monotonic() + 10
+while handed() < N and time.monotonic() < until_end:
+    time.sleep(0.02)
+check(handed() >= N, f"the ending left the {N} slots for the reconnects", fatal=False)
+if MODE == "reset":
+    reset(a[0].s)
 print(f"rksmbd's descriptors: {before} before B logged on", flush=True)
 # Not fatal either: the DH2Cs below succeed all the same.
 until_end = time.monotonic() + 10
@@ -172,7 +201,13 @@ check(not taken, f"bob's CREATEs take none of the slots left for the reconnects 
 
 refused, reopened = [], []
 for name, fid, g in held:
-    st, m = final(b, dh2c(bconn, name, g, fid))
+    # Told to retry (A not settled yet), retried as a client does.
+    retry_end = time.monotonic() + 20
+    while True:
+        st, m = final(b, dh2c(bconn, name, g, fid))
+        if st != FILE_NOT_AVAILABLE or time.monotonic() >= retry_end:
+            break
+        time.sleep(0.1)
     if st == SUCCESS and file_id(m)[:8] == fid[:8]:
         reopened.append(file_id(m))
     else:

@@ -2615,14 +2615,17 @@ fn reconnect(
         // under its user left for that DH2C, as the ending leaves its
         // other opens' (re-review rr48a F4: given back to all, another
         // user's CREATE could take the slot first, and the DH2C was
-        // refused at a full cap). Handed over once detached, and let go
-        // after (as `Link::revoke` does): a DH2C must not find the GUID
+        // refused at a full cap). Handed over once detached and its
+        // descriptor closed (re-review rr48d N1), and let go after (as a
+        // lost connection's release does): a DH2C must not find the GUID
         // free before the detach.
         forget_grant(&sh, key, held.map(|l| l.key));
         let _ = sh.filter.detach(key);
         let mut open = *open;
-        if let Some(counted) = open.counted.take() {
-            let named = (rc.create_guid, key, open.durable_ms);
+        let counted = open.counted.take();
+        let named = (rc.create_guid, key, open.durable_ms);
+        drop(open);
+        if let Some(counted) = counted {
             sh.registry.hand_over(named, c.id, counted);
         }
         sh.registry.let_go(rc.create_guid, c.id);

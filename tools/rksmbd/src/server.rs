@@ -1273,6 +1273,17 @@ impl Connection {
                 return;
             }
         };
+        // Without its inbox nothing wakes it to settle what another
+        // connection ended (PreviousSessionId): a reconnect of the
+        // session's durable opens waited for its next request, maybe
+        // never (re-review rr48d N3). Dropped as without a writer.
+        if self.inbox.is_none() {
+            tracing::warn!(
+                conn = self.id,
+                "connection dropped, no descriptor for its inbox"
+            );
+            return;
+        }
         self.remote = stream.peer_addr().ok();
         let peer = self.remote.map(|a| shimline::peer_key(a.ip()));
         self.peer = peer;
@@ -1310,6 +1321,15 @@ impl Connection {
                 self.sh.not_logged_on.left(self.id);
             }
             self.after_pdu();
+        }
+        // A loop ended by a request that pumped (its answer not sent:
+        // the client reset or stopped reading) skipped `after_pdu`: what
+        // another connection ended meanwhile is settled now. Left to the
+        // channels' loop below, it waited for a channel's PDU, maybe
+        // forever, with the ended session's descriptors open (re-review
+        // rr48d N2).
+        if std::mem::take(&mut self.settle_due) {
+            self.settle_elsewhere();
         }
         self.sh.not_logged_on.left(self.id);
         self.not_logged_on = false;
@@ -1542,6 +1562,12 @@ impl Connection {
     /// busy.
     fn next_input(&mut self) -> Input {
         loop {
+            // Woken to settle what another connection ended, not settled
+            // yet (a loop left without `after_pdu`): at once, not after
+            // the next input, which may never come (re-review rr48d N2).
+            if self.settle_due {
+                return Input::Inbox;
+            }
             let locks = (!self.waiting.is_empty()).then(|| self.waiting.next_retry_in());
             let creates =
                 (!self.pending_creates.is_empty()).then(|| self.pending_creates.next_retry_in());
@@ -2343,16 +2369,23 @@ impl Connection {
                 crate::files::Kind::File { key, .. } => Some(*key),
                 _ => None,
             };
-            match (counted.or(open.counted.take()), open.create_guid, key) {
-                (Some(slots), Some(g), Some(key))
-                    if open.durable && matches!(ending, Ending::Lost) =>
-                {
-                    let named = (g, key, open.durable_ms);
-                    self.sh.registry.hand_over(named, self.id, slots);
+            let slots = counted.or(open.counted.take());
+            let guid = open.create_guid;
+            let handed = open.durable && matches!(ending, Ending::Lost);
+            let ms = open.durable_ms;
+            // Its descriptor closed first: a slot handed over (or given
+            // back) while it was still open let rksmbd hold more
+            // descriptors than its cap (re-review rr48d N1).
+            drop(open);
+            match (slots, guid, key) {
+                (Some(slots), Some(g), Some(key)) if handed => {
+                    self.sh.registry.hand_over((g, key, ms), self.id, slots);
                 }
-                _ => {}
+                (slots, _, _) => drop(slots),
             }
-            self.let_go(&open);
+            if let Some(g) = guid {
+                self.sh.registry.let_go(g, self.id);
+            }
         }
         // Its locks are gone: a lock waiting on another open may be in,
         // and its share mode and lease: a pending CREATE too.
@@ -2409,12 +2442,31 @@ impl Connection {
         let Some(link) = self.sessions.get(&id).and_then(|s| s.link.clone()) else {
             return Ok(());
         };
-        let mut gone = link.take_closed_elsewhere();
         let revoked = link.revoked();
         if revoked {
-            // Its opens are forgotten here: none may leave its handle
-            // behind in filterd.
+            // Its opens are released here, as a lost connection's are:
+            // durable ones detached, each descriptor closed before its
+            // slot and count are handed over for the open's reconnect
+            // (the others' given back), then its create GUID let go
+            // (`release_open`). The ending left them to this connection
+            // (`Link::revoke`, re-review rr48d N1).
+            let mut ids: Vec<u64> = self
+                .opens
+                .iter()
+                .filter(|(_, o)| o.session == id)
+                .map(|(k, _)| *k)
+                .collect();
+            ids.sort_unstable();
+            for k in ids {
+                let _ = self.release_open(k, Ending::Lost);
+            }
+            // None may leave its handle behind in filterd.
             link.release_rest(&self.sh);
+        }
+        let mut gone = link.take_closed_elsewhere();
+        if revoked {
+            // A release that kept its open (none expected for a lost
+            // one): forgotten all the same with the session.
             gone.extend(
                 self.opens
                     .iter()

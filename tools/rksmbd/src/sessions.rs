@@ -252,17 +252,33 @@ impl Link {
     /// Ends the session from another connection: durable handles are
     /// detached in filterd (a DH2C on the new session resumes them), the
     /// others closed.
+    ///
+    /// Nothing is released here: the owning connection releases the
+    /// session's opens as a lost connection does (durable ones detached,
+    /// their slots handed over; `Connection::settle_session`), woken for
+    /// it at once or settling once the request it serves ends. Each
+    /// open's descriptor slot and count stay with its descriptor until
+    /// then. Handed over here, while that connection still had the
+    /// descriptors open, a chain of PreviousSessionId logons whose old
+    /// connections each waited in a request made rksmbd hold descriptors
+    /// no slot counted, without bound (re-review rr48d N1). A reconnect
+    /// meanwhile waits for the open ([`Registry::ending`]).
     fn revoke(&self, sh: &Shared) {
         let mut st = lock(&self.state);
         st.revoked = true;
-        release_all(&mut st, sh);
+        for t in st.live.values() {
+            if let (Some(_), Some((g, _))) = (t.durable, t.held) {
+                sh.registry.ending(g);
+            }
+        }
         st.nudge_owner();
     }
 
-    /// The owning connection forgets its ended session: whatever the
-    /// session still tracks is released as [`Link::revoke`] releases it
+    /// The owning connection forgets its ended session, once it has
+    /// released the session's opens: whatever the session still tracks
     /// (nothing, as [`Link::track`] refuses an ended session; kept so
-    /// that no path leaves a handle behind the forgotten opens).
+    /// that no path leaves a handle behind the forgotten opens) is
+    /// released, durable handles detached and their slots handed over.
     pub fn release_rest(&self, sh: &Shared) {
         release_all(&mut lock(&self.state), sh);
     }
@@ -353,8 +369,9 @@ impl LinkState {
     }
 }
 
-/// Releases every handle a session tracks, as its ending does: durable
-/// ones detached in filterd, their descriptor slots and counts under
+/// Releases every handle an ended session still tracks with no open of
+/// its connection behind it ([`Link::release_rest`]): durable ones
+/// detached in filterd, their descriptor slots and counts under
 /// their user left for their reconnects as a lost connection leaves them
 /// ([`Registry::hand_over`]: until the durable timeout, unless another
 /// connection holds the open by then), the others closed, their slots and
@@ -481,6 +498,15 @@ pub struct Registry {
     /// one by one (`Connection::lost`): a reconnect or replay of one of
     /// them waits for it longer than for a connection that lives on.
     letting_go: Mutex<std::collections::HashSet<u64>>,
+    /// Create GUIDs of durable opens whose session another connection
+    /// ended (PreviousSessionId, [`Link::revoke`]), still held by the
+    /// owning connection until it detaches them, closes their
+    /// descriptors and hands their slots over
+    /// (`Connection::settle_session`): a reconnect or replay of one waits
+    /// for it as for a connection letting go, and is
+    /// STATUS_FILE_NOT_AVAILABLE (retried) past that wait, not
+    /// STATUS_OBJECT_NAME_NOT_FOUND. Locked after `held`.
+    ending: Mutex<std::collections::HashSet<uuid::Uuid>>,
     /// The descriptor slots of durable opens whose connection was lost,
     /// and their counts under their users, by create GUID, handed to
     /// their reconnect or replay ([`Registry::take_handed`]) for the
@@ -839,6 +865,7 @@ impl Registry {
     pub fn held(&self, create_guid: uuid::Uuid, conn: u64) {
         let mut m = lock(&self.held);
         m.insert(create_guid, conn);
+        lock(&self.ending).remove(&create_guid);
         // Counted here now: a slot left for its reconnect is no more
         // (one handed over by a connection that let go after this one's
         // move took a slot of its own).
@@ -852,9 +879,10 @@ impl Registry {
     pub fn claim(&self, create_guid: uuid::Uuid, conn: u64) -> Result<(), (u64, OpenHolder)> {
         let mut m = lock(&self.held);
         match m.get(&create_guid) {
-            Some(other) if *other != conn => Err((*other, self.kind_of(*other))),
+            Some(other) if *other != conn => Err((*other, self.kind_of_open(create_guid, *other))),
             _ => {
                 m.insert(create_guid, conn);
+                lock(&self.ending).remove(&create_guid);
                 Ok(())
             }
         }
@@ -1020,6 +1048,7 @@ impl Registry {
         let mut m = lock(&self.held);
         if m.get(&create_guid) == Some(&conn) {
             m.remove(&create_guid);
+            lock(&self.ending).remove(&create_guid);
         }
     }
 
@@ -1090,7 +1119,23 @@ impl Registry {
     pub fn holder_other_than(&self, create_guid: uuid::Uuid, conn: u64) -> Option<OpenHolder> {
         let m = lock(&self.held);
         let other = m.get(&create_guid).copied().filter(|c| *c != conn)?;
-        Some(self.kind_of(other))
+        Some(self.kind_of_open(create_guid, other))
+    }
+
+    /// Who holds the open `create_guid`, held by connection `conn`: one
+    /// whose session was ended lets it go ([`Registry::ending`]).
+    fn kind_of_open(&self, create_guid: uuid::Uuid, conn: u64) -> OpenHolder {
+        if lock(&self.ending).contains(&create_guid) {
+            return OpenHolder::LettingGo;
+        }
+        self.kind_of(conn)
+    }
+
+    /// The durable open `create_guid` is its holder's to let go: its
+    /// session was ended by another connection ([`Link::revoke`]).
+    fn ending(&self, create_guid: uuid::Uuid) {
+        let _m = lock(&self.held);
+        lock(&self.ending).insert(create_guid);
     }
 
     /// Connection `conn` has lost its client, found by a request still
