@@ -2483,17 +2483,18 @@ impl Connection {
         }
     }
 
-    /// Forgets the sessions another connection ended (PreviousSessionId)
-    /// and their opens, and the opens another connection closed
-    /// (AppInstanceId) or a reattach lost, closing their descriptors:
-    /// woken for it by the ending or closing (the session's link nudges
-    /// this connection's inbox), an idle connection — its client gone
-    /// unnoticed, the usual reason for a PreviousSessionId — no longer
-    /// holds them until its next request, while their slots went with
-    /// their handles (to the opens' reconnects at a PreviousSessionId,
-    /// [`crate::sessions::Registry::hand_over`]). Run between requests
-    /// only ([`Connection::after_pdu`]): a request that pumps when woken
-    /// settles once it ends.
+    /// Releases the sessions another connection ended (PreviousSessionId)
+    /// and their opens — durable ones detached, each descriptor closed
+    /// before its slot is handed over for the open's reconnect
+    /// ([`crate::sessions::Registry::hand_over`]) — and forgets the opens
+    /// another connection closed (AppInstanceId) or a reattach lost,
+    /// closing their descriptors: woken for it by the ending or closing
+    /// (the session's link nudges this connection's inbox), an idle
+    /// connection — its client gone unnoticed, the usual reason for a
+    /// PreviousSessionId — does not keep them, nor the reconnects
+    /// waiting, until its next request. Run between requests only
+    /// ([`Connection::after_pdu`], and as the main loop ends): a request
+    /// that pumps when woken settles once it ends.
     fn settle_elsewhere(&mut self) {
         let ended: Vec<u64> = self
             .sessions
