@@ -2463,16 +2463,22 @@ impl Connection {
             // None may leave its handle behind in filterd.
             link.release_rest(&self.sh);
         }
-        let mut gone = link.take_closed_elsewhere();
+        let gone = link.take_closed_elsewhere();
         if revoked {
             // A release that kept its open (none expected for a lost
             // one): forgotten all the same with the session.
-            gone.extend(
-                self.opens
-                    .iter()
-                    .filter(|(_, o)| o.session == id)
-                    .map(|(k, _)| *k),
-            );
+            let kept: Vec<u64> = self
+                .opens
+                .iter()
+                .filter(|(_, o)| o.session == id)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in kept {
+                crate::notify::open_closing(self, k);
+                if let Some(open) = self.opens.remove(&k) {
+                    self.let_go(&open);
+                }
+            }
             self.sessions.remove(&id);
             self.sh.notifier.session_left(self.id, id);
         }
@@ -2509,13 +2515,17 @@ impl Connection {
     }
 
     /// Forgets opens `gone`, released elsewhere (or lost to a reattach).
-    fn forget_opens(&mut self, gone: Vec<u64>) {
-        for k in gone {
+    /// Each one's descriptor slot is given back once its descriptor is
+    /// closed.
+    fn forget_opens(&mut self, gone: Vec<(u64, shimline::descriptors::DescriptorSlot)>) {
+        for (k, slot) in gone {
             // Its waiting CHANGE_NOTIFYs end with STATUS_NOTIFY_CLEANUP.
             crate::notify::open_closing(self, k);
             if let Some(open) = self.opens.remove(&k) {
                 self.let_go(&open);
+                drop(open);
             }
+            drop(slot);
         }
     }
 

@@ -111,9 +111,14 @@ struct LinkState {
     revoked: bool,
     /// Open filterd handles by volatile FileId.
     live: HashMap<u64, Tracked>,
-    /// Opens another connection closed (AppInstanceId), for the owning
-    /// connection to forget.
-    closed_elsewhere: Vec<u64>,
+    /// Opens another connection closed (AppInstanceId) or a reattach
+    /// lost, for the owning connection to forget, each with its
+    /// descriptor slot: given back once that connection has closed the
+    /// descriptor (given back at the close, an owner busy in a request
+    /// kept the descriptor open uncounted, and takeovers chained behind
+    /// such requests could take rksmbd past its cap, as re-review rr48d
+    /// N1 found for PreviousSessionId).
+    closed_elsewhere: Vec<(u64, shimline::descriptors::DescriptorSlot)>,
     /// The owning connection's inbox, nudged as another connection ends
     /// the session or closes or forgets one of its opens: its thread,
     /// maybe idle, then forgets them and closes their descriptors
@@ -245,7 +250,7 @@ impl Link {
     }
 
     /// Opens closed by another connection since the last call.
-    pub fn take_closed_elsewhere(&self) -> Vec<u64> {
+    pub fn take_closed_elsewhere(&self) -> Vec<(u64, shimline::descriptors::DescriptorSlot)> {
         std::mem::take(&mut lock(&self.state).closed_elsewhere)
     }
 
@@ -311,13 +316,15 @@ impl Link {
             }
         }
         let Tracked { held, counted, .. } = t;
-        // Counted no more once closed: a reconnect that finds the GUID
-        // let go must not find the open counted either.
-        drop(counted);
+        // Counted under its user no more once closed: a reconnect that
+        // finds the GUID let go must not find the open counted either.
+        // Its descriptor slot stays until the owner closes the descriptor.
+        let crate::server::OpenSlots { fd, user } = counted;
+        drop(user);
         if let Some((g, conn)) = held {
             sh.registry.let_go(g, conn);
         }
-        st.closed_elsewhere.push(id);
+        st.closed_elsewhere.push((id, fd));
         st.nudge_owner();
         true
     }
@@ -345,11 +352,12 @@ impl Link {
                 continue;
             };
             let Tracked { held, counted, .. } = t;
-            drop(counted);
+            let crate::server::OpenSlots { fd, user } = counted;
+            drop(user);
             if let Some((g, conn)) = held {
                 sh.registry.let_go(g, conn);
             }
-            st.closed_elsewhere.push(id);
+            st.closed_elsewhere.push((id, fd));
         }
         if !st.closed_elsewhere.is_empty() {
             st.nudge_owner();
