@@ -2450,14 +2450,7 @@ impl Connection {
             // (the others' given back), then its create GUID let go
             // (`release_open`). The ending left them to this connection
             // (`Link::revoke`, re-review rr48d N1).
-            let mut ids: Vec<u64> = self
-                .opens
-                .iter()
-                .filter(|(_, o)| o.session == id)
-                .map(|(k, _)| *k)
-                .collect();
-            ids.sort_unstable();
-            for k in ids {
+            for k in self.opens_of(id) {
                 let _ = self.release_open(k, Ending::Lost);
             }
             // None may leave its handle behind in filterd.
@@ -2467,13 +2460,7 @@ impl Connection {
         if revoked {
             // A release that kept its open (none expected for a lost
             // one): forgotten all the same with the session.
-            let kept: Vec<u64> = self
-                .opens
-                .iter()
-                .filter(|(_, o)| o.session == id)
-                .map(|(k, _)| *k)
-                .collect();
-            for k in kept {
+            for k in self.opens_of(id) {
                 crate::notify::open_closing(self, k);
                 if let Some(open) = self.opens.remove(&k) {
                     self.let_go(&open);
@@ -2512,6 +2499,18 @@ impl Connection {
             let _ = self.settle_session(id);
         }
         self.forget_closed_elsewhere();
+    }
+
+    /// The opens of session `id`, oldest first.
+    fn opens_of(&self, id: u64) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .opens
+            .iter()
+            .filter(|(_, o)| o.session == id)
+            .map(|(k, _)| *k)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Forgets opens `gone`, released elsewhere (or lost to a reattach).
@@ -3518,14 +3517,8 @@ impl Connection {
     /// the client never learnt of, are closed ([`crate::unanswered`]).
     fn logoff(&mut self, req: &Request<'_>) -> Outcome {
         let id = req.hdr.session_id;
-        let mut ids: Vec<u64> = self
-            .opens
-            .iter()
-            .filter(|(_, o)| o.session == id)
-            .map(|(k, _)| *k)
-            .collect();
         // Oldest first, as in close_opens_where (lock.cancel-logoff).
-        ids.sort_unstable();
+        let ids = self.opens_of(id);
         // A close of one of its opens still settling: as for its retried
         // CLOSE, the client is told to retry, nothing done (the session
         // stays, so that it may still name the open).
