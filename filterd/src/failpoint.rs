@@ -38,7 +38,8 @@
 //! moved past an unanswered Txn, its retry not yet sent; `fail` stops the
 //! daemon as owner there), and `etcd.claim.before_txn` (a claim Txn
 //! about to be sent under the lease it names; `sleepMS` there lets the
-//! lease run out first, as behind a stalled member).
+//! lease run out first, as behind a stalled member), and
+//! `etcd.claim.before_read` (claimed, the table not read yet).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,6 +93,7 @@ pub const POINTS: &[&str] = &[
     "etcd.txn.sent",
     "etcd.gen.moved",
     "etcd.claim.before_txn",
+    "etcd.claim.before_read",
 ];
 
 /// Whether `name` is a point filterd has.

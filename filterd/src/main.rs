@@ -247,7 +247,7 @@ fn open_store(
     .context("signalfd")?;
     // Asks only: the signal stays pending for the wait below.
     let no_signal = || !signal_within(&signals, std::time::Duration::ZERO);
-    let mut waiting = false;
+    let mut waiting: Option<String> = None;
     let mut failed = 0u32;
     let (epoch, was_clean) = loop {
         let mut pause = std::time::Duration::from_millis(50);
@@ -260,9 +260,13 @@ fn open_store(
                 }
             ),
             Ok(None) => {
-                if !waiting {
-                    info!(owner = %etcd.last_owner(), store = %url, "standby: waiting for the owner of the etcd table to go");
-                    waiting = true;
+                // Said again whenever the owner key says another owner
+                // (re-put by hand, removed while its lease lives): the
+                // log named only the first one (attack48e F4).
+                let owner = etcd.last_owner();
+                if waiting.as_deref() != Some(owner.as_str()) {
+                    info!(owner = %owner, store = %url, "standby: waiting for the owner of the etcd table to go");
+                    waiting = Some(owner);
                 }
                 failed = 0;
             }
@@ -275,7 +279,7 @@ fn open_store(
                 if failed == 1 || failed.is_multiple_of(20) {
                     warn!(error = %e, failed, store = %url, "standby: the etcd table cannot be claimed now; waiting on");
                 }
-                waiting = false;
+                waiting = None;
                 // Up to 1 s between failed claims, so a standby does not
                 // ask an etcd that refuses at once (NOSPACE) 20 times a second.
                 pause = pause

@@ -106,7 +106,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use tracing::{debug, error, info, warn};
 
@@ -171,6 +172,105 @@ type TableRead = (BTreeMap<Vec<u8>, Vec<u8>>, DecodedHandles);
 enum ReadMsg {
     Page(usize, Vec<(Vec<u8>, Vec<u8>)>),
     Done(usize, Option<(Resume, etcd_client::Error)>),
+}
+
+/// At which revision [`EtcdStore::read_table`] reads the table.
+#[derive(Clone, Copy, Debug)]
+enum ReadAt {
+    /// This one (a claim's: the table as the claim found it).
+    Revision(i64),
+    /// The current one when the read starts: one view of a table whose
+    /// owner may be committing (the read-only view).
+    Current,
+    /// Each page at the newest revision: only for the owner, whose
+    /// table nobody else changes (every other writer's Txn compares an
+    /// owner key that is not its own), so pages read at different
+    /// revisions still make one view. No compaction can refuse it.
+    EachPageNewest,
+}
+
+/// Whether etcd refused a read because the revision it asked for was
+/// compacted away.
+fn compacted(e: &StoreError) -> bool {
+    matches!(e, StoreError::Etcd(m) if m.contains("required revision has been compacted"))
+}
+
+/// The owner key a standby's refused claim found, and what polling its
+/// lease showed ([`EtcdStore::old_owner_fenced`]).
+#[derive(Clone, Debug)]
+struct SeenOwner {
+    /// Its value (`node pid`).
+    value: String,
+    /// Its lease (0: none, the key never expires).
+    lease: i64,
+    /// The lease's TTL as granted, once a poll told it.
+    granted: Duration,
+    /// The earliest the lease can run out, by the polls, in
+    /// [`boot_nanos`]: a poll sent at `s` that found `t` whole seconds
+    /// left (etcd rounds down) proves it lasts past `s + t`.
+    expires_not_before: u64,
+    /// Since when the key is gone while its lease lives.
+    vanished: Option<Instant>,
+}
+
+/// How a watch of the owner key ended ([`watch_owner_key`]).
+enum OwnerWatch {
+    /// This daemon stopped owning the table anyway.
+    Stopped,
+    /// Someone else deleted or put the key: what they did.
+    Changed(String),
+    /// The history since the claim is compacted: the key must be read.
+    Compacted,
+    /// The stream failed or ended: watched again.
+    Broken(String),
+}
+
+/// Watches `key` from revision `from` until it changes, the stream
+/// breaks, or `lease` is lost. Any change is someone else's: the owner
+/// never writes its key after the claim made it.
+async fn watch_owner_key(mut client: Client, key: Vec<u8>, from: i64, lease: &Lease) -> OwnerWatch {
+    let opts = WatchOptions::new().with_start_revision(from);
+    let mut stream =
+        match tokio::time::timeout(REQUEST_TIMEOUT, client.watch(key, Some(opts))).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return OwnerWatch::Broken(e.to_string()),
+            Err(_) => return OwnerWatch::Broken("not answered in time".into()),
+        };
+    loop {
+        if lease.lost.load(Ordering::Acquire) {
+            return OwnerWatch::Stopped;
+        }
+        // Woken now and then to see whether the lease was lost meanwhile
+        // (`message` is cancel-safe: the stream keeps what came).
+        let msg = match tokio::time::timeout(Duration::from_millis(200), stream.message()).await {
+            Err(_) => continue,
+            Ok(Err(e)) => return OwnerWatch::Broken(e.to_string()),
+            Ok(Ok(None)) => return OwnerWatch::Broken("the stream ended".into()),
+            Ok(Ok(Some(msg))) => msg,
+        };
+        if let Some(ev) = msg.events().first() {
+            let what = match (ev.event_type(), ev.kv()) {
+                (EventType::Delete, kv) => format!(
+                    "deleted at revision {}",
+                    kv.map_or(0, etcd_client::KeyValue::mod_revision)
+                ),
+                (EventType::Put, Some(kv)) => format!(
+                    "put {:?} (lease {:x}) at revision {}",
+                    String::from_utf8_lossy(kv.value()),
+                    kv.lease(),
+                    kv.mod_revision()
+                ),
+                (EventType::Put, None) => "put".into(),
+            };
+            return OwnerWatch::Changed(what);
+        }
+        if msg.canceled() {
+            if msg.compact_revision() > 0 {
+                return OwnerWatch::Compacted;
+            }
+            return OwnerWatch::Broken(format!("canceled: {}", msg.cancel_reason()));
+        }
+    }
 }
 
 /// Where a range's read goes on after a failure: the next key, the page
@@ -1088,6 +1188,13 @@ pub struct EtcdStore {
     compact_every: Duration,
     /// The owner we found when a claim was refused.
     last_owner: Mutex<String>,
+    /// The owner key a refused claim found, while a standby waits
+    /// ([`EtcdStore::old_owner_fenced`]).
+    seen_owner: Mutex<Option<SeenOwner>>,
+    /// Serve no earlier than this, and whose lease ended early: set when
+    /// the last owner's lease ended before it could have run out
+    /// ([`EtcdStore::hold_for_old_owner`]).
+    hold: Mutex<Option<(Instant, String)>>,
     /// Stopped cleanly and handed the prefix over: commits fail, and the
     /// lease's end is no reason to stop (we are stopping).
     retired: AtomicBool,
@@ -1163,6 +1270,8 @@ impl EtcdStore {
             revision: Arc::new(AtomicI64::new(0)),
             compact_every,
             last_owner: Mutex::new(String::new()),
+            seen_owner: Mutex::new(None),
+            hold: Mutex::new(None),
             retired: AtomicBool::new(false),
             log_seq: AtomicU64::new(0),
             txn_budget: AtomicU64::new(u64::MAX),
@@ -1284,7 +1393,9 @@ impl EtcdStore {
     /// for an unanswered Txn, its retry not yet sent; failing there stops
     /// this daemon as owner), and `etcd.claim.before_txn` (a claim Txn is
     /// about to be sent under the lease it names; `sleepMS` there is a claim
-    /// whose answer is slow, as from a stalled member). Set once; later
+    /// whose answer is slow, as from a stalled member), and
+    /// `etcd.claim.before_read` (the claim is made, the table not read
+    /// yet). Set once; later
     /// calls are ignored.
     pub fn set_failpoints(&self, f: Failpoints) {
         let _ = self.failpoints.set(f);
@@ -1578,6 +1689,9 @@ impl EtcdStore {
         // A failure before the claim is made leaves nothing of ours that
         // a later attempt cannot handle (see `claim_may_succeed_later`).
         let unclaimed = |e| self.unclaimed(e, start);
+        if !self.old_owner_fenced(&still, start)? {
+            return Ok(None);
+        }
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(2);
         let mut lease_id = self.lease.id.load(Ordering::Acquire);
         // A waiting standby's lease is not renewed: take a fresh one when
@@ -1675,20 +1789,17 @@ impl EtcdStore {
                 _ => None,
             });
             if !resp.succeeded() && ours.is_none() {
-                let who = responses
-                    .iter()
-                    .find_map(|r| match r {
-                        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
-                            format!(
-                                "{} (fencing revision {})",
-                                String::from_utf8_lossy(kv.value()),
-                                kv.create_revision()
-                            )
-                        }),
-                        _ => None,
-                    })
-                    .unwrap_or_else(|| "unknown".into());
-                *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) = who;
+                let found = responses.iter().find_map(|r| match r {
+                    TxnOpResponse::Get(g) => g.kvs().first(),
+                    _ => None,
+                });
+                match found {
+                    Some(kv) => self.saw_owner(kv),
+                    None => {
+                        *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) =
+                            "unknown".into();
+                    }
+                }
                 return Ok(None);
             }
             let mut was_clean = false;
@@ -1751,9 +1862,23 @@ impl EtcdStore {
         self.gen.store(fence, Ordering::Release);
         self.revision.store(pinned, Ordering::Release);
         self.start_keepalive();
+        self.start_owner_watch();
         let lease = self.lease.clone();
         let t_read = Instant::now();
-        let (table, handles) = self.read_table(Some(pinned), &|| lease.ok(), true)?;
+        self.failpoint("etcd.claim.before_read");
+        let read = |at| self.read_table(at, &|| lease.ok(), true);
+        let (table, handles) = match read(ReadAt::Revision(pinned)) {
+            // Another tenant of the cluster compacted its history past
+            // the claim's revision while the table was read (`etcdctl
+            // compact`, auto-compaction): before, the new owner exited 1
+            // and nobody served (attack48e F2). We own the table, so the
+            // newest revision shows it as the claim did.
+            Err(e) if compacted(&e) => {
+                warn!(revision = pinned, "etcd compacted its history past the claim's revision while the table was read: reading it again at the newest revision");
+                read(ReadAt::EachPageNewest)?
+            }
+            other => other?,
+        };
         let n = table.len();
         debug!(
             records = n,
@@ -1764,9 +1889,207 @@ impl EtcdStore {
         *self.lock_table() = table;
         *self.lock_handles_read() = Some(handles);
         self.finish_logged(pending)?;
+        self.hold_for_old_owner(was_clean)?;
         info!(url = %self.url, fencing_revision = fence, records = n, ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(0), margin_ms = u64::try_from(self.lease.margin.as_millis()).unwrap_or(0), "owner of the etcd table");
         let fence = u64::try_from(fence).unwrap_or(0);
         Ok(Some((fence, was_clean)))
+    }
+
+    /// Notes the owner key a refused claim found (`kv`): who owns the
+    /// table, for the standby's log and [`EtcdStore::last_owner`], and
+    /// its lease, which [`EtcdStore::old_owner_fenced`] polls. A key
+    /// without a lease never expires: said once, loudly (attack48e F4:
+    /// a key re-put by hand left the standby waiting for ever, its log
+    /// naming the owner the key named before).
+    fn saw_owner(&self, kv: &etcd_client::KeyValue) {
+        let value = String::from_utf8_lossy(kv.value()).into_owned();
+        let lease = kv.lease();
+        let mut who = format!("{value} (fencing revision {})", kv.create_revision());
+        if lease == 0 {
+            who.push_str(", under no lease: it never expires");
+        }
+        *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) = who;
+        let mut seen = self.seen_owner.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.as_mut() {
+            Some(s) if s.lease == lease && s.value == value => s.vanished = None,
+            _ => {
+                if lease == 0 {
+                    warn!(owner = %value, key = %String::from_utf8_lossy(kv.key()), "the etcd owner key has no lease: it never expires, so no standby takes over until it is deleted by hand (when its owner is surely gone)");
+                }
+                *seen = Some(SeenOwner {
+                    value,
+                    lease,
+                    granted: Duration::ZERO,
+                    expires_not_before: 0,
+                    vanished: None,
+                });
+            }
+        }
+    }
+
+    /// Whether the owner a refused claim found last (if any) can no
+    /// longer act, so that a claim may be made: its lease is gone.
+    /// Before, a standby claimed as soon as the owner key was absent; an
+    /// owner key deleted by hand under a live owner gave two owners, the
+    /// old one serving on until a commit was refused (attack48e F1). So
+    /// while that lease lives no claim is made, whether or not the key is
+    /// still there: the old owner sees its key gone (its watch,
+    /// [`EtcdStore::start_owner_watch`]) and steps down, and its lease
+    /// then runs out. A lease that ended before it could have run out (the
+    /// polls saw it renewed: revoked, by hand or by etcd) leaves an owner
+    /// that may not know yet: the claim is made, but it serves only one
+    /// lease TTL (as granted) later ([`EtcdStore::hold_for_old_owner`]) —
+    /// by then that owner's own clock has stopped it.
+    fn old_owner_fenced(
+        &self,
+        keep_trying: &dyn Fn() -> bool,
+        start: Instant,
+    ) -> Result<bool, StoreError> {
+        let seen = self
+            .seen_owner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // No lease: only the claim's compare says whether the key is there.
+        let Some(mut seen) = seen.filter(|s| s.lease != 0) else {
+            return Ok(true);
+        };
+        let id = seen.lease;
+        let sent = boot_nanos_sent();
+        let polled = self.retry_raw("lease time-to-live", keep_trying, |c| {
+            let mut c = c.clone();
+            async move { c.lease_time_to_live(id, None).await }
+        });
+        let left = match polled {
+            Ok(r) => {
+                // (A lease gone tells no TTL.)
+                if r.ttl() > 0 {
+                    seen.granted = Duration::from_secs(u64::try_from(r.granted_ttl()).unwrap_or(0));
+                }
+                r.ttl()
+            }
+            Err(e) if lease_not_found(&e) => -1,
+            Err(e) => return Err(self.unclaimed(e, start)),
+        };
+        if left <= 0 {
+            *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            if boot_nanos_sent() < seen.expires_not_before {
+                *self.hold.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now() + seen.granted, seen.value));
+            }
+            return Ok(true);
+        }
+        let until = sent.saturating_add(
+            u64::try_from(left)
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000),
+        );
+        seen.expires_not_before = seen.expires_not_before.max(until);
+        let owner = self.owner_key();
+        let got = self
+            .retry_raw("read", keep_trying, |c| {
+                let (mut c, o) = (c.clone(), owner.clone());
+                async move { c.get(o, None).await }
+            })
+            .map_err(|e| self.unclaimed(e, start))?;
+        if let Some(kv) = got.kvs().first() {
+            *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
+            self.saw_owner(kv);
+            return Ok(false);
+        }
+        if seen.vanished.is_none() {
+            warn!(owner = %seen.value, lease = %format!("{id:x}"), "the etcd owner key was removed while its owner's lease lives: no claim until that lease ends (its owner steps down when it sees its key gone)");
+            seen.vanished = Some(Instant::now());
+        }
+        *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) = format!(
+            "{} (its owner key removed, its lease {id:x} still alive)",
+            seen.value
+        );
+        *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
+        Ok(false)
+    }
+
+    /// Waits, as the new owner, until the hold [`EtcdStore::old_owner_fenced`]
+    /// set has passed (none if the last owner stopped cleanly: it
+    /// revoked its lease itself, after it stopped acting). The last
+    /// owner's lease ended before it could have run out: a renewal it
+    /// sent before that still counts on its clock for one TTL, so it may
+    /// act until then unless it saw its key go (its watch sees that at
+    /// once, its keepalive's next answer too).
+    fn hold_for_old_owner(&self, was_clean: bool) -> Result<(), StoreError> {
+        let hold = self.hold.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some((until, who)) = hold.filter(|_| !was_clean) else {
+            return Ok(());
+        };
+        let wait = until.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            return Ok(());
+        }
+        warn!(old_owner = %who, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "the old owner's etcd lease ended before it could have run out (revoked): serving only once its own clock has surely stopped it");
+        while Instant::now() < until {
+            self.owner_check()?;
+            std::thread::sleep(
+                until
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(20)),
+            );
+        }
+        Ok(())
+    }
+
+    /// Watches the owner key from the claim on (a task on the client
+    /// runtime): a change this daemon did not make — a delete (`etcdctl
+    /// del`, a cleanup script) or a put (the key re-put by hand, with or
+    /// without a lease) — makes it stop as owner at once, as a lost lease
+    /// does. Before, an owner whose key was deleted under its live lease
+    /// served on (writes, non-durable opens) until a commit was refused,
+    /// beside the standby that had claimed the table (attack48e F1, F4).
+    /// A broken watch is made again from the claim's revision; if etcd
+    /// compacted that history, the key as it is now must be the one the
+    /// claim made (same create and mod revision, our lease and value).
+    fn start_owner_watch(&self) {
+        let lease = self.lease.clone();
+        let client = self.client.clone();
+        let key = self.owner_key();
+        let fence = self.fence.load(Ordering::Acquire);
+        let id = self.lease.id.load(Ordering::Acquire);
+        let me = self.me.clone();
+        self.rt.spawn(async move {
+            let mut from = fence.saturating_add(1);
+            let mut pause = Duration::from_millis(50);
+            while !lease.lost.load(Ordering::Acquire) {
+                let changed = match watch_owner_key(client.clone(), key.clone(), from, &lease).await {
+                    OwnerWatch::Stopped => return,
+                    OwnerWatch::Changed(what) => Some(what),
+                    OwnerWatch::Broken(e) => {
+                        debug!(error = %e, "etcd owner-key watch broken: watching again");
+                        None
+                    }
+                    OwnerWatch::Compacted => {
+                        let mut c = client.clone();
+                        match tokio::time::timeout(REQUEST_TIMEOUT, c.get(key.clone(), None)).await {
+                            Ok(Ok(r)) => match r.kvs().first() {
+                                Some(kv) if kv.create_revision() == fence && kv.mod_revision() == fence && kv.lease() == id && kv.value() == me.as_bytes() => {
+                                    from = r.header().map_or(from, |h| h.revision().saturating_add(1));
+                                    None
+                                }
+                                Some(kv) => Some(format!("now {:?} (lease {:x}, revision {})", String::from_utf8_lossy(kv.value()), kv.lease(), kv.mod_revision())),
+                                None => Some("deleted".into()),
+                            },
+                            _ => None,
+                        }
+                    }
+                };
+                if let Some(what) = changed {
+                    if !lease.lost.swap(true, Ordering::AcqRel) {
+                        error!(change = %what, "the etcd owner key was changed by someone else: this daemon no longer owns the table");
+                    }
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = pause.saturating_mul(2).min(Duration::from_secs(1));
+            }
+        });
     }
 
     /// A claim's request that failed before the claim was made, as the
@@ -1871,8 +2194,8 @@ impl EtcdStore {
             .collect()
     }
 
-    /// Reads every record under the prefix at one revision (`None`: the
-    /// current one), in pages of up to [`PAGE`] keys,
+    /// Reads every record under the prefix at one revision (`at`, see
+    /// [`ReadAt`]), in pages of up to [`PAGE`] keys,
     /// [`read_ranges`](Self::read_ranges) at once: each range's pages
     /// follow one another, the ranges' overlap, so the read costs about
     /// what etcd needs to serve it, not the sum of the round trips. The
@@ -1885,13 +2208,15 @@ impl EtcdStore {
     /// retried from where it stopped while `keep_trying` says so.
     fn read_table(
         &self,
-        rev: Option<i64>,
+        at: ReadAt,
         keep_trying: &dyn Fn() -> bool,
         decode_handles: bool,
     ) -> Result<TableRead, StoreError> {
-        let rev = match rev {
-            Some(r) if r > 0 => r,
-            _ => {
+        let rev = match at {
+            ReadAt::Revision(r) if r > 0 => r,
+            // Revision 0 is etcd's newest, for each page.
+            ReadAt::EachPageNewest => 0,
+            ReadAt::Revision(_) | ReadAt::Current => {
                 let owner = self.owner_key();
                 let r = self.retry("read", keep_trying, |c| {
                     let (mut c, o) = (c.clone(), owner.clone());
@@ -3187,7 +3512,9 @@ impl EtcdStore {
                     etcd_err(e)
                 }
             })?;
-        let rev = got.header().map(|h| h.revision());
+        let rev = got
+            .header()
+            .map_or(ReadAt::Current, |h| ReadAt::Revision(h.revision()));
         let (mut table, _) =
             s.read_table(rev, &|| t0.elapsed() < Duration::from_secs(10), false)?;
         // Show logged requests as their next owner will finish them.
@@ -3250,9 +3577,17 @@ impl EtcdStore {
         self.lock_table()
             .range(p.clone()..)
             .take_while(|(k, _)| k.starts_with(&p))
-            .map(|(k, v)| {
-                let raw = unhex(&k[p.len()..]).unwrap_or_default();
-                (raw, decode_at(table, k, v))
+            .map(|(k, v)| match unhex(&k[p.len()..]) {
+                Some(raw) => (raw, decode_at(table, k, v)),
+                // Its error names the key: there is no raw key to name
+                // it by (attack48e F5: "replay key  does not parse").
+                None => (
+                    Vec::new(),
+                    Err(StoreError::Corrupt {
+                        table,
+                        reason: format!("key {}: not a hex key", String::from_utf8_lossy(k)),
+                    }),
+                ),
             })
             .collect()
     }

@@ -1717,12 +1717,16 @@ impl CorruptRecords {
     /// Notes a replay-table record that does not decode (`error`), or
     /// whose key does not parse (`error` `None`), by its scope and op id
     /// (its key in hex when the key does not parse): the store's error
-    /// names no key for this table.
+    /// names no key for this table. An empty key is one the store could
+    /// not take apart at all: its `error` names the stored key.
     pub fn note_replay(&mut self, key: &[u8], error: Option<&dyn std::fmt::Display>) {
         let name = match (crate::store::parse_replay_key(key), error) {
             (Some((scope, op)), Some(e)) => {
                 format!("{e} (replay record {op} of {})", scope_name(&scope))
             }
+            // A key the store could not even take apart: its error
+            // names it.
+            (None, Some(e)) if key.is_empty() => e.to_string(),
             (None, _) => format!(
                 "replay key {} does not parse",
                 key.iter().map(|b| format!("{b:02x}")).collect::<String>()

@@ -1998,3 +1998,330 @@ fn an_owner_key_gone_is_a_lost_lease_not_another_owner() {
     assert!(a.owner_check().is_err(), "no longer the owner");
     assert_eq!(scope_in_etcd(&url, &scope), Vec::<u64>::new());
 }
+
+/// The owner key of `url`'s prefix as etcd holds it now: its lease (0:
+/// none), or `None` if it is gone.
+fn owner_key_lease(port: u16, prefix: &str) -> Option<i64> {
+    let key = format!("/{prefix}/owner");
+    raw_etcd(port, async |c| {
+        c.get(key, None)
+            .await
+            .map(|r| r.kvs().first().map(etcd_client::KeyValue::lease))
+    })
+}
+
+/// An owner whose key someone else deleted (`etcdctl del`) or re-put
+/// (without a lease) stops as owner at once, as with a lost lease,
+/// although its lease lives on. Before, it served on until a commit was
+/// refused, beside the standby that had claimed (attack48e F1, F4).
+#[test]
+fn an_owner_whose_key_is_deleted_or_re_put_stops_at_once() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, cluster, _)) = one_member(
+        "an_owner_whose_key_is_deleted_or_re_put_stops_at_once",
+        "rk/gone2",
+    ) else {
+        return;
+    };
+    let port = cluster.client_port(0);
+    for (prefix, change) in [("rk/gone2", "delete"), ("rk/reput", "put")] {
+        let url = libfilter::etcd::EtcdUrl::parse(&cluster.url(prefix)).expect("url");
+        // A lease far longer than the test: only the key's change stops it.
+        let a = EtcdStore::connect(&url, Duration::from_secs(30), Duration::ZERO).expect("connect");
+        a.claim().expect("a claims");
+        a.owner_check().expect("the owner");
+        let key = format!("/{prefix}/owner");
+        raw_etcd(port, async |c| match change {
+            "delete" => c.delete(key, None).await.map(drop),
+            _ => c.put(key, "mallory pid 1", None).await.map(drop),
+        });
+        wait_for(
+            &format!("the owner stops when its key is {change}d"),
+            Duration::from_secs(3),
+            || a.owner_check().is_err().then_some(()),
+        );
+    }
+}
+
+/// A standby that saw the owner key under a lease does not claim while
+/// that lease lives, even with the key deleted: it claims once the old
+/// owner stepped down (its key's change seen) and its lease ran out.
+/// Before, it claimed 0.11 s after the delete while the old owner served
+/// on (attack48e F1).
+#[test]
+fn a_standby_claims_only_once_a_deleted_owner_keys_lease_is_gone() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, cluster, url)) = one_member(
+        "a_standby_claims_only_once_a_deleted_owner_keys_lease_is_gone",
+        "rk/delowner",
+    ) else {
+        return;
+    };
+    let port = cluster.client_port(0);
+    let a = EtcdStore::connect(&url, Duration::from_secs(3), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    let b = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    assert!(b.try_claim().expect("asks").is_none(), "a owns the table");
+    raw_etcd(port, async |c| {
+        c.delete("/rk/delowner/owner", None).await.map(drop)
+    });
+    let deleted = Instant::now();
+    assert!(
+        b.try_claim().expect("asks").is_none(),
+        "no claim while the old owner's lease lives"
+    );
+    assert!(b.last_owner().contains("lease"), "{}", b.last_owner());
+    let claimed = wait_for("b claims", Duration::from_secs(10), || {
+        if b.try_claim().expect("asks").is_some() {
+            return Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        None
+    });
+    assert!(
+        a.owner_check().is_err(),
+        "the old owner stepped down before the claim"
+    );
+    // It took the old lease's end (its TTL after its last renewal), not
+    // a poll's time.
+    assert!(
+        claimed.duration_since(deleted) >= Duration::from_secs(1),
+        "claimed {:?} after the delete",
+        claimed.duration_since(deleted)
+    );
+    b.owner_check().expect("b owns the table");
+}
+
+/// An owner lease revoked under a live owner (`etcdctl lease revoke`, or
+/// etcd's own bug #15247) ends the owner key at once: the standby claims,
+/// but serves (its claim returns) only one lease TTL later, when the old
+/// owner's own clock has surely stopped it. Before, the old owner
+/// acknowledged 4 changes after the standby served (attack48e F1).
+#[test]
+fn a_standby_serves_one_ttl_after_an_owner_lease_is_revoked() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, cluster, url)) = one_member(
+        "a_standby_serves_one_ttl_after_an_owner_lease_is_revoked",
+        "rk/revoked",
+    ) else {
+        return;
+    };
+    let port = cluster.client_port(0);
+    let a = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    let b = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    // Refused, then the lease polled alive.
+    for _ in 0..3 {
+        assert!(b.try_claim().expect("asks").is_none(), "a owns the table");
+    }
+    let lease = owner_key_lease(port, "rk/revoked").expect("the owner key");
+    raw_etcd(port, async |c| c.lease_revoke(lease).await.map(drop));
+    let revoked = Instant::now();
+    let claimed = wait_for("b claims", Duration::from_secs(10), || {
+        b.try_claim().expect("asks").map(|_| Instant::now())
+    });
+    assert!(
+        claimed.duration_since(revoked) >= Duration::from_millis(TTL * 1000 - 300),
+        "served {:?} after the revoke",
+        claimed.duration_since(revoked)
+    );
+    assert!(a.owner_check().is_err(), "the old owner stepped down");
+    b.owner_check().expect("b owns the table");
+}
+
+/// A compaction of etcd's history past the claim's revision while the
+/// new owner reads the table (another tenant's `etcdctl compact`) does
+/// not end the takeover: the owner reads the table again at the newest
+/// revision and serves with every record. Before, it exited 1 and nobody
+/// served (attack48e F2).
+#[test]
+fn a_compaction_during_the_takeover_read_is_read_past() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
+    use libfilter::store::StateStore;
+    let Some((_shared, cluster, url)) = one_member(
+        "a_compaction_during_the_takeover_read_is_read_past",
+        "rk/compacted",
+    ) else {
+        return;
+    };
+    let port = cluster.client_port(0);
+    let a = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    let scope = ReplayScope::Handle(ResumeKey::new_random());
+    let ops: Vec<_> = (1..=50)
+        .map(|i| put_replay(&scope, i, format!("reply {i}")))
+        .collect();
+    a.commit(&[ops.as_slice()]).expect("a commits");
+    a.clean_shutdown().expect("a stops");
+    let b = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    b.set_failpoints(Box::new(move |name| {
+        if name == "etcd.claim.before_read" {
+            raw_etcd(port, async |c| {
+                let r = c.put("/other-tenant/k", "v", None).await?;
+                let rev = r.header().map_or(0, etcd_client::ResponseHeader::revision);
+                c.compact(rev, None).await.map(drop)
+            });
+        }
+        false
+    }));
+    b.try_claim()
+        .expect("a compaction is read past")
+        .expect("b owns the table");
+    assert_eq!(b.scope_records(&scope).expect("read").len(), 50);
+}
+
+/// A replay key that is not hex is named in its error (attack48e F5:
+/// "replay key  does not parse", no name).
+#[test]
+fn a_replay_key_that_is_not_hex_is_named() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, cluster, url)) =
+        one_member("a_replay_key_that_is_not_hex_is_named", "rk/nothex")
+    else {
+        return;
+    };
+    raw_etcd(cluster.client_port(0), async |c| {
+        c.put("/rk/nothex/r/nothex", "x", None).await.map(drop)
+    });
+    let view = EtcdStore::open_read_only(&url).expect("read-only view");
+    let mut corrupt = libfilter::proto::CorruptRecords::default();
+    for (k, rec) in view.all_replays().expect("read") {
+        if let Err(e) = rec {
+            corrupt.note_replay(&k, Some(&e));
+        }
+    }
+    assert_eq!(corrupt.total, 1);
+    assert!(
+        corrupt
+            .names
+            .iter()
+            .any(|n| n.contains("/rk/nothex/r/nothex")),
+        "{:?}",
+        corrupt.names
+    );
+}
+
+/// attack48e F1, end to end: `PREFIX/owner` deleted by hand while node
+/// A owns the table (its lease intact) and node B waits as standby. A
+/// steps down at once (exit 75) though nothing it does needs a commit
+/// (writes through a non-durable open); B claims only after that, once
+/// A's lease ran out, and A acknowledged nothing after B became owner.
+/// Before, B claimed 0.11 s after the delete and A served on beside it.
+#[test]
+fn an_owner_key_deleted_by_hand_leaves_one_owner_at_a_time() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    if !etcd_available("an_owner_key_deleted_by_hand_leaves_one_owner_at_a_time") {
+        return;
+    }
+    let shared = Scratch::new("etcd-delowner");
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url("rk/delbyhand");
+    let sa = node("etcd-delowner-a", &export);
+    let sb = node("etcd-delowner-b", &export);
+    let mut a = start_node(&sa, &url, false);
+    a.wait_ready();
+    let b = start_node(&sb, &url, true);
+    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
+
+    // A client writes through a non-durable open on node A as fast as it
+    // can, noting when each write was acknowledged.
+    let acks: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (addr, acks, stop) = (a_smb.addr.clone(), acks.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = LineClient::connect(&addr);
+            c.set_read_timeout(Duration::from_secs(5));
+            let mut mid = 0;
+            let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+            let r = try_call(
+                &mut c,
+                &mut mid,
+                json!({"cmd": "CREATE", "session_id": sid, "path": "nd", "access": ["read", "write"],
+                       "share": ["read", "write"], "disposition": "overwrite_if"}),
+            )
+            .expect("the open is answered");
+            assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+            let fid = r["file_id"].clone();
+            while !stop.load(Ordering::Acquire) {
+                let w = json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": b64("aaaa")});
+                match try_call(&mut c, &mut mid, w) {
+                    Some(r) if r["status"] == "STATUS_SUCCESS" => {
+                        acks.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(Instant::now());
+                    }
+                    _ => return,
+                }
+            }
+        })
+    };
+    wait_for(
+        "writes acknowledged by node A",
+        Duration::from_secs(10),
+        || (acks.lock().unwrap_or_else(|p| p.into_inner()).len() > 20).then_some(()),
+    );
+
+    raw_etcd(cluster.client_port(0), async |c| {
+        c.delete("/rk/delbyhand/owner", None).await.map(drop)
+    });
+    let deleted = Instant::now();
+    // When node A exited and when node B became owner, as seen polling.
+    let (mut a_exit, mut b_owner) = (None, None);
+    wait_for(
+        "node A to exit and node B to own the table",
+        Duration::from_secs(15),
+        || {
+            if a_exit.is_none() {
+                if let Some(st) = a.exited() {
+                    a_exit = Some((Instant::now(), st));
+                }
+            }
+            let owns = |l: &str| l.contains("owner of the etcd table") && !l.contains("standby");
+            if b_owner.is_none() && b.log_text().lines().any(owns) {
+                b_owner = Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            (a_exit.is_some() && b_owner.is_some()).then_some(())
+        },
+    );
+    let (Some((a_exit, st)), Some(b_owner)) = (a_exit, b_owner) else {
+        unreachable!("waited for both");
+    };
+    stop.store(true, Ordering::Release);
+    let _ = writer.join();
+    assert_eq!(st.code(), Some(75), "node A steps down:\n{}", a.log_text());
+    assert!(
+        a.log_text().contains("changed by someone else"),
+        "{}",
+        a.log_text()
+    );
+    assert!(
+        a_exit < b_owner,
+        "node B claimed {:?} after the delete, before node A stepped down ({:?})",
+        b_owner.duration_since(deleted),
+        a_exit.duration_since(deleted)
+    );
+    let acks = acks.lock().unwrap_or_else(|p| p.into_inner());
+    let late = acks.iter().filter(|t| **t >= b_owner).count();
+    assert_eq!(
+        late, 0,
+        "node A acknowledged {late} writes after node B owned the table"
+    );
+    b.wait_ready();
+    eprintln!(
+        "node A stepped down {:?} after the delete, node B owned the table {:?} after it",
+        a_exit.duration_since(deleted),
+        b_owner.duration_since(deleted)
+    );
+    drop(a_smb);
+    drop(cluster);
+}
