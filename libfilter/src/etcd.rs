@@ -30,7 +30,12 @@
 //! (margin = max(TTL/4, 500 ms), for clock-rate differences and the time
 //! between a check and the action it allows). [`EtcdStore::owner_check`]
 //! tells; a failed keepalive, an expired lease or a failed fencing compare
-//! makes it fail for good.
+//! makes it fail for good — and so does any change of the owner key it
+//! did not make (a delete or put by hand), which it watches for
+//! ([`EtcdStore::start_owner_watch`]). A standby does not claim while the
+//! lease it last saw on the owner key lives, key or no key, and after a
+//! lease that ended early (revoked) it serves only one TTL later
+//! ([`EtcdStore::old_owner_fenced`]).
 //!
 //! **Group commit.** A commit's batches (one per request) become Txns of at
 //! most [`MAX_TXN_OPS`] operations (etcd's `--max-txn-ops` default) and
@@ -1188,6 +1193,9 @@ pub struct EtcdStore {
     compact_every: Duration,
     /// The owner we found when a claim was refused.
     last_owner: Mutex<String>,
+    /// Read-only view: why the redo log could not be read (the table is
+    /// shown without its logged requests finished).
+    unreadable_log: Mutex<Option<String>>,
     /// The owner key a refused claim found, while a standby waits
     /// ([`EtcdStore::old_owner_fenced`]).
     seen_owner: Mutex<Option<SeenOwner>>,
@@ -1270,6 +1278,7 @@ impl EtcdStore {
             revision: Arc::new(AtomicI64::new(0)),
             compact_every,
             last_owner: Mutex::new(String::new()),
+            unreadable_log: Mutex::new(None),
             seen_owner: Mutex::new(None),
             hold: Mutex::new(None),
             retired: AtomicBool::new(false),
@@ -1793,6 +1802,9 @@ impl EtcdStore {
                     TxnOpResponse::Get(g) => g.kvs().first(),
                     _ => None,
                 });
+                // A hold set for an owner whose lease was gone is not
+                // this owner's.
+                *self.hold.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 match found {
                     Some(kv) => self.saw_owner(kv),
                     None => {
@@ -1963,7 +1975,7 @@ impl EtcdStore {
         let left = match polled {
             Ok(r) => {
                 // (A lease gone tells no TTL.)
-                if r.ttl() > 0 {
+                if r.ttl() >= 0 {
                     seen.granted = Duration::from_secs(u64::try_from(r.granted_ttl()).unwrap_or(0));
                 }
                 r.ttl()
@@ -1971,13 +1983,22 @@ impl EtcdStore {
             Err(e) if lease_not_found(&e) => -1,
             Err(e) => return Err(self.unclaimed(e, start)),
         };
-        if left <= 0 {
+        // Gone: -1 (not found). 0 is less than a second left (etcd rounds
+        // down), or expired but not yet revoked, the key still there:
+        // taken for gone, natural expiry looked early and held the
+        // takeover back needlessly (TTL 4: 2.6 s more).
+        if left < 0 {
             *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = None;
             if boot_nanos_sent() < seen.expires_not_before {
                 *self.hold.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((Instant::now() + seen.granted, seen.value));
             }
             return Ok(true);
+        }
+        if left == 0 {
+            // Ending: a poll soon finds it gone.
+            *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
+            return Ok(false);
         }
         let until = sent.saturating_add(
             u64::try_from(left)
@@ -3517,16 +3538,24 @@ impl EtcdStore {
             .map_or(ReadAt::Current, |h| ReadAt::Revision(h.revision()));
         let (mut table, _) =
             s.read_table(rev, &|| t0.elapsed() < Duration::from_secs(10), false)?;
-        // Show logged requests as their next owner will finish them.
-        let (changes, log_keys) = s.logged(&table)?;
-        for (k, v) in changes.into_iter().flatten() {
-            match v {
-                Some(v) => table.insert(k, v),
-                None => table.remove(&k),
-            };
+        // Show logged requests as their next owner will finish them. A log
+        // that does not decode is named and the table shown as it is:
+        // refusing it all left the operator unable even to list the
+        // handles of a table no takeover could claim (attack48e F3).
+        match s.logged(&table) {
+            Ok((changes, _log_keys)) => {
+                // (The log's keys stay: records() never shows them.)
+                for (k, v) in changes.into_iter().flatten() {
+                    match v {
+                        Some(v) => table.insert(k, v),
+                        None => table.remove(&k),
+                    };
+                }
+            }
+            Err(e) => {
+                *s.unreadable_log.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
         }
-        // (The log's keys stay: records() never shows them.)
-        let _ = log_keys;
         *s.lock_table() = table;
         *s.last_owner.lock().unwrap_or_else(|p| p.into_inner()) = match got.kvs().first() {
             Some(kv) => format!(
@@ -3537,6 +3566,17 @@ impl EtcdStore {
             None => "none".into(),
         };
         Ok(s)
+    }
+
+    /// Read-only view: why the redo log could not be read, if it could
+    /// not — the table is then shown as etcd holds it, without the
+    /// logged requests finished, and a claim refuses it until the bad
+    /// log keys are deleted.
+    pub fn unreadable_redo_log(&self) -> Option<String> {
+        self.unreadable_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// What the table says about its owner and shutdown (tools).

@@ -2325,3 +2325,43 @@ fn an_owner_key_deleted_by_hand_leaves_one_owner_at_a_time() {
     drop(a_smb);
     drop(cluster);
 }
+
+/// A redo-log entry whose page does not decode: the offline view still
+/// lists the table (exit 0) and names the bad page on stderr. Before, it
+/// refused the whole table (exit 1), as every takeover does (attack48e
+/// F3).
+#[test]
+fn a_redo_log_that_does_not_decode_is_named_and_the_table_still_listed() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, cluster, url)) = one_member(
+        "a_redo_log_that_does_not_decode_is_named_and_the_table_still_listed",
+        "rk/badlog",
+    ) else {
+        return;
+    };
+    let a = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    let scope = libfilter::model::ReplayScope::Handle(libfilter::model::ResumeKey::new_random());
+    a.commit(&[&[put_replay(&scope, 1, "kept".into())]])
+        .expect("a commits");
+    let id = "0123456789abcdef-0123456789abcdef";
+    raw_etcd(cluster.client_port(0), async |c| {
+        c.put(format!("/rk/badlog/x/{id}"), "1", None).await?;
+        c.put(
+            format!("/rk/badlog/xp/{id}/00000000"),
+            vec![0xffu8; 300],
+            None,
+        )
+        .await
+        .map(drop)
+    });
+    let st = rkfilter_tests::filterctl(&["--store", &cluster.url("rk/badlog"), "status"]);
+    assert_eq!(st.code, 0, "{}{}", st.stdout, st.stderr);
+    assert!(
+        st.stderr.contains(&format!("/rk/badlog/xp/{id}/00000000")),
+        "{}",
+        st.stderr
+    );
+    assert_eq!(scope_in_etcd(&url, &scope), vec![1]);
+}

@@ -243,6 +243,11 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
             libfilter::etcd::EtcdUrl::parse(url).map_err(|e| anyhow::anyhow!("--store {e}"))?;
         let store = libfilter::etcd::EtcdStore::open_read_only(&parsed)
             .with_context(|| format!("reading the etcd table {parsed}"))?;
+        if let Some(why) = store.unreadable_redo_log() {
+            eprintln!(
+                "filterctl: warning: {why}: the table is shown without the requests its redo log holds; no filterd can claim it until the bad PREFIX/x/ and PREFIX/xp/ keys are deleted"
+            );
+        }
         return Ok(Source::Offline(Offline::Etcd(
             Box::new(store),
             parsed.to_string(),
