@@ -1983,10 +1983,10 @@ impl EtcdStore {
             Err(e) if lease_not_found(&e) => -1,
             Err(e) => return Err(self.unclaimed(e, start)),
         };
-        // Gone: -1 (not found). 0 is less than a second left (etcd rounds
-        // down), or expired but not yet revoked, the key still there:
-        // taken for gone, natural expiry looked early and held the
-        // takeover back needlessly (TTL 4: 2.6 s more).
+        // Gone only when not found (-1). 0 is under a second left (etcd
+        // rounds down), or expired and not yet revoked, the key still
+        // there: taken for gone, every natural expiry looked early and
+        // held the takeover back (TTL 4: 2.6 s more).
         if left < 0 {
             *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = None;
             if boot_nanos_sent() < seen.expires_not_before {
