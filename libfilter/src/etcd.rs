@@ -2078,12 +2078,26 @@ impl EtcdStore {
         self.rt.spawn(async move {
             let mut from = fence.saturating_add(1);
             let mut pause = Duration::from_millis(50);
+            // Breaks in a row (a watch that ran a while before it broke
+            // starts the count again): past a few, the owner runs without
+            // the watch's protection, which an operator must see (re-review
+            // rr48h finding 5).
+            let mut broken_in_a_row = 0u32;
             while !lease.lost.load(Ordering::Acquire) {
+                let started = Instant::now();
                 let changed = match watch_owner_key(client.clone(), key.clone(), from, &lease).await {
                     OwnerWatch::Stopped => return,
                     OwnerWatch::Changed(what) => Some(what),
                     OwnerWatch::Broken(e) => {
-                        debug!(error = %e, "etcd owner-key watch broken: watching again");
+                        if started.elapsed() > Duration::from_secs(10) {
+                            broken_in_a_row = 0;
+                        }
+                        broken_in_a_row = broken_in_a_row.saturating_add(1);
+                        if broken_in_a_row % 10 == 3 {
+                            warn!(error = %e, times = broken_in_a_row, "etcd owner-key watch keeps breaking: a change of the owner key by someone else is seen only at the next commit");
+                        } else {
+                            debug!(error = %e, "etcd owner-key watch broken: watching again");
+                        }
                         None
                     }
                     OwnerWatch::Compacted => {
