@@ -862,9 +862,11 @@ impl Engine {
     /// or a change parked behind lease breaks, `waiting`,
     /// `waiting_changes`). If what it wrote in its own group so far (a
     /// persistent holder's epoch bump) fails to commit, it is answered
-    /// with the failure and not run again: run again, it wrote the same
-    /// again, and a commit refused for the store's reserve was refused
-    /// again, for ever, the opener never answered (re-review rr47e F2).
+    /// with the failure and not run again when the store refused it for
+    /// room (`DiskFull`): run again, it wrote the same again, and a commit
+    /// refused for the store's reserve was refused again, for ever, the
+    /// opener never answered (re-review rr47e F2). After any other
+    /// failure it runs again, as before.
     /// Nothing is noted for a request whose group is empty: its sequence
     /// is the next request's.
     pub(super) fn note_waiting(&mut self, conn: super::ConnId, id: u64) {
@@ -1256,12 +1258,18 @@ impl Engine {
                 }
             }
         }
-        // Opens and changes waiting for breaks whose own group failed.
-        let refused: Vec<(super::ConnId, u64)> = undone
-            .iter()
-            .flat_map(|t| t.waiting.iter().copied())
-            .collect();
-        self.refuse_waiting(&refused, code, message);
+        // Opens and changes waiting for breaks whose own group was refused
+        // for the store's room: every try would be refused alike. Any
+        // other failure (an I/O error, a lost lease's fence) may pass, and
+        // they run again as before: the break sent once, counted once
+        // (leases::a_break_sent_again_after_a_failed_commit_counts_once).
+        if code == ErrorCode::DiskFull {
+            let refused: Vec<(super::ConnId, u64)> = undone
+                .iter()
+                .flat_map(|t| t.waiting.iter().copied())
+                .collect();
+            self.refuse_waiting(&refused, code, message);
+        }
         // Persistent state: exactly what the store holds (a handle's own
         // replay records go and come with it).
         for k in handles {
