@@ -879,7 +879,7 @@ pub fn forward(sh: Arc<Shared>) {
             // Handles another rksmbd process reconnected since: their
             // opens here are stale (before `resynced`, which lets waiting
             // locks be tried again).
-            sh.registry.forget_lost(&sh, &lost);
+            sh.registry.forget_lost(&lost);
             sh.filter.resynced(generation);
             // filterd is back: the closes it never answered go now, not
             // after the outage's backoff (rvchaos 1).

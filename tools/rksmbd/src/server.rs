@@ -2455,6 +2455,9 @@ impl Connection {
             }
             // None may leave its handle behind in filterd.
             link.release_rest(&self.sh);
+            // Nothing of it is left for a reattach's forgetting
+            // (`Registry::forget_lost` reached it until now: rr48f L1).
+            self.sh.registry.settled(id);
         }
         let gone = link.take_closed_elsewhere();
         if revoked {
@@ -3283,7 +3286,7 @@ impl Connection {
                 // handles stay for a reconnect on this one.
                 if previous != 0 && previous != id {
                     let user = user.clone();
-                    if self.sh.registry.end_previous(&self.sh, previous, &user) {
+                    if self.sh.registry.end_previous(previous, &user) {
                         // Its connection, maybe half open, carries no
                         // more of this user's lease breaks (rr39h F1).
                         self.sh.notifier.session_ended(previous);

@@ -268,12 +268,12 @@ impl Link {
     /// connections each waited in a request made rksmbd hold descriptors
     /// no slot counted, without bound (re-review rr48d N1). A reconnect
     /// meanwhile waits for the open ([`Registry::ending`]).
-    fn revoke(&self, sh: &Shared) {
+    fn revoke(&self, registry: &Registry) {
         let mut st = lock(&self.state);
         st.revoked = true;
         for t in st.live.values() {
-            if let (Some(_), Some((g, _))) = (t.durable, t.held) {
-                sh.registry.ending(g);
+            if let (Some(_), Some((g, conn))) = (t.durable, t.held) {
+                registry.ending(g, conn);
             }
         }
         st.nudge_owner();
@@ -339,7 +339,7 @@ impl Link {
     /// the handle is not this process's any more — its claim and count go
     /// at once, and the owning connection forgets the open at its next
     /// look ([`Link::take_closed_elsewhere`]).
-    fn forget_lost(&self, sh: &Shared, lost: &std::collections::HashSet<ResumeKey>) {
+    fn forget_lost(&self, registry: &Registry, lost: &std::collections::HashSet<ResumeKey>) {
         let mut st = lock(&self.state);
         let ids: Vec<u64> = st
             .live
@@ -355,7 +355,7 @@ impl Link {
             let crate::server::OpenSlots { fd, user } = counted;
             drop(user);
             if let Some((g, conn)) = held {
-                sh.registry.let_go(g, conn);
+                registry.let_go(g, conn);
             }
             st.closed_elsewhere.push((id, fd));
         }
@@ -467,6 +467,18 @@ impl UnansweredIndex {
 #[derive(Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<u64, Arc<Link>>>,
+    /// Sessions another connection ended (PreviousSessionId,
+    /// [`Registry::end_previous`]) whose owning connection has not
+    /// released their opens yet (`Connection::settle_session`), by
+    /// session id: out of `sessions` from the ending on, a reattach to
+    /// filterd that lost one of their handles still reaches them
+    /// ([`Registry::forget_lost`]). Before (re-review rr48f L1) it did
+    /// not: the owner's release, its detach refused, handed the open's
+    /// slot and count over for a reconnect that could not come, held
+    /// until the open's durable timeout. Weak: a connection that ends
+    /// without settling (a panic) keeps nothing alive here; such entries
+    /// are pruned as the map grows. Locked after `sessions`.
+    unsettled: Mutex<HashMap<u64, Weak<Link>>>,
     apps: Mutex<HashMap<[u8; 16], AppOpen>>,
     /// AppInstanceIds of unanswered CREATEs some session may remember
     /// ([`Registry::unanswered_of_app`] looks through the sessions only
@@ -622,22 +634,48 @@ impl Registry {
 
     /// The session is over (LOGOFF, lost connection).
     pub fn ended(&self, session: u64) {
-        lock(&self.sessions).remove(&session);
+        let mut m = lock(&self.sessions);
+        m.remove(&session);
+        lock(&self.unsettled).remove(&session);
+    }
+
+    /// Session `session`, which another connection ended, is settled: its
+    /// owning connection has released its opens
+    /// (`Connection::settle_session`), and nothing of it is left for
+    /// [`Registry::forget_lost`] to reach.
+    pub fn settled(&self, session: u64) {
+        lock(&self.unsettled).remove(&session);
     }
 
     /// PreviousSessionId: ends session `previous` if `user` owns it.
-    /// Returns whether it did.
-    pub fn end_previous(&self, sh: &Shared, previous: u64, user: &str) -> bool {
+    /// Returns whether it did. The session stays within reach of
+    /// [`Registry::forget_lost`] until its owner has settled it
+    /// ([`Registry::settled`]).
+    pub fn end_previous(&self, previous: u64, user: &str) -> bool {
         let link = {
             let mut m = lock(&self.sessions);
             match m.get(&previous) {
-                Some(l) if l.user == user => m.remove(&previous),
+                Some(l) if l.user == user => {
+                    let link = m.remove(&previous);
+                    if let Some(l) = &link {
+                        // Under the `sessions` lock: a reattach's look
+                        // ([`Registry::forget_lost`]) finds it in either.
+                        let mut u = lock(&self.unsettled);
+                        if u.len() >= MAX_SESSIONS {
+                            u.retain(|_, w| w.strong_count() > 0);
+                        }
+                        if u.len() < MAX_SESSIONS {
+                            u.insert(previous, Arc::downgrade(l));
+                        }
+                    }
+                    link
+                }
                 _ => None,
             }
         };
         match link {
             Some(l) => {
-                l.revoke(sh);
+                l.revoke(self);
                 true
             }
             None => false,
@@ -904,6 +942,8 @@ impl Registry {
             return false;
         }
         m.insert(create_guid, conn);
+        // Its new holder is not ending (re-review rr48f L2).
+        lock(&self.ending).remove(&create_guid);
         true
     }
 
@@ -926,7 +966,11 @@ impl Registry {
     /// so that no stale connection reads, writes or locks through a
     /// handle another rksmbd process reconnected meanwhile (rvnode
     /// finding 3), and a DH2C finds the open held by no connection here.
-    pub fn forget_lost(&self, sh: &Shared, lost: &[ResumeKey]) {
+    /// Sessions another connection ended whose owner has not released
+    /// their opens yet too: their slots go back as the owner closes the
+    /// descriptors, not handed over for a reconnect that cannot come
+    /// (re-review rr48f L1).
+    pub fn forget_lost(&self, lost: &[ResumeKey]) {
         if lost.is_empty() {
             return;
         }
@@ -934,9 +978,18 @@ impl Registry {
             self.handle_gone(key);
         }
         let lost: std::collections::HashSet<ResumeKey> = lost.iter().copied().collect();
-        let links: Vec<Arc<Link>> = lock(&self.sessions).values().cloned().collect();
+        let links: Vec<Arc<Link>> = {
+            // Both under the `sessions` lock: an ending moves a session
+            // from one to the other under it.
+            let m = lock(&self.sessions);
+            let ended: Vec<Arc<Link>> = lock(&self.unsettled)
+                .values()
+                .filter_map(Weak::upgrade)
+                .collect();
+            m.values().cloned().chain(ended).collect()
+        };
         for l in links {
-            l.forget_lost(sh, &lost);
+            l.forget_lost(self, &lost);
         }
     }
 
@@ -1139,11 +1192,17 @@ impl Registry {
         self.kind_of(conn)
     }
 
-    /// The durable open `create_guid` is its holder's to let go: its
-    /// session was ended by another connection ([`Link::revoke`]).
-    fn ending(&self, create_guid: uuid::Uuid) {
-        let _m = lock(&self.held);
-        lock(&self.ending).insert(create_guid);
+    /// The durable open `create_guid` is its holder's, connection
+    /// `conn`, to let go: its session was ended by another connection
+    /// ([`Link::revoke`]). Marked only while `conn` holds it: the mark
+    /// goes as that holder lets go, and one set under another holder (a
+    /// move took the open since) stayed, a live holder then reported
+    /// letting go (re-review rr48f L2).
+    fn ending(&self, create_guid: uuid::Uuid, conn: u64) {
+        let m = lock(&self.held);
+        if m.get(&create_guid) == Some(&conn) {
+            lock(&self.ending).insert(create_guid);
+        }
     }
 
     /// Connection `conn` has lost its client, found by a request still
@@ -1183,7 +1242,16 @@ pub struct LettingGo<'a> {
 impl Drop for LettingGo<'_> {
     fn drop(&mut self) {
         let mut m = lock(&self.registry.held);
-        m.retain(|_, c| *c != self.conn);
+        // Their ending marks go with them (re-review rr48f L2).
+        let mut ending = lock(&self.registry.ending);
+        m.retain(|g, c| {
+            let other = *c != self.conn;
+            if !other {
+                ending.remove(g);
+            }
+            other
+        });
+        drop(ending);
         lock(&self.registry.letting_go).remove(&self.conn);
     }
 }
@@ -1655,5 +1723,85 @@ mod tests {
         r.held(g, 1);
         assert_eq!(r.holder_other_than(g, 2), Some(OpenHolder::Live));
         assert_eq!(r.claim(g, 2), Err((1, OpenHolder::Live)));
+    }
+
+    /// Re-review rr48f L1: a session another connection ended is out of
+    /// the registry's sessions, and a reattach that lost one of its
+    /// handles before its owner released it forgot nothing there: the
+    /// owner's release, its detach refused, handed the open's slot and
+    /// count over for a reconnect that could not come, until the open's
+    /// durable timeout. The reattach reaches it now: the count goes back
+    /// at once, the slot once the owner closes the descriptor, and
+    /// nothing is left for the owner to release or hand over.
+    #[test]
+    fn a_reattach_reaches_a_session_ended_but_not_yet_settled() {
+        let fds = shimline::descriptors::Descriptors::new(2);
+        let users = Arc::new(crate::server::UserOpens::default());
+        let r = Registry::default();
+        let link = r.logged_on(5, "alice");
+        let (g, key) = (uuid::Uuid::new_v4(), ResumeKey(uuid::Uuid::new_v4()));
+        r.held(g, 1);
+        let counted = slots(fds.force(), Some(users.count("alice")));
+        let tracked = link.track(
+            1,
+            key,
+            Some(60_000),
+            Some(g),
+            1,
+            counted,
+            Default::default(),
+        );
+        assert!(tracked.is_ok());
+        assert!(r.end_previous(5, "alice"));
+        assert!(r.link(5).is_none(), "out of the sessions");
+        assert_eq!(r.holder_other_than(g, 2), Some(OpenHolder::LettingGo));
+        r.forget_lost(&[key]);
+        assert!(!users.full("alice", 1), "its count goes back at once");
+        assert_eq!(r.holder_other_than(g, 2), None, "its GUID let go");
+        // The owner settles: nothing to release or hand over.
+        let (released, counted) = link.release(1, || Ok(()));
+        assert!(released.is_ok() && counted.is_none());
+        let gone = link.take_closed_elsewhere();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(fds.held(), 1, "the slot stays until the descriptor closes");
+        drop(gone);
+        assert_eq!(fds.held(), 0);
+        assert!(lock(&r.handed).by_guid.is_empty(), "nothing handed over");
+        r.settled(5);
+        assert!(lock(&r.unsettled).is_empty());
+        // A session ended by the owner's connection's end goes too.
+        let other = r.logged_on(6, "alice");
+        assert!(r.end_previous(6, "alice"));
+        r.ended(6);
+        assert!(lock(&r.unsettled).is_empty());
+        drop(other);
+    }
+
+    /// Re-review rr48f L2: an ending marked a GUID whoever held it, and
+    /// a connection's end (the `LettingGo` guard) and `claim_free` left
+    /// the mark: a live holder reached since was reported letting go (a
+    /// 5 s wait, and STATUS_FILE_NOT_AVAILABLE instead of NOT_FOUND).
+    #[test]
+    fn an_ending_mark_is_its_holders_only_and_goes_with_it() {
+        let r = Registry::default();
+        let g = uuid::Uuid::new_v4();
+        // Held by another connection (a move took it): not marked.
+        r.held(g, 2);
+        r.ending(g, 1);
+        assert_eq!(r.holder_other_than(g, 3), Some(OpenHolder::Live));
+        assert!(lock(&r.ending).is_empty());
+        // Marked while its holder holds it; that holder's end unmarks it.
+        r.ending(g, 2);
+        assert_eq!(r.holder_other_than(g, 3), Some(OpenHolder::LettingGo));
+        drop(r.letting_go(2));
+        assert!(lock(&r.ending).is_empty(), "the guard's let-go unmarks it");
+        assert!(r.claim_free(g, 4));
+        assert_eq!(r.holder_other_than(g, 3), Some(OpenHolder::Live));
+        // A mark left behind (the owner's thread died without its
+        // guard) goes as `claim_free` takes the GUID.
+        r.let_go(g, 4);
+        lock(&r.ending).insert(g);
+        assert!(r.claim_free(g, 5));
+        assert_eq!(r.holder_other_than(g, 3), Some(OpenHolder::Live));
     }
 }
