@@ -11,7 +11,7 @@ PID is rksmbd's process id: its descriptors are counted in /proc/PID/fd.
 
 1. Connection A (USER) fills the cap with CAP persistent opens; bob's
    CREATE is STATUS_INSUFFICIENT_RESOURCES.
-2. MODE `idle`, `reset` or `pump`: on connection B, a new session of
+2. MODE `idle`, `reset`, `pump` or `channel`: on connection B, a new session of
    USER names A's as PreviousSessionId, ending it: A's connection, woken,
    detaches its handles, closes their descriptors, and leaves each
    one's slot and count under USER for its reconnect (a line each in
@@ -28,6 +28,14 @@ PID is rksmbd's process id: its descriptors are counted in /proc/PID/fd.
    descriptors stayed open, over the cap without bound as such endings
    chained). Bob then acknowledges, A's CREATE ends
    (USER_SESSION_DELETED), and bob takes the slot it gave back.
+   `channel` is `pump` with a second session of USER on A, bound on a
+   connection X (same client GUID) as a channel, and A's TCP connection
+   reset after those DH2Cs, before bob acknowledges: A's waiting CREATE
+   ends unanswered, which ends A's main loop, and A's thread goes on
+   serving X, which stays bound and silent. It settles the ended session
+   all the same (re-review rr48d N2: the loop left without settling, and
+   the thread waited for a PDU of X, maybe forever, with the descriptors
+   open and the DH2Cs told to retry).
    In every mode the ending's hand-over happens once A closes the
    descriptors (a line each in LOG), and a DH2C told to retry before
    is retried, as a client does.
@@ -62,6 +70,9 @@ import uuid
 import raw_channel
 from raw_channel import (
     FILE_NOT_AVAILABLE,
+    Raw,
+    bind,
+    connect_share,
     INSUFFICIENT_RESOURCES,
     SUCCESS,
     USER_SESSION_DELETED,
@@ -89,7 +100,8 @@ CAP, LOG, MODE, PID = int(sys.argv[6]), sys.argv[7], sys.argv[8], int(sys.argv[9
 USER = raw_channel.USER
 OVERWRITE_IF = 5
 HANDED = "leaves its descriptor slot for its reconnect"
-PUMP = MODE == "pump"
+CHANNEL = MODE == "channel"
+PUMP = MODE in ("pump", "channel")
 # rksmbd's descriptors B's connection may add (its socket, its inbox's
 # pair, and room to spare).
 SLACK = 6
@@ -118,6 +130,13 @@ def bob_creates(name):
 client = uuid.uuid4()
 a = patient_share(client)
 asid = a[1]
+if CHANNEL:
+    # A second session of USER on A, bound on X: A's thread serves X's
+    # channel once A's socket has ended.
+    sid2, key2, _ = connect_share(a[0])
+    x = Raw(client)
+    x.s.settimeout(30)
+    bind(x, sid2, key2)
 bob = patient_share_as("bob", uuid.uuid4())
 raw_channel.USER = USER
 if PUMP:
@@ -168,15 +187,22 @@ if PUMP:
             fatal=False,
         )
     check(handed() == 0, f"no slot handed over while A waits ({handed()})", fatal=False)
+    if CHANNEL:
+        # A's request then ends with nobody to answer, X still bound.
+        reset(a[0].s)
     bob[0].send(ack_pdu(*bob[:3], BOB_LEASE, struct.unpack_from("<I", brk, 64 + 28)[0]))
     st, _ = final(bob[0], None)
     check(st == SUCCESS, f"bob acknowledged the break (got {st:#010x})")
-    st, _ = final(a[0], None)
-    check(st == USER_SESSION_DELETED, f"A's waiting CREATE ends, its session ended (got {st:#010x})")
-    # At the cap again: the slot A's CREATE gave back.
-    st, m = bob_creates("bob_fill")
-    check(st == SUCCESS, f"bob takes the slot A's CREATE gave back (got {st:#010x})")
-    filled = file_id(m)
+    if CHANNEL:
+        # At the cap again once A's CREATE has ended: the slot it gave back.
+        filled = until_granted("bob takes the slot A's CREATE gave back", lambda: bob_creates("bob_fill"), 10)
+    else:
+        st, _ = final(a[0], None)
+        check(st == USER_SESSION_DELETED, f"A's waiting CREATE ends, its session ended (got {st:#010x})")
+        # At the cap again: the slot A's CREATE gave back.
+        st, m = bob_creates("bob_fill")
+        check(st == SUCCESS, f"bob takes the slot A's CREATE gave back (got {st:#010x})")
+        filled = file_id(m)
 # Not fatal: the checks below say what a missing hand-over costs.
 until_end = time.monotonic() + 10
 while handed() < N and time.monotonic() < until_end:
@@ -200,9 +226,10 @@ taken = granted_for(3, lambda n: bob_creates(f"bob{n}"))
 check(not taken, f"bob's CREATEs take none of the slots left for the reconnects (took {len(taken)})", fatal=False)
 
 refused, reopened = [], []
+# Told to retry (A not settled yet), retried as a client does — for 20 s
+# in all: A never settling, each retry waits 5 s for it.
+retry_end = time.monotonic() + 20
 for name, fid, g in held:
-    # Told to retry (A not settled yet), retried as a client does.
-    retry_end = time.monotonic() + 20
     while True:
         st, m = final(b, dh2c(bconn, name, g, fid))
         if st != FILE_NOT_AVAILABLE or time.monotonic() >= retry_end:

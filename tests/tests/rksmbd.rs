@@ -1303,6 +1303,21 @@ fn a_previous_session_leaves_its_slots_to_its_reconnects() {
     }
 }
 
+/// Re-review rr48d N2: the old connection's request that waited for a
+/// lease break acknowledgment, serving its connection, ended the
+/// connection's main loop (its client reset meanwhile: nobody to answer)
+/// without settling the session a PreviousSessionId had ended, and the
+/// thread, still serving a channel of another of its sessions (bound on
+/// connection X, silent), waited for X's next PDU — maybe for ever —
+/// with the ended session's descriptors open and its DH2Cs told to
+/// retry. It settles as that loop ends: the descriptors close, the slots
+/// are handed over and every DH2C succeeds (previous_session_at_the_cap.py
+/// `channel`).
+#[test]
+fn an_old_connection_ended_by_its_waiting_request_settles_though_a_channel_lives() {
+    previous_session_at_the_cap("channel");
+}
+
 /// The slots a lost connection left for its durable opens' reconnects go
 /// back at once when an operator purges the disconnected handles
 /// (`filterctl purge --disconnected`: filterd's `Purged` events), not at
