@@ -5,7 +5,7 @@ slot to the open's next reconnect (re-review rr48a F3, F4). Run under
 share), users USER and bob (password PASSWORD), rksmbd logging at info
 into LOG.
 
-Usage: previous_session_races.py HOST PORT SHARE USER PASSWORD CAP LOG MODE
+Usage: previous_session_races.py HOST PORT SHARE USER PASSWORD CAP LOG MODE [HOLD]
 
 Bob fills the cap but one slot with CAP - 1 opens; connection A (USER)
 makes a persistent open p0, the last slot.
@@ -27,6 +27,19 @@ was refused at the cap.
 Either way, for 2 s bob's CREATEs take no slot, and the last session's
 DH2C of p0 succeeds.
 
+MODE `lost` (rksmbd with `RKSMBD_TEST_TRACKED_HOLD_MS` = HOLD, logging
+rksmbd::sessions at debug): A's open d0 is durable, not persistent
+(DH2Q under a batch oplock: filterd keeps it in memory only). Its
+CREATE is held once tracked, and a session of USER on B names A's,
+ending it. The script prints `restart` and waits for a line: the driver
+kills filterd and starts it again, which drops d0's handle, and waits
+for rksmbd's reattach, which finds it lost. A's CREATE then ends and A
+releases the ended session. Before (re-review rr48f L1) the reattach did
+not reach a session ended but not yet released, and A's release, its
+detach refused, handed d0's slot over for a reconnect that could not
+come, until d0's 60 s durable timeout: bob's CREATEs were refused. Now
+bob takes the slot within 10 s, and no slot is handed over.
+
 Prints PASS, or exits non-zero.
 """
 
@@ -35,6 +48,7 @@ import uuid
 
 import raw_channel
 from raw_channel import (
+    CREATE,
     SUCCESS,
     USER_SESSION_DELETED,
     check,
@@ -50,6 +64,7 @@ from raw_channel import (
     signed_close,
     signed_create,
     until,
+    until_granted,
 )
 
 CAP, LOG, MODE = int(sys.argv[6]), sys.argv[7], sys.argv[8]
@@ -73,6 +88,41 @@ for i in range(CAP - 1):
     bobs.append(file_id(m))
 
 g = uuid.uuid4()
+if MODE == "lost":
+    import struct
+    import time
+
+    from smbtest import durable_v2
+
+    HOLD = int(sys.argv[9]) / 1000
+    HANDED = "leaves its descriptor slot for its reconnect"
+    a[0].send(signed_create(*a, "d0", 7, OVERWRITE_IF, durable_v2(g).pack(), oplock=9))
+    until("A's durable open held once tracked", lambda: log_holds(LOG, "test hook: a durable open is held once tracked"))
+    held_at = time.monotonic()
+    last = patient_share_after(client, a[1])
+    print("restart", flush=True)
+    sys.stdin.readline()
+    # Else the hold ended before the reattach, and the test proved nothing.
+    check(time.monotonic() - held_at < HOLD - 1, "rksmbd reattached while A's CREATE was held")
+    # A's CREATE's answer (an oplock break of the lost handle may come first).
+    while True:
+        m = a[0].recv()
+        cmd, st = struct.unpack_from("<H", m, 12)[0], struct.unpack_from("<I", m, 8)[0]
+        if cmd == CREATE and st != raw_channel.PENDING:
+            break
+    print(f"A's CREATE of d0 ended: {st:#010x}", flush=True)
+    got = until_granted("bob's CREATE takes the slot of A's lost open", lambda: bob_creates("after"), 10)
+    with open(LOG, encoding="utf-8", errors="replace") as f:
+        handed = f.read().count(HANDED)
+    check(handed == 0, f"no slot handed over for a lost handle ({handed})", fatal=False)
+    signed_close(*bob, got)
+    # Bob's opens died with filterd (not durable): their CLOSEs answer
+    # whatever they answer.
+    for f in bobs:
+        final(bob[0], raw_channel.close_pdu(*bob, f))
+    check(not raw_channel.FAILURES, f"no failures ({raw_channel.FAILURES})")
+    print("PASS", flush=True)
+    sys.exit(0)
 if MODE == "tracked":
     a[0].send(persistent_create(*a, "p0", g, OVERWRITE_IF))
     until("A's open held once tracked", lambda: log_holds(LOG, "test hook: a durable open is held once tracked"))

@@ -1378,6 +1378,55 @@ fn an_ending_racing_an_open_leaves_its_slot_to_its_reconnect() {
     }
 }
 
+/// Re-review rr48f L1: a session ended by PreviousSessionId leaves the
+/// registry's sessions at once, and a reattach to filterd that lost one
+/// of its handles before the old connection released the session did
+/// not reach it: that connection's release, its detach refused, handed
+/// the open's slot over for a reconnect that could not come, until the
+/// open's durable timeout (60 s), and bob's CREATEs were refused at the
+/// cap. Here A's durable (not persistent) CREATE is held once tracked,
+/// the session ended, filterd killed and started again (dropping the
+/// handle) and rksmbd reattached before the CREATE ends: bob gets the
+/// slot within 10 s (previous_session_races.py `lost`, 128 descriptors,
+/// 32 opens).
+#[test]
+fn a_handle_of_an_ended_session_lost_to_a_reattach_gives_its_slot_back() {
+    let s = Scratch::new("rksmbd-previous-races-lost");
+    let mut d = Filterd::start(&s, &[], &[]);
+    let users = [("alice", "pw"), ("bob", "pw")];
+    let hold = "8000";
+    let env = [
+        ("RUST_LOG", "info,rksmbd::sessions=debug"),
+        ("RKSMBD_TEST_TRACKED_HOLD_MS", hold),
+    ];
+    let (srv, log) = RkSmbd::start_logged_with_nofile(&s, "rksmbd", "data", &users, &env, 128);
+    let reattaches = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("reattached to filterd")
+            .count()
+    };
+    let log_s = log.to_string_lossy().into_owned();
+    let mut script = rkfilter_tests::smb3::Dialogue::start_with(
+        &srv,
+        "previous_session_races.py",
+        &["32", &log_s, "lost", hold],
+        std::time::Duration::from_secs(90),
+    );
+    script.expect("restart");
+    let before = reattaches();
+    d.kill9();
+    d = Filterd::start(&s, &[], &[]);
+    rkfilter_tests::wait_for(
+        "rksmbd to reattach",
+        std::time::Duration::from_secs(30),
+        || (reattaches() > before).then_some(()),
+    );
+    script.say("go");
+    script.finish();
+    no_handles_left(&d);
+}
+
 /// filterd, and rksmbd for alice and bob under a descriptor limit of 128
 /// (32 opens), rksmbd::sessions logging at debug: with its log's path and
 /// its pid.
