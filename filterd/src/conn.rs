@@ -663,11 +663,35 @@ pub fn listen_at(path: &Path) -> anyhow::Result<(OwnedFd, bool)> {
     )?;
     let addr = UnixAddr::new(path).with_context(|| format!("socket path {}", path.display()))?;
     bind(fd.as_raw_fd(), &addr).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    set_socket_mode(path)?;
     let refused = sys::refuse_descriptors(fd.as_fd())
         .with_context(|| format!("refusing descriptors on {}", path.display()))?;
     listen(&fd, Backlog::new(128)?)?;
     Ok((fd, refused))
+}
+
+/// Sets the just-bound socket at `path` to mode 0660, never through a
+/// symbolic link (review rr48c L1: a path swapped for a link between
+/// `bind` and a `chmod` by path made filterd chmod the link's target). The
+/// socket's directory is one no other user may write, or sticky
+/// (`statedir::check_socket_dir`), so nobody else can put anything at the
+/// path; the path is opened `O_PATH|O_NOFOLLOW` all the same, checked to
+/// be a socket, and changed through that descriptor.
+fn set_socket_mode(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let at = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("socket {}", path.display()))?;
+    if !at.metadata()?.file_type().is_socket() {
+        bail!("{} is no longer the socket filterd bound", path.display());
+    }
+    // chmod through /proc/self/fd: fchmod refuses an O_PATH descriptor,
+    // and the magic link names the inode itself.
+    let by_fd = format!("/proc/self/fd/{}", at.as_raw_fd());
+    std::fs::set_permissions(&by_fd, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting the mode of socket {}", path.display()))
 }
 
 /// Whether a peer may attach: root, our own user, or a member of the
@@ -891,6 +915,40 @@ fn reject(writer: &ConnWriter, id: Option<u64>, err: WireError) {
 mod tests {
     use super::*;
     use nix::sys::socket::socketpair;
+
+    /// The socket's mode is set on the socket, never through a symbolic
+    /// link put at its path (review rr48c L1: a `chmod` by path followed
+    /// one to its target); a socket at the path gets 0660.
+    #[test]
+    fn the_socket_mode_is_never_set_through_a_link() {
+        let dir = std::env::temp_dir().join(format!("rkf-sockmode-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        let target = dir.join("target");
+        std::fs::write(&target, b"x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.join("filterd.sock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(set_socket_mode(&link).is_err());
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the link's target was changed");
+        std::fs::remove_file(&link).unwrap();
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(fd.as_raw_fd(), &UnixAddr::new(&link).unwrap()).unwrap();
+        set_socket_mode(&link).unwrap();
+        let mode = std::fs::symlink_metadata(&link)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o660);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A peer's groups are the ones the kernel took at its connect
     /// (`SO_PEERGROUPS`), not those of whatever process has its pid now

@@ -44,9 +44,11 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
     /// State directory: LMDB environment, runtime record (filterd.run),
-    /// default socket. The directory itself is locked: one active daemon.
-    /// An existing one is made private to filterd's user and group (mode
-    /// less 0027), so no other user can hold its lock.
+    /// default socket. One active daemon: its lock is STATE/filterd.lock
+    /// (0600, no other user can hold it; the directory's own flock is
+    /// taken too, for older filterds). Must be filterd's user's and not
+    /// writable by its group or others; an existing one is made private to
+    /// filterd's user and group (mode less 0027).
     #[arg(long, value_name = "DIR")]
     state: PathBuf,
     /// Unix socket frontends and filterctl attach to [default: STATE/filterd.sock].
@@ -450,6 +452,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     // Before the store is opened (and marked in use): a start refused for
     // its socket path must not count as a crash at the next start.
+    statedir::check_socket_dir(&socket_path)?;
     conn::check_socket_path(&socket_path)?;
     let mut record = DaemonRecord {
         pid: std::process::id(),

@@ -1,22 +1,32 @@
 //! One active daemon per store: the state dir's lock.
 //!
-//! filterd holds an exclusive `flock` on the state directory itself, not on
-//! a file inside it: a file can be deleted or replaced while it is held
-//! (`rm STATE/filterd.lock` used to let a second daemon lock the newcomer
-//! and serve the same store). A directory with the store in it cannot be
-//! removed while the store is there; if the path is renamed away and a new
-//! directory put in its place between our `open` and our `flock`, the
-//! inode check after locking notices and we start over. The lock is taken
-//! before anything in the state dir is touched (epoch, intents, socket).
+//! filterd holds an exclusive `flock` on `STATE/filterd.lock`, a 0600 file
+//! of filterd's user that no other user can open (created `O_NOFOLLOW`,
+//! its owner checked), in a state dir that no other user may write
+//! ([`check_state_dir`]). Before (review rr48c M2) the lock was a `flock`
+//! on the state dir itself, which any member of the state dir's group —
+//! the frontends', as README advises — could hold (`flock -s STATE sleep
+//! inf`) to make every later start fail and keep a standby waiting
+//! forever. If the lock file is renamed or replaced between our `open` and
+//! our `flock`, the inode check after locking notices and we start over.
+//! The lock is taken before anything else in the state dir is touched
+//! (epoch, intents, socket).
+//!
+//! The state dir's own `flock` is still taken, second ([`lock_dir`]): it
+//! is what filterds before this one took as their lock, and what
+//! `filterctl --state` probes. Held while the store's writer lock on
+//! `STATE/lmdb/` is held too ([`store_writer_busy`]: only filterd's user
+//! can open that directory), another filterd serves, and the start is
+//! refused, or a standby waits: an older filterd, or one of this version
+//! whose lock file was removed behind its back (`rm STATE/filterd.lock`,
+//! which only filterd's user can do). Held by anyone else, it is ignored
+//! with a warning, and the lock is taken when it is let go.
 //!
 //! A `--standby` daemon waits for the lock on a helper thread while the
 //! main thread waits for SIGTERM/SIGINT on a signalfd, so a waiting standby
 //! can be stopped at once (exit 0) instead of taking over later.
 //!
-//! Nobody but filterd's user (and the state dir's group) may be able to
-//! take these locks, or a local user could keep filterd from starting by
-//! holding one: an existing state dir is tightened to 0750 ([`tighten`]),
-//! and the export root's lock ([`lock_root`]) is a private file under
+//! The export root's lock ([`lock_root`]) is likewise a private file under
 //! `/run/rkfilter/roots` (or `--root-lock-dir`), not the root directory
 //! anyone may open.
 
@@ -34,7 +44,10 @@ use tracing::{info, warn};
 
 /// The held lock; released when dropped or when the process dies.
 pub struct StateLock {
-    _dir: Flock<File>,
+    _file: Flock<File>,
+    /// The state dir's own `flock` ([`lock_dir`]); `None` while another
+    /// process holds it (a helper thread takes it when it is let go).
+    _dir: Option<Flock<File>>,
 }
 
 /// What taking the lock came to.
@@ -49,10 +62,10 @@ fn open_dir(state: &Path) -> anyhow::Result<File> {
     File::open(state).with_context(|| format!("opening state dir {}", state.display()))
 }
 
-/// Whether the directory `dir` (locked) is still the one at `state`.
-fn still_at_path(dir: &Flock<File>, state: &Path) -> anyhow::Result<bool> {
-    let held = fstat(dir.as_fd())?;
-    Ok(match stat(state) {
+/// Whether the file or directory `held` (locked) is still the one at `path`.
+fn still_at_path(held: &Flock<File>, path: &Path) -> anyhow::Result<bool> {
+    let held = fstat(held.as_fd())?;
+    Ok(match stat(path) {
         Ok(now) => (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino),
         Err(_) => false,
     })
@@ -65,15 +78,107 @@ fn active_pid(state: &Path) -> String {
     }
 }
 
-/// Takes the state dir's lock. Without `standby`, refuses when another
+/// Refuses a state dir another user could have put things in or could
+/// change under filterd (review rr48c L1: a state dir under a directory
+/// others may write, e.g. one they made in `/tmp`, could be renamed away
+/// and replaced by one holding crafted records, socket or runtime
+/// record): it must be a directory of filterd's user (its group's and
+/// others' permissions are taken away once it is locked, [`tighten`]), in
+/// a directory of filterd's user or root that others (not its group) may
+/// not write, or that is sticky (`/tmp`: nobody else may rename or remove
+/// what is ours there).
+pub fn check_state_dir(state: &Path) -> anyhow::Result<()> {
+    let me = nix::unistd::geteuid().as_raw();
+    check_dir(state, &[me], 0, false).and_then(|()| match state.parent() {
+        Some(p) => check_dir(p, &[me, 0], PARENT_MAY_NOT, true),
+        None => Ok(()),
+    })
+    .with_context(|| {
+        format!(
+            "state dir {} cannot be trusted: make it a directory of filterd's user (uid {me}), in a directory of that user or root that other users may not write (chmod o-w) or that is sticky",
+            state.display()
+        )
+    })
+}
+
+/// Write permission a trusted directory's parent may not give: others'
+/// (its group is the user's own or root's choice, e.g. a user private
+/// group under umask 002).
+const PARENT_MAY_NOT: u32 = 0o002;
+
+/// Refuses a socket whose directory another user could change under
+/// filterd (review rr48c L1: swap the socket for a symbolic link between
+/// its `bind` and its `chmod`): the socket's directory must be a
+/// directory of filterd's user or root that neither its group nor others
+/// may write, and its parent one that others may not write; either may
+/// instead be sticky.
+pub fn check_socket_dir(socket: &Path) -> anyhow::Result<()> {
+    let me = nix::unistd::geteuid().as_raw();
+    let Some(dir) = socket.parent() else {
+        return Ok(());
+    };
+    check_dir(dir, &[me, 0], 0o022, true)
+        .and_then(|()| match dir.parent() {
+            Some(p) => check_dir(p, &[me, 0], PARENT_MAY_NOT, true),
+            None => Ok(()),
+        })
+        .with_context(|| {
+            format!(
+                "the socket's directory {} cannot be trusted: give --socket a path in a directory of filterd's user or root that no other user may write (or a sticky one such as /tmp)",
+                dir.display()
+            )
+        })
+}
+
+/// Checks that `d` is a directory (not a symbolic link) owned by one of
+/// `owners` that gives none of the write permissions `may_not` names
+/// (`0o022`: group and others; `0o002`: others; `0`: any) — unless
+/// `sticky_ok` and it has the sticky bit, where nobody else may rename or
+/// remove what is ours.
+fn check_dir(d: &Path, owners: &[u32], may_not: u32, sticky_ok: bool) -> anyhow::Result<()> {
+    let m = std::fs::symlink_metadata(d).with_context(|| format!("{}", d.display()))?;
+    let writable_by_others = m.mode() & may_not != 0 && !(sticky_ok && m.mode() & 0o1000 != 0);
+    if !m.is_dir() || !owners.contains(&m.uid()) || writable_by_others {
+        bail!(
+            "{} must be a directory of uid {}{} (it is {}, uid {}, mode {:04o})",
+            d.display(),
+            owners
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" or "),
+            match (may_not, sticky_ok) {
+                (0, _) => "",
+                (0o002, true) => " that other users may not write, or sticky",
+                (_, true) => " that neither its group nor other users may write, or sticky",
+                (_, false) => " that neither its group nor other users may write",
+            },
+            if m.is_dir() {
+                "a directory"
+            } else if m.is_symlink() {
+                "a symbolic link"
+            } else {
+                "not a directory"
+            },
+            m.uid(),
+            m.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
+/// Takes the state dir's lock ([`libfilter::runtime::LOCK_FILE`], then
+/// the dir's own [`lock_dir`]). Without `standby`, refuses when another
 /// daemon holds it; with it, waits until it is free or a signal of `sigs`
 /// arrives (`sigs` must be blocked in every thread).
 pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked> {
-    loop {
-        let dir = open_dir(state)?;
-        let held = match lock_now(dir) {
+    check_state_dir(state)?;
+    let path = state.join(libfilter::runtime::LOCK_FILE);
+    let file = loop {
+        let file = open_lock_file(&path, "the state dir's lock file")?;
+        let held = match lock_now(file) {
             Ok(l) => l,
-            Err((dir, nix::errno::Errno::EWOULDBLOCK)) => {
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
                 if !standby {
                     bail!(
                         "another filterd (pid {}) is active on state dir {}; stop it first, or start this one with --standby to take over when it dies",
@@ -85,30 +190,133 @@ pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked
                     active_pid = active_pid(state),
                     "standby: waiting for the active filterd to exit"
                 );
-                match wait_for_lock(dir, sigs)? {
+                match wait_for_lock(file, sigs)? {
                     Ok(l) => l,
                     Err(sig) => return Ok(Locked::Stopped(sig)),
+                }
+            }
+            Err((_, e)) => return Err(e).context("locking the state dir's lock file"),
+        };
+        if still_at_path(&held, &path)? {
+            break held;
+        }
+        info!("the state dir's lock file was replaced while it was being locked; locking it again");
+    };
+    match lock_dir(state, standby, sigs)? {
+        Ok(dir) => Ok(Locked::Held(StateLock {
+            _file: file,
+            _dir: dir,
+        })),
+        Err(sig) => Ok(Locked::Stopped(sig)),
+    }
+}
+
+/// The state dir's own `flock`, held beside the lock file: the lock of
+/// the filterds before this one, so that neither an older filterd nor
+/// this one serves while the other does (during an upgrade), and what
+/// `filterctl --state` probes. When it is busy, whether a filterd holds
+/// it is judged by a lock no other user can hold ([`store_writer_busy`]:
+/// the LMDB store's writer `flock` on `STATE/lmdb/`, a 0700 directory,
+/// which every filterd serving from this state dir holds): busy, another
+/// filterd serves (an earlier version, or one of this version whose lock
+/// file was removed behind its back), and the start is refused, or a
+/// standby waits. Free, whoever holds the dir's `flock` serves nothing (a
+/// member of the state dir's group can open it and hold its `flock`): it
+/// is ignored, with a warning, and a helper thread takes it once it is
+/// let go (`Ok(None)`). Before (review rr48g M-a) the holder was judged by
+/// its name and uid, which a group member could fake (a setuid-root
+/// program run through a link named `filterd`).
+fn lock_dir(
+    state: &Path,
+    standby: bool,
+    sigs: &SigSet,
+) -> anyhow::Result<Result<Option<Flock<File>>, Signal>> {
+    loop {
+        let dir = open_dir(state)?;
+        let held = match lock_now(dir) {
+            Ok(l) => l,
+            Err((dir, nix::errno::Errno::EWOULDBLOCK)) => {
+                if !store_writer_busy(state) {
+                    warn!(
+                        state = %state.display(),
+                        "a process holds a flock on the state dir but no filterd serves its store (a member of the state dir's group can open it); ignored: filterd's lock is its lock file. It is taken when let go, and until then an older filterd or filterctl --state may not see that this one runs"
+                    );
+                    take_when_free(dir);
+                    return Ok(Ok(None));
+                }
+                if !standby {
+                    bail!(
+                        "another filterd (pid {}) is active on state dir {}: it holds the directory's flock and its store's (an earlier version, or one whose lock file {} was removed); stop it first, or start this one with --standby to take over when it dies",
+                        active_pid(state),
+                        state.display(),
+                        libfilter::runtime::LOCK_FILE
+                    );
+                }
+                info!(
+                    active_pid = active_pid(state),
+                    "standby: waiting for the active filterd to exit (it holds the state dir's flock)"
+                );
+                match wait_for_lock(dir, sigs)? {
+                    Ok(l) => l,
+                    Err(sig) => return Ok(Err(sig)),
                 }
             }
             Err((_, e)) => return Err(e).context("locking the state dir"),
         };
         if still_at_path(&held, state)? {
-            return Ok(Locked::Held(StateLock { _dir: held }));
+            return Ok(Ok(Some(held)));
         }
         info!("the state dir was replaced while it was being locked; locking it again");
     }
 }
 
-/// Takes away group write and every permission of other users from an
-/// existing state dir (`mode & !0o027`, as filterd creates it: 0750), so
-/// no other user can open it — and so none can hold its `flock` to keep
-/// filterd from starting, restarting or taking over (review rvacl: `flock
-/// -x STATE sleep 1e9` as nobody on a 0755 state dir did). Called once the
-/// state dir's lock is held, so a second daemon that is refused leaves the
-/// live one's dir as it is (review rr37b). The dir's own
-/// `flock` stays the daemon lock: `filterctl --state` probes it
-/// (`runtime::lock_is_held`) and older filterds take it. A process that
-/// opened the directory before it was tightened keeps its descriptor.
+/// Whether a process holds the LMDB store's writer `flock` on
+/// `STATE/lmdb/` (libfilter `Store::open`), probed without waiting and let
+/// go at once. Only filterd's user (or root) can open that 0700
+/// directory, so a busy lock is a filterd serving from this state dir. No
+/// store there (etcd, whose table's owner key keeps a second filterd from
+/// serving; a new state dir), or one that cannot be opened: free. The
+/// probe makes no filterd starting meanwhile fail: one of this version
+/// holds the lock file first, an earlier one the dir's `flock`.
+fn store_writer_busy(state: &Path) -> bool {
+    let Ok(db) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(state.join("lmdb"))
+    else {
+        return false;
+    };
+    matches!(
+        Flock::lock(db, FlockArg::LockSharedNonblock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK))
+    )
+}
+
+/// Takes the state dir's `flock` on a helper thread once whoever holds it
+/// lets go, and holds it until the process exits.
+fn take_when_free(dir: File) {
+    let r = std::thread::Builder::new()
+        .name("state-dir-lock".into())
+        .spawn(move || {
+            if let Ok(held) = Flock::lock(dir, FlockArg::LockExclusive) {
+                info!("the state dir's flock was let go: held from now on");
+                // Held for the process's life: the kernel lets go at exit.
+                std::mem::forget(held);
+            }
+        });
+    if let Err(e) = r {
+        warn!(error = %e, "cannot wait for the state dir's flock");
+    }
+}
+
+/// Takes away every permission of other users from an existing state dir
+/// (`mode & !0o027`, as filterd creates it: 0750), and its group's write
+/// permission, so no other user can open it or read what it holds, nor
+/// put anything in it. Called once the state dir's lock is held, so a second
+/// daemon that is refused leaves the live one's dir as it is (review
+/// rr37b). Whoever can open the dir can hold its own `flock`, which no
+/// longer keeps filterd from starting ([`lock_dir`]; review rvacl, rr48c
+/// M2).
 pub fn tighten(state: &Path) {
     let Ok(meta) = std::fs::metadata(state) else {
         return;
@@ -123,13 +331,13 @@ pub fn tighten(state: &Path) {
             state = %state.display(),
             was = format!("{mode:04o}"),
             now = format!("{tight:04o}"),
-            "state dir tightened: other users could open it and hold its lock"
+            "state dir tightened: other users could open it"
         ),
         Err(e) => warn!(
             state = %state.display(),
             mode = format!("{mode:04o}"),
             error = %e,
-            "cannot tighten the state dir: any user who can open it can hold its lock and keep filterd from starting"
+            "cannot tighten the state dir: other users can open it"
         ),
     }
 }
@@ -207,16 +415,9 @@ fn make_private_dirs(dir: &Path) -> anyhow::Result<PathBuf> {
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     let me = nix::unistd::geteuid().as_raw();
-    for (d, owners) in [(Some(dir), [me, me]), (dir.parent(), [me, 0])] {
-        let Some(d) = d else { continue };
-        let m = std::fs::symlink_metadata(d).with_context(|| format!("{}", d.display()))?;
-        if !m.is_dir() || !owners.contains(&m.uid()) || m.mode() & 0o022 != 0 {
-            bail!(
-                "{} must be a directory of uid {} that no other user may write (it holds the export roots' lock files)",
-                d.display(),
-                owners.iter().map(u32::to_string).collect::<Vec<_>>().join(" or ")
-            );
-        }
+    check_dir(dir, &[me], 0o022, false)?;
+    if let Some(parent) = dir.parent() {
+        check_dir(parent, &[me, 0], 0o022, false)?;
     }
     Ok(dir.to_path_buf())
 }
@@ -308,10 +509,10 @@ fn sweep(dir: &Path) {
     }
 }
 
-/// Opens (creating, mode 0600) the lock file `path`, never through a
-/// symbolic link; one left with a wider mode is narrowed, so no other
-/// user can open it.
-fn open_lock_file(path: &Path) -> anyhow::Result<File> {
+/// Opens (creating, mode 0600) the lock file `path` (`what`, for errors),
+/// never through a symbolic link; one left with a wider mode is narrowed,
+/// so no other user can open it.
+fn open_lock_file(path: &Path, what: &str) -> anyhow::Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -319,7 +520,7 @@ fn open_lock_file(path: &Path) -> anyhow::Result<File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
-        .with_context(|| format!("opening the export root's lock file {}", path.display()))?;
+        .with_context(|| format!("opening {what} {}", path.display()))?;
     let m = file.metadata()?;
     if !m.is_file() || m.uid() != nix::unistd::geteuid().as_raw() {
         bail!(
@@ -365,7 +566,7 @@ pub fn lock_root(
     };
     loop {
         let target = match &file {
-            Some(f) => open_lock_file(f)?,
+            Some(f) => open_lock_file(f, "the export root's lock file")?,
             None => File::open(root)
                 .with_context(|| format!("opening export root {}", root.display()))?,
         };

@@ -5,8 +5,8 @@
 //! removes it on a clean shutdown. It names the daemon's pid and socket, so
 //! `filterctl --state DIR` finds a live daemon whatever `--socket` it was
 //! started with, and never reads the LMDB files behind a running daemon's
-//! back. Whether a daemon is alive is decided by the state dir's lock
-//! ([`lock_holder`]), not by the record: when nobody holds the lock, the
+//! back. Whether a daemon is alive is decided by the state dir's locks
+//! ([`lock_is_held`]), not by the record: when nobody holds them, the
 //! store is at rest and may be read offline.
 
 use std::io::Write;
@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 
 /// The record's file name in the state dir.
 pub const RUNTIME_FILE: &str = "filterd.run";
+
+/// The daemon's lock file in the state dir: filterd holds an exclusive
+/// `flock` on it (mode 0600, so no other user can open it to hold it).
+pub const LOCK_FILE: &str = "filterd.lock";
 
 /// How far the daemon has got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,29 +128,53 @@ pub fn remove(state: &Path) {
 }
 
 /// Whether `pid` is a running filterd (its `/proc/PID/comm` says so).
-fn is_live_filterd(pid: u32) -> bool {
+pub fn is_live_filterd(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "filterd")
 }
 
-/// Whether some process holds `state`'s lock (filterd's exclusive `flock`
-/// on the directory itself). This, not the runtime record, says whether a
-/// daemon is alive: the record can be deleted behind a live daemon, and a
-/// killed daemon's record names a pid that may linger as a zombie (which
-/// holds no lock: its descriptors are closed). Probed by taking a shared
-/// lock without waiting and dropping it at once: unlike `/proc/locks`,
-/// this sees through pid namespaces and filesystems (btrfs) whose
-/// `/proc/locks` device differs from `stat`'s. A daemon starting in that
-/// instant retries its own lock (filterd `statedir`).
+/// Whether some process holds `state`'s lock: filterd's exclusive
+/// `flock` on [`LOCK_FILE`] (probed when this user may open it: filterd's
+/// own user, root), or the one on the directory itself, which filterd
+/// takes too and filterds before the lock file took alone. This, not the
+/// runtime record, says whether a daemon is alive: the record can be
+/// deleted behind a live daemon, and a killed daemon's record names a
+/// pid that may linger as a zombie (which holds no lock: its descriptors
+/// are closed). Probed by taking a shared lock without waiting and
+/// dropping it at once: unlike `/proc/locks`, this sees through pid
+/// namespaces and filesystems (btrfs) whose `/proc/locks` device differs
+/// from `stat`'s. A daemon starting in that instant retries its own lock
+/// (filterd `statedir`). Whoever else can open the directory (a member
+/// of its group) can hold its `flock` too: then a daemon is reported
+/// alive when none is, which only keeps filterctl from reading the store
+/// offline.
 pub fn lock_is_held(state: &Path) -> Result<bool, RuntimeError> {
-    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock_file = state.join(LOCK_FILE);
+    // Absent (no filterd of this version ran here) or not ours to open
+    // (filterctl of the state dir's group): the dir's flock tells.
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(&lock_file)
+    {
+        if is_flocked(f).map_err(io_err(&lock_file))? {
+            return Ok(true);
+        }
+    }
     let dir = std::fs::File::open(state).map_err(io_err(state))?;
-    match Flock::lock(dir, FlockArg::LockSharedNonblock) {
+    is_flocked(dir).map_err(io_err(state))
+}
+
+/// Whether some process holds an exclusive `flock` on `f`'s file.
+fn is_flocked(f: std::fs::File) -> std::io::Result<bool> {
+    use nix::fcntl::{Flock, FlockArg};
+    match Flock::lock(f, FlockArg::LockSharedNonblock) {
         Ok(probe) => {
             drop(probe);
             Ok(false)
         }
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
-        Err((_, e)) => Err(io_err(state)(std::io::Error::from(e))),
+        Err((_, e)) => Err(std::io::Error::from(e)),
     }
 }
 
@@ -213,6 +241,16 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join(RUNTIME_FILE), b"nonsense").unwrap();
+        assert_eq!(live(&dir).unwrap(), Liveness::Running { record: None });
+        drop(held);
+        assert_eq!(live(&dir).unwrap(), Liveness::NotRunning);
+        // So does holding the lock file's (filterd holds both; review
+        // rr48c M2: a member of the dir's group can hold the dir's too).
+        let held = nix::fcntl::Flock::lock(
+            std::fs::File::create(dir.join(LOCK_FILE)).unwrap(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
         assert_eq!(live(&dir).unwrap(), Liveness::Running { record: None });
         drop(held);
         assert_eq!(live(&dir).unwrap(), Liveness::NotRunning);

@@ -155,6 +155,12 @@ impl Scratch {
         ));
         std::fs::create_dir_all(dir.join("root")).expect("mkdir root");
         std::fs::create_dir_all(dir.join("state")).expect("mkdir state");
+        // Modes whatever the umask (002 gives 0775, which filterd refuses
+        // for the state dir's parent).
+        use std::os::unix::fs::PermissionsExt;
+        for (d, mode) in [(&dir, 0o755), (&dir.join("state"), 0o750)] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
         Scratch {
             dir,
             _mounted: None,
@@ -314,7 +320,9 @@ impl Scratch {
             &s.state(),
             Some("tmpfs"),
             nix::mount::MsFlags::empty(),
-            Some(format!("size={size}").as_str()),
+            // 0755, not tmpfs's 1777: filterd refuses a state dir other
+            // users may write.
+            Some(format!("size={size},mode=0755").as_str()),
         )
         .expect("mounting a small tmpfs as root");
         Some(s)

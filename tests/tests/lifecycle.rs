@@ -691,38 +691,14 @@ fn a_second_daemon_on_one_export_root_is_refused_or_waits() {
     assert!(log.contains("another filterd serves export root"), "{log}");
 }
 
-/// `flock -x PATH sleep 60` run as uid 65534 in a process group of its
-/// own (flock's `sleep` holds the lock too); the group is killed when
-/// dropped.
-struct NobodysFlock {
-    child: std::process::Child,
-}
-
-impl NobodysFlock {
-    fn spawn(path: &std::path::Path) -> NobodysFlock {
-        use std::os::unix::process::CommandExt;
-        let child = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .args(["flock", "-x"])
-            .arg(path)
-            .args(["sleep", "60"])
-            .process_group(0)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("setpriv flock");
-        NobodysFlock { child }
-    }
-}
-
-impl Drop for NobodysFlock {
-    fn drop(&mut self) {
-        if let Ok(pgid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
-        }
-        let _ = self.child.wait();
-    }
+/// `flock -x PATH sleep 60` run as uid 65534 ([`GroupFlock`]).
+fn nobodys_flock(path: &std::path::Path) -> GroupFlock {
+    GroupFlock::spawn(
+        &["--reuid=65534", "--regid=65534", "--clear-groups"],
+        "-x",
+        path,
+        std::path::Path::new("sleep"),
+    )
 }
 
 /// Whether some process holds an exclusive flock on `path`.
@@ -772,14 +748,14 @@ fn a_local_users_flock_on_the_root_or_state_dir_keeps_no_filterd_out() {
     d.kill9();
 
     // Nobody holds the root directory's flock...
-    let _on_root = NobodysFlock::spawn(&s.root());
+    let _on_root = nobodys_flock(&s.root());
     wait_for(
         "nobody to hold the export root's flock",
         Duration::from_secs(10),
         || flock_busy(&s.root()).then_some(()),
     );
     // ...and tries the state dir's.
-    let mut on_state = NobodysFlock::spawn(&s.state());
+    let mut on_state = nobodys_flock(&s.state());
     let tried = wait_for(
         "nobody's flock of the state dir to fail or hold",
         Duration::from_secs(10),
@@ -836,6 +812,271 @@ fn a_refused_second_filterd_leaves_the_live_ones_state_dir_mode_alone() {
     assert!(log.contains("is active on state dir"), "{log}");
     assert_eq!(mode_of(&s.state()), 0o755, "the live daemon's state dir");
     first.kill9();
+}
+
+/// A process of the given ids holding `flock MODE PATH SLEEP 60` (its
+/// `sleep` holds it too) in a process group of its own, killed when
+/// dropped.
+struct GroupFlock {
+    child: std::process::Child,
+}
+
+impl GroupFlock {
+    fn spawn(
+        ids: &[&str],
+        mode: &str,
+        path: &std::path::Path,
+        sleep: &std::path::Path,
+    ) -> GroupFlock {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new("setpriv")
+            .args(ids)
+            .arg("--")
+            .args(["flock", mode])
+            .arg(path)
+            .arg(sleep)
+            .arg("60")
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("setpriv flock");
+        GroupFlock { child }
+    }
+}
+
+impl Drop for GroupFlock {
+    fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts filterd while a process that is no filterd holds the state
+/// dir's flock, and checks that it warns and serves.
+fn serves_past_a_flock_on_the_state_dir(s: &Scratch) -> Filterd {
+    let d = Filterd::start(s, &[], &[]);
+    assert!(
+        d.log_text()
+            .contains("a process holds a flock on the state dir but no filterd serves its store"),
+        "{}",
+        d.log_text()
+    );
+    let mut fe = TestFront::start(&s.socket(), "smb", "smb-a").unwrap();
+    let r = fe.cmd(open_cmd("alice", "p1", persistent(), None));
+    assert_eq!(r["ok"], true, "{r}");
+    drop(fe);
+    d
+}
+
+/// A member of the state dir's group (the frontends', as README says to
+/// give it) holding a flock on the state dir keeps no filterd from
+/// starting, and no standby from taking over: filterd's lock is
+/// `STATE/filterd.lock`, which only its user can open. Before (review
+/// rr48c M2) the lock was the state dir's own flock, and `flock -s STATE
+/// sleep inf` as a group member made every start fail "another filterd is
+/// active" and kept a standby waiting forever. filterd takes the dir's
+/// flock as soon as it is let go (older filterds and filterctl still look
+/// at it). Root only (it runs a process as another user).
+#[test]
+fn a_group_members_flock_on_the_state_dir_keeps_no_filterd_out() {
+    use std::os::unix::fs::PermissionsExt;
+    if !root_or_skip("group-flock", "to run a process as uid 65534") {
+        return;
+    }
+    const FRONTENDS_GID: u32 = 4343;
+    let s = Scratch::new("group-flock");
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    nix::unistd::chown(
+        &s.state(),
+        None,
+        Some(nix::unistd::Gid::from_raw(FRONTENDS_GID)),
+    )
+    .unwrap();
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    d.kill9();
+
+    let gid = format!("--regid={FRONTENDS_GID}");
+    let ids = ["--reuid=65534", gid.as_str(), "--clear-groups"];
+    // Its program is even named filterd: a process of another user proves
+    // nothing.
+    let fake = s.dir.join("bin").join("filterd");
+    std::fs::create_dir(s.dir.join("bin")).unwrap();
+    std::fs::copy("/bin/sleep", &fake).unwrap();
+    let member = GroupFlock::spawn(&ids, "-s", &s.state(), &fake);
+    wait_for(
+        "the group member to hold the state dir's flock",
+        Duration::from_secs(10),
+        || {
+            let f = std::fs::File::open(s.state()).expect("open");
+            matches!(
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock),
+                Err((_, nix::errno::Errno::EWOULDBLOCK))
+            )
+            .then_some(())
+        },
+    );
+    // It cannot open the lock file filterd locks.
+    let lock_file = s.state().join("filterd.lock");
+    assert_eq!(mode_of(&lock_file), 0o600);
+
+    let mut d = serves_past_a_flock_on_the_state_dir(&s);
+
+    // A standby waits for the active filterd, not for the group member,
+    // and takes over when the active one dies.
+    let other = s.dir.join("standby.sock");
+    let mut standby = Filterd::spawn_on(&s, Some(&other), &[], &["--standby"], &[]);
+    standby.wait_log("waiting for the active filterd", Duration::from_secs(10));
+    d.kill9();
+    standby.wait_ready();
+
+    // Once the member lets go, the serving filterd takes the dir's flock.
+    drop(member);
+    standby.wait_log("held from now on", Duration::from_secs(10));
+    assert!(flock_busy(&s.state()), "the dir's flock is filterd's now");
+    standby.kill9();
+}
+
+/// A process holding the state dir's flock `script` names (`sh -c`,
+/// `exec`ing a copy of `sleep` named `filterd` in `bin`, so that its name
+/// and uid are a filterd's), killed when dropped.
+fn fake_filterd(s: &Scratch, script: &str) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let bin = s.dir.join("old");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/sleep", bin.join("filterd")).unwrap();
+    let child = std::process::Command::new("sh")
+        .args(["-c", script])
+        .env("STATE", s.state())
+        .env("FAKE", bin.join("filterd"))
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    wait_for("the fake filterd", Duration::from_secs(10), || {
+        (flock_busy(&s.state())
+            && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "filterd"))
+        .then_some(())
+    });
+    child
+}
+
+/// An older filterd — one that locked only the state dir's own flock and
+/// its store's writer flock on `STATE/lmdb/` — still keeps a filterd of
+/// this version off its state dir during an upgrade, and a standby of
+/// this version waits for it: the dir's flock is held, and so is the
+/// store's, which only filterd's user can open (no runtime record
+/// needed). Here a copy of `sleep` named `filterd` holding both stands in
+/// for the older daemon.
+#[test]
+fn an_older_filterd_on_the_state_dir_still_excludes_a_new_one() {
+    let s = Scratch::new("older-filterd");
+    std::fs::create_dir(s.state().join("lmdb")).unwrap();
+    let mut old = fake_filterd(
+        &s,
+        r#"exec 9<"$STATE" 8<"$STATE/lmdb" && flock -x 9 && flock -x 8 && exec "$FAKE" 60"#,
+    );
+    let mut new = Filterd::spawn(&s, &[], &[]);
+    let log = new.refused();
+    assert!(
+        log.contains("another filterd (pid unknown) is active")
+            && log.contains("it holds the directory's flock and its store's"),
+        "{log}"
+    );
+
+    let mut standby = Filterd::spawn(&s, &["--standby"], &[]);
+    standby.wait_log(
+        "waiting for the active filterd to exit (it holds the state dir's flock)",
+        Duration::from_secs(10),
+    );
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(old.id() as i32), Signal::SIGKILL);
+    let _ = old.wait();
+    standby.wait_ready();
+    standby.kill9();
+}
+
+/// A process that holds the state dir's flock but not the store's is no
+/// filterd, whatever its name and uid: filterd serves, warning, and takes
+/// the dir's flock once it is let go. Before (review rr48g M-a) a process
+/// named `filterd` of filterd's uid or root with the dir open counted as
+/// one, and a group member could pose as one (a setuid-root program run
+/// through a link named `filterd`, the dir's descriptor inherited) to
+/// keep a root filterd from starting. Here the stand-in is of filterd's
+/// own uid.
+#[test]
+fn a_process_named_filterd_holding_only_the_state_dirs_flock_keeps_no_filterd_out() {
+    let s = Scratch::new("fake-filterd");
+    let mut d = Filterd::start(&s, &[], &[]);
+    d.kill9();
+    let mut fake = fake_filterd(&s, r#"exec 9<"$STATE" && flock -x 9 && exec "$FAKE" 60"#);
+    let mut d = serves_past_a_flock_on_the_state_dir(&s);
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(fake.id() as i32),
+        Signal::SIGKILL,
+    );
+    let _ = fake.wait();
+    d.wait_log("held from now on", Duration::from_secs(10));
+    d.kill9();
+}
+
+/// filterd refuses a state dir another user could have put things in or
+/// could change under it (review rr48c L1): one under a directory every
+/// user may write (not sticky), one of another user, and a `--socket` in
+/// a directory every user may write (not sticky). Each refusal says what
+/// is wrong and what to do. A state dir its group may write, in a
+/// directory its group may write (umask 002), is tightened instead
+/// (review rr48g L-c).
+#[test]
+fn a_state_dir_or_socket_dir_others_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("untrusted-state");
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o770)).unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    assert_eq!(mode_of(&s.state()), 0o750, "tightened");
+    d.kill9();
+
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut d = Filterd::spawn(&s, &[], &[]);
+    let log = d.refused();
+    assert!(
+        log.contains("cannot be trusted") && log.contains("chmod o-w") && log.contains("mode 0777"),
+        "{log}"
+    );
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let open = s.dir.join("open-to-all");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = open.join("filterd.sock");
+    let mut d = Filterd::spawn_on(&s, Some(&sock), &[], &[], &[]);
+    let log = d.refused();
+    assert!(
+        log.contains("the socket's directory") && log.contains("cannot be trusted"),
+        "{log}"
+    );
+    assert!(!sock.exists());
+    // Sticky, as /tmp: nobody else may rename or remove what is ours.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let mut d = Filterd::spawn_on(&s, Some(&sock), &[], &[], &[]);
+    d.wait_ready();
+    d.kill9();
+
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::chown(&s.state(), Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let mut d = Filterd::spawn(&s, &[], &[]);
+        let log = d.refused();
+        assert!(
+            log.contains("cannot be trusted") && log.contains("uid 65534"),
+            "{log}"
+        );
+    }
 }
 
 /// The `.lock` file names in `dir`.

@@ -49,7 +49,8 @@ fn the_peer_check_admits_the_sockets_group_and_tells_others_why_not() {
         Some(nix::unistd::Gid::from_raw(SOCKET_GID)),
     )
     .unwrap();
-    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o2775)).unwrap();
+    // Not group-writable: filterd refuses a state dir others may write.
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o2750)).unwrap();
     std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let _d = Filterd::start(&s, &[], &[]);
     let sock = s.socket();

@@ -7,6 +7,7 @@
 //! Both nodes share one export directory (on real machines: a cluster or
 //! network filesystem); filterd runs with --no-fanotify on it.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -70,6 +71,7 @@ impl Node {
     fn new(bin: &Path, root: &Path, dir: &Path, name: &str) -> anyhow::Result<Node> {
         let state = dir.join(name);
         std::fs::create_dir_all(&state)?;
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o750))?;
         Ok(Node {
             story: Story {
                 bin: bin.to_owned(),

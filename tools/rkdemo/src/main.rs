@@ -26,6 +26,7 @@ mod smb3;
 mod stage;
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -366,14 +367,18 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
         }
     }
     let dir = std::env::temp_dir().join(format!("rkdemo-{}", std::process::id()));
+    // 0700 whatever the umask (002 gives 0775): it is the state dirs'
+    // parent, which filterd refuses when others may write it.
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     if args.cluster {
-        std::fs::create_dir_all(&dir)?;
         stage.set_dir(dir.clone());
         return cluster::run(&bin, &dir, stage);
     }
     let root = dir.join("root");
     std::fs::create_dir_all(&root)?;
-    std::fs::create_dir_all(dir.join("state"))?;
+    std::fs::create_dir(dir.join("state"))?;
+    std::fs::set_permissions(dir.join("state"), std::fs::Permissions::from_mode(0o750))?;
     stage.set_dir(dir.clone());
     let fanotify = !args.no_fanotify && stage.mount_tmpfs(&root);
     let mut s = Story {
