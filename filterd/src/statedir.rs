@@ -15,12 +15,13 @@
 //! The state dir's own `flock` is still taken, second ([`lock_dir`]): it
 //! is what filterds before this one took as their lock, and what
 //! `filterctl --state` probes. Held while the store's writer lock on
-//! `STATE/lmdb/` is held too ([`store_writer_busy`]: only filterd's user
-//! can open that directory), another filterd serves, and the start is
-//! refused, or a standby waits: an older filterd, or one of this version
-//! whose lock file was removed behind its back (`rm STATE/filterd.lock`,
-//! which only filterd's user can do). Held by anyone else, it is ignored
-//! with a warning, and the lock is taken when it is let go.
+//! `STATE/lmdb/` is held too ([`busy_store`]: only filterd's user can
+//! open that directory), another filterd serves, and the start is
+//! refused, or a standby waits — on the store's lock, not the dir's: an
+//! older filterd, or one of this version whose lock file was removed
+//! behind its back (`rm STATE/filterd.lock`, which only filterd's user
+//! can do). Held by anyone else, it is ignored with a warning, and the
+//! lock is taken when it is let go.
 //!
 //! A `--standby` daemon waits for the lock on a helper thread while the
 //! main thread waits for SIGTERM/SIGINT on a signalfd, so a waiting standby
@@ -215,17 +216,25 @@ pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked
 /// the filterds before this one, so that neither an older filterd nor
 /// this one serves while the other does (during an upgrade), and what
 /// `filterctl --state` probes. When it is busy, whether a filterd holds
-/// it is judged by a lock no other user can hold ([`store_writer_busy`]:
-/// the LMDB store's writer `flock` on `STATE/lmdb/`, a 0700 directory,
-/// which every filterd serving from this state dir holds): busy, another
-/// filterd serves (an earlier version, or one of this version whose lock
-/// file was removed behind its back), and the start is refused, or a
-/// standby waits. Free, whoever holds the dir's `flock` serves nothing (a
-/// member of the state dir's group can open it and hold its `flock`): it
-/// is ignored, with a warning, and a helper thread takes it once it is
-/// let go (`Ok(None)`). Before (review rr48g M-a) the holder was judged by
-/// its name and uid, which a group member could fake (a setuid-root
-/// program run through a link named `filterd`).
+/// it is judged by a lock no other user can hold ([`busy_store`]: the
+/// LMDB store's writer `flock` on `STATE/lmdb/`, a 0700 directory of
+/// filterd's user, which every filterd serving from this state dir
+/// holds): busy, another filterd serves (an earlier version, or one of
+/// this version whose lock file was removed behind its back), and the
+/// start is refused, or a standby waits. Free, whoever holds the dir's
+/// `flock` serves nothing (a member of the state dir's group can open it
+/// and hold its `flock`): it is ignored, with a warning, and a helper
+/// thread takes it once it is let go (`Ok(None)`). Before (review rr48g
+/// M-a) the holder was judged by its name and uid, which a group member
+/// could fake (a setuid-root program run through a link named `filterd`).
+///
+/// A standby waits on the store's writer lock, never on the dir's, and
+/// judges again once it is let go: when the filterd it waits for dies,
+/// whoever else wanted the dir's `flock` — a group member queued on it —
+/// may get it first, and keep it. Before (review rr49a F1) the standby
+/// blocked on the dir's `flock` and never looked at the store again,
+/// waiting (and holding the lock file, so every other start was refused)
+/// for as long as that group member liked.
 fn lock_dir(
     state: &Path,
     standby: bool,
@@ -236,14 +245,14 @@ fn lock_dir(
         let held = match lock_now(dir) {
             Ok(l) => l,
             Err((dir, nix::errno::Errno::EWOULDBLOCK)) => {
-                if !store_writer_busy(state) {
+                let Some(store) = busy_store(state) else {
                     warn!(
                         state = %state.display(),
                         "a process holds a flock on the state dir but no filterd serves its store (a member of the state dir's group can open it); ignored: filterd's lock is its lock file. It is taken when let go, and until then an older filterd or filterctl --state may not see that this one runs"
                     );
                     take_when_free(dir);
                     return Ok(Ok(None));
-                }
+                };
                 if !standby {
                     bail!(
                         "another filterd (pid {}) is active on state dir {}: it holds the directory's flock and its store's (an earlier version, or one whose lock file {} was removed); stop it first, or start this one with --standby to take over when it dies",
@@ -254,12 +263,15 @@ fn lock_dir(
                 }
                 info!(
                     active_pid = active_pid(state),
-                    "standby: waiting for the active filterd to exit (it holds the state dir's flock)"
+                    "standby: waiting for the active filterd to exit (it holds the state dir's flock and its store's)"
                 );
-                match wait_for_lock(dir, sigs)? {
-                    Ok(l) => l,
+                drop(dir);
+                match wait_for_lock(store, sigs)? {
+                    // Let go at once: `Store::open` takes it for good.
+                    Ok(store) => drop(store),
                     Err(sig) => return Ok(Err(sig)),
                 }
+                continue;
             }
             Err((_, e)) => return Err(e).context("locking the state dir"),
         };
@@ -270,26 +282,23 @@ fn lock_dir(
     }
 }
 
-/// Whether a process holds the LMDB store's writer `flock` on
-/// `STATE/lmdb/` (libfilter `Store::open`), probed without waiting and let
-/// go at once. Only filterd's user (or root) can open that 0700
-/// directory, so a busy lock is a filterd serving from this state dir. No
-/// store there (etcd, whose table's owner key keeps a second filterd from
-/// serving; a new state dir), or one that cannot be opened: free. The
-/// probe makes no filterd starting meanwhile fail: one of this version
-/// holds the lock file first, an earlier one the dir's `flock`.
-fn store_writer_busy(state: &Path) -> bool {
-    let Ok(db) = std::fs::OpenOptions::new()
+/// The store's directory `STATE/lmdb/` when some process holds its
+/// writer `flock` (libfilter `Store::open`), probed without waiting; the
+/// probe is let go at once. Only filterd's user (or root) can open that
+/// 0700 directory, so a busy lock is a filterd serving from this state
+/// dir. `None`: free, or no store there (etcd, whose table's owner key
+/// keeps a second filterd from serving; a new state dir), or one that
+/// cannot be opened.
+fn busy_store(state: &Path) -> Option<File> {
+    let db = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(state.join("lmdb"))
-    else {
-        return false;
-    };
-    matches!(
-        Flock::lock(db, FlockArg::LockSharedNonblock),
-        Err((_, nix::errno::Errno::EWOULDBLOCK))
-    )
+        .ok()?;
+    match Flock::lock(db, FlockArg::LockSharedNonblock) {
+        Err((db, nix::errno::Errno::EWOULDBLOCK)) => Some(db),
+        _ => None,
+    }
 }
 
 /// Takes the state dir's `flock` on a helper thread once whoever holds it

@@ -992,13 +992,70 @@ fn an_older_filterd_on_the_state_dir_still_excludes_a_new_one() {
 
     let mut standby = Filterd::spawn(&s, &["--standby"], &[]);
     standby.wait_log(
-        "waiting for the active filterd to exit (it holds the state dir's flock)",
+        "waiting for the active filterd to exit (it holds the state dir's flock and its store's)",
         Duration::from_secs(10),
     );
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(old.id() as i32), Signal::SIGKILL);
     let _ = old.wait();
     standby.wait_ready();
     standby.kill9();
+}
+
+/// A standby waiting for an older filterd takes over when it dies even
+/// if, at that moment, another process gets the state dir's flock and
+/// keeps it: the standby waits on the store's writer lock, which only
+/// filterd's user can hold, and judges the dir's flock again once that
+/// is let go. Before (review rr49a F1) it blocked on the dir's flock
+/// itself, so a member of the state dir's group queued on it (`flock -s
+/// STATE sleep inf`) that won the wake-up when the older filterd died
+/// kept the standby waiting — and holding the lock file, refusing every
+/// other start — for as long as it liked. Here the stand-in's shell
+/// leaves a child holding its dir's flock (the same open file: the lock
+/// outlives the stand-in), which is where the race's loser leaves the
+/// standby, every time.
+#[test]
+fn a_standby_takes_over_though_the_dead_filterds_dir_flock_passed_on() {
+    let s = Scratch::new("dir-flock-passed");
+    std::fs::create_dir(s.state().join("lmdb")).unwrap();
+    let mut old = fake_filterd(
+        &s,
+        r#"exec 9<"$STATE" 8<"$STATE/lmdb" && flock -x 9 && flock -x 8 && { sleep 600 8<&- & } && exec "$FAKE" 60"#,
+    );
+    let _group = KilledGroup(old.id());
+    let mut standby = Filterd::spawn(&s, &["--standby"], &[]);
+    standby.wait_log(
+        "waiting for the active filterd to exit (it holds the state dir's flock",
+        Duration::from_secs(10),
+    );
+    // The stand-in dies; its child keeps the dir's flock.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old.id() as i32), Signal::SIGKILL).unwrap();
+    let _ = old.wait();
+    assert!(
+        flock_busy(&s.state()),
+        "the dir's flock outlives the stand-in"
+    );
+    standby.wait_ready();
+    assert!(
+        standby
+            .log_text()
+            .contains("a process holds a flock on the state dir but no filterd serves its store"),
+        "{}",
+        standby.log_text()
+    );
+    drop(_group);
+    standby.wait_log("held from now on", Duration::from_secs(10));
+    standby.kill9();
+}
+
+/// A process group, killed when dropped.
+struct KilledGroup(u32);
+
+impl Drop for KilledGroup {
+    fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.0) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
 }
 
 /// A process that holds the state dir's flock but not the store's is no
