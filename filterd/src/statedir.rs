@@ -245,7 +245,7 @@ fn lock_dir(
         let held = match lock_now(dir) {
             Ok(l) => l,
             Err((dir, nix::errno::Errno::EWOULDBLOCK)) => {
-                let Some(store) = busy_store(state) else {
+                let Some(store) = busy_store(state)? else {
                     warn!(
                         state = %state.display(),
                         "a process holds a flock on the state dir but no filterd serves its store (a member of the state dir's group can open it); ignored: filterd's lock is its lock file. It is taken when let go, and until then an older filterd or filterctl --state may not see that this one runs"
@@ -287,17 +287,21 @@ fn lock_dir(
 /// probe is let go at once. Only filterd's user (or root) can open that
 /// 0700 directory, so a busy lock is a filterd serving from this state
 /// dir. `None`: free, or no store there (etcd, whose table's owner key
-/// keeps a second filterd from serving; a new state dir), or one that
-/// cannot be opened.
-fn busy_store(state: &Path) -> Option<File> {
-    let db = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(state.join("lmdb"))
-        .ok()?;
+/// keeps a second filterd from serving; a new state dir). Anything else
+/// there — a symbolic link, which `Store::open` would refuse too —
+/// refuses the start (libfilter `store::open_store_dir`).
+fn busy_store(state: &Path) -> anyhow::Result<Option<File>> {
+    use libfilter::store::StoreError;
+    let db = match libfilter::store::open_store_dir(&state.join(libfilter::store::STORE_DIR)) {
+        Ok(db) => db,
+        Err(StoreError::Dir { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e.into()),
+    };
     match Flock::lock(db, FlockArg::LockSharedNonblock) {
-        Err((db, nix::errno::Errno::EWOULDBLOCK)) => Some(db),
-        _ => None,
+        Err((db, nix::errno::Errno::EWOULDBLOCK)) => Ok(Some(db)),
+        _ => Ok(None),
     }
 }
 

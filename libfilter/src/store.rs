@@ -117,6 +117,15 @@ pub enum StoreError {
         /// The LMDB directory.
         path: String,
     },
+    /// The store's directory, or something in it, is not what only this
+    /// process's user could have made (`why`: what it is, and what to do).
+    #[error("{path} cannot be trusted: {why}")]
+    Untrusted {
+        /// The directory or file.
+        path: String,
+        /// What is wrong with it, and the remedy.
+        why: String,
+    },
     /// The environment has no rkfilter schema (read-only open of an empty dir).
     #[error("no rkfilter state found (missing database {0})")]
     Missing(&'static str),
@@ -1108,14 +1117,47 @@ fn read_u32(b: Option<&[u8]>) -> Option<u32> {
         .map(u32::from_le_bytes)
 }
 
+/// The store's directory in a state dir: the LMDB environment, and its
+/// writer's lock (a `flock` on the directory).
+pub const STORE_DIR: &str = "lmdb";
+
+/// Opens the store's directory `db_dir` (`STATE/lmdb/`) as it is, never
+/// through a symbolic link: its `flock` is the writer's lock, which a
+/// filterd judging whether another one serves probes (filterd
+/// `statedir`), and the store is opened by this very path. Before
+/// (review rr49a F6) a link there was followed by the store but not by
+/// that probe, which always found it free.
+pub fn open_store_dir(db_dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = || db_dir.display().to_string();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(db_dir)
+        .map_err(|source| match std::fs::symlink_metadata(db_dir) {
+            Ok(m) if m.is_symlink() => StoreError::Untrusted {
+                path: path(),
+                why: "it is a symbolic link; make it a directory (mount the other filesystem there, or give --state a directory on it)".into(),
+            },
+            Ok(m) if !m.is_dir() => StoreError::Untrusted {
+                path: path(),
+                why: "it is not a directory; remove it".into(),
+            },
+            _ => StoreError::Dir {
+                path: path(),
+                source,
+            },
+        })
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir` for writing.
     pub fn open(dir: &Path, map_size: usize) -> Result<Store, StoreError> {
-        let db_dir = dir.join("lmdb");
+        let db_dir = dir.join(STORE_DIR);
         // Mode 0700 whatever the umask (before: `create_dir_all`, 0777
         // under umask 000, review rvacl): its `flock` is the writer's
         // lock, which nobody else may hold.
-        {
+        if std::fs::symlink_metadata(&db_dir).is_err() {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -1126,10 +1168,7 @@ impl Store {
                     source,
                 })?;
         }
-        let dirf = std::fs::File::open(&db_dir).map_err(|source| StoreError::Dir {
-            path: db_dir.display().to_string(),
-            source,
-        })?;
+        let dirf = open_store_dir(&db_dir)?;
         let writer = nix::fcntl::Flock::lock(dirf, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| StoreError::InUse {
                 path: db_dir.display().to_string(),
@@ -1233,7 +1272,7 @@ impl Store {
     /// it reads. A lock file it may not write (a read-only copy) is read
     /// around in the same way.
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
-        let db_dir = dir.join("lmdb");
+        let db_dir = dir.join(STORE_DIR);
         if !db_dir.join("data.mdb").exists() {
             return Err(StoreError::Missing("data.mdb"));
         }
@@ -2142,6 +2181,25 @@ pub(crate) mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o700, "lmdb/ mode {mode:o}");
         drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A symbolic link at `lmdb` is refused, never followed: the writer
+    /// lock filterd probes there is taken `O_NOFOLLOW` (review rr49a F6).
+    #[test]
+    fn a_link_at_the_store_directory_is_refused() {
+        let dir = std::env::temp_dir().join(format!("rkf-link-{}", uuid::Uuid::new_v4()));
+        let elsewhere = dir.join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join(STORE_DIR)).unwrap();
+        match Store::open(&dir, 1 << 24) {
+            Err(e @ StoreError::Untrusted { .. }) => {
+                assert!(e.to_string().contains("symbolic link"), "{e}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a store opened through a symbolic link"),
+        }
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

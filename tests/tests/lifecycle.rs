@@ -1058,6 +1058,38 @@ impl Drop for KilledGroup {
     }
 }
 
+/// A symbolic link at `STATE/lmdb` refuses the start, saying so. Before
+/// (review rr49a F6) the store followed it but the probe of its writer
+/// lock (which says whether an older filterd serves) did not, and always
+/// found the store free: an older filterd's dir flock was then ignored.
+#[test]
+fn a_link_at_the_stores_directory_is_refused() {
+    let s = Scratch::new("lmdb-link");
+    let mut d = Filterd::start(&s, &[], &[]);
+    d.kill9();
+    let elsewhere = s.dir.join("lmdb-elsewhere");
+    std::fs::rename(s.state().join("lmdb"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, s.state().join("lmdb")).unwrap();
+    let mut d = Filterd::spawn(&s, &[], &[]);
+    let log = d.refused();
+    assert!(
+        log.contains("lmdb cannot be trusted: it is a symbolic link"),
+        "{log}"
+    );
+    // A dir flock held meanwhile (an older filterd's, as far as the new
+    // one can tell) changes nothing.
+    let mut old = fake_filterd(&s, r#"exec 9<"$STATE" && flock -x 9 && exec "$FAKE" 60"#);
+    let group = KilledGroup(old.id());
+    let mut d = Filterd::spawn(&s, &[], &[]);
+    let log = d.refused();
+    assert!(
+        log.contains("lmdb cannot be trusted: it is a symbolic link"),
+        "{log}"
+    );
+    drop(group);
+    let _ = old.wait();
+}
+
 /// A process that holds the state dir's flock but not the store's is no
 /// filterd, whatever its name and uid: filterd serves, warning, and takes
 /// the dir's flock once it is let go. Before (review rr48g M-a) a process
