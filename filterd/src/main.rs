@@ -448,7 +448,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let socket_path = match args.socket.clone() {
         Some(p) if p.is_relative() => std::env::current_dir()?.join(p),
         Some(p) => p,
-        None => state.join("filterd.sock"),
+        None => state.join(statedir::SOCKET_FILE),
     };
     // Before the store is opened (and marked in use): a start refused for
     // its socket path must not count as a crash at the next start.

@@ -168,12 +168,107 @@ fn check_dir(d: &Path, owners: &[u32], may_not: u32, sticky_ok: bool) -> anyhow:
     Ok(())
 }
 
+/// The default socket's name in the state dir.
+pub const SOCKET_FILE: &str = "filterd.sock";
+
+/// Takes its group's and other users' write permission off the state dir
+/// before anything in it is used — by every start, a refused one too:
+/// that write permission is nothing a live filterd relies on (it took it
+/// away when it started, [`tighten`]), and while it lasts another user
+/// can put what they like in the dir ([`check_entries`] refuses what they
+/// did). Its other permissions are taken away only once the lock is held
+/// (review rr37b). Before (review rr49a F2) the dir was narrowed only
+/// after the lock, and what was put in it before was used as found.
+fn shut_writers_out(state: &Path) -> anyhow::Result<()> {
+    let dir = open_dir(state)?;
+    let mode = dir.metadata()?.mode() & 0o7777;
+    if mode & 0o022 == 0 {
+        return Ok(());
+    }
+    let now = mode & !0o022;
+    dir.set_permissions(std::fs::Permissions::from_mode(now))
+        .with_context(|| {
+            format!(
+                "state dir {} may be written by other users (mode {mode:04o}) and its mode cannot be changed",
+                state.display()
+            )
+        })?;
+    warn!(
+        state = %state.display(),
+        was = format!("{mode:04o}"),
+        now = format!("{now:04o}"),
+        "state dir tightened: other users could write it"
+    );
+    Ok(())
+}
+
+/// Refuses a state dir holding, under a name filterd uses, something
+/// filterd's user did not make: another user's, or a symbolic link, or
+/// not of the kind filterd makes — planted while the dir was open to
+/// other users' writes ([`shut_writers_out`]; nobody else can add
+/// anything since). The store's directory is checked where it is opened
+/// (libfilter `store::open_store_dir`), the `.tmp` files are always made
+/// anew (`O_EXCL|O_NOFOLLOW`, libfilter `runtime::replace_file`).
+fn check_entries(state: &Path) -> anyhow::Result<()> {
+    use std::fs::FileType;
+    use std::os::unix::fs::FileTypeExt;
+    let me = nix::unistd::geteuid().as_raw();
+    /// A name filterd uses, what it makes there, and a test for that.
+    type Entry = (&'static str, &'static str, fn(&FileType) -> bool);
+    let entries: [Entry; 4] = [
+        (
+            libfilter::runtime::LOCK_FILE,
+            "a regular file",
+            FileType::is_file,
+        ),
+        (
+            libfilter::runtime::RUNTIME_FILE,
+            "a regular file",
+            FileType::is_file,
+        ),
+        (
+            crate::frontends_seen::FILE,
+            "a regular file",
+            FileType::is_file,
+        ),
+        (SOCKET_FILE, "a socket", FileType::is_socket),
+    ];
+    for (name, kind, is_kind) in entries {
+        let path = state.join(name);
+        let m = match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            r => r.with_context(|| format!("{}", path.display()))?,
+        };
+        if m.uid() != me {
+            bail!(
+                "{} cannot be trusted: it belongs to uid {}, not to filterd's user (uid {me}): another user put it there while the state dir was open to them; remove it",
+                path.display(),
+                m.uid()
+            );
+        }
+        if !is_kind(&m.file_type()) {
+            bail!(
+                "{} cannot be trusted: it is {}, not {kind} as filterd makes it; remove it",
+                path.display(),
+                if m.is_symlink() {
+                    "a symbolic link"
+                } else {
+                    "of another kind"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Takes the state dir's lock ([`libfilter::runtime::LOCK_FILE`], then
 /// the dir's own [`lock_dir`]). Without `standby`, refuses when another
 /// daemon holds it; with it, waits until it is free or a signal of `sigs`
 /// arrives (`sigs` must be blocked in every thread).
 pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked> {
     check_state_dir(state)?;
+    shut_writers_out(state)?;
+    check_entries(state)?;
     let path = state.join(libfilter::runtime::LOCK_FILE);
     let file = loop {
         let file = open_lock_file(&path, "the state dir's lock file")?;

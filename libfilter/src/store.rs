@@ -1122,15 +1122,17 @@ fn read_u32(b: Option<&[u8]>) -> Option<u32> {
 pub const STORE_DIR: &str = "lmdb";
 
 /// Opens the store's directory `db_dir` (`STATE/lmdb/`) as it is, never
-/// through a symbolic link: its `flock` is the writer's lock, which a
-/// filterd judging whether another one serves probes (filterd
-/// `statedir`), and the store is opened by this very path. Before
-/// (review rr49a F6) a link there was followed by the store but not by
-/// that probe, which always found it free.
+/// through a symbolic link, and checks that it is a directory of this
+/// process's user: its `flock` is the writer's lock, which a filterd
+/// judging whether another one serves probes (filterd `statedir`), and
+/// what it holds is the state. Before, a link there was followed by the
+/// store but not by that probe, which always found it free (review rr49a
+/// F6), and a directory of another user — one planted in a state dir
+/// others could write — was used as found (F2).
 pub fn open_store_dir(db_dir: &Path) -> Result<std::fs::File, StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = || db_dir.display().to_string();
-    std::fs::OpenOptions::new()
+    let dir = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(db_dir)
@@ -1147,7 +1149,61 @@ pub fn open_store_dir(db_dir: &Path) -> Result<std::fs::File, StoreError> {
                 path: path(),
                 source,
             },
-        })
+        })?;
+    let owner = dir
+        .metadata()
+        .map_err(|source| StoreError::Dir {
+            path: path(),
+            source,
+        })?
+        .uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if owner != me {
+        return Err(StoreError::Untrusted {
+            path: path(),
+            why: format!("it belongs to uid {owner}, not to filterd's user (uid {me}); another user may have put it there: remove it, or run filterd as its owner"),
+        });
+    }
+    Ok(dir)
+}
+
+/// Takes every permission of other users off the store's directory
+/// `dir` (of this process's user, [`open_store_dir`]), which filterd
+/// makes 0700 but stores made before review rvacl have 0755 or 0775:
+/// anyone who could open it could hold its writer lock to keep filterd
+/// from starting (review rr49a F2). A process that opened it before
+/// keeps its descriptor, and so what `flock` it holds; once it is 0700
+/// nobody else can put anything in it. Then refuses what another user
+/// put in it meanwhile (`data.mdb` and `lock.mdb` are opened by path).
+fn make_store_dir_private(db_dir: &Path, dir: &std::fs::File) -> Result<(), StoreError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let io = |source| StoreError::Dir {
+        path: db_dir.display().to_string(),
+        source,
+    };
+    let mode = dir.metadata().map_err(io)?.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        dir.set_permissions(std::fs::Permissions::from_mode(mode & !0o077))
+            .map_err(io)?;
+        tracing::warn!(
+            dir = %db_dir.display(),
+            was = format!("{mode:04o}"),
+            now = format!("{:04o}", mode & !0o077),
+            "the state store's directory was open to other users (made before filterd made it 0700): made private; a process that opened it before keeps its descriptor and any flock on it"
+        );
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    for entry in std::fs::read_dir(db_dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let owner = entry.metadata().map_err(io)?.uid();
+        if owner != me {
+            return Err(StoreError::Untrusted {
+                path: entry.path().display().to_string(),
+                why: format!("it belongs to uid {owner}, not to filterd's user (uid {me}): another user put it in the store's directory while it was open to them; remove it"),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Store {
@@ -1169,6 +1225,7 @@ impl Store {
                 })?;
         }
         let dirf = open_store_dir(&db_dir)?;
+        make_store_dir_private(&db_dir, &dirf)?;
         let writer = nix::fcntl::Flock::lock(dirf, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| StoreError::InUse {
                 path: db_dir.display().to_string(),
@@ -2181,6 +2238,24 @@ pub(crate) mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o700, "lmdb/ mode {mode:o}");
         drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A store's directory made before it was made 0700 (review rvacl:
+    /// 0755, 0775) is made 0700 when the store is opened, so no other user
+    /// can hold its writer lock (review rr49a F2). One of another user,
+    /// or with another user's file in it, is refused: `lifecycle.rs`
+    /// `another_users_store_or_entries_in_the_state_dir_are_refused` (root).
+    #[test]
+    fn an_old_store_directory_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rkf-ours-{}", uuid::Uuid::new_v4()));
+        let db_dir = dir.join(STORE_DIR);
+        std::fs::create_dir_all(&db_dir).unwrap();
+        std::fs::set_permissions(&db_dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+        drop(Store::open(&dir, 1 << 24).unwrap());
+        let mode = std::fs::metadata(&db_dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o700, "lmdb/ mode {mode:o}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -814,6 +814,13 @@ fn a_refused_second_filterd_leaves_the_live_ones_state_dir_mode_alone() {
     first.kill9();
 }
 
+/// Gives the state dir to group `gid`, with mode `mode`.
+fn state_to_group(s: &Scratch, gid: u32, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    nix::unistd::chown(&s.state(), None, Some(nix::unistd::Gid::from_raw(gid))).unwrap();
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
 /// A process of the given ids holding `flock MODE PATH SLEEP 60` (its
 /// `sleep` holds it too) in a process group of its own, killed when
 /// dropped.
@@ -890,13 +897,7 @@ fn a_group_members_flock_on_the_state_dir_keeps_no_filterd_out() {
     const FRONTENDS_GID: u32 = 4343;
     let s = Scratch::new("group-flock");
     std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    nix::unistd::chown(
-        &s.state(),
-        None,
-        Some(nix::unistd::Gid::from_raw(FRONTENDS_GID)),
-    )
-    .unwrap();
-    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o750)).unwrap();
+    state_to_group(&s, FRONTENDS_GID, 0o750);
     let mut d = Filterd::start(&s, &[], &[]);
     d.kill9();
 
@@ -1088,6 +1089,71 @@ fn a_link_at_the_stores_directory_is_refused() {
     );
     drop(group);
     let _ = old.wait();
+}
+
+/// What filterd uses in its state dir must be its user's own (review
+/// rr49a F2). A store's directory made before filterd made it 0700
+/// (review rvacl: 0755, 0775), which every member of the state dir's
+/// group could open and hold the writer lock of, is made 0700. As root:
+/// a store's directory of another user, or a file of another user in
+/// it, refuses the start; and a state dir its group may write loses that
+/// permission before anything in it is used — a refused start too — and
+/// a file another user put there under a name filterd uses refuses the
+/// start. Before, all of these were used as found.
+#[test]
+fn the_store_and_what_the_state_dir_holds_must_be_filterds_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("entries-ours");
+    let lmdb = s.state().join("lmdb");
+    std::fs::create_dir(&lmdb).unwrap();
+    std::fs::set_permissions(&lmdb, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    assert_eq!(mode_of(&lmdb), 0o700, "{}", d.log_text());
+    assert!(
+        d.log_text()
+            .contains("the state store's directory was open to other users"),
+        "{}",
+        d.log_text()
+    );
+    d.kill9();
+    if !root_or_skip("entries-ours", "to make files of another user") {
+        return;
+    }
+    let me = Some(nix::unistd::geteuid());
+    let nobody = Some(nix::unistd::Uid::from_raw(65534));
+    let refused_for = |path: &std::path::Path, says: &str| {
+        nix::unistd::chown(path, nobody, None).unwrap();
+        let log = Filterd::spawn(&s, &[], &[]).refused();
+        assert!(
+            log.contains(&format!("{} cannot be trusted: {says}", path.display())),
+            "{log}"
+        );
+        nix::unistd::chown(path, me, None).unwrap();
+    };
+    refused_for(&lmdb.join("lock.mdb"), "it belongs to uid 65534");
+    refused_for(&lmdb, "it belongs to uid 65534");
+
+    const FRONTENDS_GID: u32 = 4343;
+    state_to_group(&s, FRONTENDS_GID, 0o770);
+    let seen = s.state().join("frontends.seen");
+    std::fs::write(&seen, "smb-a 1 -\n").unwrap();
+    nix::unistd::chown(&seen, nobody, None).unwrap();
+    let log = Filterd::spawn(&s, &[], &[]).refused();
+    assert!(
+        log.contains(&format!(
+            "{} cannot be trusted: it belongs to uid 65534",
+            seen.display()
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        mode_of(&s.state()),
+        0o750,
+        "its group's write permission is gone"
+    );
+    std::fs::remove_file(&seen).unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    d.kill9();
 }
 
 /// A process that holds the state dir's flock but not the store's is no
