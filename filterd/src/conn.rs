@@ -674,7 +674,7 @@ pub fn listen_at(path: &Path) -> anyhow::Result<(OwnedFd, bool)> {
 /// symbolic link (review rr48c L1: a path swapped for a link between
 /// `bind` and a `chmod` by path made filterd chmod the link's target). The
 /// socket's directory is one no other user may write, or sticky
-/// (`statedir::check_socket_dir`), so nobody else can put anything at the
+/// (`statedir::trusted_socket_path`), so nobody else can put anything at the
 /// path; the path is opened `O_PATH|O_NOFOLLOW` all the same, checked to
 /// be a socket, and changed through that descriptor.
 fn set_socket_mode(path: &Path) -> anyhow::Result<()> {

@@ -452,7 +452,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     // Before the store is opened (and marked in use): a start refused for
     // its socket path must not count as a crash at the next start.
-    statedir::check_socket_dir(&socket_path)?;
+    let socket_path = statedir::trusted_socket_path(&socket_path)?;
     conn::check_socket_path(&socket_path)?;
     let mut record = DaemonRecord {
         pid: std::process::id(),

@@ -107,18 +107,23 @@ pub fn check_state_dir(state: &Path) -> anyhow::Result<()> {
 /// group under umask 002).
 const PARENT_MAY_NOT: u32 = 0o002;
 
-/// Refuses a socket whose directory another user could change under
-/// filterd (review rr48c L1: swap the socket for a symbolic link between
-/// its `bind` and its `chmod`): the socket's directory must be a
-/// directory of filterd's user or root that neither its group nor others
-/// may write, and its parent one that others may not write; either may
-/// instead be sticky.
-pub fn check_socket_dir(socket: &Path) -> anyhow::Result<()> {
+/// The socket's path `socket` with its directory resolved (symbolic
+/// links in it followed, once: `/var/run` is a link to `/run` on most
+/// systems; review rr49a F4 — before, such a path was refused as a link),
+/// checked to be one another user cannot change under filterd (review
+/// rr48c L1: swap the socket for a symbolic link between its `bind` and
+/// its `chmod`): a directory of filterd's user or root that neither its
+/// group nor others may write, and its parent one that others may not
+/// write; either may instead be sticky. filterd binds the path returned.
+pub fn trusted_socket_path(socket: &Path) -> anyhow::Result<PathBuf> {
     let me = nix::unistd::geteuid().as_raw();
-    let Some(dir) = socket.parent() else {
-        return Ok(());
+    let (Some(given), Some(name)) = (socket.parent(), socket.file_name()) else {
+        bail!("--socket {} names no file in a directory", socket.display());
     };
-    check_dir(dir, &[me, 0], 0o022, true)
+    let dir = given
+        .canonicalize()
+        .with_context(|| format!("the socket's directory {}", given.display()))?;
+    check_dir(&dir, &[me, 0], 0o022, true)
         .and_then(|()| match dir.parent() {
             Some(p) => check_dir(p, &[me, 0], PARENT_MAY_NOT, true),
             None => Ok(()),
@@ -128,7 +133,8 @@ pub fn check_socket_dir(socket: &Path) -> anyhow::Result<()> {
                 "the socket's directory {} cannot be trusted: give --socket a path in a directory of filterd's user or root that no other user may write (or a sticky one such as /tmp)",
                 dir.display()
             )
-        })
+        })?;
+    Ok(dir.join(name))
 }
 
 /// Checks that `d` is a directory (not a symbolic link) owned by one of

@@ -1234,6 +1234,40 @@ fn a_state_dir_or_socket_dir_others_may_write_is_refused() {
     }
 }
 
+/// A `--socket` path through a symbolic link to a trusted directory is
+/// served, at the link's target: `/var/run`, a link to `/run` on most
+/// systems, as the socket's directory (`/var/run/rk.sock`) or above it
+/// (`/var/run/rk/filterd.sock`). Before (review rr49a F4) the trust
+/// check looked at the link itself and refused both.
+#[test]
+fn a_socket_path_through_a_linked_directory_is_served() {
+    let s = Scratch::new("socket-link");
+    let run = s.dir.join("run");
+    std::fs::create_dir_all(run.join("rk")).unwrap();
+    let var_run = s.dir.join("var-run");
+    std::os::unix::fs::symlink(&run, &var_run).unwrap();
+    for (given, served) in [
+        (var_run.join("rk.sock"), run.join("rk.sock")),
+        (
+            var_run.join("rk").join("filterd.sock"),
+            run.join("rk").join("filterd.sock"),
+        ),
+    ] {
+        let mut d = Filterd::spawn_on(&s, Some(&given), &[], &[], &[]);
+        d.wait_ready();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(
+            std::fs::symlink_metadata(&served)
+                .unwrap()
+                .file_type()
+                .is_socket(),
+            "{}",
+            served.display()
+        );
+        d.kill9();
+    }
+}
+
 /// The `.lock` file names in `dir`.
 fn lock_files(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
