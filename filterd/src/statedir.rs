@@ -84,28 +84,40 @@ fn active_pid(state: &Path) -> String {
 /// others may write, e.g. one they made in `/tmp`, could be renamed away
 /// and replaced by one holding crafted records, socket or runtime
 /// record): it must be a directory of filterd's user (its group's and
-/// others' permissions are taken away once it is locked, [`tighten`]), in
-/// a directory of filterd's user or root that others (not its group) may
-/// not write, or that is sticky (`/tmp`: nobody else may rename or remove
-/// what is ours there).
+/// others' write permission is taken away before anything in it is used,
+/// [`shut_writers_out`], the rest once it is locked, [`tighten`]), in a
+/// directory nobody else may rename it out of ([`check_parent`]).
 pub fn check_state_dir(state: &Path) -> anyhow::Result<()> {
     let me = nix::unistd::geteuid().as_raw();
-    check_dir(state, &[me], 0, false).and_then(|()| match state.parent() {
-        Some(p) => check_dir(p, &[me, 0], PARENT_MAY_NOT, true),
-        None => Ok(()),
-    })
-    .with_context(|| {
-        format!(
-            "state dir {} cannot be trusted: make it a directory of filterd's user (uid {me}), in a directory of that user or root that other users may not write (chmod o-w) or that is sticky",
-            state.display()
-        )
-    })
+    check_dir(state, &[me], 0, false)
+        .and_then(|()| state.parent().map_or(Ok(()), check_parent))
+        .with_context(|| {
+            format!(
+                "state dir {} cannot be trusted: make it a directory of filterd's user (uid {me}), in a directory of that user or root that neither its group nor other users may write (chmod go-w; its group may if the directory is filterd's user's and of that user's primary group) or that is sticky",
+                state.display()
+            )
+        })
 }
 
-/// Write permission a trusted directory's parent may not give: others'
-/// (its group is the user's own or root's choice, e.g. a user private
-/// group under umask 002).
-const PARENT_MAY_NOT: u32 = 0o002;
+/// Checks that `p`, the parent of a directory filterd trusts (the state
+/// dir, the socket's directory), is one nobody else may rename that
+/// directory out of, and put another in its place: a directory of
+/// filterd's user or root that neither its group nor other users may
+/// write, or that is sticky (`/tmp`: nobody else may rename or remove
+/// what is ours there). `/var/lib`, `/run` (root, 0755) and `/tmp` (1777)
+/// are. Its group may write it when it is filterd's user's and of that
+/// user's own primary group (a user private group under umask 002, or
+/// root's): that group's members are then trusted like filterd's user.
+/// Before (review rr49a F5) any group's write permission was accepted,
+/// and a member of a shared group (`root:staff 2775`) could swap the
+/// state dir, with its socket, while filterd ran.
+fn check_parent(p: &Path) -> anyhow::Result<()> {
+    use nix::unistd::{getegid, geteuid};
+    let me = geteuid().as_raw();
+    let m = std::fs::symlink_metadata(p).with_context(|| format!("{}", p.display()))?;
+    let own_group = m.uid() == me && m.gid() == getegid().as_raw();
+    check_dir(p, &[me, 0], if own_group { 0o002 } else { 0o022 }, true)
+}
 
 /// The socket's path `socket` with its directory resolved (symbolic
 /// links in it followed, once: `/var/run` is a link to `/run` on most
@@ -125,12 +137,12 @@ pub fn trusted_socket_path(socket: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("the socket's directory {}", given.display()))?;
     check_dir(&dir, &[me, 0], 0o022, true)
         .and_then(|()| match dir.parent() {
-            Some(p) => check_dir(p, &[me, 0], PARENT_MAY_NOT, true),
+            Some(p) => check_parent(p),
             None => Ok(()),
         })
         .with_context(|| {
             format!(
-                "the socket's directory {} cannot be trusted: give --socket a path in a directory of filterd's user or root that no other user may write (or a sticky one such as /tmp)",
+                "the socket's directory {} cannot be trusted: give --socket a path in a directory of filterd's user or root that neither its group nor other users may write, or a sticky one such as /tmp, whose own parent is such a directory too (its group may write that one if it is filterd's user's and of that user's primary group)",
                 dir.display()
             )
         })?;
@@ -149,14 +161,16 @@ fn check_dir(d: &Path, owners: &[u32], may_not: u32, sticky_ok: bool) -> anyhow:
         bail!(
             "{} must be a directory of uid {}{} (it is {}, uid {}, mode {:04o})",
             d.display(),
-            owners
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(" or "),
+            {
+                let mut names: Vec<String> = owners.iter().map(u32::to_string).collect();
+                names.dedup();
+                names.join(" or ")
+            },
             match (may_not, sticky_ok) {
                 (0, _) => "",
-                (0o002, true) => " that other users may not write, or sticky",
+                (0o002, true) => {
+                    " that other users may not write (its group may: filterd's user's primary group), or sticky"
+                }
                 (_, true) => " that neither its group nor other users may write, or sticky",
                 (_, false) => " that neither its group nor other users may write",
             },

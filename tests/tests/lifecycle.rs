@@ -1185,8 +1185,9 @@ fn a_process_named_filterd_holding_only_the_state_dirs_flock_keeps_no_filterd_ou
 /// user may write (not sticky), one of another user, and a `--socket` in
 /// a directory every user may write (not sticky). Each refusal says what
 /// is wrong and what to do. A state dir its group may write, in a
-/// directory its group may write (umask 002), is tightened instead
-/// (review rr48g L-c).
+/// directory of filterd's user its group may write (umask 002, the
+/// group filterd's user's primary group), is tightened instead (review
+/// rr48g L-c).
 #[test]
 fn a_state_dir_or_socket_dir_others_may_write_is_refused() {
     use std::os::unix::fs::PermissionsExt;
@@ -1201,7 +1202,9 @@ fn a_state_dir_or_socket_dir_others_may_write_is_refused() {
     let mut d = Filterd::spawn(&s, &[], &[]);
     let log = d.refused();
     assert!(
-        log.contains("cannot be trusted") && log.contains("chmod o-w") && log.contains("mode 0777"),
+        log.contains("cannot be trusted")
+            && log.contains("chmod go-w")
+            && log.contains("mode 0777"),
         "{log}"
     );
     std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -1232,6 +1235,52 @@ fn a_state_dir_or_socket_dir_others_may_write_is_refused() {
             "{log}"
         );
     }
+}
+
+/// A directory whose group may write it, and not sticky, is no
+/// trusted parent for the state dir or the socket's directory, unless it
+/// is filterd's user's and of that user's primary group: every member of
+/// that group could rename the state dir (or the socket's dir) away and
+/// put one of theirs there, with a listener at the socket's path, while
+/// filterd runs. Before (review rr49a F5) only other users' write
+/// permission was refused. Sticky (`root:staff 3775`) it is trusted. Root
+/// only (it makes a directory of a group not filterd's).
+#[test]
+fn a_parent_a_shared_group_may_write_is_not_trusted() {
+    use std::os::unix::fs::PermissionsExt;
+    if !root_or_skip("shared-parent", "to give a directory a group not filterd's") {
+        return;
+    }
+    const STAFF_GID: u32 = 4343;
+    let staff = Some(nix::unistd::Gid::from_raw(STAFF_GID));
+    let s = Scratch::new("shared-parent");
+    nix::unistd::chown(&s.dir, None, staff).unwrap();
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o2775)).unwrap();
+    let log = Filterd::spawn(&s, &[], &[]).refused();
+    assert!(
+        log.contains("state dir")
+            && log.contains("cannot be trusted")
+            && log.contains("neither its group nor other users may write")
+            && log.contains("mode 2775"),
+        "{log}"
+    );
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o3775)).unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    d.kill9();
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // The socket's directory's parent.
+    let shared = s.dir.join("shared");
+    std::fs::create_dir_all(shared.join("rk")).unwrap();
+    nix::unistd::chown(&shared, None, staff).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let sock = shared.join("rk").join("filterd.sock");
+    let log = Filterd::spawn_on(&s, Some(&sock), &[], &[], &[]).refused();
+    assert!(
+        log.contains("the socket's directory") && log.contains("mode 0775"),
+        "{log}"
+    );
+    assert!(!sock.exists());
 }
 
 /// A `--socket` path through a symbolic link to a trusted directory is
