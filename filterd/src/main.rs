@@ -43,16 +43,22 @@ struct Args {
     /// The export root: every client path is resolved beneath it.
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
-    /// State directory: LMDB environment, runtime record (filterd.run),
-    /// default socket. One active daemon: its lock is STATE/filterd.lock
-    /// (0600, no other user can hold it; the directory's own flock is
-    /// taken too, for older filterds). Must be filterd's user's and not
-    /// writable by its group or others; an existing one is made private to
-    /// filterd's user and group (mode less 0027).
+    /// State directory: LMDB environment (lmdb/, 0700), runtime record
+    /// (filterd.run), default socket. One active daemon: its lock is
+    /// STATE/filterd.lock (0600, no other user can hold it; the
+    /// directory's own flock is taken too, for older filterds). Must be
+    /// filterd's user's, in a directory of that user or root that neither
+    /// its group (unless filterd's user's primary group, the directory
+    /// being that user's) nor others may write, or sticky. Its group's and
+    /// others' write permission is taken away at start, the rest once
+    /// locked (mode less 0027); what filterd uses in it must be its user's.
     #[arg(long, value_name = "DIR")]
     state: PathBuf,
     /// Unix socket frontends and filterctl attach to [default: STATE/filterd.sock].
     /// A stale socket there is replaced; anything else there refuses the start.
+    /// Its directory (links resolved) must be filterd's user's or root's and
+    /// writable by neither its group nor others, or sticky; its parent as for
+    /// --state's parent.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Do not mediate local access with fanotify.

@@ -2,12 +2,14 @@
 //!
 //! filterd holds an exclusive `flock` on `STATE/filterd.lock`, a 0600 file
 //! of filterd's user that no other user can open (created `O_NOFOLLOW`,
-//! its owner checked), in a state dir that no other user may write
-//! ([`check_state_dir`]). Before (review rr48c M2) the lock was a `flock`
-//! on the state dir itself, which any member of the state dir's group —
-//! the frontends', as README advises — could hold (`flock -s STATE sleep
-//! inf`) to make every later start fail and keep a standby waiting
-//! forever. If the lock file is renamed or replaced between our `open` and
+//! its owner checked), in a state dir of filterd's user in a directory
+//! nobody else may rename it out of ([`check_state_dir`]), whose group's
+//! and other users' write permission is taken away before anything in it
+//! is used ([`shut_writers_out`], then [`check_entries`]). Before (review
+//! rr48c M2) the lock was a `flock` on the state dir itself, which any
+//! member of the state dir's group — the frontends', as README advises —
+//! could hold (`flock -s STATE sleep inf`) to make every later start fail
+//! and keep a standby waiting forever. If the lock file is renamed or replaced between our `open` and
 //! our `flock`, the inode check after locking notices and we start over.
 //! The lock is taken before anything else in the state dir is touched
 //! (epoch, intents, socket).
@@ -125,8 +127,8 @@ fn check_parent(p: &Path) -> anyhow::Result<()> {
 /// checked to be one another user cannot change under filterd (review
 /// rr48c L1: swap the socket for a symbolic link between its `bind` and
 /// its `chmod`): a directory of filterd's user or root that neither its
-/// group nor others may write, and its parent one that others may not
-/// write; either may instead be sticky. filterd binds the path returned.
+/// group nor others may write, or sticky, in a directory nobody else may
+/// rename it out of ([`check_parent`]). filterd binds the path returned.
 pub fn trusted_socket_path(socket: &Path) -> anyhow::Result<PathBuf> {
     let me = nix::unistd::geteuid().as_raw();
     let (Some(given), Some(name)) = (socket.parent(), socket.file_name()) else {

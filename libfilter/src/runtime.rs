@@ -128,7 +128,7 @@ pub fn remove(state: &Path) {
 }
 
 /// Whether `pid` is a running filterd (its `/proc/PID/comm` says so).
-pub fn is_live_filterd(pid: u32) -> bool {
+fn is_live_filterd(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "filterd")
 }
 

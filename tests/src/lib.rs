@@ -155,8 +155,9 @@ impl Scratch {
         ));
         std::fs::create_dir_all(dir.join("root")).expect("mkdir root");
         std::fs::create_dir_all(dir.join("state")).expect("mkdir state");
-        // Modes whatever the umask (002 gives 0775, which filterd refuses
-        // for the state dir's parent).
+        // Modes whatever the umask (002 gives 0775): filterd checks the
+        // state dir's parent (README "Socket permissions", statedir
+        // `check_parent`); 0750 is what it makes a state dir.
         use std::os::unix::fs::PermissionsExt;
         for (d, mode) in [(&dir, 0o755), (&dir.join("state"), 0o750)] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)).expect("chmod");

@@ -49,8 +49,9 @@ fn the_peer_check_admits_the_sockets_group_and_tells_others_why_not() {
         Some(nix::unistd::Gid::from_raw(SOCKET_GID)),
     )
     .unwrap();
-    // Not group-writable: filterd refuses a state dir others may write.
-    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o2750)).unwrap();
+    // Group-writable and open to all: filterd takes that away at start
+    // (checked below).
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o2775)).unwrap();
     std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let _d = Filterd::start(&s, &[], &[]);
     let sock = s.socket();
@@ -78,9 +79,9 @@ fn the_peer_check_admits_the_sockets_group_and_tells_others_why_not() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ermission denied"), "{err}");
     // ...and with the mode widened, the peer check alone still does. (filterd
-    // took other users' search permission off the state dir at start, so
-    // none can hold its lock: given back here, so that nobody reaches the
-    // socket at all.)
+    // took its group's write and other users' permissions off the state
+    // dir at start; the search permission is given back here, so that
+    // the socket's mode alone would not keep anyone out.)
     assert_eq!(
         std::fs::metadata(s.state()).unwrap().permissions().mode() & 0o7777,
         0o2750,

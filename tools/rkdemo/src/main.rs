@@ -368,7 +368,8 @@ fn run(args: &Args, stage: &Stage) -> anyhow::Result<()> {
     }
     let dir = std::env::temp_dir().join(format!("rkdemo-{}", std::process::id()));
     // 0700 whatever the umask (002 gives 0775): it is the state dirs'
-    // parent, which filterd refuses when others may write it.
+    // parent, which filterd refuses when a group other than its user's
+    // own, or other users, may write it.
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     if args.cluster {
