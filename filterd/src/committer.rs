@@ -68,8 +68,9 @@ pub struct Deferred {
     pub id: Option<u64>,
     /// The encoded success frame.
     pub bytes: Vec<u8>,
-    /// A descriptor to pass along (a dup, closed after sending).
-    pub fd: Option<OwnedFd>,
+    /// A descriptor to pass along: the handle's own, shared (never a
+    /// duplicate: nothing to fail, and none taken from filterd's table).
+    pub fd: Option<Arc<OwnedFd>>,
     /// A failpoint of its own, hit right before it goes (see
     /// `failpoint`: `lock.granted`).
     pub point: Option<&'static str>,
@@ -96,8 +97,7 @@ impl Drop for Deferred {
 
 impl Deferred {
     pub(crate) fn send(&self) {
-        self.writer
-            .send(&self.bytes, self.fd.as_ref().map(|f| f.as_fd()));
+        self.writer.send(&self.bytes, self.fd.as_ref());
     }
 
     pub(crate) fn fail(&self, code: ErrorCode, message: &str) {

@@ -141,6 +141,8 @@ pub struct Poller {
     batch: PacketBatch,
     events: Vec<EpollEvent>,
     flusher: Arc<outbox::Flusher>,
+    /// What every connection's queue holds unread, shared out by user.
+    pool: Arc<outbox::Pool>,
     /// Connections accepted, oldest first, with when: those still without
     /// a hello at `HELLO_WAIT` are closed.
     ungreeted: std::collections::VecDeque<(std::time::Instant, ConnId)>,
@@ -199,6 +201,7 @@ impl Poller {
                 batch: PacketBatch::new(sys::MAX_BATCH, MAX_FRAME + 1),
                 events: vec![EpollEvent::empty(); 256],
                 flusher: outbox::Flusher::start()?,
+                pool: outbox::Pool::for_this_process(),
                 ungreeted: std::collections::VecDeque::new(),
                 arrived: HashMap::new(),
                 closer,
@@ -344,7 +347,12 @@ impl Poller {
             self.closer.close_socket(sock);
             return;
         }
-        let writer = ConnWriter::new(sock.clone(), Some(self.flusher.clone()));
+        let writer = ConnWriter::new(
+            sock.clone(),
+            Some(self.flusher.clone()),
+            &self.pool,
+            peer.uid,
+        );
         self.conns.insert(
             conn,
             PollConn {

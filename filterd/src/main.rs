@@ -21,6 +21,7 @@ mod local_opens;
 mod observability;
 mod outbox;
 mod statedir;
+mod unread;
 
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
@@ -78,7 +79,7 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1_048_576)]
     max_handles_per_frontend: usize,
     /// Most connections (frontends and filterctl) at once; further hellos
-    /// are refused.
+    /// are refused. One user (peer uid) may hold three quarters of them.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_connections: usize,
     /// Most requests waiting at once — for lease-break acknowledgements,

@@ -3,37 +3,78 @@
 //! hurts only itself (invariant 9).
 //!
 //! A send is tried at once without blocking (`MSG_DONTWAIT`); only when the
-//! peer's socket buffer is full does the frame (with a duplicate of any
-//! descriptor it carries) go into the connection's queue, and from then on
-//! every frame for that peer queues behind it, so order is kept. The
-//! flusher waits for the socket to become writable (epoll, one-shot) and
-//! drains the queue. A peer whose queue passes [`MAX_QUEUED_BYTES`] or
-//! [`MAX_QUEUED_FRAMES`] is dropped: its connection is shut down, which the
-//! engine sees as EOF (its durable handles detach). Nothing is ever dropped
-//! silently and nobody — neither the engine nor the committer — ever waits
-//! on a peer.
+//! peer's socket buffer is full does the frame go into the connection's
+//! queue, and from then on every frame for that peer queues behind it, so
+//! order is kept. A queued frame that carries a handle's descriptor shares
+//! it ([`Arc`]): it never takes a descriptor of its own, so queueing can
+//! neither fail for want of one nor fill filterd's table; it can only keep
+//! a closed handle's descriptor open until it is sent (review rr48c M1).
+//! The flusher waits for the socket to become writable (epoll, one-shot)
+//! and drains the queue.
+//!
+//! A peer is dropped — its connection shut down, which the engine sees as
+//! EOF (its durable handles detach) — when what is queued for it unread
+//! passes [`MAX_QUEUED_BYTES`], [`MAX_QUEUED_FRAMES`] or
+//! [`MAX_UNREAD_DESCRIPTORS`]; and, when all connections' queues together
+//! pass the [`Pool`]'s budget, a connection of a peer user over its share
+//! of it ([`crate::unread`]) is closed. Nothing is ever dropped silently
+//! and nobody — neither the engine nor the committer — ever waits on a
+//! peer.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use libfilter::proto::{self, ServerFrame};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
+use crate::unread::{Resource, Shares, Unread};
+
 /// Most bytes queued for one peer before it is dropped.
 pub const MAX_QUEUED_BYTES: usize = 16 << 20;
 /// Most frames queued for one peer before it is dropped.
 pub const MAX_QUEUED_FRAMES: usize = 65_536;
+/// Most frames carrying a descriptor queued unread for one peer before it
+/// is dropped. A frontend has about one such reply outstanding per client
+/// call at a time (smbshim, rksmbd and nfsshim default to 1024 clients),
+/// and a reply waiting for a commit does not count: four times that
+/// (re-review rr48e F3).
+pub const MAX_UNREAD_DESCRIPTORS: usize = 4096;
+/// Most bytes queued for all peers together before the pool's shares
+/// apply (review rr48c M4: 16 MiB each over 1024 connections was 16 GiB).
+pub const UNREAD_BYTES_BUDGET: usize = 256 << 20;
+/// Most bytes of replies waiting for a commit, for all peers together,
+/// before a peer whose user holds more than its share of them is refused
+/// another (rr48c M4: 16 MiB each more during a slow commit).
+pub const PARKED_BYTES_BUDGET: usize = 256 << 20;
 
-/// One connection's frames that could not be sent yet.
-#[derive(Default)]
+/// The descriptor-carrying frames all peers' queues may hold before the
+/// pool's shares apply, for a descriptor limit of `fd_limit`: an eighth
+/// of it, at least 64.
+pub fn descriptor_budget(fd_limit: u64) -> usize {
+    usize::try_from(fd_limit / 8).unwrap_or(usize::MAX).max(64)
+}
+
+/// A frame waiting in a queue.
+struct Queued {
+    bytes: Vec<u8>,
+    fd: Option<Arc<OwnedFd>>,
+}
+
+/// One connection's frames that could not be sent yet, counted in its
+/// pool.
 pub struct Queue {
-    frames: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
-    bytes: usize,
+    frames: VecDeque<Queued>,
+    /// What `frames` hold, as the pool counts it for this connection
+    /// (equal to it whenever this queue is not locked).
+    unread: Unread,
     /// Registered with the flusher's epoll already.
     watched: bool,
+    pool: Arc<Pool>,
+    /// This connection in the pool.
+    member: u64,
 }
 
 impl Queue {
@@ -42,61 +83,277 @@ impl Queue {
     pub fn is_first_queued(&self) -> bool {
         self.frames.len() == 1
     }
-}
 
-/// What a send did.
-pub enum Sent {
-    /// On its way (sent, or queued behind earlier frames).
-    Ok,
-    /// The peer is gone or over its limit: drop it.
-    Drop(String),
-}
-
-/// Sends `bytes` (and `fd`) on `sock` now if nothing is queued and the
-/// socket takes it, else queues it. `queue` is the connection's queue,
-/// locked by the caller for the whole call (so order is kept).
-pub fn send_or_queue(
-    sock: BorrowedFd<'_>,
-    q: &mut Queue,
-    bytes: &[u8],
-    fd: Option<BorrowedFd<'_>>,
-) -> Sent {
-    if q.frames.is_empty() {
-        match libfilter::sys::send_packet_nonblocking(sock, bytes, fd) {
-            Ok(true) => return Sent::Ok,
-            Ok(false) => {}
-            Err(e) => return Sent::Drop(format!("send failed: {e}")),
-        }
-    }
-    if q.frames.len() >= MAX_QUEUED_FRAMES || q.bytes + bytes.len() > MAX_QUEUED_BYTES {
-        return Sent::Drop(format!(
-            "peer does not read: {} frames ({} bytes) queued for it",
-            q.frames.len(),
-            q.bytes
-        ));
-    }
-    let fd = match fd.map(|f| f.try_clone_to_owned()).transpose() {
-        Ok(fd) => fd,
-        Err(e) => return Sent::Drop(format!("cannot keep a descriptor for a queued frame: {e}")),
-    };
-    q.bytes += bytes.len();
-    q.frames.push_back((bytes.to_vec(), fd));
-    Sent::Ok
-}
-
-/// Sends what it can of `q` without blocking. `Ok(true)`: empty now.
-fn drain(sock: BorrowedFd<'_>, q: &mut Queue) -> Result<bool, String> {
-    while let Some((bytes, fd)) = q.frames.front() {
-        match libfilter::sys::send_packet_nonblocking(sock, bytes, fd.as_ref().map(|f| f.as_fd())) {
-            Ok(true) => {
-                q.bytes = q.bytes.saturating_sub(bytes.len());
-                q.frames.pop_front();
+    /// Sends what it can without blocking. `Ok(true)`: empty now.
+    fn drain(&mut self, sock: BorrowedFd<'_>) -> Result<bool, String> {
+        let mut sent = Unread::default();
+        let r = loop {
+            let Some(f) = self.frames.front() else {
+                break Ok(true);
+            };
+            match libfilter::sys::send_packet_nonblocking(
+                sock,
+                &f.bytes,
+                f.fd.as_ref().map(|f| f.as_fd()),
+            ) {
+                Ok(true) => {
+                    let one = Unread::frame(f.bytes.len(), f.fd.is_some());
+                    sent.fds += one.fds;
+                    sent.bytes += one.bytes;
+                    self.frames.pop_front();
+                }
+                Ok(false) => break Ok(false),
+                Err(e) => break Err(format!("send failed: {e}")),
             }
-            Ok(false) => return Ok(false),
-            Err(e) => return Err(format!("send failed: {e}")),
+        };
+        self.give_back(sent);
+        r
+    }
+
+    /// Drops every frame (the peer is gone).
+    fn clear(&mut self) {
+        self.frames.clear();
+        let all = self.unread;
+        self.give_back(all);
+    }
+
+    /// `sent` left the queue: the pool hears of it.
+    fn give_back(&mut self, sent: Unread) {
+        if sent == Unread::default() {
+            return;
+        }
+        self.unread.fds -= sent.fds;
+        self.unread.bytes -= sent.bytes;
+        self.pool.shares().discharge(self.member, sent);
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.frames.clear();
+        self.pool.shares().leave(self.member);
+    }
+}
+
+/// What all connections' queues hold unread, against a budget shared
+/// among the peer users that hold some ([`crate::unread`]). One per
+/// daemon.
+pub struct Pool {
+    state: Mutex<PoolState>,
+}
+
+struct PoolState {
+    shares: Shares,
+    /// Bytes of replies waiting for a commit (`ConnWriter::park`): shared
+    /// out by user as well, but only ever refuses the claimant — closing
+    /// another connection frees none of them before the commit ends.
+    parked: Shares,
+    /// Each member's writer, to close it.
+    writers: HashMap<u64, Weak<ConnWriter>>,
+    next: u64,
+}
+
+impl Pool {
+    /// A pool of `budget` for queued frames and `parked` bytes for
+    /// replies waiting for a commit.
+    pub fn new(budget: Unread, parked: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            state: Mutex::new(PoolState {
+                shares: Shares::new(budget),
+                parked: Shares::new(Unread {
+                    fds: usize::MAX,
+                    bytes: parked,
+                }),
+                writers: HashMap::new(),
+                next: 1,
+            }),
+        })
+    }
+
+    /// The pool for this process: its descriptor limit now (raised at
+    /// start) sets the budget of descriptors.
+    pub fn for_this_process() -> Arc<Pool> {
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        Pool::new(
+            Unread {
+                fds: descriptor_budget(limit),
+                bytes: UNREAD_BYTES_BUDGET,
+            },
+            PARKED_BYTES_BUDGET,
+        )
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shares(&self) -> PoolShares<'_> {
+        PoolShares(self.lock())
+    }
+
+    /// A new member of user `uid` for `writer`.
+    fn join(&self, uid: u32, writer: Weak<ConnWriter>) -> u64 {
+        let mut s = self.lock();
+        let id = s.next;
+        s.next += 1;
+        s.shares.join(id, uid);
+        s.parked.join(id, uid);
+        s.writers.insert(id, writer);
+        id
+    }
+
+    /// Counts `len` bytes of a reply of member `me` waiting for a commit.
+    /// No (why) when the parked replies of all peers pass their budget and
+    /// `me`'s user holds more than its share of them.
+    fn park(&self, me: u64, len: usize) -> Result<(), String> {
+        let mut s = self.lock();
+        let add = Unread::frame(len, false);
+        s.parked.charge(me, add);
+        let Some(uid) = s.parked.uid_of(me) else {
+            return Ok(());
+        };
+        match s.parked.over(add) {
+            Some(r) if s.parked.over_share(uid, r) => {
+                s.parked.discharge(me, add);
+                Err(format!(
+                    "its user (uid {uid}) holds {} bytes of replies waiting for a commit, over its share ({}) of the {} all peers may",
+                    s.parked.of_user(uid).bytes,
+                    s.parked.share(r),
+                    s.parked.budget().bytes,
+                ))
+            }
+            _ => Ok(()),
         }
     }
-    Ok(true)
+
+    /// `len` bytes counted by [`Pool::park`] for `me` went.
+    fn unpark(&self, me: u64, len: usize) {
+        self.lock().parked.discharge(me, Unread::frame(len, false));
+    }
+
+    /// What all queues hold now.
+    #[cfg(test)]
+    pub fn total(&self) -> Unread {
+        self.lock().shares.total()
+    }
+
+    /// Counts `add` for member `me` (its queue `q`, locked by the caller,
+    /// takes the frame if this says yes). Past [`MAX_UNREAD_DESCRIPTORS`]
+    /// for `me`, or past the budget with `me`'s user over its share, the
+    /// answer is no (why): `me` is to be dropped. Past the budget with
+    /// another user over its share, that user's connection holding the
+    /// most is closed, and its queue freed if it can be taken at once;
+    /// its writer and frames are handed back to be dropped once no lock
+    /// is held. What a closed connection could not free yet (another
+    /// thread holds its queue, and frees it when its send fails on the
+    /// shut socket) still counts, and is no room made (rr48e F2): nobody
+    /// else is closed for this claim, and `me` is let in only if its user
+    /// is within its share.
+    fn admit(&self, me: u64, add: Unread, dropped: &mut Dropped) -> Result<(), String> {
+        let mut s = self.lock();
+        let mine = s.shares.of(me);
+        if add.fds > 0 && mine.fds + add.fds > MAX_UNREAD_DESCRIPTORS {
+            return Err(format!(
+                "peer does not read: {} replies carrying a descriptor are queued for it",
+                mine.fds
+            ));
+        }
+        let Some(uid) = s.shares.uid_of(me) else {
+            return Ok(());
+        };
+        s.shares.charge(me, add);
+        // Each pass closes a connection, or ends.
+        for _ in 0..=s.writers.len() {
+            let Some(r) = s.shares.over(add) else {
+                return Ok(());
+            };
+            match s.shares.victim(r) {
+                Some(v) if v == me => break,
+                Some(v) => {
+                    if !s.close(v, r, dropped) {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        match s.shares.over(add) {
+            Some(r) if s.shares.over_share(uid, r) => {
+                s.shares.discharge(me, add);
+                Err(format!(
+                    "peer does not read: its user (uid {uid}) holds {} {} queued unread, over its share ({}) of the {} all peers may hold",
+                    s.shares.of_user(uid).get(r),
+                    r.word(),
+                    s.shares.share(r),
+                    s.shares.budget().get(r),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writers and frames taken from connections the pool closed, dropped by
+/// the caller once it holds no lock (dropping a writer locks the pool).
+#[derive(Default)]
+struct Dropped {
+    writers: Vec<Arc<ConnWriter>>,
+    frames: Vec<VecDeque<Queued>>,
+}
+
+impl PoolState {
+    /// Closes member `v` (its user is over its share of `r`), freeing its
+    /// queue if nobody holds it now. Whether it freed it.
+    fn close(&mut self, v: u64, r: Resource, dropped: &mut Dropped) -> bool {
+        self.shares.closing(v);
+        let Some(w) = self.writers.get(&v).and_then(Weak::upgrade) else {
+            // Its writer is being dropped: its queue leaves the pool then.
+            return false;
+        };
+        let held = self.shares.of(v);
+        tracing::warn!(
+            uid = self.shares.uid_of(v),
+            held_fds = held.fds,
+            held_bytes = held.bytes,
+            share = self.shares.share(r),
+            budget = self.shares.budget().get(r),
+            what = r.word(),
+            "dropping a peer whose user holds more than its share of what filterd keeps queued for peers that do not read"
+        );
+        w.dead.store(true, Ordering::Release);
+        let _ = nix::sys::socket::shutdown(w.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let freed = match w.queue.try_lock() {
+            Ok(mut q) => {
+                let freed = std::mem::take(&mut q.unread);
+                dropped.frames.push(std::mem::take(&mut q.frames));
+                self.shares.discharge(v, freed);
+                true
+            }
+            Err(_) => false,
+        };
+        dropped.writers.push(w);
+        freed
+    }
+}
+
+/// The pool's shares, locked.
+struct PoolShares<'a>(MutexGuard<'a, PoolState>);
+
+impl PoolShares<'_> {
+    fn closing(mut self, id: u64) {
+        self.0.shares.closing(id);
+    }
+
+    fn discharge(mut self, id: u64, sub: Unread) {
+        self.0.shares.discharge(id, sub);
+    }
+
+    fn leave(mut self, id: u64) {
+        self.0.shares.leave(id);
+        self.0.parked.leave(id);
+        self.0.writers.remove(&id);
+    }
 }
 
 /// A connection the flusher can drain.
@@ -187,7 +444,7 @@ fn run(me: Weak<Flusher>) {
                 continue;
             };
             let mut q = c.queue().lock().unwrap_or_else(|p| p.into_inner());
-            match drain(c.socket(), &mut q) {
+            match q.drain(c.socket()) {
                 Ok(true) => {}
                 Ok(false) => {
                     let ev =
@@ -195,8 +452,7 @@ fn run(me: Weak<Flusher>) {
                     let _ = f.epoll.modify(c.socket(), &mut { ev });
                 }
                 Err(why) => {
-                    q.frames.clear();
-                    q.bytes = 0;
+                    q.clear();
                     drop(q);
                     c.drop_peer(&why);
                 }
@@ -240,8 +496,9 @@ pub fn tell_stepping_down() {
 
 /// The writing half of a connection, shared by the engine and the committer.
 /// Never blocks: what the peer's socket does not take now waits in its
-/// queue ([`crate::outbox`]); a peer that lets it grow past its limit is
-/// dropped.
+/// queue ([`crate::outbox`]); a peer that lets it grow past its limit, or
+/// whose user holds more than its share of the pool when the pool is
+/// full, is dropped.
 pub struct ConnWriter {
     sock: Arc<OwnedFd>,
     dead: AtomicBool,
@@ -253,12 +510,17 @@ pub struct ConnWriter {
     /// ([`proto::ServerFrame::granted`]).
     features: AtomicU64,
     queue: Mutex<Queue>,
+    /// Its pool, and itself in it (as its queue has them).
+    pool: Arc<Pool>,
+    member: u64,
     flusher: Option<(Arc<Flusher>, u64)>,
     me: std::sync::Weak<ConnWriter>,
     /// Replies and events waiting for a commit before they go (bytes,
     /// frames): charged against the same limits as the queue, so a peer
     /// that pipelines requests during a slow commit cannot grow filterd's
-    /// memory (and descriptors: a parked open's) without bound.
+    /// memory without bound. Not in the pool: they wait for filterd's
+    /// commit, not for the peer (re-review rr48e F1), and they hold no
+    /// descriptor of their own (a handle's, shared).
     parked: Mutex<(usize, usize)>,
 }
 
@@ -287,20 +549,37 @@ impl Drop for ConnWriter {
 }
 
 impl ConnWriter {
-    /// A writer for `sock`, whose queue `flusher` drains.
-    pub(crate) fn new(sock: Arc<OwnedFd>, flusher: Option<Arc<Flusher>>) -> Arc<ConnWriter> {
-        let w = Arc::new_cyclic(|me| ConnWriter {
-            sock,
-            dead: AtomicBool::new(false),
-            encoding: AtomicU8::new(0),
-            features: AtomicU64::new(0),
-            queue: std::sync::Mutex::new(Queue::default()),
-            flusher: flusher.map(|f| {
-                let t = f.token();
-                (f, t)
-            }),
-            me: me.clone(),
-            parked: Mutex::new((0, 0)),
+    /// A writer for `sock`, whose queue `flusher` drains, counted in
+    /// `pool` as a connection of user `uid` (its peer's).
+    pub(crate) fn new(
+        sock: Arc<OwnedFd>,
+        flusher: Option<Arc<Flusher>>,
+        pool: &Arc<Pool>,
+        uid: u32,
+    ) -> Arc<ConnWriter> {
+        let w = Arc::new_cyclic(|me| {
+            let member = pool.join(uid, me.clone());
+            ConnWriter {
+                sock,
+                dead: AtomicBool::new(false),
+                encoding: AtomicU8::new(0),
+                features: AtomicU64::new(0),
+                queue: std::sync::Mutex::new(Queue {
+                    frames: VecDeque::new(),
+                    unread: Unread::default(),
+                    watched: false,
+                    pool: pool.clone(),
+                    member,
+                }),
+                pool: pool.clone(),
+                member,
+                flusher: flusher.map(|f| {
+                    let t = f.token();
+                    (f, t)
+                }),
+                me: me.clone(),
+                parked: Mutex::new((0, 0)),
+            }
         });
         let mut all = WRITERS.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|w| w.strong_count() > 0);
@@ -310,13 +589,23 @@ impl ConnWriter {
     }
 
     /// Counts a frame of `len` bytes waiting for a commit. False (and the
-    /// peer dropped) when the peer's parked frames would pass its limits:
-    /// the frame is then not to be kept.
+    /// peer dropped) when the peer's parked frames would pass its limits,
+    /// or the pool's parked bytes their budget with the peer's user over
+    /// its share: the frame is then not to be kept.
     pub fn park(&self, len: usize) -> bool {
+        // Nothing waits for a peer that is gone (rr48e F2).
+        if self.dead.load(Ordering::Acquire) {
+            return false;
+        }
         let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         if p.0.saturating_add(len) > MAX_QUEUED_BYTES || p.1 >= MAX_QUEUED_FRAMES {
             drop(p);
             self.drop_peer("its replies waiting for a commit passed the queue's limit");
+            return false;
+        }
+        if let Err(why) = self.pool.park(self.member, len) {
+            drop(p);
+            self.drop_peer(&why);
             return false;
         }
         p.0 += len;
@@ -335,12 +624,13 @@ impl ConnWriter {
         let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         p.0 = p.0.saturating_sub(len);
         p.1 = p.1.saturating_sub(1);
+        self.pool.unpark(self.member, len);
     }
 
-    /// A writer over a socket of the test's own.
+    /// A writer over a socket of the test's own (in a pool of its own).
     #[cfg(test)]
     pub fn for_test(sock: OwnedFd) -> Arc<ConnWriter> {
-        ConnWriter::new(Arc::new(sock), None)
+        ConnWriter::new(Arc::new(sock), None, &Pool::for_this_process(), 0)
     }
 
     /// A writer over one end of a new non-blocking SEQPACKET pair, and
@@ -357,34 +647,75 @@ impl ConnWriter {
         (ConnWriter::for_test(ours), peer)
     }
 
-    /// Sends one frame (with an optional descriptor), or queues it if the
-    /// peer's socket is full. A peer that is gone, or whose queue is over
-    /// its limit, is shut down, which the poller sees as EOF.
-    pub fn send(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> bool {
+    /// Sends one frame (with an optional descriptor, shared, not
+    /// duplicated), or queues it if the peer's socket is full. A peer that
+    /// is gone, or that the queue's limits or the pool refuse, is shut
+    /// down, which the poller sees as EOF.
+    pub fn send(&self, bytes: &[u8], fd: Option<&Arc<OwnedFd>>) -> bool {
         if self.dead.load(Ordering::Acquire) {
             return false;
         }
+        let mut dropped = Dropped::default();
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        match send_or_queue(self.sock.as_fd(), &mut q, bytes, fd) {
-            Sent::Ok => {
-                if q.is_first_queued() {
-                    if let Some((f, token)) = &self.flusher {
-                        let me: std::sync::Weak<dyn Flushable> = self.me.clone();
-                        f.watch(*token, me, self.sock.as_fd(), &mut q);
-                    }
-                }
-                true
-            }
-            Sent::Drop(why) => {
-                drop(q);
-                tracing::warn!(
-                    reason = why,
-                    "dropping a peer that cannot take what it is sent"
-                );
-                self.kill();
+        let r = self.send_or_queue(&mut q, bytes, fd, &mut dropped);
+        drop(q);
+        // Connections the pool closed for it go now that no lock is held.
+        drop(dropped);
+        match r {
+            Ok(()) => true,
+            Err(why) => {
+                self.drop_peer(&why);
                 false
             }
         }
+    }
+
+    /// Sends `bytes` (and `fd`) now if nothing is queued and the socket
+    /// takes it, else queues it, if the queue's limits and the pool let
+    /// it. `q` is this connection's queue, locked by the caller for the
+    /// whole call (so order is kept).
+    fn send_or_queue(
+        &self,
+        q: &mut Queue,
+        bytes: &[u8],
+        fd: Option<&Arc<OwnedFd>>,
+        dropped: &mut Dropped,
+    ) -> Result<(), String> {
+        if q.frames.is_empty() {
+            match libfilter::sys::send_packet_nonblocking(
+                self.sock.as_fd(),
+                bytes,
+                fd.map(|f| f.as_fd()),
+            ) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(format!("send failed: {e}")),
+            }
+        }
+        if q.frames.len() >= MAX_QUEUED_FRAMES
+            || q.unread.bytes.saturating_add(bytes.len()) > MAX_QUEUED_BYTES
+        {
+            return Err(format!(
+                "peer does not read: {} frames ({} bytes) queued for it",
+                q.frames.len(),
+                q.unread.bytes
+            ));
+        }
+        let add = Unread::frame(bytes.len(), fd.is_some());
+        q.pool.admit(q.member, add, dropped)?;
+        q.unread.fds += add.fds;
+        q.unread.bytes += add.bytes;
+        q.frames.push_back(Queued {
+            bytes: bytes.to_vec(),
+            fd: fd.cloned(),
+        });
+        if q.is_first_queued() {
+            if let Some((f, token)) = &self.flusher {
+                let me: std::sync::Weak<dyn Flushable> = self.me.clone();
+                f.watch(*token, me, self.sock.as_fd(), q);
+            }
+        }
+        Ok(())
     }
 
     /// The features the hello granted (set before the hello reply is
@@ -419,7 +750,7 @@ impl ConnWriter {
     }
 
     /// Encodes and sends a frame.
-    pub fn send_frame(&self, frame: &ServerFrame, fd: Option<BorrowedFd<'_>>) -> bool {
+    pub fn send_frame(&self, frame: &ServerFrame, fd: Option<&Arc<OwnedFd>>) -> bool {
         match self.encode(frame) {
             Ok(b) => self.send(&b, fd),
             Err(e) => {
@@ -445,10 +776,15 @@ impl ConnWriter {
         }
     }
 
-    /// Shuts the connection down.
+    /// Shuts the connection down; what is queued for it goes (now, unless
+    /// another thread holds its queue: then when its send fails).
     pub fn kill(&self) {
         self.dead.store(true, Ordering::Release);
         let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        if let Ok(mut q) = self.queue.try_lock() {
+            q.clear();
+            q.pool.shares().closing(q.member);
+        }
     }
 }
 
@@ -510,5 +846,270 @@ mod tests {
             );
             assert_eq!(sent_as(f, ErrorCode::Busy), ErrorCode::Busy);
         }
+    }
+
+    /// A writer of user `uid` in `pool` over a socket pair whose send
+    /// buffer is as small as the kernel allows, and the peer's end.
+    fn writer_in(pool: &Arc<Pool>, uid: u32) -> (Arc<ConnWriter>, OwnedFd) {
+        let (ours, peer) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        )
+        .expect("a socket pair");
+        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SndBuf, &1)
+            .expect("SO_SNDBUF");
+        (ConnWriter::new(Arc::new(ours), None, pool, uid), peer)
+    }
+
+    /// Sends frames without a descriptor until one is queued (the peer's
+    /// socket is full).
+    fn fill(w: &ConnWriter) {
+        for _ in 0..100_000 {
+            assert!(w.send(&[0u8; 64], None), "filling");
+            if !w.queue.lock().unwrap().frames.is_empty() {
+                return;
+            }
+        }
+        panic!("the socket never filled");
+    }
+
+    /// What `w`'s queue holds unread.
+    fn unread(w: &ConnWriter) -> Unread {
+        w.queue.lock().unwrap().unread
+    }
+
+    /// A descriptor to send (any will do).
+    fn a_descriptor() -> Arc<OwnedFd> {
+        Arc::new(std::fs::File::open("/dev/null").unwrap().into())
+    }
+
+    /// Review rr48c M1: a peer replaying its create without reading had
+    /// every queued reply hold a duplicate of the handle's descriptor.
+    /// Now a queued reply shares it (no descriptor of its own), and past
+    /// [`MAX_UNREAD_DESCRIPTORS`] of them unread the peer is dropped.
+    #[test]
+    fn a_peer_that_does_not_read_holds_no_duplicate_and_is_dropped_at_its_cap() {
+        let pool = Pool::new(
+            Unread {
+                fds: usize::MAX,
+                bytes: usize::MAX,
+            },
+            usize::MAX,
+        );
+        let (w, _peer) = writer_in(&pool, 1000);
+        fill(&w);
+        let fd = a_descriptor();
+        let mut sent = 0;
+        while w.send(b"opened", Some(&fd)) {
+            sent += 1;
+            assert!(sent <= MAX_UNREAD_DESCRIPTORS, "never dropped");
+        }
+        assert_eq!(sent, MAX_UNREAD_DESCRIPTORS);
+        assert!(w.peer_gone(), "dropped");
+        // Its queue went with it: nothing holds the descriptor but us, and
+        // the pool counts nothing.
+        assert_eq!(Arc::strong_count(&fd), 1);
+        assert_eq!(pool.total(), Unread::default());
+    }
+
+    /// A peer that reads gets its queue sent, and the pool hears of it;
+    /// a writer that goes gives back what it still held.
+    #[test]
+    fn what_is_sent_or_dropped_leaves_the_pool() {
+        let pool = Pool::new(
+            Unread {
+                fds: 1000,
+                bytes: usize::MAX,
+            },
+            usize::MAX,
+        );
+        let (w, peer) = writer_in(&pool, 1);
+        fill(&w);
+        let fd = a_descriptor();
+        for _ in 0..10 {
+            assert!(w.send(b"opened", Some(&fd)));
+        }
+        assert_eq!(unread(&w).fds, 10);
+        assert_eq!(pool.total(), unread(&w));
+        // The peer reads everything; the flusher's drain sends the rest.
+        let mut buf = [0u8; 256];
+        let mut empty = false;
+        for _ in 0..100_000 {
+            while libfilter::sys::recv_packet(peer.as_fd(), &mut buf)
+                .is_ok_and(|p| matches!(p, libfilter::sys::Packet::Data { .. }))
+            {}
+            let mut q = w.queue.lock().unwrap();
+            if q.drain(w.socket()).unwrap() {
+                empty = true;
+                break;
+            }
+        }
+        assert!(empty, "drained");
+        assert_eq!(pool.total(), Unread::default());
+        let (w2, _p2) = writer_in(&pool, 2);
+        fill(&w2);
+        assert!(w2.send(b"opened", Some(&fd)));
+        assert_eq!(pool.total().fds, 1);
+        drop(w2);
+        assert_eq!(pool.total(), Unread::default());
+        assert_eq!(Arc::strong_count(&fd), 1);
+    }
+
+    /// Re-review rr48e F1: an attacker spread over many connections,
+    /// each holding a few replies unread, fills the budget; an honest
+    /// frontend of another user holding more unread than any one of
+    /// them (a burst it is still reading) is not dropped: the attacker's
+    /// connections are, and the pool is back within its budget.
+    #[test]
+    fn a_spread_attacker_cannot_make_another_users_frontend_the_victim() {
+        let budget = 64;
+        let pool = Pool::new(
+            Unread {
+                fds: budget,
+                bytes: usize::MAX,
+            },
+            usize::MAX,
+        );
+        let fd = a_descriptor();
+        let attacker: Vec<_> = (0..16)
+            .map(|_| {
+                let (w, p) = writer_in(&pool, 65534);
+                fill(&w);
+                for _ in 0..4 {
+                    assert!(w.send(b"opened", Some(&fd)));
+                }
+                (w, p)
+            })
+            .collect();
+        assert_eq!(pool.total().fds, budget);
+        let (honest, _peer) = writer_in(&pool, 0);
+        fill(&honest);
+        for i in 0..(budget / 2) {
+            assert!(
+                honest.send(b"opened", Some(&fd)),
+                "the honest frontend's reply {i} refused"
+            );
+        }
+        assert!(!honest.peer_gone());
+        assert_eq!(unread(&honest).fds, budget / 2);
+        let closed = attacker.iter().filter(|(w, _)| w.peer_gone()).count();
+        assert_eq!(closed, 8, "as many attacker connections as it took");
+        assert!(pool.total().fds <= budget);
+        // The attacker's next claim past the budget, its user over its
+        // share, costs it one more connection (the claimant or another of
+        // its own), never the honest one.
+        while pool.total().fds < budget {
+            let (w, _) = attacker
+                .iter()
+                .find(|(w, _)| !w.peer_gone())
+                .expect("one left");
+            assert!(w.send(b"opened", Some(&fd)));
+        }
+        let (w, _) = attacker
+            .iter()
+            .find(|(w, _)| !w.peer_gone())
+            .expect("one left");
+        let _ = w.send(b"opened", Some(&fd));
+        assert_eq!(attacker.iter().filter(|(w, _)| w.peer_gone()).count(), 9);
+        assert!(pool.total().fds <= budget);
+        assert!(!honest.peer_gone());
+    }
+
+    /// Within one user, the connection holding the most unread goes, not
+    /// one that reads.
+    #[test]
+    fn within_a_user_the_connection_holding_the_most_goes() {
+        let pool = Pool::new(
+            Unread {
+                fds: 32,
+                bytes: usize::MAX,
+            },
+            usize::MAX,
+        );
+        let fd = a_descriptor();
+        let (stalled, _p1) = writer_in(&pool, 7);
+        let (busy, _p2) = writer_in(&pool, 7);
+        fill(&stalled);
+        fill(&busy);
+        for _ in 0..30 {
+            assert!(stalled.send(b"opened", Some(&fd)));
+        }
+        for _ in 0..3 {
+            assert!(busy.send(b"opened", Some(&fd)));
+        }
+        assert!(stalled.peer_gone());
+        assert!(!busy.peer_gone());
+        assert_eq!(pool.total().fds, 3);
+    }
+
+    /// Re-review rr48e F2: a connection closed for the pool whose queue
+    /// another thread holds frees nothing yet; that is no room made, and
+    /// nobody else is closed for it — the claimant within its share is let
+    /// in over the budget — and the closed one's queue leaves the pool
+    /// when it is taken.
+    #[test]
+    fn a_close_that_frees_nothing_yet_closes_nobody_else() {
+        let pool = Pool::new(
+            Unread {
+                fds: 8,
+                bytes: usize::MAX,
+            },
+            usize::MAX,
+        );
+        let fd = a_descriptor();
+        let (hog, _p1) = writer_in(&pool, 1);
+        let (other, _p2) = writer_in(&pool, 1);
+        let (honest, _p3) = writer_in(&pool, 2);
+        for w in [&hog, &other, &honest] {
+            fill(w);
+        }
+        for _ in 0..7 {
+            assert!(hog.send(b"opened", Some(&fd)));
+        }
+        assert!(other.send(b"opened", Some(&fd)));
+        let held = hog.queue.lock().unwrap();
+        assert!(honest.send(b"opened", Some(&fd)), "within its share");
+        assert!(hog.peer_gone(), "the hog is closed");
+        assert!(!other.peer_gone(), "its other connection is not");
+        assert_eq!(
+            pool.total().fds,
+            9,
+            "over the budget while the hog's queue is held"
+        );
+        drop(held);
+        hog.kill();
+        assert_eq!(pool.total().fds, 2);
+        assert!(!honest.peer_gone());
+    }
+
+    /// Review rr48c M4: replies waiting for a commit were bounded per
+    /// connection only (16 MiB each). Past the budget for all peers, a
+    /// peer whose user holds more than its share is refused another (and
+    /// dropped); another user's, within its share, never is.
+    #[test]
+    fn parked_replies_are_shared_by_user() {
+        let pool = Pool::new(
+            Unread {
+                fds: usize::MAX,
+                bytes: usize::MAX,
+            },
+            1000,
+        );
+        let (hog, _p1) = writer_in(&pool, 65534);
+        let (honest, _p2) = writer_in(&pool, 0);
+        for _ in 0..10 {
+            assert!(hog.park(100));
+        }
+        assert!(honest.park(100), "past the budget, within its share");
+        assert!(!hog.park(100), "past the budget, over its share");
+        assert!(hog.peer_gone());
+        assert!(!honest.peer_gone());
+        for _ in 0..10 {
+            hog.unpark(100);
+        }
+        honest.unpark(100);
+        assert_eq!(pool.lock().parked.total(), Unread::default());
     }
 }

@@ -929,7 +929,7 @@ impl Engine {
         writer: &std::sync::Arc<crate::outbox::ConnWriter>,
         id: u64,
         frame: &ServerFrame,
-        fd: Option<OwnedFd>,
+        fd: Option<Arc<OwnedFd>>,
     ) {
         let dep = self.batch.dep;
         if dep == self.batch.seq {

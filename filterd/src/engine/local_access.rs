@@ -464,7 +464,7 @@ impl Engine {
             .into_iter()
             .flatten()
             .filter_map(|k| self.handles.get(k))
-            .flat_map(|h| [h.fd.as_ref(), h.lock_fd.as_ref()])
+            .flat_map(|h| [h.fd.as_deref(), h.lock_fd.as_ref()])
             .flatten()
             .map(|f| f.as_fd())
             .chain(

@@ -109,8 +109,13 @@ struct Conn {
 
 struct Handle {
     rec: HandleRecord,
-    /// The daemon's descriptor (None only for lost handles).
-    fd: Option<OwnedFd>,
+    /// The daemon's descriptor (None only for lost handles). Shared, not
+    /// duplicated, with the replies that carry it while they wait for a
+    /// commit or for a peer that is slow to read: a reply never takes a
+    /// descriptor of its own (review rr48c M1: a peer replaying its create
+    /// without reading had each queued reply hold a duplicate, and could
+    /// fill filterd's descriptor table).
+    fd: Option<Arc<OwnedFd>>,
     /// The connection it is attached to.
     conn: Option<ConnId>,
     /// Bumped at every disconnect, so an older expiry timer never reaps a
@@ -877,6 +882,24 @@ impl Engine {
                 ),
             ));
         }
+        // A quarter of the slots stays for other users: one user (a
+        // member of the socket's group, say) saying hello on every slot
+        // kept every frontend and filterctl out (review rr48c M4).
+        let per_user = self.cfg.max_connections - self.cfg.max_connections / 4;
+        let of_user = self
+            .conns
+            .values()
+            .filter(|c| c.peer.uid == peer.uid)
+            .count();
+        if of_user >= per_user {
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!(
+                    "user {} holds {of_user} of the {} connections, as many as one user may (three quarters of --max-connections)",
+                    peer.uid, self.cfg.max_connections
+                ),
+            ));
+        }
         let granted = match hello.role {
             Role::Frontend { .. } => fenced_io(
                 hello.features & proto::FEATURES & !crate::failpoint::withheld_features(),
@@ -1125,16 +1148,10 @@ impl Engine {
         };
         let fd = fd_of
             .and_then(|k| self.handles.get(&k))
-            .and_then(|h| h.fd.as_ref());
+            .and_then(|h| h.fd.clone());
         if self.request_dependency() > self.pipe.committed() {
-            let fd = match fd.map(|f| f.try_clone()) {
-                Some(Ok(f)) => Some(f),
-                Some(Err(e)) => {
-                    error!(error = %e, "cannot duplicate descriptor for a deferred reply");
-                    None
-                }
-                None => None,
-            };
+            // The handle's own descriptor, shared: no duplicate to fail
+            // (before, a failed one sent `Opened` without it: rr48e F6).
             self.reply_when_durable(writer, id, &out, fd);
         } else {
             if let Some(p) = self.batch.reply_point.take() {
@@ -1143,7 +1160,7 @@ impl Engine {
             match writer.encode(&out) {
                 Ok(bytes) => {
                     // A peer that cannot take it is shut down by `send`.
-                    writer.send(&bytes, fd.map(|f| f.as_fd()));
+                    writer.send(&bytes, fd.as_ref());
                 }
                 Err(e) => {
                     error!(error = %e, "could not encode a reply");

@@ -509,7 +509,7 @@ impl Engine {
                             path: o.path.clone(),
                             file: of.file,
                             kernel_handle,
-                            fd: Some(of.fd),
+                            fd: Some(Arc::new(of.fd)),
                         }]);
                     }
                     return Err(e);
@@ -593,7 +593,7 @@ impl Engine {
         self.batch.inserted = Some(key);
         self.insert(Handle {
             rec,
-            fd: Some(stat_fd.unwrap_or(of.fd)),
+            fd: Some(Arc::new(stat_fd.unwrap_or(of.fd))),
             conn: Some(conn),
             gen: 0,
             expires_mono: 0,
@@ -815,10 +815,7 @@ impl Engine {
         let fd = match result {
             Ok(_) => {
                 self.stats.opens += 1;
-                self.handles
-                    .get(&p.key)
-                    .and_then(|h| h.fd.as_ref())
-                    .and_then(|f| f.try_clone().ok())
+                self.handles.get(&p.key).and_then(|h| h.fd.clone())
             }
             Err(_) => {
                 self.stats.opens_refused += 1;
@@ -1307,7 +1304,7 @@ impl Engine {
                     // descriptor is closed and the handle left as it was.
                     self.keep_descriptor_reserve(&path, fd.as_fd())?;
                     if let Some(h) = self.handles.get_mut(&key) {
-                        h.fd = Some(fd);
+                        h.fd = Some(Arc::new(fd));
                     }
                 }
                 Err(e) => match reopen_refusal(key, &e) {
@@ -1737,7 +1734,7 @@ impl Engine {
                         path: gone.rec.path.clone(),
                         file,
                         kernel_handle: gone.rec.kernel_handle.clone(),
-                        _pin: gone.fd.as_ref().and_then(|f| f.try_clone().ok()),
+                        _pin: gone.fd.clone(),
                     });
                     return;
                 }
@@ -1943,13 +1940,13 @@ pub(super) struct DeferredDelete {
     path: RelPath,
     file: FileId,
     kernel_handle: Option<libfilter::model::KernelHandle>,
-    /// The closed handle's descriptor (a duplicate), held until the delete
+    /// The closed handle's descriptor (shared), held until the delete
     /// is decided: while the file is open its inode number cannot go to
     /// another file, so `file` (an inode number: a non-durable handle has
     /// no kernel handle) names this one when the path is checked. The
     /// pending close's own handle pins it too until its commit resolves,
     /// but that is dropped first, in the same step (`commits_resolved`).
-    _pin: Option<OwnedFd>,
+    _pin: Option<Arc<OwnedFd>>,
 }
 
 /// A file a rolled-back open created.
@@ -1959,7 +1956,7 @@ pub(super) struct CreatedFile {
     kernel_handle: Option<libfilter::model::KernelHandle>,
     /// The rolled-back handle's descriptor (its open file description is
     /// filterd's own, not a local opener's).
-    fd: Option<OwnedFd>,
+    fd: Option<Arc<OwnedFd>>,
 }
 
 /// The share reservation an open joins (`OpenRequest::share_group`): one

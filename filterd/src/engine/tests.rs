@@ -10451,3 +10451,72 @@ fn view_run_again_while_commits_keep_failing(mut h: Harness, frontends_asked_bef
     h.commit(true);
     h.opened(again);
 }
+
+/// Re-review rr48e F6: a reply waiting for its commit held a duplicate of
+/// the handle's descriptor, and when the duplicate could not be made
+/// (EMFILE) the reply went out as `Opened` without it, the handle left
+/// attached. Now it shares the handle's own descriptor: there is nothing
+/// to fail, and no descriptor is taken from filterd's table for it.
+#[test]
+fn a_reply_waiting_for_its_commit_shares_the_handles_descriptor() {
+    let mut h = Harness::new();
+    let id = h.run(open("a", Rights::ALL));
+    assert!(h.reply(id).is_none(), "waits for its commit");
+    let fd = h
+        .engine
+        .handles
+        .values()
+        .find_map(|x| x.fd.clone())
+        .expect("a's descriptor");
+    assert_eq!(
+        Arc::strong_count(&fd),
+        3,
+        "the handle's, the waiting reply's and this test's"
+    );
+    h.commit(true);
+    h.opened(id);
+    assert_eq!(
+        Arc::strong_count(&fd),
+        2,
+        "sent: the handle's and this test's"
+    );
+}
+
+/// Review rr48c M4: one user saying hello on every connection slot kept
+/// every frontend and filterctl out. Now a user holds at most three
+/// quarters of `--max-connections`; another user is let in past that.
+#[test]
+fn one_user_holds_at_most_three_quarters_of_the_connections() {
+    let mut h = Harness::new();
+    let control = |uid: u32| {
+        (
+            Hello {
+                version: libfilter::proto::PROTO_VERSION,
+                features: 0,
+                role: Role::Control,
+            },
+            Peer {
+                pid: 9,
+                uid,
+                gid: 0,
+            },
+            ConnWriter::pair_for_test(),
+        )
+    };
+    // max_connections 10: eight for one user.
+    for i in 0..8 {
+        let (hello, peer, (w, _peer)) = control(65534);
+        h.engine
+            .on_hello(ConnId(100 + i), hello, peer, w)
+            .expect("within the user's part");
+    }
+    let (hello, peer, (w, _peer)) = control(65534);
+    let e = h.engine.on_hello(ConnId(200), hello, peer, w).unwrap_err();
+    assert_eq!(e.code, ErrorCode::LimitReached, "{}", e.message);
+    assert!(e.message.contains("user 65534 holds 8"), "{}", e.message);
+    // The harness's frontend is user 0's; another of user 0 gets in.
+    let (hello, peer, (w, _peer)) = control(0);
+    h.engine
+        .on_hello(ConnId(201), hello, peer, w)
+        .expect("another user is let in");
+}
