@@ -3,11 +3,15 @@
 //! and once what is queued for it passes its limit it is dropped.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
 use libfilter::client::FilterClient;
+use libfilter::model::{CreateGuid, Disposition, Durability, InstanceName, Protocol};
+use libfilter::proto::{self, Hello, OpenRequest, Reply, Request, RequestFrame, Role, ServerFrame};
 use libfilter::sys::{recv_packet, send_packet, Packet};
-use rkfilter_tests::{wait_for, Filterd, Scratch};
+use rkfilter_tests::{attach, bin, plain_open, root_or_skip, wait_for, Filterd, Scratch};
 
 #[test]
 fn a_peer_that_stops_reading_is_dropped_and_stalls_nobody() {
@@ -296,4 +300,288 @@ fn a_lingering_descriptor_on_a_refused_connection_stalls_nobody() {
     drop(kept);
     drop(waiting);
     answered.unwrap_or_else(|e| panic!("descriptor sent: {sent}; {e}"));
+}
+
+/// filterd under a descriptor limit of `nofile` that it cannot raise (as
+/// root, without `CAP_SYS_RESOURCE`): the budget of what it keeps queued
+/// for peers that do not read is an eighth of it, whatever the limit of
+/// the environment the test runs in (re-review rr48e F5).
+fn filterd_with_nofile(s: &Scratch, nofile: u64) -> Filterd {
+    let limit = format!("--nofile={nofile}:{nofile}");
+    let mut wrap = Vec::new();
+    if nix::unistd::geteuid().is_root() {
+        wrap.extend([
+            "setpriv",
+            "--bounding-set=-sys_resource",
+            "--inh-caps=-sys_resource",
+            "--",
+        ]);
+    }
+    wrap.extend(["prlimit", limit.as_str()]);
+    let d = Filterd::spawn_on(s, None, &wrap, &[], &[]);
+    d.wait_ready();
+    d.wait_log(&format!("fd_limit={nofile}"), Duration::from_secs(5));
+    d
+}
+
+/// How many descriptors process `pid` has open.
+fn fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(Iterator::count)
+        .unwrap_or(usize::MAX)
+}
+
+/// Says hello on raw connection `fd` as frontend `instance` of `smb`,
+/// and reads the answer.
+fn hello_frontend(fd: &OwnedFd, instance: &str) {
+    nix::sys::socket::setsockopt(
+        fd,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(30, 0),
+    )
+    .unwrap();
+    let hello = proto::encode(&Hello {
+        version: proto::PROTO_VERSION,
+        features: 0,
+        role: Role::Frontend {
+            protocol: Protocol::new("smb").unwrap(),
+            instance: InstanceName::new(instance).unwrap(),
+            incarnation: None,
+        },
+    })
+    .unwrap();
+    send_packet(fd.as_fd(), &hello, None).unwrap();
+    match next_frame(fd) {
+        (ServerFrame::Hello(_), _) => {}
+        other => panic!("hello refused: {other:?}"),
+    }
+}
+
+/// The next frame on `fd`, and how many descriptors came with it.
+fn next_frame(fd: &OwnedFd) -> (ServerFrame, usize) {
+    let mut buf = vec![0u8; proto::MAX_FRAME + 1];
+    match recv_packet(fd.as_fd(), &mut buf).unwrap() {
+        Packet::Data { len, fds } => (proto::decode_server(&buf[..len]).unwrap(), fds.len()),
+        other => panic!("no frame: {other:?}"),
+    }
+}
+
+/// Request `id`: a durable `open_if` of `path` with create GUID `guid`,
+/// or (`replay`) the replay of it.
+fn create_frame(id: u64, path: &str, guid: CreateGuid, replay: bool) -> Vec<u8> {
+    let open = OpenRequest {
+        disposition: Disposition::OpenIf,
+        durability: Durability::Durable { timeout_ms: 60_000 },
+        create_guid: Some(guid),
+        ..plain_open("c", path)
+    };
+    let req = if replay {
+        Request::ReplayOpen(open)
+    } else {
+        Request::Open(open)
+    };
+    proto::encode(&RequestFrame { id, req }).unwrap()
+}
+
+/// Opens `path` with `guid` on raw frontend `fd` (request 1), reading the
+/// reply.
+fn create_on(fd: &OwnedFd, path: &str, guid: CreateGuid) {
+    send_packet(fd.as_fd(), &create_frame(1, path, guid, false), None).unwrap();
+    match next_frame(fd) {
+        (
+            ServerFrame::Reply {
+                id: Some(1),
+                result: Ok(Reply::Opened(_)),
+            },
+            1,
+        ) => {}
+        other => panic!("not opened: {other:?}"),
+    }
+}
+
+/// Review rr48c M1: a peer that replays its own create and never reads
+/// had each reply that did not fit its socket queued with a duplicate of
+/// the handle's descriptor — thousands of descriptors per connection, and
+/// a few connections filled filterd's table. Now a queued reply shares
+/// the handle's descriptor: filterd holds no more descriptors however
+/// many wait; and the peer is dropped once it holds the pool's budget
+/// (its user alone holds some: its share is all of it). Another frontend
+/// is served throughout.
+#[test]
+fn a_peer_replaying_its_create_unread_takes_no_descriptors_and_is_dropped() {
+    let s = Scratch::new("unread-replays");
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    // A budget of 2048 replies carrying a descriptor.
+    let d = filterd_with_nofile(&s, 16_384);
+    let ctl = d.control();
+    let before = fds_of(d.pid());
+    let fd = rkfilter_tests::raw_socket(&s.socket());
+    hello_frontend(&fd, "hoarder");
+    let guid = CreateGuid(uuid::Uuid::new_v4());
+    create_on(&fd, "f", guid);
+    let replays0 = ctl.stats().unwrap().replays_detected;
+    // 1500 replays, none read: most wait in filterd's queue for it.
+    for id in 2..1502 {
+        send_packet(fd.as_fd(), &create_frame(id, "f", guid, true), None).unwrap();
+    }
+    wait_for(
+        "the replays to be answered",
+        Duration::from_secs(30),
+        || (ctl.stats().unwrap().replays_detected >= replays0 + 1500).then_some(()),
+    );
+    let during = fds_of(d.pid());
+    assert!(
+        during <= before + 4,
+        "filterd holds {during} descriptors, {before} before 1500 replies waited unread"
+    );
+    // Another frontend is served meanwhile.
+    let other = attach(&s.socket(), "smb", "other");
+    other
+        .open(plain_open("bob", "f"))
+        .expect("served while a peer does not read");
+    // Going on, it passes its share and is dropped.
+    let dropped = (1502..30_000u64)
+        .find(|&id| send_packet(fd.as_fd(), &create_frame(id, "f", guid, true), None).is_err());
+    assert!(dropped.is_some(), "a peer that never reads is dropped");
+    d.wait_log("over its share", Duration::from_secs(10));
+    other.open(plain_open("bob", "f")).expect("still served");
+}
+
+/// Connections to `socket` that filterd sees as user `uid` of group
+/// `gid` (made by `handoff` under `setpriv`, handed back here).
+fn connections_as(uid: u32, gid: u32, socket: &Path, n: usize) -> Vec<OwnedFd> {
+    let (ours, theirs) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(bin("handoff"))
+        .arg(socket)
+        .arg(n.to_string())
+        .stdin(std::process::Stdio::from(theirs))
+        .spawn()
+        .expect("setpriv handoff");
+    let mut buf = [0u8; 16];
+    let conns: Vec<OwnedFd> = (0..n)
+        .map(|_| match recv_packet(ours.as_fd(), &mut buf).unwrap() {
+            Packet::Data { mut fds, .. } if fds.len() == 1 => fds.remove(0),
+            other => panic!("no connection handed back: {other:?}"),
+        })
+        .collect();
+    assert!(child.wait().unwrap().success(), "handoff");
+    conns
+}
+
+/// The group the socket is given here (no user has it).
+const SOCKET_GID: u32 = 4242;
+
+/// Re-review rr48e F1: a peer of another user spread over many
+/// connections, each holding a few replies unread, fills the pool; an
+/// honest frontend then takes a burst of replies that wait in its queue
+/// until it reads them — more than any one of the attacker's connections
+/// holds. Dropping "the connection holding the most" dropped the honest
+/// frontend. Now the budget is shared by user: the attacker's user is over
+/// its share and loses connections; the frontend, within its share, gets
+/// every reply and keeps working. Root only (it runs a peer as another
+/// user).
+#[test]
+fn a_peer_spread_over_connections_cannot_get_an_honest_frontend_dropped() {
+    if !root_or_skip("unread-spread", "to run a peer as another user") {
+        return;
+    }
+    let s = Scratch::new("unread-spread");
+    // The socket inherits the state dir's group (setgid directory).
+    nix::unistd::chown(
+        &s.state(),
+        None,
+        Some(nix::unistd::Gid::from_raw(SOCKET_GID)),
+    )
+    .unwrap();
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o2775)).unwrap();
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(s.root().join("a"), b"a").unwrap();
+    std::fs::write(s.root().join("h"), b"h").unwrap();
+    // A budget of 2048: with two users holding some, 1024 each.
+    let d = filterd_with_nofile(&s, 16_384);
+    let attacker = connections_as(65534, SOCKET_GID, &s.socket(), 32);
+    let guids: Vec<CreateGuid> = (0..attacker.len())
+        .map(|_| CreateGuid(uuid::Uuid::new_v4()))
+        .collect();
+    for (i, (c, g)) in attacker.iter().zip(&guids).enumerate() {
+        hello_frontend(c, &format!("spread-{i}"));
+        create_on(c, "a", *g);
+    }
+    // A replay on every connection in turn, none read, each round
+    // answered before the next, until filterd drops one: the pool is
+    // full, the attacker's user holding it all (and no backlog of its
+    // requests left to close its other connections).
+    let ctl = d.control();
+    let mut answered = ctl.stats().unwrap().replays_detected;
+    let full = (2..10_000u64).find(|&id| {
+        for (c, g) in attacker.iter().zip(&guids) {
+            if send_packet(c.as_fd(), &create_frame(id, "a", *g, true), None).is_err() {
+                return true;
+            }
+            answered += 1;
+        }
+        wait_for(
+            "a round of replays answered",
+            Duration::from_secs(10),
+            || (ctl.stats().unwrap().replays_detected >= answered).then_some(()),
+        );
+        false
+    });
+    assert!(full.is_some(), "the attacker never filled the pool");
+    d.wait_log("its share", Duration::from_secs(10));
+    let closed_before = d.log_text().matches("its share").count();
+    // The honest frontend's burst: 1000 replies it reads only once it has
+    // asked for all of them (most wait in its queue meanwhile: more than
+    // any one of the attacker's connections holds).
+    let honest = rkfilter_tests::raw_socket(&s.socket());
+    hello_frontend(&honest, "honest");
+    let g = CreateGuid(uuid::Uuid::new_v4());
+    create_on(&honest, "h", g);
+    for id in 2..1002 {
+        send_packet(honest.as_fd(), &create_frame(id, "h", g, true), None).unwrap();
+    }
+    for id in 2..1002 {
+        match next_frame(&honest) {
+            (
+                ServerFrame::Reply {
+                    id: Some(i),
+                    result: Ok(Reply::Opened(_)),
+                },
+                1,
+            ) if i == id => {}
+            other => panic!("the honest frontend's reply {id}: {other:?}"),
+        }
+    }
+    // It keeps working, and so does a frontend attaching now.
+    send_packet(honest.as_fd(), &create_frame(1002, "h", g, true), None).unwrap();
+    assert!(matches!(
+        next_frame(&honest),
+        (
+            ServerFrame::Reply {
+                id: Some(1002),
+                result: Ok(_)
+            },
+            1
+        )
+    ));
+    attach(&s.socket(), "smb", "later")
+        .open(plain_open("bob", "h"))
+        .expect("a frontend attaching now is served");
+    // The attacker's user paid for it.
+    let closed = d.log_text().matches("its share").count();
+    assert!(
+        closed > closed_before,
+        "no attacker connection was closed during the burst ({closed_before} before, {closed} after)"
+    );
 }
