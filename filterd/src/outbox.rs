@@ -637,14 +637,20 @@ impl ConnWriter {
     /// the other end (the peer's, replies land there).
     #[cfg(test)]
     pub fn pair_for_test() -> (Arc<ConnWriter>, OwnedFd) {
-        let (ours, peer) = nix::sys::socket::socketpair(
+        let (ours, peer) = Self::socket_pair_for_test();
+        (ConnWriter::for_test(ours), peer)
+    }
+
+    /// A new non-blocking SEQPACKET pair.
+    #[cfg(test)]
+    fn socket_pair_for_test() -> (OwnedFd, OwnedFd) {
+        nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::SeqPacket,
             None,
             nix::sys::socket::SockFlag::SOCK_NONBLOCK,
         )
-        .expect("a socket pair");
-        (ConnWriter::for_test(ours), peer)
+        .expect("a socket pair")
     }
 
     /// Sends one frame (with an optional descriptor, shared, not
@@ -848,16 +854,21 @@ mod tests {
         }
     }
 
+    /// A pool of `fds` descriptors' budget, no other.
+    fn pool_of(fds: usize) -> Arc<Pool> {
+        Pool::new(
+            Unread {
+                fds,
+                bytes: usize::MAX,
+            },
+            usize::MAX,
+        )
+    }
+
     /// A writer of user `uid` in `pool` over a socket pair whose send
     /// buffer is as small as the kernel allows, and the peer's end.
     fn writer_in(pool: &Arc<Pool>, uid: u32) -> (Arc<ConnWriter>, OwnedFd) {
-        let (ours, peer) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_NONBLOCK,
-        )
-        .expect("a socket pair");
+        let (ours, peer) = ConnWriter::socket_pair_for_test();
         nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SndBuf, &1)
             .expect("SO_SNDBUF");
         (ConnWriter::new(Arc::new(ours), None, pool, uid), peer)
@@ -891,13 +902,7 @@ mod tests {
     /// [`MAX_UNREAD_DESCRIPTORS`] of them unread the peer is dropped.
     #[test]
     fn a_peer_that_does_not_read_holds_no_duplicate_and_is_dropped_at_its_cap() {
-        let pool = Pool::new(
-            Unread {
-                fds: usize::MAX,
-                bytes: usize::MAX,
-            },
-            usize::MAX,
-        );
+        let pool = pool_of(usize::MAX);
         let (w, _peer) = writer_in(&pool, 1000);
         fill(&w);
         let fd = a_descriptor();
@@ -918,13 +923,7 @@ mod tests {
     /// a writer that goes gives back what it still held.
     #[test]
     fn what_is_sent_or_dropped_leaves_the_pool() {
-        let pool = Pool::new(
-            Unread {
-                fds: 1000,
-                bytes: usize::MAX,
-            },
-            usize::MAX,
-        );
+        let pool = pool_of(1000);
         let (w, peer) = writer_in(&pool, 1);
         fill(&w);
         let fd = a_descriptor();
@@ -965,13 +964,7 @@ mod tests {
     #[test]
     fn a_spread_attacker_cannot_make_another_users_frontend_the_victim() {
         let budget = 64;
-        let pool = Pool::new(
-            Unread {
-                fds: budget,
-                bytes: usize::MAX,
-            },
-            usize::MAX,
-        );
+        let pool = pool_of(budget);
         let fd = a_descriptor();
         let attacker: Vec<_> = (0..16)
             .map(|_| {
@@ -1021,13 +1014,7 @@ mod tests {
     /// one that reads.
     #[test]
     fn within_a_user_the_connection_holding_the_most_goes() {
-        let pool = Pool::new(
-            Unread {
-                fds: 32,
-                bytes: usize::MAX,
-            },
-            usize::MAX,
-        );
+        let pool = pool_of(32);
         let fd = a_descriptor();
         let (stalled, _p1) = writer_in(&pool, 7);
         let (busy, _p2) = writer_in(&pool, 7);
@@ -1051,13 +1038,7 @@ mod tests {
     /// when it is taken.
     #[test]
     fn a_close_that_frees_nothing_yet_closes_nobody_else() {
-        let pool = Pool::new(
-            Unread {
-                fds: 8,
-                bytes: usize::MAX,
-            },
-            usize::MAX,
-        );
+        let pool = pool_of(8);
         let fd = a_descriptor();
         let (hog, _p1) = writer_in(&pool, 1);
         let (other, _p2) = writer_in(&pool, 1);

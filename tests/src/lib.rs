@@ -179,6 +179,19 @@ impl Scratch {
     pub fn socket(&self) -> PathBuf {
         self.state().join("filterd.sock")
     }
+
+    /// Gives the socket filterd makes here group `gid` (it inherits the
+    /// state dir's group: the dir is made setgid, group-searchable) and
+    /// lets other users reach the state dir (root only: a chown).
+    pub fn give_socket_group(&self, gid: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        nix::unistd::chown(&self.state(), None, Some(nix::unistd::Gid::from_raw(gid)))
+            .expect("chown the state dir");
+        std::fs::set_permissions(self.state(), std::fs::Permissions::from_mode(0o2775))
+            .expect("chmod the state dir");
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the scratch dir");
+    }
 }
 
 /// Whether CI runs this (`CI=true`, as `.ci/run` is run): there a test

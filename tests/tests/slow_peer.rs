@@ -3,7 +3,6 @@
 //! and once what is queued for it passes its limit it is dropped.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -497,15 +496,7 @@ fn a_peer_spread_over_connections_cannot_get_an_honest_frontend_dropped() {
         return;
     }
     let s = Scratch::new("unread-spread");
-    // The socket inherits the state dir's group (setgid directory).
-    nix::unistd::chown(
-        &s.state(),
-        None,
-        Some(nix::unistd::Gid::from_raw(SOCKET_GID)),
-    )
-    .unwrap();
-    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o2775)).unwrap();
-    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    s.give_socket_group(SOCKET_GID);
     std::fs::write(s.root().join("a"), b"a").unwrap();
     std::fs::write(s.root().join("h"), b"h").unwrap();
     // A budget of 2048: with two users holding some, 1024 each.

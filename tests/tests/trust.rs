@@ -43,16 +43,9 @@ fn the_peer_check_admits_the_sockets_group_and_tells_others_why_not() {
     }
     let s = Scratch::new("peercred");
     // The socket inherits the state dir's group (setgid directory).
-    nix::unistd::chown(
-        &s.state(),
-        None,
-        Some(nix::unistd::Gid::from_raw(SOCKET_GID)),
-    )
-    .unwrap();
-    // Group-writable and open to all: filterd takes that away at start
-    // (checked below).
-    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o2775)).unwrap();
-    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Group-writable and open to all (2775): filterd takes that away at
+    // start (checked below).
+    s.give_socket_group(SOCKET_GID);
     let _d = Filterd::start(&s, &[], &[]);
     let sock = s.socket();
     let meta = std::fs::metadata(&sock).unwrap();
