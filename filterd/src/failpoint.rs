@@ -39,7 +39,10 @@
 //! daemon as owner there), and `etcd.claim.before_txn` (a claim Txn
 //! about to be sent under the lease it names; `sleepMS` there lets the
 //! lease run out first, as behind a stalled member), and
-//! `etcd.claim.before_read` (claimed, the table not read yet).
+//! `etcd.claim.before_read` (claimed, the table not read yet), and
+//! `etcd.owner_watch` (claimed, the watch of the owner key about to be
+//! made; `fail` makes none, as a watch on a member cut off from the
+//! leader never tells).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -94,6 +97,7 @@ pub const POINTS: &[&str] = &[
     "etcd.gen.moved",
     "etcd.claim.before_txn",
     "etcd.claim.before_read",
+    "etcd.owner_watch",
 ];
 
 /// Whether `name` is a point filterd has.

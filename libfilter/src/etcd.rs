@@ -9,6 +9,7 @@
 //! | `PREFIX/owner` | the owning daemon (`node pid`), under its lease |
 //! | `PREFIX/gen` | the owner's commit generation (its mod revision counts) |
 //! | `PREFIX/meta/clean` | present after a clean shutdown |
+//! | `PREFIX/meta/owner-lease` | the last claim's lease (`<hex id> <granted TTL s> <node pid>`), under no lease; deleted by a clean shutdown |
 //! | `PREFIX/meta/root` | the export root the table belongs to ([`StateStore::bound_root`]) |
 //! | `PREFIX/h/<hex resume key>` | a handle record |
 //! | `PREFIX/r/<hex replay key>` | a recorded reply ([`crate::store::replay_key`]) |
@@ -33,9 +34,10 @@
 //! makes it fail for good — and so does any change of the owner key it
 //! did not make (a delete or put by hand), which it watches for
 //! ([`EtcdStore::start_owner_watch`]). A standby does not claim while the
-//! lease it last saw on the owner key lives, key or no key, and after a
-//! lease that ended early (revoked) it serves only one TTL later
-//! ([`EtcdStore::old_owner_fenced`]).
+//! last owner's lease lives — the one it saw on the owner key, or the one
+//! the last claim named in `PREFIX/meta/owner-lease` — key or no key, and
+//! after a lease that may have ended early (revoked) it serves only one
+//! TTL later ([`EtcdStore::old_owner_fenced`]).
 //!
 //! **Group commit.** A commit's batches (one per request) become Txns of at
 //! most [`MAX_TXN_OPS`] operations (etcd's `--max-txn-ops` default) and
@@ -200,22 +202,64 @@ fn compacted(e: &StoreError) -> bool {
     matches!(e, StoreError::Etcd(m) if m.contains("required revision has been compacted"))
 }
 
-/// The owner key a standby's refused claim found, and what polling its
-/// lease showed ([`EtcdStore::old_owner_fenced`]).
+/// The owner key a standby's refused claim found (or, with no owner key
+/// there, the lease `PREFIX/meta/owner-lease` names), and what polling
+/// its lease showed ([`EtcdStore::old_owner_fenced`]).
 #[derive(Clone, Debug)]
 struct SeenOwner {
     /// Its value (`node pid`).
     value: String,
     /// Its lease (0: none, the key never expires).
     lease: i64,
-    /// The lease's TTL as granted, once a poll told it.
+    /// The lease's TTL as granted, once a poll or `meta/owner-lease`
+    /// told it.
     granted: Duration,
-    /// The earliest the lease can run out, by the polls, in
-    /// [`boot_nanos`]: a poll sent at `s` that found `t` whole seconds
-    /// left (etcd rounds down) proves it lasts past `s + t`.
-    expires_not_before: u64,
+    /// The last poll that found the lease alive: its send time in
+    /// [`boot_nanos`] and the whole seconds it found left (etcd rounds
+    /// down, so 0 is under a second).
+    last_alive: Option<(u64, i64)>,
+    /// Found gone: whether to hold the takeover back was decided then
+    /// (a claim that fails before it is made and is tried again does
+    /// not decide it afresh, without the polls that told).
+    ended: bool,
     /// Since when the key is gone while its lease lives.
     vanished: Option<Instant>,
+}
+
+impl SeenOwner {
+    fn new(value: String, lease: i64, granted: Duration) -> SeenOwner {
+        SeenOwner {
+            value,
+            lease,
+            granted,
+            last_alive: None,
+            ended: false,
+            vanished: None,
+        }
+    }
+}
+
+/// How long before a poll finding the lease gone the last poll that
+/// found it alive may have been sent, with under a second left, for the
+/// lease to count as run out rather than revoked (re-review rr48h
+/// finding 2): a natural expiry goes through a last second in which
+/// etcd answers 0 s left, and a standby waiting on it polls every 50 ms
+/// or so, so its last poll before "gone" saw 0 just before. Anything
+/// else — a standby that just started, came back from a partition or
+/// polls over a link slower than this — cannot tell a revoke from an
+/// expiry and holds the takeover back one TTL.
+const RAN_OUT_WITHIN: Duration = Duration::from_secs(1);
+
+/// `PREFIX/meta/owner-lease`'s value (`<hex lease id> <granted TTL s>
+/// <node pid>`, [`EtcdStore::last_claims_lease`]): the lease (never 0),
+/// its TTL and the owner. `None` if it is not of that shape.
+fn parse_owner_lease(v: &[u8]) -> Option<(i64, Duration, String)> {
+    let mut parts = std::str::from_utf8(v).ok()?.splitn(3, ' ');
+    let lease = i64::from_str_radix(parts.next()?, 16)
+        .ok()
+        .filter(|l| *l > 0)?;
+    let granted = Duration::from_secs(parts.next()?.parse().ok()?);
+    Some((lease, granted, parts.next()?.to_owned()))
 }
 
 /// How a watch of the owner key ended ([`watch_owner_key`]).
@@ -1199,6 +1243,9 @@ pub struct EtcdStore {
     /// The owner key a refused claim found, while a standby waits
     /// ([`EtcdStore::old_owner_fenced`]).
     seen_owner: Mutex<Option<SeenOwner>>,
+    /// Our lease's TTL as etcd granted it, in seconds: the claim writes
+    /// it into `PREFIX/meta/owner-lease`.
+    granted_secs: AtomicU64,
     /// Serve no earlier than this, and whose lease ended early: set when
     /// the last owner's lease ended before it could have run out
     /// ([`EtcdStore::hold_for_old_owner`]).
@@ -1280,6 +1327,7 @@ impl EtcdStore {
             last_owner: Mutex::new(String::new()),
             unreadable_log: Mutex::new(None),
             seen_owner: Mutex::new(None),
+            granted_secs: AtomicU64::new(0),
             hold: Mutex::new(None),
             retired: AtomicBool::new(false),
             log_seq: AtomicU64::new(0),
@@ -1433,6 +1481,10 @@ impl EtcdStore {
     }
     fn clean_key(&self) -> Vec<u8> {
         self.key("meta/clean")
+    }
+    /// Names the lease of the last claim ([`EtcdStore::last_claims_lease`]).
+    fn owner_lease_key(&self) -> Vec<u8> {
+        self.key("meta/owner-lease")
     }
     fn root_key(&self) -> Vec<u8> {
         self.key("meta/root")
@@ -1736,6 +1788,7 @@ impl EtcdStore {
             let grant_term = granted.header().map_or(0, |h| h.raft_term());
             self.lease.term.store(grant_term, Ordering::Release);
             let secs = u64::try_from(granted.ttl()).unwrap_or(0);
+            self.granted_secs.store(secs, Ordering::Release);
             self.lease.renewed(sent, Duration::from_secs(secs));
             Ok(granted.id())
         };
@@ -1744,6 +1797,14 @@ impl EtcdStore {
         }
         let (owner, clean) = (self.owner_key(), self.clean_key());
         let claim = |lease_id: i64| {
+            // Under no lease, so it outlives the owner key: a standby that
+            // finds no owner key still finds which lease to wait for
+            // (re-review rr48h finding 1).
+            let owner_lease = format!(
+                "{lease_id:x} {} {}",
+                self.granted_secs.load(Ordering::Acquire),
+                self.me
+            );
             Txn::new()
                 .when([Compare::create_revision(owner.clone(), CompareOp::Equal, 0)])
                 .and_then([
@@ -1757,6 +1818,7 @@ impl EtcdStore {
                     TxnOp::get(owner.clone(), None),
                     // The commit generation starts at the fencing revision.
                     TxnOp::put(self.gen_key(), self.me.clone(), None),
+                    TxnOp::put(self.owner_lease_key(), owner_lease, None),
                 ])
                 .or_else([TxnOp::get(owner.clone(), None)])
         };
@@ -1928,30 +1990,35 @@ impl EtcdStore {
                 if lease == 0 {
                     warn!(owner = %value, key = %String::from_utf8_lossy(kv.key()), "the etcd owner key has no lease: it never expires, so no standby takes over until it is deleted by hand (when its owner is surely gone)");
                 }
-                *seen = Some(SeenOwner {
-                    value,
-                    lease,
-                    granted: Duration::ZERO,
-                    expires_not_before: 0,
-                    vanished: None,
-                });
+                *seen = Some(SeenOwner::new(value, lease, Duration::ZERO));
             }
         }
     }
 
-    /// Whether the owner a refused claim found last (if any) can no
-    /// longer act, so that a claim may be made: its lease is gone.
-    /// Before, a standby claimed as soon as the owner key was absent; an
-    /// owner key deleted by hand under a live owner gave two owners, the
-    /// old one serving on until a commit was refused (attack48e F1). So
-    /// while that lease lives no claim is made, whether or not the key is
-    /// still there: the old owner sees its key gone (its watch,
-    /// [`EtcdStore::start_owner_watch`]) and steps down, and its lease
-    /// then runs out. A lease that ended before it could have run out (the
-    /// polls saw it renewed: revoked, by hand or by etcd) leaves an owner
-    /// that may not know yet: the claim is made, but it serves only one
-    /// lease TTL (as granted) later ([`EtcdStore::hold_for_old_owner`]) —
-    /// by then that owner's own clock has stopped it.
+    /// Whether the last owner (if any) can no longer act, so that a
+    /// claim may be made: its lease is gone. Before, a standby claimed as
+    /// soon as the owner key was absent; an owner key deleted by hand
+    /// under a live owner gave two owners, the old one serving on until a
+    /// commit was refused (attack48e F1). So while that lease lives no
+    /// claim is made, whether or not the key is still there: the old
+    /// owner sees its key gone (its watch, [`EtcdStore::start_owner_watch`],
+    /// or its next commit) and steps down, and its lease then runs out.
+    /// The lease is the one a refused claim found on the owner key, or,
+    /// with none found yet, the one the last claim named in
+    /// `PREFIX/meta/owner-lease` ([`EtcdStore::last_claims_lease`]): a
+    /// standby that started after the key was deleted never saw it, and
+    /// the old owner's watch may be stale (its member cut off from the
+    /// leader while its keepalives reach another), so claiming at once
+    /// gave two owners again (re-review rr48h finding 1).
+    ///
+    /// A lease that ended other than by running out (revoked, by hand or
+    /// by etcd) leaves an owner that may not know yet: the claim is made,
+    /// but it serves only one lease TTL (as granted) later
+    /// ([`EtcdStore::hold_for_old_owner`]) — by then that owner's own
+    /// clock has stopped it. It ran out only if the poll just before
+    /// found under a second left ([`RAN_OUT_WITHIN`]); a standby that
+    /// cannot tell (it just started, or its polls failed for a while)
+    /// holds too (rr48h finding 2: it served at once).
     fn old_owner_fenced(
         &self,
         keep_trying: &dyn Fn() -> bool,
@@ -1962,9 +2029,15 @@ impl EtcdStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        // No lease: only the claim's compare says whether the key is there.
-        let Some(mut seen) = seen.filter(|s| s.lease != 0) else {
-            return Ok(true);
+        let mut seen = match seen {
+            // Found gone (the hold decided then); or no lease: only the
+            // claim's compare says whether the key is there.
+            Some(s) if s.ended || s.lease == 0 => return Ok(true),
+            Some(s) => s,
+            None => match self.last_claims_lease(keep_trying, start)? {
+                Some(s) => s,
+                None => return Ok(true),
+            },
         };
         let id = seen.lease;
         let sent = boot_nanos_sent();
@@ -1988,31 +2061,29 @@ impl EtcdStore {
         // there: taken for gone, every natural expiry looked early and
         // held the takeover back (TTL 4: 2.6 s more).
         if left < 0 {
-            *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            if boot_nanos_sent() < seen.expires_not_before {
+            let within = u64::try_from(RAN_OUT_WITHIN.as_nanos()).unwrap_or(u64::MAX);
+            let ran_out = matches!(seen.last_alive,
+                Some((at, 0)) if sent.saturating_sub(at) < within);
+            if !ran_out {
+                let ttl = if seen.granted.is_zero() {
+                    self.ttl
+                } else {
+                    seen.granted
+                };
                 *self.hold.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((Instant::now() + seen.granted, seen.value));
+                    Some((Instant::now() + ttl, seen.value.clone()));
             }
+            seen.ended = true;
+            *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
             return Ok(true);
         }
+        seen.last_alive = Some((sent, left));
         if left == 0 {
             // Ending: a poll soon finds it gone.
             *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
             return Ok(false);
         }
-        let until = sent.saturating_add(
-            u64::try_from(left)
-                .unwrap_or(0)
-                .saturating_mul(1_000_000_000),
-        );
-        seen.expires_not_before = seen.expires_not_before.max(until);
-        let owner = self.owner_key();
-        let got = self
-            .retry_raw("read", keep_trying, |c| {
-                let (mut c, o) = (c.clone(), owner.clone());
-                async move { c.get(o, None).await }
-            })
-            .map_err(|e| self.unclaimed(e, start))?;
+        let got = self.claim_read(self.owner_key(), keep_trying, start)?;
         if let Some(kv) = got.kvs().first() {
             *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
             self.saw_owner(kv);
@@ -2030,13 +2101,57 @@ impl EtcdStore {
         Ok(false)
     }
 
+    /// The lease the last claim named in `PREFIX/meta/owner-lease` (a
+    /// key under no lease, so it outlives the owner key), for
+    /// [`EtcdStore::old_owner_fenced`] to poll when no refused claim
+    /// showed an owner key. `None` — claim as before — when the key is
+    /// absent (a table never claimed, stopped cleanly, or last claimed by
+    /// an earlier filterd, which did not write it), names our own lease
+    /// (a claim of ours whose answer was lost made it), or does not parse
+    /// (written by hand: said).
+    fn last_claims_lease(
+        &self,
+        keep_trying: &dyn Fn() -> bool,
+        start: Instant,
+    ) -> Result<Option<SeenOwner>, StoreError> {
+        let got = self.claim_read(self.owner_lease_key(), keep_trying, start)?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(None);
+        };
+        let Some((lease, granted, owner)) = parse_owner_lease(kv.value()) else {
+            warn!(key = %String::from_utf8_lossy(kv.key()), value = %String::from_utf8_lossy(kv.value()), "the etcd table's owner-lease key does not parse (not filterd's): claiming without waiting for the lease of the owner before");
+            return Ok(None);
+        };
+        if lease == self.lease.id.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) =
+            format!("{owner} (the last claim's, under lease {lease:x})");
+        Ok(Some(SeenOwner::new(owner, lease, granted)))
+    }
+
+    /// A claim's read of `key` (linearizable; retried on the members in
+    /// turn while `keep_trying`), failing as [`EtcdStore::unclaimed`].
+    fn claim_read(
+        &self,
+        key: Vec<u8>,
+        keep_trying: &dyn Fn() -> bool,
+        start: Instant,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        self.retry_raw("read", keep_trying, |c| {
+            let (mut c, k) = (c.clone(), key.clone());
+            async move { c.get(k, None).await }
+        })
+        .map_err(|e| self.unclaimed(e, start))
+    }
+
     /// Waits, as the new owner, until the hold [`EtcdStore::old_owner_fenced`]
     /// set has passed (none if the last owner stopped cleanly: it
     /// revoked its lease itself, after it stopped acting). The last
-    /// owner's lease ended before it could have run out: a renewal it
-    /// sent before that still counts on its clock for one TTL, so it may
-    /// act until then unless it saw its key go (its watch sees that at
-    /// once, its keepalive's next answer too).
+    /// owner's lease ended and may not have run out (revoked): a renewal
+    /// it sent before that still counts on its clock for one TTL, so it
+    /// may act until then unless it saw its key go (its watch sees that
+    /// at once, its keepalive's next answer too).
     fn hold_for_old_owner(&self, was_clean: bool) -> Result<(), StoreError> {
         let hold = self.hold.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some((until, who)) = hold.filter(|_| !was_clean) else {
@@ -2046,7 +2161,7 @@ impl EtcdStore {
         if wait.is_zero() {
             return Ok(());
         }
-        warn!(old_owner = %who, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "the old owner's etcd lease ended before it could have run out (revoked): serving only once its own clock has surely stopped it");
+        warn!(old_owner = %who, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "the old owner's etcd lease is gone and may not have run out (revoked, or not polled to its end: this daemon just started or could not reach etcd): serving only once its own clock has surely stopped it");
         while Instant::now() < until {
             self.owner_check()?;
             std::thread::sleep(
@@ -2069,6 +2184,11 @@ impl EtcdStore {
     /// compacted that history, the key as it is now must be the one the
     /// claim made (same create and mod revision, our lease and value).
     fn start_owner_watch(&self) {
+        // Tests: no watch, as one on a member cut off from the leader,
+        // which never tells (re-review rr48h finding 1).
+        if self.failpoint("etcd.owner_watch") {
+            return;
+        }
         let lease = self.lease.clone();
         let client = self.client.clone();
         let key = self.owner_key();
@@ -3802,6 +3922,9 @@ impl StateStore for EtcdStore {
     fn clean_shutdown(&self) -> Result<(), StoreError> {
         let mut m = BTreeMap::new();
         m.insert(self.clean_key(), Some(b"1".to_vec()));
+        // Stopped acting: nobody need wait for our lease, not even a
+        // standby that never saw it (`last_claims_lease`).
+        m.insert(self.owner_lease_key(), None);
         self.commit_chunk(&m)?;
         // Hand the prefix over at once: a standby need not wait for the
         // lease to run out.
@@ -4229,6 +4352,23 @@ mod tests {
             let n = ranges.iter().filter(|(a, b)| *a <= k && k < *b).count();
             assert_eq!(n, 1, "{}", String::from_utf8_lossy(&k));
         }
+    }
+
+    #[test]
+    fn the_owner_lease_key_parses_as_the_claim_writes_it() {
+        let v = format!("{:x} 4 node-a pid 12", 0x694d_7a1b_2c3d_i64);
+        assert_eq!(
+            parse_owner_lease(v.as_bytes()),
+            Some((
+                0x694d_7a1b_2c3d,
+                Duration::from_secs(4),
+                "node-a pid 12".into()
+            ))
+        );
+        for bad in ["", "0 4 x", "zz 4 x", "ab", "ab 4", "ab x y", "-5 4 x"] {
+            assert_eq!(parse_owner_lease(bad.as_bytes()), None, "{bad:?}");
+        }
+        assert_eq!(parse_owner_lease(&[0xff, b' ', b'4', b' ', b'x']), None);
     }
 
     #[test]

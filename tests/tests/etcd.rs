@@ -1132,20 +1132,30 @@ fn etcd_out_of_space_is_disk_full_and_service_resumes() {
 
     let r = smb_persistent_create(&mut c, sid, "refused");
     assert_eq!(r["status"], "STATUS_DISK_FULL", "{r}");
-    // A standby started now has even its lease grant refused: it waits on
-    // (before, it exited at once, and nobody could take over later).
+    // A standby started now waits on (before, it exited at once, and
+    // nobody could take over later): for the owner's lease, which it
+    // polls without a lease of its own; and on a table nobody owns, with
+    // even its lease grant refused.
     let sb = node("etcd-nospace-b", &s.root());
     let mut b = start_node_ttl(&sb, &url, true, 4);
-    wait_for(
-        "the standby to wait under NOSPACE",
-        Duration::from_secs(20),
-        || {
-            if let Some(st) = b.exited() {
-                panic!("the standby gave up under NOSPACE ({st}): {}", b.log_text());
-            }
-            b.log_text().contains("cannot be claimed now").then_some(())
-        },
-    );
+    let sc = node("etcd-nospace-c", &s.root());
+    let mut unowned = start_node_ttl(&sc, &cluster.url("rk/nospace-unowned"), true, 4);
+    for (d, waits) in [
+        (&mut b, "standby: waiting for the owner"),
+        (&mut unowned, "cannot be claimed now"),
+    ] {
+        wait_for(
+            "the standby to wait under NOSPACE",
+            Duration::from_secs(20),
+            || {
+                if let Some(st) = d.exited() {
+                    panic!("the standby gave up under NOSPACE ({st}): {}", d.log_text());
+                }
+                d.log_text().contains(waits).then_some(())
+            },
+        );
+    }
+    drop(unowned);
     // Nothing of it stored: the daemon and the table hold the acknowledged
     // creates only.
     assert_eq!(handle_paths(d.socket()), acked);
@@ -1999,6 +2009,18 @@ fn an_owner_key_gone_is_a_lost_lease_not_another_owner() {
     assert_eq!(scope_in_etcd(&url, &scope), Vec::<u64>::new());
 }
 
+/// When standby `b`, trying to claim every 50 ms (as filterd does), got
+/// the table (its claim returned), within `limit`.
+fn claimed_within(b: &libfilter::etcd::EtcdStore, limit: Duration) -> Instant {
+    wait_for("b claims", limit, || {
+        if b.try_claim().expect("asks").is_some() {
+            return Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        None
+    })
+}
+
 /// The owner key of `url`'s prefix as etcd holds it now: its lease (0:
 /// none), or `None` if it is gone.
 fn owner_key_lease(port: u16, prefix: &str) -> Option<i64> {
@@ -2073,13 +2095,7 @@ fn a_standby_claims_only_once_a_deleted_owner_keys_lease_is_gone() {
         "no claim while the old owner's lease lives"
     );
     assert!(b.last_owner().contains("lease"), "{}", b.last_owner());
-    let claimed = wait_for("b claims", Duration::from_secs(10), || {
-        if b.try_claim().expect("asks").is_some() {
-            return Some(Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        None
-    });
+    let claimed = claimed_within(&b, Duration::from_secs(10));
     assert!(
         a.owner_check().is_err(),
         "the old owner stepped down before the claim"
@@ -2120,15 +2136,159 @@ fn a_standby_serves_one_ttl_after_an_owner_lease_is_revoked() {
     let lease = owner_key_lease(port, "rk/revoked").expect("the owner key");
     raw_etcd(port, async |c| c.lease_revoke(lease).await.map(drop));
     let revoked = Instant::now();
-    let claimed = wait_for("b claims", Duration::from_secs(10), || {
-        b.try_claim().expect("asks").map(|_| Instant::now())
-    });
+    let claimed = claimed_within(&b, Duration::from_secs(10));
     assert!(
         claimed.duration_since(revoked) >= Duration::from_millis(TTL * 1000 - 300),
         "served {:?} after the revoke",
         claimed.duration_since(revoked)
     );
     assert!(a.owner_check().is_err(), "the old owner stepped down");
+    b.owner_check().expect("b owns the table");
+}
+
+/// An owner whose key was deleted by hand and whose watch of it is stale
+/// (the `etcd.owner_watch` failpoint makes none, as one on a member cut
+/// off from the leader never tells) serves on, renewing its lease. A
+/// standby that starts only then never saw the owner key, yet claims
+/// nothing while that lease lives: the claim named it in
+/// `PREFIX/meta/owner-lease`, under no lease. It claims once the old
+/// owner's next commit was refused and its lease ran out. Before, it
+/// claimed at once, beside the old owner (re-review rr48h finding 1).
+/// A table an earlier filterd claimed has no such key: claimed as
+/// before.
+#[test]
+fn a_standby_started_after_the_owner_key_was_deleted_waits_for_the_old_lease() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::model::{ReplayScope, ResumeKey};
+    use libfilter::store::StateStore;
+    let Some((_shared, cluster, url)) = one_member(
+        "a_standby_started_after_the_owner_key_was_deleted_waits_for_the_old_lease",
+        "rk/fresh",
+    ) else {
+        return;
+    };
+    let port = cluster.client_port(0);
+    let a = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    a.set_failpoints(Box::new(|name| name == "etcd.owner_watch"));
+    a.claim().expect("a claims");
+    raw_etcd(port, async |c| {
+        c.delete("/rk/fresh/owner", None).await.map(drop)
+    });
+    let b = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    // For more than a TTL: a serves on (its keepalive renews the lease),
+    // b claims nothing.
+    let since = Instant::now();
+    wait_for(
+        "a lease TTL of refused claims",
+        Duration::from_secs(10),
+        || {
+            assert!(
+                b.try_claim().expect("asks").is_none(),
+                "b claimed while the old owner's lease lives"
+            );
+            a.owner_check()
+                .expect("a, not knowing, still owns the table");
+            std::thread::sleep(Duration::from_millis(50));
+            (since.elapsed() > Duration::from_secs(TTL + 1)).then_some(())
+        },
+    );
+    assert!(b.last_owner().contains("still alive"), "{}", b.last_owner());
+    // a's next commit is refused: it steps down, and its lease runs out.
+    let scope = ReplayScope::Handle(ResumeKey::new_random());
+    assert!(a
+        .commit(&[&[put_replay(&scope, 1, "late".into())]])
+        .is_err());
+    let stepped_down = Instant::now();
+    let claimed = claimed_within(&b, Duration::from_secs(10));
+    assert!(a.owner_check().is_err(), "a stepped down before the claim");
+    assert!(
+        claimed.duration_since(stepped_down) < Duration::from_secs(TTL + 2),
+        "b claimed {:?} after a stepped down: the lease ran out, no hold",
+        claimed.duration_since(stepped_down)
+    );
+    b.owner_check().expect("b owns the table");
+    drop(b);
+
+    // A table last claimed by an earlier filterd (no owner-lease key),
+    // its owner key deleted: a fresh standby claims as before.
+    let url = libfilter::etcd::EtcdUrl::parse(&cluster.url("rk/fresh-old")).expect("url");
+    let a = EtcdStore::connect(&url, Duration::from_secs(30), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    raw_etcd(port, async |c| {
+        c.delete("/rk/fresh-old/owner", None).await?;
+        c.delete("/rk/fresh-old/meta/owner-lease", None)
+            .await
+            .map(drop)
+    });
+    let b = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    assert!(b.try_claim().expect("asks").is_some(), "claimed as before");
+}
+
+/// A standby that starts after the owner's lease was revoked (the key
+/// gone with it) cannot tell a revoke from an expiry, having polled
+/// nothing: it claims, but serves only one TTL (the old lease's, as the
+/// last claim named it) after it found the lease gone. Before, it served
+/// at once, while the old owner could still act on a renewal it sent
+/// before the revoke (re-review rr48h finding 2).
+#[test]
+fn a_standby_started_after_an_owner_lease_was_revoked_serves_one_ttl_later() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, cluster, url)) = one_member(
+        "a_standby_started_after_an_owner_lease_was_revoked_serves_one_ttl_later",
+        "rk/revfresh",
+    ) else {
+        return;
+    };
+    let port = cluster.client_port(0);
+    // A longer TTL than the standby's own: the hold is the old lease's.
+    let old_ttl = TTL + 2;
+    let a =
+        EtcdStore::connect(&url, Duration::from_secs(old_ttl), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    let lease = owner_key_lease(port, "rk/revfresh").expect("the owner key");
+    raw_etcd(port, async |c| c.lease_revoke(lease).await.map(drop));
+    let revoked = Instant::now();
+    let b = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    let claimed = claimed_within(&b, Duration::from_secs(15));
+    assert!(
+        claimed.duration_since(revoked) >= Duration::from_millis(old_ttl * 1000 - 300),
+        "served {:?} after the revoke",
+        claimed.duration_since(revoked)
+    );
+    b.owner_check().expect("b owns the table");
+}
+
+/// A standby that polls the owner's lease to its natural end (the owner
+/// gone without a word: its keepalive stopped) takes over as soon as it
+/// ran out: the poll just before found under a second left, so no hold.
+/// (A hold there would add a whole TTL: rr48h finding 4.)
+#[test]
+fn a_standby_polling_a_lease_to_its_end_serves_at_once() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, _cluster, url)) = one_member(
+        "a_standby_polling_a_lease_to_its_end_serves_at_once",
+        "rk/ranout",
+    ) else {
+        return;
+    };
+    let ttl = TTL + 1;
+    let a = EtcdStore::connect(&url, Duration::from_secs(ttl), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    let b = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    assert!(b.try_claim().expect("asks").is_none(), "a owns the table");
+    // a dies: nothing renews its lease any more, nothing revokes it.
+    drop(a);
+    let died = Instant::now();
+    let claimed = claimed_within(&b, Duration::from_secs(15));
+    // The lease ends at most TTL after a died (+ etcd's 0.5 s expiry
+    // check); a hold would add another TTL.
+    assert!(
+        claimed.duration_since(died) < Duration::from_millis(ttl * 1000 + 1500),
+        "b claimed {:?} after a died",
+        claimed.duration_since(died)
+    );
     b.owner_check().expect("b owns the table");
 }
 
@@ -2206,75 +2366,80 @@ fn a_replay_key_that_is_not_hex_is_named() {
     );
 }
 
-/// attack48e F1, end to end: `PREFIX/owner` deleted by hand while node
-/// A owns the table (its lease intact) and node B waits as standby. A
-/// steps down at once (exit 75) though nothing it does needs a commit
-/// (writes through a non-durable open); B claims only after that, once
-/// A's lease ran out, and A acknowledged nothing after B became owner.
-/// Before, B claimed 0.11 s after the delete and A served on beside it.
-#[test]
-fn an_owner_key_deleted_by_hand_leaves_one_owner_at_a_time() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    if !etcd_available("an_owner_key_deleted_by_hand_leaves_one_owner_at_a_time") {
-        return;
-    }
-    let shared = Scratch::new("etcd-delowner");
-    let export = shared.root();
-    let cluster = Cluster::start(&shared, 1);
-    let url = cluster.url("rk/delbyhand");
-    let sa = node("etcd-delowner-a", &export);
-    let sb = node("etcd-delowner-b", &export);
-    let mut a = start_node(&sa, &url, false);
-    a.wait_ready();
-    let b = start_node(&sb, &url, true);
-    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
-    let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
+/// Writes through one non-durable open on a node's smbshim, as fast as
+/// they are answered, noting when each was acknowledged (no commit is
+/// needed for any of them).
+struct Writes {
+    acks: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writer: std::thread::JoinHandle<()>,
+}
 
-    // A client writes through a non-durable open on node A as fast as it
-    // can, noting when each write was acknowledged.
-    let acks: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (addr, acks, stop) = (a_smb.addr.clone(), acks.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut c = LineClient::connect(&addr);
-            c.set_read_timeout(Duration::from_secs(5));
-            let mut mid = 0;
-            let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
-            let r = try_call(
-                &mut c,
-                &mut mid,
-                json!({"cmd": "CREATE", "session_id": sid, "path": "nd", "access": ["read", "write"],
-                       "share": ["read", "write"], "disposition": "overwrite_if"}),
-            )
-            .expect("the open is answered");
-            assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
-            let fid = r["file_id"].clone();
-            while !stop.load(Ordering::Acquire) {
-                let w = json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": b64("aaaa")});
-                match try_call(&mut c, &mut mid, w) {
-                    Some(r) if r["status"] == "STATUS_SUCCESS" => {
-                        acks.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(Instant::now());
+impl Writes {
+    fn start(addr: &str) -> Writes {
+        use std::sync::atomic::Ordering;
+        let acks = std::sync::Arc::<std::sync::Mutex<Vec<Instant>>>::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (addr, acks, stop) = (addr.to_owned(), acks.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut c = LineClient::connect(&addr);
+                c.set_read_timeout(Duration::from_secs(5));
+                let mut mid = 0;
+                let sid = session(&mut c, &uuid::Uuid::new_v4().to_string(), "alice");
+                let r = try_call(
+                    &mut c,
+                    &mut mid,
+                    json!({"cmd": "CREATE", "session_id": sid, "path": "nd", "access": ["read", "write"],
+                           "share": ["read", "write"], "disposition": "overwrite_if"}),
+                )
+                .expect("the open is answered");
+                assert_eq!(r["status"], "STATUS_SUCCESS", "{r}");
+                let fid = r["file_id"].clone();
+                while !stop.load(Ordering::Acquire) {
+                    let w = json!({"cmd": "WRITE", "session_id": sid, "file_id": fid, "offset": 0, "data": b64("aaaa")});
+                    match try_call(&mut c, &mut mid, w) {
+                        Some(r) if r["status"] == "STATUS_SUCCESS" => {
+                            acks.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(Instant::now());
+                        }
+                        _ => return,
                     }
-                    _ => return,
                 }
-            }
-        })
-    };
-    wait_for(
-        "writes acknowledged by node A",
-        Duration::from_secs(10),
-        || (acks.lock().unwrap_or_else(|p| p.into_inner()).len() > 20).then_some(()),
-    );
+            })
+        };
+        Writes { acks, stop, writer }
+    }
 
-    raw_etcd(cluster.client_port(0), async |c| {
-        c.delete("/rk/delbyhand/owner", None).await.map(drop)
-    });
-    let deleted = Instant::now();
-    // When node A exited and when node B became owner, as seen polling.
+    fn count(&self) -> usize {
+        self.acks.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Waits until `n` more writes were acknowledged.
+    fn wait_for_more(&self, n: usize) {
+        let want = self.count() + n;
+        wait_for(
+            &format!("{n} more writes acknowledged"),
+            Duration::from_secs(10),
+            || (self.count() >= want).then_some(()),
+        );
+    }
+
+    /// Stops writing; how many writes were acknowledged at or after `t`.
+    fn stop_and_count_after(self, t: Instant) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.writer.join();
+        let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        acks.iter().filter(|a| **a >= t).count()
+    }
+}
+
+/// Waits (up to 15 s) for node A to exit and node B to own the table, as
+/// seen polling both, and checks that they owned it one at a time: A
+/// stepped down (exit 75) before B owned the table, acknowledged none of
+/// `writes` after that, and B serves.
+fn one_owner_at_a_time(a: &mut Filterd, b: &Filterd, writes: Writes, deleted: Instant) {
     let (mut a_exit, mut b_owner) = (None, None);
     wait_for(
         "node A to exit and node B to own the table",
@@ -2296,22 +2461,14 @@ fn an_owner_key_deleted_by_hand_leaves_one_owner_at_a_time() {
     let (Some((a_exit, st)), Some(b_owner)) = (a_exit, b_owner) else {
         unreachable!("waited for both");
     };
-    stop.store(true, Ordering::Release);
-    let _ = writer.join();
+    let late = writes.stop_and_count_after(b_owner);
     assert_eq!(st.code(), Some(75), "node A steps down:\n{}", a.log_text());
     assert!(
-        a.log_text().contains("changed by someone else"),
-        "{}",
-        a.log_text()
-    );
-    assert!(
         a_exit < b_owner,
-        "node B claimed {:?} after the delete, before node A stepped down ({:?})",
+        "node B owned the table {:?} after the delete, before node A stepped down ({:?})",
         b_owner.duration_since(deleted),
         a_exit.duration_since(deleted)
     );
-    let acks = acks.lock().unwrap_or_else(|p| p.into_inner());
-    let late = acks.iter().filter(|t| **t >= b_owner).count();
     assert_eq!(
         late, 0,
         "node A acknowledged {late} writes after node B owned the table"
@@ -2322,6 +2479,119 @@ fn an_owner_key_deleted_by_hand_leaves_one_owner_at_a_time() {
         a_exit.duration_since(deleted),
         b_owner.duration_since(deleted)
     );
+}
+
+/// attack48e F1, end to end: `PREFIX/owner` deleted by hand while node
+/// A owns the table (its lease intact) and node B waits as standby. A
+/// steps down at once (exit 75) though nothing it does needs a commit
+/// (writes through a non-durable open); B claims only after that, once
+/// A's lease ran out, and A acknowledged nothing after B became owner.
+/// Before, B claimed 0.11 s after the delete and A served on beside it.
+#[test]
+fn an_owner_key_deleted_by_hand_leaves_one_owner_at_a_time() {
+    if !etcd_available("an_owner_key_deleted_by_hand_leaves_one_owner_at_a_time") {
+        return;
+    }
+    let shared = Scratch::new("etcd-delowner");
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url("rk/delbyhand");
+    let sa = node("etcd-delowner-a", &export);
+    let sb = node("etcd-delowner-b", &export);
+    let mut a = start_node(&sa, &url, false);
+    a.wait_ready();
+    let b = start_node(&sb, &url, true);
+    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
+    let writes = Writes::start(&a_smb.addr);
+    writes.wait_for_more(20);
+
+    raw_etcd(cluster.client_port(0), async |c| {
+        c.delete("/rk/delbyhand/owner", None).await.map(drop)
+    });
+    let deleted = Instant::now();
+    one_owner_at_a_time(&mut a, &b, writes, deleted);
+    assert!(
+        a.log_text().contains("changed by someone else"),
+        "{}",
+        a.log_text()
+    );
+    drop(a_smb);
+    drop(cluster);
+}
+
+/// Re-review rr48h finding 1, end to end: `PREFIX/owner` deleted by hand
+/// while node A owns the table, and node A's watch of its key stale (the
+/// `etcd.owner_watch` failpoint makes none, as a watch on a member cut
+/// off from the leader never tells), so A serves on — writes through a
+/// non-durable open need no commit. Node B starts as standby only after
+/// the delete, so it never saw the owner key: it waits while A's lease
+/// lives (`PREFIX/meta/owner-lease` names it), A's next commit is
+/// refused and A steps down, and B claims once A's lease ran out; A
+/// acknowledged nothing after B owned the table. Before, B claimed as it
+/// started and both served (attack48f: ~6,000 acknowledgements).
+#[test]
+fn a_standby_started_after_the_owner_key_was_deleted_waits_for_the_old_owner() {
+    if !etcd_available("a_standby_started_after_the_owner_key_was_deleted_waits_for_the_old_owner")
+    {
+        return;
+    }
+    let shared = Scratch::new("etcd-freshsb");
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url("rk/freshsb");
+    let sa = node("etcd-freshsb-a", &export);
+    let sb = node("etcd-freshsb-b", &export);
+    let flags = store_flags(&url, false, TTL);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut a = Filterd::spawn(
+        &sa,
+        &flags,
+        &[("RKFILTER_FAILPOINTS", "etcd.owner_watch:fail")],
+    );
+    a.wait_ready();
+    let a_smb = Shim::start("smbshim", a.socket(), "smb-1");
+    let writes = Writes::start(&a_smb.addr);
+    writes.wait_for_more(20);
+
+    raw_etcd(cluster.client_port(0), async |c| {
+        c.delete("/rk/freshsb/owner", None).await.map(drop)
+    });
+    let deleted = Instant::now();
+    let b = start_node(&sb, &url, true);
+    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    assert!(
+        b.log_text().contains("still alive"),
+        "B waits for A's lease:\n{}",
+        b.log_text()
+    );
+    // A serves on, not knowing; B waits. (A TTL of writes after B waits.)
+    let waiting = Instant::now();
+    writes.wait_for_more(20);
+    wait_for("a lease TTL to pass", Duration::from_secs(10), || {
+        (waiting.elapsed() > Duration::from_secs(TTL)).then_some(())
+    });
+    assert!(a.exited().is_none(), "node A serves on:\n{}", a.log_text());
+    // A's next commit is refused: A steps down.
+    let mut c = LineClient::connect(&a_smb.addr);
+    c.set_read_timeout(Duration::from_secs(5));
+    let mut mid = 0;
+    let _ = try_call(
+        &mut c,
+        &mut mid,
+        json!({"cmd": "SESSION_SETUP", "client_guid": uuid::Uuid::new_v4().to_string(), "user": "bob"}),
+    )
+    .and_then(|r| r["session_id"].as_u64())
+    .and_then(|sid| {
+        try_call(
+            &mut c,
+            &mut mid,
+            json!({"cmd": "CREATE", "session_id": sid, "path": "p", "access": ["read", "write"],
+                   "share": ["read"], "disposition": "create",
+                   "durable": {"create_guid": uuid::Uuid::new_v4().to_string(), "persistent": true, "timeout_ms": 60000}}),
+        )
+    });
+    one_owner_at_a_time(&mut a, &b, writes, deleted);
     drop(a_smb);
     drop(cluster);
 }
