@@ -1739,7 +1739,9 @@ impl EtcdStore {
     }
 
     /// As [`EtcdStore::try_claim`], giving up the claim's retries early
-    /// once `keep_trying` says so (a standby told to stop).
+    /// once `keep_trying` says so (a standby told to stop) — and the wait
+    /// before serving after an old owner's lease was revoked too: then
+    /// `Ok(None)`, nothing served, our lease revoked.
     pub fn try_claim_while(
         &self,
         keep_trying: &dyn Fn() -> bool,
@@ -1963,7 +1965,16 @@ impl EtcdStore {
         *self.lock_table() = table;
         *self.lock_handles_read() = Some(handles);
         self.finish_logged(pending)?;
-        self.hold_for_old_owner(was_clean)?;
+        if !self.hold_for_old_owner(was_clean, keep_trying)? {
+            // Told to stop while it waited (SIGTERM): it served nothing,
+            // and hands the table over as a lost owner does (re-review
+            // rr48h finding 3: the hold, up to the old owner's TTL, did
+            // not see the signal).
+            self.hand_over();
+            *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) =
+                "nobody (told to stop before serving)".into();
+            return Ok(None);
+        }
         info!(url = %self.url, fencing_revision = fence, records = n, ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(0), margin_ms = u64::try_from(self.lease.margin.as_millis()).unwrap_or(0), "owner of the etcd table");
         let fence = u64::try_from(fence).unwrap_or(0);
         Ok(Some((fence, was_clean)))
@@ -2151,26 +2162,48 @@ impl EtcdStore {
     /// owner's lease ended and may not have run out (revoked): a renewal
     /// it sent before that still counts on its clock for one TTL, so it
     /// may act until then unless it saw its key go (its watch sees that
-    /// at once, its keepalive's next answer too).
-    fn hold_for_old_owner(&self, was_clean: bool) -> Result<(), StoreError> {
+    /// at once, its keepalive's next answer too). `false`: `keep_trying`
+    /// turned false meanwhile (a standby told to stop), nothing served.
+    fn hold_for_old_owner(
+        &self,
+        was_clean: bool,
+        keep_trying: &dyn Fn() -> bool,
+    ) -> Result<bool, StoreError> {
         let hold = self.hold.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some((until, who)) = hold.filter(|_| !was_clean) else {
-            return Ok(());
+            return Ok(true);
         };
         let wait = until.saturating_duration_since(Instant::now());
         if wait.is_zero() {
-            return Ok(());
+            return Ok(true);
         }
         warn!(old_owner = %who, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "the old owner's etcd lease is gone and may not have run out (revoked, or not polled to its end: this daemon just started or could not reach etcd): serving only once its own clock has surely stopped it");
         while Instant::now() < until {
             self.owner_check()?;
+            if !keep_trying() {
+                return Ok(false);
+            }
             std::thread::sleep(
                 until
                     .saturating_duration_since(Instant::now())
                     .min(Duration::from_millis(20)),
             );
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Stops owning the table and hands it over: nothing more is renewed
+    /// or committed, and the lease is revoked, so the owner key goes with
+    /// it at once (a clean stop, or a claim told to stop before it served).
+    fn hand_over(&self) {
+        let id = self.lease.id.load(Ordering::Acquire);
+        self.retired.store(true, Ordering::Release);
+        self.lease.lost.store(true, Ordering::Release);
+        let mut c = self.client.clone();
+        // (The timer made inside the runtime: it needs its clock.)
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(REQUEST_TIMEOUT, c.lease_revoke(id)).await
+        });
     }
 
     /// Watches the owner key from the claim on (a task on the client
@@ -3928,14 +3961,7 @@ impl StateStore for EtcdStore {
         self.commit_chunk(&m)?;
         // Hand the prefix over at once: a standby need not wait for the
         // lease to run out.
-        let id = self.lease.id.load(Ordering::Acquire);
-        self.retired.store(true, Ordering::Release);
-        self.lease.lost.store(true, Ordering::Release);
-        let mut c = self.client.clone();
-        // (The timer made inside the runtime: it needs its clock.)
-        let _ = self.rt.block_on(async move {
-            tokio::time::timeout(REQUEST_TIMEOUT, c.lease_revoke(id)).await
-        });
+        self.hand_over();
         Ok(())
     }
 }

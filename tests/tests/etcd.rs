@@ -2292,6 +2292,50 @@ fn a_standby_polling_a_lease_to_its_end_serves_at_once() {
     b.owner_check().expect("b owns the table");
 }
 
+/// A claim that holds back after an old owner's lease was revoked
+/// (here for that lease's TTL of 30 s) stops when told to (SIGTERM to a
+/// standby): it returns no claim at once and hands the table over, its
+/// lease revoked. Before, the hold ignored it and the standby stayed
+/// until the TTL had passed (re-review rr48h finding 3).
+#[test]
+fn a_claim_told_to_stop_while_it_holds_back_stops() {
+    use libfilter::etcd::EtcdStore;
+    use libfilter::store::StateStore;
+    let Some((_shared, cluster, url)) = one_member(
+        "a_claim_told_to_stop_while_it_holds_back_stops",
+        "rk/holdstop",
+    ) else {
+        return;
+    };
+    let port = cluster.client_port(0);
+    let a = EtcdStore::connect(&url, Duration::from_secs(30), Duration::ZERO).expect("connect");
+    a.claim().expect("a claims");
+    let b = EtcdStore::connect(&url, Duration::from_secs(TTL), Duration::ZERO).expect("connect");
+    assert!(b.try_claim().expect("asks").is_none(), "a owns the table");
+    let lease = owner_key_lease(port, "rk/holdstop").expect("the owner key");
+    raw_etcd(port, async |c| c.lease_revoke(lease).await.map(drop));
+    let asked = Instant::now();
+    let stop_after = Duration::from_millis(500);
+    let got = b
+        .try_claim_while(&|| asked.elapsed() < stop_after)
+        .expect("no error");
+    assert!(got.is_none(), "told to stop: no claim");
+    assert!(
+        asked.elapsed() < stop_after + Duration::from_secs(3),
+        "stopped {:?} after the claim began",
+        asked.elapsed()
+    );
+    let scope = libfilter::model::ReplayScope::Handle(libfilter::model::ResumeKey::new_random());
+    assert!(
+        b.commit(&[&[put_replay(&scope, 1, "none".into())]])
+            .is_err(),
+        "b does not own the table"
+    );
+    wait_for("b's owner key to go", Duration::from_secs(5), || {
+        owner_key_lease(port, "rk/holdstop").is_none().then_some(())
+    });
+}
+
 /// A compaction of etcd's history past the claim's revision while the
 /// new owner reads the table (another tenant's `etcdctl compact`) does
 /// not end the takeover: the owner reads the table again at the newest
@@ -2594,6 +2638,49 @@ fn a_standby_started_after_the_owner_key_was_deleted_waits_for_the_old_owner() {
     one_owner_at_a_time(&mut a, &b, writes, deleted);
     drop(a_smb);
     drop(cluster);
+}
+
+/// Re-review rr48h finding 3, end to end: a standby that claimed after
+/// the owner's lease was revoked waits the old lease's TTL (here 30 s)
+/// before it serves; SIGTERM then stops it at once (exit 0, nothing
+/// served). Before, the wait did not look at the signal: the standby
+/// stayed the whole TTL.
+#[test]
+fn sigterm_stops_a_standby_holding_back_after_a_revoke() {
+    if !etcd_available("sigterm_stops_a_standby_holding_back_after_a_revoke") {
+        return;
+    }
+    let shared = Scratch::new("etcd-holdterm");
+    let export = shared.root();
+    let cluster = Cluster::start(&shared, 1);
+    let url = cluster.url("rk/holdterm");
+    let sa = node("etcd-holdterm-a", &export);
+    let sb = node("etcd-holdterm-b", &export);
+    let mut a = start_node_ttl(&sa, &url, false, 30);
+    a.wait_ready();
+    let mut b = start_node(&sb, &url, true);
+    b.wait_log("standby: waiting for the owner", Duration::from_secs(20));
+    let port = cluster.client_port(0);
+    let lease = owner_key_lease(port, "rk/holdterm").expect("the owner key");
+    raw_etcd(port, async |c| c.lease_revoke(lease).await.map(drop));
+    b.wait_log("may not have run out", Duration::from_secs(10));
+    let asked = Instant::now();
+    b.signal(Signal::SIGTERM);
+    let st = b.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "{st:?}\n{}", b.log_text());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "stopped {:?} after SIGTERM",
+        asked.elapsed()
+    );
+    assert!(
+        !b.log_text()
+            .lines()
+            .any(|l| l.contains("owner of the etcd table") && !l.contains("standby")),
+        "b served:\n{}",
+        b.log_text()
+    );
+    assert_eq!(a.wait_exit(Duration::from_secs(10)).code(), Some(75));
 }
 
 /// A redo-log entry whose page does not decode: the offline view still
