@@ -351,7 +351,11 @@ impl Poller {
             sock.clone(),
             Some(self.flusher.clone()),
             &self.pool,
-            peer.uid,
+            outbox::PeerOf {
+                conn: conn.0,
+                pid: peer.pid,
+                uid: peer.uid,
+            },
         );
         self.conns.insert(
             conn,

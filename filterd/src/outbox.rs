@@ -52,9 +52,18 @@ pub const PARKED_BYTES_BUDGET: usize = 256 << 20;
 
 /// The descriptor-carrying frames all peers' queues may hold before the
 /// pool's shares apply, for a descriptor limit of `fd_limit`: an eighth
-/// of it, at least 64.
+/// of it, at least [`MAX_UNREAD_DESCRIPTORS`]. At a small limit an eighth
+/// was less than one frontend's burst (512 at 4096): a lone frontend
+/// with more replies unread than that was dropped with nobody attacking,
+/// though each of them shares a live handle's descriptor and costs none
+/// (re-review rr49c L1). A queued frame costs a descriptor only once its
+/// handle is closed; those stay bounded by this floor (twice it, with
+/// users within their shares), and by the handle limits that bound how
+/// many handles a peer opens at all.
 pub fn descriptor_budget(fd_limit: u64) -> usize {
-    usize::try_from(fd_limit / 8).unwrap_or(usize::MAX).max(64)
+    usize::try_from(fd_limit / 8)
+        .unwrap_or(usize::MAX)
+        .max(MAX_UNREAD_DESCRIPTORS)
 }
 
 /// A frame waiting in a queue.
@@ -150,6 +159,8 @@ struct PoolState {
     parked: Shares,
     /// Each member's writer, to close it.
     writers: HashMap<u64, Weak<ConnWriter>>,
+    /// Each member's connection, as logs name it.
+    peers: HashMap<u64, PeerOf>,
     next: u64,
 }
 
@@ -165,6 +176,7 @@ impl Pool {
                     bytes: parked,
                 }),
                 writers: HashMap::new(),
+                peers: HashMap::new(),
                 next: 1,
             }),
         })
@@ -192,14 +204,15 @@ impl Pool {
         PoolShares(self.lock())
     }
 
-    /// A new member of user `uid` for `writer`.
-    fn join(&self, uid: u32, writer: Weak<ConnWriter>) -> u64 {
+    /// A new member for `writer`, a connection of `peer`.
+    fn join(&self, peer: PeerOf, writer: Weak<ConnWriter>) -> u64 {
         let mut s = self.lock();
         let id = s.next;
         s.next += 1;
-        s.shares.join(id, uid);
-        s.parked.join(id, uid);
+        s.shares.join(id, peer.uid);
+        s.parked.join(id, peer.uid);
         s.writers.insert(id, writer);
+        s.peers.insert(id, peer);
         id
     }
 
@@ -271,7 +284,7 @@ impl Pool {
             match s.shares.victim(r) {
                 Some(v) if v == me => break,
                 Some(v) => {
-                    if !s.close(v, r, dropped) {
+                    if !s.close(v, me, r, dropped) {
                         break;
                     }
                 }
@@ -294,6 +307,18 @@ impl Pool {
     }
 }
 
+/// Whose a connection is: its id (as logs name it), and its peer's
+/// process and user (`SO_PEERCRED`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PeerOf {
+    /// The connection's id (`ConnId`).
+    pub conn: u64,
+    /// The peer's process.
+    pub pid: i32,
+    /// The peer's user: whose share it counts in.
+    pub uid: u32,
+}
+
 /// Writers and frames taken from connections the pool closed, dropped by
 /// the caller once it holds no lock (dropping a writer locks the pool).
 #[derive(Default)]
@@ -303,17 +328,26 @@ struct Dropped {
 }
 
 impl PoolState {
-    /// Closes member `v` (its user is over its share of `r`), freeing its
-    /// queue if nobody holds it now. Whether it freed it.
-    fn close(&mut self, v: u64, r: Resource, dropped: &mut Dropped) -> bool {
+    /// Closes member `v` (its user is over its share of `r`) for
+    /// `claimant`'s claim, freeing its queue if nobody holds it now.
+    /// Whether it freed it.
+    fn close(&mut self, v: u64, claimant: u64, r: Resource, dropped: &mut Dropped) -> bool {
         self.shares.closing(v);
         let Some(w) = self.writers.get(&v).and_then(Weak::upgrade) else {
             // Its writer is being dropped: its queue leaves the pool then.
             return false;
         };
         let held = self.shares.of(v);
+        let victim = self.peers.get(&v).copied().unwrap_or_default();
+        // Not in the claimant's span (its request's: `conn` there is the
+        // claimant's): the line names the connection closed (re-review
+        // rr49c L2).
         tracing::warn!(
-            uid = self.shares.uid_of(v),
+            parent: None,
+            victim_conn = victim.conn,
+            victim_pid = victim.pid,
+            claimant_conn = self.peers.get(&claimant).map(|p| p.conn),
+            uid = victim.uid,
             held_fds = held.fds,
             held_bytes = held.bytes,
             share = self.shares.share(r),
@@ -353,6 +387,7 @@ impl PoolShares<'_> {
         self.0.shares.leave(id);
         self.0.parked.leave(id);
         self.0.writers.remove(&id);
+        self.0.peers.remove(&id);
     }
 }
 
@@ -518,9 +553,14 @@ pub struct ConnWriter {
     /// Replies and events waiting for a commit before they go (bytes,
     /// frames): charged against the same limits as the queue, so a peer
     /// that pipelines requests during a slow commit cannot grow filterd's
-    /// memory without bound. Not in the pool: they wait for filterd's
-    /// commit, not for the peer (re-review rr48e F1), and they hold no
-    /// descriptor of their own (a handle's, shared).
+    /// memory without bound. Not in the pool's unread budget: they wait
+    /// for filterd's commit, not for the peer (re-review rr48e F1); their
+    /// bytes are in the pool's budget of parked bytes
+    /// ([`PoolState::parked`], shared by user). They hold no descriptor of
+    /// their own (a handle's, shared); one whose handle is closed before
+    /// its commit ends keeps that descriptor open till then, counted by
+    /// neither budget, bounded by the parked bytes and the commit's
+    /// duration (re-review rr49c L4).
     parked: Mutex<(usize, usize)>,
 }
 
@@ -550,15 +590,15 @@ impl Drop for ConnWriter {
 
 impl ConnWriter {
     /// A writer for `sock`, whose queue `flusher` drains, counted in
-    /// `pool` as a connection of user `uid` (its peer's).
+    /// `pool` as connection `peer` (of its peer's user).
     pub(crate) fn new(
         sock: Arc<OwnedFd>,
         flusher: Option<Arc<Flusher>>,
         pool: &Arc<Pool>,
-        uid: u32,
+        peer: PeerOf,
     ) -> Arc<ConnWriter> {
         let w = Arc::new_cyclic(|me| {
-            let member = pool.join(uid, me.clone());
+            let member = pool.join(peer, me.clone());
             ConnWriter {
                 sock,
                 dead: AtomicBool::new(false),
@@ -630,7 +670,12 @@ impl ConnWriter {
     /// A writer over a socket of the test's own (in a pool of its own).
     #[cfg(test)]
     pub fn for_test(sock: OwnedFd) -> Arc<ConnWriter> {
-        ConnWriter::new(Arc::new(sock), None, &Pool::for_this_process(), 0)
+        ConnWriter::new(
+            Arc::new(sock),
+            None,
+            &Pool::for_this_process(),
+            PeerOf::default(),
+        )
     }
 
     /// A writer over one end of a new non-blocking SEQPACKET pair, and
@@ -868,10 +913,17 @@ mod tests {
     /// A writer of user `uid` in `pool` over a socket pair whose send
     /// buffer is as small as the kernel allows, and the peer's end.
     fn writer_in(pool: &Arc<Pool>, uid: u32) -> (Arc<ConnWriter>, OwnedFd) {
-        let (ours, peer) = ConnWriter::socket_pair_for_test();
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let conn = NEXT.fetch_add(1, Ordering::Relaxed);
+        writer_as(pool, PeerOf { conn, pid: 0, uid })
+    }
+
+    /// As [`writer_in`], for connection `peer`.
+    fn writer_as(pool: &Arc<Pool>, peer: PeerOf) -> (Arc<ConnWriter>, OwnedFd) {
+        let (ours, theirs) = ConnWriter::socket_pair_for_test();
         nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SndBuf, &1)
             .expect("SO_SNDBUF");
-        (ConnWriter::new(Arc::new(ours), None, pool, uid), peer)
+        (ConnWriter::new(Arc::new(ours), None, pool, peer), theirs)
     }
 
     /// Sends frames without a descriptor until one is queued (the peer's
@@ -1010,6 +1062,24 @@ mod tests {
         assert!(!honest.peer_gone());
     }
 
+    /// Re-review rr49c L1: at a descriptor limit of 4096 the budget was
+    /// 512, and a lone frontend with more replies unread than that (a
+    /// burst of resumes after a commit, none of them costing a
+    /// descriptor: each shares a live handle's) was dropped with nobody
+    /// attacking. The budget is at least what one connection may hold.
+    #[test]
+    fn a_lone_frontends_burst_is_not_dropped_at_a_small_descriptor_limit() {
+        let pool = pool_of(descriptor_budget(4096));
+        let (w, _peer) = writer_in(&pool, 0);
+        fill(&w);
+        let fd = a_descriptor();
+        for i in 0..2000 {
+            assert!(w.send(b"opened", Some(&fd)), "reply {i} refused");
+        }
+        assert!(!w.peer_gone());
+        assert_eq!(pool.total().fds, 2000);
+    }
+
     /// Within one user, the connection holding the most unread goes, not
     /// one that reads.
     #[test]
@@ -1029,6 +1099,75 @@ mod tests {
         assert!(stalled.peer_gone());
         assert!(!busy.peer_gone());
         assert_eq!(pool.total().fds, 3);
+    }
+
+    /// What this thread logs while `f` runs.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let text = buf.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    /// Re-review rr49c L2: the line of a connection closed for another's
+    /// claim was logged in the claimant's request span (`conn` there the
+    /// claimant's) and named the victim by uid alone. It names the
+    /// victim's connection and process now, and the claimant's apart.
+    #[test]
+    fn the_line_of_a_connection_closed_for_the_pool_names_it() {
+        let pool = pool_of(8);
+        let fd = a_descriptor();
+        let (hog, _p1) = writer_as(
+            &pool,
+            PeerOf {
+                conn: 41,
+                pid: 4141,
+                uid: 1,
+            },
+        );
+        let (honest, _p2) = writer_as(
+            &pool,
+            PeerOf {
+                conn: 7,
+                pid: 77,
+                uid: 2,
+            },
+        );
+        fill(&hog);
+        fill(&honest);
+        for _ in 0..8 {
+            assert!(hog.send(b"opened", Some(&fd)));
+        }
+        let log = logged(|| {
+            let span = tracing::warn_span!("request", conn = 7);
+            let _in = span.enter();
+            assert!(honest.send(b"opened", Some(&fd)));
+        });
+        assert!(hog.peer_gone());
+        let line = log
+            .lines()
+            .find(|l| l.contains("more than its share"))
+            .unwrap_or_else(|| panic!("no line: {log}"));
+        assert!(line.contains("victim_conn=41"), "{line}");
+        assert!(line.contains("victim_pid=4141"), "{line}");
+        assert!(line.contains("claimant_conn=7"), "{line}");
+        assert!(!line.contains("request{"), "in the claimant's span: {line}");
     }
 
     /// Re-review rr48e F2: a connection closed for the pool whose queue
