@@ -210,6 +210,11 @@ impl Poller {
         ))
     }
 
+    /// What every connection's queue holds unread.
+    pub fn pool(&self) -> Arc<outbox::Pool> {
+        self.pool.clone()
+    }
+
     /// Waits up to `timeout` for work (less when a connection's hello is
     /// due sooner).
     pub fn wait(&mut self, timeout: Duration) -> Vec<Ready> {

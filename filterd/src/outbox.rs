@@ -246,7 +246,6 @@ impl Pool {
     }
 
     /// What all queues hold now.
-    #[cfg(test)]
     pub fn total(&self) -> Unread {
         self.lock().shares.total()
     }

@@ -128,7 +128,6 @@ impl Shares {
     }
 
     /// What all connections hold.
-    #[cfg(test)]
     pub fn total(&self) -> Unread {
         self.total
     }

@@ -1954,6 +1954,12 @@ pub struct Stats {
     /// holds. What `stats` counts leaves them out until it is durable.
     #[serde(default)]
     pub replies_awaiting_commit: u64,
+    /// Replies carrying a descriptor queued now (a gauge) for peers that
+    /// have not read what went before: what the outbox's budget of such
+    /// replies counts (an eighth of filterd's descriptor limit, at least
+    /// 4096, shared by peer user past it).
+    #[serde(default)]
+    pub replies_queued_unread: u64,
     /// Commits that failed and were rolled back (with every request that
     /// built on them): counted once the rollback is done, so a request
     /// sent after this counter moved sees the rolled-back state.

@@ -295,6 +295,9 @@ pub struct Engine {
     /// acknowledged and these absent frontends resumed a handle of it (or
     /// the deadline).
     hint_waits: HashMap<FileId, locks::HintWait>,
+    /// What the connections' queues hold unread (the poller's, once
+    /// [`Engine::run`] has it): `stats` reports it.
+    unread_pool: Option<std::sync::Arc<crate::outbox::Pool>>,
     /// Frontend instances with disconnected handles that did not come back
     /// within a lock hint's deadline: first locks stop waiting for them
     /// until they attach again (they learn of locks when they resume).
@@ -628,6 +631,7 @@ impl Engine {
             per_frontend: HashMap::new(),
             corrupt: Default::default(),
             hint_waits: HashMap::new(),
+            unread_pool: None,
             hint_gave_up: HashSet::new(),
             frontends_seen: Default::default(),
             seen_before_restart: Default::default(),
@@ -667,6 +671,7 @@ impl Engine {
         // However the loop ends (a panic too), the reader allows nothing
         // more by itself.
         let _take_back = crate::local::TakeBackOnDrop(self.mediated.clone());
+        self.unread_pool = Some(poller.pool());
         while !stop {
             let ready = poller.wait(self.next_wakeup());
             // What commits resolved meanwhile is durable now: `status`'s
@@ -1885,6 +1890,9 @@ impl Engine {
                 s.lease_claims_missed = claims.unclaimed.load(Ordering::Relaxed);
                 s.requests_waiting = self.requests_waiting() as u64;
                 s.replies_awaiting_commit = self.pipe.replies_waiting() as u64;
+                if let Some(p) = &self.unread_pool {
+                    s.replies_queued_unread = p.total().fds as u64;
+                }
                 Ok(Some((Reply::Stats(s), None)))
             }
             Request::Expire { key } => {
