@@ -399,6 +399,26 @@ fn create_on(fd: &OwnedFd, path: &str, guid: CreateGuid) {
     }
 }
 
+/// Sends 100 replays of `path`'s create `guid` on raw frontend `fd`,
+/// none read, from request `id` on, and waits until filterd has answered
+/// them (`ctl`'s stats); the next request id.
+fn replays_answered(
+    ctl: &FilterClient,
+    fd: &OwnedFd,
+    path: &str,
+    guid: CreateGuid,
+    id: u64,
+) -> u64 {
+    let answered = ctl.stats().unwrap().replays_detected + 100;
+    for id in id..id + 100 {
+        send_packet(fd.as_fd(), &create_frame(id, path, guid, true), None).unwrap();
+    }
+    wait_for("the replays answered", Duration::from_secs(30), || {
+        (ctl.stats().unwrap().replays_detected >= answered).then_some(())
+    });
+    id + 100
+}
+
 /// Review rr48c M1: a peer that replays its own create and never reads
 /// had each reply that did not fit its socket queued with a duplicate of
 /// the handle's descriptor — thousands of descriptors per connection, and
@@ -424,17 +444,9 @@ fn a_peer_replaying_its_create_unread_takes_no_descriptors_and_is_dropped() {
     // Replays, none read, until 1500 wait in filterd's queue (however
     // many its socket buffer takes first: re-review rr49c L3).
     let mut id = 2u64;
-    let mut answered = ctl.stats().unwrap().replays_detected;
     while ctl.stats().unwrap().replies_queued_unread < 1500 {
         assert!(id < 20_000, "replies never queued");
-        for _ in 0..100 {
-            send_packet(fd.as_fd(), &create_frame(id, "f", guid, true), None).unwrap();
-            id += 1;
-        }
-        answered += 100;
-        wait_for("the replays answered", Duration::from_secs(30), || {
-            (ctl.stats().unwrap().replays_detected >= answered).then_some(())
-        });
+        id = replays_answered(&ctl, &fd, "f", guid, id);
     }
     let during = fds_of(d.pid());
     assert!(
@@ -564,20 +576,12 @@ fn a_peer_spread_over_connections_cannot_get_an_honest_frontend_dropped() {
     let g = CreateGuid(uuid::Uuid::new_v4());
     create_on(&honest, "h", g);
     let mut next = 2u64;
-    let mut answered = ctl.stats().unwrap().replays_detected;
     while d.log_text().matches(CLOSED_FOR_THE_POOL).count() == closed_before {
         assert!(
             next < 2 + 4000,
             "no attacker connection closed for the burst"
         );
-        for _ in 0..100 {
-            send_packet(honest.as_fd(), &create_frame(next, "h", g, true), None).unwrap();
-            next += 1;
-        }
-        answered += 100;
-        wait_for("the burst answered", Duration::from_secs(30), || {
-            (ctl.stats().unwrap().replays_detected >= answered).then_some(())
-        });
+        next = replays_answered(&ctl, &honest, "h", g, next);
     }
     // The line names the connection closed, not the claimant's request.
     let line = d
