@@ -513,6 +513,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     check_root(&args, store.as_ref(), &identity, &root_path)?;
     info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
+    if fd_limit < outbox::SMALL_FD_LIMIT {
+        warn!(
+            fd_limit,
+            unread_descriptor_budget = outbox::descriptor_budget(fd_limit),
+            "descriptor limit below 32768: what filterd keeps queued for peers that do not read may hold up to a quarter of it (at most 4096), a lone frontend with more replies unread than that is dropped, and the handles of all peers share what is left; raise the hard limit (LimitNOFILE=, ulimit -Hn)"
+        );
+    }
 
     let closer = closer::Closer::start()?;
     let (poller, cmd_tx) = conn::Poller::new(args.command_queue.max(16), closer.clone())?;

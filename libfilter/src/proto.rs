@@ -1957,7 +1957,8 @@ pub struct Stats {
     /// Replies carrying a descriptor queued now (a gauge) for peers that
     /// have not read what went before: what the outbox's budget of such
     /// replies counts (an eighth of filterd's descriptor limit, at least
-    /// 4096, shared by peer user past it).
+    /// 4096 but at most a quarter of the limit, shared by peer user past
+    /// it).
     #[serde(default)]
     pub replies_queued_unread: u64,
     /// Commits that failed and were rolled back (with every request that

@@ -303,8 +303,8 @@ fn a_lingering_descriptor_on_a_refused_connection_stalls_nobody() {
 
 /// filterd under a descriptor limit of `nofile` that it cannot raise (as
 /// root, without `CAP_SYS_RESOURCE`): the budget of what it keeps queued
-/// for peers that do not read is an eighth of it (at least 4096),
-/// whatever the limit of the environment the test runs in (re-review
+/// for peers that do not read is an eighth of it (at least 4096 where
+/// that is at most a quarter of it), whatever the limit of the environment the test runs in (re-review
 /// rr48e F5). `prlimit` first, while root still has `CAP_SYS_RESOURCE`
 /// to raise a hard limit below `nofile` (re-review rr49c L3).
 fn filterd_with_nofile(s: &Scratch, nofile: u64) -> Filterd {
