@@ -517,7 +517,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         warn!(
             fd_limit,
             unread_descriptor_budget = outbox::descriptor_budget(fd_limit),
-            "descriptor limit below 32768: what filterd keeps queued for peers that do not read may hold up to a quarter of it (at most 4096), a lone frontend with more replies unread than that is dropped, and the handles of all peers share what is left; raise the hard limit (LimitNOFILE=, ulimit -Hn)"
+            "descriptor limit below 32768: what filterd keeps queued for peers that do not read may hold a quarter of it (at most 4096; up to half while other users hold their shares), a lone frontend with more replies unread than that is dropped, and the handles of all peers share what is left; raise the hard limit (LimitNOFILE=, ulimit -Hn)"
         );
     }
 

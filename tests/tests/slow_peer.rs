@@ -427,7 +427,7 @@ fn replays_answered(
 /// many wait; and the peer is dropped once it holds 4096 of them. Not
 /// for the pool's budget (re-review rr49c L1: it was an eighth of the
 /// limit, 2048 here, and a lone frontend's burst past it was dropped):
-/// the budget is at least what one connection may hold. Another frontend
+/// at this limit the budget is what one connection may hold, 4096. Another frontend
 /// is served throughout.
 #[test]
 fn a_peer_replaying_its_create_unread_takes_no_descriptors_and_is_dropped() {
@@ -529,7 +529,7 @@ fn a_peer_spread_over_connections_cannot_get_an_honest_frontend_dropped() {
     s.give_socket_group(SOCKET_GID);
     std::fs::write(s.root().join("a"), b"a").unwrap();
     std::fs::write(s.root().join("h"), b"h").unwrap();
-    // A budget of 4096 (the least it is; an eighth of the limit is
+    // A budget of 4096 (min(4096, a quarter) here; an eighth of the limit is
     // 2048): with two users holding some, 2048 each. (A root filterd
     // without CAP_SYS_ADMIN, as in a container, is subject to the kernel's
     // limit on descriptors in flight, its own descriptor limit: the
