@@ -211,29 +211,47 @@ struct SeenOwner {
     value: String,
     /// Its lease (0: none, the key never expires).
     lease: i64,
+    /// The revision of the claim that named it (the owner key's create
+    /// revision, or `meta/owner-lease`'s mod revision: one Txn writes
+    /// both, so the same claim's are equal).
+    claimed_at: i64,
     /// The lease's TTL as granted, once a poll or `meta/owner-lease`
     /// told it.
     granted: Duration,
+    /// What that claim's `meta/owner-lease` asks a claimant that finds
+    /// the lease gone to hold back (its TTL field: the lease's TTL, or
+    /// more if that claimant itself still held back for an owner before
+    /// it, re-review rr49e finding 3). Zero: not known.
+    hold_for: Duration,
     /// The last poll that found the lease alive: its send time in
     /// [`boot_nanos`] and the whole seconds it found left (etcd rounds
     /// down, so 0 is under a second).
     last_alive: Option<(u64, i64)>,
+    /// The latest any poll showed the lease to run until ([`boot_nanos`]:
+    /// its send time plus the whole seconds it found left): a lease gone
+    /// before that was revoked.
+    alive_until: u64,
     /// Found gone: whether to hold the takeover back was decided then
     /// (a claim that fails before it is made and is tried again does
-    /// not decide it afresh, without the polls that told).
-    ended: bool,
+    /// not decide it afresh, without the polls that told), and
+    /// `meta/owner-lease`'s mod revision then (0: absent), which the
+    /// claim requires unchanged (rr49e finding 1).
+    ended: Option<i64>,
     /// Since when the key is gone while its lease lives.
     vanished: Option<Instant>,
 }
 
 impl SeenOwner {
-    fn new(value: String, lease: i64, granted: Duration) -> SeenOwner {
+    fn new(value: String, lease: i64, claimed_at: i64) -> SeenOwner {
         SeenOwner {
             value,
             lease,
-            granted,
+            claimed_at,
+            granted: Duration::ZERO,
+            hold_for: Duration::ZERO,
             last_alive: None,
-            ended: false,
+            alive_until: 0,
+            ended: None,
             vanished: None,
         }
     }
@@ -248,17 +266,38 @@ impl SeenOwner {
 /// else — a standby that just started, came back from a partition or
 /// polls over a link slower than this — cannot tell a revoke from an
 /// expiry and holds the takeover back one TTL.
+///
+/// "0 s left" proves the old owner has stopped only if it stops at least
+/// a second before its lease ends: its margin, max(TTL/4, 500 ms), is
+/// that from [`RAN_OUT_PROVES_FROM`] on. A lease granted less holds the
+/// takeover back whatever the polls showed (rr49e finding 2).
 const RAN_OUT_WITHIN: Duration = Duration::from_secs(1);
 
-/// `PREFIX/meta/owner-lease`'s value (`<hex lease id> <granted TTL s>
-/// <node pid>`, [`EtcdStore::last_claims_lease`]): the lease (never 0),
-/// its TTL and the owner. `None` if it is not of that shape.
+/// The least lease TTL for which a lease polled to its end counts as run
+/// out ([`RAN_OUT_WITHIN`]).
+const RAN_OUT_PROVES_FROM: Duration = Duration::from_secs(4);
+
+/// The TTLs `PREFIX/meta/owner-lease` may name (filterd's own
+/// `--lease-ttl-secs` range, from 1 s): another value (written by hand)
+/// makes the key not filterd's, and the claim goes ahead without waiting,
+/// as with any value that does not parse. Before, a huge one panicked the
+/// claimant as it added it to the clock, on every restart (rr49e
+/// finding 4).
+const OWNER_LEASE_TTLS: std::ops::RangeInclusive<u64> = 1..=86_400;
+
+/// `PREFIX/meta/owner-lease`'s value (`<hex lease id> <TTL s> <node
+/// pid>`, [`EtcdStore::last_claims_lease`]): the lease (never 0), the
+/// TTL to hold back for (in [`OWNER_LEASE_TTLS`]) and the owner. `None`
+/// if it is not of that shape.
 fn parse_owner_lease(v: &[u8]) -> Option<(i64, Duration, String)> {
     let mut parts = std::str::from_utf8(v).ok()?.splitn(3, ' ');
     let lease = i64::from_str_radix(parts.next()?, 16)
         .ok()
         .filter(|l| *l > 0)?;
-    let granted = Duration::from_secs(parts.next()?.parse().ok()?);
+    let secs: u64 = parts.next()?.parse().ok()?;
+    let granted = OWNER_LEASE_TTLS
+        .contains(&secs)
+        .then(|| Duration::from_secs(secs))?;
     Some((lease, granted, parts.next()?.to_owned()))
 }
 
@@ -1752,9 +1791,9 @@ impl EtcdStore {
         // A failure before the claim is made leaves nothing of ours that
         // a later attempt cannot handle (see `claim_may_succeed_later`).
         let unclaimed = |e| self.unclaimed(e, start);
-        if !self.old_owner_fenced(&still, start)? {
+        let Some(mut last_claim) = self.old_owner_fenced(&still, start)? else {
             return Ok(None);
-        }
+        };
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(2);
         let mut lease_id = self.lease.id.load(Ordering::Acquire);
         // A waiting standby's lease is not renewed: take a fresh one when
@@ -1798,17 +1837,36 @@ impl EtcdStore {
             lease_id = grant()?;
         }
         let (owner, clean) = (self.owner_key(), self.clean_key());
-        let claim = |lease_id: i64| {
+        let claim = |lease_id: i64, last_claim: i64| {
             // Under no lease, so it outlives the owner key: a standby that
             // finds no owner key still finds which lease to wait for
             // (re-review rr48h finding 1).
-            let owner_lease = format!(
-                "{lease_id:x} {} {}",
-                self.granted_secs.load(Ordering::Acquire),
-                self.me
-            );
+            // Its TTL field is what a claimant that finds this lease gone
+            // early holds back: our own TTL, or what is left of a hold of
+            // ours for an owner before us, if longer (so a hold cut short
+            // — SIGTERM, our death — passes on whole: rr49e finding 3).
+            let holding = self
+                .hold
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map_or(Duration::ZERO, |(until, _)| {
+                    until.saturating_duration_since(Instant::now())
+                });
+            let hold_secs = holding
+                .as_secs()
+                .saturating_add(u64::from(holding.subsec_nanos() > 0))
+                .max(self.granted_secs.load(Ordering::Acquire))
+                .clamp(*OWNER_LEASE_TTLS.start(), *OWNER_LEASE_TTLS.end());
+            let owner_lease = format!("{lease_id:x} {hold_secs} {}", self.me);
             Txn::new()
-                .when([Compare::create_revision(owner.clone(), CompareOp::Equal, 0)])
+                // The last claim is still the one whose lease was found
+                // gone (or none): a claim made since, whose owner key then
+                // went too, is waited for afresh (rr49e finding 1).
+                .when([
+                    Compare::create_revision(owner.clone(), CompareOp::Equal, 0),
+                    Compare::mod_revision(self.owner_lease_key(), CompareOp::Equal, last_claim),
+                ])
                 .and_then([
                     TxnOp::put(
                         owner.clone(),
@@ -1827,7 +1885,7 @@ impl EtcdStore {
         let t_claim = Instant::now();
         let (fence, was_clean, pinned) = loop {
             let resp = loop {
-                let txn = claim(lease_id);
+                let txn = claim(lease_id, last_claim);
                 self.failpoint("etcd.claim.before_txn");
                 let resp = self.retry_raw("claim", still, |c| {
                     let (mut c, t) = (c.clone(), txn.clone());
@@ -1866,14 +1924,18 @@ impl EtcdStore {
                     TxnOpResponse::Get(g) => g.kvs().first(),
                     _ => None,
                 });
-                // A hold set for an owner whose lease was gone is not
-                // this owner's.
-                *self.hold.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                // A hold set for an owner whose lease was gone stays: that
+                // owner may still act until it ends, whoever claims next
+                // (rr49e finding 3; before, it was dropped here).
                 match found {
                     Some(kv) => self.saw_owner(kv),
                     None => {
+                        // No owner key: another claim was made since the
+                        // last claim's lease was found gone (its key gone
+                        // too): wait for its lease, read afresh.
+                        *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = None;
                         *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) =
-                            "unknown".into();
+                            "unknown (another claim was made meanwhile)".into();
                     }
                 }
                 return Ok(None);
@@ -1921,6 +1983,9 @@ impl EtcdStore {
             if still() {
                 warn!("etcd claim: our lease ran out as the claim was answered; claiming again under a fresh one");
                 lease_id = grant()?;
+                // The last claim is now ours (`meta/owner-lease` written in
+                // its Txn, at the owner key's create revision).
+                last_claim = fence;
                 continue;
             }
             self.lease.lost.store(true, Ordering::Release);
@@ -2001,7 +2066,7 @@ impl EtcdStore {
                 if lease == 0 {
                     warn!(owner = %value, key = %String::from_utf8_lossy(kv.key()), "the etcd owner key has no lease: it never expires, so no standby takes over until it is deleted by hand (when its owner is surely gone)");
                 }
-                *seen = Some(SeenOwner::new(value, lease, Duration::ZERO));
+                *seen = Some(SeenOwner::new(value, lease, kv.create_revision()));
             }
         }
     }
@@ -2024,30 +2089,43 @@ impl EtcdStore {
     ///
     /// A lease that ended other than by running out (revoked, by hand or
     /// by etcd) leaves an owner that may not know yet: the claim is made,
-    /// but it serves only one lease TTL (as granted) later
+    /// but it serves only one lease TTL (as granted, or as the last claim
+    /// asked in `meta/owner-lease`, if longer) later
     /// ([`EtcdStore::hold_for_old_owner`]) — by then that owner's own
     /// clock has stopped it. It ran out only if the poll just before
-    /// found under a second left ([`RAN_OUT_WITHIN`]); a standby that
-    /// cannot tell (it just started, or its polls failed for a while)
-    /// holds too (rr48h finding 2: it served at once).
+    /// found under a second left ([`RAN_OUT_WITHIN`]), no poll showed it
+    /// to run longer, and it was granted at least [`RAN_OUT_PROVES_FROM`];
+    /// a standby that cannot tell (it just started, or its polls failed
+    /// for a while) holds too (rr48h finding 2: it served at once).
+    ///
+    /// `Some(revision)`: a claim may be made, on `meta/owner-lease` still
+    /// at that mod revision (0: absent) — the claim the decision was
+    /// about (rr49e finding 1).
     fn old_owner_fenced(
         &self,
         keep_trying: &dyn Fn() -> bool,
         start: Instant,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let seen = self
             .seen_owner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let mut seen = match seen {
-            // Found gone (the hold decided then); or no lease: only the
-            // claim's compare says whether the key is there.
-            Some(s) if s.ended || s.lease == 0 => return Ok(true),
+            // Found gone (the hold decided then).
+            Some(SeenOwner {
+                ended: Some(at), ..
+            }) => return Ok(Some(at)),
+            // No lease: only the claim's compare says whether the key is
+            // there.
+            Some(s) if s.lease == 0 => {
+                let got = self.claim_read(self.owner_lease_key(), keep_trying, start)?;
+                return Ok(Some(got.kvs().first().map_or(0, |kv| kv.mod_revision())));
+            }
             Some(s) => s,
             None => match self.last_claims_lease(keep_trying, start)? {
-                Some(s) => s,
-                None => return Ok(true),
+                Ok(s) => s,
+                Err(at) => return Ok(Some(at)),
             },
         };
         let id = seen.lease;
@@ -2072,36 +2150,59 @@ impl EtcdStore {
         // there: taken for gone, every natural expiry looked early and
         // held the takeover back (TTL 4: 2.6 s more).
         if left < 0 {
+            // Which claim is the last now: one made since the lease was
+            // seen (its owner key gone too) is waited for afresh.
+            let got = self.claim_read(self.owner_lease_key(), keep_trying, start)?;
+            let meta = got.kvs().first();
+            let at = meta.map_or(0, |kv| kv.mod_revision());
+            if let Some((lease, ttl, owner)) = meta.and_then(|kv| parse_owner_lease(kv.value())) {
+                if at > seen.claimed_at && lease != self.lease.id.load(Ordering::Acquire) {
+                    *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) =
+                        format!("{owner} (the last claim's, under lease {lease:x})");
+                    let mut next = SeenOwner::new(owner, lease, at);
+                    (next.granted, next.hold_for) = (ttl, ttl);
+                    *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
+                    return Ok(None);
+                }
+                if at == seen.claimed_at {
+                    seen.hold_for = seen.hold_for.max(ttl);
+                }
+            }
             let within = u64::try_from(RAN_OUT_WITHIN.as_nanos()).unwrap_or(u64::MAX);
             let ran_out = matches!(seen.last_alive,
-                Some((at, 0)) if sent.saturating_sub(at) < within);
+                Some((at, 0)) if sent.saturating_sub(at) < within)
+                && sent >= seen.alive_until
+                && seen.granted >= RAN_OUT_PROVES_FROM
+                && seen.hold_for <= seen.granted;
             if !ran_out {
-                let ttl = if seen.granted.is_zero() {
-                    self.ttl
-                } else {
-                    seen.granted
+                let ttl = match seen.granted.max(seen.hold_for) {
+                    t if t.is_zero() => self.ttl,
+                    t => t,
                 };
-                *self.hold.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((Instant::now() + ttl, seen.value.clone()));
+                self.hold_until(ttl, &seen.value);
             }
-            seen.ended = true;
+            seen.ended = Some(at);
             *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
-            return Ok(true);
+            return Ok(Some(at));
         }
         seen.last_alive = Some((sent, left));
+        let left_ns = u64::try_from(left)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000);
+        seen.alive_until = seen.alive_until.max(sent.saturating_add(left_ns));
         if left == 0 {
             // Ending: a poll soon finds it gone.
             *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
-            return Ok(false);
+            return Ok(None);
         }
         let got = self.claim_read(self.owner_key(), keep_trying, start)?;
         if let Some(kv) = got.kvs().first() {
             *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
             self.saw_owner(kv);
-            return Ok(false);
+            return Ok(None);
         }
         if seen.vanished.is_none() {
-            warn!(owner = %seen.value, lease = %format!("{id:x}"), "the etcd owner key was removed while its owner's lease lives: no claim until that lease ends (its owner steps down when it sees its key gone)");
+            warn!(owner = %seen.value, lease = %format!("{id:x}"), "the etcd owner key was removed while its owner's lease lives: no claim until that lease ends (its owner steps down when it sees its key gone; if that lease is no filterd's, delete PREFIX/meta/owner-lease: README \"Two machines\")");
             seen.vanished = Some(Instant::now());
         }
         *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) = format!(
@@ -2109,36 +2210,56 @@ impl EtcdStore {
             seen.value
         );
         *self.seen_owner.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
-        Ok(false)
+        Ok(None)
+    }
+
+    /// Holds the takeover back `ttl` from now ([`EtcdStore::hold_for_old_owner`]),
+    /// or longer if a hold set before ends later (an owner before may
+    /// still act until then). The clock is added to without overflow
+    /// (rr49e finding 4): a `ttl` past its range (no filterd's) holds a
+    /// day.
+    fn hold_until(&self, ttl: Duration, who: &str) {
+        let now = Instant::now();
+        let until = now
+            .checked_add(ttl)
+            .or_else(|| now.checked_add(Duration::from_secs(*OWNER_LEASE_TTLS.end())))
+            .unwrap_or(now);
+        let mut hold = self.hold.lock().unwrap_or_else(|p| p.into_inner());
+        if hold.as_ref().is_none_or(|(was, _)| *was < until) {
+            *hold = Some((until, who.to_owned()));
+        }
     }
 
     /// The lease the last claim named in `PREFIX/meta/owner-lease` (a
     /// key under no lease, so it outlives the owner key), for
     /// [`EtcdStore::old_owner_fenced`] to poll when no refused claim
-    /// showed an owner key. `None` — claim as before — when the key is
-    /// absent (a table never claimed, stopped cleanly, or last claimed by
-    /// an earlier filterd, which did not write it), names our own lease
-    /// (a claim of ours whose answer was lost made it), or does not parse
-    /// (written by hand: said).
+    /// showed an owner key. `Err(mod revision)` (0: absent) — claim as
+    /// before — when the key is absent (a table never claimed, stopped
+    /// cleanly, or last claimed by an earlier filterd, which did not
+    /// write it), names our own lease (a claim of ours whose answer was
+    /// lost made it), or does not parse (written by hand, or a TTL
+    /// outside [`OWNER_LEASE_TTLS`]: said).
     fn last_claims_lease(
         &self,
         keep_trying: &dyn Fn() -> bool,
         start: Instant,
-    ) -> Result<Option<SeenOwner>, StoreError> {
+    ) -> Result<Result<SeenOwner, i64>, StoreError> {
         let got = self.claim_read(self.owner_lease_key(), keep_trying, start)?;
         let Some(kv) = got.kvs().first() else {
-            return Ok(None);
+            return Ok(Err(0));
         };
         let Some((lease, granted, owner)) = parse_owner_lease(kv.value()) else {
-            warn!(key = %String::from_utf8_lossy(kv.key()), value = %String::from_utf8_lossy(kv.value()), "the etcd table's owner-lease key does not parse (not filterd's): claiming without waiting for the lease of the owner before");
-            return Ok(None);
+            warn!(key = %String::from_utf8_lossy(kv.key()), value = %String::from_utf8_lossy(kv.value()), "the etcd table's owner-lease key does not parse (not filterd's: a lease id, a TTL of 1 to 86400 s, an owner): claiming without waiting for the lease of the owner before");
+            return Ok(Err(kv.mod_revision()));
         };
         if lease == self.lease.id.load(Ordering::Acquire) {
-            return Ok(None);
+            return Ok(Err(kv.mod_revision()));
         }
         *self.last_owner.lock().unwrap_or_else(|p| p.into_inner()) =
             format!("{owner} (the last claim's, under lease {lease:x})");
-        Ok(Some(SeenOwner::new(owner, lease, granted)))
+        let mut seen = SeenOwner::new(owner, lease, kv.mod_revision());
+        (seen.granted, seen.hold_for) = (granted, granted);
+        Ok(Ok(seen))
     }
 
     /// A claim's read of `key` (linearizable; retried on the members in
@@ -4391,7 +4512,27 @@ mod tests {
                 "node-a pid 12".into()
             ))
         );
-        for bad in ["", "0 4 x", "zz 4 x", "ab", "ab 4", "ab x y", "-5 4 x"] {
+        for ok in ["1", "86400"] {
+            let v = format!("ab {ok} x");
+            assert!(parse_owner_lease(v.as_bytes()).is_some(), "{v:?}");
+        }
+        // TTLs no filterd writes (rr49e finding 4: a huge one panicked
+        // the claimant as it added it to the clock).
+        for bad in [
+            "",
+            "0 4 x",
+            "zz 4 x",
+            "ab",
+            "ab 4",
+            "ab x y",
+            "-5 4 x",
+            "ab 0 x",
+            "ab 86401 x",
+            "ab 1000000000000 x",
+            "ab 18446744073709551615 x",
+            "ab 18446744073709551616 x",
+            "ab -4 x",
+        ] {
             assert_eq!(parse_owner_lease(bad.as_bytes()), None, "{bad:?}");
         }
         assert_eq!(parse_owner_lease(&[0xff, b' ', b'4', b' ', b'x']), None);
