@@ -132,8 +132,11 @@ struct Args {
     store: String,
     /// etcd store: the ownership lease's time to live in seconds (2 to
     /// 86400; another value is refused, exit 2). filterd stops acting
-    /// max(TTL/4, 500 ms) before it could expire; a standby takes over
-    /// within about TTL after the owner dies.
+    /// max(TTL/4, 500 ms) before it could expire; a standby already
+    /// waiting takes over within about TTL after the owner dies, one
+    /// started after an unclean stop (or at TTL 2 or 3) one TTL after it
+    /// finds the old lease gone (README "Two machines"). Use one TTL on
+    /// every daemon of a table.
     #[arg(long, value_name = "SECS", default_value_t = 4,
           value_parser = clap::value_parser!(u64).range(2..=86_400))]
     lease_ttl_secs: u64,

@@ -9,7 +9,7 @@
 //! | `PREFIX/owner` | the owning daemon (`node pid`), under its lease |
 //! | `PREFIX/gen` | the owner's commit generation (its mod revision counts) |
 //! | `PREFIX/meta/clean` | present after a clean shutdown |
-//! | `PREFIX/meta/owner-lease` | the last claim's lease (`<hex id> <granted TTL s> <node pid>`), under no lease; deleted by a clean shutdown |
+//! | `PREFIX/meta/owner-lease` | the last claim's lease (`<hex id> <TTL s to hold back> <node pid>`), under no lease; deleted by a clean shutdown |
 //! | `PREFIX/meta/root` | the export root the table belongs to ([`StateStore::bound_root`]) |
 //! | `PREFIX/h/<hex resume key>` | a handle record |
 //! | `PREFIX/r/<hex replay key>` | a recorded reply ([`crate::store::replay_key`]) |
