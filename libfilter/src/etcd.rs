@@ -2216,8 +2216,9 @@ impl EtcdStore {
     /// Holds the takeover back `ttl` from now ([`EtcdStore::hold_for_old_owner`]),
     /// or longer if a hold set before ends later (an owner before may
     /// still act until then). The clock is added to without overflow
-    /// (rr49e finding 4): a `ttl` past its range (no filterd's) holds a
-    /// day.
+    /// (rr49e finding 4): a `ttl` past its range holds a day. The TTL of
+    /// a lease a poll found (not range-checked) holds as long as that
+    /// lease was granted, however long (rr49h finding 4).
     fn hold_until(&self, ttl: Duration, who: &str) {
         let now = Instant::now();
         let until = now
