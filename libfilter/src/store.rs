@@ -1161,10 +1161,27 @@ pub fn open_store_dir(db_dir: &Path) -> Result<std::fs::File, StoreError> {
     if owner != me {
         return Err(StoreError::Untrusted {
             path: path(),
-            why: format!("it belongs to uid {owner}, not to filterd's user (uid {me}); another user may have put it there: remove it, or run filterd as its owner"),
+            why: format!("it belongs to uid {owner}, not to filterd's user (uid {me}). If it is this state dir's store from when filterd ran as that user, give it to this one (chown -R {me} on the state dir), or run filterd as its owner; never remove it, it holds every client's handles and replay records. Otherwise another user put it there while the state dir was open to them"),
         });
     }
     Ok(dir)
+}
+
+/// Takes every permission of other users off the store's directory
+/// `STATE/lmdb/` if there is one (before it is used, at every start:
+/// [`make_store_dir_private`]). Before (review rr49d L9) only
+/// [`Store::open`] did, which a `--standby` reaches only once the filterd
+/// it waits for is gone: while it waited, a store's directory made before
+/// review rvacl stayed open to every member of the state dir's group.
+pub fn narrow_store_dir(state: &Path) -> Result<(), StoreError> {
+    let db_dir = state.join(STORE_DIR);
+    match open_store_dir(&db_dir) {
+        Ok(dir) => make_store_dir_private(&db_dir, &dir),
+        Err(StoreError::Dir { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Takes every permission of other users off the store's directory
@@ -1173,8 +1190,12 @@ pub fn open_store_dir(db_dir: &Path) -> Result<std::fs::File, StoreError> {
 /// anyone who could open it could hold its writer lock to keep filterd
 /// from starting (review rr49a F2). A process that opened it before
 /// keeps its descriptor, and so what `flock` it holds; once it is 0700
-/// nobody else can put anything in it. Then refuses what another user
-/// put in it meanwhile (`data.mdb` and `lock.mdb` are opened by path).
+/// nobody else can put anything in it. Then refuses a `data.mdb` or
+/// `lock.mdb` — what LMDB opens there, by path — that is not a regular
+/// file of this process's user: another user may have put it there
+/// meanwhile. Nothing else there is opened, so nothing else matters
+/// (review rr49d L3: before, any entry of another user refused the
+/// start, the `lost+found` of a filesystem mounted at `lmdb/` too).
 fn make_store_dir_private(db_dir: &Path, dir: &std::fs::File) -> Result<(), StoreError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let io = |source| StoreError::Dir {
@@ -1193,15 +1214,32 @@ fn make_store_dir_private(db_dir: &Path, dir: &std::fs::File) -> Result<(), Stor
         );
     }
     let me = nix::unistd::geteuid().as_raw();
-    for entry in std::fs::read_dir(db_dir).map_err(io)? {
-        let entry = entry.map_err(io)?;
-        let owner = entry.metadata().map_err(io)?.uid();
-        if owner != me {
-            return Err(StoreError::Untrusted {
-                path: entry.path().display().to_string(),
-                why: format!("it belongs to uid {owner}, not to filterd's user (uid {me}): another user put it in the store's directory while it was open to them; remove it"),
-            });
-        }
+    for (name, remedy) in [
+        ("data.mdb", "never remove it, it holds the state"),
+        (
+            "lock.mdb",
+            "or remove it while no filterd or filterctl uses the store (LMDB makes it anew)",
+        ),
+    ] {
+        let path = db_dir.join(name);
+        let m = match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            r => r.map_err(io)?,
+        };
+        let why = if m.uid() != me {
+            format!(
+                "it belongs to uid {}, not to filterd's user (uid {me}). If it is this store's from when filterd ran as that user, give it to this one (chown -R {me} on the state dir); {remedy}. Otherwise another user put it there while the store's directory was open to them",
+                m.uid()
+            )
+        } else if !m.file_type().is_file() {
+            "it is not a regular file as LMDB makes it (a symbolic link?); put the file itself there".into()
+        } else {
+            continue;
+        };
+        return Err(StoreError::Untrusted {
+            path: path.display().to_string(),
+            why,
+        });
     }
     Ok(())
 }
@@ -2256,6 +2294,56 @@ pub(crate) mod tests {
         drop(Store::open(&dir, 1 << 24).unwrap());
         let mode = std::fs::metadata(&db_dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o700, "lmdb/ mode {mode:o}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// In the store's directory only `data.mdb` and `lock.mdb`, what LMDB
+    /// opens there, must be regular files of filterd's user: anything else
+    /// is never opened, so the `lost+found` (root's) of a filesystem
+    /// mounted at `lmdb/` — the remedy for a link there — is let be
+    /// (review rr49d L3: before, any entry of another user refused the
+    /// start). A `data.mdb` or `lock.mdb` of another user is refused with
+    /// `chown -R` as the remedy, never "remove" for the state (rr49d L4);
+    /// as is a symbolic link there. The parts that need another user run
+    /// as root only.
+    #[test]
+    fn only_what_lmdb_opens_in_the_store_directory_must_be_ours() {
+        let dir = std::env::temp_dir().join(format!("rkf-entries-{}", uuid::Uuid::new_v4()));
+        drop(Store::open(&dir, 1 << 24).unwrap());
+        let db_dir = dir.join(STORE_DIR);
+        let refused = |says: &[&str]| match Store::open(&dir, 1 << 24) {
+            Err(e @ StoreError::Untrusted { .. }) => {
+                let e = e.to_string();
+                for s in says {
+                    assert!(e.contains(s), "{e}");
+                }
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened"),
+        };
+        let data = db_dir.join("data.mdb");
+        let moved = db_dir.join("data.elsewhere");
+        std::fs::rename(&data, &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, &data).unwrap();
+        refused(&["data.mdb cannot be trusted", "not a regular file"]);
+        std::fs::remove_file(&data).unwrap();
+        std::fs::rename(&moved, &data).unwrap();
+        drop(Store::open(&dir, 1 << 24).unwrap());
+        if nix::unistd::geteuid().is_root() {
+            let me = Some(nix::unistd::geteuid());
+            let nobody = Some(nix::unistd::Uid::from_raw(65534));
+            let lost = db_dir.join("lost+found");
+            std::fs::create_dir(&lost).unwrap();
+            nix::unistd::chown(&lost, nobody, None).unwrap();
+            drop(Store::open(&dir, 1 << 24).unwrap());
+            nix::unistd::chown(&data, nobody, None).unwrap();
+            refused(&["data.mdb cannot be trusted", "chown -R", "never remove it"]);
+            nix::unistd::chown(&data, me, None).unwrap();
+            nix::unistd::chown(&db_dir, nobody, None).unwrap();
+            refused(&["lmdb cannot be trusted", "chown -R", "never remove it"]);
+            nix::unistd::chown(&db_dir, me, None).unwrap();
+            drop(Store::open(&dir, 1 << 24).unwrap());
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
