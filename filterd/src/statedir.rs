@@ -9,8 +9,9 @@
 //! rr48c M2) the lock was a `flock` on the state dir itself, which any
 //! member of the state dir's group — the frontends', as README advises —
 //! could hold (`flock -s STATE sleep inf`) to make every later start fail
-//! and keep a standby waiting forever. If the lock file is renamed or replaced between our `open` and
-//! our `flock`, the inode check after locking notices and we start over.
+//! and keep a standby waiting forever. If the lock file is renamed or
+//! replaced between our `open` and our `flock`, the inode check after
+//! locking notices and we start over.
 //! The lock is taken before anything else in the state dir is touched
 //! (epoch, intents, socket).
 //!
@@ -108,17 +109,29 @@ pub fn check_state_dir(state: &Path) -> anyhow::Result<()> {
 /// write, or that is sticky (`/tmp`: nobody else may rename or remove
 /// what is ours there). `/var/lib`, `/run` (root, 0755) and `/tmp` (1777)
 /// are. Its group may write it when it is filterd's user's and of that
-/// user's own primary group (a user private group under umask 002, or
-/// root's): that group's members are then trusted like filterd's user.
-/// Before (review rr49a F5) any group's write permission was accepted,
-/// and a member of a shared group (`root:staff 2775`) could swap the
-/// state dir, with its socket, while filterd ran.
+/// user's own primary group, the one its passwd entry names (a user
+/// private group under umask 002, or root's): that group's members are
+/// then trusted like filterd's user. Not filterd's effective group,
+/// which `Group=`, `sg` or `setpriv --regid` may make the frontends'
+/// (review rr49d L2); no passwd entry, no exception. Before (review
+/// rr49a F5) any group's write permission was accepted, and a member of
+/// a shared group (`root:staff 2775`) could swap the state dir, with its
+/// socket, while filterd ran. Only this one directory is checked, not
+/// the ones above it (review rr49d L5): one another user may write
+/// there lets them rename the whole subtree away (README "Socket
+/// permissions").
 fn check_parent(p: &Path) -> anyhow::Result<()> {
-    use nix::unistd::{getegid, geteuid};
-    let me = geteuid().as_raw();
+    use nix::unistd::{geteuid, User};
+    let me = geteuid();
     let m = std::fs::symlink_metadata(p).with_context(|| format!("{}", p.display()))?;
-    let own_group = m.uid() == me && m.gid() == getegid().as_raw();
-    check_dir(p, &[me, 0], if own_group { 0o002 } else { 0o022 }, true)
+    let primary = User::from_uid(me).ok().flatten().map(|u| u.gid.as_raw());
+    let own_group = m.uid() == me.as_raw() && primary == Some(m.gid());
+    check_dir(
+        p,
+        &[me.as_raw(), 0],
+        if own_group { 0o002 } else { 0o022 },
+        true,
+    )
 }
 
 /// The socket's path `socket` with its directory resolved (symbolic
@@ -235,27 +248,31 @@ fn check_entries(state: &Path) -> anyhow::Result<()> {
     use std::fs::FileType;
     use std::os::unix::fs::FileTypeExt;
     let me = nix::unistd::geteuid().as_raw();
-    /// A name filterd uses, what it makes there, and a test for that.
-    type Entry = (&'static str, &'static str, fn(&FileType) -> bool);
+    /// A name filterd uses, what it makes there, a test for that, and
+    /// whether it may be removed (filterd makes it anew, losing nothing).
+    type Entry = (&'static str, &'static str, fn(&FileType) -> bool, bool);
     let entries: [Entry; 4] = [
         (
             libfilter::runtime::LOCK_FILE,
             "a regular file",
             FileType::is_file,
+            false,
         ),
         (
             libfilter::runtime::RUNTIME_FILE,
             "a regular file",
             FileType::is_file,
+            true,
         ),
         (
             crate::frontends_seen::FILE,
             "a regular file",
             FileType::is_file,
+            false,
         ),
-        (SOCKET_FILE, "a socket", FileType::is_socket),
+        (SOCKET_FILE, "a socket", FileType::is_socket, true),
     ];
-    for (name, kind, is_kind) in entries {
+    for (name, kind, is_kind, removable) in entries {
         let path = state.join(name);
         let m = match std::fs::symlink_metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -263,9 +280,15 @@ fn check_entries(state: &Path) -> anyhow::Result<()> {
         };
         if m.uid() != me {
             bail!(
-                "{} cannot be trusted: it belongs to uid {}, not to filterd's user (uid {me}): another user put it there while the state dir was open to them; remove it",
+                "{} cannot be trusted: it belongs to uid {}, not to filterd's user (uid {me}). If it is from when filterd ran as that user, give the state dir to this one (chown -R {me} {}){}. Otherwise another user put it there while the state dir was open to them",
                 path.display(),
-                m.uid()
+                m.uid(),
+                state.display(),
+                if removable {
+                    ", or remove it while no filterd runs"
+                } else {
+                    ""
+                }
             );
         }
         if !is_kind(&m.file_type()) {
@@ -291,6 +314,9 @@ pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked
     check_state_dir(state)?;
     shut_writers_out(state)?;
     check_entries(state)?;
+    // Before the wait, so a standby's wait leaves no old, open `lmdb/`
+    // (review rr49d L9); a live filterd keeps its descriptors.
+    libfilter::store::narrow_store_dir(state)?;
     let path = state.join(libfilter::runtime::LOCK_FILE);
     let file = loop {
         let file = open_lock_file(&path, "the state dir's lock file")?;
@@ -443,8 +469,9 @@ fn take_when_free(dir: File) {
 /// (`mode & !0o027`, as filterd creates it: 0750), and its group's write
 /// permission, so no other user can open it or read what it holds, nor
 /// put anything in it. Called once the state dir's lock is held, so a second
-/// daemon that is refused leaves the live one's dir as it is (review
-/// rr37b). Whoever can open the dir can hold its own `flock`, which no
+/// daemon that is refused leaves the live one's dir open to its group
+/// (review rr37b); it takes only its group's and others' write permission
+/// away, as every start does before anything is used ([`shut_writers_out`]). Whoever can open the dir can hold its own `flock`, which no
 /// longer keeps filterd from starting ([`lock_dir`]; review rvacl, rr48c
 /// M2).
 pub fn tighten(state: &Path) {

@@ -977,8 +977,10 @@ fn fake_filterd(s: &Scratch, script: &str) -> std::process::Child {
 /// for the older daemon.
 #[test]
 fn an_older_filterd_on_the_state_dir_still_excludes_a_new_one() {
+    use std::os::unix::fs::PermissionsExt;
     let s = Scratch::new("older-filterd");
-    std::fs::create_dir(s.state().join("lmdb")).unwrap();
+    let lmdb = s.state().join("lmdb");
+    std::fs::create_dir(&lmdb).unwrap();
     let mut old = fake_filterd(
         &s,
         r#"exec 9<"$STATE" 8<"$STATE/lmdb" && flock -x 9 && flock -x 8 && exec "$FAKE" 60"#,
@@ -991,11 +993,17 @@ fn an_older_filterd_on_the_state_dir_still_excludes_a_new_one() {
         "{log}"
     );
 
+    // A store's directory made before filterd made it 0700 is made so
+    // before the standby waits, not once it takes over (review rr49d L9:
+    // while it waited, every member of the state dir's group could open
+    // it and queue on its writer lock).
+    std::fs::set_permissions(&lmdb, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut standby = Filterd::spawn(&s, &["--standby"], &[]);
     standby.wait_log(
         "waiting for the active filterd to exit (it holds the state dir's flock and its store's)",
         Duration::from_secs(10),
     );
+    assert_eq!(mode_of(&lmdb), 0o700, "{}", standby.log_text());
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(old.id() as i32), Signal::SIGKILL);
     let _ = old.wait();
     standby.wait_ready();
@@ -1099,7 +1107,9 @@ fn a_link_at_the_stores_directory_is_refused() {
 /// it, refuses the start; and a state dir its group may write loses that
 /// permission before anything in it is used — a refused start too — and
 /// a file another user put there under a name filterd uses refuses the
-/// start. Before, all of these were used as found.
+/// start. Before, all of these were used as found. The messages say
+/// `chown -R`, the remedy after filterd moved to another user, and never
+/// "remove it" for the state (review rr49d L4).
 #[test]
 fn the_store_and_what_the_state_dir_holds_must_be_filterds_own() {
     use std::os::unix::fs::PermissionsExt;
@@ -1125,7 +1135,8 @@ fn the_store_and_what_the_state_dir_holds_must_be_filterds_own() {
         nix::unistd::chown(path, nobody, None).unwrap();
         let log = Filterd::spawn(&s, &[], &[]).refused();
         assert!(
-            log.contains(&format!("{} cannot be trusted: {says}", path.display())),
+            log.contains(&format!("{} cannot be trusted: {says}", path.display()))
+                && log.contains("chown -R"),
             "{log}"
         );
         nix::unistd::chown(path, me, None).unwrap();
@@ -1143,7 +1154,8 @@ fn the_store_and_what_the_state_dir_holds_must_be_filterds_own() {
         log.contains(&format!(
             "{} cannot be trusted: it belongs to uid 65534",
             seen.display()
-        )),
+        )) && log.contains(&format!("chown -R 0 {}", s.state().display()))
+            && !log.contains("remove it"),
         "{log}"
     );
     assert_eq!(
@@ -1243,8 +1255,13 @@ fn a_state_dir_or_socket_dir_others_may_write_is_refused() {
 /// that group could rename the state dir (or the socket's dir) away and
 /// put one of theirs there, with a listener at the socket's path, while
 /// filterd runs. Before (review rr49a F5) only other users' write
-/// permission was refused. Sticky (`root:staff 3775`) it is trusted. Root
-/// only (it makes a directory of a group not filterd's).
+/// permission was refused. Sticky (`root:staff 3775`) it is trusted.
+/// filterd's user's primary group is its passwd entry's (root's: gid 0),
+/// not its effective group: run with the shared group as that
+/// (`setpriv --regid`, `Group=`), it trusts the shared group no more
+/// (review rr49d L2: it did). Root only (it makes a directory of a group
+/// not filterd's). Every directory gets its mode explicitly, whatever
+/// the umask (rr49d L7).
 #[test]
 fn a_parent_a_shared_group_may_write_is_not_trusted() {
     use std::os::unix::fs::PermissionsExt;
@@ -1267,17 +1284,35 @@ fn a_parent_a_shared_group_may_write_is_not_trusted() {
     std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o3775)).unwrap();
     let mut d = Filterd::start(&s, &[], &[]);
     d.kill9();
+
+    // The shared group as filterd's effective group is not its own.
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o2775)).unwrap();
+    let regid = format!("--regid={STAFF_GID}");
+    let as_staff = ["setpriv", regid.as_str(), "--clear-groups", "--"];
+    let log = Filterd::spawn_on(&s, None, &as_staff, &[], &[]).refused();
+    assert!(
+        log.contains("state dir") && log.contains("cannot be trusted") && log.contains("mode 2775"),
+        "{log}"
+    );
+    // Its own primary group (root's, gid 0) may write it.
+    nix::unistd::chown(&s.dir, None, Some(nix::unistd::Gid::from_raw(0))).unwrap();
+    let mut d = Filterd::start(&s, &[], &[]);
+    d.kill9();
     std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     // The socket's directory's parent.
     let shared = s.dir.join("shared");
     std::fs::create_dir_all(shared.join("rk")).unwrap();
+    std::fs::set_permissions(shared.join("rk"), std::fs::Permissions::from_mode(0o755)).unwrap();
     nix::unistd::chown(&shared, None, staff).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o775)).unwrap();
     let sock = shared.join("rk").join("filterd.sock");
     let log = Filterd::spawn_on(&s, Some(&sock), &[], &[], &[]).refused();
     assert!(
-        log.contains("the socket's directory") && log.contains("mode 0775"),
+        log.contains(&format!(
+            "{} must be a directory of uid 0 that neither its group nor other users may write, or sticky (it is a directory, uid 0, mode 0775)",
+            shared.display()
+        )),
         "{log}"
     );
     assert!(!sock.exists());
@@ -1290,9 +1325,14 @@ fn a_parent_a_shared_group_may_write_is_not_trusted() {
 /// check looked at the link itself and refused both.
 #[test]
 fn a_socket_path_through_a_linked_directory_is_served() {
+    use std::os::unix::fs::PermissionsExt;
     let s = Scratch::new("socket-link");
     let run = s.dir.join("run");
     std::fs::create_dir_all(run.join("rk")).unwrap();
+    // Whatever the umask (review rr49d L7: 0775 under 002 was refused).
+    for d in [run.clone(), run.join("rk")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     let var_run = s.dir.join("var-run");
     std::os::unix::fs::symlink(&run, &var_run).unwrap();
     for (given, served) in [
