@@ -2262,6 +2262,11 @@ impl Connection {
         // caller has released the handle and lets it go.
         if let Some(g) = open.create_guid {
             self.sh.registry.held(g, self.id);
+            if let (true, crate::files::Kind::File { key, .. }) = (open.durable, &open.kind) {
+                // A handle a reattach found lost and a reconnect resumed
+                // here since: its slot is left for its reconnect again.
+                self.sh.registry.found_again(*key);
+            }
         }
         let link = self
             .sessions

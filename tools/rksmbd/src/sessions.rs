@@ -558,6 +558,17 @@ struct HandedSlots {
     by_guid: HashMap<uuid::Uuid, Handed>,
     by_deadline: std::collections::BTreeSet<(std::time::Instant, uuid::Uuid)>,
     by_key: HashMap<ResumeKey, uuid::Uuid>,
+    /// Handles a reattach to filterd found lost ([`Registry::forget_lost`]),
+    /// each until [`KEPT_FOR`] after: a slot left for one would wait for a
+    /// reconnect that cannot come, and none is ([`Registry::hand_over`],
+    /// [`Registry::put_back`]). An owner already past its session's lock
+    /// (its `Link::release` done, its detach refused by the restarted
+    /// filterd) when the reattach forgot the session's handles handed the
+    /// slot over after the reattach's [`HandedSlots::lost`], and it
+    /// waited out the open's durable timeout (re-review rr49b F1). At most
+    /// [`MAX_V2_BY_FILE_ID`]; one found again here (a reconnect resumed
+    /// it, [`Registry::found_again`]) is taken out.
+    lost: HashMap<ResumeKey, std::time::Instant>,
 }
 
 impl HandedSlots {
@@ -573,6 +584,28 @@ impl HandedSlots {
         self.by_deadline.remove(&(h.until, guid));
         self.by_key.remove(&h.key);
         Some(h)
+    }
+
+    /// A reattach found handle `key` lost at `now`: a slot left for it
+    /// goes back, and none is left for it from now on until
+    /// [`KEPT_FOR`] has passed (past the longest durable timeout, the
+    /// handle is gone anyway).
+    fn lost(&mut self, key: ResumeKey, now: std::time::Instant) {
+        if let Some(&g) = self.by_key.get(&key) {
+            self.remove(g);
+        }
+        if self.lost.len() >= MAX_V2_BY_FILE_ID {
+            self.lost.retain(|_, until| now < *until);
+        }
+        if self.lost.len() < MAX_V2_BY_FILE_ID || self.lost.contains_key(&key) {
+            self.lost.insert(key, now + KEPT_FOR);
+        }
+    }
+
+    /// Whether a reattach found handle `key` lost (less than
+    /// [`KEPT_FOR`] before `now`).
+    fn is_lost(&self, key: ResumeKey, now: std::time::Instant) -> bool {
+        self.lost.get(&key).is_some_and(|until| now < *until)
     }
 
     /// Drops those past their deadline at `now`: whether there were any.
@@ -970,14 +1003,19 @@ impl Registry {
     /// their opens yet too: their slots go back as the owner closes the
     /// descriptors, not handed over for a reconnect that cannot come
     /// (re-review rr48f L1).
+    ///
+    /// The sessions first, then the slots left for reconnects, under
+    /// their lock: a slot an owner already releasing one of the handles
+    /// (past its session's lock, the detach refused by the restarted
+    /// filterd) handed over before is given back, and one it hands over
+    /// after is refused ([`HandedSlots::lost`]). The slots first, such an
+    /// owner's hand-over after them waited out the open's durable
+    /// timeout (re-review rr49b F1).
     pub fn forget_lost(&self, lost: &[ResumeKey]) {
         if lost.is_empty() {
             return;
         }
-        for &key in lost {
-            self.handle_gone(key);
-        }
-        let lost: std::collections::HashSet<ResumeKey> = lost.iter().copied().collect();
+        let keys: std::collections::HashSet<ResumeKey> = lost.iter().copied().collect();
         let links: Vec<Arc<Link>> = {
             // Both under the `sessions` lock: an ending moves a session
             // from one to the other under it.
@@ -989,8 +1027,20 @@ impl Registry {
             m.values().cloned().chain(ended).collect()
         };
         for l in links {
-            l.forget_lost(self, &lost);
+            l.forget_lost(self, &keys);
         }
+        let now = std::time::Instant::now();
+        let mut m = lock(&self.handed);
+        for &key in lost {
+            m.lost(key, now);
+        }
+    }
+
+    /// Handle `key` is an open's here again (a reconnect resumed it): a
+    /// reattach that found it lost before no longer stops its slot from
+    /// being left for its next reconnect ([`HandedSlots::lost`]).
+    pub fn found_again(&self, key: ResumeKey) {
+        lock(&self.handed).lost.remove(&key);
     }
 
     /// The durable open with this create GUID and filterd handle `key`,
@@ -1016,14 +1066,30 @@ impl Registry {
     ) {
         let m = lock(&self.held);
         if m.get(&create_guid) == Some(&conn) {
-            let until = std::time::Instant::now() + handed_for(timeout_ms);
+            let now = std::time::Instant::now();
+            let mut handed = lock(&self.handed);
+            if handed.is_lost(key, now) {
+                // A reattach found it lost while this connection was
+                // releasing it: no reconnect can come (re-review rr49b
+                // F1). Given back as the guards go.
+                drop(handed);
+                drop(m);
+                drop(counted);
+                tracing::debug!(
+                    conn,
+                    %create_guid,
+                    resume_key = %key,
+                    "a durable open detached after a reattach found its handle lost gives its descriptor slot back"
+                );
+                return;
+            }
             let h = Handed {
                 fd: counted.fd,
                 user: counted.user,
                 key,
-                until,
+                until: now + handed_for(timeout_ms),
             };
-            lock(&self.handed).insert(create_guid, h);
+            handed.insert(create_guid, h);
             // One line for every way here (its connection lost, its
             // session ended by PreviousSessionId, a reconnect landing on a
             // session ended meanwhile); tests count "leaves its descriptor
@@ -1072,14 +1138,20 @@ impl Registry {
             return;
         };
         let m = lock(&self.held);
-        if !m.contains_key(&guid) && std::time::Instant::now() < until {
-            let h = Handed {
-                fd: slot.fd,
-                user: slot.user,
-                key,
-                until,
-            };
-            lock(&self.handed).insert(guid, h);
+        let now = std::time::Instant::now();
+        if !m.contains_key(&guid) && now < until {
+            let mut handed = lock(&self.handed);
+            // Nor for a handle a reattach found lost meanwhile (the
+            // slot taken before it, so `handle_gone` found nothing).
+            if !handed.is_lost(key, now) {
+                let h = Handed {
+                    fd: slot.fd,
+                    user: slot.user,
+                    key,
+                    until,
+                };
+                handed.insert(guid, h);
+            }
         }
     }
 
@@ -1725,19 +1797,14 @@ mod tests {
         assert_eq!(r.claim(g, 2), Err((1, OpenHolder::Live)));
     }
 
-    /// Re-review rr48f L1: a session another connection ended is out of
-    /// the registry's sessions, and a reattach that lost one of its
-    /// handles before its owner released it forgot nothing there: the
-    /// owner's release, its detach refused, handed the open's slot and
-    /// count over for a reconnect that could not come, until the open's
-    /// durable timeout. The reattach reaches it now: the count goes back
-    /// at once, the slot once the owner closes the descriptor, and
-    /// nothing is left for the owner to release or hand over.
-    #[test]
-    fn a_reattach_reaches_a_session_ended_but_not_yet_settled() {
-        let fds = shimline::descriptors::Descriptors::new(2);
-        let users = Arc::new(crate::server::UserOpens::default());
-        let r = Registry::default();
+    /// Session 5 of alice's, on connection 1, tracking durable open 1
+    /// (60 s), held by that connection, counted in `fds` and `users`:
+    /// the session, the open's create GUID and its filterd handle.
+    fn alices_durable_open(
+        r: &Registry,
+        fds: &Arc<shimline::descriptors::Descriptors>,
+        users: &Arc<crate::server::UserOpens>,
+    ) -> (Arc<Link>, uuid::Uuid, ResumeKey) {
         let link = r.logged_on(5, "alice");
         let (g, key) = (uuid::Uuid::new_v4(), ResumeKey(uuid::Uuid::new_v4()));
         r.held(g, 1);
@@ -1752,6 +1819,23 @@ mod tests {
             Default::default(),
         );
         assert!(tracked.is_ok());
+        (link, g, key)
+    }
+
+    /// Re-review rr48f L1: a session another connection ended is out of
+    /// the registry's sessions, and a reattach that lost one of its
+    /// handles before its owner released it forgot nothing there: the
+    /// owner's release, its detach refused, handed the open's slot and
+    /// count over for a reconnect that could not come, until the open's
+    /// durable timeout. The reattach reaches it now: the count goes back
+    /// at once, the slot once the owner closes the descriptor, and
+    /// nothing is left for the owner to release or hand over.
+    #[test]
+    fn a_reattach_reaches_a_session_ended_but_not_yet_settled() {
+        let fds = shimline::descriptors::Descriptors::new(2);
+        let users = Arc::new(crate::server::UserOpens::default());
+        let r = Registry::default();
+        let (link, g, key) = alices_durable_open(&r, &fds, &users);
         assert!(r.end_previous(5, "alice"));
         assert!(r.link(5).is_none(), "out of the sessions");
         assert_eq!(r.holder_other_than(g, 2), Some(OpenHolder::LettingGo));
@@ -1775,6 +1859,52 @@ mod tests {
         r.ended(6);
         assert!(lock(&r.unsettled).is_empty());
         drop(other);
+    }
+
+    /// Re-review rr49b F1: an owner already releasing a durable open (its
+    /// `Link::release` done, the detach refused by the restarted filterd)
+    /// when a reattach found the handle lost handed the slot over after
+    /// the reattach had given back what was handed: held until the open's
+    /// durable timeout for a reconnect that could not come. Refused now,
+    /// and so is a slot a reconnect took before the reattach and puts
+    /// back; a handle resumed here since is left for its reconnect again.
+    #[test]
+    fn a_hand_over_after_a_reattach_lost_the_handle_gives_the_slot_back() {
+        let fds = shimline::descriptors::Descriptors::new(2);
+        let users = Arc::new(crate::server::UserOpens::default());
+        let r = Registry::default();
+        let (link, g, key) = alices_durable_open(&r, &fds, &users);
+        // The owner releases it; the reattach comes before its hand-over.
+        let (released, counted) = link.release(1, || Ok(()));
+        let Some(counted) = counted.filter(|_| released.is_ok()) else {
+            panic!("released by its owner");
+        };
+        r.forget_lost(&[key]);
+        r.hand_over((g, key, 60_000), 1, counted);
+        r.let_go(g, 1);
+        assert_eq!(fds.held(), 0, "the slot is given back");
+        assert!(!users.full("alice", 1), "and the user's count");
+        assert!(lock(&r.handed).by_guid.is_empty(), "nothing handed over");
+        // A reconnect took the slot before the reattach, and is told to
+        // retry after it: not put back.
+        let (g2, k2) = (uuid::Uuid::new_v4(), ResumeKey(uuid::Uuid::new_v4()));
+        r.held(g2, 1);
+        r.hand_over((g2, k2, 60_000), 1, slots(fds.force(), None));
+        r.let_go(g2, 1);
+        let taken = r.take_handed(&[g2]);
+        assert!(taken.as_ref().is_some_and(|s| s.handed.is_some()));
+        r.forget_lost(&[k2]);
+        taken.into_iter().for_each(|s| r.put_back(s, true));
+        assert_eq!(fds.held(), 0, "not put back");
+        // Resumed here since (a reconnect after the client came back):
+        // left for its next reconnect again.
+        r.held(g, 2);
+        r.found_again(key);
+        r.hand_over((g, key, 60_000), 2, slots(fds.force(), None));
+        assert_eq!(fds.held(), 1, "left for its reconnect");
+        // A hand-over before the reattach is given back by it.
+        r.forget_lost(&[key]);
+        assert_eq!(fds.held(), 0);
     }
 
     /// Re-review rr48f L2: an ending marked a GUID whoever held it, and
