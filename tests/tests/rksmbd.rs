@@ -1427,6 +1427,25 @@ fn a_handle_of_an_ended_session_lost_to_a_reattach_gives_its_slot_back() {
     no_handles_left(&d);
 }
 
+/// Re-review rr49b (out of scope there): an AppInstanceId takeover of an
+/// open whose session PreviousSessionId ended, its old connection busy
+/// in a request (a CREATE held once tracked), looked only at the
+/// logged-on sessions: it found nothing to close, and the new open met
+/// the old one's share mode (STATUS_SHARING_VIOLATION) until that
+/// connection released the session. It reaches the ended, not yet
+/// settled session now (app_instance_of_an_ended_session.py).
+#[test]
+fn an_app_instance_takeover_closes_an_open_of_an_ended_session_not_yet_settled() {
+    let s = Scratch::new("rksmbd-app-instance-ended");
+    let d = Filterd::start(&s, &[], &[]);
+    let hold = "8000";
+    let env = [("RUST_LOG", "info"), ("RKSMBD_TEST_TRACKED_HOLD_MS", hold)];
+    let (srv, log) = RkSmbd::start_logged(&s, "rksmbd", "data", &[("alice", "pw")], &env);
+    let log = log.to_string_lossy().into_owned();
+    smbprotocol_script_passes_with(&srv, "app_instance_of_an_ended_session.py", &[&log, hold]);
+    no_handles_left(&d);
+}
+
 /// filterd, and rksmbd for alice and bob under a descriptor limit of 128
 /// (32 opens), rksmbd::sessions logging at debug: with its log's path and
 /// its pid.

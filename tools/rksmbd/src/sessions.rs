@@ -733,8 +733,9 @@ impl Registry {
             }
         };
         let Some(old) = old else { return };
-        let link = lock(&self.sessions).get(&old.session).cloned();
-        let Some(l) = link else { return };
+        let Some(l) = self.link_or_unsettled(old.session) else {
+            return;
+        };
         if l.close_elsewhere(sh, old.id) {
             tracing::info!(
                 session = old.session,
@@ -745,6 +746,23 @@ impl Registry {
             // open is refused while it holds the file).
             lock(&self.apps).entry(app).or_insert(old);
         }
+    }
+
+    /// Session `session`, logged on, or ended by another connection
+    /// (PreviousSessionId) and not yet settled by its owner: an
+    /// AppInstanceId takeover closes an open of either. Only the logged-on
+    /// were looked at before: the takeover of an open whose session was
+    /// ended but whose owner was busy in a request found nothing to close,
+    /// its `apps` entry already taken out, and the new open met the old
+    /// one's share mode, attached, then detached until its durable timeout
+    /// (re-review rr49b, out of scope there).
+    fn link_or_unsettled(&self, session: u64) -> Option<Arc<Link>> {
+        let m = lock(&self.sessions);
+        if let Some(l) = m.get(&session) {
+            return Some(l.clone());
+        }
+        let u = lock(&self.unsettled);
+        u.get(&session).and_then(Weak::upgrade)
     }
 
     /// A DH2Q CREATE with AppInstanceId `app` was answered
