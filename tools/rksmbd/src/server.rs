@@ -2262,11 +2262,6 @@ impl Connection {
         // caller has released the handle and lets it go.
         if let Some(g) = open.create_guid {
             self.sh.registry.held(g, self.id);
-            if let (true, crate::files::Kind::File { key, .. }) = (open.durable, &open.kind) {
-                // A handle a reattach found lost and a reconnect resumed
-                // here since: its slot is left for its reconnect again.
-                self.sh.registry.found_again(*key);
-            }
         }
         let link = self
             .sessions
@@ -2277,7 +2272,10 @@ impl Connection {
             // handed over for its reconnect, by whoever releases that
             // ([`crate::sessions::Link`]).
             (crate::files::Kind::File { key, .. }, Some(link)) => {
+                // A durable one found again here, should a reattach have
+                // found it lost: its slot is left for its reconnect again.
                 let tracked = link.track(
+                    &self.sh.registry,
                     id,
                     *key,
                     open.durable.then_some(open.durable_ms),
@@ -2294,7 +2292,12 @@ impl Connection {
                     crate::create::test_hold_the_first_tracked_durable_open();
                 }
             }
-            (_, link) => {
+            (kind, link) => {
+                if let (Some(_), true, crate::files::Kind::File { key, .. }) =
+                    (open.create_guid, open.durable, kind)
+                {
+                    self.sh.registry.found_again(*key);
+                }
                 open.counted = Some(counted);
                 if link.is_some_and(|l| l.revoked()) {
                     return Err(Box::new(open));

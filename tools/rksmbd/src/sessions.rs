@@ -177,9 +177,15 @@ impl Link {
     /// gives the counts back or, a reconnect's, hands them over again
     /// (re-review rr48a F4: dropped here, a reconnect's slot left for its
     /// next DH2C went to all).
+    ///
+    /// A durable handle with a create GUID is then found again here
+    /// ([`Registry::found_again`]), tracked or refused (the caller hands
+    /// the refused one over): after, not before, so that a reattach under
+    /// way either meets it tracked or sees it found (re-review rr49g F2).
     #[allow(clippy::too_many_arguments)]
     pub fn track(
         &self,
+        registry: &Registry,
         id: u64,
         key: ResumeKey,
         durable: Option<u32>,
@@ -189,21 +195,27 @@ impl Link {
         unsure: crate::files::DeleteUnsure,
     ) -> Result<(), crate::server::OpenSlots> {
         let mut st = lock(&self.state);
-        if st.revoked {
-            return Err(counted);
+        let tracked = if st.revoked {
+            Err(counted)
+        } else {
+            let held = create_guid.map(|g| (g, conn));
+            st.live.insert(
+                id,
+                Tracked {
+                    key,
+                    durable,
+                    held,
+                    counted,
+                    unsure,
+                },
+            );
+            Ok(())
+        };
+        drop(st);
+        if let (Some(_), Some(_)) = (durable, create_guid) {
+            registry.found_again(key);
         }
-        let held = create_guid.map(|g| (g, conn));
-        st.live.insert(
-            id,
-            Tracked {
-                key,
-                durable,
-                held,
-                counted,
-                unsure,
-            },
-        );
-        Ok(())
+        tracked
     }
 
     /// The owning connection's inbox, nudged when another connection
@@ -338,9 +350,16 @@ impl Link {
     /// node's, reconnected them since): nothing is released in filterd —
     /// the handle is not this process's any more — its claim and count go
     /// at once, and the owning connection forgets the open at its next
-    /// look ([`Link::take_closed_elsewhere`]).
-    fn forget_lost(&self, registry: &Registry, lost: &std::collections::HashSet<ResumeKey>) {
+    /// look ([`Link::take_closed_elsewhere`]). Those of `lost` it
+    /// tracks, durable or not, go in `seen`.
+    fn forget_lost(
+        &self,
+        registry: &Registry,
+        lost: &std::collections::HashSet<ResumeKey>,
+        seen: &mut std::collections::HashSet<ResumeKey>,
+    ) {
         let mut st = lock(&self.state);
+        seen.extend(st.live.values().map(|t| t.key).filter(|k| lost.contains(k)));
         let ids: Vec<u64> = st
             .live
             .iter()
@@ -564,11 +583,18 @@ struct HandedSlots {
     /// [`Registry::put_back`]). An owner already past its session's lock
     /// (its `Link::release` done, its detach refused by the restarted
     /// filterd) when the reattach forgot the session's handles handed the
-    /// slot over after the reattach's [`HandedSlots::lost`], and it
-    /// waited out the open's durable timeout (re-review rr49b F1). At most
-    /// [`MAX_V2_BY_FILE_ID`]; one found again here (a reconnect resumed
-    /// it, [`Registry::found_again`]) is taken out.
+    /// slot over after the reattach's [`HandedSlots::mark_lost`], and it
+    /// waited out the open's durable timeout (re-review rr49b F1). Only
+    /// those no session tracked: the others are forgotten, or never
+    /// handed over (not durable). At most [`MAX_V2_BY_FILE_ID`]; one found
+    /// again here (a reconnect resumed it, [`Registry::found_again`]) is
+    /// taken out.
     lost: HashMap<ResumeKey, std::time::Instant>,
+    /// [`Registry::forget_lost`] calls under way: while any is, the
+    /// handles found again here ([`Registry::found_again`]) are kept in
+    /// `found`, and not marked lost by them (re-review rr49g F2).
+    reattaches: usize,
+    found: std::collections::HashSet<ResumeKey>,
 }
 
 impl HandedSlots {
@@ -586,20 +612,32 @@ impl HandedSlots {
         Some(h)
     }
 
-    /// A reattach found handle `key` lost at `now`: a slot left for it
-    /// goes back, and none is left for it from now on until
-    /// [`KEPT_FOR`] has passed (past the longest durable timeout, the
-    /// handle is gone anyway).
-    fn lost(&mut self, key: ResumeKey, now: std::time::Instant) {
-        if let Some(&g) = self.by_key.get(&key) {
-            self.remove(g);
+    /// A reattach found handles `keys` lost at `now`, and no session
+    /// tracked them: none is left a slot from now on until [`KEPT_FOR`]
+    /// has passed (past the longest durable timeout, the handle is gone
+    /// anyway). Expired marks are looked for once, when the table is
+    /// full; still full, the rest are not marked: how many. A pass over
+    /// the table for each key held the lock for minutes at a filterd
+    /// restart (re-review rr49g F1).
+    fn mark_lost(
+        &mut self,
+        keys: impl IntoIterator<Item = ResumeKey>,
+        now: std::time::Instant,
+    ) -> usize {
+        let mut pruned = false;
+        let mut unmarked = 0;
+        for key in keys {
+            if self.lost.len() >= MAX_V2_BY_FILE_ID && !pruned {
+                self.lost.retain(|_, until| now < *until);
+                pruned = true;
+            }
+            if self.lost.len() < MAX_V2_BY_FILE_ID || self.lost.contains_key(&key) {
+                self.lost.insert(key, now + KEPT_FOR);
+            } else {
+                unmarked += 1;
+            }
         }
-        if self.lost.len() >= MAX_V2_BY_FILE_ID {
-            self.lost.retain(|_, until| now < *until);
-        }
-        if self.lost.len() < MAX_V2_BY_FILE_ID || self.lost.contains_key(&key) {
-            self.lost.insert(key, now + KEPT_FOR);
-        }
+        unmarked
     }
 
     /// Whether a reattach found handle `key` lost (less than
@@ -1029,11 +1067,22 @@ impl Registry {
     /// after is refused ([`HandedSlots::lost`]). The slots first, such an
     /// owner's hand-over after them waited out the open's durable
     /// timeout (re-review rr49b F1).
+    ///
+    /// Marked are only the lost handles no session tracked (an owner past
+    /// its `Link::release`, a slot handed over or taken by a reconnect)
+    /// and none found again here while this ran: every non-durable handle
+    /// of a filterd restart was marked, and the table's cap was reachable
+    /// (re-review rr49g F1). A reconnect resuming one of them meanwhile
+    /// (a DH2C is not held during a reattach) is found again after it is
+    /// tracked: either the walk meets it tracked, or it is in `found`
+    /// (rr49g F2).
     pub fn forget_lost(&self, lost: &[ResumeKey]) {
         if lost.is_empty() {
             return;
         }
+        lock(&self.handed).reattaches += 1;
         let keys: std::collections::HashSet<ResumeKey> = lost.iter().copied().collect();
+        let mut seen = std::collections::HashSet::new();
         let links: Vec<Arc<Link>> = {
             // Both under the `sessions` lock: an ending moves a session
             // from one to the other under it.
@@ -1045,12 +1094,31 @@ impl Registry {
             m.values().cloned().chain(ended).collect()
         };
         for l in links {
-            l.forget_lost(self, &keys);
+            l.forget_lost(self, &keys, &mut seen);
         }
         let now = std::time::Instant::now();
         let mut m = lock(&self.handed);
-        for &key in lost {
-            m.lost(key, now);
+        for key in &keys {
+            if let Some(&g) = m.by_key.get(key) {
+                m.remove(g);
+            }
+        }
+        let unseen: Vec<ResumeKey> = keys
+            .into_iter()
+            .filter(|k| !seen.contains(k) && !m.found.contains(k))
+            .collect();
+        let unmarked = m.mark_lost(unseen, now);
+        m.reattaches = m.reattaches.saturating_sub(1);
+        if m.reattaches == 0 {
+            m.found = Default::default();
+        }
+        drop(m);
+        if unmarked > 0 {
+            tracing::warn!(
+                unmarked,
+                max = MAX_V2_BY_FILE_ID,
+                "a reattach to filterd lost more handles than are marked lost: their slots, if handed over still, wait out their durable timeouts"
+            );
         }
     }
 
@@ -1058,7 +1126,11 @@ impl Registry {
     /// reattach that found it lost before no longer stops its slot from
     /// being left for its next reconnect ([`HandedSlots::lost`]).
     pub fn found_again(&self, key: ResumeKey) {
-        lock(&self.handed).lost.remove(&key);
+        let mut m = lock(&self.handed);
+        m.lost.remove(&key);
+        if m.reattaches > 0 {
+            m.found.insert(key);
+        }
     }
 
     /// The durable open with this create GUID and filterd handle `key`,
@@ -1417,9 +1489,11 @@ mod tests {
     #[test]
     fn an_ended_session_tracks_no_new_handle() {
         let l = link();
+        let r = Registry::default();
         let fds = shimline::descriptors::Descriptors::new(2);
         assert!(l
             .track(
+                &r,
                 1,
                 ResumeKey::new_random(),
                 None,
@@ -1431,6 +1505,7 @@ mod tests {
             .is_ok());
         lock(&l.state).revoked = true;
         let refused = l.track(
+            &r,
             2,
             ResumeKey::new_random(),
             Some(0),
@@ -1828,6 +1903,7 @@ mod tests {
         r.held(g, 1);
         let counted = slots(fds.force(), Some(users.count("alice")));
         let tracked = link.track(
+            r,
             1,
             key,
             Some(60_000),
@@ -1914,15 +1990,101 @@ mod tests {
         r.forget_lost(&[k2]);
         taken.into_iter().for_each(|s| r.put_back(s, true));
         assert_eq!(fds.held(), 0, "not put back");
-        // Resumed here since (a reconnect after the client came back):
-        // left for its next reconnect again.
+        // Resumed here since (a reconnect after the client came back),
+        // tracked as `Connection::add_open` tracks it: left for its next
+        // reconnect again (re-review rr49g F3).
         r.held(g, 2);
-        r.found_again(key);
-        r.hand_over((g, key, 60_000), 2, slots(fds.force(), None));
+        let again = link.track(
+            &r,
+            2,
+            key,
+            Some(60_000),
+            Some(g),
+            2,
+            slots(fds.force(), None),
+            Default::default(),
+        );
+        assert!(again.is_ok());
+        let (released, counted) = link.release(2, || Ok(()));
+        let Some(counted) = counted.filter(|_| released.is_ok()) else {
+            panic!("released by its owner");
+        };
+        r.hand_over((g, key, 60_000), 2, counted);
         assert_eq!(fds.held(), 1, "left for its reconnect");
         // A hand-over before the reattach is given back by it.
         r.forget_lost(&[key]);
         assert_eq!(fds.held(), 0);
+    }
+
+    /// Re-review rr49g F1, F2: a reattach marked every handle it lost,
+    /// non-durable ones too (never handed over), and a filterd restart
+    /// could fill the table. Only those no session tracks are marked now,
+    /// and not one found again here while it ran.
+    #[test]
+    fn a_reattach_marks_only_the_lost_handles_no_session_tracks() {
+        let fds = shimline::descriptors::Descriptors::new(4);
+        let users = Arc::new(crate::server::UserOpens::default());
+        let r = Registry::default();
+        let (link, _, durable) = alices_durable_open(&r, &fds, &users);
+        let plain = ResumeKey(uuid::Uuid::new_v4());
+        let tracked = link.track(
+            &r,
+            2,
+            plain,
+            None,
+            None,
+            1,
+            slots(fds.force(), None),
+            Default::default(),
+        );
+        assert!(tracked.is_ok());
+        let (gone, found) = (
+            ResumeKey(uuid::Uuid::new_v4()),
+            ResumeKey(uuid::Uuid::new_v4()),
+        );
+        // `found` is resumed here while another reattach is under way.
+        lock(&r.handed).reattaches += 1;
+        r.found_again(found);
+        r.forget_lost(&[durable, plain, gone, found]);
+        let m = lock(&r.handed);
+        let marked: Vec<ResumeKey> = m.lost.keys().copied().collect();
+        assert_eq!(marked, vec![gone], "only the one no session tracks");
+        drop(m);
+        assert!(link.is_live(2), "a non-durable one stays its owner's");
+        assert!(!link.is_live(1), "a durable one is forgotten");
+    }
+
+    /// Re-review rr49g F1: at the cap every further lost handle ran a
+    /// pass over all the marks, under the lock every CREATE takes. One
+    /// pass at most for a reattach now; still full, the rest are not
+    /// marked; expired ones make room.
+    #[test]
+    fn the_lost_marks_stop_at_their_cap() {
+        let key = || ResumeKey(uuid::Uuid::new_v4());
+        let at = std::time::Instant::now();
+        let mut m = HandedSlots::default();
+        let first = key();
+        let full: Vec<ResumeKey> = std::iter::once(first)
+            .chain(std::iter::repeat_with(key))
+            .take(MAX_V2_BY_FILE_ID)
+            .collect();
+        assert_eq!(m.mark_lost(full, at), 0);
+        let later = at + std::time::Duration::from_secs(1);
+        let more: Vec<ResumeKey> = std::iter::repeat_with(key).take(20_000).collect();
+        let took = std::time::Instant::now();
+        assert_eq!(m.mark_lost(more.iter().copied(), later), 20_000);
+        assert!(
+            took.elapsed() < std::time::Duration::from_secs(5),
+            "one pass, not one for each key: {:?}",
+            took.elapsed()
+        );
+        assert!(!m.is_lost(more[0], later), "not marked");
+        assert_eq!(m.mark_lost([first], later), 0, "marked already: renewed");
+        assert!(m.is_lost(first, later + KEPT_FOR / 2));
+        // Past KEPT_FOR the marks make room, all but the renewed one.
+        let after = at + KEPT_FOR;
+        assert_eq!(m.mark_lost(more.iter().copied(), after), 0);
+        assert_eq!(m.lost.len(), 20_001);
     }
 
     /// Re-review rr48f L2: an ending marked a GUID whoever held it, and
