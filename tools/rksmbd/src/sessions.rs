@@ -1064,7 +1064,7 @@ impl Registry {
     /// their lock: a slot an owner already releasing one of the handles
     /// (past its session's lock, the detach refused by the restarted
     /// filterd) handed over before is given back, and one it hands over
-    /// after is refused ([`HandedSlots::lost`]). The slots first, such an
+    /// after is refused ([`HandedSlots::mark_lost`]). The slots first, such an
     /// owner's hand-over after them waited out the open's durable
     /// timeout (re-review rr49b F1).
     ///
@@ -1124,7 +1124,7 @@ impl Registry {
 
     /// Handle `key` is an open's here again (a reconnect resumed it): a
     /// reattach that found it lost before no longer stops its slot from
-    /// being left for its next reconnect ([`HandedSlots::lost`]).
+    /// being left for its next reconnect ([`HandedSlots::mark_lost`]).
     pub fn found_again(&self, key: ResumeKey) {
         let mut m = lock(&self.handed);
         m.lost.remove(&key);
