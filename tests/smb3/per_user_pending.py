@@ -24,8 +24,10 @@ Prints PASS, or exits non-zero.
 
 import queue
 import sys
+import time
 
 from smbprotocol import open as smb_open
+from smbprotocol.exceptions import SMBResponseException
 
 from server_messages import LeaseBreakAck, Requests
 from smbtest import SHARE_ALL, args, check, connect, create_rw, lease_context, open_dir
@@ -78,11 +80,26 @@ def send_create():
     return request
 
 
+def filler_open(tree):
+    """An open of "d" by FILLER. The waiting CREATEs are retried while
+    the lease break is pending, each taking a descriptor slot for one round
+    trip to filterd: the filler's last open can meet one of those and be
+    refused for the cap. Tried again, to a deadline."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return open_dir(tree, "d")
+        except SMBResponseException as e:
+            if e.status != INSUFFICIENT_RESOURCES or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 waiting = [send_create() for _ in range(3)]
 if FILLER:
     # USER holds SHARE_OF_USER - 1 opens: FILLER takes the rest.
     conn_f, tree_f = connect(SERVER[0], SERVER[1], SERVER[2], FILLER, SERVER[4])
-    held += [open_dir(tree_f, "d") for _ in range(CAP - SHARE_OF_USER + 1)]
+    held += [filler_open(tree_f) for _ in range(CAP - SHARE_OF_USER + 1)]
 brk = arrived.get(timeout=30)
 check(brk.response_event.wait(10), "A gets a lease break")
 ack = LeaseBreakAck()

@@ -1099,6 +1099,12 @@ impl Registry {
         let now = std::time::Instant::now();
         let mut m = lock(&self.handed);
         for key in &keys {
+            // One resumed here during the walk and handed over again
+            // since left its slot for a reconnect that can come
+            // (re-review rr49k F-A).
+            if m.found.contains(key) {
+                continue;
+            }
             if let Some(&g) = m.by_key.get(key) {
                 m.remove(g);
             }
@@ -2052,6 +2058,32 @@ mod tests {
         drop(m);
         assert!(link.is_live(2), "a non-durable one stays its owner's");
         assert!(!link.is_live(1), "a durable one is forgotten");
+    }
+
+    /// Re-review rr49k F-A: a handle resumed here while a reattach walked
+    /// (found again) and handed over again since keeps the slot it left
+    /// for its reconnect, though that reattach reports it lost.
+    #[test]
+    fn a_handle_resumed_during_a_reattach_keeps_the_slot_it_left_since() {
+        let fds = shimline::descriptors::Descriptors::new(4);
+        let users = Arc::new(crate::server::UserOpens::default());
+        let r = Registry::default();
+        let (g, key) = (uuid::Uuid::new_v4(), ResumeKey(uuid::Uuid::new_v4()));
+        lock(&r.handed).reattaches += 1;
+        r.found_again(key);
+        r.held(g, 7);
+        r.hand_over(
+            (g, key, 60_000),
+            7,
+            slots(fds.force(), Some(users.count("alice"))),
+        );
+        assert!(lock(&r.handed).by_key.contains_key(&key), "handed over");
+        r.forget_lost(&[key]);
+        assert!(
+            lock(&r.handed).by_key.contains_key(&key),
+            "left for its reconnect"
+        );
+        assert_eq!(fds.held(), 1);
     }
 
     /// Re-review rr49g F1: at the cap every further lost handle ran a
