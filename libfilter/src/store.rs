@@ -1192,8 +1192,10 @@ pub fn narrow_store_dir(state: &Path) -> Result<(), StoreError> {
 /// keeps its descriptor, and so what `flock` it holds; once it is 0700
 /// nobody else can put anything in it. Then refuses a `data.mdb` or
 /// `lock.mdb` — what LMDB opens there, by path — that is not a regular
-/// file of this process's user: another user may have put it there
-/// meanwhile. Nothing else there is opened, so nothing else matters
+/// file of this process's user with no other name: another user may have
+/// put it there meanwhile, or made it a hard link to a file of ours that
+/// LMDB would overwrite (`lock.mdb` is rewritten at every open; review
+/// rr49j L2, with `fs.protected_hardlinks=0`). Nothing else there is opened, so nothing else matters
 /// (review rr49d L3: before, any entry of another user refused the
 /// start, the `lost+found` of a filesystem mounted at `lmdb/` too).
 fn make_store_dir_private(db_dir: &Path, dir: &std::fs::File) -> Result<(), StoreError> {
@@ -1233,6 +1235,11 @@ fn make_store_dir_private(db_dir: &Path, dir: &std::fs::File) -> Result<(), Stor
             )
         } else if !m.file_type().is_file() {
             "it is not a regular file as LMDB makes it (a symbolic link?); put the file itself there".into()
+        } else if m.nlink() != 1 {
+            format!(
+                "it has {} hard links, LMDB's own file has one: another name may be another file of filterd's user that LMDB would overwrite; put the file itself there, with no other name",
+                m.nlink()
+            )
         } else {
             continue;
         };
@@ -2328,6 +2335,15 @@ pub(crate) mod tests {
         refused(&["data.mdb cannot be trusted", "not a regular file"]);
         std::fs::remove_file(&data).unwrap();
         std::fs::rename(&moved, &data).unwrap();
+        drop(Store::open(&dir, 1 << 24).unwrap());
+        // A hard link: another name of a file LMDB would overwrite
+        // (review rr49j L2).
+        for name in ["lock.mdb", "data.mdb"] {
+            let other = dir.join("victim");
+            std::fs::hard_link(db_dir.join(name), &other).unwrap();
+            refused(&[&format!("{name} cannot be trusted"), "2 hard links"]);
+            std::fs::remove_file(&other).unwrap();
+        }
         drop(Store::open(&dir, 1 << 24).unwrap());
         if nix::unistd::geteuid().is_root() {
             let me = Some(nix::unistd::geteuid());
