@@ -433,7 +433,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !root_path.is_dir() {
         bail!("export root {} is not a directory", root_path.display());
     }
-    let _lock = match statedir::lock(&state, args.standby, &sigs)? {
+    let _lock = match statedir::lock(&state, args.store == "lmdb", args.standby, &sigs)? {
         statedir::Locked::Held(l) => l,
         statedir::Locked::Stopped(sig) => {
             info!(signal = ?sig, "standby stopped before taking over");
@@ -441,7 +441,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     // Only once the state dir is ours: a second daemon that is refused
-    // leaves the live one's state dir as it is.
+    // takes only group and other write off the live one's state dir (and
+    // other users' access off its `lmdb/`), not its group's read.
     statedir::tighten(&state);
     let _root_lock = if args.store == "lmdb" {
         match statedir::lock_root(

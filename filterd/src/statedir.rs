@@ -121,17 +121,40 @@ pub fn check_state_dir(state: &Path) -> anyhow::Result<()> {
 /// there lets them rename the whole subtree away (README "Socket
 /// permissions").
 fn check_parent(p: &Path) -> anyhow::Result<()> {
-    use nix::unistd::{geteuid, User};
-    let me = geteuid();
+    let me = nix::unistd::geteuid();
     let m = std::fs::symlink_metadata(p).with_context(|| format!("{}", p.display()))?;
-    let primary = User::from_uid(me).ok().flatten().map(|u| u.gid.as_raw());
-    let own_group = m.uid() == me.as_raw() && primary == Some(m.gid());
+    let own_group = m.uid() == me.as_raw() && primary_gid() == Some(m.gid());
     check_dir(
         p,
         &[me.as_raw(), 0],
         if own_group { 0o002 } else { 0o022 },
         true,
     )
+}
+
+/// filterd's user's primary group, as its passwd entry names it, looked
+/// up once, at the first call ([`lock`] makes it before anything else),
+/// and kept: a `--standby` checks the socket's directory only after its
+/// wait, when the directory service may be what is down (often the very
+/// outage that stopped the active filterd), and a lookup then could
+/// refuse the takeover, or hang it (review rr49j L1). `None` (no entry,
+/// or the lookup failed) is logged: no group may then write a parent.
+fn primary_gid() -> Option<u32> {
+    static PRIMARY: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *PRIMARY.get_or_init(|| {
+        let me = nix::unistd::geteuid();
+        match nix::unistd::User::from_uid(me) {
+            Ok(Some(u)) => Some(u.gid.as_raw()),
+            r => {
+                warn!(
+                    uid = me.as_raw(),
+                    error = ?r.err(),
+                    "filterd's user has no passwd entry (or it cannot be read): no directory its group may write is trusted as the state dir's or the socket's directory's parent"
+                );
+                None
+            }
+        }
+    })
 }
 
 /// The socket's path `socket` with its directory resolved (symbolic
@@ -309,14 +332,20 @@ fn check_entries(state: &Path) -> anyhow::Result<()> {
 /// Takes the state dir's lock ([`libfilter::runtime::LOCK_FILE`], then
 /// the dir's own [`lock_dir`]). Without `standby`, refuses when another
 /// daemon holds it; with it, waits until it is free or a signal of `sigs`
-/// arrives (`sigs` must be blocked in every thread).
-pub fn lock(state: &Path, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked> {
+/// arrives (`sigs` must be blocked in every thread). `lmdb`: the store is
+/// `STATE/lmdb/`, which is narrowed and checked here; an etcd filterd
+/// leaves a leftover one as it is (review rr49j L4).
+pub fn lock(state: &Path, lmdb: bool, standby: bool, sigs: &SigSet) -> anyhow::Result<Locked> {
+    // Once, before any wait: the later checks reuse it (review rr49j L1).
+    primary_gid();
     check_state_dir(state)?;
     shut_writers_out(state)?;
     check_entries(state)?;
     // Before the wait, so a standby's wait leaves no old, open `lmdb/`
     // (review rr49d L9); a live filterd keeps its descriptors.
-    libfilter::store::narrow_store_dir(state)?;
+    if lmdb {
+        libfilter::store::narrow_store_dir(state)?;
+    }
     let path = state.join(libfilter::runtime::LOCK_FILE);
     let file = loop {
         let file = open_lock_file(&path, "the state dir's lock file")?;
@@ -468,12 +497,13 @@ fn take_when_free(dir: File) {
 /// Takes away every permission of other users from an existing state dir
 /// (`mode & !0o027`, as filterd creates it: 0750), and its group's write
 /// permission, so no other user can open it or read what it holds, nor
-/// put anything in it. Called once the state dir's lock is held, so a second
-/// daemon that is refused leaves the live one's dir open to its group
-/// (review rr37b); it takes only its group's and others' write permission
-/// away, as every start does before anything is used ([`shut_writers_out`]). Whoever can open the dir can hold its own `flock`, which no
-/// longer keeps filterd from starting ([`lock_dir`]; review rvacl, rr48c
-/// M2).
+/// put anything in it. Called once the state dir's lock is held, so a
+/// second daemon that is refused leaves the live one's dir open to its
+/// group (review rr37b); it takes only its group's and others' write
+/// permission away, as every start does before anything is used
+/// ([`shut_writers_out`]). Whoever can open the dir can hold its own
+/// `flock`, which no longer keeps filterd from starting ([`lock_dir`];
+/// review rvacl, rr48c M2).
 pub fn tighten(state: &Path) {
     let Ok(meta) = std::fs::metadata(state) else {
         return;
@@ -843,5 +873,43 @@ mod tests {
         ] {
             assert!(!is_root_lock_name(bad), "{bad}");
         }
+    }
+
+    /// Only an LMDB filterd narrows and checks `STATE/lmdb/`: an etcd one
+    /// is neither refused by a leftover one of another user nor changes
+    /// it (review rr49j L4).
+    #[test]
+    fn only_an_lmdb_filterd_narrows_and_checks_the_store_directory() {
+        let state = std::env::temp_dir().join(format!("rkf-etcd-lmdb-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o750)
+            .create(&state)
+            .unwrap();
+        let lmdb = state.join(libfilter::store::STORE_DIR);
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&lmdb)
+            .unwrap();
+        std::fs::set_permissions(&lmdb, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sigs = SigSet::empty();
+        let held = |lmdb_store: bool| match lock(&state, lmdb_store, false, &sigs) {
+            Ok(Locked::Held(_)) => Ok(()),
+            Ok(Locked::Stopped(sig)) => panic!("stopped by {sig:?}"),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        let mode = || std::fs::metadata(&lmdb).unwrap().mode() & 0o7777;
+        held(false).unwrap();
+        assert_eq!(mode(), 0o755, "an etcd filterd left lmdb/ as it was");
+        if nix::unistd::geteuid().is_root() {
+            let nobody = Some(nix::unistd::Uid::from_raw(65534));
+            nix::unistd::chown(&lmdb, nobody, None).unwrap();
+            held(false).unwrap();
+            let e = held(true).unwrap_err();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+            nix::unistd::chown(&lmdb, Some(nix::unistd::geteuid()), None).unwrap();
+        }
+        held(true).unwrap();
+        assert_eq!(mode(), 0o700, "an LMDB filterd made lmdb/ private");
+        let _ = std::fs::remove_dir_all(&state);
     }
 }
