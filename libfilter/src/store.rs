@@ -1237,7 +1237,7 @@ fn make_store_dir_private(db_dir: &Path, dir: &std::fs::File) -> Result<(), Stor
             "it is not a regular file as LMDB makes it (a symbolic link?); put the file itself there".into()
         } else if m.nlink() != 1 {
             format!(
-                "it has {} hard links, LMDB's own file has one: another name may be another file of filterd's user that LMDB would overwrite; put the file itself there, with no other name",
+                "it has {} hard links, LMDB's own file has one: another name may be another file of filterd's user that LMDB would overwrite; put the file itself there, with no other name (for data.mdb, with no filterd running: `cp --sparse=always data.mdb data.new && mv data.new data.mdb`; never delete it: it holds the store)",
                 m.nlink()
             )
         } else {
