@@ -229,6 +229,12 @@ fn check_dir(d: &Path, owners: &[u32], may_not: u32, sticky_ok: bool) -> anyhow:
 /// The default socket's name in the state dir.
 pub const SOCKET_FILE: &str = "filterd.sock";
 
+/// The name `filterd.run` is written through (libfilter `runtime::write`).
+const RUNTIME_TMP: &str = "filterd.run.tmp";
+
+/// The name `frontends.seen` is written through (`frontends_seen`).
+const SEEN_TMP: &str = "frontends.seen.tmp";
+
 /// Takes its group's and other users' write permission off the state dir
 /// before anything in it is used — by every start, a refused one too:
 /// that write permission is nothing a live filterd relies on (it took it
@@ -274,7 +280,12 @@ fn check_entries(state: &Path) -> anyhow::Result<()> {
     /// A name filterd uses, what it makes there, a test for that, and
     /// whether it may be removed (filterd makes it anew, losing nothing).
     type Entry = (&'static str, &'static str, fn(&FileType) -> bool, bool);
-    let entries: [Entry; 4] = [
+    // The `.tmp` names each record is written through, then renamed
+    // from: anything another user put there, or a directory (which the
+    // write's clean-up does not remove), kept it from ever being written
+    // again, at every start — `frontends.seen.tmp` switched the restart
+    // gate off for good (attack49 F1).
+    let entries: [Entry; 6] = [
         (
             libfilter::runtime::LOCK_FILE,
             "a regular file",
@@ -294,6 +305,8 @@ fn check_entries(state: &Path) -> anyhow::Result<()> {
             false,
         ),
         (SOCKET_FILE, "a socket", FileType::is_socket, true),
+        (RUNTIME_TMP, "a regular file", FileType::is_file, true),
+        (SEEN_TMP, "a regular file", FileType::is_file, true),
     ];
     for (name, kind, is_kind, removable) in entries {
         let path = state.join(name);

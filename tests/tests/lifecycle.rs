@@ -1164,6 +1164,21 @@ fn the_store_and_what_the_state_dir_holds_must_be_filterds_own() {
         "its group's write permission is gone"
     );
     std::fs::remove_file(&seen).unwrap();
+    // The names the records are written through: a directory there (of
+    // filterd's user, or another's) kept `frontends.seen` or
+    // `filterd.run` from ever being written again (attack49 F1).
+    for tmp in ["frontends.seen.tmp", "filterd.run.tmp"] {
+        let planted = s.state().join(tmp);
+        std::fs::create_dir(&planted).unwrap();
+        let log = Filterd::spawn(&s, &[], &[]).refused();
+        assert!(
+            log.contains(&format!("{} cannot be trusted", planted.display()))
+                && log.contains("remove it"),
+            "{log}"
+        );
+        refused_for(&planted, "it belongs to uid 65534");
+        std::fs::remove_dir(&planted).unwrap();
+    }
     let mut d = Filterd::start(&s, &[], &[]);
     d.kill9();
 }
