@@ -660,23 +660,35 @@ impl Engine {
     /// close committed and answered until its next tick (review: the first
     /// local open after a persistent share-none handle's CLOSE reply was
     /// refused, EPERM).
+    ///
+    /// With them, the latest sequence that removed a handle of `file` (as
+    /// [`Engine::close_pending`]), from the same look at `committed`: read
+    /// twice, the committer could move it between the reads, and a local
+    /// open met the holders of a removal it then found durable — refused
+    /// (EPERM) right after the CLOSE reply, instead of waiting (CI,
+    /// `local::a_local_open_right_after_a_persistent_close_is_let_in`).
     pub(super) fn pending_removed_holders(
         &self,
         file: FileId,
-    ) -> Vec<libfilter::share::Holder<ResumeKey>> {
+    ) -> (Option<u64>, Vec<libfilter::share::Holder<ResumeKey>>) {
         let committed = self.pipe.committed();
-        self.batch
-            .pending
-            .range(committed + 1..)
-            .flat_map(|(_, t)| t.undo.iter())
-            .filter_map(|u| match u {
-                // As `holders_of` counts them. Only a local open
-                // (`ShareMode::LOCAL_PROCESS`, sharing all) meets them:
-                // their share decides, their access never does.
-                Undo::Reinsert(h) if h.rec.file == file => super::opens::share_holder(h),
-                _ => None,
-            })
-            .collect()
+        let mut latest = None;
+        let mut holders = Vec::new();
+        for (seq, t) in self.batch.pending.range(committed + 1..) {
+            for u in &t.undo {
+                if let Undo::Reinsert(h) = u {
+                    if h.rec.file == file {
+                        latest = Some(*seq);
+                        // As `holders_of` counts them. Only a local open
+                        // (`ShareMode::LOCAL_PROCESS`, sharing all) meets
+                        // them: their share decides, their access never
+                        // does.
+                        holders.extend(super::opens::share_holder(h));
+                    }
+                }
+            }
+        }
+        (latest, holders)
     }
 
     /// Sends `ev` to frontend `instance` once sequence `dep` is durable

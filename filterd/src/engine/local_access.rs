@@ -78,7 +78,7 @@ impl Engine {
         }
         self.lose_handles_of_a_reused_inode(file, fd.as_fd());
         let mut holders = self.holders_of(file);
-        let pending = self.pending_removed_holders(file);
+        let (removal, pending) = self.pending_removed_holders(file);
         if !pending.is_empty() {
             // A handle whose removal is committing would refuse this open
             // (or be purged by it) were it back: the open waits for the
@@ -91,7 +91,7 @@ impl Engine {
                 share::decide(ShareMode::LOCAL_PROCESS, all),
                 ShareDecision::Grant { purge } if purge.is_empty()
             );
-            if let Some(seq) = self.close_pending(file).filter(|_| !clean) {
+            if let Some(seq) = removal.filter(|_| !clean) {
                 self.stats.local_opens_waited_for_commit += 1;
                 debug!(pid, %file, "local open of a file whose handle's removal is committing: waits");
                 if self.park_local(file, pid, reply, fd) {
@@ -258,7 +258,7 @@ impl Engine {
         {
             return false;
         }
-        holders.extend(self.pending_removed_holders(file));
+        holders.extend(self.pending_removed_holders(file).1);
         matches!(
             share::decide(ShareMode::LOCAL_PROCESS, holders),
             ShareDecision::Grant { purge } if purge.is_empty()
