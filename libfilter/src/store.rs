@@ -1198,6 +1198,64 @@ pub fn narrow_store_dir(state: &Path) -> Result<(), StoreError> {
 /// rr49j L2, with `fs.protected_hardlinks=0`). Nothing else there is opened, so nothing else matters
 /// (review rr49d L3: before, any entry of another user refused the
 /// start, the `lost+found` of a filesystem mounted at `lmdb/` too).
+/// Whether a read-only open ([`Store::open_read_only`]) may use `lmdb/`'s
+/// lock file: LMDB opens it read-write (creating it, and writing its
+/// header when it is the first opener) even for a read-only environment,
+/// following links, with no owner check — so an operator's `filterctl
+/// --state` run as root on a store whose `lmdb/` others could write (one
+/// left group-writable from before it was narrowed) would write through a
+/// planted link to any file (rr49l N3). Used only when `lmdb/` is a
+/// directory only its owner may write and `lock.mdb` a regular file of
+/// that owner with one link; otherwise the store is read without a lock
+/// (with a warning: fine when no filterd runs, what `--state` is for).
+/// `data.mdb` must be a regular file (LMDB only reads it here).
+fn lock_file_trusted(db_dir: &Path) -> Result<bool, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let untrusted = |path: &Path, why: &str| StoreError::Untrusted {
+        path: path.display().to_string(),
+        why: why.to_owned(),
+    };
+    let meta = |p: &Path| {
+        std::fs::symlink_metadata(p).map_err(|source| StoreError::Dir {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let dir = meta(db_dir)?;
+    if !dir.is_dir() {
+        return Err(untrusted(
+            db_dir,
+            "not a directory (a link?): read the store it names directly",
+        ));
+    }
+    let data = db_dir.join("data.mdb");
+    if !meta(&data)?.is_file() {
+        return Err(untrusted(&data, "not a regular file (a link?)"));
+    }
+    let lock = db_dir.join("lock.mdb");
+    let lock_meta = match std::fs::symlink_metadata(&lock) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(StoreError::Dir {
+                path: lock.display().to_string(),
+                source,
+            })
+        }
+    };
+    let trusted = dir.mode() & 0o022 == 0
+        && lock_meta.is_file()
+        && lock_meta.nlink() == 1
+        && lock_meta.uid() == dir.uid();
+    if !trusted {
+        tracing::warn!(
+            lock = %lock.display(),
+            "the store's lock file is not a regular file of the store's owner with one link, or lmdb/ may be written by others: reading without it (right only while no filterd serves the store)"
+        );
+    }
+    Ok(trusted)
+}
+
 fn make_store_dir_private(db_dir: &Path, dir: &std::fs::File) -> Result<(), StoreError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let io = |source| StoreError::Dir {
@@ -1379,7 +1437,7 @@ impl Store {
             return Err(StoreError::Missing("data.mdb"));
         }
         let unlocked = EnvFlags::READ_ONLY | EnvFlags::NO_LOCK;
-        let env = if db_dir.join("lock.mdb").exists() {
+        let env = if lock_file_trusted(&db_dir)? {
             match crate::sys::open_lmdb(&db_dir, 8, DEFAULT_MAP_SIZE, EnvFlags::READ_ONLY) {
                 Err(heed::Error::Mdb(heed::MdbError::Other(libc::EACCES | libc::EPERM))) => {
                     crate::sys::open_lmdb(&db_dir, 8, DEFAULT_MAP_SIZE, unlocked)?
@@ -2550,6 +2608,43 @@ pub(crate) mod tests {
         }
         let s = Store::open_read_only(&dir).unwrap();
         assert!(s.meta().unwrap().clean_shutdown);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// rr49l N3: a read-only open (`filterctl --state`) whose `lmdb/` others
+    /// could write never opens a lock file planted there as a link: LMDB
+    /// opens `lock.mdb` read-write and writes its header into it as the
+    /// first opener. It reads without the lock instead; a link at
+    /// `data.mdb` is refused.
+    #[test]
+    fn a_read_only_open_writes_through_no_planted_lock_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rkf-ro-link-{}", uuid::Uuid::new_v4()));
+        {
+            let s = Store::open(&dir, 1 << 24).unwrap();
+            s.apply(&[StoreOp::PutHandle(Box::new(rec("a")))]).unwrap();
+        }
+        let db = dir.join(STORE_DIR);
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        std::fs::remove_file(db.join("lock.mdb")).unwrap();
+        std::os::unix::fs::symlink(&victim, db.join("lock.mdb")).unwrap();
+        // As left group-writable from before lmdb/ was narrowed.
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let s = Store::open_read_only(&dir).unwrap();
+        assert_eq!(s.handles().unwrap().len(), 1, "read all the same");
+        drop(s);
+        assert_eq!(
+            std::fs::read(&victim).unwrap(),
+            b"untouched",
+            "the read wrote through the planted lock.mdb"
+        );
+        std::fs::rename(db.join("data.mdb"), dir.join("data.real")).unwrap();
+        std::os::unix::fs::symlink(dir.join("data.real"), db.join("data.mdb")).unwrap();
+        assert!(matches!(
+            Store::open_read_only(&dir),
+            Err(StoreError::Untrusted { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
