@@ -573,11 +573,24 @@ fn resume_racing(name: &str, change: impl FnOnce(&std::path::Path) -> &'static s
     let fe = frontend(&s, "smb-a");
     let (resumed, now) = std::thread::scope(|t| {
         let resume = t.spawn(|| fe.resume(ClientId::new("alice").unwrap(), key));
-        wait_for("the proof to stall", Duration::from_secs(20), || {
+        let stalled = || {
             d.log_text()
                 .contains("failpoint fs.prove_beneath: stalling")
-                .then_some(())
+        };
+        // The resume answered without the proof stalling is a failure of
+        // its own, told with its answer and filterd's log (CI once timed
+        // out here, cause not found).
+        wait_for("the proof to stall", Duration::from_secs(20), || {
+            (stalled() || resume.is_finished()).then_some(())
         });
+        if !stalled() {
+            let answer = resume.join().expect("resume thread");
+            panic!(
+                "answered before the proof stalled: {:?}\n{}",
+                answer.map(|h| h.info.key),
+                d.log_text()
+            );
+        }
         let now = change(&s.root());
         (resume.join().expect("resume thread"), now)
     });
