@@ -72,7 +72,10 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 300_000)]
     durable_timeout_max_ms: u32,
     /// Most handles one protocol client may hold (its further opens are
-    /// refused; other clients are not affected).
+    /// refused; other clients are not affected). Besides, one peer user
+    /// other than root and filterd's own may hold handles counting as
+    /// three quarters of the descriptors left to them (two a handle; the
+    /// limit less a reserve and the budget of replies queued unread).
     #[arg(long, value_name = "N", default_value_t = 65_536)]
     max_handles_per_client: usize,
     /// Most handles one frontend instance may hold.
@@ -216,6 +219,21 @@ fn raise_fd_limit() -> u64 {
         return hard;
     }
     soft
+}
+
+/// Descriptors left to handles at descriptor limit `fd_limit`: the limit
+/// less the reserve kept for reading local opens and the budget of
+/// replies queued unread (which may hold descriptors of handles closed
+/// since). One peer user may hold three quarters of it (engine
+/// `handle_shares`). No limit known (0): unbounded.
+fn handle_room(fd_limit: u64) -> usize {
+    if fd_limit == 0 {
+        return usize::MAX;
+    }
+    let left = fd_limit.saturating_sub(local::descriptor_reserve(fd_limit));
+    usize::try_from(left)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(outbox::descriptor_budget(fd_limit))
 }
 
 /// A claimed store, its epoch (fencing revision) and whether the last
@@ -516,7 +534,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         local_identity
     };
     check_root(&args, store.as_ref(), &identity, &root_path)?;
-    info!(epoch, clean_previous_shutdown = was_clean, fd_limit, root = %root_path.display(), state = %state.display(), "filterd starting");
+    info!(epoch, clean_previous_shutdown = was_clean, fd_limit, handle_room = handle_room(fd_limit), root = %root_path.display(), state = %state.display(), "filterd starting");
     if fd_limit < outbox::SMALL_FD_LIMIT {
         warn!(
             fd_limit,
@@ -541,6 +559,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_handles_per_frontend: args.max_handles_per_frontend,
             max_connections: args.max_connections,
             max_pending_breaks: args.max_pending_breaks,
+            handle_room: handle_room(fd_limit),
+            handle_share_exempt: vec![0, nix::unistd::geteuid().as_raw()],
         },
         Box::new(engine::fs::HostFs::new(root, store.clone())),
         epoch,

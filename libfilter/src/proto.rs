@@ -1913,6 +1913,12 @@ pub struct Stats {
     /// free descriptors than it keeps in reserve (to read fanotify events).
     #[serde(default)]
     pub opens_refused_descriptors: u64,
+    /// Protocol opens (and resumes taking a descriptor) refused because
+    /// their peer user's handles held its share (three quarters) of the
+    /// descriptors filterd leaves to handles; root's and filterd's own
+    /// user's never are.
+    #[serde(default)]
+    pub opens_refused_share: u64,
     /// Protocol opens refused because local opens of their file could not
     /// be made to reach filterd again (its ignore mark could not be
     /// removed): granting them would leave the file unmediated.

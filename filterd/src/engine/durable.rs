@@ -249,6 +249,8 @@ pub(super) struct Attachment {
     pub(super) frontend: libfilter::model::InstanceName,
     /// The frontend process that attached it last (`attached_by`).
     pub(super) attached_by: u64,
+    /// The peer user it counted against (`Handle::uid`).
+    pub(super) uid: Option<u32>,
 }
 
 /// What [`Engine::lose`] took from a handle besides its record's
@@ -1507,6 +1509,7 @@ impl Engine {
             self.expiries
                 .push(std::cmp::Reverse((a.expires_mono, a.key, gen)));
         }
+        self.attribute(a.key, a.uid);
     }
 
     /// Undoes a loss that did not commit: the handle is disconnected as it

@@ -48,6 +48,7 @@ mod checked_io;
 mod durable;
 mod expiry;
 pub mod fs;
+mod handle_shares;
 mod leases;
 mod listings;
 mod local_access;
@@ -90,6 +91,13 @@ pub struct Config {
     pub max_connections: usize,
     /// Most requests waiting for lease-break acknowledgements at once.
     pub max_pending_breaks: usize,
+    /// Descriptors left to handles (the limit less what filterd keeps for
+    /// other needs), of which one peer user may hold three quarters
+    /// ([`handle_shares`]); `usize::MAX`: no limit known.
+    pub handle_room: usize,
+    /// Peer users never refused for their share of `handle_room` (root
+    /// and filterd's own user).
+    pub handle_share_exempt: Vec<u32>,
 }
 
 struct Conn {
@@ -149,6 +157,11 @@ struct Handle {
     /// A break of its lease sent while its open was parked, held until
     /// the open's reply (`Engine::finish_parked`).
     held_break: Option<Event>,
+    /// The peer user it counts against ([`handle_shares`]): that of the
+    /// connection that opened or last attached it; None for a recovered
+    /// handle not resumed since. Changed only by `Engine::attribute`
+    /// while it is in the table.
+    uid: Option<u32>,
 }
 
 impl Handle {
@@ -167,6 +180,7 @@ impl Handle {
             link_known: false,
             shown_at: 0,
             held_break: None,
+            uid: None,
         }
     }
 }
@@ -284,6 +298,8 @@ pub struct Engine {
     /// Handles per (protocol, client) and per frontend instance (limits).
     per_client: HashMap<(Protocol, ClientId), usize>,
     per_frontend: HashMap<InstanceName, usize>,
+    /// Descriptors each peer user's handles count as ([`handle_shares`]).
+    handle_shares: handle_shares::Shares,
     /// The stored records the last recovery could not read and left in
     /// the store (`status` reports them), as of that recovery: set once
     /// there and not updated when a committed op later deletes one
@@ -593,6 +609,8 @@ impl Engine {
         store: Arc<dyn StateStore>,
         commit_counters: Arc<CommitCounters>,
     ) -> Self {
+        let handle_shares =
+            handle_shares::Shares::new(cfg.handle_room, cfg.handle_share_exempt.clone());
         Engine {
             cfg,
             fs,
@@ -629,6 +647,7 @@ impl Engine {
             lock_hints: HashMap::new(),
             per_client: HashMap::new(),
             per_frontend: HashMap::new(),
+            handle_shares,
             corrupt: Default::default(),
             hint_waits: HashMap::new(),
             unread_pool: None,

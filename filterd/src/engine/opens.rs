@@ -179,6 +179,7 @@ impl Engine {
                 format!("frontend {instance} holds the most handles allowed (--max-handles-per-frontend)"),
             ));
         }
+        self.keep_within_share(conn, &o.path)?;
         if let Some(lr) = o.lease {
             self.lease_key_free_for(&o.client, lr.key, &o.path)?;
         }
@@ -603,6 +604,7 @@ impl Engine {
             link_known: true,
             shown_at: 0,
             held_break: None,
+            uid: self.conns.get(&conn).map(|c| c.peer.uid),
         });
         self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -1277,7 +1279,17 @@ impl Engine {
             .get_mut(&key)
             .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
         if h.fd.is_none() {
-            // Recovered handles hold no descriptor until resumed.
+            // Recovered handles hold no descriptor until resumed: taking
+            // one, the resume is held to its user's share as an open is
+            // (unless the handle counts against that user already).
+            let path = h.rec.path.clone();
+            if h.uid.is_none() || h.uid != self.conns.get(&conn).map(|c| c.peer.uid) {
+                self.keep_within_share(conn, &path)?;
+            }
+            let h = self
+                .handles
+                .get_mut(&key)
+                .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
             let kh = h.rec.kernel_handle.as_ref().ok_or_else(|| {
                 err(
                     ErrorCode::NoSuchHandle,
@@ -1296,7 +1308,6 @@ impl Engine {
                         Ok((fd, id, size))
                     }
                 });
-            let path = h.rec.path.clone();
             match reopened {
                 Ok((fd, _, _)) => {
                     // A resume takes a descriptor as an open does: not the
@@ -1341,6 +1352,7 @@ impl Engine {
             conn: h.conn,
             frontend: h.rec.frontend.clone(),
             attached_by: h.rec.attached_by,
+            uid: h.uid,
         };
         h.rec.conn = ConnState::Connected;
         // Stamped with the frontend process attaching it for a client (a
@@ -1378,9 +1390,15 @@ impl Engine {
             locked: false,
         };
         self.undo_attachment_if_failed(persistent, before);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.handles.insert(key);
-        }
+        let uid = match self.conns.get_mut(&conn) {
+            Some(c) => {
+                c.handles.insert(key);
+                Some(c.peer.uid)
+            }
+            None => None,
+        };
+        // It counts against the user attaching it now.
+        self.attribute(key, uid);
         Ok(opened)
     }
 
@@ -1461,6 +1479,9 @@ impl Engine {
     /// [`Engine::insert`] but for the file index, which the caller fills
     /// (recovery builds it once, in file order, for all handles).
     pub(super) fn insert_unfiled(&mut self, mut h: Handle) {
+        if let Some(uid) = h.uid {
+            self.handle_shares.charge(uid);
+        }
         self.links_pending |= !h.link_known;
         self.index_names(&mut h.rec);
         self.handles.insert(h.rec.key, Box::new(h));
@@ -1586,6 +1607,9 @@ impl Engine {
         announce: Option<Event>,
     ) -> Option<HandleRecord> {
         let h = self.handles.remove(&key)?;
+        if let Some(uid) = h.uid {
+            self.handle_shares.discharge(uid);
+        }
         let persistent = h.rec.durability.is_persistent();
         let ck = (h.rec.protocol.clone(), h.rec.client.clone());
         if let Some(n) = self.per_client.get_mut(&ck) {

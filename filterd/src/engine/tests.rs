@@ -276,6 +276,8 @@ fn config() -> Config {
         max_handles_per_frontend: 1000,
         max_connections: 10,
         max_pending_breaks: 100,
+        handle_room: usize::MAX,
+        handle_share_exempt: Vec::new(),
     }
 }
 
@@ -620,8 +622,12 @@ impl Harness {
                 )
             })
             .collect();
+        // Each user's count is what its handles in the table make
+        // (`handle_shares`), and is part of what a rollback restores.
+        let uids = e.handle_shares.holders();
+        assert_eq!(uids, shares_recounted(e), "per-user handle counts drifted");
         format!(
-            "{handles:?}\n{locks:?}\n{replays:?}\n{by_file:?}\n{:?}\n{per_client:?}\n{:?}\n{}\n{files:?}\n{ofd:?}",
+            "{handles:?}\n{locks:?}\n{replays:?}\n{by_file:?}\n{:?}\n{per_client:?}\n{uids:?}\n{:?}\n{}\n{files:?}\n{ofd:?}",
             e.by_guid.len(),
             e.content_changes,
             e.parked.len()
@@ -10519,4 +10525,281 @@ fn one_user_holds_at_most_three_quarters_of_the_connections() {
     h.engine
         .on_hello(ConnId(201), hello, peer, w)
         .expect("another user is let in");
+}
+
+/// What each user's handles count as, counted afresh from the handle
+/// table (what `Engine::handle_shares` must always hold).
+fn shares_recounted(e: &Engine) -> Vec<(u32, usize)> {
+    let mut by: BTreeMap<u32, usize> = BTreeMap::new();
+    for hd in e.handles.values() {
+        if let Some(uid) = hd.uid {
+            *by.entry(uid).or_default() += super::handle_shares::DESCRIPTORS_PER_HANDLE;
+        }
+    }
+    by.into_iter().collect()
+}
+
+/// A durable open of "a" (sharing everything) by a client of its own,
+/// with a create GUID of its own: what attack49 F2's hoarder sent.
+fn hoarders_open(n: usize) -> Request {
+    let Request::Open(mut o) = open("a", Rights::ALL) else {
+        unreachable!()
+    };
+    o.client = ClientId::new(format!("hoard-{n}")).unwrap();
+    o.durability = Durability::Durable { timeout_ms: 60_000 };
+    Request::Open(o)
+}
+
+impl Harness {
+    /// A frontend of user `uid` says hello as `instance` on connection
+    /// `conn`, and the harness's requests go there from now on; what they
+    /// went to before is returned ([`Harness::use_conn`] goes back).
+    fn connect_as(
+        &mut self,
+        conn: u64,
+        instance: &str,
+        uid: u32,
+    ) -> (ConnId, Arc<ConnWriter>, OwnedFd) {
+        let (writer, peer) = ConnWriter::pair_for_test();
+        self.engine
+            .on_hello(
+                ConnId(conn),
+                Hello {
+                    version: libfilter::proto::PROTO_VERSION,
+                    features: 0,
+                    role: Role::Frontend {
+                        protocol: Protocol::new("smb").unwrap(),
+                        instance: InstanceName::new(instance).unwrap(),
+                        incarnation: None,
+                    },
+                },
+                Peer {
+                    pid: 1,
+                    uid,
+                    gid: 0,
+                },
+                writer.clone(),
+            )
+            .unwrap();
+        self.use_conn((ConnId(conn), writer, peer))
+    }
+
+    /// Requests go to connection `to` from now on; the one before is
+    /// returned.
+    fn use_conn(
+        &mut self,
+        to: (ConnId, Arc<ConnWriter>, OwnedFd),
+    ) -> (ConnId, Arc<ConnWriter>, OwnedFd) {
+        self.drain_replies();
+        (
+            std::mem::replace(&mut self.conn, to.0),
+            std::mem::replace(&mut self.writer, to.1),
+            std::mem::replace(&mut self.peer, to.2),
+        )
+    }
+
+    /// Handle descriptors counted against `uid`.
+    fn held_by(&self, uid: u32) -> usize {
+        self.engine.handle_shares.held(uid)
+    }
+}
+
+/// attack49 F2: one user opening durable handles under a new client id
+/// each time took every descriptor filterd had. Now its opens are refused
+/// once its handles count as three quarters of the handles' room, while
+/// another user's still open; its disconnected handles count until they
+/// expire, and an expiry gives room back.
+#[test]
+fn a_user_holding_its_share_of_the_handles_room_is_refused_while_another_opens() {
+    let mut h = Harness::new();
+    // 40 descriptors for handles: 30 for one user, 15 handles.
+    h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
+    let honest = h.connect_as(20, "evil", 1001);
+    let mut keys = Vec::new();
+    for n in 0..15 {
+        let id = h.run(hoarders_open(n));
+        h.commit(true);
+        keys.push(h.opened(id));
+    }
+    assert_eq!(h.held_by(1001), 30);
+    let id = h.run(hoarders_open(15));
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::LimitReached);
+    let Some(Err(e)) = h.reply(id) else {
+        unreachable!()
+    };
+    assert!(e.message.contains("user 1001"), "{}", e.message);
+    assert_eq!(h.engine.stats.opens_refused_share, 1);
+    assert_eq!(h.held_by(1001), 30, "a refused open counts nothing");
+    // Another user (the harness's frontend, uid 0, not exempt here)
+    // still opens.
+    let evil = h.use_conn(honest);
+    let id = h.run(open("b", Rights::ALL));
+    h.commit(true);
+    let b = h.opened(id);
+    assert_eq!(h.held_by(0), 2);
+    // The hoarder's connection goes: its durable handles stay, and
+    // still count; from a new connection it is still refused.
+    h.engine.begin_request();
+    h.engine.on_closed(evil.0);
+    drop(evil);
+    assert!(keys.iter().all(|k| h.engine.handles.contains_key(k)));
+    assert_eq!(h.held_by(1001), 30);
+    let honest = h.connect_as(21, "evil2", 1001);
+    let id = h.run(hoarders_open(16));
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::LimitReached);
+    assert_eq!(h.engine.stats.opens_refused_share, 2);
+    // One expires: room for one more.
+    h.engine.begin_request();
+    h.engine.expire(keys[0]);
+    h.commit(true);
+    assert_eq!(h.held_by(1001), 28);
+    let id = h.run(hoarders_open(17));
+    h.commit(true);
+    h.opened(id);
+    assert_eq!(h.held_by(1001), 30);
+    // A close gives back what the handle counted.
+    let _ = h.use_conn(honest);
+    h.run(Request::Close {
+        key: b,
+        put: vec![],
+        delete: vec![],
+        delete_on_close: None,
+    });
+    h.commit(true);
+    assert_eq!(h.held_by(0), 0);
+    assert_eq!(
+        h.engine.handle_shares.holders(),
+        shares_recounted(&h.engine)
+    );
+}
+
+/// Root and filterd's own user (the exempt ones) are never refused for
+/// their share.
+#[test]
+fn an_exempt_user_is_never_refused_for_its_share() {
+    let mut h = Harness::new();
+    h.engine.handle_shares = super::handle_shares::Shares::new(8, vec![0]);
+    for n in 0..10 {
+        let id = h.run(hoarders_open(n));
+        h.commit(true);
+        h.opened(id);
+    }
+    assert_eq!(h.held_by(0), 20);
+    assert_eq!(h.engine.stats.opens_refused_share, 0);
+}
+
+/// Never reply before durability; a failed commit undoes everything: a
+/// persistent open whose commit fails gives back its count, and a close
+/// whose commit fails takes it again (the handle is put back).
+#[test]
+fn a_failed_commit_leaves_the_handle_counts_as_they_were() {
+    let mut h = Harness::new();
+    h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
+    let _ = h.connect_as(20, "evil", 1001);
+    let id = h.run(open("a", Rights::ALL));
+    assert_eq!(h.held_by(1001), 2, "counted while it commits");
+    h.commit(false);
+    assert!(matches!(h.reply(id), Some(Err(_))));
+    assert_eq!(h.held_by(1001), 0, "given back with the open");
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    h.run(Request::Close {
+        key,
+        put: vec![],
+        delete: vec![],
+        delete_on_close: None,
+    });
+    assert_eq!(h.held_by(1001), 0);
+    h.commit(false);
+    assert!(h.engine.handles.contains_key(&key), "the close is undone");
+    assert_eq!(h.held_by(1001), 2, "and its count with it");
+    assert_eq!(
+        h.engine.handle_shares.holders(),
+        shares_recounted(&h.engine)
+    );
+}
+
+/// A handle counts against the user that attached it last: taken over
+/// by a frontend of another user, it moves to that user. A recovered
+/// handle counts against nobody until resumed, and its resume (which
+/// takes a descriptor) is refused to a user holding its share — the
+/// handle stays resumable, and another user resumes it.
+#[test]
+fn a_handle_counts_against_the_user_that_attached_it_last() {
+    let mut h = Harness::new();
+    h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
+    // Opened by the harness's frontend (uid 0, instance smb-t).
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    assert_eq!(h.held_by(0), 2);
+    // Its frontend goes; a replacement of user 1001 takes over.
+    h.engine.begin_request();
+    let gone = h.conn;
+    h.engine.on_closed(gone);
+    assert_eq!(h.held_by(0), 2, "a disconnected handle still counts");
+    let _ = h.connect_as(30, "smb-t", 1001);
+    let r = resume_alices_as(&mut h, key, false);
+    assert_eq!(h.opened(r), key);
+    assert_eq!((h.held_by(0), h.held_by(1001)), (0, 2));
+
+    // After a restart, nobody.
+    let mut h = h.restarted();
+    h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
+    assert!(h.engine.handles.contains_key(&key));
+    assert!(h.engine.handle_shares.holders().is_empty());
+    // A user at its share is refused the resume.
+    h.engine.begin_request();
+    let c = h.conn;
+    h.engine.on_closed(c);
+    let _ = h.connect_as(40, "smb-t", 1001);
+    for n in 0..15 {
+        let id = h.run(hoarders_open(n));
+        h.commit(true);
+        h.opened(id);
+    }
+    let r = resume_alices_as(&mut h, key, false);
+    assert_eq!(h.refused(r), ErrorCode::LimitReached);
+    assert!(h.engine.handles[&key].fd.is_none(), "no descriptor taken");
+    assert_eq!(h.held_by(1001), 30);
+    // Another user resumes it.
+    h.engine.begin_request();
+    let c = h.conn;
+    h.engine.on_closed(c);
+    let _ = h.connect_as(41, "smb-t", 1002);
+    let r = resume_alices_as(&mut h, key, false);
+    assert_eq!(h.opened(r), key);
+    assert_eq!(h.held_by(1002), 2);
+    assert_eq!(
+        h.engine.handle_shares.holders(),
+        shares_recounted(&h.engine)
+    );
+}
+
+/// A resume by another user whose commit fails leaves the handle counting
+/// against the user it counted against before.
+#[test]
+fn a_failed_resume_by_another_user_gives_the_handle_back_to_the_first() {
+    let mut h = Harness::new();
+    h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let key = h.opened(id);
+    h.engine.begin_request();
+    let gone = h.conn;
+    h.engine.on_closed(gone);
+    h.commit(true);
+    let _ = h.connect_as(30, "smb-t", 1001);
+    let r = h.run(resume_of("alice", key, false));
+    assert_eq!((h.held_by(0), h.held_by(1001)), (0, 2));
+    h.commit(false);
+    assert!(matches!(h.reply(r), Some(Err(_))), "{:?}", h.reply(r));
+    assert_eq!((h.held_by(0), h.held_by(1001)), (2, 0));
+    assert_eq!(
+        h.engine.handle_shares.holders(),
+        shares_recounted(&h.engine)
+    );
 }
