@@ -369,11 +369,16 @@ fn next_frame(fd: &OwnedFd) -> (ServerFrame, usize) {
 /// Request `id`: a durable `open_if` of `path` with create GUID `guid`,
 /// or (`replay`) the replay of it.
 fn create_frame(id: u64, path: &str, guid: CreateGuid, replay: bool) -> Vec<u8> {
+    create_frame_of(id, "c", path, guid, replay)
+}
+
+/// [`create_frame`] of client `client`.
+fn create_frame_of(id: u64, client: &str, path: &str, guid: CreateGuid, replay: bool) -> Vec<u8> {
     let open = OpenRequest {
         disposition: Disposition::OpenIf,
         durability: Durability::Durable { timeout_ms: 60_000 },
         create_guid: Some(guid),
-        ..plain_open("c", path)
+        ..plain_open(client, path)
     };
     let req = if replay {
         Request::ReplayOpen(open)
@@ -638,4 +643,89 @@ fn a_peer_spread_over_connections_cannot_get_an_honest_frontend_dropped() {
     attach(&s.socket(), "smb", "later")
         .open(plain_open("bob", "h"))
         .expect("a frontend attaching now is served");
+}
+
+/// Durable opens of `path` on raw frontend `fd`, each by a new client
+/// with a new create GUID (client ids `{tag}-N`), each reply read and its
+/// descriptor closed, until one is refused or `most` are granted: how
+/// many were granted, and the refusal.
+fn hoard(fd: &OwnedFd, tag: &str, path: &str, most: u64) -> (u64, Option<proto::WireError>) {
+    for n in 0..most {
+        let frame = create_frame_of(
+            n + 1,
+            &format!("{tag}-{n}"),
+            path,
+            CreateGuid(uuid::Uuid::new_v4()),
+            false,
+        );
+        send_packet(fd.as_fd(), &frame, None).unwrap();
+        // The descriptor that comes with a grant is closed at once.
+        match next_frame(fd).0 {
+            ServerFrame::Reply {
+                result: Ok(Reply::Opened(_)),
+                ..
+            } => {}
+            ServerFrame::Reply { result: Err(e), .. } => return (n, Some(e)),
+            other => panic!("not an answer: {other:?}"),
+        }
+    }
+    (most, None)
+}
+
+/// attack49 F2: one user of the socket's group opening durable handles,
+/// a new client id and create GUID each, took every descriptor filterd
+/// had (the per-client limit never applied) and every frontend's open was
+/// refused. Now its opens are refused once its handles count as three
+/// quarters of the descriptors left to handles — at a limit of 4096,
+/// 4096 − 512 (reserve) − 1024 (replies queued unread) = 2560, of which
+/// 1920, two a handle: 960 handles — while another user (non-root) and a
+/// root frontend still open; its disconnected durable handles keep
+/// counting. Root only (it runs peers as other users).
+#[test]
+fn one_user_hoarding_handles_is_refused_past_its_share_while_others_open() {
+    if !root_or_skip("handle-share", "to run peers as other users") {
+        return;
+    }
+    let s = Scratch::new("handle-share");
+    s.give_socket_group(SOCKET_GID);
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let d = filterd_with_nofile(&s, 4096);
+    d.wait_log("handle_room=2560", Duration::from_secs(5));
+    let ctl = d.control();
+    let (attacker, _) = connections_as(65534, SOCKET_GID, &s.socket(), 2);
+    let mut granted = 0;
+    let mut refusal = None;
+    for (i, c) in attacker.iter().enumerate() {
+        hello_frontend(c, &format!("hoard-{i}"));
+        let (n, e) = hoard(c, &format!("h{i}"), "f", 2000);
+        granted += n;
+        refusal = refusal.or(e);
+    }
+    let e = refusal.expect("the hoarder is refused");
+    assert_eq!(e.code, proto::ErrorCode::LimitReached, "{}", e.message);
+    assert!(e.message.contains("user 65534"), "{}", e.message);
+    assert_eq!(granted, 960, "three quarters of the room, two a handle");
+    let st = ctl.stats().unwrap();
+    assert!(st.opens_refused_share >= 1, "{st:?}");
+    assert!(
+        fds_of(d.pid()) < 4096 - 512 - 512,
+        "filterd holds {} descriptors",
+        fds_of(d.pid())
+    );
+    // Another (non-root) user of the group still opens, and so does a
+    // root frontend.
+    let (other, _) = connections_as(65533, SOCKET_GID, &s.socket(), 1);
+    hello_frontend(&other[0], "other");
+    assert_eq!(hoard(&other[0], "o", "f", 50), (50, None));
+    let root = attach(&s.socket(), "smb", "root");
+    root.open(plain_open("bob", "f"))
+        .expect("a root frontend opens");
+    // The hoarder's connections go; its durable handles stay, still
+    // counting: from a new connection it is refused at once.
+    drop(attacker);
+    let (again, _) = connections_as(65534, SOCKET_GID, &s.socket(), 1);
+    hello_frontend(&again[0], "hoard-again");
+    let (n, e) = hoard(&again[0], "h9", "f", 10);
+    assert_eq!(n, 0, "its disconnected handles still count");
+    assert_eq!(e.map(|e| e.code), Some(proto::ErrorCode::LimitReached));
 }
