@@ -308,6 +308,11 @@ fn a_lingering_descriptor_on_a_refused_connection_stalls_nobody() {
 /// rr48e F5). `prlimit` first, while root still has `CAP_SYS_RESOURCE`
 /// to raise a hard limit below `nofile` (re-review rr49c L3).
 fn filterd_with_nofile(s: &Scratch, nofile: u64) -> Filterd {
+    filterd_with_nofile_and(s, nofile, &[])
+}
+
+/// [`filterd_with_nofile`] with `extra` arguments.
+fn filterd_with_nofile_and(s: &Scratch, nofile: u64, extra: &[&str]) -> Filterd {
     let limit = format!("--nofile={nofile}:{nofile}");
     let mut wrap = vec!["prlimit", limit.as_str()];
     if nix::unistd::geteuid().is_root() {
@@ -318,7 +323,7 @@ fn filterd_with_nofile(s: &Scratch, nofile: u64) -> Filterd {
             "--",
         ]);
     }
-    let d = Filterd::spawn_on(s, None, &wrap, &[], &[]);
+    let d = Filterd::spawn_on(s, None, &wrap, extra, &[]);
     d.wait_ready();
     d.wait_log(&format!("fd_limit={nofile}"), Duration::from_secs(5));
     d
@@ -678,9 +683,9 @@ fn hoard(fd: &OwnedFd, tag: &str, path: &str, most: u64) -> (u64, Option<proto::
 /// refused. Now its opens are refused once its handles count as three
 /// quarters of the descriptors left to handles — at a limit of 4096,
 /// 4096 − 512 (reserve) − 1024 (replies queued unread) = 2560, of which
-/// 1920, two a handle: 960 handles — while another user (non-root) and a
-/// root frontend still open; its disconnected durable handles keep
-/// counting. Root only (it runs peers as other users).
+/// 1920, one a handle without locks: 1920 handles — while another user
+/// (non-root) and a root frontend still open; its disconnected durable
+/// handles keep counting. Root only (it runs peers as other users).
 #[test]
 fn one_user_hoarding_handles_is_refused_past_its_share_while_others_open() {
     if !root_or_skip("handle-share", "to run peers as other users") {
@@ -704,7 +709,7 @@ fn one_user_hoarding_handles_is_refused_past_its_share_while_others_open() {
     let e = refusal.expect("the hoarder is refused");
     assert_eq!(e.code, proto::ErrorCode::LimitReached, "{}", e.message);
     assert!(e.message.contains("user 65534"), "{}", e.message);
-    assert_eq!(granted, 960, "three quarters of the room, two a handle");
+    assert_eq!(granted, 1920, "three quarters of the room, one a handle");
     let st = ctl.stats().unwrap();
     assert!(st.opens_refused_share >= 1, "{st:?}");
     assert!(
@@ -728,4 +733,29 @@ fn one_user_hoarding_handles_is_refused_past_its_share_while_others_open() {
     let (n, e) = hoard(&again[0], "h9", "f", 10);
     assert_eq!(n, 0, "its disconnected handles still count");
     assert_eq!(e.map(|e| e.code), Some(proto::ErrorCode::LimitReached));
+}
+
+/// Review rr50a M1: a uid named by `--share-exempt-uid` (a frontend's
+/// service user running alone) is held to no share: past 1920 handles at
+/// a limit of 4096 it still opens. Root only (it runs peers as other
+/// users).
+#[test]
+fn a_uid_exempt_from_the_share_opens_past_it() {
+    if !root_or_skip("handle-share-exempt", "to run peers as other users") {
+        return;
+    }
+    let s = Scratch::new("handle-share-exempt");
+    s.give_socket_group(SOCKET_GID);
+    std::fs::write(s.root().join("f"), b"f").unwrap();
+    let d = filterd_with_nofile_and(&s, 4096, &["--share-exempt-uid", "65534"]);
+    d.wait_log("handle_room=2560", Duration::from_secs(5));
+    let (frontend, _) = connections_as(65534, SOCKET_GID, &s.socket(), 1);
+    hello_frontend(&frontend[0], "exempt");
+    let (n, e) = hoard(&frontend[0], "x", "f", 2100);
+    assert_eq!(
+        (n, e.map(|e| e.message)),
+        (2100, None),
+        "never refused for a share"
+    );
+    assert_eq!(d.control().stats().unwrap().opens_refused_share, 0);
 }

@@ -1541,6 +1541,7 @@ impl Engine {
         if let Some((client, lk)) = lease {
             self.lease_key_taken(&client, lk, file);
         }
+        self.reweigh(key);
         warn!(resume_key = %key, "a handle's loss whose commit failed is undone: found again at the next open of its file");
         Some(file)
     }

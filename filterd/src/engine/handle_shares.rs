@@ -9,28 +9,37 @@
 //! create, a takeover by another instance), while it is in the handle
 //! table: a disconnected one counts until it is expired, purged or
 //! closed, as it keeps its descriptor. A handle recovered at a restart
-//! counts against nobody until it is resumed (no uid is stored; it holds
-//! no descriptor until then). Each handle counts as
-//! [`DESCRIPTORS_PER_HANDLE`] descriptors: its own, and the one its
-//! byte-range locks take (`Handle::lock_fd`) — so a user that locks every
-//! handle it holds still stays within its share, with no check on the
-//! lock path.
+//! counts against nobody until it is resumed (no uid is stored): it holds
+//! no descriptor of its own until then, though one holding byte-range
+//! locks holds its lock descriptor from recovery on (the locks are
+//! mirrored again at once). A handle counts what it holds
+//! ([`Engine::weigh`]): one descriptor, and one more while its byte-range
+//! locks' descriptor (`Handle::lock_fd`) is open — the lock path refuses
+//! a lock whose descriptor would take its user past its share
+//! (`Engine::lock`), and every place that opens or closes that
+//! descriptor weighs the handle again ([`Engine::reweigh`]).
 //!
 //! The room is what the descriptor limit leaves to handles (the limit
 //! less the reserve for reading local opens and the budget for replies
 //! queued unread, `main`); one user may hold at most three quarters of
 //! it, as one user may hold three quarters of the connections
 //! (`Engine::on_hello`). Past it, the user's opens and the resumes that
-//! take a descriptor are refused (`LimitReached`); other users still
-//! open. Root and filterd's own user are exempt: a process of either can
-//! kill filterd anyway, and a frontend run as root must not lose a
-//! quarter of the room to a rule meant for the socket's group.
+//! open a lock descriptor are refused (`LimitReached`); other users
+//! still open. A resume or replay of a handle already in the table is
+//! never refused (it was held to a share when it was opened, and refusing
+//! it loses a connected client's open after a restart or a failover), but
+//! it counts against the resuming user, whose next opens are refused
+//! instead. Root, filterd's own user and the uids named by
+//! `--share-exempt-uid` are exempt: a process of root or filterd's user
+//! can kill filterd anyway, and an operator may trust a frontend's
+//! service user with the whole room.
 //!
 //! [`Shares`] is the arithmetic (no handles, no connections), tested on
 //! its own; the engine keeps it in step with its handle table at the
 //! table's only entries and exits (`Engine::insert_unfiled`,
-//! `Engine::remove_as`) and where a handle changes hands
-//! (`Engine::attribute`), so a rolled-back open (removed quietly) or a
+//! `Engine::remove_as`), where a handle changes hands
+//! (`Engine::attribute`) and where its lock descriptor comes or goes
+//! (`Engine::reweigh`), so a rolled-back open (removed quietly) or a
 //! failed close (reinserted whole) gives back or takes again exactly what
 //! it counted.
 
@@ -39,10 +48,13 @@ use std::collections::HashMap;
 use libfilter::model::{RelPath, ResumeKey};
 use libfilter::proto::{ErrorCode, WireError};
 
-use super::{err, ConnId, Engine};
+use super::{err, ConnId, Engine, Handle};
 
-/// Descriptors one handle counts as: its own and its locks'.
-pub(super) const DESCRIPTORS_PER_HANDLE: usize = 2;
+/// Descriptors `h` holds, and counts against its user: its own, and its
+/// locks' while that is open.
+pub(super) fn weight(h: &Handle) -> usize {
+    1 + usize::from(h.lock_fd.is_some())
+}
 
 /// Descriptors held by users' handles, against a room.
 #[derive(Debug)]
@@ -86,42 +98,50 @@ impl Shares {
         v
     }
 
-    /// A handle of `uid` joins.
-    pub(super) fn charge(&mut self, uid: u32) {
-        *self.by_uid.entry(uid).or_default() += DESCRIPTORS_PER_HANDLE;
+    /// `uid` holds `n` more.
+    pub(super) fn charge(&mut self, uid: u32, n: usize) {
+        if n > 0 {
+            let held = self.by_uid.entry(uid).or_default();
+            *held = held.saturating_add(n);
+        }
     }
 
-    /// A handle of `uid` leaves.
-    pub(super) fn discharge(&mut self, uid: u32) {
-        if let Some(n) = self.by_uid.get_mut(&uid) {
-            debug_assert!(*n >= DESCRIPTORS_PER_HANDLE, "uid {uid} holds {n}");
-            *n = n.saturating_sub(DESCRIPTORS_PER_HANDLE);
-            if *n == 0 {
+    /// `uid` holds `n` fewer.
+    pub(super) fn discharge(&mut self, uid: u32, n: usize) {
+        if let Some(held) = self.by_uid.get_mut(&uid) {
+            debug_assert!(*held >= n, "uid {uid} holds {held}, gives back {n}");
+            *held = held.saturating_sub(n);
+            if *held == 0 {
                 self.by_uid.remove(&uid);
             }
         }
     }
 
-    /// Whether one more handle of `uid` would take it past its share.
-    pub(super) fn refuses(&self, uid: u32) -> bool {
-        !self.exempt.contains(&uid)
-            && self.held(uid).saturating_add(DESCRIPTORS_PER_HANDLE) > self.share()
+    /// Whether `n` more descriptors would take `uid` past its share.
+    pub(super) fn refuses(&self, uid: u32, n: usize) -> bool {
+        !self.exempt.contains(&uid) && self.held(uid).saturating_add(n) > self.share()
     }
 }
 
 impl Engine {
-    /// Refuses an open (or a resume taking a descriptor) of `path` on
-    /// `conn` whose user holds its share of the handles' room already
-    /// (`LimitReached`; counted: `opens_refused_share`).
+    /// Refuses an open of `path` on `conn` whose user holds its share of
+    /// the handles' room already (`LimitReached`; counted:
+    /// `opens_refused_share`). An open of a connection not known (none
+    /// reaches here: a waiting open of a connection gone is dropped) is
+    /// refused too, as its handle would count against nobody.
     pub(super) fn keep_within_share(
         &mut self,
         conn: ConnId,
         path: &RelPath,
     ) -> Result<(), WireError> {
         let Some(uid) = self.conns.get(&conn).map(|c| c.peer.uid) else {
-            return Ok(());
+            debug_assert!(false, "an open of connection {conn:?}, not known");
+            return Err(err(
+                ErrorCode::LimitReached,
+                format!("{path}: its connection is gone"),
+            ));
         };
-        if !self.handle_shares.refuses(uid) {
+        if !self.handle_shares.refuses(uid, 1) {
             return Ok(());
         }
         self.stats.opens_refused += 1;
@@ -140,7 +160,7 @@ impl Engine {
         Err(err(
             ErrorCode::LimitReached,
             format!(
-                "{path}: user {uid}'s handles count as {held} of the {room} descriptors filterd leaves to handles, as many as one user may (three quarters; {DESCRIPTORS_PER_HANDLE} a handle); close handles or raise filterd's limit"
+                "{path}: user {uid}'s handles count as {held} of the {room} descriptors filterd leaves to handles, as many as one user may (three quarters; one a handle and one for its locks); close handles, raise filterd's limit or exempt the user (filterd --share-exempt-uid)"
             ),
         ))
     }
@@ -154,11 +174,48 @@ impl Engine {
             return;
         }
         if let Some(old) = std::mem::replace(&mut h.uid, uid) {
-            self.handle_shares.discharge(old);
+            self.handle_shares.discharge(old, h.weighed);
         }
+        h.weighed = 0;
         if let Some(new) = uid {
-            self.handle_shares.charge(new);
+            h.weighed = weight(h);
+            self.handle_shares.charge(new, h.weighed);
         }
+    }
+
+    /// `h`, joining the table, counts what it holds against its user.
+    pub(super) fn weigh(&mut self, h: &mut Handle) {
+        h.weighed = 0;
+        if let Some(uid) = h.uid {
+            h.weighed = weight(h);
+            self.handle_shares.charge(uid, h.weighed);
+        }
+    }
+
+    /// Handle `key`'s lock descriptor was opened or closed: its user's
+    /// count follows.
+    pub(super) fn reweigh(&mut self, key: ResumeKey) {
+        let Some(h) = self.handles.get_mut(&key) else {
+            return;
+        };
+        let Some(uid) = h.uid else {
+            return;
+        };
+        let now = weight(h);
+        let was = std::mem::replace(&mut h.weighed, now);
+        if now > was {
+            self.handle_shares.charge(uid, now - was);
+        } else {
+            self.handle_shares.discharge(uid, was - now);
+        }
+    }
+
+    /// Whether opening handle `key`'s lock descriptor would take its user
+    /// past its share (none to open, or no user: no).
+    pub(super) fn lock_fd_refused(&self, key: ResumeKey) -> bool {
+        self.handles.get(&key).is_some_and(|h| {
+            h.lock_fd.is_none() && h.uid.is_some_and(|uid| self.handle_shares.refuses(uid, 1))
+        })
     }
 }
 
@@ -173,33 +230,32 @@ mod tests {
         let mut s = Shares::new(40, vec![0]);
         assert_eq!(s.share(), 30);
         let mut n = 0;
-        while !s.refuses(1001) {
-            s.charge(1001);
+        while !s.refuses(1001, 1) {
+            s.charge(1001, 1);
             n += 1;
         }
-        assert_eq!(n, 15, "30 descriptors, two a handle");
+        assert_eq!(n, 30);
         assert_eq!(s.held(1001), 30);
-        assert!(!s.refuses(1002), "another user still opens");
+        assert!(!s.refuses(1002, 1), "another user still opens");
         for _ in 0..40 {
-            assert!(!s.refuses(0), "root is exempt");
-            s.charge(0);
+            assert!(!s.refuses(0, 2), "root is exempt");
+            s.charge(0, 2);
         }
-        s.discharge(1001);
-        assert!(!s.refuses(1001), "room again once one goes");
-        for _ in 0..14 {
-            s.discharge(1001);
-        }
+        s.discharge(1001, 2);
+        assert!(!s.refuses(1001, 2), "room again once some go");
+        assert!(s.refuses(1001, 3));
+        s.discharge(1001, 28);
         assert_eq!(s.held(1001), 0);
         assert_eq!(s.holders(), vec![(0, 80)]);
     }
 
-    /// A room too small for one handle refuses every counted user; the
+    /// A room of nothing refuses every counted user; the
     /// default (no limit known) refuses nobody.
     #[test]
     fn tiny_and_unbounded_rooms() {
-        let s = Shares::new(1, Vec::new());
-        assert!(s.refuses(7));
+        let s = Shares::new(0, Vec::new());
+        assert!(s.refuses(7, 1));
         let s = Shares::new(usize::MAX, Vec::new());
-        assert!(!s.refuses(7));
+        assert!(!s.refuses(7, 2));
     }
 }

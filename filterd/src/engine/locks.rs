@@ -496,6 +496,19 @@ impl Engine {
                 format!("a file holds at most {MAX_LOCKS_PER_FILE} byte-range locks"),
             ));
         }
+        if adding > 0 && self.lock_fd_refused(key) {
+            // Its lock descriptor would take the handle's user past its
+            // share of the handles' room (`handle_shares`): refused
+            // before anything changes.
+            self.stats.locks_refused += 1;
+            return Err(err(
+                ErrorCode::LimitReached,
+                "the user of this open holds its share of the descriptors filterd leaves to handles: a lock takes one more (close handles, raise filterd's limit or exempt the user: filterd --share-exempt-uid)",
+            ));
+        }
+        let Some(h) = self.handles.get_mut(&key) else {
+            return Err(err(ErrorCode::NoSuchHandle, format!("no handle {key}")));
+        };
         if let Some(q) = checked {
             // Invalidate the entry before applying: set again only on success.
             h.rec.lock_sequence.retain(|(i, _)| *i != q.index);
@@ -666,6 +679,7 @@ impl Engine {
         if let Some(h) = self.handles.get_mut(&key) {
             release_ofd_locks(&*self.fs, h);
         }
+        self.reweigh(key);
         Ok(())
     }
 
@@ -686,6 +700,7 @@ impl Engine {
                 h.lock_fd = None;
             }
         }
+        self.reweigh(key);
     }
 
     /// Takes the handle's locks as OFD locks on its own lock descriptor.
@@ -706,6 +721,23 @@ impl Engine {
         held: &[HeldLock],
         before: &[HeldLock],
     ) -> Result<(), (WireError, bool)> {
+        let r = self.mirror_unweighed(key, held, before);
+        self.reweigh(key);
+        r
+    }
+
+    /// [`Self::mirror_from`] but for the handle's count against its user.
+    /// A lock descriptor that would take that user past its share is not
+    /// opened: the locks hold among protocol clients only for now
+    /// (`unmirrored`) — an unlock, or a retry (the lock path refuses a
+    /// lock needing one: `Self::lock`).
+    fn mirror_unweighed(
+        &mut self,
+        key: ResumeKey,
+        held: &[HeldLock],
+        before: &[HeldLock],
+    ) -> Result<(), (WireError, bool)> {
+        let refused = !held.is_empty() && self.lock_fd_refused(key);
         let fs = &*self.fs;
         let Some(h) = self.handles.get_mut(&key) else {
             return Ok(());
@@ -729,6 +761,7 @@ impl Engine {
                 .rec
                 .kernel_handle
                 .as_ref()
+                .filter(|_| !refused)
                 .map(|kh| fs.reopen(kh, rw, &h.rec.path, h.rec.file))
             {
                 Some(Ok((fd, _, _))) => h.lock_fd = Some(fd),

@@ -162,6 +162,9 @@ struct Handle {
     /// handle not resumed since. Changed only by `Engine::attribute`
     /// while it is in the table.
     uid: Option<u32>,
+    /// What it counts against `uid` ([`handle_shares::weight`] when last
+    /// weighed): given back whole when it leaves or changes hands.
+    weighed: usize,
 }
 
 impl Handle {
@@ -181,6 +184,7 @@ impl Handle {
             shown_at: 0,
             held_break: None,
             uid: None,
+            weighed: 0,
         }
     }
 }

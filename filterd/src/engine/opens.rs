@@ -605,6 +605,7 @@ impl Engine {
             shown_at: 0,
             held_break: None,
             uid: self.conns.get(&conn).map(|c| c.peer.uid),
+            weighed: 0,
         });
         self.remember_local_openers(of.file, learnt);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -1184,6 +1185,7 @@ impl Engine {
                 },
             )));
         }
+        self.reweigh(key);
     }
 
     /// Handles of `file` that hold no descriptor of it (recovered, or put
@@ -1279,17 +1281,13 @@ impl Engine {
             .get_mut(&key)
             .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
         if h.fd.is_none() {
-            // Recovered handles hold no descriptor until resumed: taking
-            // one, the resume is held to its user's share as an open is
-            // (unless the handle counts against that user already).
+            // Recovered handles hold no descriptor until resumed. The
+            // resume is never refused for its user's share (the handle was
+            // held to one when opened; refused, a connected client lost
+            // its open after a restart or a failover: review rr50a L1),
+            // but counts against that user (`attribute`), whose next
+            // opens are refused instead.
             let path = h.rec.path.clone();
-            if h.uid.is_none() || h.uid != self.conns.get(&conn).map(|c| c.peer.uid) {
-                self.keep_within_share(conn, &path)?;
-            }
-            let h = self
-                .handles
-                .get_mut(&key)
-                .ok_or_else(|| err(ErrorCode::NoSuchHandle, format!("no handle {key}")))?;
             let kh = h.rec.kernel_handle.as_ref().ok_or_else(|| {
                 err(
                     ErrorCode::NoSuchHandle,
@@ -1479,9 +1477,7 @@ impl Engine {
     /// [`Engine::insert`] but for the file index, which the caller fills
     /// (recovery builds it once, in file order, for all handles).
     pub(super) fn insert_unfiled(&mut self, mut h: Handle) {
-        if let Some(uid) = h.uid {
-            self.handle_shares.charge(uid);
-        }
+        self.weigh(&mut h);
         self.links_pending |= !h.link_known;
         self.index_names(&mut h.rec);
         self.handles.insert(h.rec.key, Box::new(h));
@@ -1608,7 +1604,7 @@ impl Engine {
     ) -> Option<HandleRecord> {
         let h = self.handles.remove(&key)?;
         if let Some(uid) = h.uid {
-            self.handle_shares.discharge(uid);
+            self.handle_shares.discharge(uid, h.weighed);
         }
         let persistent = h.rec.durability.is_persistent();
         let ck = (h.rec.protocol.clone(), h.rec.client.clone());

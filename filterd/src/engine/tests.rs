@@ -10533,7 +10533,7 @@ fn shares_recounted(e: &Engine) -> Vec<(u32, usize)> {
     let mut by: BTreeMap<u32, usize> = BTreeMap::new();
     for hd in e.handles.values() {
         if let Some(uid) = hd.uid {
-            *by.entry(uid).or_default() += super::handle_shares::DESCRIPTORS_PER_HANDLE;
+            *by.entry(uid).or_default() += super::handle_shares::weight(hd);
         }
     }
     by.into_iter().collect()
@@ -10612,17 +10612,18 @@ impl Harness {
 #[test]
 fn a_user_holding_its_share_of_the_handles_room_is_refused_while_another_opens() {
     let mut h = Harness::new();
-    // 40 descriptors for handles: 30 for one user, 15 handles.
+    // 40 descriptors for handles: 30 for one user, 30 handles without
+    // locks.
     h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
     let honest = h.connect_as(20, "evil", 1001);
     let mut keys = Vec::new();
-    for n in 0..15 {
+    for n in 0..30 {
         let id = h.run(hoarders_open(n));
         h.commit(true);
         keys.push(h.opened(id));
     }
     assert_eq!(h.held_by(1001), 30);
-    let id = h.run(hoarders_open(15));
+    let id = h.run(hoarders_open(30));
     h.commit(true);
     assert_eq!(h.refused(id), ErrorCode::LimitReached);
     let Some(Err(e)) = h.reply(id) else {
@@ -10637,7 +10638,7 @@ fn a_user_holding_its_share_of_the_handles_room_is_refused_while_another_opens()
     let id = h.run(open("b", Rights::ALL));
     h.commit(true);
     let b = h.opened(id);
-    assert_eq!(h.held_by(0), 2);
+    assert_eq!(h.held_by(0), 1);
     // The hoarder's connection goes: its durable handles stay, and
     // still count; from a new connection it is still refused.
     h.engine.begin_request();
@@ -10646,7 +10647,7 @@ fn a_user_holding_its_share_of_the_handles_room_is_refused_while_another_opens()
     assert!(keys.iter().all(|k| h.engine.handles.contains_key(k)));
     assert_eq!(h.held_by(1001), 30);
     let honest = h.connect_as(21, "evil2", 1001);
-    let id = h.run(hoarders_open(16));
+    let id = h.run(hoarders_open(31));
     h.commit(true);
     assert_eq!(h.refused(id), ErrorCode::LimitReached);
     assert_eq!(h.engine.stats.opens_refused_share, 2);
@@ -10654,8 +10655,8 @@ fn a_user_holding_its_share_of_the_handles_room_is_refused_while_another_opens()
     h.engine.begin_request();
     h.engine.expire(keys[0]);
     h.commit(true);
-    assert_eq!(h.held_by(1001), 28);
-    let id = h.run(hoarders_open(17));
+    assert_eq!(h.held_by(1001), 29);
+    let id = h.run(hoarders_open(32));
     h.commit(true);
     h.opened(id);
     assert_eq!(h.held_by(1001), 30);
@@ -10686,7 +10687,7 @@ fn an_exempt_user_is_never_refused_for_its_share() {
         h.commit(true);
         h.opened(id);
     }
-    assert_eq!(h.held_by(0), 20);
+    assert_eq!(h.held_by(0), 10);
     assert_eq!(h.engine.stats.opens_refused_share, 0);
 }
 
@@ -10699,7 +10700,7 @@ fn a_failed_commit_leaves_the_handle_counts_as_they_were() {
     h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
     let _ = h.connect_as(20, "evil", 1001);
     let id = h.run(open("a", Rights::ALL));
-    assert_eq!(h.held_by(1001), 2, "counted while it commits");
+    assert_eq!(h.held_by(1001), 1, "counted while it commits");
     h.commit(false);
     assert!(matches!(h.reply(id), Some(Err(_))));
     assert_eq!(h.held_by(1001), 0, "given back with the open");
@@ -10715,7 +10716,7 @@ fn a_failed_commit_leaves_the_handle_counts_as_they_were() {
     assert_eq!(h.held_by(1001), 0);
     h.commit(false);
     assert!(h.engine.handles.contains_key(&key), "the close is undone");
-    assert_eq!(h.held_by(1001), 2, "and its count with it");
+    assert_eq!(h.held_by(1001), 1, "and its count with it");
     assert_eq!(
         h.engine.handle_shares.holders(),
         shares_recounted(&h.engine)
@@ -10725,8 +10726,9 @@ fn a_failed_commit_leaves_the_handle_counts_as_they_were() {
 /// A handle counts against the user that attached it last: taken over
 /// by a frontend of another user, it moves to that user. A recovered
 /// handle counts against nobody until resumed, and its resume (which
-/// takes a descriptor) is refused to a user holding its share — the
-/// handle stays resumable, and another user resumes it.
+/// takes a descriptor) is never refused for the share, even to a user
+/// holding its share: it counts against that user, whose next open is
+/// refused instead.
 #[test]
 fn a_handle_counts_against_the_user_that_attached_it_last() {
     let mut h = Harness::new();
@@ -10735,44 +10737,41 @@ fn a_handle_counts_against_the_user_that_attached_it_last() {
     let id = h.run(open("a", Rights::ALL));
     h.commit(true);
     let key = h.opened(id);
-    assert_eq!(h.held_by(0), 2);
+    assert_eq!(h.held_by(0), 1);
     // Its frontend goes; a replacement of user 1001 takes over.
     h.engine.begin_request();
     let gone = h.conn;
     h.engine.on_closed(gone);
-    assert_eq!(h.held_by(0), 2, "a disconnected handle still counts");
+    assert_eq!(h.held_by(0), 1, "a disconnected handle still counts");
     let _ = h.connect_as(30, "smb-t", 1001);
     let r = resume_alices_as(&mut h, key, false);
     assert_eq!(h.opened(r), key);
-    assert_eq!((h.held_by(0), h.held_by(1001)), (0, 2));
+    assert_eq!((h.held_by(0), h.held_by(1001)), (0, 1));
 
     // After a restart, nobody.
     let mut h = h.restarted();
     h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
     assert!(h.engine.handles.contains_key(&key));
     assert!(h.engine.handle_shares.holders().is_empty());
-    // A user at its share is refused the resume.
+    // A user at its share still resumes it (review rr50a L1: refused,
+    // a connected client lost its open after a restart), and it counts
+    // against that user, whose next open is refused instead.
     h.engine.begin_request();
     let c = h.conn;
     h.engine.on_closed(c);
     let _ = h.connect_as(40, "smb-t", 1001);
-    for n in 0..15 {
+    for n in 0..30 {
         let id = h.run(hoarders_open(n));
         h.commit(true);
         h.opened(id);
     }
     let r = resume_alices_as(&mut h, key, false);
-    assert_eq!(h.refused(r), ErrorCode::LimitReached);
-    assert!(h.engine.handles[&key].fd.is_none(), "no descriptor taken");
-    assert_eq!(h.held_by(1001), 30);
-    // Another user resumes it.
-    h.engine.begin_request();
-    let c = h.conn;
-    h.engine.on_closed(c);
-    let _ = h.connect_as(41, "smb-t", 1002);
-    let r = resume_alices_as(&mut h, key, false);
     assert_eq!(h.opened(r), key);
-    assert_eq!(h.held_by(1002), 2);
+    assert!(h.engine.handles[&key].fd.is_some());
+    assert_eq!(h.held_by(1001), 31);
+    let id = h.run(hoarders_open(30));
+    h.commit(true);
+    assert_eq!(h.refused(id), ErrorCode::LimitReached);
     assert_eq!(
         h.engine.handle_shares.holders(),
         shares_recounted(&h.engine)
@@ -10794,10 +10793,139 @@ fn a_failed_resume_by_another_user_gives_the_handle_back_to_the_first() {
     h.commit(true);
     let _ = h.connect_as(30, "smb-t", 1001);
     let r = h.run(resume_of("alice", key, false));
-    assert_eq!((h.held_by(0), h.held_by(1001)), (0, 2));
+    assert_eq!((h.held_by(0), h.held_by(1001)), (0, 1));
     h.commit(false);
     assert!(matches!(h.reply(r), Some(Err(_))), "{:?}", h.reply(r));
-    assert_eq!((h.held_by(0), h.held_by(1001)), (2, 0));
+    assert_eq!((h.held_by(0), h.held_by(1001)), (1, 0));
+    assert_eq!(
+        h.engine.handle_shares.holders(),
+        shares_recounted(&h.engine)
+    );
+}
+
+/// Review rr50a M1: a handle counts what it holds — one descriptor, and
+/// one more only while its byte-range locks' descriptor is open. A lock
+/// whose descriptor would take its user past its share is refused
+/// (`LimitReached`) and changes nothing; once the user holds less, it is
+/// granted.
+#[test]
+fn a_handle_counts_its_lock_descriptor_only_while_it_is_open() {
+    let mut h = Harness::new();
+    h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
+    let _ = h.connect_as(20, "evil", 1001);
+    let id = h.run(open("a", Rights::ALL));
+    h.commit(true);
+    let a = h.opened(id);
+    assert_eq!(h.held_by(1001), 1);
+    let l = h.run(lock_byte_8(a, false));
+    h.commit(true);
+    assert!(matches!(h.reply(l), Some(Ok(_))), "{:?}", h.reply(l));
+    assert_eq!(h.held_by(1001), 2, "its lock descriptor counts");
+    let u = h.run(lock_byte_8(a, true));
+    h.commit(true);
+    assert!(matches!(h.reply(u), Some(Ok(_))), "{:?}", h.reply(u));
+    assert!(h.engine.handles[&a].lock_fd.is_none());
+    assert_eq!(h.held_by(1001), 1, "closed, it counts no more");
+    let mut keys = Vec::new();
+    for n in 0..29 {
+        let id = h.run(hoarders_open(n));
+        h.commit(true);
+        keys.push(h.opened(id));
+    }
+    assert_eq!(h.held_by(1001), 30, "at its share: 30 handles, no locks");
+    let l = h.run(lock_byte_8(a, false));
+    h.commit(true);
+    assert_eq!(h.refused(l), ErrorCode::LimitReached);
+    let Some(Err(e)) = h.reply(l) else {
+        unreachable!()
+    };
+    assert!(e.message.contains("share-exempt-uid"), "{}", e.message);
+    let file = h.engine.handles[&a].rec.file;
+    assert!(
+        h.engine.locks.get(&file).is_none_or(|t| t.is_empty()),
+        "no lock taken"
+    );
+    assert!(h.engine.handles[&a].rec.locks.is_empty());
+    assert!(h.engine.handles[&a].lock_fd.is_none());
+    assert_eq!(h.held_by(1001), 30, "nothing counted");
+    // One handle goes: the lock is granted.
+    h.run(Request::Close {
+        key: keys[0],
+        put: vec![],
+        delete: vec![],
+        delete_on_close: None,
+    });
+    h.commit(true);
+    let l = h.run(lock_byte_8(a, false));
+    h.commit(true);
+    assert!(matches!(h.reply(l), Some(Ok(_))), "{:?}", h.reply(l));
+    assert_eq!(h.held_by(1001), 30);
+    assert_eq!(
+        h.engine.handle_shares.holders(),
+        shares_recounted(&h.engine)
+    );
+}
+
+/// Review rr50a L4: a user holding its share still resumes its own
+/// disconnected handle, and a replayed create of it gets the original
+/// handle (not `LimitReached`) — before a restart (the handle holds its
+/// descriptor) and after one (recovered, it takes one: rr50a L1).
+#[test]
+fn a_user_at_its_share_resumes_and_replays_its_own_handles() {
+    let mut h = Harness::new();
+    h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
+    let _ = h.connect_as(20, "smb-u", 1001);
+    let req = open("a", Rights::ALL);
+    let Request::Open(o) = req.clone() else {
+        unreachable!()
+    };
+    let id = h.run(req);
+    h.commit(true);
+    let key = h.opened(id);
+    for n in 0..29 {
+        let id = h.run(hoarders_open(n));
+        h.commit(true);
+        h.opened(id);
+    }
+    assert_eq!(h.held_by(1001), 30, "at its share");
+    let at_share = |h: &mut Harness, conn: u64| {
+        h.engine.begin_request();
+        let c = h.conn;
+        h.engine.on_closed(c);
+        h.commit(true);
+        let _ = h.connect_as(conn, "smb-u", 1001);
+    };
+    // Its frontend reconnects and resumes the handle.
+    at_share(&mut h, 21);
+    let r = resume_alices_as(&mut h, key, true);
+    assert_eq!(h.opened(r), key);
+    // A replayed create of it.
+    at_share(&mut h, 22);
+    let r = h.run(Request::ReplayOpen(o.clone()));
+    h.commit(true);
+    assert_eq!(h.opened(r), key, "the original handle");
+    assert_eq!(h.held_by(1001), 30);
+    // After a restart (the durable handles are gone, the persistent one
+    // recovered, counting against nobody) the user fills its share
+    // again; a replayed create of the recovered handle is still
+    // answered with it.
+    let mut h = h.restarted();
+    h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
+    assert!(h.engine.handles[&key].fd.is_none(), "recovered");
+    h.engine.begin_request();
+    let c = h.conn;
+    h.engine.on_closed(c);
+    let _ = h.connect_as(30, "smb-u", 1001);
+    for n in 0..30 {
+        let id = h.run(hoarders_open(100 + n));
+        h.commit(true);
+        h.opened(id);
+    }
+    assert_eq!(h.held_by(1001), 30, "at its share again");
+    let r = h.run(Request::ReplayOpen(o));
+    h.commit(true);
+    assert_eq!(h.opened(r), key, "the original handle, not LimitReached");
+    assert_eq!(h.held_by(1001), 31, "counted against the user");
     assert_eq!(
         h.engine.handle_shares.holders(),
         shares_recounted(&h.engine)
