@@ -496,10 +496,19 @@ impl Engine {
                 format!("a file holds at most {MAX_LOCKS_PER_FILE} byte-range locks"),
             ));
         }
-        if adding > 0 && self.lock_fd_refused(key) {
+        let first_lock = self
+            .handles
+            .get(&key)
+            .is_some_and(|h| h.rec.locks.is_empty());
+        if adding > 0 && first_lock && self.lock_fd_refused(key) {
             // Its lock descriptor would take the handle's user past its
             // share of the handles' room (`handle_shares`): refused
-            // before anything changes.
+            // before anything changes. A handle holding locks already
+            // but no descriptor for them (`unmirrored`) is not refused —
+            // an NFS LOCKU splitting a range re-locks its pieces, and
+            // LOCKU must not fail for resources; its locks stay among
+            // protocol clients until the descriptor may be opened
+            // (`mirror_unweighed`).
             self.stats.locks_refused += 1;
             return Err(err(
                 ErrorCode::LimitReached,
