@@ -578,6 +578,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         store.clone(),
         counters.clone(),
     );
+    eng.log_handle_shares();
     eng.recover(store.as_ref()).context("restart recovery")?;
     eng.set_frontends_seen(frontends_seen::FrontendsSeen::load(&state));
     // Only now: recovery reopens files by handle, and with the mount marked

@@ -749,6 +749,11 @@ fn a_uid_exempt_from_the_share_opens_past_it() {
     std::fs::write(s.root().join("f"), b"f").unwrap();
     let d = filterd_with_nofile_and(&s, 4096, &["--share-exempt-uid", "65534"]);
     d.wait_log("handle_room=2560", Duration::from_secs(5));
+    // The operator can see the flag took effect (review rr50b L4).
+    d.wait_log(
+        "handle_share=1920 share_exempt=[0, 65534]",
+        Duration::from_secs(5),
+    );
     let (frontend, _) = connections_as(65534, SOCKET_GID, &s.socket(), 1);
     hello_frontend(&frontend[0], "exempt");
     let (n, e) = hoard(&frontend[0], "x", "f", 2100);

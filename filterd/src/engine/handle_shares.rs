@@ -12,7 +12,8 @@
 //! counts against nobody until it is resumed (no uid is stored): it holds
 //! no descriptor of its own until then, though one holding byte-range
 //! locks holds its lock descriptor from recovery on (the locks are
-//! mirrored again at once). A handle counts what it holds
+//! mirrored again at once), and one whose resume failed keeps the
+//! descriptor the resume opened. A handle counts what it holds
 //! ([`Engine::weigh`]): one descriptor, and one more while its byte-range
 //! locks' descriptor (`Handle::lock_fd`) is open — the lock path refuses
 //! a lock whose descriptor would take its user past its share
@@ -23,13 +24,19 @@
 //! less the reserve for reading local opens and the budget for replies
 //! queued unread, `main`); one user may hold at most three quarters of
 //! it, as one user may hold three quarters of the connections
-//! (`Engine::on_hello`). Past it, the user's opens and the resumes that
-//! open a lock descriptor are refused (`LimitReached`); other users
-//! still open. A resume or replay of a handle already in the table is
-//! never refused (it was held to a share when it was opened, and refusing
-//! it loses a connected client's open after a restart or a failover), but
-//! it counts against the resuming user, whose next opens are refused
-//! instead. Root, filterd's own user and the uids named by
+//! (`Engine::on_hello`). Past it, the user's opens and a handle's first
+//! lock (which opens its lock descriptor) are refused (`LimitReached`);
+//! other users still open. A handle holding locks but no descriptor for
+//! them gets further locks unmirrored (not enforced against local
+//! processes) until its user has room. A resume or replay of a handle
+//! already in the table is never refused (it was held to a share when it
+//! was opened, and refusing it loses a connected client's open after a
+//! restart or a failover), only counted against the resuming user. So
+//! within one run a user holds at most its share (more only by another
+//! user's handles it resumed or took over), but across a restart or a
+//! failover its share plus what it held before: it opens a full share
+//! first, then resumes its recovered handles (review rr50b M1; the remedy
+//! left is storing the uid in the handle's record). Root, filterd's own user and the uids named by
 //! `--share-exempt-uid` are exempt: a process of root or filterd's user
 //! can kill filterd anyway, and an operator may trust a frontend's
 //! service user with the whole room.
@@ -67,7 +74,10 @@ pub(super) struct Shares {
 impl Shares {
     /// Nothing held; `room` descriptors for all users' handles, `exempt`
     /// users never refused.
-    pub(super) fn new(room: usize, exempt: Vec<u32>) -> Shares {
+    pub(super) fn new(room: usize, mut exempt: Vec<u32>) -> Shares {
+        // Sorted, once each: root and filterd's own user are often one.
+        exempt.sort_unstable();
+        exempt.dedup();
         Shares {
             room,
             exempt,
@@ -124,6 +134,19 @@ impl Shares {
 }
 
 impl Engine {
+    /// Logs, once at start, the room, one user's share of it and the
+    /// exempt uids (root, filterd's own, `--share-exempt-uid`), so an
+    /// operator can see the flag took effect (review rr50b L4).
+    pub fn log_handle_shares(&self) {
+        let s = &self.handle_shares;
+        tracing::info!(
+            handle_room = s.room(),
+            handle_share = s.share(),
+            share_exempt = ?s.exempt,
+            "handles shared by peer user: a uid not exempt holds at most handle_share"
+        );
+    }
+
     /// Refuses an open of `path` on `conn` whose user holds its share of
     /// the handles' room already (`LimitReached`; counted:
     /// `opens_refused_share`). An open of a connection not known (none
