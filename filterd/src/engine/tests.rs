@@ -10908,7 +10908,11 @@ fn a_user_at_its_share_resumes_and_replays_its_own_handles() {
     // After a restart (the durable handles are gone, the persistent one
     // recovered, counting against nobody) the user fills its share
     // again; a replayed create of the recovered handle is still
-    // answered with it.
+    // answered with it. It then holds 31 against a share of 30: this is
+    // the documented gap (review rr50b M1; README, ARCHITECTURE "Handle
+    // descriptors by user"): across a restart one uid may hold its share
+    // plus what it held before, as no uid is stored in the handle's
+    // record. The remedy left is to store it; this assert then changes.
     let mut h = h.restarted();
     h.engine.handle_shares = super::handle_shares::Shares::new(40, Vec::new());
     assert!(h.engine.handles[&key].fd.is_none(), "recovered");
@@ -10925,7 +10929,11 @@ fn a_user_at_its_share_resumes_and_replays_its_own_handles() {
     let r = h.run(Request::ReplayOpen(o));
     h.commit(true);
     assert_eq!(h.opened(r), key, "the original handle, not LimitReached");
-    assert_eq!(h.held_by(1001), 31, "counted against the user");
+    assert_eq!(
+        h.held_by(1001),
+        31,
+        "counted against the user: past its share (the documented gap)"
+    );
     assert_eq!(
         h.engine.handle_shares.holders(),
         shares_recounted(&h.engine)
