@@ -1205,10 +1205,13 @@ pub fn narrow_store_dir(state: &Path) -> Result<(), StoreError> {
 /// --state` run as root on a store whose `lmdb/` others could write (one
 /// left group-writable from before it was narrowed) would write through a
 /// planted link to any file (rr49l N3). Used only when `lmdb/` is a
-/// directory only its owner may write and `lock.mdb` a regular file of
-/// that owner with one link; otherwise the store is read without a lock
-/// (with a warning: fine when no filterd runs, what `--state` is for).
-/// `data.mdb` must be a regular file (LMDB only reads it here).
+/// directory of the calling user that only it may write and `lock.mdb` a
+/// regular file of that user with one link — root reading a service
+/// user's store reads without it, as that user could swap in a link
+/// between this look and LMDB's open (attack50 M1); otherwise the store
+/// is read without a lock (with a warning: fine when no filterd runs,
+/// what `--state` is for). `data.mdb` must be a regular file of `lmdb/`'s
+/// owner (LMDB only reads it here).
 fn lock_file_trusted(db_dir: &Path) -> Result<bool, StoreError> {
     use std::os::unix::fs::MetadataExt;
     let untrusted = |path: &Path, why: &str| StoreError::Untrusted {
@@ -1229,8 +1232,18 @@ fn lock_file_trusted(db_dir: &Path) -> Result<bool, StoreError> {
         ));
     }
     let data = db_dir.join("data.mdb");
-    if !meta(&data)?.is_file() {
+    let data_meta = meta(&data)?;
+    if !data_meta.is_file() {
         return Err(untrusted(&data, "not a regular file (a link?)"));
+    }
+    if data_meta.uid() != dir.uid() {
+        // Not what filterd (lmdb/'s owner) wrote: one planted by another
+        // user who could write lmdb/ would be shown as the store (attack50
+        // L1).
+        return Err(untrusted(
+            &data,
+            "not owned by lmdb/'s owner, so not the store filterd wrote: give it back to that user (chown) if it is",
+        ));
     }
     let lock = db_dir.join("lock.mdb");
     let lock_meta = match std::fs::symlink_metadata(&lock) {
@@ -1243,14 +1256,19 @@ fn lock_file_trusted(db_dir: &Path) -> Result<bool, StoreError> {
             })
         }
     };
-    let trusted = dir.mode() & 0o022 == 0
+    // lmdb/ must be the caller's own too: its owner may swap lock.mdb for
+    // a link between this look and LMDB's open (by path, read-write, no
+    // O_NOFOLLOW), so root reading a service user's store would write
+    // where that user points (attack50 M1).
+    let trusted = dir.uid() == nix::unistd::geteuid().as_raw()
+        && dir.mode() & 0o022 == 0
         && lock_meta.is_file()
         && lock_meta.nlink() == 1
         && lock_meta.uid() == dir.uid();
     if !trusted {
         tracing::warn!(
             lock = %lock.display(),
-            "the store's lock file is not a regular file of the store's owner with one link, or lmdb/ may be written by others: reading without it (right only while no filterd serves the store)"
+            "reading the store without its lock file (right only while no filterd serves it): lmdb/ is another user's or others may write it, or lock.mdb is not a regular file of lmdb/'s owner with one link"
         );
     }
     Ok(trusted)
@@ -2641,6 +2659,51 @@ pub(crate) mod tests {
         );
         std::fs::rename(db.join("data.mdb"), dir.join("data.real")).unwrap();
         std::os::unix::fs::symlink(dir.join("data.real"), db.join("data.mdb")).unwrap();
+        assert!(matches!(
+            Store::open_read_only(&dir),
+            Err(StoreError::Untrusted { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// attack50 M1 and L1: root reading a store another user owns never
+    /// opens its lock file (that user could swap it for a link between
+    /// the check and LMDB's open), and a `data.mdb` not of `lmdb/`'s owner
+    /// is refused. Root only (chown).
+    #[test]
+    fn a_read_only_open_of_another_users_store_leaves_its_lock_file_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("rkf-ro-other-{}", uuid::Uuid::new_v4()));
+        {
+            let s = Store::open(&dir, 1 << 24).unwrap();
+            s.apply(&[StoreOp::PutHandle(Box::new(rec("a")))]).unwrap();
+        }
+        let db = dir.join(STORE_DIR);
+        // A regular lock.mdb of the store's owner, as it could be swapped
+        // for a link a moment later: LMDB as first opener rewrites it.
+        std::fs::write(db.join("lock.mdb"), b"untouched").unwrap();
+        let other = Some(nix::unistd::Uid::from_raw(65534));
+        for f in ["", "data.mdb", "lock.mdb"] {
+            nix::unistd::chown(&db.join(f), other, None).unwrap();
+        }
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = Store::open_read_only(&dir).unwrap();
+        assert_eq!(s.handles().unwrap().len(), 1, "read all the same");
+        drop(s);
+        assert_eq!(
+            std::fs::read(db.join("lock.mdb")).unwrap(),
+            b"untouched",
+            "root opened another user's lock.mdb"
+        );
+        nix::unistd::chown(
+            &db.join("data.mdb"),
+            Some(nix::unistd::Uid::from_raw(0)),
+            None,
+        )
+        .unwrap();
         assert!(matches!(
             Store::open_read_only(&dir),
             Err(StoreError::Untrusted { .. })

@@ -952,6 +952,20 @@ fn run_command(args: &Args, unreadable: &mut CorruptRecords) -> anyhow::Result<(
 
 fn main() -> ExitCode {
     let args: Args = libfilter::cli::parse();
+    // The store's warnings (a store read without its lock file) reach the
+    // operator on stderr; without a subscriber they were dropped
+    // (attack50 L1). Only those: the etcd client's retries are summed up
+    // in filterctl's own one-line errors. `RUST_LOG` may ask for more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("libfilter::store=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_target(false)
+        .init();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of our output went away (`filterctl handles | head`):
