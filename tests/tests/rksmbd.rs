@@ -4213,9 +4213,16 @@ fn smbtorture_rename_passes_what_it_passed() {
     smbtorture_keeps_each("smb2.rename", RENAME_PASSING);
 }
 
+/// Each run gets 120 s (the list takes well under that), so a run that
+/// hangs in `basedir`'s own race (docs/smb3.md, CHANGE_NOTIFY) costs less
+/// before the test is run again alone.
 #[test]
 fn smbtorture_notify_passes_what_it_passed() {
-    smbtorture_keeps_each("smb2.notify", NOTIFY_PASSING);
+    let tests: Vec<String> = NOTIFY_PASSING
+        .iter()
+        .map(|t| format!("smb2.notify.{t}"))
+        .collect();
+    smbtorture_passes_with("smb2.notify", &tests, NOTIFY_PASSING, &[], 120, &[]);
 }
 
 /// smb2.notify's tests that count the changes of each answer pass when
@@ -4229,9 +4236,11 @@ fn smbtorture_notify_passes_what_it_passed() {
 /// open with 10 changes buffered was answered with those the hub had
 /// read so far ("9 should be 10"), or later with others' too. Run once,
 /// without a second chance: with the hold, each failed every run.
+/// `basedir` is left out: it races the placing of the watch on its own
+/// (docs/smb3.md, CHANGE_NOTIFY), and counts no buffered changes.
 #[test]
 fn smbtorture_notify_passes_with_a_slow_hub() {
-    let tests: Vec<String> = ["valid-req", "dir", "double", "file", "basedir"]
+    let tests: Vec<String> = ["valid-req", "dir", "double", "file"]
         .iter()
         .map(|t| format!("smb2.notify.{t}"))
         .collect();

@@ -7,9 +7,11 @@
 //! Changes are seen through inotify on the directory itself: they are the
 //! export root's, so changes made through filterd by any frontend, and by
 //! local processes, all show. One inotify instance serves the whole server
-//! ([`Hub`], made with the first CHANGE_NOTIFY; its thread reads the
-//! events and hands each to the connections watching its directory, waking
-//! them through a socket pair their thread polls beside its socket):
+//! ([`Hub`], made with the first CHANGE_NOTIFY; its thread, and a
+//! connection's thread before it answers a CHANGE_NOTIFY ([`Hub::pump`]),
+//! read the events and hand each to the connections watching its
+//! directory, waking them through a socket pair their thread polls beside
+//! its socket):
 //! `fs.inotify.max_user_instances` (128 per uid by default) is not spent
 //! per connection, so many connections cannot starve other clients (nor
 //! other inotify users of the uid). A directory watched by several
@@ -56,6 +58,9 @@ pub const MAX_SERVER_DIRS: usize = 4096;
 const INBOX_LIMIT: usize = 1024;
 /// Most reads of the inotify descriptor one [`Hub::pump`] makes.
 const PUMP_READS: usize = 256;
+/// Reads more [`Hub::pump`] makes for the IN_MOVED_TO of a rename whose
+/// IN_MOVED_FROM it read last.
+const PARTNER_READS: usize = 4;
 
 /// Most bytes of changes one open keeps between its requests, as they
 /// go on the wire (its first request's output buffer length if smaller).
@@ -245,39 +250,32 @@ impl Hub {
                 _ => break,
             }
         }
+        // A rename's IN_MOVED_TO is queued by the same system call as its
+        // IN_MOVED_FROM, just after it: one read more, so that a rename
+        // read half-done is still answered with both names together (as
+        // Samba never answers a request on an old name alone). A move out
+        // of the directory has no IN_MOVED_TO: its old name goes alone.
+        if events
+            .last()
+            .is_some_and(|e| e.mask.contains(AddWatchFlags::IN_MOVED_FROM))
+        {
+            for _ in 0..PARTNER_READS {
+                std::thread::yield_now();
+                if let Ok(batch) = self.inotify.read_events() {
+                    let done = !batch.is_empty();
+                    events.extend(batch);
+                    if done {
+                        break;
+                    }
+                }
+            }
+        }
         if events.is_empty() {
             return;
         }
-        let mut to: HashMap<*const Inbox, (Arc<Inbox>, Vec<Change>)> = HashMap::new();
-        for e in events {
-            let overflow = e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW);
-            let inboxes: Vec<&Arc<Inbox>> = match overflow {
-                true => watchers
-                    .values()
-                    .flat_map(|m| m.values())
-                    .map(|(i, _)| i)
-                    .collect(),
-                false => watchers
-                    .get(&e.wd)
-                    .into_iter()
-                    .flat_map(|m| m.values())
-                    .map(|(i, _)| i)
-                    .collect(),
-            };
-            for inbox in inboxes {
-                to.entry(Arc::as_ptr(inbox))
-                    .or_insert_with(|| (inbox.clone(), Vec::new()))
-                    .1
-                    .push(Change {
-                        wd: e.wd,
-                        mask: e.mask,
-                        cookie: e.cookie,
-                        name: e.name.clone(),
-                    });
-            }
-        }
+        let to = shares(&watchers, events);
         let mut woken = Vec::with_capacity(to.len());
-        for (inbox, changes) in to.into_values() {
+        for (inbox, changes) in to {
             if let Ok(mut q) = inbox.queue.lock() {
                 for change in changes {
                     if q.len() < INBOX_LIMIT {
@@ -405,6 +403,64 @@ impl Hub {
     }
 }
 
+/// Each watching connection's share of `events`: those of the
+/// directories it watches (an overflow: all of them). A share is capped
+/// while it is built, at [`INBOX_LIMIT`] (what its inbox can take): past
+/// it the share is one overflow (NOTIFY_ENUM_DIR) and nothing more is
+/// copied into it. Before, every event was copied into every share first
+/// and only then capped, all under the hub's lock: one pump of a full
+/// kernel queue for 256 connections watching one directory made millions
+/// of copies (re-review rr50c F1).
+fn shares(
+    watchers: &HashMap<WatchDescriptor, Watchers>,
+    events: Vec<nix::sys::inotify::InotifyEvent>,
+) -> Vec<(Arc<Inbox>, Vec<Change>)> {
+    // Each share, and whether it is folded into an overflow.
+    let mut to: HashMap<*const Inbox, (Arc<Inbox>, Vec<Change>, bool)> = HashMap::new();
+    for e in events {
+        let overflow = e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW);
+        let inboxes: Vec<&Arc<Inbox>> = match overflow {
+            true => watchers
+                .values()
+                .flat_map(|m| m.values())
+                .map(|(i, _)| i)
+                .collect(),
+            false => watchers
+                .get(&e.wd)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .map(|(i, _)| i)
+                .collect(),
+        };
+        for inbox in inboxes {
+            let (_, share, full) = to
+                .entry(Arc::as_ptr(inbox))
+                .or_insert_with(|| (inbox.clone(), Vec::new(), false));
+            if *full {
+                continue;
+            }
+            if overflow || share.len() >= INBOX_LIMIT {
+                *full = true;
+                share.clear();
+                share.push(Change {
+                    wd: e.wd,
+                    mask: AddWatchFlags::IN_Q_OVERFLOW,
+                    cookie: 0,
+                    name: None,
+                });
+                continue;
+            }
+            share.push(Change {
+                wd: e.wd,
+                mask: e.mask,
+                cookie: e.cookie,
+                name: e.name.clone(),
+            });
+        }
+    }
+    to.into_values().map(|(i, share, _)| (i, share)).collect()
+}
+
 /// Tests only (debug builds): `$RKSMBD_TEST_NOTIFY_HUB_DELAY_MS` holds
 /// the hub's thread that long each time it wakes, before it reads the
 /// events, as a loaded machine may (`smbtorture_notify_passes_with_a_slow_hub`).
@@ -512,9 +568,21 @@ pub fn change_notify(c: &mut Connection, req: &Request<'_>, related: Option<u64>
     };
     let max_output = usize::try_from(max_output).unwrap_or(0);
     // What came since the open's last request is the answer, at once:
-    // all of it, whether or not the hub's thread has read it yet.
+    // all of it, whether or not the hub's thread has read it yet. For an
+    // open's first request, pumped only when its directory is watched
+    // already (by another open): then what is queued for it came before
+    // the request and must be handed out before this open's watch starts.
+    // Otherwise nothing queued can be this request's, and pumping (the
+    // hub's lock, reads for every connection) only delays placing the
+    // watch (re-review rr50c F3).
     if let Some(hub) = HUB.get().cloned().flatten() {
-        hub.pump();
+        let watched = match fd.1 {
+            Some(dir) => hub.inodes().contains_key(&dir),
+            None => true,
+        };
+        if watched || c.notify.standing.contains_key(&id) {
+            hub.pump();
+        }
     }
     deliver(c);
     if let Some(st) = c.notify.standing.get_mut(&id) {
@@ -648,7 +716,8 @@ fn action(ev: &Change, filter: u32) -> Option<u32> {
 /// is kept — with that change alone, as Windows (MS-FSA 2.1.5.10) and
 /// Samba answer it — the changes after it kept for the open's next
 /// request. A rename's old name is answered together with its new name
-/// when both are here. Before, the changes that piled up in the inbox
+/// when both are here ([`Hub::pump`] reads again for a new name it has
+/// not read yet). Before, the changes that piled up in the inbox
 /// while the connection's thread was not running were all answered at
 /// once (smbtorture smb2.notify.valid-req under load: a create's ADDED
 /// with the MODIFIED of the write the client sent after it).
@@ -783,6 +852,51 @@ pub fn open_closing(c: &mut Connection, open: u64) {
     if let Some(st) = c.notify.standing.remove(&open) {
         if let Some(hub) = HUB.get().cloned().flatten() {
             hub.unwatch(c.notify.conn, st.wd, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::inotify::InotifyEvent;
+
+    /// rr50c F1: a share is capped while it is built, not after every
+    /// event was copied into it.
+    #[test]
+    fn a_connections_share_of_a_pump_is_capped_while_it_is_built() {
+        let dir = std::env::temp_dir();
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC).unwrap();
+        let wd = inotify.add_watch(&dir, AddWatchFlags::IN_CREATE).unwrap();
+        let mut conns = Watchers::new();
+        for conn in 0..3u64 {
+            let (tx, _rx) = UnixStream::pair().unwrap();
+            let inbox = Arc::new(Inbox {
+                queue: Mutex::new(Vec::new()),
+                wake: tx,
+            });
+            conns.insert(conn, (inbox, 1));
+        }
+        let watchers = HashMap::from([(wd, conns)]);
+        let event = |i: usize| InotifyEvent {
+            wd,
+            mask: AddWatchFlags::IN_CREATE,
+            cookie: 0,
+            name: Some(format!("f{i}").into()),
+        };
+        // Within the cap: every event, in order.
+        let small = shares(&watchers, (0..INBOX_LIMIT).map(event).collect());
+        assert_eq!(small.len(), 3);
+        for (_, share) in &small {
+            assert_eq!(share.len(), INBOX_LIMIT);
+            assert_eq!(share[1].name.as_deref(), Some("f1".as_ref()));
+        }
+        // Past it: one overflow marker each, nothing more kept.
+        let big = shares(&watchers, (0..4 * INBOX_LIMIT).map(event).collect());
+        assert_eq!(big.len(), 3);
+        for (_, share) in &big {
+            assert_eq!(share.len(), 1, "the share is folded into one overflow");
+            assert!(share[0].mask.contains(AddWatchFlags::IN_Q_OVERFLOW));
         }
     }
 }
