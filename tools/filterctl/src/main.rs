@@ -955,12 +955,10 @@ fn main() -> ExitCode {
     // The store's warnings (a store read without its lock file) reach the
     // operator on stderr; without a subscriber they were dropped
     // (attack50 L1). Only those: the etcd client's retries are summed up
-    // in filterctl's own one-line errors. `RUST_LOG` may ask for more.
+    // in filterctl's own one-line errors; `RUST_LOG`, exported for a
+    // daemon, is not read (scripts parse filterctl's stderr, rr50d B4).
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("libfilter::store=warn")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::new("libfilter::store=warn"))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
