@@ -144,6 +144,14 @@ fn demo_as_an_unprivileged_user() {
         // This user is unprivileged already: `demo_as_this_user` covers it.
         return;
     }
+    use std::os::unix::fs::PermissionsExt as _;
+    let null = std::fs::metadata("/dev/null").map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(
+        null.ok(),
+        Some(0o666),
+        "/dev/null must be open to every user for the demo to start its \
+         programs as nobody (.ci/run restores it)"
+    );
     let stdout = demo_completes_and_cleans_up(&[
         "setpriv",
         "--reuid=65534",

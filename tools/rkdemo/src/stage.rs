@@ -48,7 +48,15 @@ impl std::fmt::Display for TornDown {
 }
 
 /// Starts `cmd` with an empty signal mask (see the module doc).
-fn spawn_unmasked(cmd: &mut Command) -> std::io::Result<Child> {
+fn spawn_unmasked(cmd: &mut Command) -> anyhow::Result<Child> {
+    use anyhow::Context as _;
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    spawn_unmasked_io(cmd).with_context(|| {
+        format!("start {program} (its stdin, stdout and stderr: /dev/null or pipes)")
+    })
+}
+
+fn spawn_unmasked_io(cmd: &mut Command) -> std::io::Result<Child> {
     #[allow(unsafe_code)]
     // SAFETY: the hook runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: sigprocmask is one, and
