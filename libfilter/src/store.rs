@@ -17,7 +17,7 @@
 //! never wait on an fsync (invariant 1).
 
 use std::borrow::Cow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use heed::types::{Bytes, Str};
 use heed::{BoxedError, BytesDecode, BytesEncode, Database, Env, EnvFlags};
@@ -1212,7 +1212,17 @@ pub fn narrow_store_dir(state: &Path) -> Result<(), StoreError> {
 /// is read without a lock (with a warning: fine when no filterd runs,
 /// what `--state` is for). `data.mdb` must be a regular file of `lmdb/`'s
 /// owner (LMDB only reads it here).
-fn lock_file_trusted(db_dir: &Path) -> Result<bool, StoreError> {
+///
+/// LMDB (through heed) opens the lock file by a path it resolves anew, so
+/// a directory on the way to `lmdb/` that another user may write lets
+/// that user swap the whole path, between these looks and that open, for
+/// one to a directory of theirs whose `lock.mdb` links to any file
+/// (attack50c N1, N2). So the lock file is used only through `lmdb/`'s
+/// resolved path — returned, for LMDB to open — when every directory
+/// above it is root's or the caller's and neither its group nor others
+/// may write it, or it is sticky (only an entry's owner may rename it
+/// there): nobody else can change that path.
+fn lock_file_trusted(db_dir: &Path) -> Result<Option<PathBuf>, StoreError> {
     use std::os::unix::fs::MetadataExt;
     let untrusted = |path: &Path, why: &str| StoreError::Untrusted {
         path: path.display().to_string(),
@@ -1231,6 +1241,12 @@ fn lock_file_trusted(db_dir: &Path) -> Result<bool, StoreError> {
             "not a directory (a link?): read the store it names directly",
         ));
     }
+    let resolved = db_dir.canonicalize().map_err(|source| StoreError::Dir {
+        path: db_dir.display().to_string(),
+        source,
+    })?;
+    let db_dir = resolved.as_path();
+    let dir = meta(db_dir)?;
     let data = db_dir.join("data.mdb");
     let data_meta = meta(&data)?;
     if !data_meta.is_file() {
@@ -1248,7 +1264,7 @@ fn lock_file_trusted(db_dir: &Path) -> Result<bool, StoreError> {
     let lock = db_dir.join("lock.mdb");
     let lock_meta = match std::fs::symlink_metadata(&lock) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
             return Err(StoreError::Dir {
                 path: lock.display().to_string(),
@@ -1260,18 +1276,31 @@ fn lock_file_trusted(db_dir: &Path) -> Result<bool, StoreError> {
     // a link between this look and LMDB's open (by path, read-write, no
     // O_NOFOLLOW), so root reading a service user's store would write
     // where that user points (attack50 M1).
-    let trusted = dir.uid() == nix::unistd::geteuid().as_raw()
+    let me = nix::unistd::geteuid().as_raw();
+    let trusted = dir.uid() == me
         && dir.mode() & 0o022 == 0
         && lock_meta.is_file()
         && lock_meta.nlink() == 1
         && lock_meta.uid() == dir.uid();
+    let fixed_path = db_dir.ancestors().skip(1).all(|a| {
+        std::fs::symlink_metadata(a).is_ok_and(|m| {
+            m.is_dir()
+                && (m.uid() == me || m.uid() == 0)
+                && (m.mode() & 0o022 == 0 || m.mode() & 0o1000 != 0)
+        })
+    });
     if !trusted {
         tracing::warn!(
             lock = %lock.display(),
             "reading the store without its lock file (right only while no filterd serves it): lmdb/ is another user's or others may write it, or lock.mdb is not a regular file of lmdb/'s owner with one link"
         );
+    } else if !fixed_path {
+        tracing::warn!(
+            lock = %lock.display(),
+            "reading the store without its lock file (right only while no filterd serves it): a directory above lmdb/ is another user's or others may write it, so its path could be changed under the read; read it as filterd's user from a path only that user or root may change for a locked read"
+        );
     }
-    Ok(trusted)
+    Ok((trusted && fixed_path).then_some(resolved))
 }
 
 fn make_store_dir_private(db_dir: &Path, dir: &std::fs::File) -> Result<(), StoreError> {
@@ -1455,8 +1484,8 @@ impl Store {
             return Err(StoreError::Missing("data.mdb"));
         }
         let unlocked = EnvFlags::READ_ONLY | EnvFlags::NO_LOCK;
-        let env = if lock_file_trusted(&db_dir)? {
-            match crate::sys::open_lmdb(&db_dir, 8, DEFAULT_MAP_SIZE, EnvFlags::READ_ONLY) {
+        let env = if let Some(resolved) = lock_file_trusted(&db_dir)? {
+            match crate::sys::open_lmdb(&resolved, 8, DEFAULT_MAP_SIZE, EnvFlags::READ_ONLY) {
                 Err(heed::Error::Mdb(heed::MdbError::Other(libc::EACCES | libc::EPERM))) => {
                     crate::sys::open_lmdb(&db_dir, 8, DEFAULT_MAP_SIZE, unlocked)?
                 }
@@ -2709,6 +2738,49 @@ pub(crate) mod tests {
             Err(StoreError::Untrusted { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// attack50c N1/N2: a read-only open uses the lock file only through a
+    /// path nobody else can change. Under a directory others may write
+    /// (not sticky) another user could swap the path between the checks
+    /// and LMDB's open for one to their own `lock.mdb`, a link to any
+    /// file; so `lock.mdb` is left alone there (LMDB, as first opener,
+    /// rewrites it), and used once that directory is closed to them.
+    #[test]
+    fn a_read_only_open_uses_the_lock_file_only_through_a_path_nobody_else_can_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let top = std::env::temp_dir().join(format!("rkf-ro-path-{}", uuid::Uuid::new_v4()));
+        let dir = top.join("state");
+        {
+            let s = Store::open(&dir, 1 << 24).unwrap();
+            s.apply(&[StoreOp::PutHandle(Box::new(rec("a")))]).unwrap();
+        }
+        let lock = dir.join(STORE_DIR).join("lock.mdb");
+        let read_leaves_lock_file = |mode: u32| {
+            std::fs::set_permissions(&top, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::fs::write(&lock, b"untouched").unwrap();
+            // Through a link too: the path checked is the resolved one.
+            let link = std::env::temp_dir().join(format!("rkf-ro-link-{}", uuid::Uuid::new_v4()));
+            std::os::unix::fs::symlink(&dir, &link).unwrap();
+            let s = Store::open_read_only(&link).unwrap();
+            assert_eq!(s.handles().unwrap().len(), 1, "read all the same");
+            drop(s);
+            std::fs::remove_file(&link).unwrap();
+            std::fs::read(&lock).unwrap() == b"untouched"
+        };
+        assert!(
+            read_leaves_lock_file(0o777),
+            "the read used a lock file whose path others could change"
+        );
+        assert!(
+            !read_leaves_lock_file(0o1777),
+            "a sticky directory keeps our entries ours: the lock file is used"
+        );
+        assert!(
+            !read_leaves_lock_file(0o755),
+            "a path only we may change: the lock file is used"
+        );
+        std::fs::remove_dir_all(&top).unwrap();
     }
 
     /// A store of `map` bytes that may not grow, claimed.
