@@ -554,6 +554,37 @@ impl FilterClient {
         Self::connect_within(path, Role::Control, features, timeout, timeout)
     }
 
+    /// [`FilterClient::connect_control_within`] to the daemon of a state
+    /// dir, whose files say it runs as `user`
+    /// ([`crate::runtime::Liveness::Running`]): a listener there that runs
+    /// as another user (by `SO_PEERCRED`, before anything is sent) is
+    /// refused — a record or a link in another user's dir could name any
+    /// socket, that of another service too (attack51a L3).
+    pub fn connect_control_to_user(
+        path: &Path,
+        timeout: Duration,
+        user: u32,
+    ) -> Result<Self, ClientError> {
+        let sock = connect_socket(path, timeout)?;
+        let peer = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
+            .map_err(std::io::Error::from)?;
+        if peer.uid() != user {
+            return Err(ClientError::Connect {
+                path: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "its listener (pid {}) runs as uid {}, but the state dir's filterd runs as uid {user}: not that filterd, so nothing was sent (pass --socket to talk to it anyway)",
+                        peer.pid(),
+                        peer.uid()
+                    ),
+                ),
+            });
+        }
+        let features = proto::FEATURE_PAGED_WITHIN_FILE;
+        Self::hello_on(sock, Role::Control, features, timeout, timeout)
+    }
+
     /// Connects and exchanges hellos (no optional features).
     pub fn connect(path: &Path, role: Role) -> Result<Self, ClientError> {
         Self::connect_with(path, role, 0)
@@ -584,6 +615,18 @@ impl FilterClient {
         hello_within: Duration,
     ) -> Result<Self, ClientError> {
         let sock = connect_socket(path, hello_within)?;
+        Self::hello_on(sock, role, features, timeout, hello_within)
+    }
+
+    /// Exchanges hellos on the connected `sock` (the rest of
+    /// [`FilterClient::connect_within`]).
+    fn hello_on(
+        sock: OwnedFd,
+        role: Role,
+        features: u64,
+        timeout: Duration,
+        hello_within: Duration,
+    ) -> Result<Self, ClientError> {
         let binary = match std::env::var("RKFILTER_FRAMES").as_deref() {
             Ok("json") => 0,
             Ok("binary") => proto::FEATURE_BINARY_FRAMES,

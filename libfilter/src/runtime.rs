@@ -108,14 +108,41 @@ pub fn replace_file(path: &Path, tmp: &Path, bytes: &[u8], mode: u32) -> std::io
 
 /// Reads the record; `None` when there is none.
 pub fn read(state: &Path) -> Result<Option<DaemonRecord>, RuntimeError> {
+    Ok(read_with_writer(state)?.map(|(rec, _)| rec))
+}
+
+/// Reads the record and the uid of its file's owner (who wrote it: the
+/// daemon's user, when a daemon did). Only a regular file is read, not
+/// through a link at its name, and a FIFO there is not waited on
+/// (attack51a L2: another user's "state dir" could hold one, and hang
+/// the operator's filterctl).
+pub fn read_with_writer(state: &Path) -> Result<Option<(DaemonRecord, u32)>, RuntimeError> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = state.join(RUNTIME_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+    {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(&path)(e)),
     };
+    let meta = file.metadata().map_err(io_err(&path))?;
+    if !meta.is_file() {
+        return Err(io_err(&path)(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        )));
+    }
+    let mut text = String::new();
+    Read::by_ref(&mut file)
+        .take(64 << 10)
+        .read_to_string(&mut text)
+        .map_err(io_err(&path))?;
     serde_json::from_str(&text)
-        .map(Some)
+        .map(|rec| Some((rec, meta.uid())))
         .map_err(|source| RuntimeError::Corrupt {
             path: path.display().to_string(),
             source,
@@ -148,7 +175,14 @@ fn is_live_filterd(pid: u32) -> bool {
 /// alive when none is, which only keeps filterctl from reading the store
 /// offline.
 pub fn lock_is_held(state: &Path) -> Result<bool, RuntimeError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    probe(state).map(|(held, _)| held)
+}
+
+/// [`lock_is_held`], and the uid of the state dir's owner. The dir is
+/// opened as one, without waiting: a FIFO or device named as the state
+/// dir is refused, not waited on or opened (attack51a L2).
+fn probe(state: &Path) -> Result<(bool, u32), RuntimeError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let lock_file = state.join(LOCK_FILE);
     // Absent (no filterd of this version ran here) or not ours to open
     // (filterctl of the state dir's group): the dir's flock tells.
@@ -158,11 +192,19 @@ pub fn lock_is_held(state: &Path) -> Result<bool, RuntimeError> {
         .open(&lock_file)
     {
         if is_flocked(f).map_err(io_err(&lock_file))? {
-            return Ok(true);
+            let owner = std::fs::metadata(state).map_err(io_err(state))?.uid();
+            return Ok((true, owner));
         }
     }
-    let dir = std::fs::File::open(state).map_err(io_err(state))?;
-    is_flocked(dir).map_err(io_err(state))
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(state)
+        .map_err(io_err(state))?;
+    let owner = dir.metadata().map_err(io_err(state))?.uid();
+    is_flocked(dir)
+        .map(|held| (held, owner))
+        .map_err(io_err(state))
 }
 
 /// Whether some process holds an exclusive `flock` on `f`'s file.
@@ -186,6 +228,13 @@ pub enum Liveness {
     Running {
         /// Its record, if present and readable.
         record: Option<DaemonRecord>,
+        /// The user the daemon runs as, as far as the files tell: the
+        /// record's owner, or without one the state dir's. A listener at
+        /// the socket the record names that runs as another user is not
+        /// that daemon (attack51a L3: another user's dir, a lock held
+        /// there and a record naming any socket made root's filterctl
+        /// talk to it).
+        user: u32,
     },
     /// Nobody holds the lock: the store is at rest (a record left behind
     /// by a killed daemon is stale).
@@ -196,20 +245,30 @@ pub enum Liveness {
 /// A caller who may not open the directory (search permission only) goes
 /// by the record instead: alive when its pid is a running filterd.
 pub fn live(state: &Path) -> Result<Liveness, RuntimeError> {
-    let held = match lock_is_held(state) {
+    let (held, dir_owner) = match probe(state) {
         Err(RuntimeError::Io { source, .. })
             if source.kind() == std::io::ErrorKind::PermissionDenied =>
         {
-            return Ok(match read(state)? {
-                Some(r) if is_live_filterd(r.pid) => Liveness::Running { record: Some(r) },
+            return Ok(match read_with_writer(state)? {
+                Some((r, user)) if is_live_filterd(r.pid) => Liveness::Running {
+                    record: Some(r),
+                    user,
+                },
                 _ => Liveness::NotRunning,
             });
         }
         r => r?,
     };
     Ok(if held {
-        Liveness::Running {
-            record: read(state).ok().flatten(),
+        match read_with_writer(state).ok().flatten() {
+            Some((rec, user)) => Liveness::Running {
+                record: Some(rec),
+                user,
+            },
+            None => Liveness::Running {
+                record: None,
+                user: dir_owner,
+            },
         }
     } else {
         Liveness::NotRunning
@@ -224,6 +283,7 @@ mod tests {
     fn round_trip_and_staleness() {
         let dir = std::env::temp_dir().join(format!("rkf-runtime-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
         assert_eq!(read(&dir).unwrap(), None);
         let rec = DaemonRecord {
             pid: u32::MAX,
@@ -241,7 +301,13 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join(RUNTIME_FILE), b"nonsense").unwrap();
-        assert_eq!(live(&dir).unwrap(), Liveness::Running { record: None });
+        assert_eq!(
+            live(&dir).unwrap(),
+            Liveness::Running {
+                record: None,
+                user: me
+            }
+        );
         drop(held);
         assert_eq!(live(&dir).unwrap(), Liveness::NotRunning);
         // So does holding the lock file's (filterd holds both; review
@@ -251,12 +317,36 @@ mod tests {
             nix::fcntl::FlockArg::LockExclusiveNonblock,
         )
         .unwrap();
-        assert_eq!(live(&dir).unwrap(), Liveness::Running { record: None });
+        assert_eq!(
+            live(&dir).unwrap(),
+            Liveness::Running {
+                record: None,
+                user: me
+            }
+        );
         drop(held);
         assert_eq!(live(&dir).unwrap(), Liveness::NotRunning);
         assert!(matches!(read(&dir), Err(RuntimeError::Corrupt { .. })));
         remove(&dir);
         assert_eq!(read(&dir).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// attack51a L2: a FIFO named as the state dir, or at the record's
+    /// name, is refused at once, not waited on for a writer.
+    #[test]
+    fn a_fifo_as_the_state_dir_or_its_record_is_refused_not_waited_on() {
+        let dir = std::env::temp_dir().join(format!("rkf-runtime-fifo-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(matches!(live(&fifo), Err(RuntimeError::Io { .. })));
+        nix::unistd::mkfifo(
+            &dir.join(RUNTIME_FILE),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        assert!(matches!(read(&dir), Err(RuntimeError::Io { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

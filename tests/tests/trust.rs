@@ -220,3 +220,58 @@ fn session_scopes_belong_to_their_protocol() {
         .collect();
     assert_eq!(ids, vec![json!("real")], "{}", out.stdout);
 }
+
+/// attack51a L3: `filterctl --state DIR` run as root on a directory of
+/// another user, who holds its lock and wrote a runtime record naming
+/// another user's socket (here a root filterd's, which root could reach),
+/// talks to nothing: the listener runs as root, the record's writer as
+/// nobody, so it is not DIR's filterd. Without a record the same goes for
+/// a link at DIR's default socket name. The real daemon is still reached
+/// through its own state dir. Root only (chown).
+#[test]
+fn filterctl_talks_only_to_a_listener_of_the_state_dirs_user() {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !root_or_skip("runtime-peer", "to make another user's directory") {
+        return;
+    }
+    let s = Scratch::new("runtime-peer");
+    let _d = Filterd::start(&s, &[], &[]);
+    let fake = s.dir.join("theirs");
+    std::fs::create_dir(&fake).unwrap();
+    let nobody = Some(nix::unistd::Uid::from_raw(65534));
+    nix::unistd::chown(&fake, nobody, None).unwrap();
+    let _held = nix::fcntl::Flock::lock(
+        std::fs::File::open(&fake).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .unwrap();
+    let record = fake.join(libfilter::runtime::RUNTIME_FILE);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&record)
+        .unwrap();
+    std::fs::write(
+        &record,
+        json!({"pid": 1, "socket": s.socket(), "phase": "serving"}).to_string(),
+    )
+    .unwrap();
+    nix::unistd::chown(&record, nobody, None).unwrap();
+    let fake_arg = fake.to_str().unwrap();
+    let out = filterctl(&["--state", fake_arg, "status"]);
+    assert_ne!(out.code, 0, "talked to root's filterd: {}", out.stdout);
+    assert!(
+        out.stderr.contains("runs as uid 0") && out.stderr.contains("uid 65534"),
+        "{}",
+        out.stderr
+    );
+    std::fs::remove_file(&record).unwrap();
+    std::os::unix::fs::symlink(s.socket(), fake.join("filterd.sock")).unwrap();
+    let out = filterctl(&["--state", fake_arg, "status"]);
+    assert_ne!(out.code, 0, "talked to root's filterd: {}", out.stdout);
+    assert!(out.stderr.contains("runs as uid 0"), "{}", out.stderr);
+    let state = s.state();
+    let out = filterctl(&["--state", state.to_str().unwrap(), "status"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}

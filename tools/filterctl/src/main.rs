@@ -263,9 +263,12 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
     // record says where it listens. While it runs, its store is never read
     // behind its back.
     match libfilter::runtime::live(state) {
-        Ok(Liveness::Running { record: Some(rec) }) => {
+        Ok(Liveness::Running {
+            record: Some(rec),
+            user,
+        }) => {
             let pid = rec.pid;
-            return match connect(&rec.socket) {
+            return match FilterClient::connect_control_to_user(&rec.socket, within, user) {
                 Ok(c) => Ok(Source::Live(c)),
                 Err(e) if rec.phase == Phase::Starting => Err(e).with_context(|| {
                     format!(
@@ -283,11 +286,11 @@ fn open_source(args: &Args) -> anyhow::Result<Source> {
                 }),
             };
         }
-        Ok(Liveness::Running { record: None }) => {
+        Ok(Liveness::Running { record: None, user }) => {
             // Its record is gone (deleted, or not yet written): try the
             // default socket, and otherwise say so rather than "not running".
             let default = state.join("filterd.sock");
-            return connect(&default)
+            return FilterClient::connect_control_to_user(&default, within, user)
                 .map(Source::Live)
                 .with_context(|| {
                     format!(
