@@ -561,9 +561,31 @@ fn a_resume_racing_a_directory_swapped_for_a_link_keeps_the_handle() {
 /// (returning the file's new name) runs between the proof's read of the
 /// file's name and its resolution: the resume succeeds and the handle's
 /// share mode holds at the new name.
+///
+/// The proof reads a name only while the file's dentry is cached: one
+/// evicted (memory pressure: the CI flake, a resume answered by the
+/// recorded path without reaching the proof) gives the open by handle a
+/// nameless dentry, and the recorded path decides
+/// (`a_resume_after_the_files_dentry_was_evicted_finds_the_file`). An
+/// `O_PATH` descriptor of the test's (no open to filterd's `/proc` scan,
+/// no lease broken) keeps the dentry until the proof has read its name,
+/// and, where permitted, every unused dentry is dropped right before the
+/// resume, so an eviction happens on every run rather than on a loaded
+/// machine's.
 fn resume_racing(name: &str, change: impl FnOnce(&std::path::Path) -> &'static str) {
     let s = Scratch::new(name);
     let key = persistent_handle_of_a_killed_filterd(&s, "d/f");
+    // Nothing has opened the file by handle since filterd died, so this
+    // open by path makes the only dentry an open by handle finds, or
+    // keeps the one there.
+    let pin = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(s.root().join("d/f"))
+            .expect("an O_PATH descriptor of d/f")
+    };
     // The proof stalls once, after it read the file's name.
     let d = Filterd::start(
         &s,
@@ -571,6 +593,9 @@ fn resume_racing(name: &str, change: impl FnOnce(&std::path::Path) -> &'static s
         &[("RKFILTER_FAILPOINTS", "fs.prove_beneath:1:sleep2000")],
     );
     let fe = frontend(&s, "smb-a");
+    // Refused (not root, a read-only /proc/sys): the pin is tested only
+    // when the machine evicts on its own.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", b"2\n");
     let (resumed, now) = std::thread::scope(|t| {
         let resume = t.spawn(|| fe.resume(ClientId::new("alice").unwrap(), key));
         let stalled = || {
@@ -578,11 +603,12 @@ fn resume_racing(name: &str, change: impl FnOnce(&std::path::Path) -> &'static s
                 .contains("failpoint fs.prove_beneath: stalling")
         };
         // The resume answered without the proof stalling is a failure of
-        // its own, told with its answer and filterd's log (CI once timed
-        // out here, cause not found).
+        // its own, told with its answer and filterd's log.
         wait_for("the proof to stall", Duration::from_secs(20), || {
             (stalled() || resume.is_finished()).then_some(())
         });
+        // The name is read: filterd's own descriptor holds the dentry now.
+        drop(pin);
         if !stalled() {
             let answer = resume.join().expect("resume thread");
             panic!(
