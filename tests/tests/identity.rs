@@ -567,11 +567,12 @@ fn a_resume_racing_a_directory_swapped_for_a_link_keeps_the_handle() {
 /// recorded path without reaching the proof) gives the open by handle a
 /// nameless dentry, and the recorded path decides
 /// (`a_resume_after_the_files_dentry_was_evicted_finds_the_file`). An
-/// `O_PATH` descriptor of the test's (no open to filterd's `/proc` scan,
-/// no lease broken) keeps the dentry until the proof has read its name,
-/// and, where permitted, every unused dentry is dropped right before the
-/// resume, so an eviction happens on every run rather than on a loaded
-/// machine's.
+/// `O_PATH` descriptor of the test's keeps the dentry until the proof has
+/// read its name (it breaks no lease and the lease probe ignores it;
+/// filterd's `/proc` scan of local openers would count it, but runs only
+/// with fanotify, which these tests leave off), and, where permitted,
+/// every unused dentry of the host is dropped right before the resume, so
+/// an eviction happens on every run rather than on a loaded machine's.
 fn resume_racing(name: &str, change: impl FnOnce(&std::path::Path) -> &'static str) {
     let s = Scratch::new(name);
     let key = persistent_handle_of_a_killed_filterd(&s, "d/f");
