@@ -1282,13 +1282,15 @@ fn lock_file_trusted(db_dir: &Path) -> Result<Option<PathBuf>, StoreError> {
         && lock_meta.is_file()
         && lock_meta.nlink() == 1
         && lock_meta.uid() == dir.uid();
-    let fixed_path = db_dir.ancestors().skip(1).all(|a| {
-        std::fs::symlink_metadata(a).is_ok_and(|m| {
-            m.is_dir()
-                && (m.uid() == me || m.uid() == 0)
-                && (m.mode() & 0o022 == 0 || m.mode() & 0o1000 != 0)
-        })
-    });
+    let fixed_path = owners_are_local(db_dir)
+        && db_dir.ancestors().skip(1).all(|a| {
+            owners_are_local(a)
+                && std::fs::symlink_metadata(a).is_ok_and(|m| {
+                    m.is_dir()
+                        && (m.uid() == me || m.uid() == 0)
+                        && (m.mode() & 0o022 == 0 || m.mode() & 0o1000 != 0)
+                })
+        });
     if !trusted {
         tracing::warn!(
             lock = %lock.display(),
@@ -1297,10 +1299,29 @@ fn lock_file_trusted(db_dir: &Path) -> Result<Option<PathBuf>, StoreError> {
     } else if !fixed_path {
         tracing::warn!(
             lock = %lock.display(),
-            "reading the store without its lock file (right only while no filterd serves it): a directory above lmdb/ is another user's or others may write it, so its path could be changed under the read; read it as filterd's user from a path only that user or root may change for a locked read"
+            "reading the store without its lock file (right only while no filterd serves it): a directory above lmdb/ is another user's or others may write it, or lmdb/ or one above it is on FUSE, NFS or SMB, so its path could be changed under the read; read it as filterd's user from a local path only that user or root may change for a locked read"
         );
     }
     Ok((trusted && fixed_path).then_some(resolved))
+}
+
+/// Whether the owners and modes the filesystem holding `dir` reports are
+/// this kernel's to enforce: not on FUSE (a user's daemon with
+/// `allow_other` may report root as the owner of what it changes at
+/// will), NFS or SMB/CIFS (other hosts' users write there) — attack51a's
+/// residual assumption. Unknown (statfs failed): not.
+fn owners_are_local(dir: &Path) -> bool {
+    use nix::sys::statfs::{FUSE_SUPER_MAGIC, NFS_SUPER_MAGIC, SMB_SUPER_MAGIC};
+    const CIFS_MAGIC: i64 = 0xFF53_4D42;
+    const SMB2_MAGIC: i64 = 0xFE53_4D42;
+    nix::sys::statfs::statfs(dir).is_ok_and(|fs| {
+        let t = fs.filesystem_type();
+        #[allow(clippy::useless_conversion)]
+        let raw = i64::from(t.0);
+        ![FUSE_SUPER_MAGIC, NFS_SUPER_MAGIC, SMB_SUPER_MAGIC].contains(&t)
+            && raw != CIFS_MAGIC
+            && raw != SMB2_MAGIC
+    })
 }
 
 fn make_store_dir_private(db_dir: &Path, dir: &std::fs::File) -> Result<(), StoreError> {
